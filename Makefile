@@ -1,0 +1,62 @@
+# p4seg — set-up, demo and tests. Every target is idempotent and installs what it needs.
+#
+#   make demo   check the example trading-floor policy and print its summary
+#   make test   create .venv (+ .venv-shell), install Debian/Python packages when missing, run pytest
+#   make lint   ruff + mypy
+
+SHELL       := /bin/bash
+PYTHON      ?= python3
+VENV        := .venv
+VENV_SHELL  := .venv-shell
+BIN         := $(VENV)/bin
+DEB_PKGS    := mininet iproute2 ethtool iputils-ping net-tools tcpdump
+PYTEST_ARGS ?=
+
+.PHONY: all setup deb venv venv-shell demo test lint fmt-check clean
+
+all: setup
+
+setup: deb venv venv-shell
+
+# Debian packages: only touch apt when something is missing (apt-get update is slow).
+deb:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "p4seg: need root to apt-get install:$$missing" >&2; exit 1; fi; \
+	  echo "p4seg: installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# p4runtime-shell pins protobuf<3.21: it lives in its own environment, never in .venv.
+venv-shell: $(VENV_SHELL)/.installed
+
+$(VENV_SHELL)/.installed:
+	@test -x $(VENV_SHELL)/bin/python || $(PYTHON) -m venv $(VENV_SHELL)
+	$(VENV_SHELL)/bin/python -m pip install -q --upgrade pip
+	$(VENV_SHELL)/bin/python -m pip install -q p4runtime-shell
+	@touch $@
+
+demo: setup
+	$(BIN)/p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml --summary
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check compiler tests bench
+	$(BIN)/mypy compiler
+
+clean:
+	rm -rf $(VENV) $(VENV_SHELL) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,333 @@
+"""Stage 1 — policy text -> AST.
+
+An LALR parser (compiler/grammar.lark) and a transformer to the frozen AST of
+:mod:`compiler.ast`. Keywords are reserved: the lexer turns a name that spells a keyword
+into that keyword, so `service x = a,` followed by `allow ...` is an incomplete service,
+not a service containing a host called `allow`.
+
+A file with syntax errors is re-parsed statement by statement so that every broken
+statement is reported at once, each with a message written for people.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.tree import Meta
+
+from compiler import ast
+from compiler.diagnostics import Diagnostic, PolicySyntaxError, Span, error
+
+KEYWORDS: dict[str, str] = {
+    "policy": "POLICY",
+    "service": "SERVICE",
+    "allow": "ALLOW",
+    "deny": "DENY",
+    "default": "DEFAULT",
+    "expect": "EXPECT",
+    "log": "LOG",
+    "reply": "REPLY",
+    "rate": "RATE",
+    "for": "FOR",
+    "during": "DURING",
+    "tcp": "PROTO",
+    "udp": "PROTO",
+    "icmp": "PROTO",
+    "ip": "PROTO",
+    "allowed": "VERDICT",
+    "denied": "VERDICT",
+}
+KEYWORD_TYPES = frozenset(KEYWORDS.values())
+STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect")
+_STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
+_OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING"})
+_STATEMENT_START = re.compile(r"^[ \t]*(?:%s)\b" % "|".join(STATEMENT_KEYWORDS), re.MULTILINE)
+
+# How an expected terminal reads in an error message.
+_EXPECTED_WORDS: dict[str, str] = {
+    "NAME": "a name",
+    "ADDRESS": "an address",
+    "_ARROW": "`->`",
+    "EQUAL": "`=`",
+    "COMMA": "`,`",
+    "MINUS": "`-`",
+    "SLASH": "`/`",
+    "INT": "a port number",
+    "PROTO": "a protocol (tcp, udp, icmp, ip)",
+    "VERDICT": "`allowed` or `denied`",
+    "QUANTITY": "a value such as 20000pps or 15m",
+    "TIME": "a time such as 07:00",
+}
+
+
+class _CommentSink(threading.local):
+    comments: list[ast.Comment] | None = None
+
+
+_sink = _CommentSink()
+
+
+def _keep_comment(token: Token) -> Token:
+    if _sink.comments is not None:
+        _sink.comments.append(
+            ast.Comment(str(token.value).rstrip(), token.line or 0, token.column or 0)
+        )
+    return token
+
+
+def _reserve_keywords(token: Token) -> Token:
+    kind = KEYWORDS.get(token.value)
+    if kind is not None:
+        token.type = kind
+    return token
+
+
+@cache
+def _parser() -> Lark:
+    grammar = resources.files("compiler").joinpath("grammar.lark").read_text()
+    return Lark(
+        grammar,
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        lexer_callbacks={"NAME": _reserve_keywords, "COMMENT": _keep_comment},
+    )
+
+
+def parse(text: str, file: str = "<policy>") -> ast.PolicyFile:
+    """Parse policy text; raise :class:`PolicySyntaxError` with every syntax error found."""
+    comments: list[ast.Comment] = []
+    parser = _parser()
+    try:
+        tree = _parse_collecting(parser, text, comments)
+    except UnexpectedInput:
+        raise PolicySyntaxError(_all_syntax_errors(parser, text, file)) from None
+    statements = _ToAst(file).transform(tree)
+    return ast.PolicyFile(file, tuple(statements), tuple(comments))
+
+
+def _parse_collecting(parser: Lark, text: str, comments: list[ast.Comment]) -> Tree[Token]:
+    # Comments are ignored by the grammar; the lexer hands them over for `fmt`.
+    _sink.comments = comments
+    try:
+        return parser.parse(text)
+    finally:
+        _sink.comments = None
+
+
+def _statement_chunks(text: str) -> list[tuple[int, str]]:
+    """Split text at lines that start a statement: (first line number, chunk text)."""
+    starts = [m.start() for m in _STATEMENT_START.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    chunks = []
+    for i, begin in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(text)
+        chunks.append((text.count("\n", 0, begin) + 1, text[begin:end]))
+    return chunks
+
+
+def _all_syntax_errors(parser: Lark, text: str, file: str) -> list[Diagnostic]:
+    diags = []
+    for first_line, chunk in _statement_chunks(text):
+        try:
+            parser.parse(chunk)
+        except UnexpectedInput as exc:
+            diags.append(_syntax_diagnostic(exc, file, first_line - 1, chunk))
+    if not diags:  # the whole failed but no statement alone does: report the whole's error
+        try:
+            parser.parse(text)
+        except UnexpectedInput as exc:
+            diags.append(_syntax_diagnostic(exc, file, 0, text))
+    return diags
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    if token.type in _STATEMENT_TOKENS or token.type in _OPTION_TOKENS:
+        return f"keyword `{token.value}`"
+    if token.type in ("PROTO", "VERDICT"):
+        return f"keyword `{token.value}`"
+    if token.type == "NAME":
+        return f"name `{token.value}`"
+    return f"`{token.value}`"
+
+
+def _expected_words(expected: set[str]) -> str:
+    words = sorted({_EXPECTED_WORDS[e] for e in expected if e in _EXPECTED_WORDS})
+    if not words:
+        return "a statement"
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _closest_keyword(word: str) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, STATEMENT_KEYWORDS, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _syntax_diagnostic(exc: UnexpectedInput, file: str, line_offset: int, chunk: str) -> Diagnostic:
+    if isinstance(exc, UnexpectedCharacters):
+        char = chunk[exc.pos_in_stream] if exc.pos_in_stream < len(chunk) else "?"
+        span = Span.point(file, exc.line + line_offset, exc.column)
+        return error("E001", f"unexpected character {char!r}", span)
+    assert isinstance(exc, UnexpectedToken)
+    tok = exc.token
+    expected = set(exc.expected)
+    found = _describe(tok)
+    if tok.type == "$END":
+        line, col = tok.end_line or tok.line or 1, tok.end_column or tok.column or 1
+        span = Span.point(file, line + line_offset, col)
+    else:
+        line, col = tok.line or 1, tok.column or 1
+        width = len(str(tok.value)) or 1
+        span = Span.point(file, line + line_offset, col, width)
+
+    if tok.type in KEYWORD_TYPES and "NAME" in expected:
+        return error(
+            "E104", f"`{tok.value}` is a keyword and cannot be used as a name", span
+        )
+    if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
+        return error(
+            "E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span
+        )
+    if "_ARROW" in expected:
+        return error("E002", f"expected `->` between source and destination, found {found}", span)
+    if tok.type == "MINUS" or expected == {"INT"}:
+        return error(
+            "E003",
+            f"malformed port range near {found}: write a port (22), a range (30001-30010) "
+            "or a list (80, 443, 8000-8100)",
+            span,
+        )
+    if tok.type == "$END" or (tok.type in _STATEMENT_TOKENS and tok.type not in expected):
+        return error(
+            "E004",
+            f"incomplete statement: expected {_expected_words(expected)} before {found}",
+            span,
+        )
+    if expected <= _STATEMENT_TOKENS:
+        hint = _closest_keyword(str(tok.value)) if tok.type == "NAME" else None
+        tail = f" (did you mean `{hint}`?)" if hint else ""
+        return error(
+            "E001",
+            f"expected a statement (policy, service, allow, deny, default, expect), "
+            f"found {found}{tail}",
+            span,
+        )
+    if expected & _OPTION_TOKENS:
+        return error(
+            "E005",
+            f"unexpected {found} after the rule: expected an option (log, reply, rate, for, "
+            "during) or a new statement",
+            span,
+        )
+    return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
+
+
+class _ToAst(Transformer[Token, Any]):
+    """Lark tree -> :mod:`compiler.ast` nodes."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    def _tok(self, tok: Token) -> Span:
+        return Span(self.file, tok.line or 0, tok.column or 0, tok.end_line or 0, tok.end_column or 0)
+
+    def _meta(self, meta: Meta) -> Span:
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def start(self, children: list[ast.Statement]) -> list[ast.Statement]:
+        return children
+
+    def name_ref(self, children: list[Token]) -> ast.Name:
+        return ast.Name(str(children[0]), self._tok(children[0]))
+
+    def address(self, children: list[Token]) -> ast.Address:
+        return ast.Address(str(children[0]), self._tok(children[0]))
+
+    def endpoints(self, children: list[ast.Endpoint]) -> tuple[ast.Endpoint, ...]:
+        return tuple(children)
+
+    @v_args(meta=True)
+    def policy_decl(self, meta: Meta, children: list[Token]) -> ast.PolicyDecl:
+        return ast.PolicyDecl(ast.Name(str(children[0]), self._tok(children[0])), self._meta(meta))
+
+    @v_args(meta=True)
+    def service_def(self, meta: Meta, children: list[Any]) -> ast.ServiceDef:
+        name, endpoints = children
+        return ast.ServiceDef(ast.Name(str(name), self._tok(name)), endpoints, self._meta(meta))
+
+    @v_args(meta=True)
+    def port_item(self, meta: Meta, children: list[Token]) -> ast.PortRange:
+        hi = int(children[1]) if len(children) > 1 else None
+        return ast.PortRange(int(children[0]), hi, self._meta(meta))
+
+    def port_list(self, children: list[ast.PortRange]) -> tuple[ast.PortRange, ...]:
+        return tuple(children)
+
+    @v_args(meta=True)
+    def proto_spec(self, meta: Meta, children: list[Any]) -> ast.ProtoSpec:
+        ports = children[1] if len(children) > 1 else ()
+        return ast.ProtoSpec(str(children[0]), ports, self._meta(meta))
+
+    @v_args(meta=True)
+    def opt_log(self, meta: Meta, children: list[Token]) -> ast.LogOption:
+        return ast.LogOption(self._meta(meta))
+
+    @v_args(meta=True)
+    def opt_reply(self, meta: Meta, children: list[Token]) -> ast.ReplyOption:
+        return ast.ReplyOption(self._meta(meta))
+
+    @v_args(meta=True)
+    def opt_rate(self, meta: Meta, children: list[Token]) -> ast.RateOption:
+        return ast.RateOption(str(children[-1]), self._meta(meta), self._tok(children[-1]))
+
+    @v_args(meta=True)
+    def opt_for(self, meta: Meta, children: list[Token]) -> ast.ForOption:
+        return ast.ForOption(str(children[-1]), self._meta(meta), self._tok(children[-1]))
+
+    def zone(self, children: list[Token]) -> str:
+        return "/".join(str(c) for c in children)
+
+    @v_args(meta=True)
+    def opt_during(self, meta: Meta, children: list[Any]) -> ast.DuringOption:
+        times = [str(c) for c in children if isinstance(c, Token) and c.type == "TIME"]
+        zone = next((c for c in children if isinstance(c, str) and not isinstance(c, Token)), None)
+        return ast.DuringOption(times[0], times[1], zone, self._meta(meta))
+
+    @v_args(meta=True)
+    def rule(self, meta: Meta, children: list[Any]) -> ast.Rule:
+        action, src, dst, *rest = children
+        proto = rest[0] if rest and isinstance(rest[0], ast.ProtoSpec) else None
+        options = tuple(rest[1:] if proto is not None else rest)
+        return ast.Rule(str(action), src, dst, proto, options, self._meta(meta))
+
+    @v_args(meta=True)
+    def default_decl(self, meta: Meta, children: list[Any]) -> ast.DefaultDecl:
+        action, *options = children
+        return ast.DefaultDecl(str(action), self._tok(action), tuple(options), self._meta(meta))
+
+    @v_args(meta=True)
+    def expect_decl(self, meta: Meta, children: list[Any]) -> ast.Expect:
+        src, dst, proto, *rest = children
+        port_tok = rest[0] if len(rest) == 2 else None
+        return ast.Expect(
+            src=src,
+            dst=dst,
+            proto=str(proto),
+            proto_span=self._tok(proto),
+            port=int(port_tok) if port_tok is not None else None,
+            port_span=self._tok(port_tok) if port_tok is not None else None,
+            verdict=str(rest[-1]),
+            span=self._meta(meta),
+        )
