@@ -1,0 +1,387 @@
+"""Stage 2 — AST + inventory -> checked :class:`Policy`.
+
+Resolves names (services, inventory hosts, `any`) to address sets, validates every value
+(addresses, ports, rates, durations, time windows, which options fit which rules) and
+normalises rules. All problems are collected; if any is an error, :class:`PolicyError`
+carries them all and no policy is produced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from compiler import ast
+from compiler.addresses import AddressSet, AddressSyntaxError, Interval, merge_intervals, parse_prefix
+from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, warning
+from compiler.inventory import Inventory
+from compiler.model import (
+    ALL_PORTS,
+    PORT_PROTOCOLS,
+    Action,
+    ExpectCase,
+    Policy,
+    PolicyRule,
+    Service,
+    TimeWindow,
+)
+
+ANY = "any"
+MAX_PORT = 65535
+MAX_RATE_PPS = 1_000_000_000
+MAX_DURATION_S = 365 * 86400
+_RATE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>pps|kpps|mpps)$")
+_DURATION = re.compile(r"^(?P<n>\d+)(?P<unit>s|m|h|d)$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RATE_UNITS = {"pps": 1, "kpps": 1_000, "mpps": 1_000_000}
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    policy: Policy
+    warnings: tuple[Diagnostic, ...]
+
+
+@dataclass
+class _Resolver:
+    tree: ast.PolicyFile
+    inventory: Inventory
+    diags: list[Diagnostic] = field(default_factory=list)
+    defs: dict[str, ast.ServiceDef] = field(default_factory=dict)
+    values: dict[str, AddressSet | None] = field(default_factory=dict)
+    resolving: list[str] = field(default_factory=list)
+
+    def fail(self, code: str, message: str, span: Span | None, *notes: Note) -> None:
+        self.diags.append(error(code, message, span, *notes))
+
+    # -- names -----------------------------------------------------------------------------
+
+    def collect_services(self) -> None:
+        for stmt in self.tree.statements:
+            if not isinstance(stmt, ast.ServiceDef):
+                continue
+            name = stmt.name.text
+            if name == ANY:
+                self.fail("E104", "`any` is built in (every address) and cannot be redefined", stmt.name.span)
+            elif name in self.defs:
+                first = self.defs[name].name.span
+                self.fail("E102", f"service '{name}' is defined twice", stmt.name.span, Note("first defined here", first))
+            elif name in self.inventory.hosts_by_name:
+                host = self.inventory.hosts_by_name[name]
+                self.fail(
+                    "E102",
+                    f"service '{name}' has the name of an inventory host; rename the service",
+                    stmt.name.span,
+                    Note("the host is defined here", host.span),
+                )
+            else:
+                self.defs[name] = stmt
+
+    def known_names(self) -> list[str]:
+        return [ANY, *self.defs, *self.inventory.hosts_by_name]
+
+    def resolve_name(self, ref: ast.Name) -> AddressSet | None:
+        name = ref.text
+        if name == ANY:
+            return AddressSet.everything()
+        if name in self.defs:
+            return self.resolve_service(name)
+        host = self.inventory.hosts_by_name.get(name)
+        if host is not None:
+            return AddressSet(((host.ip, host.ip),))
+        close = difflib.get_close_matches(name, self.known_names(), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        if not self.inventory.hosts and not close:
+            hint = " (no inventory given: host names need -i INVENTORY)"
+        self.fail("E101", f"unknown name '{name}'{hint}", ref.span)
+        return None
+
+    def resolve_service(self, name: str) -> AddressSet | None:
+        if name in self.values:
+            return self.values[name]
+        if name in self.resolving:
+            cycle = [*self.resolving[self.resolving.index(name) :], name]
+            self.fail("E103", f"service cycle: {' -> '.join(cycle)}", self.defs[name].name.span)
+            for member in cycle:
+                self.values[member] = None
+            return None
+        self.resolving.append(name)
+        value = self.resolve_endpoints(self.defs[name].endpoints)
+        self.resolving.pop()
+        self.values.setdefault(name, value)
+        return self.values[name]
+
+    def resolve_endpoints(self, endpoints: Iterable[ast.Endpoint]) -> AddressSet | None:
+        intervals: list[Interval] = []
+        ok = True
+        for ep in endpoints:
+            if isinstance(ep, ast.Address):
+                try:
+                    intervals.append(parse_prefix(ep.text))
+                except AddressSyntaxError as exc:
+                    self.fail("E201", f"invalid address: {exc}", ep.span)
+                    ok = False
+            else:
+                value = self.resolve_name(ep)
+                if value is None:
+                    ok = False
+                else:
+                    intervals.extend(value.intervals)
+        return AddressSet.of(intervals) if ok else None
+
+    # -- values ----------------------------------------------------------------------------
+
+    def ports(self, items: tuple[ast.PortRange, ...]) -> tuple[Interval, ...] | None:
+        out: list[Interval] = []
+        ok = True
+        for item in items:
+            hi = item.lo if item.hi is None else item.hi
+            bad = [p for p in (item.lo, hi) if p > MAX_PORT]
+            if bad:
+                self.fail("E202", f"port {bad[0]} is out of range 0-65535", item.span)
+                ok = False
+            elif hi < item.lo:
+                self.fail("E203", f"port range {item.lo}-{hi} is reversed (write {hi}-{item.lo})", item.span)
+                ok = False
+            else:
+                out.append((item.lo, hi))
+        return merge_intervals(out) if ok else None
+
+    def rate(self, opt: ast.RateOption) -> int | None:
+        m = _RATE.match(opt.value)
+        if not m:
+            unitless = opt.value.replace(".", "", 1).isdigit()
+            why = "needs a unit: pps, kpps or mpps" if unitless else "is not a rate such as 20000pps or 20kpps"
+            self.fail("E204", f"rate '{opt.value}' {why}", opt.value_span)
+            return None
+        pps = float(m["n"]) * _RATE_UNITS[m["unit"]]
+        if pps != int(pps) or not 1 <= pps <= MAX_RATE_PPS:
+            self.fail("E204", f"rate '{opt.value}' must be a whole number of packets/s from 1 to 1000mpps", opt.value_span)
+            return None
+        return int(pps)
+
+    def duration(self, opt: ast.ForOption) -> int | None:
+        m = _DURATION.match(opt.value)
+        if not m:
+            self.fail(
+                "E205",
+                f"duration '{opt.value}' is not a whole number with a unit s, m, h or d (e.g. 15m)",
+                opt.value_span,
+            )
+            return None
+        seconds = int(m["n"]) * _DURATION_UNITS[m["unit"]]
+        if not 1 <= seconds <= MAX_DURATION_S:
+            self.fail("E205", f"duration '{opt.value}' must be from 1s to 365d", opt.value_span)
+            return None
+        return seconds
+
+    def window(self, opt: ast.DuringOption) -> TimeWindow | None:
+        minutes = []
+        for text in (opt.start, opt.end):
+            hours, _, mins = text.partition(":")
+            if len(mins) != 2 or not (0 <= int(hours) <= 23 and 0 <= int(mins) <= 59):
+                self.fail("E206", f"'{text}' is not a time of day HH:MM (00:00 to 23:59)", opt.span)
+                return None
+            minutes.append(int(hours) * 60 + int(mins))
+        if minutes[0] == minutes[1]:
+            self.fail("E206", f"time window {opt.start}-{opt.end} is empty", opt.span)
+            return None
+        if opt.zone is None:
+            self.fail("E206", f"time window {opt.start}-{opt.end} needs a time zone, e.g. `UTC` or `Europe/London`", opt.span)
+            return None
+        try:
+            ZoneInfo(opt.zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail("E206", f"unknown time zone '{opt.zone}' (use an IANA name such as UTC or America/New_York)", opt.span)
+            return None
+        return TimeWindow(minutes[0], minutes[1], opt.zone)
+
+    # -- statements ------------------------------------------------------------------------
+
+    def check_options(self, options: tuple[ast.Option, ...], action: str, proto: str, default: bool) -> bool:
+        ok = True
+        seen: dict[type, ast.Option] = {}
+        for opt in options:
+            kind = ast.OPTION_KEYWORD[type(opt)]
+            if type(opt) in seen:
+                self.fail("E209", f"option `{kind}` is given twice", opt.span, Note("first here", seen[type(opt)].span))
+                ok = False
+                continue
+            seen[type(opt)] = opt
+            problem = _option_problem(opt, action, proto, default)
+            if problem:
+                self.fail("E207", problem, opt.span)
+                ok = False
+        return ok
+
+    def rule(self, stmt: ast.Rule, rule_id: int) -> PolicyRule | None:
+        src = self.resolve_endpoints(stmt.src)
+        dst = self.resolve_endpoints(stmt.dst)
+        proto = stmt.proto.proto if stmt.proto else "ip"
+        ports: tuple[Interval, ...] | None = ALL_PORTS
+        if stmt.proto and stmt.proto.ports:
+            if proto not in PORT_PROTOCOLS:
+                self.fail("E208", f"ports apply to tcp and udp only, not {proto}", stmt.proto.span)
+                ports = None
+            else:
+                ports = self.ports(stmt.proto.ports)
+        ok = self.check_options(stmt.options, stmt.action, proto, default=False)
+        rate = duration = None
+        window = None
+        for opt in stmt.options:
+            if isinstance(opt, ast.RateOption):
+                rate = self.rate(opt)
+                ok = ok and rate is not None
+            elif isinstance(opt, ast.ForOption):
+                duration = self.duration(opt)
+                ok = ok and duration is not None
+            elif isinstance(opt, ast.DuringOption):
+                window = self.window(opt)
+                ok = ok and window is not None
+        if src is None or dst is None or ports is None or not ok:
+            return None
+        return PolicyRule(
+            id=rule_id,
+            action=Action(stmt.action),
+            src=src,
+            dst=dst,
+            src_text=_endpoints_text(stmt.src),
+            dst_text=_endpoints_text(stmt.dst),
+            proto=proto,
+            ports=ports,
+            log=any(isinstance(o, ast.LogOption) for o in stmt.options),
+            reply=any(isinstance(o, ast.ReplyOption) for o in stmt.options),
+            rate_pps=rate,
+            duration_s=duration,
+            window=window,
+            span=stmt.span,
+        )
+
+    def expect(self, stmt: ast.Expect) -> ExpectCase | None:
+        src = self.resolve_endpoints(stmt.src)
+        dst = self.resolve_endpoints(stmt.dst)
+        ok = True
+        if stmt.proto in PORT_PROTOCOLS and stmt.port is None:
+            self.fail("E208", f"an expectation over {stmt.proto} needs a port, e.g. `{stmt.proto} 443`", stmt.proto_span)
+            ok = False
+        elif stmt.proto not in PORT_PROTOCOLS and stmt.port is not None:
+            self.fail("E208", f"ports apply to tcp and udp only, not {stmt.proto}", stmt.port_span)
+            ok = False
+        elif stmt.port is not None and stmt.port > MAX_PORT:
+            self.fail("E202", f"port {stmt.port} is out of range 0-65535", stmt.port_span)
+            ok = False
+        if src is None or dst is None or not ok:
+            return None
+        return ExpectCase(
+            src, dst, _endpoints_text(stmt.src), _endpoints_text(stmt.dst),
+            stmt.proto, stmt.port, stmt.verdict == "allowed", stmt.span,
+        )
+
+    def run(self) -> Policy:
+        statements = self.tree.statements
+        headers = [s for s in statements if isinstance(s, ast.PolicyDecl)]
+        if not headers:
+            self.fail("E010", "missing `policy NAME` header: start the file with e.g. `policy trading_floor`", Span.point(self.tree.file, 1, 1))
+        elif statements[0] is not headers[0]:
+            self.fail("E010", "`policy NAME` must be the first statement", headers[0].span)
+        for extra in headers[1:]:
+            self.fail("E011", "a file holds one policy: second `policy` header", extra.span, Note("first here", headers[0].span))
+
+        self.collect_services()
+        services = []
+        for name, stmt in self.defs.items():
+            value = self.resolve_service(name)
+            if value is not None:
+                services.append(Service(name, value, stmt.span))
+
+        rules: list[PolicyRule] = []
+        rule_stmts = [s for s in statements if isinstance(s, ast.Rule)]
+        for rule_id, stmt in enumerate(rule_stmts, start=1):
+            resolved = self.rule(stmt, rule_id)
+            if resolved is not None:
+                rules.append(resolved)
+
+        default_log, default_span = False, None
+        defaults = [s for s in statements if isinstance(s, ast.DefaultDecl)]
+        for extra in defaults[1:]:
+            self.fail("E012", "more than one `default` statement", extra.span, Note("first here", defaults[0].span))
+        if defaults:
+            decl = defaults[0]
+            default_span = decl.span
+            if decl.action == "allow":
+                self.fail("E013", "p4seg is default deny: `default allow` would trust everything the rules do not name", decl.action_span)
+            self.check_options(decl.options, decl.action, "ip", default=True)
+            default_log = any(isinstance(o, ast.LogOption) for o in decl.options)
+
+        expects = [e for s in statements if isinstance(s, ast.Expect) and (e := self.expect(s)) is not None]
+        return Policy(
+            name=headers[0].name.text if headers else "policy",
+            file=self.tree.file,
+            services=tuple(services),
+            rules=tuple(rules),
+            default_log=default_log,
+            default_span=default_span,
+            expects=tuple(expects),
+        )
+
+    def unused_services(self) -> list[Diagnostic]:
+        edges = {name: _names_in(d.endpoints) for name, d in self.defs.items()}
+        roots: set[str] = set()
+        for stmt in self.tree.statements:
+            if isinstance(stmt, ast.Rule | ast.Expect):
+                roots |= _names_in(stmt.src) | _names_in(stmt.dst)
+        seen, todo = set(), [n for n in roots if n in edges]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(n for n in edges[name] if n in edges)
+        return [
+            warning("W003", f"service '{name}' is never used by a rule or expectation", d.name.span)
+            for name, d in self.defs.items()
+            if name not in seen
+        ]
+
+
+def _option_problem(opt: ast.Option, action: str, proto: str, default: bool) -> str | None:
+    if default:
+        if isinstance(opt, ast.LogOption):
+            return None
+        return f"`default deny` takes only `log`, not `{ast.OPTION_KEYWORD[type(opt)]}`"
+    if isinstance(opt, ast.LogOption):
+        if action == "allow":
+            return "`log` applies to deny rules; allowed traffic is counted per rule instead"
+    elif isinstance(opt, ast.ReplyOption):
+        if action == "deny":
+            return "`reply` applies to allow rules"
+        if proto == "tcp":
+            return "tcp replies are already allowed for established connections; `reply` is for udp"
+        if proto != "udp":
+            return f"`reply` is for udp rules, not {proto}"
+    elif action == "deny":
+        kind = ast.OPTION_KEYWORD[type(opt)]
+        if isinstance(opt, ast.RateOption):
+            return "`rate` limits allowed traffic; it does not apply to deny rules"
+        return f"`{kind}` makes a rule time-bound; a deny that lapses would widen access, so denies are permanent"
+    return None
+
+
+def _endpoints_text(endpoints: tuple[ast.Endpoint, ...]) -> str:
+    return ", ".join(ep.text for ep in endpoints)
+
+
+def _names_in(endpoints: tuple[ast.Endpoint, ...]) -> set[str]:
+    return {ep.text for ep in endpoints if isinstance(ep, ast.Name)}
+
+
+def resolve(tree: ast.PolicyFile, inventory: Inventory | None = None) -> Resolved:
+    """Resolve a parsed policy against an inventory; raise :class:`PolicyError` on any error."""
+    resolver = _Resolver(tree, inventory or Inventory.empty())
+    policy = resolver.run()
+    warnings = resolver.unused_services()
+    if resolver.diags:
+        raise PolicyError(resolver.diags + warnings)
+    return Resolved(policy, tuple(warnings))
