@@ -1,0 +1,77 @@
+"""`p4seg check`: parse, resolve and analyse a policy; every finding as a diagnostic.
+
+Analysis on top of resolve: dead rules (W001 covered by denies, W002 decided by other
+allows) and `expect` lines, each evaluated exactly over every concrete flow it names
+(E401 when one contradicts it, with the first counterexample and the rule that decided).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler.addresses import format_ipv4
+from compiler.diagnostics import Diagnostic, Note, P4segError, error, warning
+from compiler.inventory import Inventory
+from compiler.model import Policy
+from compiler.parse import parse
+from compiler.resolve import resolve
+from compiler.semantics import PolicySemantics
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    policy: Policy | None  # None when the policy has errors
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def errors(self) -> int:
+        return sum(d.is_error for d in self.diagnostics)
+
+    @property
+    def warnings(self) -> int:
+        return len(self.diagnostics) - self.errors
+
+
+def analyze(policy: Policy, inventory: Inventory) -> list[Diagnostic]:
+    """Dead rules and expectations of a resolved policy."""
+    semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
+    names = {h.ip: h.name for h in inventory.hosts}
+    diags: list[Diagnostic] = []
+    for dead in semantics.dead_rules():
+        notes = tuple(Note(f"covered by `{r.describe()}`", r.span) for r in dead.covering)
+        if dead.by_deny:
+            message = "rule never allows anything: every packet it matches is denied"
+            diags.append(warning("W001", message, dead.rule.span, *notes))
+        else:
+            message = "redundant rule: every packet it matches is decided by other rules"
+            diags.append(warning("W002", message, dead.rule.span, *notes))
+    for expect in policy.expects:
+        failure = semantics.expectation_failure(expect)
+        if failure is None:
+            continue
+        src, dst, proto, port, result = failure
+        flow = f"{_host(src, names)} -> {_host(dst, names)} {proto}" + (f" {port}" if port is not None else "")
+        deciding = result.deciding
+        where = " on the way back" if deciding is result.back else ""
+        notes = (Note("decided here", deciding.rule.span),) if deciding.rule else ()
+        verdict = deciding.describe().split(" at ")[0]
+        message = f"expectation failed: {flow} is {verdict}{where}"
+        diags.append(error("E401", message, expect.span, *notes))
+    return diags
+
+
+def _host(address: int, names: dict[int, str]) -> str:
+    name = names.get(address)
+    return f"{name} ({format_ipv4(address)})" if name else format_ipv4(address)
+
+
+def check_policy(text: str, file: str, inventory: Inventory | None = None) -> CheckResult:
+    """Everything `p4seg check` reports about a policy; never raises for policy problems."""
+    inv = inventory or Inventory.empty()
+    try:
+        resolved = resolve(parse(text, file), inv)
+    except P4segError as exc:
+        return CheckResult(None, exc.diagnostics)
+    diags = list(resolved.warnings) + analyze(resolved.policy, inv)
+    policy = None if any(d.is_error for d in diags) else resolved.policy
+    return CheckResult(policy, tuple(sorted(diags, key=Diagnostic.sort_key)))

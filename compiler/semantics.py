@@ -1,0 +1,429 @@
+"""The meaning of a policy: which packets and which flows it allows, decided exactly.
+
+This is the reference every other part is measured against: `check` evaluates `expect`
+lines with it, the compiled tables are verified against it, and the Mininet matrix takes
+its expected side from it — never from the tables.
+
+Semantics (docs/language.md has the full text):
+- default deny; a packet matching a `deny` is dropped whatever the allows say;
+- an `allow` passes matching packets (forward direction, any TCP flags);
+- replies: a packet going back along an allowed flow passes if it is TCP with ACK set,
+  an ICMP echo reply, or UDP under an allow with `reply` — unless a deny covers the
+  reply itself or the flow it answers;
+- time-bound rules (`for`, `during`) count as active unless the caller says otherwise.
+
+Addresses and ports are partitioned into atoms — maximal sets no rule tells apart — so
+a decision per (source atom, destination atom, protocol class, port atom) is exact for
+every packet, and every question is answered with integer bit masks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from compiler.addresses import MAX_ADDRESS, Interval
+from compiler.model import Action, ExpectCase, Policy, PolicyRule
+
+PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
+PROTO_BIT = {"tcp": 1, "udp": 2, "icmp": 4, "other": 8}
+PROTO_MASK = {"tcp": 1, "udp": 2, "icmp": 4, "ip": 15}
+PROTO_NUMBER = {"tcp": 6, "udp": 17, "icmp": 1}
+MAX_PORT = 65535
+EPHEMERAL_PORT = 49152  # the client port flows are judged with (start of the IANA dynamic range)
+ICMP_ECHO_REQUEST = 8
+ICMP_ECHO_REPLY = 0
+_MAX_BOXES = 4096  # past this many fragments a coverage question is left unanswered
+
+
+def bits(mask: int) -> Iterator[int]:
+    """Indices of the set bits of `mask`, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+class Partition:
+    """A universe [0, top] cut into atoms: classes of values that no given set tells apart."""
+
+    def __init__(self, sets: Iterable[Sequence[Interval]], top: int, pinned: Iterable[int] = ()) -> None:
+        distinct = {tuple(s) for s in sets}
+        pinned = sorted(set(pinned))
+        distinct |= {((v, v),) for v in pinned}
+        cuts = {0}
+        for intervals in distinct:
+            for lo, hi in intervals:
+                cuts.add(lo)
+                if hi < top:
+                    cuts.add(hi + 1)
+        self.top = top
+        self.starts = sorted(cuts)
+        index = {v: i for i, v in enumerate(self.starts)}
+        # XOR of one random 128-bit tag per set: equal signatures <=> same membership.
+        rng = random.Random(0x5E6)
+        diff = [0] * (len(self.starts) + 1)
+        for intervals in sorted(distinct):
+            tag = rng.getrandbits(128)
+            for lo, hi in intervals:
+                diff[index[lo]] ^= tag
+                diff[index[hi + 1] if hi < top else len(self.starts)] ^= tag
+        sig, atom_of_sig = 0, {}
+        self.element_atom: list[int] = []
+        for i in range(len(self.starts)):
+            sig ^= diff[i]
+            self.element_atom.append(atom_of_sig.setdefault(sig, len(atom_of_sig)))
+        self.count = len(atom_of_sig)
+        self.full = (1 << self.count) - 1
+        self.representative = [-1] * self.count
+        for v in pinned:  # prefer a pinned value (an inventory host) as an atom's example
+            atom = self.atom_of(v)
+            if self.representative[atom] < 0:
+                self.representative[atom] = v
+        for i, start in enumerate(self.starts):
+            atom = self.element_atom[i]
+            if self.representative[atom] < 0:
+                self.representative[atom] = start
+        self._masks: dict[tuple[Interval, ...], int] = {}
+
+    def atom_of(self, value: int) -> int:
+        return self.element_atom[bisect.bisect_right(self.starts, value) - 1]
+
+    def mask(self, intervals: Sequence[Interval]) -> int:
+        key = tuple(intervals)
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached
+        mask = 0
+        if key == ((0, self.top),):
+            mask = self.full
+        else:
+            for lo, hi in key:
+                i = bisect.bisect_right(self.starts, lo) - 1
+                j = bisect.bisect_right(self.starts, hi)
+                for atom in set(self.element_atom[i:j]):
+                    mask |= 1 << atom
+        self._masks[key] = mask
+        return mask
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """How one packet is treated, and which rule said so (None: the default deny)."""
+
+    allowed: bool
+    rule: PolicyRule | None
+    reason: str  # "allow", "deny", "reply", "reply-of-denied", "default"
+    log: bool
+
+    def describe(self) -> str:
+        if self.rule is None:
+            return "denied by the default deny"
+        verb = "allowed" if self.allowed else "denied"
+        how = {"reply": " as a reply", "reply-of-denied": " (a reply to a denied flow)"}.get(self.reason, "")
+        return f"{verb}{how} by `{self.rule.describe()}` at {self.rule.span}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowResult:
+    """Whether a flow works end to end: the opening packet and, where needed, the answer."""
+
+    allowed: bool
+    forward: Decision
+    back: Decision | None
+
+    @property
+    def deciding(self) -> Decision:
+        """The decision that made the outcome: the answer's when only it was refused."""
+        if self.forward.allowed and self.back is not None and not self.back.allowed:
+            return self.back
+        return self.forward
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    rule: PolicyRule
+    by_deny: bool
+    covering: tuple[PolicyRule, ...]
+
+
+class PolicySemantics:
+    """A policy compiled to atom bit masks, answering packet, flow and coverage questions."""
+
+    def __init__(self, policy: Policy, pinned: Iterable[int] = ()) -> None:
+        self.policy = policy
+        rules = policy.rules
+        self.rules = rules
+        addr_sets: list[Sequence[Interval]] = []
+        port_sets: list[Sequence[Interval]] = [((EPHEMERAL_PORT, EPHEMERAL_PORT),)]
+        for r in rules:
+            addr_sets += [r.src.intervals, r.dst.intervals]
+            port_sets.append(r.ports)
+        for e in policy.expects:
+            addr_sets += [e.src.intervals, e.dst.intervals]
+            if e.port is not None:
+                port_sets.append(((e.port, e.port),))
+        pinned = list(pinned)
+        self.addresses = Partition(addr_sets, MAX_ADDRESS, pinned)
+        self.pinned_atoms = {self.addresses.atom_of(v) for v in pinned}
+        self.ports = Partition(port_sets, MAX_PORT)
+
+        n_addr, n_port = self.addresses.count, self.ports.count
+        self.src_index = [0] * n_addr
+        self.dst_index = [0] * n_addr
+        self.port_index = [0] * n_port
+        self.proto_index = {c: 0 for c in PROTO_CLASSES}
+        self.boxes: list[tuple[int, int, int, int]] = []
+        self.deny_bits = self.allow_bits = self.reply_bits = self.log_bits = self.metered_bits = 0
+        for i, r in enumerate(rules):
+            bit = 1 << i
+            src = self.addresses.mask(r.src.intervals)
+            dst = self.addresses.mask(r.dst.intervals)
+            ports = self.ports.mask(r.ports)
+            protos = PROTO_MASK[r.proto]
+            self.boxes.append((protos, src, dst, ports))
+            for a in bits(src):
+                self.src_index[a] |= bit
+            for a in bits(dst):
+                self.dst_index[a] |= bit
+            for p in bits(ports):
+                self.port_index[p] |= bit
+            for c in PROTO_CLASSES:
+                if protos & PROTO_BIT[c]:
+                    self.proto_index[c] |= bit
+            if r.action is Action.DENY:
+                self.deny_bits |= bit
+                if r.log:
+                    self.log_bits |= bit
+            else:
+                self.allow_bits |= bit
+                if r.reply:
+                    self.reply_bits |= bit
+                if r.rate_pps is not None:
+                    self.metered_bits |= bit
+        self.all_rules = (1 << len(rules)) - 1
+
+    # -- packets -----------------------------------------------------------------------------
+
+    def decide_atoms(
+        self,
+        src: int,
+        dst: int,
+        proto: str,
+        sport: int,
+        dport: int,
+        ack: bool = False,
+        icmp_type: int = ICMP_ECHO_REQUEST,
+        active: int | None = None,
+    ) -> Decision:
+        """Decide a packet given as atoms (address atoms, port atoms) and protocol class."""
+        active_rules = self.all_rules if active is None else active
+        has_ports = proto in ("tcp", "udp")
+        fwd = self.src_index[src] & self.dst_index[dst] & self.proto_index[proto] & active_rules
+        if has_ports:
+            fwd &= self.port_index[dport]
+        denied = fwd & self.deny_bits
+        if denied:
+            return self._deny(denied, "deny")
+        allowed = fwd & self.allow_bits
+        if allowed:
+            return Decision(True, self._deciding_allow(allowed), "allow", False)
+        rev = self.src_index[dst] & self.dst_index[src] & self.proto_index[proto] & active_rules
+        if has_ports:
+            rev &= self.port_index[sport]
+        if proto == "tcp":
+            replies = rev & self.allow_bits if ack else 0
+        elif proto == "udp":
+            replies = rev & self.reply_bits
+        elif proto == "icmp":
+            replies = rev & self.allow_bits if icmp_type == ICMP_ECHO_REPLY else 0
+        else:
+            replies = 0
+        if replies:
+            reverse_denied = rev & self.deny_bits
+            if reverse_denied:
+                return self._deny(reverse_denied, "reply-of-denied")
+            return Decision(True, self._deciding_allow(replies), "reply", False)
+        return Decision(False, None, "default", self.policy.default_log)
+
+    def _deny(self, denied: int, reason: str) -> Decision:
+        # A logging deny wins over a silent one, so that a logged flow is always logged.
+        logged = denied & self.log_bits
+        rule = self.rules[next(bits(logged or denied))]
+        return Decision(False, rule, reason, rule.log)
+
+    def _deciding_allow(self, allowed: int) -> PolicyRule:
+        # Metered allows take precedence (the lowest rate first), then the lowest rule id.
+        metered = allowed & self.metered_bits
+        if metered:
+            return min((self.rules[i] for i in bits(metered)), key=lambda r: (r.rate_pps or 0, r.id))
+        return self.rules[next(bits(allowed))]
+
+    def decide(
+        self,
+        src: int,
+        dst: int,
+        proto: str,
+        sport: int = EPHEMERAL_PORT,
+        dport: int = 0,
+        ack: bool = False,
+        icmp_type: int = ICMP_ECHO_REQUEST,
+    ) -> Decision:
+        """Decide one concrete packet (addresses as integers, proto: tcp|udp|icmp|other)."""
+        a, p = self.addresses, self.ports
+        return self.decide_atoms(
+            a.atom_of(src), a.atom_of(dst), proto, p.atom_of(sport), p.atom_of(dport), ack, icmp_type
+        )
+
+    # -- flows -------------------------------------------------------------------------------
+
+    def flow_atoms(self, src: int, dst: int, proto: str, port: int) -> FlowResult:
+        """Whether a connection (tcp), datagram (udp), ping (icmp) or packet (other) gets through."""
+        eph = self.ports.atom_of(EPHEMERAL_PORT)
+        if proto == "tcp":
+            fwd = self.decide_atoms(src, dst, "tcp", eph, port)
+            back = self.decide_atoms(dst, src, "tcp", port, eph, ack=True) if fwd.allowed else None
+            return FlowResult(fwd.allowed and back is not None and back.allowed, fwd, back)
+        if proto == "icmp":
+            fwd = self.decide_atoms(src, dst, "icmp", 0, 0, icmp_type=ICMP_ECHO_REQUEST)
+            back = (
+                self.decide_atoms(dst, src, "icmp", 0, 0, icmp_type=ICMP_ECHO_REPLY)
+                if fwd.allowed
+                else None
+            )
+            return FlowResult(fwd.allowed and back is not None and back.allowed, fwd, back)
+        fwd = self.decide_atoms(src, dst, proto, eph, port)
+        return FlowResult(fwd.allowed, fwd, None)
+
+    def flow(self, src: int, dst: int, proto: str, port: int = 0) -> FlowResult:
+        a = self.addresses
+        return self.flow_atoms(a.atom_of(src), a.atom_of(dst), proto, self.ports.atom_of(port))
+
+    def expectation_failure(self, expect: ExpectCase) -> tuple[int, int, str, int | None, FlowResult] | None:
+        """The first concrete flow contradicting an `expect` line, or None if it holds."""
+        srcs = self.addresses.mask(expect.src.intervals)
+        dsts = self.addresses.mask(expect.dst.intervals)
+        if expect.proto == "ip":
+            cases = [(c, p) for c in PROTO_CLASSES for p in range(self.ports.count)]
+        elif expect.port is None:
+            cases = [(expect.proto, 0)]
+        else:
+            cases = [(expect.proto, self.ports.atom_of(expect.port))]
+        for sa in self._hosts_first(srcs):
+            for da in self._hosts_first(dsts):
+                for proto, port_atom in cases:
+                    result = self.flow_atoms(sa, da, proto, port_atom)
+                    if result.allowed != expect.allowed:
+                        port = expect.port
+                        if expect.proto == "ip" and proto in ("tcp", "udp"):
+                            port = self.ports.representative[port_atom]
+                        rep = self.addresses.representative
+                        return rep[sa], rep[da], proto, port, result
+        return None
+
+    def _hosts_first(self, mask: int) -> list[int]:
+        # Counterexamples read best with a named host, so atoms holding one come first.
+        atoms = list(bits(mask))
+        return sorted(atoms, key=lambda a: a not in self.pinned_atoms)
+
+    # -- coverage (dead rules) ---------------------------------------------------------------
+
+    def _candidates(self, i: int) -> int:
+        protos, src, dst, ports = self.boxes[i]
+        cand = 0
+        for c in PROTO_CLASSES:
+            if protos & PROTO_BIT[c]:
+                cand |= self.proto_index[c]
+        cand &= self._union(self.src_index, src, self.addresses.full)
+        cand &= self._union(self.dst_index, dst, self.addresses.full)
+        cand &= self._union(self.port_index, ports, self.ports.full)
+        return cand & ~(1 << i)
+
+    def _union(self, index: list[int], mask: int, full: int) -> int:
+        if mask == full:
+            return self.all_rules
+        out = 0
+        for a in bits(mask):
+            out |= index[a]
+        return out
+
+    def _covered_by(self, i: int, pool: int) -> tuple[int, ...] | None:
+        """Rules of `pool` that together cover rule i's forward space, or None."""
+        remaining = [self.boxes[i]]
+        used = []
+        for j in bits(pool):
+            cover = self.boxes[j]
+            after: list[tuple[int, int, int, int]] = []
+            hit = False
+            for box in remaining:
+                pieces = _subtract(box, cover)
+                if pieces is None:
+                    after.append(box)
+                else:
+                    hit = True
+                    after.extend(pieces)
+            if hit:
+                used.append(j)
+            remaining = after
+            if not remaining:
+                return tuple(used)
+            if len(remaining) > _MAX_BOXES:
+                return None
+        return None
+
+    def dead_rules(self) -> list[Coverage]:
+        """Allow rules that never decide a packet: covered by denies or by other allows."""
+        dead: list[Coverage] = []
+        alive = self.allow_bits
+        for i in reversed(range(len(self.rules))):  # a duplicate is reported at its later copy
+            rule = self.rules[i]
+            if rule.action is not Action.ALLOW:
+                continue
+            cand = self._candidates(i)
+            by_deny = self._covered_by(i, cand & self.deny_bits) if cand & self.deny_bits else None
+            if by_deny is not None:
+                dead.append(Coverage(rule, True, tuple(self.rules[j] for j in by_deny)))
+                alive &= ~(1 << i)
+                continue
+            stronger = 0
+            for j in bits(cand & alive):
+                if _decides_over(self.rules[j], rule):
+                    stronger |= 1 << j
+            if not stronger:
+                continue
+            covering = self._covered_by(i, (cand & self.deny_bits) | stronger)
+            if covering is not None:
+                dead.append(Coverage(rule, False, tuple(self.rules[j] for j in covering)))
+                alive &= ~(1 << i)
+        return sorted(dead, key=lambda c: c.rule.id)
+
+
+def _decides_over(other: PolicyRule, rule: PolicyRule) -> bool:
+    """Would `other` decide every packet of `rule` that both match (making `rule` moot)?"""
+    if other.is_time_bound and (other.duration_s, other.window) != (rule.duration_s, rule.window):
+        return False
+    if rule.reply and not other.reply:
+        return False
+    if rule.rate_pps is not None:
+        return other.rate_pps is not None and other.rate_pps <= rule.rate_pps
+    return True
+
+
+def _subtract(
+    box: tuple[int, int, int, int], cover: tuple[int, int, int, int]
+) -> list[tuple[int, int, int, int]] | None:
+    """box minus cover as disjoint boxes; None when they do not intersect."""
+    if not all(a & b for a, b in zip(box, cover, strict=True)):
+        return None
+    out = []
+    current = list(box)
+    for dim in range(4):
+        outside = current[dim] & ~cover[dim]
+        if outside:
+            piece = list(current)
+            piece[dim] = outside
+            out.append((piece[0], piece[1], piece[2], piece[3]))
+            current[dim] &= cover[dim]
+    return out
