@@ -1,2 +1,220 @@
-def main() -> int:
-    return 0
+"""The `p4seg` command line."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from compiler.check import CheckResult, check_policy
+from compiler.diagnostics import (
+    Diagnostic,
+    InventoryError,
+    P4segError,
+    SourceFiles,
+    render_all,
+    summary_line,
+)
+from compiler.fmt import format_policy
+from compiler.inventory import Inventory, load_inventory
+from compiler.model import Action, Policy
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+_MAIN_HELP = """\
+p4seg turns a zero-trust segmentation policy into P4 tables on top-of-rack switches.
+
+A policy names services and the few flows allowed between them; everything else is denied:
+
+    policy trading_floor
+    service algo         = algo1, algo2          # inventory host names
+    service order_router = 10.0.3.10
+    allow algo -> order_router tcp 9876          # replies allowed, initiation back is not
+    default deny log
+    expect algo1 -> order_router tcp 9876 allowed
+
+Start with:
+    p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg fmt --check policies/*.zt
+
+The language reference, with every error code, is docs/language.md.
+"""
+
+_CHECK_HELP = """\
+Parse and resolve a policy against an inventory, then analyse it: dead rules (covered by
+denies or by other allows), unused services, and every `expect` line, evaluated exactly
+over all the flows it names. Nothing is written anywhere.
+
+exit status: 0 no errors (warnings allowed unless --strict), 1 errors
+
+examples:
+    p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg check policy.zt -i floor.yaml --strict --error-format json
+"""
+
+_FMT_HELP = """\
+Print policies in canonical form: one statement per line, aligned columns, options in a
+fixed order, comments kept. Idempotent and meaning-preserving.
+
+exit status: 0 formatted (or already canonical with --check), 1 syntax errors or, with
+--check, a file that is not canonical (its diff is printed)
+
+examples:
+    p4seg fmt policy.zt                 # canonical text on stdout
+    p4seg fmt -w policies/*.zt          # rewrite in place
+    p4seg fmt --check policies/*.zt     # for CI
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="p4seg", description=_MAIN_HELP, formatter_class=raw)
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    c = sub.add_parser("check", help="check a policy (syntax, names, dead rules, expect lines)",
+                       description=_CHECK_HELP, formatter_class=raw)
+    c.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
+    c.add_argument("-i", "--inventory", metavar="INVENTORY",
+                   help="inventory YAML (hosts, switches, links); needed to use host names")
+    c.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
+    c.add_argument("--error-format", choices=("human", "json"), default="human",
+                   help="how to print diagnostics (default: human)")
+    c.add_argument("--summary", action="store_true",
+                   help="after a clean check, print the policy's services, rules and expectations")
+
+    f = sub.add_parser("fmt", help="print policies in canonical form",
+                       description=_FMT_HELP, formatter_class=raw)
+    f.add_argument("policies", metavar="POLICY", nargs="+", help="policy files (.zt)")
+    mode = f.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="only report files that are not canonical")
+    mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
+    f.add_argument("--error-format", choices=("human", "json"), default="human")
+    return p
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        print(f"p4seg: error: cannot read '{path}': {reason}", file=sys.stderr)
+        return None
+
+
+def _report(diags: Sequence[Diagnostic], sources: SourceFiles, fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        errors = sum(d.is_error for d in diags)
+        doc = {"errors": errors, "warnings": len(diags) - errors, "diagnostics": [d.to_json() for d in diags]}
+        print(json.dumps(doc, indent=2), file=out)
+    elif diags:
+        print(render_all(diags, sources), file=out)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    sources = SourceFiles()
+    inventory = Inventory.empty()
+    if args.inventory:
+        try:
+            inventory, inv_text = load_inventory(args.inventory)
+        except InventoryError as exc:
+            text = _read(args.inventory) or ""
+            sources.add(args.inventory, text)
+            _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+            return EXIT_ERROR
+        sources.add(args.inventory, inv_text)
+    text = _read(args.policy)
+    if text is None:
+        return EXIT_ERROR
+    sources.add(args.policy, text)
+    result = check_policy(text, args.policy, inventory)
+    failed = result.errors > 0 or (args.strict and result.warnings > 0)
+    out = sys.stdout if args.error_format == "json" else sys.stderr
+    _report(result.diagnostics, sources, args.error_format, out)
+    if args.error_format == "human" and not failed and result.policy is not None:
+        print(f"{args.policy}: ok — {_one_line(result)}")
+        if args.summary:
+            print(_summary(result.policy, inventory))
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _one_line(result: CheckResult) -> str:
+    assert result.policy is not None
+    p = result.policy
+    return (
+        f"policy {p.name}: {len(p.services)} services, {len(p.rules)} rules, "
+        f"{len(p.expects)} expectations hold; {summary_line(result.errors, result.warnings)}"
+    )
+
+
+def _summary(policy: Policy, inventory: Inventory) -> str:
+    hosts = {h.ip: h.name for h in inventory.hosts}
+    lines = ["", f"services ({len(policy.services)}):"]
+    width = max((len(s.name) for s in policy.services), default=0)
+    for s in policy.services:
+        members = [hosts[ip] for ip in sorted(hosts) if ip in s.addresses]
+        count = s.addresses.size()
+        who = ", ".join(members) if members else "no inventory hosts"
+        noun = "address" if count == 1 else "addresses"
+        lines.append(f"  {s.name:<{width}}  {count:>9} {noun:<9}  {who}")
+    allows = [r for r in policy.rules if r.action is Action.ALLOW]
+    denies = [r for r in policy.rules if r.action is Action.DENY]
+    lines += ["", f"rules ({len(allows)} allow, {len(denies)} deny, default deny"
+                  f"{' log' if policy.default_log else ''}):"]
+    for r in policy.rules:
+        lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}")
+    lines += ["", f"expectations ({len(policy.expects)}, all hold):"]
+    lines += [f"  ok  {e.describe()}" for e in policy.expects]
+    return "\n".join(lines)
+
+
+def _cmd_fmt(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.policies:
+        text = _read(path)
+        if text is None:
+            status = EXIT_ERROR
+            continue
+        try:
+            formatted = format_policy(text, path)
+        except P4segError as exc:
+            sources = SourceFiles()
+            sources.add(path, text)
+            _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+            status = EXIT_ERROR
+            continue
+        if args.check:
+            if formatted != text:
+                diff = difflib.unified_diff(
+                    text.splitlines(keepends=True), formatted.splitlines(keepends=True),
+                    fromfile=path, tofile=f"{path} (formatted)",
+                )
+                sys.stdout.writelines(diff)
+                print(f"p4seg: {path} is not canonical (run `p4seg fmt -w {path}`)", file=sys.stderr)
+                status = EXIT_ERROR
+        elif args.write:
+            if formatted != text:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(formatted)
+                print(f"formatted {path}", file=sys.stderr)
+        else:
+            sys.stdout.write(formatted)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.verb == "check":
+            return _cmd_check(args)
+        return _cmd_fmt(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
