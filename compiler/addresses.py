@@ -49,9 +49,7 @@ def parse_prefix(text: str) -> Interval:
     size = 1 << (32 - length)
     if addr & (size - 1):
         network = format_ipv4(addr & ~(size - 1) & MAX_ADDRESS)
-        raise AddressSyntaxError(
-            f"'{text}' has host bits set (the network is {network}/{length})"
-        )
+        raise AddressSyntaxError(f"'{text}' has host bits set (the network is {network}/{length})")
     return (addr, addr + size - 1)
 
 

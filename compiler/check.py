@@ -50,7 +50,9 @@ def analyze(policy: Policy, inventory: Inventory) -> list[Diagnostic]:
         if failure is None:
             continue
         src, dst, proto, port, result = failure
-        flow = f"{_host(src, names)} -> {_host(dst, names)} {proto}" + (f" {port}" if port is not None else "")
+        flow = f"{_host(src, names)} -> {_host(dst, names)} {proto}" + (
+            f" {port}" if port is not None else ""
+        )
         deciding = result.deciding
         where = " on the way back" if deciding is result.back else ""
         notes = (Note("decided here", deciding.rule.span),) if deciding.rule else ()

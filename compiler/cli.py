@@ -75,22 +75,40 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    c = sub.add_parser("check", help="check a policy (syntax, names, dead rules, expect lines)",
-                       description=_CHECK_HELP, formatter_class=raw)
+    c = sub.add_parser(
+        "check",
+        help="check a policy (syntax, names, dead rules, expect lines)",
+        description=_CHECK_HELP,
+        formatter_class=raw,
+    )
     c.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
-    c.add_argument("-i", "--inventory", metavar="INVENTORY",
-                   help="inventory YAML (hosts, switches, links); needed to use host names")
+    c.add_argument(
+        "-i",
+        "--inventory",
+        metavar="INVENTORY",
+        help="inventory YAML (hosts, switches, links); needed to use host names",
+    )
     c.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    c.add_argument("--error-format", choices=("human", "json"), default="human",
-                   help="how to print diagnostics (default: human)")
-    c.add_argument("--summary", action="store_true",
-                   help="after a clean check, print the policy's services, rules and expectations")
+    c.add_argument(
+        "--error-format",
+        choices=("human", "json"),
+        default="human",
+        help="how to print diagnostics (default: human)",
+    )
+    c.add_argument(
+        "--summary",
+        action="store_true",
+        help="after a clean check, print the policy's services, rules and expectations",
+    )
 
-    f = sub.add_parser("fmt", help="print policies in canonical form",
-                       description=_FMT_HELP, formatter_class=raw)
+    f = sub.add_parser(
+        "fmt", help="print policies in canonical form", description=_FMT_HELP, formatter_class=raw
+    )
     f.add_argument("policies", metavar="POLICY", nargs="+", help="policy files (.zt)")
     mode = f.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="only report files that are not canonical")
+    mode.add_argument(
+        "--check", action="store_true", help="only report files that are not canonical"
+    )
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
     f.add_argument("--error-format", choices=("human", "json"), default="human")
     return p
@@ -109,7 +127,11 @@ def _read(path: str) -> str | None:
 def _report(diags: Sequence[Diagnostic], sources: SourceFiles, fmt: str, out: TextIO) -> None:
     if fmt == "json":
         errors = sum(d.is_error for d in diags)
-        doc = {"errors": errors, "warnings": len(diags) - errors, "diagnostics": [d.to_json() for d in diags]}
+        doc = {
+            "errors": errors,
+            "warnings": len(diags) - errors,
+            "diagnostics": [d.to_json() for d in diags],
+        }
         print(json.dumps(doc, indent=2), file=out)
     elif diags:
         print(render_all(diags, sources), file=out)
@@ -127,11 +149,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
             _report(exc.diagnostics, sources, args.error_format, sys.stderr)
             return EXIT_ERROR
         sources.add(args.inventory, inv_text)
-    text = _read(args.policy)
-    if text is None:
+    policy_text = _read(args.policy)
+    if policy_text is None:
         return EXIT_ERROR
-    sources.add(args.policy, text)
-    result = check_policy(text, args.policy, inventory)
+    sources.add(args.policy, policy_text)
+    result = check_policy(policy_text, args.policy, inventory)
     failed = result.errors > 0 or (args.strict and result.warnings > 0)
     out = sys.stdout if args.error_format == "json" else sys.stderr
     _report(result.diagnostics, sources, args.error_format, out)
@@ -163,8 +185,11 @@ def _summary(policy: Policy, inventory: Inventory) -> str:
         lines.append(f"  {s.name:<{width}}  {count:>9} {noun:<9}  {who}")
     allows = [r for r in policy.rules if r.action is Action.ALLOW]
     denies = [r for r in policy.rules if r.action is Action.DENY]
-    lines += ["", f"rules ({len(allows)} allow, {len(denies)} deny, default deny"
-                  f"{' log' if policy.default_log else ''}):"]
+    lines += [
+        "",
+        f"rules ({len(allows)} allow, {len(denies)} deny, default deny"
+        f"{' log' if policy.default_log else ''}):",
+    ]
     for r in policy.rules:
         lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}")
     lines += ["", f"expectations ({len(policy.expects)}, all hold):"]
@@ -190,11 +215,15 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
         if args.check:
             if formatted != text:
                 diff = difflib.unified_diff(
-                    text.splitlines(keepends=True), formatted.splitlines(keepends=True),
-                    fromfile=path, tofile=f"{path} (formatted)",
+                    text.splitlines(keepends=True),
+                    formatted.splitlines(keepends=True),
+                    fromfile=path,
+                    tofile=f"{path} (formatted)",
                 )
                 sys.stdout.writelines(diff)
-                print(f"p4seg: {path} is not canonical (run `p4seg fmt -w {path}`)", file=sys.stderr)
+                print(
+                    f"p4seg: {path} is not canonical (run `p4seg fmt -w {path}`)", file=sys.stderr
+                )
                 status = EXIT_ERROR
         elif args.write:
             if formatted != text:

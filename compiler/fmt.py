@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from compiler import ast
 from compiler.parse import parse
 
-_OPTION_ORDER = {ast.LogOption: 0, ast.ReplyOption: 1, ast.RateOption: 2, ast.ForOption: 3, ast.DuringOption: 4}
+_OPTION_ORDER = {
+    ast.LogOption: 0,
+    ast.ReplyOption: 1,
+    ast.RateOption: 2,
+    ast.ForOption: 3,
+    ast.DuringOption: 4,
+}
 
 
 def _endpoints(eps: tuple[ast.Endpoint, ...]) -> str:
@@ -52,11 +58,26 @@ def _columns(stmt: ast.Statement) -> list[str]:
         proto = ""
         if stmt.proto is not None:
             proto = stmt.proto.proto + (f" {_ports(stmt.proto.ports)}" if stmt.proto.ports else "")
-        return [stmt.action, _endpoints(stmt.src), "->", _endpoints(stmt.dst), proto, _options(stmt.options)]
+        return [
+            stmt.action,
+            _endpoints(stmt.src),
+            "->",
+            _endpoints(stmt.dst),
+            proto,
+            _options(stmt.options),
+        ]
     if isinstance(stmt, ast.DefaultDecl):
         return [" ".join(filter(None, ["default", stmt.action, _options(stmt.options)]))]
     port = str(stmt.port) if stmt.port is not None else ""
-    return ["expect", _endpoints(stmt.src), "->", _endpoints(stmt.dst), stmt.proto, port, stmt.verdict]
+    return [
+        "expect",
+        _endpoints(stmt.src),
+        "->",
+        _endpoints(stmt.dst),
+        stmt.proto,
+        port,
+        stmt.verdict,
+    ]
 
 
 @dataclass
@@ -118,7 +139,9 @@ def _render_run(run: list[_Line]) -> list[str]:
         for row in rows
     )
     stmt_text = {id(line): next(texts) for line in run if line.stmt is not None}
-    commented = [len(stmt_text[id(line)]) for line in run if line.stmt is not None and line.trailing]
+    commented = [
+        len(stmt_text[id(line)]) for line in run if line.stmt is not None and line.trailing
+    ]
     comment_col = max(commented, default=0) + 2
     out = []
     for line in run:

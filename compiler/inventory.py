@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
@@ -192,7 +192,9 @@ class _InventoryReader:
         if text is None:
             return None
         if not text.isdigit() or not lo <= int(text) <= hi:
-            self.fail("E307", f"{what} must be a whole number from {lo} to {hi}, got '{text}'", node)
+            self.fail(
+                "E307", f"{what} must be a whole number from {lo} to {hi}, got '{text}'", node
+            )
             return None
         return int(text)
 
@@ -225,7 +227,9 @@ class _InventoryReader:
         if isinstance(top.get("switches"), yaml.MappingNode):
             self.declared = {str(k.value) for k, _ in top["switches"].value}
         by_name = {s.name: s for s in switches}
-        hosts = self.read_each(top.get("hosts"), "hosts", lambda n, v: self.read_host(n, v, by_name))
+        hosts = self.read_each(
+            top.get("hosts"), "hosts", lambda n, v: self.read_host(n, v, by_name)
+        )
         links = self.read_links(top.get("links"), by_name)
         self.check_unique(switches, hosts)
         self.check_ports(hosts, links)
@@ -254,7 +258,9 @@ class _InventoryReader:
         f = self.fields(node, what, _SWITCH_FIELDS, ("role", "device_id", "p4rt"))
         role = self.scalar(f["role"], f"{what} role") if "role" in f else None
         if role is not None and role not in ROLES:
-            self.fail("E307", f"{what} role must be one of {', '.join(ROLES)}, got '{role}'", f["role"])
+            self.fail(
+                "E307", f"{what} role must be one of {', '.join(ROLES)}, got '{role}'", f["role"]
+            )
             role = None
         device_id = (
             self.integer(f["device_id"], f"{what} device_id", 0, (1 << 64) - 1)
@@ -276,7 +282,9 @@ class _InventoryReader:
         assert name and role and p4rt and device_id is not None and cpu_port is not None
         return Switch(name, role, device_id, p4rt, rack, cpu_port, self.span(key))
 
-    def read_host(self, key: yaml.Node, node: yaml.Node, switches: dict[str, Switch]) -> Host | None:
+    def read_host(
+        self, key: yaml.Node, node: yaml.Node, switches: dict[str, Switch]
+    ) -> Host | None:
         name = self.name(key, "host name")
         what = f"host '{key.value}'"
         f = self.fields(node, what, _HOST_FIELDS, ("ip", "switch", "port"))
@@ -292,7 +300,11 @@ class _InventoryReader:
             if mac is not None:
                 mac = mac.lower()
                 if not _MAC.match(mac):
-                    self.fail("E307", f"{what} mac '{mac}' is not a MAC address like 02:00:0a:00:01:0b", f["mac"])
+                    self.fail(
+                        "E307",
+                        f"{what} mac '{mac}' is not a MAC address like 02:00:0a:00:01:0b",
+                        f["mac"],
+                    )
                     mac = None
                 elif int(mac[:2], 16) & 1:
                     self.fail("E307", f"{what} mac '{mac}' is a multicast address", f["mac"])
@@ -308,7 +320,11 @@ class _InventoryReader:
             self.fail("E305", f"{what} is on unknown switch '{switch}'{hint}", f["switch"])
             switch = None
         elif switch is not None and switches[switch].role != "tor":
-            self.fail("E307", f"{what} is on '{switch}', a {switches[switch].role}: hosts attach to ToRs", f["switch"])
+            self.fail(
+                "E307",
+                f"{what} is on '{switch}', a {switches[switch].role}: hosts attach to ToRs",
+                f["switch"],
+            )
             switch = None
         port = self.integer(f["port"], f"{what} port", 1, MAX_DATA_PORT) if "port" in f else None
         if name is None or ip is None or mac is None or switch is None or port is None:
@@ -363,19 +379,28 @@ class _InventoryReader:
 
     # -- cross checks ----------------------------------------------------------------------
 
-    def first_seen(self, code: str, what: str, items: list[tuple[object, str, Span]]) -> None:
+    def first_seen(self, code: str, what: str, items: Sequence[tuple[object, str, Span]]) -> None:
         """Report every item whose key was already seen, pointing at the first."""
         seen: dict[object, Span] = {}
         for key, label, span in items:
             if key in seen:
-                self.diags.append(error(code, f"{what} {label} is used twice", span, Note("first used here", seen[key])))
+                self.diags.append(
+                    error(
+                        code,
+                        f"{what} {label} is used twice",
+                        span,
+                        Note("first used here", seen[key]),
+                    )
+                )
             else:
                 seen[key] = span
 
     def check_unique(self, switches: tuple[Switch, ...], hosts: tuple[Host, ...]) -> None:
         self.first_seen("E303", "IP address", [(h.ip, h.ip_text, h.span) for h in hosts])
         self.first_seen("E304", "MAC address", [(h.mac, h.mac, h.span) for h in hosts])
-        self.first_seen("E308", "device_id", [(s.device_id, str(s.device_id), s.span) for s in switches])
+        self.first_seen(
+            "E308", "device_id", [(s.device_id, str(s.device_id), s.span) for s in switches]
+        )
         self.first_seen("E308", "P4Runtime address", [(s.p4rt, s.p4rt, s.span) for s in switches])
         names = [(s.name, f"'{s.name}'", s.span) for s in switches] + [
             (h.name, f"'{h.name}'", h.span) for h in hosts

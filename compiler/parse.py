@@ -47,7 +47,7 @@ KEYWORD_TYPES = frozenset(KEYWORDS.values())
 STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect")
 _STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
 _OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING"})
-_STATEMENT_START = re.compile(r"^[ \t]*(?:%s)\b" % "|".join(STATEMENT_KEYWORDS), re.MULTILINE)
+_STATEMENT_START = re.compile(r"^[ \t]*(?:" + "|".join(STATEMENT_KEYWORDS) + r")\b", re.MULTILINE)
 
 # How an expected terminal reads in an error message.
 _EXPECTED_WORDS: dict[str, str] = {
@@ -135,11 +135,14 @@ def _statement_chunks(text: str) -> list[tuple[int, str]]:
 
 def _all_syntax_errors(parser: Lark, text: str, file: str) -> list[Diagnostic]:
     diags = []
-    for first_line, chunk in _statement_chunks(text):
+    chunks = _statement_chunks(text)
+    for i, (first_line, chunk) in enumerate(chunks):
         try:
             parser.parse(chunk)
         except UnexpectedInput as exc:
-            diags.append(_syntax_diagnostic(exc, file, first_line - 1, chunk))
+            # A chunk ends where the next statement starts, not at the end of the file.
+            end = f"the next statement (line {chunks[i + 1][0]})" if i + 1 < len(chunks) else None
+            diags.append(_syntax_diagnostic(exc, file, first_line - 1, chunk, end))
     if not diags:  # the whole failed but no statement alone does: report the whole's error
         try:
             parser.parse(text)
@@ -174,15 +177,18 @@ def _closest_keyword(word: str) -> str | None:
     return match[0] if match else None
 
 
-def _syntax_diagnostic(exc: UnexpectedInput, file: str, line_offset: int, chunk: str) -> Diagnostic:
+def _syntax_diagnostic(
+    exc: UnexpectedInput, file: str, line_offset: int, chunk: str, end: str | None = None
+) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
-        char = chunk[exc.pos_in_stream] if exc.pos_in_stream < len(chunk) else "?"
+        pos = exc.pos_in_stream or 0
+        char = chunk[pos] if pos < len(chunk) else "?"
         span = Span.point(file, exc.line + line_offset, exc.column)
         return error("E001", f"unexpected character {char!r}", span)
     assert isinstance(exc, UnexpectedToken)
     tok = exc.token
     expected = set(exc.expected)
-    found = _describe(tok)
+    found = end if tok.type == "$END" and end else _describe(tok)
     if tok.type == "$END":
         line, col = tok.end_line or tok.line or 1, tok.end_column or tok.column or 1
         span = Span.point(file, line + line_offset, col)
@@ -192,13 +198,9 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, line_offset: int, chunk:
         span = Span.point(file, line + line_offset, col, width)
 
     if tok.type in KEYWORD_TYPES and "NAME" in expected:
-        return error(
-            "E104", f"`{tok.value}` is a keyword and cannot be used as a name", span
-        )
+        return error("E104", f"`{tok.value}` is a keyword and cannot be used as a name", span)
     if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
-        return error(
-            "E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span
-        )
+        return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
     if "_ARROW" in expected:
         return error("E002", f"expected `->` between source and destination, found {found}", span)
     if tok.type == "MINUS" or expected == {"INT"}:
@@ -241,7 +243,9 @@ class _ToAst(Transformer[Token, Any]):
         self.file = file
 
     def _tok(self, tok: Token) -> Span:
-        return Span(self.file, tok.line or 0, tok.column or 0, tok.end_line or 0, tok.end_column or 0)
+        return Span(
+            self.file, tok.line or 0, tok.column or 0, tok.end_line or 0, tok.end_column or 0
+        )
 
     def _meta(self, meta: Meta) -> Span:
         return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)

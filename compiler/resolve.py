@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from compiler import ast
-from compiler.addresses import AddressSet, AddressSyntaxError, Interval, merge_intervals, parse_prefix
+from compiler.addresses import (
+    AddressSet,
+    AddressSyntaxError,
+    Interval,
+    merge_intervals,
+    parse_prefix,
+)
 from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, warning
 from compiler.inventory import Inventory
 from compiler.model import (
@@ -65,10 +71,19 @@ class _Resolver:
                 continue
             name = stmt.name.text
             if name == ANY:
-                self.fail("E104", "`any` is built in (every address) and cannot be redefined", stmt.name.span)
+                self.fail(
+                    "E104",
+                    "`any` is built in (every address) and cannot be redefined",
+                    stmt.name.span,
+                )
             elif name in self.defs:
                 first = self.defs[name].name.span
-                self.fail("E102", f"service '{name}' is defined twice", stmt.name.span, Note("first defined here", first))
+                self.fail(
+                    "E102",
+                    f"service '{name}' is defined twice",
+                    stmt.name.span,
+                    Note("first defined here", first),
+                )
             elif name in self.inventory.hosts_by_name:
                 host = self.inventory.hosts_by_name[name]
                 self.fail(
@@ -144,7 +159,11 @@ class _Resolver:
                 self.fail("E202", f"port {bad[0]} is out of range 0-65535", item.span)
                 ok = False
             elif hi < item.lo:
-                self.fail("E203", f"port range {item.lo}-{hi} is reversed (write {hi}-{item.lo})", item.span)
+                self.fail(
+                    "E203",
+                    f"port range {item.lo}-{hi} is reversed (write {hi}-{item.lo})",
+                    item.span,
+                )
                 ok = False
             else:
                 out.append((item.lo, hi))
@@ -154,12 +173,20 @@ class _Resolver:
         m = _RATE.match(opt.value)
         if not m:
             unitless = opt.value.replace(".", "", 1).isdigit()
-            why = "needs a unit: pps, kpps or mpps" if unitless else "is not a rate such as 20000pps or 20kpps"
+            why = (
+                "needs a unit: pps, kpps or mpps"
+                if unitless
+                else "is not a rate such as 20000pps or 20kpps"
+            )
             self.fail("E204", f"rate '{opt.value}' {why}", opt.value_span)
             return None
         pps = float(m["n"]) * _RATE_UNITS[m["unit"]]
         if pps != int(pps) or not 1 <= pps <= MAX_RATE_PPS:
-            self.fail("E204", f"rate '{opt.value}' must be a whole number of packets/s from 1 to 1000mpps", opt.value_span)
+            self.fail(
+                "E204",
+                f"rate '{opt.value}' must be a whole number of packets/s from 1 to 1000mpps",
+                opt.value_span,
+            )
             return None
         return int(pps)
 
@@ -190,24 +217,39 @@ class _Resolver:
             self.fail("E206", f"time window {opt.start}-{opt.end} is empty", opt.span)
             return None
         if opt.zone is None:
-            self.fail("E206", f"time window {opt.start}-{opt.end} needs a time zone, e.g. `UTC` or `Europe/London`", opt.span)
+            self.fail(
+                "E206",
+                f"time window {opt.start}-{opt.end} needs a time zone, e.g. `UTC` or `Europe/London`",
+                opt.span,
+            )
             return None
         try:
             ZoneInfo(opt.zone)
         except (ZoneInfoNotFoundError, ValueError):
-            self.fail("E206", f"unknown time zone '{opt.zone}' (use an IANA name such as UTC or America/New_York)", opt.span)
+            self.fail(
+                "E206",
+                f"unknown time zone '{opt.zone}' (use an IANA name such as UTC or America/New_York)",
+                opt.span,
+            )
             return None
         return TimeWindow(minutes[0], minutes[1], opt.zone)
 
     # -- statements ------------------------------------------------------------------------
 
-    def check_options(self, options: tuple[ast.Option, ...], action: str, proto: str, default: bool) -> bool:
+    def check_options(
+        self, options: tuple[ast.Option, ...], action: str, proto: str, default: bool
+    ) -> bool:
         ok = True
         seen: dict[type, ast.Option] = {}
         for opt in options:
             kind = ast.OPTION_KEYWORD[type(opt)]
             if type(opt) in seen:
-                self.fail("E209", f"option `{kind}` is given twice", opt.span, Note("first here", seen[type(opt)].span))
+                self.fail(
+                    "E209",
+                    f"option `{kind}` is given twice",
+                    opt.span,
+                    Note("first here", seen[type(opt)].span),
+                )
                 ok = False
                 continue
             seen[type(opt)] = opt
@@ -265,7 +307,11 @@ class _Resolver:
         dst = self.resolve_endpoints(stmt.dst)
         ok = True
         if stmt.proto in PORT_PROTOCOLS and stmt.port is None:
-            self.fail("E208", f"an expectation over {stmt.proto} needs a port, e.g. `{stmt.proto} 443`", stmt.proto_span)
+            self.fail(
+                "E208",
+                f"an expectation over {stmt.proto} needs a port, e.g. `{stmt.proto} 443`",
+                stmt.proto_span,
+            )
             ok = False
         elif stmt.proto not in PORT_PROTOCOLS and stmt.port is not None:
             self.fail("E208", f"ports apply to tcp and udp only, not {stmt.proto}", stmt.port_span)
@@ -276,47 +322,73 @@ class _Resolver:
         if src is None or dst is None or not ok:
             return None
         return ExpectCase(
-            src, dst, _endpoints_text(stmt.src), _endpoints_text(stmt.dst),
-            stmt.proto, stmt.port, stmt.verdict == "allowed", stmt.span,
+            src,
+            dst,
+            _endpoints_text(stmt.src),
+            _endpoints_text(stmt.dst),
+            stmt.proto,
+            stmt.port,
+            stmt.verdict == "allowed",
+            stmt.span,
         )
 
     def run(self) -> Policy:
         statements = self.tree.statements
         headers = [s for s in statements if isinstance(s, ast.PolicyDecl)]
         if not headers:
-            self.fail("E010", "missing `policy NAME` header: start the file with e.g. `policy trading_floor`", Span.point(self.tree.file, 1, 1))
+            self.fail(
+                "E010",
+                "missing `policy NAME` header: start the file with e.g. `policy trading_floor`",
+                Span.point(self.tree.file, 1, 1),
+            )
         elif statements[0] is not headers[0]:
             self.fail("E010", "`policy NAME` must be the first statement", headers[0].span)
         for extra in headers[1:]:
-            self.fail("E011", "a file holds one policy: second `policy` header", extra.span, Note("first here", headers[0].span))
+            self.fail(
+                "E011",
+                "a file holds one policy: second `policy` header",
+                extra.span,
+                Note("first here", headers[0].span),
+            )
 
         self.collect_services()
         services = []
-        for name, stmt in self.defs.items():
+        for name, definition in self.defs.items():
             value = self.resolve_service(name)
             if value is not None:
-                services.append(Service(name, value, stmt.span))
+                services.append(Service(name, value, definition.span))
 
         rules: list[PolicyRule] = []
         rule_stmts = [s for s in statements if isinstance(s, ast.Rule)]
-        for rule_id, stmt in enumerate(rule_stmts, start=1):
-            resolved = self.rule(stmt, rule_id)
+        for rule_id, rule_stmt in enumerate(rule_stmts, start=1):
+            resolved = self.rule(rule_stmt, rule_id)
             if resolved is not None:
                 rules.append(resolved)
 
         default_log, default_span = False, None
         defaults = [s for s in statements if isinstance(s, ast.DefaultDecl)]
-        for extra in defaults[1:]:
-            self.fail("E012", "more than one `default` statement", extra.span, Note("first here", defaults[0].span))
+        for extra_default in defaults[1:]:
+            self.fail(
+                "E012",
+                "more than one `default` statement",
+                extra_default.span,
+                Note("first here", defaults[0].span),
+            )
         if defaults:
             decl = defaults[0]
             default_span = decl.span
             if decl.action == "allow":
-                self.fail("E013", "p4seg is default deny: `default allow` would trust everything the rules do not name", decl.action_span)
+                self.fail(
+                    "E013",
+                    "p4seg is default deny: `default allow` would trust everything the rules do not name",
+                    decl.action_span,
+                )
             self.check_options(decl.options, decl.action, "ip", default=True)
             default_log = any(isinstance(o, ast.LogOption) for o in decl.options)
 
-        expects = [e for s in statements if isinstance(s, ast.Expect) and (e := self.expect(s)) is not None]
+        expects = [
+            e for s in statements if isinstance(s, ast.Expect) and (e := self.expect(s)) is not None
+        ]
         return Policy(
             name=headers[0].name.text if headers else "policy",
             file=self.tree.file,

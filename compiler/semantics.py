@@ -49,7 +49,9 @@ def bits(mask: int) -> Iterator[int]:
 class Partition:
     """A universe [0, top] cut into atoms: classes of values that no given set tells apart."""
 
-    def __init__(self, sets: Iterable[Sequence[Interval]], top: int, pinned: Iterable[int] = ()) -> None:
+    def __init__(
+        self, sets: Iterable[Sequence[Interval]], top: int, pinned: Iterable[int] = ()
+    ) -> None:
         distinct = {tuple(s) for s in sets}
         pinned = sorted(set(pinned))
         distinct |= {((v, v),) for v in pinned}
@@ -70,7 +72,7 @@ class Partition:
             for lo, hi in intervals:
                 diff[index[lo]] ^= tag
                 diff[index[hi + 1] if hi < top else len(self.starts)] ^= tag
-        sig, atom_of_sig = 0, {}
+        sig, atom_of_sig = 0, dict[int, int]()
         self.element_atom: list[int] = []
         for i in range(len(self.starts)):
             sig ^= diff[i]
@@ -122,7 +124,9 @@ class Decision:
         if self.rule is None:
             return "denied by the default deny"
         verb = "allowed" if self.allowed else "denied"
-        how = {"reply": " as a reply", "reply-of-denied": " (a reply to a denied flow)"}.get(self.reason, "")
+        how = {"reply": " as a reply", "reply-of-denied": " (a reply to a denied flow)"}.get(
+            self.reason, ""
+        )
         return f"{verb}{how} by `{self.rule.describe()}` at {self.rule.span}"
 
 
@@ -258,7 +262,9 @@ class PolicySemantics:
         # Metered allows take precedence (the lowest rate first), then the lowest rule id.
         metered = allowed & self.metered_bits
         if metered:
-            return min((self.rules[i] for i in bits(metered)), key=lambda r: (r.rate_pps or 0, r.id))
+            return min(
+                (self.rules[i] for i in bits(metered)), key=lambda r: (r.rate_pps or 0, r.id)
+            )
         return self.rules[next(bits(allowed))]
 
     def decide(
@@ -274,7 +280,13 @@ class PolicySemantics:
         """Decide one concrete packet (addresses as integers, proto: tcp|udp|icmp|other)."""
         a, p = self.addresses, self.ports
         return self.decide_atoms(
-            a.atom_of(src), a.atom_of(dst), proto, p.atom_of(sport), p.atom_of(dport), ack, icmp_type
+            a.atom_of(src),
+            a.atom_of(dst),
+            proto,
+            p.atom_of(sport),
+            p.atom_of(dport),
+            ack,
+            icmp_type,
         )
 
     # -- flows -------------------------------------------------------------------------------
@@ -301,7 +313,9 @@ class PolicySemantics:
         a = self.addresses
         return self.flow_atoms(a.atom_of(src), a.atom_of(dst), proto, self.ports.atom_of(port))
 
-    def expectation_failure(self, expect: ExpectCase) -> tuple[int, int, str, int | None, FlowResult] | None:
+    def expectation_failure(
+        self, expect: ExpectCase
+    ) -> tuple[int, int, str, int | None, FlowResult] | None:
         """The first concrete flow contradicting an `expect` line, or None if it holds."""
         srcs = self.addresses.mask(expect.src.intervals)
         dsts = self.addresses.mask(expect.dst.intervals)
