@@ -58,7 +58,6 @@ class _Resolver:
     diags: list[Diagnostic] = field(default_factory=list)
     defs: dict[str, ast.ServiceDef] = field(default_factory=dict)
     values: dict[str, AddressSet | None] = field(default_factory=dict)
-    resolving: list[str] = field(default_factory=list)
 
     def fail(self, code: str, message: str, span: Span | None, *notes: Note) -> None:
         self.diags.append(error(code, message, span, *notes))
@@ -114,20 +113,30 @@ class _Resolver:
         self.fail("E101", f"unknown name '{name}'{hint}", ref.span)
         return None
 
-    def resolve_service(self, name: str) -> AddressSet | None:
-        if name in self.values:
-            return self.values[name]
-        if name in self.resolving:
-            cycle = [*self.resolving[self.resolving.index(name) :], name]
-            self.fail("E103", f"service cycle: {' -> '.join(cycle)}", self.defs[name].name.span)
-            for member in cycle:
-                self.values[member] = None
-            return None
-        self.resolving.append(name)
-        value = self.resolve_endpoints(self.defs[name].endpoints)
-        self.resolving.pop()
-        self.values.setdefault(name, value)
-        return self.values[name]
+    def resolve_service(self, root: str) -> AddressSet | None:
+        """Resolve a service, its nested services first (iteratively: nesting has no limit)."""
+        if root in self.values:
+            return self.values[root]
+        path, members = [root], [iter(self.nested(root))]
+        while path:
+            child = next(members[-1], None)
+            if child is None:
+                name = path.pop()
+                members.pop()
+                if name not in self.values:  # every nested service is resolved by now
+                    self.values[name] = self.resolve_endpoints(self.defs[name].endpoints)
+            elif child in path:
+                cycle = [*path[path.index(child) :], child]
+                self.fail("E103", f"service cycle: {' -> '.join(cycle)}", self.defs[child].name.span)
+                for member in cycle:
+                    self.values[member] = None
+            elif child not in self.values:
+                path.append(child)
+                members.append(iter(self.nested(child)))
+        return self.values[root]
+
+    def nested(self, name: str) -> list[str]:
+        return [ep.text for ep in self.defs[name].endpoints if isinstance(ep, ast.Name) and ep.text in self.defs]
 
     def resolve_endpoints(self, endpoints: Iterable[ast.Endpoint]) -> AddressSet | None:
         intervals: list[Interval] = []
