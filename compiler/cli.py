@@ -124,13 +124,20 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _report(diags: Sequence[Diagnostic], sources: SourceFiles, fmt: str, out: TextIO) -> None:
+def _report(
+    diags: Sequence[Diagnostic],
+    sources: SourceFiles,
+    fmt: str,
+    out: TextIO,
+    extra: dict[str, object] | None = None,
+) -> None:
     if fmt == "json":
         errors = sum(d.is_error for d in diags)
         doc = {
             "errors": errors,
             "warnings": len(diags) - errors,
             "diagnostics": [d.to_json() for d in diags],
+            **(extra or {}),
         }
         print(json.dumps(doc, indent=2), file=out)
     elif diags:
@@ -156,7 +163,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     result = check_policy(policy_text, args.policy, inventory)
     failed = result.errors > 0 or (args.strict and result.warnings > 0)
     out = sys.stdout if args.error_format == "json" else sys.stderr
-    _report(result.diagnostics, sources, args.error_format, out)
+    extra: dict[str, object] = {"ok": not failed}
+    if result.policy is not None:
+        extra["policy"] = _policy_json(result.policy, inventory)
+    _report(result.diagnostics, sources, args.error_format, out, extra)
     if args.error_format == "human" and not failed and result.policy is not None:
         print(f"{args.policy}: ok — {_one_line(result)}")
         if args.summary:
@@ -195,6 +205,27 @@ def _summary(policy: Policy, inventory: Inventory) -> str:
     lines += ["", f"expectations ({len(policy.expects)}, all hold):"]
     lines += [f"  ok  {e.describe()}" for e in policy.expects]
     return "\n".join(lines)
+
+
+def _policy_json(policy: Policy, inventory: Inventory) -> dict[str, object]:
+    hosts = {h.ip: h.name for h in inventory.hosts}
+    return {
+        "name": policy.name,
+        "services": [
+            {
+                "name": s.name,
+                "addresses": str(s.addresses),
+                "hosts": [hosts[ip] for ip in sorted(hosts) if ip in s.addresses],
+                "line": s.span.line,
+            }
+            for s in policy.services
+        ],
+        "rules": [{"id": r.id, "line": r.span.line, "rule": r.describe()} for r in policy.rules],
+        "default": "deny log" if policy.default_log else "deny",
+        "expectations": [
+            {"line": e.span.line, "expect": e.describe(), "holds": True} for e in policy.expects
+        ],
+    }
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:

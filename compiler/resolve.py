@@ -127,7 +127,9 @@ class _Resolver:
                     self.values[name] = self.resolve_endpoints(self.defs[name].endpoints)
             elif child in path:
                 cycle = [*path[path.index(child) :], child]
-                self.fail("E103", f"service cycle: {' -> '.join(cycle)}", self.defs[child].name.span)
+                self.fail(
+                    "E103", f"service cycle: {' -> '.join(cycle)}", self.defs[child].name.span
+                )
                 for member in cycle:
                     self.values[member] = None
             elif child not in self.values:
@@ -136,7 +138,11 @@ class _Resolver:
         return self.values[root]
 
     def nested(self, name: str) -> list[str]:
-        return [ep.text for ep in self.defs[name].endpoints if isinstance(ep, ast.Name) and ep.text in self.defs]
+        return [
+            ep.text
+            for ep in self.defs[name].endpoints
+            if isinstance(ep, ast.Name) and ep.text in self.defs
+        ]
 
     def resolve_endpoints(self, endpoints: Iterable[ast.Endpoint]) -> AddressSet | None:
         intervals: list[Interval] = []

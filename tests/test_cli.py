@@ -21,6 +21,19 @@ def test_check_example_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ok" in out and "expectations (13, all hold)" in out
 
 
+def test_check_json_describes_the_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", POLICY, "-i", FLOOR, "--error-format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["errors"] == 0
+    algo = next(s for s in doc["policy"]["services"] if s["name"] == "algo")
+    assert algo["hosts"] == ["algo1", "algo2", "algo3"]
+    assert doc["policy"]["rules"][0] == {
+        "id": 1,
+        "line": 20,
+        "rule": "allow market_data -> algo udp 30001-30010",
+    }
+
+
 def test_check_errors_exit_1_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.zt"
     bad.write_text("policy p\nallow algo9 -> oms1 tcp 9876\n")
