@@ -17,9 +17,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
-from lark.tree import Meta
 
 from compiler import ast
 from compiler.diagnostics import Diagnostic, PolicySyntaxError, Span, error
@@ -67,7 +66,10 @@ _EXPECTED_WORDS: dict[str, str] = {
 
 
 class _CommentSink(threading.local):
+    """State of the parse in progress: where comments go, which file spans name."""
+
     comments: list[ast.Comment] | None = None
+    file: str = "<policy>"
 
 
 _sink = _CommentSink()
@@ -94,8 +96,8 @@ def _parser() -> Lark:
     return Lark(
         grammar,
         parser="lalr",
-        propagate_positions=True,
         maybe_placeholders=False,
+        transformer=_ToAst(),
         lexer_callbacks={"NAME": _reserve_keywords, "COMMENT": _keep_comment},
     )
 
@@ -104,21 +106,15 @@ def parse(text: str, file: str = "<policy>") -> ast.PolicyFile:
     """Parse policy text; raise :class:`PolicySyntaxError` with every syntax error found."""
     comments: list[ast.Comment] = []
     parser = _parser()
+    # Comments are ignored by the grammar; the lexer hands them over for `fmt`.
+    _sink.comments, _sink.file = comments, file
     try:
-        tree = _parse_collecting(parser, text, comments)
+        statements: list[ast.Statement] = parser.parse(text)  # type: ignore[assignment]
     except UnexpectedInput:
         raise PolicySyntaxError(_all_syntax_errors(parser, text, file)) from None
-    statements = _ToAst(file).transform(tree)
-    return ast.PolicyFile(file, tuple(statements), tuple(comments))
-
-
-def _parse_collecting(parser: Lark, text: str, comments: list[ast.Comment]) -> Tree[Token]:
-    # Comments are ignored by the grammar; the lexer hands them over for `fmt`.
-    _sink.comments = comments
-    try:
-        return parser.parse(text)
     finally:
         _sink.comments = None
+    return ast.PolicyFile(file, tuple(statements), tuple(comments))
 
 
 def _statement_chunks(text: str) -> list[tuple[int, str]]:
@@ -206,7 +202,8 @@ def _syntax_diagnostic(
     if tok.type == "MINUS" or expected == {"INT"}:
         return error(
             "E003",
-            f"malformed port range near {found}: write a port (22), a range (30001-30010) "
+            f"malformed port range{'' if tok.type == '$END' else ' near ' + found}: "
+            "write a port (22), a range (30001-30010) "
             "or a list (80, 443, 8000-8100)",
             span,
         )
@@ -235,20 +232,44 @@ def _syntax_diagnostic(
     return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
 
 
-class _ToAst(Transformer[Token, Any]):
-    """Lark tree -> :mod:`compiler.ast` nodes."""
+def _start(node: object) -> tuple[int, int]:
+    if isinstance(node, Token):
+        return node.line or 0, node.column or 0
+    if isinstance(node, tuple):
+        return _start(node[0])
+    span: Span = node.span  # type: ignore[attr-defined]
+    return span.line, span.column
 
-    def __init__(self, file: str) -> None:
-        super().__init__()
-        self.file = file
+
+def _end(node: object) -> tuple[int, int]:
+    if isinstance(node, Token):
+        return node.end_line or 0, node.end_column or 0
+    if isinstance(node, tuple):
+        return _end(node[-1])
+    span: Span = node.span  # type: ignore[attr-defined]
+    return span.end_line, span.end_column
+
+
+class _ToAst(Transformer[Token, Any]):
+    """Lark rules -> :mod:`compiler.ast` nodes, applied inline while parsing.
+
+    A node's span runs from its first child's start to its last child's end; the file name
+    comes from the parse in progress (one parser serves every file).
+    """
+
+    @property
+    def file(self) -> str:
+        return _sink.file
 
     def _tok(self, tok: Token) -> Span:
         return Span(
             self.file, tok.line or 0, tok.column or 0, tok.end_line or 0, tok.end_column or 0
         )
 
-    def _meta(self, meta: Meta) -> Span:
-        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+    def _span(self, first: object, last: object) -> Span:
+        line, column = _start(first)
+        end_line, end_column = _end(last)
+        return Span(self.file, line, column, end_line, end_column)
 
     def start(self, children: list[ast.Statement]) -> list[ast.Statement]:
         return children
@@ -262,68 +283,62 @@ class _ToAst(Transformer[Token, Any]):
     def endpoints(self, children: list[ast.Endpoint]) -> tuple[ast.Endpoint, ...]:
         return tuple(children)
 
-    @v_args(meta=True)
-    def policy_decl(self, meta: Meta, children: list[Token]) -> ast.PolicyDecl:
-        return ast.PolicyDecl(ast.Name(str(children[0]), self._tok(children[0])), self._meta(meta))
+    def policy_decl(self, children: list[Token]) -> ast.PolicyDecl:
+        keyword, name = children
+        return ast.PolicyDecl(ast.Name(str(name), self._tok(name)), self._span(keyword, name))
 
-    @v_args(meta=True)
-    def service_def(self, meta: Meta, children: list[Any]) -> ast.ServiceDef:
-        name, endpoints = children
-        return ast.ServiceDef(ast.Name(str(name), self._tok(name)), endpoints, self._meta(meta))
+    def service_def(self, children: list[Any]) -> ast.ServiceDef:
+        keyword, name, endpoints = children
+        return ast.ServiceDef(
+            ast.Name(str(name), self._tok(name)), endpoints, self._span(keyword, endpoints)
+        )
 
-    @v_args(meta=True)
-    def port_item(self, meta: Meta, children: list[Token]) -> ast.PortRange:
+    def port_item(self, children: list[Token]) -> ast.PortRange:
         hi = int(children[1]) if len(children) > 1 else None
-        return ast.PortRange(int(children[0]), hi, self._meta(meta))
+        return ast.PortRange(int(children[0]), hi, self._span(children[0], children[-1]))
 
     def port_list(self, children: list[ast.PortRange]) -> tuple[ast.PortRange, ...]:
         return tuple(children)
 
-    @v_args(meta=True)
-    def proto_spec(self, meta: Meta, children: list[Any]) -> ast.ProtoSpec:
+    def proto_spec(self, children: list[Any]) -> ast.ProtoSpec:
         ports = children[1] if len(children) > 1 else ()
-        return ast.ProtoSpec(str(children[0]), ports, self._meta(meta))
+        return ast.ProtoSpec(str(children[0]), ports, self._span(children[0], children[-1]))
 
-    @v_args(meta=True)
-    def opt_log(self, meta: Meta, children: list[Token]) -> ast.LogOption:
-        return ast.LogOption(self._meta(meta))
+    def opt_log(self, children: list[Token]) -> ast.LogOption:
+        return ast.LogOption(self._tok(children[0]))
 
-    @v_args(meta=True)
-    def opt_reply(self, meta: Meta, children: list[Token]) -> ast.ReplyOption:
-        return ast.ReplyOption(self._meta(meta))
+    def opt_reply(self, children: list[Token]) -> ast.ReplyOption:
+        return ast.ReplyOption(self._tok(children[0]))
 
-    @v_args(meta=True)
-    def opt_rate(self, meta: Meta, children: list[Token]) -> ast.RateOption:
-        return ast.RateOption(str(children[-1]), self._meta(meta), self._tok(children[-1]))
+    def opt_rate(self, children: list[Token]) -> ast.RateOption:
+        keyword, value = children
+        return ast.RateOption(str(value), self._span(keyword, value), self._tok(value))
 
-    @v_args(meta=True)
-    def opt_for(self, meta: Meta, children: list[Token]) -> ast.ForOption:
-        return ast.ForOption(str(children[-1]), self._meta(meta), self._tok(children[-1]))
+    def opt_for(self, children: list[Token]) -> ast.ForOption:
+        keyword, value = children
+        return ast.ForOption(str(value), self._span(keyword, value), self._tok(value))
 
-    def zone(self, children: list[Token]) -> str:
-        return "/".join(str(c) for c in children)
+    def zone(self, children: list[Token]) -> Token:
+        return _joined_token(children, children[0], children[-1])
 
-    @v_args(meta=True)
-    def opt_during(self, meta: Meta, children: list[Any]) -> ast.DuringOption:
-        times = [str(c) for c in children if isinstance(c, Token) and c.type == "TIME"]
-        zone = next((c for c in children if isinstance(c, str) and not isinstance(c, Token)), None)
-        return ast.DuringOption(times[0], times[1], zone, self._meta(meta))
+    def opt_during(self, children: list[Token]) -> ast.DuringOption:
+        times = [str(c) for c in children if c.type == "TIME"]
+        zone = next((str(c) for c in children if c.type == "ZONE"), None)
+        return ast.DuringOption(times[0], times[1], zone, self._span(children[0], children[-1]))
 
-    @v_args(meta=True)
-    def rule(self, meta: Meta, children: list[Any]) -> ast.Rule:
+    def rule(self, children: list[Any]) -> ast.Rule:
         action, src, dst, *rest = children
         proto = rest[0] if rest and isinstance(rest[0], ast.ProtoSpec) else None
         options = tuple(rest[1:] if proto is not None else rest)
-        return ast.Rule(str(action), src, dst, proto, options, self._meta(meta))
+        return ast.Rule(str(action), src, dst, proto, options, self._span(action, children[-1]))
 
-    @v_args(meta=True)
-    def default_decl(self, meta: Meta, children: list[Any]) -> ast.DefaultDecl:
-        action, *options = children
-        return ast.DefaultDecl(str(action), self._tok(action), tuple(options), self._meta(meta))
+    def default_decl(self, children: list[Any]) -> ast.DefaultDecl:
+        keyword, action, *options = children
+        span = self._span(keyword, children[-1])
+        return ast.DefaultDecl(str(action), self._tok(action), tuple(options), span)
 
-    @v_args(meta=True)
-    def expect_decl(self, meta: Meta, children: list[Any]) -> ast.Expect:
-        src, dst, proto, *rest = children
+    def expect_decl(self, children: list[Any]) -> ast.Expect:
+        keyword, src, dst, proto, *rest = children
         port_tok = rest[0] if len(rest) == 2 else None
         return ast.Expect(
             src=src,
@@ -333,5 +348,12 @@ class _ToAst(Transformer[Token, Any]):
             port=int(port_tok) if port_tok is not None else None,
             port_span=self._tok(port_tok) if port_tok is not None else None,
             verdict=str(rest[-1]),
-            span=self._meta(meta),
+            span=self._span(keyword, rest[-1]),
         )
+
+
+def _joined_token(parts: list[Token], first: Token, last: Token) -> Token:
+    tok = Token("ZONE", "/".join(str(p) for p in parts))
+    tok.line, tok.column = first.line, first.column
+    tok.end_line, tok.end_column = last.end_line, last.end_column
+    return tok
