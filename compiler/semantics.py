@@ -181,6 +181,7 @@ class PolicySemantics:
         self.proto_index = {c: 0 for c in PROTO_CLASSES}
         self.boxes: list[tuple[int, int, int, int]] = []
         self.deny_bits = self.allow_bits = self.reply_bits = self.log_bits = self.metered_bits = 0
+        self.src_any = self.dst_any = self.port_any = 0
         for i, r in enumerate(rules):
             bit = 1 << i
             src = self.addresses.mask(r.src.intervals)
@@ -188,12 +189,23 @@ class PolicySemantics:
             ports = self.ports.mask(r.ports)
             protos = PROTO_MASK[r.proto]
             self.boxes.append((protos, src, dst, ports))
-            for a in bits(src):
-                self.src_index[a] |= bit
-            for a in bits(dst):
-                self.dst_index[a] |= bit
-            for p in bits(ports):
-                self.port_index[p] |= bit
+            # Rules that match every atom of a dimension (`any`, no ports) are kept apart:
+            # indexing them atom by atom would cost atoms x rules.
+            if src == self.addresses.full:
+                self.src_any |= bit
+            else:
+                for a in bits(src):
+                    self.src_index[a] |= bit
+            if dst == self.addresses.full:
+                self.dst_any |= bit
+            else:
+                for a in bits(dst):
+                    self.dst_index[a] |= bit
+            if ports == self.ports.full:
+                self.port_any |= bit
+            else:
+                for p in bits(ports):
+                    self.port_index[p] |= bit
             for c in PROTO_CLASSES:
                 if protos & PROTO_BIT[c]:
                     self.proto_index[c] |= bit
@@ -225,18 +237,28 @@ class PolicySemantics:
         """Decide a packet given as atoms (address atoms, port atoms) and protocol class."""
         active_rules = self.all_rules if active is None else active
         has_ports = proto in ("tcp", "udp")
-        fwd = self.src_index[src] & self.dst_index[dst] & self.proto_index[proto] & active_rules
+        fwd = (
+            (self.src_index[src] | self.src_any)
+            & (self.dst_index[dst] | self.dst_any)
+            & self.proto_index[proto]
+            & active_rules
+        )
         if has_ports:
-            fwd &= self.port_index[dport]
+            fwd &= self.port_index[dport] | self.port_any
         denied = fwd & self.deny_bits
         if denied:
             return self._deny(denied, "deny")
         allowed = fwd & self.allow_bits
         if allowed:
             return Decision(True, self._deciding_allow(allowed), "allow", False)
-        rev = self.src_index[dst] & self.dst_index[src] & self.proto_index[proto] & active_rules
+        rev = (
+            (self.src_index[dst] | self.src_any)
+            & (self.dst_index[src] | self.dst_any)
+            & self.proto_index[proto]
+            & active_rules
+        )
         if has_ports:
-            rev &= self.port_index[sport]
+            rev &= self.port_index[sport] | self.port_any
         if proto == "tcp":
             replies = rev & self.allow_bits if ack else 0
         elif proto == "udp":
@@ -350,15 +372,16 @@ class PolicySemantics:
         for c in PROTO_CLASSES:
             if protos & PROTO_BIT[c]:
                 cand |= self.proto_index[c]
-        cand &= self._union(self.src_index, src, self.addresses.full)
-        cand &= self._union(self.dst_index, dst, self.addresses.full)
-        cand &= self._union(self.port_index, ports, self.ports.full)
+        cand &= self._union(self.src_index, self.src_any, src, self.addresses.full)
+        cand &= self._union(self.dst_index, self.dst_any, dst, self.addresses.full)
+        cand &= self._union(self.port_index, self.port_any, ports, self.ports.full)
         return cand & ~(1 << i)
 
-    def _union(self, index: list[int], mask: int, full: int) -> int:
+    def _union(self, index: list[int], matches_any: int, mask: int, full: int) -> int:
+        """Rules matching at least one atom of `mask` in one dimension."""
         if mask == full:
             return self.all_rules
-        out = 0
+        out = matches_any
         for a in bits(mask):
             out |= index[a]
         return out
