@@ -24,7 +24,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from compiler.addresses import MAX_ADDRESS, Interval
+from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
 from compiler.model import Action, ExpectCase, Policy, PolicyRule
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
@@ -52,7 +52,7 @@ class Partition:
     def __init__(
         self, sets: Iterable[Sequence[Interval]], top: int, pinned: Iterable[int] = ()
     ) -> None:
-        distinct = {tuple(s) for s in sets}
+        distinct = {merge_intervals(s) for s in sets}  # overlaps would cancel XOR tags
         pinned = sorted(set(pinned))
         distinct |= {((v, v),) for v in pinned}
         cuts = {0}
