@@ -1,0 +1,319 @@
+"""The p4seg pipeline: one Python description from which everything else is derived.
+
+The v1model (BMv2) and TNA (Tofino) programs are rendered from it by Jinja2, our P4Info
+is built from it, and the reference switch executes it. Every P4Runtime id is fixed here
+and written into the programs as `@id`, so that p4c's P4Info and ours agree exactly.
+
+Ingress, in order (DESIGN.md "The pipeline"):
+  epoch        keyless; its default action stamps the packet's policy epoch
+  src_identity (epoch, ingress port, source address) -> source group; miss = drop (spoofing)
+  dst_identity (epoch, destination address) -> destination group; miss = unknown group (0)
+  policy       (epoch, groups, protocol, L4 ports, TCP flags) -> permit / deny /
+               deny-and-log / permit-metered, with a direct counter; default deny
+  routing      destination address -> egress port; miss = drop
+
+Refinements of DESIGN.md, and why:
+- Group ids are matched as ranges in `policy`: atoms are numbered so that each service is
+  a few contiguous runs of ids, so one rule needs a few entries, not one per atom pair.
+- ICMP has no ports: the parser puts type<<8 | code in the L4 destination-port field, so
+  echo replies (type 0) are one range and need no extra key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# P4Runtime id prefixes (p4info.proto, P4Ids.Prefix): the top byte names the resource kind.
+ACTION_PREFIX = 0x01
+TABLE_PREFIX = 0x02
+CONTROLLER_HEADER_PREFIX = 0x04
+DIRECT_COUNTER_PREFIX = 0x13
+DIRECT_METER_PREFIX = 0x15
+
+PORT_BITS = 9  # v1model standard_metadata ports
+GROUP_BITS = 16
+RULE_ID_BITS = 16
+UNKNOWN_GROUP = 0  # destinations outside the inventory and the policy's prefixes
+DEFAULT_RULE_ID = 0  # the default deny
+CPU_CLONE_SESSION = 100  # the clone session the controller points at the CPU port
+
+
+def make_id(prefix: int, index: int) -> int:
+    return (prefix << 24) | index
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    name: str
+    bits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    name: str  # header type name is <name>_t
+    fields: tuple[HeaderField, ...]
+
+    @property
+    def bits(self) -> int:
+        return sum(f.bits for f in self.fields)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerHeader:
+    """packet_in / packet_out: the metadata P4Runtime carries with PacketIn/PacketOut."""
+
+    name: str
+    id: int
+    fields: tuple[HeaderField, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    bits: int
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    name: str
+    id: int
+    params: tuple[Param, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str  # the P4Info match field name (@name on the key element)
+    expr: str  # the P4 expression, in terms of the shared `meta`/`hdr` names
+    bits: int
+    match: str  # exact | ternary | lpm | range
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRef:
+    name: str
+    scope: str = "TABLE_AND_DEFAULT"  # or DEFAULT_ONLY / TABLE_ONLY
+
+
+@dataclass(frozen=True, slots=True)
+class DirectCounter:
+    name: str
+    id: int
+    unit: str  # PACKETS | BYTES | BOTH
+
+
+@dataclass(frozen=True, slots=True)
+class DirectMeter:
+    name: str
+    id: int
+    unit: str  # PACKETS | BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    id: int
+    keys: tuple[Key, ...]
+    actions: tuple[ActionRef, ...]
+    default_action: str
+    default_args: tuple[int, ...]
+    const_default: bool
+    size: int
+    counter: DirectCounter | None = None
+    meter: DirectMeter | None = None
+
+    @property
+    def needs_priority(self) -> bool:
+        return any(k.match in ("ternary", "range") for k in self.keys) or (
+            sum(k.match == "lpm" for k in self.keys) > 1
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    name: str
+    headers: tuple[Header, ...]
+    packet_in: ControllerHeader
+    packet_out: ControllerHeader
+    actions: tuple[Action, ...]
+    tables: tuple[Table, ...]
+    control: str = "Ingress"  # control type name: P4Info names are "<control>.<object>"
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.tables if t.name == name)
+
+    def action(self, name: str) -> Action:
+        return next(a for a in self.actions if a.name == name)
+
+    def qualified(self, name: str) -> str:
+        return f"{self.control}.{name}"
+
+
+HEADERS = (
+    Header("ethernet", (HeaderField("dst_addr", 48), HeaderField("src_addr", 48), HeaderField("ether_type", 16))),
+    Header(
+        "ipv4",
+        (
+            HeaderField("version", 4),
+            HeaderField("ihl", 4),
+            HeaderField("diffserv", 8),
+            HeaderField("total_len", 16),
+            HeaderField("identification", 16),
+            HeaderField("flags", 3),
+            HeaderField("frag_offset", 13),
+            HeaderField("ttl", 8),
+            HeaderField("protocol", 8),
+            HeaderField("hdr_checksum", 16),
+            HeaderField("src_addr", 32),
+            HeaderField("dst_addr", 32),
+        ),
+    ),
+    Header(
+        "tcp",
+        (
+            HeaderField("src_port", 16),
+            HeaderField("dst_port", 16),
+            HeaderField("seq_no", 32),
+            HeaderField("ack_no", 32),
+            HeaderField("data_offset", 4),
+            HeaderField("res", 4),
+            HeaderField("flags", 8),
+            HeaderField("window", 16),
+            HeaderField("checksum", 16),
+            HeaderField("urgent_ptr", 16),
+        ),
+    ),
+    Header("udp", (HeaderField("src_port", 16), HeaderField("dst_port", 16), HeaderField("length", 16), HeaderField("checksum", 16))),
+    Header("icmp", (HeaderField("type", 8), HeaderField("code", 8), HeaderField("checksum", 16))),
+)
+
+# Why each packet reached the controller (packet_in.reason).
+REASON_DENY_LOG = 1
+
+PACKET_IN = ControllerHeader(
+    "packet_in",
+    make_id(CONTROLLER_HEADER_PREFIX, 1),
+    (HeaderField("ingress_port", 16), HeaderField("rule_id", RULE_ID_BITS), HeaderField("reason", 8)),
+)
+PACKET_OUT = ControllerHeader(
+    "packet_out",
+    make_id(CONTROLLER_HEADER_PREFIX, 2),
+    (HeaderField("egress_port", 16),),
+)
+
+
+def _action(index: int, name: str, *params: tuple[str, int]) -> Action:
+    return Action(
+        name,
+        make_id(ACTION_PREFIX, index),
+        tuple(Param(p, bits, i) for i, (p, bits) in enumerate(params, start=1)),
+    )
+
+
+ACTIONS = (
+    _action(1, "set_epoch", ("epoch", 1)),
+    _action(2, "set_src_group", ("group", GROUP_BITS)),
+    _action(3, "set_dst_group", ("group", GROUP_BITS)),
+    _action(4, "drop"),
+    _action(5, "permit", ("rule_id", RULE_ID_BITS)),
+    _action(6, "permit_metered", ("rule_id", RULE_ID_BITS)),
+    _action(7, "deny", ("rule_id", RULE_ID_BITS)),
+    _action(8, "deny_and_log", ("rule_id", RULE_ID_BITS)),
+    _action(9, "forward", ("port", PORT_BITS)),
+)
+
+
+def _keys(*keys: tuple[str, str, int, str]) -> tuple[Key, ...]:
+    return tuple(Key(name, expr, bits, match, i) for i, (name, expr, bits, match) in enumerate(keys, start=1))
+
+
+EPOCH = ("epoch", "meta.epoch", 1, "ternary")
+
+DEFAULT_SIZES = {
+    "src_identity": 4096,
+    "dst_identity": 4096,
+    "policy": 16384,
+    "routing": 4096,
+}
+
+
+def build_pipeline(sizes: dict[str, int] | None = None) -> Pipeline:
+    """The pipeline with the given table sizes (defaults: DEFAULT_SIZES)."""
+    size = {**DEFAULT_SIZES, **(sizes or {})}
+    tables = (
+        Table(
+            "epoch",
+            make_id(TABLE_PREFIX, 1),
+            keys=(),
+            actions=(ActionRef("set_epoch", "DEFAULT_ONLY"),),
+            default_action="set_epoch",
+            default_args=(0,),
+            const_default=False,
+            size=1,
+        ),
+        Table(
+            "src_identity",
+            make_id(TABLE_PREFIX, 2),
+            keys=_keys(
+                EPOCH,
+                ("ingress_port", "meta.ingress_port", PORT_BITS, "exact"),
+                ("src_addr", "hdr.ipv4.src_addr", 32, "lpm"),
+            ),
+            actions=(ActionRef("set_src_group", "TABLE_ONLY"), ActionRef("drop")),
+            default_action="drop",
+            default_args=(),
+            const_default=True,
+            size=size["src_identity"],
+        ),
+        Table(
+            "dst_identity",
+            make_id(TABLE_PREFIX, 3),
+            keys=_keys(EPOCH, ("dst_addr", "hdr.ipv4.dst_addr", 32, "lpm")),
+            actions=(ActionRef("set_dst_group"),),
+            default_action="set_dst_group",
+            default_args=(UNKNOWN_GROUP,),
+            const_default=True,
+            size=size["dst_identity"],
+        ),
+        Table(
+            "policy",
+            make_id(TABLE_PREFIX, 4),
+            keys=_keys(
+                EPOCH,
+                ("src_group", "meta.src_group", GROUP_BITS, "range"),
+                ("dst_group", "meta.dst_group", GROUP_BITS, "range"),
+                ("protocol", "hdr.ipv4.protocol", 8, "ternary"),
+                ("l4_src_port", "meta.l4_src_port", 16, "range"),
+                ("l4_dst_port", "meta.l4_dst_port", 16, "range"),
+                ("tcp_flags", "meta.tcp_flags", 8, "ternary"),
+            ),
+            actions=(
+                ActionRef("permit", "TABLE_ONLY"),
+                ActionRef("permit_metered", "TABLE_ONLY"),
+                ActionRef("deny"),
+                ActionRef("deny_and_log"),
+            ),
+            default_action="deny",
+            default_args=(DEFAULT_RULE_ID,),
+            const_default=True,
+            size=size["policy"],
+            counter=DirectCounter("policy_counter", make_id(DIRECT_COUNTER_PREFIX, 1), "BOTH"),
+            meter=DirectMeter("policy_meter", make_id(DIRECT_METER_PREFIX, 1), "PACKETS"),
+        ),
+        Table(
+            "routing",
+            make_id(TABLE_PREFIX, 5),
+            keys=_keys(("dst_addr", "hdr.ipv4.dst_addr", 32, "lpm")),
+            actions=(ActionRef("forward", "TABLE_ONLY"), ActionRef("drop")),
+            default_action="drop",
+            default_args=(),
+            const_default=True,
+            size=size["routing"],
+        ),
+    )
+    return Pipeline("p4seg", HEADERS, PACKET_IN, PACKET_OUT, ACTIONS, tables, sizes=size)
+
+
+PIPELINE = build_pipeline()
