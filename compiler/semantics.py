@@ -9,7 +9,7 @@ Semantics (docs/language.md has the full text):
 - an `allow` passes matching packets (forward direction, any TCP flags);
 - replies: a packet going back along an allowed flow passes if it is TCP with ACK set,
   an ICMP echo reply, or UDP under an allow with `reply` — unless a deny covers the
-  reply itself or the flow it answers;
+  reply itself or the flow it answers (then that deny decides, whatever the allows);
 - time-bound rules (`for`, `during`) count as active unless the caller says otherwise.
 
 Addresses and ports are partitioned into atoms — maximal sets no rule tells apart — so
@@ -259,19 +259,22 @@ class PolicySemantics:
         )
         if has_ports:
             rev &= self.port_index[sport] | self.port_any
-        if proto == "tcp":
-            replies = rev & self.allow_bits if ack else 0
+        # A packet shaped like an answer (TCP with ACK, any UDP, ICMP echo reply) that
+        # answers a denied flow is denied by that deny; otherwise an allow whose flow it
+        # answers lets it through (UDP only with `reply`).
+        if proto == "tcp" and ack:
+            replies = rev & self.allow_bits
         elif proto == "udp":
             replies = rev & self.reply_bits
-        elif proto == "icmp":
-            replies = rev & self.allow_bits if icmp_type == ICMP_ECHO_REPLY else 0
+        elif proto == "icmp" and icmp_type == ICMP_ECHO_REPLY:
+            replies = rev & self.allow_bits
         else:
-            replies = 0
+            return Decision(False, None, "default", self.policy.default_log)
+        reverse_denied = rev & self.deny_bits
+        if reverse_denied:
+            return self._deny(reverse_denied, "reply-of-denied")
         if replies:
-            reverse_denied = rev & self.deny_bits
-            if reverse_denied:
-                return self._deny(reverse_denied, "reply-of-denied")
-            return Decision(True, self._deciding_allow(replies), "reply", False)
+            return Decision(True, self.rules[next(bits(replies))], "reply", False)
         return Decision(False, None, "default", self.policy.default_log)
 
     def _deny(self, denied: int, reason: str) -> Decision:

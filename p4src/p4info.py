@@ -8,9 +8,9 @@ resources appear in id order.
 
 from __future__ import annotations
 
+from finsy.proto import p4i
 from google.protobuf import text_format
 
-from finsy.proto import p4i
 from p4src.spec import PIPELINE, ControllerHeader, Pipeline
 
 _MATCH_TYPES = {
@@ -61,12 +61,19 @@ def build_p4info(pipeline: Pipeline = PIPELINE, arch: str = "v1model") -> p4i.P4
     for table in pipeline.tables:
         if table.counter is not None:
             c = info.direct_counters.add()
-            _preamble(c.preamble, table.counter.id, pipeline.qualified(table.counter.name), table.counter.name)
+            _preamble(
+                c.preamble,
+                table.counter.id,
+                pipeline.qualified(table.counter.name),
+                table.counter.name,
+            )
             c.spec.unit = p4i.CounterSpec.Unit.Value(table.counter.unit)
             c.direct_table_id = table.id
         if table.meter is not None:
             m = info.direct_meters.add()
-            _preamble(m.preamble, table.meter.id, pipeline.qualified(table.meter.name), table.meter.name)
+            _preamble(
+                m.preamble, table.meter.id, pipeline.qualified(table.meter.name), table.meter.name
+            )
             m.spec.unit = p4i.MeterSpec.Unit.Value(table.meter.unit)
             m.direct_table_id = table.id
     for header in (pipeline.packet_in, pipeline.packet_out):

@@ -31,7 +31,9 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render_program(target: str, pipeline: Pipeline = PIPELINE, cpu_port: int = DEFAULT_CPU_PORT) -> str:
+def render_program(
+    target: str, pipeline: Pipeline = PIPELINE, cpu_port: int = DEFAULT_CPU_PORT
+) -> str:
     """P4_16 source of the pipeline for `target` (bmv2: v1model, tofino: TNA)."""
     template = _environment().get_template(TARGET_TEMPLATES[target])
     text = template.render(

@@ -152,7 +152,10 @@ class Pipeline:
 
 
 HEADERS = (
-    Header("ethernet", (HeaderField("dst_addr", 48), HeaderField("src_addr", 48), HeaderField("ether_type", 16))),
+    Header(
+        "ethernet",
+        (HeaderField("dst_addr", 48), HeaderField("src_addr", 48), HeaderField("ether_type", 16)),
+    ),
     Header(
         "ipv4",
         (
@@ -185,7 +188,15 @@ HEADERS = (
             HeaderField("urgent_ptr", 16),
         ),
     ),
-    Header("udp", (HeaderField("src_port", 16), HeaderField("dst_port", 16), HeaderField("length", 16), HeaderField("checksum", 16))),
+    Header(
+        "udp",
+        (
+            HeaderField("src_port", 16),
+            HeaderField("dst_port", 16),
+            HeaderField("length", 16),
+            HeaderField("checksum", 16),
+        ),
+    ),
     Header("icmp", (HeaderField("type", 8), HeaderField("code", 8), HeaderField("checksum", 16))),
 )
 
@@ -195,7 +206,11 @@ REASON_DENY_LOG = 1
 PACKET_IN = ControllerHeader(
     "packet_in",
     make_id(CONTROLLER_HEADER_PREFIX, 1),
-    (HeaderField("ingress_port", 16), HeaderField("rule_id", RULE_ID_BITS), HeaderField("reason", 8)),
+    (
+        HeaderField("ingress_port", 16),
+        HeaderField("rule_id", RULE_ID_BITS),
+        HeaderField("reason", 8),
+    ),
 )
 PACKET_OUT = ControllerHeader(
     "packet_out",
@@ -226,7 +241,9 @@ ACTIONS = (
 
 
 def _keys(*keys: tuple[str, str, int, str]) -> tuple[Key, ...]:
-    return tuple(Key(name, expr, bits, match, i) for i, (name, expr, bits, match) in enumerate(keys, start=1))
+    return tuple(
+        Key(name, expr, bits, match, i) for i, (name, expr, bits, match) in enumerate(keys, start=1)
+    )
 
 
 EPOCH = ("epoch", "meta.epoch", 1, "ternary")

@@ -1,0 +1,91 @@
+"""Table entries, target neutral: what `lower` produces, `fit` adapts and `emit` writes.
+
+A match names its field and kind; a field left out of an entry is a wildcard. Entries
+are plain values so that plans, diffs and golden files compare them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMatch:
+    """exact: value; lpm: value/prefix_len (arg); ternary: value&&&mask (arg); range: value..arg."""
+
+    field: str
+    kind: str  # exact | lpm | ternary | range
+    value: int
+    arg: int = 0
+
+    def covers(self, x: int) -> bool:
+        if self.kind == "exact":
+            return x == self.value
+        if self.kind == "ternary":
+            return x & self.arg == self.value
+        if self.kind == "range":
+            return self.value <= x <= self.arg
+        raise ValueError("lpm needs the field width: use covers_lpm")
+
+    def covers_lpm(self, x: int, bits: int) -> bool:
+        shift = bits - self.arg
+        return (x >> shift) == (self.value >> shift) if self.arg else True
+
+    def to_json(self) -> object:
+        if self.kind == "exact":
+            return {"exact": self.value}
+        if self.kind == "lpm":
+            return {"lpm": [self.value, self.arg]}
+        if self.kind == "ternary":
+            return {"ternary": [self.value, self.arg]}
+        return {"range": [self.value, self.arg]}
+
+
+@dataclass(frozen=True, slots=True)
+class TableEntry:
+    table: str
+    matches: tuple[FieldMatch, ...]
+    action: str
+    params: tuple[tuple[str, int], ...]
+    priority: int = 0  # P4Runtime: higher wins; 0 for tables without ternary/range keys
+    rule_id: int | None = None  # the policy rule this entry implements, for traces and alerts
+    role: str = ""  # why it exists: forward, reply, reverse-deny, default-log, host, uplink, ...
+
+    def match(self, name: str) -> FieldMatch | None:
+        return next((m for m in self.matches if m.field == name), None)
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "table": self.table,
+            "match": {m.field: m.to_json() for m in self.matches},
+            "action": self.action,
+            "params": dict(self.params),
+        }
+        if self.priority:
+            out["priority"] = self.priority
+        if self.rule_id is not None:
+            out["rule_id"] = self.rule_id
+        if self.role:
+            out["role"] = self.role
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultAction:
+    table: str
+    action: str
+    params: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchTables:
+    """Everything one switch must hold."""
+
+    switch: str
+    role: str  # tor | spine
+    device_id: int
+    entries: tuple[TableEntry, ...]
+    defaults: tuple[DefaultAction, ...]
+
+    def table(self, name: str) -> list[TableEntry]:
+        return [e for e in self.entries if e.table == name]

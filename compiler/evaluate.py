@@ -1,0 +1,185 @@
+"""The table evaluator: what a switch holding some entries does with one packet.
+
+It executes the pipeline of p4src/spec.py on target-neutral entries — the same walk the
+P4 program makes — and is shared by the tests (fixture pairs), the verifier and the
+reference switch. `walk` follows a packet across switches along the inventory's links.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compiler.entries import DefaultAction, SwitchTables, TableEntry
+from compiler.inventory import Inventory
+from p4src.spec import PIPELINE, UNKNOWN_GROUP
+
+_WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
+PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
+MAX_HOPS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PacketFields:
+    """The header fields the pipeline reads (ICMP: type/code, ports as the parser sets them)."""
+
+    src: int
+    dst: int
+    protocol: int
+    sport: int = 0
+    dport: int = 0
+    tcp_flags: int = 0
+    icmp_type: int = 8
+    icmp_code: int = 0
+
+    def l4(self) -> tuple[int, int]:
+        if self.protocol in (PROTO_TCP, PROTO_UDP):
+            return self.sport, self.dport
+        if self.protocol == PROTO_ICMP:
+            return 0, (self.icmp_type << 8) | self.icmp_code
+        return 0, 0
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    table: str
+    entry: TableEntry | None  # None: the table's default action
+    action: str
+    params: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchResult:
+    switch: str
+    hits: tuple[Hit, ...]
+    egress_port: int | None  # None: dropped
+    logged: bool
+    rule_id: int | None  # the policy entry's rule_id, when the policy table was reached
+
+
+def _matches(entry: TableEntry, values: dict[str, int]) -> bool:
+    for m in entry.matches:
+        x = values[m.field]
+        if m.kind == "lpm":
+            if not m.covers_lpm(x, _WIDTH[m.field]):
+                return False
+        elif not m.covers(x):
+            return False
+    return True
+
+
+def _rank(entry: TableEntry) -> tuple[int, int]:
+    plen = max((m.arg for m in entry.matches if m.kind == "lpm"), default=0)
+    return (entry.priority, plen)
+
+
+def lookup(entries: list[TableEntry], values: dict[str, int]) -> TableEntry | None:
+    """The winning entry: highest priority, then longest prefix (routing has no priority)."""
+    best: TableEntry | None = None
+    for e in entries:
+        if _matches(e, values) and (best is None or _rank(e) > _rank(best)):
+            best = e
+    return best
+
+
+@dataclass
+class _Indexed:
+    by_table: dict[str, list[TableEntry]] = field(default_factory=dict)
+    defaults: dict[str, DefaultAction] = field(default_factory=dict)
+
+
+def _index(tables: SwitchTables) -> _Indexed:
+    idx = _Indexed()
+    for e in tables.entries:
+        idx.by_table.setdefault(e.table, []).append(e)
+    idx.defaults = {d.table: d for d in tables.defaults}
+    return idx
+
+
+def evaluate(tables: SwitchTables, ingress_port: int, pkt: PacketFields) -> SwitchResult:
+    """One switch's verdict on one packet, following the program's apply block."""
+    idx = _index(tables)
+    sport, dport = pkt.l4()
+    values = {
+        "ingress_port": ingress_port,
+        "src_addr": pkt.src,
+        "dst_addr": pkt.dst,
+        "protocol": pkt.protocol,
+        "l4_src_port": sport,
+        "l4_dst_port": dport,
+        "tcp_flags": pkt.tcp_flags if pkt.protocol == PROTO_TCP else 0,
+    }
+    hits: list[Hit] = []
+    epoch = idx.defaults.get("epoch")
+    values["epoch"] = dict(epoch.params)["epoch"] if epoch else 0
+    hits.append(Hit("epoch", None, "set_epoch", (("epoch", values["epoch"]),)))
+
+    def apply(table: str, default_action: str, default_params: tuple[tuple[str, int], ...]) -> Hit:
+        entry = lookup(idx.by_table.get(table, []), values)
+        hit = Hit(
+            table,
+            entry,
+            entry.action if entry else default_action,
+            entry.params if entry else default_params,
+        )
+        hits.append(hit)
+        return hit
+
+    src = apply("src_identity", "drop", ())
+    if src.entry is None or src.action == "drop":
+        return SwitchResult(tables.switch, tuple(hits), None, False, None)
+    values["src_group"] = dict(src.params)["group"]
+    dst = apply("dst_identity", "set_dst_group", (("group", UNKNOWN_GROUP),))
+    values["dst_group"] = dict(dst.params)["group"]
+    verdict = apply("policy", "deny", (("rule_id", 0),))
+    rule_id = dict(verdict.params)["rule_id"]
+    if verdict.action not in ("permit", "permit_metered"):  # meters are all green here
+        return SwitchResult(
+            tables.switch, tuple(hits), None, verdict.action == "deny_and_log", rule_id
+        )
+    route = apply("routing", "drop", ())
+    port = dict(route.params).get("port") if route.action == "forward" else None
+    return SwitchResult(tables.switch, tuple(hits), port, False, rule_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PathResult:
+    """A packet's fate across the fabric: delivered to a host port, or where it died."""
+
+    hops: tuple[SwitchResult, ...]
+    delivered_to: str | None  # host name
+    loop: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.delivered_to is not None
+
+    @property
+    def deciding(self) -> SwitchResult:
+        """The first switch that judged the packet by policy (a ToR)."""
+        return next((h for h in self.hops if h.rule_id is not None), self.hops[-1])
+
+
+def walk(
+    tables: dict[str, SwitchTables], inventory: Inventory, src_host: str, pkt: PacketFields
+) -> PathResult:
+    """Send `pkt` from `src_host` and follow it switch by switch."""
+    host = inventory.hosts_by_name[src_host]
+    peer = {}
+    for link in inventory.links:
+        peer[(link.a, link.a_port)] = (link.b, link.b_port)
+        peer[(link.b, link.b_port)] = (link.a, link.a_port)
+    host_at = {(h.switch, h.port): h.name for h in inventory.hosts}
+    switch, port = host.switch, host.port
+    hops: list[SwitchResult] = []
+    for _ in range(MAX_HOPS):
+        result = evaluate(tables[switch], port, pkt)
+        hops.append(result)
+        if result.egress_port is None:
+            return PathResult(tuple(hops), None)
+        out = (switch, result.egress_port)
+        if out in host_at:
+            return PathResult(tuple(hops), host_at[out])
+        if out not in peer:
+            return PathResult(tuple(hops), None)
+        switch, port = peer[out]
+    return PathResult(tuple(hops), None, loop=True)

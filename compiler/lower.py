@@ -1,0 +1,427 @@
+"""Stage 3 — Policy + inventory -> per-switch table entries (target neutral).
+
+Groups. Addresses are partitioned into atoms (compiler.semantics); each atom gets a
+16-bit group id. Ids are handed out in an order that keeps the atoms of each service
+together, so a rule's source or destination is a few *runs* of consecutive ids and one
+rule becomes a few `range` entries instead of one entry per pair of atoms. The atom of
+addresses named by no rule gets group 0, which is also `dst_identity`'s default.
+
+Placement. A ToR binds each host's address to its port (anti-spoofing), accepts the
+other racks' hosts on its uplinks, and holds the policy entries of every rule that
+involves one of its hosts; it judges traffic from and to its hosts. Spines forward.
+
+Priorities (higher wins), one band per kind, rules ordered inside a band exactly as the
+semantics choose the deciding rule (compiler.semantics):
+  7 logged deny   6 deny   5 metered allow (lowest rate first)   4 allow
+  3 logged deny of replies   2 deny of replies   1 reply allows   0 `default deny log`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import networkx as nx
+
+from compiler.addresses import Interval
+from compiler.diagnostics import P4segError, error
+from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
+from compiler.inventory import Inventory, Switch
+from compiler.model import ALL_PORTS, Action, Policy, PolicyRule
+from compiler.semantics import PolicySemantics, bits
+from p4src.spec import DEFAULT_RULE_ID, GROUP_BITS
+
+FABRIC_RULE_ID = (1 << 16) - 1  # spines' single permit: transit, judged at the ToRs
+PROTO_NUMBER = {"tcp": 6, "udp": 17, "icmp": 1}
+TCP_ACK = 0x10
+ECHO_REPLY_RANGE = (0x0000, 0x00FF)  # ICMP type 0 (any code) in the l4_dst_port field
+_BAND_BITS = 20
+
+BAND_DENY_LOG, BAND_DENY, BAND_METERED, BAND_ALLOW = 7, 6, 5, 4
+BAND_REPLY_DENY_LOG, BAND_REPLY_DENY, BAND_REPLY, BAND_DEFAULT = 3, 2, 1, 0
+
+
+class LowerError(P4segError):
+    """The policy cannot be laid out on the switches (e.g. more atoms than group ids)."""
+
+
+def priority(band: int, rank: int) -> int:
+    """P4Runtime priority for the `rank`-th rule of a band (rank 0 decides first)."""
+    return (band << _BAND_BITS) | ((1 << _BAND_BITS) - 1 - rank)
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """Atom -> group id, and the inverse view a rule needs: runs of consecutive ids."""
+
+    semantics: PolicySemantics
+    of_atom: tuple[int, ...]
+
+    def runs(self, atom_mask: int) -> list[Interval]:
+        ids = sorted(self.of_atom[a] for a in bits(atom_mask))
+        runs: list[list[int]] = []
+        for g in ids:
+            if runs and g == runs[-1][1] + 1:
+                runs[-1][1] = g
+            else:
+                runs.append([g, g])
+        return [(lo, hi) for lo, hi in runs]
+
+    def group_of(self, address: int) -> int:
+        return self.of_atom[self.semantics.addresses.atom_of(address)]
+
+    @property
+    def count(self) -> int:
+        return max(self.of_atom, default=0) + 1
+
+
+def assign_groups(semantics: PolicySemantics) -> Groups:
+    part = semantics.addresses
+    members: list[list[int]] = [[] for _ in range(part.count)]
+    sets = sorted({s for r in semantics.rules for s in (r.src.intervals, r.dst.intervals)})
+    for j, intervals in enumerate(sets):
+        mask = part.mask(intervals)
+        if mask != part.full:  # `any` tells no atom apart
+            for a in bits(mask):
+                members[a].append(j)
+    # Atoms sharing memberships sort next to each other: services become runs of ids.
+    order = sorted(range(part.count), key=lambda a: (members[a], part.representative[a]))
+    of_atom = [0] * part.count
+    next_id = 1
+    for atom in order:
+        if members[atom]:
+            of_atom[atom] = next_id
+            next_id += 1
+    if next_id > 1 << GROUP_BITS:
+        raise LowerError(
+            [
+                error(
+                    "E501",
+                    f"the policy needs {next_id} groups; the pipeline has {1 << GROUP_BITS}",
+                    None,
+                )
+            ]
+        )
+    return Groups(semantics, tuple(of_atom))
+
+
+def cidr_blocks(lo: int, hi: int, width: int = 32) -> Iterable[tuple[int, int]]:
+    """The fewest aligned prefixes covering [lo, hi]: (value, prefix length)."""
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << width
+        while size > hi - lo + 1:
+            size >>= 1
+        yield lo, width - size.bit_length() + 1
+        lo += size
+
+
+def _m(field: str, kind: str, value: int, arg: int = 0) -> FieldMatch:
+    return FieldMatch(field, kind, value, arg)
+
+
+@dataclass
+class _PolicyEntries:
+    """The `policy` table entries of one ToR."""
+
+    groups: Groups
+    rules: tuple[PolicyRule, ...]
+    entries: list[TableEntry]
+
+    def add(
+        self,
+        rule: PolicyRule | None,
+        src_mask: int,
+        dst_mask: int,
+        proto: str,
+        action: str,
+        prio: int,
+        role: str,
+        sport: tuple[Interval, ...] = ALL_PORTS,
+        dport: tuple[Interval, ...] = ALL_PORTS,
+        ack: bool = False,
+    ) -> None:
+        rule_id = rule.id if rule else DEFAULT_RULE_ID
+        part = self.groups.semantics.addresses
+        src_runs = (
+            self.groups.runs(src_mask) if src_mask != part.full else [(0, (1 << GROUP_BITS) - 1)]
+        )
+        dst_runs = (
+            self.groups.runs(dst_mask) if dst_mask != part.full else [(0, (1 << GROUP_BITS) - 1)]
+        )
+        for s_lo, s_hi in src_runs:
+            for d_lo, d_hi in dst_runs:
+                for sp_lo, sp_hi in sport:
+                    for dp_lo, dp_hi in dport:
+                        matches = []
+                        if (s_lo, s_hi) != (0, (1 << GROUP_BITS) - 1):
+                            matches.append(_m("src_group", "range", s_lo, s_hi))
+                        if (d_lo, d_hi) != (0, (1 << GROUP_BITS) - 1):
+                            matches.append(_m("dst_group", "range", d_lo, d_hi))
+                        if proto != "ip":
+                            matches.append(_m("protocol", "ternary", PROTO_NUMBER[proto], 0xFF))
+                        if (sp_lo, sp_hi) != (0, 65535):
+                            matches.append(_m("l4_src_port", "range", sp_lo, sp_hi))
+                        if (dp_lo, dp_hi) != (0, 65535):
+                            matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
+                        if ack:
+                            matches.append(_m("tcp_flags", "ternary", TCP_ACK, TCP_ACK))
+                        self.entries.append(
+                            TableEntry(
+                                "policy",
+                                tuple(matches),
+                                action,
+                                (("rule_id", rule_id),),
+                                prio,
+                                rule_id,
+                                role,
+                            )
+                        )
+
+
+def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEntry]:
+    sem = groups.semantics
+    out = _PolicyEntries(groups, policy.rules, [])
+    denies = [r for r in policy.rules if r.action is Action.DENY]
+    allows = [r for r in policy.rules if r.action is Action.ALLOW]
+    metered = sorted(
+        (r for r in allows if r.rate_pps is not None), key=lambda r: (r.rate_pps, r.id)
+    )
+    plain = [r for r in allows if r.rate_pps is None]
+    rank = {r.id: i for i, r in enumerate(denies)}
+    for i, rule in enumerate(policy.rules):
+        _, src, dst, _ = sem.boxes[i]
+        if not (src & local or dst & local):
+            continue  # no host of this rack is involved
+        if rule.action is Action.DENY:
+            band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
+            out.add(
+                rule,
+                src,
+                dst,
+                rule.proto,
+                action,
+                priority(band, rank[rule.id]),
+                "forward",
+                dport=rule.ports,
+            )
+            rband = BAND_REPLY_DENY_LOG if rule.log else BAND_REPLY_DENY
+            _replies(
+                out,
+                rule,
+                dst,
+                src,
+                action,
+                priority(rband, rank[rule.id]),
+                "reverse-deny",
+                udp_always=True,
+            )
+    for band, group, action in (
+        (BAND_METERED, metered, "permit_metered"),
+        (BAND_ALLOW, plain, "permit"),
+    ):
+        for r_rank, rule in enumerate(group):
+            _, src, dst, _ = sem.boxes[rule.id - 1]
+            if src & local or dst & local:
+                out.add(
+                    rule,
+                    src,
+                    dst,
+                    rule.proto,
+                    action,
+                    priority(band, r_rank),
+                    "forward",
+                    dport=rule.ports,
+                )
+    for rule in allows:
+        _, src, dst, _ = sem.boxes[rule.id - 1]
+        if src & local or dst & local:
+            _replies(
+                out,
+                rule,
+                dst,
+                src,
+                "permit",
+                priority(BAND_REPLY, rule.id),
+                "reply",
+                udp_always=False,
+            )
+    if policy.default_log:
+        out.entries.append(
+            TableEntry(
+                "policy",
+                (),
+                "deny_and_log",
+                (("rule_id", DEFAULT_RULE_ID),),
+                priority(BAND_DEFAULT, 0),
+                DEFAULT_RULE_ID,
+                "default-log",
+            )
+        )
+    return out.entries
+
+
+def _replies(
+    out: _PolicyEntries,
+    rule: PolicyRule,
+    src: int,
+    dst: int,
+    action: str,
+    prio: int,
+    role: str,
+    udp_always: bool,
+) -> None:
+    """Entries for the packets that answer `rule`'s flows (src/dst already reversed)."""
+    if rule.proto in ("tcp", "ip"):
+        out.add(rule, src, dst, "tcp", action, prio, role, sport=rule.ports, ack=True)
+    if rule.proto == "udp" and (udp_always or rule.reply):
+        out.add(rule, src, dst, "udp", action, prio, role, sport=rule.ports)
+    if rule.proto == "ip" and udp_always:
+        out.add(rule, src, dst, "udp", action, prio, role)
+    if rule.proto in ("icmp", "ip"):
+        out.add(rule, src, dst, "icmp", action, prio, role, dport=(ECHO_REPLY_RANGE,))
+
+
+def _topology(inventory: Inventory) -> nx.Graph:
+    g = nx.Graph()
+    for s in sorted(inventory.switches, key=lambda s: s.name):
+        g.add_node(s.name)
+    for link in sorted(
+        inventory.links, key=lambda link: (link.a, link.a_port, link.b, link.b_port)
+    ):
+        g.add_edge(link.a, link.b, ports={link.a: link.a_port, link.b: link.b_port})
+    return g
+
+
+def _routing(inventory: Inventory, switch: Switch, graph: nx.Graph) -> list[TableEntry]:
+    entries = []
+    for host in sorted(inventory.hosts, key=lambda h: h.ip):
+        if host.switch == switch.name:
+            port = host.port
+        else:
+            try:
+                path = nx.shortest_path(graph, switch.name, host.switch)
+            except (nx.NetworkXNoPath, nx.NodeNotFound):
+                continue  # unreachable: no route, the packet is dropped
+            port = graph.edges[path[0], path[1]]["ports"][switch.name]
+        entries.append(
+            TableEntry(
+                "routing",
+                (_m("dst_addr", "lpm", host.ip, 32),),
+                "forward",
+                (("port", port),),
+                role="host",
+            )
+        )
+    return entries
+
+
+def _identity(
+    groups: Groups, inventory: Inventory, switch: Switch, uplinks: list[int]
+) -> list[TableEntry]:
+    entries = []
+    if switch.role == "spine":
+        for port in sorted({p for p in uplinks}):
+            entries.append(
+                TableEntry(
+                    "src_identity",
+                    (_m("ingress_port", "exact", port), _m("src_addr", "lpm", 0, 0)),
+                    "set_src_group",
+                    (("group", 0),),
+                    1,
+                    role="fabric",
+                )
+            )
+        return entries
+    for host in sorted(inventory.hosts, key=lambda h: h.ip):
+        group = (("group", groups.group_of(host.ip)),)
+        if host.switch == switch.name:
+            entries.append(
+                TableEntry(
+                    "src_identity",
+                    (_m("ingress_port", "exact", host.port), _m("src_addr", "lpm", host.ip, 32)),
+                    "set_src_group",
+                    group,
+                    33,
+                    role="host",
+                )
+            )
+        else:  # another rack's host, arriving from the fabric
+            for port in uplinks:
+                entries.append(
+                    TableEntry(
+                        "src_identity",
+                        (_m("ingress_port", "exact", port), _m("src_addr", "lpm", host.ip, 32)),
+                        "set_src_group",
+                        group,
+                        33,
+                        role="uplink",
+                    )
+                )
+    for atom, intervals in enumerate(_atom_intervals(groups)):
+        group_id = groups.of_atom[atom]
+        if group_id == 0:
+            continue  # dst_identity's default
+        for lo, hi in intervals:
+            for value, plen in cidr_blocks(lo, hi):
+                entries.append(
+                    TableEntry(
+                        "dst_identity",
+                        (_m("dst_addr", "lpm", value, plen),),
+                        "set_dst_group",
+                        (("group", group_id),),
+                        plen + 1,
+                        role="atom",
+                    )
+                )
+    return entries
+
+
+def _atom_intervals(groups: Groups) -> list[list[Interval]]:
+    """Each atom's address intervals, in one pass over the partition."""
+    part = groups.semantics.addresses
+    out: list[list[Interval]] = [[] for _ in range(part.count)]
+    for i, start in enumerate(part.starts):
+        end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
+        out[part.element_atom[i]].append((start, end))
+    return out
+
+
+def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTables, ...]]:
+    """Every switch's entries for `policy` on `inventory` (epoch left wildcard)."""
+    semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
+    groups = assign_groups(semantics)
+    graph = _topology(inventory)
+    part = semantics.addresses
+    out = []
+    for switch in sorted(inventory.switches, key=lambda s: s.device_id):
+        uplinks = sorted(
+            port
+            for link in inventory.links
+            for name, port in ((link.a, link.a_port), (link.b, link.b_port))
+            if name == switch.name
+        )
+        entries = _identity(groups, inventory, switch, uplinks)
+        if switch.role == "tor":
+            local = 0
+            for host in inventory.hosts:
+                if host.switch == switch.name:
+                    local |= 1 << part.atom_of(host.ip)
+            entries += _policy_entries(groups, policy, local)
+        else:
+            entries.append(
+                TableEntry(
+                    "policy",
+                    (),
+                    "permit",
+                    (("rule_id", FABRIC_RULE_ID),),
+                    1,
+                    FABRIC_RULE_ID,
+                    "fabric",
+                )
+            )
+        entries += _routing(inventory, switch, graph)
+        defaults = (DefaultAction("epoch", "set_epoch", (("epoch", 0),)),)
+        out.append(
+            SwitchTables(switch.name, switch.role, switch.device_id, tuple(entries), defaults)
+        )
+    return groups, tuple(out)
