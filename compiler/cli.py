@@ -18,9 +18,13 @@ from compiler.diagnostics import (
     render_all,
     summary_line,
 )
+from compiler.emit import build, summary, write_build
+from compiler.fit import TARGET_NAMES
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
+from compiler.p4c import p4c_artifacts
+from p4src.spec import PIPELINE
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -53,6 +57,22 @@ exit status: 0 no errors (warnings allowed unless --strict), 1 errors
 examples:
     p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml
     p4seg check policy.zt -i floor.yaml --strict --error-format json
+"""
+
+_COMPILE_HELP = """\
+Compile a policy for the switches of an inventory: the P4 program for the target, its
+P4Info, and every switch's table entries, plus a report (rule ids -> policy lines, entries
+and utilisation per table, a naive-expansion baseline, and for Tofino a resource estimate).
+Checks the policy first; on any error nothing is written. Outputs are byte-identical for
+the same inputs. With p4c-bm2-ss on PATH, bmv2/ref builds also get p4c's BMv2 JSON.
+
+targets: ref (the built-in reference switch), bmv2 (simple_switch_grpc), tofino (TNA)
+
+exit status: 0 built, 1 errors (policy, inventory, capacity, p4c)
+
+examples:
+    p4seg compile policies/trading_floor.zt -i topologies/trading_floor.yaml -o build/
+    p4seg compile policy.zt -i floor.yaml --target tofino --size policy=32768 -o out/
 """
 
 _FMT_HELP = """\
@@ -101,6 +121,37 @@ def _parser() -> argparse.ArgumentParser:
         help="after a clean check, print the policy's services, rules and expectations",
     )
 
+    k = sub.add_parser(
+        "compile",
+        help="compile a policy to P4 program, P4Info and entries",
+        description=_COMPILE_HELP,
+        formatter_class=raw,
+    )
+    k.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
+    k.add_argument("-i", "--inventory", metavar="INVENTORY", required=True, help="inventory YAML")
+    k.add_argument("-t", "--target", choices=TARGET_NAMES, default="ref", help="default: ref")
+    k.add_argument(
+        "-o",
+        "--output-dir",
+        metavar="DIR",
+        required=True,
+        help="build directory (replaced atomically)",
+    )
+    k.add_argument(
+        "--size",
+        metavar="TABLE=N",
+        action="append",
+        default=[],
+        help="table size for the program (repeatable), e.g. policy=32768",
+    )
+    k.add_argument(
+        "--output",
+        choices=("human", "json"),
+        default="human",
+        help="stdout format (json: the report)",
+    )
+    k.add_argument("--error-format", choices=("human", "json"), default="human")
+
     f = sub.add_parser(
         "fmt", help="print policies in canonical form", description=_FMT_HELP, formatter_class=raw
     )
@@ -144,22 +195,30 @@ def _report(
         print(render_all(diags, sources), file=out)
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    sources = SourceFiles()
+def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, str] | None:
+    """The inventory and the policy text of a command line, or None (already reported)."""
     inventory = Inventory.empty()
     if args.inventory:
         try:
             inventory, inv_text = load_inventory(args.inventory)
         except InventoryError as exc:
-            text = _read(args.inventory) or ""
-            sources.add(args.inventory, text)
+            sources.add(args.inventory, _read(args.inventory) or "")
             _report(exc.diagnostics, sources, args.error_format, sys.stderr)
-            return EXIT_ERROR
+            return None
         sources.add(args.inventory, inv_text)
     policy_text = _read(args.policy)
     if policy_text is None:
-        return EXIT_ERROR
+        return None
     sources.add(args.policy, policy_text)
+    return inventory, policy_text
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    sources = SourceFiles()
+    loaded = _load(args, sources)
+    if loaded is None:
+        return EXIT_ERROR
+    inventory, policy_text = loaded
     result = check_policy(policy_text, args.policy, inventory)
     failed = result.errors > 0 or (args.strict and result.warnings > 0)
     out = sys.stdout if args.error_format == "json" else sys.stderr
@@ -228,6 +287,51 @@ def _policy_json(policy: Policy, inventory: Inventory) -> dict[str, object]:
     }
 
 
+def _sizes(specs: list[str]) -> dict[str, int] | None:
+    sizes = {}
+    known = {t.name for t in PIPELINE.tables if t.keys}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        if name not in known or not value.isdigit() or not 1 <= int(value) <= 1 << 20:
+            print(
+                f"p4seg: error: --size {spec!r}: expected TABLE=N with TABLE one of "
+                f"{', '.join(sorted(known))} and N from 1 to {1 << 20}",
+                file=sys.stderr,
+            )
+            return None
+        sizes[name] = int(value)
+    return sizes
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    sizes = _sizes(args.size)
+    if sizes is None:
+        return EXIT_ERROR
+    sources = SourceFiles()
+    loaded = _load(args, sources)
+    if loaded is None:
+        return EXIT_ERROR
+    inventory, policy_text = loaded
+    result = check_policy(policy_text, args.policy, inventory)
+    if result.diagnostics:
+        _report(result.diagnostics, sources, args.error_format, sys.stderr)
+    if result.policy is None:
+        return EXIT_ERROR
+    try:
+        built = build(result.policy, inventory, policy_text, args.target, sizes)
+        built.files.update(p4c_artifacts(built))
+    except P4segError as exc:
+        _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+        return EXIT_ERROR
+    write_build(built, args.output_dir)
+    if args.output == "json":
+        print(json.dumps(built.report, indent=2, sort_keys=True))
+    else:
+        print(f"wrote {args.output_dir}: {len(built.files)} files")
+        print(summary(built))
+    return EXIT_OK
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.policies:
@@ -271,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "check":
             return _cmd_check(args)
+        if args.verb == "compile":
+            return _cmd_compile(args)
         return _cmd_fmt(args)
     except KeyboardInterrupt:
         return 130

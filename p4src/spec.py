@@ -256,9 +256,14 @@ DEFAULT_SIZES = {
 }
 
 
-def build_pipeline(sizes: dict[str, int] | None = None) -> Pipeline:
-    """The pipeline with the given table sizes (defaults: DEFAULT_SIZES)."""
+def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range") -> Pipeline:
+    """The pipeline with the given table sizes (defaults: DEFAULT_SIZES).
+
+    `range_kind="ternary"` gives the variant for targets whose compiled entries carry
+    ranges as ternary prefixes (compiler/fit.py expands them).
+    """
     size = {**DEFAULT_SIZES, **(sizes or {})}
+    rk = range_kind
     tables = (
         Table(
             "epoch",
@@ -299,11 +304,11 @@ def build_pipeline(sizes: dict[str, int] | None = None) -> Pipeline:
             make_id(TABLE_PREFIX, 4),
             keys=_keys(
                 EPOCH,
-                ("src_group", "meta.src_group", GROUP_BITS, "range"),
-                ("dst_group", "meta.dst_group", GROUP_BITS, "range"),
+                ("src_group", "meta.src_group", GROUP_BITS, rk),
+                ("dst_group", "meta.dst_group", GROUP_BITS, rk),
                 ("protocol", "hdr.ipv4.protocol", 8, "ternary"),
-                ("l4_src_port", "meta.l4_src_port", 16, "range"),
-                ("l4_dst_port", "meta.l4_dst_port", 16, "range"),
+                ("l4_src_port", "meta.l4_src_port", 16, rk),
+                ("l4_dst_port", "meta.l4_dst_port", 16, rk),
                 ("tcp_flags", "meta.tcp_flags", 8, "ternary"),
             ),
             actions=(

@@ -1,0 +1,290 @@
+"""Stage 5 — a compiled policy -> the build directory.
+
+`build` is pure: it returns every artefact as text. `write_build` is the only place that
+touches the file system, and it is atomic: the directory appears complete or not at all,
+so an error never leaves a partial build behind. Same inputs, byte-identical outputs.
+
+    DIR/p4/<target>/p4seg.p4          the P4 program for the target
+    DIR/p4info.txtpb                   our P4Info (text protobuf)
+    DIR/entries/<switch>.json          p4seg's entry format
+    DIR/entries/<switch>-runtime.json  the p4lang tutorials runtime format, for interop
+    DIR/report.json                    rules -> source lines, entries and utilisation, resources
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.addresses import format_ipv4
+from compiler.entries import SwitchTables
+from compiler.fit import Target, fit, make_target
+from compiler.inventory import Inventory
+from compiler.lower import lower
+from compiler.model import Policy
+from p4src.p4info import p4info_text
+from p4src.render import render_program
+from p4src.spec import Pipeline, Table
+
+_ADDRESS_FIELDS = ("src_addr", "dst_addr")
+# Tofino memory units (per stage): TCAM blocks 44 bits x 512 entries, SRAM blocks 128 bits x 1024.
+TCAM_WIDTH, TCAM_DEPTH = 44, 512
+SRAM_WIDTH, SRAM_DEPTH = 128, 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    target: Target
+    files: dict[str, str]  # relative path -> content
+    report: dict[str, object]
+    switches: tuple[SwitchTables, ...]
+
+
+def _dumps(doc: object) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def build(
+    policy: Policy,
+    inventory: Inventory,
+    policy_text: str,
+    target_name: str,
+    sizes: dict[str, int] | None = None,
+) -> Build:
+    """Compile a checked policy for a target: every output file, as text."""
+    target = make_target(target_name, sizes)
+    groups, switches = lower(policy, inventory)
+    fitted = fit(switches, target)
+    cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
+    program_target = "tofino" if target.program == "tna" else "bmv2"
+    files = {
+        f"p4/{target.name}/p4seg.p4": render_program(
+            program_target, target.pipeline, min(cpu_ports)
+        ),
+        "p4info.txtpb": p4info_text(
+            target.pipeline, "tna" if target.program == "tna" else "v1model"
+        ),
+    }
+    for sw in fitted:
+        files[f"entries/{sw.switch}.json"] = _dumps(_entries_json(sw, target))
+        files[f"entries/{sw.switch}-runtime.json"] = _dumps(_runtime_json(sw, target))
+    report = _report(policy, inventory, policy_text, target, fitted, groups.count)
+    files["report.json"] = _dumps(report)
+    return Build(target, files, report, fitted)
+
+
+def _entries_json(sw: SwitchTables, target: Target) -> dict[str, object]:
+    return {
+        "switch": sw.switch,
+        "role": sw.role,
+        "device_id": sw.device_id,
+        "target": target.name,
+        "defaults": [
+            {"table": d.table, "action": d.action, "params": dict(d.params)} for d in sw.defaults
+        ],
+        "entries": [e.to_json() for e in sw.entries],
+    }
+
+
+def _runtime_value(field: str, kind: str, value: int, arg: int) -> object:
+    text: object = format_ipv4(value) if field in _ADDRESS_FIELDS else value
+    if kind == "exact":
+        return text
+    if kind == "lpm":
+        return [text, arg]
+    return [text, format_ipv4(arg) if field in _ADDRESS_FIELDS else arg]
+
+
+def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
+    pipe = target.pipeline
+    table_entries: list[dict[str, object]] = [
+        {
+            "table": pipe.qualified(d.table),
+            "default_action": True,
+            "action_name": pipe.qualified(d.action),
+            "action_params": dict(d.params),
+        }
+        for d in sw.defaults
+    ]
+    for e in sw.entries:
+        item: dict[str, object] = {
+            "table": pipe.qualified(e.table),
+            "match": {m.field: _runtime_value(m.field, m.kind, m.value, m.arg) for m in e.matches},
+            "action_name": pipe.qualified(e.action),
+            "action_params": dict(e.params),
+        }
+        if e.priority:
+            item["priority"] = e.priority
+        table_entries.append(item)
+    return {
+        "target": "bmv2" if target.program == "v1model" else target.name,
+        "p4info": "../p4info.txtpb",
+        "bmv2_json": f"../p4/{target.name}/p4seg.json",
+        "table_entries": table_entries,
+    }
+
+
+def naive_entries(policy: Policy, inventory: Inventory) -> int:
+    """Entries a host-pair x port expansion of the rules would need (the baseline)."""
+    total = 0
+    ips = [h.ip for h in inventory.hosts]
+    for rule in policy.rules:
+        srcs = sum(ip in rule.src for ip in ips)
+        dsts = sum(ip in rule.dst for ip in ips)
+        ports = sum(hi - lo + 1 for lo, hi in rule.ports) if rule.proto in ("tcp", "udp") else 1
+        total += srcs * dsts * ports
+    return total
+
+
+def tofino_resources(
+    pipeline: Pipeline, switches: tuple[SwitchTables, ...]
+) -> list[dict[str, object]]:
+    """Per-table estimate for Tofino: TCAM for ternary/lpm/range keys, SRAM for exact ones."""
+    out = []
+    for table in pipeline.tables:
+        entries = max((len(sw.table(table.name)) for sw in switches), default=0)
+        key_bits = sum(k.bits for k in table.keys)
+        tcam = any(k.match != "exact" for k in table.keys)
+        action_bits = max(
+            (sum(p.bits for p in pipeline.action(a.name).params) for a in table.actions), default=0
+        )
+        row: dict[str, object] = {
+            "table": table.name,
+            "key_bits": key_bits,
+            "memory": "tcam" if tcam else ("sram" if key_bits else "none (keyless)"),
+            "max_entries_per_switch": entries,
+            "size": table.size,
+            "action_data_bits": action_bits,
+        }
+        if tcam:
+            row["tcam_blocks"] = math.ceil(key_bits / TCAM_WIDTH) * max(
+                1, math.ceil(table.size / TCAM_DEPTH)
+            )
+        elif key_bits:
+            row["sram_blocks"] = math.ceil((key_bits + action_bits) / SRAM_WIDTH) * max(
+                1, math.ceil(table.size / SRAM_DEPTH)
+            )
+        row["action_sram_blocks"] = (
+            math.ceil(action_bits / SRAM_WIDTH) * max(1, math.ceil(table.size / SRAM_DEPTH))
+            if action_bits
+            else 0
+        )
+        out.append(row)
+    return out
+
+
+def _table_use(sw: SwitchTables, table: Table) -> dict[str, object]:
+    count = len(sw.table(table.name))
+    return {"entries": count, "size": table.size, "utilisation": round(count / table.size, 4)}
+
+
+def _report(
+    policy: Policy,
+    inventory: Inventory,
+    policy_text: str,
+    target: Target,
+    switches: tuple[SwitchTables, ...],
+    groups: int,
+) -> dict[str, object]:
+    policy_entries = sum(len(sw.table("policy")) for sw in switches if sw.role == "tor")
+    naive = naive_entries(policy, inventory)
+    report: dict[str, object] = {
+        "policy": policy.name,
+        "policy_sha256": hashlib.sha256(policy_text.encode()).hexdigest(),
+        "inventory": inventory.name,
+        "target": target.name,
+        "program": target.program,
+        "groups": groups,
+        "rules": [
+            {
+                "id": 0,
+                "text": "default deny" + (" log" if policy.default_log else ""),
+                "line": policy.default_span.line if policy.default_span else None,
+            }
+        ]
+        + [
+            {
+                "id": r.id,
+                "text": r.describe(),
+                "file": r.span.file,
+                "line": r.span.line,
+                "column": r.span.column,
+            }
+            for r in policy.rules
+        ],
+        "switches": [
+            {
+                "name": sw.switch,
+                "role": sw.role,
+                "device_id": sw.device_id,
+                "tables": {t.name: _table_use(sw, t) for t in target.pipeline.tables if t.keys},
+                "entries_by_role": dict(sorted(Counter(e.role for e in sw.entries).items())),
+            }
+            for sw in switches
+        ],
+        "policy_entries": policy_entries,
+        "naive_entries": naive,
+        "reduction": round(naive / policy_entries, 2) if policy_entries else None,
+    }
+    if target.name == "tofino":
+        report["tofino_resources"] = tofino_resources(target.pipeline, switches)
+    return report
+
+
+def summary(build_: Build) -> str:
+    """The human summary `p4seg compile` prints."""
+    r = build_.report
+    lines = [f"target {build_.target.name} ({build_.target.description}), {r['groups']} groups"]
+    switches = r["switches"]
+    assert isinstance(switches, list)
+    tables = [t for t in build_.target.pipeline.tables if t.keys]
+    head = f"  {'switch':<10}" + "".join(f"{t.name:>22}" for t in tables)
+    lines.append(head)
+    for sw in switches:
+        cells = "".join(
+            f"{sw['tables'][t.name]['entries']:>9}/{t.size:<6} {100 * sw['tables'][t.name]['utilisation']:>4.1f}%"
+            for t in tables
+        )
+        lines.append(f"  {sw['name']:<10}{cells}")
+    lines.append(
+        f"policy entries on ToRs: {r['policy_entries']} (a naive host-pair x port expansion needs "
+        f"{r['naive_entries']}: {r['reduction']}x fewer)"
+    )
+    for row in r.get("tofino_resources", []) or []:
+        assert isinstance(row, dict)
+        blocks = row.get("tcam_blocks", row.get("sram_blocks", 0))
+        lines.append(
+            f"  tofino {row['table']:<13} {row['memory']:<15} key {row['key_bits']:>3} bits, "
+            f"{blocks} {'TCAM' if 'tcam_blocks' in row else 'SRAM'} blocks, action data {row['action_sram_blocks']} SRAM blocks"
+        )
+    return "\n".join(lines)
+
+
+def write_build(build_: Build, out_dir: str) -> list[str]:
+    """Write all files of a build; atomically replaces `out_dir`."""
+    target = Path(out_dir).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for rel, content in sorted(build_.files.items()):
+            path = staging / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "build")
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(str(target / rel) for rel in build_.files)

@@ -1,0 +1,109 @@
+"""Stage 4 — target-neutral entries -> entries a target can hold.
+
+Passes run in the order of PASSES; adding a pass is adding a line:
+- expand_ranges: on a target without the `range` match kind, each range becomes the
+  fewest ternary prefixes that cover it exactly (never more than 2w-2 for w bits);
+- check_capacity: every table of every switch against the program's sizes; over
+  capacity is an error naming switch, table, needed and available, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from compiler.diagnostics import P4segError, error
+from compiler.entries import FieldMatch, SwitchTables, TableEntry
+from compiler.lower import cidr_blocks
+from p4src.spec import Pipeline, build_pipeline
+
+
+class CapacityError(P4segError):
+    """A switch would need more entries than a table of the program holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    has_range: bool
+    pipeline: Pipeline
+    program: str  # which program the target runs: v1model | tna
+    description: str
+
+
+def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
+    if name == "tofino":
+        return Target(name, False, build_pipeline(sizes, "ternary"), "tna", "Tofino (TNA)")
+    if name == "bmv2":
+        return Target(name, True, build_pipeline(sizes), "v1model", "BMv2 simple_switch_grpc")
+    if name == "ref":
+        return Target(name, True, build_pipeline(sizes), "v1model", "p4seg reference switch")
+    raise ValueError(f"unknown target '{name}' (ref, bmv2, tofino)")
+
+
+TARGET_NAMES = ("ref", "bmv2", "tofino")
+
+
+def range_to_ternary(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
+    """Exact cover of [lo, hi] by (value, mask) prefixes, fewest possible."""
+    full = (1 << width) - 1
+    return [
+        (value, full ^ ((1 << (width - plen)) - 1)) for value, plen in cidr_blocks(lo, hi, width)
+    ]
+
+
+def expand_ranges(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
+    if target.has_range:
+        return switches
+    width = {k.name: k.bits for t in target.pipeline.tables for k in t.keys}
+    out = []
+    for sw in switches:
+        entries: list[TableEntry] = []
+        for entry in sw.entries:
+            choices = [
+                [
+                    FieldMatch(m.field, "ternary", v, mask)
+                    for v, mask in range_to_ternary(m.value, m.arg, width[m.field])
+                ]
+                if m.kind == "range"
+                else [m]
+                for m in entry.matches
+            ]
+            entries.extend(
+                replace(entry, matches=tuple(combo)) for combo in itertools.product(*choices)
+            )
+        out.append(replace(sw, entries=tuple(entries)))
+    return tuple(out)
+
+
+def check_capacity(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
+    diags = []
+    for sw in switches:
+        counts = Counter(e.table for e in sw.entries)
+        for table in target.pipeline.tables:
+            if counts[table.name] > table.size:
+                diags.append(
+                    error(
+                        "E502",
+                        f"switch {sw.switch}: table {table.name} needs {counts[table.name]} entries, "
+                        f"the {target.name} program holds {table.size} (raise it with --size {table.name}=N)",
+                        None,
+                    )
+                )
+    if diags:
+        raise CapacityError(diags)
+    return switches
+
+
+PASSES: tuple[Callable[[tuple[SwitchTables, ...], Target], tuple[SwitchTables, ...]], ...] = (
+    expand_ranges,
+    check_capacity,
+)
+
+
+def fit(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
+    for run in PASSES:
+        switches = run(switches, target)
+    return switches

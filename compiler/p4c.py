@@ -1,0 +1,72 @@
+"""p4c, when it is installed: BMv2 JSON for the build, and p4c's own P4Info to compare.
+
+p4c is not a dependency: without `p4c-bm2-ss` on PATH, builds simply carry no BMv2 JSON
+(the reference switch needs none) and the comparison tests skip, saying why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compiler.diagnostics import P4segError, error
+
+if TYPE_CHECKING:
+    from compiler.emit import Build
+
+P4C_BMV2 = "p4c-bm2-ss"
+
+
+class P4cError(P4segError):
+    """p4c rejected or warned about a generated program: a p4seg bug, reported as such."""
+
+
+def p4c_available() -> str | None:
+    return shutil.which(P4C_BMV2)
+
+
+def compile_v1model(source: str) -> tuple[str, str]:
+    """(BMv2 JSON, p4c's P4Info text) for a v1model program; warnings count as errors."""
+    exe = p4c_available()
+    if exe is None:
+        raise P4cError([error("E503", f"{P4C_BMV2} is not on PATH", None)])
+    with tempfile.TemporaryDirectory(prefix="p4seg-p4c-") as tmp:
+        src = Path(tmp) / "p4seg.p4"
+        src.write_text(source)
+        cmd = [
+            exe,
+            "--std",
+            "p4-16",
+            "--arch",
+            "v1model",
+            "--p4runtime-files",
+            f"{tmp}/p4info.txtpb",
+            "-o",
+            f"{tmp}/p4seg.json",
+            str(src),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        output = (proc.stdout + proc.stderr).strip()
+        if proc.returncode != 0 or "warning" in output.lower():
+            raise P4cError(
+                [
+                    error(
+                        "E503",
+                        f"{P4C_BMV2} rejected the generated program (a p4seg bug):\n{output}",
+                        None,
+                    )
+                ]
+            )
+        return (Path(tmp) / "p4seg.json").read_text(), (Path(tmp) / "p4info.txtpb").read_text()
+
+
+def p4c_artifacts(build: Build) -> dict[str, str]:
+    """Extra build files from p4c when it is installed (bmv2/ref targets only)."""
+    if build.target.program != "v1model" or p4c_available() is None:
+        return {}
+    source = build.files[f"p4/{build.target.name}/p4seg.p4"]
+    bmv2_json, _ = compile_v1model(source)
+    return {f"p4/{build.target.name}/p4seg.json": bmv2_json}
