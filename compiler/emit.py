@@ -257,7 +257,9 @@ def summary(build_: Build) -> str:
         f"policy entries on ToRs: {r['policy_entries']} (a naive host-pair x port expansion needs "
         f"{r['naive_entries']}: {r['reduction']}x fewer)"
     )
-    for row in r.get("tofino_resources", []) or []:
+    resources = r.get("tofino_resources", [])
+    assert isinstance(resources, list)
+    for row in resources:
         assert isinstance(row, dict)
         blocks = row.get("tcam_blocks", row.get("sram_blocks", 0))
         lines.append(

@@ -95,4 +95,5 @@ def _controller_header(cpm: p4i.ControllerPacketMetadata, header: ControllerHead
 
 def p4info_text(pipeline: Pipeline = PIPELINE, arch: str = "v1model") -> str:
     """The P4Info as text protobuf, the form written to p4info.txtpb."""
-    return text_format.MessageToString(build_p4info(pipeline, arch))
+    text: str = text_format.MessageToString(build_p4info(pipeline, arch))
+    return text
