@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.check import check_policy
+from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, walk
+from compiler.fit import fit, make_target
 from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import cidr_blocks, lower
 from compiler.model import Policy
@@ -46,8 +48,14 @@ def probe_packets(policy: Policy, src: int, dst: int) -> list[PacketFields]:
     return pkts
 
 
-def mismatches(policy: Policy, inventory: Inventory, limit: int = 5) -> list[str]:
-    _, switches = lower(policy, inventory)
+def mismatches(
+    policy: Policy,
+    inventory: Inventory,
+    limit: int = 5,
+    switches: tuple[SwitchTables, ...] | None = None,
+) -> list[str]:
+    if switches is None:
+        _, switches = lower(policy, inventory)
     tables = {s.switch: s for s in switches}
     sem = PolicySemantics(policy, pinned=[h.ip for h in inventory.hosts])
     found = []
@@ -89,6 +97,17 @@ def test_trading_floor_tables_implement_the_policy(
     result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
     assert result.policy is not None
     assert mismatches(result.policy, floor) == []
+
+
+def test_tofino_ternary_entries_implement_the_policy_too(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
+    assert result.policy is not None
+    _, switches = lower(result.policy, floor)
+    fitted = fit(switches, make_target("tofino"))
+    assert all(m.kind != "range" for sw in fitted for e in sw.entries for m in e.matches)
+    assert mismatches(result.policy, floor, switches=fitted) == []
 
 
 def test_groups_keep_services_contiguous(floor: Inventory, floor_policy_text: str) -> None:
