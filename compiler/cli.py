@@ -7,7 +7,7 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from pathlib import Path
 
 from compiler.check import CheckResult, check_policy
 from compiler.diagnostics import (
@@ -26,7 +26,7 @@ from compiler.model import Action, Policy
 from compiler.p4c import p4c_artifacts
 from p4src.spec import PIPELINE
 
-EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 1
 
 _MAIN_HELP = """\
 p4seg turns a zero-trust segmentation policy into P4 tables on top-of-rack switches.
@@ -179,9 +179,9 @@ def _report(
     diags: Sequence[Diagnostic],
     sources: SourceFiles,
     fmt: str,
-    out: TextIO,
     extra: dict[str, object] | None = None,
 ) -> None:
+    """Diagnostics: human text on stderr, or one JSON document on stdout."""
     if fmt == "json":
         errors = sum(d.is_error for d in diags)
         doc = {
@@ -190,9 +190,9 @@ def _report(
             "diagnostics": [d.to_json() for d in diags],
             **(extra or {}),
         }
-        print(json.dumps(doc, indent=2), file=out)
+        print(json.dumps(doc, indent=2))
     elif diags:
-        print(render_all(diags, sources), file=out)
+        print(render_all(diags, sources), file=sys.stderr)
 
 
 def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, str] | None:
@@ -202,8 +202,11 @@ def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, st
         try:
             inventory, inv_text = load_inventory(args.inventory)
         except InventoryError as exc:
-            sources.add(args.inventory, _read(args.inventory) or "")
-            _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+            try:
+                sources.add(args.inventory, Path(args.inventory).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                pass  # E301 already says why it cannot be read
+            _report(exc.diagnostics, sources, args.error_format, {"ok": False})
             return None
         sources.add(args.inventory, inv_text)
     policy_text = _read(args.policy)
@@ -221,11 +224,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     inventory, policy_text = loaded
     result = check_policy(policy_text, args.policy, inventory)
     failed = result.errors > 0 or (args.strict and result.warnings > 0)
-    out = sys.stdout if args.error_format == "json" else sys.stderr
     extra: dict[str, object] = {"ok": not failed}
     if result.policy is not None:
         extra["policy"] = _policy_json(result.policy, inventory)
-    _report(result.diagnostics, sources, args.error_format, out, extra)
+    _report(result.diagnostics, sources, args.error_format, extra)
     if args.error_format == "human" and not failed and result.policy is not None:
         print(f"{args.policy}: ok — {_one_line(result)}")
         if args.summary:
@@ -237,9 +239,13 @@ def _one_line(result: CheckResult) -> str:
     assert result.policy is not None
     p = result.policy
     return (
-        f"policy {p.name}: {len(p.services)} services, {len(p.rules)} rules, "
-        f"{len(p.expects)} expectations hold; {summary_line(result.errors, result.warnings)}"
+        f"policy {p.name}: {_count(len(p.services), 'service')}, {_count(len(p.rules), 'rule')}, "
+        f"{_count(len(p.expects), 'expectation')} hold; {summary_line(result.errors, result.warnings)}"
     )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _summary(policy: Policy, inventory: Inventory) -> str:
@@ -314,14 +320,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     inventory, policy_text = loaded
     result = check_policy(policy_text, args.policy, inventory)
     if result.diagnostics:
-        _report(result.diagnostics, sources, args.error_format, sys.stderr)
+        _report(result.diagnostics, sources, args.error_format)
     if result.policy is None:
         return EXIT_ERROR
     try:
         built = build(result.policy, inventory, policy_text, args.target, sizes)
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
-        _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+        _report(exc.diagnostics, sources, args.error_format)
         return EXIT_ERROR
     write_build(built, args.output_dir)
     if args.output == "json":
@@ -344,7 +350,7 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
         except P4segError as exc:
             sources = SourceFiles()
             sources.add(path, text)
-            _report(exc.diagnostics, sources, args.error_format, sys.stderr)
+            _report(exc.diagnostics, sources, args.error_format)
             status = EXIT_ERROR
             continue
         if args.check:

@@ -19,6 +19,7 @@ import yaml
 
 from compiler.addresses import AddressSyntaxError, format_ipv4, parse_ipv4
 from compiler.diagnostics import Diagnostic, InventoryError, Note, Span, error
+from compiler.parse import KEYWORDS
 
 ROLES = ("tor", "spine")
 MAX_DATA_PORT = 254
@@ -200,6 +201,13 @@ class _InventoryReader:
 
     def name(self, node: yaml.Node, what: str) -> str | None:
         text = self.scalar(node, what)
+        if text is not None and (text in KEYWORDS or text == "any"):
+            self.fail(
+                "E307",
+                f"{what} '{text}' is a word of the policy language; a policy could not name it",
+                node,
+            )
+            return None
         if text is not None and not _NAME.match(text):
             self.fail(
                 "E307",

@@ -11,6 +11,7 @@ statement is reported at once, each with a message written for people.
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from functools import cache
@@ -166,11 +167,15 @@ def _expected_words(expected: set[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _closest_keyword(word: str) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(word, STATEMENT_KEYWORDS, n=1, cutoff=0.6)
-    return match[0] if match else None
+def _hint(word: str, candidates: tuple[str, ...] | list[str]) -> str:
+    """' (did you mean ...?)' for a misspelt, wrongly cased or glued keyword, or ''."""
+    if word.lower() in KEYWORDS and word != word.lower():
+        return f" (keywords are lower case: `{word.lower()}`)"
+    for kw in sorted(KEYWORDS, key=len, reverse=True):
+        if word.startswith(kw) and word[len(kw) : len(kw) + 1].isdigit():  # `tcp9876`
+            return f" (did you mean `{kw} {word[len(kw) :]}`?)"
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean `{match[0]}`?)" if match else ""
 
 
 def _syntax_diagnostic(
@@ -197,7 +202,8 @@ def _syntax_diagnostic(
         return error("E104", f"`{tok.value}` is a keyword and cannot be used as a name", span)
     if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
         return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
-    if "_ARROW" in expected:
+    after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
+    if "_ARROW" in expected and not after_arrow:
         return error("E002", f"expected `->` between source and destination, found {found}", span)
     if tok.type == "MINUS" or expected == {"INT"}:
         return error(
@@ -214,8 +220,7 @@ def _syntax_diagnostic(
             span,
         )
     if expected <= _STATEMENT_TOKENS:
-        hint = _closest_keyword(str(tok.value)) if tok.type == "NAME" else None
-        tail = f" (did you mean `{hint}`?)" if hint else ""
+        tail = _hint(str(tok.value), STATEMENT_KEYWORDS) if tok.type == "NAME" else ""
         return error(
             "E001",
             f"expected a statement (policy, service, allow, deny, default, expect), "
@@ -223,10 +228,12 @@ def _syntax_diagnostic(
             span,
         )
     if expected & _OPTION_TOKENS:
+        tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
+        wants = "a protocol (tcp, udp, icmp, ip), " if "PROTO" in expected else ""
         return error(
             "E005",
-            f"unexpected {found} after the rule: expected an option (log, reply, rate, for, "
-            "during) or a new statement",
+            f"unexpected {found} after the statement: expected {wants}an option (log, reply, "
+            f"rate, for, during) or a new statement{tail}",
             span,
         )
     return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
