@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import sys
@@ -202,10 +203,8 @@ def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, st
         try:
             inventory, inv_text = load_inventory(args.inventory)
         except InventoryError as exc:
-            try:
+            with contextlib.suppress(OSError, UnicodeDecodeError):  # E301 says why
                 sources.add(args.inventory, Path(args.inventory).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError):
-                pass  # E301 already says why it cannot be read
             _report(exc.diagnostics, sources, args.error_format, {"ok": False})
             return None
         sources.add(args.inventory, inv_text)
