@@ -7,10 +7,16 @@ intervals, which stay small where prefix lists would explode.
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_ADDRESS = (1 << 32) - 1
+# ASCII digits, bounded: str.isdigit() accepts other scripts' digits and int() refuses
+# numerals past 4300 digits.
+_OCTET = re.compile(r"[0-9]{1,3}")
+_PREFIX_LEN = re.compile(r"[0-9]{1,2}")
 Interval = tuple[int, int]
 
 
@@ -20,17 +26,21 @@ class AddressSyntaxError(ValueError):
 
 def parse_ipv4(text: str) -> int:
     parts = text.split(".")
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
-        raise AddressSyntaxError(f"'{text}' is not an IPv4 address")
+    if len(parts) != 4 or not all(_OCTET.fullmatch(p) for p in parts):
+        raise AddressSyntaxError(f"{_quote(text)} is not an IPv4 address")
     value = 0
     for part in parts:
         octet = int(part)
         if octet > 255:
-            raise AddressSyntaxError(f"octet {octet} of '{text}' is out of range 0-255")
+            raise AddressSyntaxError(f"octet {octet} of {_quote(text)} is out of range 0-255")
         if len(part) > 1 and part[0] == "0":
             raise AddressSyntaxError(f"octet '{part}' of '{text}' has a leading zero")
         value = (value << 8) | octet
     return value
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= 24 else text[:24] + "...")
 
 
 def format_ipv4(value: int) -> str:
@@ -43,7 +53,7 @@ def parse_prefix(text: str) -> Interval:
     addr = parse_ipv4(addr_text)
     if not slash:
         return (addr, addr)
-    if not length_text.isdigit() or int(length_text) > 32:
+    if not _PREFIX_LEN.fullmatch(length_text) or int(length_text) > 32:
         raise AddressSyntaxError(f"prefix length '/{length_text}' is out of range 0-32")
     length = int(length_text)
     size = 1 << (32 - length)
@@ -81,8 +91,6 @@ class AddressSet:
         return AddressSet.of(self.intervals + other.intervals)
 
     def __contains__(self, address: int) -> bool:
-        import bisect
-
         i = bisect.bisect_right(self.intervals, (address, MAX_ADDRESS)) - 1
         return i >= 0 and self.intervals[i][0] <= address <= self.intervals[i][1]
 

@@ -19,12 +19,9 @@ from compiler.diagnostics import (
     render_all,
     summary_line,
 )
-from compiler.emit import build, summary, write_build
-from compiler.fit import TARGET_NAMES
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
-from compiler.p4c import p4c_artifacts
 from p4src.spec import PIPELINE
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -130,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     k.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
     k.add_argument("-i", "--inventory", metavar="INVENTORY", required=True, help="inventory YAML")
-    k.add_argument("-t", "--target", choices=TARGET_NAMES, default="ref", help="default: ref")
+    k.add_argument(
+        "-t", "--target", choices=("ref", "bmv2", "tofino"), default="ref", help="default: ref"
+    )
     k.add_argument(
         "-o",
         "--output-dir",
@@ -224,7 +223,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     result = check_policy(policy_text, args.policy, inventory)
     failed = result.errors > 0 or (args.strict and result.warnings > 0)
     extra: dict[str, object] = {"ok": not failed}
-    if result.policy is not None:
+    if result.policy is not None and args.error_format == "json":
         extra["policy"] = _policy_json(result.policy, inventory)
     _report(result.diagnostics, sources, args.error_format, extra)
     if args.error_format == "human" and not failed and result.policy is not None:
@@ -297,7 +296,13 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
     known = {t.name for t in PIPELINE.tables if t.keys}
     for spec in specs:
         name, _, value = spec.partition("=")
-        if name not in known or not value.isdigit() or not 1 <= int(value) <= 1 << 20:
+        if (
+            name not in known
+            or not value.isascii()
+            or not value.isdigit()
+            or len(value) > 8
+            or not 1 <= int(value) <= 1 << 20
+        ):
             print(
                 f"p4seg: error: --size {spec!r}: expected TABLE=N with TABLE one of "
                 f"{', '.join(sorted(known))} and N from 1 to {1 << 20}",
@@ -309,6 +314,10 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    # The back end pulls in networkx, Jinja2 and the protobufs: only `compile` pays for them.
+    from compiler.emit import build, summary, write_build
+    from compiler.p4c import p4c_artifacts
+
     sizes = _sizes(args.size)
     if sizes is None:
         return EXIT_ERROR

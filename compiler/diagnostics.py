@@ -77,6 +77,11 @@ class Diagnostic:
         return out
 
 
+def quote(text: str, limit: int = 24) -> str:
+    """User text for a message: quoted, and cut when it is long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def error(code: str, message: str, span: Span | None, *notes: Note) -> Diagnostic:
     return Diagnostic(code, Severity.ERROR, message, span, tuple(notes))
 

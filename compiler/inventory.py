@@ -22,11 +22,14 @@ from compiler.diagnostics import Diagnostic, InventoryError, Note, Span, error
 from compiler.parse import KEYWORDS
 
 ROLES = ("tor", "spine")
+# libyaml's loader is ~8x faster and keeps the same node marks (line, column).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DATA_PORT = 254
 DEFAULT_CPU_PORT = 255
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*$")
-_ENDPOINT = re.compile(r"^(?P<switch>[^:\s]+):(?P<port>\d+)$")
+_ENDPOINT = re.compile(r"^(?P<switch>[^:\s]+):(?P<port>[0-9]{1,9})$")
+_NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only, and short enough for int()
 
 _TOP_FIELDS = ("name", "switches", "hosts", "links")
 _SWITCH_FIELDS = ("role", "device_id", "p4rt", "rack", "cpu_port")
@@ -192,7 +195,7 @@ class _InventoryReader:
         text = self.scalar(node, what)
         if text is None:
             return None
-        if not text.isdigit() or not lo <= int(text) <= hi:
+        if not _NUMBER.fullmatch(text) or not lo <= int(text) <= hi:
             self.fail(
                 "E307", f"{what} must be a whole number from {lo} to {hi}, got '{text}'", node
             )
@@ -221,7 +224,7 @@ class _InventoryReader:
 
     def read(self, text: str) -> Inventory:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_LOADER)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             span = Span.point(self.file, mark.line + 1, mark.column + 1) if mark else None
@@ -276,7 +279,7 @@ class _InventoryReader:
             else None
         )
         p4rt = self.scalar(f["p4rt"], f"{what} p4rt") if "p4rt" in f else None
-        if p4rt is not None and not re.match(r"^[\w.\-\[\]:]+:\d{1,5}$", p4rt):
+        if p4rt is not None and not re.match(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$", p4rt):
             self.fail("E307", f"{what} p4rt must be host:port, got '{p4rt}'", f["p4rt"])
             p4rt = None
         rack = self.scalar(f["rack"], f"{what} rack") if "rack" in f else None

@@ -239,6 +239,14 @@ def _syntax_diagnostic(
     return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
 
 
+TOO_MANY_DIGITS = 10**12  # stands for any longer numeral: out of every range p4seg has
+
+
+def _number(token: Token) -> int:
+    text = str(token)
+    return int(text) if len(text) <= 12 else TOO_MANY_DIGITS
+
+
 def _start(node: object) -> tuple[int, int]:
     if isinstance(node, Token):
         return node.line or 0, node.column or 0
@@ -301,8 +309,8 @@ class _ToAst(Transformer[Token, Any]):
         )
 
     def port_item(self, children: list[Token]) -> ast.PortRange:
-        hi = int(children[1]) if len(children) > 1 else None
-        return ast.PortRange(int(children[0]), hi, self._span(children[0], children[-1]))
+        hi = _number(children[1]) if len(children) > 1 else None
+        return ast.PortRange(_number(children[0]), hi, self._span(children[0], children[-1]))
 
     def port_list(self, children: list[ast.PortRange]) -> tuple[ast.PortRange, ...]:
         return tuple(children)
@@ -352,7 +360,7 @@ class _ToAst(Transformer[Token, Any]):
             dst=dst,
             proto=str(proto),
             proto_span=self._tok(proto),
-            port=int(port_tok) if port_tok is not None else None,
+            port=_number(port_tok) if port_tok is not None else None,
             port_span=self._tok(port_tok) if port_tok is not None else None,
             verdict=str(rest[-1]),
             span=self._span(keyword, rest[-1]),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,7 +21,7 @@ from compiler.addresses import (
     merge_intervals,
     parse_prefix,
 )
-from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, warning
+from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, quote, warning
 from compiler.inventory import Inventory
 from compiler.model import (
     ALL_PORTS,
@@ -34,13 +33,15 @@ from compiler.model import (
     Service,
     TimeWindow,
 )
+from compiler.parse import TOO_MANY_DIGITS
 
 ANY = "any"
 MAX_PORT = 65535
 MAX_RATE_PPS = 1_000_000_000
 MAX_DURATION_S = 365 * 86400
-_RATE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>pps|kpps|mpps)$")
-_DURATION = re.compile(r"^(?P<n>\d+)(?P<unit>s|m|h|d)$")
+_RATE = re.compile(r"^(?P<n>[0-9]{1,12}(?:\.[0-9]{1,6})?)(?P<unit>pps|kpps|mpps)$")
+_DURATION = re.compile(r"^(?P<n>[0-9]{1,9})(?P<unit>s|m|h|d)$")
+_CLOCK = re.compile(r"^(?P<h>[0-9]{1,2}):(?P<m>[0-9]{2})$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE_UNITS = {"pps": 1, "kpps": 1_000, "mpps": 1_000_000}
 
@@ -144,7 +145,9 @@ class _Resolver:
             if isinstance(ep, ast.Name) and ep.text in self.defs
         ]
 
-    def resolve_endpoints(self, endpoints: Iterable[ast.Endpoint]) -> AddressSet | None:
+    def resolve_endpoints(self, endpoints: tuple[ast.Endpoint, ...]) -> AddressSet | None:
+        if len(endpoints) == 1 and isinstance(endpoints[0], ast.Name):
+            return self.resolve_name(endpoints[0])  # already merged: nothing to recompute
         intervals: list[Interval] = []
         ok = True
         for ep in endpoints:
@@ -171,7 +174,8 @@ class _Resolver:
             hi = item.lo if item.hi is None else item.hi
             bad = [p for p in (item.lo, hi) if p > MAX_PORT]
             if bad:
-                self.fail("E202", f"port {bad[0]} is out of range 0-65535", item.span)
+                shown = bad[0] if bad[0] < TOO_MANY_DIGITS else "number"
+                self.fail("E202", f"port {shown} is out of range 0-65535", item.span)
                 ok = False
             elif hi < item.lo:
                 self.fail(
@@ -187,19 +191,19 @@ class _Resolver:
     def rate(self, opt: ast.RateOption) -> int | None:
         m = _RATE.match(opt.value)
         if not m:
-            unitless = opt.value.replace(".", "", 1).isdigit()
+            unitless = re.fullmatch(r"[0-9.]+", opt.value) is not None
             why = (
                 "needs a unit: pps, kpps or mpps"
                 if unitless
                 else "is not a rate such as 20000pps or 20kpps"
             )
-            self.fail("E204", f"rate '{opt.value}' {why}", opt.value_span)
+            self.fail("E204", f"rate {quote(opt.value)} {why}", opt.value_span)
             return None
         pps = float(m["n"]) * _RATE_UNITS[m["unit"]]
         if pps != int(pps) or not 1 <= pps <= MAX_RATE_PPS:
             self.fail(
                 "E204",
-                f"rate '{opt.value}' must be a whole number of packets/s from 1 to 1000mpps",
+                f"rate {quote(opt.value)} must be a whole number of packets/s from 1 to 1000mpps",
                 opt.value_span,
             )
             return None
@@ -210,24 +214,28 @@ class _Resolver:
         if not m:
             self.fail(
                 "E205",
-                f"duration '{opt.value}' is not a whole number with a unit s, m, h or d (e.g. 15m)",
+                f"duration {quote(opt.value)} is not a whole number with a unit s, m, h or d (e.g. 15m)",
                 opt.value_span,
             )
             return None
         seconds = int(m["n"]) * _DURATION_UNITS[m["unit"]]
         if not 1 <= seconds <= MAX_DURATION_S:
-            self.fail("E205", f"duration '{opt.value}' must be from 1s to 365d", opt.value_span)
+            self.fail(
+                "E205", f"duration {quote(opt.value)} must be from 1s to 365d", opt.value_span
+            )
             return None
         return seconds
 
     def window(self, opt: ast.DuringOption) -> TimeWindow | None:
         minutes = []
         for text in (opt.start, opt.end):
-            hours, _, mins = text.partition(":")
-            if len(mins) != 2 or not (0 <= int(hours) <= 23 and 0 <= int(mins) <= 59):
-                self.fail("E206", f"'{text}' is not a time of day HH:MM (00:00 to 23:59)", opt.span)
+            clock = _CLOCK.match(text)
+            if not clock or not (int(clock["h"]) <= 23 and int(clock["m"]) <= 59):
+                self.fail(
+                    "E206", f"{quote(text)} is not a time of day HH:MM (00:00 to 23:59)", opt.span
+                )
                 return None
-            minutes.append(int(hours) * 60 + int(mins))
+            minutes.append(int(clock["h"]) * 60 + int(clock["m"]))
         if minutes[0] == minutes[1]:
             self.fail("E206", f"time window {opt.start}-{opt.end} is empty", opt.span)
             return None
@@ -332,7 +340,8 @@ class _Resolver:
             self.fail("E208", f"ports apply to tcp and udp only, not {stmt.proto}", stmt.port_span)
             ok = False
         elif stmt.port is not None and stmt.port > MAX_PORT:
-            self.fail("E202", f"port {stmt.port} is out of range 0-65535", stmt.port_span)
+            shown = stmt.port if stmt.port < TOO_MANY_DIGITS else "number"
+            self.fail("E202", f"port {shown} is out of range 0-65535", stmt.port_span)
             ok = False
         if src is None or dst is None or not ok:
             return None

@@ -345,7 +345,12 @@ class PolicySemantics:
         srcs = self.addresses.mask(expect.src.intervals)
         dsts = self.addresses.mask(expect.dst.intervals)
         if expect.proto == "ip":
-            cases = [(c, p) for c in PROTO_CLASSES for p in range(self.ports.count)]
+            # Port atoms that the same rules match decide alike: one of each is exact.
+            port_classes: dict[int, int] = {}
+            for p in range(self.ports.count):
+                port_classes.setdefault(self.port_index[p], p)
+            cases = [(c, p) for c in ("tcp", "udp") for p in port_classes.values()]
+            cases += [("icmp", 0), ("other", 0)]  # no ports: one case each
         elif expect.port is None:
             cases = [(expect.proto, 0)]
         else:
