@@ -128,7 +128,8 @@ class SourceFiles:
     texts: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, name: str, text: str) -> None:
-        self.texts[name] = text.splitlines()
+        # Spans count "\n" only; str.splitlines() would also end lines at \f, \u2028, ...
+        self.texts[name] = [line.removesuffix("\r") for line in text.split("\n")]
 
     def line(self, name: str, line: int) -> str | None:
         lines = self.texts.get(name)
