@@ -86,6 +86,10 @@ class SwitchTables:
     device_id: int
     entries: tuple[TableEntry, ...]
     defaults: tuple[DefaultAction, ...]
+    # `policy` entries a host-pair x single-port expansion would need with the same
+    # placement and the same reply entries: the baseline the group runs are measured against.
+    naive_policy_entries: int = 0
+    host_pair_policy_entries: int = 0  # the same with port ranges kept (stricter baseline)
 
     def table(self, name: str) -> list[TableEntry]:
         return [e for e in self.entries if e.table == name]

@@ -137,6 +137,12 @@ class _PolicyEntries:
     rules: tuple[PolicyRule, ...]
     entries: list[TableEntry]
     local: int  # atoms of this ToR's hosts
+    hosts_in: list[int]  # inventory hosts per atom, for the naive baseline
+    naive: int = 0  # entries the same placement would need per host pair and single port
+    pairs: int = 0  # ... per host pair, with the same port ranges (the stricter baseline)
+
+    def _hosts(self, mask: int) -> int:
+        return sum(self.hosts_in[a] for a in bits(mask))
 
     def _runs(self, mask: int) -> list[Interval]:
         if mask == self.groups.semantics.addresses.full:
@@ -167,6 +173,11 @@ class _PolicyEntries:
                 (self._runs(src_mask & self.local), self._runs(dst_mask)),
                 (self._runs(src_mask & ~self.local & full), self._runs(dst_mask & self.local)),
             ]
+        host_pairs = self._hosts(src_mask & self.local) * self._hosts(dst_mask) + self._hosts(
+            src_mask & ~self.local & full
+        ) * self._hosts(dst_mask & self.local)
+        self.naive += host_pairs * _port_count(sport) * _port_count(dport)
+        self.pairs += host_pairs * len(sport) * len(dport)
         common: list[FieldMatch] = []
         if proto != "ip":
             common.append(_m("protocol", "ternary", PROTO_NUMBER[proto], 0xFF))
@@ -195,9 +206,15 @@ class _PolicyEntries:
                             )
 
 
-def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEntry]:
+def _port_count(ports: tuple[Interval, ...]) -> int:
+    return 1 if ports == ALL_PORTS else sum(hi - lo + 1 for lo, hi in ports)
+
+
+def _policy_entries(
+    groups: Groups, policy: Policy, local: int, hosts_in: list[int]
+) -> tuple[list[TableEntry], tuple[int, int]]:
     sem = groups.semantics
-    out = _PolicyEntries(groups, policy.rules, [], local)
+    out = _PolicyEntries(groups, policy.rules, [], local, hosts_in)
     denies = [r for r in policy.rules if r.action is Action.DENY]
     allows = [r for r in policy.rules if r.action is Action.ALLOW]
     metered = sorted(
@@ -274,7 +291,7 @@ def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEnt
                 "default-log",
             )
         )
-    return out.entries
+    return out.entries, (out.naive, out.pairs)
 
 
 def _replies(
@@ -421,6 +438,9 @@ def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTab
     groups = assign_groups(semantics)
     next_port = _next_ports(inventory, _topology(inventory))
     part = semantics.addresses
+    hosts_in = [0] * part.count
+    for host in inventory.hosts:
+        hosts_in[part.atom_of(host.ip)] += 1
     out = []
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         uplinks = sorted(
@@ -430,12 +450,14 @@ def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTab
             if name == switch.name
         )
         entries = _identity(groups, inventory, switch, uplinks)
+        naive = (0, 0)
         if switch.role == "tor":
             local = 0
             for host in inventory.hosts:
                 if host.switch == switch.name:
                     local |= 1 << part.atom_of(host.ip)
-            entries += _policy_entries(groups, policy, local)
+            policy_entries, naive = _policy_entries(groups, policy, local, hosts_in)
+            entries += policy_entries
         else:
             entries.append(
                 TableEntry(
@@ -451,6 +473,8 @@ def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTab
         entries += _routing(inventory, switch, next_port)
         defaults = (DefaultAction("epoch", "set_epoch", (("epoch", 0),)),)
         out.append(
-            SwitchTables(switch.name, switch.role, switch.device_id, tuple(entries), defaults)
+            SwitchTables(
+                switch.name, switch.role, switch.device_id, tuple(entries), defaults, *naive
+            )
         )
     return groups, tuple(out)

@@ -82,7 +82,7 @@ def test_compile_is_deterministic_and_complete(
         "entries/tor-alg.json",
         "entries/tor-alg-runtime.json",
     } <= names
-    assert "naive host-pair" in capsys.readouterr().out
+    assert "host pairs with port ranges kept" in capsys.readouterr().out
 
 
 def test_errors_leave_no_output(
