@@ -60,7 +60,7 @@ def build(
 ) -> Build:
     """Compile a checked policy for a target: every output file, as text."""
     target = make_target(target_name, sizes)
-    groups, switches = lower(policy, inventory)
+    groups_of, switches = lower(policy, inventory)
     fitted = fit(switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
     program_target = "tofino" if target.program == "tna" else "bmv2"
@@ -75,7 +75,8 @@ def build(
     for sw in fitted:
         files[f"entries/{sw.switch}.json"] = _dumps(_entries_json(sw, target))
         files[f"entries/{sw.switch}-runtime.json"] = _dumps(_runtime_json(sw, target))
-    report = _report(policy, inventory, policy_text, target, fitted, groups.count)
+    groups = max((g.count for g in groups_of.values()), default=0)
+    report = _report(policy, inventory, policy_text, target, fitted, groups)
     files["report.json"] = _dumps(report)
     return Build(target, files, report, fitted)
 

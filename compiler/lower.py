@@ -83,15 +83,25 @@ class Groups:
         return max(self.of_atom, default=0) + 1
 
 
-def assign_groups(semantics: PolicySemantics) -> Groups:
+def assign_groups(semantics: PolicySemantics, masks: Iterable[int] | None = None) -> Groups:
+    """Group ids for the atoms, keeping the atoms of each of `masks` consecutive.
+
+    `masks` are the atom sets entries will match (default: every rule's source and
+    destination). Ids are a switch's own business: each switch maps addresses to groups
+    in its own identity tables, so each ToR gets the numbering that suits its entries.
+    """
     part = semantics.addresses
+    if masks is None:
+        masks = (
+            part.mask(s)
+            for s in sorted(
+                {s for r in semantics.rules for s in (r.src.intervals, r.dst.intervals)}
+            )
+        )
     members: list[list[int]] = [[] for _ in range(part.count)]
-    sets = sorted({s for r in semantics.rules for s in (r.src.intervals, r.dst.intervals)})
-    for j, intervals in enumerate(sets):
-        mask = part.mask(intervals)
-        if mask != part.full:  # `any` tells no atom apart
-            for a in bits(mask):
-                members[a].append(j)
+    for j, mask in enumerate(dict.fromkeys(m for m in masks if m and m != part.full)):
+        for a in bits(mask):
+            members[a].append(j)
     # Atoms sharing memberships sort next to each other: services become runs of ids.
     order = sorted(range(part.count), key=lambda a: (members[a], part.representative[a]))
     of_atom = [0] * part.count
@@ -432,10 +442,23 @@ def _atom_intervals(groups: Groups) -> list[list[Interval]]:
     return out
 
 
-def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTables, ...]]:
-    """Every switch's entries for `policy` on `inventory` (epoch left wildcard)."""
+def _tor_masks(semantics: PolicySemantics, local: int) -> list[int]:
+    """The atom sets a ToR's policy entries match (see _PolicyEntries.add)."""
+    full = semantics.addresses.full
+    masks = []
+    for _, src, dst, _ in semantics.boxes:
+        if src & local or dst & local:
+            masks += [src & local, dst, src & ~local & full, dst & local]
+    return masks
+
+
+def lower(
+    policy: Policy, inventory: Inventory
+) -> tuple[dict[str, Groups], tuple[SwitchTables, ...]]:
+    """Every switch's entries for `policy` on `inventory` (epoch left wildcard), and the
+    group numbering of each ToR."""
     semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
-    groups = assign_groups(semantics)
+    groups_of: dict[str, Groups] = {}
     next_port = _next_ports(inventory, _topology(inventory))
     part = semantics.addresses
     hosts_in = [0] * part.count
@@ -449,13 +472,15 @@ def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTab
             for name, port in ((link.a, link.a_port), (link.b, link.b_port))
             if name == switch.name
         )
-        entries = _identity(groups, inventory, switch, uplinks)
         naive = (0, 0)
+        local = 0
+        for host in inventory.hosts:
+            if host.switch == switch.name:
+                local |= 1 << part.atom_of(host.ip)
+        groups = assign_groups(semantics, _tor_masks(semantics, local))
+        entries = _identity(groups, inventory, switch, uplinks)
         if switch.role == "tor":
-            local = 0
-            for host in inventory.hosts:
-                if host.switch == switch.name:
-                    local |= 1 << part.atom_of(host.ip)
+            groups_of[switch.name] = groups
             policy_entries, naive = _policy_entries(groups, policy, local, hosts_in)
             entries += policy_entries
         else:
@@ -477,4 +502,4 @@ def lower(policy: Policy, inventory: Inventory) -> tuple[Groups, tuple[SwitchTab
                 switch.name, switch.role, switch.device_id, tuple(entries), defaults, *naive
             )
         )
-    return groups, tuple(out)
+    return groups_of, tuple(out)
