@@ -459,6 +459,7 @@ def lower(
     group numbering of each ToR."""
     semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
     groups_of: dict[str, Groups] = {}
+    global_groups = assign_groups(semantics)
     next_port = _next_ports(inventory, _topology(inventory))
     part = semantics.addresses
     hosts_in = [0] * part.count
@@ -477,7 +478,11 @@ def lower(
         for host in inventory.hosts:
             if host.switch == switch.name:
                 local |= 1 << part.atom_of(host.ip)
-        groups = assign_groups(semantics, _tor_masks(semantics, local))
+        masks = _tor_masks(semantics, local)
+        groups = min(  # two orderings; keep the one whose entries need fewer runs
+            (assign_groups(semantics, masks), global_groups),
+            key=lambda g: sum(len(g.runs(m)) for m in set(masks) if m != part.full),
+        )
         entries = _identity(groups, inventory, switch, uplinks)
         if switch.role == "tor":
             groups_of[switch.name] = groups
