@@ -87,6 +87,24 @@ examples:
 """
 
 
+def _policy_arguments(parser: argparse.ArgumentParser, inventory_required: bool) -> None:
+    """POLICY, -i INVENTORY and --error-format: the same on every verb that reads a policy."""
+    parser.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
+    parser.add_argument(
+        "-i",
+        "--inventory",
+        metavar="INVENTORY",
+        required=inventory_required,
+        help="inventory YAML (hosts, switches, links); needed to use host names",
+    )
+    parser.add_argument(
+        "--error-format",
+        choices=("human", "json"),
+        default="human",
+        help="how to print diagnostics (default: human)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="p4seg", description=_MAIN_HELP, formatter_class=raw)
@@ -99,20 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         description=_CHECK_HELP,
         formatter_class=raw,
     )
-    c.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
-    c.add_argument(
-        "-i",
-        "--inventory",
-        metavar="INVENTORY",
-        help="inventory YAML (hosts, switches, links); needed to use host names",
-    )
+    _policy_arguments(c, inventory_required=False)
     c.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    c.add_argument(
-        "--error-format",
-        choices=("human", "json"),
-        default="human",
-        help="how to print diagnostics (default: human)",
-    )
     c.add_argument(
         "--summary",
         action="store_true",
@@ -125,8 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         description=_COMPILE_HELP,
         formatter_class=raw,
     )
-    k.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
-    k.add_argument("-i", "--inventory", metavar="INVENTORY", required=True, help="inventory YAML")
+    _policy_arguments(k, inventory_required=True)
     k.add_argument(
         "-t", "--target", choices=("ref", "bmv2", "tofino"), default="ref", help="default: ref"
     )
@@ -150,7 +155,6 @@ def _parser() -> argparse.ArgumentParser:
         default="human",
         help="stdout format (json: the report)",
     )
-    k.add_argument("--error-format", choices=("human", "json"), default="human")
 
     f = sub.add_parser(
         "fmt", help="print policies in canonical form", description=_FMT_HELP, formatter_class=raw

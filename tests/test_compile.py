@@ -16,11 +16,11 @@ from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.check import check_policy
 from compiler.cli import main
 from compiler.emit import build, write_build
 from compiler.fit import CapacityError, range_to_ternary
 from compiler.inventory import Inventory
+from compiler.model import Policy
 from compiler.p4c import compile_v1model, p4c_available
 from p4src.p4info import build_p4info
 from p4src.render import render_program
@@ -44,10 +44,11 @@ def _golden(name: str, actual: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def floor_build(floor: Inventory, floor_policy_text: str) -> dict[str, dict[str, str]]:
-    result = check_policy(floor_policy_text, POLICY, floor)
-    assert result.policy is not None
-    return {t: build(result.policy, floor, floor_policy_text, t).files for t in ("ref", "tofino")}
+def floor_build(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> dict[str, dict[str, str]]:
+    policy = floor_policy
+    return {t: build(policy, floor, floor_policy_text, t).files for t in ("ref", "tofino")}
 
 
 def test_golden_programs_and_p4info(floor_build: dict[str, dict[str, str]]) -> None:
@@ -104,22 +105,22 @@ def test_errors_leave_no_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zt", "out"]  # no staging left
 
 
-def test_capacity_error_is_typed(floor: Inventory, floor_policy_text: str) -> None:
-    result = check_policy(floor_policy_text, POLICY, floor)
-    assert result.policy is not None
+def test_capacity_error_is_typed(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    policy = floor_policy
     with pytest.raises(CapacityError):
-        build(result.policy, floor, floor_policy_text, "tofino", {"policy": 50})
+        build(policy, floor, floor_policy_text, "tofino", {"policy": 50})
 
 
 def test_write_build_replaces_atomically(
-    tmp_path: Path, floor: Inventory, floor_policy_text: str
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
-    result = check_policy(floor_policy_text, POLICY, floor)
-    assert result.policy is not None
+    policy = floor_policy
     out = tmp_path / "b"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    write_build(build(result.policy, floor, floor_policy_text, "ref"), str(out))
+    write_build(build(policy, floor, floor_policy_text, "ref"), str(out))
     assert not (out / "stale.txt").exists() and (out / "report.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
@@ -139,10 +140,11 @@ def test_range_expansion_covers_exactly(a: int, b: int) -> None:
     assert covered == hi - lo + 1  # disjoint blocks inside [lo, hi] summing to its size
 
 
-def test_reduction_against_naive_expansion(floor: Inventory, floor_policy_text: str) -> None:
-    result = check_policy(floor_policy_text, POLICY, floor)
-    assert result.policy is not None
-    report = build(result.policy, floor, floor_policy_text, "ref").report
+def test_reduction_against_naive_expansion(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    policy = floor_policy
+    report = build(policy, floor, floor_policy_text, "ref").report
     assert report["naive_entries"] > report["policy_entries"]
     rules = report["rules"]
     assert isinstance(rules, list) and rules[1]["line"] == 20  # rule ids map back to lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,29 +92,24 @@ def mismatches(
     return found
 
 
-def test_trading_floor_tables_implement_the_policy(
-    floor: Inventory, floor_policy_text: str
-) -> None:
-    result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
-    assert result.policy is not None
-    assert mismatches(result.policy, floor) == []
+@pytest.fixture
+def policy(floor_policy: Policy) -> Policy:
+    return floor_policy
 
 
-def test_tofino_ternary_entries_implement_the_policy_too(
-    floor: Inventory, floor_policy_text: str
-) -> None:
-    result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
-    assert result.policy is not None
-    _, switches = lower(result.policy, floor)
+def test_trading_floor_tables_implement_the_policy(floor: Inventory, policy: Policy) -> None:
+    assert mismatches(policy, floor) == []
+
+
+def test_tofino_ternary_entries_implement_the_policy_too(floor: Inventory, policy: Policy) -> None:
+    _, switches = lower(policy, floor)
     fitted = fit(switches, make_target("tofino"))
     assert all(m.kind != "range" for sw in fitted for e in sw.entries for m in e.matches)
-    assert mismatches(result.policy, floor, switches=fitted) == []
+    assert mismatches(policy, floor, switches=fitted) == []
 
 
-def test_groups_keep_services_contiguous(floor: Inventory, floor_policy_text: str) -> None:
-    result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
-    assert result.policy is not None
-    groups_of, switches = lower(result.policy, floor)
+def test_groups_keep_services_contiguous(floor: Inventory, policy: Policy) -> None:
+    groups_of, switches = lower(policy, floor)
     for tor, groups in groups_of.items():
         sem = groups.semantics
         local = 0
@@ -135,12 +131,8 @@ def test_groups_keep_services_contiguous(floor: Inventory, floor_policy_text: st
     assert policy_entries < 150  # a handful per rule per ToR, not one per host pair
 
 
-def test_spoofed_source_is_dropped_at_the_first_switch(
-    floor: Inventory, floor_policy_text: str
-) -> None:
-    result = check_policy(floor_policy_text, "policies/trading_floor.zt", floor)
-    assert result.policy is not None
-    _, switches = lower(result.policy, floor)
+def test_spoofed_source_is_dropped_at_the_first_switch(floor: Inventory, policy: Policy) -> None:
+    _, switches = lower(policy, floor)
     tables = {s.switch: s for s in switches}
     algo1, oms1 = floor.hosts_by_name["algo1"], floor.hosts_by_name["oms1"]
     honest = walk(
