@@ -1,6 +1,7 @@
 # p4seg — set-up, demo and tests. Every target is idempotent and installs what it needs.
 #
-#   make demo   check the example trading-floor policy and print its summary
+#   make demo   check the example trading-floor policy, print its summary, compile it to build/
+#   make bench  the benchmarks (figures, printed)
 #   make test   create .venv (+ .venv-shell), install Debian/Python packages when missing, run pytest
 #   make lint   ruff + mypy
 
@@ -12,7 +13,7 @@ BIN         := $(VENV)/bin
 DEB_PKGS    := mininet iproute2 ethtool iputils-ping net-tools tcpdump
 PYTEST_ARGS ?=
 
-.PHONY: all setup deb venv venv-shell demo test lint fmt-check clean
+.PHONY: all setup deb venv venv-shell demo test lint bench clean
 
 all: setup
 
@@ -49,13 +50,18 @@ $(VENV_SHELL)/.installed:
 
 demo: setup
 	$(BIN)/p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml --summary
+	$(BIN)/p4seg compile policies/trading_floor.zt -i topologies/trading_floor.yaml -o build/trading_floor
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: venv
+	$(BIN)/python -m bench.bench_check
+	$(BIN)/python -m bench.bench_compile
+
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check compiler tests bench
+	$(BIN)/ruff format --check compiler p4src tests bench
 	$(BIN)/mypy compiler
 
 clean:
