@@ -59,6 +59,15 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
+class MetadataField:
+    """A field of the user metadata both programs carry through ingress."""
+
+    name: str
+    bits: int
+    cloned: bool = False  # travels with the CPU copy of a logged deny
+
+
+@dataclass(frozen=True, slots=True)
 class ControllerHeader:
     """packet_in / packet_out: the metadata P4Runtime carries with PacketIn/PacketOut."""
 
@@ -134,6 +143,7 @@ class Table:
 class Pipeline:
     name: str
     headers: tuple[Header, ...]
+    metadata: tuple[MetadataField, ...]
     packet_in: ControllerHeader
     packet_out: ControllerHeader
     actions: tuple[Action, ...]
@@ -198,6 +208,17 @@ HEADERS = (
         ),
     ),
     Header("icmp", (HeaderField("type", 8), HeaderField("code", 8), HeaderField("checksum", 16))),
+)
+
+METADATA = (
+    MetadataField("ingress_port", PORT_BITS),
+    MetadataField("epoch", 1),
+    MetadataField("src_group", GROUP_BITS),
+    MetadataField("dst_group", GROUP_BITS),
+    MetadataField("l4_src_port", 16),  # ICMP: 0
+    MetadataField("l4_dst_port", 16),  # ICMP: type << 8 | code
+    MetadataField("tcp_flags", 8),
+    MetadataField("log_rule_id", RULE_ID_BITS, cloned=True),
 )
 
 # Why each packet reached the controller (packet_in.reason).
@@ -335,7 +356,7 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
             size=size["routing"],
         ),
     )
-    return Pipeline("p4seg", HEADERS, PACKET_IN, PACKET_OUT, ACTIONS, tables, sizes=size)
+    return Pipeline("p4seg", HEADERS, METADATA, PACKET_IN, PACKET_OUT, ACTIONS, tables, sizes=size)
 
 
 PIPELINE = build_pipeline()

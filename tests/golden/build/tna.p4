@@ -98,15 +98,15 @@ struct headers_t {
 }
 
 struct metadata_t {
-    PortId_t ingress_port;
+    bit<9> ingress_port;
     bit<1> epoch;
     bit<16> src_group;
     bit<16> dst_group;
     bit<16> l4_src_port;
     bit<16> l4_dst_port;
     bit<8> tcp_flags;
-    bit<8> meter_color;
     bit<16> log_rule_id;
+    bit<8> meter_color;
     MirrorId_t mirror_session;
 }
 
@@ -121,6 +121,7 @@ parser SwitchIngressParser(packet_in packet,
     state start {
         packet.extract(ig_intr_md);
         packet.advance(PORT_METADATA_SIZE);
+        // TNA leaves metadata undefined: every field starts at zero.
         meta.ingress_port = ig_intr_md.ingress_port;
         meta.epoch = 0;
         meta.src_group = 0;
@@ -128,8 +129,8 @@ parser SwitchIngressParser(packet_in packet,
         meta.l4_src_port = 0;
         meta.l4_dst_port = 0;
         meta.tcp_flags = 0;
-        meta.meter_color = 0;
         meta.log_rule_id = 0;
+        meta.meter_color = 0;
         meta.mirror_session = 0;
         transition select(ig_intr_md.ingress_port) {
             CPU_PORT: parse_packet_out;

@@ -95,10 +95,10 @@ struct metadata_t {
     bit<16> l4_src_port;
     bit<16> l4_dst_port;
     bit<8> tcp_flags;
-    bit<2> meter_color;
-    // Carried to the egress copy of a logged deny (clone field list 1).
     @field_list(1)
     bit<16> log_rule_id;
+    bit<2> meter_color;
+    // Carried to the egress copy of a logged deny (clone field list 1).
     @field_list(1)
     bit<9> log_ingress_port;
 }
