@@ -110,8 +110,8 @@ def evaluate(tables: SwitchTables, ingress_port: int, pkt: PacketFields) -> Swit
     }
     hits: list[Hit] = []
     epoch = idx.defaults.get("epoch")
-    values["epoch"] = dict(epoch.params)["epoch"] if epoch else 0
-    hits.append(Hit("epoch", None, "set_epoch", (("epoch", values["epoch"]),)))
+    values["epoch"] = dict(epoch.params)["value"] if epoch else 0
+    hits.append(Hit("epoch", None, "set_epoch", (("value", values["epoch"]),)))
 
     def apply(table: str, default_action: str, default_params: tuple[tuple[str, int], ...]) -> Hit:
         entry = lookup(idx.by_table.get(table, []), values)

@@ -501,7 +501,7 @@ def lower(
                 )
             )
         entries += _routing(inventory, switch, next_port)
-        defaults = (DefaultAction("epoch", "set_epoch", (("epoch", 0),)),)
+        defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
         out.append(
             SwitchTables(
                 switch.name, switch.role, switch.device_id, tuple(entries), defaults, *naive

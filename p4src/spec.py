@@ -249,7 +249,7 @@ def _action(index: int, name: str, *params: tuple[str, int]) -> Action:
 
 
 ACTIONS = (
-    _action(1, "set_epoch", ("epoch", 1)),
+    _action(1, "set_epoch", ("value", 1)),  # `epoch` would shadow the table
     _action(2, "set_src_group", ("group", GROUP_BITS)),
     _action(3, "set_dst_group", ("group", GROUP_BITS)),
     _action(4, "drop"),

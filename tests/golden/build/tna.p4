@@ -200,8 +200,8 @@ control Ingress(inout headers_t hdr,
 
     @id(0x01000001)
     @name("set_epoch")
-    action set_epoch(bit<1> epoch) {
-        meta.epoch = epoch;
+    action set_epoch(bit<1> value) {
+        meta.epoch = value;
     }
 
     @id(0x01000002)
@@ -356,7 +356,7 @@ control Ingress(inout headers_t hdr,
                         routing.apply();
                     }
                     permit_metered: {
-                        if (meta.meter_color == MeterColor_t.RED) {
+                        if (meta.meter_color == (bit<8>) MeterColor_t.RED) {
                             ig_dprsr_md.drop_ctl = 1;
                         } else {
                             routing.apply();

@@ -178,8 +178,8 @@ control Ingress(inout headers_t hdr,
 
     @id(0x01000001)
     @name("set_epoch")
-    action set_epoch(bit<1> epoch) {
-        meta.epoch = epoch;
+    action set_epoch(bit<1> value) {
+        meta.epoch = value;
     }
 
     @id(0x01000002)
