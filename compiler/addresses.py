@@ -8,6 +8,7 @@ intervals, which stay small where prefix lists would explode.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ def _quote(text: str) -> str:
     return repr(text if len(text) <= 24 else text[:24] + "...")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # builds print the same hosts on every switch
 def format_ipv4(value: int) -> str:
     return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 

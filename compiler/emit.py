@@ -13,6 +13,7 @@ so an error never leaves a partial build behind. Same inputs, byte-identical out
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.addresses import format_ipv4
-from compiler.entries import SwitchTables
+from compiler.entries import SwitchTables, TableEntry
 from compiler.fit import Target, fit, make_target
 from compiler.inventory import Inventory
 from compiler.lower import lower
@@ -60,7 +61,10 @@ def _dumps_listing(doc: dict[str, object], key: str) -> str:
     items = doc[key]
     assert isinstance(items, list)
     head = json.dumps({k: v for k, v in doc.items() if k != key}, indent=2, sort_keys=True)
-    lines = ",\n".join("    " + json.dumps(item, sort_keys=True) for item in items)
+    lines = ",\n".join(
+        "    " + (item if isinstance(item, str) else json.dumps(item, sort_keys=True))
+        for item in items
+    )
     body = f'  "{key}": [\n{lines}\n  ]' if items else f'  "{key}": []'
     return head[:-2] + ",\n" + body + "\n}\n" if head != "{}" else "{\n" + body + "\n}\n"
 
@@ -106,8 +110,14 @@ def _entries_json(sw: SwitchTables, target: Target) -> dict[str, object]:
         "defaults": [
             {"table": d.table, "action": d.action, "params": dict(d.params)} for d in sw.defaults
         ],
-        "entries": [e.to_json() for e in sw.entries],
+        "entries": [_entry_line(e) for e in sw.entries],
     }
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _entry_line(entry: TableEntry) -> str:
+    # Many entries recur on every switch (routing, uplinks): serialise each value once.
+    return json.dumps(entry.to_json(), sort_keys=True)
 
 
 def _runtime_value(field: str, kind: str, value: int, arg: int) -> object:
