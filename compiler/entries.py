@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compiler.diagnostics import Span
+
 
 @dataclass(frozen=True, slots=True)
 class FieldMatch:
@@ -90,6 +92,7 @@ class SwitchTables:
     # placement and the same reply entries: the baseline the group runs are measured against.
     naive_policy_entries: int = 0
     host_pair_policy_entries: int = 0  # the same with port ranges kept (stricter baseline)
+    span: Span | None = None  # the switch in the inventory, for diagnostics
 
     def table(self, name: str) -> list[TableEntry]:
         return [e for e in self.entries if e.table == name]

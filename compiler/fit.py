@@ -89,7 +89,7 @@ def check_capacity(switches: tuple[SwitchTables, ...], target: Target) -> tuple[
                         "E502",
                         f"switch {sw.switch}: table {table.name} needs {counts[table.name]} entries, "
                         f"the {target.name} program holds {table.size} (raise it with --size {table.name}=N)",
-                        None,
+                        sw.span,
                     )
                 )
     if diags:

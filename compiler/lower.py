@@ -504,7 +504,13 @@ def lower(
         defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
         out.append(
             SwitchTables(
-                switch.name, switch.role, switch.device_id, tuple(entries), defaults, *naive
+                switch.name,
+                switch.role,
+                switch.device_id,
+                tuple(entries),
+                defaults,
+                *naive,
+                span=switch.span,
             )
         )
     return groups_of, tuple(out)
