@@ -22,7 +22,7 @@ from compiler.diagnostics import (
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
-from p4src.spec import PIPELINE
+from p4src.spec import PIPELINE, TARGETS
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _policy_arguments(k, inventory_required=True)
     k.add_argument(
-        "-t", "--target", choices=("ref", "bmv2", "tofino"), default="ref", help="default: ref"
+        "-t", "--target", choices=TARGETS, default="ref", help="default: ref"
     )
     k.add_argument(
         "-o",

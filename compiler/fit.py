@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from compiler.diagnostics import P4segError, error
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.lower import cidr_blocks
-from p4src.spec import Pipeline, build_pipeline
+from p4src.spec import TARGETS, Pipeline, build_pipeline
 
 
 class CapacityError(P4segError):
@@ -40,10 +40,9 @@ def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
         return Target(name, True, build_pipeline(sizes), "v1model", "BMv2 simple_switch_grpc")
     if name == "ref":
         return Target(name, True, build_pipeline(sizes), "v1model", "p4seg reference switch")
-    raise ValueError(f"unknown target '{name}' (ref, bmv2, tofino)")
+    raise ValueError(f"unknown target '{name}' ({', '.join(TARGETS)})")
 
 
-TARGET_NAMES = ("ref", "bmv2", "tofino")
 
 
 def range_to_ternary(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
