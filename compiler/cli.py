@@ -132,9 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     _policy_arguments(k, inventory_required=True)
-    k.add_argument(
-        "-t", "--target", choices=TARGETS, default="ref", help="default: ref"
-    )
+    k.add_argument("-t", "--target", choices=TARGETS, default="ref", help="default: ref")
     k.add_argument(
         "-o",
         "--output-dir",

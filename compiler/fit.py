@@ -43,8 +43,6 @@ def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
     raise ValueError(f"unknown target '{name}' ({', '.join(TARGETS)})")
 
 
-
-
 def range_to_ternary(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
     """Exact cover of [lo, hi] by (value, mask) prefixes, fewest possible."""
     full = (1 << width) - 1

@@ -34,8 +34,9 @@ def compile_v1model(source: str) -> tuple[str, str]:
     if exe is None:
         raise P4cError([error("E503", f"{P4C_BMV2} is not on PATH", None)])
     with tempfile.TemporaryDirectory(prefix="p4seg-p4c-") as tmp:
-        src = Path(tmp) / "p4seg.p4"
-        src.write_text(source)
+        # Relative names: p4c records the source path in the JSON, and builds must not
+        # depend on where the temporary directory happened to be.
+        (Path(tmp) / "p4seg.p4").write_text(source)
         cmd = [
             exe,
             "--std",
@@ -43,12 +44,14 @@ def compile_v1model(source: str) -> tuple[str, str]:
             "--arch",
             "v1model",
             "--p4runtime-files",
-            f"{tmp}/p4info.txtpb",
+            "p4info.txtpb",
             "-o",
-            f"{tmp}/p4seg.json",
-            str(src),
+            "p4seg.json",
+            "p4seg.p4",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp
+        )
         output = (proc.stdout + proc.stderr).strip()
         if proc.returncode != 0 or "warning" in output.lower():
             raise P4cError(

@@ -43,8 +43,15 @@ def build_p4info(pipeline: Pipeline = PIPELINE, arch: str = "v1model") -> p4i.P4
             if ref.scope != "TABLE_AND_DEFAULT":
                 ar.scope = _SCOPES[ref.scope]
                 ar.annotations.append(_SCOPE_ANNOTATION[ref.scope])
+        default = pipeline.action(table.default_action)
         if table.const_default:
-            t.const_default_action_id = pipeline.action(table.default_action).id
+            t.const_default_action_id = default.id
+        # p4c writes the program's default action, arguments at their full byte width.
+        t.initial_default_action.action_id = default.id
+        for param, value in zip(default.params, table.default_args, strict=True):
+            arg = t.initial_default_action.arguments.add()
+            arg.param_id = param.id
+            arg.value = value.to_bytes((param.bits + 7) // 8, "big")
         for resource in (table.counter, table.meter):
             if resource is not None:
                 t.direct_resource_ids.append(resource.id)
@@ -78,6 +85,7 @@ def build_p4info(pipeline: Pipeline = PIPELINE, arch: str = "v1model") -> p4i.P4
             m.direct_table_id = table.id
     for header in (pipeline.packet_in, pipeline.packet_out):
         _controller_header(info.controller_packet_metadata.add(), header)
+    info.type_info.SetInParent()  # p4c always writes it, empty for this program
     return info
 
 

@@ -149,7 +149,7 @@ class Pipeline:
     packet_out: ControllerHeader
     actions: tuple[Action, ...]
     tables: tuple[Table, ...]
-    control: str = "Ingress"  # control type name: P4Info names are "<control>.<object>"
+    control: str = "P4segIngress"  # control type name: P4Info names are "<control>.<object>"
     sizes: dict[str, int] = field(default_factory=dict)
 
     def table(self, name: str) -> Table:

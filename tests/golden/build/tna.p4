@@ -17,7 +17,6 @@ const PortId_t CPU_PORT = 255;
 const MirrorId_t CPU_MIRROR_SESSION = 100;
 const bit<8> REASON_DENY_LOG = 1;
 const MirrorType_t MIRROR_TYPE_DENY_LOG = 1;
-const bit<8> BRIDGE_NORMAL = 0;
 const bit<8> BRIDGE_MIRRORED = 1;
 
 header ethernet_t {
@@ -67,6 +66,7 @@ header icmp_t {
     bit<16> checksum;
 }
 
+@id(0x04000001)
 @controller_header("packet_in")
 header packet_in_t {
     bit<16> ingress_port;
@@ -74,6 +74,7 @@ header packet_in_t {
     bit<8> reason;
 }
 
+@id(0x04000002)
 @controller_header("packet_out")
 header packet_out_t {
     bit<16> egress_port;
@@ -185,7 +186,7 @@ parser SwitchIngressParser(packet_in packet,
     }
 }
 
-control Ingress(inout headers_t hdr,
+control P4segIngress(inout headers_t hdr,
                 inout metadata_t meta,
                 in ingress_intrinsic_metadata_t ig_intr_md,
                 in ingress_intrinsic_metadata_from_parser_t ig_prsr_md,
@@ -434,7 +435,7 @@ control SwitchEgressDeparser(packet_out packet,
 
 Pipeline(
     SwitchIngressParser(),
-    Ingress(),
+    P4segIngress(),
     SwitchIngressDeparser(),
     SwitchEgressParser(),
     SwitchEgress(),

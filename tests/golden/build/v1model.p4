@@ -65,6 +65,7 @@ header icmp_t {
     bit<16> checksum;
 }
 
+@id(0x04000001)
 @controller_header("packet_in")
 header packet_in_t {
     bit<16> ingress_port;
@@ -72,6 +73,7 @@ header packet_in_t {
     bit<8> reason;
 }
 
+@id(0x04000002)
 @controller_header("packet_out")
 header packet_out_t {
     bit<16> egress_port;
@@ -166,7 +168,7 @@ control P4segVerifyChecksum(inout headers_t hdr, inout metadata_t meta) {
     apply { }
 }
 
-control Ingress(inout headers_t hdr,
+control P4segIngress(inout headers_t hdr,
                 inout metadata_t meta,
                 inout standard_metadata_t standard_metadata) {
     @id(0x13000001)
@@ -376,7 +378,7 @@ control P4segDeparser(packet_out packet, in headers_t hdr) {
 V1Switch(
     P4segParser(),
     P4segVerifyChecksum(),
-    Ingress(),
+    P4segIngress(),
     P4segEgress(),
     P4segComputeChecksum(),
     P4segDeparser()
