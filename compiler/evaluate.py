@@ -2,12 +2,13 @@
 
 It executes the pipeline of p4src/spec.py on target-neutral entries — the same walk the
 P4 program makes — and is shared by the tests (fixture pairs), the verifier and the
-reference switch. `walk` follows a packet across switches along the inventory's links.
+reference switch. `Fabric.walk` follows a packet across switches along the inventory's links.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Inventory
@@ -81,23 +82,28 @@ def lookup(entries: list[TableEntry], values: dict[str, int]) -> TableEntry | No
     return best
 
 
-@dataclass
-class _Indexed:
-    by_table: dict[str, list[TableEntry]] = field(default_factory=dict)
-    defaults: dict[str, DefaultAction] = field(default_factory=dict)
+@dataclass(frozen=True, slots=True)
+class IndexedSwitch:
+    """A switch's entries grouped by table, built once and reused for every packet."""
+
+    tables: SwitchTables
+    by_table: dict[str, list[TableEntry]]
+    defaults: dict[str, DefaultAction]
+
+    @classmethod
+    def of(cls, tables: SwitchTables) -> IndexedSwitch:
+        by_table: dict[str, list[TableEntry]] = {}
+        for e in tables.entries:
+            by_table.setdefault(e.table, []).append(e)
+        return cls(tables, by_table, {d.table: d for d in tables.defaults})
 
 
-def _index(tables: SwitchTables) -> _Indexed:
-    idx = _Indexed()
-    for e in tables.entries:
-        idx.by_table.setdefault(e.table, []).append(e)
-    idx.defaults = {d.table: d for d in tables.defaults}
-    return idx
-
-
-def evaluate(tables: SwitchTables, ingress_port: int, pkt: PacketFields) -> SwitchResult:
+def evaluate(
+    switch: SwitchTables | IndexedSwitch, ingress_port: int, pkt: PacketFields
+) -> SwitchResult:
     """One switch's verdict on one packet, following the program's apply block."""
-    idx = _index(tables)
+    idx = switch if isinstance(switch, IndexedSwitch) else IndexedSwitch.of(switch)
+    tables = idx.tables
     sport, dport = pkt.l4()
     values = {
         "ingress_port": ingress_port,
@@ -159,27 +165,32 @@ class PathResult:
         return next((h for h in self.hops if h.rule_id is not None), self.hops[-1])
 
 
-def walk(
-    tables: dict[str, SwitchTables], inventory: Inventory, src_host: str, pkt: PacketFields
-) -> PathResult:
-    """Send `pkt` from `src_host` and follow it switch by switch."""
-    host = inventory.hosts_by_name[src_host]
-    peer = {}
-    for link in inventory.links:
-        peer[(link.a, link.a_port)] = (link.b, link.b_port)
-        peer[(link.b, link.b_port)] = (link.a, link.a_port)
-    host_at = {(h.switch, h.port): h.name for h in inventory.hosts}
-    switch, port = host.switch, host.port
-    hops: list[SwitchResult] = []
-    for _ in range(MAX_HOPS):
-        result = evaluate(tables[switch], port, pkt)
-        hops.append(result)
-        if result.egress_port is None:
-            return PathResult(tuple(hops), None)
-        out = (switch, result.egress_port)
-        if out in host_at:
-            return PathResult(tuple(hops), host_at[out])
-        if out not in peer:
-            return PathResult(tuple(hops), None)
-        switch, port = peer[out]
-    return PathResult(tuple(hops), None, loop=True)
+class Fabric:
+    """The switches of an inventory with their entries, indexed once, to walk packets through."""
+
+    def __init__(self, tables: Mapping[str, SwitchTables], inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.switches = {name: IndexedSwitch.of(t) for name, t in tables.items()}
+        self.peer: dict[tuple[str, int], tuple[str, int]] = {}
+        for link in inventory.links:
+            self.peer[(link.a, link.a_port)] = (link.b, link.b_port)
+            self.peer[(link.b, link.b_port)] = (link.a, link.a_port)
+        self.host_at = {(h.switch, h.port): h.name for h in inventory.hosts}
+
+    def walk(self, src_host: str, pkt: PacketFields) -> PathResult:
+        """Send `pkt` from `src_host` and follow it switch by switch."""
+        host = self.inventory.hosts_by_name[src_host]
+        switch, port = host.switch, host.port
+        hops: list[SwitchResult] = []
+        for _ in range(MAX_HOPS):
+            result = evaluate(self.switches[switch], port, pkt)
+            hops.append(result)
+            if result.egress_port is None:
+                return PathResult(tuple(hops), None)
+            out = (switch, result.egress_port)
+            if out in self.host_at:
+                return PathResult(tuple(hops), self.host_at[out])
+            if out not in self.peer:
+                return PathResult(tuple(hops), None)
+            switch, port = self.peer[out]
+        return PathResult(tuple(hops), None, loop=True)

@@ -144,7 +144,6 @@ class _PolicyEntries:
     """The `policy` table entries of one ToR."""
 
     groups: Groups
-    rules: tuple[PolicyRule, ...]
     entries: list[TableEntry]
     local: int  # atoms of this ToR's hosts
     hosts_in: list[int]  # inventory hosts per atom, for the naive baseline
@@ -224,7 +223,7 @@ def _policy_entries(
     groups: Groups, policy: Policy, local: int, hosts_in: list[int]
 ) -> tuple[list[TableEntry], tuple[int, int]]:
     sem = groups.semantics
-    out = _PolicyEntries(groups, policy.rules, [], local, hosts_in)
+    out = _PolicyEntries(groups, [], local, hosts_in)
     denies = [r for r in policy.rules if r.action is Action.DENY]
     allows = [r for r in policy.rules if r.action is Action.ALLOW]
     metered = sorted(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from compiler.check import check_policy
 from compiler.entries import SwitchTables
-from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, walk
+from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields
 from compiler.fit import fit, make_target
 from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import cidr_blocks, lower
@@ -57,7 +57,7 @@ def mismatches(
 ) -> list[str]:
     if switches is None:
         _, switches = lower(policy, inventory)
-    tables = {s.switch: s for s in switches}
+    fabric = Fabric({s.switch: s for s in switches}, inventory)
     sem = PolicySemantics(policy, pinned=[h.ip for h in inventory.hosts])
     found = []
     for a in inventory.hosts:
@@ -65,7 +65,7 @@ def mismatches(
             if a is b:
                 continue
             for pkt in probe_packets(policy, a.ip, b.ip):
-                path = walk(tables, inventory, a.name, pkt)
+                path = fabric.walk(a.name, pkt)
                 want = sem.decide(
                     pkt.src,
                     pkt.dst,
@@ -133,16 +133,12 @@ def test_groups_keep_services_contiguous(floor: Inventory, policy: Policy) -> No
 
 def test_spoofed_source_is_dropped_at_the_first_switch(floor: Inventory, policy: Policy) -> None:
     _, switches = lower(policy, floor)
-    tables = {s.switch: s for s in switches}
+    fabric = Fabric({s.switch: s for s in switches}, floor)
     algo1, oms1 = floor.hosts_by_name["algo1"], floor.hosts_by_name["oms1"]
-    honest = walk(
-        tables, floor, "algo1", PacketFields(algo1.ip, oms1.ip, PROTO_TCP, 40000, 9876, TCP_SYN)
-    )
+    honest = fabric.walk("algo1", PacketFields(algo1.ip, oms1.ip, PROTO_TCP, 40000, 9876, TCP_SYN))
     assert honest.delivered_to == "oms1"
     # algo2 claims to be algo1: same packet, wrong port
-    spoofed = walk(
-        tables, floor, "algo2", PacketFields(algo1.ip, oms1.ip, PROTO_TCP, 40000, 9876, TCP_SYN)
-    )
+    spoofed = fabric.walk("algo2", PacketFields(algo1.ip, oms1.ip, PROTO_TCP, 40000, 9876, TCP_SYN))
     assert not spoofed.delivered and len(spoofed.hops) == 1
     assert spoofed.hops[0].hits[-1].table == "src_identity"
 
