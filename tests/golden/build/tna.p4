@@ -350,23 +350,27 @@ control P4segIngress(inout headers_t hdr,
             ig_dprsr_md.drop_ctl = 1;
         } else {
             epoch.apply();
-            if (src_identity.apply().hit) {
-                dst_identity.apply();
-                switch (policy.apply().action_run) {
-                    permit: {
-                        routing.apply();
-                    }
-                    permit_metered: {
-                        if (meta.meter_color == (bit<8>) MeterColor_t.RED) {
-                            ig_dprsr_md.drop_ctl = 1;
-                        } else {
+            // Only a bound source goes on: `drop` (a miss, or an entry) has dropped the packet.
+            switch (src_identity.apply().action_run) {
+                set_src_group: {
+                    dst_identity.apply();
+                    switch (policy.apply().action_run) {
+                        permit: {
                             routing.apply();
                         }
-                    }
-                    default: {
-                        // deny / deny_and_log have dropped the packet already.
+                        permit_metered: {
+                            if (meta.meter_color == (bit<8>) MeterColor_t.RED) {
+                                ig_dprsr_md.drop_ctl = 1;
+                            } else {
+                                routing.apply();
+                            }
+                        }
+                        default: {
+                            // deny / deny_and_log have dropped the packet already.
+                        }
                     }
                 }
+                default: { }
             }
             ig_tm_md.bypass_egress = 1;
         }

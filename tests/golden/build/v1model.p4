@@ -324,23 +324,27 @@ control P4segIngress(inout headers_t hdr,
             mark_to_drop(standard_metadata);
         } else {
             epoch.apply();
-            if (src_identity.apply().hit) {
-                dst_identity.apply();
-                switch (policy.apply().action_run) {
-                    permit: {
-                        routing.apply();
-                    }
-                    permit_metered: {
-                        if (meta.meter_color == V1MODEL_METER_COLOR_RED) {
-                            mark_to_drop(standard_metadata);
-                        } else {
+            // Only a bound source goes on: `drop` (a miss, or an entry) has dropped the packet.
+            switch (src_identity.apply().action_run) {
+                set_src_group: {
+                    dst_identity.apply();
+                    switch (policy.apply().action_run) {
+                        permit: {
                             routing.apply();
                         }
-                    }
-                    default: {
-                        // deny / deny_and_log have dropped the packet already.
+                        permit_metered: {
+                            if (meta.meter_color == V1MODEL_METER_COLOR_RED) {
+                                mark_to_drop(standard_metadata);
+                            } else {
+                                routing.apply();
+                            }
+                        }
+                        default: {
+                            // deny / deny_and_log have dropped the packet already.
+                        }
                     }
                 }
+                default: { }
             }
         }
     }
