@@ -5,6 +5,7 @@ touches the file system, and it is atomic: the directory appears complete or not
 so an error never leaves a partial build behind. Same inputs, byte-identical outputs.
 
     DIR/p4/<target>/p4seg.p4          the P4 program for the target
+    DIR/p4/ref/p4seg.json              ref only: the reference switch's device config
     DIR/p4info.txtpb                   our P4Info (text protobuf)
     DIR/entries/<switch>.json          p4seg's entry format
     DIR/entries/<switch>-runtime.json  the p4lang tutorials runtime format, for interop
@@ -31,6 +32,7 @@ from compiler.inventory import Inventory
 from compiler.lower import lower
 from compiler.model import Policy
 from p4src.p4info import p4info_text
+from p4src.refconfig import device_config
 from p4src.render import render_program
 from p4src.spec import Pipeline, Table
 
@@ -90,6 +92,8 @@ def build(
             target.pipeline, "tna" if target.program == "tna" else "v1model"
         ),
     }
+    if target.name == "ref":
+        files["p4/ref/p4seg.json"] = device_config(target.pipeline)
     for sw in fitted:
         files[f"entries/{sw.switch}.json"] = _dumps_listing(_entries_json(sw, target), "entries")
         files[f"entries/{sw.switch}-runtime.json"] = _dumps_listing(

@@ -1,0 +1,437 @@
+"""The reference switch's P4Runtime server (grpcio, the protobufs finsy ships).
+
+Arbitration follows the P4Runtime specification ("Client Arbitration and Controller
+Replication"): per (device, role) the primary is the live client whose election id is the
+highest the server has ever seen for it; every change is announced to every client of the
+role (OK to the primary, ALREADY_EXISTS to backups, NOT_FOUND when there is none); a
+duplicate live election id ends the new stream with INVALID_ARGUMENT; a client without an
+election id is a backup for good and can only read. Write and SetForwardingPipelineConfig
+need the primary's (role, election id); Read and GetForwardingPipelineConfig do not.
+
+Write runs CONTINUE_ON_ERROR batches; when an update fails the RPC ends UNKNOWN with one
+p4.Error per update in the status details, in order. Other atomicity modes: UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from finsy.proto import p4r, p4r_grpc, rpc_code, rpc_status
+from google.protobuf import any_pb2
+
+from runtime.codec import EncodingError, decode, encode
+from runtime.refswitch.dataplane import Dataplane, packet_in_fields, packet_out_frame
+from runtime.refswitch.device import Device, P4RuntimeError
+
+log = logging.getLogger("p4seg.switch")
+
+P4RUNTIME_API_VERSION = "1.4.0"
+MAX_BATCH = 100_000  # updates per Write; larger batches: RESOURCE_EXHAUSTED
+READ_CHUNK = 4096  # entities per ReadResponse
+STREAM_QUEUE = 4096  # messages waiting for a slow client; PacketIns beyond it are dropped
+_ERROR_SPACE = "p4seg-ref"
+
+
+def _u128(msg: p4r.Uint128) -> int:
+    return (msg.high << 64) | msg.low
+
+
+@dataclass(eq=False)
+class Client:
+    """One live StreamChannel."""
+
+    peer: str
+    device_id: int = 0
+    role: str = ""
+    election_id: int | None = None  # None: arbitrated without an election id
+    arbitrated: bool = False
+    outbox: queue.Queue[object] = field(default_factory=lambda: queue.Queue(STREAM_QUEUE))
+
+    def send(self, msg: object) -> bool:
+        try:
+            self.outbox.put_nowait(msg)
+            return True
+        except queue.Full:
+            return False
+
+
+class Abort(Exception):
+    """Ends a stream with this status (queued for the stream's generator to raise)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Arbiter:
+    """Primary/backup state per role of one device."""
+
+    def __init__(self, device_id: int) -> None:
+        self.device_id = device_id
+        self.lock = threading.Lock()
+        self.clients: dict[str, list[Client]] = {}
+        self.highest: dict[str, int] = {}  # election_id_past per role
+
+    def primary(self, role: str) -> Client | None:
+        best = self.highest.get(role)
+        if best is None:
+            return None
+        return next((c for c in self.clients.get(role, ()) if c.election_id == best), None)
+
+    def is_primary(self, role: str, election_id: int) -> bool:
+        with self.lock:
+            p = self.primary(role)
+            return p is not None and p.election_id == election_id
+
+    def primaries(self) -> list[Client]:
+        with self.lock:
+            return [p for role in self.clients if (p := self.primary(role)) is not None]
+
+    def update(self, client: Client, msg: p4r.MasterArbitrationUpdate) -> None:
+        """Handle one MasterArbitrationUpdate; raise Abort to end the stream."""
+        role = msg.role.name if msg.HasField("role") else ""
+        if msg.HasField("role") and msg.role.HasField("config"):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "role configs are not supported")
+        election = _u128(msg.election_id) if msg.HasField("election_id") else None
+        with self.lock:
+            if not client.arbitrated:
+                if msg.device_id != self.device_id:
+                    raise Abort(grpc.StatusCode.NOT_FOUND, f"no device {msg.device_id} here")
+            elif msg.device_id != client.device_id or role != client.role:
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "device id and role cannot change on a stream: open a new one",
+                )
+            peers = [c for c in self.clients.get(role, ()) if c is not client]
+            if election is not None and any(c.election_id == election for c in peers):
+                raise Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"election id {election} is already used by another live controller",
+                )
+            was_primary = self.primary(role) is client
+            had_primary = self.primary(role) is not None
+            client.device_id, client.role, client.election_id = msg.device_id, role, election
+            if not client.arbitrated:
+                client.arbitrated = True
+                self.clients.setdefault(role, []).append(client)
+            past = self.highest.get(role)
+            if election is not None and (past is None or election >= past):
+                self.highest[role] = election
+                if had_primary and not was_primary:
+                    self._notify(role, exclude=client)
+                    self._notify_one(role, client)
+                else:
+                    self._notify(role)
+            elif was_primary:
+                self._notify(role)  # the primary downgraded itself
+            else:
+                self._notify_one(role, client)
+
+    def remove(self, client: Client) -> None:
+        with self.lock:
+            if not client.arbitrated:
+                return
+            role = client.role
+            was_primary = self.primary(role) is client
+            self.clients[role].remove(client)
+            if was_primary:
+                self._notify(role)
+
+    def _advisory(self, role: str, to: Client) -> p4r.StreamMessageResponse:
+        resp = p4r.StreamMessageResponse()
+        arb = resp.arbitration
+        arb.device_id = self.device_id
+        if role:
+            arb.role.name = role
+        past = self.highest.get(role)
+        if past is not None:
+            arb.election_id.high, arb.election_id.low = past >> 64, past & ((1 << 64) - 1)
+        primary = self.primary(role)
+        if primary is to:
+            arb.status.code = rpc_code.OK
+        elif primary is not None:
+            arb.status.code = rpc_code.ALREADY_EXISTS
+            arb.status.message = "a backup: another controller is primary"
+        else:
+            arb.status.code = rpc_code.NOT_FOUND
+            arb.status.message = "no primary controller"
+        return resp
+
+    def _notify_one(self, role: str, client: Client) -> None:
+        client.send(self._advisory(role, client))
+
+    def _notify(self, role: str, exclude: Client | None = None) -> None:
+        for c in self.clients.get(role, ()):
+            if c is not exclude:
+                c.send(self._advisory(role, c))
+
+
+class P4RuntimeService(p4r_grpc.P4RuntimeServicer):
+    """P4Runtime for one device; `transmit` sends data-plane output (port, frame)."""
+
+    def __init__(
+        self, device: Device, dataplane: Dataplane, transmit: Callable[[int, bytes], None]
+    ) -> None:
+        self.device = device
+        self.dataplane = dataplane
+        self.transmit = transmit
+        self.arbiter = Arbiter(device.device_id)
+        self.packet_ins_dropped = 0
+
+    # -- unary RPCs ----------------------------------------------------------------------
+
+    def _check_device(self, device_id: int, context: grpc.ServicerContext) -> None:
+        if device_id != self.device.device_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no device {device_id} here")
+
+    def _check_primary(self, request: object, context: grpc.ServicerContext) -> None:
+        role = getattr(request, "role", "")
+        if role and role not in self.arbiter.clients:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no role {role!r} on this device")
+        election_id = request.election_id  # type: ignore[attr-defined]
+        if not request.HasField("election_id") or not self.arbiter.is_primary(  # type: ignore[attr-defined]
+            role, _u128(election_id)
+        ):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not the primary controller for this device and role (arbitrate on a "
+                "StreamChannel with the highest election id first)",
+            )
+
+    def Capabilities(
+        self, request: p4r.CapabilitiesRequest, context: grpc.ServicerContext
+    ) -> p4r.CapabilitiesResponse:
+        return p4r.CapabilitiesResponse(p4runtime_api_version=P4RUNTIME_API_VERSION)
+
+    def SetForwardingPipelineConfig(
+        self, request: p4r.SetForwardingPipelineConfigRequest, context: grpc.ServicerContext
+    ) -> p4r.SetForwardingPipelineConfigResponse:
+        self._check_device(request.device_id, context)
+        self._check_primary(request, context)
+        config = request.config if request.HasField("config") else None
+        try:
+            self.device.set_pipeline(request.action, config)
+        except P4RuntimeError as err:
+            context.abort(_grpc_status(err.code), err.message)
+        log.info("pipeline set (action %s)", request.action)
+        return p4r.SetForwardingPipelineConfigResponse()
+
+    def GetForwardingPipelineConfig(
+        self, request: p4r.GetForwardingPipelineConfigRequest, context: grpc.ServicerContext
+    ) -> p4r.GetForwardingPipelineConfigResponse:
+        self._check_device(request.device_id, context)
+        config = self.device.pipeline_config(request.response_type)
+        resp = p4r.GetForwardingPipelineConfigResponse()
+        if config is not None:
+            resp.config.CopyFrom(config)
+        return resp
+
+    def Write(self, request: p4r.WriteRequest, context: grpc.ServicerContext) -> p4r.WriteResponse:
+        self._check_device(request.device_id, context)
+        self._check_primary(request, context)
+        if self.device.schema is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no forwarding pipeline is set")
+        if request.atomicity != p4r.WriteRequest.CONTINUE_ON_ERROR:
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "only CONTINUE_ON_ERROR batches are supported"
+            )
+        if len(request.updates) > MAX_BATCH:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(request.updates)} updates in one batch (at most {MAX_BATCH})",
+            )
+        try:
+            results = self.device.write(request.updates)
+        except P4RuntimeError as err:
+            context.abort(_grpc_status(err.code), err.message)
+        failed = sum(r is not None for r in results)
+        if failed:
+            status = rpc_status.Status(
+                code=rpc_code.UNKNOWN, message=f"{failed} of {len(results)} updates failed"
+            )
+            for r in results:
+                error = p4r.Error(canonical_code=rpc_code.OK)
+                if r is not None:
+                    error = p4r.Error(canonical_code=r.code, message=r.message, space=_ERROR_SPACE)
+                detail = any_pb2.Any()
+                detail.Pack(error)
+                status.details.append(detail)
+            context.set_trailing_metadata(
+                (("grpc-status-details-bin", status.SerializeToString()),)
+            )
+            context.abort(grpc.StatusCode.UNKNOWN, status.message)
+        return p4r.WriteResponse()
+
+    def Read(
+        self, request: p4r.ReadRequest, context: grpc.ServicerContext
+    ) -> Iterator[p4r.ReadResponse]:
+        self._check_device(request.device_id, context)
+        try:
+            entities = list(self.device.read(request.entities))
+        except P4RuntimeError as err:
+            context.abort(_grpc_status(err.code), err.message)
+        for i in range(0, max(len(entities), 1), READ_CHUNK):
+            yield p4r.ReadResponse(entities=entities[i : i + READ_CHUNK])
+
+    # -- the stream ----------------------------------------------------------------------
+
+    def StreamChannel(
+        self, request_iterator: Iterator[p4r.StreamMessageRequest], context: grpc.ServicerContext
+    ) -> Iterator[p4r.StreamMessageResponse]:
+        client = Client(context.peer())
+        reader = threading.Thread(
+            target=self._read_stream, args=(client, request_iterator), daemon=True
+        )
+        context.add_callback(lambda: client.send(None))
+        reader.start()
+        try:
+            while True:
+                msg = client.outbox.get()
+                if msg is None:
+                    return
+                if isinstance(msg, Abort):
+                    context.abort(msg.code, msg.message)
+                yield msg  # type: ignore[misc]
+        finally:
+            self.arbiter.remove(client)
+
+    def _read_stream(self, client: Client, requests: Iterator[p4r.StreamMessageRequest]) -> None:
+        try:
+            for req in requests:
+                kind = req.WhichOneof("update")
+                if kind == "arbitration":
+                    try:
+                        self.arbiter.update(client, req.arbitration)
+                    except Abort as abort:
+                        client.outbox.put(abort)
+                        return
+                elif not client.arbitrated:
+                    client.outbox.put(
+                        Abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "the first message on a stream must be a MasterArbitrationUpdate",
+                        )
+                    )
+                    return
+                elif kind == "packet":
+                    self._packet_out(client, req.packet)
+                else:
+                    client.send(_stream_error(rpc_code.UNIMPLEMENTED, f"{kind} is not supported"))
+        except grpc.RpcError:
+            pass  # the client went away
+        except Exception:  # a bug must end one stream, never the switch
+            log.exception("stream from %s failed", client.peer)
+        finally:
+            self.arbiter.remove(client)
+            client.outbox.put(None)
+
+    def _packet_out(self, client: Client, packet: p4r.PacketOut) -> None:
+        def reject(code: int, message: str) -> None:
+            err = _stream_error(code, message)
+            err.error.packet_out.packet_out.CopyFrom(packet)
+            client.send(err)
+
+        if client.election_id is None or not self.arbiter.is_primary(
+            client.role, client.election_id
+        ):
+            reject(rpc_code.PERMISSION_DENIED, "only the primary controller may send packets")
+            return
+        schema = self.device.schema
+        if schema is None:
+            reject(rpc_code.FAILED_PRECONDITION, "no forwarding pipeline is set")
+            return
+        fields = schema.pipeline.packet_out.fields
+        values: dict[int, bytes] = {}
+        for md in packet.metadata:
+            if md.metadata_id in values or not 1 <= md.metadata_id <= len(fields):
+                reject(rpc_code.INVALID_ARGUMENT, f"packet_out metadata id {md.metadata_id}")
+                return
+            values[md.metadata_id] = md.value
+        if len(values) != len(fields):
+            reject(rpc_code.INVALID_ARGUMENT, "packet_out needs every metadata field once")
+            return
+        try:
+            egress = decode(values[1], fields[0].bits, fields[0].name)
+        except EncodingError as err:
+            reject(rpc_code.INVALID_ARGUMENT, str(err))
+            return
+        for port, frame in self.dataplane.process(
+            self.device.cpu_port, packet_out_frame(egress, packet.payload)
+        ):
+            self.transmit(port, frame)
+
+    def packet_in(self, frame: bytes) -> None:
+        """Send a CPU-port frame (packet_in header + packet) to every primary controller."""
+        schema = self.device.schema
+        if schema is None:
+            return
+        values, payload = packet_in_fields(frame)
+        msg = p4r.StreamMessageResponse()
+        msg.packet.payload = payload
+        for i, (f, v) in enumerate(zip(schema.pipeline.packet_in.fields, values, strict=True), 1):
+            msg.packet.metadata.add(metadata_id=i, value=encode(v, f.bits))
+        for client in self.arbiter.primaries():
+            if not client.send(msg):
+                self.packet_ins_dropped += 1
+
+
+def _stream_error(code: int, message: str) -> p4r.StreamMessageResponse:
+    resp = p4r.StreamMessageResponse()
+    resp.error.canonical_code = code
+    resp.error.message = message
+    resp.error.space = _ERROR_SPACE
+    return resp
+
+
+_GRPC_STATUS = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _grpc_status(code: int) -> grpc.StatusCode:
+    """The grpc status for a google.rpc code."""
+    return _GRPC_STATUS.get(code, grpc.StatusCode.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Server certificate and key (PEM); with `client_ca`, clients must present a cert it signed."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def serve(
+    service: P4RuntimeService, address: str, tls: TlsConfig | None = None, workers: int = 16
+) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `service` on `address`; returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p4rt"),
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    p4r_grpc.add_P4RuntimeServicer_to_server(service, server)
+    port = (
+        server.add_secure_port(address, tls.credentials())
+        if tls
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, port

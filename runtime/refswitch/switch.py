@@ -1,0 +1,85 @@
+"""The reference switch: a P4Runtime device, its data plane, its ports and its gRPC server.
+
+    switch = ReferenceSwitch(device_id=1, ports={1: "s1-eth1", 2: "s1-eth2"})
+    port = switch.start("127.0.0.1:50001")      # sockets bound, then gRPC listening
+    ...
+    switch.stop()
+
+Without `ports` it is the in-process switch the unit tests drive: `inject(port, frame)`
+returns the frames the switch sends, and PacketIns still reach the controllers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+import grpc
+
+from runtime.refswitch.dataplane import Dataplane
+from runtime.refswitch.device import Device
+from runtime.refswitch.ports import PortIO
+from runtime.refswitch.server import P4RuntimeService, TlsConfig, serve
+
+log = logging.getLogger("p4seg.switch")
+
+
+class ReferenceSwitch:
+    def __init__(
+        self, device_id: int, ports: Mapping[int, str] | None = None, cpu_port: int = 255
+    ) -> None:
+        if cpu_port in (ports or {}):
+            raise ValueError(f"port {cpu_port} is the CPU port")
+        self.device = Device(device_id, cpu_port)
+        self.dataplane = Dataplane(self.device)
+        self.ports = dict(ports or {})
+        self.io: PortIO | None = None
+        self.service = P4RuntimeService(self.device, self.dataplane, self._transmit)
+        self.server: grpc.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.sent: list[tuple[int, bytes]] = []  # in-process mode: what `inject` sent
+
+    def start(self, grpc_addr: str = "127.0.0.1:0", tls: TlsConfig | None = None) -> int:
+        """Bind the ports, then listen for P4Runtime; returns the gRPC port."""
+        if self.ports:
+            self.io = PortIO(self.ports)
+            self._thread = threading.Thread(
+                target=self.io.run, args=(self._receive,), name="dataplane", daemon=True
+            )
+            self._thread.start()
+        self.server, port = serve(self.service, grpc_addr, tls)
+        return port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=0.5).wait()
+            self.server = None
+        if self.io is not None:
+            self.io.shutdown()
+            if self._thread is not None:
+                self._thread.join()
+            self.io.close()
+            self.io = None
+
+    def _receive(self, port: int, frame: bytes) -> None:
+        for out_port, out in self.dataplane.process(port, frame):
+            self._transmit(out_port, out)
+
+    def _transmit(self, port: int, frame: bytes) -> None:
+        if port == self.device.cpu_port:
+            self.service.packet_in(frame)
+        elif self.io is not None:
+            self.io.send(port, frame)
+        else:
+            self.sent.append((port, frame))
+
+    def inject(self, port: int, frame: bytes) -> list[tuple[int, bytes]]:
+        """In-process: the frames sent (other than to the CPU) when `frame` arrives on `port`."""
+        out = []
+        for out_port, data in self.dataplane.process(port, frame):
+            if out_port == self.device.cpu_port:
+                self.service.packet_in(data)
+            else:
+                out.append((out_port, data))
+        return out
