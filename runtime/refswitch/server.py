@@ -140,6 +140,7 @@ class Arbiter:
             role = client.role
             was_primary = self.primary(role) is client
             self.clients[role].remove(client)
+            client.arbitrated = False
             if was_primary:
                 self._notify(role)
 
