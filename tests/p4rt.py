@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from finsy.proto import p4r, p4r_grpc, rpc_status
+from finsy.proto import p4i, p4r, p4r_grpc, rpc_status
 from google.protobuf import text_format
-from finsy.proto import p4i
 
 from compiler.entries import DefaultAction, TableEntry
 from p4src.p4info import build_p4info

@@ -10,6 +10,15 @@ from pathlib import Path
 import grpc
 import pytest
 from finsy.proto import p4r, rpc_code
+from p4rt import (
+    Session,
+    clone_session_update,
+    default_updates,
+    inserts,
+    pipeline_config,
+    update,
+    wait_for,
+)
 from scapy.layers.inet import ICMP, IP, TCP, UDP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
@@ -22,15 +31,6 @@ from p4src.spec import CPU_CLONE_SESSION, PIPELINE, build_pipeline
 from runtime.entities import table_entry_proto
 from runtime.refswitch.server import TlsConfig
 from runtime.refswitch.switch import ReferenceSwitch
-from p4rt import (
-    Session,
-    clone_session_update,
-    default_updates,
-    inserts,
-    pipeline_config,
-    update,
-    wait_for,
-)
 
 SPA = p4r.SetForwardingPipelineConfigRequest
 ROUTING = PIPELINE.table("routing")
@@ -59,8 +59,11 @@ def loaded(
     assert s.arbitration_status() == rpc_code.OK
     s.set_pipeline(pipeline_config())
     result = s.write(
-        [*default_updates(tor_alg.defaults), *inserts(tor_alg.entries)]
-        + [clone_session_update(CPU_CLONE_SESSION, sw.device.cpu_port)]
+        [
+            *default_updates(tor_alg.defaults),
+            *inserts(tor_alg.entries),
+            clone_session_update(CPU_CLONE_SESSION, sw.device.cpu_port),
+        ]
     )
     assert result.code == grpc.StatusCode.OK, result
     yield sw, s
