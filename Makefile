@@ -61,8 +61,8 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check compiler p4src tests bench
-	$(BIN)/mypy compiler
+	$(BIN)/ruff format --check compiler p4src runtime topologies tests bench
+	$(BIN)/mypy compiler runtime
 
 clean:
 	rm -rf $(VENV) $(VENV_SHELL) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
