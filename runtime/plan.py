@@ -1,0 +1,320 @@
+"""Plans as values: what a switch holds, what it should hold, and the updates between them.
+
+A switch's state (`Held`) is what a Read returns; the desired state (`Desired`) is what
+the compiler produced. `diff` is the user-facing difference (entries added, changed,
+removed per table); `plan_switch` is the sequence of P4Runtime updates that gets there
+without a packet ever being judged by a mix of the old and the new policy.
+
+The update protocol (DESIGN.md "Consistent updates without rewriting everything"): every
+packet is stamped with the switch's epoch (0 or 1) by the keyless `epoch` table, and the
+`src_identity`, `dst_identity` and `policy` tables match the epoch as a ternary field. In
+the steady state every entry leaves the epoch out (a wildcard: it serves both epochs).
+To move from policy A (live under epoch e) to B:
+
+  prepare  make the idle epoch e' see exactly B while epoch e still sees exactly A:
+           an entry of B that A lacks is inserted for e' only; an entry of A that B lacks
+           is re-inserted for e only, then its wildcard is deleted (both answer the same
+           for e, so packets of e see A throughout); entries A and B share stay as they are
+  flip     one write: the epoch table's default action now stamps e'
+  finish   delete the entries kept for e; turn each e'-only entry into a wildcard
+           (insert the wildcard, then delete the e'-only copy: both answer the same for e')
+
+Tables without an epoch key (routing) change in `prepare` (inserts, modifications) and
+`finish` (deletions). A plan with nothing to change is empty: no flip, no writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from finsy.proto import p4r
+
+from compiler.entries import SwitchTables
+from p4src.spec import CPU_CLONE_SESSION, Pipeline
+from runtime.entities import table_entry_proto
+
+INSERT, MODIFY, DELETE = "insert", "modify", "delete"
+_UPDATE_TYPE = {INSERT: p4r.Update.INSERT, MODIFY: p4r.Update.MODIFY, DELETE: p4r.Update.DELETE}
+EPOCH_TABLE = "epoch"
+EPOCH_KEY = "epoch"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One update: an operation on an entity. Printing a plan prints these."""
+
+    op: str  # insert | modify | delete
+    entity: p4r.Entity
+    table: str  # the table's name, or "clone_session"
+
+    def update(self) -> p4r.Update:
+        u = p4r.Update(type=_UPDATE_TYPE[self.op])
+        u.entity.CopyFrom(self.entity)
+        return u
+
+
+def _entity(entry: p4r.TableEntry) -> p4r.Entity:
+    e = p4r.Entity()
+    e.table_entry.CopyFrom(entry)
+    return e
+
+
+def _clone_entity(session: p4r.CloneSessionEntry) -> p4r.Entity:
+    e = p4r.Entity()
+    e.packet_replication_engine_entry.clone_session_entry.CopyFrom(session)
+    return e
+
+
+def clone_session(cpu_port: int) -> p4r.CloneSessionEntry:
+    """The clone session that carries logged denies to the controller."""
+    cs = p4r.CloneSessionEntry(session_id=CPU_CLONE_SESSION)
+    cs.replicas.add(egress_port=cpu_port, instance=1)
+    return cs
+
+
+class Tables:
+    """The pipeline's table ids and epoch fields, answered once."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.name = {t.id: t.name for t in pipeline.tables}
+        self.epoch_field = {
+            t.id: k.id for t in pipeline.tables for k in t.keys if k.name == EPOCH_KEY
+        }
+        self.epoch_table = pipeline.table(EPOCH_TABLE)
+        self.set_epoch = pipeline.action("set_epoch")
+
+    def split(self, entry: p4r.TableEntry) -> tuple[bytes, int | None]:
+        """(the entry's key without its epoch, the epoch it is limited to or None)."""
+        fid = self.epoch_field.get(entry.table_id)
+        epoch = None
+        key = p4r.TableEntry(table_id=entry.table_id, priority=entry.priority)
+        for fm in entry.match:
+            if fm.field_id == fid:
+                epoch = int.from_bytes(fm.ternary.value, "big")
+            else:
+                key.match.append(fm)
+        return key.SerializeToString(deterministic=True), epoch
+
+    def with_epoch(self, entry: p4r.TableEntry, epoch: int | None) -> p4r.TableEntry:
+        """`entry` limited to `epoch` (None: the wildcard); match fields stay in id order."""
+        fid = self.epoch_field[entry.table_id]
+        out = p4r.TableEntry()
+        out.CopyFrom(entry)
+        del out.match[:]
+        fields = [fm for fm in entry.match if fm.field_id != fid]
+        if epoch is not None:
+            fm = p4r.FieldMatch(field_id=fid)
+            fm.ternary.value, fm.ternary.mask = bytes([epoch]), b"\x01"
+            fields.append(fm)
+        out.match.extend(sorted(fields, key=lambda f: f.field_id))
+        return out
+
+    def epoch_default(self, epoch: int) -> p4r.TableEntry:
+        entry = p4r.TableEntry(table_id=self.epoch_table.id, is_default_action=True)
+        entry.action.action.action_id = self.set_epoch.id
+        entry.action.action.params.add(param_id=1, value=bytes([epoch]))
+        return entry
+
+
+def _action_bytes(entry: p4r.TableEntry) -> bytes:
+    data: bytes = entry.action.SerializeToString(deterministic=True)
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What one switch must hold: wildcard-epoch entries, by key, and its clone session."""
+
+    switch: str
+    entries: dict[bytes, p4r.TableEntry]
+    clone: p4r.CloneSessionEntry
+
+    @classmethod
+    def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
+        entries = {}
+        for e in compiled.entries:
+            msg = table_entry_proto(tables.pipeline, e)
+            entries[tables.split(msg)[0]] = msg
+        # The only default the compiler sets is the epoch's, which the update protocol owns.
+        assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
+        return cls(compiled.switch, entries, clone_session(cpu_port))
+
+
+@dataclass(slots=True)
+class Held:
+    """What one switch holds, as read back."""
+
+    entries: list[p4r.TableEntry] = field(default_factory=list)
+    epoch: int = 0
+    clone: p4r.CloneSessionEntry | None = None
+
+
+@dataclass(slots=True)
+class _Copies:
+    """The entries held under one key: the wildcard and the copies pinned to each epoch."""
+
+    wild: p4r.TableEntry | None = None
+    pinned: dict[int, p4r.TableEntry] = field(default_factory=dict)
+
+
+def _index(tables: Tables, held: Held) -> tuple[dict[bytes, _Copies], dict[bytes, p4r.TableEntry]]:
+    """Held entries of epoch tables by key (with their copies), and of the other tables."""
+    copies: dict[bytes, _Copies] = {}
+    plain: dict[bytes, p4r.TableEntry] = {}
+    for entry in held.entries:
+        key, epoch = tables.split(entry)
+        if entry.table_id not in tables.epoch_field:
+            plain[key] = entry
+        elif epoch is None:
+            copies.setdefault(key, _Copies()).wild = entry
+        else:
+            copies.setdefault(key, _Copies()).pinned[epoch] = entry
+    return copies, plain
+
+
+def _same(a: p4r.TableEntry | None, b: p4r.TableEntry | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return _action_bytes(a) == _action_bytes(b)
+
+
+@dataclass(frozen=True, slots=True)
+class TableDiff:
+    added: tuple[p4r.TableEntry, ...]
+    changed: tuple[tuple[p4r.TableEntry, p4r.TableEntry], ...]  # (held, desired)
+    removed: tuple[p4r.TableEntry, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def diff(tables: Tables, desired: Desired, held: Held) -> dict[str, TableDiff]:
+    """Per table: what packets of the live epoch meet now against what they should meet."""
+    copies, plain = _index(tables, held)
+    live = {
+        k: c.wild or c.pinned[held.epoch]
+        for k, c in copies.items()
+        if c.wild or held.epoch in c.pinned
+    }
+    live.update(plain)
+    slots: dict[
+        str,
+        tuple[
+            list[p4r.TableEntry], list[tuple[p4r.TableEntry, p4r.TableEntry]], list[p4r.TableEntry]
+        ],
+    ] = {}
+    for key in sorted(live.keys() | desired.entries.keys()):
+        have, want = live.get(key), desired.entries.get(key)
+        if _same(have, want):
+            continue
+        some = want if want is not None else have
+        assert some is not None
+        added, changed, removed = slots.setdefault(tables.name[some.table_id], ([], [], []))
+        if have is None:
+            added.append(some)
+        elif want is None:
+            removed.append(
+                tables.with_epoch(have, None) if have.table_id in tables.epoch_field else have
+            )
+        else:
+            changed.append((have, want))
+    return {
+        name: TableDiff(tuple(a), tuple(c), tuple(r)) for name, (a, c, r) in sorted(slots.items())
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchPlan:
+    switch: str
+    prepare: tuple[Change, ...]
+    flip: Change | None
+    finish: tuple[Change, ...]
+    diff: dict[str, TableDiff]
+    epoch_after: int
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prepare or self.flip or self.finish)
+
+    def changes(self) -> Iterable[Change]:
+        yield from self.prepare
+        if self.flip is not None:
+            yield self.flip
+        yield from self.finish
+
+
+def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
+    """The updates that take `held` to `desired` consistently (see the module docstring).
+
+    Entries already right are never touched, so re-planning after an interrupted apply
+    only finishes what is left.
+    """
+    e, idle = held.epoch, 1 - held.epoch
+    prepare: list[Change] = []
+    finish: list[Change] = []
+    copies, plain = _index(tables, held)
+
+    def change(op: str, entry: p4r.TableEntry) -> Change:
+        return Change(op, _entity(entry), tables.name[entry.table_id])
+
+    flip_needed = False
+    keys = copies.keys() | {
+        k for k, v in desired.entries.items() if v.table_id in tables.epoch_field
+    }
+    for key in sorted(keys):
+        held_k = copies.get(key, _Copies())
+        w, oe, oi = held_k.wild, held_k.pinned.get(e), held_k.pinned.get(idle)
+        d = desired.entries.get(key)
+        if _same(w if w is not None else oe, d):
+            # The live epoch already sees B here: tidy up to one wildcard, no flip needed.
+            if w is None and d is not None:
+                prepare.append(change(INSERT, d))
+            for extra in (oe, oi):
+                if extra is not None:
+                    prepare.append(change(DELETE, extra))
+            continue
+        flip_needed = True
+        if w is not None:  # A's entry keeps serving e only, until the flip
+            if not _same(oe, w):
+                if oe is not None:
+                    prepare.append(change(DELETE, oe))
+                prepare.append(change(INSERT, tables.with_epoch(w, e)))
+            prepare.append(change(DELETE, w))
+            finish.append(change(DELETE, tables.with_epoch(w, e)))
+        elif oe is not None:
+            finish.append(change(DELETE, oe))
+        if d is not None:  # B's entry serves e' only, until the flip; then it is a wildcard
+            if not _same(oi, d):
+                if oi is not None:
+                    prepare.append(change(DELETE, oi))
+                prepare.append(change(INSERT, tables.with_epoch(d, idle)))
+            finish.append(change(INSERT, d))
+            finish.append(change(DELETE, tables.with_epoch(d, idle)))
+        elif oi is not None:
+            prepare.append(change(DELETE, oi))
+    # Tables without an epoch key (routing) change in place.
+    for key, want in sorted(desired.entries.items()):
+        if want.table_id in tables.epoch_field:
+            continue
+        have = plain.get(key)
+        if have is None:
+            prepare.append(change(INSERT, want))
+        elif not _same(have, want):
+            prepare.append(change(MODIFY, want))
+    for key, have in sorted(plain.items()):
+        if key not in desired.entries:
+            finish.append(change(DELETE, have))
+    if held.clone is None:
+        prepare.insert(0, Change(INSERT, _clone_entity(desired.clone), "clone_session"))
+    elif held.clone != desired.clone:
+        prepare.insert(0, Change(MODIFY, _clone_entity(desired.clone), "clone_session"))
+    return SwitchPlan(
+        desired.switch,
+        tuple(prepare),
+        change(MODIFY, tables.epoch_default(idle)) if flip_needed else None,
+        tuple(finish),
+        diff(tables, desired, held),
+        idle if flip_needed else e,
+    )
