@@ -379,7 +379,8 @@ def _identity(
             entries.append(
                 TableEntry(
                     "src_identity",
-                    (_m("ingress_port", "exact", port), _m("src_addr", "lpm", 0, 0)),
+                    # Any source from the fabric: a don't-care, so the address is left out.
+                    (_m("ingress_port", "exact", port),),
                     "set_src_group",
                     (("group", 0),),
                     1,
@@ -421,7 +422,7 @@ def _identity(
                 entries.append(
                     TableEntry(
                         "dst_identity",
-                        (_m("dst_addr", "lpm", value, plen),),
+                        (_m("dst_addr", "lpm", value, plen),) if plen else (),
                         "set_dst_group",
                         (("group", group_id),),
                         plen + 1,

@@ -1,0 +1,303 @@
+"""The P4Runtime controller: read every switch, plan, and apply plans — on finsy.
+
+finsy's `Switch` does what it does well: the channel, arbitration with our election id,
+setting the pipeline when the switch's cookie differs, the stream. p4seg adds its own:
+compiled entries as canonical messages, plans as values (runtime/plan.py) and the epoch
+update protocol, batched writes with per-update errors, and per-switch concurrency with
+bounded time, so that one slow or dead switch never holds up the others.
+
+Reads go through finsy's `P4Client` as raw messages: plans compare canonical protobufs,
+and decoding tens of thousands of entries into Python objects only to encode them again
+would cost more than the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finsy import P4Client, P4ClientError, Switch, SwitchOptions
+from finsy.grpcutil import GRPCCredentialsTLS
+from finsy.p4schema import P4Schema
+from finsy.proto import p4i, p4r
+from google.protobuf import text_format
+
+from compiler.entries import SwitchTables
+from compiler.inventory import Inventory
+from p4src.spec import CPU_CLONE_SESSION
+from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
+
+log = logging.getLogger("p4seg.controller")
+
+DEFAULT_ELECTION_ID = 10
+DEFAULT_BATCH = (
+    500  # updates per Write: bounded so a failing batch's error details fit gRPC's trailers
+)
+
+
+class ControllerError(Exception):
+    """A switch could not be brought to the plan; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerOptions:
+    election_id: int = DEFAULT_ELECTION_ID
+    role: str = ""
+    batch_size: int = DEFAULT_BATCH
+    timeout: float = 30.0  # per switch, for the whole plan or apply
+    tls: GRPCCredentialsTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineFiles:
+    """The compiled pipeline: P4Info and the target's device config, as files and bytes."""
+
+    p4info_path: Path
+    device_config_path: Path
+
+    @classmethod
+    def of(cls, build_dir: Path, target: str) -> PipelineFiles:
+        files = cls(build_dir / "p4info.txtpb", build_dir / "p4" / target / "p4seg.json")
+        for path in (files.p4info_path, files.device_config_path):
+            if not path.is_file():
+                raise ControllerError(f"{path} is missing: compile with --target {target}")
+        return files
+
+    def schema(self) -> P4Schema:
+        info = text_format.Parse(self.p4info_path.read_text(), p4i.P4Info())
+        return P4Schema(info, self.device_config_path.read_bytes())
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchTarget:
+    """One switch to control: where it is and what it must hold."""
+
+    name: str
+    address: str
+    device_id: int
+    desired: Desired
+
+
+def targets(
+    inventory: Inventory, compiled: Sequence[SwitchTables], tables: Tables
+) -> list[SwitchTarget]:
+    by_name = {s.switch: s for s in compiled}
+    return [
+        SwitchTarget(
+            sw.name, sw.p4rt, sw.device_id, Desired.of(tables, by_name[sw.name], sw.cpu_port)
+        )
+        for sw in inventory.switches
+    ]
+
+
+@dataclass(slots=True)
+class SwitchReport:
+    """What happened on one switch: its plan, what was written, how long it took."""
+
+    switch: str
+    address: str
+    pipeline: str = ""  # same | missing | different | set
+    plan: SwitchPlan | None = None
+    written: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    failed_updates: list[tuple[Change, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _table_wildcard() -> p4r.Entity:
+    e = p4r.Entity()
+    e.table_entry.SetInParent()
+    return e
+
+
+async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
+    """Everything a switch holds that plans look at, as canonical messages."""
+    held = Held()
+    request = p4r.ReadRequest(device_id=device_id, entities=[_table_wildcard()])
+    async for reply in client.request_iter(request):
+        held.entries.extend(e.table_entry for e in reply.entities)
+    epoch = p4r.Entity()
+    epoch.table_entry.table_id = tables.epoch_table.id
+    epoch.table_entry.is_default_action = True
+    request = p4r.ReadRequest(device_id=device_id, entities=[epoch])
+    async for reply in client.request_iter(request):
+        for e in reply.entities:
+            params = e.table_entry.action.action.params
+            held.epoch = int.from_bytes(params[0].value, "big") if params else 0
+    clone = p4r.Entity()
+    clone.packet_replication_engine_entry.clone_session_entry.session_id = CPU_CLONE_SESSION
+    request = p4r.ReadRequest(device_id=device_id, entities=[clone])
+    try:
+        async for reply in client.request_iter(request):
+            for e in reply.entities:
+                held.clone = e.packet_replication_engine_entry.clone_session_entry
+    except P4ClientError as err:
+        if err.code.name != "NOT_FOUND":  # some targets answer a missing session so
+            raise
+    return held
+
+
+async def pipeline_state(client: P4Client, device_id: int, expected: P4Schema) -> str:
+    """same | missing | different: the switch's pipeline against the compiled one."""
+    request = p4r.GetForwardingPipelineConfigRequest(
+        device_id=device_id,
+        response_type=p4r.GetForwardingPipelineConfigRequest.COOKIE_ONLY,
+    )
+    try:
+        reply: p4r.GetForwardingPipelineConfigResponse = await client.request(request)
+    except P4ClientError as err:
+        if err.is_pipeline_missing:
+            return "missing"
+        raise
+    if not reply.HasField("config"):
+        return "missing"
+    return "same" if reply.config.cookie.cookie == expected.p4cookie else "different"
+
+
+# -- planning and applying ----------------------------------------------------------------
+
+
+async def _bounded(
+    report: SwitchReport, timeout: float, work: Callable[[], Awaitable[None]]
+) -> SwitchReport:
+    start = time.monotonic()
+    try:
+        await asyncio.wait_for(work(), timeout)
+    except TimeoutError:
+        report.error = f"no answer within {timeout:g} s"
+    except P4ClientError as err:
+        report.error = f"{err.code.name}: {err.message}"
+    except ControllerError as err:
+        report.error = str(err)
+    except (OSError, ConnectionError) as err:
+        report.error = str(err)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+async def plan_one(
+    target: SwitchTarget, tables: Tables, files: PipelineFiles, options: ControllerOptions
+) -> SwitchReport:
+    """Read one switch (no arbitration: reading needs none) and plan its update."""
+    report = SwitchReport(target.name, target.address)
+
+    async def work() -> None:
+        async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+            report.pipeline = await pipeline_state(client, target.device_id, files.schema())
+            held = Held() if report.pipeline != "same" else None
+            if held is None:
+                held = await read_held(client, target.device_id, tables)
+            report.plan = plan_switch(tables, target.desired, held)
+
+    return await _bounded(report, options.timeout, work)
+
+
+async def plan_all(
+    switches: Sequence[SwitchTarget],
+    tables: Tables,
+    files: PipelineFiles,
+    options: ControllerOptions,
+) -> list[SwitchReport]:
+    return list(await asyncio.gather(*(plan_one(t, tables, files, options) for t in switches)))
+
+
+async def _write(sw: Switch, changes: Sequence[Change], batch: int, report: SwitchReport) -> None:
+    for i in range(0, len(changes), batch):
+        chunk = changes[i : i + batch]
+        try:
+            await sw.write([c.update() for c in chunk])
+        except P4ClientError as err:
+            for index, detail in sorted(err.details.items()):
+                report.failed_updates.append(
+                    (chunk[index], f"{detail.canonical_code.name}: {detail.message}")
+                )
+            report.written += len(chunk) - len(err.details)
+            raise ControllerError(
+                f"{len(err.details)} of {len(chunk)} updates failed "
+                f"(first: {report.failed_updates[0][1] if report.failed_updates else err.message})"
+            ) from None
+        report.written += len(chunk)
+
+
+async def apply_one(
+    target: SwitchTarget,
+    tables: Tables,
+    files: PipelineFiles,
+    options: ControllerOptions,
+    progress: Callable[[str, str], None] | None = None,
+) -> SwitchReport:
+    """Win arbitration, set the pipeline if it differs, and execute the switch's plan."""
+    report = SwitchReport(target.name, target.address)
+    say = progress or (lambda _switch, _text: None)
+
+    async def work() -> None:
+        async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+            report.pipeline = await pipeline_state(client, target.device_id, files.schema())
+        switch_options = SwitchOptions(
+            p4info=files.p4info_path,
+            p4blob=files.device_config_path,
+            device_id=target.device_id,
+            initial_election_id=options.election_id,
+            role_name=options.role,
+            channel_credentials=options.tls,
+            fail_fast=True,
+        )
+        async with Switch(target.name, target.address, switch_options) as sw:
+            if not sw.is_primary:
+                raise ControllerError(
+                    f"not the primary controller (election id {options.election_id}; the "
+                    f"primary has {sw.primary_id}): nothing written"
+                )
+            if report.pipeline != "same":
+                say(target.name, f"pipeline {report.pipeline}: set")
+            raw = _raw_client(sw)
+            held = await read_held(raw, target.device_id, tables)
+            plan = report.plan = plan_switch(tables, target.desired, held)
+            if plan.empty:
+                return
+            say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
+            await _write(sw, plan.prepare, options.batch_size, report)
+            if plan.flip is not None:
+                say(target.name, f"flipping to epoch {plan.epoch_after}")
+                await _write(sw, [plan.flip], 1, report)
+            if plan.finish:
+                say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
+                await _write(sw, plan.finish, options.batch_size, report)
+
+    return await _bounded(report, options.timeout, work)
+
+
+def _raw_client(sw: Switch) -> P4Client:
+    # The Switch's own client: raw reads on the channel it already holds (see module doc).
+    client = sw._p4client
+    assert client is not None
+    return client
+
+
+async def apply_all(
+    switches: Sequence[SwitchTarget],
+    tables: Tables,
+    files: PipelineFiles,
+    options: ControllerOptions,
+    progress: Callable[[str, str], None] | None = None,
+) -> list[SwitchReport]:
+    """Apply every switch's plan concurrently; a failing switch never stops the others.
+
+    Switches flip independently: a packet in flight meets each ToR's policy whole, and
+    every ToR enforces the whole policy for its hosts, so its fate is its fate under the
+    old policy or under the new one (docs/controller.md).
+    """
+    return list(
+        await asyncio.gather(*(apply_one(t, tables, files, options, progress) for t in switches))
+    )
