@@ -90,7 +90,7 @@ def test_a_dead_switch_does_not_hold_up_the_others(
 def test_a_backup_controller_writes_nothing(
     fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
 ) -> None:
-    switches, files, refs = fabric
+    switches, files, _ = fabric
     one = switches[:1]
     assert asyncio.run(apply_all(one, TABLES, files, ControllerOptions(election_id=50)))[0].ok
 
