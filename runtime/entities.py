@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from finsy.proto import p4r
 
+from compiler.addresses import format_ipv4
 from compiler.entries import DefaultAction, FieldMatch, TableEntry
 from p4src.spec import Action, Pipeline, Table
 from runtime.codec import encode
@@ -53,3 +54,52 @@ def default_entry_proto(pipeline: Pipeline, default: DefaultAction) -> p4r.Table
     msg = p4r.TableEntry(table_id=pipeline.table(default.table).id, is_default_action=True)
     msg.action.action.CopyFrom(action_proto(pipeline.action(default.action), default.params))
     return msg
+
+
+def _show(field: str, value: int) -> str:
+    return format_ipv4(value) if field.endswith("_addr") else str(value)
+
+
+def describe_entry(pipeline: Pipeline, entry: p4r.TableEntry) -> tuple[str, int | None]:
+    """A one-line reading of an entry (`policy[src_group=3..5 ...] -> permit(rule_id=2)`),
+    and the policy rule id it carries, if any."""
+    table = next((t for t in pipeline.tables if t.id == entry.table_id), None)
+    if table is None:
+        return f"table {entry.table_id:#x}", None
+    keys = {k.id: k for k in table.keys}
+    parts = []
+    for fm in entry.match:
+        key = keys.get(fm.field_id)
+        if key is None:
+            parts.append(f"field{fm.field_id}=?")
+            continue
+        kind = fm.WhichOneof("field_match_type")
+        if kind == "exact":
+            parts.append(f"{key.name}={_show(key.name, int.from_bytes(fm.exact.value, 'big'))}")
+        elif kind == "lpm":
+            addr = _show(key.name, int.from_bytes(fm.lpm.value, "big"))
+            parts.append(f"{key.name}={addr}/{fm.lpm.prefix_len}")
+        elif kind == "ternary":
+            value, mask = (int.from_bytes(b, "big") for b in (fm.ternary.value, fm.ternary.mask))
+            full = (1 << key.bits) - 1
+            parts.append(
+                f"{key.name}={value}" if mask == full else f"{key.name}={value:#x}&&&{mask:#x}"
+            )
+        elif kind == "range":
+            lo, hi = (int.from_bytes(b, "big") for b in (fm.range.low, fm.range.high))
+            parts.append(f"{key.name}={lo}" if lo == hi else f"{key.name}={lo}..{hi}")
+    action = next((a for a in pipeline.actions if a.id == entry.action.action.action_id), None)
+    rule_id: int | None = None
+    if action is None:
+        call = "?"
+    else:
+        names = {p.id: p.name for p in action.params}
+        args = []
+        for p in entry.action.action.params:
+            arg = int.from_bytes(p.value, "big")
+            args.append(f"{names.get(p.param_id, p.param_id)}={arg}")
+            if names.get(p.param_id) == "rule_id":
+                rule_id = arg
+        call = f"{action.name}({', '.join(args)})"
+    prio = f" prio {entry.priority}" if entry.priority else ""
+    return f"{table.name}[{' '.join(parts)}]{prio} -> {call}", rule_id

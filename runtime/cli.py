@@ -1,0 +1,317 @@
+"""`p4seg plan` and `p4seg apply`: the controller's verbs (registered by compiler/cli.py).
+
+    plan    compile, read back every switch, print the difference per switch and table
+    apply   the same, then execute it with the epoch protocol; --dry-run stops at the plan
+
+Exit status: 0 nothing to change (plan) / applied (apply), 2 changes pending (plan and
+apply --dry-run), 1 error (policy, inventory, a switch that could not be read or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from finsy.grpcutil import GRPCCredentialsTLS
+from finsy.proto import p4r
+
+from compiler.emit import Build
+from compiler.inventory import Inventory
+from runtime.controller import (
+    DEFAULT_BATCH,
+    DEFAULT_ELECTION_ID,
+    ControllerError,
+    ControllerOptions,
+    PipelineFiles,
+    SwitchReport,
+    SwitchTarget,
+    apply_all,
+    plan_all,
+    targets,
+)
+from runtime.entities import describe_entry
+from runtime.plan import Tables
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+PLAN_HELP = """\
+Compile the policy, read back what every switch of the inventory holds, and show what
+`apply` would change: per switch and table, the entries added (+), changed (~) and
+removed (-), each with the policy rule behind it. Nothing on the switches changes; reading
+needs no arbitration, so a plan never disturbs a running controller.
+
+exit status: 0 nothing to change, 2 changes pending, 1 error
+
+examples:
+    p4seg plan policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg plan new.zt -i floor.yaml --switch tor-alg --switch tor-oms
+    p4seg plan new.zt -i floor.yaml --output json | jq '.switches[].tables'
+"""
+
+APPLY_HELP = """\
+Compile the policy, then make every switch hold exactly it: win arbitration (election id),
+set the pipeline where it is missing or different, and write the difference with the epoch
+protocol — the new entries under the idle epoch, one write flips the epoch, then the old
+epoch's entries go — so no packet is ever judged by a mix of the two policies. Switches are
+updated concurrently; one that is slow or down is reported and never holds up the others.
+Entries that are already right are never rewritten: a second apply writes nothing, and an
+apply interrupted anywhere is finished by the next one.
+
+exit status: 0 applied (or nothing to do), 2 changes pending (--dry-run), 1 error
+
+examples:
+    p4seg apply policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg apply new.zt -i floor.yaml --dry-run
+    p4seg apply new.zt -i floor.yaml --election-id 20 --batch-size 200 --timeout 60
+    p4seg apply new.zt -i floor.yaml --tls-ca ca.pem --tls-cert ctl.pem --tls-key ctl.key
+"""
+
+
+def add_controller_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every verb that talks to switches shares."""
+    p.add_argument(
+        "-t",
+        "--target",
+        choices=("ref", "bmv2"),
+        default="ref",
+        help="switch target (default: ref)",
+    )
+    p.add_argument(
+        "--build",
+        metavar="DIR",
+        help="where to write the compiled build (default: build/<inventory name>)",
+    )
+    p.add_argument(
+        "--switch",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="only this switch (repeatable; default: every switch of the inventory)",
+    )
+    p.add_argument(
+        "--election-id",
+        type=int,
+        default=DEFAULT_ELECTION_ID,
+        help=f"arbitration election id (default: {DEFAULT_ELECTION_ID})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds allowed per switch (default: 30)",
+    )
+    p.add_argument("--tls-ca", metavar="PEM", help="verify switches against this CA (TLS)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="client private key (mTLS)")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="stdout format")
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """What the CLI hands over: a written build, the inventory and the rule lines."""
+
+    build: Build
+    build_dir: Path
+    inventory: Inventory
+
+
+def options_of(args: argparse.Namespace) -> ControllerOptions | str:
+    """The controller options, or an error message."""
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            return "--tls-cert and --tls-key go together"
+        if not args.tls_ca:
+            return "TLS needs --tls-ca to verify the switches"
+        for path in (args.tls_ca, args.tls_cert, args.tls_key):
+            if path and not Path(path).is_file():
+                return f"cannot read {path}"
+        tls = GRPCCredentialsTLS(
+            cacert=Path(args.tls_ca),
+            cert=Path(args.tls_cert) if args.tls_cert else None,
+            private_key=Path(args.tls_key) if args.tls_key else None,
+        )
+    if args.election_id <= 0:
+        return "--election-id must be > 0"
+    batch = getattr(args, "batch_size", DEFAULT_BATCH)
+    if batch <= 0:
+        return "--batch-size must be > 0"
+    return ControllerOptions(
+        election_id=args.election_id, batch_size=batch, timeout=args.timeout, tls=tls
+    )
+
+
+def _selected(compiled: Compiled, names: Sequence[str], tables: Tables) -> list[SwitchTarget] | str:
+    every = targets(compiled.inventory, compiled.build.switches, tables)
+    if not names:
+        return every
+    known = {t.name for t in every}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        return f"unknown switch {', '.join(unknown)} (inventory has: {', '.join(sorted(known))})"
+    return [t for t in every if t.name in names]
+
+
+def _rule_lines(build: Build) -> dict[int, str]:
+    rules = build.report.get("rules", [])
+    assert isinstance(rules, list)
+    return {r["id"]: f"line {r['line']}: {r['text']}" for r in rules}
+
+
+def _entry_json(tables: Tables, entry: p4r.TableEntry, rules: dict[int, str]) -> dict[str, object]:
+    text, rule_id = describe_entry(tables.pipeline, entry)
+    out: dict[str, object] = {"entry": text}
+    if rule_id is not None:
+        out["rule_id"] = rule_id
+        out["rule"] = rules.get(rule_id, "")
+    return out
+
+
+def report_json(
+    reports: Sequence[SwitchReport], tables: Tables, rules: dict[int, str], applied: bool
+) -> dict[str, object]:
+    switches = []
+    for r in reports:
+        item: dict[str, object] = {
+            "switch": r.switch,
+            "address": r.address,
+            "ok": r.ok,
+            "pipeline": r.pipeline,
+            "seconds": round(r.seconds, 3),
+        }
+        if r.error:
+            item["error"] = r.error
+            item["failed_updates"] = [
+                {"op": c.op, "table": c.table, "error": e} for c, e in r.failed_updates
+            ]
+        if r.plan is not None:
+            item["changes"] = not r.plan.empty
+            item["writes"] = {
+                "prepare": len(r.plan.prepare),
+                "flip": int(r.plan.flip is not None),
+                "finish": len(r.plan.finish),
+            }
+            item["tables"] = {
+                name: {
+                    "added": [_entry_json(tables, e, rules) for e in d.added],
+                    "changed": [
+                        {"from": _entry_json(tables, a, rules), "to": _entry_json(tables, b, rules)}
+                        for a, b in d.changed
+                    ],
+                    "removed": [_entry_json(tables, e, rules) for e in d.removed],
+                }
+                for name, d in r.plan.diff.items()
+            }
+        if applied:
+            item["written"] = r.written
+        switches.append(item)
+    return {"switches": switches}
+
+
+def _line(tables: Tables, sign: str, entry: p4r.TableEntry, rules: dict[int, str]) -> str:
+    text, rule_id = describe_entry(tables.pipeline, entry)
+    why = f"   # rule {rule_id}, {rules[rule_id]}" if rule_id in rules else ""
+    return f"      {sign} {text}{why}"
+
+
+def print_reports(
+    reports: Sequence[SwitchReport],
+    tables: Tables,
+    rules: dict[int, str],
+    applied: bool,
+    limit: int = 20,
+) -> None:
+    width = max((len(r.switch) for r in reports), default=0)
+    for r in reports:
+        head = f"{r.switch:<{width}}  {r.address}"
+        if r.error:
+            print(f"{head}  ERROR: {r.error}")
+            for change, error in r.failed_updates[:5]:
+                print(f"      {change.op} {change.table}: {error}")
+            continue
+        assert r.plan is not None
+        pipeline = "" if r.pipeline == "same" else f"  pipeline {r.pipeline}"
+        if r.plan.empty and not pipeline:
+            print(f"{head}  up to date")
+            continue
+        counts = ", ".join(
+            f"{name} +{len(d.added)} ~{len(d.changed)} -{len(d.removed)}"
+            for name, d in r.plan.diff.items()
+        )
+        done = f"  {r.written} writes in {r.seconds:.2f} s" if applied else ""
+        print(f"{head}{pipeline}  {counts}{done}")
+        shown = 0
+        for d in r.plan.diff.values():
+            lines = [_line(tables, "+", e, rules) for e in d.added]
+            lines += [_line(tables, "~", b, rules) for _, b in d.changed]
+            lines += [_line(tables, "-", e, rules) for e in d.removed]
+            for text in lines:
+                if shown == limit:
+                    break
+                print(text)
+                shown += 1
+        total = sum(len(d.added) + len(d.changed) + len(d.removed) for d in r.plan.diff.values())
+        if total > shown:
+            print(f"      ... and {total - shown} more (--output json lists them all)")
+
+
+def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> int:
+    """Plan or apply; prints the result and returns the exit status."""
+    options = options_of(args)
+    if isinstance(options, str):
+        print(f"p4seg {verb}: error: {options}", file=sys.stderr)
+        return EXIT_ERROR
+    tables = Tables(compiled.build.target.pipeline)
+    selected = _selected(compiled, args.switch, tables)
+    if isinstance(selected, str):
+        print(f"p4seg {verb}: error: {selected}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        files = PipelineFiles.of(compiled.build_dir, args.target)
+    except ControllerError as err:
+        print(f"p4seg {verb}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    rules = _rule_lines(compiled.build)
+    start = time.monotonic()
+    apply = verb == "apply" and not args.dry_run
+
+    def progress(switch: str, text: str) -> None:
+        if args.output == "human":
+            print(f"  {switch}: {text}", file=sys.stderr, flush=True)
+
+    if apply:
+        reports = asyncio.run(apply_all(selected, tables, files, options, progress))
+    else:
+        reports = asyncio.run(plan_all(selected, tables, files, options))
+    if args.output == "json":
+        print(json.dumps(report_json(reports, tables, rules, apply), indent=2, sort_keys=True))
+    else:
+        print_reports(reports, tables, rules, apply)
+        failed = sum(not r.ok for r in reports)
+        changing = sum(
+            bool(r.plan and not r.plan.empty) or r.pipeline not in ("same", "")
+            for r in reports
+            if r.ok
+        )
+        written = sum(r.written for r in reports)
+        took = time.monotonic() - start
+        if apply:
+            print(
+                f"Applied: {changing} switches changed, {written} writes in {took:.2f} s"
+                + (f"; {failed} failed" if failed else "")
+            )
+        else:
+            print(
+                f"Plan: {changing} of {len(reports)} switches change"
+                + (f"; {failed} could not be read" if failed else "")
+            )
+    if any(not r.ok for r in reports):
+        return EXIT_ERROR
+    pending = any((r.plan and not r.plan.empty) or r.pipeline != "same" for r in reports)
+    return EXIT_CHANGES if pending and not apply else EXIT_OK
