@@ -92,6 +92,35 @@ class AddressSet:
     def union(self, other: AddressSet) -> AddressSet:
         return AddressSet.of(self.intervals + other.intervals)
 
+    def intersection(self, other: AddressSet) -> AddressSet:
+        out: list[Interval] = []
+        i = j = 0
+        a, b = self.intervals, other.intervals
+        while i < len(a) and j < len(b):
+            lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+            if lo <= hi:
+                out.append((lo, hi))
+            if a[i][1] < b[j][1]:
+                i += 1
+            else:
+                j += 1
+        return AddressSet(tuple(out))
+
+    def difference(self, other: AddressSet) -> AddressSet:
+        out: list[Interval] = []
+        for lo, hi in self.intervals:
+            for olo, ohi in other.intervals:
+                if ohi < lo or olo > hi:
+                    continue
+                if olo > lo:
+                    out.append((lo, olo - 1))
+                lo = ohi + 1
+                if lo > hi:
+                    break
+            if lo <= hi:
+                out.append((lo, hi))
+        return AddressSet(tuple(out))
+
     def __contains__(self, address: int) -> bool:
         i = bisect.bisect_right(self.intervals, (address, MAX_ADDRESS)) - 1
         return i >= 0 and self.intervals[i][0] <= address <= self.intervals[i][1]

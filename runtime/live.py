@@ -1,0 +1,203 @@
+"""Live operations: time-bound grants, quarantine, and time-bound rules on schedule.
+
+The controller keeps what operators changed in a state directory (`.p4seg/` by default):
+
+    live.json     grants (with absolute expiry times), quarantined hosts, and when each
+                  `for` rule was first applied — so expiries hold across restarts
+    audit.jsonl   the hash-chained audit log (runtime/audit.py)
+    alerts.jsonl  alerts from logged denies (runtime/alerts.py)
+
+The switches always hold the *effective* policy at a moment: the policy file, plus the
+grants not yet expired, minus the time-bound rules outside their window or past their
+`for`, with quarantined hosts cut off. Rule ids never shift: a rule that is not in force
+keeps its id with empty endpoints (it compiles to nothing), and what operations add comes
+after the policy's own rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from compiler.addresses import AddressSet
+from compiler.model import Action, Policy, PolicyRule
+
+STATE_FILE = "live.json"
+REMEDIATION = "remediation"  # the service a quarantined host may still reach
+_EMPTY = AddressSet(())
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """`allow SRC -> DST PROTO PORTS` until `expires` (UNIX time)."""
+
+    id: str
+    src: str
+    dst: str
+    proto: str
+    ports: str
+    created: float
+    expires: float
+    actor: str
+
+    def line(self) -> str:
+        ports = f" {self.ports}" if self.ports else ""
+        return f"allow {self.src} -> {self.dst} {self.proto}{ports}"
+
+
+@dataclass(slots=True)
+class LiveState:
+    grants: list[Grant] = field(default_factory=list)
+    quarantined: dict[str, float] = field(default_factory=dict)  # host -> since
+    first_applied: dict[str, float] = field(default_factory=dict)  # rule text -> time
+
+    @classmethod
+    def load(cls, state_dir: Path) -> LiveState:
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            return cls()
+        try:
+            doc = json.loads(path.read_text())
+            return cls(
+                [Grant(**g) for g in doc.get("grants", [])],
+                {str(k): float(v) for k, v in doc.get("quarantined", {}).items()},
+                {str(k): float(v) for k, v in doc.get("first_applied", {}).items()},
+            )
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
+
+    def save(self, state_dir: Path) -> None:
+        """Atomically: a crash leaves the old state or the new, never half of one."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "grants": [dataclasses.asdict(g) for g in self.grants],
+            "quarantined": self.quarantined,
+            "first_applied": self.first_applied,
+        }
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / STATE_FILE)
+
+    def active_grants(self, now: float) -> list[Grant]:
+        return [g for g in self.grants if g.expires > now]
+
+    def add_grant(
+        self, src: str, dst: str, proto: str, ports: str, seconds: int, now: float, actor: str
+    ) -> Grant:
+        grant = Grant(secrets.token_hex(4), src, dst, proto, ports, now, now + seconds, actor)
+        self.grants.append(grant)
+        return grant
+
+    def prune(self, now: float) -> list[Grant]:
+        """Drop expired grants; returns them (for the audit log)."""
+        expired = [g for g in self.grants if g.expires <= now]
+        self.grants = self.active_grants(now)
+        return expired
+
+
+def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:
+    """The policy text with the active grants appended as rules (after every policy rule,
+    so rule ids of the file stay what they are)."""
+    grants = state.active_grants(now)
+    if not grants:
+        return text
+    lines = [
+        f"{g.line()}  # grant {g.id} by {g.actor}, expires "
+        f"{dt.datetime.fromtimestamp(g.expires, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+        for g in grants
+    ]
+    return text.rstrip("\n") + "\n\n# -- live grants (p4seg grant) --\n" + "\n".join(lines) + "\n"
+
+
+def in_force(rule: PolicyRule, state: LiveState, now: float) -> bool:
+    """Whether a time-bound rule holds at `now` (`during` window, `for` since first applied)."""
+    if rule.window is not None:
+        local = dt.datetime.fromtimestamp(now, ZoneInfo(rule.window.zone))
+        if not rule.window.contains(local.hour * 60 + local.minute):
+            return False
+    if rule.duration_s is not None:
+        since = state.first_applied.get(rule.describe())
+        if since is not None and now >= since + rule.duration_s:
+            return False
+    return True
+
+
+def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[str, int]) -> Policy:
+    """What the switches must enforce at `now` (see the module docstring).
+
+    `hosts` maps inventory host names to addresses, for quarantine.
+    """
+    rules = [
+        r if in_force(r, state, now) else dataclasses.replace(r, src=_EMPTY, dst=_EMPTY)
+        for r in policy.rules
+    ]
+    cut = AddressSet.of((hosts[h], hosts[h]) for h in state.quarantined if h in hosts)
+    if cut:
+        remediation = next((s.addresses for s in policy.services if s.name == REMEDIATION), _EMPTY)
+        rules = _quarantine(rules, cut, remediation)
+    return dataclasses.replace(policy, rules=tuple(rules))
+
+
+def _quarantine(
+    rules: list[PolicyRule], cut: AddressSet, remediation: AddressSet
+) -> list[PolicyRule]:
+    """Every allow loses the quarantined hosts; only their flows with `remediation` that
+    the policy allowed come back, as rules after all others."""
+    out: list[PolicyRule] = []
+    extra: list[PolicyRule] = []
+    for r in rules:
+        if r.action is not Action.ALLOW:
+            out.append(r)
+            continue
+        out.append(dataclasses.replace(r, src=r.src.difference(cut), dst=r.dst.difference(cut)))
+        flows = (
+            (r.src.intersection(cut), r.dst.intersection(remediation),
+             f"{r.src_text} (quarantined)", REMEDIATION),
+            (r.src.intersection(remediation), r.dst.intersection(cut),
+             REMEDIATION, f"{r.dst_text} (quarantined)"),
+        )  # fmt: skip
+        for src, dst, src_text, dst_text in flows:
+            if src and dst:
+                extra.append(
+                    dataclasses.replace(r, src=src, dst=dst, src_text=src_text, dst_text=dst_text)
+                )
+    base = len(out)
+    return out + [dataclasses.replace(r, id=base + i) for i, r in enumerate(extra, start=1)]
+
+
+def next_change(policy: Policy, state: LiveState, now: float) -> float | None:
+    """The next moment the effective policy changes by itself (a window edge, a `for` or a
+    grant running out), for `watch` to re-apply then; None if never."""
+    moments = [g.expires for g in state.grants if g.expires > now]
+    for rule in policy.rules:
+        if rule.duration_s is not None:
+            since = state.first_applied.get(rule.describe())
+            if since is not None and since + rule.duration_s > now:
+                moments.append(since + rule.duration_s)
+        if rule.window is not None:
+            zone = ZoneInfo(rule.window.zone)
+            local = dt.datetime.fromtimestamp(now, zone)
+            midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            for day in (0, 1):
+                for minute in (rule.window.start, rule.window.end):
+                    at = midnight + dt.timedelta(days=day, minutes=minute)
+                    if at.timestamp() > now:
+                        moments.append(at.timestamp())
+    return min(moments, default=None)
+
+
+def note_applied(policy: Policy, state: LiveState, now: float) -> None:
+    """Remember when each `for` rule first went onto the switches."""
+    for rule in policy.rules:
+        if rule.duration_s is not None:
+            state.first_applied.setdefault(rule.describe(), now)

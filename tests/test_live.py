@@ -1,0 +1,148 @@
+"""Effective policy: quarantine, grants, time-bound rules — judged by the policy semantics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from pathlib import Path
+
+import pytest
+
+from compiler.addresses import AddressSet
+from compiler.check import check_policy
+from compiler.inventory import Inventory
+from compiler.model import Policy
+from compiler.semantics import PolicySemantics
+from runtime.live import (
+    LiveState,
+    effective_policy,
+    next_change,
+    note_applied,
+    policy_text_with_grants,
+)
+
+REMEDIATION_POLICY = """\
+service remediation = jump1
+allow algo -> remediation tcp 443
+"""
+
+
+def _policy(text: str, floor: Inventory) -> Policy:
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    result = check_policy(text, "p.zt", floor)
+    assert result.policy is not None, result.diagnostics
+    return result.policy
+
+
+def _hosts(floor: Inventory) -> dict[str, int]:
+    return {h.name: h.ip for h in floor.hosts}
+
+
+def _allowed(policy: Policy, floor: Inventory, src: str, dst: str, proto: str, port: int) -> bool:
+    hosts = _hosts(floor)
+    return PolicySemantics(policy).flow(hosts[src], hosts[dst], proto, port).allowed
+
+
+def test_quarantine_cuts_a_host_off_except_remediation(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    text = floor_policy_text.replace("default deny log", REMEDIATION_POLICY + "default deny log")
+    policy = _policy(text, floor)
+    state = LiveState(quarantined={"algo1": 0.0})
+    cut = effective_policy(policy, state, 0.0, _hosts(floor))
+    assert [r.id for r in cut.rules[: len(policy.rules)]] == [r.id for r in policy.rules]
+    flows = [
+        ("algo1", "oms1", "tcp", 9876),
+        ("md1", "algo1", "udp", 30005),
+        ("algo1", "jump1", "tcp", 443),
+    ]
+    assert [_allowed(policy, floor, *f) for f in flows] == [True, True, True]
+    assert [_allowed(cut, floor, *f) for f in flows] == [False, False, True]
+    # Every other host keeps exactly what it had.
+    for src in ("algo2", "md2", "oms2", "risk1", "jump1"):
+        for dst in ("algo3", "oms1", "risk2", "riskdb", "jump1", "ledger"):
+            for proto, port in (
+                ("tcp", 9876),
+                ("tcp", 8443),
+                ("udp", 30005),
+                ("icmp", 0),
+                ("tcp", 443),
+            ):
+                assert _allowed(cut, floor, src, dst, proto, port) == _allowed(
+                    policy, floor, src, dst, proto, port
+                ), (src, dst, proto, port)
+
+
+def test_quarantine_without_remediation_service_isolates_completely(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    cut = effective_policy(floor_policy, LiveState(quarantined={"oms1": 0.0}), 0.0, _hosts(floor))
+    hosts = [h.name for h in floor.hosts]
+    for other in hosts:
+        for proto, port in (("tcp", 9876), ("tcp", 8443), ("tcp", 7000), ("icmp", 0)):
+            assert not _allowed(cut, floor, "oms1", other, proto, port)
+            assert not _allowed(cut, floor, other, "oms1", proto, port)
+
+
+def test_grants_are_rules_until_they_expire(
+    floor: Inventory, floor_policy_text: str, tmp_path: Path
+) -> None:
+    state = LiveState()
+    state.add_grant("algo1", "riskdb", "tcp", "5432", 900, now=1000.0, actor="test@host")
+    state.save(tmp_path)
+    state = LiveState.load(tmp_path)  # survives a restart
+    during = _policy(policy_text_with_grants(floor_policy_text, state, 1500.0), floor)
+    after = _policy(policy_text_with_grants(floor_policy_text, state, 1900.0), floor)
+    assert _allowed(during, floor, "algo1", "riskdb", "tcp", 5432)
+    assert not _allowed(after, floor, "algo1", "riskdb", "tcp", 5432)
+    assert not _allowed(during, floor, "algo2", "riskdb", "tcp", 5432)
+    assert next_change(after, state, 1500.0) == 1900.0
+    assert [g.id for g in state.prune(1900.0)] and not state.grants
+
+
+def test_during_windows_and_for_rules(floor: Inventory, floor_policy: Policy) -> None:
+    jump = next(r for r in floor_policy.rules if r.window is not None)  # ssh 07:00-18:00 UTC
+    assert jump.dst_text == "prod"
+    noon = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC).timestamp()
+    night = dt.datetime(2026, 11, 23, 22, 0, tzinfo=dt.UTC).timestamp()
+    ssh = ("jump1", "risk1", "tcp", 22)
+    assert _allowed(effective_policy(floor_policy, LiveState(), noon, _hosts(floor)), floor, *ssh)
+    assert not _allowed(
+        effective_policy(floor_policy, LiveState(), night, _hosts(floor)), floor, *ssh
+    )
+    assert (
+        next_change(floor_policy, LiveState(), noon)
+        == dt.datetime(2026, 11, 23, 18, 0, tzinfo=dt.UTC).timestamp()
+    )
+    temp = _policy("policy t\nallow algo1 -> riskdb tcp 5432 for 15m\ndefault deny\n", floor)
+    state = LiveState()
+    note_applied(temp, state, 100.0)
+    note_applied(temp, state, 500.0)  # first application counts
+    assert _allowed(
+        effective_policy(temp, state, 100.0 + 899, _hosts(floor)),
+        floor,
+        "algo1",
+        "riskdb",
+        "tcp",
+        5432,
+    )
+    assert not _allowed(
+        effective_policy(temp, state, 100.0 + 900, _hosts(floor)),
+        floor,
+        "algo1",
+        "riskdb",
+        "tcp",
+        5432,
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_address_set_intersection_and_difference(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        a = AddressSet.of((x, x + rng.randrange(6)) for x in rng.sample(range(80), 6))
+        b = AddressSet.of((x, x + rng.randrange(6)) for x in rng.sample(range(80), 6))
+        members = lambda s: {v for lo, hi in s.intervals for v in range(lo, hi + 1)}  # noqa: E731
+        assert members(a.intersection(b)) == members(a) & members(b)
+        assert members(a.difference(b)) == members(a) - members(b)
+        assert a.difference(b) == AddressSet.of(a.difference(b).intervals)  # merged, sorted
