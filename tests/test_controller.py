@@ -4,16 +4,9 @@ switch that does not hold up the others, partial failure, election."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from finsy.proto import p4r
 
-from compiler.emit import build, write_build
-from compiler.inventory import Inventory
-from compiler.model import Policy
 from p4src.spec import PIPELINE
 from runtime.controller import (
     ControllerOptions,
@@ -21,33 +14,11 @@ from runtime.controller import (
     SwitchTarget,
     apply_all,
     plan_all,
-    targets,
 )
 from runtime.plan import Tables
 from runtime.refswitch.switch import ReferenceSwitch
 
 TABLES = Tables(PIPELINE)
-
-
-@pytest.fixture
-def fabric(
-    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
-) -> Iterator[tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]]]:
-    built = build(floor_policy, floor, floor_policy_text, "ref")
-    write_build(built, str(tmp_path / "build"))
-    files = PipelineFiles.of(tmp_path / "build", "ref")
-    switches: dict[str, ReferenceSwitch] = {}
-    found = []
-    try:
-        for target in targets(floor, built.switches, TABLES):
-            sw = ReferenceSwitch(target.device_id)
-            port = sw.start("127.0.0.1:0")
-            switches[target.name] = sw
-            found.append(dataclasses.replace(target, address=f"127.0.0.1:{port}"))
-        yield found, files, switches
-    finally:
-        for sw in switches.values():
-            sw.stop()
 
 
 def _held_entries(sw: ReferenceSwitch) -> set[bytes]:
