@@ -46,6 +46,19 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE_UNITS = {"pps": 1, "kpps": 1_000, "mpps": 1_000_000}
 
 
+def parse_duration(text: str) -> int | str:
+    """Seconds in a duration such as `15m` (1s to 365d), or what is wrong with it."""
+    m = _DURATION.match(text)
+    if not m:
+        return (
+            f"duration {quote(text)} is not a whole number with a unit s, m, h or d (e.g. 15m)"
+        )
+    seconds = int(m["n"]) * _DURATION_UNITS[m["unit"]]
+    if not 1 <= seconds <= MAX_DURATION_S:
+        return f"duration {quote(text)} must be from 1s to 365d"
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     policy: Policy
@@ -210,19 +223,9 @@ class _Resolver:
         return int(pps)
 
     def duration(self, opt: ast.ForOption) -> int | None:
-        m = _DURATION.match(opt.value)
-        if not m:
-            self.fail(
-                "E205",
-                f"duration {quote(opt.value)} is not a whole number with a unit s, m, h or d (e.g. 15m)",
-                opt.value_span,
-            )
-            return None
-        seconds = int(m["n"]) * _DURATION_UNITS[m["unit"]]
-        if not 1 <= seconds <= MAX_DURATION_S:
-            self.fail(
-                "E205", f"duration {quote(opt.value)} must be from 1s to 365d", opt.value_span
-            )
+        seconds = parse_duration(opt.value)
+        if isinstance(seconds, str):
+            self.fail("E205", seconds, opt.value_span)
             return None
         return seconds
 

@@ -23,6 +23,7 @@ from finsy.proto import p4r
 
 from compiler.emit import Build
 from compiler.inventory import Inventory
+from compiler.model import Policy
 from runtime.controller import (
     DEFAULT_BATCH,
     DEFAULT_ELECTION_ID,
@@ -119,6 +120,7 @@ class Compiled:
     build: Build
     build_dir: Path
     inventory: Inventory
+    policy: Policy  # the effective policy that was compiled
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:
@@ -261,25 +263,27 @@ def print_reports(
             print(f"      ... and {total - shown} more (--output json lists them all)")
 
 
-def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> int:
-    """Plan or apply; prints the result and returns the exit status."""
+def _fail(verb: str, message: str) -> int:
+    print(f"p4seg {verb}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, list[SwitchReport]]:
+    """Plan or apply; prints the result; the exit status and the per-switch reports."""
     options = options_of(args)
     if isinstance(options, str):
-        print(f"p4seg {verb}: error: {options}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(verb, options), []
     tables = Tables(compiled.build.target.pipeline)
     selected = _selected(compiled, args.switch, tables)
     if isinstance(selected, str):
-        print(f"p4seg {verb}: error: {selected}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(verb, selected), []
     try:
         files = PipelineFiles.of(compiled.build_dir, args.target)
     except ControllerError as err:
-        print(f"p4seg {verb}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(verb, str(err)), []
     rules = _rule_lines(compiled.build)
     start = time.monotonic()
-    apply = verb == "apply" and not args.dry_run
+    apply = verb != "plan" and not getattr(args, "dry_run", False)
 
     def progress(switch: str, text: str) -> None:
         if args.output == "human":
@@ -289,29 +293,25 @@ def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> int:
         reports = asyncio.run(apply_all(selected, tables, files, options, progress))
     else:
         reports = asyncio.run(plan_all(selected, tables, files, options))
+    pending = [
+        r for r in reports if r.ok and (r.pipeline != "same" or (r.plan and not r.plan.empty))
+    ]
+    failed = [r for r in reports if not r.ok]
     if args.output == "json":
-        print(json.dumps(report_json(reports, tables, rules, apply), indent=2, sort_keys=True))
+        doc = report_json(reports, tables, rules, apply)
+        doc["seconds"] = round(time.monotonic() - start, 3)
+        print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print_reports(reports, tables, rules, apply)
-        failed = sum(not r.ok for r in reports)
-        changing = sum(
-            bool(r.plan and not r.plan.empty) or r.pipeline not in ("same", "")
-            for r in reports
-            if r.ok
-        )
-        written = sum(r.written for r in reports)
         took = time.monotonic() - start
+        trouble = f"; {len(failed)} failed" if failed else ""
         if apply:
+            written = sum(r.written for r in reports)
             print(
-                f"Applied: {changing} switches changed, {written} writes in {took:.2f} s"
-                + (f"; {failed} failed" if failed else "")
+                f"Applied: {len(pending)} of {len(reports)} switches changed, {written} writes in {took:.2f} s{trouble}"
             )
         else:
-            print(
-                f"Plan: {changing} of {len(reports)} switches change"
-                + (f"; {failed} could not be read" if failed else "")
-            )
-    if any(not r.ok for r in reports):
-        return EXIT_ERROR
-    pending = any((r.plan and not r.plan.empty) or r.pipeline != "same" for r in reports)
-    return EXIT_CHANGES if pending and not apply else EXIT_OK
+            print(f"Plan: {len(pending)} of {len(reports)} switches would change{trouble}")
+    if failed:
+        return EXIT_ERROR, reports
+    return (EXIT_CHANGES if pending and not apply else EXIT_OK), reports
