@@ -23,6 +23,7 @@ from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
 from p4src.spec import PIPELINE, TARGETS
+from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -41,6 +42,7 @@ A policy names services and the few flows allowed between them; everything else 
 Start with:
     p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml
     p4seg fmt --check policies/*.zt
+    p4seg shell tor-alg -i topologies/trading_floor.yaml    # p4runtime-shell on a live switch
 
 The language reference, with every error code, is docs/language.md.
 """
@@ -85,6 +87,42 @@ examples:
     p4seg fmt policy.zt                 # canonical text on stdout
     p4seg fmt -w policies/*.zt          # rewrite in place
     p4seg fmt --check policies/*.zt     # for CI
+"""
+
+
+_SHELL_HELP = """\
+Open p4runtime-shell (an IPython prompt for P4Runtime) on one switch of an inventory. Its
+P4Runtime address and device id come from the inventory; its tables and actions from the
+P4Info the switch runs (P4segIngress.routing, P4segIngress.forward, ...). Without
+--push-config the switch must run a pipeline already, and its entries are kept.
+
+The shell joins as a backup by default (election id 0,1; the p4seg controller uses 10):
+it prints "You are not the primary client, you only have read access to the server",
+reads work (table_entry["P4segIngress.routing"].read(print)) and every write fails with
+PERMISSION_DENIED. For writes, pass an --election-id above the controller's: the shell
+becomes primary and the controller a backup until it arbitrates higher again. A switch
+remembers the highest election id it has seen, so once a controller has been primary, 0,1
+stays a backup even after that controller leaves. Two shells on one switch need different
+election ids (the second is refused with "Failed to establish session").
+
+--push-config loads the pipeline of --build DIR (or of --policy POLICY, compiled for the
+ref target) before the shell starts: SetForwardingPipelineConfig, which deletes every table
+entry, default action and clone session on the switch, and needs the primary role. Without
+it, --build/--policy only check that the switch runs that P4Info (a warning if not).
+
+p4runtime-shell runs from .venv-shell (`make venv-shell`): its protobuf pins clash with
+p4seg's own. Commands can come on stdin instead of a terminal.
+
+exit status: the shell's (0 at the end of its input, even after a failed command); 1 when
+it cannot start (unknown switch, inventory errors, switch unreachable or without pipeline,
+.venv-shell missing)
+
+examples:
+    p4seg shell tor-alg -i topologies/trading_floor.yaml
+    p4seg shell tor-alg -i topologies/trading_floor.yaml --election-id 0,1000    # writable
+    p4seg shell tor-alg -i floor.yaml --build build/ --push-config --election-id 0,1000
+    p4seg shell tor-alg -i floor.yaml --grpc-addr 127.0.0.1:9559 --dry-run
+    echo 'table_entry["P4segIngress.routing"].read(print)' | p4seg shell tor-alg -i floor.yaml
 """
 
 
@@ -165,6 +203,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
     f.add_argument("--error-format", choices=("human", "json"), default="human")
+
+    sh = sub.add_parser(
+        "shell",
+        help="open p4runtime-shell on a switch of the inventory",
+        description=_SHELL_HELP,
+        formatter_class=raw,
+    )
+    sh.add_argument("switch", metavar="SWITCH", help="switch name in the inventory")
+    sh.add_argument("-i", "--inventory", metavar="INVENTORY", required=True, help="inventory YAML")
+    source = sh.add_mutually_exclusive_group()
+    source.add_argument(
+        "--build", metavar="DIR", help="a `p4seg compile --target ref` build directory"
+    )
+    source.add_argument(
+        "--policy", metavar="POLICY", help="compile POLICY for the ref target and use that build"
+    )
+    sh.add_argument(
+        "--push-config",
+        action="store_true",
+        help="load the build's pipeline first: DELETES every entry on the switch",
+    )
+    high, low = BACKUP_ELECTION_ID
+    sh.add_argument(
+        "--election-id",
+        metavar="HIGH,LOW",
+        type=election_id_arg,
+        default=BACKUP_ELECTION_ID,
+        help=f"P4Runtime election id (default {high},{low}: a read-only backup)",
+    )
+    sh.add_argument(
+        "--grpc-addr", metavar="ADDR", help="P4Runtime address (default: the inventory's p4rt)"
+    )
+    sh.add_argument(
+        "--dry-run", action="store_true", help="print the p4runtime-shell command, run nothing"
+    )
     return p
 
 
@@ -387,6 +460,21 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_shell(args: argparse.Namespace) -> int:
+    return run_shell(
+        ShellOptions(
+            switch=args.switch,
+            inventory=args.inventory,
+            build_dir=args.build,
+            policy=args.policy,
+            election_id=args.election_id,
+            grpc_addr=args.grpc_addr,
+            push_config=args.push_config,
+            dry_run=args.dry_run,
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -394,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(args)
         if args.verb == "compile":
             return _cmd_compile(args)
+        if args.verb == "shell":
+            return _cmd_shell(args)
         return _cmd_fmt(args)
     except KeyboardInterrupt:
         return 130
