@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import difflib
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compiler.check import CheckResult, check_policy
 from compiler.diagnostics import (
@@ -23,7 +25,12 @@ from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
 from p4src.spec import PIPELINE, TARGETS
+from runtime.commands import VERBS as CONTROLLER_VERBS
+from runtime.commands import register as register_controller_verbs
 from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
+
+if TYPE_CHECKING:
+    from runtime.cli import Compiled
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -238,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument(
         "--dry-run", action="store_true", help="print the p4runtime-shell command, run nothing"
     )
+    register_controller_verbs(sub, _policy_arguments)
     return p
 
 
@@ -422,6 +430,42 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _front(
+    args: argparse.Namespace,
+    text_transform: Callable[[str], str],
+    policy_transform: Callable[[Policy, Inventory], Policy],
+) -> Compiled | None:
+    """The front end of every verb that drives switches: load, check and compile the
+    (effective) policy and write the build; diagnostics are reported here (None: failed)."""
+    from compiler.emit import build, write_build
+    from compiler.p4c import p4c_artifacts
+    from runtime.cli import Compiled
+
+    sources = SourceFiles()
+    loaded = _load(args, sources)
+    if loaded is None:
+        return None
+    inventory, file_text = loaded
+    text = text_transform(file_text)
+    sources.add(args.policy, text)
+    result = check_policy(text, args.policy, inventory)
+    errors = [d for d in result.diagnostics if d.severity.value == "error"]
+    if errors:
+        _report(errors, sources, args.error_format)
+    if result.policy is None:
+        return None
+    effective = policy_transform(result.policy, inventory)
+    try:
+        built = build(effective, inventory, text, args.target)
+        built.files.update(p4c_artifacts(built))
+    except P4segError as exc:
+        _report(exc.diagnostics, sources, args.error_format)
+        return None
+    build_dir = Path(args.build or Path("build") / inventory.name)
+    write_build(built, str(build_dir))
+    return Compiled(built, build_dir, inventory, effective)
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.policies:
@@ -484,6 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compile(args)
         if args.verb == "shell":
             return _cmd_shell(args)
+        if args.verb in CONTROLLER_VERBS:
+            from runtime.verbs import HANDLERS  # finsy and grpc: only these verbs pay for them
+
+            # finsy narrates every session (and that the switch has no gNMI): p4seg reports
+            # what matters itself, so only finsy's errors get through.
+            logging.getLogger("finsy").setLevel(logging.ERROR)
+            return HANDLERS[args.verb](args, _front)
         return _cmd_fmt(args)
     except KeyboardInterrupt:
         return 130

@@ -24,9 +24,8 @@ from finsy.proto import p4r
 from compiler.emit import Build
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from runtime.commands import DEFAULT_BATCH
 from runtime.controller import (
-    DEFAULT_BATCH,
-    DEFAULT_ELECTION_ID,
     ControllerError,
     ControllerOptions,
     PipelineFiles,
@@ -40,77 +39,6 @@ from runtime.entities import describe_entry
 from runtime.plan import Tables
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
-
-PLAN_HELP = """\
-Compile the policy, read back what every switch of the inventory holds, and show what
-`apply` would change: per switch and table, the entries added (+), changed (~) and
-removed (-), each with the policy rule behind it. Nothing on the switches changes; reading
-needs no arbitration, so a plan never disturbs a running controller.
-
-exit status: 0 nothing to change, 2 changes pending, 1 error
-
-examples:
-    p4seg plan policies/trading_floor.zt -i topologies/trading_floor.yaml
-    p4seg plan new.zt -i floor.yaml --switch tor-alg --switch tor-oms
-    p4seg plan new.zt -i floor.yaml --output json | jq '.switches[].tables'
-"""
-
-APPLY_HELP = """\
-Compile the policy, then make every switch hold exactly it: win arbitration (election id),
-set the pipeline where it is missing or different, and write the difference with the epoch
-protocol — the new entries under the idle epoch, one write flips the epoch, then the old
-epoch's entries go — so no packet is ever judged by a mix of the two policies. Switches are
-updated concurrently; one that is slow or down is reported and never holds up the others.
-Entries that are already right are never rewritten: a second apply writes nothing, and an
-apply interrupted anywhere is finished by the next one.
-
-exit status: 0 applied (or nothing to do), 2 changes pending (--dry-run), 1 error
-
-examples:
-    p4seg apply policies/trading_floor.zt -i topologies/trading_floor.yaml
-    p4seg apply new.zt -i floor.yaml --dry-run
-    p4seg apply new.zt -i floor.yaml --election-id 20 --batch-size 200 --timeout 60
-    p4seg apply new.zt -i floor.yaml --tls-ca ca.pem --tls-cert ctl.pem --tls-key ctl.key
-"""
-
-
-def add_controller_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every verb that talks to switches shares."""
-    p.add_argument(
-        "-t",
-        "--target",
-        choices=("ref", "bmv2"),
-        default="ref",
-        help="switch target (default: ref)",
-    )
-    p.add_argument(
-        "--build",
-        metavar="DIR",
-        help="where to write the compiled build (default: build/<inventory name>)",
-    )
-    p.add_argument(
-        "--switch",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="only this switch (repeatable; default: every switch of the inventory)",
-    )
-    p.add_argument(
-        "--election-id",
-        type=int,
-        default=DEFAULT_ELECTION_ID,
-        help=f"arbitration election id (default: {DEFAULT_ELECTION_ID})",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        help="seconds allowed per switch (default: 30)",
-    )
-    p.add_argument("--tls-ca", metavar="PEM", help="verify switches against this CA (TLS)")
-    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
-    p.add_argument("--tls-key", metavar="PEM", help="client private key (mTLS)")
-    p.add_argument("--output", choices=("human", "json"), default="human", help="stdout format")
 
 
 @dataclass(frozen=True, slots=True)

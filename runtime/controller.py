@@ -29,14 +29,10 @@ from google.protobuf import text_format
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from p4src.spec import CPU_CLONE_SESSION
+from runtime.commands import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
 
 log = logging.getLogger("p4seg.controller")
-
-DEFAULT_ELECTION_ID = 10
-DEFAULT_BATCH = (
-    500  # updates per Write: bounded so a failing batch's error details fit gRPC's trailers
-)
 
 
 class ControllerError(Exception):

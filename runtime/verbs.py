@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.inventory import Inventory
@@ -31,15 +30,11 @@ from runtime import audit
 from runtime.alerts import Alert, follow, hits_by_rule, read_counters
 from runtime.audit import actor
 from runtime.cli import (
-    APPLY_HELP,
-    EXIT_CHANGES,
     EXIT_ERROR,
     EXIT_OK,
-    PLAN_HELP,
     Compiled,
     _rule_lines,
     _selected,
-    add_controller_arguments,
     options_of,
     run,
 )
@@ -53,143 +48,11 @@ from runtime.live import (
 )
 from runtime.plan import Tables
 
-DEFAULT_STATE = ".p4seg"
-
 # compiler/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
 TextTransform = Callable[[str], str]
 PolicyTransform = Callable[[Policy, Inventory], Policy]
 Front = Callable[[argparse.Namespace, TextTransform, PolicyTransform], Compiled | None]
-PolicyArguments = Callable[[argparse.ArgumentParser, bool], None]
-
-_GRANT_HELP = """\
-Allow one flow for a while: SRC and DST are services, host names or addresses, as in the
-policy. The grant is added to the live state (.p4seg/live.json) with its absolute expiry,
-the effective policy is applied at once, and the change is audited. It lapses when it
-expires: `p4seg watch` (or any later apply) removes it, also after a controller restart.
-
-examples:
-    p4seg grant algo1 riskdb tcp 5432 --for 15m -p policies/trading_floor.zt -i floor.yaml
-    p4seg grant jump1 risk icmp --for 1h -p policy.zt -i floor.yaml
-"""
-
-_QUARANTINE_HELP = """\
-Isolate a host now, on every switch: it keeps only the flows with the policy's
-`remediation` service that the policy allows (none if there is no such service); every
-other host keeps exactly what it had. Applied with the epoch protocol and audited;
-`p4seg release HOST` undoes it.
-"""
-
-_WATCH_HELP = """\
-Keep the switches on the policy: apply now, then again whenever the policy file changes
-and whenever the effective policy changes by itself (a grant expires, a `during` window
-opens or closes, a `for` rule lapses). An edit with errors is reported and nothing
-changes; the last good policy stays. Stop with Ctrl-C.
-"""
-
-_ALERTS_HELP = """\
-Logged denies as JSON lines (time, switch, port, 5-tuple, rule id, the policy line that
-decided). Without --follow: print what .p4seg/alerts.jsonl holds. With --follow: connect to
-every switch as the primary controller (only the primary receives PacketIns), print and
-record alerts until Ctrl-C; a source that floods is rate-limited, and its next alert says
-how many were suppressed.
-"""
-
-_HITS_HELP = """\
-Per-rule packet and byte counts from every switch's `policy` counters, including allow
-rules nothing has used: the unused permissions an access review should remove.
-
-exit status: 0, or 1 if a switch cannot be read
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Verb:
-    name: str
-    help: str
-    description: str
-
-
-def _state_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--state",
-        metavar="DIR",
-        default=DEFAULT_STATE,
-        help=f"live state, audit log and alerts (default: {DEFAULT_STATE})",
-    )
-
-
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    policy_arguments: PolicyArguments,
-) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-
-    def verb(
-        name: str, help: str, description: str, with_policy: bool = True
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description, formatter_class=raw)
-        if with_policy:
-            policy_arguments(p, True)
-            add_controller_arguments(p)
-        _state_argument(p)
-        return p
-
-    verb("plan", "show what apply would change on the switches", PLAN_HELP)
-    a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
-    a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
-    a.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
-
-    g = verb("grant", "allow one flow for a while (time-bound, audited)", _GRANT_HELP, False)
-    g.add_argument("src", metavar="SRC")
-    g.add_argument("dst", metavar="DST")
-    g.add_argument("proto", metavar="PROTO", choices=("tcp", "udp", "icmp", "ip"))
-    g.add_argument("ports", metavar="PORTS", nargs="?", default="", help="e.g. 5432 or 8000-8080")
-    g.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 15m, 8h")
-    _live_policy(g, policy_arguments)
-
-    r = verb(
-        "revoke",
-        "end a grant now",
-        "End a grant before it expires (by its id, see `grant`).",
-        False,
-    )
-    r.add_argument("grant_id", metavar="GRANT")
-    _live_policy(r, policy_arguments)
-
-    q = verb("quarantine", "isolate a host on every switch now", _QUARANTINE_HELP, False)
-    q.add_argument("host", metavar="HOST")
-    _live_policy(q, policy_arguments)
-    rel = verb(
-        "release", "end a host's quarantine", "Give a quarantined host its access back.", False
-    )
-    rel.add_argument("host", metavar="HOST")
-    _live_policy(rel, policy_arguments)
-
-    w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
-    w.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
-    w.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
-    w.add_argument("--once", action="store_true", help="apply what is due, then exit (for cron)")
-
-    al = verb("alerts", "logged denies as JSON lines", _ALERTS_HELP)
-    al.add_argument("--follow", action="store_true", help="receive alerts live until Ctrl-C")
-    al.add_argument("--rate", type=float, default=5.0, help="alerts/s per source (default: 5)")
-    al.add_argument("--burst", type=int, default=20, help="burst per source (default: 20)")
-
-    verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP)
-
-    au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
-    au.add_argument("action", choices=("verify", "show"))
-
-
-def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) -> None:
-    """Live verbs name the policy with -p, since their positionals say what to change."""
-    p.add_argument("-p", "--policy", required=True, metavar="POLICY", help="policy file (.zt)")
-    p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY", help="inventory YAML")
-    p.add_argument("--error-format", choices=("human", "json"), default="human")
-    add_controller_arguments(p)
-    p.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
-
 
 # -- applying the effective policy --------------------------------------------------------
 
@@ -502,4 +365,3 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Front], int]] = {
     "hits": cmd_hits,
     "audit": cmd_audit,
 }
-__all__ = ["EXIT_CHANGES", "HANDLERS", "register"]

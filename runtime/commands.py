@@ -1,0 +1,223 @@
+"""The controller's verbs on `p4seg`'s command line: arguments and help only.
+
+Kept apart from the verbs' code (runtime/verbs.py), which pulls in finsy and grpc, so that
+`p4seg check` and `p4seg fmt` start without paying for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+DEFAULT_ELECTION_ID = 10
+DEFAULT_BATCH = (
+    500  # updates per Write: bounded so a failing batch's error details fit gRPC's trailers
+)
+DEFAULT_STATE = ".p4seg"
+VERBS = (
+    "plan",
+    "apply",
+    "grant",
+    "revoke",
+    "quarantine",
+    "release",
+    "watch",
+    "alerts",
+    "hits",
+    "audit",
+)
+
+PolicyArguments = Callable[[argparse.ArgumentParser, bool], None]
+
+PLAN_HELP = """\
+Compile the policy, read back what every switch of the inventory holds, and show what
+`apply` would change: per switch and table, the entries added (+), changed (~) and
+removed (-), each with the policy rule behind it. Nothing on the switches changes; reading
+needs no arbitration, so a plan never disturbs a running controller.
+
+exit status: 0 nothing to change, 2 changes pending, 1 error
+
+examples:
+    p4seg plan policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg plan new.zt -i floor.yaml --switch tor-alg --switch tor-oms
+    p4seg plan new.zt -i floor.yaml --output json | jq '.switches[].tables'
+"""
+
+APPLY_HELP = """\
+Compile the policy, then make every switch hold exactly it: win arbitration (election id),
+set the pipeline where it is missing or different, and write the difference with the epoch
+protocol — the new entries under the idle epoch, one write flips the epoch, then the old
+epoch's entries go — so no packet is ever judged by a mix of the two policies. Switches are
+updated concurrently; one that is slow or down is reported and never holds up the others.
+Entries that are already right are never rewritten: a second apply writes nothing, and an
+apply interrupted anywhere is finished by the next one.
+
+exit status: 0 applied (or nothing to do), 2 changes pending (--dry-run), 1 error
+
+examples:
+    p4seg apply policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg apply new.zt -i floor.yaml --dry-run
+    p4seg apply new.zt -i floor.yaml --election-id 20 --batch-size 200 --timeout 60
+    p4seg apply new.zt -i floor.yaml --tls-ca ca.pem --tls-cert ctl.pem --tls-key ctl.key
+"""
+
+
+_GRANT_HELP = """\
+Allow one flow for a while: SRC and DST are services, host names or addresses, as in the
+policy. The grant is added to the live state (.p4seg/live.json) with its absolute expiry,
+the effective policy is applied at once, and the change is audited. It lapses when it
+expires: `p4seg watch` (or any later apply) removes it, also after a controller restart.
+
+examples:
+    p4seg grant algo1 riskdb tcp 5432 --for 15m -p policies/trading_floor.zt -i floor.yaml
+    p4seg grant jump1 risk icmp --for 1h -p policy.zt -i floor.yaml
+"""
+
+_QUARANTINE_HELP = """\
+Isolate a host now, on every switch: it keeps only the flows with the policy's
+`remediation` service that the policy allows (none if there is no such service); every
+other host keeps exactly what it had. Applied with the epoch protocol and audited;
+`p4seg release HOST` undoes it.
+"""
+
+_WATCH_HELP = """\
+Keep the switches on the policy: apply now, then again whenever the policy file changes
+and whenever the effective policy changes by itself (a grant expires, a `during` window
+opens or closes, a `for` rule lapses). An edit with errors is reported and nothing
+changes; the last good policy stays. Stop with Ctrl-C.
+"""
+
+_ALERTS_HELP = """\
+Logged denies as JSON lines (time, switch, port, 5-tuple, rule id, the policy line that
+decided). Without --follow: print what .p4seg/alerts.jsonl holds. With --follow: connect to
+every switch as the primary controller (only the primary receives PacketIns), print and
+record alerts until Ctrl-C; a source that floods is rate-limited, and its next alert says
+how many were suppressed.
+"""
+
+_HITS_HELP = """\
+Per-rule packet and byte counts from every switch's `policy` counters, including allow
+rules nothing has used: the unused permissions an access review should remove.
+
+exit status: 0, or 1 if a switch cannot be read
+"""
+
+
+def add_controller_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every verb that talks to switches shares."""
+    p.add_argument(
+        "-t",
+        "--target",
+        choices=("ref", "bmv2"),
+        default="ref",
+        help="switch target (default: ref)",
+    )
+    p.add_argument(
+        "--build",
+        metavar="DIR",
+        help="where to write the compiled build (default: build/<inventory name>)",
+    )
+    p.add_argument(
+        "--switch",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="only this switch (repeatable; default: every switch of the inventory)",
+    )
+    p.add_argument(
+        "--election-id",
+        type=int,
+        default=DEFAULT_ELECTION_ID,
+        help=f"arbitration election id (default: {DEFAULT_ELECTION_ID})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds allowed per switch (default: 30)",
+    )
+    p.add_argument("--tls-ca", metavar="PEM", help="verify switches against this CA (TLS)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="client private key (mTLS)")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="stdout format")
+
+
+def _state_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        default=DEFAULT_STATE,
+        help=f"live state, audit log and alerts (default: {DEFAULT_STATE})",
+    )
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    policy_arguments: PolicyArguments,
+) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+
+    def verb(
+        name: str, help: str, description: str, with_policy: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, formatter_class=raw)
+        if with_policy:
+            policy_arguments(p, True)
+            add_controller_arguments(p)
+        _state_argument(p)
+        return p
+
+    verb("plan", "show what apply would change on the switches", PLAN_HELP)
+    a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
+    a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
+    a.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
+
+    g = verb("grant", "allow one flow for a while (time-bound, audited)", _GRANT_HELP, False)
+    g.add_argument("src", metavar="SRC")
+    g.add_argument("dst", metavar="DST")
+    g.add_argument("proto", metavar="PROTO", choices=("tcp", "udp", "icmp", "ip"))
+    g.add_argument("ports", metavar="PORTS", nargs="?", default="", help="e.g. 5432 or 8000-8080")
+    g.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 15m, 8h")
+    _live_policy(g, policy_arguments)
+
+    r = verb(
+        "revoke",
+        "end a grant now",
+        "End a grant before it expires (by its id, see `grant`).",
+        False,
+    )
+    r.add_argument("grant_id", metavar="GRANT")
+    _live_policy(r, policy_arguments)
+
+    q = verb("quarantine", "isolate a host on every switch now", _QUARANTINE_HELP, False)
+    q.add_argument("host", metavar="HOST")
+    _live_policy(q, policy_arguments)
+    rel = verb(
+        "release", "end a host's quarantine", "Give a quarantined host its access back.", False
+    )
+    rel.add_argument("host", metavar="HOST")
+    _live_policy(rel, policy_arguments)
+
+    w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
+    w.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
+    w.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
+    w.add_argument("--once", action="store_true", help="apply what is due, then exit (for cron)")
+
+    al = verb("alerts", "logged denies as JSON lines", _ALERTS_HELP)
+    al.add_argument("--follow", action="store_true", help="receive alerts live until Ctrl-C")
+    al.add_argument("--rate", type=float, default=5.0, help="alerts/s per source (default: 5)")
+    al.add_argument("--burst", type=int, default=20, help="burst per source (default: 20)")
+
+    verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP)
+
+    au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
+    au.add_argument("action", choices=("verify", "show"))
+
+
+def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) -> None:
+    """Live verbs name the policy with -p, since their positionals say what to change."""
+    p.add_argument("-p", "--policy", required=True, metavar="POLICY", help="policy file (.zt)")
+    p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY", help="inventory YAML")
+    p.add_argument("--error-format", choices=("human", "json"), default="human")
+    add_controller_arguments(p)
+    p.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
