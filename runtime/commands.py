@@ -201,6 +201,12 @@ def register(
     w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
     w.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
     w.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
+    w.add_argument(
+        "--check",
+        type=float,
+        default=2.0,
+        help="seconds between checks that every switch still runs the pipeline (default: 2)",
+    )
     w.add_argument("--once", action="store_true", help="apply what is due, then exit (for cron)")
 
     al = verb("alerts", "logged denies as JSON lines", _ALERTS_HELP)

@@ -161,6 +161,26 @@ async def pipeline_state(client: P4Client, device_id: int, expected: P4Schema) -
     return "same" if reply.config.cookie.cookie == expected.p4cookie else "different"
 
 
+async def pipeline_states(
+    switches: Sequence[SwitchTarget], files: PipelineFiles, options: ControllerOptions
+) -> dict[str, str]:
+    """Each switch's pipeline against the compiled one: same | missing | different |
+    unreachable (a cheap check: one cookie read per switch)."""
+    schema = files.schema()
+
+    async def one(target: SwitchTarget) -> str:
+        try:
+            async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+                return await asyncio.wait_for(
+                    pipeline_state(client, target.device_id, schema), options.timeout
+                )
+        except (P4ClientError, TimeoutError, OSError):
+            return "unreachable"
+
+    states = await asyncio.gather(*(one(t) for t in switches))
+    return {t.name: s for t, s in zip(switches, states, strict=True)}
+
+
 # -- planning and applying ----------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,7 @@ from runtime.cli import (
     options_of,
     run,
 )
-from runtime.controller import ControllerError, PipelineFiles, SwitchReport
+from runtime.controller import ControllerError, PipelineFiles, SwitchReport, pipeline_states
 from runtime.live import (
     LiveState,
     effective_policy,
@@ -192,20 +193,22 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, front: Front) -> int:
-    """Apply, then apply again on every edit and every scheduled change, until stopped."""
-    stop = False
+    """Apply, then apply again on every edit, every scheduled change and every switch that
+    lost its pipeline (a restart), until SIGINT/SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return watch_loop(args, front, stop.is_set)
 
-    def interrupted(*_: object) -> None:
-        nonlocal stop
-        stop = True
 
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
+def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], bool]) -> int:
     policy_path = Path(args.policy)
     seen: tuple[int, int] | None = None
     due: float | None = time.time()
     unreadable = False
-    while not stop:
+    last: Compiled | None = None
+    next_check = time.monotonic() + args.check
+    while not stopped():
         mark: tuple[int, int] | None
         try:
             stat = policy_path.stat()
@@ -214,20 +217,43 @@ def cmd_watch(args: argparse.Namespace, front: Front) -> int:
             if not unreadable:
                 print(f"p4seg watch: cannot read {policy_path}: {err.strerror}", file=sys.stderr)
             mark, unreadable = seen, True  # the switches keep what is applied
+        if last is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + args.check
+            lost = _lost_pipelines(args, last)
+            if lost:
+                print(f"-- {', '.join(lost)}: pipeline lost (restarted?): restoring", flush=True)
+                due = time.time()
         if mark != seen or (due is not None and time.time() >= due):
             seen = mark
             state = _load_state(args, "watch")
             if state is not None:
                 print(f"-- {time.strftime('%H:%M:%S')} applying {policy_path}", flush=True)
                 code, compiled = _apply_compiled("watch", args, front, state, {})
-                if code == EXIT_ERROR:
-                    print("   the switches keep what they had", flush=True)
                 if compiled is not None:
+                    last = compiled
                     due = next_change(compiled.policy, state, time.time())
+                if code == EXIT_ERROR:
+                    print("   not everything applied; the switches keep what they had", flush=True)
+                    if compiled is not None:  # a switch failed: try again after a check period
+                        due = time.time() + args.check
             if args.once:
                 return EXIT_OK
-        _wait(args.interval, lambda: stop)
+        _wait(args.interval, stopped)
     return EXIT_OK
+
+
+def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:
+    """Switches that answer but no longer run the compiled pipeline."""
+    options = options_of(args)
+    if isinstance(options, str):
+        return []
+    tables = Tables(compiled.build.target.pipeline)
+    selected = _selected(compiled, args.switch, tables)
+    if isinstance(selected, str):
+        return []
+    files = PipelineFiles.of(compiled.build_dir, args.target)
+    states = asyncio.run(pipeline_states(selected, files, options))
+    return [name for name, state in states.items() if state in ("missing", "different")]
 
 
 def _wait(seconds: float, stopped: Callable[[], bool]) -> None:

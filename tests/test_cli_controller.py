@@ -4,10 +4,12 @@ reference switch on loopback, judged by packets through the switch's data plane.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from p4rt import wait_for
 from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
@@ -128,3 +130,47 @@ def test_hits_and_watch_keep_going_on_a_bad_edit(
     assert main(["watch", "small.zt", *inv, "--once"]) == 0
     assert "unknown name 'bakc'" in capsys.readouterr().err
     assert _passes(sw, "h2", "h3", 8080)  # the switches keep the last good policy
+
+
+def test_watch_restores_a_restarted_switch(site: tuple[ReferenceSwitch, list[str]]) -> None:
+    from compiler.cli import _front, _parser
+    from runtime.verbs import watch_loop
+
+    sw, inv = site
+    address = sw.server_address
+    args = _parser().parse_args(["watch", "small.zt", *inv, "--check", "0.2", "--interval", "0.05"])
+    stop = threading.Event()
+    loop = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    loop.start()
+    try:
+        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080))
+        sw.stop()  # the switch restarts: its pipeline and entries are gone
+        fresh = ReferenceSwitch(device_id=1)
+        fresh.start(address)
+        try:
+            assert not _passes(fresh, "h1", "h3", 8080)
+            assert wait_for(lambda: _passes(fresh, "h1", "h3", 8080))
+            assert not _passes(fresh, "h3", "h1", 8080)
+        finally:
+            fresh.stop()
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+
+
+def test_an_expired_grant_is_removed_by_the_next_apply(
+    site: tuple[ReferenceSwitch, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    sw, inv = site
+    live = ["-p", "small.zt", *inv]
+    assert main(["grant", "h2", "h4", "tcp", "443", "--for", "60s", *live]) == 0
+    assert _passes(sw, "h2", "h4", 443)
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert main(["apply", "small.zt", *inv]) == 0  # e.g. a controller restarted after expiry
+    assert not _passes(sw, "h2", "h4", 443)
+    record = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "apply" and len(record["expired_grants"]) == 1

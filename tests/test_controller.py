@@ -4,9 +4,16 @@ switch that does not hold up the others, partial failure, election."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
 
+import pytest
 from finsy.proto import p4r
 
+from compiler.check import check_policy
+from compiler.emit import build
+from compiler.inventory import Inventory
 from p4src.spec import PIPELINE
 from runtime.controller import (
     ControllerOptions,
@@ -15,7 +22,7 @@ from runtime.controller import (
     apply_all,
     plan_all,
 )
-from runtime.plan import Tables
+from runtime.plan import Change, Desired, Tables
 from runtime.refswitch.switch import ReferenceSwitch
 
 TABLES = Tables(PIPELINE)
@@ -79,3 +86,93 @@ def test_a_backup_controller_writes_nothing(
 
     (report,) = asyncio.run(two_controllers())
     assert not report.ok and "not the primary" in (report.error or "")  # type: ignore[attr-defined]
+
+
+def _write_faults(monkeypatch: pytest.MonkeyPatch, fail: Callable[[p4r.Update], bool]) -> None:
+    """Make the device fail the updates `fail` picks (once each), as a full table would."""
+    from runtime.refswitch import device as device_module
+
+    original = device_module.Device._update
+    failed: set[bytes] = set()
+
+    def flaky(self: device_module.Device, schema: object, update: p4r.Update) -> None:
+        key = update.SerializeToString(deterministic=True)
+        if fail(update) and key not in failed:
+            failed.add(key)
+            raise device_module.P4RuntimeError(device_module.RESOURCE_EXHAUSTED, "table is full")
+        original(self, schema, update)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(device_module.Device, "_update", flaky)
+
+
+def test_partial_failure_of_a_batch_is_reported_and_the_retry_converges(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    switches, files, refs = fabric
+    one = [t for t in switches if t.name == "tor-alg"]
+    routing = PIPELINE.table("routing").id
+    _write_faults(monkeypatch, lambda u: u.entity.table_entry.table_id == routing)
+    (report,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions(batch_size=50)))
+    assert not report.ok and "updates failed" in (report.error or "")
+    assert report.failed_updates and all(c.table == "routing" for c, _ in report.failed_updates)
+    assert all("RESOURCE_EXHAUSTED" in e for _, e in report.failed_updates)
+    (retry,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions(batch_size=50)))
+    assert retry.ok
+    want = {e.SerializeToString(deterministic=True) for e in one[0].desired.entries.values()}
+    assert _held_entries(refs["tor-alg"]) == want
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_controller_killed_mid_apply_converges_on_restart(
+    seed: int,
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    monkeypatch: pytest.MonkeyPatch,
+    floor: Inventory,
+    floor_policy_text: str,
+) -> None:
+    import runtime.controller as controller
+
+    switches, files, refs = fabric
+    one = [t for t in switches if t.name == "tor-alg"]
+    assert asyncio.run(apply_all(one, TABLES, files, ControllerOptions()))[0].ok
+    # The new policy: one rule's port changes and a service grows.
+    text = floor_policy_text.replace("tcp 9876\n", "tcp 9877\n", 1).replace(
+        "service risk         = risk1, risk2", "service risk = risk1, risk2, algo3"
+    )
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    result = check_policy(text, "p.zt", floor)
+    assert result.policy is not None
+    compiled = next(
+        s for s in build(result.policy, floor, text, "ref").switches if s.switch == "tor-alg"
+    )
+    target = dataclasses.replace(one[0], desired=Desired.of(TABLES, compiled, 255))
+    rng = random.Random(seed)
+    kill_after = rng.randrange(1, 60)
+    real_write = controller._write
+    written = 0
+
+    async def dying(sw: object, changes: Sequence[Change], batch: int, report: object) -> None:
+        nonlocal written
+        room = kill_after - written
+        if room <= 0:
+            raise controller.ControllerError("killed")
+        await real_write(sw, changes[:room], batch, report)  # type: ignore[arg-type]
+        written += min(room, len(changes))
+        if room < len(changes):
+            raise controller.ControllerError("killed")
+
+    monkeypatch.setattr(controller, "_write", dying)
+    asyncio.run(apply_all([target], TABLES, files, ControllerOptions()))
+    monkeypatch.setattr(controller, "_write", real_write)
+    before = _held_entries(refs["tor-alg"])
+    (resumed,) = asyncio.run(apply_all([target], TABLES, files, ControllerOptions()))
+    assert resumed.ok and resumed.plan is not None
+    final = {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+    assert _held_entries(refs["tor-alg"]) == final
+    for change in resumed.plan.changes():
+        entry = change.entity.table_entry.SerializeToString(deterministic=True)
+        if change.op == "insert":
+            assert entry not in before, "re-inserted an entry the switch already held"
+        if change.op == "delete":
+            assert not (entry in before and entry in final), "deleted an entry that was right"

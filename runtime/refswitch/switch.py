@@ -39,6 +39,7 @@ class ReferenceSwitch:
         self.server: grpc.Server | None = None
         self._thread: threading.Thread | None = None
         self.sent: list[tuple[int, bytes]] = []  # in-process mode: what `inject` sent
+        self.server_address = ""  # host:port once started
 
     def start(self, grpc_addr: str = "127.0.0.1:0", tls: TlsConfig | None = None) -> int:
         """Bind the ports, then listen for P4Runtime; returns the gRPC port."""
@@ -49,6 +50,7 @@ class ReferenceSwitch:
             )
             self._thread.start()
         self.server, port = serve(self.service, grpc_addr, tls)
+        self.server_address = f"{grpc_addr.rpartition(':')[0]}:{port}"
         return port
 
     def stop(self) -> None:
