@@ -1,6 +1,7 @@
 # p4seg — set-up, demo and tests. Every target is idempotent and installs what it needs.
 #
-#   make demo   check the example trading-floor policy, print its summary, compile it to build/
+#   make demo   the trading floor in Mininet on reference switches: check, compile and apply the
+#               example policy, print the segmentation matrix from real packets (needs root)
 #   make bench  the benchmarks (figures, printed)
 #   make test   create .venv (+ .venv-shell), install Debian/Python packages when missing, run pytest
 #   make lint   ruff + mypy
@@ -50,7 +51,7 @@ $(VENV_SHELL)/.installed:
 
 demo: setup
 	$(BIN)/p4seg check policies/trading_floor.zt -i topologies/trading_floor.yaml --summary
-	$(BIN)/p4seg compile policies/trading_floor.zt -i topologies/trading_floor.yaml -o build/trading_floor
+	$(BIN)/p4seg up policies/trading_floor.zt -i topologies/trading_floor.yaml --build build/trading_floor
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -133,6 +133,12 @@ examples:
 """
 
 
+def _register_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from topologies.up import register
+
+    register(sub, _policy_arguments)
+
+
 def _policy_arguments(parser: argparse.ArgumentParser, inventory_required: bool) -> None:
     """POLICY, -i INVENTORY and --error-format: the same on every verb that reads a policy."""
     parser.add_argument("policy", metavar="POLICY", help="policy file (.zt)")
@@ -246,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the p4runtime-shell command, run nothing"
     )
     register_controller_verbs(sub, _policy_arguments)
+    _register_up(sub)
     return p
 
 
@@ -528,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compile(args)
         if args.verb == "shell":
             return _cmd_shell(args)
+        if args.verb == "up":
+            from topologies.up import run_up
+
+            logging.getLogger("finsy").setLevel(logging.ERROR)
+            return run_up(args, _front)
         if args.verb in CONTROLLER_VERBS:
             from runtime.verbs import HANDLERS  # finsy and grpc: only these verbs pay for them
 

@@ -208,7 +208,8 @@ def probe(
         for dst, proc in listeners.items():
             readers[dst] = LineReader(proc)
             if readers[dst].until(bool, 15.0) != ["ready"]:
-                raise RuntimeError(f"the receiver on {dst} did not start: {proc.stderr.read()}")
+                error = proc.stderr.read() if proc.stderr else ""
+                raise RuntimeError(f"the receiver on {dst} did not start: {error}")
         ids = {f"{s}|{d}|{f}": (s, d, f) for s, d, f in cells}
         senders = {}
         for src in sorted({s for s, _, _ in cells}):

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mininet.log import setLogLevel  # type: ignore[import-untyped]
-from mininet.net import Mininet  # type: ignore[import-untyped]
+from mininet.log import setLogLevel
+from mininet.net import Mininet
 
 from compiler.inventory import Inventory
 from topologies.switches import P4RuntimeSwitch, switch_class

@@ -1,0 +1,144 @@
+"""`p4seg up`: compile, bring the floor up in Mininet, apply, prove it with real packets.
+
+compile the (effective) policy  ->  start one switch process per switch node and the
+hosts  ->  apply with the controller  ->  the segmentation matrix  ->  tear down
+(or, with --keep, the Mininet CLI with `p4seg watch` running until you exit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
+    from runtime.cli import Compiled
+    from topologies.network import Floor
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+UP_HELP = """\
+The whole story on one machine: compile the policy, bring the inventory's floor up in
+Mininet (one reference switch process per switch, or BMv2 with --target bmv2), apply the
+policy with the controller, then send real traffic — a TCP connect to a real listener, a UDP
+datagram to a real receiver, an ICMP echo — for every ordered pair of hosts and every
+representative flow (each allowed service's ports, the ports just outside them, ICMP, a
+random sample of others), and compare with what the policy semantics say. Prints the grid
+(rows: sources, columns: destinations; a number is how many allowed flows passed, `.` means
+nothing is allowed and nothing passed, X a mismatch, listed below), then tears everything
+down. Needs root.
+
+exit status: 0 every probe as the policy says, 1 a mismatch or an error
+
+examples:
+    p4seg up policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg up policy.zt -i topologies/small.yaml --output json
+    p4seg up policy.zt -i floor.yaml --target bmv2       # simple_switch_grpc on PATH
+    p4seg up policy.zt -i floor.yaml --keep              # then the Mininet CLI, watch live
+"""
+
+
+def register(sub: Any, policy_arguments: Callable[[argparse.ArgumentParser, bool], None]) -> None:
+    from runtime.commands import add_controller_arguments
+
+    p = sub.add_parser(
+        "up",
+        help="bring the floor up in Mininet, apply, and check it with real packets",
+        description=UP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    policy_arguments(p, True)
+    add_controller_arguments(p)
+    p.add_argument("--keep", action="store_true", help="keep the floor up (Mininet CLI) after")
+    p.add_argument("--samples", type=int, default=3, help="random extra ports per protocol")
+    p.add_argument("--probe-timeout", type=float, default=1.5, help="seconds per probe")
+    p.add_argument("--state", default=".p4seg", help="state directory for --keep's watch")
+
+
+def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> int:
+    from runtime.cli import _selected, options_of
+    from runtime.controller import PipelineFiles, apply_all
+    from runtime.live import LiveState, effective_policy
+    from runtime.plan import Tables
+    from topologies.matrix import representative_flows, run_matrix
+    from topologies.network import Floor
+
+    def say(text: str) -> None:
+        if args.output == "human":
+            print(f"p4seg up: {text}", file=sys.stderr, flush=True)
+
+    start = time.monotonic()
+    say("compiling")
+    compiled = front(
+        args,
+        lambda text: text,
+        lambda policy, inv: effective_policy(
+            policy, LiveState(), time.time(), {h.name: h.ip for h in inv.hosts}
+        ),
+    )
+    if compiled is None:
+        return EXIT_ERROR
+    options = options_of(args)
+    if isinstance(options, str):
+        print(f"p4seg up: error: {options}", file=sys.stderr)
+        return EXIT_ERROR
+    tables = Tables(compiled.build.target.pipeline)
+    selected = _selected(compiled, [], tables)
+    assert not isinstance(selected, str)
+    files = PipelineFiles.of(compiled.build_dir, args.target)
+    try:
+        with Floor(compiled.inventory, args.target, progress=say) as floor:
+            say(f"floor up in {time.monotonic() - start:.1f} s; applying the policy")
+            reports = asyncio.run(apply_all(selected, tables, files, options))
+            failed = [r for r in reports if not r.ok]
+            for r in failed:
+                print(f"p4seg up: {r.switch}: {r.error}", file=sys.stderr)
+            if failed:
+                return EXIT_ERROR
+            say(f"applied: {sum(r.written for r in reports)} writes on {len(reports)} switches")
+            flows = representative_flows(compiled.policy, args.samples)
+            hosts = len(floor.hosts)
+            say(f"probing {hosts * (hosts - 1) * len(flows)} flows ({len(flows)} per host pair)")
+            matrix = run_matrix(floor, compiled.policy, flows, args.probe_timeout)
+            if args.output == "json":
+                print(json.dumps(matrix.to_json(), indent=2, sort_keys=True))
+            else:
+                print(matrix.render(color=sys.stdout.isatty()))
+            if args.keep:
+                _keep(floor, args, front)
+            status = EXIT_OK if not matrix.mismatches else EXIT_ERROR
+    except (PermissionError, OSError, RuntimeError, ValueError) as err:
+        print(f"p4seg up: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    left = floor.leftovers()
+    if left:
+        print(f"p4seg up: warning: left behind: {', '.join(left)}", file=sys.stderr)
+    say(f"torn down; {time.monotonic() - start:.1f} s in all")
+    return status
+
+
+def _keep(floor: Floor, args: argparse.Namespace, front: Callable[..., Compiled | None]) -> None:
+    """The Mininet CLI, with `p4seg watch` keeping the switches on the policy meanwhile."""
+    from mininet.cli import CLI
+
+    from runtime.verbs import watch_loop
+
+    args.interval, args.check, args.once, args.switch = 0.5, 2.0, False, []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_loop, args=(args, front, stop.is_set), daemon=True)
+    watcher.start()
+    print(
+        f"p4seg up: the floor stays up; `p4seg watch` re-applies {args.policy} on every edit.\n"
+        "  Try: algo1 ping -c1 oms1   |   md1 python3 -m topologies.probe ...   |   exit to tear down",
+        flush=True,
+    )
+    try:
+        CLI(floor.net)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
