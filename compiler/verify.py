@@ -1,0 +1,443 @@
+"""Stage 6 — translation validation: do the entries on the switches implement the policy?
+
+For every sending host, every destination address class, every protocol, every class of
+source and destination ports and every class of TCP flags, one representative packet is
+walked through the fabric (compiler/evaluate.py: every hop's tables, as the switches
+execute them) and its fate compared with the policy semantics (compiler/semantics.py).
+Classes are cut where either side can tell values apart: the host addresses, every address
+set of the policy and every prefix in the tables; for ports and flags, the ranges of the
+policy rules and of the `policy` entries that can match between that host and that
+destination on that path. Inside a class neither side can change its answer, so checking
+one packet per class is checking them all: the result is a proof, not a sample.
+
+Spoofing is checked apart: on every host port, every source address class other than the
+host's own must be refused by `src_identity` (a miss or an explicit drop).
+
+A difference is a `Counterexample`: the packet, where it went (or the hop, table and entry
+that stopped it), and the policy's decision with the rule and line behind it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from compiler.entries import FieldMatch, SwitchTables, TableEntry
+from compiler.evaluate import (
+    MAX_HOPS,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Fabric,
+    PacketFields,
+    PathResult,
+    evaluate,
+    lookup,
+)
+from compiler.inventory import Host, Inventory
+from compiler.model import ALL_PORTS, Policy
+from compiler.semantics import EPHEMERAL_PORT, PolicySemantics
+from p4src.spec import PIPELINE
+
+MAX_ADDRESS = (1 << 32) - 1
+MAX_PORT = 65535
+TCP_ACK = 0x10
+OTHER_PROTOCOL = 47  # GRE: stands for every protocol the policy does not name
+_PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
+_WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
+
+
+@dataclass(frozen=True, slots=True)
+class Counterexample:
+    kind: str  # allowed-by-tables | denied-by-tables | wrong-destination | loop | spoof-accepted
+    sender: str
+    packet: PacketFields
+    path: PathResult | None
+    expected: str  # what the policy says, with the rule and line
+    observed: str  # what the tables do, with the hop, table and entry
+
+    def describe(self) -> str:
+        p = self.packet
+        proto = _PROTO_NAME.get(p.protocol, f"proto {p.protocol}")
+        if p.protocol in (PROTO_TCP, PROTO_UDP):
+            ports = f" {p.sport} -> {p.dport}"
+            if p.protocol == PROTO_TCP:
+                ports += f" flags {p.tcp_flags:#04x}"
+        elif p.protocol == PROTO_ICMP:
+            ports = f" type {p.icmp_type} code {p.icmp_code}"
+        else:
+            ports = ""
+        head = f"{self.kind}: from {self.sender}: {_ip(p.src)} -> {_ip(p.dst)} {proto}{ports}"
+        return f"{head}\n    policy: {self.expected}\n    tables: {self.observed}"
+
+    def to_json(self) -> dict[str, object]:
+        p = self.packet
+        return {
+            "kind": self.kind,
+            "sender": self.sender,
+            "packet": {
+                "src": _ip(p.src),
+                "dst": _ip(p.dst),
+                "protocol": p.protocol,
+                "sport": p.sport,
+                "dport": p.dport,
+                "tcp_flags": p.tcp_flags,
+                "icmp_type": p.icmp_type,
+                "icmp_code": p.icmp_code,
+            },
+            "policy": self.expected,
+            "tables": self.observed,
+        }
+
+
+@dataclass
+class VerifyResult:
+    classes: int = 0  # packet classes walked end to end
+    spoof_classes: int = 0  # (host port, source class) pairs checked
+    counterexamples: list[Counterexample] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def proven(self) -> bool:
+        return not self.counterexamples
+
+
+def _ip(value: int) -> str:
+    return ".".join(str((value >> s) & 0xFF) for s in (24, 16, 8, 0))
+
+
+def _cuts(intervals: Iterable[tuple[int, int]], top: int) -> set[int]:
+    out = set()
+    for lo, hi in intervals:
+        out.add(lo)
+        if hi < top:
+            out.add(hi + 1)
+    return out
+
+
+def _classes(cuts: set[int], top: int) -> list[tuple[int, int]]:
+    starts = sorted(cuts | {0})
+    return [(s, (starts[i + 1] - 1) if i + 1 < len(starts) else top) for i, s in enumerate(starts)]
+
+
+def _match_intervals(m: FieldMatch, bits: int) -> list[tuple[int, int]]:
+    """The values a match covers, as intervals (ternary: prefix masks exactly; others by
+    the blocks of their lowest mask bit, which is exact too)."""
+    top = (1 << bits) - 1
+    if m.kind == "exact":
+        return [(m.value, m.value)]
+    if m.kind == "range":
+        return [(m.value, m.arg)]
+    if m.kind == "lpm":
+        size = 1 << (bits - m.arg)
+        return [(m.value, m.value + size - 1)]
+    low = m.arg & -m.arg if m.arg else 1 << bits
+    block = low - 1  # the bits below the lowest mask bit are free: blocks of `low` values
+    high_mask = m.arg & ~block & top
+    out = []
+    for start in range(0, top + 1, low):
+        if start & high_mask == m.value & high_mask:
+            out.append((start, start + block))
+        if len(out) > 4096:
+            break
+    return out
+
+
+class Verifier:
+    def __init__(
+        self, policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+    ) -> None:
+        self.policy = policy
+        self.inventory = inventory
+        self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
+        self.fabric = Fabric(switches, inventory)
+        self.host_by_ip = {h.ip: h for h in inventory.hosts}
+
+    # -- address classes ---------------------------------------------------------------
+
+    def address_classes(self) -> list[tuple[int, int]]:
+        cuts: set[int] = set()
+        for h in self.inventory.hosts:
+            cuts |= _cuts([(h.ip, h.ip)], MAX_ADDRESS)
+        for r in self.policy.rules:
+            cuts |= _cuts(r.src.intervals, MAX_ADDRESS) | _cuts(r.dst.intervals, MAX_ADDRESS)
+        for sw in self.fabric.switches.values():
+            for entry in sw.tables.entries:
+                for m in entry.matches:
+                    if m.field in ("src_addr", "dst_addr"):
+                        cuts |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
+        return _classes(cuts, MAX_ADDRESS)
+
+    # -- the path a destination's packets take (routing only) --------------------------
+
+    def path(self, sender: Host, dst: int) -> list[tuple[str, int]]:
+        """(switch, ingress port) for every hop routing takes a packet to `dst` through."""
+        hops: list[tuple[str, int]] = []
+        switch, port = sender.switch, sender.port
+        for _ in range(MAX_HOPS):
+            hops.append((switch, port))
+            route = lookup(
+                self.fabric.switches[switch].by_table.get("routing", []), {"dst_addr": dst}
+            )
+            if route is None or route.action != "forward":
+                return hops
+            out = (switch, dict(route.params)["port"])
+            if out in self.fabric.host_at or out not in self.fabric.peer:
+                return hops
+            switch, port = self.fabric.peer[out]
+        return hops
+
+    def _entries_between(
+        self, hops: list[tuple[str, int]], src: int, dst: int, proto: int
+    ) -> list[TableEntry]:
+        """The policy entries that can judge src -> dst packets of `proto` on the path."""
+        out: list[TableEntry] = []
+        for switch, port in hops:
+            sw = self.fabric.switches[switch]
+            epoch = next(
+                (dict(d.params)["value"] for d in sw.tables.defaults if d.table == "epoch"), 0
+            )
+            values = {"epoch": epoch, "ingress_port": port, "src_addr": src, "dst_addr": dst}
+            src_hit = lookup(sw.by_table.get("src_identity", []), values)
+            if src_hit is None or src_hit.action != "set_src_group":
+                continue
+            dst_hit = lookup(sw.by_table.get("dst_identity", []), values)
+            values["src_group"] = dict(src_hit.params)["group"]
+            values["dst_group"] = dict(dst_hit.params)["group"] if dst_hit else 0
+            values["protocol"] = proto
+            for entry in sw.by_table.get("policy", []):
+                if all(
+                    m.covers(values[m.field])
+                    if m.kind != "lpm"
+                    else m.covers_lpm(values[m.field], 32)
+                    for m in entry.matches
+                    if m.field in values
+                ):
+                    out.append(entry)
+        return out
+
+    def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = [(EPHEMERAL_PORT, EPHEMERAL_PORT)]
+        for r in self.policy.rules:
+            if r.proto not in (proto, "ip") or r.ports == ALL_PORTS:
+                continue
+            if (src in r.src and dst in r.dst) or (dst in r.src and src in r.dst):
+                out += r.ports
+        return out
+
+    # -- the proof ---------------------------------------------------------------------
+
+    def run(self) -> VerifyResult:
+        start = time.monotonic()
+        result = VerifyResult()
+        classes = self.address_classes()
+        self._spoofing(classes, result)
+        protocols = sorted(
+            {PROTO_TCP, PROTO_UDP, PROTO_ICMP, OTHER_PROTOCOL}
+            | {
+                m.value
+                for sw in self.fabric.switches.values()
+                for e in sw.by_table.get("policy", [])
+                for m in e.matches
+                if m.field == "protocol" and m.kind == "ternary" and m.arg == 0xFF
+            }
+        )
+        for sender in self.inventory.hosts:
+            for lo, _hi in classes:
+                dst = lo
+                target = self.host_by_ip.get(dst)
+                if target is not None and target.name == sender.name:
+                    continue
+                hops = self.path(sender, dst)
+                for proto in protocols:
+                    self._check(sender, dst, target, proto, hops, result)
+        result.seconds = time.monotonic() - start
+        return result
+
+    def _check(
+        self,
+        sender: Host,
+        dst: int,
+        target: Host | None,
+        proto: int,
+        hops: list[tuple[str, int]],
+        result: VerifyResult,
+    ) -> None:
+        src = sender.ip
+        name = _PROTO_NAME.get(proto, "other")
+        entries = self._entries_between(hops, src, dst, proto)
+        has_ports = proto in (PROTO_TCP, PROTO_UDP)
+        sport_cuts: set[int] = set()
+        dport_cuts: set[int] = set()
+        flag_bits = TCP_ACK if proto == PROTO_TCP else 0
+        rule_ports = self._rule_ports(src, dst, name) if has_ports else []
+        sport_cuts |= _cuts(rule_ports, MAX_PORT)
+        dport_cuts |= _cuts(rule_ports, MAX_PORT)
+        if proto == PROTO_ICMP:
+            dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
+        for e in entries:
+            for m in e.matches:
+                if m.field == "l4_src_port":
+                    sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                elif m.field == "l4_dst_port":
+                    dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                elif m.field == "tcp_flags" and proto == PROTO_TCP:
+                    flag_bits |= m.arg
+        sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
+        dports = (
+            _classes(dport_cuts, MAX_PORT)
+            if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMP)
+            else [(0, 0)]
+        )
+        flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
+        for sport, _ in sports:
+            for dport, _ in dports:
+                for flags in flag_values:
+                    if proto == PROTO_ICMP:
+                        pkt = PacketFields(
+                            src, dst, proto, icmp_type=dport >> 8, icmp_code=dport & 0xFF
+                        )
+                    else:
+                        pkt = PacketFields(src, dst, proto, sport, dport, flags)
+                    result.classes += 1
+                    self._compare(sender, target, pkt, name, hops, result)
+
+    def _compare(
+        self,
+        sender: Host,
+        target: Host | None,
+        pkt: PacketFields,
+        proto: str,
+        hops: list[tuple[str, int]],
+        result: VerifyResult,
+    ) -> None:
+        path = self.fabric.walk(sender.name, pkt)
+        decision = self.sem.decide(
+            pkt.src,
+            pkt.dst,
+            proto if proto != "other" else "other",
+            pkt.sport if proto in ("tcp", "udp") else EPHEMERAL_PORT,
+            pkt.dport if proto in ("tcp", "udp") else 0,
+            ack=bool(pkt.tcp_flags & TCP_ACK),
+            icmp_type=pkt.icmp_type,
+        )
+        expected = decision.describe()
+        if path.loop:
+            result.counterexamples.append(
+                Counterexample("loop", sender.name, pkt, path, expected, _observed(path))
+            )
+            return
+        if path.delivered and (target is None or path.delivered_to != target.name):
+            result.counterexamples.append(
+                Counterexample(
+                    "wrong-destination", sender.name, pkt, path, expected, _observed(path)
+                )
+            )
+            return
+        if target is None:
+            return  # no host there: the tables dropped it, which no policy contradicts
+        # Defence in depth: the source ToR and the destination ToR each enforce the whole
+        # policy on their own, so that one corrupted switch cannot open a flow.
+        tors = {hops[0]} | ({hops[-1]} if hops[-1][0] == target.switch else set())
+        for switch, port in sorted(tors):
+            alone = evaluate(self.fabric.switches[switch], port, pkt)
+            if (alone.egress_port is not None) != decision.allowed:
+                side = "source" if (switch, port) == hops[0] else "destination"
+                verb = "lets it through" if alone.egress_port is not None else "drops it"
+                result.counterexamples.append(
+                    Counterexample(
+                        f"{side}-tor",
+                        sender.name,
+                        pkt,
+                        path,
+                        expected,
+                        f"{switch} alone {verb}: " + _observed(PathResult((alone,), None)),
+                    )
+                )
+        if path.delivered and not decision.allowed:
+            result.counterexamples.append(
+                Counterexample(
+                    "allowed-by-tables", sender.name, pkt, path, expected, _observed(path)
+                )
+            )
+        elif not path.delivered and decision.allowed:
+            result.counterexamples.append(
+                Counterexample(
+                    "denied-by-tables", sender.name, pkt, path, expected, _observed(path)
+                )
+            )
+
+    def _spoofing(self, classes: list[tuple[int, int]], result: VerifyResult) -> None:
+        for host in self.inventory.hosts:
+            sw = self.fabric.switches[host.switch]
+            for lo, _hi in classes:
+                if lo == host.ip:
+                    continue
+                result.spoof_classes += 1
+                pkt = PacketFields(lo, host.ip ^ 1, OTHER_PROTOCOL)
+                hit = evaluate(sw, host.port, pkt).hits[1]
+                if hit.entry is not None and hit.action != "drop":
+                    result.counterexamples.append(
+                        Counterexample(
+                            "spoof-accepted",
+                            host.name,
+                            pkt,
+                            None,
+                            f"a packet on {host.name}'s port ({host.switch} port {host.port}) "
+                            f"must carry {_ip(host.ip)}",
+                            f"{host.switch}: src_identity {_entry(hit.entry)} accepts {_ip(lo)}",
+                        )
+                    )
+
+
+def _subsets(bits: int) -> list[int]:
+    """Every combination of the given flag bits (each a class of TCP flags)."""
+    out = [0]
+    b = bits & 0xFF
+    while b:
+        low = b & -b
+        out += [v | low for v in out]
+        b ^= low
+    return out
+
+
+def _entry(entry: TableEntry) -> str:
+    matches = " ".join(f"{m.field}={_show(m)}" for m in entry.matches)
+    params = ", ".join(f"{k}={v}" for k, v in entry.params)
+    rule = f" [rule {entry.rule_id}]" if entry.rule_id is not None else ""
+    return f"{entry.table}[{matches}] -> {entry.action}({params}){rule}"
+
+
+def _show(m: FieldMatch) -> str:
+    v = _ip(m.value) if m.field.endswith("_addr") else str(m.value)
+    if m.kind == "lpm":
+        return f"{v}/{m.arg}"
+    if m.kind == "range":
+        return v if m.value == m.arg else f"{m.value}..{m.arg}"
+    if m.kind == "ternary":
+        return f"{m.value:#x}&&&{m.arg:#x}"
+    return v
+
+
+def _observed(path: PathResult) -> str:
+    if path.loop:
+        return "routing loops: " + " -> ".join(h.switch for h in path.hops[:MAX_HOPS])
+    if path.delivered:
+        return f"delivered to {path.delivered_to} via " + " -> ".join(h.switch for h in path.hops)
+    last = path.hops[-1]
+    stop = next(
+        (h for h in reversed(last.hits) if h.action in ("drop", "deny", "deny_and_log")),
+        last.hits[-1] if last.hits else None,
+    )
+    if stop is None:
+        return f"dropped at {last.switch}"
+    what = _entry(stop.entry) if stop.entry else f"{stop.table} default {stop.action}"
+    return f"dropped at {last.switch} by {what}"
+
+
+def verify(
+    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+) -> VerifyResult:
+    """Prove that `switches`' entries implement `policy` on `inventory`, or show where not."""
+    return Verifier(policy, inventory, switches).run()
