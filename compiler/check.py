@@ -33,8 +33,8 @@ class CheckResult:
         return len(self.diagnostics) - self.errors
 
 
-def analyze(policy: Policy, inventory: Inventory) -> list[Diagnostic]:
-    """Dead rules and expectations of a resolved policy."""
+def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> list[Diagnostic]:
+    """Dead rules and (unless `expectations` is False) expectations of a resolved policy."""
     semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
     names = {h.ip: h.name for h in inventory.hosts}
     diags: list[Diagnostic] = []
@@ -46,7 +46,7 @@ def analyze(policy: Policy, inventory: Inventory) -> list[Diagnostic]:
         else:
             message = "redundant rule: every packet it matches is decided by other rules"
             diags.append(warning("W002", message, dead.rule.span, *notes))
-    for expect in policy.expects:
+    for expect in policy.expects if expectations else ():
         failure = semantics.expectation_failure(expect)
         if failure is None:
             continue
@@ -68,8 +68,12 @@ def _host(address: int, names: dict[int, str]) -> str:
     return f"{name} ({format_ipv4(address)})" if name else format_ipv4(address)
 
 
-def check_policy(text: str, file: str, inventory: Inventory | None = None) -> CheckResult:
-    """Everything `p4seg check` reports about a policy; never raises for policy problems."""
+def check_policy(
+    text: str, file: str, inventory: Inventory | None = None, expectations: bool = True
+) -> CheckResult:
+    """Everything `p4seg check` reports about a policy; never raises for policy problems.
+
+    `expectations=False` leaves `expect` lines to the caller (`p4seg test` runs them)."""
     inv = inventory or Inventory.empty()
     # The AST and the atom masks are many small long-lived objects: full garbage
     # collections would walk them again and again for nothing (~20% of a 10k-rule check).
@@ -77,7 +81,7 @@ def check_policy(text: str, file: str, inventory: Inventory | None = None) -> Ch
     gc.disable()
     try:
         resolved = resolve(parse(text, file), inv)
-        diags = list(resolved.warnings) + analyze(resolved.policy, inv)
+        diags = list(resolved.warnings) + analyze(resolved.policy, inv, expectations)
     except P4segError as exc:
         return CheckResult(None, exc.diagnostics)
     finally:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler.check import CheckResult, check_policy
+from compiler.cli_analysis import HANDLERS as ANALYSIS_HANDLERS
+from compiler.cli_analysis import register as register_analysis_verbs
 from compiler.diagnostics import (
     Diagnostic,
     InventoryError,
@@ -253,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     register_controller_verbs(sub, _policy_arguments)
     _register_up(sub)
+    register_analysis_verbs(sub, _policy_arguments)
     return p
 
 
@@ -437,6 +440,23 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checked(args: argparse.Namespace) -> tuple[Policy, Inventory, str] | None:
+    """Load and check the policy of a command line; errors are reported (None: failed).
+    `p4seg test` reports failed expectations itself, so they are not errors there."""
+    sources = SourceFiles()
+    loaded = _load(args, sources)
+    if loaded is None:
+        return None
+    inventory, text = loaded
+    result = check_policy(text, args.policy, inventory, expectations=args.verb != "test")
+    errors = [d for d in result.diagnostics if d.is_error]
+    if errors:
+        _report(errors, sources, args.error_format)
+    if result.policy is None:
+        return None
+    return result.policy, inventory, text
+
+
 def _front(
     args: argparse.Namespace,
     text_transform: Callable[[str], str],
@@ -535,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compile(args)
         if args.verb == "shell":
             return _cmd_shell(args)
+        if args.verb in ANALYSIS_HANDLERS:
+            return ANALYSIS_HANDLERS[args.verb](args, _checked)
         if args.verb == "up":
             from topologies.up import run_up
 

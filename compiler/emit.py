@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.addresses import format_ipv4
-from compiler.entries import SwitchTables, TableEntry
+from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
 from compiler.fit import Target, fit, make_target
 from compiler.inventory import Inventory
 from compiler.lower import lower
@@ -34,7 +34,7 @@ from compiler.model import Policy
 from p4src.p4info import p4info_text
 from p4src.refconfig import device_config
 from p4src.render import render_program
-from p4src.spec import Pipeline, Table
+from p4src.spec import Pipeline, Table, build_pipeline
 
 _ADDRESS_FIELDS = ("src_addr", "dst_addr")
 # Tofino memory units (per stage): TCAM blocks 44 bits x 512 entries, SRAM blocks 128 bits x 1024.
@@ -324,3 +324,46 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sorted(str(target / rel) for rel in build_.files)
+
+
+_KEY_ORDER = {t.name: {k.name: k.id for k in t.keys} for t in build_pipeline().tables}
+
+
+def _in_key_order(table: str, matches: list[FieldMatch]) -> tuple[FieldMatch, ...]:
+    order = _KEY_ORDER[table]
+    return tuple(sorted(matches, key=lambda m: order[m.field]))
+
+
+def _field_match(name: str, doc: dict[str, object]) -> FieldMatch:
+    ((kind, value),) = doc.items()
+    if kind == "exact":
+        assert isinstance(value, int)
+        return FieldMatch(name, "exact", value)
+    assert isinstance(value, list) and len(value) == 2
+    return FieldMatch(name, kind, int(value[0]), int(value[1]))
+
+
+def load_entries(text: str) -> SwitchTables:
+    """A switch's entries back from `DIR/entries/<switch>.json` (what `verify` reads);
+    ValueError if the document is not in that format."""
+    try:
+        doc = json.loads(text)
+        entries = tuple(
+            TableEntry(
+                e["table"],
+                _in_key_order(e["table"], [_field_match(k, v) for k, v in e["match"].items()]),
+                e["action"],
+                tuple(e["params"].items()),
+                e.get("priority", 0),
+                e.get("rule_id"),
+                e.get("role", ""),
+            )
+            for e in doc["entries"]
+        )
+        defaults = tuple(
+            DefaultAction(d["table"], d["action"], tuple(d["params"].items()))
+            for d in doc["defaults"]
+        )
+        return SwitchTables(doc["switch"], doc["role"], doc["device_id"], entries, defaults)
+    except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as err:
+        raise ValueError(f"not a p4seg entries file ({err.__class__.__name__}: {err})") from None

@@ -416,7 +416,8 @@ def _show(m: FieldMatch) -> str:
     if m.kind == "range":
         return v if m.value == m.arg else f"{m.value}..{m.arg}"
     if m.kind == "ternary":
-        return f"{m.value:#x}&&&{m.arg:#x}"
+        full = (1 << _WIDTH.get(m.field, 32)) - 1
+        return v if m.arg == full else f"{m.value:#x}&&&{m.arg:#x}"
     return v
 
 

@@ -317,3 +317,27 @@ async def apply_all(
     return list(
         await asyncio.gather(*(apply_one(t, tables, files, options, progress) for t in switches))
     )
+
+
+async def read_tables(
+    switches: Sequence[SwitchTarget], tables: Tables, options: ControllerOptions
+) -> dict[str, SwitchTables | str]:
+    """What every switch holds, as the compiler's values (for verify/trace/test against the
+    live switches); an unreadable switch maps to the reason."""
+    from compiler.entries import DefaultAction
+    from runtime.entities import entry_from_proto
+
+    async def one(target: SwitchTarget) -> SwitchTables | str:
+        try:
+            async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+                held = await asyncio.wait_for(
+                    read_held(client, target.device_id, tables), options.timeout
+                )
+        except (P4ClientError, TimeoutError, OSError) as err:
+            return str(err) or type(err).__name__
+        entries = tuple(entry_from_proto(tables.pipeline, e) for e in held.entries)
+        epoch = DefaultAction("epoch", "set_epoch", (("value", held.epoch),))
+        return SwitchTables(target.name, "", target.device_id, entries, (epoch,))
+
+    results = await asyncio.gather(*(one(t) for t in switches))
+    return {t.name: r for t, r in zip(switches, results, strict=True)}

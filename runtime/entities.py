@@ -103,3 +103,31 @@ def describe_entry(pipeline: Pipeline, entry: p4r.TableEntry) -> tuple[str, int 
         call = f"{action.name}({', '.join(args)})"
     prio = f" prio {entry.priority}" if entry.priority else ""
     return f"{table.name}[{' '.join(parts)}]{prio} -> {call}", rule_id
+
+
+def entry_from_proto(pipeline: Pipeline, entry: p4r.TableEntry) -> TableEntry:
+    """A read-back entry as the compiler's value (for the evaluator: verify, trace, test).
+
+    The rule id is read from the action's `rule_id` parameter where the action has one."""
+    table = next(t for t in pipeline.tables if t.id == entry.table_id)
+    keys = {k.id: k for k in table.keys}
+    matches = []
+    for fm in entry.match:
+        key = keys[fm.field_id]
+        kind = fm.WhichOneof("field_match_type")
+        if kind == "exact":
+            matches.append(FieldMatch(key.name, "exact", int.from_bytes(fm.exact.value, "big")))
+        elif kind == "lpm":
+            value = int.from_bytes(fm.lpm.value, "big")
+            matches.append(FieldMatch(key.name, "lpm", value, fm.lpm.prefix_len))
+        elif kind == "ternary":
+            value, mask = (int.from_bytes(b, "big") for b in (fm.ternary.value, fm.ternary.mask))
+            matches.append(FieldMatch(key.name, "ternary", value, mask))
+        elif kind == "range":
+            lo, hi = (int.from_bytes(b, "big") for b in (fm.range.low, fm.range.high))
+            matches.append(FieldMatch(key.name, "range", lo, hi))
+    action = next(a for a in pipeline.actions if a.id == entry.action.action.action_id)
+    values = {p.param_id: int.from_bytes(p.value, "big") for p in entry.action.action.params}
+    params = tuple((p.name, values[p.id]) for p in action.params)
+    rule_id = dict(params).get("rule_id")
+    return TableEntry(table.name, tuple(matches), action.name, params, entry.priority, rule_id)

@@ -1,0 +1,153 @@
+"""`trace` and `test`: one flow through the switches' tables, and `expect` lines run both on
+the policy semantics and on the tables.
+
+A flow is what the matrix sends: a TCP connection (the SYN, then the SYN-ACK back), a UDP
+datagram, an ICMP echo (then the reply), or one packet of another protocol. Each packet is
+walked through the fabric (compiler/evaluate.py) hop by hop; every table hit is kept, with
+the policy rule and line behind it, so a trace says exactly which entry decided and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from compiler.entries import SwitchTables
+from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
+from compiler.inventory import Host, Inventory
+from compiler.model import ExpectCase, Policy
+from compiler.semantics import EPHEMERAL_PORT, ICMP_ECHO_REPLY, Decision, PolicySemantics
+
+PROTO_NUMBER = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ip": 47}
+TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One packet of a flow: what the tables did and what the policy says."""
+
+    what: str  # "request", "reply"
+    packet: PacketFields
+    sender: str
+    path: PathResult
+    policy: Decision | None  # None when judged without a policy (--from-switches alone)
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    src: Host
+    dst: Host
+    proto: str
+    port: int
+    legs: tuple[Leg, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(leg.path.delivered for leg in self.legs)
+
+    @property
+    def policy_allows(self) -> bool | None:
+        if any(leg.policy is None for leg in self.legs):
+            return None
+        return all(leg.policy.allowed for leg in self.legs if leg.policy is not None)
+
+
+def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, PacketFields, bool]]:
+    """The packets of a flow: (what, packet, goes from src to dst)."""
+    if proto == "tcp":
+        return [
+            ("request", PacketFields(src, dst, PROTO_TCP, EPHEMERAL_PORT, port, TCP_SYN), True),
+            ("reply", PacketFields(dst, src, PROTO_TCP, port, EPHEMERAL_PORT, TCP_SYN_ACK), False),
+        ]
+    if proto == "udp":
+        return [("request", PacketFields(src, dst, PROTO_UDP, EPHEMERAL_PORT, port), True)]
+    if proto == "icmp":
+        return [
+            ("request", PacketFields(src, dst, PROTO_ICMP), True),
+            ("reply", PacketFields(dst, src, PROTO_ICMP, icmp_type=ICMP_ECHO_REPLY), False),
+        ]
+    return [("request", PacketFields(src, dst, PROTO_NUMBER["ip"]), True)]
+
+
+def trace_flow(
+    fabric: Fabric, sem: PolicySemantics | None, src: Host, dst: Host, proto: str, port: int
+) -> Trace:
+    """Walk a flow's packets; the reply only if the request got through."""
+    legs = []
+    for what, pkt, forward in packets(proto, src.ip, dst.ip, port):
+        sender = src if forward else dst
+        path = fabric.walk(sender.name, pkt)
+        decision = None
+        if sem is not None:
+            name = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}.get(
+                pkt.protocol, "other"
+            )
+            decision = sem.decide(
+                pkt.src, pkt.dst, name, pkt.sport, pkt.dport,
+                ack=bool(pkt.tcp_flags & 0x10), icmp_type=pkt.icmp_type,
+            )  # fmt: skip
+        legs.append(Leg(what, pkt, sender.name, path, decision))
+        if not path.delivered:
+            break
+    return Trace(src, dst, proto, port, tuple(legs))
+
+
+def _fabric(inventory: Inventory, switches: Mapping[str, SwitchTables]) -> Fabric:
+    return Fabric(switches, inventory)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectResult:
+    expect: ExpectCase
+    semantics_ok: bool
+    semantics_note: str
+    pairs: int  # host pairs tried on the tables
+    tables_ok: bool
+    tables_note: str  # the first host pair whose traffic contradicts the expectation
+
+    @property
+    def ok(self) -> bool:
+        return self.semantics_ok and self.tables_ok
+
+
+def run_expects(
+    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+) -> list[ExpectResult]:
+    """Every `expect` line, on the semantics (over all addresses) and on the tables (over
+    every pair of inventory hosts the line covers)."""
+    sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
+    fabric = _fabric(inventory, switches)
+    out = []
+    for e in policy.expects:
+        failure = sem.expectation_failure(e)
+        sem_note = "" if failure is None else _failure_text(failure)
+        pairs = 0
+        tables_note = ""
+        proto = e.proto
+        port = e.port or 0
+        for s in inventory.hosts:
+            if s.ip not in e.src:
+                continue
+            for d in inventory.hosts:
+                if d.ip not in e.dst or d.name == s.name:
+                    continue
+                pairs += 1
+                t = trace_flow(fabric, None, s, d, proto, port)
+                if t.passed != e.allowed:
+                    got = "got through" if t.passed else "was stopped"
+                    tables_note = f"{s.name} -> {d.name} {proto} {port or ''}".rstrip() + f" {got}"
+                    break
+            if tables_note:
+                break
+        out.append(ExpectResult(e, failure is None, sem_note, pairs, not tables_note, tables_note))
+    return out
+
+
+def _failure_text(failure: tuple[int, int, str, int | None, object]) -> str:
+    from compiler.addresses import format_ipv4
+
+    src, dst, proto, port, flow = failure
+    where = f" {port}" if port is not None else ""
+    deciding = getattr(flow, "deciding", None)
+    why = deciding.describe() if deciding is not None else ""
+    return f"{format_ipv4(src)} -> {format_ipv4(dst)} {proto}{where}: {why}"
