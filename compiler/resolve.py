@@ -50,9 +50,7 @@ def parse_duration(text: str) -> int | str:
     """Seconds in a duration such as `15m` (1s to 365d), or what is wrong with it."""
     m = _DURATION.match(text)
     if not m:
-        return (
-            f"duration {quote(text)} is not a whole number with a unit s, m, h or d (e.g. 15m)"
-        )
+        return f"duration {quote(text)} is not a whole number with a unit s, m, h or d (e.g. 15m)"
     seconds = int(m["n"]) * _DURATION_UNITS[m["unit"]]
     if not 1 <= seconds <= MAX_DURATION_S:
         return f"duration {quote(text)} must be from 1s to 365d"
