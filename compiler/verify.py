@@ -144,6 +144,39 @@ def _match_intervals(m: FieldMatch, bits: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    switch: str
+    port: int  # ingress
+    entries: list[tuple[tuple[FieldMatch, ...], TableEntry]] | None  # None: src_identity drops
+    egress: int | None  # where routing sends the packet (None: no route)
+    loop: bool = False
+
+
+def _verdict(hop: _Hop, values: dict[str, int]) -> bool:
+    """Whether `hop`'s policy table lets a packet with these port/flag values through."""
+    if hop.entries is None:
+        return False
+    for varying, entry in hop.entries:
+        if all(m.covers(values[m.field]) for m in varying):
+            return entry.action in ("permit", "permit_metered")
+    return False  # the table's default: deny
+
+
+def _judge(loop: bool, delivered_to: str | None, target: Host | None, allowed: bool) -> list[str]:
+    if loop:
+        return ["loop"]
+    if delivered_to is not None and (target is None or delivered_to != target.name):
+        return ["wrong-destination"]
+    if target is None:
+        return []  # no host there: dropped, which no policy contradicts
+    if delivered_to is not None and not allowed:
+        return ["allowed-by-tables"]
+    if delivered_to is None and allowed:
+        return ["denied-by-tables"]
+    return []
+
+
 class Verifier:
     def __init__(
         self, policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
@@ -153,6 +186,18 @@ class Verifier:
         self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
         self.fabric = Fabric(switches, inventory)
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
+        self._epoch = {
+            name: next((dict(d.params)["value"] for d in sw.defaults if d.table == "epoch"), 0)
+            for name, sw in switches.items()
+        }
+        self._routes: dict[
+            tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
+        ] = {}
+        self._by_dst: dict[tuple[str, str, int], int | None] = {}
+        self._from_group: dict[tuple[str, int], list[TableEntry]] = {}
+        self._policy: dict[
+            tuple[str, int, int, int, int], list[tuple[tuple[FieldMatch, ...], TableEntry]]
+        ] = {}
 
     # -- address classes ---------------------------------------------------------------
 
@@ -169,53 +214,97 @@ class Verifier:
                         cuts |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
         return _classes(cuts, MAX_ADDRESS)
 
-    # -- the path a destination's packets take (routing only) --------------------------
+    # -- the path a destination's packets take, and what each hop can decide -------------
 
-    def path(self, sender: Host, dst: int) -> list[tuple[str, int]]:
-        """(switch, ingress port) for every hop routing takes a packet to `dst` through."""
-        hops: list[tuple[str, int]] = []
-        switch, port = sender.switch, sender.port
-        for _ in range(MAX_HOPS):
-            hops.append((switch, port))
-            route = lookup(
-                self.fabric.switches[switch].by_table.get("routing", []), {"dst_addr": dst}
-            )
-            if route is None or route.action != "forward":
-                return hops
-            out = (switch, dict(route.params)["port"])
-            if out in self.fabric.host_at or out not in self.fabric.peer:
-                return hops
-            switch, port = self.fabric.peer[out]
+    def plan(self, sender: Host, dst: int, proto: int) -> list[_Hop]:
+        """Every hop routing takes `sender`'s packets to `dst` through, with the `policy`
+        entries each can judge them by (those whose fixed fields match): the port and
+        flag classes of a packet then only pick among those."""
+        hops = []
+        for switch, port, groups, egress, loop in self._route(sender, dst):
+            entries = None if groups is None else self._policy_entries(switch, *groups, proto)
+            hops.append(_Hop(switch, port, entries, egress, loop))
         return hops
 
-    def _entries_between(
-        self, hops: list[tuple[str, int]], src: int, dst: int, proto: int
-    ) -> list[TableEntry]:
-        """The policy entries that can judge src -> dst packets of `proto` on the path."""
-        out: list[TableEntry] = []
-        for switch, port in hops:
+    def _route(
+        self, sender: Host, dst: int
+    ) -> list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]:
+        """(switch, ingress port, (epoch, src group, dst group) or None if src_identity drops
+        it, egress port, loops here) per hop; the same for every protocol, so cached."""
+        key = (sender.name, dst)
+        cached = self._routes.get(key)
+        if cached is not None:
+            return cached
+        hops: list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]] = []
+        switch, port = sender.switch, sender.port
+        seen: set[tuple[str, int]] = set()
+        while True:
+            if (switch, port) in seen or len(hops) >= MAX_HOPS:
+                hops.append((switch, port, None, None, True))
+                break
+            seen.add((switch, port))
             sw = self.fabric.switches[switch]
-            epoch = next(
-                (dict(d.params)["value"] for d in sw.tables.defaults if d.table == "epoch"), 0
-            )
-            values = {"epoch": epoch, "ingress_port": port, "src_addr": src, "dst_addr": dst}
+            epoch = self._epoch[switch]
+            values = {"epoch": epoch, "ingress_port": port, "src_addr": sender.ip, "dst_addr": dst}
             src_hit = lookup(sw.by_table.get("src_identity", []), values)
-            if src_hit is None or src_hit.action != "set_src_group":
-                continue
-            dst_hit = lookup(sw.by_table.get("dst_identity", []), values)
-            values["src_group"] = dict(src_hit.params)["group"]
-            values["dst_group"] = dict(dst_hit.params)["group"] if dst_hit else 0
-            values["protocol"] = proto
-            for entry in sw.by_table.get("policy", []):
-                if all(
-                    m.covers(values[m.field])
-                    if m.kind != "lpm"
-                    else m.covers_lpm(values[m.field], 32)
-                    for m in entry.matches
-                    if m.field in values
-                ):
-                    out.append(entry)
-        return out
+            groups = None
+            if src_hit is not None and src_hit.action == "set_src_group":
+                dst_group = self._lookup(switch, "dst_identity", epoch, dst) or 0
+                groups = (epoch, dict(src_hit.params)["group"], dst_group)
+            egress = self._lookup(switch, "routing", epoch, dst)
+            hops.append((switch, port, groups, egress, False))
+            if egress is None or (switch, egress) in self.fabric.host_at:
+                break
+            if (switch, egress) not in self.fabric.peer:
+                break
+            switch, port = self.fabric.peer[(switch, egress)]
+        self._routes[key] = hops
+        return hops
+
+    def _lookup(self, switch: str, table: str, epoch: int, dst: int) -> int | None:
+        """dst_identity's group (0 on a miss) or routing's egress port (None), cached."""
+        key = (switch, table, dst)
+        if key not in self._by_dst:
+            sw = self.fabric.switches[switch]
+            hit = lookup(sw.by_table.get(table, []), {"epoch": epoch, "dst_addr": dst})
+            if table == "dst_identity":
+                self._by_dst[key] = dict(hit.params)["group"] if hit else 0
+            else:
+                self._by_dst[key] = (
+                    dict(hit.params)["port"] if hit and hit.action == "forward" else None
+                )
+        return self._by_dst[key]
+
+    def _policy_from(self, switch: str, src_group: int) -> list[TableEntry]:
+        """The policy entries of a switch that can match a source group (in table order)."""
+        key = (switch, src_group)
+        found = self._from_group.get(key)
+        if found is None:
+            found = [
+                e
+                for e in self.fabric.switches[switch].by_table.get("policy", [])
+                if (m := e.match("src_group")) is None or m.covers(src_group)
+            ]
+            self._from_group[key] = found
+        return found
+
+    def _policy_entries(
+        self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
+    ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
+        """The policy entries that can match these groups and protocol, by priority, with
+        the matches left to decide (ports, flags); cached per switch and groups."""
+        key = (switch, epoch, src_group, dst_group, proto)
+        cached = self._policy.get(key)
+        if cached is not None:
+            return cached
+        values = {"epoch": epoch, "src_group": src_group, "dst_group": dst_group, "protocol": proto}
+        entries = []
+        for entry in self._policy_from(switch, src_group):
+            if all(m.covers(values[m.field]) for m in entry.matches if m.field in values):
+                entries.append((tuple(m for m in entry.matches if m.field not in values), entry))
+        entries.sort(key=lambda pair: -pair[1].priority)  # stable: ties keep table order
+        self._policy[key] = entries
+        return entries
 
     def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = [(EPHEMERAL_PORT, EPHEMERAL_PORT)]
@@ -245,128 +334,119 @@ class Verifier:
         )
         for sender in self.inventory.hosts:
             for lo, _hi in classes:
-                dst = lo
-                target = self.host_by_ip.get(dst)
+                target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
                     continue
-                hops = self.path(sender, dst)
                 for proto in protocols:
-                    self._check(sender, dst, target, proto, hops, result)
+                    self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
 
     def _check(
-        self,
-        sender: Host,
-        dst: int,
-        target: Host | None,
-        proto: int,
-        hops: list[tuple[str, int]],
-        result: VerifyResult,
+        self, sender: Host, dst: int, target: Host | None, proto: int, result: VerifyResult
     ) -> None:
         src = sender.ip
         name = _PROTO_NAME.get(proto, "other")
-        entries = self._entries_between(hops, src, dst, proto)
+        hops = self.plan(sender, dst, proto)
+        last = hops[-1]
+        end_host = (
+            self.fabric.host_at.get((last.switch, last.egress)) if last.egress is not None else None
+        )
         has_ports = proto in (PROTO_TCP, PROTO_UDP)
-        sport_cuts: set[int] = set()
-        dport_cuts: set[int] = set()
         flag_bits = TCP_ACK if proto == PROTO_TCP else 0
         rule_ports = self._rule_ports(src, dst, name) if has_ports else []
-        sport_cuts |= _cuts(rule_ports, MAX_PORT)
-        dport_cuts |= _cuts(rule_ports, MAX_PORT)
+        sport_cuts = _cuts(rule_ports, MAX_PORT)
+        dport_cuts = set(sport_cuts)
         if proto == PROTO_ICMP:
             dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
-        for e in entries:
-            for m in e.matches:
-                if m.field == "l4_src_port":
-                    sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                elif m.field == "l4_dst_port":
-                    dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                elif m.field == "tcp_flags" and proto == PROTO_TCP:
-                    flag_bits |= m.arg
+        for hop in hops:
+            for varying, _entry in hop.entries or ():
+                for m in varying:
+                    if m.field == "l4_src_port":
+                        sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                    elif m.field == "l4_dst_port":
+                        dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                    elif m.field == "tcp_flags" and proto == PROTO_TCP:
+                        flag_bits |= m.arg
+        if target is None and (end_host is None or not all(h.entries is not None for h in hops)):
+            # Nowhere to deliver, whatever the ports: nothing a policy could contradict.
+            result.classes += 1
+            if last.loop:
+                self._report(sender, PacketFields(src, dst, proto), name, ["loop"], result)
+            return
         sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
-        dports = (
-            _classes(dport_cuts, MAX_PORT)
-            if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMP)
-            else [(0, 0)]
-        )
+        dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
-        for sport, _ in sports:
-            for dport, _ in dports:
+        # The source ToR and the destination ToR each judge alone (defence in depth).
+        tors = [(0, "source")]
+        if target is not None and hops[-1].switch == target.switch and len(hops) > 1:
+            tors.append((len(hops) - 1, "destination"))
+        sem = self.sem
+        src_atom, dst_atom = sem.addresses.atom_of(src), sem.addresses.atom_of(dst)
+        sport_atoms = [sem.ports.atom_of(p if has_ports else EPHEMERAL_PORT) for p, _ in sports]
+        dport_atoms = [sem.ports.atom_of(p if has_ports else 0) for p, _ in dports]
+        for (sport, _), sport_atom in zip(sports, sport_atoms, strict=True):
+            for (dport, _), dport_atom in zip(dports, dport_atoms, strict=True):
                 for flags in flag_values:
+                    result.classes += 1
+                    values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
+                    verdicts = [_verdict(hop, values) for hop in hops]
+                    delivered_to = end_host if all(verdicts) and not last.loop else None
                     if proto == PROTO_ICMP:
                         pkt = PacketFields(
                             src, dst, proto, icmp_type=dport >> 8, icmp_code=dport & 0xFF
                         )
                     else:
                         pkt = PacketFields(src, dst, proto, sport, dport, flags)
-                    result.classes += 1
-                    self._compare(sender, target, pkt, name, hops, result)
+                    allowed = sem.decide_atoms(
+                        src_atom,
+                        dst_atom,
+                        name,
+                        sport_atom,
+                        dport_atom,
+                        ack=bool(flags & TCP_ACK),
+                        icmp_type=pkt.icmp_type,
+                    ).allowed
+                    looping = last.loop and all(verdicts[:-1])
+                    kinds = _judge(looping, delivered_to, target, allowed)
+                    if target is not None:
+                        for index, side in tors:
+                            if verdicts[index] != allowed:
+                                kinds.append(f"{side}-tor:{hops[index].switch}")
+                    if kinds:
+                        self._report(sender, pkt, name, kinds, result)
 
-    def _compare(
-        self,
-        sender: Host,
-        target: Host | None,
-        pkt: PacketFields,
-        proto: str,
-        hops: list[tuple[str, int]],
-        result: VerifyResult,
+    def _report(
+        self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
     ) -> None:
+        """The slow path, for a difference only: the full walk, for the details."""
         path = self.fabric.walk(sender.name, pkt)
         decision = self.sem.decide(
             pkt.src,
             pkt.dst,
-            proto if proto != "other" else "other",
+            proto,
             pkt.sport if proto in ("tcp", "udp") else EPHEMERAL_PORT,
             pkt.dport if proto in ("tcp", "udp") else 0,
             ack=bool(pkt.tcp_flags & TCP_ACK),
             icmp_type=pkt.icmp_type,
         )
         expected = decision.describe()
-        if path.loop:
-            result.counterexamples.append(
-                Counterexample("loop", sender.name, pkt, path, expected, _observed(path))
-            )
-            return
-        if path.delivered and (target is None or path.delivered_to != target.name):
-            result.counterexamples.append(
-                Counterexample(
-                    "wrong-destination", sender.name, pkt, path, expected, _observed(path)
-                )
-            )
-            return
-        if target is None:
-            return  # no host there: the tables dropped it, which no policy contradicts
-        # Defence in depth: the source ToR and the destination ToR each enforce the whole
-        # policy on their own, so that one corrupted switch cannot open a flow.
-        tors = {hops[0]} | ({hops[-1]} if hops[-1][0] == target.switch else set())
-        for switch, port in sorted(tors):
-            alone = evaluate(self.fabric.switches[switch], port, pkt)
-            if (alone.egress_port is not None) != decision.allowed:
-                side = "source" if (switch, port) == hops[0] else "destination"
+        for kind in kinds:
+            if ":" in kind:
+                side, switch = kind.split(":")
+                port = sender.port if side == "source-tor" else None
+                if port is None:
+                    port = self.plan(sender, pkt.dst, pkt.protocol)[-1].port
+                alone = evaluate(self.fabric.switches[switch], port, pkt)
                 verb = "lets it through" if alone.egress_port is not None else "drops it"
+                observed = f"{switch} alone {verb}: " + _observed(PathResult((alone,), None))
                 result.counterexamples.append(
-                    Counterexample(
-                        f"{side}-tor",
-                        sender.name,
-                        pkt,
-                        path,
-                        expected,
-                        f"{switch} alone {verb}: " + _observed(PathResult((alone,), None)),
-                    )
+                    Counterexample(side, sender.name, pkt, path, expected, observed)
                 )
-        if path.delivered and not decision.allowed:
-            result.counterexamples.append(
-                Counterexample(
-                    "allowed-by-tables", sender.name, pkt, path, expected, _observed(path)
+            else:
+                result.counterexamples.append(
+                    Counterexample(kind, sender.name, pkt, path, expected, _observed(path))
                 )
-            )
-        elif not path.delivered and decision.allowed:
-            result.counterexamples.append(
-                Counterexample(
-                    "denied-by-tables", sender.name, pkt, path, expected, _observed(path)
-                )
-            )
 
     def _spoofing(self, classes: list[tuple[int, int]], result: VerifyResult) -> None:
         for host in self.inventory.hosts:

@@ -1,0 +1,64 @@
+"""How long `p4seg verify` takes to prove a floor's tables: figures, never asserted.
+
+    python -m bench.bench_verify            # the trading floor, then generated floors
+    python -m bench.bench_verify --quick    # the trading floor and the smallest generated one
+
+For each floor: compile (ref target) as the baseline measured in the same run, then verify
+(every packet class end to end and per ToR, and the spoofing classes). Target (issue 7):
+under 10 s for the trading floor and for a generated 10k-rule policy on a 48-ToR inventory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.gen_policy import generate
+from compiler.check import check_policy
+from compiler.emit import build
+from compiler.inventory import Inventory, load_inventory, parse_inventory
+from compiler.verify import verify
+
+TARGET_S = 10.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(name: str, policy_text: str, inventory: Inventory) -> None:
+    checked = check_policy(policy_text, "policy.zt", inventory, expectations=False)
+    assert checked.policy is not None, checked.diagnostics
+    start = time.perf_counter()
+    built = build(checked.policy, inventory, policy_text, "ref")
+    t_build = time.perf_counter() - start
+    result = verify(checked.policy, inventory, {s.switch: s for s in built.switches})
+    verdict = "proven" if result.proven else f"{len(result.counterexamples)} counterexamples"
+    print(f"\n== {name}: {len(checked.policy.rules)} rules, {len(inventory.hosts)} hosts, "
+          f"{len(inventory.switches)} switches")  # fmt: skip
+    print(f"   {'compile (baseline)':<22}{t_build:8.2f} s   1.00x")
+    print(
+        f"   {'verify':<22}{result.seconds:8.2f} s   {result.seconds / t_build:5.2f}x   "
+        f"{result.classes} packet classes, {result.spoof_classes} spoofing classes: {verdict}"
+        f"   (target < {TARGET_S:g} s: {'met' if result.seconds < TARGET_S else 'MISSED'})"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="the trading floor and 100 rules only")
+    args = p.parse_args()
+    floor, _ = load_inventory(str(ROOT / "topologies" / "trading_floor.yaml"))
+    run("trading floor", (ROOT / "policies" / "trading_floor.zt").read_text(), floor)
+    sizes = (
+        [(100, 50, 100, 8)]
+        if args.quick
+        else [(100, 50, 100, 8), (1_000, 200, 300, 16), (10_000, 1_000, 1_000, 48)]
+    )
+    for rules, services, hosts, tors in sizes:
+        g = generate(rules=rules, services=services, hosts=hosts, tors=tors)
+        run(f"generated {rules} rules", g.policy, parse_inventory(g.inventory, "inventory.yaml"))
+
+
+if __name__ == "__main__":
+    main()
