@@ -410,6 +410,8 @@ class Device:
         return table, key, matches
 
     def _table_entry(self, schema: Schema, kind: int, te: p4r.TableEntry) -> None:
+        if kind != DELETE and (te.idle_timeout_ns or te.HasField("time_since_last_hit")):
+            raise _fail(INVALID_ARGUMENT, "no table of this pipeline supports idle timeout")
         if te.is_default_action:
             self._default_entry(schema, kind, te)
             return
@@ -438,6 +440,9 @@ class Device:
             action, params = schema.pipeline.action(stored.entry.action), stored.entry.params
         meter = self._direct_config(table, te, stored)
         proto = p4r.TableEntry(table_id=table.id, priority=te.priority)
+        # Opaque to the switch, returned by reads; a MODIFY without an action changes nothing.
+        kept = te if stored is None or te.HasField("action") else stored.proto
+        proto.controller_metadata, proto.metadata = kept.controller_metadata, kept.metadata
         proto.match.extend(match_proto(table, matches))
         proto.action.action.CopyFrom(action_proto(action, params))
         entry = TableEntry(table.name, matches, action.name, params, te.priority)
@@ -463,6 +468,8 @@ class Device:
 
     def _default_entry(self, schema: Schema, kind: int, te: p4r.TableEntry) -> None:
         table = schema.table(te.table_id)
+        if te.is_const:
+            raise _fail(INVALID_ARGUMENT, "is_const must be false in a write")
         if te.match or te.priority:
             raise _fail(INVALID_ARGUMENT, "a default entry has no match and no priority")
         if kind != MODIFY:
@@ -565,15 +572,18 @@ class Device:
 
     def _selected(self, schema: Schema, te: p4r.TableEntry) -> Iterator[tuple[Table, Stored]]:
         tables = [schema.table(te.table_id)] if te.table_id else list(schema.pipeline.tables)
+        action_id = te.action.action.action_id  # 0 (unset): any action
         if te.match:
             table, key, _ = self._find(schema, te)
             stored = self.tables[table.id].get(key)
-            if stored is not None:
+            if stored is not None and action_id in (0, stored.proto.action.action.action_id):
                 yield table, stored
             return
         for table in tables:
             for stored in self.tables[table.id].values():
                 if te.priority and stored.proto.priority != te.priority:
+                    continue
+                if action_id and stored.proto.action.action.action_id != action_id:
                     continue
                 yield table, stored
 

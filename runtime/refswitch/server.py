@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 from finsy.proto import p4r, p4r_grpc, rpc_code, rpc_status
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from runtime.codec import EncodingError, decode, encode
 from runtime.refswitch.dataplane import Dataplane, packet_in_fields, packet_out_frame
@@ -283,7 +284,9 @@ class P4RuntimeService(p4r_grpc.P4RuntimeServicer):
     # -- the stream ----------------------------------------------------------------------
 
     def StreamChannel(
-        self, request_iterator: Iterator[p4r.StreamMessageRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[p4r.StreamMessageRequest | bytes],
+        context: grpc.ServicerContext,
     ) -> Iterator[p4r.StreamMessageResponse]:
         client = Client(context.peer())
         reader = threading.Thread(
@@ -302,9 +305,16 @@ class P4RuntimeService(p4r_grpc.P4RuntimeServicer):
         finally:
             self.arbiter.remove(client)
 
-    def _read_stream(self, client: Client, requests: Iterator[p4r.StreamMessageRequest]) -> None:
+    def _read_stream(
+        self, client: Client, requests: Iterator[p4r.StreamMessageRequest | bytes]
+    ) -> None:
         try:
             for req in requests:
+                if isinstance(req, bytes):
+                    client.outbox.put(
+                        Abort(grpc.StatusCode.INVALID_ARGUMENT, "not a StreamMessageRequest")
+                    )
+                    return
                 kind = req.WhichOneof("update")
                 if kind == "arbitration":
                     try:
@@ -390,6 +400,36 @@ def _stream_error(code: int, message: str) -> p4r.StreamMessageResponse:
     return resp
 
 
+def _stream_request(data: bytes) -> p4r.StreamMessageRequest | bytes:
+    """A StreamChannel message, or its bytes if they are none: StreamChannel ends the stream.
+
+    Left to grpcio (1.85), an undecodable message gets a status from grpcio and another when
+    the handler returns; the second never completes, and server.stop() waits forever.
+    """
+    msg = p4r.StreamMessageRequest()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError:
+        return data
+    return msg
+
+
+class _DecodeStreamRequests(grpc.ServerInterceptor):  # type: ignore[misc]
+    """StreamChannel decodes its own requests (_stream_request)."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method != "/p4.v1.P4Runtime/StreamChannel":
+            return handler
+        return grpc.stream_stream_rpc_method_handler(
+            handler.stream_stream, _stream_request, handler.response_serializer
+        )
+
+
 _GRPC_STATUS = {status.value[0]: status for status in grpc.StatusCode}
 
 
@@ -420,6 +460,7 @@ def serve(
     """Start a gRPC server for `service` on `address`; returns it and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="p4rt"),
+        interceptors=[_DecodeStreamRequests()],
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
