@@ -26,7 +26,7 @@ from finsy.proto import p4r
 from compiler.addresses import format_ipv4
 from compiler.model import Action, Policy
 from p4src.spec import Pipeline
-from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget
+from runtime.controller import ControllerError, ControllerOptions, PipelineFiles, SwitchTarget
 
 _PROTO = {1: "icmp", 6: "tcp", 17: "udp"}
 
@@ -133,6 +133,11 @@ async def follow(
             channel_credentials=options.tls,
         )
         async with Switch(target.name, target.address, opts) as sw:
+            if not sw.is_primary:
+                raise ControllerError(
+                    f"{target.name}: not the primary controller (election id "
+                    f"{options.election_id}, primary {sw.primary_id}): PacketIns go to the primary"
+                )
             packets = aiter(sw.read_packets())
             pending = asyncio.ensure_future(anext(packets))
             await asyncio.sleep(0)  # one turn: the generator has subscribed to PacketIns
