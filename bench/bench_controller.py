@@ -1,0 +1,1175 @@
+"""The P4Runtime controller: write rate, apply and quarantine latency, alert latency.
+Figures, never asserted.
+
+    python -m bench.bench_controller              # both floors (about 25 min on 2 CPUs)
+    python -m bench.bench_controller --quick      # the small floor, 3 runs (about 2 min)
+    python -m bench.bench_controller --only apply,quarantine --profile
+
+Floors come from bench/gen_policy.py, every one with 20 ToRs and 2 spines: `small` (300
+rules, 60 services, 160 hosts) and `medium` (1,000 rules, 200 services, 960 hosts; not in
+--quick). Each switch is an in-process ReferenceSwitch on its own 127.0.0.1 port; the
+inventory's p4rt addresses are rewritten to those ports.
+
+1. writes   One `p4seg-switch` subprocess on 127.0.0.1. The largest ToR's compiled entries
+            are written three ways into the emptied switch: p4seg's batched writes
+            (Desired.of encodes them with runtime.entities, then finsy Write batches of
+            500, as apply does), the controller's apply_all (read, plan, the epoch protocol:
+            three updates per new entry), and the baseline, p4runtime-shell's insert loop
+            (`te = sh.TableEntry(...)(action=...); te.match[...] = ...; te.insert()`, run in
+            .venv-shell, timed inside the loop). Every run is read back: the switch holds
+            exactly the same entries each time. Target: p4seg >= 10x the shell.
+2. apply    Policy A is applied, then B (A with one rule's port changed) and back, timed
+            from the start of the apply until it returns: apply_all with the targets
+            prepared (the controller core), and `p4seg apply` in-process (compiler.cli.main:
+            check, compile, write the build, encode, apply, state and audit). The baseline is
+            a no-op apply (nothing to change) of the same kind. After each apply every
+            switch's entries are read back from its device and compared with what B (or A)
+            compiles to, and the changed flow is sent through the switches' data planes
+            (inject, hop by hop over the inventory's links). Target: < 100 ms.
+3. quarantine   `p4seg quarantine HOST` in-process, from its start until the host's traffic
+            (flows that were delivered just before, to and from the host, across ToRs) is
+            dropped on every switch it crosses, probed with inject right after the verb
+            returns; then `release` (at most 3 runs: each takes seconds). Broken down:
+            compile (the verb's front end: check, build, write), controller (apply_all),
+            the rest (encoding, state, audit). Target: < 100 ms.
+4. alerts   `p4seg alerts --follow` in a subprocess (the real verb, connected to every
+            switch); a logged-denied packet is injected (each from another host, so the
+            per-source rate limit never drops one) and timed until its JSON line is in
+            .p4seg/alerts.jsonl (the verb flushes each line, as a reader sees it; no fsync;
+            the file is polled every 0.1 ms). Baseline: the PacketIn reaching
+            runtime.alerts.follow in this process (sink: list.append). Target: p99 < 50 ms.
+
+--profile takes a no-op apply apart (apply_one's steps timed switch after switch, and the
+switch's side of the Read), then runs cProfile over one apply_all, one `p4seg apply` and
+one quarantine (the controller's thread; the in-process switches' gRPC threads are not
+profiled, but they share its GIL) and prints where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import cProfile
+import dataclasses
+import gc
+import io
+import json
+import logging
+import os
+import pstats
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finsy import P4Client, Switch, SwitchOptions
+from finsy.proto import p4i, p4r
+from google.protobuf import text_format
+
+import compiler.cli
+import runtime.cli
+from bench.gen_policy import Floor, generate
+from compiler.addresses import AddressSet
+from compiler.check import check_policy
+from compiler.emit import Build, build, write_build
+from compiler.entries import SwitchTables, TableEntry
+from compiler.evaluate import PROTO_TCP, Fabric, PacketFields
+from compiler.inventory import Host, Inventory, parse_inventory
+from compiler.model import Action, Policy
+from p4src.spec import PIPELINE
+from runtime.alerts import Alert, follow
+from runtime.commands import DEFAULT_BATCH
+from runtime.controller import (
+    ControllerOptions,
+    PipelineFiles,
+    SwitchReport,
+    SwitchTarget,
+    apply_all,
+    pipeline_state,
+    read_held,
+    targets,
+)
+from runtime.plan import Desired, Tables, plan_switch
+from runtime.refswitch.switch import ReferenceSwitch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHELL_PYTHON = ROOT / ".venv-shell" / "bin" / "python"
+TABLES = Tables(PIPELINE)
+TARGET_WRITE_RATIO = 10.0
+TARGET_APPLY_S = 0.100
+TARGET_QUARANTINE_S = 0.100
+TARGET_ALERT_S = 0.050
+TIMEOUT = 120.0  # seconds: a bound for a hung child or switch, never a pause
+BENCH_ELECTION_ID = 30  # the writes figure; p4runtime-shell comes after with a higher one
+SHELL_ELECTION_ID = (0, 40)
+RESERVED_PORTS = range(6000, 6100)  # bench/gen_policy.py: no rule allows them
+FIGURES = ("writes", "apply", "quarantine", "alerts")
+
+
+@dataclass(frozen=True, slots=True)
+class FloorSize:
+    name: str
+    rules: int
+    services: int
+    hosts: int
+    tors: int = 20
+    spines: int = 2
+
+
+SMALL = FloorSize("small", 300, 60, 160)
+MEDIUM = FloorSize("medium", 1_000, 200, 960)
+
+
+# -- shared helpers ------------------------------------------------------------------------
+
+
+def median_ms(runs: Sequence[float]) -> str:
+    return f"{statistics.median(runs) * 1e3:8.1f} ms"
+
+
+def spread_ms(runs: Sequence[float]) -> str:
+    return f"(min {min(runs) * 1e3:.1f}, max {max(runs) * 1e3:.1f}, n={len(runs)})"
+
+
+def percentile(runs: Sequence[float], q: float) -> float:
+    ordered = sorted(runs)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def verdict(value: float, target: float, below: bool = True) -> str:
+    ok = value < target if below else value >= target
+    return "meets" if ok else "MISSES"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The verbs print reports and progress: kept off the bench's output."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@contextlib.contextmanager
+def timed_attr(
+    owner: object, name: str, into: list[float], results: list[Any] | None = None
+) -> Iterator[None]:
+    """Wrap `owner.name` (a function the verbs look up at call time) to record its duration
+    and result: how a verb's time splits, without touching runtime/ or compiler/."""
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+        if results is not None:
+            results.append(result)
+        return result
+
+    async def awrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await original(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+        if results is not None:
+            results.append(result)
+        return result
+
+    setattr(owner, name, awrapper if asyncio.iscoroutinefunction(original) else wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def tcp_frame(src: int, dst: int, sport: int, dport: int, flags: int = 0x02) -> bytes:
+    """Ethernet + IPv4 + TCP (SYN by default), as the data plane parses it."""
+    eth = bytes.fromhex("0200000000020200000000010800")
+    ip = struct.pack("!BBHHHBBHII", 0x45, 0, 40, 0, 0, 64, PROTO_TCP, 0, src, dst)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, flags, 65535, 0, 0)
+    return eth + ip + tcp
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    src: Host
+    dst: Host
+    dport: int
+
+    def frame(self) -> bytes:
+        return tcp_frame(self.src.ip, self.dst.ip, 49152, self.dport)
+
+    def __str__(self) -> str:
+        return f"{self.src.name}@{self.src.switch} -> {self.dst.name}@{self.dst.switch} tcp/{self.dport}"
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    floor: Floor
+    inventory: Inventory
+    policy: Policy
+    built: Build
+
+
+def compile_floor(size: FloorSize) -> Compiled:
+    floor = generate(
+        rules=size.rules,
+        services=size.services,
+        hosts=size.hosts,
+        tors=size.tors,
+        spines=size.spines,
+    )
+    inventory = parse_inventory(floor.inventory, "inventory.yaml")
+    checked = check_policy(floor.policy, "policy.zt", inventory)
+    assert checked.policy is not None, "the generated policy must check clean"
+    return Compiled(
+        floor, inventory, checked.policy, build(checked.policy, inventory, floor.policy, "ref")
+    )
+
+
+def held_entries(sw: ReferenceSwitch) -> set[bytes]:
+    """Every table entry the switch's device holds, serialized canonically."""
+    entity = p4r.Entity()
+    entity.table_entry.SetInParent()
+    return {e.table_entry.SerializeToString(deterministic=True) for e in sw.device.read([entity])}
+
+
+def wanted_entries(target: SwitchTarget) -> set[bytes]:
+    return {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+
+
+# -- a floor of in-process reference switches ----------------------------------------------
+
+
+@dataclass(slots=True)
+class Site:
+    """A floor's switches on loopback, its inventory (real ports) and files on disk."""
+
+    inventory: Inventory
+    inventory_path: Path
+    refs: dict[str, ReferenceSwitch]
+    addresses: dict[str, str]
+    directory: Path
+    peer: dict[tuple[str, int], tuple[str, int]]
+    host_at: dict[tuple[str, int], str]
+
+    def deliver(self, src: Host, frame: bytes, hops: int = 8) -> str | None:
+        """Send `frame` from `src` through the switches' data planes, following the
+        inventory's links; the host it reaches, or None where it is dropped."""
+        switch, port = src.switch, src.port
+        for _ in range(hops):
+            out = self.refs[switch].inject(port, frame)
+            if not out:
+                return None
+            egress, frame = out[0]
+            if (switch, egress) in self.host_at:
+                return self.host_at[(switch, egress)]
+            if (switch, egress) not in self.peer:
+                return None
+            switch, port = self.peer[(switch, egress)]
+        return None
+
+    def passes(self, flow: Flow) -> bool:
+        return self.deliver(flow.src, flow.frame()) == flow.dst.name
+
+    def live(self, compiled: Sequence[SwitchTables]) -> list[SwitchTarget]:
+        """Controller targets for `compiled`, at the switches' real addresses."""
+        return [
+            dataclasses.replace(t, address=self.addresses[t.name])
+            for t in targets(self.inventory, compiled, TABLES)
+        ]
+
+    def holds(self, wanted: Sequence[SwitchTarget]) -> list[str]:
+        """The switches whose devices do not hold exactly `wanted` (read back)."""
+        return [t.name for t in wanted if held_entries(self.refs[t.name]) != wanted_entries(t)]
+
+
+@contextlib.contextmanager
+def site(c: Compiled, directory: Path) -> Iterator[Site]:
+    refs: dict[str, ReferenceSwitch] = {}
+    try:
+        text = c.floor.inventory
+        addresses = {}
+        for sw in c.inventory.switches:
+            ref = ReferenceSwitch(sw.device_id, cpu_port=sw.cpu_port)
+            refs[sw.name] = ref
+            port = ref.start("127.0.0.1:0")
+            addresses[sw.name] = f"127.0.0.1:{port}"
+            text = text.replace(f'p4rt: "{sw.p4rt}"', f'p4rt: "{addresses[sw.name]}"')
+        path = directory / "inventory.yaml"
+        path.write_text(text)
+        inventory = parse_inventory(text, str(path))
+        peer = {}
+        for link in inventory.links:
+            peer[(link.a, link.a_port)] = (link.b, link.b_port)
+            peer[(link.b, link.b_port)] = (link.a, link.a_port)
+        host_at = {(h.switch, h.port): h.name for h in inventory.hosts}
+        yield Site(inventory, path, refs, addresses, directory, peer, host_at)
+    finally:
+        for ref in refs.values():
+            ref.stop()
+
+
+# -- 1. batched writes against p4runtime-shell ---------------------------------------------
+
+# Runs in .venv-shell. The entries come as p4runtime-shell's own strings; only the insert
+# loop is timed (setup and the P4Info fetch are not).
+SHELL_SCRIPT = r"""
+import json
+import sys
+import time
+
+import p4runtime_sh.shell as sh
+
+args = json.loads(sys.argv[1])
+entries = json.loads(open(args["entries"]).read())
+sh.setup(
+    device_id=args["device_id"],
+    grpc_addr=args["addr"],
+    election_id=tuple(args["election_id"]),
+    config=sh.FwdPipeConfig(*args["config"]),
+)
+try:
+    start = time.perf_counter()
+    for table, action, matches, params, priority in entries:
+        te = sh.TableEntry(table)(action=action)
+        for field, value in matches:
+            te.match[field] = value
+        for name, value in params:
+            te.action[name] = value
+        if priority:
+            te.priority = priority
+        te.insert()
+    seconds = time.perf_counter() - start
+finally:
+    sh.teardown()
+print(json.dumps({"seconds": seconds, "entries": len(entries)}))
+"""
+
+
+def shell_text(entry: TableEntry, names: dict[int, str]) -> list[object]:
+    """One compiled entry in p4runtime-shell's syntax: what a person would type."""
+    table = PIPELINE.table(entry.table)
+    action = PIPELINE.action(entry.action)
+    matches = []
+    for m in entry.matches:
+        if m.kind == "exact":
+            text = str(m.value)
+        elif m.kind == "lpm":
+            text = f"{m.value}/{m.arg}"
+        elif m.kind == "ternary":
+            text = f"{m.value}&&&{m.arg}"
+        else:
+            text = f"{m.value}..{m.arg}"
+        matches.append([m.field, text])
+    params = [[name, str(value)] for name, value in entry.params]
+    return [names[table.id], names[action.id], matches, params, entry.priority]
+
+
+def p4info_names(p4info_path: Path) -> dict[int, str]:
+    info = text_format.Parse(p4info_path.read_text(), p4i.P4Info())
+    return {x.preamble.id: x.preamble.name for x in [*info.tables, *info.actions]}
+
+
+@contextlib.contextmanager
+def switch_process(device_id: int) -> Iterator[str]:
+    """A `p4seg-switch` without ports on 127.0.0.1; its P4Runtime address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.refswitch.main", "--device-id", str(device_id),
+         "--grpc-addr", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"grpc (\S+)", line)
+        if match is None:
+            raise RuntimeError(f"p4seg-switch did not start: {line!r}")
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def read_all(address: str, device_id: int) -> set[bytes]:
+    entity = p4r.Entity()
+    entity.table_entry.SetInParent()
+    out: set[bytes] = set()
+    async with P4Client(address, wait_for_ready=False) as client:
+        request = p4r.ReadRequest(device_id=device_id, entities=[entity])
+        async for reply in client.request_iter(request):
+            out.update(e.table_entry.SerializeToString(deterministic=True) for e in reply.entities)
+    return out
+
+
+def switch_options(files: PipelineFiles, device_id: int) -> SwitchOptions:
+    return SwitchOptions(
+        p4info=files.p4info_path,
+        p4blob=files.device_config_path,
+        device_id=device_id,
+        initial_election_id=BENCH_ELECTION_ID,
+        fail_fast=True,
+    )
+
+
+async def p4seg_batched_write(
+    address: str, files: PipelineFiles, compiled: SwitchTables, batch: int
+) -> float:
+    """Encode the compiled entries and write them in batches; seconds (connection excluded)."""
+    async with Switch("bench", address, switch_options(files, compiled.device_id)) as sw:
+        start = time.perf_counter()
+        desired = Desired.of(TABLES, compiled, 255)
+        updates = []
+        for entry in desired.entries.values():
+            update = p4r.Update(type=p4r.Update.INSERT)
+            update.entity.table_entry.CopyFrom(entry)
+            updates.append(update)
+        for i in range(0, len(updates), batch):
+            await sw.write(updates[i : i + batch])
+        return time.perf_counter() - start
+
+
+async def delete_all(address: str, files: PipelineFiles, device_id: int) -> None:
+    """Empty the switch's tables (untimed), keeping its pipeline."""
+    entity = p4r.Entity()
+    entity.table_entry.SetInParent()
+    async with Switch("bench", address, switch_options(files, device_id)) as sw:
+        held: list[p4r.TableEntry] = []
+        request = p4r.ReadRequest(device_id=device_id, entities=[entity])
+        client = sw._p4client
+        assert client is not None
+        async for reply in client.request_iter(request):
+            held.extend(e.table_entry for e in reply.entities)
+        updates = []
+        for entry in held:
+            update = p4r.Update(type=p4r.Update.DELETE)
+            update.entity.table_entry.CopyFrom(entry)
+            updates.append(update)
+        for i in range(0, len(updates), DEFAULT_BATCH):
+            await sw.write(updates[i : i + DEFAULT_BATCH])
+
+
+def bench_writes(c: Compiled, tmp: Path, repeat: int) -> None:
+    print(
+        f"\n== 1. writes: p4seg's batched writes vs p4runtime-shell's insert loop ({c.floor.rules}-rule floor)"
+    )
+    if not SHELL_PYTHON.exists():
+        print(f"   skipped: no {SHELL_PYTHON} (`make venv-shell` installs p4runtime-shell there)")
+        return
+    build_dir = tmp / "writes-build"
+    write_build(c.built, str(build_dir))
+    files = PipelineFiles.of(build_dir, "ref")
+    tor = max((s for s in c.built.switches if s.role == "tor"), key=lambda s: len(s.entries))
+    n = len(tor.entries)
+    names = p4info_names(files.p4info_path)
+    entries_path = tmp / "shell-entries.json"
+    entries_path.write_text(json.dumps([shell_text(e, names) for e in tor.entries]))
+    script = tmp / "shell_insert_loop.py"
+    script.write_text(SHELL_SCRIPT)
+    print(f"   {tor.switch}'s {n} entries (" + ", ".join(
+        f"{t} {sum(e.table == t for e in tor.entries)}" for t in ("src_identity", "dst_identity", "policy", "routing")
+    ) + "), one p4seg-switch subprocess on 127.0.0.1, emptied before each run")  # fmt: skip
+    with switch_process(tor.device_id) as address:
+        target = SwitchTarget(tor.switch, address, tor.device_id, Desired.of(TABLES, tor, 255))
+        want = wanted_entries(target)
+        batched = []
+        for _ in range(repeat):
+            gc.collect()
+            batched.append(asyncio.run(p4seg_batched_write(address, files, tor, DEFAULT_BATCH)))
+            assert asyncio.run(read_all(address, tor.device_id)) == want
+            asyncio.run(delete_all(address, files, tor.device_id))
+        applied = []
+        options = ControllerOptions(election_id=BENCH_ELECTION_ID, timeout=TIMEOUT)
+        for _ in range(repeat):
+            gc.collect()
+            start = time.perf_counter()
+            (report,) = asyncio.run(apply_all([target], TABLES, files, options))
+            applied.append(time.perf_counter() - start)
+            assert report.ok, report.error
+            assert asyncio.run(read_all(address, tor.device_id)) == want
+            updates = report.written
+            asyncio.run(delete_all(address, files, tor.device_id))
+        args = {
+            "addr": address,
+            "device_id": tor.device_id,
+            "election_id": list(SHELL_ELECTION_ID),
+            "config": [str(files.p4info_path), str(files.device_config_path)],
+            "entries": str(entries_path),
+        }
+        shell, walls, same = [], [], True
+        for _ in range(min(repeat, 3)):  # p4runtime-shell takes seconds a run
+            start = time.perf_counter()
+            done = subprocess.run(
+                [str(SHELL_PYTHON), str(script), json.dumps(args)],
+                capture_output=True, text=True, timeout=30 * TIMEOUT, cwd=tmp,
+            )  # fmt: skip
+            walls.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                print(f"   p4runtime-shell failed:\n{done.stdout}{done.stderr}")
+                return
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            assert result["entries"] == n
+            shell.append(result["seconds"])
+            same = same and asyncio.run(read_all(address, tor.device_id)) == want
+    shell_rate = n / statistics.median(shell)
+    batched_rate = n / statistics.median(batched)
+    applied_rate = n / statistics.median(applied)
+    print(f"   {'p4runtime-shell insert loop (baseline)':<46}{shell_rate:10.0f} entries/s    1.00x"
+          f"   ({statistics.median(shell):.2f} s, {statistics.median(walls):.1f} s with start-up "
+          f"and setup; median of {len(shell)})")  # fmt: skip
+    ratio = batched_rate / shell_rate
+    print(f"   {'p4seg batched writes (encode + Write x500)':<46}{batched_rate:10.0f} entries/s "
+          f"{ratio:6.1f}x   {verdict(ratio, TARGET_WRITE_RATIO, below=False)} the "
+          f">= {TARGET_WRITE_RATIO:.0f}x target  (median of {repeat}; best "
+          f"{n / min(batched):.0f}/s)")  # fmt: skip
+    print(f"   {'p4seg apply_all into the empty switch':<46}{applied_rate:10.0f} entries/s "
+          f"{applied_rate / shell_rate:6.1f}x   ({updates} updates: epoch protocol, read + plan "
+          f"included; median of {repeat})")  # fmt: skip
+    print(f"   read back after every run: the switch held exactly the {n} compiled entries"
+          f"{'' if same else ' (EXCEPT after a shell run: it differs)'}")  # fmt: skip
+
+
+# -- 2. a one-rule change on 20 switches ---------------------------------------------------
+
+_SINGLE_PORT_ALLOW = re.compile(r"^allow\s+(\S+)\s+->\s+(\S+)\s+tcp\s+(\d+)\s*$")
+
+
+class Hosts:
+    """The inventory's hosts by address, to list those inside a rule's address set."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.hosts = sorted(inventory.hosts, key=lambda h: h.ip)
+        self.ips = [h.ip for h in self.hosts]
+
+    def within(self, addresses: AddressSet) -> list[Host]:
+        out: list[Host] = []
+        for lo, hi in addresses.intervals:
+            out += self.hosts[bisect.bisect_left(self.ips, lo) : bisect.bisect_right(self.ips, hi)]
+        return out
+
+
+def delivered(fabric: Fabric, flow: Flow) -> bool:
+    """On the compiled tables (compiler.evaluate), before any switch is involved."""
+    pkt = PacketFields(flow.src.ip, flow.dst.ip, PROTO_TCP, 49152, flow.dport, 0x02)
+    return fabric.walk(flow.src.name, pkt).delivered_to == flow.dst.name
+
+
+@dataclass(frozen=True, slots=True)
+class RuleChange:
+    text_b: str
+    built_b: Build
+    rule: str
+    old: Flow  # delivered under A only
+    new: Flow  # delivered under B only
+
+
+def one_rule_change(c: Compiled) -> RuleChange:
+    """B: A with one allow rule's single tcp port moved by one, chosen so that a flow
+    between two ToRs shows it (delivered under A only, and the new one under B only)."""
+    lines = c.floor.policy.splitlines()
+    rules = {r.span.line: r for r in c.policy.rules}
+    hosts = Hosts(c.inventory)
+    fabric_a = Fabric({s.switch: s for s in c.built.switches}, c.inventory)
+    for number in range(len(lines), 0, -1):
+        match = _SINGLE_PORT_ALLOW.match(lines[number - 1])
+        rule = rules.get(number)
+        if match is None or rule is None or rule.window or rule.duration_s:
+            continue
+        old, new = int(match.group(3)), int(match.group(3)) + 1
+        if new in RESERVED_PORTS or new > 32767:
+            continue
+        pair = next(
+            (
+                (a, b)
+                for a in hosts.within(rule.src)[:4]
+                for b in hosts.within(rule.dst)[:4]
+                if a.switch != b.switch
+                and delivered(fabric_a, Flow(a, b, old))
+                and not delivered(fabric_a, Flow(a, b, new))
+            ),
+            None,
+        )
+        if pair is None:
+            continue
+        line = lines[number - 1]
+        text_b = "\n".join(
+            [*lines[: number - 1], line[: match.start(3)] + str(new), *lines[number:]]
+        )
+        checked = check_policy(text_b + "\n", "policy.zt", c.inventory)
+        if checked.policy is None or any(d.severity.value == "error" for d in checked.diagnostics):
+            continue
+        built_b = build(checked.policy, c.inventory, text_b + "\n", "ref")
+        fabric_b = Fabric({s.switch: s for s in built_b.switches}, c.inventory)
+        before, after = Flow(*pair, old), Flow(*pair, new)
+        if delivered(fabric_b, after) and not delivered(fabric_b, before):
+            rule_text = f"line {number}: {' '.join(line.split())}"
+            return RuleChange(text_b + "\n", built_b, rule_text, before, after)
+    raise RuntimeError("no allow rule with a single tcp port shows a one-rule change")
+
+
+def changed_switches(a: Sequence[SwitchTables], b: Sequence[SwitchTables]) -> list[str]:
+    entries_a = {s.switch: set(s.entries) for s in a}
+    return [s.switch for s in b if set(s.entries) != entries_a[s.switch]]
+
+
+def verb_args(s: Site, *extra: str) -> list[str]:
+    return ["-i", str(s.inventory_path), "--build", str(s.directory / "build"),
+            "--state", str(s.directory / "state"), "--timeout", str(TIMEOUT), *extra]  # fmt: skip
+
+
+@dataclass(slots=True)
+class VerbTimes:
+    total: list[float] = dataclasses.field(default_factory=list)
+    front: list[float] = dataclasses.field(default_factory=list)  # check + build + write
+    controller: list[float] = dataclasses.field(default_factory=list)  # apply_all
+    writes: list[int] = dataclasses.field(default_factory=list)
+    changed: list[int] = dataclasses.field(default_factory=list)  # switches written to
+
+    def rest(self) -> list[float]:
+        return [t - f - a for t, f, a in zip(self.total, self.front, self.controller, strict=True)]
+
+
+def run_verb(argv: list[str], times: VerbTimes | None = None) -> runtime.cli.Compiled:
+    """compiler.cli.main(argv) in-process, quietly; what it compiled. `times` gets its
+    seconds, split into the front end (compile) and the controller (apply_all)."""
+    front: list[float] = []
+    controller: list[float] = []
+    compiled: list[runtime.cli.Compiled | None] = []
+    reports: list[list[SwitchReport]] = []
+    if times is not None:  # timed: start without the garbage of the runs before
+        gc.collect()
+    with (
+        quiet(),
+        timed_attr(compiler.cli, "_front", front, compiled),
+        timed_attr(runtime.cli, "apply_all", controller, reports),
+    ):
+        start = time.perf_counter()
+        code = compiler.cli.main(argv)
+        seconds = time.perf_counter() - start
+    if code != 0 or not compiled or compiled[-1] is None:
+        raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}")
+    if times is not None:
+        times.total.append(seconds)
+        times.front.append(sum(front))
+        times.controller.append(sum(controller))
+        times.writes.append(sum(r.written for rs in reports for r in rs))
+        times.changed.append(sum(r.written > 0 for rs in reports for r in rs))
+    return compiled[-1]
+
+
+def print_split(times: VerbTimes, indent: str) -> None:
+    for label, runs in (
+        ("compile (check + build + write the build)", times.front),
+        ("controller (apply_all)", times.controller),
+        ("the rest (encode targets, state, audit, report)", times.rest()),
+    ):
+        print(f"{indent}{label:<{61 - len(indent)}}{median_ms(runs)}")
+
+
+def check_change(
+    s: Site, change: RuleChange, on_b: bool, wanted: Sequence[SwitchTarget]
+) -> list[str]:
+    """What is wrong after an apply: switches that do not hold `wanted` (read back from
+    their devices), and the changed flow's fate through the data planes."""
+    problems = s.holds(wanted)
+    if s.passes(change.new) != on_b or s.passes(change.old) == on_b:
+        problems.append(f"the changed flow on {'B' if on_b else 'A'}")
+    return problems
+
+
+def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: bool) -> None:
+    print(f"\n== 2. apply a one-rule change to {len(s.refs)} switches ({c.floor.rules}-rule floor)")
+    changed = changed_switches(c.built.switches, change.built_b.switches)
+    print(f"   {change.rule} -> tcp {change.new.dport}; it changes the entries of "
+          f"{', '.join(changed)}")  # fmt: skip
+    files = PipelineFiles.of(s.directory / "core-build", "ref")
+    start = time.perf_counter()
+    live_b = s.live(change.built_b.switches)
+    encode_s = time.perf_counter() - start
+    live_a = s.live(c.built.switches)
+    options = ControllerOptions(timeout=TIMEOUT)
+    first = asyncio.run(apply_all(live_a, TABLES, files, options))
+    assert all(r.ok for r in first), [r.error for r in first if not r.ok]
+    noop, core, writes = [], [], []
+    problems: list[str] = []
+    now, other = live_a, live_b
+    for _ in range(repeat):  # A -> B, B -> A, ...: each a one-rule change
+        gc.collect()
+        start = time.perf_counter()
+        reports = asyncio.run(apply_all(now, TABLES, files, options))
+        noop.append(time.perf_counter() - start)
+        assert all(r.ok and r.written == 0 for r in reports)
+        gc.collect()
+        start = time.perf_counter()
+        reports = asyncio.run(apply_all(other, TABLES, files, options))
+        core.append(time.perf_counter() - start)
+        assert all(r.ok for r in reports), [r.error for r in reports if not r.ok]
+        writes.append(sum(r.written for r in reports))
+        problems += check_change(s, change, other is live_b, other)
+        now, other = other, now
+    print("   controller core (runtime.controller.apply_all, targets prepared):")
+    base = statistics.median(noop)
+    print(f"      {'no-op apply, nothing to change (baseline)':<55}{median_ms(noop)}    1.00x")
+    mid = statistics.median(core)
+    print(f"      {'one-rule change, until every switch acked':<55}{median_ms(core)} {mid / base:6.2f}x   "
+          f"{verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms target "
+          f"{spread_ms(core)}; {statistics.median(writes):.0f} writes")  # fmt: skip
+    print(f"      {'(not timed above) encoding B into targets':<55}{encode_s * 1e3:8.1f} ms")
+    if profile:
+        anatomy(s, now, files, options)
+        profiled(
+            "apply_all, one-rule change",
+            lambda: asyncio.run(apply_all(other, TABLES, files, options)),
+        )
+        now, other = other, now  # fmt: skip
+
+    # The verb: the switches first hold the effective policy A, as the verb compiles it.
+    policy_a, policy_b = s.directory / "a.zt", s.directory / "b.zt"
+    policy_a.write_text(c.floor.policy)
+    policy_b.write_text(change.text_b)
+    run_verb(["apply", str(policy_a), *verb_args(s)])
+    verb_noop, verb = VerbTimes(), VerbTimes()
+    path, other_path = policy_a, policy_b
+    for _ in range(repeat):
+        run_verb(["apply", str(path), *verb_args(s)], verb_noop)
+        done = run_verb(["apply", str(other_path), *verb_args(s)], verb)
+        problems += check_change(s, change, other_path == policy_b, s.live(done.build.switches))
+        path, other_path = other_path, path
+    if profile:
+        profiled(
+            "p4seg apply, one-rule change",
+            lambda: run_verb(["apply", str(other_path), *verb_args(s)]),
+        )
+        path = other_path  # fmt: skip
+    if path != policy_a:
+        run_verb(["apply", str(policy_a), *verb_args(s)])
+    total, base = statistics.median(verb.total), statistics.median(verb_noop.total)
+    print("   `p4seg apply` in-process (compiler.cli.main; compile included):")
+    print(f"      {'no-op apply (baseline)':<55}{median_ms(verb_noop.total)}    1.00x")
+    print(f"      {'one-rule change':<55}{median_ms(verb.total)} {total / base:6.2f}x   "
+          f"{verdict(total, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms target "
+          f"{spread_ms(verb.total)}")  # fmt: skip
+    print_split(verb, "         ")
+    print(f"   checked after every apply: every switch's device, read back, holds exactly what the "
+          f"policy compiles to; {change.new} sent hop by hop through the data planes is "
+          f"delivered on B and dropped on A, tcp/{change.old.dport} the other way round. "
+          f"{'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
+
+
+# -- 3. quarantine -------------------------------------------------------------------------
+
+
+def quarantine_flows(c: Compiled, s: Site, most: int = 8) -> tuple[Host, list[Flow]]:
+    """A host that many rules name, and flows to and from it across ToRs that the
+    switches deliver now (checked on the compiled tables, then on the switches)."""
+    fabric = Fabric({sw.switch: sw for sw in c.built.switches}, c.inventory)
+    hosts = Hosts(c.inventory)
+    usable = [
+        (r, hosts.within(r.src), hosts.within(r.dst))
+        for r in c.policy.rules
+        if r.action == Action.ALLOW and r.proto == "tcp" and not r.window and not r.duration_s
+    ]
+    count: dict[str, int] = {}
+    for _, src, dst in usable:
+        for h in src + dst:
+            count[h.name] = count.get(h.name, 0) + 1
+    for name in sorted(count, key=lambda n: -count[n])[:20]:
+        host = c.inventory.hosts_by_name[name]
+        flows: list[Flow] = []
+        seen: set[tuple[str, bool]] = set()
+        for r, src, dst in usable:
+            outgoing = host in src
+            if not outgoing and host not in dst:
+                continue
+            for peer in dst if outgoing else src:
+                if peer.switch == host.switch or (peer.switch, outgoing) in seen:
+                    continue
+                flow = (
+                    Flow(host, peer, r.ports[0][0]) if outgoing else Flow(peer, host, r.ports[0][0])
+                )
+                if delivered(fabric, flow) and s.passes(flow):
+                    flows.append(flow)
+                    seen.add((peer.switch, outgoing))
+                    break
+        if sum(f.src == host for f in flows) >= 2 and sum(f.dst == host for f in flows) >= 2:
+            return host, flows[:most]
+    raise RuntimeError("no host with flows both ways across ToRs")
+
+
+def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
+    print(f"\n== 3. quarantine a host on {len(s.refs)} switches ({c.floor.rules}-rule floor)")
+    policy = s.directory / "a.zt"
+    run_verb(["apply", str(policy), *verb_args(s)])  # the switches hold A, as the verb compiles it
+    host, flows = quarantine_flows(c, s)
+    crossed = sorted({f.src.switch for f in flows} | {f.dst.switch for f in flows})
+    print(f"   {host.name} ({host.ip_text} on {host.switch}); probes: {len(flows)} flows it had, "
+          f"{sum(f.src == host for f in flows)} from it and {sum(f.dst == host for f in flows)} to it, "
+          f"through {', '.join(crossed)} and the spines")  # fmt: skip
+    live = ["-p", str(policy), *verb_args(s)]
+    noop, quarantined, released = VerbTimes(), VerbTimes(), VerbTimes()
+    until_dropped: list[float] = []
+    problems: list[str] = []
+    for i in range(min(repeat, 3)):  # each quarantine and release takes seconds
+        run_verb(["apply", str(policy), *verb_args(s)], noop)
+        run_verb(["quarantine", host.name, *live], quarantined)
+        start = time.perf_counter()
+        still = [f for f in flows if s.passes(f)]
+        until_dropped.append(quarantined.total[-1] + time.perf_counter() - start)
+        if still:
+            problems.append(f"run {i}: {len(still)} flows still pass")
+        run_verb(["release", host.name, *live], released)
+        if not all(s.passes(f) for f in flows):
+            problems.append(f"run {i}: not restored by release")
+    total, base = statistics.median(until_dropped), statistics.median(noop.total)
+    print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
+    print(f"   {'`p4seg quarantine` until every probe is dropped':<58}{median_ms(until_dropped)} "
+          f"{total / base:6.2f}x   {verdict(total, TARGET_QUARANTINE_S)} the "
+          f"< {TARGET_QUARANTINE_S * 1e3:.0f} ms target {spread_ms(until_dropped)}")  # fmt: skip
+    print(
+        f"      {'the verb (it returns once every switch acked)':<55}{median_ms(quarantined.total)}"
+        f"   {statistics.median(quarantined.writes):.0f} writes on "
+        f"{statistics.median(quarantined.changed):.0f} switches"
+    )
+    print_split(quarantined, "         ")
+    print(f"      {'the probes (inject, hop by hop)':<55}"
+          f"{statistics.median(until_dropped) * 1e3 - statistics.median(quarantined.total) * 1e3:8.1f} ms")  # fmt: skip
+    print(f"   {'`p4seg release` (for comparison)':<58}{median_ms(released.total)}")
+    print(f"   every run: all {len(flows)} probes delivered before, dropped after quarantine, "
+          f"delivered after release. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
+    if profile:
+        profiled("p4seg quarantine", lambda: run_verb(["quarantine", host.name, *live]))
+        run_verb(["release", host.name, *live])
+
+
+# -- 4. denied packet -> alert on disk -----------------------------------------------------
+
+
+def logged_denies(c: Compiled, s: Site, count: int) -> list[Flow]:
+    """Flows the source ToR denies and logs, each from another host (the rate limit is per
+    source), towards a reserved port no rule allows."""
+    fabric = Fabric({sw.switch: sw for sw in c.built.switches}, c.inventory)
+    hosts = list(c.inventory.hosts)
+    flows = []
+    for i, src in enumerate(hosts):
+        dst = hosts[(i + len(hosts) // 2) % len(hosts)]
+        flow = Flow(src, dst, RESERVED_PORTS[i % len(RESERVED_PORTS)])
+        pkt = PacketFields(src.ip, dst.ip, PROTO_TCP, 49152, flow.dport, 0x02)
+        first = fabric.walk(src.name, pkt).hops[0]
+        if first.egress_port is None and first.logged:
+            flows.append(flow)
+    assert flows, "no logged deny on this floor"
+    # Fewer hosts than packets: a source repeats only after every other one, and at most
+    # the rate limiter's burst (20) times.
+    return [flows[i % len(flows)] for i in range(min(count, 20 * len(flows)))]
+
+
+def time_alerts(
+    s: Site, flows: Sequence[Flow], arrived: Callable[[], int], gap: float
+) -> list[float]:
+    """Inject each flow's first packet at its source; seconds until `arrived()` grows."""
+    out = []
+    for flow in flows:
+        frame = flow.frame()
+        have = arrived()
+        start = time.perf_counter()
+        assert s.refs[flow.src.switch].inject(flow.src.port, frame) == []
+        deadline = start + 10.0
+        while arrived() == have:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"no alert for {flow} within 10 s")
+            time.sleep(0.0001)
+        out.append(time.perf_counter() - start)
+        time.sleep(gap)
+    return out
+
+
+def bench_alerts(c: Compiled, s: Site, count: int) -> None:
+    print(
+        f"\n== 4. logged deny -> alert line on disk ({len(s.refs)} switches, {c.floor.rules}-rule floor)"
+    )
+    policy = s.directory / "a.zt"
+    run_verb(["apply", str(policy), *verb_args(s)])
+    flows = logged_denies(c, s, count)
+    files = PipelineFiles.of(s.directory / "build", "ref")
+    # Baseline: follow() in this process, the sink a list.
+    got: list[Alert] = []
+    ready: set[str] = set()
+    stop = threading.Event()
+    options = ControllerOptions(timeout=TIMEOUT)
+    live = s.live(c.built.switches)
+
+    def follow_here() -> None:
+        async def main() -> None:
+            task = asyncio.create_task(
+                follow(live, files, options, {}, got.append, on_ready=ready.add)
+            )
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=follow_here, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len(ready) < len(live) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        wait_primary(s)
+        baseline = time_alerts(s, flows, lambda: len(got), 0.002)
+    finally:
+        stop.set()
+        thread.join(timeout=TIMEOUT)
+    # The verb, in a child process: it compiles, connects to every switch, then follows.
+    state = s.directory / "state"
+    log = state / "alerts.jsonl"
+    log.unlink(missing_ok=True)
+    err_path = s.directory / "alerts.stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "compiler.cli", "alerts", str(policy), *verb_args(s), "--follow"],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while err_path.read_text().count("following ") < len(s.refs):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"p4seg alerts --follow did not start:\n{err_path.read_text()}")
+            time.sleep(0.01)
+        wait_primary(s)
+
+        def lines() -> int:
+            try:
+                return log.read_bytes().count(b"\n")
+            except FileNotFoundError:
+                return 0
+
+        verb = time_alerts(s, flows, lines, 0.002)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    written = [json.loads(line) for line in log.read_text().splitlines()]
+    right = all(
+        (w["src"], w["dport"], w["suppressed"]) == (f.src.ip_text, f.dport, 0)
+        for w, f in zip(written, flows, strict=True)
+    )
+    p50, p99 = percentile(verb, 0.5), percentile(verb, 0.99)
+    b50, b99 = percentile(baseline, 0.5), percentile(baseline, 0.99)
+    sources = len({f.src.name for f in flows})
+    print(
+        f"   {len(flows)} packets from {sources} hosts to reserved ports (default deny log), one at a time"
+    )
+    print(f"   {'follow() in-process, sink list.append (baseline)':<56}p50 {b50 * 1e3:6.2f} ms  "
+          f"p99 {b99 * 1e3:6.2f} ms    1.00x")  # fmt: skip
+    print(f"   {'`p4seg alerts --follow` (child), line in alerts.jsonl':<56}p50 {p50 * 1e3:6.2f} ms  "
+          f"p99 {p99 * 1e3:6.2f} ms {p99 / b99:6.2f}x   {verdict(p99, TARGET_ALERT_S)} the "
+          f"p99 < {TARGET_ALERT_S * 1e3:.0f} ms target (max {max(verb) * 1e3:.2f} ms)")  # fmt: skip
+    print(
+        f"   every line matched its packet (source, port, nothing suppressed): {'yes' if right else 'NO'}"
+    )
+
+
+def wait_primary(s: Site) -> None:
+    """Until every switch has a primary controller (the follower's arbitration is done)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not all(r.service.arbiter.primaries() for r in s.refs.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the follower never became primary")
+        time.sleep(0.01)
+
+
+# -- profiles ------------------------------------------------------------------------------
+
+
+async def _anatomy_one(
+    target: SwitchTarget, files: PipelineFiles, options: ControllerOptions, lap: dict[str, float]
+) -> None:
+    """apply_one's steps for a switch with nothing to change, each timed."""
+
+    def add(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        lap[stage] = lap.get(stage, 0.0) + now - since
+        return now
+
+    t = time.perf_counter()
+    schema = files.schema()
+    t = add("parse the P4Info text (PipelineFiles.schema)", t)
+    async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+        await pipeline_state(client, target.device_id, schema)
+    t = add("connect, read the pipeline cookie, close", t)
+    opts = dataclasses.replace(
+        switch_options(files, target.device_id), initial_election_id=options.election_id
+    )
+    async with Switch(target.name, target.address, opts) as sw:
+        t = add("open finsy's Switch (parses the P4Info again, arbitration)", t)
+        raw = sw._p4client  # the Switch's own channel, as apply_one reads through it
+        assert raw is not None
+        held = await read_held(raw, target.device_id, TABLES)
+        t = add("read_held: Read of every entry, epoch, clone session", t)
+        plan = plan_switch(TABLES, target.desired, held)
+        assert plan.empty
+        t = add("plan_switch (index, compare every entry)", t)
+    add("close the Switch", t)
+
+
+def anatomy(
+    s: Site, live: Sequence[SwitchTarget], files: PipelineFiles, options: ControllerOptions
+) -> None:
+    """A no-op apply taken apart: apply_one's steps switch after switch (no overlap, so each
+    step's cost shows), and the switch's side of the Read without gRPC."""
+    lap: dict[str, float] = {}
+
+    async def all_in_turn() -> None:
+        for target in live:
+            await _anatomy_one(target, files, options, lap)
+
+    gc.collect()
+    start = time.perf_counter()
+    asyncio.run(all_in_turn())
+    sequential = time.perf_counter() - start
+    gc.collect()
+    start = time.perf_counter()
+    asyncio.run(apply_all(live, TABLES, files, options))
+    concurrent = time.perf_counter() - start
+    entity = p4r.Entity()
+    entity.table_entry.SetInParent()
+    server = parse = 0.0
+    for target in live:
+        t = time.perf_counter()
+        entities = list(s.refs[target.name].device.read([entity]))
+        blobs = [
+            p4r.ReadResponse(entities=entities[i : i + 4096]).SerializeToString()
+            for i in range(0, len(entities), 4096)
+        ]
+        server += time.perf_counter() - t
+        t = time.perf_counter()
+        for blob in blobs:
+            p4r.ReadResponse.FromString(blob)
+        parse += time.perf_counter() - t
+    n = len(live)
+    entries = sum(len(t.desired.entries) for t in live)
+    print(f"\n   -- a no-op apply taken apart: {n} switches, {entries} entries --")
+    print(f"      {'apply_all (switches concurrently)':<66}{concurrent * 1e3:8.1f} ms")
+    print(f"      {'the same steps, one switch after the other':<66}{sequential * 1e3:8.1f} ms"
+          "  per switch")  # fmt: skip
+    for stage, seconds in lap.items():
+        print(f"         {stage:<63}{seconds * 1e3:8.1f} ms {seconds / n * 1e3:8.2f} ms")
+    for stage, seconds in (
+        ("in the Read, the switch's side (Device.read + serialize)", server),
+        ("in the Read, parsing the replies", parse),
+    ):
+        print(f"      {stage:<66}{seconds * 1e3:8.1f} ms {seconds / n * 1e3:8.2f} ms")
+
+
+def profiled(label: str, fn: Callable[[], object], top: int = 18) -> None:
+    gc.collect()
+    profile = cProfile.Profile()
+    profile.enable()
+    fn()
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.strip_dirs().sort_stats("cumulative").print_stats(top)
+    print(f"\n   -- cProfile: {label} (cumulative, top {top}) --")
+    body = out.getvalue().splitlines()
+    start = next((i for i, line in enumerate(body) if "ncalls" in line), 0)
+    for line in body[start:]:
+        if line.strip():
+            print("   " + line[:150])
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
+    print(f"   -- cProfile: {label} (own time, top {top}) --")
+    body = out.getvalue().splitlines()
+    start = next((i for i, line in enumerate(body) if "ncalls" in line), 0)
+    for line in body[start:]:
+        if line.strip():
+            print("   " + line[:150])
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def run_floor(size: FloorSize, only: set[str], repeat: int, packets: int, profile: bool) -> None:
+    start = time.perf_counter()
+    c = compile_floor(size)
+    entries = sum(len(s.entries) for s in c.built.switches)
+    print(f"\n#### {size.name} floor: {c.floor.rules} rules, {c.floor.services} services, "
+          f"{size.hosts} hosts, {size.tors} ToRs + {size.spines} spines, {entries} entries "
+          f"(compiled in {time.perf_counter() - start:.1f} s, not timed)")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="p4seg-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "writes" in only:
+            bench_writes(c, tmp, repeat)
+        if not only & {"apply", "quarantine", "alerts"}:
+            return
+        write_build(c.built, str(tmp / "core-build"))
+        change = one_rule_change(c) if "apply" in only else None
+        with site(c, tmp) as s:
+            (tmp / "a.zt").write_text(c.floor.policy)
+            if change is not None:
+                bench_apply(c, s, change, repeat, profile)
+            if "quarantine" in only:
+                bench_quarantine(c, s, repeat, profile)
+            if "alerts" in only:
+                bench_alerts(c, s, packets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_controller",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true",
+                    help="the small floor only, 3 runs, 50 alert packets")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=7, help="runs per timed figure (default: 7)")
+    ap.add_argument("--packets", type=int, default=200, help="alert packets (default: 200)")
+    ap.add_argument("--only", default=",".join(FIGURES),
+                    help=f"comma-separated subset of {','.join(FIGURES)}")  # fmt: skip
+    ap.add_argument("--floor", choices=("small", "medium", "both"), default="both")
+    ap.add_argument("--profile", action="store_true", help="cProfile apply, the verb, quarantine")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(FIGURES):
+        ap.error(f"--only: unknown {', '.join(sorted(only - set(FIGURES)))}")
+    logging.getLogger("finsy").setLevel(logging.CRITICAL)
+    repeat, packets = (3, 50) if args.quick else (args.repeat, args.packets)
+    floors = {"small": [SMALL], "medium": [MEDIUM], "both": [SMALL, MEDIUM]}[args.floor]
+    if args.quick:
+        floors = [SMALL]
+    print(f"p4seg controller bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"{time.strftime('%Y-%m-%d')}; {load()}")  # fmt: skip
+    for size in floors:
+        run_floor(size, only, repeat, packets, args.profile)
+        print(f"\n   ({load()} after the {size.name} floor)")
+
+
+def load() -> str:
+    """Other work on the machine skews every figure here: the load average says how much."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+if __name__ == "__main__":
+    main()
