@@ -196,19 +196,42 @@ def _fail(verb: str, message: str) -> int:
     return EXIT_ERROR
 
 
-def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, list[SwitchReport]]:
-    """Plan or apply; prints the result; the exit status and the per-switch reports."""
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What every verb that talks to switches needs from its command line and build."""
+
+    options: ControllerOptions
+    tables: Tables
+    switches: list[SwitchTarget]
+    files: PipelineFiles
+
+
+def session_of(verb: str, args: argparse.Namespace, compiled: Compiled) -> Session | None:
+    """The session for a command line, or None (the problem is reported)."""
     options = options_of(args)
     if isinstance(options, str):
-        return _fail(verb, options), []
+        _fail(verb, options)
+        return None
     tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, args.switch, tables)
+    selected = _selected(compiled, getattr(args, "switch", []), tables)
     if isinstance(selected, str):
-        return _fail(verb, selected), []
+        _fail(verb, selected)
+        return None
     try:
         files = PipelineFiles.of(compiled.build_dir, args.target)
     except ControllerError as err:
-        return _fail(verb, str(err)), []
+        _fail(verb, str(err))
+        return None
+    return Session(options, tables, selected, files)
+
+
+def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, list[SwitchReport]]:
+    """Plan or apply; prints the result; the exit status and the per-switch reports."""
+    session = session_of(verb, args, compiled)
+    if session is None:
+        return EXIT_ERROR, []
+    options, tables, files = session.options, session.tables, session.files
+    selected = session.switches
     rules = _rule_lines(compiled.build)
     start = time.monotonic()
     apply = verb != "plan" and not getattr(args, "dry_run", False)

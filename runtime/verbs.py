@@ -34,12 +34,12 @@ from runtime.cli import (
     EXIT_ERROR,
     EXIT_OK,
     Compiled,
+    Session,
     _rule_lines,
-    _selected,
-    options_of,
     run,
+    session_of,
 )
-from runtime.controller import ControllerError, PipelineFiles, SwitchReport, pipeline_states
+from runtime.controller import SwitchReport, pipeline_states
 from runtime.live import (
     LiveState,
     effective_policy,
@@ -47,7 +47,6 @@ from runtime.live import (
     note_applied,
     policy_text_with_grants,
 )
-from runtime.plan import Tables
 
 # compiler/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
@@ -244,15 +243,10 @@ def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], boo
 
 def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:
     """Switches that answer but no longer run the compiled pipeline."""
-    options = options_of(args)
-    if isinstance(options, str):
+    session = session_of("watch", args, compiled)
+    if session is None:
         return []
-    tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, args.switch, tables)
-    if isinstance(selected, str):
-        return []
-    files = PipelineFiles.of(compiled.build_dir, args.target)
-    states = asyncio.run(pipeline_states(selected, files, options))
+    states = asyncio.run(pipeline_states(session.switches, session.files, session.options))
     return [name for name, state in states.items() if state in ("missing", "different")]
 
 
@@ -263,32 +257,30 @@ def _wait(seconds: float, stopped: Callable[[], bool]) -> None:
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+def _open_session(
+    verb: str, args: argparse.Namespace, front: Front
+) -> tuple[Compiled, Session] | None:
+    """Compile the effective policy and open a session on its switches (None: reported)."""
+    state = _load_state(args, verb)
+    if state is None:
+        return None
+    compiled = _compile(args, front, state, time.time())
+    if compiled is None:
+        return None
+    session = session_of(verb, args, compiled)
+    return None if session is None else (compiled, session)
+
+
 def cmd_alerts(args: argparse.Namespace, front: Front) -> int:
     log = Path(args.state) / "alerts.jsonl"
     if not args.follow:
         if log.exists():
             sys.stdout.write(log.read_text())
         return EXIT_OK
-    state = _load_state(args, "alerts")
-    if state is None:
+    opened = _open_session("alerts", args, front)
+    if opened is None:
         return EXIT_ERROR
-    compiled = _compile(args, front, state, time.time())
-    if compiled is None:
-        return EXIT_ERROR
-    options = options_of(args)
-    if isinstance(options, str):
-        print(f"p4seg alerts: error: {options}", file=sys.stderr)
-        return EXIT_ERROR
-    tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, args.switch, tables)
-    if isinstance(selected, str):
-        print(f"p4seg alerts: error: {selected}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        files = PipelineFiles.of(compiled.build_dir, args.target)
-    except ControllerError as err:
-        print(f"p4seg alerts: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    compiled, session = opened
     log.parent.mkdir(parents=True, exist_ok=True)
     from runtime.alerts import RateLimiter
 
@@ -305,7 +297,8 @@ def cmd_alerts(args: argparse.Namespace, front: Front) -> int:
 
         try:
             asyncio.run(
-                follow(selected, files, options, _rule_lines(compiled.build), sink,
+                follow(session.switches, session.files, session.options,
+                       _rule_lines(compiled.build), sink,
                        RateLimiter(args.rate, args.burst), on_ready=ready)
             )  # fmt: skip
         except KeyboardInterrupt:
@@ -314,21 +307,11 @@ def cmd_alerts(args: argparse.Namespace, front: Front) -> int:
 
 
 def cmd_hits(args: argparse.Namespace, front: Front) -> int:
-    state = _load_state(args, "hits")
-    if state is None:
+    opened = _open_session("hits", args, front)
+    if opened is None:
         return EXIT_ERROR
-    compiled = _compile(args, front, state, time.time())
-    if compiled is None:
-        return EXIT_ERROR
-    options = options_of(args)
-    if isinstance(options, str):
-        print(f"p4seg hits: error: {options}", file=sys.stderr)
-        return EXIT_ERROR
-    tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, args.switch, tables)
-    if isinstance(selected, str):
-        print(f"p4seg hits: error: {selected}", file=sys.stderr)
-        return EXIT_ERROR
+    compiled, session = opened
+    options, tables, selected = session.options, session.tables, session.switches
 
     async def read_all() -> dict[str, object]:
         results = await asyncio.gather(

@@ -42,19 +42,35 @@ def test_logged_denies_become_rate_limited_alerts(
     rules = _rules(floor, floor_policy, floor_policy_text)
 
     async def scenario() -> None:
+        ready = asyncio.Event()
+        limiter = RateLimiter(rate=0.001, burst=5)
         task = asyncio.create_task(
             follow(
-                [tor_alg], files, options, rules, alerts.append, RateLimiter(rate=0.001, burst=5)
+                [tor_alg],
+                files,
+                options,
+                rules,
+                alerts.append,
+                limiter,
+                on_ready=lambda _: ready.set(),
             )
         )
-        await asyncio.to_thread(wait_for, lambda: bool(sw.service.arbiter.primaries()))
+        await asyncio.wait_for(ready.wait(), 10)
+        # Warm up from a third source until its alert shows the path switch -> sink is
+        # live (the per-source limiter keeps it out of algo1's and algo2's budget).
+        for _ in range(50):
+            sw.inject(3, _frame("10.0.2.13", "10.0.5.10", 23))
+            if await asyncio.to_thread(wait_for, lambda: bool(alerts), 0.2):
+                break
+        assert alerts and alerts[0].src == "10.0.2.13"
+        alerts.clear()
         # algo1 ssh to settle1: denied by the default deny, which logs.
         assert sw.inject(1, _frame("10.0.2.11", "10.0.5.10", 22)) == []
-        await asyncio.to_thread(wait_for, lambda: len(alerts) == 1)
+        assert await asyncio.to_thread(wait_for, lambda: len(alerts) == 1)
         # A scan of 200 ports from algo2: only the burst gets through, the rest is counted.
         for port in range(1000, 1200):
             sw.inject(2, _frame("10.0.2.12", "10.0.4.2", port))
-        await asyncio.to_thread(wait_for, lambda: len(alerts) == 6)
+        assert await asyncio.to_thread(wait_for, lambda: len(alerts) == 6)
         task.cancel()
 
     asyncio.run(scenario())

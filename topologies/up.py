@@ -61,10 +61,9 @@ def register(sub: Any, policy_arguments: Callable[[argparse.ArgumentParser, bool
 
 
 def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> int:
-    from runtime.cli import _selected, options_of
-    from runtime.controller import PipelineFiles, apply_all
+    from runtime.cli import session_of
+    from runtime.controller import apply_all
     from runtime.live import LiveState, effective_policy
-    from runtime.plan import Tables
     from topologies.matrix import representative_flows, run_matrix
     from topologies.network import Floor
 
@@ -83,18 +82,15 @@ def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> i
     )
     if compiled is None:
         return EXIT_ERROR
-    options = options_of(args)
-    if isinstance(options, str):
-        print(f"p4seg up: error: {options}", file=sys.stderr)
+    session = session_of("up", args, compiled)
+    if session is None:
         return EXIT_ERROR
-    tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, [], tables)
-    assert not isinstance(selected, str)
-    files = PipelineFiles.of(compiled.build_dir, args.target)
     try:
         with Floor(compiled.inventory, args.target, progress=say) as floor:
             say(f"floor up in {time.monotonic() - start:.1f} s; applying the policy")
-            reports = asyncio.run(apply_all(selected, tables, files, options))
+            reports = asyncio.run(
+                apply_all(session.switches, session.tables, session.files, session.options)
+            )
             failed = [r for r in reports if not r.ok]
             for r in failed:
                 print(f"p4seg up: {r.switch}: {r.error}", file=sys.stderr)
