@@ -151,12 +151,19 @@ class Pipeline:
     tables: tuple[Table, ...]
     control: str = "P4segIngress"  # control type name: P4Info names are "<control>.<object>"
     sizes: dict[str, int] = field(default_factory=dict)
+    # By name, built once: the controller asks per entry, hundreds of thousands of times.
+    _tables: dict[str, Table] = field(init=False, repr=False, compare=False)
+    _actions: dict[str, Action] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_tables", {t.name: t for t in self.tables})
+        object.__setattr__(self, "_actions", {a.name: a for a in self.actions})
 
     def table(self, name: str) -> Table:
-        return next(t for t in self.tables if t.name == name)
+        return self._tables[name]
 
     def action(self, name: str) -> Action:
-        return next(a for a in self.actions if a.name == name)
+        return self._actions[name]
 
     def qualified(self, name: str) -> str:
         return f"{self.control}.{name}"

@@ -192,7 +192,16 @@ class TableDiff:
 
 def diff(tables: Tables, desired: Desired, held: Held) -> dict[str, TableDiff]:
     """Per table: what packets of the live epoch meet now against what they should meet."""
-    copies, plain = _index(tables, held)
+    return _diff(tables, desired, held, *_index(tables, held))
+
+
+def _diff(
+    tables: Tables,
+    desired: Desired,
+    held: Held,
+    copies: dict[bytes, _Copies],
+    plain: dict[bytes, p4r.TableEntry],
+) -> dict[str, TableDiff]:
     live = {
         k: c.wild or c.pinned[held.epoch]
         for k, c in copies.items()
@@ -315,6 +324,6 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
         tuple(prepare),
         change(MODIFY, tables.epoch_default(idle)) if flip_needed else None,
         tuple(finish),
-        diff(tables, desired, held),
+        _diff(tables, desired, held, copies, plain),
         idle if flip_needed else e,
     )
