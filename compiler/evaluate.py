@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Inventory
-from p4src.spec import PIPELINE, UNKNOWN_GROUP
+from p4src.spec import PIPELINE, REASON_DENY_LOG, REASON_SPOOF, UNKNOWN_GROUP
 
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
 PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
@@ -53,8 +53,9 @@ class SwitchResult:
     switch: str
     hits: tuple[Hit, ...]
     egress_port: int | None  # None: dropped
-    logged: bool
+    logged: bool  # a copy went to the controller (a logged deny, or a spoofed source)
     rule_id: int | None  # the policy entry's rule_id, when the policy table was reached
+    reason: int = 0  # packet_in.reason of the copy when logged
 
 
 def _matches(entry: TableEntry, values: dict[str, int]) -> bool:
@@ -130,17 +131,21 @@ def evaluate(
         hits.append(hit)
         return hit
 
-    src = apply("src_identity", "drop", ())
-    if src.entry is None or src.action == "drop":
-        return SwitchResult(tables.switch, tuple(hits), None, False, None)
+    src = apply("src_identity", "drop_spoofed", ())
+    if src.action != "set_src_group":
+        spoofed = src.action == "drop_spoofed"
+        return SwitchResult(
+            tables.switch, tuple(hits), None, spoofed, None, REASON_SPOOF if spoofed else 0
+        )
     values["src_group"] = dict(src.params)["group"]
     dst = apply("dst_identity", "set_dst_group", (("group", UNKNOWN_GROUP),))
     values["dst_group"] = dict(dst.params)["group"]
     verdict = apply("policy", "deny", (("rule_id", 0),))
     rule_id = dict(verdict.params)["rule_id"]
     if verdict.action not in ("permit", "permit_metered"):  # meters are all green here
+        logged = verdict.action == "deny_and_log"
         return SwitchResult(
-            tables.switch, tuple(hits), None, verdict.action == "deny_and_log", rule_id
+            tables.switch, tuple(hits), None, logged, rule_id, REASON_DENY_LOG if logged else 0
         )
     route = apply("routing", "drop", ())
     port = dict(route.params).get("port") if route.action == "forward" else None

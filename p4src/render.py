@@ -11,6 +11,7 @@ from p4src.spec import (
     GROUP_BITS,
     PIPELINE,
     REASON_DENY_LOG,
+    REASON_SPOOF,
     RULE_ID_BITS,
     Pipeline,
 )
@@ -41,6 +42,7 @@ def render_program(
         cpu_port=cpu_port,
         clone_session=CPU_CLONE_SESSION,
         reason_deny_log=REASON_DENY_LOG,
+        reason_spoof=REASON_SPOOF,
         group_bits=GROUP_BITS,
         rule_id_bits=RULE_ID_BITS,
     )

@@ -6,7 +6,8 @@ and written into the programs as `@id`, so that p4c's P4Info and ours agree exac
 
 Ingress, in order (DESIGN.md "The pipeline"):
   epoch        keyless; its default action stamps the packet's policy epoch
-  src_identity (epoch, ingress port, source address) -> source group; miss = drop (spoofing)
+  src_identity (epoch, ingress port, source address) -> source group; miss = drop and
+               log (spoofing: the CPU copy says why, packet_in.reason = 2)
   dst_identity (epoch, destination address) -> destination group; miss = unknown group (0)
   policy       (epoch, groups, protocol, L4 ports, TCP flags) -> permit / deny /
                deny-and-log / permit-metered, with a direct counter; default deny
@@ -227,10 +228,12 @@ METADATA = (
     MetadataField("l4_dst_port", 16),  # ICMP: type << 8 | code
     MetadataField("tcp_flags", 8),
     MetadataField("log_rule_id", RULE_ID_BITS, cloned=True),
+    MetadataField("log_reason", 8, cloned=True),  # packet_in.reason of the CPU copy
 )
 
 # Why each packet reached the controller (packet_in.reason).
-REASON_DENY_LOG = 1
+REASON_DENY_LOG = 1  # a `log` deny (or the default deny with `log`)
+REASON_SPOOF = 2  # src_identity missed: a source address not bound to that port
 
 PACKET_IN = ControllerHeader(
     "packet_in",
@@ -266,6 +269,7 @@ ACTIONS = (
     _action(7, "deny", ("rule_id", RULE_ID_BITS)),
     _action(8, "deny_and_log", ("rule_id", RULE_ID_BITS)),
     _action(9, "forward", ("port", PORT_BITS)),
+    _action(10, "drop_spoofed"),  # src_identity's miss: drop, and tell the controller
 )
 
 
@@ -312,8 +316,12 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
                 ("ingress_port", "meta.ingress_port", PORT_BITS, "exact"),
                 ("src_addr", "hdr.ipv4.src_addr", 32, "lpm"),
             ),
-            actions=(ActionRef("set_src_group", "TABLE_ONLY"), ActionRef("drop")),
-            default_action="drop",
+            actions=(
+                ActionRef("set_src_group", "TABLE_ONLY"),
+                ActionRef("drop"),
+                ActionRef("drop_spoofed", "DEFAULT_ONLY"),
+            ),
+            default_action="drop_spoofed",
             default_args=(),
             const_default=True,
             size=size["src_identity"],

@@ -25,7 +25,7 @@ from finsy.proto import p4r
 
 from compiler.addresses import format_ipv4
 from compiler.model import Action, Policy
-from p4src.spec import Pipeline
+from p4src.spec import REASON_DENY_LOG, REASON_SPOOF, Pipeline
 from runtime.controller import ControllerError, ControllerOptions, PipelineFiles, SwitchTarget
 
 _PROTO = {1: "icmp", 6: "tcp", 17: "udp"}
@@ -44,6 +44,7 @@ class Alert:
     tcp_flags: int
     rule_id: int
     rule: str  # "line N: <rule>" from the build's report
+    kind: str = "deny"  # deny (a logged deny) | spoof (a source its port does not own)
     suppressed: int = 0  # alerts from this source dropped by the rate limit since the last
 
     def to_json(self) -> dict[str, object]:
@@ -72,6 +73,12 @@ def alert_of(
         elif number == 1 and len(payload) >= l4 + 2:
             dport = payload[l4] << 8 | payload[l4 + 1]  # type << 8 | code, as the tables see it
     rule_id = int(metadata.get("rule_id", 0))
+    spoof = int(metadata.get("reason", REASON_DENY_LOG)) == REASON_SPOOF
+    rule = (
+        "spoofed source: the address is not bound to this port (src_identity)"
+        if spoof
+        else rules.get(rule_id, "")
+    )
     return Alert(
         dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds"),
         switch,
@@ -83,7 +90,8 @@ def alert_of(
         dport,
         flags,
         rule_id,
-        rules.get(rule_id, ""),
+        rule,
+        "spoof" if spoof else "deny",
     )
 
 

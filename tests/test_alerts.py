@@ -71,6 +71,9 @@ def test_logged_denies_become_rate_limited_alerts(
         for port in range(1000, 1200):
             sw.inject(2, _frame("10.0.2.12", "10.0.4.2", port))
         assert await asyncio.to_thread(wait_for, lambda: len(alerts) == 6)
+        # A source algo1's port does not own: dropped at the first table, and reported.
+        assert sw.inject(1, _frame("10.0.9.9", "10.0.3.10", 9876)) == []
+        assert await asyncio.to_thread(wait_for, lambda: len(alerts) == 7)
         task.cancel()
 
     asyncio.run(scenario())
@@ -80,6 +83,9 @@ def test_logged_denies_become_rate_limited_alerts(
     )  # fmt: skip
     assert first.rule_id == 0 and "default deny log" in first.rule
     assert json.loads(json.dumps(first.to_json()))["rule_id"] == 0
+    spoof = alerts.pop()
+    assert (spoof.kind, spoof.src, spoof.ingress_port) == ("spoof", "10.0.9.9", 1)
+    assert "spoofed source" in spoof.rule and first.kind == "deny"
     scan = alerts[1:]
     assert [a.dport for a in scan] == [1000, 1001, 1002, 1003, 1004]
     assert all(a.src == "10.0.2.12" for a in scan)

@@ -315,9 +315,16 @@ def test_forwarding_equals_the_table_evaluator(
     assert forwarded and forwarded < checked  # the policy both allows and denies here
 
 
-def test_spoofed_source_and_non_ipv4_are_dropped(loaded: tuple[ReferenceSwitch, Session]) -> None:
-    sw, _ = loaded
-    assert sw.inject(1, _frame("10.0.2.12", "10.0.3.10", ICMP())) == []  # algo2's address on port 1
+def test_spoofed_sources_are_dropped_and_reported_non_ipv4_dropped(
+    loaded: tuple[ReferenceSwitch, Session],
+) -> None:
+    sw, s = loaded
+    spoofed = _frame("10.0.2.12", "10.0.3.10", ICMP())  # algo2's address on algo1's port
+    assert sw.inject(1, spoofed) == []
+    msg = s.next("packet")
+    assert not isinstance(msg, grpc.RpcError) and msg.packet.payload == spoofed
+    meta = {m.metadata_id: int.from_bytes(m.value, "big") for m in msg.packet.metadata}
+    assert meta == {1: 1, 2: 0, 3: 2}  # ingress port 1, no rule, reason: spoofed source
     arp = bytes(Ether(type=0x0806) / (b"\x00" * 28))
     assert sw.inject(1, arp) == []
 

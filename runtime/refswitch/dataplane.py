@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, evaluate
-from p4src.spec import CPU_CLONE_SESSION, PIPELINE, REASON_DENY_LOG
+from p4src.spec import CPU_CLONE_SESSION, PIPELINE
 from runtime.refswitch.device import RED, Device, Snapshot, Stored
 
 _IPV4 = b"\x08\x00"
@@ -138,7 +138,7 @@ class Dataplane:
         stored = snap.stored.get(policy.entry) if policy and policy.entry else None
         clone = None
         if result.logged:
-            clone = _PACKET_IN.pack(port, result.rule_id or 0, REASON_DENY_LOG)
+            clone = _PACKET_IN.pack(port, result.rule_id or 0, result.reason)
         metered = policy is not None and policy.action == "permit_metered"
         return Decision(result.egress_port, stored, metered, clone)
 

@@ -16,6 +16,7 @@ const bit<8> PROTO_UDP = 17;
 const PortId_t CPU_PORT = 255;
 const MirrorId_t CPU_MIRROR_SESSION = 100;
 const bit<8> REASON_DENY_LOG = 1;
+const bit<8> REASON_SPOOF = 2;
 const MirrorType_t MIRROR_TYPE_DENY_LOG = 1;
 const bit<8> BRIDGE_MIRRORED = 1;
 
@@ -86,6 +87,7 @@ header deny_log_mirror_t {
     bit<7> _pad0;
     PortId_t ingress_port;
     bit<16> rule_id;
+    bit<8> reason;
 }
 
 struct headers_t {
@@ -107,6 +109,7 @@ struct metadata_t {
     bit<16> l4_dst_port;
     bit<8> tcp_flags;
     bit<16> log_rule_id;
+    bit<8> log_reason;
     bit<8> meter_color;
     MirrorId_t mirror_session;
 }
@@ -131,6 +134,7 @@ parser SwitchIngressParser(packet_in packet,
         meta.l4_dst_port = 0;
         meta.tcp_flags = 0;
         meta.log_rule_id = 0;
+        meta.log_reason = 0;
         meta.meter_color = 0;
         meta.mirror_session = 0;
         transition select(ig_intr_md.ingress_port) {
@@ -251,6 +255,18 @@ control P4segIngress(inout headers_t hdr,
     action deny_and_log(bit<16> rule_id) {
         policy_counter.count();
         meta.log_rule_id = rule_id;
+        meta.log_reason = REASON_DENY_LOG;
+        meta.mirror_session = CPU_MIRROR_SESSION;
+        ig_dprsr_md.mirror_type = MIRROR_TYPE_DENY_LOG;
+        ig_dprsr_md.drop_ctl = 1;
+    }
+
+    @id(0x0100000a)
+    @name("drop_spoofed")
+    action drop_spoofed() {
+        // A source this port does not own: dropped, and a mirrored copy tells the controller.
+        meta.log_rule_id = 0;
+        meta.log_reason = REASON_SPOOF;
         meta.mirror_session = CPU_MIRROR_SESSION;
         ig_dprsr_md.mirror_type = MIRROR_TYPE_DENY_LOG;
         ig_dprsr_md.drop_ctl = 1;
@@ -283,8 +299,9 @@ control P4segIngress(inout headers_t hdr,
         actions = {
             @tableonly set_src_group;
             drop;
+            @defaultonly drop_spoofed;
         }
-        const default_action = drop();
+        const default_action = drop_spoofed();
         size = 4096;
     }
 
@@ -386,7 +403,7 @@ control SwitchIngressDeparser(packet_out packet,
     apply {
         if (ig_dprsr_md.mirror_type == MIRROR_TYPE_DENY_LOG) {
             mirror.emit<deny_log_mirror_t>(meta.mirror_session,
-                {BRIDGE_MIRRORED, 0, meta.ingress_port, meta.log_rule_id});
+                {BRIDGE_MIRRORED, 0, meta.ingress_port, meta.log_rule_id, meta.log_reason});
         }
         packet.emit(hdr.ethernet);
         packet.emit(hdr.ipv4);
@@ -423,7 +440,7 @@ control SwitchEgress(inout egress_headers_t hdr,
             hdr.packet_in.setValid();
             hdr.packet_in.ingress_port = (bit<16>) meta.deny_log.ingress_port;
             hdr.packet_in.rule_id = meta.deny_log.rule_id;
-            hdr.packet_in.reason = REASON_DENY_LOG;
+            hdr.packet_in.reason = meta.deny_log.reason;
         }
     }
 }

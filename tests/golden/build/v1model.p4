@@ -16,6 +16,7 @@ const bit<8> PROTO_UDP = 17;
 const bit<9> CPU_PORT = 255;
 const bit<32> CPU_CLONE_SESSION = 100;
 const bit<8> REASON_DENY_LOG = 1;
+const bit<8> REASON_SPOOF = 2;
 const bit<32> PKT_INSTANCE_TYPE_INGRESS_CLONE = 1;
 
 header ethernet_t {
@@ -99,6 +100,8 @@ struct metadata_t {
     bit<8> tcp_flags;
     @field_list(1)
     bit<16> log_rule_id;
+    @field_list(1)
+    bit<8> log_reason;
     bit<2> meter_color;
     // Carried to the egress copy of a logged deny (clone field list 1).
     @field_list(1)
@@ -226,6 +229,18 @@ control P4segIngress(inout headers_t hdr,
     @name("deny_and_log")
     action deny_and_log(bit<16> rule_id) {
         meta.log_rule_id = rule_id;
+        meta.log_reason = REASON_DENY_LOG;
+        meta.log_ingress_port = standard_metadata.ingress_port;
+        clone_preserving_field_list(CloneType.I2E, CPU_CLONE_SESSION, 1);
+        mark_to_drop(standard_metadata);
+    }
+
+    @id(0x0100000a)
+    @name("drop_spoofed")
+    action drop_spoofed() {
+        // A source this port does not own: dropped, and a copy tells the controller.
+        meta.log_rule_id = 0;
+        meta.log_reason = REASON_SPOOF;
         meta.log_ingress_port = standard_metadata.ingress_port;
         clone_preserving_field_list(CloneType.I2E, CPU_CLONE_SESSION, 1);
         mark_to_drop(standard_metadata);
@@ -258,8 +273,9 @@ control P4segIngress(inout headers_t hdr,
         actions = {
             @tableonly set_src_group;
             drop;
+            @defaultonly drop_spoofed;
         }
-        const default_action = drop();
+        const default_action = drop_spoofed();
         size = 4096;
     }
 
@@ -355,11 +371,11 @@ control P4segEgress(inout headers_t hdr,
                     inout standard_metadata_t standard_metadata) {
     apply {
         if (standard_metadata.instance_type == PKT_INSTANCE_TYPE_INGRESS_CLONE) {
-            // The copy of a logged deny, on its way to the controller.
+            // The copy of a logged deny or a spoofed packet, on its way to the controller.
             hdr.packet_in.setValid();
             hdr.packet_in.ingress_port = (bit<16>) meta.log_ingress_port;
             hdr.packet_in.rule_id = meta.log_rule_id;
-            hdr.packet_in.reason = REASON_DENY_LOG;
+            hdr.packet_in.reason = meta.log_reason;
         }
     }
 }
