@@ -419,3 +419,29 @@ def test_tls_and_mutual_tls(pki: Path) -> None:
             s.close()
     finally:
         sw.stop()
+
+
+def test_tso_super_frames_are_cut_like_a_nic_would() -> None:
+    from runtime.refswitch.ports import segment_tcp
+
+    payload = bytes(range(256)) * 20  # 5120 bytes
+    big = (
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.2.11", dst="10.0.3.10", id=7)
+        / TCP(sport=40000, dport=9876, seq=1000, flags="PA")
+        / payload
+    )
+    frames = segment_tcp(bytes(big), 1500)
+    assert len(frames) == 4 and all(len(f) <= 1514 for f in frames)
+    parsed = [Ether(f) for f in frames]
+    assert b"".join(bytes(p[TCP].payload) for p in parsed) == payload
+    assert [p[TCP].seq for p in parsed] == [1000 + 1460 * i for i in range(4)]
+    assert [p[IP].id for p in parsed] == [7, 8, 9, 10]
+    assert [str(p[TCP].flags) for p in parsed] == ["A", "A", "A", "PA"]
+    for p in parsed:  # scapy recomputes a checksum when it is deleted: ours must agree
+        ip_sum, tcp_sum = p[IP].chksum, p[TCP].chksum
+        del p[IP].chksum, p[TCP].chksum
+        again = Ether(bytes(p))
+        assert (again[IP].chksum, again[TCP].chksum) == (ip_sum, tcp_sum)
+    small = _frame("10.0.2.11", "10.0.3.10", TCP(sport=1, dport=2))
+    assert segment_tcp(small, 1500) == [small]

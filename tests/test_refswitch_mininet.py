@@ -790,12 +790,6 @@ def test_tcp_works_with_tx_checksum_offload_on(lab: Lab, tor1: SwitchTables) -> 
             lab.set_tx_offload(host, on=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference switch bug: a host with TX offload on also has TSO on, and the "
-    "super-frames it sends (several MSS, > MTU) reach the switch whole; sending them out "
-    "of a 1500-MTU port fails, so only MSS-sized retransmissions pass and bulk TCP stalls",
-)
 def test_bulk_tcp_with_tx_offload_on(lab: Lab, tor1: SwitchTables) -> None:
     lab.load(lab.connect(), pipeline_config(), tor1)
     bulk = Flow("h1", "h2", "tcp", 8080, size=1_000_000)

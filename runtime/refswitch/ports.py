@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 log = logging.getLogger("p4seg.switch")
 
@@ -58,12 +59,59 @@ def complete_checksum(frame: bytes) -> bytes:
     return frame[:l4] + bytes(segment) + frame[end:]
 
 
+def segment_tcp(frame: bytes, mtu: int) -> list[bytes]:
+    """A TCP frame too big for the egress port — a host with TX offload on hands its veth
+    64 KB "super-frames" and leaves the cutting to the NIC (TSO) — cut into segments that
+    fit, as the NIC would have: payload split by MSS, sequence numbers and IP ids advanced,
+    FIN and PSH only on the last segment, checksums recomputed. Anything else is returned
+    as it is (and will not fit, exactly as on a switch without this)."""
+    if len(frame) - 14 <= mtu or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return [frame]
+    ihl = (frame[14] & 0x0F) * 4
+    l4 = 14 + ihl
+    if len(frame) < l4 + 20:
+        return [frame]
+    doff = (frame[l4 + 12] >> 4) * 4
+    start = l4 + doff
+    end = min(len(frame), 14 + struct.unpack_from("!H", frame, 16)[0])
+    mss = mtu - ihl - doff
+    if mss <= 0 or end <= start:
+        return [frame]
+    payload = frame[start:end]
+    ip_id = struct.unpack_from("!H", frame, 18)[0]
+    seq = struct.unpack_from("!I", frame, l4 + 4)[0]
+    out = []
+    for i, offset in enumerate(range(0, len(payload), mss)):
+        chunk = payload[offset : offset + mss]
+        last = offset + mss >= len(payload)
+        ip = bytearray(frame[14:l4])
+        struct.pack_into("!HH", ip, 2, ihl + doff + len(chunk), (ip_id + i) & 0xFFFF)
+        ip[10:12] = b"\x00\x00"
+        struct.pack_into("!H", ip, 10, _checksum(bytes(ip)))
+        tcp = bytearray(frame[l4:start])
+        struct.pack_into("!I", tcp, 4, (seq + offset) & 0xFFFFFFFF)
+        if not last:
+            tcp[13] &= ~0x09 & 0xFF  # FIN and PSH belong to the last segment
+        if i:
+            tcp[13] &= ~0x80 & 0xFF  # CWR only on the first
+        out.append(complete_checksum(frame[:14] + bytes(ip) + bytes(tcp) + chunk))
+    return out
+
+
+def _mtu(ifname: str) -> int:
+    try:
+        return int(Path(f"/sys/class/net/{ifname}/mtu").read_text())
+    except (OSError, ValueError):
+        return 1500
+
+
 class PortIO:
     """One packet socket per switch port; `run` moves frames until `stop` is set."""
 
     def __init__(self, ports: Mapping[int, str]) -> None:
         self.ports = dict(ports)
         self.sockets: dict[int, socket.socket] = {}
+        self.mtu: dict[int, int] = {}
         self.stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         try:
@@ -72,6 +120,7 @@ class PortIO:
                 s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 s.bind((ifname, ETH_P_ALL))
+                self.mtu[port] = _mtu(ifname)
                 s.setblocking(False)
                 self.sockets[port] = s
         except OSError:
@@ -83,7 +132,8 @@ class PortIO:
         if s is None:
             return  # no such port: dropped, as on any switch
         try:
-            s.send(frame)
+            for segment in segment_tcp(frame, self.mtu[port]):
+                s.send(segment)
         except (BlockingIOError, OSError) as err:
             log.debug("port %d: frame not sent (%s)", port, err)
 
