@@ -30,6 +30,7 @@ from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.commands import DEFAULT_BATCH, DEFAULT_ELECTION_ID
+from runtime.entities import canonical_entry
 from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
 
 log = logging.getLogger("p4seg.controller")
@@ -122,7 +123,7 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     held = Held()
     request = p4r.ReadRequest(device_id=device_id, entities=[_table_wildcard()])
     async for reply in client.request_iter(request):
-        held.entries.extend(e.table_entry for e in reply.entities)
+        held.entries.extend(canonical_entry(e.table_entry) for e in reply.entities)
     epoch = p4r.Entity()
     epoch.table_entry.table_id = tables.epoch_table.id
     epoch.table_entry.is_default_action = True
@@ -228,11 +229,13 @@ async def plan_all(
     return list(await asyncio.gather(*(plan_one(t, tables, files, options) for t in switches)))
 
 
-async def _write(sw: Switch, changes: Sequence[Change], batch: int, report: SwitchReport) -> None:
+async def _write(
+    sw: Switch, tables: Tables, changes: Sequence[Change], batch: int, report: SwitchReport
+) -> None:
     for i in range(0, len(changes), batch):
         chunk = changes[i : i + batch]
         try:
-            await sw.write([c.update() for c in chunk])
+            await sw.write([tables.on_the_wire(c.update()) for c in chunk])
         except P4ClientError as err:
             for index, detail in sorted(err.details.items()):
                 report.failed_updates.append(
@@ -283,13 +286,13 @@ async def apply_one(
             if plan.empty:
                 return
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
-            await _write(sw, plan.prepare, options.batch_size, report)
+            await _write(sw, tables, plan.prepare, options.batch_size, report)
             if plan.flip is not None:
                 say(target.name, f"flipping to epoch {plan.epoch_after}")
-                await _write(sw, [plan.flip], 1, report)
+                await _write(sw, tables, [plan.flip], 1, report)
             if plan.finish:
                 say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
-                await _write(sw, plan.finish, options.batch_size, report)
+                await _write(sw, tables, plan.finish, options.batch_size, report)
 
     return await _bounded(report, options.timeout, work)
 

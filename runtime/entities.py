@@ -131,3 +131,48 @@ def entry_from_proto(pipeline: Pipeline, entry: p4r.TableEntry) -> TableEntry:
     params = tuple((p.name, values[p.id]) for p in action.params)
     rule_id = dict(params).get("rule_id")
     return TableEntry(table.name, tuple(matches), action.name, params, entry.priority, rule_id)
+
+
+def _shortest(data: bytes) -> bytes:
+    return data.lstrip(b"\x00") or b"\x00"
+
+
+def canonical_entry(entry: p4r.TableEntry) -> p4r.TableEntry:
+    """`entry` with every byte string in its shortest form and its match in field order:
+    what a target reads back may be padded (both are valid), plans compare exact bytes."""
+    if all(_canonical_match(fm) for fm in entry.match) and all(
+        _shortest(p.value) == p.value for p in entry.action.action.params
+    ):
+        return entry
+    out = p4r.TableEntry()
+    out.CopyFrom(entry)
+    for fm in out.match:
+        kind = fm.WhichOneof("field_match_type")
+        if kind == "exact":
+            fm.exact.value = _shortest(fm.exact.value)
+        elif kind == "lpm":
+            fm.lpm.value = _shortest(fm.lpm.value)
+        elif kind == "ternary":
+            fm.ternary.value, fm.ternary.mask = (
+                _shortest(fm.ternary.value),
+                _shortest(fm.ternary.mask),
+            )
+        elif kind == "range":
+            fm.range.low, fm.range.high = _shortest(fm.range.low), _shortest(fm.range.high)
+    for p in out.action.action.params:
+        p.value = _shortest(p.value)
+    matches = sorted(out.match, key=lambda m: m.field_id)
+    del out.match[:]
+    out.match.extend(matches)
+    return out
+
+
+def _canonical_match(fm: p4r.FieldMatch) -> bool:
+    kind = fm.WhichOneof("field_match_type")
+    values = {
+        "exact": (fm.exact.value,),
+        "lpm": (fm.lpm.value,),
+        "ternary": (fm.ternary.value, fm.ternary.mask),
+        "range": (fm.range.low, fm.range.high),
+    }.get(kind or "", ())
+    return all(_shortest(v) == v for v in values)

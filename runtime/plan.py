@@ -83,6 +83,12 @@ class Tables:
             t.id: k.id for t in pipeline.tables for k in t.keys if k.name == EPOCH_KEY
         }
         self.epoch_table = pipeline.table(EPOCH_TABLE)
+        self.range_bytes = {
+            (t.id, k.id): (k.bits + 7) // 8
+            for t in pipeline.tables
+            for k in t.keys
+            if k.match == "range"
+        }
         self.set_epoch = pipeline.action("set_epoch")
 
     def split(self, entry: p4r.TableEntry) -> tuple[bytes, int | None]:
@@ -109,6 +115,22 @@ class Tables:
             fm.ternary.value, fm.ternary.mask = bytes([epoch]), b"\x01"
             fields.append(fm)
         out.match.extend(sorted(fields, key=lambda f: f.field_id))
+        return out
+
+    def on_the_wire(self, update: p4r.Update) -> p4r.Update:
+        """`update` as sent: range bounds at their full width. Both forms are valid
+        (P4Runtime "Bytestrings"), but BMv2 takes a shortest-form range such as 0..255 on a
+        16-bit field for a don't-care and refuses it; reads are made canonical again."""
+        entry = update.entity.table_entry
+        if not any((entry.table_id, fm.field_id) in self.range_bytes for fm in entry.match):
+            return update
+        out = p4r.Update()
+        out.CopyFrom(update)
+        for fm in out.entity.table_entry.match:
+            width = self.range_bytes.get((entry.table_id, fm.field_id))
+            if width is not None:
+                fm.range.low = fm.range.low.rjust(width, b"\x00")
+                fm.range.high = fm.range.high.rjust(width, b"\x00")
         return out
 
     def epoch_default(self, epoch: int) -> p4r.TableEntry:

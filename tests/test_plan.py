@@ -148,3 +148,29 @@ def test_interrupted_apply_converges_without_touching_what_is_right(
             assert entry not in before  # never re-inserts what is there
     assert plan_switch(TABLES, b, _held(device)).empty
     assert len(resumed) <= len(first) - cut + 2  # no more work than what was left (+ a flip)
+
+
+def test_ranges_go_out_padded_and_read_back_canonical(floor: Inventory, floor_text: str) -> None:
+    from runtime.entities import canonical_entry
+
+    desired = _desired(_compile(floor_text, floor, "tor-alg"))
+    ranged = next(
+        e
+        for e in desired.entries.values()
+        if any(fm.WhichOneof("field_match_type") == "range" for fm in e.match)
+    )
+    update = p4r.Update(type=p4r.Update.INSERT)
+    update.entity.table_entry.CopyFrom(ranged)
+    wire = TABLES.on_the_wire(update).entity.table_entry
+    ranges = [fm.range for fm in wire.match if fm.WhichOneof("field_match_type") == "range"]
+    assert ranges and all(len(r.low) == len(r.high) == 2 for r in ranges)  # 16-bit fields
+    assert wire != ranged and canonical_entry(wire) == ranged
+    device = _device()
+    _apply(
+        device,
+        [
+            TABLES.on_the_wire(c.update())
+            for c in plan_switch(TABLES, desired, _held(device)).changes()
+        ],
+    )
+    assert plan_switch(TABLES, desired, _held(device)).empty
