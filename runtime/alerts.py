@@ -20,13 +20,19 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from finsy import P4Client, Switch, SwitchOptions
+from finsy import P4Client, Switch
 from finsy.proto import p4r
 
 from compiler.addresses import format_ipv4
 from compiler.model import Action, Policy
 from p4src.spec import REASON_DENY_LOG, REASON_SPOOF, Pipeline
-from runtime.controller import ControllerError, ControllerOptions, PipelineFiles, SwitchTarget
+from runtime.controller import (
+    ControllerError,
+    ControllerOptions,
+    PipelineFiles,
+    SwitchTarget,
+    session_options,
+)
 
 _PROTO = {1: "icmp", 6: "tcp", 17: "udp"}
 
@@ -133,13 +139,7 @@ async def follow(
     now = clock or (lambda: dt.datetime.now(dt.UTC).timestamp())
 
     async def one(target: SwitchTarget) -> None:
-        opts = SwitchOptions(
-            p4info=files.p4info_path,
-            device_id=target.device_id,
-            initial_election_id=options.election_id,
-            role_name=options.role,
-            channel_credentials=options.tls,
-        )
+        opts = session_options(target, files, options, set_pipeline=False)
         async with Switch(target.name, target.address, opts) as sw:
             if not sw.is_primary:
                 raise ControllerError(

@@ -263,16 +263,9 @@ async def apply_one(
     async def work() -> None:
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
-        switch_options = SwitchOptions(
-            p4info=files.p4info_path,
-            p4blob=files.device_config_path,
-            device_id=target.device_id,
-            initial_election_id=options.election_id,
-            role_name=options.role,
-            channel_credentials=options.tls,
-            fail_fast=True,
-        )
-        async with Switch(target.name, target.address, switch_options) as sw:
+        async with Switch(
+            target.name, target.address, session_options(target, files, options)
+        ) as sw:
             if not sw.is_primary:
                 raise ControllerError(
                     f"not the primary controller (election id {options.election_id}; the "
@@ -295,6 +288,25 @@ async def apply_one(
                 await _write(sw, tables, plan.finish, options.batch_size, report)
 
     return await _bounded(report, options.timeout, work)
+
+
+def session_options(
+    target: SwitchTarget,
+    files: PipelineFiles,
+    options: ControllerOptions,
+    set_pipeline: bool = True,
+) -> SwitchOptions:
+    """finsy's options for a session with one switch: our election id, role and TLS; with
+    `set_pipeline`, finsy sets the compiled pipeline when the switch's cookie differs."""
+    return SwitchOptions(
+        p4info=files.p4info_path,
+        p4blob=files.device_config_path if set_pipeline else None,
+        device_id=target.device_id,
+        initial_election_id=options.election_id,
+        role_name=options.role,
+        channel_credentials=options.tls,
+        fail_fast=True,
+    )
 
 
 def _raw_client(sw: Switch) -> P4Client:
