@@ -139,7 +139,7 @@ async def follow(
     now = clock or (lambda: dt.datetime.now(dt.UTC).timestamp())
 
     async def one(target: SwitchTarget) -> None:
-        opts = session_options(target, files, options, set_pipeline=False)
+        opts = session_options(target, files, options, set_pipeline=False, fail_fast=False)
         async with Switch(target.name, target.address, opts) as sw:
             if not sw.is_primary:
                 raise ControllerError(

@@ -295,9 +295,11 @@ def session_options(
     files: PipelineFiles,
     options: ControllerOptions,
     set_pipeline: bool = True,
+    fail_fast: bool = True,
 ) -> SwitchOptions:
     """finsy's options for a session with one switch: our election id, role and TLS; with
-    `set_pipeline`, finsy sets the compiled pipeline when the switch's cookie differs."""
+    `set_pipeline`, finsy sets the compiled pipeline when the switch's cookie differs;
+    without `fail_fast`, finsy reconnects after a failure (long-running sessions)."""
     return SwitchOptions(
         p4info=files.p4info_path,
         p4blob=files.device_config_path if set_pipeline else None,
@@ -305,7 +307,7 @@ def session_options(
         initial_election_id=options.election_id,
         role_name=options.role,
         channel_credentials=options.tls,
-        fail_fast=True,
+        fail_fast=fail_fast,
     )
 
 
