@@ -56,7 +56,6 @@ from topologies.matrix import (
     LineReader,
     Matrix,
     expected_matrix,
-    probe,
     representative_flows,
     run_matrix,
 )
@@ -381,19 +380,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 def check_cells(lab: Lab, cells: Iterable[Cell], policy: Policy | None = None) -> Matrix:
     """Send `cells` for real and compare with the policy semantics (the effective policy by
     default); a mismatch is probed once more on its own, as `run_matrix` does."""
-    start = time.monotonic()
-    policy = policy or lab.effective()
-    sem = PolicySemantics(policy)
-    ips = lab.ips
-    expected = {(s, d, f): sem.flow(ips[s], ips[d], f.proto, f.port).allowed for s, d, f in cells}
-    flows = sorted({f for _, _, f in expected})
-    matrix = Matrix([h.name for h in lab.inventory.hosts], flows, expected)
-    matrix.observed = probe(lab.floor, expected)
-    retry = matrix.mismatches
-    if retry:
-        matrix.observed.update(probe(lab.floor, retry, 3.0))
-    matrix.seconds = time.monotonic() - start
-    return matrix
+    return run_matrix(lab.floor, policy or lab.effective(), cells=cells)
 
 
 def matrix_around(lab: Lab, hosts: set[str]) -> Matrix:
