@@ -96,16 +96,17 @@ class Matrix:
         }
 
     def render(self, color: bool = False) -> str:
-        """Rows: sources; columns: destinations; a cell is `.` (nothing allowed, nothing
-        passed), the number of allowed flows that passed, or `X` with the failures below."""
-        width = max(len(h) for h in self.hosts)
+        """Rows: sources; columns: destinations, numbered as the rows; a cell is `.`
+        (nothing allowed, nothing passed), the number of allowed flows that passed, or `X`
+        with the failures below."""
+        width = max(len(h) for h in self.hosts) + 4
         bad = set((s, d) for s, d, _ in self.mismatches)
         green, red, dim, reset = (
             ("\x1b[32m", "\x1b[31;1m", "\x1b[2m", "\x1b[0m") if color else ("",) * 4
         )
-        head = " " * (width + 2) + " ".join(h[:3].rjust(3) for h in self.hosts)
+        head = " " * (width + 2) + " ".join(f"{i:>3}" for i in range(1, len(self.hosts) + 1))
         lines = [head]
-        for s in self.hosts:
+        for row, s in enumerate(self.hosts, start=1):
             cells = []
             for d in self.hosts:
                 if s == d:
@@ -115,7 +116,7 @@ class Matrix:
                 else:
                     n = sum(self.expected.get((s, d, f), False) for f in self.flows)
                     cells.append(f"{green}{n:>3}{reset}" if n else f"{dim}  .{reset}")
-            lines.append(f"{s:<{width}}  " + " ".join(cells))
+            lines.append(f"{row:>3} {s:<{width - 4}}  " + " ".join(cells))
         total = len(self.expected)
         allowed = sum(self.expected.values())
         lines.append(
