@@ -6,14 +6,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import shutil
+import socket
+import subprocess
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from finsy.proto import p4r
+from p4rt import wait_for
 
 from compiler.check import check_policy
-from compiler.emit import build
+from compiler.emit import build, write_build
 from compiler.inventory import Inventory
+from compiler.model import Policy
+from compiler.p4c import p4c_artifacts, p4c_available
 from p4src.spec import PIPELINE
 from runtime.controller import (
     ControllerOptions,
@@ -21,6 +28,7 @@ from runtime.controller import (
     SwitchTarget,
     apply_all,
     plan_all,
+    targets,
 )
 from runtime.plan import Change, Desired, Tables
 from runtime.refswitch.switch import ReferenceSwitch
@@ -178,3 +186,56 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
             assert entry not in before, "re-inserted an entry the switch already held"
         if change.op == "delete":
             assert not (entry in before and entry in final), "deleted an entry that was right"
+
+
+SIMPLE_SWITCH = shutil.which("simple_switch_grpc")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(
+    SIMPLE_SWITCH is None or p4c_available() is None,
+    reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot drive BMv2",
+)
+def test_the_controller_drives_bmv2_unchanged(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    assert SIMPLE_SWITCH is not None
+    grpc_port, thrift_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [SIMPLE_SWITCH, "--no-p4", "--device-id", "1", "--thrift-port", str(thrift_port),
+         "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: _listening(grpc_port), 30), "simple_switch_grpc did not start"
+        built = build(floor_policy, floor, floor_policy_text, "bmv2")
+        built.files.update(p4c_artifacts(built))
+        write_build(built, str(tmp_path / "build"))
+        files = PipelineFiles.of(tmp_path / "build", "bmv2")
+        tables = Tables(built.target.pipeline)
+        (target,) = [
+            dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}", device_id=1)
+            for t in targets(floor, built.switches, tables)
+            if t.name == "tor-alg"
+        ]
+        options = ControllerOptions(timeout=60)
+        (applied,) = asyncio.run(apply_all([target], tables, files, options))
+        assert applied.ok and applied.written > 0, applied.error
+        (planned,) = asyncio.run(plan_all([target], tables, files, options))
+        assert planned.ok and planned.pipeline == "same" and planned.plan is not None
+        assert planned.plan.empty, planned.plan.diff  # BMv2 holds exactly the compiled entries
+        (again,) = asyncio.run(apply_all([target], tables, files, options))
+        assert again.ok and again.written == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
