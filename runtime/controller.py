@@ -14,6 +14,7 @@ would cost more than the read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -65,8 +66,16 @@ class PipelineFiles:
         return files
 
     def schema(self) -> P4Schema:
-        info = text_format.Parse(self.p4info_path.read_text(), p4i.P4Info())
-        return P4Schema(info, self.device_config_path.read_bytes())
+        """The compiled P4Info and device config (parsed once per build, not per switch)."""
+        return _schema(
+            self.p4info_path, self.device_config_path, self.p4info_path.stat().st_mtime_ns
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(p4info: Path, device_config: Path, _mtime: int) -> P4Schema:
+    info = text_format.Parse(p4info.read_text(), p4i.P4Info())
+    return P4Schema(info, device_config.read_bytes())
 
 
 @dataclass(frozen=True, slots=True)
