@@ -100,6 +100,10 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
             raise ValueError(f"{self.name}: port {self.cpu_port} is the CPU port")
         return dict(sorted(ports.items()))
 
+    def port_args(self) -> list[str]:
+        """`-i PORT@IFACE` for every port: both switches take their ports this way."""
+        return [arg for port, intf in self.port_map().items() for arg in ("-i", f"{port}@{intf}")]
+
     def command(self) -> list[str]:
         """The switch process's command line."""
         raise NotImplementedError
@@ -222,7 +226,7 @@ class RefSwitch(P4RuntimeSwitch):
         self.program = program or reference_switch_program()
 
     def command(self) -> list[str]:
-        ports = [arg for port, intf in self.port_map().items() for arg in ("-i", f"{port}@{intf}")]
+        ports = self.port_args()
         return [
             self.program,
             "--device-id",
@@ -271,7 +275,7 @@ class Bmv2Switch(P4RuntimeSwitch):
 
     def command(self) -> list[str]:
         assert self.log_dir is not None
-        ports = [arg for port, intf in self.port_map().items() for arg in ("-i", f"{port}@{intf}")]
+        ports = self.port_args()
         return [
             self.program,
             "--device-id",
