@@ -1,5 +1,8 @@
 """Any inventory -> a Mininet network: hosts, one switch process per switch node, links.
 
+- Mininet knows every node by a short name (topologies/names.py) so that its interface
+  names fit Linux's 15 characters whatever the inventory calls it; `hosts`, `switches` and
+  everything a user reads are keyed by inventory names, `node_names` maps one to the other.
 - Hosts get their inventory address (/32, everything else on-link through their one
   interface) and MAC, and a static ARP entry for every other host: no switch has to trust
   ARP, and the P4 pipeline only ever sees IPv4.
@@ -29,6 +32,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 
 from compiler.inventory import Inventory
+from topologies.names import node_names
 from topologies.switches import P4RuntimeSwitch, switch_class
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +74,7 @@ class Floor:
     hosts: dict[str, Any] = field(default_factory=dict)
     switches: dict[str, P4RuntimeSwitch] = field(default_factory=dict)
     workdir: Path | None = None
+    node_names: dict[str, str] = field(default_factory=dict)  # inventory name -> Mininet's
     _pids: dict[str, int] = field(default_factory=dict)
 
     def __enter__(self) -> Floor:
@@ -92,18 +97,22 @@ class Floor:
         cls = switch_class(self.target)
         self.workdir = Path(tempfile.mkdtemp(prefix="p4seg-floor-"))
         inv = self.inventory
+        self.node_names = node_names(
+            [*(s.name for s in inv.switches), *(h.name for h in inv.hosts)]
+        )
         self.net = Mininet(topo=None, controller=None, build=False, autoSetMacs=False)
         for sw in inv.switches:
             self.switches[sw.name] = self.net.addSwitch(
-                sw.name,
+                self.node_names[sw.name],
                 cls=cls,
+                title=sw.name,
                 device_id=sw.device_id,
                 grpc_port=_grpc_port(sw.p4rt),
                 cpu_port=sw.cpu_port,
                 dpid=f"{sw.device_id:016x}",
             )
         for i, h in enumerate(inv.hosts, start=1):
-            host = self.net.addHost(h.name, ip=None, mac=h.mac or _mac(i))
+            host = self.net.addHost(self.node_names[h.name], ip=None, mac=h.mac or _mac(i))
             self.hosts[h.name] = host
             self.net.addLink(host, self.switches[h.switch], port2=h.port)
         for link in inv.links:
@@ -113,7 +122,10 @@ class Floor:
         self.progress(
             f"starting {len(self.switches)} {self.target} switches, {len(self.hosts)} hosts"
         )
-        self.net.build()
+        try:
+            self.net.build()
+        except Exception as err:  # Mininet raises bare Exceptions (an interface it cannot make)
+            raise RuntimeError(f"Mininet could not build the floor: {err}") from err
         self._configure_hosts()
         self.net.start()  # starts every switch and waits until each serves P4Runtime
         self._pids = {f"host {n}": h.pid for n, h in self.hosts.items()}
@@ -134,7 +146,7 @@ class Floor:
                 for o in inv.hosts
                 if o.name != h.name
             ]
-            batch = self.workdir / f"{h.name}.ip"
+            batch = self.workdir / f"{host.name}.ip"
             batch.write_text("\n".join(lines) + "\n")
             host.cmd(f"ip link set {intf} up; ip -batch {batch}")
             host.cmd(f"ethtool -K {intf} tx off rx off >/dev/null 2>&1")
@@ -159,7 +171,7 @@ class Floor:
         switch-side interfaces, its host shells and its switch processes."""
         out = []
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        mine = {f"{n}-eth" for n in self.switches}
+        mine = {f"{sw.name}-eth" for sw in self.switches.values()}
         for line in links.splitlines():
             ifname = line.split(":")[1].strip().split("@")[0]
             if any(ifname.startswith(prefix) for prefix in mine):

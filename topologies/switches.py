@@ -68,13 +68,16 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
         grpc_port: int,
         cpu_port: int = 255,
         startup_timeout: float = STARTUP_TIMEOUT,
+        title: str | None = None,
         **params: Any,
     ) -> None:
         """`device_id`: P4Runtime device id; `grpc_port`: P4Runtime on 127.0.0.1:`grpc_port`;
-        `cpu_port`: the port PacketIn/PacketOut use; `params`: Mininet's (dpid, ...)."""
+        `cpu_port`: the port PacketIn/PacketOut use; `title`: the name messages use (the
+        inventory's, when Mininet knows the switch by a short one); `params`: Mininet's."""
         if device_id <= 0:
-            raise ValueError(f"{name}: device_id must be > 0, got {device_id}")
+            raise ValueError(f"{title or name}: device_id must be > 0, got {device_id}")
         super().__init__(name, **params)
+        self.title = title or name
         self.device_id = device_id
         self.grpc_port = grpc_port
         self.cpu_port = cpu_port
@@ -97,7 +100,7 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
             if intf.name != "lo" and intf is not getattr(self, "controlIntf", None)
         }
         if self.cpu_port in ports:
-            raise ValueError(f"{self.name}: port {self.cpu_port} is the CPU port")
+            raise ValueError(f"{self.title}: port {self.cpu_port} is the CPU port")
         return dict(sorted(ports.items()))
 
     def port_args(self) -> list[str]:
@@ -143,11 +146,11 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
         last output, if it exits or is not ready within `startup_timeout` seconds.
         """
         if self.proc is not None and self.proc.poll() is None:
-            raise SwitchStartError(f"{self.name}: already running (pid {self.proc.pid})")
+            raise SwitchStartError(f"{self.title}: already running (pid {self.proc.pid})")
         busy = [port for port in self.ports_in_use() if _listening(port)]
         if busy:
             raise SwitchStartError(
-                f"{self.name}: port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use"
+                f"{self.title}: port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use"
             )
         if self.offloads_off:
             for intf in self.port_map().values():
@@ -167,13 +170,13 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
             code = self.proc.poll()
             if code is not None:
                 raise SwitchStartError(
-                    f"{self.name}: {cmd[0]} exited with status {code} while starting\n"
+                    f"{self.title}: {cmd[0]} exited with status {code} while starting\n"
                     f"command: {' '.join(cmd)}\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self._terminate()
                 raise SwitchStartError(
-                    f"{self.name}: {cmd[0]} not ready after {self.startup_timeout:g} s\n"
+                    f"{self.title}: {cmd[0]} not ready after {self.startup_timeout:g} s\n"
                     f"command: {' '.join(cmd)}\n{self.log_tail()}"
                 )
             time.sleep(POLL)

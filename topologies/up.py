@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
     from runtime.cli import Compiled
+    from topologies.matrix import Matrix
     from topologies.network import Floor
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -106,7 +107,7 @@ def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> i
             else:
                 print(matrix.render(color=sys.stdout.isatty()))
             if args.keep:
-                _keep(floor, args, front)
+                _keep(floor, matrix, args, front)
             status = EXIT_OK if not matrix.mismatches else EXIT_ERROR
     except (PermissionError, OSError, RuntimeError, ValueError) as err:
         print(f"p4seg up: error: {err}", file=sys.stderr)
@@ -118,11 +119,36 @@ def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> i
     return status
 
 
-def _keep(floor: Floor, args: argparse.Namespace, front: Callable[..., Compiled | None]) -> None:
+def keep_hint(floor: Floor, matrix: Matrix) -> str:
+    """What `--keep` prints before the CLI: commands to try on this floor's own hosts (a pair
+    the policy lets ping, if there is one), and Mininet's short names where they differ."""
+    from topologies.matrix import Flow
+
+    icmp = Flow("icmp")
+    pairs = [(s, d) for s, d, f in sorted(matrix.expected) if f == icmp]
+    allowed = [p for p in pairs if matrix.expected[(*p, icmp)]]
+    tries = ["nodes", "exit to tear down"]
+    if pairs:
+        src, dst = (allowed or pairs)[0]
+        tries[:1] = [f"{src} ping -c1 {dst}", f"py node['{src}'].cmd('ip -br addr')"]
+    lines = ["  Try: " + "   |   ".join(tries)]
+    renamed = [f"{n} = {short}" for n, short in sorted(floor.node_names.items()) if n != short]
+    if renamed:
+        shown = ", ".join(renamed[:6]) + (
+            f", ... and {len(renamed) - 6} more" if len(renamed) > 6 else ""
+        )
+        lines.append(f"  Type inventory names; Mininet's own listings use short ones: {shown}")
+    return "\n".join(lines)
+
+
+def _keep(
+    floor: Floor, matrix: Matrix, args: argparse.Namespace, front: Callable[..., Compiled | None]
+) -> None:
     """The Mininet CLI, with `p4seg watch` keeping the switches on the policy meanwhile."""
-    from mininet.cli import CLI
+    from mininet.log import setLogLevel
 
     from runtime.verbs import watch_loop
+    from topologies.console import FloorCLI
 
     args.interval, args.check, args.once, args.switch = 0.5, 2.0, False, []
     stop = threading.Event()
@@ -130,11 +156,13 @@ def _keep(floor: Floor, args: argparse.Namespace, front: Callable[..., Compiled 
     watcher.start()
     print(
         f"p4seg up: the floor stays up; `p4seg watch` re-applies {args.policy} on every edit.\n"
-        "  Try: algo1 ping -c1 oms1   |   md1 python3 -m topologies.probe ...   |   exit to tear down",
+        + keep_hint(floor, matrix),
         flush=True,
     )
+    setLogLevel("output")  # what commands typed at the prompt print (the floor runs quiet)
     try:
-        CLI(floor.net)
+        FloorCLI(floor)
     finally:
+        setLogLevel("error")
         stop.set()
         watcher.join(timeout=10)

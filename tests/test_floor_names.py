@@ -1,0 +1,139 @@
+"""Mininet node names for any inventory (topologies/names.py) and the CLI that takes
+inventory names (topologies/console.py): no root needed."""
+
+from __future__ import annotations
+
+import cmd
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compiler.inventory import MAX_DATA_PORT, load_inventory
+from topologies.console import mininet_arguments, node_command
+from topologies.names import IFNAMSIZ, NODE_NAME_MAX, _derived, is_safe, node_names
+
+# What compiler/inventory.py accepts as a host or switch name, of any length.
+INVENTORY_NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}(-[A-Za-z0-9_]{1,12}){0,5}\Z")
+
+
+def cli_first_word(line: str) -> str | None:
+    """The node name Mininet's CLI (Python's cmd) reads from a line."""
+    first, _, _ = cmd.Cmd().parseline(line)
+    return first
+
+
+def check_names(names: list[str]) -> dict[str, str]:
+    out = node_names(names)
+    assert set(out) == set(names)
+    assert len(set(out.values())) == len(out), out  # unique
+    for short in out.values():
+        assert len(short) <= NODE_NAME_MAX
+        assert len(f"{short}-eth{MAX_DATA_PORT}") <= IFNAMSIZ
+        assert short.isidentifier() and is_safe(short)
+        assert cli_first_word(f"{short} ping -c1 10.0.0.1") == short
+    return out
+
+
+@given(st.lists(INVENTORY_NAME, min_size=1, max_size=40, unique=True), st.randoms())
+def test_node_names_fit_are_unique_and_deterministic(names: list[str], rng: random.Random) -> None:
+    out = check_names(names)
+    shuffled = list(names)
+    rng.shuffle(shuffled)
+    assert node_names(shuffled) == out  # the set of names decides, not their order
+
+
+def test_names_that_collide_when_truncated_stay_apart() -> None:
+    names = [
+        "tor-algo-east-1",
+        "tor-algo-east-2",
+        "hdb-replica-primary-01",
+        "hdb-replica-primary-02",
+    ]
+    out = check_names(names)
+    assert [n[:NODE_NAME_MAX] for n in names[:2]] == ["tor-algo", "tor-algo"]  # the trap
+    assert out["tor-algo-east-1"] != out["tor-algo-east-2"]
+
+
+def test_short_safe_names_keep_themselves() -> None:
+    out = check_names(["tor1", "algo1", "h_2", "md1", "hdb-replica"])
+    assert {n: out[n] for n in ("tor1", "algo1", "h_2", "md1")} == {
+        "tor1": "tor1", "algo1": "algo1", "h_2": "h_2", "md1": "md1"
+    }  # fmt: skip
+    assert out["hdb-replica"] != "hdb-replica"
+
+
+def test_names_the_cli_or_python_would_misread_are_replaced() -> None:
+    # Too long, with '-', a leading '_', a Python keyword, the CLI's `net` and `node`.
+    names = ["abcdefghi", "a-b", "_x", "class", "net", "node", "None"]
+    out = check_names(names)
+    assert all(out[n] != n for n in names)
+
+
+def test_a_derived_name_never_takes_an_inventory_name() -> None:
+    # An inventory that already holds the name `hdb-replica` would derive first.
+    taken = _derived("hdb-replica", 0)
+    out = check_names(["hdb-replica", taken])
+    assert out[taken] == taken
+    assert out["hdb-replica"] == _derived("hdb-replica", 1)
+
+
+def test_every_example_inventory_fits() -> None:
+    for path in ("topologies/trading_floor.yaml", "topologies/small.yaml"):
+        inventory, diags = load_inventory(path)
+        assert inventory is not None, diags
+        names = [*(s.name for s in inventory.switches), *(h.name for h in inventory.hosts)]
+        out = check_names(names)
+        # Safe names (every host here) keep themselves; `tor-md` & co. get short stand-ins.
+        assert {n: out[n] for n in names if is_safe(n)} == {n: n for n in names if is_safe(n)}
+        assert all(out[h.name] == h.name for h in inventory.hosts)
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+NODES = {
+    "hdb-replica-primary-01": "hdbr1111",
+    "tor-east": "tore2222",
+    "ops1": "ops1",
+    "net": "net3333",
+}
+ADDRESSES = {"hdb-replica-primary-01": "10.20.1.11", "ops1": "10.20.2.50"}
+
+
+def test_a_line_for_an_inventory_node_gets_mininet_names_and_addresses() -> None:
+    line = "hdb-replica-primary-01 ping -c1 ops1\n"
+    assert node_command(line, NODES, ADDRESSES) == "hdbr1111 ping -c1 10.20.2.50"
+    assert node_command("ops1 ping -c1 hdb-replica-primary-01", NODES, ADDRESSES) == (
+        "ops1 ping -c1 10.20.1.11"
+    )
+    # Mininet's CLI would have read `hdb` as the command: the rewritten line names the node.
+    assert cli_first_word("hdb-replica-primary-01 ping") == "hdb"
+    assert cli_first_word(node_command("hdb-replica-primary-01 ping", NODES, ADDRESSES) or "") == (
+        "hdbr1111"
+    )
+
+
+def test_the_command_keeps_its_own_spacing() -> None:
+    line = "tor-east echo 'a  b'"
+    assert node_command(line, NODES, ADDRESSES) == "tore2222 echo 'a  b'"
+
+
+def test_lines_that_are_not_for_an_inventory_node_are_left_to_mininet() -> None:
+    for line in (
+        "nodes",
+        "hdb-replica-primary-01",
+        "hdb-replica-primary-01   ",
+        "h9 ping ops1",
+        "",
+    ):
+        assert node_command(line, NODES, ADDRESSES) is None, line
+    # An inventory node named like a CLI command, with a command after it, is the node.
+    assert node_command("net ip -br link", NODES, ADDRESSES) == "net3333 ip -br link"
+
+
+def test_node_arguments_of_mininet_commands_take_inventory_names() -> None:
+    assert mininet_arguments("link tor-east hdb-replica-primary-01 down", NODES) == (
+        "link tore2222 hdbr1111 down"
+    )
+    assert mininet_arguments("iperf ops1 hdb-replica-primary-01", NODES) == "iperf ops1 hdbr1111"
+    assert mininet_arguments("py node['tor-east']", NODES) == "py node['tor-east']"
