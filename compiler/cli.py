@@ -409,7 +409,7 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     # The back end pulls in networkx, Jinja2 and the protobufs: only `compile` pays for them.
-    from compiler.emit import build, summary, write_build
+    from compiler.emit import OutputDirError, build, summary, write_build
     from compiler.p4c import p4c_artifacts
 
     sizes = _sizes(args.size)
@@ -431,7 +431,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format)
         return EXIT_ERROR
-    write_build(built, args.output_dir)
+    try:
+        write_build(built, args.output_dir)
+    except (OutputDirError, OSError) as err:
+        print(f"p4seg: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     if args.output == "json":
         print(json.dumps(built.report, indent=2, sort_keys=True))
     else:
@@ -464,7 +468,7 @@ def _front(
 ) -> Compiled | None:
     """The front end of every verb that drives switches: load, check and compile the
     (effective) policy and write the build; diagnostics are reported here (None: failed)."""
-    from compiler.emit import build, write_build
+    from compiler.emit import OutputDirError, build, write_build
     from compiler.p4c import p4c_artifacts
     from runtime.cli import Compiled
 
@@ -489,7 +493,11 @@ def _front(
         _report(exc.diagnostics, sources, args.error_format)
         return None
     build_dir = Path(args.build or Path("build") / inventory.name)
-    write_build(built, str(build_dir))
+    try:
+        write_build(built, str(build_dir))
+    except (OutputDirError, OSError) as err:
+        print(f"p4seg: error: {err}", file=sys.stderr)
+        return None
     return Compiled(built, build_dir, inventory, effective)
 
 

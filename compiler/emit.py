@@ -1,8 +1,10 @@
 """Stage 5 — a compiled policy -> the build directory.
 
 `build` is pure: it returns every artefact as text. `write_build` is the only place that
-touches the file system, and it is atomic: the directory appears complete or not at all,
-so an error never leaves a partial build behind. Same inputs, byte-identical outputs.
+touches the file system: a new directory appears complete or not at all, an error never
+leaves a partial build behind, and it writes only into new or empty directories and its
+own builds (recognised by their manifest), never touching a file it did not write. Same
+inputs, byte-identical outputs.
 
     DIR/p4/<target>/p4seg.p4          the P4 program for the target
     DIR/p4/ref/p4seg.json              ref only: the reference switch's device config
@@ -10,6 +12,7 @@ so an error never leaves a partial build behind. Same inputs, byte-identical out
     DIR/entries/<switch>.json          p4seg's entry format
     DIR/entries/<switch>-runtime.json  the p4lang tutorials runtime format, for interop
     DIR/report.json                    rules -> source lines, entries and utilisation, resources
+    DIR/p4seg-build.json               the manifest: every file above that p4seg wrote
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
 from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
@@ -303,27 +305,146 @@ def summary(build_: Build) -> str:
     return "\n".join(lines)
 
 
-def write_build(build_: Build, out_dir: str) -> list[str]:
-    """Write all files of a build; atomically replaces `out_dir`."""
-    target = Path(out_dir).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+MANIFEST = "p4seg-build.json"  # in every build: the files p4seg wrote there, and only those
+
+
+class OutputDirError(Exception):
+    """The output directory cannot take the build without touching what p4seg did not write."""
+
+
+def _relative(rel: object) -> str:
+    """`rel` if it is a plain relative path inside a build directory; ValueError if not."""
+    if not isinstance(rel, str):
+        raise ValueError(f"not a path: {rel!r}")
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or str(path) != rel or rel in ("", ".", MANIFEST):
+        raise ValueError(f"not a file of a build: {rel!r}")
+    return rel
+
+
+def _manifest(files: set[str]) -> str:
+    return _dumps({"p4seg_build": 1, "files": sorted(files)})
+
+
+def _put_manifest(staging: Path, target: Path, files: set[str]) -> None:
+    (staging / MANIFEST).write_text(_manifest(files), encoding="utf-8")
+    os.replace(staging / MANIFEST, target / MANIFEST)
+
+
+def _remove(target: Path, rel: str) -> None:
+    """Remove a file of an earlier build, and the directories that leaves empty."""
+    (target / rel).unlink(missing_ok=True)
+    for parent in (target / rel).parents:
+        try:
+            if parent == target or any(parent.iterdir()):
+                return
+            parent.rmdir()
+        except OSError:
+            return
+
+
+def _written_before(target: Path) -> set[str] | None:
+    """What p4seg wrote into an existing directory, from its manifest; None when the
+    directory has none (OutputDirError when it has one that is not p4seg's)."""
+    path = target / MANIFEST
+    if not os.path.lexists(path):
+        return None
     try:
-        for rel, content in sorted(build_.files.items()):
-            path = staging / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content, encoding="utf-8")
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "build")
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("p4seg_build") != 1 or not isinstance(doc.get("files"), list):
+            raise ValueError("not a p4seg build manifest")
+        return {_relative(rel) for rel in doc["files"]}
+    except (OSError, ValueError, AttributeError) as err:
+        raise OutputDirError(
+            f"{path}: unreadable build manifest ({err}); nothing written"
+        ) from None
+
+
+def _check_path(target: Path, rel: str, ours: set[str]) -> None:
+    """Refuse to write or remove `rel` unless every directory on its way is a real directory
+    inside `target` and whatever is there now is a file p4seg wrote."""
+    here = target
+    for part in PurePosixPath(rel).parts[:-1]:
+        here = here / part
+        if here.is_symlink() or (os.path.lexists(here) and not here.is_dir()):
+            raise OutputDirError(f"{here} is not a directory p4seg made; nothing written")
+    path = target / rel
+    if os.path.lexists(path) and (rel not in ours or path.is_symlink() or not path.is_file()):
+        raise OutputDirError(f"{path} exists and p4seg did not write it; nothing written")
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty directory under `parent` with the mode the umask gives (mkdtemp's is
+    0700, and a build directory is renamed into place with the mode it was made with)."""
+    while True:
+        path = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def _write_files(root: Path, files: dict[str, str]) -> None:
+    for rel, content in sorted(files.items()):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+
+
+def write_build(build_: Build, out_dir: str) -> list[str]:
+    """Write all files of a build into `out_dir`, with a manifest of them (MANIFEST).
+
+    A new directory appears complete or not at all. An empty directory, or one holding a
+    p4seg build, is updated in place: each file is replaced atomically, the files of the
+    previous build that this one lacks are removed, and nothing else in it is touched.
+    Any other directory is refused (OutputDirError) and left as it was. Directories and
+    files get the modes the umask gives; an existing directory keeps its own.
+    """
+    target = Path(out_dir).resolve()
+    rels = [_relative(rel) for rel in build_.files]
+    if not os.path.lexists(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = _fresh_dir(target.parent, f".{target.name}.")
+        try:
+            _write_files(staging, build_.files)
+            (staging / MANIFEST).write_text(_manifest(set(rels)), encoding="utf-8")
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return sorted(str(target / rel) for rel in rels)
+    if not target.is_dir():
+        raise OutputDirError(f"{target} exists and is not a directory; nothing written")
+    before = _written_before(target)
+    if before is None:
+        if any(target.iterdir()):
+            raise OutputDirError(
+                f"{target} is not empty and is not a p4seg build (it has no {MANIFEST}); "
+                "p4seg writes into a new or empty directory or one of its own builds; "
+                "nothing written"
+            )
+        before = set()
+    gone = sorted(before - set(rels))
+    for rel in [*rels, *gone]:
+        _check_path(target, rel, before)
+    staging = _fresh_dir(target, ".p4seg-staging-")
+    try:
+        _write_files(staging, build_.files)
+        # Old and new files first: whatever happens next, every file p4seg puts here is one
+        # it will recognise, and nothing else ever is.
+        _put_manifest(staging, target, before | set(rels))
+        for rel in sorted(rels):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, target / rel)
+        for rel in gone:
+            _remove(target, rel)
+        _put_manifest(staging, target, set(rels))
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return sorted(str(target / rel) for rel in build_.files)
+    return sorted(str(target / rel) for rel in rels)
 
 
 _KEY_ORDER = {t.name: {k.name: k.id for k in t.keys} for t in build_pipeline().tables}

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.cli import main
-from compiler.emit import build, write_build
+from compiler.emit import OutputDirError, build, write_build
 from compiler.fit import CapacityError, range_to_ternary
 from compiler.inventory import Inventory
 from compiler.model import Policy
@@ -113,15 +113,17 @@ def test_capacity_error_is_typed(
         build(policy, floor, floor_policy_text, "tofino", {"policy": 50})
 
 
-def test_write_build_replaces_atomically(
+def test_write_build_never_writes_over_what_it_did_not_write(
     tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
+    # More in tests/test_build_output.py.
     policy = floor_policy
     out = tmp_path / "b"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    write_build(build(policy, floor, floor_policy_text, "ref"), str(out))
-    assert not (out / "stale.txt").exists() and (out / "report.json").exists()
+    with pytest.raises(OutputDirError):
+        write_build(build(policy, floor, floor_policy_text, "ref"), str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
