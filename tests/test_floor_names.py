@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cmd
 import random
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from compiler.inventory import MAX_DATA_PORT, load_inventory
 from topologies.console import mininet_arguments, node_command
 from topologies.names import IFNAMSIZ, NODE_NAME_MAX, _derived, is_safe, node_names
+from topologies.up import on_loopback
 
 # What compiler/inventory.py accepts as a host or switch name, of any length.
 INVENTORY_NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}(-[A-Za-z0-9_]{1,12}){0,5}\Z")
@@ -137,3 +139,32 @@ def test_node_arguments_of_mininet_commands_take_inventory_names() -> None:
     )
     assert mininet_arguments("iperf ops1 hdb-replica-primary-01", NODES) == "iperf ops1 hdbr1111"
     assert mininet_arguments("py node['tor-east']", NODES) == "py node['tor-east']"
+
+
+# -- P4Runtime on loopback ---------------------------------------------------------------------
+
+REAL_SWITCHES = """\
+name: real
+switches:
+  tor-a: {role: tor, device_id: 1, p4rt: "10.0.0.1:9559"}
+  tor-b: {role: tor, device_id: 2, p4rt: "10.0.0.2:9559"}
+  tor-c: {role: tor, device_id: 3, p4rt: "127.0.0.1:50411"}
+  tor-d: {role: tor, device_id: 4, p4rt: "localhost:50411"}
+  tor-e: {role: tor, device_id: 5, p4rt: "127.0.0.1:70000"}
+hosts:
+  h1: {ip: 10.1.0.1, switch: tor-a, port: 1}
+"""
+
+
+def test_a_floor_serves_every_switch_on_its_own_loopback_port(tmp_path: Path) -> None:
+    (tmp_path / "real.yaml").write_text(REAL_SWITCHES)
+    inventory, _ = load_inventory(str(tmp_path / "real.yaml"))
+    ports: dict[str, int] = {}
+    here = on_loopback(inventory, ports)
+    addresses = {s.name: s.p4rt for s in here.switches}
+    assert all(a.startswith("127.0.0.1:") for a in addresses.values()), addresses
+    assert len(set(addresses.values())) == len(addresses)  # one port each
+    assert all(0 < int(a.rpartition(":")[2]) < 65536 for a in addresses.values())
+    assert addresses["tor-c"] == "127.0.0.1:50411"  # a loopback address of its own is kept
+    assert here.hosts == inventory.hosts and here.links == inventory.links
+    assert on_loopback(inventory, ports) == here  # --keep's later compiles: the same ports

@@ -1,6 +1,7 @@
 """`p4seg up --keep` on an inventory whose names Linux and Mininet would not take as they are:
 long host and switch names with `-`, two ToRs and two hosts whose names are the same when
-cut to interface length, ports up to 254. The verb runs as a user runs it (a process with
+cut to interface length, ports up to 254, and two switches with real (not loopback)
+P4Runtime addresses on the same port. The verb runs as a user runs it (a process with
 its prompt on a pipe): the floor comes up, the segmentation matrix is all as expected,
 commands typed at the prompt in inventory names run on the right nodes and print their
 output, and `exit` tears everything down — checked on the machine, and cleaned up by the
@@ -46,14 +47,14 @@ EAST, WEST, SPINE = (
 )
 PRIMARY, SECOND = "hdb-replica-primary-01", "hdb-replica-primary-02"
 ENGINE, OPS = "algo-engine-research-01", "ops1"
-PORTS = (50311, 50312, 50313)
+PORT = 50311  # the one switch given a loopback address; the others have real switches'
 
 INVENTORY = f"""\
 name: long_names
 switches:
-  {EAST}: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{PORTS[0]}"}}
-  {WEST}: {{role: tor, device_id: 2, p4rt: "127.0.0.1:{PORTS[1]}"}}
-  {SPINE}: {{role: spine, device_id: 3, p4rt: "127.0.0.1:{PORTS[2]}"}}
+  {EAST}: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{PORT}"}}
+  {WEST}: {{role: tor, device_id: 2, p4rt: "10.99.0.2:9559"}}
+  {SPINE}: {{role: spine, device_id: 3, p4rt: "10.99.0.3:9559"}}
 hosts:
   {PRIMARY}: {{ip: 10.20.1.11, switch: {EAST}, port: 1}}
   {SECOND}: {{ip: 10.20.1.12, switch: {EAST}, port: 254}}
@@ -118,7 +119,7 @@ def _cmdline(pid: str) -> list[str]:
 
 def leftovers(short: dict[str, str]) -> tuple[list[str], list[int]]:
     """What of this floor is on the machine: interfaces named after its nodes, and its
-    processes (host shells `mininet:<node>`, switches serving on its P4Runtime ports)."""
+    processes (host shells `mininet:<node>`, switches on its nodes' interfaces)."""
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     prefixes = tuple(f"{s}-eth" for s in short.values())
     found = [
@@ -127,12 +128,13 @@ def leftovers(short: dict[str, str]) -> tuple[list[str], list[int]]:
         if (name := line.split(":")[1].strip().split("@")[0]).startswith(prefixes)
     ]
     shells = {f"mininet:{s}" for s in short.values()}
-    grpc = {f"127.0.0.1:{port}" for port in PORTS}
-    pids = [
-        int(pid)
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and (set(argv := _cmdline(pid)) & shells or set(argv) & grpc)
-    ]
+
+    def ours(argv: list[str]) -> bool:  # a host's shell, or a switch with `-i PORT@IFACE`
+        return bool(shells & set(argv)) or any(
+            a.partition("@")[2].startswith(prefixes) for a in argv
+        )
+
+    pids = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and ours(_cmdline(pid))]
     return found, pids
 
 
@@ -143,7 +145,7 @@ def nothing_left(short: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         interfaces, pids = leftovers(short)
-        for pid in pids:  # only this floor's: matched on its node names and ports above
+        for pid in pids:  # only this floor's: matched on its node names above
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for name in interfaces:
@@ -178,6 +180,10 @@ def test_up_keep_on_long_names_with_dashes(tmp_path: Path) -> None:
             text = out.text
             assert PROMPT in text, text + err.text
             assert "all as expected" in text, text + err.text
+            # Real switches' addresses: served on loopback for the floor; 127.0.0.1 kept.
+            assert f"{WEST} 10.99.0.2:9559 -> 127.0.0.1:" in err.text, err.text
+            assert f"{SPINE} 10.99.0.3:9559 -> 127.0.0.1:" in err.text
+            assert f"{EAST} 127.0.0.1:{PORT} ->" not in err.text
             assert re.search(r"\(([1-9][0-9]*) allowed by the policy\)", text), text
             # The hint names this floor's hosts: ops1 may ping the replicas.
             assert f"Try: {OPS} ping -c1 {PRIMARY}" in text, text

@@ -50,6 +50,16 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def free_port(avoid: set[int] | frozenset[int] = frozenset()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick), not in `avoid`."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
 class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
     """A Mininet switch whose data plane is one process speaking P4Runtime on loopback.
 
@@ -254,7 +264,7 @@ class Bmv2Switch(P4RuntimeSwitch):
     """BMv2's `simple_switch_grpc`, started without a P4 program (`--no-p4`).
 
     BMv2 opens Thrift on 0.0.0.0 whatever else it is told, so every switch in the root
-    namespace needs its own `thrift_port` (default 9090 + device id). Its notification
+    namespace needs its own `thrift_port` (default 9090 + device id, or a free port). Its notification
     socket goes to the switch's private directory for the same reason. The switch side of
     each link gets checksum and scatter-gather offloads turned off, as BMv2 expects.
     """
@@ -273,7 +283,9 @@ class Bmv2Switch(P4RuntimeSwitch):
     ) -> None:
         """`thrift_port`: BMv2's Thrift server (on 0.0.0.0); `program`: default from PATH."""
         super().__init__(name, device_id, grpc_port, cpu_port, **params)
-        self.thrift_port = 9090 + device_id if thrift_port is None else thrift_port
+        if thrift_port is None:  # 9090 + device id while that is a port, else a free one
+            thrift_port = 9090 + device_id if device_id < 65536 - 9090 else free_port()
+        self.thrift_port = thrift_port
         self.program = program or _which("simple_switch_grpc")
 
     def command(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
+    from compiler.inventory import Inventory
     from runtime.cli import Compiled
     from topologies.matrix import Matrix
     from topologies.network import Floor
@@ -32,7 +34,10 @@ representative flow (each allowed service's ports, the ports just outside them, 
 random sample of others), and compare with what the policy semantics say. Prints the grid
 (rows: sources, columns: destinations; a number is how many allowed flows passed, `.` means
 nothing is allowed and nothing passed, X a mismatch, listed below), then tears everything
-down. Needs root.
+down. Needs root. Any inventory `check` accepts comes up: Mininet gets short node names
+where the inventory's would not fit Linux's 15-character interface names; everything you
+read and type uses the inventory's. With --keep, the Mininet CLI takes inventory names:
+`hdb-replica-01 ping -c1 web-1` (later host names become addresses), `py node['web-1']`.
 
 exit status: 0 every probe as the policy says, 1 a mismatch or an error
 
@@ -61,7 +66,32 @@ def register(sub: Any, policy_arguments: Callable[[argparse.ArgumentParser, bool
     p.add_argument("--state", default=".p4seg", help="state directory for --keep's watch")
 
 
-def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> int:
+def on_loopback(inventory: Inventory, ports: dict[str, int]) -> Inventory:
+    """`inventory` with every switch serving P4Runtime where a floor on this machine can:
+    a switch keeps a 127.0.0.1 address of its own; any other (a real switch's management
+    address, `localhost`, a port another switch has) gets a free loopback port, kept in
+    `ports` (switch -> port) so that every later compile (--keep's watch) finds the same."""
+    from compiler.inventory import Inventory
+    from topologies.switches import free_port
+
+    for sw in inventory.switches:  # first the switches that keep their own port
+        host, _, text = sw.p4rt.rpartition(":")
+        port = int(text)
+        own = host == "127.0.0.1" and 0 < port < 65536 and port not in ports.values()
+        if sw.name not in ports and own:
+            ports[sw.name] = port
+    for sw in inventory.switches:
+        if sw.name not in ports:
+            ports[sw.name] = free_port(set(ports.values()))
+    switches = tuple(
+        dataclasses.replace(sw, p4rt=f"127.0.0.1:{ports[sw.name]}") for sw in inventory.switches
+    )
+    return Inventory.build(
+        inventory.name, inventory.file, switches, inventory.hosts, inventory.links
+    )
+
+
+def run_up(args: argparse.Namespace, inventory_front: Callable[..., Compiled | None]) -> int:
     from runtime.cli import session_of
     from runtime.controller import apply_all
     from runtime.live import LiveState, effective_policy
@@ -71,6 +101,19 @@ def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> i
     def say(text: str) -> None:
         if args.output == "human":
             print(f"p4seg up: {text}", file=sys.stderr, flush=True)
+
+    ports: dict[str, int] = {}
+    moved: list[str] = []
+
+    def front(*args: Any, **kwargs: Any) -> Compiled | None:
+        """The CLI's front end, with the switches on this machine's loopback."""
+        compiled = inventory_front(*args, **kwargs)
+        if compiled is None:
+            return None
+        here = on_loopback(compiled.inventory, ports)
+        pairs = zip(compiled.inventory.switches, here.switches, strict=True)
+        moved[:] = [f"{a.name} {a.p4rt} -> {b.p4rt}" for a, b in pairs if a.p4rt != b.p4rt]
+        return dataclasses.replace(compiled, inventory=here)
 
     start = time.monotonic()
     say("compiling")
@@ -83,6 +126,8 @@ def run_up(args: argparse.Namespace, front: Callable[..., Compiled | None]) -> i
     )
     if compiled is None:
         return EXIT_ERROR
+    if moved:
+        say(f"P4Runtime on this machine's loopback instead: {', '.join(moved)}")
     session = session_of("up", args, compiled)
     if session is None:
         return EXIT_ERROR
