@@ -10,10 +10,13 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from compiler.check import check_policy
 from compiler.inventory import MAX_DATA_PORT, load_inventory
 from topologies.console import mininet_arguments, node_command
+from topologies.matrix import Matrix, expected_matrix, representative_flows
 from topologies.names import IFNAMSIZ, NODE_NAME_MAX, _derived, is_safe, node_names
-from topologies.up import on_loopback
+from topologies.network import Floor
+from topologies.up import keep_hint, on_loopback
 
 # What compiler/inventory.py accepts as a host or switch name, of any length.
 INVENTORY_NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}(-[A-Za-z0-9_]{1,12}){0,5}\Z")
@@ -168,3 +171,43 @@ def test_a_floor_serves_every_switch_on_its_own_loopback_port(tmp_path: Path) ->
     assert addresses["tor-c"] == "127.0.0.1:50411"  # a loopback address of its own is kept
     assert here.hosts == inventory.hosts and here.links == inventory.links
     assert on_loopback(inventory, ports) == here  # --keep's later compiles: the same ports
+
+
+# -- the hint of --keep --------------------------------------------------------------------------
+
+HINT_FLOOR = """\
+name: hint
+switches:
+  tor-research-compute-east: {role: tor, device_id: 1, p4rt: "127.0.0.1:50421"}
+hosts:
+  web-frontend-01: {ip: 10.3.0.1, switch: tor-research-compute-east, port: 1}
+  db1: {ip: 10.3.0.2, switch: tor-research-compute-east, port: 2}
+  cache1: {ip: 10.3.0.3, switch: tor-research-compute-east, port: 3}
+"""
+
+
+def hint_for(tmp_path: Path, policy_text: str) -> str:
+    (tmp_path / "hint.yaml").write_text(HINT_FLOOR)
+    inventory, _ = load_inventory(str(tmp_path / "hint.yaml"))
+    result = check_policy(policy_text, "hint.zt", inventory)
+    assert result.policy is not None, result.diagnostics
+    floor = Floor(inventory)  # never started: the hint needs names, not a network
+    floor.node_names = node_names([*inventory.switches_by_name, *inventory.hosts_by_name])
+    flows = representative_flows(result.policy)
+    matrix = Matrix(
+        [h.name for h in inventory.hosts], flows, expected_matrix(result.policy, floor, flows)
+    )
+    return keep_hint(floor, matrix)
+
+
+def test_the_hint_pings_a_pair_of_this_floor_the_policy_lets_ping(tmp_path: Path) -> None:
+    hint = hint_for(tmp_path, "policy p\nallow cache1 -> web-frontend-01 icmp\n")
+    assert "Try: cache1 ping -c1 web-frontend-01   |   py node['cache1']" in hint, hint
+    assert "web-frontend-01 = " in hint and "tor-research-compute-east = " in hint
+    assert "db1 =" not in hint  # a name Mininet takes as it is is not listed
+
+
+def test_without_an_allowed_ping_the_hint_still_names_this_floors_hosts(tmp_path: Path) -> None:
+    hint = hint_for(tmp_path, "policy p\nallow db1 -> cache1 tcp 6379\n")
+    assert "Try: cache1 ping -c1 db1" in hint, hint  # denied, and shows it
+    assert "algo1" not in hint and "oms1" not in hint
