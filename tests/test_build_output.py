@@ -192,3 +192,18 @@ def test_a_file_given_as_the_directory_is_refused(tmp_path: Path, builds: dict[s
     with pytest.raises(OutputDirError, match="is not a directory"):
         write_build(builds["ref"], str(out))
     assert out.read_text() == "policy p\n"
+
+
+def test_a_verbs_build_directory_follows_the_same_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `plan` compiles into --build before it talks to any switch: refused there, exit 1.
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    argv = ["plan", str(POLICY), "-i", str(FLOOR), "--build", str(out), "--state", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "is not empty and is not a p4seg build" in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
