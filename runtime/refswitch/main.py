@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from runtime.refswitch.server import TlsConfig
+from runtime.refswitch.server import Limits, TlsConfig
 from runtime.refswitch.switch import ReferenceSwitch
 
 EXAMPLES = """\
@@ -69,8 +69,64 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tls-client-ca", type=_file, help="require client certificates signed by this CA (mTLS)"
     )
+    _limit_arguments(p.add_argument_group("limits (docs/refswitch.md)"))
     p.add_argument("-v", "--verbose", action="store_true", help="log every pipeline change")
     return p
+
+
+def _limit_arguments(group: argparse._ArgumentGroup) -> None:
+    d = Limits()
+    for flag, kind, default, text in (
+        ("--max-streams", int, d.max_streams, "StreamChannels open at once"),
+        ("--max-streams-per-peer", int, d.max_streams_per_peer, "of them from one address"),
+        (
+            "--reserved-streams",
+            int,
+            d.reserved_streams,
+            "streams past both limits for a controller that arbitrates as the new primary",
+        ),
+        (
+            "--arbitration-timeout",
+            float,
+            d.arbitration_timeout,
+            "seconds a new stream has to send its MasterArbitrationUpdate",
+        ),
+        (
+            "--grpc-workers",
+            int,
+            d.unary_workers,
+            "threads for Write, Read and the pipeline RPCs, apart from the streams'",
+        ),
+        (
+            "--max-error-details",
+            int,
+            d.error_details_bytes,
+            "bytes of a failed Write's per-update errors (trailer); clients with a raised "
+            "grpc.max_metadata_size can take more",
+        ),
+        ("--read-response-bytes", int, d.read_response_bytes, "bytes per ReadResponse"),
+        (
+            "--max-entry-metadata",
+            int,
+            d.max_entry_metadata,
+            "bytes of a table entry's opaque metadata",
+        ),
+    ):
+        group.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The Limits the command line asks for; ValueError says which one is out of range."""
+    return Limits(
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        reserved_streams=args.reserved_streams,
+        arbitration_timeout=args.arbitration_timeout,
+        unary_workers=args.grpc_workers,
+        error_details_bytes=args.max_error_details,
+        read_response_bytes=args.read_response_bytes,
+        max_entry_metadata=args.max_entry_metadata,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     try:
-        switch = ReferenceSwitch(args.device_id, ports, args.cpu_port)
+        limits = limits_of(args)
+    except ValueError as err:
+        print(f"p4seg-switch: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        switch = ReferenceSwitch(args.device_id, ports, args.cpu_port, limits)
         port = switch.start(args.grpc_addr, tls)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"p4seg-switch: error: {err}", file=sys.stderr)
