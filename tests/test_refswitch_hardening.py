@@ -22,6 +22,7 @@ from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from p4src.spec import PIPELINE
+from runtime.refswitch import main
 from runtime.refswitch.server import Limits
 from runtime.refswitch.switch import ReferenceSwitch
 
@@ -366,3 +367,17 @@ def test_direct_counters_refuse_negative_values(primary: Session, tor_alg: Switc
         assert primary.write([update(MODIFY, counted)]).errors == [rpc_code.INVALID_ARGUMENT]
     (read,) = primary.read_table(POLICY.id, counters=True)
     assert (read.counter_data.packet_count, read.counter_data.byte_count) == (0, 0)
+
+
+# -- the operator's knobs --------------------------------------------------------------------
+
+
+def test_every_limit_is_a_p4seg_switch_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    args = main.parser().parse_args(
+        ["--device-id", "1", "--max-streams", "4", "--arbitration-timeout", "2.5"]
+    )
+    limits = main.limits_of(args)
+    assert (limits.max_streams, limits.arbitration_timeout) == (4, 2.5)
+    assert limits.max_entry_metadata == Limits().max_entry_metadata
+    assert main.main(["--device-id", "1", "--max-error-details", "100"]) == 2
+    assert "--max-error-details must be at least 1024" in capsys.readouterr().err

@@ -74,59 +74,51 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+LIMIT_FLAGS = {  # Limits field -> flag
+    "max_streams": "--max-streams",
+    "max_streams_per_peer": "--max-streams-per-peer",
+    "reserved_streams": "--reserved-streams",
+    "arbitration_timeout": "--arbitration-timeout",
+    "unary_workers": "--grpc-workers",
+    "error_details_bytes": "--max-error-details",
+    "read_response_bytes": "--read-response-bytes",
+    "max_entry_metadata": "--max-entry-metadata",
+}
+LIMIT_HELP = {
+    "max_streams": "StreamChannels open at once",
+    "max_streams_per_peer": "StreamChannels from one client address",
+    "reserved_streams": "streams past both limits, for a controller that arbitrates as the "
+    "new primary",
+    "arbitration_timeout": "seconds a new stream has to send its MasterArbitrationUpdate",
+    "unary_workers": "threads for Write, Read and the pipeline RPCs, apart from the streams'",
+    "error_details_bytes": "bytes of a failed Write's per-update errors (a gRPC trailer; "
+    "clients accept 8 KiB unless they raise grpc.max_metadata_size)",
+    "read_response_bytes": "bytes per ReadResponse",
+    "max_entry_metadata": "bytes of a table entry's opaque metadata",
+}
+
+
 def _limit_arguments(group: argparse._ArgumentGroup) -> None:
-    d = Limits()
-    for flag, kind, default, text in (
-        ("--max-streams", int, d.max_streams, "StreamChannels open at once"),
-        ("--max-streams-per-peer", int, d.max_streams_per_peer, "of them from one address"),
-        (
-            "--reserved-streams",
-            int,
-            d.reserved_streams,
-            "streams past both limits for a controller that arbitrates as the new primary",
-        ),
-        (
-            "--arbitration-timeout",
-            float,
-            d.arbitration_timeout,
-            "seconds a new stream has to send its MasterArbitrationUpdate",
-        ),
-        (
-            "--grpc-workers",
-            int,
-            d.unary_workers,
-            "threads for Write, Read and the pipeline RPCs, apart from the streams'",
-        ),
-        (
-            "--max-error-details",
-            int,
-            d.error_details_bytes,
-            "bytes of a failed Write's per-update errors (trailer); clients with a raised "
-            "grpc.max_metadata_size can take more",
-        ),
-        ("--read-response-bytes", int, d.read_response_bytes, "bytes per ReadResponse"),
-        (
-            "--max-entry-metadata",
-            int,
-            d.max_entry_metadata,
-            "bytes of a table entry's opaque metadata",
-        ),
-    ):
-        group.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
+    defaults = Limits()
+    for name, flag in LIMIT_FLAGS.items():
+        default = getattr(defaults, name)
+        group.add_argument(
+            flag,
+            dest=name,
+            type=type(default),
+            default=default,
+            metavar="N",
+            help=f"{LIMIT_HELP[name]} (default %(default)s)",
+        )
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
-    """The Limits the command line asks for; ValueError says which one is out of range."""
-    return Limits(
-        max_streams=args.max_streams,
-        max_streams_per_peer=args.max_streams_per_peer,
-        reserved_streams=args.reserved_streams,
-        arbitration_timeout=args.arbitration_timeout,
-        unary_workers=args.grpc_workers,
-        error_details_bytes=args.max_error_details,
-        read_response_bytes=args.read_response_bytes,
-        max_entry_metadata=args.max_entry_metadata,
-    )
+    """The Limits the command line asks for; ValueError names the flag out of range."""
+    try:
+        return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        raise ValueError(f"{LIMIT_FLAGS.get(name, name)} {rest}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

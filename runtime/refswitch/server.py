@@ -69,22 +69,27 @@ class Limits:
     max_entry_metadata: int = MAX_METADATA  # a table entry's opaque `metadata` bytes
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} cannot be negative")
-        if self.max_streams < 1 or self.max_streams_per_peer < 1 or self.unary_workers < 1:
-            raise ValueError("max_streams, max_streams_per_peer and unary_workers must be > 0")
-        if self.arbitration_timeout <= 0:
-            raise ValueError("arbitration_timeout must be > 0")
-        if self.error_details_bytes < 1024 or self.error_message_chars < 40:
-            raise ValueError("error_details_bytes must be >= 1024, error_message_chars >= 40")
-        if self.read_response_bytes < 4096:
-            raise ValueError("read_response_bytes must be >= 4096")
+        for name, least in _LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least:g}")
 
     @property
     def workers(self) -> int:
         """gRPC threads: one per stream that may be open, the unary ones, two to refuse."""
         return self.max_streams + self.reserved_streams + self.unary_workers + 2
+
+
+_LEAST = {  # the smallest value of each limit that still lets a controller work
+    "max_streams": 1,
+    "max_streams_per_peer": 1,
+    "reserved_streams": 0,
+    "arbitration_timeout": 0.001,
+    "unary_workers": 1,
+    "error_details_bytes": 1024,
+    "error_message_chars": 40,
+    "read_response_bytes": 4096,
+    "max_entry_metadata": 0,
+}
 
 
 def _short(text: str, limit: int = MESSAGE_CHARS) -> str:
