@@ -625,9 +625,9 @@ def write_failure(results: Sequence[P4RuntimeError | None], limits: Limits) -> r
             f"#{i} {_code_name(r.code)}: {_short(r.message, 80)}" for i, r in rest[:3]
         )
         more = f"; and {len(rest) - 3} more" if len(rest) > 3 else ""
-        message += (
-            f"; the details cover updates 0-{covered - 1}, {len(results) - covered} left out "
-            + (f"({len(rest)} of them failed: {named}{more})" if rest else "(all succeeded)")
+        cover = f"updates 0-{covered - 1}" if covered else "no update"
+        message += f"; the details cover {cover}, {len(results) - covered} left out " + (
+            f"({len(rest)} of them failed: {named}{more})" if rest else "(all succeeded)"
         )
     status = rpc_status.Status(code=rpc_code.UNKNOWN, message=_short(message))
     status.details.extend(details)
