@@ -140,10 +140,11 @@ def test_idle_streams_cannot_starve_the_primary(
         primary.set_pipeline(pipeline_config())
         # A new controller with a higher election id still gets in (a reserved stream) and
         # takes over; one that would only be a backup does not.
-        backup = RawStream(grpc.insecure_channel(addr))
+        backup = RawStream(flood)
         backup.arbitrate(5)
         assert backup.ended.wait(WAIT)
         assert backup.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "primary" in backup.details
         new = Session(addr, DEVICE, election_id=20)
         assert new.arbitration_status() == rpc_code.OK
         assert primary.arbitration_status() == rpc_code.ALREADY_EXISTS
@@ -168,6 +169,7 @@ def test_a_stream_that_never_arbitrates_is_closed() -> None:
         assert s.arbitration_status() == rpc_code.OK
         late = RawStream(channel)
         assert late.ended.wait(WAIT)  # its deadline passed...
+        assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert s.write([]).code == grpc.StatusCode.FAILED_PRECONDITION  # ...s is still primary
         s.close()
     finally:
