@@ -27,5 +27,6 @@ def decode(data: bytes, bits: int, what: str = "value") -> int:
         raise EncodingError(f"{what}: empty byte string")
     value = int.from_bytes(data, "big")
     if value >> bits:
-        raise EncodingError(f"{what}: 0x{data.hex()} does not fit in {bits} bits")
+        shown = data.hex() if len(data) <= 16 else f"{data[:16].hex()}... ({len(data)} bytes)"
+        raise EncodingError(f"{what}: 0x{shown} does not fit in {bits} bits")
     return value

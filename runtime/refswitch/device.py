@@ -38,6 +38,7 @@ UNIMPLEMENTED = rpc_code.UNIMPLEMENTED
 
 INSERT, MODIFY, DELETE = p4r.Update.INSERT, p4r.Update.MODIFY, p4r.Update.DELETE
 MAX_CLONE_SESSION = 1 << 15
+MAX_METADATA = 1024  # bytes of a table entry's opaque metadata, by default
 GREEN, YELLOW, RED = 0, 1, 2
 
 
@@ -247,9 +248,12 @@ def _parse_action(
 class Device:
     """One P4Runtime device: pipeline, entries, defaults, direct resources, clone sessions."""
 
-    def __init__(self, device_id: int, cpu_port: int = 255) -> None:
+    def __init__(
+        self, device_id: int, cpu_port: int = 255, max_metadata: int = MAX_METADATA
+    ) -> None:
         self.device_id = device_id
         self.cpu_port = cpu_port
+        self.max_metadata = max_metadata  # every entry's metadata is kept and read back
         self.lock = threading.RLock()
         self.schema: Schema | None = None
         self.config: p4r.ForwardingPipelineConfig | None = None
@@ -270,6 +274,8 @@ class Device:
             schema = Schema(pipeline_of(config.p4_device_config))
         except ValueError as err:
             raise _fail(INVALID_ARGUMENT, str(err)) from None
+        except RecursionError:
+            raise _fail(INVALID_ARGUMENT, "the device config is JSON nested too deeply") from None
         if schema.p4info != config.p4info:
             raise _fail(
                 INVALID_ARGUMENT,
@@ -412,6 +418,12 @@ class Device:
     def _table_entry(self, schema: Schema, kind: int, te: p4r.TableEntry) -> None:
         if kind != DELETE and (te.idle_timeout_ns or te.HasField("time_since_last_hit")):
             raise _fail(INVALID_ARGUMENT, "no table of this pipeline supports idle timeout")
+        if kind != DELETE and len(te.metadata) > self.max_metadata:
+            raise _fail(
+                INVALID_ARGUMENT,
+                f"metadata of {len(te.metadata)} bytes (this switch keeps at most "
+                f"{self.max_metadata} per entry)",
+            )
         if te.is_default_action:
             self._default_entry(schema, kind, te)
             return
@@ -458,8 +470,10 @@ class Device:
     def _direct_config(
         self, table: Table, te: p4r.TableEntry, stored: Stored | None
     ) -> Meter | None:
-        if te.HasField("counter_data") and table.counter is None:
-            raise _fail(INVALID_ARGUMENT, f"{table.name} has no direct counter")
+        if te.HasField("counter_data"):
+            if table.counter is None:
+                raise _fail(INVALID_ARGUMENT, f"{table.name} has no direct counter")
+            _check_counter(te.counter_data)
         if te.HasField("meter_config"):
             if table.meter is None:
                 raise _fail(INVALID_ARGUMENT, f"{table.name} has no direct meter")
@@ -496,6 +510,7 @@ class Device:
         if kind != MODIFY:
             raise _fail(INVALID_ARGUMENT, "direct counters can only be modified")
         _, stored = self._stored_of(schema, dce.table_entry, "counter")
+        _check_counter(dce.data)
         stored.packets, stored.bytes = dce.data.packet_count, dce.data.byte_count
 
     def _direct_meter(self, schema: Schema, kind: int, dme: p4r.DirectMeterEntry) -> None:
@@ -676,6 +691,14 @@ class Device:
             for sid, cs in self.clone_sessions.items()
         }
         return Snapshot(self.version, IndexedSwitch.of(tables), stored, clone_ports)
+
+
+def _check_counter(data: p4r.CounterData) -> None:
+    if data.packet_count < 0 or data.byte_count < 0:
+        raise _fail(
+            INVALID_ARGUMENT,
+            f"counters cannot be negative (packets {data.packet_count}, bytes {data.byte_count})",
+        )
 
 
 def _key_triple(table: Table, m: FieldMatch) -> tuple[int, int, int]:

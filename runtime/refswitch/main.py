@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from runtime.refswitch.server import TlsConfig
+from runtime.refswitch.server import Limits, TlsConfig
 from runtime.refswitch.switch import ReferenceSwitch
 
 EXAMPLES = """\
@@ -69,8 +69,56 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tls-client-ca", type=_file, help="require client certificates signed by this CA (mTLS)"
     )
+    _limit_arguments(p.add_argument_group("limits (docs/refswitch.md)"))
     p.add_argument("-v", "--verbose", action="store_true", help="log every pipeline change")
     return p
+
+
+LIMIT_FLAGS = {  # Limits field -> flag
+    "max_streams": "--max-streams",
+    "max_streams_per_peer": "--max-streams-per-peer",
+    "reserved_streams": "--reserved-streams",
+    "arbitration_timeout": "--arbitration-timeout",
+    "unary_workers": "--grpc-workers",
+    "error_details_bytes": "--max-error-details",
+    "read_response_bytes": "--read-response-bytes",
+    "max_entry_metadata": "--max-entry-metadata",
+}
+LIMIT_HELP = {
+    "max_streams": "StreamChannels open at once",
+    "max_streams_per_peer": "StreamChannels from one client address",
+    "reserved_streams": "streams past both limits, for a controller that arbitrates as the "
+    "new primary",
+    "arbitration_timeout": "seconds a new stream has to send its MasterArbitrationUpdate",
+    "unary_workers": "threads for Write, Read and the pipeline RPCs, apart from the streams'",
+    "error_details_bytes": "bytes of a failed Write's per-update errors (a gRPC trailer; "
+    "clients accept 8 KiB unless they raise grpc.max_metadata_size)",
+    "read_response_bytes": "bytes per ReadResponse",
+    "max_entry_metadata": "bytes of a table entry's opaque metadata",
+}
+
+
+def _limit_arguments(group: argparse._ArgumentGroup) -> None:
+    defaults = Limits()
+    for name, flag in LIMIT_FLAGS.items():
+        default = getattr(defaults, name)
+        group.add_argument(
+            flag,
+            dest=name,
+            type=type(default),
+            default=default,
+            metavar="N",
+            help=f"{LIMIT_HELP[name]} (default %(default)s)",
+        )
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The Limits the command line asks for; ValueError names the flag out of range."""
+    try:
+        return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        raise ValueError(f"{LIMIT_FLAGS.get(name, name)} {rest}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     try:
-        switch = ReferenceSwitch(args.device_id, ports, args.cpu_port)
+        limits = limits_of(args)
+    except ValueError as err:
+        print(f"p4seg-switch: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        switch = ReferenceSwitch(args.device_id, ports, args.cpu_port, limits)
         port = switch.start(args.grpc_addr, tls)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"p4seg-switch: error: {err}", file=sys.stderr)

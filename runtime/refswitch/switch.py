@@ -6,13 +6,15 @@
     switch.stop()
 
 Without `ports` it is the in-process switch the unit tests drive: `inject(port, frame)`
-returns the frames the switch sends, and PacketIns still reach the controllers.
+returns the frames the switch sends, and PacketIns still reach the controllers; frames
+sent otherwise (PacketOuts) are kept in `sent`, the newest SENT_FRAMES and SENT_BYTES.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Mapping
 
 import grpc
@@ -20,25 +22,36 @@ import grpc
 from runtime.refswitch.dataplane import Dataplane
 from runtime.refswitch.device import Device
 from runtime.refswitch.ports import PortIO
-from runtime.refswitch.server import P4RuntimeService, TlsConfig, serve
+from runtime.refswitch.server import Limits, P4RuntimeService, TlsConfig, serve
 
 log = logging.getLogger("p4seg.switch")
+
+SENT_FRAMES = 1024  # in-process mode: frames kept in `sent`, the newest
+SENT_BYTES = 4 << 20  # and their bytes, at most
 
 
 class ReferenceSwitch:
     def __init__(
-        self, device_id: int, ports: Mapping[int, str] | None = None, cpu_port: int = 255
+        self,
+        device_id: int,
+        ports: Mapping[int, str] | None = None,
+        cpu_port: int = 255,
+        limits: Limits | None = None,
     ) -> None:
         if cpu_port in (ports or {}):
             raise ValueError(f"port {cpu_port} is the CPU port")
-        self.device = Device(device_id, cpu_port)
+        self.limits = limits or Limits()
+        self.device = Device(device_id, cpu_port, self.limits.max_entry_metadata)
         self.dataplane = Dataplane(self.device)
         self.ports = dict(ports or {})
         self.io: PortIO | None = None
-        self.service = P4RuntimeService(self.device, self.dataplane, self._transmit)
+        self.service = P4RuntimeService(self.device, self.dataplane, self._transmit, self.limits)
         self.server: grpc.Server | None = None
         self._thread: threading.Thread | None = None
-        self.sent: list[tuple[int, bytes]] = []  # in-process mode: what `inject` sent
+        self._sent: deque[tuple[int, bytes]] = deque()
+        self._sent_bytes = 0
+        self._sent_lock = threading.Lock()
+        self.sent_dropped = 0  # in-process mode: frames pushed out of `sent`
         self.server_address = ""  # host:port once started
 
     def start(self, grpc_addr: str = "127.0.0.1:0", tls: TlsConfig | None = None) -> int:
@@ -74,7 +87,22 @@ class ReferenceSwitch:
         elif self.io is not None:
             self.io.send(port, frame)
         else:
-            self.sent.append((port, frame))
+            self._keep(port, frame)
+
+    def _keep(self, port: int, frame: bytes) -> None:
+        with self._sent_lock:
+            self._sent.append((port, frame))
+            self._sent_bytes += len(frame)
+            while len(self._sent) > SENT_FRAMES or self._sent_bytes > SENT_BYTES:
+                _, old = self._sent.popleft()
+                self._sent_bytes -= len(old)
+                self.sent_dropped += 1
+
+    @property
+    def sent(self) -> list[tuple[int, bytes]]:
+        """In-process mode: the newest frames sent to a port (PacketOuts), oldest first."""
+        with self._sent_lock:
+            return list(self._sent)
 
     def inject(self, port: int, frame: bytes) -> list[tuple[int, bytes]]:
         """In-process: the frames sent (other than to the CPU) when `frame` arrives on `port`."""
