@@ -46,14 +46,10 @@ def protocol_classes(*policies: Policy) -> tuple[str, ...]:
     tcp, udp, icmp, `proto N` for each protocol number a rule or expectation names, and
     `other` (every protocol none of them names). Judge each class once (see
     :meth:`PolicySemantics.flow`); :func:`protocol_of` gives a protocol number for it."""
-    named = sorted(
-        {
-            int(x.proto[6:])
-            for p in policies
-            for x in (*p.rules, *p.expects)
-            if x.proto.startswith("proto ")
-        }
-    )
+    protos = [r.proto for p in policies for r in p.rules] + [
+        e.proto for p in policies for e in p.expects
+    ]
+    named = sorted({int(proto[6:]) for proto in protos if proto.startswith("proto ")})
     other = ("other",) if len(named) + len(PROTOCOL_NUMBERS) < 256 else ()
     return ("tcp", "udp", "icmp", *(f"proto {n}" for n in named), *other)
 
@@ -206,7 +202,8 @@ class PolicySemantics:
         self.pinned_atoms = {self.addresses.atom_of(v) for v in pinned}
         self.ports = Partition(port_sets, MAX_PORT)
         self.proto_classes = protocol_classes(policy)
-        self._class_of = {c: c for c in self.proto_classes}
+        self._class_of: dict[str | int, str] = {c: c for c in self.proto_classes}
+        self._class_of.update((protocol_of(c), c) for c in self.proto_classes if c != "other")
         self.proto_index = {c: 0 for c in self.proto_classes}
 
         n_addr, n_port = self.addresses.count, self.ports.count
@@ -279,7 +276,7 @@ class PolicySemantics:
         self,
         src: int,
         dst: int,
-        proto: str,
+        proto: str | int,
         sport: int,
         dport: int,
         ack: bool = False,
@@ -354,7 +351,7 @@ class PolicySemantics:
         self,
         src: int,
         dst: int,
-        proto: str,
+        proto: str | int,
         sport: int = EPHEMERAL_PORT,
         dport: int = 0,
         ack: bool = False,
@@ -377,7 +374,7 @@ class PolicySemantics:
 
     # -- flows -------------------------------------------------------------------------------
 
-    def flow_atoms(self, src: int, dst: int, proto: str, port: int) -> FlowResult:
+    def flow_atoms(self, src: int, dst: int, proto: str | int, port: int) -> FlowResult:
         """Whether a connection (tcp), datagram (udp), ping (icmp) or packet (any other
         class, e.g. `proto 132` or `other`) gets through."""
         eph = self.ports.atom_of(EPHEMERAL_PORT)
@@ -397,7 +394,7 @@ class PolicySemantics:
         fwd = self.decide_atoms(src, dst, proto, eph, port)
         return FlowResult(fwd.allowed, fwd, None)
 
-    def flow(self, src: int, dst: int, proto: str, port: int = 0) -> FlowResult:
+    def flow(self, src: int, dst: int, proto: str | int, port: int = 0) -> FlowResult:
         """A flow between two addresses; `proto` as for :meth:`decide` (enumerate the classes
         of one or more policies with :func:`protocol_classes`)."""
         a = self.addresses
