@@ -75,6 +75,14 @@ _EXPECTED_WORDS: dict[str, str] = {
 }
 
 
+# The numbers the new constructs take, for a message when one is missing.
+_NUMBER_AFTER = {
+    "type": "an ICMP type (`icmp type 8`)",
+    "code": "an ICMP code (`icmp type 3 code 4`)",
+    "proto": "an IP protocol number (`proto 132`)",
+}
+
+
 class _CommentSink(threading.local):
     """State of the parse in progress: where comments go, which file spans name."""
 
@@ -214,6 +222,12 @@ def _syntax_diagnostic(
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
     if "_ARROW" in expected and not after_arrow:
         return error("E002", f"expected `->` between source and destination, found {found}", span)
+    before = chunk[: tok.start_pos if tok.type != "$END" and tok.start_pos else len(chunk)]
+    last_word = before.split()[-1] if before.split() else ""
+    if expected == {"INT"} and last_word in _NUMBER_AFTER:
+        return error(
+            "E001", f"expected {_NUMBER_AFTER[last_word]} after `{last_word}`, found {found}", span
+        )
     if tok.type == "MINUS" or expected == {"INT"}:
         return error(
             "E003",

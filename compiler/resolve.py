@@ -42,9 +42,6 @@ from compiler.parse import TOO_MANY_DIGITS
 ANY = "any"
 MAX_PORT = 65535
 MAX_PROTOCOL = 255
-_DAY_LIKE = re.compile(
-    r"(?i)(mon|tue|wed|thu|fri|sat|sun)[a-z]*(-(mon|tue|wed|thu|fri|sat|sun)[a-z]*)?"
-)
 MAX_RATE_PPS = 1_000_000_000
 MAX_DURATION_S = 365 * 86400
 _RATE = re.compile(r"^(?P<n>[0-9]{1,12}(?:\.[0-9]{1,6})?)(?P<unit>pps|kpps|mpps)$")
@@ -356,14 +353,6 @@ class _Resolver:
         days = self.days(opt)
         if days is None:
             return None
-        if opt.zone is not None and _DAY_LIKE.fullmatch(opt.zone):
-            self.fail(
-                "E206",
-                f"'{opt.zone}' is not a time zone; days are written Mon, Tue, Wed, Thu, Fri, "
-                "Sat, Sun (e.g. `Mon-Fri`), followed by the zone",
-                opt.span,
-            )
-            return None
         if opt.zone is None:
             self.fail(
                 "E206",
@@ -388,6 +377,15 @@ class _Resolver:
             return EVERY_DAY
         days: set[int] = set()
         for item in opt.days:
+            wrong = [d for d in (item.first, item.last) if d is not None and d not in DAY_NAMES]
+            if wrong:
+                self.fail(
+                    "E206",
+                    f"'{wrong[0]}' is not a day: write {wrong[0][:3].capitalize()} "
+                    "(days are Mon, Tue, Wed, Thu, Fri, Sat, Sun)",
+                    item.span,
+                )
+                return None
             first = DAY_NAMES.index(item.first)
             if item.last is None:
                 days.add(first)

@@ -573,3 +573,29 @@ def test_fmt_on_the_new_constructs(statements: list[str], ends: list[str]) -> No
 
 def test_every_day_is_the_default() -> None:
     assert TimeWindow(0, 60, "UTC").days == EVERY_DAY
+
+
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ("mon-fri UTC", "'mon' is not a day: write Mon (days are Mon, Tue, Wed, Thu, Fri, Sat, Sun)"),
+        ("Monday America/New_York", "'Monday' is not a day: write Mon (days are Mon, Tue, Wed, Thu, Fri, Sat, Sun)"),
+        ("Mon-Mon UTC", "day range Mon-Mon is one day: write Mon"),
+        ("Mon-Fri", "time window 06:00-20:00 needs a time zone, e.g. `UTC` or `Europe/London`"),
+    ],
+)  # fmt: skip
+def test_day_mistakes_are_located_errors(window: str, message: str, floor: Inventory) -> None:
+    errors = _errors(f"allow jump1 -> oms1 tcp 22 during 06:00-20:00 {window}", floor)
+    assert errors == [("E206", message)]
+
+
+@pytest.mark.parametrize(
+    ("tail", "message"),
+    [
+        ("icmp type", "expected an ICMP type (`icmp type 8`) after `type`, found end of file"),
+        ("proto tcp", "expected an IP protocol number (`proto 132`) after `proto`, found keyword `tcp`"),
+        ("tcp 22 during 06:00-20:00 Mon, UTC", "unexpected name `UTC`: expected a day (Mon to Sun) or a range of days such as Mon-Fri"),
+    ],
+)  # fmt: skip
+def test_syntax_mistakes_in_the_new_constructs(tail: str, message: str, floor: Inventory) -> None:
+    assert _errors(f"allow jump1 -> oms1 {tail}", floor) == [("E001", message)]
