@@ -76,6 +76,7 @@ class _Resolver:
     defs: dict[str, ast.ServiceDef] = field(default_factory=dict)
     values: dict[str, AddressSet | None] = field(default_factory=dict)
     port_defs: dict[str, ast.PortsDef] = field(default_factory=dict)
+    port_values: dict[str, tuple[Interval, ...] | None] = field(default_factory=dict)
 
     def fail(self, code: str, message: str, span: Span | None, *notes: Note) -> None:
         self.diags.append(error(code, message, span, *notes))
@@ -126,6 +127,8 @@ class _Resolver:
                 )
             else:
                 self.port_defs[stmt.name.text] = stmt
+                # Checked once here, used or not: uses only look the result up.
+                self.port_values[stmt.name.text] = self.ports(stmt.ports, "tcp")
 
     def known_names(self) -> list[str]:
         return [ANY, *self.defs, *self.inventory.hosts_by_name]
@@ -243,15 +246,14 @@ class _Resolver:
         return merge_intervals(out) if ok else None
 
     def port_set(self, ref: ast.PortName) -> tuple[Interval, ...] | None:
-        definition = self.port_defs.get(ref.text)
-        if definition is None:
+        if ref.text not in self.port_defs:
             close = difflib.get_close_matches(ref.text, list(self.port_defs), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if not close and ref.text in ICMP_NAMES:
                 hint = f" ('{ref.text}' is an ICMP type: write `icmp {ref.text}`)"
             self.fail("E101", f"unknown port set '{ref.text}'{hint}", ref.span)
             return None
-        return self.ports(definition.ports, "tcp")
+        return self.port_values[ref.text]
 
     def icmp_types(self, items: tuple[ast.PortItem, ...]) -> tuple[Interval, ...] | None:
         """An icmp rule's types and codes as intervals of ICMP type << 8 | code."""

@@ -404,8 +404,11 @@ def test_port_sets(floor: Inventory) -> None:
     assert errors == [("E101", "unknown port set 'fxi' (did you mean 'fix'?)")]
     errors = _errors("ports fix = 9876\nports fix = 9877\nallow algo1 -> oms1 udp fix", floor)
     assert [c for c, _ in errors] == ["E102"]
-    errors = _errors("ports bad = 70000, 9-8\nallow algo1 -> oms1 tcp bad", floor)
-    assert [c for c, _ in errors] == ["E202", "E203"]
+    errors = _errors(
+        "ports bad = 70000, 9-8\nallow algo1 -> oms1 tcp bad\nallow oms2 -> oms1 tcp bad", floor
+    )
+    assert [c for c, _ in errors] == ["E202", "E203"]  # once, where the set is defined
+    assert [c for c, _ in _errors("ports unused = 70000", floor)] == ["E202"]
     _, diags = _check("ports idle = 1\nallow algo1 -> oms1 tcp 9876", floor)
     assert [(d.code, d.message) for d in diags] == [
         ("W003", "port set 'idle' is never used by a rule")
