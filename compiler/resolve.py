@@ -251,6 +251,7 @@ class _Resolver:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if not close and ref.text in ICMP_NAMES:
                 hint = f" ('{ref.text}' is an ICMP type: write `icmp {ref.text}`)"
+            hint = hint or _option_hint(ref.text)
             self.fail("E101", f"unknown port set '{ref.text}'{hint}", ref.span)
             return None
         return self.port_values[ref.text]
@@ -276,6 +277,8 @@ class _Resolver:
                     hint = f" (did you mean '{close[0]}'?)" if close else " (or write `type N`)"
                     if not close and item.text in self.port_defs:
                         hint = f" ('{item.text}' is a port set: ports apply to tcp and udp)"
+                    elif not close:
+                        hint = _option_hint(item.text) or hint
                     self.fail("E211", f"unknown ICMP type '{item.text}'{hint}", item.span)
                     ok = False
                     continue
@@ -632,6 +635,13 @@ def _option_problem(opt: ast.Option, action: str, proto: str, default: bool) -> 
             return "`rate` limits allowed traffic; it does not apply to deny rules"
         return f"`{kind}` makes a rule time-bound; a deny that lapses would widen access, so denies are permanent"
     return None
+
+
+def _option_hint(word: str) -> str:
+    """' (did you mean the option `log`?)' for a misspelt option where a name was read."""
+    options = list(ast.OPTION_KEYWORD.values())
+    close = difflib.get_close_matches(word.lower(), options, n=1, cutoff=0.6)
+    return f" (did you mean the option `{close[0]}`?)" if close else ""
 
 
 def _endpoints_text(

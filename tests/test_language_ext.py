@@ -409,6 +409,10 @@ def test_port_sets(floor: Inventory) -> None:
     )
     assert [c for c, _ in errors] == ["E202", "E203"]  # once, where the set is defined
     assert [c for c, _ in _errors("ports unused = 70000", floor)] == ["E202"]
+    # a misspelt option after the protocol now reads as a port set: the hint says so
+    assert _errors("allow algo1 -> oms1 tcp lgo", floor) == [
+        ("E101", "unknown port set 'lgo' (did you mean the option `log`?)")
+    ]
     _, diags = _check("ports idle = 1\nallow algo1 -> oms1 tcp 9876", floor)
     assert [(d.code, d.message) for d in diags] == [
         ("W003", "port set 'idle' is never used by a rule")
