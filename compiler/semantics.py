@@ -289,15 +289,15 @@ class PolicySemantics:
         active_rules = self.all_rules if active is None else active
         proto = self._class_of.get(proto) or self.proto_class(proto)
         has_ports = proto in ("tcp", "udp")
-        if proto == "icmp":
-            has_ports, dport = True, self.ports.atom_of((icmp_type & 0xFF) << 8 | icmp_code & 0xFF)
+        if proto == "icmp":  # type << 8 | code, on the ports' axis as in the pipeline
+            dport = self.ports.atom_of((icmp_type & 0xFF) << 8 | icmp_code & 0xFF)
         fwd = (
             (self.src_index[src] | self.src_any)
             & (self.dst_index[dst] | self.dst_any)
             & self.proto_index[proto]
             & active_rules
         )
-        if has_ports:
+        if has_ports or proto == "icmp":
             fwd &= self.port_index[dport] | self.port_any
         denied = fwd & self.deny_bits
         if denied:
@@ -311,7 +311,7 @@ class PolicySemantics:
             & self.proto_index[proto]
             & active_rules
         )
-        if has_ports and proto != "icmp":
+        if has_ports:
             rev &= self.port_index[sport] | self.port_any
         # A packet shaped like an answer (TCP with ACK, any UDP, ICMP echo reply) that
         # answers a denied flow is denied by that deny; otherwise an allow whose flow it
