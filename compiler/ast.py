@@ -39,10 +39,31 @@ class PortRange:
 
 
 @dataclass(frozen=True, slots=True)
-class ProtoSpec:
-    proto: str  # tcp | udp | icmp | ip
-    ports: tuple[PortRange, ...]
+class PortName:
+    """A named port set (`ports fix = ...`) after tcp/udp, or an ICMP type name after icmp."""
+
+    text: str
     span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpType:
+    """`type N` or `type N code M` after icmp."""
+
+    type: int
+    code: int | None  # None: every code of the type
+    span: Span
+
+
+PortItem = PortRange | PortName | IcmpType
+
+
+@dataclass(frozen=True, slots=True)
+class ProtoSpec:
+    proto: str  # tcp | udp | icmp | ip | proto (then `number` is the IP protocol number)
+    ports: tuple[PortItem, ...]
+    span: Span
+    number: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +91,21 @@ class ForOption:
 
 
 @dataclass(frozen=True, slots=True)
+class DayRange:
+    """`Mon`, or `Mon-Fri` (a range may wrap: `Fri-Mon`), as written (checked in resolve)."""
+
+    first: str
+    last: str | None  # None: a single day
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class DuringOption:
     start: str  # "HH:MM"
     end: str
     zone: str | None
     span: Span
+    days: tuple[DayRange, ...] = ()  # (): every day
 
 
 Option = LogOption | ReplyOption | RateOption | ForOption | DuringOption
@@ -99,6 +130,16 @@ class ServiceDef:
     name: Name
     endpoints: tuple[Endpoint, ...]
     span: Span
+    excluded: tuple[Endpoint, ...] = ()  # after `except`
+
+
+@dataclass(frozen=True, slots=True)
+class PortsDef:
+    """`ports NAME = 9876, 9880-9889`: a named set of ports for tcp/udp rules."""
+
+    name: Name
+    ports: tuple[PortRange, ...]
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +150,8 @@ class Rule:
     proto: ProtoSpec | None  # None: every protocol, like `ip`
     options: tuple[Option, ...]
     span: Span
+    src_except: tuple[Endpoint, ...] = ()
+    dst_except: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,15 +166,17 @@ class DefaultDecl:
 class Expect:
     src: tuple[Endpoint, ...]
     dst: tuple[Endpoint, ...]
-    proto: str
+    proto: str  # tcp | udp | icmp | ip | proto (then `port` is the IP protocol number)
     proto_span: Span
     port: int | None
     port_span: Span | None
     verdict: str  # allowed | denied
     span: Span
+    src_except: tuple[Endpoint, ...] = ()
+    dst_except: tuple[Endpoint, ...] = ()
 
 
-Statement = PolicyDecl | ServiceDef | Rule | DefaultDecl | Expect
+Statement = PolicyDecl | ServiceDef | PortsDef | Rule | DefaultDecl | Expect
 
 
 @dataclass(frozen=True, slots=True)

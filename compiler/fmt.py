@@ -22,12 +22,27 @@ _OPTION_ORDER = {
 }
 
 
-def _endpoints(eps: tuple[ast.Endpoint, ...]) -> str:
-    return ", ".join(ep.text for ep in eps)
+def _endpoints(eps: tuple[ast.Endpoint, ...], excluded: tuple[ast.Endpoint, ...] = ()) -> str:
+    text = ", ".join(ep.text for ep in eps)
+    return f"{text} except {_endpoints(excluded)}" if excluded else text
 
 
-def _ports(ports: tuple[ast.PortRange, ...]) -> str:
-    return ", ".join(str(p.lo) if p.hi is None else f"{p.lo}-{p.hi}" for p in ports)
+def _port(item: ast.PortItem) -> str:
+    if isinstance(item, ast.PortName):
+        return item.text
+    if isinstance(item, ast.IcmpType):
+        return f"type {item.type}" + ("" if item.code is None else f" code {item.code}")
+    return str(item.lo) if item.hi is None else f"{item.lo}-{item.hi}"
+
+
+def _ports(ports: tuple[ast.PortItem, ...]) -> str:
+    return ", ".join(_port(p) for p in ports)
+
+
+def _proto(spec: ast.ProtoSpec) -> str:
+    if spec.proto == "proto":
+        return f"proto {spec.number}"
+    return spec.proto + (f" {_ports(spec.ports)}" if spec.ports else "")
 
 
 def _option(opt: ast.Option) -> str:
@@ -39,8 +54,9 @@ def _option(opt: ast.Option) -> str:
         return f"rate {opt.value}"
     if isinstance(opt, ast.ForOption):
         return f"for {opt.value}"
+    days = ",".join(d.first if d.last is None else f"{d.first}-{d.last}" for d in opt.days)
     zone = f" {opt.zone}" if opt.zone else ""
-    return f"during {opt.start}-{opt.end}{zone}"
+    return f"during {opt.start}-{opt.end}{' ' + days if days else ''}{zone}"
 
 
 def _options(options: tuple[ast.Option, ...]) -> str:
@@ -53,17 +69,16 @@ def _columns(stmt: ast.Statement) -> list[str]:
     if isinstance(stmt, ast.PolicyDecl):
         return [f"policy {stmt.name.text}"]
     if isinstance(stmt, ast.ServiceDef):
-        return ["service", stmt.name.text, f"= {_endpoints(stmt.endpoints)}"]
+        return ["service", stmt.name.text, f"= {_endpoints(stmt.endpoints, stmt.excluded)}"]
+    if isinstance(stmt, ast.PortsDef):
+        return ["ports", stmt.name.text, f"= {_ports(stmt.ports)}"]
     if isinstance(stmt, ast.Rule):
-        proto = ""
-        if stmt.proto is not None:
-            proto = stmt.proto.proto + (f" {_ports(stmt.proto.ports)}" if stmt.proto.ports else "")
         return [
             stmt.action,
-            _endpoints(stmt.src),
+            _endpoints(stmt.src, stmt.src_except),
             "->",
-            _endpoints(stmt.dst),
-            proto,
+            _endpoints(stmt.dst, stmt.dst_except),
+            _proto(stmt.proto) if stmt.proto is not None else "",
             _options(stmt.options),
         ]
     if isinstance(stmt, ast.DefaultDecl):
@@ -71,9 +86,9 @@ def _columns(stmt: ast.Statement) -> list[str]:
     port = str(stmt.port) if stmt.port is not None else ""
     return [
         "expect",
-        _endpoints(stmt.src),
+        _endpoints(stmt.src, stmt.src_except),
         "->",
-        _endpoints(stmt.dst),
+        _endpoints(stmt.dst, stmt.dst_except),
         stmt.proto,
         port,
         stmt.verdict,

@@ -28,13 +28,12 @@ from compiler.addresses import Interval
 from compiler.diagnostics import P4segError, error
 from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
 from compiler.inventory import Inventory, Switch
-from compiler.model import ALL_PORTS, Action, Policy, PolicyRule
+from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.semantics import PolicySemantics, bits
 from p4src.spec import DEFAULT_RULE_ID, GROUP_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
 ALL_GROUPS = (0, (1 << GROUP_BITS) - 1)  # spines' single permit: transit, judged at the ToRs
-PROTO_NUMBER = {"tcp": 6, "udp": 17, "icmp": 1}
 TCP_ACK = 0x10
 ECHO_REPLY_RANGE = (0x0000, 0x00FF)  # ICMP type 0 (any code) in the l4_dst_port field
 _BAND_BITS = 20
@@ -188,8 +187,9 @@ class _PolicyEntries:
         self.naive += host_pairs * _port_count(sport) * _port_count(dport)
         self.pairs += host_pairs * len(sport) * len(dport)
         common: list[FieldMatch] = []
-        if proto != "ip":
-            common.append(_m("protocol", "ternary", PROTO_NUMBER[proto], 0xFF))
+        number = protocol_number(proto)
+        if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
+            common.append(_m("protocol", "ternary", number, 0xFF))
         if ack:
             common.append(_m("tcp_flags", "ternary", TCP_ACK, TCP_ACK))
         params = (("rule_id", rule_id),)
@@ -320,7 +320,7 @@ def _replies(
         out.add(rule, src, dst, "udp", action, prio, role, sport=rule.ports)
     if rule.proto == "ip" and udp_always:
         out.add(rule, src, dst, "udp", action, prio, role)
-    if rule.proto in ("icmp", "ip"):
+    if rule.answers_pings:  # `icmp`, `ip`, or ICMP types that include the echo request
         out.add(rule, src, dst, "icmp", action, prio, role, dport=(ECHO_REPLY_RANGE,))
 
 

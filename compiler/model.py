@@ -7,14 +7,64 @@ downstream (alerts, traces, counterexamples) can say which line decided.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from compiler.addresses import AddressSet, Interval
 from compiler.diagnostics import Span
 
 ALL_PORTS: tuple[Interval, ...] = ((0, 65535),)
 PORT_PROTOCOLS = ("tcp", "udp")
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+# ICMP type << 8 | code, as the pipeline puts it in l4_dst_port (p4src/spec.py).
+ICMP_ECHO_REQUEST_RANGE: Interval = (0x0800, 0x08FF)
+# The ICMP types (and a few codes) a rule may name: name -> (type, code or None: every code).
+ICMP_NAMES: dict[str, tuple[int, int | None]] = {
+    "echo-reply": (0, None),
+    "dest-unreachable": (3, None),
+    "net-unreachable": (3, 0),
+    "host-unreachable": (3, 1),
+    "protocol-unreachable": (3, 2),
+    "port-unreachable": (3, 3),
+    "frag-needed": (3, 4),
+    "source-quench": (4, None),
+    "redirect": (5, None),
+    "echo-request": (8, None),
+    "router-advertisement": (9, None),
+    "router-solicitation": (10, None),
+    "time-exceeded": (11, None),
+    "parameter-problem": (12, None),
+    "timestamp-request": (13, None),
+    "timestamp-reply": (14, None),
+}
+DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # datetime.weekday() order
+EVERY_DAY = frozenset(range(7))
+
+
+def protocol_number(proto: str) -> int | None:
+    """The IP protocol number a rule's `proto` matches (`tcp`, ..., `proto 132`); None: `ip`."""
+    if proto.startswith("proto "):
+        return int(proto[6:])
+    return PROTOCOL_NUMBERS.get(proto)
+
+
+def format_days(days: frozenset[int]) -> str:
+    """Days as written in a window: runs become ranges (`Mon-Fri`, wrapping as `Fri-Mon`)."""
+    if days == EVERY_DAY:
+        return ""
+    runs: list[list[int]] = []
+    for d in sorted(days):
+        if runs and d == runs[-1][-1] + 1:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    if len(runs) > 1 and runs[0][0] == 0 and runs[-1][-1] == 6:  # Sun runs on into Mon
+        runs[0] = runs.pop() + runs[0]
+    return ",".join(
+        DAY_NAMES[r[0]] if len(r) == 1 else f"{DAY_NAMES[r[0]]}-{DAY_NAMES[r[-1]]}" for r in runs
+    )
 
 
 class Action(enum.Enum):
@@ -24,22 +74,45 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TimeWindow:
-    """Daily window [start, end) in minutes after midnight in `zone`; end < start wraps."""
+    """Window [start, end) in minutes after midnight, wall-clock time in `zone`, on `days`
+    (0 = Monday); end < start runs over midnight, and belongs to the day it starts."""
 
     start: int
     end: int
     zone: str
+    days: frozenset[int] = EVERY_DAY
 
     def __str__(self) -> str:
         def hhmm(m: int) -> str:
             return f"{m // 60:02d}:{m % 60:02d}"
 
-        return f"{hhmm(self.start)}-{hhmm(self.end)} {self.zone}"
+        days = format_days(self.days)
+        return f"{hhmm(self.start)}-{hhmm(self.end)} {days + ' ' if days else ''}{self.zone}"
 
-    def contains(self, minute_of_day: int) -> bool:
+    def active_at(self, unix_time: float) -> bool:
+        """Whether the window is in force at this instant."""
+        local = dt.datetime.fromtimestamp(unix_time, ZoneInfo(self.zone))
+        minute, day = local.hour * 60 + local.minute, local.weekday()
         if self.start < self.end:
-            return self.start <= minute_of_day < self.end
-        return minute_of_day >= self.start or minute_of_day < self.end
+            return day in self.days and self.start <= minute < self.end
+        # Over midnight: the part after midnight belongs to the day before.
+        return (minute >= self.start and day in self.days) or (
+            minute < self.end and (day - 1) % 7 in self.days
+        )
+
+    def next_edge(self, unix_time: float) -> float | None:
+        """The first instant after `unix_time` at which `active_at` changes, or None."""
+        zone = ZoneInfo(self.zone)
+        local = dt.datetime.fromtimestamp(unix_time, zone)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        now = self.active_at(unix_time)
+        edges = sorted(
+            t
+            for day in range(-1, 9)  # a week and a day each side covers every pattern
+            for minute in (self.start, self.end)
+            if (t := (midnight + dt.timedelta(days=day, minutes=minute)).timestamp()) > unix_time
+        )
+        return next((t for t in edges if self.active_at(t) != now), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +132,23 @@ class PolicyRule:
     dst: AddressSet
     src_text: str  # as written, for messages
     dst_text: str
-    proto: str  # tcp | udp | icmp | ip
-    ports: tuple[Interval, ...]  # merged; ALL_PORTS when none given or not tcp/udp
+    proto: str  # tcp | udp | icmp | ip | "proto N" (one IP protocol number, no ports)
+    # merged; ALL_PORTS when none given; for icmp, ICMP type << 8 | code intervals
+    ports: tuple[Interval, ...]
     log: bool
     reply: bool
     rate_pps: int | None
     duration_s: int | None
     window: TimeWindow | None
     span: Span
+
+    @property
+    def answers_pings(self) -> bool:
+        """Whether the rule's flows include ICMP echo requests (so echo replies answer it)."""
+        if self.proto not in ("icmp", "ip"):
+            return False
+        lo, hi = ICMP_ECHO_REQUEST_RANGE
+        return any(a <= hi and lo <= b for a, b in self.ports)
 
     @property
     def is_time_bound(self) -> bool:
@@ -78,7 +160,9 @@ class PolicyRule:
         if self.proto != "ip" or self.ports != ALL_PORTS:
             parts.append(self.proto)
         if self.ports != ALL_PORTS:
-            parts.append(format_ports(self.ports))
+            parts.append(
+                format_icmp_types(self.ports) if self.proto == "icmp" else format_ports(self.ports)
+            )
         if self.log:
             parts.append("log")
         if self.reply:
@@ -98,7 +182,7 @@ class ExpectCase:
     dst: AddressSet
     src_text: str
     dst_text: str
-    proto: str  # tcp | udp | icmp | ip
+    proto: str  # tcp | udp | icmp | ip | "proto N" (then `port` is None)
     port: int | None
     allowed: bool
     span: Span
@@ -127,3 +211,20 @@ class Policy:
 
 def format_ports(ports: tuple[Interval, ...]) -> str:
     return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+
+
+def format_icmp_types(ports: tuple[Interval, ...]) -> str:
+    """ICMP type/code intervals in policy syntax (`echo-request`, `type 3 code 4`)."""
+    names = {v: k for k, v in ICMP_NAMES.items()}
+    out = []
+    for lo, hi in ports:
+        for t in range(lo >> 8, (hi >> 8) + 1):
+            first, last = max(lo, t << 8), min(hi, t << 8 | 0xFF)
+            if (first, last) == (t << 8, t << 8 | 0xFF):
+                out.append(names.get((t, None), f"type {t}"))
+            else:
+                out += [
+                    names.get((t, c & 0xFF), f"type {t} code {c & 0xFF}")
+                    for c in range(first, last + 1)
+                ]
+    return ", ".join(out)

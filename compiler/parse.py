@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 import threading
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -31,6 +32,9 @@ KEYWORDS: dict[str, str] = {
     "deny": "DENY",
     "default": "DEFAULT",
     "expect": "EXPECT",
+    "ports": "PORTS",
+    "except": "EXCEPT",
+    "proto": "IPPROTO",
     "log": "LOG",
     "reply": "REPLY",
     "rate": "RATE",
@@ -44,7 +48,7 @@ KEYWORDS: dict[str, str] = {
     "denied": "VERDICT",
 }
 KEYWORD_TYPES = frozenset(KEYWORDS.values())
-STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect")
+STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect", "ports")
 _STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
 _OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING"})
 _STATEMENT_START = re.compile(r"^[ \t]*(?:" + "|".join(STATEMENT_KEYWORDS) + r")\b", re.MULTILINE)
@@ -63,6 +67,19 @@ _EXPECTED_WORDS: dict[str, str] = {
     "VERDICT": "`allowed` or `denied`",
     "QUANTITY": "a value such as 20000pps or 15m",
     "TIME": "a time such as 07:00",
+    "DAYS": "a day (Mon to Sun) or a range of days such as Mon-Fri",
+    "IPPROTO": "`proto`",
+    "EXCEPT": "`except`",
+    "ICMP_TYPE": "`type`",
+    "ICMP_CODE": "`code`",
+}
+
+
+# The numbers the new constructs take, for a message when one is missing.
+_NUMBER_AFTER = {
+    "type": "an ICMP type (`icmp type 8`)",
+    "code": "an ICMP code (`icmp type 3 code 4`)",
+    "proto": "an IP protocol number (`proto 132`)",
 }
 
 
@@ -153,7 +170,7 @@ def _describe(token: Token) -> str:
         return "end of file"
     if token.type in _STATEMENT_TOKENS or token.type in _OPTION_TOKENS:
         return f"keyword `{token.value}`"
-    if token.type in ("PROTO", "VERDICT"):
+    if token.type in ("PROTO", "VERDICT", "IPPROTO", "EXCEPT"):
         return f"keyword `{token.value}`"
     if token.type == "NAME":
         return f"name `{token.value}`"
@@ -205,6 +222,12 @@ def _syntax_diagnostic(
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
     if "_ARROW" in expected and not after_arrow:
         return error("E002", f"expected `->` between source and destination, found {found}", span)
+    before = chunk[: tok.start_pos if tok.type != "$END" and tok.start_pos else len(chunk)]
+    last_word = before.split()[-1] if before.split() else ""
+    if expected == {"INT"} and last_word in _NUMBER_AFTER:
+        return error(
+            "E001", f"expected {_NUMBER_AFTER[last_word]} after `{last_word}`, found {found}", span
+        )
     if tok.type == "MINUS" or expected == {"INT"}:
         return error(
             "E003",
@@ -223,7 +246,7 @@ def _syntax_diagnostic(
         tail = _hint(str(tok.value), STATEMENT_KEYWORDS) if tok.type == "NAME" else ""
         return error(
             "E001",
-            f"expected a statement (policy, service, allow, deny, default, expect), "
+            f"expected a statement (policy, service, allow, deny, default, expect, ports), "
             f"found {found}{tail}",
             span,
         )
@@ -302,22 +325,50 @@ class _ToAst(Transformer[Token, Any]):
         keyword, name = children
         return ast.PolicyDecl(ast.Name(str(name), self._tok(name)), self._span(keyword, name))
 
+    def endpoint_set(self, children: list[Any]) -> _EndpointSet:
+        include = children[0]
+        exclude = children[2] if len(children) > 2 else ()
+        return _EndpointSet(include, exclude, self._span(include, children[-1]))
+
     def service_def(self, children: list[Any]) -> ast.ServiceDef:
         keyword, name, endpoints = children
         return ast.ServiceDef(
-            ast.Name(str(name), self._tok(name)), endpoints, self._span(keyword, endpoints)
+            ast.Name(str(name), self._tok(name)),
+            endpoints.include,
+            self._span(keyword, endpoints),
+            endpoints.exclude,
         )
+
+    def ports_def(self, children: list[Any]) -> ast.PortsDef:
+        keyword, name, ports = children
+        return ast.PortsDef(ast.Name(str(name), self._tok(name)), ports, self._span(keyword, ports))
 
     def port_item(self, children: list[Token]) -> ast.PortRange:
         hi = _number(children[1]) if len(children) > 1 else None
         return ast.PortRange(_number(children[0]), hi, self._span(children[0], children[-1]))
 
-    def port_list(self, children: list[ast.PortRange]) -> tuple[ast.PortRange, ...]:
+    number_item = port_item
+
+    def port_name(self, children: list[Token]) -> ast.PortName:
+        return ast.PortName(str(children[0]), self._tok(children[0]))
+
+    def icmp_type(self, children: list[Token]) -> ast.IcmpType:
+        code = _number(children[3]) if len(children) > 3 else None
+        span = self._span(children[0], children[-1])
+        return ast.IcmpType(_number(children[1]), code, span)
+
+    def port_list(self, children: list[ast.PortItem]) -> tuple[ast.PortItem, ...]:
         return tuple(children)
+
+    number_list = port_list
 
     def proto_spec(self, children: list[Any]) -> ast.ProtoSpec:
         ports = children[1] if len(children) > 1 else ()
         return ast.ProtoSpec(str(children[0]), ports, self._span(children[0], children[-1]))
+
+    def proto_number(self, children: list[Token]) -> ast.ProtoSpec:
+        keyword, number = children
+        return ast.ProtoSpec("proto", (), self._span(keyword, number), _number(number))
 
     def opt_log(self, children: list[Token]) -> ast.LogOption:
         return ast.LogOption(self._tok(children[0]))
@@ -336,16 +387,29 @@ class _ToAst(Transformer[Token, Any]):
     def zone(self, children: list[Token]) -> Token:
         return _joined_token(children, children[0], children[-1])
 
-    def opt_during(self, children: list[Token]) -> ast.DuringOption:
-        times = [str(c) for c in children if c.type == "TIME"]
-        zone = next((str(c) for c in children if c.type == "ZONE"), None)
-        return ast.DuringOption(times[0], times[1], zone, self._span(children[0], children[-1]))
+    def days(self, children: list[Token]) -> tuple[ast.DayRange, ...]:
+        out = []
+        for tok in children:
+            first, _, last = str(tok).partition("-")
+            out.append(ast.DayRange(first, last or None, self._tok(tok)))
+        return tuple(out)
+
+    def opt_during(self, children: list[Any]) -> ast.DuringOption:
+        tokens = [c for c in children if isinstance(c, Token)]
+        times = [str(c) for c in tokens if c.type == "TIME"]
+        zone = next((str(c) for c in tokens if c.type == "ZONE"), None)
+        days = next((c for c in children if isinstance(c, tuple)), ())
+        span = self._span(children[0], children[-1])
+        return ast.DuringOption(times[0], times[1], zone, span, days)
 
     def rule(self, children: list[Any]) -> ast.Rule:
         action, src, dst, *rest = children
         proto = rest[0] if rest and isinstance(rest[0], ast.ProtoSpec) else None
         options = tuple(rest[1:] if proto is not None else rest)
-        return ast.Rule(str(action), src, dst, proto, options, self._span(action, children[-1]))
+        span = self._span(action, children[-1])
+        return ast.Rule(
+            str(action), src.include, dst.include, proto, options, span, src.exclude, dst.exclude
+        )
 
     def default_decl(self, children: list[Any]) -> ast.DefaultDecl:
         keyword, action, *options = children
@@ -356,15 +420,26 @@ class _ToAst(Transformer[Token, Any]):
         keyword, src, dst, proto, *rest = children
         port_tok = rest[0] if len(rest) == 2 else None
         return ast.Expect(
-            src=src,
-            dst=dst,
-            proto=str(proto),
+            src=src.include,
+            dst=dst.include,
+            src_except=src.exclude,
+            dst_except=dst.exclude,
+            proto="proto" if proto.type == "IPPROTO" else str(proto),
             proto_span=self._tok(proto),
             port=_number(port_tok) if port_tok is not None else None,
             port_span=self._tok(port_tok) if port_tok is not None else None,
             verdict=str(rest[-1]),
             span=self._span(keyword, rest[-1]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _EndpointSet:
+    """`endpoints [except endpoints]` while parsing; statements keep the two lists."""
+
+    include: tuple[ast.Endpoint, ...]
+    exclude: tuple[ast.Endpoint, ...]
+    span: Span
 
 
 def _joined_token(parts: list[Token], first: Token, last: Token) -> Token:

@@ -25,7 +25,11 @@ from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, quo
 from compiler.inventory import Inventory
 from compiler.model import (
     ALL_PORTS,
+    DAY_NAMES,
+    EVERY_DAY,
+    ICMP_NAMES,
     PORT_PROTOCOLS,
+    PROTOCOL_NUMBERS,
     Action,
     ExpectCase,
     Policy,
@@ -37,6 +41,7 @@ from compiler.parse import TOO_MANY_DIGITS
 
 ANY = "any"
 MAX_PORT = 65535
+MAX_PROTOCOL = 255
 MAX_RATE_PPS = 1_000_000_000
 MAX_DURATION_S = 365 * 86400
 _RATE = re.compile(r"^(?P<n>[0-9]{1,12}(?:\.[0-9]{1,6})?)(?P<unit>pps|kpps|mpps)$")
@@ -70,6 +75,8 @@ class _Resolver:
     diags: list[Diagnostic] = field(default_factory=list)
     defs: dict[str, ast.ServiceDef] = field(default_factory=dict)
     values: dict[str, AddressSet | None] = field(default_factory=dict)
+    port_defs: dict[str, ast.PortsDef] = field(default_factory=dict)
+    port_values: dict[str, tuple[Interval, ...] | None] = field(default_factory=dict)
 
     def fail(self, code: str, message: str, span: Span | None, *notes: Note) -> None:
         self.diags.append(error(code, message, span, *notes))
@@ -106,6 +113,23 @@ class _Resolver:
             else:
                 self.defs[name] = stmt
 
+    def collect_port_sets(self) -> None:
+        for stmt in self.tree.statements:
+            if not isinstance(stmt, ast.PortsDef):
+                continue
+            first = self.port_defs.get(stmt.name.text)
+            if first is not None:
+                self.fail(
+                    "E102",
+                    f"port set '{stmt.name.text}' is defined twice",
+                    stmt.name.span,
+                    Note("first defined here", first.name.span),
+                )
+            else:
+                self.port_defs[stmt.name.text] = stmt
+                # Checked once here, used or not: uses only look the result up.
+                self.port_values[stmt.name.text] = self.ports(stmt.ports, "tcp")
+
     def known_names(self) -> list[str]:
         return [ANY, *self.defs, *self.inventory.hosts_by_name]
 
@@ -136,7 +160,8 @@ class _Resolver:
                 name = path.pop()
                 members.pop()
                 if name not in self.values:  # every nested service is resolved by now
-                    self.values[name] = self.resolve_endpoints(self.defs[name].endpoints)
+                    definition = self.defs[name]
+                    self.values[name] = self.resolve_set(definition.endpoints, definition.excluded)
             elif child in path:
                 cycle = [*path[path.index(child) :], child]
                 self.fail(
@@ -150,11 +175,22 @@ class _Resolver:
         return self.values[root]
 
     def nested(self, name: str) -> list[str]:
+        definition = self.defs[name]
         return [
             ep.text
-            for ep in self.defs[name].endpoints
+            for ep in definition.endpoints + definition.excluded
             if isinstance(ep, ast.Name) and ep.text in self.defs
         ]
+
+    def resolve_set(
+        self, include: tuple[ast.Endpoint, ...], exclude: tuple[ast.Endpoint, ...]
+    ) -> AddressSet | None:
+        """`include except exclude`: the addresses of the first list not in the second."""
+        kept = self.resolve_endpoints(include)
+        if not exclude:
+            return kept
+        removed = self.resolve_endpoints(exclude)
+        return None if kept is None or removed is None else kept.difference(removed)
 
     def resolve_endpoints(self, endpoints: tuple[ast.Endpoint, ...]) -> AddressSet | None:
         if len(endpoints) == 1 and isinstance(endpoints[0], ast.Name):
@@ -178,10 +214,20 @@ class _Resolver:
 
     # -- values ----------------------------------------------------------------------------
 
-    def ports(self, items: tuple[ast.PortRange, ...]) -> tuple[Interval, ...] | None:
+    def ports(self, items: tuple[ast.PortItem, ...], proto: str) -> tuple[Interval, ...] | None:
+        """A tcp/udp rule's ports: numbers, ranges and named port sets, merged."""
         out: list[Interval] = []
         ok = True
         for item in items:
+            if isinstance(item, ast.IcmpType):
+                self.fail("E208", f"ICMP types apply to icmp only, not {proto}", item.span)
+                ok = False
+                continue
+            if isinstance(item, ast.PortName):
+                named = self.port_set(item)
+                ok = ok and named is not None
+                out += named or ()
+                continue
             hi = item.lo if item.hi is None else item.hi
             bad = [p for p in (item.lo, hi) if p > MAX_PORT]
             if bad:
@@ -198,6 +244,75 @@ class _Resolver:
             else:
                 out.append((item.lo, hi))
         return merge_intervals(out) if ok else None
+
+    def port_set(self, ref: ast.PortName) -> tuple[Interval, ...] | None:
+        if ref.text not in self.port_defs:
+            close = difflib.get_close_matches(ref.text, list(self.port_defs), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if not close and ref.text in ICMP_NAMES:
+                hint = f" ('{ref.text}' is an ICMP type: write `icmp {ref.text}`)"
+            hint = hint or _option_hint(ref.text)
+            self.fail("E101", f"unknown port set '{ref.text}'{hint}", ref.span)
+            return None
+        return self.port_values[ref.text]
+
+    def icmp_types(self, items: tuple[ast.PortItem, ...]) -> tuple[Interval, ...] | None:
+        """An icmp rule's types and codes as intervals of ICMP type << 8 | code."""
+        out: list[Interval] = []
+        ok = True
+        for item in items:
+            if isinstance(item, ast.PortRange):
+                self.fail(
+                    "E208",
+                    "ports apply to tcp and udp only, not icmp "
+                    f"(an ICMP type is written `icmp type {item.lo}` or by name, `icmp echo-request`)",
+                    item.span,
+                )
+                ok = False
+                continue
+            if isinstance(item, ast.PortName):
+                known = ICMP_NAMES.get(item.text)
+                if known is None:
+                    close = difflib.get_close_matches(item.text, list(ICMP_NAMES), n=1, cutoff=0.6)
+                    hint = f" (did you mean '{close[0]}'?)" if close else " (or write `type N`)"
+                    if not close and item.text in self.port_defs:
+                        hint = f" ('{item.text}' is a port set: ports apply to tcp and udp)"
+                    elif not close:
+                        hint = _option_hint(item.text) or hint
+                    self.fail("E211", f"unknown ICMP type '{item.text}'{hint}", item.span)
+                    ok = False
+                    continue
+                icmp_type, code = known
+            else:
+                icmp_type, code = item.type, item.code
+                bad = [v for v in (icmp_type, code) if v is not None and v > 0xFF]
+                if bad:
+                    shown = bad[0] if bad[0] < TOO_MANY_DIGITS else "number"
+                    what = "type" if bad[0] == icmp_type else "code"
+                    self.fail("E211", f"ICMP {what} {shown} is out of range 0-255", item.span)
+                    ok = False
+                    continue
+            if code is None:
+                out.append((icmp_type << 8, icmp_type << 8 | 0xFF))
+            else:
+                out.append((icmp_type << 8 | code, icmp_type << 8 | code))
+        return merge_intervals(out) if ok else None
+
+    def protocol(self, number: int | None, span: Span) -> str | None:
+        """`proto N` as a rule's protocol (`proto 132`), or None after an error."""
+        if number is None or number > MAX_PROTOCOL:
+            shown = number if number is not None and number < TOO_MANY_DIGITS else "number"
+            self.fail("E210", f"IP protocol {shown} is out of range 0-255", span)
+            return None
+        named = next((p for p, n in PROTOCOL_NUMBERS.items() if n == number), None)
+        if named is not None:
+            self.fail(
+                "E210",
+                f"IP protocol {number} is {named}: write `{named}` (with its ports, if any)",
+                span,
+            )
+            return None
+        return f"proto {number}"
 
     def rate(self, opt: ast.RateOption) -> int | None:
         m = _RATE.match(opt.value)
@@ -240,6 +355,9 @@ class _Resolver:
         if minutes[0] == minutes[1]:
             self.fail("E206", f"time window {opt.start}-{opt.end} is empty", opt.span)
             return None
+        days = self.days(opt)
+        if days is None:
+            return None
         if opt.zone is None:
             self.fail(
                 "E206",
@@ -256,7 +374,37 @@ class _Resolver:
                 opt.span,
             )
             return None
-        return TimeWindow(minutes[0], minutes[1], opt.zone)
+        return TimeWindow(minutes[0], minutes[1], opt.zone, days)
+
+    def days(self, opt: ast.DuringOption) -> frozenset[int] | None:
+        """The days of a window; a range may wrap around the week (`Fri-Mon`)."""
+        if not opt.days:
+            return EVERY_DAY
+        days: set[int] = set()
+        for item in opt.days:
+            wrong = [d for d in (item.first, item.last) if d is not None and d not in DAY_NAMES]
+            if wrong:
+                self.fail(
+                    "E206",
+                    f"'{wrong[0]}' is not a day: write {wrong[0][:3].capitalize()} "
+                    "(days are Mon, Tue, Wed, Thu, Fri, Sat, Sun)",
+                    item.span,
+                )
+                return None
+            first = DAY_NAMES.index(item.first)
+            if item.last is None:
+                days.add(first)
+                continue
+            if item.last == item.first:
+                self.fail(
+                    "E206",
+                    f"day range {item.first}-{item.last} is one day: write {item.first}",
+                    item.span,
+                )
+                return None
+            last = DAY_NAMES.index(item.last)
+            days.update(d % 7 for d in range(first, first + (last - first) % 7 + 1))
+        return frozenset(days)
 
     # -- statements ------------------------------------------------------------------------
 
@@ -284,16 +432,22 @@ class _Resolver:
         return ok
 
     def rule(self, stmt: ast.Rule, rule_id: int) -> PolicyRule | None:
-        src = self.resolve_endpoints(stmt.src)
-        dst = self.resolve_endpoints(stmt.dst)
-        proto = stmt.proto.proto if stmt.proto else "ip"
+        src = self.resolve_set(stmt.src, stmt.src_except)
+        dst = self.resolve_set(stmt.dst, stmt.dst_except)
+        proto: str | None = stmt.proto.proto if stmt.proto else "ip"
         ports: tuple[Interval, ...] | None = ALL_PORTS
-        if stmt.proto and stmt.proto.ports:
-            if proto not in PORT_PROTOCOLS:
+        if stmt.proto and stmt.proto.proto == "proto":
+            proto = self.protocol(stmt.proto.number, stmt.proto.span)
+        elif stmt.proto and stmt.proto.ports:
+            if proto == "icmp":
+                ports = self.icmp_types(stmt.proto.ports)
+            elif proto not in PORT_PROTOCOLS:
                 self.fail("E208", f"ports apply to tcp and udp only, not {proto}", stmt.proto.span)
                 ports = None
             else:
-                ports = self.ports(stmt.proto.ports)
+                ports = self.ports(stmt.proto.ports, stmt.proto.proto)
+        if proto is None:
+            return None
         ok = self.check_options(stmt.options, stmt.action, proto, default=False)
         rate = duration = None
         window = None
@@ -314,8 +468,8 @@ class _Resolver:
             action=Action(stmt.action),
             src=src,
             dst=dst,
-            src_text=_endpoints_text(stmt.src),
-            dst_text=_endpoints_text(stmt.dst),
+            src_text=_endpoints_text(stmt.src, stmt.src_except),
+            dst_text=_endpoints_text(stmt.dst, stmt.dst_except),
             proto=proto,
             ports=ports,
             log=any(isinstance(o, ast.LogOption) for o in stmt.options),
@@ -327,10 +481,15 @@ class _Resolver:
         )
 
     def expect(self, stmt: ast.Expect) -> ExpectCase | None:
-        src = self.resolve_endpoints(stmt.src)
-        dst = self.resolve_endpoints(stmt.dst)
+        src = self.resolve_set(stmt.src, stmt.src_except)
+        dst = self.resolve_set(stmt.dst, stmt.dst_except)
         ok = True
-        if stmt.proto in PORT_PROTOCOLS and stmt.port is None:
+        proto: str | None = stmt.proto
+        port = stmt.port
+        if stmt.proto == "proto":
+            proto, port = self.protocol(stmt.port, stmt.port_span or stmt.proto_span), None
+            ok = proto is not None
+        elif stmt.proto in PORT_PROTOCOLS and stmt.port is None:
             self.fail(
                 "E208",
                 f"an expectation over {stmt.proto} needs a port, e.g. `{stmt.proto} 443`",
@@ -344,15 +503,15 @@ class _Resolver:
             shown = stmt.port if stmt.port < TOO_MANY_DIGITS else "number"
             self.fail("E202", f"port {shown} is out of range 0-65535", stmt.port_span)
             ok = False
-        if src is None or dst is None or not ok:
+        if src is None or dst is None or proto is None or not ok:
             return None
         return ExpectCase(
             src,
             dst,
-            _endpoints_text(stmt.src),
-            _endpoints_text(stmt.dst),
-            stmt.proto,
-            stmt.port,
+            _endpoints_text(stmt.src, stmt.src_except),
+            _endpoints_text(stmt.dst, stmt.dst_except),
+            proto,
+            port,
             stmt.verdict == "allowed",
             stmt.span,
         )
@@ -377,6 +536,7 @@ class _Resolver:
             )
 
         self.collect_services()
+        self.collect_port_sets()
         services = []
         for name, definition in self.defs.items():
             value = self.resolve_service(name)
@@ -425,21 +585,32 @@ class _Resolver:
         )
 
     def unused_services(self) -> list[Diagnostic]:
-        edges = {name: _names_in(d.endpoints) for name, d in self.defs.items()}
+        edges = {name: _names_in(d.endpoints + d.excluded) for name, d in self.defs.items()}
         roots: set[str] = set()
         for stmt in self.tree.statements:
             if isinstance(stmt, ast.Rule | ast.Expect):
-                roots |= _names_in(stmt.src) | _names_in(stmt.dst)
+                roots |= _names_in(stmt.src + stmt.src_except + stmt.dst + stmt.dst_except)
         seen, todo = set(), [n for n in roots if n in edges]
         while todo:
             name = todo.pop()
             if name not in seen:
                 seen.add(name)
                 todo.extend(n for n in edges[name] if n in edges)
+        port_sets_used = {
+            item.text
+            for stmt in self.tree.statements
+            if isinstance(stmt, ast.Rule) and stmt.proto and stmt.proto.proto in PORT_PROTOCOLS
+            for item in stmt.proto.ports
+            if isinstance(item, ast.PortName)
+        }
         return [
             warning("W003", f"service '{name}' is never used by a rule or expectation", d.name.span)
             for name, d in self.defs.items()
             if name not in seen
+        ] + [
+            warning("W003", f"port set '{name}' is never used by a rule", d.name.span)
+            for name, d in self.port_defs.items()
+            if name not in port_sets_used
         ]
 
 
@@ -466,8 +637,18 @@ def _option_problem(opt: ast.Option, action: str, proto: str, default: bool) -> 
     return None
 
 
-def _endpoints_text(endpoints: tuple[ast.Endpoint, ...]) -> str:
-    return ", ".join(ep.text for ep in endpoints)
+def _option_hint(word: str) -> str:
+    """' (did you mean the option `log`?)' for a misspelt option where a name was read."""
+    options = list(ast.OPTION_KEYWORD.values())
+    close = difflib.get_close_matches(word.lower(), options, n=1, cutoff=0.6)
+    return f" (did you mean the option `{close[0]}`?)" if close else ""
+
+
+def _endpoints_text(
+    endpoints: tuple[ast.Endpoint, ...], excluded: tuple[ast.Endpoint, ...] = ()
+) -> str:
+    text = ", ".join(ep.text for ep in endpoints)
+    return f"{text} except {', '.join(ep.text for ep in excluded)}" if excluded else text
 
 
 def _names_in(endpoints: tuple[ast.Endpoint, ...]) -> set[str]:

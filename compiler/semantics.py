@@ -8,8 +8,13 @@ Semantics (docs/language.md has the full text):
 - default deny; a packet matching a `deny` is dropped whatever the allows say;
 - an `allow` passes matching packets (forward direction, any TCP flags);
 - replies: a packet going back along an allowed flow passes if it is TCP with ACK set,
-  an ICMP echo reply, or UDP under an allow with `reply` — unless a deny covers the
-  reply itself or the flow it answers (then that deny decides, whatever the allows);
+  an ICMP echo reply answering a rule that covers echo requests, or UDP under an allow
+  with `reply` — unless a deny covers the reply itself or the flow it answers (then that
+  deny decides, whatever the allows);
+- protocols are judged by class: tcp, udp, icmp, one class per IP protocol number a rule
+  or expectation names (`proto 132`), and `other` for every protocol none names;
+- ICMP type and code are judged as the pipeline sees them: type << 8 | code, on the same
+  axis as ports (an `icmp echo-request` rule has the "ports" 0x0800-0x08FF);
 - time-bound rules (`for`, `during`) count as active unless the caller says otherwise.
 
 Addresses and ports are partitioned into atoms — maximal sets no rule tells apart — so
@@ -25,17 +30,40 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
-from compiler.model import Action, ExpectCase, Policy, PolicyRule
+from compiler.model import PROTOCOL_NUMBERS, Action, ExpectCase, Policy, PolicyRule
 
-PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
-PROTO_BIT = {"tcp": 1, "udp": 2, "icmp": 4, "other": 8}
-PROTO_MASK = {"tcp": 1, "udp": 2, "icmp": 4, "ip": 15}
-PROTO_NUMBER = {"tcp": 6, "udp": 17, "icmp": 1}
+PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # the classes of a policy naming no `proto N`
+OTHER_PROTOCOL = 47  # GRE: the example of `other`, unless a policy names it
 MAX_PORT = 65535
 EPHEMERAL_PORT = 49152  # the client port flows are judged with (start of the IANA dynamic range)
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
 _MAX_BOXES = 4096  # past this many fragments a coverage question is left unanswered
+
+
+def protocol_classes(*policies: Policy) -> tuple[str, ...]:
+    """The protocol classes that tell apart every protocol these policies distinguish:
+    tcp, udp, icmp, `proto N` for each protocol number a rule or expectation names, and
+    `other` (every protocol none of them names). Judge each class once (see
+    :meth:`PolicySemantics.flow`); :func:`protocol_of` gives a protocol number for it."""
+    protos = [r.proto for p in policies for r in p.rules] + [
+        e.proto for p in policies for e in p.expects
+    ]
+    named = sorted({int(proto[6:]) for proto in protos if proto.startswith("proto ")})
+    other = ("other",) if len(named) + len(PROTOCOL_NUMBERS) < 256 else ()
+    return ("tcp", "udp", "icmp", *(f"proto {n}" for n in named), *other)
+
+
+def protocol_of(proto_class: str, classes: Sequence[str] = PROTO_CLASSES) -> int:
+    """An IP protocol number in `proto_class` (of `classes`, from :func:`protocol_classes`)."""
+    if proto_class in PROTOCOL_NUMBERS:
+        return PROTOCOL_NUMBERS[proto_class]
+    if proto_class.startswith("proto "):
+        return int(proto_class[6:])
+    taken = {protocol_of(c) for c in classes if c != "other"}
+    if OTHER_PROTOCOL not in taken:
+        return OTHER_PROTOCOL
+    return min(n for n in range(256) if n not in taken)
 
 
 def bits(mask: int) -> Iterator[int]:
@@ -173,12 +201,16 @@ class PolicySemantics:
         self.addresses = Partition(addr_sets, MAX_ADDRESS, pinned)
         self.pinned_atoms = {self.addresses.atom_of(v) for v in pinned}
         self.ports = Partition(port_sets, MAX_PORT)
+        self.proto_classes = protocol_classes(policy)
+        self._class_of: dict[str | int, str] = {c: c for c in self.proto_classes}
+        self._class_of.update((protocol_of(c), c) for c in self.proto_classes if c != "other")
+        self.proto_index = {c: 0 for c in self.proto_classes}
 
         n_addr, n_port = self.addresses.count, self.ports.count
         self.src_index = [0] * n_addr
         self.dst_index = [0] * n_addr
         self.port_index = [0] * n_port
-        self.proto_index = {c: 0 for c in PROTO_CLASSES}
+        self.echo_bits = 0  # rules whose flows include ICMP echo requests: replies answer them
         self.boxes: list[tuple[int, int, int, int]] = []
         self.deny_bits = self.allow_bits = self.reply_bits = self.log_bits = self.metered_bits = 0
         self.src_any = self.dst_any = self.port_any = 0
@@ -187,7 +219,10 @@ class PolicySemantics:
             src = self.addresses.mask(r.src.intervals)
             dst = self.addresses.mask(r.dst.intervals)
             ports = self.ports.mask(r.ports)
-            protos = PROTO_MASK[r.proto]
+            classes = self.proto_classes if r.proto == "ip" else (self.proto_class(r.proto),)
+            protos = sum(1 << self.proto_classes.index(c) for c in classes)
+            if r.answers_pings:
+                self.echo_bits |= bit
             self.boxes.append((protos, src, dst, ports))
             # Rules that match every atom of a dimension (`any`, no ports) are kept apart:
             # indexing them atom by atom would cost atoms x rules.
@@ -206,9 +241,8 @@ class PolicySemantics:
             else:
                 for p in bits(ports):
                     self.port_index[p] |= bit
-            for c in PROTO_CLASSES:
-                if protos & PROTO_BIT[c]:
-                    self.proto_index[c] |= bit
+            for c in classes:
+                self.proto_index[c] |= bit
             if r.action is Action.DENY:
                 self.deny_bits |= bit
                 if r.log:
@@ -223,27 +257,47 @@ class PolicySemantics:
 
     # -- packets -----------------------------------------------------------------------------
 
+    def proto_class(self, proto: str | int) -> str:
+        """The class of a protocol: a class name, `proto N` or a protocol number (so a class
+        of another policy, such as `proto 132` where this one names no 132, maps to `other`)."""
+        if isinstance(proto, str):
+            known = self._class_of.get(proto)
+            if known is not None:
+                return known
+            if not proto.startswith("proto ") or not proto[6:].isdigit():
+                raise ValueError(f"unknown protocol class {proto!r}")
+            proto = int(proto[6:])
+        named = next((c for c, n in PROTOCOL_NUMBERS.items() if n == proto), None)
+        if named is not None:
+            return named
+        return f"proto {proto}" if f"proto {proto}" in self._class_of else "other"
+
     def decide_atoms(
         self,
         src: int,
         dst: int,
-        proto: str,
+        proto: str | int,
         sport: int,
         dport: int,
         ack: bool = False,
         icmp_type: int = ICMP_ECHO_REQUEST,
         active: int | None = None,
+        icmp_code: int = 0,
     ) -> Decision:
-        """Decide a packet given as atoms (address atoms, port atoms) and protocol class."""
+        """Decide a packet given as atoms (address atoms, port atoms) and protocol class;
+        ICMP is judged by `icmp_type` and `icmp_code` (the port atoms are not used)."""
         active_rules = self.all_rules if active is None else active
+        proto = self._class_of.get(proto) or self.proto_class(proto)
         has_ports = proto in ("tcp", "udp")
+        if proto == "icmp":  # type << 8 | code, on the ports' axis as in the pipeline
+            dport = self.ports.atom_of((icmp_type & 0xFF) << 8 | icmp_code & 0xFF)
         fwd = (
             (self.src_index[src] | self.src_any)
             & (self.dst_index[dst] | self.dst_any)
             & self.proto_index[proto]
             & active_rules
         )
-        if has_ports:
+        if has_ports or proto == "icmp":
             fwd &= self.port_index[dport] | self.port_any
         denied = fwd & self.deny_bits
         if denied:
@@ -267,6 +321,7 @@ class PolicySemantics:
         elif proto == "udp":
             replies = rev & self.reply_bits
         elif proto == "icmp" and icmp_type == ICMP_ECHO_REPLY:
+            rev &= self.echo_bits  # an echo reply answers only rules that let pings through
             replies = rev & self.allow_bits
         else:
             return Decision(False, None, "default", self.policy.default_log)
@@ -296,13 +351,15 @@ class PolicySemantics:
         self,
         src: int,
         dst: int,
-        proto: str,
+        proto: str | int,
         sport: int = EPHEMERAL_PORT,
         dport: int = 0,
         ack: bool = False,
         icmp_type: int = ICMP_ECHO_REQUEST,
+        icmp_code: int = 0,
     ) -> Decision:
-        """Decide one concrete packet (addresses as integers, proto: tcp|udp|icmp|other)."""
+        """Decide one concrete packet (addresses as integers; proto: a class of
+        `proto_classes`, `proto N` or an IP protocol number)."""
         a, p = self.addresses, self.ports
         return self.decide_atoms(
             a.atom_of(src),
@@ -312,13 +369,16 @@ class PolicySemantics:
             p.atom_of(dport),
             ack,
             icmp_type,
+            icmp_code=icmp_code,
         )
 
     # -- flows -------------------------------------------------------------------------------
 
-    def flow_atoms(self, src: int, dst: int, proto: str, port: int) -> FlowResult:
-        """Whether a connection (tcp), datagram (udp), ping (icmp) or packet (other) gets through."""
+    def flow_atoms(self, src: int, dst: int, proto: str | int, port: int) -> FlowResult:
+        """Whether a connection (tcp), datagram (udp), ping (icmp) or packet (any other
+        class, e.g. `proto 132` or `other`) gets through."""
         eph = self.ports.atom_of(EPHEMERAL_PORT)
+        proto = self._class_of.get(proto) or self.proto_class(proto)
         if proto == "tcp":
             fwd = self.decide_atoms(src, dst, "tcp", eph, port)
             back = self.decide_atoms(dst, src, "tcp", port, eph, ack=True) if fwd.allowed else None
@@ -334,7 +394,9 @@ class PolicySemantics:
         fwd = self.decide_atoms(src, dst, proto, eph, port)
         return FlowResult(fwd.allowed, fwd, None)
 
-    def flow(self, src: int, dst: int, proto: str, port: int = 0) -> FlowResult:
+    def flow(self, src: int, dst: int, proto: str | int, port: int = 0) -> FlowResult:
+        """A flow between two addresses; `proto` as for :meth:`decide` (enumerate the classes
+        of one or more policies with :func:`protocol_classes`)."""
         a = self.addresses
         return self.flow_atoms(a.atom_of(src), a.atom_of(dst), proto, self.ports.atom_of(port))
 
@@ -350,7 +412,7 @@ class PolicySemantics:
             for p in range(self.ports.count):
                 port_classes.setdefault(self.port_index[p], p)
             cases = [(c, p) for c in ("tcp", "udp") for p in port_classes.values()]
-            cases += [("icmp", 0), ("other", 0)]  # no ports: one case each
+            cases += [(c, 0) for c in self.proto_classes if c not in ("tcp", "udp")]
         elif expect.port is None:
             cases = [(expect.proto, 0)]
         else:
@@ -377,9 +439,8 @@ class PolicySemantics:
     def _candidates(self, i: int) -> int:
         protos, src, dst, ports = self.boxes[i]
         cand = 0
-        for c in PROTO_CLASSES:
-            if protos & PROTO_BIT[c]:
-                cand |= self.proto_index[c]
+        for c in bits(protos):
+            cand |= self.proto_index[self.proto_classes[c]]
         cand &= self._union(self.src_index, self.src_any, src, self.addresses.full)
         cand &= self._union(self.dst_index, self.dst_any, dst, self.addresses.full)
         cand &= self._union(self.port_index, self.port_any, ports, self.ports.full)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
-from compiler.model import ExpectCase, Policy
+from compiler.model import ExpectCase, Policy, protocol_number
 from compiler.semantics import EPHEMERAL_PORT, ICMP_ECHO_REPLY, Decision, PolicySemantics
 
 PROTO_NUMBER = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ip": 47}
@@ -66,7 +66,9 @@ def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, Packet
             ("request", PacketFields(src, dst, PROTO_ICMP), True),
             ("reply", PacketFields(dst, src, PROTO_ICMP, icmp_type=ICMP_ECHO_REPLY), False),
         ]
-    return [("request", PacketFields(src, dst, PROTO_NUMBER["ip"]), True)]
+    # `proto N`: that protocol; `ip` and `other`: one no rule names (GRE unless named)
+    number = protocol_number(proto) if proto.startswith("proto ") else None
+    return [("request", PacketFields(src, dst, number or PROTO_NUMBER["ip"]), True)]
 
 
 def trace_flow(
@@ -79,12 +81,9 @@ def trace_flow(
         path = fabric.walk(sender.name, pkt)
         decision = None
         if sem is not None:
-            name = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}.get(
-                pkt.protocol, "other"
-            )
             decision = sem.decide(
-                pkt.src, pkt.dst, name, pkt.sport, pkt.dport,
-                ack=bool(pkt.tcp_flags & 0x10), icmp_type=pkt.icmp_type,
+                pkt.src, pkt.dst, sem.proto_class(pkt.protocol), pkt.sport, pkt.dport,
+                ack=bool(pkt.tcp_flags & 0x10), icmp_type=pkt.icmp_type, icmp_code=pkt.icmp_code,
             )  # fmt: skip
         legs.append(Leg(what, pkt, sender.name, path, decision))
         if not path.delivered:

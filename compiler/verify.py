@@ -37,7 +37,7 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
-from compiler.semantics import EPHEMERAL_PORT, PolicySemantics
+from compiler.semantics import EPHEMERAL_PORT, PolicySemantics, protocol_of
 from p4src.spec import PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
@@ -323,7 +323,7 @@ class Verifier:
         classes = self.address_classes()
         self._spoofing(classes, result)
         protocols = sorted(
-            {PROTO_TCP, PROTO_UDP, PROTO_ICMP, OTHER_PROTOCOL}
+            {protocol_of(c, self.sem.proto_classes) for c in self.sem.proto_classes}
             | {
                 m.value
                 for sw in self.fabric.switches.values()
@@ -346,7 +346,7 @@ class Verifier:
         self, sender: Host, dst: int, target: Host | None, proto: int, result: VerifyResult
     ) -> None:
         src = sender.ip
-        name = _PROTO_NAME.get(proto, "other")
+        name = self.sem.proto_class(proto)
         hops = self.plan(sender, dst, proto)
         last = hops[-1]
         end_host = (
@@ -354,7 +354,7 @@ class Verifier:
         )
         has_ports = proto in (PROTO_TCP, PROTO_UDP)
         flag_bits = TCP_ACK if proto == PROTO_TCP else 0
-        rule_ports = self._rule_ports(src, dst, name) if has_ports else []
+        rule_ports = self._rule_ports(src, dst, name) if has_ports or proto == PROTO_ICMP else []
         sport_cuts = _cuts(rule_ports, MAX_PORT)
         dport_cuts = set(sport_cuts)
         if proto == PROTO_ICMP:
@@ -406,6 +406,7 @@ class Verifier:
                         dport_atom,
                         ack=bool(flags & TCP_ACK),
                         icmp_type=pkt.icmp_type,
+                        icmp_code=pkt.icmp_code,
                     ).allowed
                     looping = last.loop and all(verdicts[:-1])
                     kinds = _judge(looping, delivered_to, target, allowed)
@@ -429,6 +430,7 @@ class Verifier:
             pkt.dport if proto in ("tcp", "udp") else 0,
             ack=bool(pkt.tcp_flags & TCP_ACK),
             icmp_type=pkt.icmp_type,
+            icmp_code=pkt.icmp_code,
         )
         expected = decision.describe()
         for kind in kinds:

@@ -24,7 +24,6 @@ import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from compiler.addresses import AddressSet
 from compiler.model import Action, Policy, PolicyRule
@@ -121,10 +120,8 @@ def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:
 
 def in_force(rule: PolicyRule, state: LiveState, now: float) -> bool:
     """Whether a time-bound rule holds at `now` (`during` window, `for` since first applied)."""
-    if rule.window is not None:
-        local = dt.datetime.fromtimestamp(now, ZoneInfo(rule.window.zone))
-        if not rule.window.contains(local.hour * 60 + local.minute):
-            return False
+    if rule.window is not None and not rule.window.active_at(now):
+        return False
     if rule.duration_s is not None:
         since = state.first_applied.get(rule.describe())
         if since is not None and now >= since + rule.duration_s:
@@ -184,15 +181,9 @@ def next_change(policy: Policy, state: LiveState, now: float) -> float | None:
             since = state.first_applied.get(rule.describe())
             if since is not None and since + rule.duration_s > now:
                 moments.append(since + rule.duration_s)
-        if rule.window is not None:
-            zone = ZoneInfo(rule.window.zone)
-            local = dt.datetime.fromtimestamp(now, zone)
-            midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-            for day in (0, 1):
-                for minute in (rule.window.start, rule.window.end):
-                    at = midnight + dt.timedelta(days=day, minutes=minute)
-                    if at.timestamp() > now:
-                        moments.append(at.timestamp())
+        edge = rule.window.next_edge(now) if rule.window is not None else None
+        if edge is not None:
+            moments.append(edge)
     return min(moments, default=None)
 
 
