@@ -9,6 +9,9 @@ were suppressed.
 
 Hits: the direct counter of every `policy` entry, summed per rule over every switch. An
 allow rule with zero hits is an unused permission — what an access review should remove.
+For a `rate` allow, the packets its meters marked RED (dropped over the rate) come from the
+same read (P4Runtime 1.4 `meter_counter_data`); a target that does not report them leaves
+the rule's red count unknown (None), never zero.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from finsy import P4Client, Switch
+from finsy import P4Client, P4ClientError, Switch
 from finsy.proto import p4r
 
 from compiler.addresses import format_ipv4
@@ -173,20 +176,37 @@ class RuleHits:
     packets: int
     bytes: int
     switches: tuple[str, ...]  # where it was hit
+    rate_pps: int | None = None  # a metered allow's rate
+    red: int | None = None  # metered: packets dropped over the rate (None: not reported)
 
 
 async def read_counters(
     target: SwitchTarget, pipeline: Pipeline, options: ControllerOptions
 ) -> list[p4r.TableEntry]:
-    """Every policy entry of a switch with its direct counter."""
+    """Every policy entry of a switch with its direct counter and its meter's colour
+    counts (P4Runtime `meter_counter_data`, set in the request to ask for them); a target
+    that refuses the colour counts is read again without them (red counts unknown)."""
+    async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+        try:
+            return await _read_policy(client, target.device_id, pipeline, colours=True)
+        except P4ClientError as err:
+            if err.code.name not in ("UNIMPLEMENTED", "INVALID_ARGUMENT"):
+                raise
+            return await _read_policy(client, target.device_id, pipeline, colours=False)
+
+
+async def _read_policy(
+    client: P4Client, device_id: int, pipeline: Pipeline, colours: bool
+) -> list[p4r.TableEntry]:
     entity = p4r.Entity()
     entity.table_entry.table_id = pipeline.table("policy").id
     entity.table_entry.counter_data.SetInParent()
+    if colours:
+        entity.table_entry.meter_counter_data.SetInParent()
     out: list[p4r.TableEntry] = []
-    async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
-        request = p4r.ReadRequest(device_id=target.device_id, entities=[entity])
-        async for reply in client.request_iter(request):
-            out.extend(e.table_entry for e in reply.entities)
+    request = p4r.ReadRequest(device_id=device_id, entities=[entity])
+    async for reply in client.request_iter(request):
+        out.extend(e.table_entry for e in reply.entities)
     return out
 
 
@@ -196,8 +216,11 @@ def hits_by_rule(
     """Counters summed per rule over every switch, for every rule of the policy (zeros
     included: those are the point)."""
     rule_param = {a.id: p.id for a in pipeline.actions for p in a.params if p.name == "rule_id"}
+    metered_action = pipeline.action("permit_metered").id
     packets: dict[int, int] = {}
     octets: dict[int, int] = {}
+    red: dict[int, int] = {}
+    unreported: set[int] = set()  # metered rules with an entry whose colours were not read
     where: dict[int, set[str]] = {}
     for switch, entries in counters.items():
         for e in entries:
@@ -210,6 +233,11 @@ def hits_by_rule(
             octets[rule_id] = octets.get(rule_id, 0) + e.counter_data.byte_count
             if e.counter_data.packet_count:
                 where.setdefault(rule_id, set()).add(switch)
+            if e.action.action.action_id == metered_action:
+                if e.HasField("meter_counter_data"):
+                    red[rule_id] = red.get(rule_id, 0) + e.meter_counter_data.red.packet_count
+                else:
+                    unreported.add(rule_id)
     out = [
         RuleHits(
             r.id,
@@ -218,6 +246,8 @@ def hits_by_rule(
             packets.get(r.id, 0),
             octets.get(r.id, 0),
             tuple(sorted(where.get(r.id, ()))),
+            r.rate_pps,
+            None if r.rate_pps is None or r.id in unreported else red.get(r.id, 0),
         )
         for r in policy.rules
     ]

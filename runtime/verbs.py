@@ -326,7 +326,9 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,
-                       "bytes": h.bytes, "switches": list(h.switches)} for h in hits],
+                       "bytes": h.bytes, "switches": list(h.switches),
+                       **({"rate_pps": h.rate_pps, "red": h.red} if h.rate_pps is not None else {})}
+                      for h in hits],
             "unused_allows": [h.rule_id for h in hits if h.action == "allow" and h.packets == 0],
             "unreadable": failed,
         }, indent=2, sort_keys=True))  # fmt: skip
@@ -334,12 +336,17 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
         width = max((len(h.rule) for h in hits), default=0)
         for h in hits:
             mark = "  UNUSED" if h.action == "allow" and h.packets == 0 else ""
-            print(f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{mark}")
+            red = ""
+            if h.rate_pps is not None:  # packets the meters dropped over the rate
+                red = f"  {'?' if h.red is None else h.red:>10} red"
+            print(f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{red}{mark}")
         unused = sum(h.action == "allow" and h.packets == 0 for h in hits)
         print(
             f"{unused} allow rule(s) unused on the switches read"
             + (f"; unreadable: {', '.join(failed)}" if failed else "")
         )
+        if any(h.rate_pps is not None and h.red is None for h in hits):
+            print("red: packets over a rule's rate, dropped by its meters; ? = not reported by the target")
     return EXIT_ERROR if failed else EXIT_OK
 
 

@@ -12,12 +12,18 @@ program drops (non-IPv4, IPv4 options, non-first fragments, unbound sources, mis
 
 Decisions are cached per flow (the header fields the tables read) until the next write,
 so a steady flow costs a dictionary lookup; counters and meters still run per packet.
+
+Meters: a `permit_metered` packet meets its entry's direct meter (a two-rate three-colour
+marker in packets, configured by the entry's P4Runtime `meter_config`); RED is dropped,
+GREEN and YELLOW pass, exactly as the programs do. An entry without a config is unmetered
+(all green), as on BMv2. The meter counts each colour for `meter_counter_data` reads.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, evaluate
@@ -68,8 +74,9 @@ def parse(frame: bytes) -> tuple[int, int, int, int, int, int] | None:
 
 
 class Dataplane:
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
+        self.clock = clock  # the meters' time base (tests pace packets on a simulated clock)
         self._cache: dict[FlowKey, Decision] = {}
         self._cache_version = -1
         self.dropped = 0
@@ -114,7 +121,7 @@ class Dataplane:
             self.dropped += 1
             return out
         meter = entry.meter if decision.metered and entry is not None else None
-        if meter is not None and meter.color(time.monotonic()) == RED:
+        if meter is not None and meter.color(self.clock()) == RED:  # RED: dropped, as in P4
             self.dropped += 1
             return out
         out.append((egress, frame))

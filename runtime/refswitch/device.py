@@ -65,21 +65,31 @@ class Meter:
     tokens_c: float = 0.0
     tokens_p: float = 0.0
     last: float = field(default_factory=time.monotonic)
+    colours: list[int] = field(default_factory=lambda: [0, 0, 0])  # packets: green, yellow, red
 
     def __post_init__(self) -> None:
         self.tokens_c, self.tokens_p = float(self.cburst), float(self.pburst)
 
     def color(self, now: float) -> int:
-        elapsed, self.last = now - self.last, now
+        elapsed, self.last = max(0.0, now - self.last), max(now, self.last)
         self.tokens_p = min(float(self.pburst), self.tokens_p + elapsed * self.pir)
         self.tokens_c = min(float(self.cburst), self.tokens_c + elapsed * self.cir)
         if self.tokens_p < 1:
-            return RED
-        self.tokens_p -= 1
-        if self.tokens_c < 1:
-            return YELLOW
-        self.tokens_c -= 1
-        return GREEN
+            colour = RED
+        elif self.tokens_c < 1:
+            self.tokens_p -= 1
+            colour = YELLOW
+        else:
+            self.tokens_p -= 1
+            self.tokens_c -= 1
+            colour = GREEN
+        self.colours[colour] += 1
+        return colour
+
+    def counter_data(self) -> p4r.MeterCounterData:
+        """Packets per colour since the config was written (P4Runtime MeterCounterData)."""
+        green, yellow, red = (p4r.CounterData(packet_count=n) for n in self.colours)
+        return p4r.MeterCounterData(green=green, yellow=yellow, red=red)
 
     def config(self) -> p4r.MeterConfig:
         return p4r.MeterConfig(cir=self.cir, cburst=self.cburst, pir=self.pir, pburst=self.pburst)
@@ -600,6 +610,7 @@ class Device:
             yield entity
             return
         want_counter, want_meter = te.HasField("counter_data"), te.HasField("meter_config")
+        want_colours = te.HasField("meter_counter_data")
         for table, stored in self._selected(schema, te):
             entity = p4r.Entity()
             out = entity.table_entry
@@ -608,6 +619,8 @@ class Device:
                 out.counter_data.CopyFrom(stored.counter_data())
             if want_meter and table.meter is not None and stored.meter is not None:
                 out.meter_config.CopyFrom(stored.meter.config())
+            if want_colours and table.meter is not None and stored.meter is not None:
+                out.meter_counter_data.CopyFrom(stored.meter.counter_data())
             yield entity
 
     def _read_direct(
