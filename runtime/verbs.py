@@ -339,14 +339,18 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
             red = ""
             if h.rate_pps is not None:  # packets the meters dropped over the rate
                 red = f"  {'?' if h.red is None else h.red:>10} red"
-            print(f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{red}{mark}")
+            print(
+                f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{red}{mark}"
+            )
         unused = sum(h.action == "allow" and h.packets == 0 for h in hits)
         print(
             f"{unused} allow rule(s) unused on the switches read"
             + (f"; unreadable: {', '.join(failed)}" if failed else "")
         )
         if any(h.rate_pps is not None and h.red is None for h in hits):
-            print("red: packets over a rule's rate, dropped by its meters; ? = not reported by the target")
+            print(
+                "red: packets over a rule's rate, dropped by its meters; ? = not reported by the target"
+            )
     return EXIT_ERROR if failed else EXIT_OK
 
 
