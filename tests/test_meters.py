@@ -357,3 +357,38 @@ def test_bmv2_holds_the_meter_config_written_with_the_entry(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_held_entry_is_not_labelled_with_the_rule_that_now_has_its_number(
+    tmp_path: Path,
+    inventory: Inventory,
+    switch: ReferenceSwitch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Applied: rule 1 is the 5 pps rule. Then a 50 kpps rule is written above it: rule 1
+    is now the 50 kpps rule, and the switch's entries of the 5 pps rule still say rule 1."""
+    found, files = _deploy(tmp_path, inventory, switch, "5pps")
+    (applied,) = asyncio.run(apply_all(found, TABLES, files, OPTIONS))
+    assert applied.ok, applied.error
+    text = "policy meters\nallow strat2 -> strat1 icmp rate 50kpps\n" + POLICY.format(
+        rate="5pps"
+    ).removeprefix("policy meters\n")
+    result = check_policy(text, "meters.zt", inventory)
+    assert result.policy is not None, result.diagnostics
+    built = build(result.policy, inventory, text, "ref")
+    shifted = [
+        dataclasses.replace(t, address=switch.server_address)
+        for t in targets(inventory, built.switches, TABLES)
+    ]
+    (planned,) = asyncio.run(plan_all(shifted, TABLES, files, OPTIONS))
+    assert planned.ok and planned.plan is not None
+    rules = {1: "line 2: allow strat2 -> strat1 icmp rate 50000pps",
+             2: "line 3: allow bastion -> strat1 icmp rate 5pps"}  # fmt: skip
+    print_reports([planned], TABLES, rules, False, limit=100)
+    shown = capsys.readouterr().out
+    removed = [line for line in shown.splitlines() if line.lstrip().startswith("- policy")]
+    assert removed, shown
+    for line in removed:
+        assert "rate 50000pps" not in line, line  # what the plan used to claim
+        if "permit_metered(rule_id=1)" in line:
+            assert "meter 5pps burst 1" in line and "# rule 1 when applied" in line, line
