@@ -28,7 +28,7 @@ from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.resolve import parse_duration
 from runtime import audit
-from runtime.alerts import Alert, follow, hits_by_rule, read_counters
+from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
 from runtime.audit import actor
 from runtime.cli import (
     EXIT_ERROR,
@@ -313,16 +313,26 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     compiled, session = opened
     options, tables, selected = session.options, session.tables, session.switches
 
-    async def read_all() -> dict[str, object]:
-        results = await asyncio.gather(
-            *(read_counters(t, tables.pipeline, options) for t in selected), return_exceptions=True
-        )
-        return {t.name: r for t, r in zip(selected, results, strict=True)}
+    metered = [r.id for r in compiled.policy.rules if r.rate_pps is not None]
 
-    counters = asyncio.run(read_all())
+    async def read_all() -> tuple[list[object], list[object]]:
+        pipe = tables.pipeline
+        return (
+            await asyncio.gather(
+                *(read_counters(t, pipe, options) for t in selected), return_exceptions=True
+            ),
+            await asyncio.gather(
+                *(read_red_drops(t, pipe, options, metered) for t in selected),
+                return_exceptions=True,
+            ),
+        )
+
+    results, reds = asyncio.run(read_all())
+    counters = {t.name: r for t, r in zip(selected, results, strict=True)}
     failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
     ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
-    hits = hits_by_rule(compiled.policy, tables.pipeline, ok)  # type: ignore[arg-type]
+    red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
+    hits = hits_by_rule(compiled.policy, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,
@@ -348,9 +358,7 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
             + (f"; unreadable: {', '.join(failed)}" if failed else "")
         )
         if any(h.rate_pps is not None and h.red is None for h in hits):
-            print(
-                "red: packets over a rule's rate, dropped by its meters; ? = not reported by the target"
-            )
+            print("red: packets over a rule's rate, dropped by its meters; ? = a switch unread")
     return EXIT_ERROR if failed else EXIT_OK
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from finsy.proto import p4r
-from p4rt import wait_for
+from p4rt import pipeline_config, wait_for
 from scapy.layers.inet import ICMP, IP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
@@ -30,7 +30,7 @@ from compiler.model import Policy
 from compiler.p4c import p4c_artifacts, p4c_available
 from compiler.verify import verify
 from p4src.spec import PIPELINE
-from runtime.alerts import hits_by_rule, read_counters
+from runtime.alerts import hits_by_rule, read_counters, read_red_drops
 from runtime.cli import print_reports
 from runtime.controller import (
     ControllerOptions,
@@ -42,6 +42,7 @@ from runtime.controller import (
 )
 from runtime.entities import meter_of, table_entry_proto
 from runtime.plan import Tables
+from runtime.refswitch.device import OUT_OF_RANGE, P4RuntimeError
 from runtime.refswitch.switch import ReferenceSwitch
 
 INVENTORY = """\
@@ -288,13 +289,46 @@ def test_a_metered_flow_passes_its_rate_and_red_packets_are_counted(
     assert delivered["10.0.0.3"] == offered  # the same flow without `rate`: everything
     policy, _ = _policy(inventory, f"{rate}pps")
     counters = asyncio.run(read_counters(found[0], PIPELINE, OPTIONS))
-    hits = {h.rule_id: h for h in hits_by_rule(policy, PIPELINE, {"tor1": counters})}
+    red = asyncio.run(read_red_drops(found[0], PIPELINE, OPTIONS, [1]))
+    assert red == {1: offered - delivered["10.0.0.2"]}
+    hits = {h.rule_id: h for h in hits_by_rule(policy, PIPELINE, {"tor1": counters}, {"tor1": red})}
     assert hits[1].packets == offered and hits[1].rate_pps == rate
     assert hits[1].red == offered - delivered["10.0.0.2"]
     assert hits[2].packets == offered and hits[2].red is None and hits[2].rate_pps is None
+    # The meter's own colour counts agree (P4Runtime 1.4 meter_counter_data).
+    entity = p4r.Entity()
+    entity.table_entry.table_id = PIPELINE.table("policy").id
+    entity.table_entry.meter_counter_data.SetInParent()
+    colours = [
+        e.table_entry.meter_counter_data
+        for e in switch.device.read([entity])
+        if e.table_entry.HasField("meter_counter_data")
+    ]
+    assert sum(c.red.packet_count for c in colours) == red[1]
+    assert sum(c.green.packet_count for c in colours) == delivered["10.0.0.2"]
+    assert sum(c.yellow.packet_count for c in colours) == 0  # PIR = CIR: never yellow
 
 
-def test_hits_says_unknown_when_a_target_reports_no_colours(inventory: Inventory) -> None:
+def test_red_drops_is_an_indexed_counter_read_per_rule(switch: ReferenceSwitch) -> None:
+    switch.device.set_pipeline(
+        p4r.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT, pipeline_config()
+    )
+    red = PIPELINE.counter("policy_red_drops")
+    one = p4r.Entity()
+    one.counter_entry.counter_id = red.id
+    one.counter_entry.index.index = 7
+    (cell,) = switch.device.read([one])
+    assert cell.counter_entry.index.index == 7 and cell.counter_entry.data.packet_count == 0
+    every = p4r.Entity()
+    every.counter_entry.SetInParent()
+    assert sum(1 for _ in switch.device.read([every])) == red.size
+    one.counter_entry.index.index = red.size
+    with pytest.raises(P4RuntimeError) as err:
+        list(switch.device.read([one]))
+    assert err.value.code == OUT_OF_RANGE
+
+
+def test_hits_says_unknown_when_a_switch_gave_no_red_count(inventory: Inventory) -> None:
     policy, _ = _policy(inventory)
     (tor,) = _build(inventory).switches
     entries = []
@@ -305,6 +339,11 @@ def test_hits_says_unknown_when_a_target_reports_no_colours(inventory: Inventory
             entries.append(msg)
     hits = {h.rule_id: h for h in hits_by_rule(policy, PIPELINE, {"tor1": entries})}
     assert hits[1].red is None and hits[1].packets > 0  # never a made-up zero
+    hits = {
+        h.rule_id: h
+        for h in hits_by_rule(policy, PIPELINE, {"tor1": entries, "tor2": []}, {"tor1": {1: 4}})
+    }
+    assert hits[1].red is None  # tor2's cell is missing
 
 
 # -- BMv2 ---------------------------------------------------------------------------------
@@ -354,6 +393,8 @@ def test_bmv2_holds_the_meter_config_written_with_the_entry(
         (planned,) = asyncio.run(plan_all(found, tables, files, options))
         assert planned.ok and planned.plan is not None
         assert planned.plan.empty, planned.plan.diff  # the meter config read back as written
+        red = asyncio.run(read_red_drops(found[0], tables.pipeline, options, [1]))
+        assert red == {1: 0}  # policy_red_drops is there, per rule, readable
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -267,6 +267,7 @@ class Device:
         self.tables: dict[int, dict[MatchKey, Stored]] = {}
         self.defaults: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {}
         self.clone_sessions: dict[int, p4r.CloneSessionEntry] = {}
+        self.counters: dict[int, list[int]] = {}  # indexed counters: id -> packets per index
         self.version = 0
         self._snapshot: Snapshot | None = None
 
@@ -328,6 +329,10 @@ class Device:
             self.tables = {t.id: {} for t in schema.pipeline.tables}
             self.defaults = {t.id: schema.initial_default(t) for t in schema.pipeline.tables}
             self.clone_sessions = {}
+        self.counters = {
+            c.id: (self.counters.get(c.id) if keep_state else None) or [0] * c.size
+            for c in schema.pipeline.counters
+        }
         self._changed()
 
     def _reconcile(self, schema: Schema, config: p4r.ForwardingPipelineConfig) -> None:
@@ -574,6 +579,8 @@ class Device:
                     )
                 elif kind == "packet_replication_engine_entry":
                     out.extend(self._read_pre(entity.packet_replication_engine_entry))
+                elif kind == "counter_entry":
+                    out.extend(self._read_counter(entity.counter_entry))
                 else:
                     raise _fail(
                         UNIMPLEMENTED, f"reading {kind or 'an empty entity'} is not supported"
@@ -638,6 +645,22 @@ class Device:
                 if stored.meter is not None:
                     entity.direct_meter_entry.config.CopyFrom(stored.meter.config())
             yield entity
+
+    def _read_counter(self, ce: p4r.CounterEntry) -> Iterator[p4r.Entity]:
+        """An indexed counter's cells: counter id 0 is every counter, no index every cell."""
+        if ce.counter_id and ce.counter_id not in self.counters:
+            raise _fail(NOT_FOUND, f"no counter with id {ce.counter_id:#x}")
+        for cid in sorted(self.counters) if not ce.counter_id else [ce.counter_id]:
+            cells = self.counters[cid]
+            if ce.HasField("index") and not 0 <= ce.index.index < len(cells):
+                raise _fail(OUT_OF_RANGE, f"index {ce.index.index} outside 0..{len(cells) - 1}")
+            wanted = [ce.index.index] if ce.HasField("index") else range(len(cells))
+            for i in wanted:
+                entity = p4r.Entity()
+                entity.counter_entry.counter_id = cid
+                entity.counter_entry.index.index = i
+                entity.counter_entry.data.packet_count = cells[i]
+                yield entity
 
     def _read_pre(self, pre: p4r.PacketReplicationEngineEntry) -> Iterator[p4r.Entity]:
         if pre.WhichOneof("type") != "clone_session_entry":
