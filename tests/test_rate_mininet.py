@@ -1,4 +1,5 @@
-"""Rate limits with real packets: a Mininet floor of one reference-switch ToR, `p4seg apply`,
+"""Rate limits with real packets: a Mininet floor of one ToR (the reference switch; BMv2
+too when simple_switch_grpc and p4c-bm2-ss are installed), `p4seg apply`,
 then a UDP flow offered at 1,000 pps to a receiver behind a `rate 100pps` allow and the
 same flow to a receiver behind an allow without a rate. The metered flow must arrive at
 about its rate, the other whole, and `p4seg hits` must report the metered rule's red
@@ -25,6 +26,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.inventory import Inventory, load_inventory
+from compiler.p4c import p4c_available
 from topologies.network import Floor
 
 pytestmark = [
@@ -81,8 +83,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def floor(tmp_path: Path) -> Iterator[tuple[Floor, Path]]:
+BMV2_MISSING = shutil.which("simple_switch_grpc") is None or p4c_available() is None
+TARGETS = [
+    "ref",
+    pytest.param(
+        "bmv2",
+        marks=pytest.mark.skipif(
+            BMV2_MISSING,
+            reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: no BMv2 floor",
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Floor, Path]]:
     inv_path = tmp_path / "rates.yaml"
     inv_path.write_text(
         "name: rates\n"
@@ -96,7 +111,7 @@ def floor(tmp_path: Path) -> Iterator[tuple[Floor, Path]]:
     inventory, diags = load_inventory(str(inv_path))
     assert inventory is not None, diags
     (tmp_path / "rates.zt").write_text(POLICY)
-    net = Floor(inventory, "ref")
+    net = Floor(inventory, request.param)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)  # nothing the controller writes lands in the repository
         with net:
@@ -104,14 +119,14 @@ def floor(tmp_path: Path) -> Iterator[tuple[Floor, Path]]:
     assert net.leftovers() == []
 
 
-def _cli(work: Path, verb: str, *args: str) -> tuple[int, str]:
+def _cli(work: Path, target: str, verb: str, *args: str) -> tuple[int, str]:
     """`p4seg VERB` on this floor: its exit status and what it printed."""
     policy = [str(work / "rates.zt")]
     where = ["-i", str(work / "rates.yaml"), "--state", str(work / "state"),
              "--build", str(work / "build")]  # fmt: skip
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main([verb, *args, *policy, *where])
+        code = main([verb, *args, *policy, *where, "-t", target])
     return code, out.getvalue()
 
 
@@ -150,14 +165,14 @@ def test_a_rate_limited_flow_arrives_at_its_rate_and_hits_counts_the_red(
     floor: tuple[Floor, Path],
 ) -> None:
     net, work = floor
-    code, out = _cli(work, "apply")
+    code, out = _cli(work, net.target, "apply")
     assert code == 0, out
     inventory = net.inventory
     sent_u, got_u, secs_u = _offer(net, inventory, "unmetered")
     sent_m, got_m, secs_m = _offer(net, inventory, "metered")
     rate_m, rate_u = got_m / secs_m, got_u / secs_u
     print(
-        f"\nmetered (rate {RATE}pps): sent {sent_m} in {secs_m:.2f} s ({sent_m / secs_m:.0f} pps), "
+        f"\n{net.target}: metered (rate {RATE}pps): sent {sent_m} in {secs_m:.2f} s ({sent_m / secs_m:.0f} pps), "
         f"received {got_m} ({rate_m:.0f} pps)\n"
         f"unmetered: sent {sent_u} in {secs_u:.2f} s ({sent_u / secs_u:.0f} pps), "
         f"received {got_u} ({rate_u:.0f} pps, {100 * got_u / sent_u:.1f} %)"
@@ -166,7 +181,7 @@ def test_a_rate_limited_flow_arrives_at_its_rate_and_hits_counts_the_red(
     assert 50 <= rate_m <= 200, f"metered flow delivered {rate_m:.0f} pps"
     assert got_u > 0.9 * sent_u, f"unmetered flow lost {sent_u - got_u} of {sent_u}"
 
-    code, out = _cli(work, "hits", "--output", "json")
+    code, out = _cli(work, net.target, "hits", "--output", "json")
     assert code == 0, out
     rules = {r["rule_id"]: r for r in json.loads(out[out.index("{") :])["rules"]}
     metered, unmetered = rules[1], rules[2]
