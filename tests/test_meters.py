@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from finsy.proto import p4r
-from p4rt import pipeline_config, wait_for
+from p4rt import bmv2_switch, pipeline_config
 from scapy.layers.inet import ICMP, IP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
@@ -351,17 +349,6 @@ def test_hits_says_unknown_when_a_switch_gave_no_red_count(inventory: Inventory)
 SIMPLE_SWITCH = shutil.which("simple_switch_grpc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.skipif(
     SIMPLE_SWITCH is None or p4c_available() is None,
     reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot check its direct meter",
@@ -370,21 +357,14 @@ def test_bmv2_holds_the_meter_config_written_with_the_entry(
     tmp_path: Path, inventory: Inventory
 ) -> None:
     assert SIMPLE_SWITCH is not None
-    grpc_port, thrift_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [SIMPLE_SWITCH, "--no-p4", "--device-id", "1", "--thrift-port", str(thrift_port),
-         "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert wait_for(lambda: _listening(grpc_port), 30), "simple_switch_grpc did not start"
+    with bmv2_switch(SIMPLE_SWITCH) as address:
         built = _build(inventory, "100pps", "bmv2")
         built.files.update(p4c_artifacts(built))
         write_build(built, str(tmp_path / "build"))
         files = PipelineFiles.of(tmp_path / "build", "bmv2")
         tables = Tables(built.target.pipeline)
         found = [
-            dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}")
+            dataclasses.replace(t, address=address)
             for t in targets(inventory, built.switches, tables)
         ]
         options = ControllerOptions(timeout=60)
@@ -395,9 +375,6 @@ def test_bmv2_holds_the_meter_config_written_with_the_entry(
         assert planned.plan.empty, planned.plan.diff  # the meter config read back as written
         red = asyncio.run(read_red_drops(found[0], tables.pipeline, options, [1]))
         assert red == {1: 0}  # policy_red_drops is there, per rule, readable
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_a_held_entry_is_not_labelled_with_the_rule_that_now_has_its_number(

@@ -16,13 +16,13 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from p4rt import free_port
 
 from compiler.cli import main
 from compiler.inventory import Inventory, load_inventory
@@ -77,12 +77,6 @@ else:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 BMV2_MISSING = shutil.which("simple_switch_grpc") is None or p4c_available() is None
 TARGETS = [
     "ref",
@@ -102,7 +96,7 @@ def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Floo
     inv_path.write_text(
         "name: rates\n"
         "switches:\n"
-        f'  r{RUN}: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{_free_port()}"}}\n'
+        f'  r{RUN}: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{free_port()}"}}\n'
         "hosts:\n"
         f"  src:       {{ip: 10.0.7.1, switch: r{RUN}, port: 1}}\n"
         f"  metered:   {{ip: 10.0.7.2, switch: r{RUN}, port: 2}}\n"
