@@ -241,6 +241,8 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
             "proven": result.proven, "classes": result.classes,
             "spoof_classes": result.spoof_classes, "seconds": round(result.seconds, 3),
             "counterexamples": [c.to_json() for c in result.counterexamples],
+            "metered": [m.to_json() for m in result.metered],
+            "metered_classes": result.metered_classes,
         }, indent=2, sort_keys=True))  # fmt: skip
     else:
         for c in result.counterexamples[: args.show]:
@@ -249,6 +251,8 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
             print(
                 f"... and {len(result.counterexamples) - args.show} more (--show N, --output json)"
             )
+        for line in result.metered_note():
+            print(line)
         verdict = (
             "PROVEN: the tables implement the policy"
             if result.proven

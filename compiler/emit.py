@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
-from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
+from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
 from compiler.fit import Target, fit, make_target
 from compiler.inventory import Inventory
 from compiler.lower import lower
@@ -155,6 +155,8 @@ def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
         }
         if e.priority:
             item["priority"] = e.priority
+        if e.meter is not None:  # P4Runtime's MeterConfig field names, as in the entries JSON
+            item["meter_config"] = e.meter.to_json()
         table_entries.append(item)
     return {
         "target": "bmv2" if target.program == "v1model" else target.name,
@@ -478,6 +480,7 @@ def load_entries(text: str) -> SwitchTables:
                 e.get("priority", 0),
                 e.get("rule_id"),
                 e.get("role", ""),
+                MeterConfig(**e["meter"]) if "meter" in e else None,
             )
             for e in doc["entries"]
         )

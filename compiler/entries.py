@@ -44,6 +44,37 @@ class FieldMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterConfig:
+    """A direct meter's two-rate three-colour configuration (P4Runtime MeterConfig), in the
+    meter's unit (packets for `policy_meter`): rates per second, bursts in packets."""
+
+    cir: int
+    cburst: int
+    pir: int
+    pburst: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"cir": self.cir, "cburst": self.cburst, "pir": self.pir, "pburst": self.pburst}
+
+    def describe(self) -> str:
+        """`100pps burst 10` (PIR = CIR, PBS = CBS, as compiled) or every figure."""
+        if (self.pir, self.pburst) == (self.cir, self.cburst):
+            return f"{self.cir}pps burst {self.cburst}"
+        return f"cir {self.cir}pps cbs {self.cburst} pir {self.pir}pps pbs {self.pburst}"
+
+
+def meter_for_rate(rate_pps: int) -> MeterConfig:
+    """The meter of a `rate R pps` allow: CIR = PIR = R, CBS = PBS = max(1, ceil(R/10)).
+
+    Bursts hold 100 ms of traffic at the rate (at least one packet), so a paced flow at the
+    rate is never cut while a flood is held to R pps. PIR = CIR and PBS = CBS: a packet
+    is green or red, never yellow, so the programs (which drop RED only) enforce exactly R.
+    """
+    burst = max(1, -(-rate_pps // 10))
+    return MeterConfig(rate_pps, burst, rate_pps, burst)
+
+
+@dataclass(frozen=True, slots=True)
 class TableEntry:
     table: str
     matches: tuple[FieldMatch, ...]
@@ -52,6 +83,7 @@ class TableEntry:
     priority: int = 0  # P4Runtime: higher wins; 0 for tables without ternary/range keys
     rule_id: int | None = None  # the policy rule this entry implements, for traces and alerts
     role: str = ""  # why it exists: forward, reply, reverse-deny, default-log, host, uplink, ...
+    meter: MeterConfig | None = None  # the direct meter's config (metered allows only)
 
     def match(self, name: str) -> FieldMatch | None:
         return next((m for m in self.matches if m.field == name), None)
@@ -69,6 +101,8 @@ class TableEntry:
             out["rule_id"] = self.rule_id
         if self.role:
             out["role"] = self.role
+        if self.meter is not None:
+            out["meter"] = self.meter.to_json()
         return out
 
 

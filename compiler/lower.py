@@ -14,6 +14,10 @@ Priorities (higher wins), one band per kind, rules ordered inside a band exactly
 semantics choose the deciding rule (compiler.semantics):
   7 logged deny   6 deny   5 metered allow (lowest rate first)   4 allow
   3 logged deny of replies   2 deny of replies   1 reply allows   0 `default deny log`
+
+Meters. The forward entries of a `rate` allow are `permit_metered` and carry the direct
+meter's config derived from the rate (compiler.entries.meter_for_rate); each entry has its
+own meter, so a rule's rate holds per entry. Replies of a metered allow are not metered.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ import networkx as nx
 
 from compiler.addresses import Interval
 from compiler.diagnostics import P4segError, error
-from compiler.entries import DefaultAction, FieldMatch, SwitchTables, TableEntry
+from compiler.entries import (
+    DefaultAction,
+    FieldMatch,
+    MeterConfig,
+    SwitchTables,
+    TableEntry,
+    meter_for_rate,
+)
 from compiler.inventory import Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.semantics import PolicySemantics, bits
@@ -169,6 +180,7 @@ class _PolicyEntries:
         sport: tuple[Interval, ...] = ALL_PORTS,
         dport: tuple[Interval, ...] = ALL_PORTS,
         ack: bool = False,
+        meter: MeterConfig | None = None,
     ) -> None:
         rule_id = rule.id if rule else DEFAULT_RULE_ID
         # A ToR sees only packets from its hosts or to them: (src ∩ local) x dst, then
@@ -210,7 +222,14 @@ class _PolicyEntries:
                                 matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
                             self.entries.append(
                                 TableEntry(
-                                    "policy", tuple(matches), action, params, prio, rule_id, role
+                                    "policy",
+                                    tuple(matches),
+                                    action,
+                                    params,
+                                    prio,
+                                    rule_id,
+                                    role,
+                                    meter,
                                 )
                             )
 
@@ -274,6 +293,7 @@ def _policy_entries(
                     priority(band, r_rank),
                     "forward",
                     dport=rule.ports,
+                    meter=None if rule.rate_pps is None else meter_for_rate(rule.rate_pps),
                 )
     for rule in allows:
         _, src, dst, _ = sem.boxes[rule.id - 1]

@@ -15,6 +15,14 @@ host's own must be refused by `src_identity` (a miss or an explicit drop).
 
 A difference is a `Counterexample`: the packet, where it went (or the hop, table and entry
 that stopped it), and the policy's decision with the rule and line behind it.
+
+Rate limits: a packet an allow with `rate R` decides is allowed up to R packets/s, not
+always. The proof holds for it when every ToR that judges it decides with a
+`permit_metered` entry whose meter config is the one R gives (compiler.entries.
+meter_for_rate); a missing, unconfigured or different meter, or a meter on a packet the
+policy allows without a rate, is a `meter-source-tor` / `meter-destination-tor`
+counterexample. What the meter then does with real packets is the data plane's part
+(tests/test_meters.py, tests/test_rate_mininet.py), not this proof's.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from compiler.entries import FieldMatch, SwitchTables, TableEntry
+from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
     PROTO_ICMP,
@@ -37,7 +45,7 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
-from compiler.semantics import EPHEMERAL_PORT, PolicySemantics, protocol_of
+from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, protocol_of
 from p4src.spec import PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
@@ -91,12 +99,44 @@ class Counterexample:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class MeteredRule:
+    """A `rate` allow: what verify treats as allowed up to the rate, with the meter the
+    tables must carry for that to hold."""
+
+    rule_id: int
+    line: int
+    rule: str
+    rate_pps: int
+    meter: MeterConfig
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "rule_id": self.rule_id,
+            "line": self.line,
+            "rule": self.rule,
+            "rate_pps": self.rate_pps,
+            "meter": self.meter.to_json(),
+        }
+
+
 @dataclass
 class VerifyResult:
     classes: int = 0  # packet classes walked end to end
     spoof_classes: int = 0  # (host port, source class) pairs checked
     counterexamples: list[Counterexample] = field(default_factory=list)
     seconds: float = 0.0
+    metered_classes: int = 0  # allowed classes whose deciding rule has a rate
+    metered: list[MeteredRule] = field(default_factory=list)  # the policy's rate limits
+
+    def metered_note(self) -> list[str]:
+        """What the proof says about rate limits, one line per metered allow."""
+        return [
+            f"metered: rule {m.rule_id} (line {m.line}) `{m.rule}` is verified as allowed up "
+            f"to {m.rate_pps} pps: every ToR entry that decides its packets carries the meter "
+            f"{m.meter.describe()}"
+            for m in self.metered
+        ]
 
     @property
     def proven(self) -> bool:
@@ -153,14 +193,34 @@ class _Hop:
     loop: bool = False
 
 
-def _verdict(hop: _Hop, values: dict[str, int]) -> bool:
-    """Whether `hop`'s policy table lets a packet with these port/flag values through."""
+def _deciding(hop: _Hop, values: dict[str, int]) -> TableEntry | None:
+    """The `policy` entry of `hop` a packet with these port/flag values hits (None: the
+    table's default, deny, or src_identity already dropped it)."""
     if hop.entries is None:
-        return False
+        return None
     for varying, entry in hop.entries:
         if all(m.covers(values[m.field]) for m in varying):
-            return entry.action in ("permit", "permit_metered")
-    return False  # the table's default: deny
+            return entry
+    return None
+
+
+def _passes(entry: TableEntry | None) -> bool:
+    return entry is not None and entry.action in ("permit", "permit_metered")
+
+
+def _meter_applied(entry: TableEntry) -> MeterConfig | None:
+    """The meter a permitting entry subjects packets to: a `permit_metered` entry's config
+    (none written: unmetered, every packet green); `permit` runs no meter."""
+    return entry.meter if entry.action == "permit_metered" else None
+
+
+def _meter_wanted(decision: Decision) -> MeterConfig | None:
+    """The meter the policy puts on an allowed packet: its deciding allow's rate (replies
+    of a metered allow are not metered)."""
+    rule = decision.rule
+    if decision.reason != "allow" or rule is None or rule.rate_pps is None:
+        return None
+    return meter_for_rate(rule.rate_pps)
 
 
 def _judge(loop: bool, delivered_to: str | None, target: Host | None, allowed: bool) -> list[str]:
@@ -320,6 +380,11 @@ class Verifier:
     def run(self) -> VerifyResult:
         start = time.monotonic()
         result = VerifyResult()
+        result.metered = [
+            MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
+            for r in self.policy.rules
+            if r.rate_pps is not None
+        ]
         classes = self.address_classes()
         self._spoofing(classes, result)
         protocols = sorted(
@@ -390,7 +455,8 @@ class Verifier:
                 for flags in flag_values:
                     result.classes += 1
                     values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
-                    verdicts = [_verdict(hop, values) for hop in hops]
+                    deciding = [_deciding(hop, values) for hop in hops]
+                    verdicts = [_passes(e) for e in deciding]
                     delivered_to = end_host if all(verdicts) and not last.loop else None
                     if proto == PROTO_ICMP:
                         pkt = PacketFields(
@@ -398,7 +464,7 @@ class Verifier:
                         )
                     else:
                         pkt = PacketFields(src, dst, proto, sport, dport, flags)
-                    allowed = sem.decide_atoms(
+                    decision = sem.decide_atoms(
                         src_atom,
                         dst_atom,
                         name,
@@ -407,7 +473,8 @@ class Verifier:
                         ack=bool(flags & TCP_ACK),
                         icmp_type=pkt.icmp_type,
                         icmp_code=pkt.icmp_code,
-                    ).allowed
+                    )
+                    allowed = decision.allowed
                     looping = last.loop and all(verdicts[:-1])
                     kinds = _judge(looping, delivered_to, target, allowed)
                     if target is not None:
@@ -416,6 +483,8 @@ class Verifier:
                                 kinds.append(f"{side}-tor:{hops[index].switch}")
                     if kinds:
                         self._report(sender, pkt, name, kinds, result)
+                    elif allowed and target is not None:
+                        self._meters(sender, pkt, hops, tors, deciding, decision, result)
 
     def _report(
         self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
@@ -449,6 +518,45 @@ class Verifier:
                 result.counterexamples.append(
                     Counterexample(kind, sender.name, pkt, path, expected, _observed(path))
                 )
+
+    def _meters(
+        self,
+        sender: Host,
+        pkt: PacketFields,
+        hops: list[_Hop],
+        tors: list[tuple[int, str]],
+        deciding: list[TableEntry | None],
+        decision: Decision,
+        result: VerifyResult,
+    ) -> None:
+        """An allowed packet is allowed up to its rule's rate: each ToR that judges it must
+        meter it with exactly the config the rate gives (none for an unmetered allow)."""
+        want = _meter_wanted(decision)
+        if want is not None:
+            result.metered_classes += 1
+        for index, side in tors:
+            entry = deciding[index]
+            assert entry is not None  # the packet passes this ToR
+            have = _meter_applied(entry)
+            if have == want:
+                continue
+            switch = hops[index].switch
+            expected = decision.describe() + (
+                f", up to {want.cir} pps (meter {want.describe()})"
+                if want is not None
+                else ", with no rate limit"
+            )
+            what = "unmetered: no rate limit" if have is None else f"meter {have.describe()}"
+            result.counterexamples.append(
+                Counterexample(
+                    f"meter-{side}-tor",
+                    sender.name,
+                    pkt,
+                    None,
+                    expected,
+                    f"{switch} lets it through {what} ({_entry(entry)})",
+                )
+            )
 
     def _spoofing(self, classes: list[tuple[int, int]], result: VerifyResult) -> None:
         for host in self.inventory.hosts:
@@ -488,7 +596,8 @@ def _entry(entry: TableEntry) -> str:
     matches = " ".join(f"{m.field}={_show(m)}" for m in entry.matches)
     params = ", ".join(f"{k}={v}" for k, v in entry.params)
     rule = f" [rule {entry.rule_id}]" if entry.rule_id is not None else ""
-    return f"{entry.table}[{matches}] -> {entry.action}({params}){rule}"
+    meter = f" meter {entry.meter.describe()}" if entry.meter is not None else ""
+    return f"{entry.table}[{matches}] -> {entry.action}({params}){meter}{rule}"
 
 
 def _show(m: FieldMatch) -> str:

@@ -65,6 +65,11 @@ def build_p4info(pipeline: Pipeline = PIPELINE, arch: str = "v1model") -> p4i.P4
         for param in action.params:
             p = a.params.add()
             p.id, p.name, p.bitwidth = param.id, param.name, param.bits
+    for counter in sorted(pipeline.counters, key=lambda c: c.id):
+        ic = info.counters.add()
+        _preamble(ic.preamble, counter.id, pipeline.qualified(counter.name), counter.name)
+        ic.spec.unit = p4i.CounterSpec.Unit.Value(counter.unit)
+        ic.size = counter.size
     for table in pipeline.tables:
         if table.counter is not None:
             c = info.direct_counters.add()

@@ -10,7 +10,8 @@ Ingress, in order (DESIGN.md "The pipeline"):
                log (spoofing: the CPU copy says why, packet_in.reason = 2)
   dst_identity (epoch, destination address) -> destination group; miss = unknown group (0)
   policy       (epoch, groups, protocol, L4 ports, TCP flags) -> permit / deny /
-               deny-and-log / permit-metered, with a direct counter; default deny
+               deny-and-log / permit-metered, with a direct counter and a direct meter
+               (RED is dropped and counted by rule id in `policy_red_drops`); default deny
   routing      destination address -> egress port; miss = drop
 
 Refinements of DESIGN.md, and why:
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 ACTION_PREFIX = 0x01
 TABLE_PREFIX = 0x02
 CONTROLLER_HEADER_PREFIX = 0x04
+COUNTER_PREFIX = 0x12
 DIRECT_COUNTER_PREFIX = 0x13
 DIRECT_METER_PREFIX = 0x15
 
@@ -115,6 +117,16 @@ class DirectCounter:
 
 
 @dataclass(frozen=True, slots=True)
+class Counter:
+    """An indexed counter the program updates (read with P4Runtime CounterEntry)."""
+
+    name: str
+    id: int
+    unit: str  # PACKETS | BYTES | BOTH
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class DirectMeter:
     name: str
     id: int
@@ -152,6 +164,7 @@ class Pipeline:
     tables: tuple[Table, ...]
     control: str = "P4segIngress"  # control type name: P4Info names are "<control>.<object>"
     sizes: dict[str, int] = field(default_factory=dict)
+    counters: tuple[Counter, ...] = ()
     # By name, built once: the controller asks per entry, hundreds of thousands of times.
     _tables: dict[str, Table] = field(init=False, repr=False, compare=False)
     _actions: dict[str, Action] = field(init=False, repr=False, compare=False)
@@ -168,6 +181,9 @@ class Pipeline:
 
     def qualified(self, name: str) -> str:
         return f"{self.control}.{name}"
+
+    def counter(self, name: str) -> Counter:
+        return next(c for c in self.counters if c.name == name)
 
 
 HEADERS = (
@@ -249,6 +265,12 @@ PACKET_OUT = ControllerHeader(
     make_id(CONTROLLER_HEADER_PREFIX, 2),
     (HeaderField("egress_port", 16),),
 )
+
+
+# Packets a `permit_metered` entry's meter marked RED (dropped over the rule's rate), by
+# rule id: an indexed counter every target can count and P4Runtime can read (CounterEntry),
+# where per-entry colour counts (meter_counter_data, P4Runtime 1.4) are not everywhere.
+RED_DROPS = Counter("policy_red_drops", make_id(COUNTER_PREFIX, 1), "PACKETS", 1 << RULE_ID_BITS)
 
 
 def _action(index: int, name: str, *params: tuple[str, int]) -> Action:
@@ -372,7 +394,17 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
             size=size["routing"],
         ),
     )
-    return Pipeline("p4seg", HEADERS, METADATA, PACKET_IN, PACKET_OUT, ACTIONS, tables, sizes=size)
+    return Pipeline(
+        "p4seg",
+        HEADERS,
+        METADATA,
+        PACKET_IN,
+        PACKET_OUT,
+        ACTIONS,
+        tables,
+        sizes=size,
+        counters=(RED_DROPS,),
+    )
 
 
 PIPELINE = build_pipeline()

@@ -9,6 +9,9 @@ were suppressed.
 
 Hits: the direct counter of every `policy` entry, summed per rule over every switch. An
 allow rule with zero hits is an unused permission — what an access review should remove.
+For a `rate` allow, the packets its meters marked RED (dropped over the rate) come from
+the indexed counter `policy_red_drops`, one cell per rule id, which every target counts;
+a switch whose cell could not be read leaves the rule's red count unknown (None), never 0.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from finsy import P4Client, Switch
@@ -25,7 +28,7 @@ from finsy.proto import p4r
 
 from compiler.addresses import format_ipv4
 from compiler.model import Action, Policy
-from p4src.spec import REASON_DENY_LOG, REASON_SPOOF, Pipeline
+from p4src.spec import REASON_DENY_LOG, REASON_SPOOF, RED_DROPS, Pipeline
 from runtime.controller import (
     ControllerError,
     ControllerOptions,
@@ -173,6 +176,8 @@ class RuleHits:
     packets: int
     bytes: int
     switches: tuple[str, ...]  # where it was hit
+    rate_pps: int | None = None  # a metered allow's rate
+    red: int | None = None  # metered: packets dropped over the rate (None: not reported)
 
 
 async def read_counters(
@@ -190,11 +195,39 @@ async def read_counters(
     return out
 
 
+async def read_red_drops(
+    target: SwitchTarget, pipeline: Pipeline, options: ControllerOptions, rule_ids: Iterable[int]
+) -> dict[int, int]:
+    """Packets the meters of each rule dropped over its rate on one switch: the
+    `policy_red_drops` counter's cell of each rule id (one CounterEntry per rule)."""
+    counter = pipeline.counter(RED_DROPS.name)
+    entities = []
+    for rule_id in sorted(set(rule_ids)):
+        e = p4r.Entity()
+        e.counter_entry.counter_id = counter.id
+        e.counter_entry.index.index = rule_id
+        entities.append(e)
+    out: dict[int, int] = {}
+    if not entities:
+        return out
+    async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+        request = p4r.ReadRequest(device_id=target.device_id, entities=entities)
+        async for reply in client.request_iter(request):
+            for e in reply.entities:
+                out[e.counter_entry.index.index] = e.counter_entry.data.packet_count
+    return out
+
+
 def hits_by_rule(
-    policy: Policy, pipeline: Pipeline, counters: dict[str, list[p4r.TableEntry]]
+    policy: Policy,
+    pipeline: Pipeline,
+    counters: dict[str, list[p4r.TableEntry]],
+    red_drops: Mapping[str, Mapping[int, int]] | None = None,
 ) -> list[RuleHits]:
     """Counters summed per rule over every switch, for every rule of the policy (zeros
-    included: those are the point)."""
+    included: those are the point). `red_drops`: per switch, the `policy_red_drops` cells
+    read (read_red_drops); a metered rule's red count is known only when every switch of
+    `counters` has its cell, otherwise it is None."""
     rule_param = {a.id: p.id for a in pipeline.actions for p in a.params if p.name == "rule_id"}
     packets: dict[int, int] = {}
     octets: dict[int, int] = {}
@@ -210,6 +243,11 @@ def hits_by_rule(
             octets[rule_id] = octets.get(rule_id, 0) + e.counter_data.byte_count
             if e.counter_data.packet_count:
                 where.setdefault(rule_id, set()).add(switch)
+
+    def red(rule_id: int) -> int | None:
+        cells = [(red_drops or {}).get(switch, {}).get(rule_id) for switch in counters]
+        return None if None in cells else sum(c for c in cells if c is not None)
+
     out = [
         RuleHits(
             r.id,
@@ -218,6 +256,8 @@ def hits_by_rule(
             packets.get(r.id, 0),
             octets.get(r.id, 0),
             tuple(sorted(where.get(r.id, ()))),
+            r.rate_pps,
+            None if r.rate_pps is None else red(r.id),
         )
         for r in policy.rules
     ]

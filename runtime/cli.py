@@ -94,12 +94,15 @@ def _rule_lines(build: Build) -> dict[int, str]:
     return {r["id"]: f"line {r['line']}: {r['text']}" for r in rules}
 
 
-def _entry_json(tables: Tables, entry: p4r.TableEntry, rules: dict[int, str]) -> dict[str, object]:
+def _entry_json(
+    tables: Tables, entry: p4r.TableEntry, rules: dict[int, str], held: bool = False
+) -> dict[str, object]:
     text, rule_id = describe_entry(tables.pipeline, entry)
     out: dict[str, object] = {"entry": text}
     if rule_id is not None:
         out["rule_id"] = rule_id
-        out["rule"] = rules.get(rule_id, "")
+        # A held entry's rule id numbers the rules of the policy it was applied from.
+        out["rule" if not held else "rule_now"] = rules.get(rule_id, "")
     return out
 
 
@@ -131,10 +134,13 @@ def report_json(
                 name: {
                     "added": [_entry_json(tables, e, rules) for e in d.added],
                     "changed": [
-                        {"from": _entry_json(tables, a, rules), "to": _entry_json(tables, b, rules)}
+                        {
+                            "from": _entry_json(tables, a, rules, held=True),
+                            "to": _entry_json(tables, b, rules),
+                        }
                         for a, b in d.changed
                     ],
-                    "removed": [_entry_json(tables, e, rules) for e in d.removed],
+                    "removed": [_entry_json(tables, e, rules, held=True) for e in d.removed],
                 }
                 for name, d in r.plan.diff.items()
             }
@@ -146,7 +152,10 @@ def report_json(
 
 def _line(tables: Tables, sign: str, entry: p4r.TableEntry, rules: dict[int, str]) -> str:
     text, rule_id = describe_entry(tables.pipeline, entry)
-    why = f"   # rule {rule_id}, {rules[rule_id]}" if rule_id in rules else ""
+    if sign == "-":  # held: its rule id numbers the rules of the policy it was applied from
+        why = f"   # rule {rule_id} when applied" if rule_id is not None else ""
+    else:
+        why = f"   # rule {rule_id}, {rules[rule_id]}" if rule_id in rules else ""
     return f"      {sign} {text}{why}"
 
 

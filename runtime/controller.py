@@ -121,16 +121,24 @@ class SwitchReport:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _table_wildcard() -> p4r.Entity:
-    e = p4r.Entity()
-    e.table_entry.SetInParent()
-    return e
+def _table_wildcards(tables: Tables) -> list[p4r.Entity]:
+    """Every entry of every table; a table with a direct meter is asked for its meters'
+    configs too (P4Runtime: a Read returns `meter_config` when the request sets it), one
+    entity per table so that no target is asked for a meter a table does not have."""
+    out = []
+    for table in tables.pipeline.tables:
+        e = p4r.Entity()
+        e.table_entry.table_id = table.id
+        if table.meter is not None:
+            e.table_entry.meter_config.SetInParent()
+        out.append(e)
+    return out
 
 
 async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     """Everything a switch holds that plans look at, as canonical messages."""
     held = Held()
-    request = p4r.ReadRequest(device_id=device_id, entities=[_table_wildcard()])
+    request = p4r.ReadRequest(device_id=device_id, entities=_table_wildcards(tables))
     async for reply in client.request_iter(request):
         held.entries.extend(canonical_entry(e.table_entry) for e in reply.entities)
     epoch = p4r.Entity()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from finsy.proto import p4r
 
 from compiler.addresses import format_ipv4
-from compiler.entries import DefaultAction, FieldMatch, TableEntry
+from compiler.entries import DefaultAction, FieldMatch, MeterConfig, TableEntry
 from p4src.spec import Action, Pipeline, Table
 from runtime.codec import encode
 
@@ -47,7 +47,24 @@ def table_entry_proto(pipeline: Pipeline, entry: TableEntry) -> p4r.TableEntry:
     msg = p4r.TableEntry(table_id=table.id, priority=entry.priority)
     msg.match.extend(match_proto(table, entry.matches))
     msg.action.action.CopyFrom(action_proto(pipeline.action(entry.action), entry.params))
+    if entry.meter is not None:
+        msg.meter_config.CopyFrom(meter_proto(entry.meter))
     return msg
+
+
+def meter_proto(meter: MeterConfig) -> p4r.MeterConfig:
+    return p4r.MeterConfig(cir=meter.cir, cburst=meter.cburst, pir=meter.pir, pburst=meter.pburst)
+
+
+def meter_of(entry: p4r.TableEntry) -> MeterConfig | None:
+    """The entry's direct meter config; None when absent or all zero (unconfigured: every
+    packet green, which P4Runtime reads back either way)."""
+    if not entry.HasField("meter_config"):
+        return None
+    m = entry.meter_config
+    if not (m.cir or m.cburst or m.pir or m.pburst):
+        return None
+    return MeterConfig(m.cir, m.cburst, m.pir, m.pburst)
 
 
 def default_entry_proto(pipeline: Pipeline, default: DefaultAction) -> p4r.TableEntry:
@@ -102,7 +119,9 @@ def describe_entry(pipeline: Pipeline, entry: p4r.TableEntry) -> tuple[str, int 
                 rule_id = arg
         call = f"{action.name}({', '.join(args)})"
     prio = f" prio {entry.priority}" if entry.priority else ""
-    return f"{table.name}[{' '.join(parts)}]{prio} -> {call}", rule_id
+    meter = meter_of(entry)
+    metered = f" meter {meter.describe()}" if meter is not None else ""
+    return f"{table.name}[{' '.join(parts)}]{prio} -> {call}{metered}", rule_id
 
 
 def entry_from_proto(pipeline: Pipeline, entry: p4r.TableEntry) -> TableEntry:
@@ -130,7 +149,15 @@ def entry_from_proto(pipeline: Pipeline, entry: p4r.TableEntry) -> TableEntry:
     values = {p.param_id: int.from_bytes(p.value, "big") for p in entry.action.action.params}
     params = tuple((p.name, values[p.id]) for p in action.params)
     rule_id = dict(params).get("rule_id")
-    return TableEntry(table.name, tuple(matches), action.name, params, entry.priority, rule_id)
+    return TableEntry(
+        table.name,
+        tuple(matches),
+        action.name,
+        params,
+        entry.priority,
+        rule_id,
+        meter=meter_of(entry),
+    )
 
 
 def _shortest(data: bytes) -> bytes:
@@ -138,14 +165,20 @@ def _shortest(data: bytes) -> bytes:
 
 
 def canonical_entry(entry: p4r.TableEntry) -> p4r.TableEntry:
-    """`entry` with every byte string in its shortest form and its match in field order:
-    what a target reads back may be padded (both are valid), plans compare exact bytes."""
-    if all(_canonical_match(fm) for fm in entry.match) and all(
-        _shortest(p.value) == p.value for p in entry.action.action.params
+    """`entry` with every byte string in its shortest form, its match in field order and an
+    all-zero meter config dropped: what a target reads back may be padded (both are valid),
+    plans compare exact bytes."""
+    unconfigured = entry.HasField("meter_config") and meter_of(entry) is None
+    if (
+        all(_canonical_match(fm) for fm in entry.match)
+        and all(_shortest(p.value) == p.value for p in entry.action.action.params)
+        and not unconfigured
     ):
         return entry
     out = p4r.TableEntry()
     out.CopyFrom(entry)
+    if unconfigured:  # an all-zero config is no config: what the compiler leaves out
+        out.ClearField("meter_config")
     for fm in out.match:
         kind = fm.WhichOneof("field_match_type")
         if kind == "exact":

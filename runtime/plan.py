@@ -145,6 +145,14 @@ def _action_bytes(entry: p4r.TableEntry) -> bytes:
     return data
 
 
+def _meter_bytes(entry: p4r.TableEntry) -> bytes:
+    # Entries are canonical (runtime.entities.canonical_entry): no config is no field.
+    if not entry.HasField("meter_config"):
+        return b""
+    data: bytes = entry.meter_config.SerializeToString(deterministic=True)
+    return data
+
+
 @dataclass(frozen=True, slots=True)
 class Desired:
     """What one switch must hold: wildcard-epoch entries, by key, and its clone session."""
@@ -197,9 +205,11 @@ def _index(tables: Tables, held: Held) -> tuple[dict[bytes, _Copies], dict[bytes
 
 
 def _same(a: p4r.TableEntry | None, b: p4r.TableEntry | None) -> bool:
+    """Whether two entries under one key judge packets alike: the action and, for a
+    metered allow, the meter's config (a changed rate is a change)."""
     if a is None or b is None:
         return a is b
-    return _action_bytes(a) == _action_bytes(b)
+    return _action_bytes(a) == _action_bytes(b) and _meter_bytes(a) == _meter_bytes(b)
 
 
 @dataclass(frozen=True, slots=True)

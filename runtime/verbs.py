@@ -28,7 +28,7 @@ from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.resolve import parse_duration
 from runtime import audit
-from runtime.alerts import Alert, follow, hits_by_rule, read_counters
+from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
 from runtime.audit import actor
 from runtime.cli import (
     EXIT_ERROR,
@@ -313,20 +313,32 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     compiled, session = opened
     options, tables, selected = session.options, session.tables, session.switches
 
-    async def read_all() -> dict[str, object]:
-        results = await asyncio.gather(
-            *(read_counters(t, tables.pipeline, options) for t in selected), return_exceptions=True
-        )
-        return {t.name: r for t, r in zip(selected, results, strict=True)}
+    metered = [r.id for r in compiled.policy.rules if r.rate_pps is not None]
 
-    counters = asyncio.run(read_all())
+    async def read_all() -> tuple[list[object], list[object]]:
+        pipe = tables.pipeline
+        return (
+            await asyncio.gather(
+                *(read_counters(t, pipe, options) for t in selected), return_exceptions=True
+            ),
+            await asyncio.gather(
+                *(read_red_drops(t, pipe, options, metered) for t in selected),
+                return_exceptions=True,
+            ),
+        )
+
+    results, reds = asyncio.run(read_all())
+    counters = {t.name: r for t, r in zip(selected, results, strict=True)}
     failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
     ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
-    hits = hits_by_rule(compiled.policy, tables.pipeline, ok)  # type: ignore[arg-type]
+    red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
+    hits = hits_by_rule(compiled.policy, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,
-                       "bytes": h.bytes, "switches": list(h.switches)} for h in hits],
+                       "bytes": h.bytes, "switches": list(h.switches),
+                       **({"rate_pps": h.rate_pps, "red": h.red} if h.rate_pps is not None else {})}
+                      for h in hits],
             "unused_allows": [h.rule_id for h in hits if h.action == "allow" and h.packets == 0],
             "unreadable": failed,
         }, indent=2, sort_keys=True))  # fmt: skip
@@ -334,12 +346,19 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
         width = max((len(h.rule) for h in hits), default=0)
         for h in hits:
             mark = "  UNUSED" if h.action == "allow" and h.packets == 0 else ""
-            print(f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{mark}")
+            red = ""
+            if h.rate_pps is not None:  # packets the meters dropped over the rate
+                red = f"  {'?' if h.red is None else h.red:>10} red"
+            print(
+                f"{h.rule_id:>4}  {h.rule:<{width}}  {h.packets:>10} pkts {h.bytes:>12} B{red}{mark}"
+            )
         unused = sum(h.action == "allow" and h.packets == 0 for h in hits)
         print(
             f"{unused} allow rule(s) unused on the switches read"
             + (f"; unreadable: {', '.join(failed)}" if failed else "")
         )
+        if any(h.rate_pps is not None and h.red is None for h in hits):
+            print("red: packets over a rule's rate, dropped by its meters; ? = a switch unread")
     return EXIT_ERROR if failed else EXIT_OK
 
 

@@ -6,7 +6,10 @@ here retries, reorders or fixes up a request.
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -217,3 +220,32 @@ def clone_session_update(session: int, port: int, kind: int = p4r.Update.INSERT)
     cs.session_id = session
     cs.replicas.add(egress_port=port, instance=1)
     return u
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a switch's gRPC or Thrift server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def bmv2_switch(program: str, device_id: int = 1) -> Iterator[str]:
+    """simple_switch_grpc without a program, on free loopback ports: its gRPC address."""
+    grpc_port, thrift_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [program, "--no-p4", "--device-id", str(device_id), "--thrift-port", str(thrift_port),
+         "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", grpc_port)) == 0
+
+        assert wait_for(listening, 30), "simple_switch_grpc did not start"
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -38,7 +38,7 @@ TABLES = Tables(PIPELINE)
 
 def _held_entries(sw: ReferenceSwitch) -> set[bytes]:
     entity = p4r.Entity()
-    entity.table_entry.SetInParent()
+    entity.table_entry.meter_config.SetInParent()  # metered entries: with their config
     return {e.table_entry.SerializeToString(deterministic=True) for e in sw.device.read([entity])}
 
 

@@ -44,7 +44,7 @@ def _compile(text: str, floor: Inventory, switch: str) -> SwitchTables:
 
 def _held(device: Device) -> Held:
     entity = p4r.Entity()
-    entity.table_entry.SetInParent()
+    entity.table_entry.meter_config.SetInParent()  # as the controller reads: with meters
     entries = [e.table_entry for e in device.read([entity])]
     epoch = p4r.Entity()
     epoch.table_entry.table_id = TABLES.epoch_table.id

@@ -12,16 +12,23 @@ program drops (non-IPv4, IPv4 options, non-first fragments, unbound sources, mis
 
 Decisions are cached per flow (the header fields the tables read) until the next write,
 so a steady flow costs a dictionary lookup; counters and meters still run per packet.
+
+Meters: a `permit_metered` packet meets its entry's direct meter (a two-rate three-colour
+marker in packets, configured by the entry's P4Runtime `meter_config`); RED is dropped,
+GREEN and YELLOW pass, exactly as the programs do. An entry without a config is unmetered
+(all green), as on BMv2. A RED packet is counted in `policy_red_drops` at its rule id, as
+the programs count it; the meter also counts each colour for `meter_counter_data` reads.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, evaluate
-from p4src.spec import CPU_CLONE_SESSION, PIPELINE
+from p4src.spec import CPU_CLONE_SESSION, PIPELINE, RED_DROPS
 from runtime.refswitch.device import RED, Device, Snapshot, Stored
 
 _IPV4 = b"\x08\x00"
@@ -44,6 +51,7 @@ class Decision:
     egress_port: int | None  # None: dropped
     entry: Stored | None  # the policy entry hit: its counter (and meter) run per packet
     metered: bool
+    rule_id: int  # the policy entry's rule (for policy_red_drops)
     clone_header: bytes | None  # the packet_in header for a logged deny's CPU copy
 
 
@@ -68,10 +76,12 @@ def parse(frame: bytes) -> tuple[int, int, int, int, int, int] | None:
 
 
 class Dataplane:
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
+        self.clock = clock  # the meters' time base (tests pace packets on a simulated clock)
         self._cache: dict[FlowKey, Decision] = {}
         self._cache_version = -1
+        self._red_drops: list[int] = []  # policy_red_drops, by rule id (the device's cells)
         self.dropped = 0
 
     def process(self, port: int, frame: bytes) -> list[tuple[int, bytes]]:
@@ -92,6 +102,7 @@ class Dataplane:
         if snap.version != self._cache_version:
             self._cache.clear()
             self._cache_version = snap.version
+            self._red_drops = self.device.counters[RED_DROPS.id]
         key = (port, *fields)
         decision = self._cache.get(key)
         if decision is None:
@@ -114,8 +125,9 @@ class Dataplane:
             self.dropped += 1
             return out
         meter = entry.meter if decision.metered and entry is not None else None
-        if meter is not None and meter.color(time.monotonic()) == RED:
+        if meter is not None and meter.color(self.clock()) == RED:  # RED: dropped, as in P4
             self.dropped += 1
+            self._red_drops[decision.rule_id] += 1
             return out
         out.append((egress, frame))
         return out
@@ -140,7 +152,8 @@ class Dataplane:
         if result.logged:
             clone = _PACKET_IN.pack(port, result.rule_id or 0, result.reason)
         metered = policy is not None and policy.action == "permit_metered"
-        return Decision(result.egress_port, stored, metered, clone)
+        rule_id = dict(policy.entry.params).get("rule_id", 0) if policy and policy.entry else 0
+        return Decision(result.egress_port, stored, metered, rule_id, clone)
 
 
 def packet_in_fields(frame: bytes) -> tuple[tuple[int, ...], bytes]:

@@ -66,21 +66,31 @@ class Meter:
     tokens_c: float = 0.0
     tokens_p: float = 0.0
     last: float = field(default_factory=time.monotonic)
+    colours: list[int] = field(default_factory=lambda: [0, 0, 0])  # packets: green, yellow, red
 
     def __post_init__(self) -> None:
         self.tokens_c, self.tokens_p = float(self.cburst), float(self.pburst)
 
     def color(self, now: float) -> int:
-        elapsed, self.last = now - self.last, now
+        elapsed, self.last = max(0.0, now - self.last), max(now, self.last)
         self.tokens_p = min(float(self.pburst), self.tokens_p + elapsed * self.pir)
         self.tokens_c = min(float(self.cburst), self.tokens_c + elapsed * self.cir)
         if self.tokens_p < 1:
-            return RED
-        self.tokens_p -= 1
-        if self.tokens_c < 1:
-            return YELLOW
-        self.tokens_c -= 1
-        return GREEN
+            colour = RED
+        elif self.tokens_c < 1:
+            self.tokens_p -= 1
+            colour = YELLOW
+        else:
+            self.tokens_p -= 1
+            self.tokens_c -= 1
+            colour = GREEN
+        self.colours[colour] += 1
+        return colour
+
+    def counter_data(self) -> p4r.MeterCounterData:
+        """Packets per colour since the config was written (P4Runtime MeterCounterData)."""
+        green, yellow, red = (p4r.CounterData(packet_count=n) for n in self.colours)
+        return p4r.MeterCounterData(green=green, yellow=yellow, red=red)
 
     def config(self) -> p4r.MeterConfig:
         return p4r.MeterConfig(cir=self.cir, cburst=self.cburst, pir=self.pir, pburst=self.pburst)
@@ -261,6 +271,7 @@ class Device:
         self.tables: dict[int, dict[MatchKey, Stored]] = {}
         self.defaults: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {}
         self.clone_sessions: dict[int, p4r.CloneSessionEntry] = {}
+        self.counters: dict[int, list[int]] = {}  # indexed counters: id -> packets per index
         self.version = 0
         self._snapshot: Snapshot | None = None
 
@@ -324,6 +335,10 @@ class Device:
             self.tables = {t.id: {} for t in schema.pipeline.tables}
             self.defaults = {t.id: schema.initial_default(t) for t in schema.pipeline.tables}
             self.clone_sessions = {}
+        self.counters = {
+            c.id: (self.counters.get(c.id) if keep_state else None) or [0] * c.size
+            for c in schema.pipeline.counters
+        }
         self._changed()
 
     def _reconcile(self, schema: Schema, config: p4r.ForwardingPipelineConfig) -> None:
@@ -579,6 +594,8 @@ class Device:
                     )
                 elif kind == "packet_replication_engine_entry":
                     out.extend(self._read_pre(entity.packet_replication_engine_entry))
+                elif kind == "counter_entry":
+                    out.extend(self._read_counter(entity.counter_entry))
                 else:
                     raise _fail(
                         UNIMPLEMENTED, f"reading {kind or 'an empty entity'} is not supported"
@@ -615,6 +632,7 @@ class Device:
             yield entity
             return
         want_counter, want_meter = te.HasField("counter_data"), te.HasField("meter_config")
+        want_colours = te.HasField("meter_counter_data")
         for table, stored in self._selected(schema, te):
             entity = p4r.Entity()
             out = entity.table_entry
@@ -623,6 +641,8 @@ class Device:
                 out.counter_data.CopyFrom(stored.counter_data())
             if want_meter and table.meter is not None and stored.meter is not None:
                 out.meter_config.CopyFrom(stored.meter.config())
+            if want_colours and table.meter is not None and stored.meter is not None:
+                out.meter_counter_data.CopyFrom(stored.meter.counter_data())
             yield entity
 
     def _read_direct(
@@ -640,6 +660,22 @@ class Device:
                 if stored.meter is not None:
                     entity.direct_meter_entry.config.CopyFrom(stored.meter.config())
             yield entity
+
+    def _read_counter(self, ce: p4r.CounterEntry) -> Iterator[p4r.Entity]:
+        """An indexed counter's cells: counter id 0 is every counter, no index every cell."""
+        if ce.counter_id and ce.counter_id not in self.counters:
+            raise _fail(NOT_FOUND, f"no counter with id {ce.counter_id:#x}")
+        for cid in sorted(self.counters) if not ce.counter_id else [ce.counter_id]:
+            cells = self.counters[cid]
+            if ce.HasField("index") and not 0 <= ce.index.index < len(cells):
+                raise _fail(OUT_OF_RANGE, f"index {ce.index.index} outside 0..{len(cells) - 1}")
+            wanted = [ce.index.index] if ce.HasField("index") else range(len(cells))
+            for i in wanted:
+                entity = p4r.Entity()
+                entity.counter_entry.counter_id = cid
+                entity.counter_entry.index.index = i
+                entity.counter_entry.data.packet_count = cells[i]
+                yield entity
 
     def _read_pre(self, pre: p4r.PacketReplicationEngineEntry) -> Iterator[p4r.Entity]:
         if pre.WhichOneof("type") != "clone_session_entry":

@@ -202,6 +202,9 @@ control P4segIngress(inout headers_t hdr,
     @id(0x15000001)
     @name("policy_meter")
     DirectMeter(MeterType_t.PACKETS) policy_meter;
+    @id(0x12000001)
+    @name("policy_red_drops")
+    Counter<bit<32>, bit<16>>(65536, CounterType_t.PACKETS) policy_red_drops;
 
     @id(0x01000001)
     @name("set_epoch")
@@ -377,6 +380,7 @@ control P4segIngress(inout headers_t hdr,
                         }
                         permit_metered: {
                             if (meta.meter_color == (bit<8>) MeterColor_t.RED) {
+                                policy_red_drops.count(meta.log_rule_id);
                                 ig_dprsr_md.drop_ctl = 1;
                             } else {
                                 routing.apply();

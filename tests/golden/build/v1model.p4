@@ -180,6 +180,9 @@ control P4segIngress(inout headers_t hdr,
     @id(0x15000001)
     @name("policy_meter")
     direct_meter<bit<2>>(MeterType.packets) policy_meter;
+    @id(0x12000001)
+    @name("policy_red_drops")
+    counter<bit<32>>(32w65536, CounterType.packets) policy_red_drops;
 
     @id(0x01000001)
     @name("set_epoch")
@@ -350,6 +353,7 @@ control P4segIngress(inout headers_t hdr,
                         }
                         permit_metered: {
                             if (meta.meter_color == V1MODEL_METER_COLOR_RED) {
+                                policy_red_drops.count((bit<32>) meta.log_rule_id);
                                 mark_to_drop(standard_metadata);
                             } else {
                                 routing.apply();
