@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -490,7 +491,7 @@ def _front(
         return None
     build_dir = Path(args.build or Path("build") / inventory.name)
     write_build(built, str(build_dir))
-    return Compiled(built, build_dir, inventory, effective)
+    return Compiled(built, build_dir, inventory, effective, file_text)
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
@@ -546,7 +547,21 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     )
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; a reader that closes the pipe early (`| head`) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python's recipe: point stdout at /dev/null so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "check":

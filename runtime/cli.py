@@ -49,6 +49,7 @@ class Compiled:
     build_dir: Path
     inventory: Inventory
     policy: Policy  # the effective policy that was compiled
+    policy_text: str = ""  # the policy file's text as read for this compile
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:
