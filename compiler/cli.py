@@ -553,7 +553,9 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed write
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; a reader that closes the pipe early (`| head`) ends it quietly."""
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+        return status
     except BrokenPipeError:
         # Python's recipe: point stdout at /dev/null so the flush at exit cannot fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
