@@ -410,7 +410,7 @@ def _diff_summary(changes: list[FlowChange]) -> str:
         f"{len(changes) - len(verdicts)} treated differently",
     ]
     hidden = sum(not c.on_switches for c in changes)
-    tail = f" ({hidden} with no inventory host at one end)" if hidden else ""
+    tail = f" ({hidden} not on the switches: no pair of inventory hosts)" if hidden else ""
     return ", ".join(parts) + tail
 
 

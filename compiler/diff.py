@@ -81,12 +81,12 @@ class FlowChange:
     kind: str = "verdict"  # verdict (+/-) | behaviour (~) | packet (~, one packet class)
     before: str = ""  # the old profile, in words (behaviour and packet changes)
     after: str = ""
-    on_switches: bool = True  # False: no inventory host at one end
+    on_switches: bool = True  # False: no inventory host at one end (or a host to itself)
 
     def describe(self) -> str:
         ports = f" {self.ports}" if self.ports else ""
         flow = f"{self.src} -> {self.dst} {self.proto}{ports}"
-        where = "" if self.on_switches else "   (no inventory host at one end)"
+        where = "" if self.on_switches else "   (not on the switches: no host pair)"
         if self.kind == "verdict":
             sign = "+ allowed" if self.allowed else "- denied "
             extra = f" ({self.after})" if self.after else ""
@@ -371,7 +371,8 @@ def _grouped(
     Key = tuple[str, Profile, Profile, Ports, bool]
     by_rest: dict[tuple[int, Key], list[int]] = {}
     for (src_atom, dst_atom, proto, before, after), ivs in changed.items():
-        visible = src_atom in host_atoms and dst_atom in host_atoms
+        # A host's traffic to itself never reaches its switch.
+        visible = src_atom in host_atoms and dst_atom in host_atoms and src_atom != dst_atom
         key: Key = (proto, before, after, tuple(_ranges(ivs)), visible)
         by_rest.setdefault((dst_atom, key), []).append(src_atom)
     merged: dict[tuple[tuple[int, ...], Key], list[int]] = {}
