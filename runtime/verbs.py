@@ -215,7 +215,7 @@ def _grant_effect(
     from compiler.diagnostics import InventoryError
     from compiler.inventory import load_inventory
     from compiler.model import Action, PolicyRule
-    from compiler.semantics import PolicySemantics
+    from compiler.semantics import PolicySemantics, bits
 
     try:
         inventory, _ = load_inventory(args.inventory)
@@ -246,7 +246,13 @@ def _grant_effect(
             f"p4seg grant: error: `{line}` would not take effect: every host it names on one "
             f"side is quarantined ({cut}); release first"
         )
-    coverage = next((c for c in PolicySemantics(policy).dead_rules() if c.rule.id == rule.id), None)
+    sem = PolicySemantics(policy)
+    coverage = next((c for c in sem.dead_rules() if c.rule.id == rule.id), None)
+    if coverage is None:
+        overlapping = sem._candidates(rule.id - 1) & sem.deny_bits
+        for i in bits(overlapping):
+            print(f"p4seg grant: warning: part of `{line}` stays blocked by "
+                  f"{named(policy.rules[i])} (deny overrides allow)", file=sys.stderr)  # fmt: skip
     if coverage is not None and coverage.by_deny:
         denies = "; ".join(named(r) for r in coverage.covering)
         return EXIT_ERROR, (

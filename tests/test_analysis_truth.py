@@ -147,7 +147,12 @@ def test_live_analysis_after_a_grant(
     assert main(["apply", POLICY, *inv, *build]) == 0
     grant = ["grant", "algo1", "riskdb", "tcp", "5432", "--for", "15m", "-p", POLICY]
     assert main([*grant, *inv, *build]) == 0
-    capsys.readouterr()
+    partly = ["grant", "algo1", "10.8.0.0/15", "tcp", "80", "--for", "15m", "-p", POLICY]
+    status, _, err = _run([*partly, *inv, *build], capsys)
+    assert status == 0
+    assert (
+        "part of `allow algo1 -> 10.8.0.0/15 tcp 80` stays blocked by `deny prod -> dev log`" in err
+    )
     at = ["--at", OPEN]
     status, out, _ = _run(["verify", POLICY, *inv, "--from-switches", *at], capsys)
     assert status == 0, out
