@@ -416,10 +416,11 @@ def _packet_changes(
     port_reps = [ports.representative[p] for p in range(ports.count)]
     for src, dst in itertools.permutations(sorted(hosts), 2):
         sa, da = addresses.atom_of(src), addresses.atom_of(dst)
+        pair_ports = _port_classes(judges, src, dst, port_reps)
         for proto in PROTOS:
             if (sa, da, proto) in flagged:
                 continue
-            found = _first_packet_difference(judges, src, dst, proto, port_reps, len(when))
+            found = _first_packet_difference(judges, src, dst, proto, pair_ports, len(when))
             if found is None:
                 continue
             what, before, after = found
@@ -428,6 +429,27 @@ def _packet_changes(
                            "passes" if before else "dropped", "passes" if after else "dropped")
             )  # fmt: skip
     return out
+
+
+def _port_classes(judges: tuple[_Judge, _Judge], src: int, dst: int, ports: list[int]) -> list[int]:
+    """One port of each class that the rules between `src` and `dst` (either way, in either
+    policy) tell apart: ports no such rule separates are judged alike by both."""
+    keys = []
+    for j in judges:
+        sem = j.sem
+        a, b = sem.addresses.atom_of(src), sem.addresses.atom_of(dst)
+        between = ((sem.src_index[a] | sem.src_any) & (sem.dst_index[b] | sem.dst_any)) | (
+            (sem.src_index[b] | sem.src_any) & (sem.dst_index[a] | sem.dst_any)
+        )
+        keys.append((sem, between))
+    classes: dict[tuple[int, ...], int] = {}
+    for port in ports:
+        key = tuple(
+            (sem.port_index[sem.ports.atom_of(port)] | sem.port_any) & between
+            for sem, between in keys
+        )
+        classes.setdefault(key, port)
+    return sorted({*classes.values(), EPHEMERAL_PORT})
 
 
 def _first_packet_difference(
