@@ -439,7 +439,7 @@ class Verifier:
                 if port is None:
                     port = self.plan(sender, pkt.dst, pkt.protocol)[-1].port
                 alone = evaluate(self.fabric.switches[switch], port, pkt)
-                observed = _alone(alone, self.fabric.host_at)
+                observed = _alone(alone, self.fabric)
                 result.counterexamples.append(
                     Counterexample(side, sender.name, pkt, path, expected, observed)
                 )
@@ -517,7 +517,7 @@ def _observed(path: PathResult) -> str:
     return f"dropped at {last.switch} by {what}"
 
 
-def _alone(hop: SwitchResult, host_at: Mapping[tuple[str, int], str]) -> str:
+def _alone(hop: SwitchResult, fabric: Fabric) -> str:
     """What one switch, judging alone, does with a packet: the `policy` entry that decided,
     then where the packet goes — never "dropped" for a packet it forwards."""
     decided = next((h for h in hop.hits if h.table == "policy"), None)
@@ -530,8 +530,13 @@ def _alone(hop: SwitchResult, host_at: Mapping[tuple[str, int], str]) -> str:
     if hop.egress_port is None:
         after = "; " + _observed(PathResult((hop,), None)) if verdict == "permits" else ""
         return f"{hop.switch} alone {verdict} it: {entry}{after}"
-    host = host_at.get((hop.switch, hop.egress_port))
-    to = f"host {host} (port {hop.egress_port})" if host else f"port {hop.egress_port}"
+    host = fabric.host_at.get((hop.switch, hop.egress_port))
+    peer = fabric.peer.get((hop.switch, hop.egress_port))
+    to = f"port {hop.egress_port}"
+    if host:
+        to = f"host {host} ({to})"
+    elif peer:
+        to += f" (towards {peer[0]})"
     return f"{hop.switch} alone lets it through: {entry}, then forwards it to {to}"
 
 

@@ -266,8 +266,14 @@ def session_of(verb: str, args: argparse.Namespace, compiled: Compiled) -> Sessi
     return Session(options, tables, selected, files)
 
 
-def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, list[SwitchReport]]:
-    """Plan or apply; prints the result; the exit status and the per-switch reports."""
+def run(
+    verb: str,
+    args: argparse.Namespace,
+    compiled: Compiled,
+    extra: dict[str, object] | None = None,
+) -> tuple[int, list[SwitchReport]]:
+    """Plan or apply; prints the result (`extra` joins the JSON document); the exit status
+    and the per-switch reports."""
     session = session_of(verb, args, compiled)
     if session is None:
         return EXIT_ERROR, []
@@ -297,6 +303,7 @@ def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, l
     if args.output == "json":
         doc = report_json(reports, tables, rules, apply, before)
         doc["seconds"] = round(time.monotonic() - start, 3)
+        doc.update(extra or {})
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print_reports(reports, tables, rules, apply, before=before)

@@ -156,8 +156,8 @@ def cmd_apply(args: argparse.Namespace, front: Front) -> int:
         compiled = _compile(args, front, state, moment)
         if compiled is None:
             return EXIT_ERROR
-        _say_in_force(args, compiled, state, moment)
-        return run("plan", args, compiled)[0]
+        effective = _say_in_force(args, compiled, state, moment)
+        return run("plan", args, compiled, {"effective": effective})[0]
     return _apply("apply", args, front, state, {})
 
 
@@ -175,11 +175,14 @@ def _moment(args: argparse.Namespace, verb: str) -> float | None:
 
 def _say_in_force(
     args: argparse.Namespace, compiled: Compiled, state: LiveState, moment: float
-) -> None:
-    """Which grants, quarantines and time-bound rules the compiled policy holds (human)."""
+) -> dict[str, object]:
+    """Which grants, quarantines and time-bound rules the compiled policy holds: printed
+    (human output), and returned for the JSON document."""
+    report = in_force_report(compiled.policy, state, moment)
     if args.output == "human":
-        for line in in_force_report(compiled.policy, state, moment).lines():
+        for line in report.lines():
             print(line)
+    return report.to_json()
 
 
 def cmd_grant(args: argparse.Namespace, front: Front) -> int:

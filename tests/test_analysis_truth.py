@@ -350,3 +350,32 @@ def test_no_traceback_on_a_closed_pipe(tmp_path: Path) -> None:
         status = proc.wait()
         assert "Traceback" not in err and "BrokenPipeError" not in err, err
         assert status in (0, 141)
+
+
+# -- verify's counterexamples -----------------------------------------------------------------
+
+
+def test_per_tor_counterexamples_say_what_the_switch_did(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ToR that wrongly permits a packet and forwards it to the spine 'lets it through';
+    it never 'lets it through' and is 'dropped' in one breath."""
+    out = tmp_path / "build"
+    assert main(["compile", POLICY, "-i", FLOOR, "-o", str(out)]) == 0
+    entries = out / "entries" / "tor-alg.json"
+    text = entries.read_text()
+    wide = '"l4_dst_port": {"range": [9876, 9877]}'
+    entries.write_text(text.replace('"l4_dst_port": {"range": [9876, 9876]}', wide))
+    capsys.readouterr()
+    status, doc_text, _ = _run(
+        ["verify", POLICY, "-i", FLOOR, "--from-build", str(out), "--output", "json"], capsys
+    )
+    assert status == 1
+    examples = json.loads(doc_text)["counterexamples"]
+    through = [c["tables"] for c in examples if "alone lets it through" in c["tables"]]
+    assert through, examples
+    for observed in through:
+        assert "dropped" not in observed and "then forwards it to port" in observed, observed
+    for c in examples:
+        if "alone" in c["tables"] and "lets it through" not in c["tables"]:
+            assert "forwards" not in c["tables"], c["tables"]
