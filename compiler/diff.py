@@ -59,11 +59,11 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Moment:
-    """A feasible state of the clock: which windows are open, how long since applied."""
+    """A feasible state of the clock: which windows are open, how long since applied.
+    `moments()` puts the moment the diff is asked about first."""
 
     open_windows: frozenset[TimeWindow]
     elapsed_s: int  # seconds since the policy was first applied
-    now: bool  # this is the state at the moment the diff was asked about
 
     def in_force(self, rule: PolicyRule) -> bool:
         if rule.window is not None and rule.window not in self.open_windows:
@@ -129,11 +129,11 @@ def moments(policies: Sequence[Policy], window_open: WindowOpen, now: float) -> 
             for minute in (w.start, w.end):
                 edge = (midnight + dt.timedelta(days=day, minutes=minute)).timestamp()
                 states.add(frozenset(x for x in windows if window_open(x, edge)))
-    out = [Moment(now_state, 0, True)]
+    out = [Moment(now_state, 0)]
     for state in sorted(states, key=lambda s: sorted(map(str, s))):
         for elapsed in (0, *durations):  # 0: just applied; d: the `for d` rules have lapsed
             if (state, elapsed) != (now_state, 0):
-                out.append(Moment(state, elapsed, False))
+                out.append(Moment(state, elapsed))
     return tuple(out)
 
 
