@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -498,7 +499,7 @@ def _front(
     except (OutputDirError, OSError) as err:
         print(f"p4seg: error: {err}", file=sys.stderr)
         return None
-    return Compiled(built, build_dir, inventory, effective)
+    return Compiled(built, build_dir, inventory, effective, file_text)
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
@@ -554,7 +555,23 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     )
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; a reader that closes the pipe early (`| head`) ends it quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+        return status
+    except BrokenPipeError:
+        # Python's recipe: point stdout at /dev/null so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "check":

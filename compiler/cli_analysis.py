@@ -11,8 +11,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from compiler.diff import FlowChange
 from compiler.entries import SwitchTables
 from compiler.inventory import Host, Inventory
 from compiler.model import Policy
@@ -32,18 +34,28 @@ refuses every other source address. A difference is printed as a concrete packet
 table and entry that decided, and the policy rule and line that should have.
 
 tables: compiled now (default), --from-build DIR, or --from-switches (read live)
+Live tables are judged by the effective policy (the policy with the state directory's
+grants, quarantines and time-bound rules at that moment, as `apply` made it): --state DIR
+(default .p4seg), --at TIME for another moment (ISO 8601 with a zone, or `now`). The
+output says which grants, quarantines and time-bound rules were in force.
+
 exit status: 0 proven, 1 a counterexample or an error
 
 examples:
     p4seg verify policies/trading_floor.zt -i topologies/trading_floor.yaml
     p4seg verify policy.zt -i floor.yaml --from-build build/floor
     p4seg verify policy.zt -i floor.yaml --from-switches --output json
+    p4seg verify policy.zt -i floor.yaml --from-switches --at 2026-03-02T21:30:00Z
 """
 
 DIFF_HELP = """\
-Which flows change between two policies — newly allowed (+) and newly denied (-), per
-source, destination, protocol and ports — judged by the semantics, not the text: renaming a
-service or reordering rules gives an empty diff. The evidence a change review files.
+Every change in what the switches would do between two policies, judged by the semantics,
+not the text (renaming a service or reordering rules gives an empty diff): flows newly
+allowed (+) or denied (-), and flows whose treatment changes (~): a rate, a `during`
+window or `for` duration (when the flow passes, with whether the window is in force now or
+at --at TIME), UDP replies, logging of refused packets; then single packets of host pairs
+that change where no flow shows it. Changes with no inventory host at one end are marked:
+the switches never see them. The evidence a change review files.
 
 exit status: 0 the same, 2 different, 1 error
 
@@ -56,7 +68,12 @@ TRACE_HELP = """\
 The verdict for one flow (a TCP connect with its SYN-ACK, a UDP datagram, an ICMP echo with
 its reply, or an `ip` packet), hop by hop: every table, the entry hit and its action, and
 the policy rule and line behind it — from the compiled policy (--policy) or the entries on
-the live switches (--from-switches; with --policy too, the policy's verdict is shown beside).
+the live switches (--from-switches; with --policy too, the verdict of the effective policy
+at --at TIME, default now, with the grants and quarantines of --state, is shown beside).
+PORT is required for tcp and udp (0-65535); for icmp it is the ICMP type (default 8, echo).
+
+exit status: 0 the flow passes, 3 it is blocked, 4 the tables and the policy disagree,
+1 error (bad input, unreadable switches)
 
 examples:
     p4seg trace algo1 oms1 tcp 9876 -i topologies/trading_floor.yaml --policy policies/trading_floor.zt
@@ -67,7 +84,9 @@ TEST_HELP = """\
 Run the policy's `expect` lines like a test suite: each against the policy semantics (over
 all addresses) and, with an inventory, against the compiled tables (every host pair the
 line covers, real table walks) or, with --live, against the entries on the running
-switches.
+switches, which must do what the effective policy does at that moment (--state, --at):
+a line whose flow a time-bound rule, grant or quarantine changes is reported as such, not
+as a failure of the switches.
 
 exit status: 0 all pass, 1 a failure or an error
 
@@ -75,6 +94,22 @@ examples:
     p4seg test policies/trading_floor.zt -i topologies/trading_floor.yaml
     p4seg test policy.zt -i floor.yaml --live --output json
 """
+
+
+def _moment_options(p: argparse.ArgumentParser) -> None:
+    from runtime.commands import DEFAULT_STATE
+
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        default=DEFAULT_STATE,
+        help=f"live state: grants, quarantines, `for` rules (default: {DEFAULT_STATE})",
+    )
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="judge by the effective policy at TIME (ISO 8601 with a zone, or `now`)",
+    )
 
 
 def _switch_options(p: argparse.ArgumentParser) -> None:
@@ -103,6 +138,7 @@ def register(
     v.add_argument("-t", "--target", choices=("ref", "bmv2", "tofino"), default="ref")
     v.add_argument("--show", type=int, default=10, help="counterexamples printed (default: 10)")
     _switch_options(v)
+    _moment_options(v)
 
     d = sub.add_parser(
         "diff",
@@ -115,6 +151,9 @@ def register(
     d.add_argument("-i", "--inventory", required=True, metavar="INVENTORY")
     d.add_argument("--error-format", choices=("human", "json"), default="human")
     d.add_argument("--output", choices=("human", "json"), default="human")
+    d.add_argument(
+        "--at", metavar="TIME", help="say which windows are in force at TIME (default: now)"
+    )
 
     t = sub.add_parser(
         "trace",
@@ -124,13 +163,14 @@ def register(
     )
     t.add_argument("src", metavar="SRC", help="a host of the inventory (name or address)")
     t.add_argument("dst", metavar="DST")
-    t.add_argument("proto", metavar="PROTO", choices=("tcp", "udp", "icmp", "ip"))
-    t.add_argument("port", metavar="PORT", type=int, nargs="?", default=0)
+    t.add_argument("proto", metavar="PROTO", help="tcp, udp, icmp or ip")
+    t.add_argument("port", metavar="PORT", nargs="?", help="tcp/udp port; icmp: the ICMP type")
     t.add_argument("-i", "--inventory", required=True, metavar="INVENTORY")
     t.add_argument("--policy", metavar="POLICY", help="compile this policy (and judge by it)")
     t.add_argument("--from-switches", action="store_true", help="the entries on the switches")
     t.add_argument("--error-format", choices=("human", "json"), default="human")
     _switch_options(t)
+    _moment_options(t)
 
     x = sub.add_parser(
         "test", help="run the policy's expect lines", description=TEST_HELP, formatter_class=raw
@@ -138,6 +178,7 @@ def register(
     policy_arguments(x, False)
     x.add_argument("--live", action="store_true", help="against the entries on the switches")
     _switch_options(x)
+    _moment_options(x)
 
 
 # -- tables ---------------------------------------------------------------------------------
@@ -213,6 +254,69 @@ def _compiled_tables(
     return {s.switch: s for s in built.switches}
 
 
+# -- the effective policy -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """The policy a verb judges by: the file's, or the effective one at a moment."""
+
+    policy: Policy
+    text: str
+    report: list[str]  # what was in force (human lines; empty: the file as written)
+    doc: dict[str, object] | None  # the same for --output json
+
+
+def _moment(args: argparse.Namespace, verb: str) -> float | None:
+    from runtime.live import parse_moment
+
+    moment = parse_moment(args.at or "now")
+    if isinstance(moment, str):
+        print(f"p4seg {verb}: error: {moment}", file=sys.stderr)
+        return None
+    return moment
+
+
+def _judged(
+    args: argparse.Namespace, policy: Policy, inventory: Inventory, text: str, live: bool
+) -> Judged | None:
+    """The effective policy (grants, quarantines, time-bound rules of --state at --at) when
+    the tables are the switches' or a moment was asked for; else the policy as written."""
+    if not live and not getattr(args, "at", None):
+        return Judged(policy, text, [], None)
+    from compiler.check import check_policy
+    from compiler.diagnostics import SourceFiles, render_all
+    from runtime.live import (
+        LiveState,
+        effective_policy,
+        in_force_report,
+        policy_text_with_grants,
+    )
+
+    moment = _moment(args, args.verb)
+    if moment is None:
+        return None
+    try:
+        state = LiveState.load(Path(args.state))
+    except ValueError as err:
+        print(f"p4seg {args.verb}: error: {err}", file=sys.stderr)
+        return None
+    granted = policy_text_with_grants(text, state, moment)
+    if granted != text:
+        result = check_policy(granted, args.policy, inventory, expectations=False)
+        if result.policy is None:
+            sources = SourceFiles()
+            sources.add(args.policy, granted)
+            errors = [d for d in result.diagnostics if d.is_error]
+            print(render_all(errors, sources), file=sys.stderr)
+            return None
+        policy = result.policy
+    hosts = {h.name: h.ip for h in inventory.hosts}
+    effective = effective_policy(policy, state, moment, hosts)
+    report = in_force_report(policy, state, moment)
+    return Judged(effective, granted, report.lines(), report.to_json())
+
+
 # -- verbs ------------------------------------------------------------------------------------
 
 
@@ -222,13 +326,16 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
     loaded = checked(args)
     if loaded is None:
         return EXIT_ERROR
-    policy, inventory, text = loaded
+    judged = _judged(args, *loaded, live=args.from_switches)
+    if judged is None:
+        return EXIT_ERROR
+    policy, inventory = judged.policy, loaded[1]
     if args.from_switches:
         tables = _live_tables(args, inventory)
     elif args.from_build:
         tables = _build_tables(args.from_build)
     else:
-        tables = _compiled_tables(policy, inventory, text, args.target)
+        tables = _compiled_tables(policy, inventory, judged.text, args.target)
     if tables is None:
         return EXIT_ERROR
     missing = [s.name for s in inventory.switches if s.name not in tables]
@@ -243,8 +350,11 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
             "counterexamples": [c.to_json() for c in result.counterexamples],
             "metered": [m.to_json() for m in result.metered],
             "metered_classes": result.metered_classes,
+            **({"effective": judged.doc} if judged.doc else {}),
         }, indent=2, sort_keys=True))  # fmt: skip
     else:
+        for line in judged.report:
+            print(line)
         for c in result.counterexamples[: args.show]:
             print(c.describe())
         if len(result.counterexamples) > args.show:
@@ -276,7 +386,12 @@ def cmd_diff(args: argparse.Namespace, checked: Checked) -> int:
             return EXIT_ERROR
         policies.append(loaded)
     (old, inventory, _), (new, _, _) = policies
-    changes = semantic_diff(old, new, inventory)
+    moment = _moment(args, "diff")
+    if moment is None:
+        return EXIT_ERROR
+    from runtime.live import window_open
+
+    changes = semantic_diff(old, new, inventory, window_open, moment)
     if args.output == "json":
         print(
             json.dumps({"same": not changes, "changes": [c.to_json() for c in changes]}, indent=2)
@@ -284,25 +399,98 @@ def cmd_diff(args: argparse.Namespace, checked: Checked) -> int:
     else:
         for c in changes:
             print(c.describe())
-        added = sum(c.allowed for c in changes)
-        print(
-            "no flow changes" if not changes
-            else f"{added} flow group(s) newly allowed, {len(changes) - added} newly denied"
-        )  # fmt: skip
+        print(_diff_summary(changes))
     return EXIT_DIFFERENT if changes else EXIT_OK
 
 
-def _host(inventory: Inventory, text: str) -> Host | None:
-    host = inventory.hosts_by_name.get(text)
-    if host is None:
-        host = next((h for h in inventory.hosts if h.ip_text == text), None)
-    if host is None:
-        print(
-            f"p4seg trace: error: {text!r} is not a host of the inventory "
-            f"(hosts: {', '.join(h.name for h in inventory.hosts)})",
-            file=sys.stderr,
+def _diff_summary(changes: list[FlowChange]) -> str:
+    if not changes:
+        return "no changes: the switches would do exactly the same"
+    verdicts = [c for c in changes if c.kind == "verdict"]
+    added = sum(c.allowed for c in verdicts)
+    parts = [
+        f"{added} flow group(s) newly allowed",
+        f"{len(verdicts) - added} newly denied",
+        f"{len(changes) - len(verdicts)} treated differently",
+    ]
+    hidden = sum(not c.on_switches for c in changes)
+    tail = f" ({hidden} not on the switches: no pair of inventory hosts)" if hidden else ""
+    return ", ".join(parts) + tail
+
+
+COMMAND_LINE = "command line"
+TRACE_PROTOS = ("tcp", "udp", "icmp", "ip")
+ICMP_ECHO_REQUEST = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInput:
+    src: Host
+    dst: Host
+    proto: str
+    port: int  # tcp/udp: the destination port; icmp: the ICMP type; ip: 0
+
+
+def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | None:
+    """SRC DST PROTO [PORT] of `trace`, checked like policy text: located, coded errors with
+    suggestions, all reported at once (None: reported)."""
+    import difflib
+
+    from compiler.diagnostics import Diagnostic, SourceFiles, Span, error, render_all
+
+    words = [args.src, args.dst, args.proto] + ([args.port] if args.port is not None else [])
+    line = " ".join(words)
+    columns = [sum(len(w) + 1 for w in words[:i]) + 1 for i in range(len(words))]
+
+    def at(i: int) -> Span:
+        return Span.point(COMMAND_LINE, 1, columns[i], len(words[i]))
+
+    diags: list[Diagnostic] = []
+    hosts: list[Host] = []
+    for i, text in enumerate(words[:2]):
+        host = inventory.hosts_by_name.get(text) or next(
+            (h for h in inventory.hosts if h.ip_text == text), None
         )
-    return host
+        if host is None:
+            close = difflib.get_close_matches(text, list(inventory.hosts_by_name), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            diags.append(error("E101", f"unknown host '{text}'{hint}", at(i)))
+        else:
+            hosts.append(host)
+    proto = args.proto
+    port = 0
+    if proto not in TRACE_PROTOS:
+        close = difflib.get_close_matches(proto, TRACE_PROTOS, n=1, cutoff=0.5)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        diags.append(error("E001", f"unknown protocol `{proto}`: expected tcp, udp, icmp or ip{hint}", at(2)))  # fmt: skip
+    elif args.port is None:
+        if proto in ("tcp", "udp"):
+            diags.append(error("E208", f"a flow over {proto} needs a port, e.g. `{proto} 443`", at(2)))  # fmt: skip
+        port = ICMP_ECHO_REQUEST if proto == "icmp" else 0
+    elif proto == "ip":
+        diags.append(error("E208", "ports apply to tcp and udp only, not ip", at(3)))
+    else:
+        top, what = (255, "ICMP type") if proto == "icmp" else (65535, "port")
+        text = args.port
+        if not (text.isascii() and text.isdigit()):
+            diags.append(error("E202", f"{what} {text!r} is not a number from 0 to {top}", at(3)))
+        elif int(text) > top:
+            shown = text if len(text) <= 12 else "number"
+            diags.append(error("E202", f"{what} {shown} is out of range 0-{top}", at(3)))
+        else:
+            port = int(text)
+    if diags:
+        sources = SourceFiles()
+        sources.add(COMMAND_LINE, line)
+        if args.error_format == "json":
+            print(json.dumps({"errors": len(diags), "diagnostics": [d.to_json() for d in diags]}, indent=2))  # fmt: skip
+        else:
+            print(render_all(diags, sources), file=sys.stderr)
+        return None
+    return FlowInput(hosts[0], hosts[1], proto, port)
+
+
+EXIT_BLOCKED, EXIT_DISAGREE = 3, 4
 
 
 def cmd_trace(args: argparse.Namespace, checked: Checked) -> int:
@@ -314,36 +502,49 @@ def cmd_trace(args: argparse.Namespace, checked: Checked) -> int:
     if not args.policy and not args.from_switches:
         print("p4seg trace: error: give --policy POLICY, --from-switches, or both", file=sys.stderr)
         return EXIT_ERROR
-    policy = text = None
+    policy: Policy | None = None
+    judged: Judged | None = None
     if args.policy:
         loaded = checked(args)
         if loaded is None:
             return EXIT_ERROR
-        policy, inventory, text = loaded
+        inventory = loaded[1]
+        judged = _judged(args, *loaded, live=args.from_switches)
+        if judged is None:
+            return EXIT_ERROR
+        policy = judged.policy
     else:
         try:
             inventory, _ = load_inventory(args.inventory)
         except Exception as err:
             print(f"p4seg trace: error: {err}", file=sys.stderr)
             return EXIT_ERROR
-    src, dst = _host(inventory, args.src), _host(inventory, args.dst)
-    if src is None or dst is None:
+    flow = _flow_input(args, inventory)
+    if flow is None:
         return EXIT_ERROR
     if args.from_switches:
         tables = _live_tables(args, inventory)
     else:
-        assert policy is not None and text is not None
-        tables = _compiled_tables(policy, inventory, text, "ref")
+        assert policy is not None and judged is not None
+        tables = _compiled_tables(policy, inventory, judged.text, "ref")
     if tables is None:
         return EXIT_ERROR
     rules = {r.id: f"line {r.span.line}: {r.describe()}" for r in policy.rules} if policy else {}
     sem = PolicySemantics(policy) if policy else None
-    result = trace_flow(Fabric(tables, inventory), sem, src, dst, args.proto, args.port)
+    result = trace_flow(Fabric(tables, inventory), sem, flow.src, flow.dst, flow.proto, flow.port)
+    report = judged.report if judged else []
     if args.output == "json":
-        print(json.dumps(_trace_json(result, rules), indent=2, sort_keys=True))
+        doc = _trace_json(result, rules)
+        if judged and judged.doc:
+            doc["effective"] = judged.doc
+        print(json.dumps(doc, indent=2, sort_keys=True))
     else:
+        for line in report:
+            print(line)
         print(_trace_text(result, rules))
-    return EXIT_OK
+    if result.policy_allows is not None and result.policy_allows != result.passed:
+        return EXIT_DISAGREE
+    return EXIT_OK if result.passed else EXIT_BLOCKED
 
 
 def _trace_legs(result: object, rules: dict[int, str]) -> list[dict[str, object]]:
@@ -429,40 +630,51 @@ def cmd_test(args: argparse.Namespace, checked: Checked) -> int:
     if loaded is None:
         return EXIT_ERROR
     policy, inventory, text = loaded
+    if args.live and not args.inventory:
+        print("p4seg test: error: --live needs -i INVENTORY", file=sys.stderr)
+        return EXIT_ERROR
+    judged = _judged(args, policy, inventory, text, live=args.live)
+    if judged is None:
+        return EXIT_ERROR
+    effective = judged.policy if judged.report else None
     tables: dict[str, SwitchTables] = {}
     if args.inventory:
         found = (
             _live_tables(args, inventory)
             if args.live
-            else _compiled_tables(policy, inventory, text, "ref")
+            else _compiled_tables(judged.policy, inventory, judged.text, "ref")
         )
         if found is None:
             return EXIT_ERROR
         tables = found
-    elif args.live:
-        print("p4seg test: error: --live needs -i INVENTORY", file=sys.stderr)
-        return EXIT_ERROR
-    results = run_expects(policy, inventory, tables)
+    results = run_expects(policy, inventory, tables, effective)
     failed = [r for r in results if not r.ok]
     where = "switches" if args.live else "tables"
     if args.output == "json":
         print(json.dumps({
             "passed": len(results) - len(failed), "failed": len(failed),
+            **({"effective": judged.doc} if judged.doc else {}),
             "expects": [{
                 "line": r.expect.span.line, "expect": r.expect.describe(), "ok": r.ok,
                 "semantics": r.semantics_ok, "semantics_note": r.semantics_note,
                 where: r.tables_ok, "host_pairs": r.pairs, f"{where}_note": r.tables_note,
+                "effective_note": r.effective_note,
             } for r in results],
         }, indent=2))  # fmt: skip
     else:
+        for line in judged.report:
+            print(line)
+        judge = f"{where} (effective policy)" if effective else where
         for r in results:
             mark = "PASS" if r.ok else "FAIL"
             checked_on = (
-                f"semantics + {where} ({r.pairs} host pairs)" if args.inventory else "semantics"
+                f"semantics + {judge} ({r.pairs} host pairs)" if args.inventory else "semantics"
             )
             print(f"{mark}  line {r.expect.span.line:<4} {r.expect.describe():<48} {checked_on}")
             if not r.semantics_ok:
                 print(f"      semantics: {r.semantics_note}")
+            if r.effective_note:
+                print(f"      not in effect now: {r.effective_note}")
             if not r.tables_ok:
                 print(f"      {where}: {r.tables_note}")
         print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

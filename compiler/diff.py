@@ -1,48 +1,265 @@
-"""The semantic difference between two policies: which flows become allowed or denied.
+"""The semantic difference between two policies: every change in what the switches do.
 
 Not a text diff: both policies are judged flow by flow (compiler/semantics.py) over the
 classes of addresses and ports that either one can tell apart, so renaming a service or
 reordering rules gives an empty diff, and a changed port range shows as exactly the ports
-that changed. Flows are TCP connections (with their replies), UDP datagrams, ICMP echoes
-and packets of other protocols — what `p4seg check` and the matrix judge too.
+that changed. Flows are TCP connections (with their replies), UDP datagrams (with whether
+answers pass), ICMP echoes and packets of other protocols.
+
+A flow's verdict is not all the switches enforce: a flow class is compared on its
+*profile* — at every moment the time-bound rules allow, whether it passes, at which rate,
+whether its answers pass (UDP `reply`) and whether a refused packet is logged. The moments
+are the feasible combinations of `during` windows (from the windows' edges over a week)
+and of how long ago the policy was applied (before or after each `for` duration).
+
+Host pairs are then checked packet by packet (every source and destination port class,
+TCP ACK, ICMP echo reply), so a difference in a packet no flow sends — a reply to a client
+port other than the one flows are judged with — is reported too. Flows with no inventory
+host at one end are reported apart: the switches never see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from compiler.addresses import format_ipv4
 from compiler.inventory import Inventory
-from compiler.model import Policy
-from compiler.semantics import Partition, PolicySemantics
+from compiler.model import Action, Policy, PolicyRule, TimeWindow
+from compiler.semantics import (
+    EPHEMERAL_PORT,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    Decision,
+    Partition,
+    PolicySemantics,
+)
 
 MAX_ADDRESS = (1 << 32) - 1
 MAX_PORT = 65535
 PROTOS = ("tcp", "udp", "icmp", "other")
+WEEK_DAYS = 8  # a week of window edges, plus a day for windows that wrap past midnight
+
+# (window, moment) -> whether the window is open then (runtime/live.py decides it)
+WindowOpen = Callable[[TimeWindow, float], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the switches do with a flow class at one moment."""
+
+    allowed: bool
+    rate_pps: int | None  # the meter of the allow that passes it
+    replies: bool | None  # UDP: whether answers pass (None: not applicable)
+    logged: bool  # refused and logged
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """A feasible state of the clock: which windows are open, how long since applied.
+    `moments()` puts the moment the diff is asked about first."""
+
+    open_windows: frozenset[TimeWindow]
+    elapsed_s: int  # seconds since the policy was first applied
+
+    def in_force(self, rule: PolicyRule) -> bool:
+        if rule.window is not None and rule.window not in self.open_windows:
+            return False
+        return rule.duration_s is None or self.elapsed_s < rule.duration_s
 
 
 @dataclass(frozen=True, slots=True)
 class FlowChange:
-    allowed: bool  # True: newly allowed; False: newly denied
+    allowed: bool  # the verdict now: True allowed (at some moment), False denied
     src: str  # the addresses, named by inventory hosts where they are hosts
     dst: str
     proto: str
     ports: str  # "" for protocols without ports
+    kind: str = "verdict"  # verdict (+/-) | behaviour (~) | packet (~, one packet class)
+    before: str = ""  # the old profile, in words (behaviour and packet changes)
+    after: str = ""
+    on_switches: bool = True  # False: no inventory host at one end (or a host to itself)
 
     def describe(self) -> str:
-        sign = "+ allowed" if self.allowed else "- denied "
         ports = f" {self.ports}" if self.ports else ""
-        return f"{sign}  {self.src} -> {self.dst} {self.proto}{ports}"
+        flow = f"{self.src} -> {self.dst} {self.proto}{ports}"
+        where = "" if self.on_switches else "   (not on the switches: no host pair)"
+        if self.kind == "verdict":
+            sign = "+ allowed" if self.allowed else "- denied "
+            extra = f" ({self.after})" if self.after else ""
+            return f"{sign}  {flow}{extra}{where}"
+        return f"~ {self.before} -> {self.after}  {flow}{where}"
 
     def to_json(self) -> dict[str, object]:
+        change = {"verdict": "allowed" if self.allowed else "denied"}.get(self.kind, self.kind)
         return {
-            "change": "allowed" if self.allowed else "denied",
+            "change": change,
             "src": self.src,
             "dst": self.dst,
             "proto": self.proto,
             "ports": self.ports,
+            "before": self.before,
+            "after": self.after,
+            "on_switches": self.on_switches,
         }
+
+
+# -- moments ------------------------------------------------------------------------------
+
+
+def _windows(policies: Sequence[Policy]) -> list[TimeWindow]:
+    return sorted({r.window for p in policies for r in p.rules if r.window is not None}, key=str)
+
+
+def moments(policies: Sequence[Policy], window_open: WindowOpen, now: float) -> tuple[Moment, ...]:
+    """Every feasible combination of open windows and elapsed `for` phases, `now`'s first."""
+    windows = _windows(policies)
+    durations = sorted({r.duration_s for p in policies for r in p.rules if r.duration_s})
+    now_state = frozenset(w for w in windows if window_open(w, now))
+    states = {now_state}
+    # Window states change only at a window's start or end: try every edge of a week.
+    for w in windows:
+        midnight = dt.datetime.fromtimestamp(now, ZoneInfo(w.zone)).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        for day in range(-1, WEEK_DAYS):
+            for minute in (w.start, w.end):
+                edge = (midnight + dt.timedelta(days=day, minutes=minute)).timestamp()
+                states.add(frozenset(x for x in windows if window_open(x, edge)))
+    out = [Moment(now_state, 0)]
+    for state in sorted(states, key=lambda s: sorted(map(str, s))):
+        for elapsed in (0, *durations):  # 0: just applied; d: the `for d` rules have lapsed
+            if (state, elapsed) != (now_state, 0):
+                out.append(Moment(state, elapsed))
+    return tuple(out)
+
+
+# -- profiles -----------------------------------------------------------------------------
+
+
+class _Judge:
+    """One policy's semantics with the rules in force at each moment as bit masks."""
+
+    def __init__(self, policy: Policy, pinned: Sequence[int], when: Sequence[Moment]) -> None:
+        self.sem = PolicySemantics(policy, pinned)
+        self.active = [
+            sum(1 << i for i, r in enumerate(policy.rules) if m.in_force(r)) for m in when
+        ]
+        self.eph = self.sem.ports.atom_of(EPHEMERAL_PORT)
+
+    def decide(self, src: int, dst: int, proto: str, sport: int, dport: int, moment: int,
+               ack: bool = False, icmp_type: int = ICMP_ECHO_REQUEST) -> Decision:  # fmt: skip
+        a, p = self.sem.addresses, self.sem.ports
+        return self.sem.decide_atoms(
+            a.atom_of(src), a.atom_of(dst), proto, p.atom_of(sport), p.atom_of(dport),
+            ack, icmp_type, self.active[moment],
+        )  # fmt: skip
+
+    def flow(self, src: int, dst: int, proto: str, port: int, moment: int) -> Outcome:
+        fwd = self.decide(src, dst, proto, EPHEMERAL_PORT, port, moment)
+        if not fwd.allowed:
+            return Outcome(False, None, None, fwd.log)
+        rate = fwd.rule.rate_pps if fwd.rule is not None else None
+        if proto == "tcp":
+            back = self.decide(dst, src, "tcp", port, EPHEMERAL_PORT, moment, ack=True)
+        elif proto == "icmp":
+            back = self.decide(dst, src, "icmp", 0, 0, moment, icmp_type=ICMP_ECHO_REPLY)
+        elif proto == "udp":
+            answer = self.decide(dst, src, "udp", port, EPHEMERAL_PORT, moment)
+            return Outcome(True, rate, answer.allowed, False)
+        else:
+            return Outcome(True, rate, None, False)
+        if not back.allowed:
+            return Outcome(False, None, None, back.log)
+        return Outcome(True, rate, None, False)
+
+
+Profile = tuple[Outcome, ...]
+
+
+def _cond_text(rule: PolicyRule, when: Sequence[Moment]) -> str:
+    parts = []
+    if rule.window is not None:
+        now_open = rule.window in when[0].open_windows
+        parts.append(f"during {rule.window} ({'in force' if now_open else 'not in force'} now)")
+    if rule.duration_s is not None:
+        parts.append(f"for {_duration(rule.duration_s)} after it is first applied")
+    return " and ".join(parts)
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _verdict_text(profile: Profile, when: Sequence[Moment], rules: Sequence[PolicyRule]) -> str:
+    passing = {i for i, o in enumerate(profile) if o.allowed}
+    if len(passing) == len(profile):
+        return "allowed"
+    if not passing:
+        return "denied"
+    conds: dict[str, set[int]] = {}
+    for r in rules:
+        if r.action is Action.ALLOW and r.is_time_bound:
+            cover = {i for i, m in enumerate(when) if m.in_force(r)}
+            if cover <= passing:
+                conds.setdefault(_cond_text(r, when), set()).update(cover)
+    if conds and set().union(*conds.values()) == passing:
+        return "allowed only " + " or ".join(sorted(conds))
+    now = "allowed now" if 0 in passing else "denied now"
+    return f"allowed at some times ({now})"
+
+
+def _attributes(
+    profile: Profile, when: Sequence[Moment], rules: Sequence[PolicyRule], proto: str
+) -> dict[str, str]:
+    out = {"verdict": _verdict_text(profile, when, rules)}
+    rates = sorted({o.rate_pps for o in profile if o.allowed}, key=lambda r: r or 0)
+    if rates:
+        out["rate"] = " or ".join(f"rate {r}pps" if r else "no rate" for r in rates)
+    if proto == "udp":
+        replies = {o.replies for o in profile if o.allowed}
+        if replies:
+            out["replies"] = " or ".join(
+                "replies pass" if r else "replies dropped" for r in sorted(replies, key=bool)
+            )
+    logged = {o.logged for o in profile if not o.allowed}
+    if logged:
+        out["log"] = " or ".join("logged" if v else "not logged" for v in sorted(logged))
+    return out
+
+
+def _change_text(
+    old: Profile, new: Profile, when: Sequence[Moment], rules: tuple[Sequence[PolicyRule], ...],
+    proto: str,
+) -> tuple[str, str]:  # fmt: skip
+    a = _attributes(old, when, rules[0], proto)
+    b = _attributes(new, when, rules[1], proto)
+    keys = [k for k in ("verdict", "rate", "replies", "log") if k in a and k in b and a[k] != b[k]]
+    if a["verdict"] == b["verdict"] and "log" in keys and not a["verdict"].startswith("allowed"):
+        return a["log"], b["log"]
+    before = "; ".join(a[k] for k in keys)
+    after = "; ".join(b[k] for k in keys)
+    if not keys:  # the same words for different profiles: say each moment apart
+        before, after = _moment_text(old, when), _moment_text(new, when)
+    return before, after
+
+
+def _moment_text(profile: Profile, when: Sequence[Moment]) -> str:
+    def one(o: Outcome) -> str:
+        if not o.allowed:
+            return "denied" + (" logged" if o.logged else "")
+        return "allowed" + (f" rate {o.rate_pps}pps" if o.rate_pps else "")
+
+    return ", ".join(one(o) for o in profile[:4]) + (" ..." if len(profile) > 4 else "")
+
+
+# -- reading ------------------------------------------------------------------------------
 
 
 def _ranges(values: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -55,7 +272,7 @@ def _ranges(values: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _port_text(intervals: list[tuple[int, int]]) -> str:
+def _port_text(intervals: Sequence[tuple[int, int]]) -> str:
     return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in intervals)
 
 
@@ -80,18 +297,39 @@ def _name(intervals: list[tuple[int, int]], hosts: dict[int, str]) -> str:
     return ", ".join(names)
 
 
-def semantic_diff(old: Policy, new: Policy, inventory: Inventory) -> list[FlowChange]:
-    """Every flow class whose verdict differs between `old` and `new`, grouped for reading."""
+def _always_now(window: TimeWindow, moment: float) -> bool:
+    return True
+
+
+# -- the diff -----------------------------------------------------------------------------
+
+
+def semantic_diff(
+    old: Policy,
+    new: Policy,
+    inventory: Inventory,
+    window_open: WindowOpen = _always_now,
+    now: float = 0.0,
+) -> list[FlowChange]:
+    """Every flow class whose profile differs between `old` and `new`, grouped for reading,
+    then every host-pair packet class that differs where no flow change shows it.
+
+    `window_open` says whether a `during` window is open at a moment (runtime/live.py);
+    the default treats every window as always open (no time-bound rule ever lapses)."""
     hosts = {h.ip: h.name for h in inventory.hosts}
     addr_sets = [s for p in (old, new) for r in p.rules for s in (r.src.intervals, r.dst.intervals)]
     port_sets = [r.ports for p in (old, new) for r in p.rules]
+    port_sets.append(((EPHEMERAL_PORT, EPHEMERAL_PORT),))
     addresses = Partition(addr_sets, MAX_ADDRESS, hosts)
     ports = Partition(port_sets, MAX_PORT)
-    a_sem, b_sem = PolicySemantics(old), PolicySemantics(new)
+    when = moments((old, new), window_open, now)
+    judges = (_Judge(old, list(hosts), when), _Judge(new, list(hosts), when))
+    rules = (old.rules, new.rules)
     addr_iv = _atom_intervals(addresses)
     port_iv = _atom_intervals(ports)
-    # (src atom, dst atom, proto, allowed-now) -> port intervals
-    changed: dict[tuple[int, int, str, bool], list[tuple[int, int]]] = {}
+    host_atoms = {addresses.atom_of(ip) for ip in hosts}
+    # (src atom, dst atom, proto, old profile, new profile) -> port intervals
+    changed: dict[tuple[int, int, str, Profile, Profile], list[tuple[int, int]]] = {}
     for s in range(addresses.count):
         src = addresses.representative[s]
         for d in range(addresses.count):
@@ -100,24 +338,149 @@ def semantic_diff(old: Policy, new: Policy, inventory: Inventory) -> list[FlowCh
                 port_atoms = range(ports.count) if proto in ("tcp", "udp") else (None,)
                 for p in port_atoms:
                     port = ports.representative[p] if p is not None else 0
-                    before = a_sem.flow(src, dst, proto, port).allowed
-                    after = b_sem.flow(src, dst, proto, port).allowed
+                    before = tuple(
+                        judges[0].flow(src, dst, proto, port, m) for m in range(len(when))
+                    )
+                    after = tuple(
+                        judges[1].flow(src, dst, proto, port, m) for m in range(len(when))
+                    )
                     if before != after:
                         ivs = port_iv[p] if p is not None else [(0, 0)]
-                        changed.setdefault((s, d, proto, after), []).extend(ivs)
-    # Rows that differ only in the source (or destination) atom are merged for reading.
+                        changed.setdefault((s, d, proto, before, after), []).extend(ivs)
+    out = _grouped(changed, addr_iv, hosts, host_atoms, when, rules)
+    # A flow change explains its packets both ways (its replies too).
+    flagged = {k for c in changed for k in ((c[0], c[1], c[2]), (c[1], c[0], c[2]))}
+    out += _packet_changes(judges, addresses, ports, hosts, when, flagged)
+    return sorted(
+        out,
+        key=lambda c: (not c.on_switches, c.kind != "verdict", not c.allowed, c.src, c.dst,
+                       c.proto, c.ports),
+    )  # fmt: skip
+
+
+def _grouped(
+    changed: dict[tuple[int, int, str, Profile, Profile], list[tuple[int, int]]],
+    addr_iv: list[list[tuple[int, int]]],
+    hosts: dict[int, str],
+    host_atoms: set[int],
+    when: Sequence[Moment],
+    rules: tuple[Sequence[PolicyRule], ...],
+) -> list[FlowChange]:
+    """Rows that differ only in the source (or destination) atom are merged for reading."""
     Ports = tuple[tuple[int, int], ...]
-    by_rest: dict[tuple[int, str, bool, Ports], list[int]] = {}
-    for (src_atom, dst_atom, proto, after), ivs in changed.items():
-        by_rest.setdefault((dst_atom, proto, after, tuple(_ranges(ivs))), []).append(src_atom)
-    merged: dict[tuple[tuple[int, ...], str, bool, Ports], list[int]] = {}
-    for (dst_atom, proto, after, port_ranges), sources in by_rest.items():
-        key = (tuple(sorted(sources)), proto, after, port_ranges)
-        merged.setdefault(key, []).append(dst_atom)
+    Key = tuple[str, Profile, Profile, Ports, bool]
+    by_rest: dict[tuple[int, Key], list[int]] = {}
+    for (src_atom, dst_atom, proto, before, after), ivs in changed.items():
+        # A host's traffic to itself never reaches its switch.
+        visible = src_atom in host_atoms and dst_atom in host_atoms and src_atom != dst_atom
+        key: Key = (proto, before, after, tuple(_ranges(ivs)), visible)
+        by_rest.setdefault((dst_atom, key), []).append(src_atom)
+    merged: dict[tuple[tuple[int, ...], Key], list[int]] = {}
+    for (dst_atom, key), sources in by_rest.items():
+        merged.setdefault((tuple(sorted(sources)), key), []).append(dst_atom)
     out = []
-    for (src_atoms, proto, after, port_ranges), dst_atoms in merged.items():
+    for (src_atoms, (proto, before, after, port_ranges, visible)), dst_atoms in merged.items():
         src_text = _name(_ranges([iv for a in src_atoms for iv in addr_iv[a]]), hosts)
         dst_text = _name(_ranges([iv for a in dst_atoms for iv in addr_iv[a]]), hosts)
-        ports_text = _port_text(list(port_ranges)) if proto in ("tcp", "udp") else ""
-        out.append(FlowChange(after, src_text, dst_text, proto, ports_text))
-    return sorted(out, key=lambda c: (not c.allowed, c.src, c.dst, c.proto, c.ports))
+        ports_text = _port_text(port_ranges) if proto in ("tcp", "udp") else ""
+        was = {o.allowed for o in before}
+        now = {o.allowed for o in after}
+        if len(was) == 1 and len(now) == 1 and was != now:
+            extra = ""
+            if True in now:
+                attrs = _attributes(after, when, rules[1], proto)
+                extra = ", ".join(v for k, v in attrs.items() if k in ("rate", "replies"))
+                extra = "" if extra == "no rate" else extra.removeprefix("no rate, ")
+            out.append(FlowChange(True in now, src_text, dst_text, proto, ports_text,
+                                  after=extra, on_switches=visible))  # fmt: skip
+            continue
+        old_text, new_text = _change_text(before, after, when, rules, proto)
+        out.append(
+            FlowChange(after[0].allowed, src_text, dst_text, proto, ports_text, "behaviour",
+                       old_text, new_text, visible)
+        )  # fmt: skip
+    return out
+
+
+def _packet_changes(
+    judges: tuple[_Judge, _Judge],
+    addresses: Partition,
+    ports: Partition,
+    hosts: dict[int, str],
+    when: Sequence[Moment],
+    flagged: set[tuple[int, int, str]],
+) -> list[FlowChange]:
+    """Host pairs whose packets (any port class, TCP ACK, ICMP echo reply) are treated
+    differently where no flow change of that pair and protocol already says so."""
+    out = []
+    port_reps = [ports.representative[p] for p in range(ports.count)]
+    for src, dst in itertools.permutations(sorted(hosts), 2):
+        sa, da = addresses.atom_of(src), addresses.atom_of(dst)
+        pair_ports = _port_classes(judges, src, dst, port_reps)
+        for proto in PROTOS:
+            if (sa, da, proto) in flagged:
+                continue
+            found = _first_packet_difference(judges, src, dst, proto, pair_ports, len(when))
+            if found is None:
+                continue
+            what, before, after = found
+            out.append(
+                FlowChange(after, hosts[src], hosts[dst], proto, what, "packet",
+                           "passes" if before else "dropped", "passes" if after else "dropped")
+            )  # fmt: skip
+    return out
+
+
+def _port_classes(judges: tuple[_Judge, _Judge], src: int, dst: int, ports: list[int]) -> list[int]:
+    """One port of each class that the rules between `src` and `dst` (either way, in either
+    policy) tell apart: ports no such rule separates are judged alike by both."""
+    keys = []
+    for j in judges:
+        sem = j.sem
+        a, b = sem.addresses.atom_of(src), sem.addresses.atom_of(dst)
+        between = ((sem.src_index[a] | sem.src_any) & (sem.dst_index[b] | sem.dst_any)) | (
+            (sem.src_index[b] | sem.src_any) & (sem.dst_index[a] | sem.dst_any)
+        )
+        keys.append((sem, between))
+    classes: dict[tuple[int, ...], int] = {}
+    for port in ports:
+        key = tuple(
+            (sem.port_index[sem.ports.atom_of(port)] | sem.port_any) & between
+            for sem, between in keys
+        )
+        classes.setdefault(key, port)
+    return sorted({*classes.values(), EPHEMERAL_PORT})
+
+
+def _first_packet_difference(
+    judges: tuple[_Judge, _Judge], src: int, dst: int, proto: str, ports: list[int], n: int
+) -> tuple[str, bool, bool] | None:
+    """(the packet, old verdict, new verdict) of the first packet class that differs."""
+    if proto in ("tcp", "udp"):
+        cases = [(sp, dp, ack) for sp in ports for dp in ports for ack in (False, True)]
+        if proto == "udp":
+            cases = [(sp, dp, False) for sp in ports for dp in ports]
+    elif proto == "icmp":
+        cases = [(0, 0, False), (0, 0, True)]  # echo request (any type but a reply), reply
+    else:
+        cases = [(0, 0, False)]
+    for m in range(n):
+        for sp, dp, flag in cases:
+            icmp_type = ICMP_ECHO_REPLY if proto == "icmp" and flag else ICMP_ECHO_REQUEST
+            ack = flag and proto == "tcp"
+            a, b = (j.decide(src, dst, proto, sp, dp, m, ack, icmp_type) for j in judges)
+            if (a.allowed, a.log, _rate(a)) != (b.allowed, b.log, _rate(b)):
+                if proto in ("tcp", "udp"):
+                    what = f"packet from port {sp} to port {dp}" + (" with ACK" if ack else "")
+                elif proto == "icmp":
+                    what = "echo reply" if flag else "packet (not an echo reply)"
+                else:
+                    what = "packet"
+                if a.allowed == b.allowed:  # only the log or the meter differs
+                    what += " (log or rate)"
+                return what.strip(), a.allowed, b.allowed
+    return None
+
+
+def _rate(d: Decision) -> int | None:
+    return d.rule.rate_pps if d.allowed and d.rule is not None and d.reason == "allow" else None

@@ -16,7 +16,13 @@ from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
 from compiler.model import ExpectCase, Policy, protocol_number
-from compiler.semantics import EPHEMERAL_PORT, ICMP_ECHO_REPLY, Decision, PolicySemantics
+from compiler.semantics import (
+    EPHEMERAL_PORT,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    Decision,
+    PolicySemantics,
+)
 
 PROTO_NUMBER = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ip": 47}
 TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
@@ -53,7 +59,8 @@ class Trace:
 
 
 def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, PacketFields, bool]]:
-    """The packets of a flow: (what, packet, goes from src to dst)."""
+    """The packets of a flow: (what, packet, goes from src to dst). For icmp, `port` is the
+    ICMP type: an echo request (8) is answered by an echo reply; other types are one packet."""
     if proto == "tcp":
         return [
             ("request", PacketFields(src, dst, PROTO_TCP, EPHEMERAL_PORT, port, TCP_SYN), True),
@@ -62,8 +69,11 @@ def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, Packet
     if proto == "udp":
         return [("request", PacketFields(src, dst, PROTO_UDP, EPHEMERAL_PORT, port), True)]
     if proto == "icmp":
+        request = ("request", PacketFields(src, dst, PROTO_ICMP, icmp_type=port), True)
+        if port != ICMP_ECHO_REQUEST:
+            return [request]
         return [
-            ("request", PacketFields(src, dst, PROTO_ICMP), True),
+            request,
             ("reply", PacketFields(dst, src, PROTO_ICMP, icmp_type=ICMP_ECHO_REPLY), False),
         ]
     # `proto N`: that protocol; `ip` and `other`: one no rule names (GRE unless named)
@@ -102,7 +112,8 @@ class ExpectResult:
     semantics_note: str
     pairs: int  # host pairs tried on the tables
     tables_ok: bool
-    tables_note: str  # the first host pair whose traffic contradicts the expectation
+    tables_note: str  # the first host pair whose traffic contradicts what is expected
+    effective_note: str = ""  # where the effective policy differs from the line, and why
 
     @property
     def ok(self) -> bool:
@@ -110,20 +121,28 @@ class ExpectResult:
 
 
 def run_expects(
-    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    effective: Policy | None = None,
 ) -> list[ExpectResult]:
     """Every `expect` line, on the semantics (over all addresses) and on the tables (over
-    every pair of inventory hosts the line covers)."""
+    every pair of inventory hosts the line covers).
+
+    With `effective` (the policy the switches hold at a moment: grants, quarantines,
+    time-bound rules), the tables must do what it does; a pair where it differs from the
+    line is reported in `effective_note`, not as a failure of the tables."""
     sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
+    now = PolicySemantics(effective, [h.ip for h in inventory.hosts]) if effective else None
     fabric = _fabric(inventory, switches)
     out = []
     for e in policy.expects:
         failure = sem.expectation_failure(e)
         sem_note = "" if failure is None else _failure_text(failure)
         pairs = 0
-        tables_note = ""
+        tables_note = effective_note = ""
         proto = e.proto
-        port = e.port or 0
+        port = e.port if e.port is not None else (ICMP_ECHO_REQUEST if proto == "icmp" else 0)
         for s in inventory.hosts:
             if s.ip not in e.src:
                 continue
@@ -131,14 +150,27 @@ def run_expects(
                 if d.ip not in e.dst or d.name == s.name:
                     continue
                 pairs += 1
+                wanted = e.allowed
+                if now is not None:
+                    flow = now.flow(s.ip, d.ip, "other" if proto == "ip" else proto, port)
+                    wanted = flow.allowed
+                    if wanted != e.allowed and not effective_note:
+                        effective_note = (
+                            f"{s.name} -> {d.name} is {'allowed' if wanted else 'denied'} "
+                            f"now: {flow.deciding.describe()}"
+                        )
                 t = trace_flow(fabric, None, s, d, proto, port)
-                if t.passed != e.allowed:
+                if t.passed != wanted:
                     got = "got through" if t.passed else "was stopped"
-                    tables_note = f"{s.name} -> {d.name} {proto} {port or ''}".rstrip() + f" {got}"
+                    shown = f" {port}" if proto in ("tcp", "udp") else ""
+                    tables_note = f"{s.name} -> {d.name} {proto}{shown} {got}"
                     break
             if tables_note:
                 break
-        out.append(ExpectResult(e, failure is None, sem_note, pairs, not tables_note, tables_note))
+        out.append(
+            ExpectResult(e, failure is None, sem_note, pairs, not tables_note, tables_note,
+                         effective_note)
+        )  # fmt: skip
     return out
 
 

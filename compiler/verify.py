@@ -40,6 +40,7 @@ from compiler.evaluate import (
     Fabric,
     PacketFields,
     PathResult,
+    SwitchResult,
     evaluate,
     lookup,
 )
@@ -509,8 +510,7 @@ class Verifier:
                 if port is None:
                     port = self.plan(sender, pkt.dst, pkt.protocol)[-1].port
                 alone = evaluate(self.fabric.switches[switch], port, pkt)
-                verb = "lets it through" if alone.egress_port is not None else "drops it"
-                observed = f"{switch} alone {verb}: " + _observed(PathResult((alone,), None))
+                observed = _alone(alone, self.fabric)
                 result.counterexamples.append(
                     Counterexample(side, sender.name, pkt, path, expected, observed)
                 )
@@ -626,6 +626,29 @@ def _observed(path: PathResult) -> str:
         return f"dropped at {last.switch}"
     what = _entry(stop.entry) if stop.entry else f"{stop.table} default {stop.action}"
     return f"dropped at {last.switch} by {what}"
+
+
+def _alone(hop: SwitchResult, fabric: Fabric) -> str:
+    """What one switch, judging alone, does with a packet: the `policy` entry that decided,
+    then where the packet goes — never "dropped" for a packet it forwards."""
+    decided = next((h for h in hop.hits if h.table == "policy"), None)
+    if decided is None:
+        return f"{hop.switch} alone drops it before its policy table: " + _observed(
+            PathResult((hop,), None)
+        )
+    entry = _entry(decided.entry) if decided.entry else f"policy default {decided.action}"
+    verdict = "permits" if decided.action in ("permit", "permit_metered") else "refuses"
+    if hop.egress_port is None:
+        after = "; " + _observed(PathResult((hop,), None)) if verdict == "permits" else ""
+        return f"{hop.switch} alone {verdict} it: {entry}{after}"
+    host = fabric.host_at.get((hop.switch, hop.egress_port))
+    peer = fabric.peer.get((hop.switch, hop.egress_port))
+    to = f"port {hop.egress_port}"
+    if host:
+        to = f"host {host} ({to})"
+    elif peer:
+        to += f" (towards {peer[0]})"
+    return f"{hop.switch} alone lets it through: {entry}, then forwards it to {to}"
 
 
 def verify(

@@ -49,6 +49,7 @@ class Compiled:
     build_dir: Path
     inventory: Inventory
     policy: Policy  # the effective policy that was compiled
+    policy_text: str = ""  # the policy file's text as read for this compile
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:
@@ -94,23 +95,54 @@ def _rule_lines(build: Build) -> dict[int, str]:
     return {r["id"]: f"line {r['line']}: {r['text']}" for r in rules}
 
 
-def _entry_json(
-    tables: Tables, entry: p4r.TableEntry, rules: dict[int, str], held: bool = False
-) -> dict[str, object]:
+APPLIED_RULES = "applied-rules.json"  # in the state directory: the rules each switch holds
+UNRECORDED = "(the rule of a policy applied before; its text was not recorded)"
+
+
+def applied_rules(state_dir: Path | None) -> dict[str, dict[int, str]]:
+    """Per switch, the rule lines of the build last applied to it (for labelling entries
+    that a plan removes: they come from that policy, not from the new one)."""
+    if state_dir is None:
+        return {}
+    try:
+        doc = json.loads((state_dir / APPLIED_RULES).read_text())
+        return {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}  # no record (or a damaged one): removed entries are labelled as unknown
+
+
+def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict[int, str]) -> None:
+    """Remember the rule lines of the switches that now hold this build."""
+    record = applied_rules(state_dir)
+    for r in reports:
+        if r.ok:
+            record[r.switch] = rules
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{APPLIED_RULES}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(state_dir / APPLIED_RULES)
+
+
+def _entry_json(tables: Tables, entry: p4r.TableEntry, rules: dict[int, str]) -> dict[str, object]:
     text, rule_id = describe_entry(tables.pipeline, entry)
     out: dict[str, object] = {"entry": text}
     if rule_id is not None:
         out["rule_id"] = rule_id
-        # A held entry's rule id numbers the rules of the policy it was applied from.
-        out["rule" if not held else "rule_now"] = rules.get(rule_id, "")
+        out["rule"] = rules.get(rule_id, UNRECORDED)
     return out
 
 
 def report_json(
-    reports: Sequence[SwitchReport], tables: Tables, rules: dict[int, str], applied: bool
+    reports: Sequence[SwitchReport],
+    tables: Tables,
+    rules: dict[int, str],
+    applied: bool,
+    before: dict[str, dict[int, str]] | None = None,
 ) -> dict[str, object]:
+    """`before`: per switch, the rule lines removed entries came from (applied_rules)."""
     switches = []
     for r in reports:
+        old = (before or {}).get(r.switch, {})
         item: dict[str, object] = {
             "switch": r.switch,
             "address": r.address,
@@ -134,13 +166,10 @@ def report_json(
                 name: {
                     "added": [_entry_json(tables, e, rules) for e in d.added],
                     "changed": [
-                        {
-                            "from": _entry_json(tables, a, rules, held=True),
-                            "to": _entry_json(tables, b, rules),
-                        }
+                        {"from": _entry_json(tables, a, old), "to": _entry_json(tables, b, rules)}
                         for a, b in d.changed
                     ],
-                    "removed": [_entry_json(tables, e, rules, held=True) for e in d.removed],
+                    "removed": [_entry_json(tables, e, old) for e in d.removed],
                 }
                 for name, d in r.plan.diff.items()
             }
@@ -152,10 +181,9 @@ def report_json(
 
 def _line(tables: Tables, sign: str, entry: p4r.TableEntry, rules: dict[int, str]) -> str:
     text, rule_id = describe_entry(tables.pipeline, entry)
-    if sign == "-":  # held: its rule id numbers the rules of the policy it was applied from
-        why = f"   # rule {rule_id} when applied" if rule_id is not None else ""
-    else:
-        why = f"   # rule {rule_id}, {rules[rule_id]}" if rule_id in rules else ""
+    why = ""
+    if rule_id is not None:
+        why = f"   # rule {rule_id}, {rules.get(rule_id, UNRECORDED)}"
     return f"      {sign} {text}{why}"
 
 
@@ -165,9 +193,13 @@ def print_reports(
     rules: dict[int, str],
     applied: bool,
     limit: int = 20,
+    before: dict[str, dict[int, str]] | None = None,
 ) -> None:
+    """Added and changed entries are labelled with `rules` (the new build's); removed ones
+    with `before` (per switch, the rules of the build applied before)."""
     width = max((len(r.switch) for r in reports), default=0)
     for r in reports:
+        old = (before or {}).get(r.switch, {})
         head = f"{r.switch:<{width}}  {r.address}"
         if r.error:
             print(f"{head}  ERROR: {r.error}")
@@ -189,7 +221,7 @@ def print_reports(
         for d in r.plan.diff.values():
             lines = [_line(tables, "+", e, rules) for e in d.added]
             lines += [_line(tables, "~", b, rules) for _, b in d.changed]
-            lines += [_line(tables, "-", e, rules) for e in d.removed]
+            lines += [_line(tables, "-", e, old) for e in d.removed]
             for text in lines:
                 if shown == limit:
                     break
@@ -234,8 +266,14 @@ def session_of(verb: str, args: argparse.Namespace, compiled: Compiled) -> Sessi
     return Session(options, tables, selected, files)
 
 
-def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, list[SwitchReport]]:
-    """Plan or apply; prints the result; the exit status and the per-switch reports."""
+def run(
+    verb: str,
+    args: argparse.Namespace,
+    compiled: Compiled,
+    extra: dict[str, object] | None = None,
+) -> tuple[int, list[SwitchReport]]:
+    """Plan or apply; prints the result (`extra` joins the JSON document); the exit status
+    and the per-switch reports."""
     session = session_of(verb, args, compiled)
     if session is None:
         return EXIT_ERROR, []
@@ -257,12 +295,18 @@ def run(verb: str, args: argparse.Namespace, compiled: Compiled) -> tuple[int, l
         r for r in reports if r.ok and (r.pipeline != "same" or (r.plan and not r.plan.empty))
     ]
     failed = [r for r in reports if not r.ok]
+    state = getattr(args, "state", None)
+    state_dir = Path(state) if state else None
+    before = applied_rules(state_dir)
+    if apply and state_dir is not None:
+        record_applied(state_dir, reports, rules)
     if args.output == "json":
-        doc = report_json(reports, tables, rules, apply)
+        doc = report_json(reports, tables, rules, apply, before)
         doc["seconds"] = round(time.monotonic() - start, 3)
+        doc.update(extra or {})
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print_reports(reports, tables, rules, apply)
+        print_reports(reports, tables, rules, apply, before=before)
         took = time.monotonic() - start
         trouble = f"; {len(failed)} failed" if failed else ""
         if apply:

@@ -167,7 +167,8 @@ def register(
         _state_argument(p)
         return p
 
-    verb("plan", "show what apply would change on the switches", PLAN_HELP)
+    pl = verb("plan", "show what apply would change on the switches", PLAN_HELP)
+    _at_argument(pl)
     a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
     a.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
@@ -214,10 +215,18 @@ def register(
     al.add_argument("--rate", type=float, default=5.0, help="alerts/s per source (default: 5)")
     al.add_argument("--burst", type=int, default=20, help="burst per source (default: 20)")
 
-    verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP)
+    _at_argument(verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP))
 
     au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
     au.add_argument("action", choices=("verify", "show"))
+
+
+def _at_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="the effective policy at TIME (ISO 8601 with a zone, or `now`; default: now)",
+    )
 
 
 def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) -> None:

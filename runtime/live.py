@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.model import Action, Policy, PolicyRule
+from compiler.diagnostics import Span
+from compiler.model import Action, Policy, PolicyRule, TimeWindow
 
 STATE_FILE = "live.json"
 REMEDIATION = "remediation"  # the service a quarantined host may still reach
@@ -192,3 +194,75 @@ def note_applied(policy: Policy, state: LiveState, now: float) -> None:
     for rule in policy.rules:
         if rule.duration_s is not None:
             state.first_applied.setdefault(rule.describe(), now)
+
+
+def parse_moment(text: str) -> float | str:
+    """`--at`: an ISO 8601 time with a zone (`2026-03-02T21:30:00Z`, `...+01:00`) or `now`,
+    as UNIX time; or what is wrong with it."""
+    if text == "now":
+        return dt.datetime.now(dt.UTC).timestamp()
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return f"--at {text!r} is not an ISO 8601 time (e.g. 2026-03-02T21:30:00Z) or `now`"
+    if moment.tzinfo is None:
+        return f"--at {text!r} has no zone: add one (Z, +01:00) so the moment is unambiguous"
+    return moment.timestamp()
+
+
+def window_open(window: TimeWindow, now: float) -> bool:
+    """Whether a `during` window is open at `now` (as `in_force` judges a rule with it)."""
+    probe = PolicyRule(0, Action.ALLOW, _EMPTY, _EMPTY, "", "", "ip", (), False, False, None,
+                       None, window, Span("", 0, 0, 0, 0))  # fmt: skip
+    return in_force(probe, LiveState(), now)
+
+
+@dataclass(frozen=True, slots=True)
+class InForce:
+    """What made the effective policy at a moment differ from the file (for reports)."""
+
+    moment: float
+    grants: tuple[Grant, ...]
+    quarantined: tuple[str, ...]
+    in_force: tuple[PolicyRule, ...]  # time-bound rules in force
+    lapsed: tuple[PolicyRule, ...]  # time-bound rules not in force
+
+    def lines(self) -> list[str]:
+        at = dt.datetime.fromtimestamp(self.moment, dt.UTC)
+        out = [f"effective policy at {at:%Y-%m-%d %H:%M:%S} UTC:"]
+        for g in self.grants:
+            until = dt.datetime.fromtimestamp(g.expires, dt.UTC)
+            out.append(f"  grant {g.id}: {g.line()} (by {g.actor}, until {until:%H:%M:%S} UTC)")
+        out += [f"  quarantined: {h}" for h in self.quarantined]
+        out += [f"  in force:     line {r.span.line}: {r.describe()}" for r in self.in_force]
+        out += [f"  not in force: line {r.span.line}: {r.describe()}" for r in self.lapsed]
+        if len(out) == 1:
+            out[0] += " the policy file as written (no grants, quarantines or time-bound rules)"
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "at": dt.datetime.fromtimestamp(self.moment, dt.UTC).isoformat(),
+            "grants": [dataclasses.asdict(g) for g in self.grants],
+            "quarantined": list(self.quarantined),
+            "in_force": [{"line": r.span.line, "rule": r.describe()} for r in self.in_force],
+            "not_in_force": [{"line": r.span.line, "rule": r.describe()} for r in self.lapsed],
+        }
+
+    def digest(self) -> str:
+        """A SHA-256 of the operations and rule states (for the audit log)."""
+        doc = self.to_json()
+        doc.pop("at")
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def in_force_report(policy: Policy, state: LiveState, now: float) -> InForce:
+    """Which grants, quarantines and time-bound rules of `policy` hold at `now`."""
+    timed = [r for r in policy.rules if r.is_time_bound]
+    return InForce(
+        now,
+        tuple(state.active_grants(now)),
+        tuple(sorted(state.quarantined)),
+        tuple(r for r in timed if in_force(r, state, now)),
+        tuple(r for r in timed if not in_force(r, state, now)),
+    )

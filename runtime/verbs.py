@@ -43,8 +43,10 @@ from runtime.controller import SwitchReport, pipeline_states
 from runtime.live import (
     LiveState,
     effective_policy,
+    in_force_report,
     next_change,
     note_applied,
+    parse_moment,
     policy_text_with_grants,
 )
 
@@ -55,6 +57,11 @@ PolicyTransform = Callable[[Policy, Inventory], Policy]
 Front = Callable[[argparse.Namespace, TextTransform, PolicyTransform], Compiled | None]
 
 # -- applying the effective policy --------------------------------------------------------
+
+
+def clock() -> float:
+    """The controller's clock (tests move it to put a `during` window in or out of force)."""
+    return time.time()
 
 
 def _compile(
@@ -99,17 +106,20 @@ def _apply_compiled(
 ) -> tuple[int, Compiled | None]:
     """Apply the effective policy, save the state if it took, and audit what happened."""
     state_dir = Path(args.state)
-    now = time.time()
-    expired = state.prune(now)
-    compiled = _compile(args, front, state, now)
+    moment = clock()
+    expired = state.prune(moment)
+    compiled = _compile(args, front, state, moment)
     if compiled is None:
         return EXIT_ERROR, None
+    # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
+    # not be hashed in its place.
+    operations = in_force_report(compiled.policy, state, moment)
     code, reports = run(verb, args, compiled)
     dry = getattr(args, "dry_run", False)
     changed = any(r.written for r in reports)
     if reports and not dry:
         if code == EXIT_OK:
-            note_applied(compiled.policy, state, now)
+            note_applied(compiled.policy, state, moment)
         state.save(state_dir)
     if (changed or event or code == EXIT_ERROR or expired) and not dry and reports:
         audit.append(
@@ -117,7 +127,9 @@ def _apply_compiled(
             verb,
             **event,
             policy=str(args.policy),
-            policy_sha256=hashlib.sha256(Path(args.policy).read_bytes()).hexdigest(),
+            policy_sha256=hashlib.sha256(compiled.policy_text.encode()).hexdigest(),
+            compiled_sha256=compiled.build.report.get("policy_sha256"),
+            operations_sha256=operations.digest(),
             expired_grants=[g.id for g in expired],
             result="ok" if code == EXIT_OK else "failed",
             switches=_summary(reports),
@@ -138,10 +150,39 @@ def cmd_apply(args: argparse.Namespace, front: Front) -> int:
     if state is None:
         return EXIT_ERROR
     if args.verb == "plan":
-        now = time.time()
-        compiled = _compile(args, front, state, now)
-        return EXIT_ERROR if compiled is None else run("plan", args, compiled)[0]
+        moment = _moment(args, "plan")
+        if moment is None:
+            return EXIT_ERROR
+        compiled = _compile(args, front, state, moment)
+        if compiled is None:
+            return EXIT_ERROR
+        effective = _say_in_force(args, compiled, state, moment)
+        return run("plan", args, compiled, {"effective": effective})[0]
     return _apply("apply", args, front, state, {})
+
+
+def _moment(args: argparse.Namespace, verb: str) -> float | None:
+    """--at TIME, or the clock (None: reported)."""
+    at = getattr(args, "at", None)
+    if not at:
+        return clock()
+    moment = parse_moment(at)
+    if isinstance(moment, str):
+        print(f"p4seg {verb}: error: {moment}", file=sys.stderr)
+        return None
+    return moment
+
+
+def _say_in_force(
+    args: argparse.Namespace, compiled: Compiled, state: LiveState, moment: float
+) -> dict[str, object]:
+    """Which grants, quarantines and time-bound rules the compiled policy holds: printed
+    (human output), and returned for the JSON document."""
+    report = in_force_report(compiled.policy, state, moment)
+    if args.output == "human":
+        for line in report.lines():
+            print(line)
+    return report.to_json()
 
 
 def cmd_grant(args: argparse.Namespace, front: Front) -> int:
@@ -152,9 +193,13 @@ def cmd_grant(args: argparse.Namespace, front: Front) -> int:
     state = _load_state(args, "grant")
     if state is None:
         return EXIT_ERROR
-    grant = state.add_grant(
-        args.src, args.dst, args.proto, args.ports, seconds, time.time(), actor()
-    )
+    moment = clock()
+    grant = state.add_grant(args.src, args.dst, args.proto, args.ports, seconds, moment, actor())
+    refused = _grant_effect(args, state, moment)
+    if refused is not None:
+        code, message = refused
+        print(message, file=sys.stderr if code == EXIT_ERROR else sys.stdout)
+        return code  # nothing saved, nothing written
     code = _apply(
         "grant", args, front, state, {"grant": grant.id, "rule": grant.line(), "seconds": seconds}
     )
@@ -162,6 +207,67 @@ def cmd_grant(args: argparse.Namespace, front: Front) -> int:
         print(f"grant {grant.id}: {grant.line()} for {args.duration} "
               f"(revoke with: p4seg revoke {grant.id} -p {args.policy} -i {args.inventory})")  # fmt: skip
     return code
+
+
+def _grant_effect(
+    args: argparse.Namespace, state: LiveState, moment: float
+) -> tuple[int, str] | None:
+    """Why the newest grant of `state` cannot change anything — (exit status, message) —
+    or None when it takes effect (or the policy has errors, which the apply reports)."""
+    from compiler.check import check_policy
+    from compiler.diagnostics import InventoryError
+    from compiler.inventory import load_inventory
+    from compiler.model import Action, PolicyRule
+    from compiler.semantics import PolicySemantics, bits
+
+    try:
+        inventory, _ = load_inventory(args.inventory)
+        text = Path(args.policy).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, InventoryError):
+        return None
+    result = check_policy(
+        policy_text_with_grants(text, state, moment), args.policy, inventory, expectations=False
+    )
+    if result.policy is None:
+        return None
+    hosts = {h.name: h.ip for h in inventory.hosts}
+    policy = effective_policy(result.policy, state, moment, hosts)
+    grants = state.active_grants(moment)
+    first_grant = len(result.policy.rules) - len(grants) + 1
+    rule = policy.rules[len(result.policy.rules) - 1]
+    line = grants[-1].line()
+
+    def named(r: PolicyRule) -> str:
+        if r.id >= first_grant:
+            g = grants[r.id - first_grant]
+            return f"grant {g.id} (`{g.line()}`)"
+        return f"`{r.describe()}` at {r.span}"
+
+    if not rule.src or not rule.dst:
+        cut = ", ".join(sorted(state.quarantined)) or "its hosts"
+        return EXIT_ERROR, (
+            f"p4seg grant: error: `{line}` would not take effect: every host it names on one "
+            f"side is quarantined ({cut}); release first"
+        )
+    sem = PolicySemantics(policy)
+    coverage = next((c for c in sem.dead_rules() if c.rule.id == rule.id), None)
+    if coverage is None:
+        overlapping = sem._candidates(rule.id - 1) & sem.deny_bits
+        for i in bits(overlapping):
+            print(f"p4seg grant: warning: part of `{line}` stays blocked by "
+                  f"{named(policy.rules[i])} (deny overrides allow)", file=sys.stderr)  # fmt: skip
+    if coverage is not None and coverage.by_deny:
+        denies = "; ".join(named(r) for r in coverage.covering)
+        return EXIT_ERROR, (
+            f"p4seg grant: error: `{line}` would not take effect: blocked by {denies} "
+            f"(deny overrides allow); nothing written"
+        )
+    if coverage is not None:
+        allows = [r for r in coverage.covering if r.action is Action.ALLOW]
+        return EXIT_OK, (
+            f"`{line}` is already allowed by {'; '.join(named(r) for r in allows)}; nothing written"
+        )
+    return None
 
 
 def cmd_revoke(args: argparse.Namespace, front: Front) -> int:
@@ -264,9 +370,14 @@ def _open_session(
     state = _load_state(args, verb)
     if state is None:
         return None
-    compiled = _compile(args, front, state, time.time())
+    moment = _moment(args, verb)
+    if moment is None:
+        return None
+    compiled = _compile(args, front, state, moment)
     if compiled is None:
         return None
+    if verb == "hits":
+        _say_in_force(args, compiled, state, moment)
     session = session_of(verb, args, compiled)
     return None if session is None else (compiled, session)
 

@@ -402,11 +402,12 @@ def test_a_held_entry_is_not_labelled_with_the_rule_that_now_has_its_number(
     assert planned.ok and planned.plan is not None
     rules = {1: "line 2: allow strat2 -> strat1 icmp rate 50000pps",
              2: "line 3: allow bastion -> strat1 icmp rate 5pps"}  # fmt: skip
-    print_reports([planned], TABLES, rules, False, limit=100)
+    before = {planned.switch: {1: "line 2: allow bastion -> strat1 icmp rate 5pps"}}
+    print_reports([planned], TABLES, rules, False, limit=100, before=before)
     shown = capsys.readouterr().out
     removed = [line for line in shown.splitlines() if line.lstrip().startswith("- policy")]
     assert removed, shown
     for line in removed:
         assert "rate 50000pps" not in line, line  # what the plan used to claim
         if "permit_metered(rule_id=1)" in line:
-            assert "meter 5pps burst 1" in line and "# rule 1 when applied" in line, line
+            assert "meter 5pps burst 1" in line and "rate 5pps" in line, line
