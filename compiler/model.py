@@ -8,7 +8,8 @@ downstream (alerts, traces, counterexamples) can say which line decided.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from compiler.addresses import AddressSet, Interval
 from compiler.diagnostics import Span
@@ -44,9 +45,16 @@ class TimeWindow:
 
 @dataclass(frozen=True, slots=True)
 class Service:
+    """A named address set. Its value is computed on first use: a chain of n nested services
+    would otherwise hold n²/2 intervals when only the outermost is used."""
+
     name: str
-    addresses: AddressSet
     span: Span
+    value: Callable[[], AddressSet] = field(repr=False, compare=False)
+
+    @property
+    def addresses(self) -> AddressSet:
+        return self.value()
 
 
 @dataclass(frozen=True, slots=True)

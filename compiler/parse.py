@@ -148,6 +148,24 @@ def _all_syntax_errors(parser: Lark, text: str, file: str) -> list[Diagnostic]:
     return diags
 
 
+# Text before a token that makes a message more precise: a port list's trailing comma
+# (`tcp 80,`), a value whose unit stands apart (`rate 50 kpps`), a rule's sides.
+_TRAILING_COMMA = re.compile(r",\s*(?:#[^\n]*\s*)*$")
+_SPACED_UNIT = re.compile(r"\b(?:rate|for)\s+(?P<number>[0-9]+(?:\.[0-9]+)?)\s+$")
+_RULE_START = re.compile(r"^\s*(?:allow|deny|expect)\b")
+_ARROW_LOOKALIKES = frozenset(">→⟶➔➜=")
+
+
+def _arrow_hint(chunk: str, pos: int) -> str:
+    """' (did you mean `->`?)' for an arrow written some other way in a rule, or ''."""
+    before = chunk[:pos]
+    if not _RULE_START.match(before) or "->" in before:
+        return ""
+    if chunk[pos] == "<":
+        return " (rules read source `->` destination: put the source first and write `->`)"
+    return " (did you mean `->`?)" if chunk[pos] in _ARROW_LOOKALIKES else ""
+
+
 def _describe(token: Token) -> str:
     if token.type == "$END":
         return "end of file"
@@ -185,7 +203,7 @@ def _syntax_diagnostic(
         pos = exc.pos_in_stream or 0
         char = chunk[pos] if pos < len(chunk) else "?"
         span = Span.point(file, exc.line + line_offset, exc.column)
-        return error("E001", f"unexpected character {char!r}", span)
+        return error("E001", f"unexpected character {char!r}{_arrow_hint(chunk, pos)}", span)
     assert isinstance(exc, UnexpectedToken)
     tok = exc.token
     expected = set(exc.expected)
@@ -204,7 +222,18 @@ def _syntax_diagnostic(
         return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
     if "_ARROW" in expected and not after_arrow:
-        return error("E002", f"expected `->` between source and destination, found {found}", span)
+        tail = " (did you mean `->`?)" if tok.type in ("MINUS", "EQUAL") else ""
+        return error(
+            "E002", f"expected `->` between source and destination, found {found}{tail}", span
+        )
+    before = chunk[: tok.start_pos if tok.type != "$END" else len(chunk)]
+    if expected == {"INT"} and _TRAILING_COMMA.search(before):
+        return error(
+            "E003",
+            f"port list ends with `,`: expected a port after it, found {found} "
+            "(remove the comma, or add a port: 80, 443)",
+            span,
+        )
     if tok.type == "MINUS" or expected == {"INT"}:
         return error(
             "E003",
@@ -228,7 +257,11 @@ def _syntax_diagnostic(
             span,
         )
     if expected & _OPTION_TOKENS:
-        tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
+        glued = _SPACED_UNIT.search(before) if tok.type == "NAME" else None
+        if glued:
+            tail = f" (did you mean `{glued['number']}{tok.value}`? no space between a value and its unit)"
+        else:
+            tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
         wants = "a protocol (tcp, udp, icmp, ip), " if "PROTO" in expected else ""
         return error(
             "E005",
