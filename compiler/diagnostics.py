@@ -171,7 +171,8 @@ def _excerpt(span: Span, sources: SourceFiles) -> list[str]:
     text = sources.line(span.file, span.line)
     if text is None:
         return []
-    text = text.expandtabs(1)
+    # A line separator or control character would break the excerpt on a terminal.
+    text = "".join(c if c.isprintable() else "\ufffd" for c in text.expandtabs(1))
     gutter = f"{span.line:>4} | "
     end = span.end_column if span.end_line == span.line else len(text) + 1
     width = max(1, min(end, len(text) + 1) - span.column)

@@ -26,6 +26,7 @@ from compiler.diagnostics import (
     SourceError,
     Span,
     error,
+    quote,
     read_source,
 )
 from compiler.parse import KEYWORDS
@@ -233,14 +234,14 @@ class _InventoryReader:
         if text is not None and (text in KEYWORDS or text == "any"):
             self.fail(
                 "E307",
-                f"{what} '{text}' is a word of the policy language; a policy could not name it",
+                f"{what} {quote(text)} is a word of the policy language; a policy could not name it",
                 node,
             )
             return None
         if text is not None and not _NAME.match(text):
             self.fail(
                 "E307",
-                f"{what} '{text}' is not a valid name (letters, digits, '_' and inner '-')",
+                f"{what} {quote(text)} is not a valid name (letters, digits, '_' and inner '-')",
                 node,
             )
             return None

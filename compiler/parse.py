@@ -230,8 +230,7 @@ def _syntax_diagnostic(
     if expected == {"INT"} and _TRAILING_COMMA.search(before):
         return error(
             "E003",
-            f"port list ends with `,`: expected a port after it, found {found} "
-            "(remove the comma, or add a port: 80, 443)",
+            f"port list ends with `,` before {found}: remove the comma, or add a port (80, 443)",
             span,
         )
     if tok.type == "MINUS" or expected == {"INT"}:
