@@ -260,7 +260,11 @@ class _InventoryReader:
             mark = getattr(exc, "problem_mark", None)
             span = self.span(mark) if mark else None
             problem = getattr(exc, "problem", None) or str(exc)
-            raise InventoryError([error("E301", f"invalid YAML: {problem}", span)]) from None
+            context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            notes = (Note(context, self.span(where) if where else None),) if context else ()
+            raise InventoryError(
+                [error("E301", f"invalid YAML: {problem}", span, *notes)]
+            ) from None
         except RecursionError:  # the pure-Python loader, on a deeply nested document
             raise InventoryError(
                 [error("E301", "invalid YAML: nested too deeply", Span.point(self.file, 1, 1))]
