@@ -150,16 +150,24 @@ def _all_syntax_errors(parser: Lark, text: str, file: str) -> list[Diagnostic]:
 
 # Text before a token that makes a message more precise: a port list's trailing comma
 # (`tcp 80,`), a value whose unit stands apart (`rate 50 kpps`), a rule's sides.
-_TRAILING_COMMA = re.compile(r",\s*(?:#[^\n]*\s*)*$")
 _SPACED_UNIT = re.compile(r"\b(?:rate|for)\s+(?P<number>[0-9]+(?:\.[0-9]+)?)\s+$")
 _RULE_START = re.compile(r"^\s*(?:allow|deny|expect)\b")
 _ARROW_LOOKALIKES = frozenset(">→⟶➔➜=")
 
 
+def _ends_with_comma(text: str) -> bool:
+    """Whether the last thing before the end of `text`, comments aside, is a comma."""
+    for line in reversed(text.split("\n")):
+        code = line.split("#", 1)[0].rstrip()  # the language has no strings: # starts a comment
+        if code:
+            return code.endswith(",")
+    return False
+
+
 def _arrow_hint(chunk: str, pos: int) -> str:
     """' (did you mean `->`?)' for an arrow written some other way in a rule, or ''."""
     before = chunk[:pos]
-    if not _RULE_START.match(before) or "->" in before:
+    if pos >= len(chunk) or not _RULE_START.match(before) or "->" in before:
         return ""
     if chunk[pos] == "<":
         return " (rules read source `->` destination: put the source first and write `->`)"
@@ -226,8 +234,8 @@ def _syntax_diagnostic(
         return error(
             "E002", f"expected `->` between source and destination, found {found}{tail}", span
         )
-    before = chunk[: tok.start_pos if tok.type != "$END" else len(chunk)]
-    if expected == {"INT"} and _TRAILING_COMMA.search(before):
+    before = chunk[: (tok.start_pos or 0) if tok.type != "$END" else len(chunk)]
+    if expected == {"INT"} and _ends_with_comma(before):
         return error(
             "E003",
             f"port list ends with `,` before {found}: remove the comma, or add a port (80, 443)",
@@ -258,7 +266,8 @@ def _syntax_diagnostic(
     if expected & _OPTION_TOKENS:
         glued = _SPACED_UNIT.search(before) if tok.type == "NAME" else None
         if glued:
-            tail = f" (did you mean `{glued['number']}{tok.value}`? no space between a value and its unit)"
+            joined = f"{glued['number']}{tok.value}"
+            tail = f" (did you mean `{joined}`? no space between a value and its unit)"
         else:
             tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
         wants = "a protocol (tcp, udp, icmp, ip), " if "PROTO" in expected else ""
