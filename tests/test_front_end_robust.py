@@ -11,6 +11,7 @@ import json
 import random
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,7 +240,7 @@ def test_the_example_policy_stays_warning_free(floor: Inventory, floor_policy_te
 # -- unreadable files and --error-format json ------------------------------------------------
 
 
-def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     assert main(argv) == 1
     out = capsys.readouterr().out
     doc = json.loads(out)
@@ -271,7 +272,7 @@ def test_a_non_utf8_policy_is_e000_at_the_byte(
     policy = tmp_path / "p.zt"
     policy.write_bytes(b"policy p\n# caf\xe9\nallow algo1 -> oms1 tcp 9876\n")
     doc = _json(["check", str(policy), "-i", FLOOR, "--error-format", "json"], capsys)
-    [diag] = doc["diagnostics"]  # type: ignore[misc]
+    [diag] = doc["diagnostics"]
     assert (diag["code"], diag["line"], diag["column"]) == ("E000", 2, 6)
     assert main(["check", str(policy), "-i", FLOOR]) == 1
     err = capsys.readouterr().err
@@ -289,7 +290,7 @@ def test_json_for_an_unreadable_inventory(
     if verb == "compile":
         argv += ["-o", str(tmp_path / "build")]
     doc = _json(argv, capsys)
-    [diag] = doc["diagnostics"]  # type: ignore[misc]
+    [diag] = doc["diagnostics"]
     assert (diag["code"], diag["line"], diag["column"]) == ("E301", 1, 10)
     assert not (tmp_path / "build").exists()
 
@@ -310,7 +311,7 @@ def test_compile_errors_in_json_say_ok_false(
         "json",
     ]
     doc = _json(argv, capsys)
-    assert [d["code"] for d in doc["diagnostics"]] == ["E202"]  # type: ignore[union-attr]
+    assert [d["code"] for d in doc["diagnostics"]] == ["E202"]
 
 
 def test_a_byte_order_mark_is_not_text(floor: Inventory, tmp_path: Path) -> None:
