@@ -62,8 +62,8 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check compiler p4src runtime topologies tests bench
-	$(BIN)/mypy compiler runtime
+	$(BIN)/ruff format --check compiler p4seg p4src runtime topologies tests bench
+	$(BIN)/mypy compiler runtime p4seg
 
 clean:
 	rm -rf $(VENV) $(VENV_SHELL) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -132,7 +132,7 @@ def run_case(case: Case, repeat: int, seed: int, cli: bool) -> float:
     if cli:
         with tempfile.TemporaryDirectory(prefix="p4seg-bench-") as tmp:
             policy_path, inventory_path = write(floor, tmp)
-            cmd = [sys.executable, "-m", "compiler.cli", "check", policy_path, "-i", inventory_path]
+            cmd = [sys.executable, "-m", "p4seg.cli", "check", policy_path, "-i", inventory_path]
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             cli_s = time.perf_counter() - start

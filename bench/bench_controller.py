@@ -20,7 +20,7 @@ inventory's p4rt addresses are rewritten to those ports.
             exactly the same entries each time. Target: p4seg >= 10x the shell.
 2. apply    Policy A is applied, then B (A with one rule's port changed) and back, timed
             from the start of the apply until it returns: apply_all with the targets
-            prepared (the controller core), and `p4seg apply` in-process (compiler.cli.main:
+            prepared (the controller core), and `p4seg apply` in-process (p4seg.cli.main:
             check, compile, write the build, encode, apply, state and audit). The baseline is
             a no-op apply (nothing to change) of the same kind. After each apply every
             switch's entries are read back from its device and compared with what B (or A)
@@ -76,8 +76,8 @@ from finsy import P4Client, Switch, SwitchOptions
 from finsy.proto import p4i, p4r
 from google.protobuf import text_format
 
-import compiler.cli
-import runtime.cli
+import p4seg.cli
+import p4seg.control
 from bench.gen_policy import Floor, generate
 from compiler.addresses import AddressSet
 from compiler.check import check_policy
@@ -86,9 +86,9 @@ from compiler.entries import SwitchTables, TableEntry
 from compiler.evaluate import PROTO_TCP, Fabric, PacketFields
 from compiler.inventory import Host, Inventory, parse_inventory
 from compiler.model import Action, Policy
+from p4seg.commands import DEFAULT_BATCH
 from p4src.spec import PIPELINE
 from runtime.alerts import Alert, follow
-from runtime.commands import DEFAULT_BATCH
 from runtime.controller import (
     ControllerOptions,
     PipelineFiles,
@@ -644,22 +644,22 @@ class VerbTimes:
         return [t - f - a for t, f, a in zip(self.total, self.front, self.controller, strict=True)]
 
 
-def run_verb(argv: list[str], times: VerbTimes | None = None) -> runtime.cli.Compiled:
-    """compiler.cli.main(argv) in-process, quietly; what it compiled. `times` gets its
+def run_verb(argv: list[str], times: VerbTimes | None = None) -> p4seg.control.Compiled:
+    """p4seg.cli.main(argv) in-process, quietly; what it compiled. `times` gets its
     seconds, split into the front end (compile) and the controller (apply_all)."""
     front: list[float] = []
     controller: list[float] = []
-    compiled: list[runtime.cli.Compiled | None] = []
+    compiled: list[p4seg.control.Compiled | None] = []
     reports: list[list[SwitchReport]] = []
     if times is not None:  # timed: start without the garbage of the runs before
         gc.collect()
     with (
         quiet(),
-        timed_attr(compiler.cli, "_front", front, compiled),
-        timed_attr(runtime.cli, "apply_all", controller, reports),
+        timed_attr(p4seg.cli, "_front", front, compiled),
+        timed_attr(p4seg.control, "apply_all", controller, reports),
     ):
         start = time.perf_counter()
-        code = compiler.cli.main(argv)
+        code = p4seg.cli.main(argv)
         seconds = time.perf_counter() - start
     if code != 0 or not compiled or compiled[-1] is None:
         raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}")
@@ -759,7 +759,7 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
     if path != policy_a:
         run_verb(["apply", str(policy_a), *verb_args(s)])
     total, base = statistics.median(verb.total), statistics.median(verb_noop.total)
-    print("   `p4seg apply` in-process (compiler.cli.main; compile included):")
+    print("   `p4seg apply` in-process (p4seg.cli.main; compile included):")
     print(f"      {'no-op apply (baseline)':<55}{median_ms(verb_noop.total)}    1.00x")
     print(f"      {'one-rule change':<55}{median_ms(verb.total)} {total / base:6.2f}x   "
           f"{verdict(total, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms target "
@@ -944,7 +944,7 @@ def bench_alerts(c: Compiled, s: Site, count: int) -> None:
     err_path = s.directory / "alerts.stderr"
     with err_path.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "compiler.cli", "alerts", str(policy), *verb_args(s), "--follow"],
+            [sys.executable, "-m", "p4seg.cli", "alerts", str(policy), *verb_args(s), "--follow"],
             stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
         )  # fmt: skip
     try:

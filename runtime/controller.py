@@ -30,7 +30,7 @@ from google.protobuf import text_format
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from p4src.spec import CPU_CLONE_SESSION
-from runtime.commands import DEFAULT_BATCH, DEFAULT_ELECTION_ID
+from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
 from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
 

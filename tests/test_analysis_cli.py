@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TABLES
 
-from compiler.cli import main
+from p4seg.cli import main
 from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, apply_all
 from runtime.refswitch.switch import ReferenceSwitch
 

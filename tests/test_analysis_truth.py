@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from compiler.cli import main
+from p4seg.cli import main
 from runtime.controller import PipelineFiles, SwitchTarget
 from runtime.refswitch.switch import ReferenceSwitch
 
@@ -133,7 +133,7 @@ def live_floor(
 
 
 def _at(monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
-    monkeypatch.setattr("runtime.verbs.clock", lambda: _moment(moment))
+    monkeypatch.setattr("p4seg.verbs.clock", lambda: _moment(moment))
 
 
 def test_live_analysis_after_a_grant(
@@ -278,9 +278,9 @@ def test_audit_hashes_the_text_that_was_compiled(
 ) -> None:
     """Under `watch` the file can change between compile and audit: the record must hash
     what went onto the switches."""
-    from compiler.cli import _front, _parser
+    from p4seg.cli import _front, _parser
+    from p4seg.verbs import _apply_compiled
     from runtime.live import LiveState
-    from runtime.verbs import _apply_compiled
 
     def edited_meanwhile(*args: object) -> object:
         compiled = _front(*args)  # type: ignore[arg-type]
@@ -338,7 +338,7 @@ def test_no_traceback_on_a_closed_pipe(tmp_path: Path) -> None:
     """`p4seg ... | head -1`: the reader goes away; the writer ends quietly."""
     for argv in (["fmt", POLICY], ["check", POLICY, "-i", FLOOR, "--summary"]):
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from compiler.cli import main; sys.exit(main())", *argv],
+            [sys.executable, "-c", "import sys; from p4seg.cli import main; sys.exit(main())", *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,

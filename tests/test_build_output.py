@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import main
 from compiler.emit import MANIFEST, Build, OutputDirError, build, write_build
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from p4seg.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "policies" / "trading_floor.zt"

@@ -13,7 +13,7 @@ from p4rt import wait_for
 from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
-from compiler.cli import main
+from p4seg.cli import main
 from runtime.refswitch.switch import ReferenceSwitch
 
 POLICY = """\
@@ -133,8 +133,8 @@ def test_hits_and_watch_keep_going_on_a_bad_edit(
 
 
 def test_watch_restores_a_restarted_switch(site: tuple[ReferenceSwitch, list[str]]) -> None:
-    from compiler.cli import _front, _parser
-    from runtime.verbs import watch_loop
+    from p4seg.cli import _front, _parser
+    from p4seg.verbs import watch_loop
 
     sw, inv = site
     address = sw.server_address

@@ -16,12 +16,12 @@ from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.cli import main
 from compiler.emit import OutputDirError, build, write_build
 from compiler.fit import CapacityError, range_to_ternary
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.p4c import compile_v1model, p4c_available
+from p4seg.cli import main
 from p4src.p4info import build_p4info
 from p4src.render import render_program
 

@@ -40,16 +40,16 @@ from conftest import TABLES
 from p4rt import wait_for
 
 from compiler.check import check_policy
-from compiler.cli import _front, _parser, main
 from compiler.emit import build
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import ALL_PORTS, Policy
 from compiler.semantics import PolicySemantics
+from p4seg.cli import _front, _parser, main
+from p4seg.control import _rule_lines
+from p4seg.verbs import watch_loop
 from runtime.alerts import Alert, RateLimiter, follow
-from runtime.cli import _rule_lines
 from runtime.controller import ControllerOptions, PipelineFiles, targets
 from runtime.live import LiveState, effective_policy
-from runtime.verbs import watch_loop
 from topologies.matrix import (
     Cell,
     Flow,

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from compiler.check import check_policy
 from compiler.inventory import MAX_DATA_PORT, load_inventory
+from p4seg.up import keep_hint, on_loopback
 from topologies.console import mininet_arguments, node_command
 from topologies.matrix import Matrix, expected_matrix, representative_flows
 from topologies.names import IFNAMSIZ, NODE_NAME_MAX, _derived, is_safe, node_names
 from topologies.network import Floor
-from topologies.up import keep_hint, on_loopback
 
 # What compiler/inventory.py accepts as a host or switch name, of any length.
 INVENTORY_NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}(-[A-Za-z0-9_]{1,12}){0,5}\Z")

@@ -17,11 +17,11 @@ import pytest
 
 from compiler.addresses import AddressSet
 from compiler.check import check_policy
-from compiler.cli import main
 from compiler.diagnostics import Diagnostic, InventoryError, Span
 from compiler.inventory import Inventory, load_inventory, parse_inventory
 from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule
 from compiler.semantics import EPHEMERAL_PORT, PolicySemantics, bits
+from p4seg.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = str(ROOT / "topologies" / "trading_floor.yaml")

@@ -27,9 +27,9 @@ from compiler.inventory import Inventory, load_inventory
 from compiler.model import Policy
 from compiler.p4c import p4c_artifacts, p4c_available
 from compiler.verify import verify
+from p4seg.control import print_reports
 from p4src.spec import PIPELINE
 from runtime.alerts import hits_by_rule, read_counters, read_red_drops
-from runtime.cli import print_reports
 from runtime.controller import (
     ControllerOptions,
     PipelineFiles,

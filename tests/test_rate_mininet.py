@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from p4rt import free_port
 
-from compiler.cli import main
 from compiler.inventory import Inventory, load_inventory
 from compiler.p4c import p4c_available
+from p4seg.cli import main
 from topologies.network import Floor
 
 pytestmark = [

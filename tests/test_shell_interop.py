@@ -25,8 +25,8 @@ from finsy.proto import p4i, p4r, rpc_code
 from google.protobuf import text_format
 from p4rt import Session, config_from_build, update
 
-from compiler.cli import main
 from compiler.entries import FieldMatch, TableEntry
+from p4seg.cli import main
 from p4src.spec import PIPELINE
 from runtime.entities import table_entry_proto
 from runtime.refswitch.switch import ReferenceSwitch
@@ -433,7 +433,7 @@ def run_verb(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str
     env = {k: v for k, v in os.environ.items() if k != SHELL_PYTHON_ENV}
     env["IPYTHONDIR"] = str(tmp_path / "ipython")  # history and profile stay in tmp_path
     return subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "shell", *args],
+        [sys.executable, "-m", "p4seg.cli", "shell", *args],
         input=COMMANDS,
         capture_output=True,
         text=True,

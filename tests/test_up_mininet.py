@@ -106,7 +106,7 @@ def p4seg(*args: str, cwd: Path, **kwargs: object) -> subprocess.Popen[bytes]:
     """The p4seg command line of this checkout, as a process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(cwd)}  # HOME: Mininet's history
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "compiler.cli", *args], cwd=cwd, env=env, **kwargs
+        [sys.executable, "-m", "p4seg.cli", *args], cwd=cwd, env=env, **kwargs
     )
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler.check import CheckResult, check_policy
-from compiler.cli_analysis import HANDLERS as ANALYSIS_HANDLERS
-from compiler.cli_analysis import register as register_analysis_verbs
 from compiler.diagnostics import (
     Diagnostic,
     InventoryError,
@@ -30,13 +28,15 @@ from compiler.diagnostics import (
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
+from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
+from p4seg.analysis import register as register_analysis_verbs
+from p4seg.commands import VERBS as CONTROLLER_VERBS
+from p4seg.commands import register as register_controller_verbs
 from p4src.spec import PIPELINE, TARGETS
-from runtime.commands import VERBS as CONTROLLER_VERBS
-from runtime.commands import register as register_controller_verbs
 from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
 
 if TYPE_CHECKING:
-    from runtime.cli import Compiled
+    from p4seg.control import Compiled
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -140,7 +140,7 @@ examples:
 
 
 def _register_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from topologies.up import register
+    from p4seg.up import register
 
     register(sub, _policy_arguments)
 
@@ -474,7 +474,7 @@ def _front(
     (effective) policy and write the build; diagnostics are reported here (None: failed)."""
     from compiler.emit import OutputDirError, build, write_build
     from compiler.p4c import p4c_artifacts
-    from runtime.cli import Compiled
+    from p4seg.control import Compiled
 
     sources = SourceFiles()
     loaded = _load(args, sources)
@@ -586,12 +586,12 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.verb in ANALYSIS_HANDLERS:
             return ANALYSIS_HANDLERS[args.verb](args, _checked)
         if args.verb == "up":
-            from topologies.up import run_up
+            from p4seg.up import run_up
 
             logging.getLogger("finsy").setLevel(logging.ERROR)
             return run_up(args, _front)
         if args.verb in CONTROLLER_VERBS:
-            from runtime.verbs import HANDLERS  # finsy and grpc: only these verbs pay for them
+            from p4seg.verbs import HANDLERS  # finsy and grpc: only these verbs pay for them
 
             # finsy narrates every session (and that the switch has no gNMI): p4seg reports
             # what matters itself, so only finsy's errors get through.

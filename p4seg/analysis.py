@@ -1,4 +1,4 @@
-"""`p4seg verify`, `diff`, `trace` and `test` (registered by compiler/cli.py).
+"""`p4seg verify`, `diff`, `trace` and `test` (registered by p4seg/cli.py).
 
 Tables come from a build directory (`--from-build DIR`), from the live switches
 (`--from-switches`: read through P4Runtime, no arbitration needed), or by default from
@@ -97,7 +97,7 @@ examples:
 
 
 def _moment_options(p: argparse.ArgumentParser) -> None:
-    from runtime.commands import DEFAULT_STATE
+    from p4seg.commands import DEFAULT_STATE
 
     p.add_argument(
         "--state",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
     from compiler.inventory import Inventory
-    from runtime.cli import Compiled
+    from p4seg.control import Compiled
     from topologies.matrix import Matrix
     from topologies.network import Floor
 
@@ -50,7 +50,7 @@ examples:
 
 
 def register(sub: Any, policy_arguments: Callable[[argparse.ArgumentParser, bool], None]) -> None:
-    from runtime.commands import add_controller_arguments
+    from p4seg.commands import add_controller_arguments
 
     p = sub.add_parser(
         "up",
@@ -92,7 +92,7 @@ def on_loopback(inventory: Inventory, ports: dict[str, int]) -> Inventory:
 
 
 def run_up(args: argparse.Namespace, inventory_front: Callable[..., Compiled | None]) -> int:
-    from runtime.cli import session_of
+    from p4seg.control import session_of
     from runtime.controller import apply_all
     from runtime.live import LiveState, effective_policy
     from topologies.matrix import representative_flows, run_matrix
@@ -192,7 +192,7 @@ def _keep(
     """The Mininet CLI, with `p4seg watch` keeping the switches on the policy meanwhile."""
     from mininet.log import setLogLevel
 
-    from runtime.verbs import watch_loop
+    from p4seg.verbs import watch_loop
     from topologies.console import FloorCLI
 
     args.interval, args.check, args.once, args.switch = 0.5, 2.0, False, []

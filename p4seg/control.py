@@ -1,4 +1,4 @@
-"""`p4seg plan` and `p4seg apply`: the controller's verbs (registered by compiler/cli.py).
+"""`p4seg plan` and `p4seg apply`: the controller's verbs (registered by p4seg/cli.py).
 
     plan    compile, read back every switch, print the difference per switch and table
     apply   the same, then execute it with the epoch protocol; --dry-run stops at the plan
@@ -24,7 +24,6 @@ from finsy.proto import p4r
 from compiler.emit import Build
 from compiler.inventory import Inventory
 from compiler.model import Policy
-from runtime.commands import DEFAULT_BATCH
 from runtime.controller import (
     ControllerError,
     ControllerOptions,
@@ -35,6 +34,7 @@ from runtime.controller import (
     plan_all,
     targets,
 )
+from runtime.defaults import DEFAULT_BATCH
 from runtime.entities import describe_entry
 from runtime.plan import Tables
 

@@ -1,6 +1,6 @@
 """The controller's verbs on `p4seg`'s command line: arguments and help only.
 
-Kept apart from the verbs' code (runtime/verbs.py), which pulls in finsy and grpc, so that
+Kept apart from the verbs' code (p4seg/verbs.py), which pulls in finsy and grpc, so that
 `p4seg check` and `p4seg fmt` start without paying for them.
 """
 
@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-DEFAULT_ELECTION_ID = 10
-DEFAULT_BATCH = (
-    500  # updates per Write: bounded so a failing batch's error details fit gRPC's trailers
-)
+from runtime.defaults import DEFAULT_ELECTION_ID
+
 DEFAULT_STATE = ".p4seg"
 VERBS = (
     "plan",

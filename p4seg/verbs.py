@@ -1,4 +1,4 @@
-"""The controller's verbs, registered on `p4seg`'s command line by compiler/cli.py:
+"""The controller's verbs, registered on `p4seg`'s command line by p4seg/cli.py:
 
     plan apply                           make the switches hold the compiled policy
     grant revoke quarantine release      live operations, each audited and applied at once
@@ -27,10 +27,7 @@ from pathlib import Path
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.resolve import parse_duration
-from runtime import audit
-from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
-from runtime.audit import actor
-from runtime.cli import (
+from p4seg.control import (
     EXIT_ERROR,
     EXIT_OK,
     Compiled,
@@ -39,6 +36,9 @@ from runtime.cli import (
     run,
     session_of,
 )
+from runtime import audit
+from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
+from runtime.audit import actor
 from runtime.controller import SwitchReport, pipeline_states
 from runtime.live import (
     LiveState,
@@ -50,7 +50,7 @@ from runtime.live import (
     policy_text_with_grants,
 )
 
-# compiler/cli.py supplies the front end: load, transform the text, check, transform the
+# p4seg/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
 TextTransform = Callable[[str], str]
 PolicyTransform = Callable[[Policy, Inventory], Policy]
