@@ -29,10 +29,11 @@ from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
 from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
-from compiler.fit import Target, fit, make_target
+from compiler.fit import fit
 from compiler.inventory import Inventory
 from compiler.lower import lower
 from compiler.model import Policy
+from compiler.targets import Target, make_target
 from p4src.p4info import p4info_text
 from p4src.refconfig import device_config
 from p4src.render import render_program
@@ -85,16 +86,13 @@ def build(
     groups_of, switches = lower(policy, inventory)
     fitted = fit(switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
-    program_target = "tofino" if target.program == "tna" else "bmv2"
     files = {
         f"p4/{target.name}/p4seg.p4": render_program(
-            program_target, target.pipeline, min(cpu_ports)
+            target.program, target.pipeline, min(cpu_ports)
         ),
-        "p4info.txtpb": p4info_text(
-            target.pipeline, "tna" if target.program == "tna" else "v1model"
-        ),
+        "p4info.txtpb": p4info_text(target.pipeline, target.program),
     }
-    if target.name == "ref":
+    if target.kind.own_device_config:
         files["p4/ref/p4seg.json"] = device_config(target.pipeline)
     for sw in fitted:
         files[f"entries/{sw.switch}.json"] = _dumps_listing(_entries_json(sw, target), "entries")
@@ -270,7 +268,7 @@ def _report(
         if policy_entries
         else None,
     }
-    if target.name == "tofino":
+    if target.kind.resource_estimate:
         report["tofino_resources"] = tofino_resources(target.pipeline, switches)
     return report
 

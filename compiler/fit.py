@@ -12,35 +12,16 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from compiler.diagnostics import P4segError, error
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.lower import cidr_blocks
-from p4src.spec import TARGETS, Pipeline, build_pipeline
+from compiler.targets import Target
 
 
 class CapacityError(P4segError):
     """A switch would need more entries than a table of the program holds."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    name: str
-    has_range: bool
-    pipeline: Pipeline
-    program: str  # which program the target runs: v1model | tna
-    description: str
-
-
-def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
-    if name == "tofino":
-        return Target(name, False, build_pipeline(sizes, "ternary"), "tna", "Tofino (TNA)")
-    if name == "bmv2":
-        return Target(name, True, build_pipeline(sizes), "v1model", "BMv2 simple_switch_grpc")
-    if name == "ref":
-        return Target(name, True, build_pipeline(sizes), "v1model", "p4seg reference switch")
-    raise ValueError(f"unknown target '{name}' ({', '.join(TARGETS)})")
 
 
 def range_to_ternary(lo: int, hi: int, width: int) -> list[tuple[int, int]]:

@@ -68,7 +68,8 @@ def compile_v1model(source: str) -> tuple[str, str]:
 
 def p4c_artifacts(build: Build) -> dict[str, str]:
     """p4c's BMv2 JSON for a bmv2 build, when p4c is installed (ref has its own device config)."""
-    if build.target.name != "bmv2" or p4c_available() is None:
+    kind = build.target.kind
+    if kind.program != "v1model" or kind.own_device_config or p4c_available() is None:
         return {}
     source = build.files[f"p4/{build.target.name}/p4seg.p4"]
     bmv2_json, _ = compile_v1model(source)

@@ -18,6 +18,7 @@ from compiler.diff import FlowChange
 from compiler.entries import SwitchTables
 from compiler.inventory import Host, Inventory
 from compiler.model import Policy
+from compiler.targets import TARGET_NAMES
 
 EXIT_OK, EXIT_ERROR, EXIT_DIFFERENT = 0, 1, 2
 
@@ -135,7 +136,7 @@ def register(
     source = v.add_mutually_exclusive_group()
     source.add_argument("--from-build", metavar="DIR", help="the entries of a build directory")
     source.add_argument("--from-switches", action="store_true", help="the entries on the switches")
-    v.add_argument("-t", "--target", choices=("ref", "bmv2", "tofino"), default="ref")
+    v.add_argument("-t", "--target", choices=TARGET_NAMES, default="ref")
     v.add_argument("--show", type=int, default=10, help="counterexamples printed (default: 10)")
     _switch_options(v)
     _moment_options(v)

@@ -28,11 +28,12 @@ from compiler.diagnostics import (
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, load_inventory
 from compiler.model import Action, Policy
+from compiler.targets import TARGET_NAMES
 from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
 from p4seg.analysis import register as register_analysis_verbs
 from p4seg.commands import VERBS as CONTROLLER_VERBS
 from p4seg.commands import register as register_controller_verbs
-from p4src.spec import PIPELINE, TARGETS
+from p4src.spec import PIPELINE
 from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     _policy_arguments(k, inventory_required=True)
-    k.add_argument("-t", "--target", choices=TARGETS, default="ref", help="default: ref")
+    k.add_argument("-t", "--target", choices=TARGET_NAMES, default="ref", help="default: ref")
     k.add_argument(
         "-o",
         "--output-dir",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from compiler.targets import LIVE_TARGETS
 from runtime.defaults import DEFAULT_ELECTION_ID
 
 DEFAULT_STATE = ".p4seg"
@@ -106,7 +107,7 @@ def add_controller_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-t",
         "--target",
-        choices=("ref", "bmv2"),
+        choices=LIVE_TARGETS,
         default="ref",
         help="switch target (default: ref)",
     )

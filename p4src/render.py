@@ -16,7 +16,7 @@ from p4src.spec import (
     Pipeline,
 )
 
-TARGET_TEMPLATES = {"bmv2": "v1model.p4.j2", "tofino": "tna.p4.j2"}
+PROGRAM_TEMPLATES = {"v1model": "v1model.p4.j2", "tna": "tna.p4.j2"}
 DEFAULT_CPU_PORT = 255
 
 
@@ -33,10 +33,10 @@ def _environment() -> jinja2.Environment:
 
 
 def render_program(
-    target: str, pipeline: Pipeline = PIPELINE, cpu_port: int = DEFAULT_CPU_PORT
+    program: str, pipeline: Pipeline = PIPELINE, cpu_port: int = DEFAULT_CPU_PORT
 ) -> str:
-    """P4_16 source of the pipeline for `target` (bmv2: v1model, tofino: TNA)."""
-    template = _environment().get_template(TARGET_TEMPLATES[target])
+    """P4_16 source of the pipeline for an architecture (`v1model` or `tna`)."""
+    template = _environment().get_template(PROGRAM_TEMPLATES[program])
     text = template.render(
         pipeline=pipeline,
         cpu_port=cpu_port,

@@ -33,7 +33,6 @@ COUNTER_PREFIX = 0x12
 DIRECT_COUNTER_PREFIX = 0x13
 DIRECT_METER_PREFIX = 0x15
 
-TARGETS = ("ref", "bmv2", "tofino")  # where tables run (DESIGN.md vocabulary)
 PORT_BITS = 9  # v1model standard_metadata ports
 GROUP_BITS = 16
 RULE_ID_BITS = 16

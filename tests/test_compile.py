@@ -171,7 +171,7 @@ def _canonical(text: str) -> p4i.P4Info:
     p4c_available() is None, reason="p4c-bm2-ss is not on PATH: cannot compare with p4c's P4Info"
 )
 def test_p4c_compiles_without_warnings_and_agrees_on_p4info() -> None:
-    _, p4c_info = compile_v1model(render_program("bmv2"))
+    _, p4c_info = compile_v1model(render_program("v1model"))
     ours = build_p4info()
     theirs = _canonical(p4c_info)
     assert text_format.MessageToString(
@@ -191,7 +191,7 @@ def test_tna_program_passes_p4test(tmp_path: Path) -> None:
     import subprocess
 
     src = tmp_path / "p4seg_tna.p4"
-    src.write_text(render_program("tofino"))
+    src.write_text(render_program("tna"))
     proc = subprocess.run(
         [str(P4TEST), "-I", TNA_INCLUDE, "-D__TARGET_TOFINO__=1", str(src)],
         capture_output=True,

@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 from compiler.check import check_policy
 from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields
-from compiler.fit import fit, make_target
+from compiler.fit import fit
 from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import cidr_blocks, lower
 from compiler.model import Policy
 from compiler.semantics import PolicySemantics
+from compiler.targets import make_target
 
 NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
