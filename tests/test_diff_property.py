@@ -7,7 +7,9 @@ For random pairs of small policies on a one-switch inventory: the switch-visible
 - at every moment — each state of the `during` windows over a day, before and after each
   `for` duration — the effective policies (runtime/live.py) treat every packet between
   inventory hosts alike: the verdict, the meter of the allow that passes it, and whether a
-  refused packet is logged (UDP replies and TCP answers are packets too).
+  refused packet is logged (UDP replies and TCP answers are packets too), for TCP, UDP,
+  ICMP types and codes (echo request and reply among them) and IP protocol numbers
+  (`proto 132`, `proto 133`, and one no rule names).
 
 The oracle shares no code with the diff's moments and profiles: it samples real moments and
 runs `effective_policy` on each.
@@ -29,7 +31,7 @@ from compiler.diff import semantic_diff
 from compiler.emit import build
 from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
-from compiler.semantics import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Decision, PolicySemantics
+from compiler.semantics import Decision, PolicySemantics
 from compiler.verify import verify
 from runtime.live import LiveState, effective_policy, window_open
 
@@ -48,6 +50,11 @@ NOW = dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC).timestamp()
 WINDOWS = ("08:00-12:00 UTC", "10:00-14:00 UTC", "22:00-02:00 UTC")
 DURATIONS = {"30m": 1800, "2h": 7200}
 PORTS = ("22", "80", "80-81", "443")
+PROTO_NUMBERS = ("proto 132", "proto 133")
+ICMP_TYPES = ("icmp echo-request", "icmp type 3", "icmp frag-needed", "icmp type 3 code 5")
+# ICMP (type, code): both echo kinds, codes of type 3 inside and outside the rules', another
+SAMPLE_ICMP = ((8, 0), (0, 0), (3, 4), (3, 5), (3, 0), (13, 0))
+SAMPLE_PROTOCOLS = (132, 133, 47)  # the named protocol numbers and one no rule names
 SAMPLE_PORTS = (0, 21, 22, 23, 79, 80, 81, 82, 442, 443, 444, 1234, 49152, 65535)
 EXAMPLES = int(os.environ.get("P4SEG_PROPERTY_EXAMPLES", "25"))
 
@@ -57,7 +64,7 @@ endpoints = st.sampled_from(["h1", "h2", "h3", "any", "10.0.0.0/30"])
 @st.composite
 def rule_lines(draw: st.DrawFn) -> str:
     action = draw(st.sampled_from(["allow", "allow", "deny"]))
-    proto = draw(st.sampled_from(["tcp", "udp", "icmp", ""]))
+    proto = draw(st.sampled_from(["tcp", "udp", "icmp", "", *PROTO_NUMBERS, *ICMP_TYPES]))
     parts = [action, draw(endpoints), "->", draw(endpoints)]
     if proto:
         parts.append(proto)
@@ -147,13 +154,14 @@ def _packets_alike(a: Policy, b: Policy) -> bool:
                         sb.decide(src, dst, proto, sport, dport, ack)
                     ):
                         return False
-        for kind in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 13):
-            if _seen(sa.decide(src, dst, "icmp", icmp_type=kind)) != _seen(
-                sb.decide(src, dst, "icmp", icmp_type=kind)
+        for kind, code in SAMPLE_ICMP:
+            if _seen(sa.decide(src, dst, "icmp", icmp_type=kind, icmp_code=code)) != _seen(
+                sb.decide(src, dst, "icmp", icmp_type=kind, icmp_code=code)
             ):
                 return False
-        if _seen(sa.decide(src, dst, "other")) != _seen(sb.decide(src, dst, "other")):
-            return False
+        for number in SAMPLE_PROTOCOLS:
+            if _seen(sa.decide(src, dst, number)) != _seen(sb.decide(src, dst, number)):
+                return False
     return True
 
 
