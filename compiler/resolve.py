@@ -51,6 +51,17 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE_UNITS = {"pps": 1, "kpps": 1_000, "mpps": 1_000_000}
 
 
+def protocol_problem(number: int | None) -> str | None:
+    """Why `proto N` is invalid (E210; also `p4seg trace`), or None when it is valid."""
+    if number is None or number > MAX_PROTOCOL:
+        shown = number if number is not None and number < TOO_MANY_DIGITS else "number"
+        return f"IP protocol {shown} is out of range 0-255"
+    named = next((p for p, n in PROTOCOL_NUMBERS.items() if n == number), None)
+    if named is not None:
+        return f"IP protocol {number} is {named}: write `{named}` (with its ports, if any)"
+    return None
+
+
 def parse_duration(text: str) -> int | str:
     """Seconds in a duration such as `15m` (1s to 365d), or what is wrong with it."""
     m = _DURATION.match(text)
@@ -300,17 +311,9 @@ class _Resolver:
 
     def protocol(self, number: int | None, span: Span) -> str | None:
         """`proto N` as a rule's protocol (`proto 132`), or None after an error."""
-        if number is None or number > MAX_PROTOCOL:
-            shown = number if number is not None and number < TOO_MANY_DIGITS else "number"
-            self.fail("E210", f"IP protocol {shown} is out of range 0-255", span)
-            return None
-        named = next((p for p, n in PROTOCOL_NUMBERS.items() if n == number), None)
-        if named is not None:
-            self.fail(
-                "E210",
-                f"IP protocol {number} is {named}: write `{named}` (with its ports, if any)",
-                span,
-            )
+        problem = protocol_problem(number)
+        if problem is not None:
+            self.fail("E210", problem, span)
             return None
         return f"proto {number}"
 

@@ -20,11 +20,12 @@ from compiler.semantics import (
     EPHEMERAL_PORT,
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
+    OTHER_PROTOCOL,
     Decision,
     PolicySemantics,
+    protocol_of,
 )
 
-PROTO_NUMBER = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ip": 47}
 TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
 
 
@@ -44,8 +45,9 @@ class Trace:
     src: Host
     dst: Host
     proto: str
-    port: int
+    port: int  # icmp: the ICMP type
     legs: tuple[Leg, ...]
+    icmp_code: int = 0
 
     @property
     def passed(self) -> bool:
@@ -58,9 +60,12 @@ class Trace:
         return all(leg.policy.allowed for leg in self.legs if leg.policy is not None)
 
 
-def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, PacketFields, bool]]:
+def packets(
+    proto: str, src: int, dst: int, port: int, icmp_code: int = 0, other: int = OTHER_PROTOCOL
+) -> list[tuple[str, PacketFields, bool]]:
     """The packets of a flow: (what, packet, goes from src to dst). For icmp, `port` is the
-    ICMP type: an echo request (8) is answered by an echo reply; other types are one packet."""
+    ICMP type (and `icmp_code` its code): an echo request (8) is answered by an echo reply;
+    other types are one packet. `ip` sends protocol `other`, one no rule names."""
     if proto == "tcp":
         return [
             ("request", PacketFields(src, dst, PROTO_TCP, EPHEMERAL_PORT, port, TCP_SYN), True),
@@ -69,24 +74,30 @@ def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, Packet
     if proto == "udp":
         return [("request", PacketFields(src, dst, PROTO_UDP, EPHEMERAL_PORT, port), True)]
     if proto == "icmp":
-        request = ("request", PacketFields(src, dst, PROTO_ICMP, icmp_type=port), True)
+        request = PacketFields(src, dst, PROTO_ICMP, icmp_type=port, icmp_code=icmp_code)
         if port != ICMP_ECHO_REQUEST:
-            return [request]
+            return [("request", request, True)]
         return [
-            request,
+            ("request", request, True),
             ("reply", PacketFields(dst, src, PROTO_ICMP, icmp_type=ICMP_ECHO_REPLY), False),
         ]
-    # `proto N`: that protocol; `ip` and `other`: one no rule names (GRE unless named)
-    number = protocol_number(proto) if proto.startswith("proto ") else None
-    return [("request", PacketFields(src, dst, number or PROTO_NUMBER["ip"]), True)]
+    number = protocol_number(proto)
+    return [("request", PacketFields(src, dst, other if number is None else number), True)]
 
 
 def trace_flow(
-    fabric: Fabric, sem: PolicySemantics | None, src: Host, dst: Host, proto: str, port: int
+    fabric: Fabric,
+    sem: PolicySemantics | None,
+    src: Host,
+    dst: Host,
+    proto: str,
+    port: int,
+    icmp_code: int = 0,
 ) -> Trace:
     """Walk a flow's packets; the reply only if the request got through."""
     legs = []
-    for what, pkt, forward in packets(proto, src.ip, dst.ip, port):
+    other = protocol_of("other", sem.proto_classes) if sem is not None else OTHER_PROTOCOL
+    for what, pkt, forward in packets(proto, src.ip, dst.ip, port, icmp_code, other):
         sender = src if forward else dst
         path = fabric.walk(sender.name, pkt)
         decision = None
@@ -98,7 +109,7 @@ def trace_flow(
         legs.append(Leg(what, pkt, sender.name, path, decision))
         if not path.delivered:
             break
-    return Trace(src, dst, proto, port, tuple(legs))
+    return Trace(src, dst, proto, port, tuple(legs), icmp_code)
 
 
 def _fabric(inventory: Inventory, switches: Mapping[str, SwitchTables]) -> Fabric:
