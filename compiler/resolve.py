@@ -489,7 +489,22 @@ class _Resolver:
         ok = True
         proto: str | None = stmt.proto
         port = stmt.port
-        if stmt.proto == "proto":
+        icmp_types: tuple[Interval, ...] | None = ()
+        if stmt.icmp is not None and stmt.proto == "icmp":
+            icmp_types = self.icmp_types((stmt.icmp,))
+            ok = icmp_types is not None
+        elif isinstance(stmt.icmp, ast.IcmpType):
+            self.fail("E208", f"ICMP types apply to icmp only, not {stmt.proto}", stmt.icmp.span)
+            ok = False
+        elif stmt.icmp is not None:
+            problem = (
+                f"an expectation names one port, not a port set: e.g. `{stmt.proto} 443`"
+                if stmt.proto in PORT_PROTOCOLS
+                else f"ports apply to tcp and udp only, not {stmt.proto}"
+            )
+            self.fail("E208", problem, stmt.icmp.span)
+            ok = False
+        elif stmt.proto == "proto":
             proto, port = self.protocol(stmt.port, stmt.port_span or stmt.proto_span), None
             ok = proto is not None
         elif stmt.proto in PORT_PROTOCOLS and stmt.port is None:
@@ -506,7 +521,7 @@ class _Resolver:
             shown = stmt.port if stmt.port < TOO_MANY_DIGITS else "number"
             self.fail("E202", f"port {shown} is out of range 0-65535", stmt.port_span)
             ok = False
-        if src is None or dst is None or proto is None or not ok:
+        if src is None or dst is None or proto is None or icmp_types is None or not ok:
             return None
         return ExpectCase(
             src,
@@ -517,6 +532,7 @@ class _Resolver:
             port,
             stmt.verdict == "allowed",
             stmt.span,
+            icmp_types,
         )
 
     def run(self) -> Policy:

@@ -93,10 +93,13 @@ def trace_flow(
     proto: str,
     port: int,
     icmp_code: int = 0,
+    other: int | None = None,
 ) -> Trace:
-    """Walk a flow's packets; the reply only if the request got through."""
+    """Walk a flow's packets; the reply only if the request got through. An `ip` (or
+    `other`) flow sends protocol `other`, by default one `sem`'s policy does not name."""
     legs = []
-    other = protocol_of("other", sem.proto_classes) if sem is not None else OTHER_PROTOCOL
+    if other is None:
+        other = protocol_of("other", sem.proto_classes) if sem is not None else OTHER_PROTOCOL
     for what, pkt, forward in packets(proto, src.ip, dst.ip, port, icmp_code, other):
         sender = src if forward else dst
         path = fabric.walk(sender.name, pkt)
@@ -147,13 +150,17 @@ def run_expects(
     now = PolicySemantics(effective, [h.ip for h in inventory.hosts]) if effective else None
     fabric = _fabric(inventory, switches)
     out = []
+    other = protocol_of("other", sem.proto_classes)
     for e in policy.expects:
         failure = sem.expectation_failure(e)
         sem_note = "" if failure is None else _failure_text(failure)
         pairs = 0
         tables_note = effective_note = ""
-        proto = e.proto
-        port = e.port if e.port is not None else (ICMP_ECHO_REQUEST if proto == "icmp" else 0)
+        # The flows the line stands for (`ip`: one per class the rules tell apart), concrete.
+        flows = [
+            (proto, sem.ports.representative[p], ICMP_ECHO_REQUEST << 8 if v is None else v)
+            for proto, p, v in sem.expectation_flows(e)
+        ]
         for s in inventory.hosts:
             if s.ip not in e.src:
                 continue
@@ -161,20 +168,24 @@ def run_expects(
                 if d.ip not in e.dst or d.name == s.name:
                     continue
                 pairs += 1
-                wanted = e.allowed
-                if now is not None:
-                    flow = now.flow(s.ip, d.ip, "other" if proto == "ip" else proto, port)
-                    wanted = flow.allowed
-                    if wanted != e.allowed and not effective_note:
-                        effective_note = (
-                            f"{s.name} -> {d.name} is {'allowed' if wanted else 'denied'} "
-                            f"now: {flow.deciding.describe()}"
-                        )
-                t = trace_flow(fabric, None, s, d, proto, port)
-                if t.passed != wanted:
-                    got = "got through" if t.passed else "was stopped"
-                    shown = f" {port}" if proto in ("tcp", "udp") else ""
-                    tables_note = f"{s.name} -> {d.name} {proto}{shown} {got}"
+                for proto, port, icmp_value in flows:
+                    wanted = e.allowed
+                    if now is not None:
+                        flow = now.flow(s.ip, d.ip, proto, port, icmp_value)
+                        wanted = flow.allowed
+                        if wanted != e.allowed and not effective_note:
+                            effective_note = (
+                                f"{s.name} -> {d.name} is {'allowed' if wanted else 'denied'} "
+                                f"now: {flow.deciding.describe()}"
+                            )
+                    if proto == "icmp":
+                        port = icmp_value >> 8
+                    t = trace_flow(fabric, None, s, d, proto, port, icmp_value & 0xFF, other)
+                    if t.passed != wanted:
+                        got = "got through" if t.passed else "was stopped"
+                        tables_note = f"{s.name} -> {d.name} {_flow_text(t)} {got}"
+                        break
+                if tables_note:
                     break
             if tables_note:
                 break
@@ -183,6 +194,17 @@ def run_expects(
                          effective_note)
         )  # fmt: skip
     return out
+
+
+def _flow_text(t: Trace) -> str:
+    """A traced flow as `p4seg test` names it: `tcp 443`, `icmp type 3 code 4`, `proto 132`."""
+    if t.proto in ("tcp", "udp"):
+        return f"{t.proto} {t.port}"
+    if t.proto == "icmp":
+        return f"icmp type {t.port} code {t.icmp_code}"
+    if t.proto in ("ip", "other"):
+        return f"ip (protocol {t.legs[0].packet.protocol})"
+    return t.proto
 
 
 def _failure_text(failure: tuple[int, int, str, int | None, object]) -> str:
