@@ -298,10 +298,25 @@ def _port_text(intervals: Sequence[tuple[int, int]]) -> str:
 def icmp_text(intervals: Sequence[tuple[int, int]]) -> str:
     """ICMP type << 8 | code intervals for reading: names and `type N code M` as a policy
     writes them (model.format_icmp_types), with runs of whole types as `types N-M` and the
-    codes of one type as `type N codes A-B, C`; "" for every ICMP flow (all but echo-reply)."""
+    codes of one type as `type N codes A-B, C`; "" for every ICMP flow (all but echo-reply),
+    and `all types but ...` where that is the shorter list."""
     merged = _ranges(intervals)
     if merged == [ICMP_FLOW_VALUES] or merged == [(0, MAX_ICMP)]:
         return ""
+    items = _icmp_items(merged)
+    if merged[0][0] >= ICMP_FLOW_VALUES[0]:
+        rest, start = [], ICMP_FLOW_VALUES[0]
+        for lo, hi in [*merged, (MAX_ICMP + 1, MAX_ICMP + 1)]:
+            if lo > start:
+                rest.append((start, lo - 1))
+            start = hi + 1
+        but = _icmp_items(rest)
+        if len(but) < len(items):
+            return "all types but " + ", ".join(but)
+    return ", ".join(items)
+
+
+def _icmp_items(merged: list[tuple[int, int]]) -> list[str]:
     whole: list[int] = []  # types all of whose codes are in
     items: list[tuple[int, str]] = []
     for t in range(merged[0][0] >> 8, (merged[-1][1] >> 8) + 1):
@@ -318,7 +333,7 @@ def icmp_text(intervals: Sequence[tuple[int, int]]) -> str:
             items.append((lo, f"types {lo}-{hi}"))
         else:
             items += [(t, format_icmp_types(((t << 8, t << 8 | 0xFF),))) for t in range(lo, hi + 1)]
-    return ", ".join(text for _, text in sorted(items))
+    return [text for _, text in sorted(items)]
 
 
 def _atom_intervals(part: Partition) -> list[list[tuple[int, int]]]:

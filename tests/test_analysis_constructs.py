@@ -101,7 +101,11 @@ def test_icmp_text_reads_like_the_language() -> None:
     assert icmp_text([(0x0300, 0x03FF)]) == "dest-unreachable"
     assert icmp_text([(0x0304, 0x0304), (0x0800, 0x08FF)]) == "frag-needed, echo-request"
     assert icmp_text([(0x0D00, 0x0D00)]) == "type 13 code 0"
-    assert icmp_text([(0x0100, 0x07FF), (0x0900, 0xFFFF)]) == "types 1-7, types 9-255"
+    assert icmp_text([(0x0100, 0x07FF), (0x0900, 0xFFFF)]) == "all types but echo-request"
+    assert icmp_text([(0x0100, 0x02FF), (0x0304, 0x0304), (0x0D00, 0xFFFF)]) == (
+        "all types but type 3 codes 0-3, 5-255, types 4-12"
+    )
+    assert icmp_text([(0x0000, 0x00FF)]) == "echo-reply"
     assert icmp_text([(0x0100, 0xFFFF)]) == ""
 
 
