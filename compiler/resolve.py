@@ -515,7 +515,13 @@ class _Resolver:
             )
             ok = False
         elif stmt.proto not in PORT_PROTOCOLS and stmt.port is not None:
-            self.fail("E208", f"ports apply to tcp and udp only, not {stmt.proto}", stmt.port_span)
+            hint = (
+                f" (an ICMP type is written `icmp type {stmt.port}`)"
+                if stmt.proto == "icmp"
+                else ""
+            )
+            problem = f"ports apply to tcp and udp only, not {stmt.proto}{hint}"
+            self.fail("E208", problem, stmt.port_span)
             ok = False
         elif stmt.port is not None and stmt.port > MAX_PORT:
             shown = stmt.port if stmt.port < TOO_MANY_DIGITS else "number"

@@ -282,6 +282,7 @@ def test_expect_icmp_type_mistakes_are_located(floor: Inventory) -> None:
         "expect oms1 -> risk1 tcp type 3 denied\n"
         "expect oms1 -> risk1 icmp type 3 code 256 denied\n"
         "expect oms1 -> risk1 ip frag-needed denied\n"
+        "expect oms1 -> risk1 icmp 3 denied\n"
     )
     result = check_policy(text, "p.zt", floor)
     assert [(d.code, d.span.line, d.span.column, d.message) for d in result.diagnostics] == [
@@ -294,6 +295,12 @@ def test_expect_icmp_type_mistakes_are_located(floor: Inventory) -> None:
         ("E208", 3, 26, "ICMP types apply to icmp only, not tcp"),
         ("E211", 4, 27, "ICMP code 256 is out of range 0-255"),
         ("E208", 5, 25, "ports apply to tcp and udp only, not ip"),
+        (
+            "E208",
+            6,
+            27,
+            "ports apply to tcp and udp only, not icmp (an ICMP type is written `icmp type 3`)",
+        ),
     ]
 
 

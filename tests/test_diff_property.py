@@ -14,7 +14,8 @@ For random pairs of small policies on a one-switch inventory: the switch-visible
 The oracle shares no code with the diff's moments and profiles: it samples real moments and
 runs `effective_policy` on each.
 
-P4SEG_PROPERTY_EXAMPLES=N runs N examples (default 25: each compiles and verifies twice).
+P4SEG_PROPERTY_EXAMPLES=N runs N examples (default 25: each compiles and verifies twice),
+after the explicit ones: changes that only one protocol number or ICMP type class sees.
 """
 
 from __future__ import annotations
