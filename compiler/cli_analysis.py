@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.diagnostics import Diagnostic, Span
+from compiler.diagnostics import Diagnostic, Span, error
 from compiler.diff import FlowChange
 from compiler.entries import SwitchTables
 from compiler.inventory import Host, Inventory
@@ -452,7 +452,7 @@ def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | N
     suggestions, all reported at once (None: reported)."""
     import difflib
 
-    from compiler.diagnostics import SourceFiles, error, render_all
+    from compiler.diagnostics import SourceFiles, render_all
 
     words = [args.src, args.dst, args.proto, *args.port]
     line = " ".join(words)
@@ -501,7 +501,7 @@ def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | N
             elif number is not None:
                 spec = (f"proto {number}", 0, 0)
         if len(rest) > 1:
-            diags.append(error("E208", "ports apply to tcp and udp only, not proto N", at(4)))
+            diags.append(error("E208", f"ports apply to tcp and udp only, not proto {rest[0]}", at(4)))  # fmt: skip
     else:
         spec = _icmp_words(rest, at, diags)
     if diags or spec is None:
@@ -519,8 +519,6 @@ def _number_word(
     text: str, what: str, top: int, code: str, span: Span, diags: list[Diagnostic]
 ) -> int | None:
     """A whole number from 0 to `top` on the command line, or None (and an error)."""
-    from compiler.diagnostics import error
-
     if not (text.isascii() and text.isdigit()):
         diags.append(error(code, f"{what} {text!r} is not a number from 0 to {top}", span))
         return None
@@ -538,7 +536,6 @@ def _icmp_words(
     `frag-needed`), optionally written `type N code M` as in a rule; default an echo request."""
     import difflib
 
-    from compiler.diagnostics import error
     from compiler.model import ICMP_NAMES
 
     i = 3  # index of the word being read, as `at` counts them
@@ -702,7 +699,7 @@ def _trace_text(result: object, rules: dict[int, str]) -> str:
     elif result.proto == "icmp":
         flow += f" {icmp_packet_text(result.port, result.icmp_code)}"
     elif result.proto == "ip":
-        flow += f" (protocol {result.legs[0].packet.protocol}, one no rule names)"
+        flow += f" (protocol {result.legs[0].packet.protocol})"
     verdict = "PASSES" if result.passed else "BLOCKED"
     lines = [f"{flow}: {verdict}"]
     if result.policy_allows is not None:

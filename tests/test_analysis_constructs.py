@@ -211,7 +211,7 @@ def test_trace_cli_new_flows(capsys: pytest.CaptureFixture[str]) -> None:
         (["proto", "6"], "command line:1:18: error[E210]: IP protocol 6 is tcp: write `tcp` (with its ports, if any)"),
         (["proto", "256"], "command line:1:18: error[E210]: IP protocol 256 is out of range 0-255"),
         (["proto", "sctp"], "command line:1:18: error[E210]: IP protocol 'sctp' is not a number from 0 to 255"),
-        (["proto", "132", "80"], "command line:1:22: error[E208]: ports apply to tcp and udp only, not proto N"),
+        (["proto", "132", "80"], "command line:1:22: error[E208]: ports apply to tcp and udp only, not proto 132"),
         (["prto", "132"], "error[E001]: unknown protocol `prto`: expected tcp, udp, icmp, ip or proto N (did you mean `proto`?)"),
         (["icmp", "echo-requets"], "command line:1:17: error[E211]: unknown ICMP type 'echo-requets' (did you mean 'echo-request'?)"),
         (["icmp", "3", "256"], "command line:1:19: error[E211]: ICMP code 256 is out of range 0-255"),
