@@ -679,18 +679,8 @@ def _trace_json(result: object, rules: dict[int, str]) -> dict[str, object]:
     }  # fmt: skip
 
 
-def icmp_packet_text(icmp_type: int, code: int) -> str:
-    """One ICMP packet as `type 3 code 4 (frag-needed)`: numbers, and the name a rule would
-    write for it (of the type and code, else of the type), if any."""
-    from compiler.model import ICMP_NAMES
-
-    names = {v: k for k, v in ICMP_NAMES.items()}
-    name = names.get((icmp_type, code)) or names.get((icmp_type, None))
-    return f"type {icmp_type} code {code}" + (f" ({name})" if name else "")
-
-
 def _trace_text(result: object, rules: dict[int, str]) -> str:
-    from compiler.trace import Trace
+    from compiler.trace import Trace, icmp_packet_text
 
     assert isinstance(result, Trace)
     flow = f"{result.src.name} ({result.src.ip_text}) -> {result.dst.name} ({result.dst.ip_text}) {result.proto}"

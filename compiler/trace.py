@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
-from compiler.model import ExpectCase, Policy, protocol_number
+from compiler.model import ICMP_NAMES, ExpectCase, Policy, protocol_number
 from compiler.semantics import (
     EPHEMERAL_PORT,
     ICMP_ECHO_REPLY,
@@ -196,12 +196,20 @@ def run_expects(
     return out
 
 
+def icmp_packet_text(icmp_type: int, code: int) -> str:
+    """One ICMP packet as `type 3 code 4 (frag-needed)`: numbers, and the name a rule would
+    write for it (of the type and code, else of the type), if any."""
+    names = {v: k for k, v in ICMP_NAMES.items()}
+    name = names.get((icmp_type, code)) or names.get((icmp_type, None))
+    return f"type {icmp_type} code {code}" + (f" ({name})" if name else "")
+
+
 def _flow_text(t: Trace) -> str:
     """A traced flow as `p4seg test` names it: `tcp 443`, `icmp type 3 code 4`, `proto 132`."""
     if t.proto in ("tcp", "udp"):
         return f"{t.proto} {t.port}"
     if t.proto == "icmp":
-        return f"icmp type {t.port} code {t.icmp_code}"
+        return f"icmp {icmp_packet_text(t.port, t.icmp_code)}"
     if t.proto in ("ip", "other"):
         return f"ip (protocol {t.legs[0].packet.protocol})"
     return t.proto

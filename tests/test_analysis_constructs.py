@@ -336,7 +336,9 @@ def test_test_runs_new_expectations_on_the_tables(
     results = run_expects(policy, floor, wide_tables)
     failed = {r.expect.describe(): r.tables_note for r in results if not r.tables_ok}
     assert failed == {
-        "oms1 -> risk1 icmp type 3 code 5 denied": "oms1 -> risk1 icmp type 3 code 5 got through"
+        "oms1 -> risk1 icmp type 3 code 5 denied": (
+            "oms1 -> risk1 icmp type 3 code 5 (dest-unreachable) got through"
+        )
     }
     assert all(r.semantics_ok for r in results)
 
