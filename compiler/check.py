@@ -1,7 +1,8 @@
 """`p4seg check`: parse, resolve and analyse a policy; every finding as a diagnostic.
 
 Analysis on top of resolve: dead rules (W001 covered by denies, W002 decided by other
-allows) and `expect` lines, each evaluated exactly over every concrete flow it names
+allows), allows of any to any (W005), denies that drop an allowed flow's replies (W006),
+and `expect` lines, each evaluated exactly over every concrete flow it names
 (E401 when one contradicts it, with the first counterexample and the rule that decided).
 """
 
@@ -10,10 +11,10 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
-from compiler.addresses import format_ipv4
+from compiler.addresses import AddressSet, format_ipv4
 from compiler.diagnostics import Diagnostic, Note, P4segError, error, warning
 from compiler.inventory import Inventory
-from compiler.model import Policy
+from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, format_ports
 from compiler.parse import parse
 from compiler.resolve import resolve
 from compiler.semantics import PolicySemantics
@@ -37,15 +38,21 @@ def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> 
     """Dead rules and (unless `expectations` is False) expectations of a resolved policy."""
     semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
     names = {h.ip: h.name for h in inventory.hosts}
-    diags: list[Diagnostic] = []
+    diags: list[Diagnostic] = [_any_to_any(r) for r in policy.rules if _is_any_to_any(r)]
+    never_allow: set[int] = set()
     for dead in semantics.dead_rules():
         notes = tuple(Note(f"covered by `{r.describe()}`", r.span) for r in dead.covering)
         if dead.by_deny:
+            never_allow.add(dead.rule.id)
             message = "rule never allows anything: every packet it matches is denied"
             diags.append(warning("W001", message, dead.rule.span, *notes))
         else:
             message = "redundant rule: every packet it matches is decided by other rules"
             diags.append(warning("W002", message, dead.rule.span, *notes))
+    for deny, allows in semantics.denied_replies():
+        hurt = [a for a in allows if a.id not in never_allow]  # W001 says more about those
+        if hurt:
+            diags.append(_denied_replies(deny, hurt))
     for expect in policy.expects if expectations else ():
         failure = semantics.expectation_failure(expect)
         if failure is None:
@@ -61,6 +68,40 @@ def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> 
         message = f"expectation failed: {flow} is {verdict}{where}"
         diags.append(error("E401", message, expect.span, *notes))
     return diags
+
+
+def _is_any_to_any(rule: PolicyRule) -> bool:
+    everything = AddressSet.everything()
+    return rule.action is Action.ALLOW and rule.src == everything and rule.dst == everything
+
+
+def _any_to_any(rule: PolicyRule) -> Diagnostic:
+    scope = f" over {rule.proto}" if rule.proto != "ip" else ""
+    if rule.ports != ALL_PORTS:
+        scope += f" {format_ports(rule.ports)}"
+    return warning(
+        "W005",
+        f"rule lets every address reach every address{scope}: that is not segmentation; "
+        "name the sources and destinations that need the flow",
+        rule.span,
+    )
+
+
+def _denied_replies(deny: PolicyRule, allows: list[PolicyRule]) -> Diagnostic:
+    flows = "an allowed flow" if len(allows) == 1 else f"{len(allows)} allowed flows"
+    notes = [
+        Note(
+            f"replies to `{a.describe()}` go {a.dst_text} -> {a.src_text}: this deny drops them",
+            a.span,
+        )
+        for a in allows
+    ]
+    return warning(
+        "W006",
+        f"deny drops the replies of {flows}: its packets get through, the answers never come back",
+        deny.span,
+        *notes,
+    )
 
 
 def _host(address: int, names: dict[int, str]) -> str:

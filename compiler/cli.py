@@ -20,7 +20,10 @@ from compiler.diagnostics import (
     Diagnostic,
     InventoryError,
     P4segError,
+    SourceError,
     SourceFiles,
+    decode_for_display,
+    read_source,
     render_all,
     summary_line,
 )
@@ -293,17 +296,17 @@ def _report(
 def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, str] | None:
     """The inventory and the policy text of a command line, or None (already reported)."""
     inventory = Inventory.empty()
-    if args.inventory:
-        try:
+    try:
+        if args.inventory:
             inventory, inv_text = load_inventory(args.inventory)
-        except InventoryError as exc:
-            with contextlib.suppress(OSError, UnicodeDecodeError):  # E301 says why
-                sources.add(args.inventory, Path(args.inventory).read_text(encoding="utf-8"))
-            _report(exc.diagnostics, sources, args.error_format, {"ok": False})
-            return None
-        sources.add(args.inventory, inv_text)
-    policy_text = _read(args.policy)
-    if policy_text is None:
+            sources.add(args.inventory, inv_text)
+        policy_text = read_source(args.policy, "E000", "policy")
+    except (InventoryError, SourceError) as exc:
+        for path in (args.inventory, args.policy):
+            if path and path not in sources.texts:
+                with contextlib.suppress(OSError):  # the diagnostic says why
+                    sources.add(path, decode_for_display(Path(path).read_bytes()))
+        _report(exc.diagnostics, sources, args.error_format, {"ok": False})
         return None
     sources.add(args.policy, policy_text)
     return inventory, policy_text
@@ -423,14 +426,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     inventory, policy_text = loaded
     result = check_policy(policy_text, args.policy, inventory)
     if result.diagnostics:
-        _report(result.diagnostics, sources, args.error_format)
+        _report(result.diagnostics, sources, args.error_format, {"ok": result.policy is not None})
     if result.policy is None:
         return EXIT_ERROR
     try:
         built = build(result.policy, inventory, policy_text, args.target, sizes)
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
-        _report(exc.diagnostics, sources, args.error_format)
+        _report(exc.diagnostics, sources, args.error_format, {"ok": False})
         return EXIT_ERROR
     try:
         write_build(built, args.output_dir)

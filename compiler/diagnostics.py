@@ -121,6 +121,35 @@ class InventoryError(P4segError):
     """The inventory YAML is malformed or inconsistent."""
 
 
+class SourceError(P4segError):
+    """A source file (policy, inventory) cannot be read or is not UTF-8 text."""
+
+
+def read_source(path: str, code: str, what: str) -> str:
+    """The text of a source file, or :class:`SourceError` with one diagnostic `code`:
+    the reason it cannot be read, or the first byte that is not UTF-8, located."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SourceError([error(code, f"cannot read {what} '{path}': {reason}", None)]) from None
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        start = before.rfind(b"\n") + 1
+        column = len(before[start:].decode("utf-8-sig", errors="replace")) + 1
+        message = f"{what} '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x})"
+        raise SourceError([error(code, message, Span.point(path, line, column))]) from None
+
+
+def decode_for_display(data: bytes) -> str:
+    """Text of a source for excerpts, whatever its bytes (undecodable ones become U+FFFD)."""
+    return data.decode("utf-8-sig", errors="replace")
+
+
 @dataclass
 class SourceFiles:
     """Text of the files diagnostics point into, to quote the offending line."""
@@ -142,7 +171,8 @@ def _excerpt(span: Span, sources: SourceFiles) -> list[str]:
     text = sources.line(span.file, span.line)
     if text is None:
         return []
-    text = text.expandtabs(1)
+    # A line separator or control character would break the excerpt on a terminal.
+    text = "".join(c if c.isprintable() else "\ufffd" for c in text.expandtabs(1))
     gutter = f"{span.line:>4} | "
     end = span.end_column if span.end_line == span.line else len(text) + 1
     width = max(1, min(end, len(text) + 1) - span.column)

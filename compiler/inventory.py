@@ -8,17 +8,27 @@ says it, and all problems of a file are reported together.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import yaml
 
 from compiler.addresses import AddressSyntaxError, format_ipv4, parse_ipv4
-from compiler.diagnostics import Diagnostic, InventoryError, Note, Span, error
+from compiler.diagnostics import (
+    Diagnostic,
+    InventoryError,
+    Note,
+    SourceError,
+    Span,
+    error,
+    quote,
+    read_source,
+)
 from compiler.parse import KEYWORDS
 
 ROLES = ("tor", "spine")
@@ -113,12 +123,9 @@ def default_mac(ip: int) -> str:
 def load_inventory(path: str) -> tuple[Inventory, str]:
     """Read and validate an inventory file; returns it with its text (for diagnostics)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise InventoryError(
-            [error("E301", f"cannot read inventory '{path}': {exc.strerror}", None)]
-        ) from None
+        text = read_source(path, "E301", "inventory")
+    except SourceError as exc:
+        raise InventoryError(exc.diagnostics) from None
     return parse_inventory(text, path), text
 
 
@@ -129,21 +136,37 @@ def parse_inventory(text: str, file: str = "<inventory>") -> Inventory:
 T = TypeVar("T")
 
 
+class _Mark(Protocol):
+    """A position in YAML text (the pure-Python and the libyaml loaders have one each)."""
+
+    index: int  # characters from the start of the text
+
+
 class _InventoryReader:
     def __init__(self, file: str) -> None:
         self.file = file
         self.diags: list[Diagnostic] = []
         self.declared: set[str] = set()  # switch names, valid or not (no cascading errors)
+        self.line_starts = [0]
 
     # -- YAML nodes ------------------------------------------------------------------------
 
-    def span(self, node: yaml.Node) -> Span:
-        start, end = node.start_mark, node.end_mark
-        if end.line > start.line:  # a block node ends on the next line: point at its start
-            return Span.point(self.file, start.line + 1, start.column + 1, 1)
-        return Span(self.file, start.line + 1, start.column + 1, end.line + 1, end.column + 1)
+    def position(self, mark: _Mark) -> tuple[int, int]:
+        """1-based line and column of a YAML mark, counting lines at "\n" only as every
+        diagnostic does (YAML also ends lines at U+0085, U+2028, U+2029 and a lone CR)."""
+        line = bisect.bisect_right(self.line_starts, mark.index)
+        return line, mark.index - self.line_starts[line - 1] + 1
 
-    def fail(self, code: str, message: str, node: yaml.Node | None, *notes: Note) -> None:
+    def span(self, node: yaml.Node | _Mark) -> Span:
+        if not isinstance(node, yaml.Node):
+            line, column = self.position(node)
+            return Span.point(self.file, line, column)
+        (line, column), end = self.position(node.start_mark), self.position(node.end_mark)
+        if end[0] > line:  # a block node ends on the next line: point at its start
+            return Span.point(self.file, line, column, 1)
+        return Span(self.file, line, column, end[0], end[1])
+
+    def fail(self, code: str, message: str, node: yaml.Node | _Mark | None, *notes: Note) -> None:
         self.diags.append(error(code, message, self.span(node) if node else None, *notes))
 
     def mapping(self, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
@@ -153,6 +176,10 @@ class _InventoryReader:
             return {}
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                kind = "mapping" if isinstance(key, yaml.MappingNode) else "list"
+                self.fail("E302", f"{what} has a {kind} as a key: keys are single values", key)
+                continue
             name = str(key.value)
             if name in out:
                 first = self.span(out[name][0])
@@ -207,14 +234,14 @@ class _InventoryReader:
         if text is not None and (text in KEYWORDS or text == "any"):
             self.fail(
                 "E307",
-                f"{what} '{text}' is a word of the policy language; a policy could not name it",
+                f"{what} {quote(text)} is a word of the policy language; a policy could not name it",
                 node,
             )
             return None
         if text is not None and not _NAME.match(text):
             self.fail(
                 "E307",
-                f"{what} '{text}' is not a valid name (letters, digits, '_' and inner '-')",
+                f"{what} {quote(text)} is not a valid name (letters, digits, '_' and inner '-')",
                 node,
             )
             return None
@@ -223,13 +250,25 @@ class _InventoryReader:
     # -- the document ----------------------------------------------------------------------
 
     def read(self, text: str) -> Inventory:
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         try:
+            self.check_aliases(text)
+            if self.diags:
+                raise InventoryError(self.diags)
             root = yaml.compose(text, Loader=_LOADER)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            span = Span.point(self.file, mark.line + 1, mark.column + 1) if mark else None
+            span = self.span(mark) if mark else None
             problem = getattr(exc, "problem", None) or str(exc)
-            raise InventoryError([error("E301", f"invalid YAML: {problem}", span)]) from None
+            context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            notes = (Note(context, self.span(where) if where else None),) if context else ()
+            raise InventoryError(
+                [error("E301", f"invalid YAML: {problem}", span, *notes)]
+            ) from None
+        except RecursionError:  # the pure-Python loader, on a deeply nested document
+            raise InventoryError(
+                [error("E301", "invalid YAML: nested too deeply", Span.point(self.file, 1, 1))]
+            ) from None
         if root is None:
             raise InventoryError([error("E301", f"inventory '{self.file}' is empty", None)])
         top = self.fields(root, "the inventory", _TOP_FIELDS, ("switches", "hosts"))
@@ -247,6 +286,28 @@ class _InventoryReader:
         if self.diags:
             raise InventoryError(self.diags)
         return Inventory.build(name or "inventory", self.file, switches, hosts, links)
+
+    def check_aliases(self, text: str) -> None:
+        """Refuse aliases of mappings and lists, before anything expands them: a few hundred
+        bytes of nested aliases stand for billions of values (an alias bomb), and no field
+        of an inventory needs a repeated mapping or list. Aliases of single values are kept."""
+        collection: dict[str, bool] = {}  # anchor -> names a mapping or list
+        reported: set[str] = set()
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, yaml.AliasEvent):
+                anchor = str(event.anchor)
+                if collection.get(anchor) and anchor not in reported:
+                    reported.add(anchor)  # once per anchor: a bomb repeats each many times
+                    self.fail(
+                        "E302",
+                        f"alias *{anchor[:24]} repeats a mapping or list: an inventory may "
+                        "repeat single values only (write it out)",
+                        event.start_mark,
+                    )
+            elif isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+                collection[str(event.anchor)] = isinstance(
+                    event, yaml.SequenceStartEvent | yaml.MappingStartEvent
+                )
 
     def read_each(
         self,

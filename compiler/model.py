@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from compiler.addresses import AddressSet, Interval
@@ -117,9 +118,16 @@ class TimeWindow:
 
 @dataclass(frozen=True, slots=True)
 class Service:
+    """A named address set. Its value is computed on first use: a chain of n nested services
+    would otherwise hold n²/2 intervals when only the outermost is used."""
+
     name: str
-    addresses: AddressSet
     span: Span
+    value: Callable[[], AddressSet] = field(repr=False, compare=False)
+
+    @property
+    def addresses(self) -> AddressSet:
+        return self.value()
 
 
 @dataclass(frozen=True, slots=True)

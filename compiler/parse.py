@@ -165,6 +165,32 @@ def _all_syntax_errors(parser: Lark, text: str, file: str) -> list[Diagnostic]:
     return diags
 
 
+# Text before a token that makes a message more precise: a port list's trailing comma
+# (`tcp 80,`), a value whose unit stands apart (`rate 50 kpps`), a rule's sides.
+_SPACED_UNIT = re.compile(r"\b(?:rate|for)\s+(?P<number>[0-9]+(?:\.[0-9]+)?)\s+$")
+_RULE_START = re.compile(r"^\s*(?:allow|deny|expect)\b")
+_ARROW_LOOKALIKES = frozenset(">→⟶➔➜=")
+
+
+def _ends_with_comma(text: str) -> bool:
+    """Whether the last thing before the end of `text`, comments aside, is a comma."""
+    for line in reversed(text.split("\n")):
+        code = line.split("#", 1)[0].rstrip()  # the language has no strings: # starts a comment
+        if code:
+            return code.endswith(",")
+    return False
+
+
+def _arrow_hint(chunk: str, pos: int) -> str:
+    """' (did you mean `->`?)' for an arrow written some other way in a rule, or ''."""
+    before = chunk[:pos]
+    if pos >= len(chunk) or not _RULE_START.match(before) or "->" in before:
+        return ""
+    if chunk[pos] == "<":
+        return " (rules read source `->` destination: put the source first and write `->`)"
+    return " (did you mean `->`?)" if chunk[pos] in _ARROW_LOOKALIKES else ""
+
+
 def _describe(token: Token) -> str:
     if token.type == "$END":
         return "end of file"
@@ -202,7 +228,7 @@ def _syntax_diagnostic(
         pos = exc.pos_in_stream or 0
         char = chunk[pos] if pos < len(chunk) else "?"
         span = Span.point(file, exc.line + line_offset, exc.column)
-        return error("E001", f"unexpected character {char!r}", span)
+        return error("E001", f"unexpected character {char!r}{_arrow_hint(chunk, pos)}", span)
     assert isinstance(exc, UnexpectedToken)
     tok = exc.token
     expected = set(exc.expected)
@@ -215,14 +241,24 @@ def _syntax_diagnostic(
         width = len(str(tok.value)) or 1
         span = Span.point(file, line + line_offset, col, width)
 
+    before = chunk[: (tok.start_pos or 0) if tok.type != "$END" else len(chunk)]
+    # Before the keyword check: after `9876,` a port-set name is expected, `rate` is not one.
+    if "INT" in expected and _ends_with_comma(before):
+        return error(
+            "E003",
+            f"port list ends with `,` before {found}: remove the comma, or add a port (80, 443)",
+            span,
+        )
     if tok.type in KEYWORD_TYPES and "NAME" in expected:
         return error("E104", f"`{tok.value}` is a keyword and cannot be used as a name", span)
     if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
         return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
     if "_ARROW" in expected and not after_arrow:
-        return error("E002", f"expected `->` between source and destination, found {found}", span)
-    before = chunk[: tok.start_pos if tok.type != "$END" and tok.start_pos else len(chunk)]
+        tail = " (did you mean `->`?)" if tok.type in ("MINUS", "EQUAL") else ""
+        return error(
+            "E002", f"expected `->` between source and destination, found {found}{tail}", span
+        )
     last_word = before.split()[-1] if before.split() else ""
     if expected == {"INT"} and last_word in _NUMBER_AFTER:
         return error(
@@ -251,7 +287,12 @@ def _syntax_diagnostic(
             span,
         )
     if expected & _OPTION_TOKENS:
-        tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
+        glued = _SPACED_UNIT.search(before) if tok.type == "NAME" else None
+        if glued:
+            joined = f"{glued['number']}{tok.value}"
+            tail = f" (did you mean `{joined}`? no space between a value and its unit)"
+        else:
+            tail = _hint(str(tok.value), list(KEYWORDS)) if tok.type == "NAME" else ""
         wants = "a protocol (tcp, udp, icmp, ip), " if "PROTO" in expected else ""
         return error(
             "E005",

@@ -9,12 +9,16 @@ carries them all and no policy is produced.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from compiler import ast
 from compiler.addresses import (
+    MAX_ADDRESS,
     AddressSet,
     AddressSyntaxError,
     Interval,
@@ -49,6 +53,24 @@ _DURATION = re.compile(r"^(?P<n>[0-9]{1,9})(?P<unit>s|m|h|d)$")
 _CLOCK = re.compile(r"^(?P<h>[0-9]{1,2}):(?P<m>[0-9]{2})$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE_UNITS = {"pps": 1, "kpps": 1_000, "mpps": 1_000_000}
+# Bit and byte rates (kbps, Mbps, MBps, gbit, ...): the pipeline meters packets.
+_BIT_OR_BYTE_RATE = re.compile(r"[kmgt]?i?(?:bps|bit|bits|byte|bytes|b)(?:/s)?", re.IGNORECASE)
+# Time zone abbreviations people write for a place that has daylight saving time.
+_ABBREVIATIONS = {
+    "PST": "America/Los_Angeles",
+    "PDT": "America/Los_Angeles",
+    "CST": "America/Chicago",
+    "CDT": "America/Chicago",
+    "EDT": "America/New_York",
+    "MDT": "America/Denver",
+    "BST": "Europe/London",
+    "CEST": "Europe/Paris",
+    "AEST": "Australia/Sydney",
+    "AEDT": "Australia/Sydney",
+}
+_REGION_EXAMPLES = ("America/New_York", "Europe/London", "Asia/Tokyo", "Australia/Sydney")
+_DAYLIGHT_PLACES = {"EST": "America/New_York", "MST": "America/Denver"}
+_REFERENCE_YEAR = 2026  # fixed, so that a check gives the same answer every day
 
 
 def protocol_problem(number: int | None) -> str | None:
@@ -88,6 +110,8 @@ class _Resolver:
     values: dict[str, AddressSet | None] = field(default_factory=dict)
     port_defs: dict[str, ast.PortsDef] = field(default_factory=dict)
     port_values: dict[str, tuple[Interval, ...] | None] = field(default_factory=dict)
+    bad: set[str] = field(default_factory=set)  # services with errors, or nesting one
+    warnings: list[Diagnostic] = field(default_factory=list)
 
     def fail(self, code: str, message: str, span: Span | None, *notes: Note) -> None:
         self.diags.append(error(code, message, span, *notes))
@@ -144,46 +168,149 @@ class _Resolver:
     def known_names(self) -> list[str]:
         return [ANY, *self.defs, *self.inventory.hosts_by_name]
 
+    def unknown_name(self, ref: ast.Name) -> None:
+        name = ref.text
+        if self.inventory.hosts:
+            what = f"not a service, and not a host of the inventory {self.inventory.file}"
+        else:
+            what = "not a service (no inventory given: host names need -i INVENTORY)"
+        close = difflib.get_close_matches(name, self.known_names(), n=1, cutoff=0.6)
+        hint = f" (did you mean {self.kind_of(close[0])} '{close[0]}'?)" if close else ""
+        self.fail("E101", f"unknown name {quote(name)}: {what}{hint}", ref.span)
+
+    def kind_of(self, name: str) -> str:
+        if name == ANY:
+            return "the built-in"
+        return "service" if name in self.defs else "host"
+
     def resolve_name(self, ref: ast.Name) -> AddressSet | None:
         name = ref.text
         if name == ANY:
             return AddressSet.everything()
         if name in self.defs:
-            return self.resolve_service(name)
+            return self.service_value(name)
         host = self.inventory.hosts_by_name.get(name)
         if host is not None:
             return AddressSet(((host.ip, host.ip),))
-        close = difflib.get_close_matches(name, self.known_names(), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        if not self.inventory.hosts and not close:
-            hint = " (no inventory given: host names need -i INVENTORY)"
-        self.fail("E101", f"unknown name '{name}'{hint}", ref.span)
+        self.unknown_name(ref)
         return None
 
-    def resolve_service(self, root: str) -> AddressSet | None:
-        """Resolve a service, its nested services first (iteratively: nesting has no limit)."""
+    def check_services(self) -> None:
+        """Every service's own endpoints and the service graph's cycles; marks bad services."""
+        for name, definition in self.defs.items():
+            for ep in definition.endpoints + definition.excluded:
+                if isinstance(ep, ast.Address):
+                    try:
+                        parse_prefix(ep.text)
+                    except AddressSyntaxError as exc:
+                        self.fail("E201", f"invalid address: {exc}", ep.span)
+                        self.bad.add(name)
+                elif not (
+                    ep.text == ANY
+                    or ep.text in self.defs
+                    or ep.text in self.inventory.hosts_by_name
+                ):
+                    self.unknown_name(ep)
+                    self.bad.add(name)
+        on_path: dict[str, bool] = {}  # True while on the path being explored, then False
+        for root in self.defs:
+            if root in on_path:
+                continue
+            path, members = [root], [iter(self.nested(root))]
+            on_path[root] = True
+            while path:
+                child = next(members[-1], None)
+                if child is None:
+                    on_path[path.pop()] = False
+                    members.pop()
+                elif on_path.get(child):
+                    cycle = [*path[path.index(child) :], child]
+                    self.fail(
+                        "E103", f"service cycle: {' -> '.join(cycle)}", self.defs[child].name.span
+                    )
+                    self.bad.update(cycle)
+                elif child not in on_path:
+                    on_path[child] = True
+                    path.append(child)
+                    members.append(iter(self.nested(child)))
+
+    def service_value(self, root: str) -> AddressSet | None:
+        """A service's addresses: every address it reaches through nested services, merged
+        once (only services asked for are kept, so nesting costs linear time and memory)."""
         if root in self.values:
             return self.values[root]
+        # A service with `except` is a difference, which does not flatten into a parent's
+        # union: those the root reaches are evaluated first, deepest first, and memoised.
+        for name in self.except_services_below(root):
+            if name not in self.values:
+                self.values[name] = self.evaluate_service(name)
+        value = self.evaluate_service(root)
+        self.values[root] = value
+        return value
+
+    def except_services_below(self, root: str) -> list[str]:
+        """Services with `except` nested under `root` (not root), in post-order."""
+        order: list[str] = []
+        seen = {root}
         path, members = [root], [iter(self.nested(root))]
         while path:
             child = next(members[-1], None)
             if child is None:
                 name = path.pop()
                 members.pop()
-                if name not in self.values:  # every nested service is resolved by now
-                    definition = self.defs[name]
-                    self.values[name] = self.resolve_set(definition.endpoints, definition.excluded)
-            elif child in path:
-                cycle = [*path[path.index(child) :], child]
-                self.fail(
-                    "E103", f"service cycle: {' -> '.join(cycle)}", self.defs[child].name.span
-                )
-                for member in cycle:
-                    self.values[member] = None
-            elif child not in self.values:
+                if name != root and self.defs[name].excluded:
+                    order.append(name)
+            elif child not in seen and child not in self.bad:
+                seen.add(child)
                 path.append(child)
                 members.append(iter(self.nested(child)))
-        return self.values[root]
+        return order
+
+    def evaluate_service(self, name: str) -> AddressSet | None:
+        if name in self.bad:
+            return None
+        definition = self.defs[name]
+        kept = self.flatten(definition.endpoints)
+        if kept is None or not definition.excluded:
+            return kept
+        removed = self.flatten(definition.excluded)
+        return None if removed is None else kept.difference(removed)
+
+    def flatten(self, endpoints: tuple[ast.Endpoint, ...]) -> AddressSet | None:
+        """The union of `endpoints`, through nested services without storing theirs (so a
+        deep nesting costs linear time and memory); services with `except` are memoised."""
+        intervals: list[Interval] = []
+        seen: set[str] = set()
+        todo = list(endpoints)
+        while todo:
+            ep = todo.pop()
+            if isinstance(ep, ast.Address):
+                intervals.append(parse_prefix(ep.text))
+            elif ep.text == ANY:
+                intervals.append((0, MAX_ADDRESS))
+            elif ep.text in self.defs:
+                if ep.text in self.bad:
+                    return None
+                if ep.text in seen:
+                    continue
+                seen.add(ep.text)
+                known = self.values.get(ep.text)
+                if known is not None:
+                    intervals.extend(known.intervals)
+                elif ep.text in self.values:  # memoised as failed
+                    return None
+                else:
+                    todo.extend(self.defs[ep.text].endpoints)
+            else:
+                ip = self.inventory.hosts_by_name[ep.text].ip
+                intervals.append((ip, ip))
+        return AddressSet.of(intervals)
+
+    def service_address_set(self, name: str) -> AddressSet:
+        """The value of a service of a policy without errors (Service.addresses)."""
+        value = self.service_value(name)
+        assert value is not None, f"service {name} has errors"
+        return value
 
     def nested(self, name: str) -> list[str]:
         definition = self.defs[name]
@@ -320,13 +447,7 @@ class _Resolver:
     def rate(self, opt: ast.RateOption) -> int | None:
         m = _RATE.match(opt.value)
         if not m:
-            unitless = re.fullmatch(r"[0-9.]+", opt.value) is not None
-            why = (
-                "needs a unit: pps, kpps or mpps"
-                if unitless
-                else "is not a rate such as 20000pps or 20kpps"
-            )
-            self.fail("E204", f"rate {quote(opt.value)} {why}", opt.value_span)
+            self.fail("E204", f"rate {quote(opt.value)} {_rate_problem(opt.value)}", opt.value_span)
             return None
         pps = float(m["n"]) * _RATE_UNITS[m["unit"]]
         if pps != int(pps) or not 1 <= pps <= MAX_RATE_PPS:
@@ -368,15 +489,21 @@ class _Resolver:
                 opt.span,
             )
             return None
-        try:
-            ZoneInfo(opt.zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            self.fail(
-                "E206",
-                f"unknown time zone '{opt.zone}' (use an IANA name such as UTC or America/New_York)",
-                opt.span,
-            )
+        problem = _zone_problem(opt.zone)
+        if problem:
+            self.fail("E206", problem, opt.span)
             return None
+        offset = _fixed_offset(opt.zone)
+        if offset is not None:
+            place = _DAYLIGHT_PLACES.get(opt.zone, "America/New_York")
+            self.warnings.append(
+                warning(
+                    "W004",
+                    f"time zone '{opt.zone}' is UTC{offset} all year: the window does not move "
+                    f"with daylight saving time (name a place, e.g. {place}, if it should)",
+                    opt.span,
+                )
+            )
         return TimeWindow(minutes[0], minutes[1], opt.zone, days)
 
     def days(self, opt: ast.DuringOption) -> frozenset[int] | None:
@@ -562,11 +689,12 @@ class _Resolver:
 
         self.collect_services()
         self.collect_port_sets()
-        services = []
-        for name, definition in self.defs.items():
-            value = self.resolve_service(name)
-            if value is not None:
-                services.append(Service(name, value, definition.span))
+        self.check_services()
+        services = [
+            Service(name, definition.span, functools.partial(self.service_address_set, name))
+            for name, definition in self.defs.items()
+            if name not in self.bad
+        ]
 
         rules: list[PolicyRule] = []
         rule_stmts = [s for s in statements if isinstance(s, ast.Rule)]
@@ -639,6 +767,82 @@ class _Resolver:
         ]
 
 
+def _rate_problem(text: str) -> str:
+    """What is wrong with a rate that is not a number and one of the units."""
+    shape = re.fullmatch(r"[0-9]+(?:\.[0-9]+)?(?P<unit>[A-Za-z]*)", text)
+    unit = shape["unit"] if shape else ""
+    units = "pps, kpps or mpps (packets per second)"
+    if not unit:
+        return f"needs a unit: {units}"
+    if unit in _RATE_UNITS:
+        return "must be a whole number of packets/s from 1 to 1000mpps"
+    if unit.lower() in _RATE_UNITS:
+        return f"has unit '{unit}': units are lower case, `{unit.lower()}`"
+    if _BIT_OR_BYTE_RATE.fullmatch(unit):
+        return (
+            f"is a bit or byte rate: p4seg meters count packets, byte rates are not "
+            f"supported yet; write {units}, e.g. 20kpps"
+        )
+    return f"has unknown unit {quote(unit)}: write {units}, e.g. 20kpps"
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """Zone names of the IANA database as the tzdata package lists them: the same on every
+    host, unlike the host's zoneinfo folder (localtime, posixrules, right/...)."""
+    listing = resources.files("tzdata").joinpath("zones").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in listing.splitlines() if line.strip())
+
+
+def _zone_problem(zone: str) -> str | None:
+    """Why a time zone name is not usable in a window, or None."""
+    zones = _iana_zones()
+    if zone in zones:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            return f"time zone '{zone}' cannot be loaded on this host"
+        return None
+    example = "UTC or America/New_York"
+    if zone.upper() in _ABBREVIATIONS:
+        return (
+            f"unknown time zone {quote(zone)}: abbreviations are not zones "
+            f"(for {zone.upper()} write {_ABBREVIATIONS[zone.upper()]})"
+        )
+    if zone in ("localtime", "posixrules") or zone.startswith(("right/", "posix/")):
+        return (
+            f"time zone {quote(zone)} is a file of this host's zoneinfo folder, not an IANA "
+            f"zone: its meaning differs from host to host (use an IANA name such as {example})"
+        )
+    in_region = sorted(z for z in zones if z.startswith(zone + "/"))
+    if in_region:
+        region = next((z for z in _REGION_EXAMPLES if z in in_region), in_region[0])
+        return f"time zone {quote(zone)} is a region, not a zone: name a city, e.g. {region}"
+    close = difflib.get_close_matches(zone, zones, n=1, cutoff=0.8) if len(zone) <= 64 else []
+    hint = f"did you mean '{close[0]}'?" if close else f"use an IANA name such as {example}"
+    return f"unknown time zone {quote(zone)} ({hint})"
+
+
+@functools.cache
+def _fixed_offset(zone: str) -> str | None:
+    """'-05:00' for a zone named for no place (EST, Etc/GMT+5) whose offset from UTC is
+    the same all year and not zero, or None."""
+    if "/" in zone and not zone.startswith("Etc/"):
+        return None  # a place: its rules are that place's, daylight saving included
+    tz = ZoneInfo(zone)
+    offsets = {
+        datetime(_REFERENCE_YEAR, month, 15, 12, tzinfo=UTC).astimezone(tz).utcoffset()
+        for month in range(1, 13)
+    }
+    if len(offsets) != 1:
+        return None
+    offset = offsets.pop()
+    if not offset:
+        return None
+    minutes = int(offset.total_seconds()) // 60
+    return f"{'+' if minutes > 0 else '-'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
 def _option_problem(opt: ast.Option, action: str, proto: str, default: bool) -> str | None:
     if default:
         if isinstance(opt, ast.LogOption):
@@ -684,7 +888,7 @@ def resolve(tree: ast.PolicyFile, inventory: Inventory | None = None) -> Resolve
     """Resolve a parsed policy against an inventory; raise :class:`PolicyError` on any error."""
     resolver = _Resolver(tree, inventory or Inventory.empty())
     policy = resolver.run()
-    warnings = resolver.unused_services()
+    warnings = resolver.warnings + resolver.unused_services()
     if resolver.diags:
         raise PolicyError(resolver.diags + warnings)
     return Resolved(policy, tuple(warnings))

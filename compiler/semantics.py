@@ -270,6 +270,10 @@ class PolicySemantics:
                 if r.rate_pps is not None:
                     self.metered_bits |= bit
         self.all_rules = (1 << len(rules)) - 1
+        self._atom_class: list[int] | None = None
+        self._port_reps: list[int] | None = None
+        self._icmp_reps: list[int] | None = None
+        self._representatives: dict[int, list[int]] = {}  # `any` and services recur
 
     # -- packets -----------------------------------------------------------------------------
 
@@ -433,18 +437,10 @@ class PolicySemantics:
         class: tcp and udp on every port, icmp of every type (echo replies answer pings and
         are no flow of their own), every `proto N` and `other`."""
         if expect.proto == "ip":
-            # Port atoms that the same rules match decide alike: one of each is exact.
-            port_classes: dict[int, int] = {}
-            icmp_classes: dict[tuple[int, bool], int] = {}
-            for p in range(self.ports.count):
-                port_classes.setdefault(self.port_index[p], p)
-                kind = self.ports.representative[p] >> 8  # atoms never mix echo and others
-                if kind != ICMP_ECHO_REPLY:
-                    icmp_classes.setdefault((self.port_index[p], kind == ICMP_ECHO_REQUEST), p)
             cases: list[tuple[str, int, int | None]] = [
-                (c, p, None) for c in ("tcp", "udp") for p in port_classes.values()
+                (c, p, None) for c in ("tcp", "udp") for p in self._port_classes()
             ]
-            cases += [("icmp", 0, self.ports.representative[p]) for p in icmp_classes.values()]
+            cases += [("icmp", 0, self.ports.representative[p]) for p in self._icmp_classes()]
             cases += [(c, 0, None) for c in self.proto_classes if c not in PROTOCOL_NUMBERS]
             return cases
         if expect.icmp_types:
@@ -461,8 +457,8 @@ class PolicySemantics:
         srcs = self.addresses.mask(expect.src.intervals)
         dsts = self.addresses.mask(expect.dst.intervals)
         cases = self.expectation_flows(expect)
-        for sa in self._hosts_first(srcs):
-            for da in self._hosts_first(dsts):
+        for sa in self._class_representatives(srcs):
+            for da in self._class_representatives(dsts):
                 for proto, port_atom, icmp_value in cases:
                     result = self.flow_atoms(sa, da, proto, port_atom, icmp_value)
                     if result.allowed != expect.allowed:
@@ -475,10 +471,92 @@ class PolicySemantics:
                         return rep[sa], rep[da], proto, port, result
         return None
 
-    def _hosts_first(self, mask: int) -> list[int]:
+    def _port_classes(self) -> list[int]:
+        """One port atom per class of port atoms that the same rules match (they decide
+        alike), computed once: `ip` expectations would otherwise pay for every port atom."""
+        if self._port_reps is None:
+            first: dict[int, int] = {}
+            for p in range(self.ports.count):
+                first.setdefault(self.port_index[p], p)
+            self._port_reps = list(first.values())
+        return self._port_reps
+
+    def _icmp_classes(self) -> list[int]:
+        """One port atom per class of ICMP messages that flow alike (the same rules match
+        them, and echo requests are pings), echo replies left out (they only answer pings);
+        computed once, like :meth:`_port_classes`."""
+        if self._icmp_reps is None:
+            first: dict[tuple[int, bool], int] = {}
+            for p in range(self.ports.count):
+                kind = self.ports.representative[p] >> 8  # atoms never mix echo and others
+                if kind != ICMP_ECHO_REPLY:
+                    first.setdefault((self.port_index[p], kind == ICMP_ECHO_REQUEST), p)
+            self._icmp_reps = list(first.values())
+        return self._icmp_reps
+
+    def _class_representatives(self, mask: int) -> list[int]:
+        """One address atom of `mask` per class of atoms that every rule treats alike (the
+        same rules match them as source and as destination), so flows need checking once
+        per class, not per atom. Each class is represented by its first atom holding an
+        inventory host, else its first atom, and representatives come hosts first: the
+        counterexample found is the one a scan of every atom would find first."""
+        cached = self._representatives.get(mask)
+        if cached is not None:
+            return cached
+        if self._atom_class is None:
+            classes: dict[tuple[int, int], int] = {}
+            self._atom_class = [
+                classes.setdefault((self.src_index[a], self.dst_index[a]), len(classes))
+                for a in range(self.addresses.count)
+            ]
+        pinned = self.pinned_atoms
+        first: dict[int, int] = {}
+        for atom in atoms_of(mask):
+            c = self._atom_class[atom]
+            held = first.get(c)
+            if held is None or (atom in pinned and held not in pinned):
+                first[c] = atom
         # Counterexamples read best with a named host, so atoms holding one come first.
-        atoms = list(bits(mask))
-        return sorted(atoms, key=lambda a: a not in self.pinned_atoms)
+        found = sorted(first.values(), key=lambda a: (a not in pinned, a))
+        self._representatives[mask] = found
+        return found
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def denied_replies(self) -> list[tuple[PolicyRule, tuple[PolicyRule, ...]]]:
+        """Denies that refuse the replies of allowed flows, each with those allows.
+
+        A reply (TCP with ACK, ICMP echo reply, UDP under `reply`) goes from the allow's
+        destination to its source, to the client's port; a deny matching it wins."""
+        client_port = self.ports.atom_of(EPHEMERAL_PORT)
+        full = self.addresses.full
+        out = []
+        for j in bits(self.deny_bits):
+            protos, src, dst, ports = self.boxes[j]
+            if not ports >> client_port & 1:
+                continue
+            reverse = (
+                self._union(self.dst_index, self.dst_any, src, full)
+                & self._union(self.src_index, self.src_any, dst, full)
+                & self.allow_bits
+            )
+            hurt = tuple(
+                self.rules[i]
+                for i in bits(reverse)
+                if protos & self._reply_protocols(self.rules[i])
+            )
+            if hurt:
+                out.append((self.rules[j], hurt))
+        return out
+
+    def _reply_protocols(self, rule: PolicyRule) -> int:
+        """Protocol-class bits of the replies an allow lets back: tcp, icmp echo replies when
+        it passes echo requests, udp with `reply`."""
+        bit = {c: 1 << i for i, c in enumerate(self.proto_classes)}
+        answered = bit["tcp"] | (bit["udp"] if rule.reply else 0)
+        answered |= bit["icmp"] if rule.answers_pings else 0
+        classes = self.proto_classes if rule.proto == "ip" else (self.proto_class(rule.proto),)
+        return answered & sum(bit[c] for c in classes)
 
     # -- coverage (dead rules) ---------------------------------------------------------------
 
@@ -550,6 +628,18 @@ class PolicySemantics:
                 dead.append(Coverage(rule, False, tuple(self.rules[j] for j in covering)))
                 alive &= ~(1 << i)
         return sorted(dead, key=lambda c: c.rule.id)
+
+
+def atoms_of(mask: int) -> Iterator[int]:
+    """Like :func:`bits`, in time linear in the mask's width when many bits are set."""
+    if mask.bit_count() <= 64:
+        yield from bits(mask)
+        return
+    text = bin(mask)[:1:-1]  # lowest bit first
+    i = text.find("1")
+    while i >= 0:
+        yield i
+        i = text.find("1", i + 1)
 
 
 def _decides_over(other: PolicyRule, rule: PolicyRule) -> bool:

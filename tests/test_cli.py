@@ -67,7 +67,7 @@ def test_bad_inventory_is_reported_in_the_yaml(
 
 def test_missing_file_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "/nonexistent.zt"]) == 1
-    assert "cannot read '/nonexistent.zt'" in capsys.readouterr().err
+    assert "error[E000]: cannot read policy '/nonexistent.zt'" in capsys.readouterr().err
 
 
 def test_fmt_check_and_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,7 +118,7 @@ def test_cycle_and_unknown_names_are_collected() -> None:
     codes = sorted(d.code for d in exc.value.diagnostics)
     assert codes == ["E101", "E103"]
     unknown = next(d for d in exc.value.diagnostics if d.code == "E101")
-    assert "did you mean 'algo1'" in unknown.message
+    assert "did you mean host 'algo1'" in unknown.message
 
 
 def test_without_inventory_host_names_say_so() -> None:
