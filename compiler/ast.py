@@ -174,6 +174,7 @@ class Expect:
     span: Span
     src_except: tuple[Endpoint, ...] = ()
     dst_except: tuple[Endpoint, ...] = ()
+    icmp: PortName | IcmpType | None = None  # an ICMP type after icmp (a name after tcp/udp)
 
 
 Statement = PolicyDecl | ServiceDef | PortsDef | Rule | DefaultDecl | Expect

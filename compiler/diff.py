@@ -28,7 +28,15 @@ from zoneinfo import ZoneInfo
 
 from compiler.addresses import format_ipv4
 from compiler.inventory import Inventory
-from compiler.model import Action, Policy, PolicyRule, TimeWindow
+from compiler.model import (
+    ICMP_ECHO_REQUEST_RANGE,
+    PORT_PROTOCOLS,
+    Action,
+    Policy,
+    PolicyRule,
+    TimeWindow,
+    format_icmp_types,
+)
 from compiler.semantics import (
     EPHEMERAL_PORT,
     ICMP_ECHO_REPLY,
@@ -36,11 +44,16 @@ from compiler.semantics import (
     Decision,
     Partition,
     PolicySemantics,
+    protocol_classes,
 )
 
 MAX_ADDRESS = (1 << 32) - 1
 MAX_PORT = 65535
-PROTOS = ("tcp", "udp", "icmp", "other")
+MAX_ICMP = 0xFFFF  # ICMP type << 8 | code, as the pipeline matches it
+ICMP_ECHO_REPLY_RANGE = (0x0000, 0x00FF)
+# ICMP flows: every type but the echo reply, which answers a ping (judged per packet)
+ICMP_FLOW_VALUES = (0x0100, MAX_ICMP)
+MAX_LISTED_TYPES = 3  # longer runs of whole ICMP types read as `types N-M`
 WEEK_DAYS = 8  # a week of window edges, plus a day for windows that wrap past midnight
 
 # (window, moment) -> whether the window is open then (runtime/live.py decides it)
@@ -151,22 +164,28 @@ class _Judge:
         self.eph = self.sem.ports.atom_of(EPHEMERAL_PORT)
 
     def decide(self, src: int, dst: int, proto: str, sport: int, dport: int, moment: int,
-               ack: bool = False, icmp_type: int = ICMP_ECHO_REQUEST) -> Decision:  # fmt: skip
+               ack: bool = False, icmp_value: int = ICMP_ECHO_REQUEST << 8) -> Decision:  # fmt: skip
+        """One packet at one moment; ICMP given as type << 8 | code in `icmp_value`."""
         a, p = self.sem.addresses, self.sem.ports
         return self.sem.decide_atoms(
             a.atom_of(src), a.atom_of(dst), proto, p.atom_of(sport), p.atom_of(dport),
-            ack, icmp_type, self.active[moment],
+            ack, icmp_value >> 8, self.active[moment], icmp_value & 0xFF,
         )  # fmt: skip
 
     def flow(self, src: int, dst: int, proto: str, port: int, moment: int) -> Outcome:
-        fwd = self.decide(src, dst, proto, EPHEMERAL_PORT, port, moment)
+        """A flow's outcome; for icmp, `port` is the ICMP type << 8 | code of its first
+        packet (an echo request is answered by an echo reply; other types are one packet)."""
+        if proto == "icmp":
+            fwd = self.decide(src, dst, proto, 0, 0, moment, icmp_value=port)
+        else:
+            fwd = self.decide(src, dst, proto, EPHEMERAL_PORT, port, moment)
         if not fwd.allowed:
             return Outcome(False, None, None, fwd.log)
         rate = fwd.rule.rate_pps if fwd.rule is not None else None
         if proto == "tcp":
             back = self.decide(dst, src, "tcp", port, EPHEMERAL_PORT, moment, ack=True)
-        elif proto == "icmp":
-            back = self.decide(dst, src, "icmp", 0, 0, moment, icmp_type=ICMP_ECHO_REPLY)
+        elif proto == "icmp" and port >> 8 == ICMP_ECHO_REQUEST:
+            back = self.decide(dst, src, "icmp", 0, 0, moment, icmp_value=ICMP_ECHO_REPLY << 8)
         elif proto == "udp":
             answer = self.decide(dst, src, "udp", port, EPHEMERAL_PORT, moment)
             return Outcome(True, rate, answer.allowed, False)
@@ -276,6 +295,47 @@ def _port_text(intervals: Sequence[tuple[int, int]]) -> str:
     return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in intervals)
 
 
+def icmp_text(intervals: Sequence[tuple[int, int]]) -> str:
+    """ICMP type << 8 | code intervals for reading: names and `type N code M` as a policy
+    writes them (model.format_icmp_types), with runs of whole types as `types N-M` and the
+    codes of one type as `type N codes A-B, C`; "" for every ICMP flow (all but echo-reply),
+    and `all types but ...` where that is the shorter list."""
+    merged = _ranges(intervals)
+    if merged == [ICMP_FLOW_VALUES] or merged == [(0, MAX_ICMP)]:
+        return ""
+    items = _icmp_items(merged)
+    if merged[0][0] >= ICMP_FLOW_VALUES[0]:
+        rest, start = [], ICMP_FLOW_VALUES[0]
+        for lo, hi in [*merged, (MAX_ICMP + 1, MAX_ICMP + 1)]:
+            if lo > start:
+                rest.append((start, lo - 1))
+            start = hi + 1
+        but = _icmp_items(rest)
+        if len(but) < len(items):
+            return "all types but " + ", ".join(but)
+    return ", ".join(items)
+
+
+def _icmp_items(merged: list[tuple[int, int]]) -> list[str]:
+    whole: list[int] = []  # types all of whose codes are in
+    items: list[tuple[int, str]] = []
+    for t in range(merged[0][0] >> 8, (merged[-1][1] >> 8) + 1):
+        codes = _ranges([(max(lo, t << 8) & 0xFF, min(hi, t << 8 | 0xFF) & 0xFF)
+                         for lo, hi in merged if lo <= t << 8 | 0xFF and hi >= t << 8])  # fmt: skip
+        if codes == [(0, 0xFF)]:
+            whole.append(t)
+        elif len(codes) == 1 and codes[0][0] == codes[0][1]:
+            items.append((t, format_icmp_types(((t << 8 | codes[0][0],) * 2,))))
+        elif codes:
+            items.append((t, f"type {t} codes {_port_text(codes)}"))
+    for lo, hi in _ranges([(t, t) for t in whole]):
+        if hi - lo + 1 > MAX_LISTED_TYPES:
+            items.append((lo, f"types {lo}-{hi}"))
+        else:
+            items += [(t, format_icmp_types(((t << 8, t << 8 | 0xFF),))) for t in range(lo, hi + 1)]
+    return [text for _, text in sorted(items)]
+
+
 def _atom_intervals(part: Partition) -> list[list[tuple[int, int]]]:
     out: list[list[tuple[int, int]]] = [[] for _ in range(part.count)]
     for i, start in enumerate(part.starts):
@@ -318,15 +378,31 @@ def semantic_diff(
     the default treats every window as always open (no time-bound rule ever lapses)."""
     hosts = {h.ip: h.name for h in inventory.hosts}
     addr_sets = [s for p in (old, new) for r in p.rules for s in (r.src.intervals, r.dst.intervals)]
-    port_sets = [r.ports for p in (old, new) for r in p.rules]
+    all_rules = [r for p in (old, new) for r in p.rules]
+    port_sets = [r.ports for r in all_rules if r.proto in PORT_PROTOCOLS]
     port_sets.append(((EPHEMERAL_PORT, EPHEMERAL_PORT),))
+    icmp_sets = [r.ports for r in all_rules if r.proto == "icmp"]
+    icmp_sets += [(ICMP_ECHO_REPLY_RANGE,), (ICMP_ECHO_REQUEST_RANGE,)]
     addresses = Partition(addr_sets, MAX_ADDRESS, hosts)
     ports = Partition(port_sets, MAX_PORT)
+    icmp = Partition(icmp_sets, MAX_ICMP)
+    classes = protocol_classes(old, new)
     when = moments((old, new), window_open, now)
     judges = (_Judge(old, list(hosts), when), _Judge(new, list(hosts), when))
     rules = (old.rules, new.rules)
     addr_iv = _atom_intervals(addresses)
     port_iv = _atom_intervals(ports)
+    icmp_iv = _atom_intervals(icmp)
+    # (value judged, the values it stands for) per protocol class
+    values: dict[str, list[tuple[int, list[tuple[int, int]]]]] = {
+        "tcp": [(ports.representative[p], port_iv[p]) for p in range(ports.count)],
+        "icmp": [
+            (icmp.representative[a], icmp_iv[a])
+            for a in range(icmp.count)
+            if icmp_iv[a][0][0] >= ICMP_FLOW_VALUES[0]  # echo replies answer pings
+        ],
+    }
+    values["udp"] = values["tcp"]
     host_atoms = {addresses.atom_of(ip) for ip in hosts}
     # (src atom, dst atom, proto, old profile, new profile) -> port intervals
     changed: dict[tuple[int, int, str, Profile, Profile], list[tuple[int, int]]] = {}
@@ -334,10 +410,8 @@ def semantic_diff(
         src = addresses.representative[s]
         for d in range(addresses.count):
             dst = addresses.representative[d]
-            for proto in PROTOS:
-                port_atoms = range(ports.count) if proto in ("tcp", "udp") else (None,)
-                for p in port_atoms:
-                    port = ports.representative[p] if p is not None else 0
+            for proto in classes:
+                for port, ivs in values.get(proto, [(0, [(0, 0)])]):
                     before = tuple(
                         judges[0].flow(src, dst, proto, port, m) for m in range(len(when))
                     )
@@ -345,12 +419,18 @@ def semantic_diff(
                         judges[1].flow(src, dst, proto, port, m) for m in range(len(when))
                     )
                     if before != after:
-                        ivs = port_iv[p] if p is not None else [(0, 0)]
                         changed.setdefault((s, d, proto, before, after), []).extend(ivs)
     out = _grouped(changed, addr_iv, hosts, host_atoms, when, rules)
-    # A flow change explains its packets both ways (its replies too).
-    flagged = {k for c in changed for k in ((c[0], c[1], c[2]), (c[1], c[0], c[2]))}
-    out += _packet_changes(judges, addresses, ports, hosts, when, flagged)
+    # A flow change explains its packets both ways (its replies too); of ICMP flows, only
+    # pings have packets other than their first (the echo reply).
+    lo, hi = ICMP_ECHO_REQUEST_RANGE
+    flagged = {
+        k
+        for c, ivs in changed.items()
+        if c[2] != "icmp" or any(a <= hi and lo <= b for a, b in ivs)
+        for k in ((c[0], c[1], c[2]), (c[1], c[0], c[2]))
+    }
+    out += _packet_changes(judges, addresses, ports, icmp, classes, hosts, when, flagged)
     return sorted(
         out,
         key=lambda c: (not c.on_switches, c.kind != "verdict", not c.allowed, c.src, c.dst,
@@ -382,7 +462,13 @@ def _grouped(
     for (src_atoms, (proto, before, after, port_ranges, visible)), dst_atoms in merged.items():
         src_text = _name(_ranges([iv for a in src_atoms for iv in addr_iv[a]]), hosts)
         dst_text = _name(_ranges([iv for a in dst_atoms for iv in addr_iv[a]]), hosts)
-        ports_text = _port_text(port_ranges) if proto in ("tcp", "udp") else ""
+        ports_text = (
+            _port_text(port_ranges)
+            if proto in PORT_PROTOCOLS
+            else icmp_text(port_ranges)
+            if proto == "icmp"
+            else ""
+        )
         was = {o.allowed for o in before}
         now = {o.allowed for o in after}
         if len(was) == 1 and len(now) == 1 and was != now:
@@ -406,21 +492,29 @@ def _packet_changes(
     judges: tuple[_Judge, _Judge],
     addresses: Partition,
     ports: Partition,
+    icmp: Partition,
+    classes: Sequence[str],
     hosts: dict[int, str],
     when: Sequence[Moment],
     flagged: set[tuple[int, int, str]],
 ) -> list[FlowChange]:
-    """Host pairs whose packets (any port class, TCP ACK, ICMP echo reply) are treated
-    differently where no flow change of that pair and protocol already says so."""
+    """Host pairs whose packets (any port class, TCP ACK, ICMP echo request and reply) are
+    treated differently where no flow change of that pair and protocol already says so."""
     out = []
     port_reps = [ports.representative[p] for p in range(ports.count)]
+    # Other ICMP types are one-packet flows, compared exactly above; pings have two packets.
+    echo = [
+        (icmp.representative[a], icmp_text(iv))
+        for a, iv in enumerate(_atom_intervals(icmp))
+        if iv[0][0] >> 8 in (ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST)
+    ]
     for src, dst in itertools.permutations(sorted(hosts), 2):
         sa, da = addresses.atom_of(src), addresses.atom_of(dst)
         pair_ports = _port_classes(judges, src, dst, port_reps)
-        for proto in PROTOS:
+        for proto in classes:
             if (sa, da, proto) in flagged:
                 continue
-            found = _first_packet_difference(judges, src, dst, proto, pair_ports, len(when))
+            found = _first_packet_difference(judges, src, dst, proto, pair_ports, echo, len(when))
             if found is None:
                 continue
             what, before, after = found
@@ -453,32 +547,34 @@ def _port_classes(judges: tuple[_Judge, _Judge], src: int, dst: int, ports: list
 
 
 def _first_packet_difference(
-    judges: tuple[_Judge, _Judge], src: int, dst: int, proto: str, ports: list[int], n: int
+    judges: tuple[_Judge, _Judge],
+    src: int,
+    dst: int,
+    proto: str,
+    ports: list[int],
+    echo: list[tuple[int, str]],
+    n: int,
 ) -> tuple[str, bool, bool] | None:
     """(the packet, old verdict, new verdict) of the first packet class that differs."""
-    if proto in ("tcp", "udp"):
-        cases = [(sp, dp, ack) for sp in ports for dp in ports for ack in (False, True)]
-        if proto == "udp":
-            cases = [(sp, dp, False) for sp in ports for dp in ports]
+    # (source port, destination port, TCP ACK, ICMP type << 8 | code, what it is)
+    cases: list[tuple[int, int, bool, int, str]] = [(0, 0, False, 0, "packet")]
+    if proto in PORT_PROTOCOLS:
+        acks = (False, True) if proto == "tcp" else (False,)
+        cases = [
+            (sp, dp, ack, 0, f"packet from port {sp} to port {dp}" + (" with ACK" if ack else ""))
+            for sp in ports
+            for dp in ports
+            for ack in acks
+        ]
     elif proto == "icmp":
-        cases = [(0, 0, False), (0, 0, True)]  # echo request (any type but a reply), reply
-    else:
-        cases = [(0, 0, False)]
+        cases = [(0, 0, False, value, f"{what} packet") for value, what in echo]
     for m in range(n):
-        for sp, dp, flag in cases:
-            icmp_type = ICMP_ECHO_REPLY if proto == "icmp" and flag else ICMP_ECHO_REQUEST
-            ack = flag and proto == "tcp"
-            a, b = (j.decide(src, dst, proto, sp, dp, m, ack, icmp_type) for j in judges)
+        for sp, dp, ack, value, what in cases:
+            a, b = (j.decide(src, dst, proto, sp, dp, m, ack, value) for j in judges)
             if (a.allowed, a.log, _rate(a)) != (b.allowed, b.log, _rate(b)):
-                if proto in ("tcp", "udp"):
-                    what = f"packet from port {sp} to port {dp}" + (" with ACK" if ack else "")
-                elif proto == "icmp":
-                    what = "echo reply" if flag else "packet (not an echo reply)"
-                else:
-                    what = "packet"
                 if a.allowed == b.allowed:  # only the log or the meter differs
                     what += " (log or rate)"
-                return what.strip(), a.allowed, b.allowed
+                return what, a.allowed, b.allowed
     return None
 
 

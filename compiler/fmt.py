@@ -83,7 +83,7 @@ def _columns(stmt: ast.Statement) -> list[str]:
         ]
     if isinstance(stmt, ast.DefaultDecl):
         return [" ".join(filter(None, ["default", stmt.action, _options(stmt.options)]))]
-    port = str(stmt.port) if stmt.port is not None else ""
+    port = str(stmt.port) if stmt.port is not None else _port(stmt.icmp) if stmt.icmp else ""
     return [
         "expect",
         _endpoints(stmt.src, stmt.src_except),

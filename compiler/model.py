@@ -194,9 +194,13 @@ class ExpectCase:
     port: int | None
     allowed: bool
     span: Span
+    # icmp: the type (and code) named, as type << 8 | code intervals; () for a ping
+    icmp_types: tuple[Interval, ...] = ()
 
     def describe(self) -> str:
         port = f" {self.port}" if self.port is not None else ""
+        if self.icmp_types:
+            port = f" {format_icmp_types(self.icmp_types)}"
         verdict = "allowed" if self.allowed else "denied"
         return f"{self.src_text} -> {self.dst_text} {self.proto}{port} {verdict}"
 

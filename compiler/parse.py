@@ -459,7 +459,8 @@ class _ToAst(Transformer[Token, Any]):
 
     def expect_decl(self, children: list[Any]) -> ast.Expect:
         keyword, src, dst, proto, *rest = children
-        port_tok = rest[0] if len(rest) == 2 else None
+        item = rest[0] if len(rest) == 2 else None
+        port_tok = item if isinstance(item, Token) else None
         return ast.Expect(
             src=src.include,
             dst=dst.include,
@@ -471,6 +472,7 @@ class _ToAst(Transformer[Token, Any]):
             port_span=self._tok(port_tok) if port_tok is not None else None,
             verdict=str(rest[-1]),
             span=self._span(keyword, rest[-1]),
+            icmp=item if isinstance(item, ast.PortName | ast.IcmpType) else None,
         )
 
 

@@ -73,6 +73,17 @@ _DAYLIGHT_PLACES = {"EST": "America/New_York", "MST": "America/Denver"}
 _REFERENCE_YEAR = 2026  # fixed, so that a check gives the same answer every day
 
 
+def protocol_problem(number: int | None) -> str | None:
+    """Why `proto N` is invalid (E210; also `p4seg trace`), or None when it is valid."""
+    if number is None or number > MAX_PROTOCOL:
+        shown = number if number is not None and number < TOO_MANY_DIGITS else "number"
+        return f"IP protocol {shown} is out of range 0-255"
+    named = next((p for p, n in PROTOCOL_NUMBERS.items() if n == number), None)
+    if named is not None:
+        return f"IP protocol {number} is {named}: write `{named}` (with its ports, if any)"
+    return None
+
+
 def parse_duration(text: str) -> int | str:
     """Seconds in a duration such as `15m` (1s to 365d), or what is wrong with it."""
     m = _DURATION.match(text)
@@ -427,17 +438,9 @@ class _Resolver:
 
     def protocol(self, number: int | None, span: Span) -> str | None:
         """`proto N` as a rule's protocol (`proto 132`), or None after an error."""
-        if number is None or number > MAX_PROTOCOL:
-            shown = number if number is not None and number < TOO_MANY_DIGITS else "number"
-            self.fail("E210", f"IP protocol {shown} is out of range 0-255", span)
-            return None
-        named = next((p for p, n in PROTOCOL_NUMBERS.items() if n == number), None)
-        if named is not None:
-            self.fail(
-                "E210",
-                f"IP protocol {number} is {named}: write `{named}` (with its ports, if any)",
-                span,
-            )
+        problem = protocol_problem(number)
+        if problem is not None:
+            self.fail("E210", problem, span)
             return None
         return f"proto {number}"
 
@@ -613,7 +616,22 @@ class _Resolver:
         ok = True
         proto: str | None = stmt.proto
         port = stmt.port
-        if stmt.proto == "proto":
+        icmp_types: tuple[Interval, ...] | None = ()
+        if stmt.icmp is not None and stmt.proto == "icmp":
+            icmp_types = self.icmp_types((stmt.icmp,))
+            ok = icmp_types is not None
+        elif isinstance(stmt.icmp, ast.IcmpType):
+            self.fail("E208", f"ICMP types apply to icmp only, not {stmt.proto}", stmt.icmp.span)
+            ok = False
+        elif stmt.icmp is not None:
+            problem = (
+                f"an expectation names one port, not a port set: e.g. `{stmt.proto} 443`"
+                if stmt.proto in PORT_PROTOCOLS
+                else f"ports apply to tcp and udp only, not {stmt.proto}"
+            )
+            self.fail("E208", problem, stmt.icmp.span)
+            ok = False
+        elif stmt.proto == "proto":
             proto, port = self.protocol(stmt.port, stmt.port_span or stmt.proto_span), None
             ok = proto is not None
         elif stmt.proto in PORT_PROTOCOLS and stmt.port is None:
@@ -624,13 +642,19 @@ class _Resolver:
             )
             ok = False
         elif stmt.proto not in PORT_PROTOCOLS and stmt.port is not None:
-            self.fail("E208", f"ports apply to tcp and udp only, not {stmt.proto}", stmt.port_span)
+            hint = (
+                f" (an ICMP type is written `icmp type {stmt.port}`)"
+                if stmt.proto == "icmp"
+                else ""
+            )
+            problem = f"ports apply to tcp and udp only, not {stmt.proto}{hint}"
+            self.fail("E208", problem, stmt.port_span)
             ok = False
         elif stmt.port is not None and stmt.port > MAX_PORT:
             shown = stmt.port if stmt.port < TOO_MANY_DIGITS else "number"
             self.fail("E202", f"port {shown} is out of range 0-65535", stmt.port_span)
             ok = False
-        if src is None or dst is None or proto is None or not ok:
+        if src is None or dst is None or proto is None or icmp_types is None or not ok:
             return None
         return ExpectCase(
             src,
@@ -641,6 +665,7 @@ class _Resolver:
             port,
             stmt.verdict == "allowed",
             stmt.span,
+            icmp_types,
         )
 
     def run(self) -> Policy:

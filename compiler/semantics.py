@@ -30,7 +30,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
-from compiler.model import PROTOCOL_NUMBERS, Action, ExpectCase, Policy, PolicyRule
+from compiler.model import (
+    ICMP_ECHO_REQUEST_RANGE,
+    PROTOCOL_NUMBERS,
+    Action,
+    ExpectCase,
+    Policy,
+    PolicyRule,
+    format_icmp_types,
+)
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # the classes of a policy naming no `proto N`
 OTHER_PROTOCOL = 47  # GRE: the example of `other`, unless a policy names it
@@ -38,6 +46,7 @@ MAX_PORT = 65535
 EPHEMERAL_PORT = 49152  # the client port flows are judged with (start of the IANA dynamic range)
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
+ICMP_ECHO_REPLY_RANGE: Interval = (0x0000, 0x00FF)
 _MAX_BOXES = 4096  # past this many fragments a coverage question is left unanswered
 
 
@@ -189,7 +198,12 @@ class PolicySemantics:
         rules = policy.rules
         self.rules = rules
         addr_sets: list[Sequence[Interval]] = []
-        port_sets: list[Sequence[Interval]] = [((EPHEMERAL_PORT, EPHEMERAL_PORT),)]
+        # ICMP echo requests and replies are flows and answers: never in one atom with others
+        port_sets: list[Sequence[Interval]] = [
+            ((EPHEMERAL_PORT, EPHEMERAL_PORT),),
+            (ICMP_ECHO_REQUEST_RANGE,),
+            (ICMP_ECHO_REPLY_RANGE,),
+        ]
         for r in rules:
             addr_sets += [r.src.intervals, r.dst.intervals]
             port_sets.append(r.ports)
@@ -197,6 +211,8 @@ class PolicySemantics:
             addr_sets += [e.src.intervals, e.dst.intervals]
             if e.port is not None:
                 port_sets.append(((e.port, e.port),))
+            if e.icmp_types:
+                port_sets.append(e.icmp_types)
         pinned = list(pinned)
         self.addresses = Partition(addr_sets, MAX_ADDRESS, pinned)
         self.pinned_atoms = {self.addresses.atom_of(v) for v in pinned}
@@ -256,6 +272,7 @@ class PolicySemantics:
         self.all_rules = (1 << len(rules)) - 1
         self._atom_class: list[int] | None = None
         self._port_reps: list[int] | None = None
+        self._icmp_reps: list[int] | None = None
         self._representatives: dict[int, list[int]] = {}  # `any` and services recur
 
     # -- packets -----------------------------------------------------------------------------
@@ -377,9 +394,12 @@ class PolicySemantics:
 
     # -- flows -------------------------------------------------------------------------------
 
-    def flow_atoms(self, src: int, dst: int, proto: str | int, port: int) -> FlowResult:
+    def flow_atoms(
+        self, src: int, dst: int, proto: str | int, port: int, icmp_value: int | None = None
+    ) -> FlowResult:
         """Whether a connection (tcp), datagram (udp), ping (icmp) or packet (any other
-        class, e.g. `proto 132` or `other`) gets through."""
+        class, e.g. `proto 132` or `other`) gets through. With `icmp_value` (type << 8 |
+        code), an ICMP flow is that message: an echo request is a ping, others one packet."""
         eph = self.ports.atom_of(EPHEMERAL_PORT)
         proto = self._class_of.get(proto) or self.proto_class(proto)
         if proto == "tcp":
@@ -387,7 +407,12 @@ class PolicySemantics:
             back = self.decide_atoms(dst, src, "tcp", port, eph, ack=True) if fwd.allowed else None
             return FlowResult(fwd.allowed and back is not None and back.allowed, fwd, back)
         if proto == "icmp":
-            fwd = self.decide_atoms(src, dst, "icmp", 0, 0, icmp_type=ICMP_ECHO_REQUEST)
+            value = ICMP_ECHO_REQUEST << 8 if icmp_value is None else icmp_value
+            fwd = self.decide_atoms(
+                src, dst, "icmp", 0, 0, icmp_type=value >> 8, icmp_code=value & 0xFF
+            )
+            if value >> 8 != ICMP_ECHO_REQUEST:
+                return FlowResult(fwd.allowed, fwd, None)
             back = (
                 self.decide_atoms(dst, src, "icmp", 0, 0, icmp_type=ICMP_ECHO_REPLY)
                 if fwd.allowed
@@ -397,11 +422,33 @@ class PolicySemantics:
         fwd = self.decide_atoms(src, dst, proto, eph, port)
         return FlowResult(fwd.allowed, fwd, None)
 
-    def flow(self, src: int, dst: int, proto: str | int, port: int = 0) -> FlowResult:
+    def flow(
+        self, src: int, dst: int, proto: str | int, port: int = 0, icmp_value: int | None = None
+    ) -> FlowResult:
         """A flow between two addresses; `proto` as for :meth:`decide` (enumerate the classes
-        of one or more policies with :func:`protocol_classes`)."""
-        a = self.addresses
-        return self.flow_atoms(a.atom_of(src), a.atom_of(dst), proto, self.ports.atom_of(port))
+        of one or more policies with :func:`protocol_classes`), `icmp_value` as for
+        :meth:`flow_atoms`."""
+        a, p = self.addresses, self.ports
+        return self.flow_atoms(a.atom_of(src), a.atom_of(dst), proto, p.atom_of(port), icmp_value)
+
+    def expectation_flows(self, expect: ExpectCase) -> list[tuple[str, int, int | None]]:
+        """The flows an `expect` line stands for, one per class of flows the rules tell apart:
+        (protocol class, port atom, ICMP type << 8 | code or None for a ping). `ip` is every
+        class: tcp and udp on every port, icmp of every type (echo replies answer pings and
+        are no flow of their own), every `proto N` and `other`."""
+        if expect.proto == "ip":
+            cases: list[tuple[str, int, int | None]] = [
+                (c, p, None) for c in ("tcp", "udp") for p in self._port_classes()
+            ]
+            cases += [("icmp", 0, self.ports.representative[p]) for p in self._icmp_classes()]
+            cases += [(c, 0, None) for c in self.proto_classes if c not in PROTOCOL_NUMBERS]
+            return cases
+        if expect.icmp_types:
+            atoms = bits(self.ports.mask(expect.icmp_types))
+            return [("icmp", 0, self.ports.representative[p]) for p in atoms]
+        if expect.port is None:
+            return [(expect.proto, 0, None)]
+        return [(expect.proto, self.ports.atom_of(expect.port), None)]
 
     def expectation_failure(
         self, expect: ExpectCase
@@ -409,21 +456,17 @@ class PolicySemantics:
         """The first concrete flow contradicting an `expect` line, or None if it holds."""
         srcs = self.addresses.mask(expect.src.intervals)
         dsts = self.addresses.mask(expect.dst.intervals)
-        if expect.proto == "ip":
-            cases = [(c, p) for c in ("tcp", "udp") for p in self._port_classes()]
-            cases += [(c, 0) for c in self.proto_classes if c not in ("tcp", "udp")]  # no ports
-        elif expect.port is None:
-            cases = [(expect.proto, 0)]
-        else:
-            cases = [(expect.proto, self.ports.atom_of(expect.port))]
+        cases = self.expectation_flows(expect)
         for sa in self._class_representatives(srcs):
             for da in self._class_representatives(dsts):
-                for proto, port_atom in cases:
-                    result = self.flow_atoms(sa, da, proto, port_atom)
+                for proto, port_atom, icmp_value in cases:
+                    result = self.flow_atoms(sa, da, proto, port_atom, icmp_value)
                     if result.allowed != expect.allowed:
                         port = expect.port
                         if expect.proto == "ip" and proto in ("tcp", "udp"):
                             port = self.ports.representative[port_atom]
+                        if icmp_value is not None:  # the message, as a rule names it
+                            proto = f"icmp {format_icmp_types(((icmp_value, icmp_value),))}"
                         rep = self.addresses.representative
                         return rep[sa], rep[da], proto, port, result
         return None
@@ -437,6 +480,19 @@ class PolicySemantics:
                 first.setdefault(self.port_index[p], p)
             self._port_reps = list(first.values())
         return self._port_reps
+
+    def _icmp_classes(self) -> list[int]:
+        """One port atom per class of ICMP messages that flow alike (the same rules match
+        them, and echo requests are pings), echo replies left out (they only answer pings);
+        computed once, like :meth:`_port_classes`."""
+        if self._icmp_reps is None:
+            first: dict[tuple[int, bool], int] = {}
+            for p in range(self.ports.count):
+                kind = self.ports.representative[p] >> 8  # atoms never mix echo and others
+                if kind != ICMP_ECHO_REPLY:
+                    first.setdefault((self.port_index[p], kind == ICMP_ECHO_REQUEST), p)
+            self._icmp_reps = list(first.values())
+        return self._icmp_reps
 
     def _class_representatives(self, mask: int) -> list[int]:
         """One address atom of `mask` per class of atoms that every rule treats alike (the

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
-from compiler.model import ExpectCase, Policy, protocol_number
+from compiler.model import ICMP_NAMES, ExpectCase, Policy, protocol_number
 from compiler.semantics import (
     EPHEMERAL_PORT,
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
+    OTHER_PROTOCOL,
     Decision,
     PolicySemantics,
+    protocol_of,
 )
 
-PROTO_NUMBER = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ip": 47}
 TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
 
 
@@ -44,8 +45,9 @@ class Trace:
     src: Host
     dst: Host
     proto: str
-    port: int
+    port: int  # icmp: the ICMP type
     legs: tuple[Leg, ...]
+    icmp_code: int = 0
 
     @property
     def passed(self) -> bool:
@@ -58,9 +60,12 @@ class Trace:
         return all(leg.policy.allowed for leg in self.legs if leg.policy is not None)
 
 
-def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, PacketFields, bool]]:
+def packets(
+    proto: str, src: int, dst: int, port: int, icmp_code: int = 0, other: int = OTHER_PROTOCOL
+) -> list[tuple[str, PacketFields, bool]]:
     """The packets of a flow: (what, packet, goes from src to dst). For icmp, `port` is the
-    ICMP type: an echo request (8) is answered by an echo reply; other types are one packet."""
+    ICMP type (and `icmp_code` its code): an echo request (8) is answered by an echo reply;
+    other types are one packet. `ip` sends protocol `other`, one no rule names."""
     if proto == "tcp":
         return [
             ("request", PacketFields(src, dst, PROTO_TCP, EPHEMERAL_PORT, port, TCP_SYN), True),
@@ -69,24 +74,33 @@ def packets(proto: str, src: int, dst: int, port: int) -> list[tuple[str, Packet
     if proto == "udp":
         return [("request", PacketFields(src, dst, PROTO_UDP, EPHEMERAL_PORT, port), True)]
     if proto == "icmp":
-        request = ("request", PacketFields(src, dst, PROTO_ICMP, icmp_type=port), True)
+        request = PacketFields(src, dst, PROTO_ICMP, icmp_type=port, icmp_code=icmp_code)
         if port != ICMP_ECHO_REQUEST:
-            return [request]
+            return [("request", request, True)]
         return [
-            request,
+            ("request", request, True),
             ("reply", PacketFields(dst, src, PROTO_ICMP, icmp_type=ICMP_ECHO_REPLY), False),
         ]
-    # `proto N`: that protocol; `ip` and `other`: one no rule names (GRE unless named)
-    number = protocol_number(proto) if proto.startswith("proto ") else None
-    return [("request", PacketFields(src, dst, number or PROTO_NUMBER["ip"]), True)]
+    number = protocol_number(proto)
+    return [("request", PacketFields(src, dst, other if number is None else number), True)]
 
 
 def trace_flow(
-    fabric: Fabric, sem: PolicySemantics | None, src: Host, dst: Host, proto: str, port: int
+    fabric: Fabric,
+    sem: PolicySemantics | None,
+    src: Host,
+    dst: Host,
+    proto: str,
+    port: int,
+    icmp_code: int = 0,
+    other: int | None = None,
 ) -> Trace:
-    """Walk a flow's packets; the reply only if the request got through."""
+    """Walk a flow's packets; the reply only if the request got through. An `ip` (or
+    `other`) flow sends protocol `other`, by default one `sem`'s policy does not name."""
     legs = []
-    for what, pkt, forward in packets(proto, src.ip, dst.ip, port):
+    if other is None:
+        other = protocol_of("other", sem.proto_classes) if sem is not None else OTHER_PROTOCOL
+    for what, pkt, forward in packets(proto, src.ip, dst.ip, port, icmp_code, other):
         sender = src if forward else dst
         path = fabric.walk(sender.name, pkt)
         decision = None
@@ -98,7 +112,7 @@ def trace_flow(
         legs.append(Leg(what, pkt, sender.name, path, decision))
         if not path.delivered:
             break
-    return Trace(src, dst, proto, port, tuple(legs))
+    return Trace(src, dst, proto, port, tuple(legs), icmp_code)
 
 
 def _fabric(inventory: Inventory, switches: Mapping[str, SwitchTables]) -> Fabric:
@@ -136,13 +150,17 @@ def run_expects(
     now = PolicySemantics(effective, [h.ip for h in inventory.hosts]) if effective else None
     fabric = _fabric(inventory, switches)
     out = []
+    other = protocol_of("other", sem.proto_classes)
     for e in policy.expects:
         failure = sem.expectation_failure(e)
         sem_note = "" if failure is None else _failure_text(failure)
         pairs = 0
         tables_note = effective_note = ""
-        proto = e.proto
-        port = e.port if e.port is not None else (ICMP_ECHO_REQUEST if proto == "icmp" else 0)
+        # The flows the line stands for (`ip`: one per class the rules tell apart), concrete.
+        flows = [
+            (proto, sem.ports.representative[p], ICMP_ECHO_REQUEST << 8 if v is None else v)
+            for proto, p, v in sem.expectation_flows(e)
+        ]
         for s in inventory.hosts:
             if s.ip not in e.src:
                 continue
@@ -150,20 +168,24 @@ def run_expects(
                 if d.ip not in e.dst or d.name == s.name:
                     continue
                 pairs += 1
-                wanted = e.allowed
-                if now is not None:
-                    flow = now.flow(s.ip, d.ip, "other" if proto == "ip" else proto, port)
-                    wanted = flow.allowed
-                    if wanted != e.allowed and not effective_note:
-                        effective_note = (
-                            f"{s.name} -> {d.name} is {'allowed' if wanted else 'denied'} "
-                            f"now: {flow.deciding.describe()}"
-                        )
-                t = trace_flow(fabric, None, s, d, proto, port)
-                if t.passed != wanted:
-                    got = "got through" if t.passed else "was stopped"
-                    shown = f" {port}" if proto in ("tcp", "udp") else ""
-                    tables_note = f"{s.name} -> {d.name} {proto}{shown} {got}"
+                for proto, port, icmp_value in flows:
+                    wanted = e.allowed
+                    if now is not None:
+                        flow = now.flow(s.ip, d.ip, proto, port, icmp_value)
+                        wanted = flow.allowed
+                        if wanted != e.allowed and not effective_note:
+                            effective_note = (
+                                f"{s.name} -> {d.name} is {'allowed' if wanted else 'denied'} "
+                                f"now: {flow.deciding.describe()}"
+                            )
+                    if proto == "icmp":
+                        port = icmp_value >> 8
+                    t = trace_flow(fabric, None, s, d, proto, port, icmp_value & 0xFF, other)
+                    if t.passed != wanted:
+                        got = "got through" if t.passed else "was stopped"
+                        tables_note = f"{s.name} -> {d.name} {_flow_text(t)} {got}"
+                        break
+                if tables_note:
                     break
             if tables_note:
                 break
@@ -172,6 +194,25 @@ def run_expects(
                          effective_note)
         )  # fmt: skip
     return out
+
+
+def icmp_packet_text(icmp_type: int, code: int) -> str:
+    """One ICMP packet as `type 3 code 4 (frag-needed)`: numbers, and the name a rule would
+    write for it (of the type and code, else of the type), if any."""
+    names = {v: k for k, v in ICMP_NAMES.items()}
+    name = names.get((icmp_type, code)) or names.get((icmp_type, None))
+    return f"type {icmp_type} code {code}" + (f" ({name})" if name else "")
+
+
+def _flow_text(t: Trace) -> str:
+    """A traced flow as `p4seg test` names it: `tcp 443`, `icmp type 3 code 4`, `proto 132`."""
+    if t.proto in ("tcp", "udp"):
+        return f"{t.proto} {t.port}"
+    if t.proto == "icmp":
+        return f"icmp {icmp_packet_text(t.port, t.icmp_code)}"
+    if t.proto in ("ip", "other"):
+        return f"ip (protocol {t.legs[0].packet.protocol})"
+    return t.proto
 
 
 def _failure_text(failure: tuple[int, int, str, int | None, object]) -> str:

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from compiler.diagnostics import Diagnostic, Span, error
 from compiler.diff import FlowChange
 from compiler.entries import SwitchTables
 from compiler.inventory import Host, Inventory
 from compiler.model import Policy
+from compiler.resolve import protocol_problem
 from compiler.targets import TARGET_NAMES
 
 EXIT_OK, EXIT_ERROR, EXIT_DIFFERENT = 0, 1, 2
@@ -66,18 +68,25 @@ examples:
 """
 
 TRACE_HELP = """\
-The verdict for one flow (a TCP connect with its SYN-ACK, a UDP datagram, an ICMP echo with
-its reply, or an `ip` packet), hop by hop: every table, the entry hit and its action, and
-the policy rule and line behind it — from the compiled policy (--policy) or the entries on
-the live switches (--from-switches; with --policy too, the verdict of the effective policy
-at --at TIME, default now, with the grants and quarantines of --state, is shown beside).
-PORT is required for tcp and udp (0-65535); for icmp it is the ICMP type (default 8, echo).
+The verdict for one flow (a TCP connect with its SYN-ACK, a UDP datagram, an ICMP message
+— an echo request with its reply, any other type alone —, one packet of IP protocol N, or
+an `ip` packet of a protocol no rule names), hop by hop: every table, the entry hit and its
+action, and the policy rule and line behind it — from the compiled policy (--policy) or the
+entries on the live switches (--from-switches; with --policy too, the verdict of the
+effective policy at --at TIME, default now, with the grants and quarantines of --state, is
+shown beside).
+
+PROTO [ARG]:  tcp PORT | udp PORT | proto N (0-255, not 6, 17, 1) | ip
+              icmp [TYPE [CODE]]: TYPE a number or a name (echo-request, frag-needed, ...;
+              `type 3 code 4` as in a rule works too); default an echo request (type 8)
 
 exit status: 0 the flow passes, 3 it is blocked, 4 the tables and the policy disagree,
 1 error (bad input, unreadable switches)
 
 examples:
     p4seg trace algo1 oms1 tcp 9876 -i topologies/trading_floor.yaml --policy policies/trading_floor.zt
+    p4seg trace oms1 risk1 proto 132 -i floor.yaml --policy policy.zt
+    p4seg trace risk1 oms1 icmp frag-needed -i floor.yaml --policy policy.zt
     p4seg trace oms1 algo1 tcp 9876 -i floor.yaml --from-switches
 """
 
@@ -164,8 +173,13 @@ def register(
     )
     t.add_argument("src", metavar="SRC", help="a host of the inventory (name or address)")
     t.add_argument("dst", metavar="DST")
-    t.add_argument("proto", metavar="PROTO", help="tcp, udp, icmp or ip")
-    t.add_argument("port", metavar="PORT", nargs="?", help="tcp/udp port; icmp: the ICMP type")
+    t.add_argument("proto", metavar="PROTO", help="tcp, udp, icmp, ip or proto (then N)")
+    t.add_argument(
+        "port",
+        metavar="ARG",
+        nargs="*",
+        help="tcp/udp: the port; icmp: [TYPE [CODE]] (number or name); proto: N",
+    )
     t.add_argument("-i", "--inventory", required=True, metavar="INVENTORY")
     t.add_argument("--policy", metavar="POLICY", help="compile this policy (and judge by it)")
     t.add_argument("--from-switches", action="store_true", help="the entries on the switches")
@@ -420,26 +434,28 @@ def _diff_summary(changes: list[FlowChange]) -> str:
 
 
 COMMAND_LINE = "command line"
-TRACE_PROTOS = ("tcp", "udp", "icmp", "ip")
+TRACE_PROTOS = ("tcp", "udp", "icmp", "ip", "proto")
 ICMP_ECHO_REQUEST = 8
+MAX_ICMP = 255
 
 
 @dataclass(frozen=True, slots=True)
 class FlowInput:
     src: Host
     dst: Host
-    proto: str
-    port: int  # tcp/udp: the destination port; icmp: the ICMP type; ip: 0
+    proto: str  # tcp | udp | icmp | ip | "proto N"
+    port: int  # tcp/udp: the destination port; icmp: the ICMP type; otherwise 0
+    icmp_code: int = 0
 
 
 def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | None:
-    """SRC DST PROTO [PORT] of `trace`, checked like policy text: located, coded errors with
+    """SRC DST PROTO [ARG...] of `trace`, checked like policy text: located, coded errors with
     suggestions, all reported at once (None: reported)."""
     import difflib
 
-    from compiler.diagnostics import Diagnostic, SourceFiles, Span, error, render_all
+    from compiler.diagnostics import SourceFiles, render_all
 
-    words = [args.src, args.dst, args.proto] + ([args.port] if args.port is not None else [])
+    words = [args.src, args.dst, args.proto, *args.port]
     line = " ".join(words)
     columns = [sum(len(w) + 1 for w in words[:i]) + 1 for i in range(len(words))]
 
@@ -458,29 +474,38 @@ def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | N
             diags.append(error("E101", f"unknown host '{text}'{hint}", at(i)))
         else:
             hosts.append(host)
-    proto = args.proto
-    port = 0
+    proto, rest = args.proto, words[3:]
+    spec: tuple[str, int, int] | None = None
     if proto not in TRACE_PROTOS:
         close = difflib.get_close_matches(proto, TRACE_PROTOS, n=1, cutoff=0.5)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
-        diags.append(error("E001", f"unknown protocol `{proto}`: expected tcp, udp, icmp or ip{hint}", at(2)))  # fmt: skip
-    elif args.port is None:
-        if proto in ("tcp", "udp"):
+        diags.append(error("E001", f"unknown protocol `{proto}`: expected tcp, udp, icmp, ip or proto N{hint}", at(2)))  # fmt: skip
+    elif proto in ("tcp", "udp"):
+        if not rest:
             diags.append(error("E208", f"a flow over {proto} needs a port, e.g. `{proto} 443`", at(2)))  # fmt: skip
-        port = ICMP_ECHO_REQUEST if proto == "icmp" else 0
+        elif (port := _number_word(rest[0], "port", 65535, "E202", at(3), diags)) is not None:
+            spec = (proto, port, 0)
+        if len(rest) > 1:
+            diags.append(error("E001", f"unexpected `{rest[1]}`: a flow has one port", at(4)))
     elif proto == "ip":
-        diags.append(error("E208", "ports apply to tcp and udp only, not ip", at(3)))
-    else:
-        top, what = (255, "ICMP type") if proto == "icmp" else (65535, "port")
-        text = args.port
-        if not (text.isascii() and text.isdigit()):
-            diags.append(error("E202", f"{what} {text!r} is not a number from 0 to {top}", at(3)))
-        elif int(text) > top:
-            shown = text if len(text) <= 12 else "number"
-            diags.append(error("E202", f"{what} {shown} is out of range 0-{top}", at(3)))
+        if rest:
+            diags.append(error("E208", "ports apply to tcp and udp only, not ip", at(3)))
+        spec = ("ip", 0, 0)
+    elif proto == "proto":
+        if not rest:
+            diags.append(error("E001", "expected an IP protocol number after `proto` (`proto 132`)", at(2)))  # fmt: skip
         else:
-            port = int(text)
-    if diags:
+            number = _number_word(rest[0], "IP protocol", 255, "E210", at(3), diags)
+            problem = None if number is None else protocol_problem(number)
+            if problem is not None:
+                diags.append(error("E210", problem, at(3)))
+            elif number is not None:
+                spec = (f"proto {number}", 0, 0)
+        if len(rest) > 1:
+            diags.append(error("E208", f"ports apply to tcp and udp only, not proto {rest[0]}", at(4)))  # fmt: skip
+    else:
+        spec = _icmp_words(rest, at, diags)
+    if diags or spec is None:
         sources = SourceFiles()
         sources.add(COMMAND_LINE, line)
         if args.error_format == "json":
@@ -488,7 +513,68 @@ def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | N
         else:
             print(render_all(diags, sources), file=sys.stderr)
         return None
-    return FlowInput(hosts[0], hosts[1], proto, port)
+    return FlowInput(hosts[0], hosts[1], *spec)
+
+
+def _number_word(
+    text: str, what: str, top: int, code: str, span: Span, diags: list[Diagnostic]
+) -> int | None:
+    """A whole number from 0 to `top` on the command line, or None (and an error)."""
+    if not (text.isascii() and text.isdigit()):
+        diags.append(error(code, f"{what} {text!r} is not a number from 0 to {top}", span))
+        return None
+    if int(text) > top:
+        shown = text if len(text) <= 12 else "number"
+        diags.append(error(code, f"{what} {shown} is out of range 0-{top}", span))
+        return None
+    return int(text)
+
+
+def _icmp_words(
+    words: list[str], at: Callable[[int], Span], diags: list[Diagnostic]
+) -> tuple[str, int, int] | None:
+    """`icmp [TYPE [CODE]]`: TYPE a number or a name of the language's table (`echo-request`,
+    `frag-needed`), optionally written `type N code M` as in a rule; default an echo request."""
+    import difflib
+
+    from compiler.model import ICMP_NAMES
+
+    i = 3  # index of the word being read, as `at` counts them
+    rest = list(words)
+    if rest and rest[0] == "type":
+        rest, i = rest[1:], i + 1
+    if not rest:
+        if words:  # `icmp type` and nothing after it
+            diags.append(error("E001", "expected an ICMP type after `type` (`icmp type 8`)", at(3)))  # fmt: skip
+            return None
+        return ("icmp", ICMP_ECHO_REQUEST, 0)
+    type_word = rest[0]
+    name = ICMP_NAMES.get(type_word)
+    fixed_code: int | None = None
+    if name is not None:
+        icmp_type, fixed_code = name
+    elif rest[0].isascii() and rest[0].isdigit():
+        icmp_type = _number_word(rest[0], "ICMP type", MAX_ICMP, "E211", at(i), diags) or 0
+    else:
+        close = difflib.get_close_matches(rest[0], list(ICMP_NAMES), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else " (or give its number)"
+        diags.append(error("E211", f"unknown ICMP type '{rest[0]}'{hint}", at(i)))
+        return None
+    rest, i = rest[1:], i + 1
+    if rest and rest[0] == "code":
+        rest, i = rest[1:], i + 1
+        if not rest:
+            diags.append(error("E001", "expected an ICMP code after `code` (`icmp type 3 code 4`)", at(i - 1)))  # fmt: skip
+            return None
+    code = fixed_code or 0
+    if rest:
+        if fixed_code is not None:
+            diags.append(error("E211", f"'{type_word}' is type {icmp_type} code {fixed_code}: it takes no other code", at(i)))  # fmt: skip
+        else:
+            code = _number_word(rest[0], "ICMP code", MAX_ICMP, "E211", at(i), diags) or 0
+        if len(rest) > 1:
+            diags.append(error("E001", f"unexpected `{rest[1]}`: an ICMP flow has one type and code", at(i + 1)))  # fmt: skip
+    return ("icmp", icmp_type, code)
 
 
 EXIT_BLOCKED, EXIT_DISAGREE = 3, 4
@@ -532,7 +618,9 @@ def cmd_trace(args: argparse.Namespace, checked: Checked) -> int:
         return EXIT_ERROR
     rules = {r.id: f"line {r.span.line}: {r.describe()}" for r in policy.rules} if policy else {}
     sem = PolicySemantics(policy) if policy else None
-    result = trace_flow(Fabric(tables, inventory), sem, flow.src, flow.dst, flow.proto, flow.port)
+    result = trace_flow(
+        Fabric(tables, inventory), sem, flow.src, flow.dst, flow.proto, flow.port, flow.icmp_code
+    )
     report = judged.report if judged else []
     if args.output == "json":
         doc = _trace_json(result, rules)
@@ -586,17 +674,23 @@ def _trace_json(result: object, rules: dict[int, str]) -> dict[str, object]:
     return {
         "src": result.src.name, "dst": result.dst.name, "proto": result.proto,
         "port": result.port, "passed": result.passed, "policy_allows": result.policy_allows,
+        "protocol": result.legs[0].packet.protocol,
+        **({"icmp_type": result.port, "icmp_code": result.icmp_code} if result.proto == "icmp" else {}),
         "legs": _trace_legs(result, rules),
     }  # fmt: skip
 
 
 def _trace_text(result: object, rules: dict[int, str]) -> str:
-    from compiler.trace import Trace
+    from compiler.trace import Trace, icmp_packet_text
 
     assert isinstance(result, Trace)
     flow = f"{result.src.name} ({result.src.ip_text}) -> {result.dst.name} ({result.dst.ip_text}) {result.proto}"
     if result.proto in ("tcp", "udp"):
         flow += f" {result.port}"
+    elif result.proto == "icmp":
+        flow += f" {icmp_packet_text(result.port, result.icmp_code)}"
+    elif result.proto == "ip":
+        flow += f" (protocol {result.legs[0].packet.protocol})"
     verdict = "PASSES" if result.passed else "BLOCKED"
     lines = [f"{flow}: {verdict}"]
     if result.policy_allows is not None:

@@ -306,9 +306,9 @@ def test_audit_hashes_the_text_that_was_compiled(
         (["algo1", "oms1", "tcp", "-5"], "error[E202]: port '-5' is not a number from 0 to 65535"),
         (["algo1", "oms1", "tcp"], "command line:1:12: error[E208]: a flow over tcp needs a port, e.g. `tcp 443`"),
         (["algo1", "oms1", "ip", "80"], "error[E208]: ports apply to tcp and udp only, not ip"),
-        (["algo1", "oms1", "icmp", "300"], "error[E202]: ICMP type 300 is out of range 0-255"),
+        (["algo1", "oms1", "icmp", "300"], "error[E211]: ICMP type 300 is out of range 0-255"),
         (["algo1", "osm1", "tcp", "9876"], "command line:1:7: error[E101]: unknown host 'osm1' (did you mean 'oms1'?)"),
-        (["algo1", "oms1", "tpc", "9876"], "error[E001]: unknown protocol `tpc`: expected tcp, udp, icmp or ip (did you mean `tcp`?)"),
+        (["algo1", "oms1", "tpc", "9876"], "error[E001]: unknown protocol `tpc`: expected tcp, udp, icmp, ip or proto N (did you mean `tcp`?)"),
     ],
 )  # fmt: skip
 def test_trace_refuses_a_bad_flow(

@@ -7,12 +7,15 @@ For random pairs of small policies on a one-switch inventory: the switch-visible
 - at every moment — each state of the `during` windows over a day, before and after each
   `for` duration — the effective policies (runtime/live.py) treat every packet between
   inventory hosts alike: the verdict, the meter of the allow that passes it, and whether a
-  refused packet is logged (UDP replies and TCP answers are packets too).
+  refused packet is logged (UDP replies and TCP answers are packets too), for TCP, UDP,
+  ICMP types and codes (echo request and reply among them) and IP protocol numbers
+  (`proto 132`, `proto 133`, and one no rule names).
 
 The oracle shares no code with the diff's moments and profiles: it samples real moments and
 runs `effective_policy` on each.
 
-P4SEG_PROPERTY_EXAMPLES=N runs N examples (default 25: each compiles and verifies twice).
+P4SEG_PROPERTY_EXAMPLES=N runs N examples (default 25: each compiles and verifies twice),
+after the explicit ones: changes that only one protocol number or ICMP type class sees.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import datetime as dt
 import os
 from itertools import permutations
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from compiler.check import check_policy
@@ -29,7 +32,7 @@ from compiler.diff import semantic_diff
 from compiler.emit import build
 from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
-from compiler.semantics import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Decision, PolicySemantics
+from compiler.semantics import Decision, PolicySemantics
 from compiler.verify import verify
 from runtime.live import LiveState, effective_policy, window_open
 
@@ -48,6 +51,17 @@ NOW = dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC).timestamp()
 WINDOWS = ("08:00-12:00 UTC", "10:00-14:00 UTC", "22:00-02:00 UTC")
 DURATIONS = {"30m": 1800, "2h": 7200}
 PORTS = ("22", "80", "80-81", "443")
+PROTO_NUMBERS = ("proto 132", "proto 133")
+ICMP_TYPES = (
+    "icmp echo-request",
+    "icmp echo-reply",
+    "icmp type 3",
+    "icmp frag-needed",
+    "icmp type 3 code 5",
+)
+# ICMP (type, code): both echo kinds, codes of type 3 inside and outside the rules', another
+SAMPLE_ICMP = ((8, 0), (0, 0), (3, 4), (3, 5), (3, 0), (13, 0))
+SAMPLE_PROTOCOLS = (132, 133, 47)  # the named protocol numbers and one no rule names
 SAMPLE_PORTS = (0, 21, 22, 23, 79, 80, 81, 82, 442, 443, 444, 1234, 49152, 65535)
 EXAMPLES = int(os.environ.get("P4SEG_PROPERTY_EXAMPLES", "25"))
 
@@ -57,7 +71,7 @@ endpoints = st.sampled_from(["h1", "h2", "h3", "any", "10.0.0.0/30"])
 @st.composite
 def rule_lines(draw: st.DrawFn) -> str:
     action = draw(st.sampled_from(["allow", "allow", "deny"]))
-    proto = draw(st.sampled_from(["tcp", "udp", "icmp", ""]))
+    proto = draw(st.sampled_from(["tcp", "udp", "icmp", "", *PROTO_NUMBERS, *ICMP_TYPES]))
     parts = [action, draw(endpoints), "->", draw(endpoints)]
     if proto:
         parts.append(proto)
@@ -97,6 +111,10 @@ def policy_pairs(draw: st.DrawFn) -> tuple[str, str]:
             new.reverse()
     logs = draw(st.tuples(st.booleans(), st.booleans()))
     return _text(old, logs[0]), _text(new, logs[1])
+
+
+def _pair(old: str, new: str) -> tuple[str, str]:
+    return f"policy p\n{old}\n", f"policy p\n{new}\n"
 
 
 def _text(rules: list[str], log: bool) -> str:
@@ -147,13 +165,14 @@ def _packets_alike(a: Policy, b: Policy) -> bool:
                         sb.decide(src, dst, proto, sport, dport, ack)
                     ):
                         return False
-        for kind in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, 13):
-            if _seen(sa.decide(src, dst, "icmp", icmp_type=kind)) != _seen(
-                sb.decide(src, dst, "icmp", icmp_type=kind)
+        for kind, code in SAMPLE_ICMP:
+            if _seen(sa.decide(src, dst, "icmp", icmp_type=kind, icmp_code=code)) != _seen(
+                sb.decide(src, dst, "icmp", icmp_type=kind, icmp_code=code)
             ):
                 return False
-        if _seen(sa.decide(src, dst, "other")) != _seen(sb.decide(src, dst, "other")):
-            return False
+        for number in SAMPLE_PROTOCOLS:
+            if _seen(sa.decide(src, dst, number)) != _seen(sb.decide(src, dst, number)):
+                return False
     return True
 
 
@@ -180,6 +199,15 @@ def _alike_at_every_moment(old: Policy, new: Policy) -> bool:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 @given(policy_pairs())
+# Changes that only one protocol number or one ICMP type class sees, every run.
+@example(_pair("allow h1 -> h2 proto 132", "allow h1 -> h2 proto 133"))
+@example(_pair("allow h1 -> h2 icmp echo-request", "allow h1 -> h2 icmp type 3"))
+@example(_pair("allow h1 -> h2 icmp type 3", "allow h1 -> h2 icmp frag-needed"))
+@example(_pair("allow h1 -> h2 icmp type 3 code 5", "allow h1 -> h2 icmp type 3 code 5"))
+@example(_pair("allow h1 -> any", "allow h1 -> any\ndeny h1 -> h3 icmp frag-needed log"))
+@example(_pair("allow h1 -> h2 proto 132", "allow h1 -> h2 proto 132 rate 50pps"))
+@example(_pair("allow h2 -> h1 icmp echo-request", "allow h1 -> h2 icmp echo-reply"))
+@example(_pair("deny h1 -> h2 tcp 22", "allow h1 -> h2 icmp echo-reply"))
 def test_diff_is_empty_exactly_when_the_switches_do_the_same(pair: tuple[str, str]) -> None:
     old_text, new_text = pair
     old, new = _checked(old_text), _checked(new_text)

@@ -19,7 +19,7 @@ from compiler.addresses import AddressSet
 from compiler.check import check_policy
 from compiler.diagnostics import Diagnostic, InventoryError, Span
 from compiler.inventory import Inventory, load_inventory, parse_inventory
-from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule
+from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule, format_icmp_types
 from compiler.semantics import EPHEMERAL_PORT, PolicySemantics, bits
 from p4seg.cli import main
 
@@ -501,17 +501,24 @@ def _scan_every_atom(sem: PolicySemantics, expect: ExpectCase) -> tuple[int, int
     def hosts_first(mask: int) -> list[int]:
         return sorted(bits(mask), key=lambda a: (a not in sem.pinned_atoms, a))
 
+    cases: list[tuple[str, int, int | None]]
     if expect.proto == "ip":
         ports = sorted({sem.port_index[p]: p for p in reversed(range(sem.ports.count))}.values())
-        cases = [(c, p) for c in ("tcp", "udp") for p in ports] + [("icmp", 0), ("other", 0)]
+        cases = [(c, p, None) for c in ("tcp", "udp") for p in ports]
+        # every ICMP message but echo replies (answers, not flows): type << 8 | code
+        values = [sem.ports.representative[p] for p in range(sem.ports.count)]
+        cases += [("icmp", 0, v) for v in values if v >> 8 != 0]
+        cases += [("other", 0, None)]
     else:
         port = 0 if expect.port is None else sem.ports.atom_of(expect.port)
-        cases = [(expect.proto, port)]
+        cases = [(expect.proto, port, None)]
     for sa in hosts_first(sem.addresses.mask(expect.src.intervals)):
         for da in hosts_first(sem.addresses.mask(expect.dst.intervals)):
-            for proto, port in cases:
-                if sem.flow_atoms(sa, da, proto, port).allowed != expect.allowed:
+            for proto, port, icmp in cases:
+                if sem.flow_atoms(sa, da, proto, port, icmp).allowed != expect.allowed:
                     rep = sem.addresses.representative
+                    if icmp is not None:
+                        proto = f"icmp {format_icmp_types(((icmp, icmp),))}"
                     return rep[sa], rep[da], proto
     return None
 
