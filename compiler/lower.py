@@ -323,6 +323,31 @@ def _policy_entries(
     return out.entries, (out.naive, out.pairs)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyMatch:
+    """One kind of packet answering a rule's flows, as the ToRs' reply entries match it."""
+
+    proto: str
+    sport: tuple[Interval, ...] = ALL_PORTS
+    dport: tuple[Interval, ...] = ALL_PORTS
+    ack: bool = False
+
+
+def reply_matches(rule: PolicyRule, udp_always: bool) -> tuple[ReplyMatch, ...]:
+    """The packets answering `rule`'s flows that get entries of their own: TCP with ACK,
+    UDP (always when `udp_always`, as for a deny; else with `reply`), ICMP echo replies."""
+    out = []
+    if rule.proto in ("tcp", "ip"):
+        out.append(ReplyMatch("tcp", sport=rule.ports, ack=True))
+    if rule.proto == "udp" and (udp_always or rule.reply):
+        out.append(ReplyMatch("udp", sport=rule.ports))
+    if rule.proto == "ip" and udp_always:
+        out.append(ReplyMatch("udp"))
+    if rule.answers_pings:  # `icmp`, `ip`, or ICMP types that include the echo request
+        out.append(ReplyMatch("icmp", dport=(ECHO_REPLY_RANGE,)))
+    return tuple(out)
+
+
 def _replies(
     out: _PolicyEntries,
     rule: PolicyRule,
@@ -334,14 +359,8 @@ def _replies(
     udp_always: bool,
 ) -> None:
     """Entries for the packets that answer `rule`'s flows (src/dst already reversed)."""
-    if rule.proto in ("tcp", "ip"):
-        out.add(rule, src, dst, "tcp", action, prio, role, sport=rule.ports, ack=True)
-    if rule.proto == "udp" and (udp_always or rule.reply):
-        out.add(rule, src, dst, "udp", action, prio, role, sport=rule.ports)
-    if rule.proto == "ip" and udp_always:
-        out.add(rule, src, dst, "udp", action, prio, role)
-    if rule.answers_pings:  # `icmp`, `ip`, or ICMP types that include the echo request
-        out.add(rule, src, dst, "icmp", action, prio, role, dport=(ECHO_REPLY_RANGE,))
+    for m in reply_matches(rule, udp_always):
+        out.add(rule, src, dst, m.proto, action, prio, role, m.sport, m.dport, m.ack)
 
 
 def _topology(inventory: Inventory) -> nx.Graph:
