@@ -164,16 +164,6 @@ def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
     }
 
 
-def naive_entries(switches: tuple[SwitchTables, ...]) -> int:
-    """Policy entries a host-pair x single-port expansion would need (same placement)."""
-    return sum(sw.naive_policy_entries for sw in switches)
-
-
-def host_pair_entries(switches: tuple[SwitchTables, ...]) -> int:
-    """Policy entries one per host pair would need, port ranges kept (same placement)."""
-    return sum(sw.host_pair_policy_entries for sw in switches)
-
-
 def tofino_resources(
     pipeline: Pipeline, switches: tuple[SwitchTables, ...]
 ) -> list[dict[str, object]]:
@@ -225,7 +215,6 @@ def _report(
     groups: int,
 ) -> dict[str, object]:
     policy_entries = sum(len(sw.table("policy")) for sw in switches if sw.role == "tor")
-    naive = naive_entries(switches)
     report: dict[str, object] = {
         "policy": policy.name,
         "policy_sha256": hashlib.sha256(policy_text.encode()).hexdigest(),
@@ -261,12 +250,6 @@ def _report(
             for sw in switches
         ],
         "policy_entries": policy_entries,
-        "naive_entries": naive,
-        "reduction": round(naive / policy_entries, 2) if policy_entries else None,
-        "host_pair_entries": host_pair_entries(switches),
-        "host_pair_reduction": round(host_pair_entries(switches) / policy_entries, 2)
-        if policy_entries
-        else None,
     }
     if target.kind.resource_estimate:
         report["tofino_resources"] = tofino_resources(target.pipeline, switches)
@@ -288,11 +271,7 @@ def summary(build_: Build) -> str:
             for t in tables
         )
         lines.append(f"  {sw['name']:<10}{cells}")
-    lines.append(
-        f"policy entries on ToRs: {r['policy_entries']} (host pairs x single ports, placed the "
-        f"same way, would need {r['naive_entries']}: {r['reduction']}x more; host pairs with port "
-        f"ranges kept: {r['host_pair_entries']}, {r['host_pair_reduction']}x more)"
-    )
+    lines.append(f"policy entries on ToRs: {r['policy_entries']}")
     resources = r.get("tofino_resources", [])
     assert isinstance(resources, list)
     for row in resources:

@@ -122,10 +122,6 @@ class SwitchTables:
     device_id: int
     entries: tuple[TableEntry, ...]
     defaults: tuple[DefaultAction, ...]
-    # `policy` entries a host-pair x single-port expansion would need with the same
-    # placement and the same reply entries: the baseline the group runs are measured against.
-    naive_policy_entries: int = 0
-    host_pair_policy_entries: int = 0  # the same with port ranges kept (stricter baseline)
     span: Span | None = None  # the switch in the inventory, for diagnostics
 
     def table(self, name: str) -> list[TableEntry]:

@@ -156,12 +156,6 @@ class _PolicyEntries:
     groups: Groups
     entries: list[TableEntry]
     local: int  # atoms of this ToR's hosts
-    hosts_in: list[int]  # inventory hosts per atom, for the naive baseline
-    naive: int = 0  # entries the same placement would need per host pair and single port
-    pairs: int = 0  # ... per host pair, with the same port ranges (the stricter baseline)
-
-    def _hosts(self, mask: int) -> int:
-        return sum(self.hosts_in[a] for a in bits(mask))
 
     def _runs(self, mask: int) -> list[Interval]:
         if mask == self.groups.semantics.addresses.full:
@@ -193,11 +187,6 @@ class _PolicyEntries:
                 (self._runs(src_mask & self.local), self._runs(dst_mask)),
                 (self._runs(src_mask & ~self.local & full), self._runs(dst_mask & self.local)),
             ]
-        host_pairs = self._hosts(src_mask & self.local) * self._hosts(dst_mask) + self._hosts(
-            src_mask & ~self.local & full
-        ) * self._hosts(dst_mask & self.local)
-        self.naive += host_pairs * _port_count(sport) * _port_count(dport)
-        self.pairs += host_pairs * len(sport) * len(dport)
         common: list[FieldMatch] = []
         number = protocol_number(proto)
         if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
@@ -234,15 +223,9 @@ class _PolicyEntries:
                             )
 
 
-def _port_count(ports: tuple[Interval, ...]) -> int:
-    return 1 if ports == ALL_PORTS else sum(hi - lo + 1 for lo, hi in ports)
-
-
-def _policy_entries(
-    groups: Groups, policy: Policy, local: int, hosts_in: list[int]
-) -> tuple[list[TableEntry], tuple[int, int]]:
+def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEntry]:
     sem = groups.semantics
-    out = _PolicyEntries(groups, [], local, hosts_in)
+    out = _PolicyEntries(groups, [], local)
     denies = [r for r in policy.rules if r.action is Action.DENY]
     allows = [r for r in policy.rules if r.action is Action.ALLOW]
     metered = sorted(
@@ -320,7 +303,7 @@ def _policy_entries(
                 "default-log",
             )
         )
-    return out.entries, (out.naive, out.pairs)
+    return out.entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,9 +484,6 @@ def lower(
     global_groups = assign_groups(semantics)
     next_port = _next_ports(inventory, _topology(inventory))
     part = semantics.addresses
-    hosts_in = [0] * part.count
-    for host in inventory.hosts:
-        hosts_in[part.atom_of(host.ip)] += 1
     out = []
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         uplinks = sorted(
@@ -512,7 +492,6 @@ def lower(
             for name, port in ((link.a, link.a_port), (link.b, link.b_port))
             if name == switch.name
         )
-        naive = (0, 0)
         local = 0
         for host in inventory.hosts:
             if host.switch == switch.name:
@@ -525,8 +504,7 @@ def lower(
         entries = _identity(groups, inventory, switch, uplinks)
         if switch.role == "tor":
             groups_of[switch.name] = groups
-            policy_entries, naive = _policy_entries(groups, policy, local, hosts_in)
-            entries += policy_entries
+            entries += _policy_entries(groups, policy, local)
         else:
             entries.append(
                 TableEntry(
@@ -548,7 +526,6 @@ def lower(
                 switch.device_id,
                 tuple(entries),
                 defaults,
-                *naive,
                 span=switch.span,
             )
         )

@@ -76,7 +76,7 @@ examples:
 _COMPILE_HELP = """\
 Compile a policy for the switches of an inventory: the P4 program for the target, its
 P4Info, and every switch's table entries, plus a report (rule ids -> policy lines, entries
-and utilisation per table, a naive-expansion baseline, and for Tofino a resource estimate).
+and utilisation per table, and for Tofino a resource estimate).
 Checks the policy first; on any error nothing is written. Outputs are byte-identical for
 the same inputs. With p4c-bm2-ss on PATH, bmv2 builds also get p4c's BMv2 JSON
 (p4/bmv2/p4seg.json); ref builds get the reference switch's device config there.
