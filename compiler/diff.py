@@ -28,19 +28,16 @@ from zoneinfo import ZoneInfo
 
 from compiler.addresses import format_ipv4
 from compiler.inventory import Inventory
-from compiler.model import (
+from compiler.model import PORT_PROTOCOLS, Action, Policy, PolicyRule, TimeWindow, format_icmp_types
+from compiler.protocols import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REPLY_RANGE,
+    ICMP_ECHO_REQUEST,
     ICMP_ECHO_REQUEST_RANGE,
-    PORT_PROTOCOLS,
-    Action,
-    Policy,
-    PolicyRule,
-    TimeWindow,
-    format_icmp_types,
+    MAX_PORT,
 )
 from compiler.semantics import (
     EPHEMERAL_PORT,
-    ICMP_ECHO_REPLY,
-    ICMP_ECHO_REQUEST,
     Decision,
     Partition,
     PolicySemantics,
@@ -48,9 +45,7 @@ from compiler.semantics import (
 )
 
 MAX_ADDRESS = (1 << 32) - 1
-MAX_PORT = 65535
 MAX_ICMP = 0xFFFF  # ICMP type << 8 | code, as the pipeline matches it
-ICMP_ECHO_REPLY_RANGE = (0x0000, 0x00FF)
 # ICMP flows: every type but the echo reply, which answers a ping (judged per packet)
 ICMP_FLOW_VALUES = (0x0100, MAX_ICMP)
 MAX_LISTED_TYPES = 3  # longer runs of whole ICMP types read as `types N-M`

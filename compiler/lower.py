@@ -40,13 +40,12 @@ from compiler.entries import (
 )
 from compiler.inventory import Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
+from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
 from compiler.semantics import PolicySemantics, bits
 from p4src.spec import DEFAULT_RULE_ID, GROUP_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
 ALL_GROUPS = (0, (1 << GROUP_BITS) - 1)  # spines' single permit: transit, judged at the ToRs
-TCP_ACK = 0x10
-ECHO_REPLY_RANGE = (0x0000, 0x00FF)  # ICMP type 0 (any code) in the l4_dst_port field
 _BAND_BITS = 20
 
 BAND_DENY_LOG, BAND_DENY, BAND_METERED, BAND_ALLOW = 7, 6, 5, 4
@@ -205,9 +204,9 @@ class _PolicyEntries:
                             if (d_lo, d_hi) != ALL_GROUPS:
                                 matches.append(_m("dst_group", "range", d_lo, d_hi))
                             matches += common
-                            if (sp_lo, sp_hi) != (0, 65535):
+                            if (sp_lo, sp_hi) != ALL_PORTS[0]:
                                 matches.append(_m("l4_src_port", "range", sp_lo, sp_hi))
-                            if (dp_lo, dp_hi) != (0, 65535):
+                            if (dp_lo, dp_hi) != ALL_PORTS[0]:
                                 matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
                             self.entries.append(
                                 TableEntry(
@@ -327,7 +326,7 @@ def reply_matches(rule: PolicyRule, udp_always: bool) -> tuple[ReplyMatch, ...]:
     if rule.proto == "ip" and udp_always:
         out.append(ReplyMatch("udp"))
     if rule.answers_pings:  # `icmp`, `ip`, or ICMP types that include the echo request
-        out.append(ReplyMatch("icmp", dport=(ECHO_REPLY_RANGE,)))
+        out.append(ReplyMatch("icmp", dport=(ICMP_ECHO_REPLY_RANGE,)))
     return tuple(out)
 
 

@@ -15,12 +15,10 @@ from zoneinfo import ZoneInfo
 
 from compiler.addresses import AddressSet, Interval
 from compiler.diagnostics import Span
+from compiler.protocols import ICMP_ECHO_REQUEST_RANGE, MAX_PORT, PROTOCOL_NUMBERS
 
-ALL_PORTS: tuple[Interval, ...] = ((0, 65535),)
+ALL_PORTS: tuple[Interval, ...] = ((0, MAX_PORT),)
 PORT_PROTOCOLS = ("tcp", "udp")
-PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
-# ICMP type << 8 | code, as the pipeline puts it in l4_dst_port (p4src/spec.py).
-ICMP_ECHO_REQUEST_RANGE: Interval = (0x0800, 0x08FF)
 # The ICMP types (and a few codes) a rule may name: name -> (type, code or None: every code).
 ICMP_NAMES: dict[str, tuple[int, int | None]] = {
     "echo-reply": (0, None),

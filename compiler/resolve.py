@@ -33,7 +33,6 @@ from compiler.model import (
     EVERY_DAY,
     ICMP_NAMES,
     PORT_PROTOCOLS,
-    PROTOCOL_NUMBERS,
     Action,
     ExpectCase,
     Policy,
@@ -42,9 +41,9 @@ from compiler.model import (
     TimeWindow,
 )
 from compiler.parse import TOO_MANY_DIGITS
+from compiler.protocols import MAX_PORT, PROTOCOL_NUMBERS
 
 ANY = "any"
-MAX_PORT = 65535
 MAX_PROTOCOL = 255
 MAX_RATE_PPS = 1_000_000_000
 MAX_DURATION_S = 365 * 86400

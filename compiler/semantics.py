@@ -30,23 +30,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
-from compiler.model import (
+from compiler.model import Action, ExpectCase, Policy, PolicyRule, format_icmp_types
+from compiler.protocols import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REPLY_RANGE,
+    ICMP_ECHO_REQUEST,
     ICMP_ECHO_REQUEST_RANGE,
+    MAX_PORT,
+    OTHER_PROTOCOL,
     PROTOCOL_NUMBERS,
-    Action,
-    ExpectCase,
-    Policy,
-    PolicyRule,
-    format_icmp_types,
 )
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")  # the classes of a policy naming no `proto N`
-OTHER_PROTOCOL = 47  # GRE: the example of `other`, unless a policy names it
-MAX_PORT = 65535
 EPHEMERAL_PORT = 49152  # the client port flows are judged with (start of the IANA dynamic range)
-ICMP_ECHO_REQUEST = 8
-ICMP_ECHO_REPLY = 0
-ICMP_ECHO_REPLY_RANGE: Interval = (0x0000, 0x00FF)
 _MAX_BOXES = 4096  # past this many fragments a coverage question is left unanswered
 
 

@@ -16,17 +16,15 @@ from compiler.entries import SwitchTables
 from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
 from compiler.model import ICMP_NAMES, ExpectCase, Policy, protocol_number
-from compiler.semantics import (
-    EPHEMERAL_PORT,
+from compiler.protocols import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     OTHER_PROTOCOL,
-    Decision,
-    PolicySemantics,
-    protocol_of,
+    TCP_ACK,
+    TCP_SYN,
+    TCP_SYN_ACK,
 )
-
-TCP_SYN, TCP_SYN_ACK = 0x02, 0x12
+from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, protocol_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +105,7 @@ def trace_flow(
         if sem is not None:
             decision = sem.decide(
                 pkt.src, pkt.dst, sem.proto_class(pkt.protocol), pkt.sport, pkt.dport,
-                ack=bool(pkt.tcp_flags & 0x10), icmp_type=pkt.icmp_type, icmp_code=pkt.icmp_code,
+                ack=bool(pkt.tcp_flags & TCP_ACK), icmp_type=pkt.icmp_type, icmp_code=pkt.icmp_code,
             )  # fmt: skip
         legs.append(Leg(what, pkt, sender.name, path, decision))
         if not path.delivered:

@@ -46,13 +46,11 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
+from compiler.protocols import MAX_PORT, OTHER_PROTOCOL, TCP_ACK
 from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, protocol_of
 from p4src.spec import PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
-MAX_PORT = 65535
-TCP_ACK = 0x10
-OTHER_PROTOCOL = 47  # GRE: stands for every protocol the policy does not name
 _PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
 

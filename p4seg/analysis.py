@@ -19,6 +19,7 @@ from compiler.diff import FlowChange
 from compiler.entries import SwitchTables
 from compiler.inventory import Host, Inventory
 from compiler.model import Policy
+from compiler.protocols import ICMP_ECHO_REQUEST, MAX_ICMP, MAX_PORT
 from compiler.resolve import protocol_problem
 from compiler.targets import TARGET_NAMES
 
@@ -435,8 +436,6 @@ def _diff_summary(changes: list[FlowChange]) -> str:
 
 COMMAND_LINE = "command line"
 TRACE_PROTOS = ("tcp", "udp", "icmp", "ip", "proto")
-ICMP_ECHO_REQUEST = 8
-MAX_ICMP = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +482,7 @@ def _flow_input(args: argparse.Namespace, inventory: Inventory) -> FlowInput | N
     elif proto in ("tcp", "udp"):
         if not rest:
             diags.append(error("E208", f"a flow over {proto} needs a port, e.g. `{proto} 443`", at(2)))  # fmt: skip
-        elif (port := _number_word(rest[0], "port", 65535, "E202", at(3), diags)) is not None:
+        elif (port := _number_word(rest[0], "port", MAX_PORT, "E202", at(3), diags)) is not None:
             spec = (proto, port, 0)
         if len(rest) > 1:
             diags.append(error("E001", f"unexpected `{rest[1]}`: a flow has one port", at(4)))
