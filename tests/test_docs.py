@@ -1,31 +1,37 @@
-"""The examples of docs/language.md are the tool's real output, and compiler/ doctests pass.
+"""The examples of docs/language.md and docs/analysis.md are the tool's real output, and the
+`>>>` examples of the code's docstrings pass.
 
-Every fenced block of the language reference is classified, never skipped silently:
+Every fenced block of those docs is classified, never skipped silently:
 
 - a block followed by an output block (diagnostics or `FILE: ok — ...`, with no heading in
-  between) is an example: it is checked as `p4seg check policy.zt -i
-  topologies/trading_floor.yaml` (a ```yaml block: `-i floor.yaml` with the policy
-  `policy demo`) in a directory laid out as the docs' examples were, and the output must
-  be the block's text exactly;
+  between) is an example: it is run as `p4seg check policy.zt -i
+  topologies/trading_floor.yaml` (a ```yaml block: `-i floor.yaml`, with the policy
+  `policy demo`) in a directory laid out as the docs' examples were, and what it prints
+  (standard error, then standard output) must be the output block's text exactly;
+- an output block marked `<!-- the policy above, run as: p4seg ARGS -->` is what `p4seg
+  ARGS` prints for the last policy shown (compared as JSON for a ```json block), and one
+  marked `<!-- input FILE: BYTES -->` (a Python bytes literal, or `none` for no file) is
+  the output of the example run with FILE (policy.zt or floor.yaml) holding BYTES;
 - any other policy (first statement `policy NAME`) must check without errors or warnings,
   unless the next block runs it (`$ p4seg check policy.zt ...`);
 - a block marked `<!-- not a whole policy -->` is a fragment: it must parse under a
   `policy` header;
-- a `$ p4seg ...` block is run, command by command, and its output compared;
-- an output block without its input must say why (`<!-- output only: REASON -->`), or be
-  marked `<!-- the policy above, checked without -i -->`;
-- a block with a language tag (```text, ```json, ```ebnf) is not policy text;
-- a ```yaml block without output is an inventory that must load.
+- a `$ p4seg ...` block is run, command by command, and its output compared (a line `...`
+  stands for any number of lines; `$ echo $?` is the previous exit status);
+- a ```yaml block without output is an inventory that must load;
+- a block with another language tag (```text, ```ebnf) is not policy text.
 
-A failure names the doc line of the block.
+A block that fits none of these fails, and every failure names the doc line of its block.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import doctest
 import importlib
 import io
+import json
 import os
 import re
 import shlex
@@ -41,13 +47,13 @@ from compiler.parse import parse
 from p4seg.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-LANGUAGE = ROOT / "docs" / "language.md"
+DOCS = ("language.md", "analysis.md")
 FLOOR = "topologies/trading_floor.yaml"
 
 FRAGMENT = "<!-- not a whole policy -->"
-OUTPUT_ONLY = "<!-- output only:"
-WITHOUT_INVENTORY = "<!-- the policy above, checked without -i -->"
-_OUTPUT = re.compile(r"^(\S+:\d+:\d+: )?(error|warning)\[[EW]\d{3}\]|^\S+: ok — ")
+RUN_AS = re.compile(r"<!-- the policy above, run as: p4seg (.+) -->$")
+INPUT = re.compile(r"<!-- input (policy\.zt|floor\.yaml): (.+) -->$")
+_OUTPUT = re.compile(r"^(\S+:\d+:\d+: )?(error|warning)\[[EW]\d{3}\]|^\S+: ok — |^\{\n")
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 
@@ -55,19 +61,20 @@ _FENCE = re.compile(r"^```(\S*)\s*$")
 class Block:
     """One fenced block of a markdown file."""
 
+    doc: str
     line: int  # of the opening fence, counted from 1
     tag: str  # the language tag after the fence, "" for none
     text: str
-    before: str  # the markdown between the previous block and this one
+    marker: str  # the last non-blank line before the block when it is an HTML comment
+    after_heading: bool  # a heading stands between the previous block and this one
 
-    def marked(self, marker: str) -> bool:
-        """Whether the last non-blank line before the block starts with `marker`."""
-        lines = [line for line in self.before.splitlines() if line.strip()]
-        return bool(lines) and lines[-1].strip().startswith(marker)
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
 
     @property
     def is_output(self) -> bool:
-        return self.tag == "" and bool(_OUTPUT.match(self.text))
+        return self.tag in ("", "json") and bool(_OUTPUT.match(self.text))
 
     @property
     def is_shell(self) -> bool:
@@ -81,12 +88,13 @@ class Block:
         return self.tag == "" and bool(statements) and statements[0].startswith("policy ")
 
 
-def blocks(path: Path) -> list[Block]:
-    """The fenced blocks of a markdown file, in order."""
+def blocks(doc: str) -> list[Block]:
+    """The fenced blocks of docs/DOC, in order."""
     found: list[Block] = []
     before: list[str] = []
     inside: tuple[int, str, list[str]] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
         fence = _FENCE.match(line)
         if inside is None:
             if fence:
@@ -95,82 +103,113 @@ def blocks(path: Path) -> list[Block]:
                 before.append(line)
         elif line == "```":
             start, tag, body = inside
-            found.append(Block(start, tag, "\n".join(body) + "\n", "\n".join(before)))
+            last = next((b.strip() for b in reversed(before) if b.strip()), "")
+            marker = last if last.startswith("<!--") else ""
+            heading = any(b.startswith("#") for b in before)
+            found.append(Block(doc, start, tag, "\n".join(body) + "\n", marker, heading))
             inside, before = None, []
         else:
             inside[2].append(line)
-    assert inside is None, f"{path}:{inside[0]}: the block is never closed"
+    assert inside is None, f"{doc}:{inside[0]}: the block is never closed"
     return found
 
 
 @dataclass(frozen=True, slots=True)
 class Case:
-    """One check a doc block asks for; `id` is `language.md:LINE`."""
+    """One check a doc block asks for."""
 
-    kind: str  # example, clean, fragment, shell, inventory
-    block: Block
-    expected: Block | None = None  # the output block of an example
-    inventory: bool = True  # checked with -i (examples only)
-    problem: str = ""  # why the block cannot be checked (kind "invalid")
-
-    @property
-    def id(self) -> str:
-        return f"language.md:{self.block.line}"
+    kind: str  # run, clean, fragment, shell, inventory, invalid
+    block: Block  # the block checked (the output block, for `run`)
+    argv: tuple[str, ...] = ()  # run: the p4seg command
+    policy: bytes | None = None  # run, shell: policy.zt (run: None for no file)
+    inventory: bytes | None = None  # run: floor.yaml
+    problem: str = ""  # invalid: why the block cannot be checked
 
 
-def _no_heading_between(block: Block) -> bool:
-    return not any(line.startswith("#") for line in block.before.splitlines())
+CHECK = ("check", "policy.zt", "-i", FLOOR)
+CHECK_FLOOR = ("check", "policy.zt", "-i", "floor.yaml")
+DEMO = b"policy demo\n"
+
+
+def _input(block: Block, match: re.Match[str]) -> Case:
+    """The case of an output block marked `<!-- input FILE: BYTES -->`."""
+    name, literal = match.groups()
+    if literal == "none":
+        data = None
+    else:
+        data = ast.literal_eval(literal)
+        if not isinstance(data, bytes):
+            return Case("invalid", block, problem="the input is not a bytes literal")
+    if name == "floor.yaml":
+        if data is None:
+            return Case("invalid", block, problem="give the inventory's bytes")
+        return Case("run", block, CHECK_FLOOR, DEMO, data)
+    return Case("run", block, CHECK, data)
 
 
 def cases(found: list[Block]) -> Iterator[Case]:
-    """What to check for every block; a block that fits no rule is an "invalid" case."""
-    used: set[int] = set()
-    last_input: Block | None = None
+    """What to check for every block; a block that fits no rule is an `invalid` case."""
+    paired: set[int] = set()
+    last_policy = b""
     for index, block in enumerate(found):
         following = found[index + 1] if index + 1 < len(found) else None
-        if block.line in used:
+        if block.line in paired:
             continue
         if block.is_output:
-            if block.marked(WITHOUT_INVENTORY) and last_input is not None:
-                yield Case("example", last_input, block, inventory=False)
-            elif not block.marked(OUTPUT_ONLY):
-                problem = f"an output without its policy: mark it `{OUTPUT_ONLY} REASON -->`"
+            run_as, given = RUN_AS.match(block.marker), INPUT.match(block.marker)
+            if run_as and last_policy:
+                yield Case("run", block, tuple(shlex.split(run_as.group(1))), last_policy)
+            elif given:
+                yield _input(block, given)
+            else:
+                problem = "an output without its input: show the policy above it, or mark it"
                 yield Case("invalid", block, problem=problem)
-        elif (
-            following is not None
-            and following.is_output
-            and _no_heading_between(following)
-            and not following.marked(OUTPUT_ONLY)
-        ):
-            used.add(following.line)
-            if block.tag not in ("", "yaml") or block.is_shell:
+        elif following is not None and following.is_output and not following.after_heading:
+            if following.marker:
+                pass  # the output says what produced it; this block is checked on its own
+            elif block.tag == "yaml":
+                paired.add(following.line)
+                yield Case("run", following, CHECK_FLOOR, DEMO, block.text.encode())
+                continue
+            elif block.tag == "":
+                paired.add(following.line)
+                last_policy = block.text.encode()
+                yield Case("run", following, CHECK, last_policy)
+                continue
+            else:
                 yield Case("invalid", block, problem="an output follows a block that is no input")
                 continue
-            last_input = block
-            yield Case("example", block, following)
-        elif block.is_shell:
-            yield Case("shell", block, last_input)
-        elif block.tag == "yaml":
-            yield Case("inventory", block)
-        elif block.tag:
-            continue  # ```text, ```json, ```ebnf: not policy text
-        elif block.marked(FRAGMENT):
-            yield Case("fragment", block)
-        elif block.is_policy:
-            last_input = block
-            runs_it = following is not None and following.is_shell and "policy.zt" in following.text
-            if not runs_it:
-                yield Case("clean", block)
+            yield from _alone(block, following)
         else:
-            problem = f"neither a policy, an example nor a command: mark it `{FRAGMENT}` or tag it"
-            yield Case("invalid", block, problem=problem)
+            if block.is_policy:
+                last_policy = block.text.encode()
+            yield from _alone(block, following, last_policy)
 
 
-CASES = list(cases(blocks(LANGUAGE)))
+def _alone(block: Block, following: Block | None, last_policy: bytes = b"") -> Iterator[Case]:
+    """The case of a block that is not an example's input."""
+    if block.is_shell:
+        yield Case("shell", block, policy=last_policy)
+    elif block.tag == "yaml":
+        yield Case("inventory", block)
+    elif block.tag:
+        return  # ```text, ```ebnf: not policy text
+    elif block.marker == FRAGMENT:
+        yield Case("fragment", block)
+    elif block.is_policy:
+        runs_it = following is not None and following.is_shell and "policy.zt" in following.text
+        if not runs_it:
+            yield Case("clean", block)
+    else:
+        problem = f"neither a policy, an example nor a command: mark it `{FRAGMENT}` or tag it"
+        yield Case("invalid", block, problem=problem)
+
+
+CASES = [case for doc in DOCS for case in cases(blocks(doc))]
 
 
 def _floor_dir(tmp_path: Path) -> Path:
-    """A directory laid out like the docs' examples: topologies/ and policies/ beside policy.zt."""
+    """A directory laid out like the docs' examples: topologies/, policies/ and tests/."""
     for name in ("topologies", "policies", "tests"):
         (tmp_path / name).symlink_to(ROOT / name)
     return tmp_path
@@ -189,34 +228,37 @@ def _run(argv: list[str], cwd: Path) -> tuple[int, str]:
     return status, err.getvalue() + out.getvalue()
 
 
-def _trimmed(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def _matches(shown: str, expected: str) -> bool:
+    """Whether `shown` is `expected`, where a line `...` in `expected` stands for any lines."""
+    pattern = "".join(
+        r"(.*\n)*?" if line == "..." else re.escape(line) + r"\n" for line in _lines(expected)
+    )
+    return re.fullmatch(pattern, "\n".join(_lines(shown)) + "\n") is not None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.block.where for case in CASES])
 def test_doc_block(case: Case, tmp_path: Path) -> None:
-    where = case.id
+    where = case.block.where
     cwd = _floor_dir(tmp_path)
-    if case.kind == "example":
-        assert case.expected is not None
-        if case.block.tag == "yaml":
-            (cwd / "floor.yaml").write_text(case.block.text, encoding="utf-8")
-            (cwd / "policy.zt").write_text("policy demo\n", encoding="utf-8")
-            argv = ["check", "policy.zt", "-i", "floor.yaml"]
+    if case.kind == "run":
+        if case.policy is not None:
+            (cwd / "policy.zt").write_bytes(case.policy)
+        if case.inventory is not None:
+            (cwd / "floor.yaml").write_bytes(case.inventory)
+        _, shown = _run(list(case.argv), cwd)
+        command = f"`p4seg {shlex.join(case.argv)}`"
+        if case.block.tag == "json":
+            assert json.loads(shown) == json.loads(case.block.text), f"{where}: {command} differs"
         else:
-            (cwd / "policy.zt").write_text(case.block.text, encoding="utf-8")
-            argv = ["check", "policy.zt", *(["-i", FLOOR] if case.inventory else [])]
-        _, shown = _run(argv, cwd)
-        assert _trimmed(shown) == _trimmed(case.expected.text), (
-            f"{where}: the output of `p4seg {' '.join(argv)}` differs from "
-            f"language.md:{case.expected.line}"
-        )
+            assert _lines(shown) == _lines(case.block.text), f"{where}: {command} differs"
     elif case.kind == "clean":
         (cwd / "policy.zt").write_text(case.block.text, encoding="utf-8")
-        status, shown = _run(["check", "policy.zt", "-i", FLOOR], cwd)
+        status, shown = _run(list(CHECK), cwd)
         assert status == 0 and "0 errors, 0 warnings" in shown, f"{where}: not clean:\n{shown}"
-    elif case.kind == "invalid":
-        pytest.fail(f"{where}: {case.problem}")
     elif case.kind == "fragment":
         assert not case.block.is_policy, f"{where}: a whole policy is marked as a fragment"
         try:
@@ -226,33 +268,42 @@ def test_doc_block(case: Case, tmp_path: Path) -> None:
     elif case.kind == "inventory":
         (cwd / "floor.yaml").write_text(case.block.text, encoding="utf-8")
         load_inventory(str(cwd / "floor.yaml"))
-    else:
+    elif case.kind == "shell":
         _check_transcript(case, cwd)
+    else:
+        pytest.fail(f"{where}: {case.problem}")
 
 
 def _check_transcript(case: Case, cwd: Path) -> None:
-    """Run each `$ p4seg ...` line of a shell block; `$ echo $?` is the previous status."""
-    if case.expected is not None:
-        (cwd / "policy.zt").write_text(case.expected.text, encoding="utf-8")
+    """Run each `$ p4seg ...` line of a shell block (policy.zt: the last policy shown)."""
+    if case.policy:
+        (cwd / "policy.zt").write_bytes(case.policy)
     status = 0
     lines = case.block.text.splitlines()
     commands = [i for i, line in enumerate(lines) if line.startswith("$ ")]
     for start, end in zip(commands, [*commands[1:], len(lines)], strict=True):
         command = shlex.split(lines[start][2:])
         expected = "\n".join(lines[start + 1 : end])
-        where = f"language.md:{case.block.line + 1 + start}"
+        where = f"{case.block.doc}:{case.block.line + 1 + start}"
         if command == ["echo", "$?"]:
             assert expected.strip() == str(status), f"{where}: exit status {status}"
             continue
         assert command[0] == "p4seg", f"{where}: only p4seg commands are run"
         status, shown = _run(command[1:], cwd)
-        assert _trimmed(shown) == _trimmed(expected), f"{where}: output differs:\n{shown}"
+        assert _matches(shown, expected), f"{where}: the output differs:\n{shown}"
 
 
-def test_every_kind_of_block_is_checked() -> None:
-    """The classification finds the examples (a change to the markers cannot empty the test)."""
-    kinds = {kind: sum(case.kind == kind for case in CASES) for kind in ("example", "clean")}
-    assert kinds["example"] >= 50 and kinds["clean"] >= 3, kinds
+def test_the_docs_examples_are_found() -> None:
+    """A change to the markers or the layout cannot quietly empty the test."""
+    kinds = {kind: sum(case.kind == kind for case in CASES) for kind in ("run", "clean", "shell")}
+    assert kinds["run"] >= 60 and kinds["clean"] >= 3 and kinds["shell"] >= 4, kinds
+
+
+def test_an_ellipsis_stands_for_lines_and_nothing_else() -> None:
+    assert _matches("a\nb\nc\n", "a\n...\nc")
+    assert _matches("a\nc\n", "a\n...\nc")
+    assert not _matches("a\nb\nd\n", "a\n...\nc")
+    assert not _matches("a\nb\n", "a")
 
 
 # Modules whose docstrings hold `>>>` examples.
