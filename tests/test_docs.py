@@ -164,22 +164,20 @@ def cases(found: list[Block]) -> Iterator[Case]:
             else:
                 problem = "an output without its input: show the policy above it, or mark it"
                 yield Case("invalid", block, problem=problem)
-        elif following is not None and following.is_output and not following.after_heading:
-            if following.marker:
-                pass  # the output says what produced it; this block is checked on its own
-            elif block.tag == "yaml":
-                paired.add(following.line)
+        elif (
+            following is not None
+            and following.is_output
+            and not following.after_heading
+            and not following.marker  # a marked output says what produced it
+        ):
+            paired.add(following.line)
+            if block.tag == "yaml":
                 yield Case("run", following, CHECK_FLOOR, DEMO, block.text.encode())
-                continue
             elif block.tag == "":
-                paired.add(following.line)
                 last_policy = block.text.encode()
                 yield Case("run", following, CHECK, last_policy)
-                continue
             else:
                 yield Case("invalid", block, problem="an output follows a block that is no input")
-                continue
-            yield from _alone(block, following)
         else:
             if block.is_policy:
                 last_policy = block.text.encode()
