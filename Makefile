@@ -4,7 +4,7 @@
 #               example policy, print the segmentation matrix from real packets (needs root)
 #   make bench  the benchmarks (figures, printed)
 #   make test   create .venv (+ .venv-shell), install Debian/Python packages when missing, run pytest
-#   make lint   ruff + mypy
+#   make lint   ruff + mypy (strict, on the code, its tests, topologies and benchmarks)
 
 SHELL       := /bin/bash
 PYTHON      ?= python3
@@ -63,7 +63,7 @@ bench: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check compiler p4seg p4src runtime topologies tests bench
-	$(BIN)/mypy compiler runtime p4seg
+	$(BIN)/mypy compiler runtime p4seg p4src topologies tests bench
 
 clean:
 	rm -rf $(VENV) $(VENV_SHELL) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

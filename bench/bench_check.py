@@ -16,6 +16,7 @@ as a multiple of it, so figures from different machines can be compared.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import random
@@ -189,7 +190,7 @@ def run_growth(repeat: int) -> None:
         previous = None
         for n in sizes:
             text = make(n)
-            times, _ = timed(lambda t=text, i=inventory: check_policy(t, "growth.zt", i), repeat)
+            times, _ = timed(functools.partial(check_policy, text, "growth.zt", inventory), repeat)
             tracemalloc.start()
             check_policy(text, "growth.zt", inventory)
             peak = tracemalloc.get_traced_memory()[1] / 2**20

@@ -15,6 +15,7 @@ under 2 s, and at least 10x fewer policy entries than the naive expansion.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -61,11 +62,12 @@ def run_case(
     )
     for target in targets:
         t_build, built = timed(
-            lambda t=target: build(
+            functools.partial(
+                build,
                 policy,
                 inventory,
                 floor.policy,
-                t,
+                target,
                 {
                     "policy": 1 << 20,
                     "src_identity": 1 << 16,

@@ -86,7 +86,6 @@ from compiler.entries import SwitchTables, TableEntry
 from compiler.evaluate import PROTO_TCP, Fabric, PacketFields
 from compiler.inventory import Host, Inventory, parse_inventory
 from compiler.model import Action, Policy
-from p4seg.commands import DEFAULT_BATCH
 from p4src.spec import PIPELINE
 from runtime.alerts import Alert, follow
 from runtime.controller import (
@@ -99,6 +98,7 @@ from runtime.controller import (
     read_held,
     targets,
 )
+from runtime.defaults import DEFAULT_BATCH
 from runtime.plan import Desired, Tables, plan_switch
 from runtime.refswitch.switch import ReferenceSwitch
 

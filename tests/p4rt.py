@@ -156,7 +156,9 @@ class Session:
     def set_pipeline(
         self,
         config: p4r.ForwardingPipelineConfig | None = None,
-        action: int = p4r.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT,
+        action: p4r.SetForwardingPipelineConfigRequest.Action.ValueType = (
+            p4r.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT
+        ),
     ) -> None:
         req = p4r.SetForwardingPipelineConfigRequest(device_id=self.device_id, action=action)
         self._election(req)
@@ -167,7 +169,7 @@ class Session:
     def write(
         self,
         updates: Iterable[p4r.Update],
-        atomicity: int = p4r.WriteRequest.CONTINUE_ON_ERROR,
+        atomicity: p4r.WriteRequest.Atomicity.ValueType = p4r.WriteRequest.CONTINUE_ON_ERROR,
     ) -> WriteResult:
         req = p4r.WriteRequest(device_id=self.device_id, atomicity=atomicity)
         self._election(req)
@@ -176,14 +178,14 @@ class Session:
             self.stub.Write(req, timeout=WAIT)
         except grpc.RpcError as err:
             errors = []
-            for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+            for key, value in err.trailing_metadata() or ():
                 if key == "grpc-status-details-bin":
                     status = rpc_status.Status.FromString(value)
                     for detail in status.details:
                         e = p4r.Error()
                         detail.Unpack(e)
                         errors.append(e.canonical_code)
-            return WriteResult(err.code(), err.details(), errors)  # type: ignore[attr-defined]
+            return WriteResult(err.code(), err.details(), errors)
         return WriteResult(grpc.StatusCode.OK, "", [])
 
     def read(self, *entities: p4r.Entity) -> list[p4r.Entity]:
@@ -198,7 +200,7 @@ class Session:
         return [e.table_entry for e in self.read(entity)]
 
 
-def update(kind: int, entry: p4r.TableEntry) -> p4r.Update:
+def update(kind: p4r.Update.Type.ValueType, entry: p4r.TableEntry) -> p4r.Update:
     u = p4r.Update(type=kind)
     u.entity.table_entry.CopyFrom(entry)
     return u
@@ -214,7 +216,9 @@ def default_updates(
     return [update(p4r.Update.MODIFY, default_entry_proto(pipeline, d)) for d in defaults]
 
 
-def clone_session_update(session: int, port: int, kind: int = p4r.Update.INSERT) -> p4r.Update:
+def clone_session_update(
+    session: int, port: int, kind: p4r.Update.Type.ValueType = p4r.Update.INSERT
+) -> p4r.Update:
     u = p4r.Update(type=kind)
     cs = u.entity.packet_replication_engine_entry.clone_session_entry
     cs.session_id = session

@@ -8,8 +8,8 @@ import json
 
 from conftest import TABLES
 from p4rt import wait_for
-from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
 from compiler.emit import build
 from compiler.inventory import Inventory
@@ -27,7 +27,9 @@ def _frame(src: str, dst: str, dport: int, flags: str = "S") -> bytes:
 
 def _rules(floor: Inventory, floor_policy: Policy, text: str) -> dict[int, str]:
     report = build(floor_policy, floor, text, "ref").report
-    return {r["id"]: f"line {r['line']}: {r['text']}" for r in report["rules"]}  # type: ignore[union-attr]
+    rules = report["rules"]
+    assert isinstance(rules, list)
+    return {r["id"]: f"line {r['line']}: {r['text']}" for r in rules}
 
 
 def test_logged_denies_become_rate_limited_alerts(

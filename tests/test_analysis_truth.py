@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
@@ -279,11 +280,14 @@ def test_audit_hashes_the_text_that_was_compiled(
     """Under `watch` the file can change between compile and audit: the record must hash
     what went onto the switches."""
     from p4seg.cli import _front, _parser
-    from p4seg.verbs import _apply_compiled
+    from p4seg.control import Compiled
+    from p4seg.verbs import PolicyTransform, TextTransform, _apply_compiled
     from runtime.live import LiveState
 
-    def edited_meanwhile(*args: object) -> object:
-        compiled = _front(*args)  # type: ignore[arg-type]
+    def edited_meanwhile(
+        args: argparse.Namespace, text: TextTransform, policy: PolicyTransform
+    ) -> Compiled | None:
+        compiled = _front(args, text, policy)
         Path("small.zt").write_text(SMALL + "allow h3 -> h1 tcp 22\n")
         return compiled
 

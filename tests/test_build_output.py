@@ -41,7 +41,7 @@ def umask() -> Iterator[int]:
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
     """Every path under `root` (itself included): its mode, and its bytes for a file."""
-    out = {".": (root.lstat().st_mode, None)}
+    out: dict[str, tuple[int, bytes | None]] = {".": (root.lstat().st_mode, None)}
     for path in sorted(root.rglob("*")):
         st = path.lstat()
         data = path.read_bytes() if stat.S_ISREG(st.st_mode) else None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from p4rt import wait_for
-from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
 from p4seg.cli import main
 from runtime.refswitch.switch import ReferenceSwitch

@@ -161,7 +161,8 @@ def test_report_counts_policy_entries_and_maps_rules_to_lines(
 
 
 def _canonical(text: str) -> p4i.P4Info:
-    info = text_format.Parse(text, p4i.P4Info())
+    info = p4i.P4Info()
+    text_format.Parse(text, info)
     for repeated in (
         info.tables,
         info.actions,

@@ -22,8 +22,9 @@ from finsy.proto import rpc_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from p4rt import Session, clone_session_update, default_updates, inserts, pipeline_config
-from scapy.layers.inet import ICMP, IP, TCP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet as Frame
 from test_properties import PROPERTY, assert_fmt_properties
 
 from compiler.addresses import AddressSet, parse_prefix
@@ -229,7 +230,9 @@ def test_real_packets_through_the_reference_switch(
         hosts = {h.name: h for h in floor.hosts}
         oms1, risk1 = hosts["oms1"], hosts["risk1"]
         sem = PolicySemantics(policy)
-        probes = [ICMP(type=t, code=c) for t, c in ((3, 4), (3, 3), (8, 0), (11, 0), (0, 0))]
+        probes: list[Frame] = [
+            ICMP(type=t, code=c) for t, c in ((3, 4), (3, 3), (8, 0), (11, 0), (0, 0))
+        ]
         probes += [IP(proto=n) / (b"\x00" * 16) for n in (132, 133, 112, 47)]
         probes.append(TCP(sport=40000, dport=9880, flags="S"))
         verdicts = []
@@ -292,8 +295,8 @@ def test_day_names_are_names_elsewhere(floor: Inventory) -> None:
     assert policy.rules[0].src_text == "Mon"
 
 
-def _utc(*args: int) -> float:
-    return dt.datetime(*args, tzinfo=dt.UTC).timestamp()
+def _utc(year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return dt.datetime(year, month, day, hour, minute, tzinfo=dt.UTC).timestamp()
 
 
 def test_a_window_over_midnight_belongs_to_the_day_it_starts() -> None:

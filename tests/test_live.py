@@ -136,13 +136,16 @@ def test_during_windows_and_for_rules(floor: Inventory, floor_policy: Policy) ->
     )
 
 
+def _members(addresses: AddressSet) -> set[int]:
+    return {v for lo, hi in addresses.intervals for v in range(lo, hi + 1)}
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_address_set_intersection_and_difference(seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(300):
         a = AddressSet.of((x, x + rng.randrange(6)) for x in rng.sample(range(80), 6))
         b = AddressSet.of((x, x + rng.randrange(6)) for x in rng.sample(range(80), 6))
-        members = lambda s: {v for lo, hi in s.intervals for v in range(lo, hi + 1)}  # noqa: E731
-        assert members(a.intersection(b)) == members(a) & members(b)
-        assert members(a.difference(b)) == members(a) - members(b)
+        assert _members(a.intersection(b)) == _members(a) & _members(b)
+        assert _members(a.difference(b)) == _members(a) - _members(b)
         assert a.difference(b) == AddressSet.of(a.difference(b).intervals)  # merged, sorted

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from finsy.proto import p4r
 from p4rt import bmv2_switch, pipeline_config
-from scapy.layers.inet import ICMP, IP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
 
 from compiler.check import check_policy
 from compiler.emit import Build, build, load_entries, write_build

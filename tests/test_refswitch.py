@@ -19,8 +19,8 @@ from p4rt import (
     update,
     wait_for,
 )
-from scapy.layers.inet import ICMP, IP, TCP, UDP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
 
 from compiler.emit import build
 from compiler.entries import SwitchTables
@@ -273,19 +273,22 @@ HOSTS = {
 }
 
 
-def _frame(src: str, dst: str, l4: object) -> bytes:
+def _frame(src: str, dst: str, l4: TCP | UDP | ICMP) -> bytes:
     return bytes(
         Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst) / l4
     )
 
 
-def _fields(src: str, dst: str, l4: object) -> PacketFields:
+def _ip(address: str) -> int:
+    return int.from_bytes(bytes(int(x) for x in address.split(".")), "big")
+
+
+def _fields(src: str, dst: str, l4: TCP | UDP | ICMP) -> PacketFields:
     proto = {TCP: 6, UDP: 17, ICMP: 1}[type(l4)]
-    ip = lambda a: int.from_bytes(bytes(int(x) for x in a.split(".")), "big")  # noqa: E731
     if isinstance(l4, ICMP):
-        return PacketFields(ip(src), ip(dst), proto, icmp_type=l4.type, icmp_code=l4.code)
+        return PacketFields(_ip(src), _ip(dst), proto, icmp_type=l4.type, icmp_code=l4.code)
     flags = int(l4.flags) if isinstance(l4, TCP) else 0
-    return PacketFields(ip(src), ip(dst), proto, l4.sport, l4.dport, flags)
+    return PacketFields(_ip(src), _ip(dst), proto, l4.sport, l4.dport, flags)
 
 
 def test_forwarding_equals_the_table_evaluator(
@@ -304,6 +307,7 @@ def test_forwarding_equals_the_table_evaluator(
     checked = forwarded = 0
     for src_name in ("algo1", "algo2"):
         src, port = HOSTS[src_name]
+        assert port is not None  # the engines are on this switch
         for dst, _ in HOSTS.values():
             for l4 in flows:
                 out = sw.inject(port, _frame(src, dst, l4))
@@ -394,7 +398,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tls_and_mutual_tls(pki: Path) -> None:
-    read = lambda name: (pki / name).read_bytes()  # noqa: E731
+    def read(name: str) -> bytes:
+        return (pki / name).read_bytes()
+
     sw = ReferenceSwitch(device_id=1)
     port = sw.start(
         "127.0.0.1:0", TlsConfig(read("server.pem"), read("server.key"), read("ca.pem"))

@@ -130,7 +130,8 @@ def wire(entry: Entry, rng: random.Random | None = None) -> p4r.TableEntry:
 
 
 def canonical(entry: Entry) -> bytes:
-    return wire(entry).SerializeToString(deterministic=True)
+    data: bytes = wire(entry).SerializeToString(deterministic=True)
+    return data
 
 
 def default_msg(
@@ -802,7 +803,8 @@ class Batch:
                 name = "reset a const default"
             return self.add(Case(name, update(MODIFY, te), PERMISSION_DENIED))
         choice = self.rng.randrange(6)
-        kind, name, code = MODIFY, "", INVALID_ARGUMENT
+        kind, name = MODIFY, ""
+        code: int = INVALID_ARGUMENT
         if choice == 0:
             kind = self.rng.choice((INSERT, DELETE))
             name = f"{p4r.Update.Type.Name(kind)} a default entry"
@@ -900,7 +902,7 @@ def send(stub: p4r_grpc.P4RuntimeStub, request: p4r.WriteRequest) -> Reply:
         stub.Write(request, timeout=WAIT)
     except grpc.RpcError as err:
         errors = []
-        for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+        for key, value in err.trailing_metadata() or ():
             if key == "grpc-status-details-bin":
                 status = rpc_status.Status.FromString(value)
                 assert status.code == rpc_code.UNKNOWN
@@ -909,7 +911,7 @@ def send(stub: p4r_grpc.P4RuntimeStub, request: p4r.WriteRequest) -> Reply:
                     assert detail.Unpack(e)
                     assert e.canonical_code != OK or not e.message  # spec: OK omits the rest
                     errors.append(e.canonical_code)
-        return Reply(err.code(), errors)  # type: ignore[attr-defined]
+        return Reply(err.code(), errors)
     return Reply(grpc.StatusCode.OK, [])
 
 
@@ -1075,9 +1077,9 @@ def test_every_mutation_gets_its_status_and_reads_equal_the_model(
 
         # No pipeline yet: the spec's checks in order, device, primary, then the pipeline.
         cases = Batch(model, rng, pool).plan(rng.randint(1, 5))
-        for how in ("unknown device", "from the backup"):
-            reply = send(primary.stub, broken_request(how, cases, backup_id, rng))
-            assert reply == Reply(ENVELOPES[how], []), how
+        for envelope in ("unknown device", "from the backup"):
+            reply = send(primary.stub, broken_request(envelope, cases, backup_id, rng))
+            assert reply == Reply(ENVELOPES[envelope], []), envelope
         reply = send(primary.stub, write_request(cases))
         assert reply == Reply(grpc.StatusCode.FAILED_PRECONDITION, [])
 
@@ -1157,7 +1159,7 @@ def test_tiny_tables_fill_up_exactly_at_their_size(
 
 # -- garbage ----------------------------------------------------------------------------------
 
-UNARY = {
+UNARY: dict[str, type[Message]] = {
     "Write": p4r.WriteRequest,
     "Read": p4r.ReadRequest,
     "SetForwardingPipelineConfig": p4r.SetForwardingPipelineConfigRequest,
@@ -1185,14 +1187,14 @@ def expected_unary(method: str, msg: Message) -> grpc.StatusCode | None:
     """What a request that did decode must get; None if it might be a real request."""
     if method == "Capabilities":
         return grpc.StatusCode.OK
-    if msg.device_id != DEVICE:  # type: ignore[attr-defined]
+    if msg.device_id != DEVICE:
         return grpc.StatusCode.NOT_FOUND
     if method in ("Read", "GetForwardingPipelineConfig"):
         return None
-    if msg.role:  # type: ignore[attr-defined]
+    if msg.role:
         return grpc.StatusCode.NOT_FOUND
-    election = msg.election_id  # type: ignore[attr-defined]
-    if not msg.HasField("election_id") or (election.high, election.low) != (  # type: ignore[attr-defined]
+    election = msg.election_id
+    if not msg.HasField("election_id") or (election.high, election.low) != (
         PRIMARY >> 64,
         PRIMARY & ((1 << 64) - 1),
     ):
@@ -1209,7 +1211,7 @@ def call_raw(channel: grpc.Channel, method: str, data: bytes) -> grpc.StatusCode
         else:
             channel.unary_unary(path)(data, timeout=WAIT)
     except grpc.RpcError as err:
-        return err.code()  # type: ignore[attr-defined,no-any-return]
+        return err.code()
     return grpc.StatusCode.OK
 
 
@@ -1327,7 +1329,7 @@ def test_garbage_gets_an_error_status_and_the_switch_keeps_serving(
                     responses.append(p4r.StreamMessageResponse.FromString(resp))
                 got = grpc.StatusCode.OK
             except grpc.RpcError as err:
-                got = err.code()  # type: ignore[attr-defined]
+                got = err.code()
             assert got == want or (want is ERROR and got != grpc.StatusCode.OK), (
                 f"stream #{i} {name}: {got}"
             )

@@ -98,7 +98,7 @@ class RawStream:
                 self.responses.append(msg)
             self.code = grpc.StatusCode.OK
         except grpc.RpcError as err:
-            self.code, self.details = err.code(), err.details() or ""  # type: ignore[attr-defined]
+            self.code, self.details = err.code(), err.details() or ""
         self.ended.set()
 
     def arbitrate(self, election_id: int) -> None:
@@ -296,7 +296,7 @@ def test_error_details_stay_bounded_for_huge_batches(
         p4r_grpc.P4RuntimeStub(channel).Write(req, timeout=60)
     err = raised.value
     assert err.code() == grpc.StatusCode.UNKNOWN
-    trailer = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+    trailer = dict(err.trailing_metadata() or ())
     details = trailer["grpc-status-details-bin"]
     assert len(details) <= Limits().error_details_bytes
     status = rpc_status.Status.FromString(details)

@@ -8,8 +8,9 @@ from compiler.addresses import parse_ipv4
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.parse import parse
+from compiler.protocols import ICMP_ECHO_REPLY
 from compiler.resolve import resolve
-from compiler.semantics import ICMP_ECHO_REPLY, Partition, PolicySemantics, bits
+from compiler.semantics import Partition, PolicySemantics, bits
 
 POLICY = """
 policy t

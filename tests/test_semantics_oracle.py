@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from compiler.addresses import AddressSet, parse_prefix
 from compiler.diagnostics import Span
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule
-from compiler.semantics import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PolicySemantics
+from compiler.protocols import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST
+from compiler.semantics import PolicySemantics
 
 PREFIXES = [
     "10.0.0.0/24",

@@ -37,7 +37,7 @@ ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--timeout", type=float, default=1.0)
     args = p.parse_args(argv)
     if args.mode == "listen":
-        ports = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+
+        def ports(text: str) -> list[int]:
+            return [int(x) for x in text.split(",") if x]
+
         listen(args.addr, ports(args.tcp), ports(args.udp))
         return 0
     flows = [json.loads(line) for line in sys.stdin if line.strip()]
