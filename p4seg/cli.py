@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output-dir",
         metavar="DIR",
         required=True,
-        help="build directory (replaced atomically)",
+        help="build directory: new, empty, or a p4seg build (only its own files are replaced)",
     )
     k.add_argument(
         "--size",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import socket
 import subprocess
 import threading
@@ -253,3 +254,15 @@ def bmv2_switch(program: str, device_id: int = 1) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def inventory_at(inventory: Path, addresses: dict[str, str], out: Path) -> Path:
+    """A copy of `inventory` whose switches' P4Runtime addresses are `addresses` (switch
+    name -> host:port), e.g. reference switches on free loopback ports."""
+    text = inventory.read_text()
+    for name, address in addresses.items():
+        old = re.search(rf'  {re.escape(name)}:.*p4rt: "([^"]+)"', text)
+        assert old is not None, f"{name} has no p4rt address in {inventory}"
+        text = text.replace(old.group(1), address)
+    out.write_text(text)
+    return out

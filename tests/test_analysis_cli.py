@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TABLES
+from p4rt import inventory_at
 
 from p4seg.cli import main
 from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, apply_all
@@ -90,13 +91,7 @@ def test_verify_trace_and_test_live(
 ) -> None:
     switches, files, refs = fabric
     assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, ControllerOptions())))
-    inventory = Path(FLOOR).read_text()
-    for target in switches:
-        old = re.search(rf'  {target.name}:.*p4rt: "([^"]+)"', inventory)
-        assert old is not None
-        inventory = inventory.replace(old.group(1), target.address)
-    live = tmp_path / "floor.yaml"
-    live.write_text(inventory)
+    live = inventory_at(Path(FLOOR), {t.name: t.address for t in switches}, tmp_path / "floor.yaml")
     # The fabric holds every rule in force: judge at a moment inside the SSH window.
     at = ["--at", "2026-03-02T12:00:00Z", "--state", str(tmp_path / "state")]
     assert main(["verify", POLICY, "-i", str(live), "--from-switches", *at]) == 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from p4rt import inventory_at
 
 from p4seg.cli import main
 from runtime.controller import PipelineFiles, SwitchTarget
@@ -123,13 +124,7 @@ def live_floor(
 ) -> Iterator[list[str]]:
     """The trading floor on reference switches: `-i INVENTORY --state DIR --build DIR`."""
     switches, _, _ = fabric
-    inventory = Path(FLOOR).read_text()
-    for target in switches:
-        old = re.search(rf'  {target.name}:.*p4rt: "([^"]+)"', inventory)
-        assert old is not None
-        inventory = inventory.replace(old.group(1), target.address)
-    live = tmp_path / "floor.yaml"
-    live.write_text(inventory)
+    live = inventory_at(Path(FLOOR), {t.name: t.address for t in switches}, tmp_path / "floor.yaml")
     yield ["-i", str(live), "--state", str(tmp_path / "state")]
 
 

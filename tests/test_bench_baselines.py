@@ -7,6 +7,8 @@ the same. The small case is counted by hand in its comments.
 
 from __future__ import annotations
 
+from test_lower import SMALL
+
 from bench.baselines import Baseline, baselines, total
 from bench.gen_policy import generate
 from compiler.check import check_policy
@@ -14,23 +16,7 @@ from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import lower
 from compiler.model import Policy
 
-TWO_RACKS = parse_inventory(
-    """
-switches:
-  t1: {role: tor, device_id: 1, p4rt: "127.0.0.1:50201"}
-  t2: {role: tor, device_id: 2, p4rt: "127.0.0.1:50202"}
-  s1: {role: spine, device_id: 3, p4rt: "127.0.0.1:50203"}
-hosts:
-  a1: {ip: 10.0.0.1, switch: t1, port: 1}
-  a2: {ip: 10.0.0.2, switch: t1, port: 2}
-  b1: {ip: 10.0.1.1, switch: t2, port: 1}
-  b2: {ip: 10.0.1.2, switch: t2, port: 2}
-links:
-  - endpoints: ["t1:9", "s1:1"]
-  - endpoints: ["t2:9", "s1:2"]
-""",
-    "two_racks.yaml",
-)
+TWO_RACKS = SMALL  # two racks of two hosts behind one spine (tests/test_lower.py)
 
 
 def _checked(text: str, inventory: Inventory) -> Policy:
