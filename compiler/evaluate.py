@@ -141,28 +141,31 @@ class _Item:
         spans: dict[str, tuple[int, int]] = {}
         for m in entry.matches:
             full = (1 << _WIDTH[m.field]) - 1
-            if m.kind == "exact":
-                intervals.append((m.field, m.value, m.value))
-            elif m.kind == "range":
-                intervals.append((m.field, m.value, m.arg))
-            elif m.kind == "ternary":
+            if m.kind == "ternary":
                 masks.append((m.field, m.arg, m.value))
                 low = full & ~m.arg  # a prefix mask (ones, then zeros) is an interval
-                if not (m.arg & ~full or low & (low + 1) or m.value & low):
-                    spans.setdefault(m.field, (m.value, m.value | low))
-                continue
-            elif m.kind == "lpm":
-                if not m.arg:  # /0 matches everything
+                if m.arg & ~full or low & (low + 1) or m.value & low:
                     continue
-                low = (1 << (_WIDTH[m.field] - m.arg)) - 1
-                lo = m.value & ~low
-                intervals.append((m.field, lo, lo | low))
+                lo, hi = m.value, m.value | low
             else:
-                raise ValueError(f"unknown match kind {m.kind!r}")
-            _, lo, hi = intervals[-1]
-            if lo > 0 or hi < full:
+                if m.kind == "exact":
+                    lo, hi = m.value, m.value
+                elif m.kind == "range":
+                    lo, hi = m.value, m.arg
+                elif m.kind == "lpm":
+                    if not m.arg:  # /0 matches everything
+                        continue
+                    low = (1 << (_WIDTH[m.field] - m.arg)) - 1
+                    lo, hi = m.value & ~low, (m.value & ~low) | low
+                else:
+                    raise ValueError(f"unknown match kind {m.kind!r}")
+                intervals.append((m.field, lo, hi))
+            if lo > 0 or hi < full:  # the whole field's range cuts nothing
                 spans.setdefault(m.field, (lo, hi))
         return cls(_NONE, entry, _rank(entry), tuple(intervals), tuple(masks), spans)
+
+
+_Cut = tuple[list[int], list[list[_Item]], list[_Item]]  # bounds, segments, fallback
 
 
 def _cut(items: list[_Item], field: str) -> _Cut:
@@ -185,9 +188,6 @@ def _cut(items: list[_Item], field: str) -> _Cut:
             for i in range(first, last + 1):
                 segments[i].append(it)
     return bounds, segments, fallback
-
-
-_Cut = tuple[list[int], list[list[_Item]], list[_Item]]
 
 
 def _cost(cut: _Cut) -> float:
@@ -252,14 +252,20 @@ _Node = _Leaf | _Split
 
 
 def _build(items: list[_Item], fields: tuple[str, ...], depth: int) -> _Node:
+    """A leaf, or a split on the field that cuts `items` best (chosen on a sample: the
+    choice is speed only, never results), when one cuts the entries tested by half."""
     if len(items) <= _LEAF or depth >= _DEPTH:
         return _Leaf(items)
-    # The field is chosen on a sample: the choice is speed only, never results.
     sample = items if len(items) <= _SAMPLE else items[:: -(-len(items) // _SAMPLE)]
-    cost, field, cut = min(((_cost(c), f, c) for f in fields for c in [_cut(sample, f)]),
-                           key=lambda x: (x[0], x[1]))  # fmt: skip
-    if cost > len(sample) / 2:
+    best: tuple[float, str, _Cut] | None = None
+    for f in fields:
+        cut = _cut(sample, f)
+        cost = _cost(cut)
+        if cost <= len(sample) / 2 and (best is None or cost < best[0]):
+            best = (cost, f, cut)
+    if best is None:
         return _Leaf(items)
+    _, field, cut = best
     return _Split(cut if sample is items else _cut(items, field), field, fields, depth)
 
 
