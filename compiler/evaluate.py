@@ -107,6 +107,7 @@ _DEPTH = 4  # splits along one path
 _SPAN = 8  # segments an entry may be copied into before it goes to the fallback
 _SAMPLE = 256  # entries a split's field is chosen on
 _NONE = 1 << 62  # the pos of no entry
+_EMPTY: list[_Item] = []  # every empty segment (never appended to: fewer objects to collect)
 
 _Tests = tuple[tuple[str, int, int], ...]
 
@@ -174,7 +175,7 @@ def _cut(items: list[_Item], field: str) -> _Cut:
     bounds = sorted({b for it in items if (s := it.spans.get(field)) for b in (s[0], s[1] + 1)})
     at = {b: i for i, b in enumerate(bounds)}
     # segment i + 1 holds [bounds[i], bounds[i + 1]); segment 0 lies below every interval
-    segments: list[list[_Item]] = [[] for _ in range(len(bounds) + 1)]
+    held: dict[int, list[_Item]] = {}
     fallback: list[_Item] = []
     for it in items:
         span = it.spans.get(field)
@@ -186,8 +187,8 @@ def _cut(items: list[_Item], field: str) -> _Cut:
             fallback.append(it)
         else:
             for i in range(first, last + 1):
-                segments[i].append(it)
-    return bounds, segments, fallback
+                held.setdefault(i, []).append(it)
+    return bounds, [held.get(i, _EMPTY) for i in range(len(bounds) + 1)], fallback
 
 
 def _cost(cut: _Cut) -> float:
@@ -224,11 +225,12 @@ class _Split:
     """Parts: one per segment of `field`, then the fallback; each a list of entries until a
     packet reaches it, then a node."""
 
-    __slots__ = ("bounds", "depth", "field", "fields", "mins", "parts")
+    __slots__ = ("_others", "bounds", "depth", "field", "fields", "mins", "parts")
 
     def __init__(self, cut: _Cut, field: str, fields: tuple[str, ...], depth: int) -> None:
         bounds, segments, fallback = cut
         self.field, self.fields, self.depth, self.bounds = field, fields, depth, bounds
+        self._others = tuple(f for f in fields if f != field)
         lists = [*segments, fallback]
         self.mins = [p[0].pos if p else _NONE for p in lists]
         self.parts: list[list[_Item] | _Node] = list(lists)
@@ -236,7 +238,9 @@ class _Split:
     def _node(self, i: int) -> _Node:
         part = self.parts[i]
         if isinstance(part, list):
-            part = self.parts[i] = _build(part, self.fields, self.depth + 1)
+            # a segment's entries all span it: cutting them on this field again cuts nothing
+            fields = self.fields if i == len(self.parts) - 1 else self._others
+            part = self.parts[i] = _build(part, fields, self.depth + 1)
         return part
 
     def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
