@@ -46,11 +46,12 @@ A = 10 << 24  # 10.0.0.0
 
 
 def _pool(key: Key) -> list[int]:
-    """Values that make entries overlap and packets hit them."""
+    """Values that make entries overlap and packets hit them (within the field's width, as
+    the parser sets them and P4Runtime accepts them)."""
     top = (1 << key.bits) - 1
     if key.bits == 32:
         return [0, A, A + 1, A + 2, A + 3, A + 256, A + 257, A + (1 << 16), top]
-    return sorted({0, 1, 2, 3, 4, 5, 7, 8, 16, top >> 1, top})
+    return sorted({v for v in (0, 1, 2, 3, 4, 5, 7, 8, 16, top >> 1, top) if v <= top})
 
 
 def _value(key: Key) -> st.SearchStrategy[int]:
