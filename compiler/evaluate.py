@@ -3,6 +3,10 @@
 It executes the pipeline of p4src/spec.py on target-neutral entries — the same walk the
 P4 program makes — and is shared by the tests (fixture pairs), the verifier and the
 reference switch. `Fabric.walk` follows a packet across switches along the inventory's links.
+
+`lookup` is the definition of a table lookup (a linear scan); `IndexedSwitch` answers the
+same through one `TableIndex` per table, built on the table's first lookup, so a packet
+costs a few tests per table whatever the table's size.
 """
 
 from __future__ import annotations
