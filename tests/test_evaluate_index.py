@@ -16,8 +16,12 @@ import os
 import random
 
 import pytest
+from finsy.proto import p4r
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from p4rt import default_updates, inserts, pipeline_config, update
+from scapy.layers.inet import IP, TCP, UDP  # type: ignore[import-untyped]
+from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
 from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
@@ -32,6 +36,11 @@ from compiler.evaluate import (
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from p4src.spec import PIPELINE, Key, Table, build_pipeline
+from runtime.entities import table_entry_proto
+from runtime.refswitch.switch import ReferenceSwitch
+
+SPA = p4r.SetForwardingPipelineConfigRequest
+DELETE = p4r.Update.DELETE
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("P4SEG_PROPERTY_EXAMPLES", "200")),
@@ -264,3 +273,52 @@ def test_the_compiled_floor_evaluates_as_the_scan(
                         assert idx.lookup("policy", values) is want
                         checked += 1
     assert checked > 1000
+
+
+def test_the_reference_switch_decides_new_flows_as_the_scan_across_writes(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """Device -> snapshot -> indexes reused from the last snapshot -> `Dataplane`: after each
+    write (the permits deleted, then put back), every flow is decided as the scan of the
+    switch's current entries decides it."""
+    built = build(floor_policy, floor, floor_policy_text, "ref")
+    tables = next(s for s in built.switches if s.switch == "tor-alg")
+    sw = ReferenceSwitch(device_id=1)
+    sw.device.set_pipeline(SPA.VERIFY_AND_COMMIT, pipeline_config())
+    assert not any(sw.device.write([*default_updates(tables.defaults), *inserts(tables.entries)]))
+    senders = [h for h in floor.hosts if h.switch == "tor-alg"]
+    flows = [TCP(sport=40000, dport=d, flags="S") for d in (22, 443, 9876)] + [
+        UDP(sport=40000, dport=d) for d in (53, 30005)
+    ]
+    permits = [e for e in tables.table("policy") if e.action.startswith("permit")]
+    assert permits
+    forwarded: dict[str, int] = {}
+    for step in ("loaded", "permits deleted", "permits back"):
+        if step == "permits deleted":
+            gone = [update(DELETE, table_entry_proto(PIPELINE, e)) for e in permits]
+            assert not any(sw.device.write(gone))
+        elif step == "permits back":
+            assert not any(sw.device.write(inserts(permits)))
+        snap = sw.device.snapshot()
+        assert snap is not None
+        scan = ScanSwitch.of(snap.switch.tables)
+        for src in senders:
+            for dst in floor.hosts:
+                for l4 in flows:
+                    frame = bytes(Ether() / IP(src=_dotted(src.ip), dst=_dotted(dst.ip)) / l4)
+                    sport, dport = l4.sport, l4.dport
+                    flags = 0x02 if isinstance(l4, TCP) else 0
+                    proto = 6 if isinstance(l4, TCP) else 17
+                    pkt = PacketFields(src.ip, dst.ip, proto, sport, dport, flags)
+                    want = evaluate(scan, src.port, pkt).egress_port
+                    out = [p for p, _ in sw.inject(src.port, frame) if p != sw.device.cpu_port]
+                    assert out == ([want] if want is not None else []), (step, src, dst, l4)
+                    forwarded[step] = forwarded.get(step, 0) + len(out)
+    # the writes changed what passes, and putting the entries back restored it
+    assert forwarded["permits deleted"] < forwarded["loaded"] == forwarded["permits back"], (
+        forwarded
+    )
+
+
+def _dotted(ip: int) -> str:
+    return ".".join(str(ip >> s & 0xFF) for s in (24, 16, 8, 0))
