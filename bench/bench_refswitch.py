@@ -4,6 +4,7 @@
     python -m bench.bench_refswitch --quick      # 2 s trials, 5k entries (about 2 minutes)
     python -m bench.bench_refswitch --only p4rt  # just the P4Runtime figures
     python -m bench.bench_refswitch --profile    # also: where the switch spends its time
+    python -m bench.bench_refswitch --only newflows  # new flows/s, 20k policy entries (~30 s)
 
 Data plane. One `p4seg-switch` runs tor-alg's compiled tables (policies/trading_floor.zt on
 topologies/trading_floor.yaml) between two veths; a sender and a receiver sit in network
@@ -36,6 +37,14 @@ and 20k distinct policy entries (ranges, ternaries, priorities) written in batch
 and read back with one wildcard Read: through finsy (the project's client) and through the
 raw grpc stub with prebuilt messages (the baseline: protocol and server cost only).
 
+New flows (`--only newflows`, in-process, no root). A generated floor (bench/gen_policy.py,
+1500 rules, 240 hosts, 4 ToRs) compiled for the reference switch; its busiest ToR (22,600
+policy entries) loaded into a `ReferenceSwitch`; every frame a flow the cache has not seen
+(half built to match a permit entry, half between random hosts and ports): new flows/s
+through `Dataplane.process` with the evaluator's indexes, then the same data plane with
+every lookup a linear scan (the baseline, on a sample), which must decide the same; the
+first frame after loading and after a one-entry write; each table's lookup time alone.
+
 Targets (issue "Reference switch"; BMv2 simple_switch_grpc on these machines forwards about
 18 kpps, loss-free up to ~10 kpps paced, p50 ~0.1 ms; a Linux bridge does >= 300 kpps):
 >= 18 kpps, p99 < 1 ms at 1 kpps, >= 20k entries/s batched writes, a 20k-entry read < 0.5 s.
@@ -51,6 +60,7 @@ import asyncio
 import contextlib
 import cProfile
 import dataclasses
+import gc
 import io
 import itertools
 import json
@@ -58,6 +68,7 @@ import logging
 import os
 import pstats
 import queue
+import random
 import re
 import shutil
 import signal
@@ -69,7 +80,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,17 +90,26 @@ import grpc
 from finsy.proto import p4r, p4r_grpc
 from google.protobuf import text_format
 
+from bench.gen_policy import generate
 from compiler.check import check_policy
 from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
-from compiler.evaluate import PROTO_TCP, PROTO_UDP, PacketFields, evaluate
-from compiler.inventory import Inventory, load_inventory
+from compiler.evaluate import (
+    PROTO_TCP,
+    PROTO_UDP,
+    IndexedSwitch,
+    PacketFields,
+    ScanSwitch,
+    evaluate,
+)
+from compiler.inventory import Host, Inventory, load_inventory
 from compiler.model import Policy
 from compiler.p4c import P4C_BMV2, p4c_artifacts
 from p4src.p4info import build_p4info
 from p4src.refconfig import device_config
 from p4src.spec import CPU_CLONE_SESSION, DEFAULT_SIZES, PIPELINE, Pipeline, build_pipeline
 from runtime.entities import default_entry_proto, table_entry_proto
+from runtime.refswitch.dataplane import parse
 from runtime.refswitch.ports import PortIO
 from runtime.refswitch.server import serve
 from runtime.refswitch.switch import ReferenceSwitch
@@ -1413,6 +1433,257 @@ def run_p4rt(args: argparse.Namespace, cpus: tuple[int, int]) -> None:
     print(f"   {load.report()}")
 
 
+# -- new flows: the evaluator's indexes with a generated floor's policy table -----------------
+
+# `bench.gen_policy` floor whose busiest ToR holds about 20k policy entries (t01: 20,726).
+NEWFLOW_FLOOR = {"rules": 1500, "services": 300, "hosts": 240, "tors": 4, "seed": 1}
+NEWFLOW_SIZES = {
+    "src_identity": 1 << 16,
+    "dst_identity": 1 << 16,
+    "policy": 1 << 16,
+    "routing": 1 << 16,
+}
+TARGET_NEW_FLOWS = 20_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class BusyTor:
+    """The generated floor compiled for the reference switch, and its busiest ToR."""
+
+    inventory: Inventory
+    program: Program
+    compile_s: float
+
+    @classmethod
+    def load(cls) -> BusyTor:
+        floor = generate(**NEWFLOW_FLOOR)
+        with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp:
+            path = Path(tmp) / "inventory.yaml"
+            path.write_text(floor.inventory)
+            inventory = load_inventory(str(path))[0]
+        t0 = time.perf_counter()
+        checked = check_policy(floor.policy, "generated.zt", inventory)
+        assert checked.policy is not None, "the generated policy must check clean"
+        built = build(checked.policy, inventory, floor.policy, "ref", NEWFLOW_SIZES)
+        compile_s = time.perf_counter() - t0
+        tables = max(built.switches, key=lambda s: len(s.table("policy")))
+        pipeline = built.target.pipeline
+        config = device_config(pipeline).encode()
+        program = Program("ref", pipeline, built.files["p4info.txtpb"], config, tables)
+        return cls(inventory, program, compile_s)
+
+    def new_flows(self, n: int, seed: int = 7) -> list[tuple[int, bytes]]:
+        """`n` frames (ingress port, frame), each of a flow not seen before: every other one
+        built to match a permit entry of the ToR's policy table (hosts of its source and
+        destination group runs, its protocol and ports), the others between random hosts to
+        random ports (mostly denied: a miss, the index's worst case). TCP SYNs and UDP."""
+        rnd = random.Random(seed)
+        tables, inv = self.program.tables, self.inventory
+        idx = IndexedSwitch.of(tables)
+        uplinks = sorted(
+            {lk.a_port for lk in inv.links if lk.a == tables.switch}
+            | {lk.b_port for lk in inv.links if lk.b == tables.switch}
+        )
+        senders: dict[int, list[tuple[Host, int]]] = {}  # source group -> (host, ingress port)
+        receivers: dict[int, list[Host]] = {}  # destination group -> hosts
+        for h in inv.hosts:
+            for port in [h.port] if h.switch == tables.switch else uplinks:
+                values = {"epoch": 0, "ingress_port": port, "src_addr": h.ip}
+                hit = idx.lookup("src_identity", values)
+                if hit is not None and hit.action == "set_src_group":
+                    senders.setdefault(dict(hit.params)["group"], []).append((h, port))
+            hit = idx.lookup("dst_identity", {"epoch": 0, "dst_addr": h.ip})
+            receivers.setdefault(dict(hit.params)["group"] if hit else 0, []).append(h)
+        permits = [e for e in tables.table("policy") if e.action.startswith("permit")]
+
+        def within(e: TableEntry, name: str, groups: Iterable[int]) -> list[int]:
+            m = e.match(name)
+            return [g for g in groups if m is None or m.value <= g <= m.arg]
+
+        def port_in(e: TableEntry, name: str, default: int) -> int:
+            m = e.match(name)
+            return default if m is None else rnd.randint(m.value, m.arg)
+
+        frames: list[tuple[int, bytes]] = []
+        seen: set[tuple[int, str, str, int, int, int]] = set()
+        while len(frames) < n:
+            sport = rnd.randrange(1024, 1 << 16)
+            if len(frames) % 2:
+                e = rnd.choice(permits)
+                srcs, dsts = within(e, "src_group", senders), within(e, "dst_group", receivers)
+                proto = e.match("protocol")
+                protocol = proto.value if proto is not None else rnd.choice((6, 17))
+                if not srcs or not dsts or protocol not in (PROTO_TCP, PROTO_UDP):
+                    continue
+                src, port = rnd.choice(senders[rnd.choice(srcs)])
+                dst = rnd.choice(receivers[rnd.choice(dsts)])
+                sport = port_in(e, "l4_src_port", sport)
+                dport = port_in(e, "l4_dst_port", rnd.randrange(1, 1 << 16))
+            else:
+                src, port = rnd.choice(rnd.choice(list(senders.values())))
+                dst, protocol = rnd.choice(inv.hosts), rnd.choice((PROTO_TCP, PROTO_UDP))
+                dport = rnd.randrange(1, 1 << 16)
+            key = (port, src.name, dst.name, protocol, sport, dport)
+            if key in seen or src.name == dst.name:
+                continue
+            seen.add(key)
+            flags = 0x02 if protocol == PROTO_TCP else 0
+            spec = FlowSpec(src.name, dst.name, protocol, sport, dport, port, flags)
+            frames.append((port, flow_frame(spec, inv)))
+        return frames
+
+
+class GcPauses:
+    """The time the garbage collector held the process while in this block, by generation."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def report(self) -> str:
+        full = [s for g, s in self.pauses if g == 2]
+        return (
+            f"garbage collection {sum(s for _, s in self.pauses) * 1e3:.0f} ms of it "
+            f"({len(full)} full: {sum(full) * 1e3:.0f} ms)"
+        )
+
+
+def run_newflows(args: argparse.Namespace) -> None:
+    """New flows per second through `Dataplane.process` on the busy ToR's tables: every frame
+    a flow the cache has not seen, indexed lookups against the linear scan (the baseline, on
+    a sample) in the same run; the two must decide every sampled flow the same way."""
+    busy = BusyTor.load()
+    tables = busy.program.tables
+    counts = {
+        t: len(tables.table(t)) for t in ("src_identity", "dst_identity", "policy", "routing")
+    }
+    print(
+        f"\n== New flows: {tables.switch} of a generated floor ({NEWFLOW_FLOOR['rules']} rules, "
+        f"{NEWFLOW_FLOOR['hosts']} hosts, {NEWFLOW_FLOOR['tors']} ToRs; compiled in "
+        f"{busy.compile_s:.1f} s): " + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+    )
+    load = OtherLoad(args.wait_quiet)
+    n, sample = (5_000, 60) if args.quick else (30_000, 300)
+    frames = busy.new_flows(n + 2)
+    sw = _loaded_switch(busy.program.pipeline, busy.program.updates())
+    process = sw.dataplane.process
+    gc_pauses = GcPauses()
+    load.settle()
+    gc.collect()  # the run starts with nothing left to collect from setting up
+    t0 = time.perf_counter()
+    process(*frames[0])
+    first_s = time.perf_counter() - t0
+    outs: list[list[tuple[int, bytes]]] = []
+    with gc_pauses:
+        t0 = time.perf_counter()
+        for port, frame in frames[1:n]:
+            outs.append(process(port, frame))
+        indexed = (n - 1) / (time.perf_counter() - t0)
+    delivered = sum(any(p != CPU_PORT for p, _ in out) for out in outs)
+    logged = sum(any(p == CPU_PORT for p, _ in out) for out in outs)
+    # The same flows again with the flow cache emptied: the indexes have grown where they go.
+    sw.dataplane._cache.clear()
+    t0 = time.perf_counter()
+    for port, frame in frames[1:n]:
+        process(port, frame)
+    grown = (n - 1) / (time.perf_counter() - t0)
+
+    # A write: one more policy entry; the next new flow pays for the snapshot and the index.
+    base = next(e for e in tables.table("policy") if e.match("l4_src_port") is None)
+    extra = dataclasses.replace(base, priority=1, rule_id=None)
+    extra = dataclasses.replace(
+        extra, matches=(FieldMatch("l4_src_port", "range", 1, 1), *extra.matches)
+    )
+    u = p4r.Update(type=p4r.Update.INSERT)
+    u.entity.table_entry.CopyFrom(table_entry_proto(busy.program.pipeline, extra))
+    assert not any(sw.device.write([u]))
+    t0 = time.perf_counter()
+    process(*frames[n])
+    rewrite_s = time.perf_counter() - t0
+
+    # The baseline: the same data plane on a snapshot whose lookups scan (a bench-only swap).
+    snap = sw.device.snapshot()
+    assert snap is not None
+    scan = dataclasses.replace(
+        snap, version=-2, switch=ScanSwitch.of(snap.switch.tables)
+    )  # a version of its own: the flow cache starts empty
+    sw.device._snapshot = scan
+    t0 = time.perf_counter()
+    scanned = [process(port, frame) for port, frame in frames[1 : sample + 1]]
+    linear = sample / (time.perf_counter() - t0)
+    sw.device._snapshot = snap
+    agree = sum(a == b for a, b in zip(outs[:sample], scanned, strict=True))
+
+    # Where a new flow's time goes: each table's lookups alone, on the values they saw.
+    seen: dict[str, list[dict[str, int]]] = {}
+
+    class Recording(IndexedSwitch):
+        __slots__ = ()
+
+        def lookup(self, table: str, values: dict[str, int]) -> TableEntry | None:
+            seen.setdefault(table, []).append(dict(values))
+            return super().lookup(table, values)
+
+    rec = Recording.of(tables)
+    for port, frame in frames[1 : min(n, 5001)]:
+        fields = parse(frame)
+        assert fields is not None
+        src, dst, proto, sport, dport, flags = fields
+        evaluate(rec, port, PacketFields(src, dst, proto, sport, dport, flags))
+    per_table = {}
+    for table in counts:
+        if seen.get(table):
+            index = rec.indexes[table]
+            t0 = time.perf_counter()
+            for values in seen[table]:
+                index.lookup(values)
+            per_table[table] = (time.perf_counter() - t0) / len(seen[table])
+    total_us = 1e6 / indexed
+    verdict = _verdict(indexed >= TARGET_NEW_FLOWS)
+    print(
+        f"   indexed (TableIndex)      {indexed:>10,.0f} new flows/s  ({total_us:.1f} us each; "
+        f">= 20k/s: {verdict}); {delivered / len(outs):.0%} delivered, {logged / len(outs):.0%} "
+        f"logged, of {len(outs):,} flows; {gc_pauses.report()}"
+    )
+    print(
+        f"   the same flows again      {grown:>10,.0f} new flows/s  ({1e6 / grown:.1f} us each: "
+        "the flow cache emptied, the indexes grown where these flows go)"
+    )
+    print(
+        f"   linear scan (baseline)    {linear:>10,.0f} new flows/s  ({1e6 / linear:,.0f} us each), "
+        f"{sample} flows; x{indexed / linear:,.0f}; the same decision for {agree}/{sample}"
+    )
+    print(
+        f"   first frame after loading {first_s * 1e3:8.1f} ms (snapshot, indexes prepared); "
+        f"after a one-entry write {rewrite_s * 1e3:.1f} ms (prepared entries reused)"
+    )
+    print(
+        "   per new flow: "
+        + ", ".join(f"{t} {s * 1e6:.1f} us" for t, s in per_table.items())
+        + f"; the rest {1e6 / grown - sum(per_table.values()) * 1e6:.1f} us (of the flows "
+        "again: parsing, the evaluator's walk, the decision)"
+    )
+    if args.profile:
+        more = busy.new_flows(5000, seed=8)
+        _, profile = _profiled(lambda: [process(p, f) for p, f in more])
+        print("   new flows under cProfile, top by own time:")
+        print(_top(profile, 12))
+    print(f"   {load.report()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     workers = {
@@ -1429,7 +1700,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="2 s trials, 5k entries")
-    ap.add_argument("--only", choices=("dataplane", "p4rt"), help="run one half")
+    ap.add_argument(
+        "--only",
+        choices=("dataplane", "p4rt", "newflows"),
+        help="run one part (newflows: new flows/s in-process, no root needed)",
+    )
     ap.add_argument("--flow", choices=sorted(FLOWS), default="feed", help="default: %(default)s")
     ap.add_argument("--entries", type=int, help="P4Runtime entries (default 20000, quick 5000)")
     ap.add_argument("--batch", type=int, default=1000, help="updates per Write")
@@ -1455,8 +1730,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="print every paced trial")
     args = ap.parse_args(argv)
     args.entries = args.entries or (5_000 if args.quick else 20_000)
-    if os.geteuid() != 0 and args.only != "p4rt":
-        raise SystemExit("the data-plane figures need root (namespaces, veths); try --only p4rt")
+    if os.geteuid() != 0 and args.only not in ("p4rt", "newflows"):
+        raise SystemExit(
+            "the data-plane figures need root (namespaces, veths); try --only p4rt or newflows"
+        )
     # SIGTERM/SIGHUP end the run like Ctrl-C (even when started with SIGINT ignored, as
     # background jobs are): the finally blocks remove what was set up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1470,11 +1747,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"reference switch benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs"
     )
-    if args.only != "p4rt":
+    if args.only in (None, "dataplane"):
         run_dataplane(args, floor, ref)
-    if args.only != "dataplane":
+    if args.only in (None, "p4rt"):
         run_p4rt(args, args.cpus)
-    if args.profile:
+    if args.only in (None, "newflows"):
+        run_newflows(args)
+    if args.profile and args.only != "newflows":  # run_newflows profiles itself
         flow = allowed_flow(FLOWS[args.flow], floor.inventory, ref.tables)
         print("\n== Profile", flush=True)
         profile_in_process(ref, flow, args.entries, 12)

@@ -3,12 +3,18 @@
 It executes the pipeline of p4src/spec.py on target-neutral entries — the same walk the
 P4 program makes — and is shared by the tests (fixture pairs), the verifier and the
 reference switch. `Fabric.walk` follows a packet across switches along the inventory's links.
+
+`lookup` is the definition of a table lookup (a linear scan); `IndexedSwitch` answers the
+same through one `TableIndex` per table, built on the table's first lookup, so a packet
+costs a few tests per table whatever the table's size.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Inventory
@@ -75,7 +81,10 @@ def _rank(entry: TableEntry) -> tuple[int, int]:
 
 
 def lookup(entries: list[TableEntry], values: dict[str, int]) -> TableEntry | None:
-    """The winning entry: highest priority, then longest prefix (routing has no priority)."""
+    """The winning entry: highest priority, then longest prefix (routing has no priority).
+
+    The linear scan: the definition `TableIndex` must agree with (tests use it as the oracle).
+    """
     best: TableEntry | None = None
     for e in entries:
         if _matches(e, values) and (best is None or _rank(e) > _rank(best)):
@@ -83,20 +92,264 @@ def lookup(entries: list[TableEntry], values: dict[str, int]) -> TableEntry | No
     return best
 
 
+# -- the index --------------------------------------------------------------------------------
+#
+# A decision tree (HiCuts-like) over the match fields, grown lazily. Every entry gets its
+# position `pos` in the scan's order of preference — (-priority, -prefix length, table order)
+# — so the winner is the matching entry with the lowest pos, ties included, exactly as
+# `lookup` picks; every list below is kept in pos order. A node is a `_Leaf` (the first entry
+# that matches wins) or a `_Split` on the field whose intervals cut its entries best: the
+# field's value picks one segment between the entries' interval boundaries, and entries too
+# wide to cut (wildcards, non-prefix ternaries, intervals over many segments) sit in the
+# split's fallback. A split's parts become nodes when a packet first reaches them, so a
+# rebuild after a write costs one cut of the table, and the tree grows where traffic goes.
+# Search visits a part only while it could still hold an entry better than the best found.
+# Field values are assumed within their widths, as the parser sets them.
+
+_LEAF = 12  # entries a leaf holds before it is worth splitting
+_DEPTH = 4  # splits along one path
+_SPAN = 8  # segments an entry may be copied into before it goes to the fallback
+_SAMPLE = 256  # entries a split's field is chosen on
+_NONE = 1 << 62  # the pos of no entry
+_EMPTY: list[_Item] = []  # every empty segment (never appended to: fewer objects to collect)
+
+_Tests = tuple[tuple[str, int, int], ...]
+
+
+class _Item:
+    """One entry prepared for search: `intervals` (field, lo, hi) and `masks` (field, mask,
+    value) together test exactly the entry's matches; `spans` are the values of each field it
+    can match as one interval (absent: any value, or not one interval). Never changed once
+    made (a plain slotted class: tens of thousands are made per rebuild)."""
+
+    __slots__ = ("entry", "intervals", "masks", "pos", "rank", "spans")
+
+    def __init__(
+        self,
+        pos: int,
+        entry: TableEntry,
+        rank: tuple[int, int],
+        intervals: _Tests,
+        masks: _Tests,
+        spans: dict[str, tuple[int, int]],
+    ) -> None:
+        self.pos, self.entry, self.rank = pos, entry, rank
+        self.intervals, self.masks, self.spans = intervals, masks, spans
+
+    def at(self, pos: int) -> _Item:
+        return _Item(pos, self.entry, self.rank, self.intervals, self.masks, self.spans)
+
+    @classmethod
+    def of(cls, entry: TableEntry) -> _Item:
+        intervals: list[tuple[str, int, int]] = []
+        masks: list[tuple[str, int, int]] = []
+        spans: dict[str, tuple[int, int]] = {}
+        for m in entry.matches:
+            full = (1 << _WIDTH[m.field]) - 1
+            if m.kind == "ternary":
+                masks.append((m.field, m.arg, m.value))
+                low = full & ~m.arg  # a prefix mask (ones, then zeros) is an interval
+                if m.arg & ~full or low & (low + 1) or m.value & low:
+                    continue
+                lo, hi = m.value, m.value | low
+            else:
+                if m.kind == "exact":
+                    lo, hi = m.value, m.value
+                elif m.kind == "range":
+                    lo, hi = m.value, m.arg
+                elif m.kind == "lpm":
+                    if not m.arg:  # /0 matches everything
+                        continue
+                    low = (1 << (_WIDTH[m.field] - m.arg)) - 1
+                    lo, hi = m.value & ~low, (m.value & ~low) | low
+                else:
+                    raise ValueError(f"unknown match kind {m.kind!r}")
+                intervals.append((m.field, lo, hi))
+            if lo > 0 or hi < full:  # the whole field's range cuts nothing
+                spans.setdefault(m.field, (lo, hi))
+        return cls(_NONE, entry, _rank(entry), tuple(intervals), tuple(masks), spans)
+
+
+_Cut = tuple[list[int], list[list[_Item]], list[_Item]]  # bounds, segments, fallback
+
+
+def _cut(items: list[_Item], field: str) -> _Cut:
+    """Segment boundaries of `field`, the entries of each segment, the fallback entries
+    (all in the order of `items`)."""
+    bounds = sorted({b for it in items if (s := it.spans.get(field)) for b in (s[0], s[1] + 1)})
+    at = {b: i for i, b in enumerate(bounds)}
+    # segment i + 1 holds [bounds[i], bounds[i + 1]); segment 0 lies below every interval
+    held: dict[int, list[_Item]] = {}
+    fallback: list[_Item] = []
+    for it in items:
+        span = it.spans.get(field)
+        if span is None:
+            fallback.append(it)
+            continue
+        first, last = at[span[0]] + 1, at[span[1] + 1]
+        if last - first >= _SPAN:
+            fallback.append(it)
+        else:
+            for i in range(first, last + 1):
+                held.setdefault(i, []).append(it)
+    return bounds, [held.get(i, _EMPTY) for i in range(len(bounds) + 1)], fallback
+
+
+def _cost(cut: _Cut) -> float:
+    """Entries a search tests after a cut: the fallback, plus the entry-weighted mean segment."""
+    _, segments, fallback = cut
+    copies = sum(len(s) for s in segments)
+    return len(fallback) + (sum(len(s) ** 2 for s in segments) / copies if copies else 0.0)
+
+
+class _Leaf:
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
+
+    def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
+        limit = best.pos if best is not None else _NONE
+        for item in self.items:
+            if item.pos >= limit:
+                return best
+            for f, lo, hi in item.intervals:
+                if not lo <= values[f] <= hi:
+                    break
+            else:
+                for f, mask, value in item.masks:
+                    if values[f] & mask != value:
+                        break
+                else:
+                    return item
+        return best
+
+
+class _Split:
+    """Parts: one per segment of `field`, then the fallback; each a list of entries until a
+    packet reaches it, then a node."""
+
+    __slots__ = ("_others", "bounds", "depth", "field", "fields", "mins", "parts")
+
+    def __init__(self, cut: _Cut, field: str, fields: tuple[str, ...], depth: int) -> None:
+        bounds, segments, fallback = cut
+        self.field, self.fields, self.depth, self.bounds = field, fields, depth, bounds
+        self._others = tuple(f for f in fields if f != field)
+        lists = [*segments, fallback]
+        self.mins = [p[0].pos if p else _NONE for p in lists]
+        self.parts: list[list[_Item] | _Node] = list(lists)
+
+    def _node(self, i: int) -> _Node:
+        part = self.parts[i]
+        if isinstance(part, list):
+            # a segment's entries all span it: cutting them on this field again cuts nothing
+            fields = self.fields if i == len(self.parts) - 1 else self._others
+            part = self.parts[i] = _build(part, fields, self.depth + 1)
+        return part
+
+    def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
+        seg, fb = bisect_right(self.bounds, values[self.field]), len(self.parts) - 1
+        mins = self.mins
+        for i in (seg, fb) if mins[seg] < mins[fb] else (fb, seg):
+            if mins[i] < (best.pos if best is not None else _NONE):
+                best = self._node(i).find(values, best)
+        return best
+
+
+_Node = _Leaf | _Split
+
+
+def _build(items: list[_Item], fields: tuple[str, ...], depth: int) -> _Node:
+    """A leaf, or a split on the field that cuts `items` best (chosen on a sample: the
+    choice is speed only, never results), when one cuts the entries tested by half."""
+    if len(items) <= _LEAF or depth >= _DEPTH:
+        return _Leaf(items)
+    sample = items if len(items) <= _SAMPLE else items[:: -(-len(items) // _SAMPLE)]
+    best: tuple[float, str, _Cut] | None = None
+    for f in fields:
+        cut = _cut(sample, f)
+        cost = _cost(cut)
+        if cost <= len(sample) / 2 and (best is None or cost < best[0]):
+            best = (cost, f, cut)
+    if best is None:
+        return _Leaf(items)
+    _, field, cut = best
+    return _Split(cut if sample is items else _cut(items, field), field, fields, depth)
+
+
+_by_rank = attrgetter("rank")
+_Prepared = dict[int, _Item]  # id(entry) -> the entry prepared (its `entry` is that entry)
+
+
+class TableIndex:
+    """One table's entries, indexed for `lookup`'s answer in far fewer tests.
+
+    `prepared`: what an earlier index of the same table prepared (its `prepared`); entries
+    still there (the same objects) are not prepared again, so a rebuild after a write costs
+    a sort and one cut of the table.
+    """
+
+    __slots__ = ("prepared", "root")
+
+    def __init__(self, entries: list[TableEntry], prepared: _Prepared | None = None) -> None:
+        earlier = prepared or {}
+        items: list[_Item] = []
+        for e in entries:
+            item = earlier.get(id(e))
+            items.append(item if item is not None and item.entry is e else _Item.of(e))
+        self.prepared: _Prepared = {id(it.entry): it for it in items}  # only what is here now
+        # stable: of equal ranks, the first in table order comes first, as in the scan
+        items.sort(key=_by_rank, reverse=True)
+        fields = tuple(sorted(set().union(*(it.spans for it in self.prepared.values()))))
+        self.root = _build([it.at(pos) for pos, it in enumerate(items)], fields, 0)
+
+    def lookup(self, values: dict[str, int]) -> TableEntry | None:
+        """The entry `lookup(entries, values)` returns (field values within their widths)."""
+        best = self.root.find(values, None)
+        return best.entry if best is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class IndexedSwitch:
-    """A switch's entries grouped by table, built once and reused for every packet."""
+    """A switch's entries grouped by table, built once and reused for every packet; each
+    table's `TableIndex` is built on its first lookup (a snapshot nobody sends through
+    costs nothing), reusing what the previous version of the switch prepared."""
 
     tables: SwitchTables
     by_table: dict[str, list[TableEntry]]
     defaults: dict[str, DefaultAction]
+    indexes: dict[str, TableIndex] = field(default_factory=dict, compare=False, repr=False)
+    carried: dict[str, _Prepared] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, tables: SwitchTables) -> IndexedSwitch:
+    def of(cls, tables: SwitchTables, previous: IndexedSwitch | None = None) -> IndexedSwitch:
+        """`previous`: the same switch before its entries changed (the reference switch's
+        last snapshot), whose prepared entries the new indexes reuse."""
         by_table: dict[str, list[TableEntry]] = {}
         for e in tables.entries:
             by_table.setdefault(e.table, []).append(e)
-        return cls(tables, by_table, {d.table: d for d in tables.defaults})
+        carried = {} if previous is None else previous._prepared()
+        return cls(tables, by_table, {d.table: d for d in tables.defaults}, {}, carried)
+
+    def _prepared(self) -> dict[str, _Prepared]:
+        return {**self.carried, **{t: i.prepared for t, i in list(self.indexes.items())}}
+
+    def lookup(self, table: str, values: dict[str, int]) -> TableEntry | None:
+        """`lookup(self.by_table[table], values)`, through the table's index."""
+        index = self.indexes.get(table)
+        if index is None:
+            entries = self.by_table.get(table, [])
+            index = self.indexes[table] = TableIndex(entries, self.carried.get(table))
+        return index.lookup(values)
+
+
+class ScanSwitch(IndexedSwitch):
+    """A switch whose lookups are the linear scan: the definition, as benches' baseline."""
+
+    __slots__ = ()
+
+    def lookup(self, table: str, values: dict[str, int]) -> TableEntry | None:
+        return lookup(self.by_table.get(table, []), values)
 
 
 def evaluate(
@@ -121,7 +374,7 @@ def evaluate(
     hits.append(Hit("epoch", None, "set_epoch", (("value", values["epoch"]),)))
 
     def apply(table: str, default_action: str, default_params: tuple[tuple[str, int], ...]) -> Hit:
-        entry = lookup(idx.by_table.get(table, []), values)
+        entry = idx.lookup(table, values)
         hit = Hit(
             table,
             entry,

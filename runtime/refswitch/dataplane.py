@@ -11,7 +11,9 @@ Fail closed: before a pipeline is set nothing is forwarded, and so is everything
 program drops (non-IPv4, IPv4 options, non-first fragments, unbound sources, misses).
 
 Decisions are cached per flow (the header fields the tables read) until the next write,
-so a steady flow costs a dictionary lookup; counters and meters still run per packet.
+so a steady flow costs a dictionary lookup; counters and meters still run per packet. A new
+flow is decided by the evaluator's table indexes (compiler/evaluate.py `TableIndex`), which
+the snapshot after a write builds on its first miss, reusing what the last one prepared.
 
 Meters: a `permit_metered` packet meets its entry's direct meter (a two-rate three-colour
 marker in packets, configured by the entry's P4Runtime `meter_config`); RED is dropped,
@@ -147,7 +149,7 @@ class Dataplane:
         )
         result = evaluate(snap.switch, port, pkt)
         policy = next((h for h in result.hits if h.table == "policy"), None)
-        stored = snap.stored.get(policy.entry) if policy and policy.entry else None
+        stored = snap.stored.get(id(policy.entry)) if policy and policy.entry else None
         clone = None
         if result.logged:
             clone = _PACKET_IN.pack(port, result.rule_id or 0, result.reason)

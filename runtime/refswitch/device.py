@@ -129,7 +129,8 @@ class Snapshot:
 
     version: int
     switch: IndexedSwitch
-    stored: dict[TableEntry, Stored]  # entries with direct resources (policy), by value
+    # entries with direct resources (policy) by id(entry): `switch` holds those very entries
+    stored: dict[int, Stored]
     clone_ports: dict[int, tuple[int, ...]]  # clone session -> egress ports
 
 
@@ -274,6 +275,7 @@ class Device:
         self.counters: dict[int, list[int]] = {}  # indexed counters: id -> packets per index
         self.version = 0
         self._snapshot: Snapshot | None = None
+        self._previous: IndexedSwitch | None = None  # the last snapshot's: its indexes are reused
 
     # -- pipeline ------------------------------------------------------------------------
 
@@ -709,12 +711,12 @@ class Device:
 
     def _build_snapshot(self, schema: Schema) -> Snapshot:
         entries: list[TableEntry] = []
-        stored: dict[TableEntry, Stored] = {}
+        stored: dict[int, Stored] = {}
         for table in schema.pipeline.tables:
             for s in self.tables[table.id].values():
                 entries.append(s.entry)
                 if table.counter is not None or table.meter is not None:
-                    stored[s.entry] = s
+                    stored[id(s.entry)] = s
         defaults = tuple(
             DefaultAction(schema.tables[tid].name, name, params)
             for tid, (name, params) in sorted(self.defaults.items())
@@ -726,7 +728,8 @@ class Device:
             sid: tuple(_replica_port(r) for r in cs.replicas)
             for sid, cs in self.clone_sessions.items()
         }
-        return Snapshot(self.version, IndexedSwitch.of(tables), stored, clone_ports)
+        self._previous = IndexedSwitch.of(tables, self._previous)
+        return Snapshot(self.version, self._previous, stored, clone_ports)
 
 
 def _check_counter(data: p4r.CounterData) -> None:
