@@ -83,9 +83,10 @@ from compiler.addresses import AddressSet
 from compiler.check import check_policy
 from compiler.emit import Build, build, write_build
 from compiler.entries import SwitchTables, TableEntry
-from compiler.evaluate import PROTO_TCP, Fabric, PacketFields
+from compiler.evaluate import Fabric, PacketFields
 from compiler.inventory import Host, Inventory, parse_inventory
 from compiler.model import Action, Policy
+from compiler.protocols import PROTO_TCP
 from p4src.spec import PIPELINE
 from runtime.alerts import Alert, follow
 from runtime.controller import (

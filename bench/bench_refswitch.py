@@ -95,8 +95,6 @@ from compiler.check import check_policy
 from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.evaluate import (
-    PROTO_TCP,
-    PROTO_UDP,
     IndexedSwitch,
     PacketFields,
     ScanSwitch,
@@ -105,6 +103,7 @@ from compiler.evaluate import (
 from compiler.inventory import Host, Inventory, load_inventory
 from compiler.model import Policy
 from compiler.p4c import P4C_BMV2, p4c_artifacts
+from compiler.protocols import PROTO_TCP, PROTO_UDP
 from p4src.p4info import build_p4info
 from p4src.refconfig import device_config
 from p4src.spec import CPU_CLONE_SESSION, DEFAULT_SIZES, PIPELINE, Pipeline, build_pipeline

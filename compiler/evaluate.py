@@ -18,10 +18,10 @@ from operator import attrgetter
 
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Inventory
+from compiler.protocols import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from p4src.spec import PIPELINE, REASON_DENY_LOG, REASON_SPOOF, UNKNOWN_GROUP
 
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
-PROTO_TCP, PROTO_UDP, PROTO_ICMP = 6, 17, 1
 MAX_HOPS = 16
 
 

@@ -13,13 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from compiler.entries import SwitchTables
-from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields, PathResult
+from compiler.evaluate import Fabric, PacketFields, PathResult
 from compiler.inventory import Host, Inventory
 from compiler.model import ICMP_NAMES, ExpectCase, Policy, protocol_number
 from compiler.protocols import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     OTHER_PROTOCOL,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
     TCP_ACK,
     TCP_SYN,
     TCP_SYN_ACK,

@@ -34,9 +34,6 @@ from dataclasses import dataclass, field
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
-    PROTO_ICMP,
-    PROTO_TCP,
-    PROTO_UDP,
     Fabric,
     PacketFields,
     PathResult,
@@ -46,7 +43,7 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
-from compiler.protocols import MAX_PORT, OTHER_PROTOCOL, TCP_ACK
+from compiler.protocols import MAX_PORT, OTHER_PROTOCOL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK
 from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, protocol_of
 from p4src.spec import PIPELINE
 

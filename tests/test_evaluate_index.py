@@ -20,8 +20,8 @@ from finsy.proto import p4r
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from p4rt import default_updates, inserts, pipeline_config, update
-from scapy.layers.inet import IP, TCP, UDP  # type: ignore[import-untyped]
-from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
 
 from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from compiler.check import check_policy
 from compiler.entries import SwitchTables
-from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Fabric, PacketFields
+from compiler.evaluate import Fabric, PacketFields
 from compiler.fit import fit
 from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import cidr_blocks, lower
 from compiler.model import Policy
+from compiler.protocols import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from compiler.semantics import PolicySemantics
 from compiler.targets import make_target
 

@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compiler.evaluate import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketFields, evaluate
+from compiler.evaluate import PacketFields, evaluate
+from compiler.protocols import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from p4src.spec import CPU_CLONE_SESSION, PIPELINE, RED_DROPS
 from runtime.refswitch.device import RED, Device, Snapshot, Stored
 
