@@ -556,6 +556,10 @@ class PolicySemantics:
 
     # -- coverage (dead rules) ---------------------------------------------------------------
 
+    def overlapping_denies(self, i: int) -> list[PolicyRule]:
+        """The denies that match some packet the `i`-th rule (0-based) matches."""
+        return [self.rules[j] for j in bits(self._candidates(i) & self.deny_bits)]
+
     def _candidates(self, i: int) -> int:
         protos, src, dst, ports = self.boxes[i]
         cand = 0

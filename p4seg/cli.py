@@ -294,14 +294,17 @@ def _report(
         print(render_all(diags, sources), file=sys.stderr)
 
 
-def _load(args: argparse.Namespace, sources: SourceFiles) -> tuple[Inventory, str] | None:
-    """The inventory and the policy text of a command line, or None (already reported)."""
+def _load(
+    args: argparse.Namespace, sources: SourceFiles, text: str | None = None
+) -> tuple[Inventory, str] | None:
+    """The inventory and the policy text of a command line (`text`, when given, instead of
+    reading the policy file), or None (already reported)."""
     inventory = Inventory.empty()
     try:
         if args.inventory:
             inventory, inv_text = load_inventory(args.inventory)
             sources.add(args.inventory, inv_text)
-        policy_text = read_source(args.policy, "E000", "policy")
+        policy_text = read_source(args.policy, "E000", "policy") if text is None else text
     except (InventoryError, SourceError) as exc:
         for path in (args.inventory, args.policy):
             if path and path not in sources.texts:
@@ -470,21 +473,23 @@ def _front(
     args: argparse.Namespace,
     text_transform: Callable[[str], str],
     policy_transform: Callable[[Policy, Inventory], Policy],
+    text: str | None = None,
 ) -> Compiled | None:
     """The front end of every verb that drives switches: load, check and compile the
-    (effective) policy and write the build; diagnostics are reported here (None: failed)."""
+    (effective) policy and write the build; diagnostics are reported here (None: failed).
+    `text`: compile this policy text instead of the file's (watch's last good text)."""
     from compiler.emit import OutputDirError, build, write_build
     from compiler.p4c import p4c_artifacts
     from p4seg.control import Compiled
 
     sources = SourceFiles()
-    loaded = _load(args, sources)
+    loaded = _load(args, sources, text)
     if loaded is None:
         return None
     inventory, file_text = loaded
-    text = text_transform(file_text)
-    sources.add(args.policy, text)
-    result = check_policy(text, args.policy, inventory)
+    compiled_text = text_transform(file_text)
+    sources.add(args.policy, compiled_text)
+    result = check_policy(compiled_text, args.policy, inventory)
     errors = [d for d in result.diagnostics if d.severity.value == "error"]
     if errors:
         _report(errors, sources, args.error_format)
@@ -492,7 +497,7 @@ def _front(
         return None
     effective = policy_transform(result.policy, inventory)
     try:
-        built = build(effective, inventory, text, args.target)
+        built = build(effective, inventory, compiled_text, args.target)
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format)

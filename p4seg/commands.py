@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from compiler.targets import LIVE_TARGETS
-from runtime.defaults import DEFAULT_ELECTION_ID
+from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 
 DEFAULT_STATE = ".p4seg"
 VERBS = (
@@ -170,7 +170,12 @@ def register(
     _at_argument(pl)
     a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
-    a.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
+    a.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"updates per Write (default: {DEFAULT_BATCH})",
+    )
 
     g = verb("grant", "allow one flow for a while (time-bound, audited)", _GRANT_HELP, False)
     g.add_argument("src", metavar="SRC")
@@ -199,7 +204,12 @@ def register(
     _live_policy(rel, policy_arguments)
 
     w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
-    w.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
+    w.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"updates per Write (default: {DEFAULT_BATCH})",
+    )
     w.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
     w.add_argument(
         "--check",
@@ -234,4 +244,9 @@ def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) 
     p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY", help="inventory YAML")
     p.add_argument("--error-format", choices=("human", "json"), default="human")
     add_controller_arguments(p)
-    p.add_argument("--batch-size", type=int, default=500, help="updates per Write (default: 500)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"updates per Write (default: {DEFAULT_BATCH})",
+    )

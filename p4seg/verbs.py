@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from compiler.inventory import Inventory
 from compiler.model import Policy
@@ -54,7 +55,19 @@ from runtime.live import (
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
 TextTransform = Callable[[str], str]
 PolicyTransform = Callable[[Policy, Inventory], Policy]
-Front = Callable[[argparse.Namespace, TextTransform, PolicyTransform], Compiled | None]
+
+
+class Front(Protocol):
+    """compiler front end of p4seg/cli.py; `text` replaces the policy file's text."""
+
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        text_transform: TextTransform,
+        policy_transform: PolicyTransform,
+        text: str | None = None,
+    ) -> Compiled | None: ...
+
 
 # -- applying the effective policy --------------------------------------------------------
 
@@ -65,12 +78,13 @@ def clock() -> float:
 
 
 def _compile(
-    args: argparse.Namespace, front: Front, state: LiveState, now: float
+    args: argparse.Namespace, front: Front, state: LiveState, now: float, text: str | None = None
 ) -> Compiled | None:
     return front(
         args,
-        lambda text: policy_text_with_grants(text, state, now),
+        lambda file_text: policy_text_with_grants(file_text, state, now),
         lambda policy, inv: effective_policy(policy, state, now, {h.name: h.ip for h in inv.hosts}),
+        text,
     )
 
 
@@ -102,13 +116,19 @@ def _apply(
 
 
 def _apply_compiled(
-    verb: str, args: argparse.Namespace, front: Front, state: LiveState, event: dict[str, object]
+    verb: str,
+    args: argparse.Namespace,
+    front: Front,
+    state: LiveState,
+    event: dict[str, object],
+    text: str | None = None,
 ) -> tuple[int, Compiled | None]:
-    """Apply the effective policy, save the state if it took, and audit what happened."""
+    """Apply the effective policy (of `text`, when given, instead of the policy file's),
+    save the state if it took, and audit what happened."""
     state_dir = Path(args.state)
     moment = clock()
     expired = state.prune(moment)
-    compiled = _compile(args, front, state, moment)
+    compiled = _compile(args, front, state, moment, text)
     if compiled is None:
         return EXIT_ERROR, None
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
@@ -218,7 +238,7 @@ def _grant_effect(
     from compiler.diagnostics import InventoryError
     from compiler.inventory import load_inventory
     from compiler.model import Action, PolicyRule
-    from compiler.semantics import PolicySemantics, bits
+    from compiler.semantics import PolicySemantics
 
     try:
         inventory, _ = load_inventory(args.inventory)
@@ -238,7 +258,7 @@ def _grant_effect(
     line = grants[-1].line()
 
     def named(r: PolicyRule) -> str:
-        if r.id >= first_grant:
+        if first_grant <= r.id < first_grant + len(grants):  # quarantine's rules come after
             g = grants[r.id - first_grant]
             return f"grant {g.id} (`{g.line()}`)"
         return f"`{r.describe()}` at {r.span}"
@@ -252,10 +272,9 @@ def _grant_effect(
     sem = PolicySemantics(policy)
     coverage = next((c for c in sem.dead_rules() if c.rule.id == rule.id), None)
     if coverage is None:
-        overlapping = sem._candidates(rule.id - 1) & sem.deny_bits
-        for i in bits(overlapping):
+        for deny in sem.overlapping_denies(rule.id - 1):
             print(f"p4seg grant: warning: part of `{line}` stays blocked by "
-                  f"{named(policy.rules[i])} (deny overrides allow)", file=sys.stderr)  # fmt: skip
+                  f"{named(deny)} (deny overrides allow)", file=sys.stderr)  # fmt: skip
     if coverage is not None and coverage.by_deny:
         denies = "; ".join(named(r) for r in coverage.covering)
         return EXIT_ERROR, (
@@ -290,7 +309,7 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
     if args.verb == "quarantine":
         if args.host in state.quarantined:
             print(f"{args.host} is already quarantined; applying to make sure")
-        state.quarantined.setdefault(args.host, time.time())
+        state.quarantined.setdefault(args.host, clock())
     elif state.quarantined.pop(args.host, None) is None:
         print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
         return EXIT_ERROR
@@ -307,9 +326,12 @@ def cmd_watch(args: argparse.Namespace, front: Front) -> int:
 
 
 def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], bool]) -> int:
+    """See cmd_watch. Fail closed: while the policy file cannot be compiled, what is due
+    (a grant expiring, a window closing, a `for` lapsing, a restarted switch) is applied
+    from the last text that compiled, so a broken edit never keeps a permission alive."""
     policy_path = Path(args.policy)
     seen: tuple[int, int] | None = None
-    due: float | None = time.time()
+    due: float | None = clock()
     unreadable = False
     last: Compiled | None = None
     next_check = time.monotonic() + args.check
@@ -327,20 +349,33 @@ def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], boo
             lost = _lost_pipelines(args, last)
             if lost:
                 print(f"-- {', '.join(lost)}: pipeline lost (restarted?): restoring", flush=True)
-                due = time.time()
-        if mark != seen or (due is not None and time.time() >= due):
+                due = clock()
+        scheduled = due is not None and clock() >= due
+        if mark != seen or scheduled:
             seen = mark
             state = _load_state(args, "watch")
             if state is not None:
                 print(f"-- {time.strftime('%H:%M:%S')} applying {policy_path}", flush=True)
                 code, compiled = _apply_compiled("watch", args, front, state, {})
+                if compiled is None and last is not None and scheduled:
+                    print(
+                        "   the policy file does not compile: applying what is due to the last "
+                        "text that did",
+                        flush=True,
+                    )
+                    state = _load_state(args, "watch") or state  # as saved: prune again
+                    code, compiled = _apply_compiled(
+                        "watch", args, front, state, {"from": "last good text"}, last.policy_text
+                    )
+                if compiled is None and last is None:
+                    due = None  # nothing applied yet: wait for an edit, not the schedule
                 if compiled is not None:
                     last = compiled
-                    due = next_change(compiled.policy, state, time.time())
+                    due = next_change(compiled.policy, state, clock())
                 if code == EXIT_ERROR:
                     print("   not everything applied; the switches keep what they had", flush=True)
                     if compiled is not None:  # a switch failed: try again after a check period
-                        due = time.time() + args.check
+                        due = clock() + args.check
             if args.once:
                 return EXIT_OK
         _wait(args.interval, stopped)

@@ -280,9 +280,12 @@ def test_audit_hashes_the_text_that_was_compiled(
     from runtime.live import LiveState
 
     def edited_meanwhile(
-        args: argparse.Namespace, text: TextTransform, policy: PolicyTransform
+        args: argparse.Namespace,
+        text_transform: TextTransform,
+        policy_transform: PolicyTransform,
+        text: str | None = None,
     ) -> Compiled | None:
-        compiled = _front(args, text, policy)
+        compiled = _front(args, text_transform, policy_transform, text)
         Path("small.zt").write_text(SMALL + "allow h3 -> h1 tcp 22\n")
         return compiled
 

@@ -174,3 +174,42 @@ def test_an_expired_grant_is_removed_by_the_next_apply(
     assert not _passes(sw, "h2", "h4", 443)
     record = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "apply" and len(record["expired_grants"]) == 1
+
+
+def test_watch_removes_an_expired_grant_while_the_policy_file_is_broken(
+    site: tuple[ReferenceSwitch, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Fail closed: a broken edit must not keep a grant alive past its expiry."""
+    import p4seg.verbs
+    from p4seg.cli import _front, _parser
+    from p4seg.verbs import watch_loop
+
+    sw, inv = site
+    assert main(["grant", "h2", "h4", "tcp", "443", "--for", "60s", "-p", "small.zt", *inv]) == 0
+    assert _passes(sw, "h2", "h4", 443)
+    now = [p4seg.verbs.clock()]
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: now[0])
+    args = _parser().parse_args(["watch", "small.zt", *inv, "--check", "0.2", "--interval", "0.05"])
+    stop = threading.Event()
+    loop = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    loop.start()
+    try:
+        printed: list[str] = []
+
+        def applied_once() -> bool:
+            printed.append(capsys.readouterr().out)
+            return "up to date" in "".join(printed)
+
+        assert wait_for(applied_once)
+        Path("small.zt").write_text(POLICY.replace("-> back", "-> bakc"))  # a broken edit
+        now[0] += 61  # the grant expires while the file does not compile
+        assert wait_for(lambda: not _passes(sw, "h2", "h4", 443))
+        assert _passes(sw, "h1", "h3", 8080)  # the rest of the last good policy stays
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    record = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
+    assert record["from"] == "last good text" and len(record["expired_grants"]) == 1

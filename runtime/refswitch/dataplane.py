@@ -155,7 +155,7 @@ class Dataplane:
         if result.logged:
             clone = _PACKET_IN.pack(port, result.rule_id or 0, result.reason)
         metered = policy is not None and policy.action == "permit_metered"
-        rule_id = dict(policy.entry.params).get("rule_id", 0) if policy and policy.entry else 0
+        rule_id = result.rule_id or 0  # the policy entry's rule id (evaluate reads it)
         return Decision(result.egress_port, stored, metered, rule_id, clone)
 
 
