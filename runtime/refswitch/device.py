@@ -12,7 +12,6 @@ and its table sizes, and the P4Info must describe exactly that pipeline.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -65,14 +64,15 @@ class Meter:
     pburst: int
     tokens_c: float = 0.0
     tokens_p: float = 0.0
-    last: float = field(default_factory=time.monotonic)
+    last: float | None = None  # the data plane's clock at the first packet: buckets start full
     colours: list[int] = field(default_factory=lambda: [0, 0, 0])  # packets: green, yellow, red
 
     def __post_init__(self) -> None:
         self.tokens_c, self.tokens_p = float(self.cburst), float(self.pburst)
 
     def color(self, now: float) -> int:
-        elapsed, self.last = max(0.0, now - self.last), max(now, self.last)
+        # A clock that never goes back (the data plane's) needs no clamp here.
+        elapsed, self.last = (0.0 if self.last is None else now - self.last), now
         self.tokens_p = min(float(self.pburst), self.tokens_p + elapsed * self.pir)
         self.tokens_c = min(float(self.cburst), self.tokens_c + elapsed * self.cir)
         if self.tokens_p < 1:
