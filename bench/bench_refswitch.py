@@ -112,6 +112,7 @@ from runtime.refswitch.dataplane import parse
 from runtime.refswitch.ports import PortIO
 from runtime.refswitch.server import serve
 from runtime.refswitch.switch import ReferenceSwitch
+from topologies.switches import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "policies" / "trading_floor.zt"
@@ -427,13 +428,6 @@ def _run(*cmd: str, check: bool = True) -> None:
     subprocess.run(cmd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -590,7 +584,7 @@ class Testbed:
         updates it rejected."""
         for port in (self.tx_root, self.rx_root):  # as BMv2 expects (topologies/switches.py)
             _run("ethtool", "-K", port, "rx", "off", "tx", "off", "sg", "off", check=False)
-        grpc_port, thrift_port = _free_port(), _free_port()
+        grpc_port, thrift_port = free_port(), free_port()
         cmd = [
             "simple_switch_grpc", "--device-id", "2",
             "-i", f"{flow.spec.ingress_port}@{self.tx_root}",

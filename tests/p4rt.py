@@ -26,6 +26,7 @@ from p4src.p4info import build_p4info
 from p4src.refconfig import device_config
 from p4src.spec import PIPELINE, Pipeline
 from runtime.entities import default_entry_proto, table_entry_proto
+from topologies.switches import free_port
 
 WAIT = 10.0  # seconds: an upper bound for a message that must come, never a pause
 
@@ -225,13 +226,6 @@ def clone_session_update(
     cs.session_id = session
     cs.replicas.add(egress_port=port, instance=1)
     return u
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (for a switch's gRPC or Thrift server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

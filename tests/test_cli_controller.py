@@ -204,6 +204,13 @@ def test_watch_removes_an_expired_grant_while_the_policy_file_is_broken(
 
         assert wait_for(applied_once)
         Path("small.zt").write_text(POLICY.replace("-> back", "-> bakc"))  # a broken edit
+        errors: list[str] = []
+
+        def refused_the_edit() -> bool:
+            errors.append(capsys.readouterr().err)
+            return "unknown name 'bakc'" in "".join(errors)
+
+        assert wait_for(refused_the_edit)
         now[0] += 61  # the grant expires while the file does not compile
         assert wait_for(lambda: not _passes(sw, "h2", "h4", 443))
         assert _passes(sw, "h1", "h3", 8080)  # the rest of the last good policy stays

@@ -32,6 +32,7 @@ from runtime.controller import (
 )
 from runtime.plan import Change, Desired, Tables
 from runtime.refswitch.switch import ReferenceSwitch
+from topologies.switches import free_port
 
 TABLES = Tables(PIPELINE)
 
@@ -191,12 +192,6 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
 SIMPLE_SWITCH = shutil.which("simple_switch_grpc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(
     SIMPLE_SWITCH is None or p4c_available() is None,
     reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot drive BMv2",
@@ -205,7 +200,7 @@ def test_the_controller_drives_bmv2_unchanged(
     tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
     assert SIMPLE_SWITCH is not None
-    grpc_port, thrift_port = _free_port(), _free_port()
+    grpc_port, thrift_port = free_port(), free_port()
     proc = subprocess.Popen(
         [SIMPLE_SWITCH, "--no-p4", "--device-id", "1", "--thrift-port", str(thrift_port),
          "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],

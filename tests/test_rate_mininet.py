@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from p4rt import free_port
 
 from compiler.inventory import Inventory, load_inventory
 from compiler.p4c import p4c_available
 from p4seg.cli import main
 from topologies.network import Floor
+from topologies.switches import free_port
 
 pytestmark = [
     pytest.mark.mininet,

@@ -47,6 +47,7 @@ from topologies.switches import (
     RefSwitch,
     SwitchNotInstalled,
     SwitchStartError,
+    free_port,
     switch_class,
 )
 
@@ -354,13 +355,6 @@ def expected_logged(
 
 
 # -- a Mininet network ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _alive(pid: int) -> bool:
