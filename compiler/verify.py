@@ -193,12 +193,14 @@ class _AddressIndex:
     `field` can match, in table order: a lookup scans one bucket, not the table, and finds
     the same winner (every other entry misses the address)."""
 
-    def __init__(self, entries: list[TableEntry], field: str, starts: list[int]) -> None:
+    def __init__(
+        self, entries: list[TableEntry], field: str, starts: list[int], width: int = 32
+    ) -> None:
         self.starts = starts
         self.buckets: list[list[TableEntry]] = [[] for _ in starts]
         for entry in entries:
             m = entry.match(field)
-            spans = _match_intervals(m, 32) if m is not None else []
+            spans = _match_intervals(m, width) if m is not None else []
             if m is None or len(spans) > 4096:  # unbounded: a candidate everywhere
                 for bucket in self.buckets:
                     bucket.append(entry)
@@ -225,6 +227,36 @@ def _deciding(hop: _Hop, values: dict[str, int]) -> TableEntry | None:
     """The `policy` entry of `hop` a packet with these port/flag values hits (None: the
     table's default, deny, or src_identity already dropped it)."""
     return None if hop.entries is None else _first_hit(hop.entries, values)
+
+
+_Bounds = tuple[int, int, int, int, int, int, TableEntry]  # sport, dport, flags mask/value
+
+
+def _bounds(entries: list[tuple[tuple[FieldMatch, ...], TableEntry]]) -> list[_Bounds] | None:
+    """The port and flag matches of `entries` as plain bounds (None if one is no interval),
+    for `_first_bound`: the same first hit, without a dict per packet."""
+    out = []
+    for varying, entry in entries:
+        ports = {"l4_src_port": (0, MAX_PORT), "l4_dst_port": (0, MAX_PORT)}
+        mask = value = 0
+        for m in varying:
+            if m.field == "tcp_flags" and m.kind == "ternary":
+                mask, value = m.arg, m.value & m.arg
+                continue
+            spans = _match_intervals(m, 16) if m.field in ports else []
+            if len(spans) != 1:
+                return None
+            ports[m.field] = spans[0]
+        (slo, shi), (dlo, dhi) = ports["l4_src_port"], ports["l4_dst_port"]
+        out.append((slo, shi, dlo, dhi, mask, value, entry))
+    return out
+
+
+def _first_bound(bounds: list[_Bounds], sport: int, dport: int, flags: int) -> TableEntry | None:
+    for slo, shi, dlo, dhi, mask, value, entry in bounds:
+        if slo <= sport <= shi and dlo <= dport <= dhi and flags & mask == value:
+            return entry
+    return None
 
 
 def _first_hit(
@@ -287,7 +319,7 @@ class Verifier:
             tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
-        self._from_group: dict[tuple[str, int], list[TableEntry]] = {}
+        self._from_group: dict[str, _AddressIndex] = {}  # policy entries by source group
         self._policy: dict[tuple[str, int, int, int, int], _Judged] = {}
         self._by_source: dict[
             tuple[str, int, int, int], tuple[list[int], list[_Judged | None], list[_Candidate]]
@@ -402,16 +434,19 @@ class Verifier:
 
     def _policy_from(self, switch: str, src_group: int) -> list[TableEntry]:
         """The policy entries of a switch that can match a source group (in table order)."""
-        key = (switch, src_group)
-        found = self._from_group.get(key)
-        if found is None:
-            found = [
-                e
-                for e in self.fabric.switches[switch].by_table.get("policy", [])
-                if (m := e.match("src_group")) is None or m.covers(src_group)
-            ]
-            self._from_group[key] = found
-        return found
+        index = self._from_group.get(switch)
+        if index is None:
+            entries = self.fabric.switches[switch].by_table.get("policy", [])
+            width = _WIDTH["src_group"]
+            cuts: set[int] = set()
+            for e in entries:
+                m = e.match("src_group")
+                if m is not None and len(spans := _match_intervals(m, width)) <= 4096:
+                    cuts |= _cuts(spans, (1 << width) - 1)
+            starts = [lo for lo, _hi in _classes(cuts, (1 << width) - 1)]
+            index = self._from_group[switch] = _AddressIndex(entries, "src_group", starts, width)
+        found = index.buckets[bisect.bisect_right(index.starts, src_group) - 1]
+        return [e for e in found if (m := e.match("src_group")) is None or m.covers(src_group)]
 
     def _policy_entries(
         self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
@@ -500,6 +535,7 @@ class Verifier:
             }
         )
         atom_of = self.sem.addresses.atom_of
+        protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
         dst_atoms = [atom_of(lo) for lo, _hi in classes]
         for sender in self.inventory.hosts:
             src_atom = atom_of(sender.ip)
@@ -509,8 +545,9 @@ class Verifier:
                 if target is not None and target.name == sender.name:
                     continue
                 from_d, to_d = self._rule_set(dst_atom)
-                rules = (from_s & to_d, from_d & to_s)  # the rules of its flows, each way
-                for proto in protocols:
+                forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
+                for proto, of_proto in protocols_rules:
+                    rules = (forward & of_proto, reverse & of_proto)
                     if not self._proven(sender, lo, target, proto, rules, src_atom, result):
                         self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
@@ -592,15 +629,18 @@ class Verifier:
         found = self._hop_checks.get(key)
         if found is not None:
             return found
+        if not judge and entries and not entries[0][0] and _passes(entries[0][1]):
+            found = self._hop_checks[key] = (True, False, 0, 0)  # passes all: a spine
+            return found
         sem = self.sem
         name = sem.proto_class(proto)
         has_ports = proto in (PROTO_TCP, PROTO_UDP)
         flag_bits = TCP_ACK if proto == PROTO_TCP else 0
-        rule_ports = (
-            self._ports_of(rules[0] | rules[1], name) if has_ports or proto == PROTO_ICMP else []
-        )
-        sport_cuts = _cuts(rule_ports, MAX_PORT)
-        dport_cuts = set(sport_cuts)
+        ported = has_ports or proto == PROTO_ICMP
+        # The policy reads the destination port for a flow's own rules, the source port
+        # for the rules a reply answers (semantics.decide_atoms): each axis cut by its own.
+        sport_cuts = _cuts(self._ports_of(rules[1], name) if ported else [], MAX_PORT)
+        dport_cuts = _cuts(self._ports_of(rules[0], name) if ported else [], MAX_PORT)
         if proto == PROTO_ICMP:
             dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
         for varying, _entry in entries:
@@ -615,14 +655,18 @@ class Verifier:
         dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
         ok, allows, classes, metered = True, False, 0, 0
+        bounds = _bounds(entries)
         for sport, _s in sports:
             sport_atom = sem.ports.atom_of(sport if has_ports else EPHEMERAL_PORT)
             for dport, _d in dports:
                 dport_atom = sem.ports.atom_of(dport if has_ports else 0)
                 for flags in flag_values:
                     classes += 1
-                    values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
-                    entry = _first_hit(entries, values)
+                    if bounds is not None:
+                        entry = _first_bound(bounds, sport, dport, flags)
+                    else:
+                        values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
+                        entry = _first_hit(entries, values)
                     icmp = proto == PROTO_ICMP
                     decision = sem.decide_atoms(
                         src_atom,
