@@ -331,6 +331,8 @@ class Verifier:
         self._hop_checks: dict[tuple[object, ...], tuple[bool, bool, int, int]] = {}
         self._rule_sets: dict[int, tuple[int, int]] = {}  # atom -> (as source, as destination)
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        self._rule_ids: dict[tuple[int, int, int], int] = {}
+        self._decided: dict[tuple[int, int, int, int], Decision] = {}
 
     # -- address classes ---------------------------------------------------------------
 
@@ -656,6 +658,9 @@ class Verifier:
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
         ok, allows, classes, metered = True, False, 0, 0
         bounds = _bounds(entries)
+        # The policy's decisions depend on the flow's rules, not on the hop: shared by hops.
+        rules_id = self._rule_ids.setdefault((proto, *rules), len(self._rule_ids))
+        decided = self._decided
         for sport, _s in sports:
             sport_atom = sem.ports.atom_of(sport if has_ports else EPHEMERAL_PORT)
             for dport, _d in dports:
@@ -668,16 +673,19 @@ class Verifier:
                         values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
                         entry = _first_hit(entries, values)
                     icmp = proto == PROTO_ICMP
-                    decision = sem.decide_atoms(
-                        src_atom,
-                        dst_atom,
-                        name,
-                        sport_atom,
-                        dport_atom,
-                        ack=bool(flags & TCP_ACK),
-                        icmp_type=dport >> 8 if icmp else 8,
-                        icmp_code=dport & 0xFF if icmp else 0,
-                    )
+                    ask = (rules_id, sport_atom, dport if icmp else dport_atom, flags & TCP_ACK)
+                    decision = decided.get(ask)
+                    if decision is None:
+                        decision = decided[ask] = sem.decide_atoms(
+                            src_atom,
+                            dst_atom,
+                            name,
+                            sport_atom,
+                            dport_atom,
+                            ack=bool(flags & TCP_ACK),
+                            icmp_type=dport >> 8 if icmp else 8,
+                            icmp_code=dport & 0xFF if icmp else 0,
+                        )
                     if not decision.allowed:
                         ok = ok and not (judge and _passes(entry))
                         continue
