@@ -10,6 +10,17 @@ policy rules and of the `policy` entries that can match between that host and th
 destination on that path. Inside a class neither side can change its answer, so checking
 one packet per class is checking them all: the result is a proof, not a sample.
 
+The proof goes hop by hop, so that it scales: a triple (sender, destination class,
+protocol) is proven when routing takes it to its host (or nowhere), and each hop's `policy`
+decisions agree with the policy's — exactly on the ToRs that judge it (source, and the
+destination's ToR), at least wherever the policy allows on the others (spines) — for then
+the end-to-end verdict is the policy's too. A hop's decisions depend only on the `policy`
+entries its groups and protocol meet, and the policy's only on the rules of the flow (those
+matching it forward and those whose flows it answers), so each such check runs once and
+serves every triple that asks it again. A triple that fails it, or takes an unusual path
+(a loop, the wrong host, a drop before a policy table), is walked class by class as above,
+which finds and reports the same counterexamples as ever.
+
 Spoofing is checked apart: on every host port, every source address class other than the
 host's own must be refused by `src_identity` (a miss or an explicit drop).
 
@@ -320,7 +331,6 @@ class Verifier:
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
         self._from_group: dict[str, _AddressIndex] = {}  # policy entries by source group
-        self._policy: dict[tuple[str, int, int, int, int], _Judged] = {}
         self._by_source: dict[
             tuple[str, int, int, int], tuple[list[int], list[_Judged | None], list[_Candidate]]
         ] = {}
@@ -328,7 +338,7 @@ class Verifier:
         self._starts: list[int] | None = None  # address classes' first addresses
         self._indexes: dict[tuple[str, str], _AddressIndex] = {}
         self._src_groups: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
-        self._hop_checks: dict[tuple[object, ...], tuple[bool, bool, int, int]] = {}
+        self._hop_checks: dict[tuple[int, bool, int], tuple[bool, bool, int, int]] = {}
         self._rule_sets: dict[int, tuple[int, int]] = {}  # atom -> (as source, as destination)
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._rule_ids: dict[tuple[int, int, int], int] = {}
@@ -454,7 +464,8 @@ class Verifier:
         self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
     ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
         """The policy entries that can match these groups and protocol, by priority, with
-        the matches left to decide (ports, flags); cached per switch and groups."""
+        the matches left to decide (ports, flags); cached per switch, source group and
+        class of destination groups."""
         return self._judged(switch, epoch, src_group, dst_group, proto)[1]
 
     def _judged(
@@ -462,11 +473,10 @@ class Verifier:
     ) -> tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]:
         """`_policy_entries` with a number naming that list of entries: groups whose packets
         meet the same entries are judged alike, so one check serves them all."""
-        key = (switch, epoch, src_group, dst_group, proto)
-        cached = self._policy.get(key)
-        if cached is not None:
-            return cached
-        starts, lists, candidates = self._from_source(switch, epoch, src_group, proto)
+        by_source = self._by_source.get((switch, epoch, src_group, proto))
+        if by_source is None:
+            by_source = self._from_source(switch, epoch, src_group, proto)
+        starts, lists, candidates = by_source
         slot = bisect.bisect_right(starts, dst_group) - 1 if starts else -1
         found = lists[slot] if slot >= 0 else None
         if found is None:
@@ -475,7 +485,6 @@ class Verifier:
             found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
             if slot >= 0:
                 lists[slot] = found
-        self._policy[key] = found
         return found
 
     def _from_source(
@@ -548,10 +557,9 @@ class Verifier:
                     continue
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
-                for proto, of_proto in protocols_rules:
-                    rules = (forward & of_proto, reverse & of_proto)
-                    if not self._proven(sender, lo, target, proto, rules, src_atom, result):
-                        self._check(sender, lo, target, proto, result)
+                flows = (forward, reverse, src_atom, dst_atom)
+                for proto in self._unproven(sender, lo, target, flows, protocols_rules, result):
+                    self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
 
@@ -564,53 +572,65 @@ class Verifier:
             self._rule_sets[atom] = found
         return found
 
-    def _proven(
+    def _unproven(
         self,
         sender: Host,
         dst: int,
         target: Host | None,
-        proto: int,
-        rules: tuple[int, int],
-        src_atom: int,
+        flows: tuple[int, int, int, int],
+        protocols: list[tuple[int, int]],
         result: VerifyResult,
-    ) -> bool:
-        """The fast proof of one (sender, destination class, protocol), hop by hop: routing
-        delivers to the target (or nowhere), and each hop's policy decisions, checked once
-        per (switch, groups, protocol, rules of the flow), agree with the policy: exactly on
-        the ToRs that judge (meters included), at least where it allows elsewhere. Then the
-        end-to-end verdict is the policy's. False: a difference or an unusual path, for
-        `_check` to walk class by class and report."""
+    ) -> list[int]:
+        """The fast proof for one sender and destination class, hop by hop: routing delivers
+        to the target (or nowhere), and per protocol each hop's policy decisions, checked
+        once per (entries met, rules of the flow), agree with the policy: exactly on the ToRs
+        that judge (meters included), at least where it allows elsewhere. Then the end-to-end
+        verdict is the policy's. Returns the protocols not proven so (a difference or an
+        unusual path), for `_check` to walk class by class and report.
+        `flows`: the rules matching its flows forward and back, the address atoms."""
+        everything = [proto for proto, _rules in protocols]
         route = self._route(sender, dst)
         last = route[-1]
         if last[4]:
-            return False  # a loop
+            return everything  # a loop
         egress = last[3]
         end_host = self.fabric.host_at.get((last[0], egress)) if egress is not None else None
         complete = all(hop[2] is not None for hop in route)
         if target is None:
             if end_host is None or not complete:
-                result.classes += 1  # nowhere to deliver: nothing a policy could contradict
-                return True
-            return False
+                result.classes += len(protocols)  # nowhere to deliver: nothing to contradict
+                return []
+            return everything
         if not complete or (end_host is not None and end_host != target.name):
-            return False
+            return everything
         judge_last = last[0] == target.switch and len(route) > 1
-        dst_atom = self.sem.addresses.atom_of(dst)
-        first: tuple[bool, bool, int, int] | None = None
-        for index, (switch, _port, groups, _egress, _loop) in enumerate(route):
-            assert groups is not None
-            judge = index == 0 or (judge_last and index == len(route) - 1)
-            check = self._hop_check(switch, groups, judge, proto, rules, src_atom, dst_atom)
-            if not check[0]:
-                return False
-            first = first or check
-        assert first is not None
-        _ok, allows, classes, metered = first
-        if end_host is None and allows:
-            return False  # allowed but not routed: `_check` reports it
-        result.classes += classes
-        result.metered_classes += metered
-        return True
+        forward, reverse, src_atom, dst_atom = flows
+        rule_ids = self._rule_ids
+        out = []
+        for proto, of_proto in protocols:
+            rules = (forward & of_proto, reverse & of_proto)
+            rules_id = rule_ids.setdefault((proto, *rules), len(rule_ids))
+            first: tuple[bool, bool, int, int] | None = None
+            for index, (switch, _port, groups, _egress, _loop) in enumerate(route):
+                assert groups is not None
+                judge = index == 0 or (judge_last and index == len(route) - 1)
+                check = self._hop_check(
+                    switch, groups, judge, proto, rules, rules_id, src_atom, dst_atom
+                )
+                if not check[0]:
+                    break
+                first = first or check
+            else:
+                assert first is not None
+                _ok, allows, classes, metered = first
+                if end_host is None and allows:
+                    out.append(proto)  # allowed but not routed: `_check` reports it
+                    continue
+                result.classes += classes
+                result.metered_classes += metered
+                continue
+            out.append(proto)
+        return out
 
     def _hop_check(
         self,
@@ -619,6 +639,7 @@ class Verifier:
         judge: bool,
         proto: int,
         rules: tuple[int, int],
+        rules_id: int,
         src_atom: int,
         dst_atom: int,
     ) -> tuple[bool, bool, int, int]:
@@ -627,7 +648,7 @@ class Verifier:
         whose flows the `rules` (forward, reverse) match: the policy decides every such
         packet alike whatever its addresses, so the atoms given stand for all of them."""
         ident, entries = self._judged(switch, *groups, proto)
-        key = (ident, judge, proto, rules)
+        key = (ident, judge, rules_id)
         found = self._hop_checks.get(key)
         if found is not None:
             return found
@@ -659,7 +680,6 @@ class Verifier:
         ok, allows, classes, metered = True, False, 0, 0
         bounds = _bounds(entries)
         # The policy's decisions depend on the flow's rules, not on the hop: shared by hops.
-        rules_id = self._rule_ids.setdefault((proto, *rules), len(self._rule_ids))
         decided = self._decided
         for sport, _s in sports:
             sport_atom = sem.ports.atom_of(sport if has_ports else EPHEMERAL_PORT)
