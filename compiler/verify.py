@@ -386,10 +386,11 @@ class Verifier:
         return hops
 
     def _route(
-        self, sender: Host, dst: int
+        self, sender: Host, dst: int, keep: bool = True
     ) -> list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]:
         """(switch, ingress port, (epoch, src group, dst group) or None if src_identity drops
-        it, egress port, loops here) per hop; the same for every protocol, so cached."""
+        it, egress port, loops here) per hop; the same for every protocol, so cached unless
+        `keep` is False (the fast proof asks once per pair: keeping them all costs memory)."""
         key = (sender.name, dst)
         cached = self._routes.get(key)
         if cached is not None:
@@ -415,7 +416,8 @@ class Verifier:
             if (switch, egress) not in self.fabric.peer:
                 break
             switch, port = self.fabric.peer[(switch, egress)]
-        self._routes[key] = hops
+        if keep:
+            self._routes[key] = hops
         return hops
 
     def _lookup(self, switch: str, table: str, epoch: int, dst: int) -> int | None:
@@ -589,7 +591,7 @@ class Verifier:
         unusual path), for `_check` to walk class by class and report.
         `flows`: the rules matching its flows forward and back, the address atoms."""
         everything = [proto for proto, _rules in protocols]
-        route = self._route(sender, dst)
+        route = self._route(sender, dst, keep=False)
         last = route[-1]
         if last[4]:
             return everything  # a loop
