@@ -67,7 +67,7 @@ _GROUP_FIELDS = ("epoch", "src_group", "dst_group", "protocol")  # fixed by a pa
 _PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
 MAX_GROUP = (1 << _WIDTH["dst_group"]) - 1
-_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None]
+_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, int, int]
 _Judged = tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]
 
 
@@ -482,7 +482,11 @@ class Verifier:
         slot = bisect.bisect_right(starts, dst_group) - 1 if starts else -1
         found = lists[slot] if slot >= 0 else None
         if found is None:
-            entries = [(v, e) for v, e, m in candidates if m is None or m.covers(dst_group)]
+            entries = [
+                (v, e)
+                for v, e, m, first, last in candidates
+                if (first <= slot <= last if first >= 0 else m is None or m.covers(dst_group))
+            ]
             ident = tuple(id(e) for _v, e in entries)
             found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
             if slot >= 0:
@@ -500,18 +504,31 @@ class Verifier:
         if found is not None:
             return found
         fixed = {"epoch": epoch, "src_group": src_group, "protocol": proto}
-        candidates: list[_Candidate] = []
+        matching: list[
+            tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, list[tuple[int, int]]]
+        ] = []
         cuts: set[int] | None = set()
         for entry in self._policy_from(switch, src_group):
             if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
                 varying = tuple(m for m in entry.matches if m.field not in _GROUP_FIELDS)
                 dst = entry.match("dst_group")
-                candidates.append((varying, entry, dst))
-                if dst is not None and cuts is not None:
-                    spans = _match_intervals(dst, _WIDTH["dst_group"])
+                spans = [] if dst is None else _match_intervals(dst, _WIDTH["dst_group"])
+                matching.append((varying, entry, dst, spans))
+                if cuts is not None:
                     cuts = cuts | _cuts(spans, MAX_GROUP) if len(spans) <= 4096 else None
-        candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
+        matching.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
         starts = [] if cuts is None else [lo for lo, _hi in _classes(cuts, MAX_GROUP)]
+        # Each candidate's classes of destination groups as one slot range where it is one
+        # interval (first < 0: test its match instead).
+        candidates: list[_Candidate] = []
+        for varying, entry, dst, spans in matching:
+            first, last = -1, -1
+            if starts and dst is None:
+                first, last = 0, len(starts) - 1
+            elif starts and len(spans) == 1:
+                first = bisect.bisect_right(starts, spans[0][0]) - 1
+                last = bisect.bisect_right(starts, spans[0][1]) - 1
+            candidates.append((varying, entry, dst, first, last))
         lists: list[_Judged | None] = [None] * len(starts)
         found = self._by_source[key] = (starts, lists, candidates)
         return found
