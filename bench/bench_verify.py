@@ -17,18 +17,25 @@ from pathlib import Path
 from bench.gen_policy import generate
 from compiler.check import check_policy
 from compiler.emit import build
+from compiler.fit import CapacityError
 from compiler.inventory import Inventory, load_inventory, parse_inventory
 from compiler.verify import verify
 
 TARGET_S = 10.0
+BIG_POLICY_TABLE = 65_536
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(name: str, policy_text: str, inventory: Inventory) -> None:
     checked = check_policy(policy_text, "policy.zt", inventory, expectations=False)
     assert checked.policy is not None, checked.diagnostics
+    sizes = None
+    try:
+        build(checked.policy, inventory, policy_text, "ref")
+    except CapacityError:  # the 10k floor's busiest ToRs: a larger policy table, as --size
+        sizes = {"policy": BIG_POLICY_TABLE}
     start = time.perf_counter()
-    built = build(checked.policy, inventory, policy_text, "ref")
+    built = build(checked.policy, inventory, policy_text, "ref", sizes)
     t_build = time.perf_counter() - start
     result = verify(checked.policy, inventory, {s.switch: s for s in built.switches})
     verdict = "proven" if result.proven else f"{len(result.counterexamples)} counterexamples"
@@ -47,6 +54,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="the trading floor and 100 rules only")
+    p.add_argument(
+        "--floor",
+        metavar="RULES,SERVICES,HOSTS,TORS",
+        action="append",
+        help="generated floors to run instead of the default ones (repeatable)",
+    )
     args = p.parse_args()
     floor, _ = load_inventory(str(ROOT / "topologies" / "trading_floor.yaml"))
     run("trading floor", (ROOT / "policies" / "trading_floor.zt").read_text(), floor)
@@ -55,6 +68,11 @@ def main() -> None:
         if args.quick
         else [(100, 50, 100, 8), (1_000, 200, 300, 16), (10_000, 1_000, 1_000, 48)]
     )
+    if args.floor:
+        sizes = []
+        for f in args.floor:
+            rules, services, hosts, tors = (int(x) for x in f.split(","))
+            sizes.append((rules, services, hosts, tors))
     for rules, services, hosts, tors in sizes:
         g = generate(rules=rules, services=services, hosts=hosts, tors=tors)
         run(f"generated {rules} rules", g.policy, parse_inventory(g.inventory, "inventory.yaml"))

@@ -10,6 +10,17 @@ policy rules and of the `policy` entries that can match between that host and th
 destination on that path. Inside a class neither side can change its answer, so checking
 one packet per class is checking them all: the result is a proof, not a sample.
 
+The proof goes hop by hop, so that it scales: a triple (sender, destination class,
+protocol) is proven when routing takes it to its host (or nowhere), and each hop's `policy`
+decisions agree with the policy's — exactly on the ToRs that judge it (source, and the
+destination's ToR), at least wherever the policy allows on the others (spines) — for then
+the end-to-end verdict is the policy's too. A hop's decisions depend only on the `policy`
+entries its groups and protocol meet, and the policy's only on the rules of the flow (those
+matching it forward and those whose flows it answers), so each such check runs once and
+serves every triple that asks it again. A triple that fails it, or takes an unusual path
+(a loop, the wrong host, a drop before a policy table), is walked class by class as above,
+which finds and reports the same counterexamples as ever.
+
 Spoofing is checked apart: on every host port, every source address class other than the
 host's own must be refused by `src_identity` (a miss or an explicit drop).
 
@@ -27,6 +38,7 @@ counterexample. What the meter then does with real packets is the data plane's p
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,12 +56,16 @@ from compiler.evaluate import (
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
 from compiler.protocols import MAX_PORT, OTHER_PROTOCOL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK
-from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, protocol_of
+from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, bits, protocol_of
 from p4src.spec import PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
+_GROUP_FIELDS = ("epoch", "src_group", "dst_group", "protocol")  # fixed by a packet's hop
 _PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
+MAX_GROUP = (1 << _WIDTH["dst_group"]) - 1
+_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, int, int]
+_Judged = tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +196,32 @@ def _match_intervals(m: FieldMatch, bits: int) -> list[tuple[int, int]]:
     return out
 
 
+class _AddressIndex:
+    """One table's entries bucketed by the address classes (cut at every table prefix) their
+    `field` can match, in table order: a lookup scans one bucket, not the table, and finds
+    the same winner (every other entry misses the address)."""
+
+    def __init__(
+        self, entries: list[TableEntry], field: str, starts: list[int], width: int = 32
+    ) -> None:
+        self.starts = starts
+        self.buckets: list[list[TableEntry]] = [[] for _ in starts]
+        for entry in entries:
+            m = entry.match(field)
+            spans = _match_intervals(m, width) if m is not None else []
+            if m is None or len(spans) > 4096:  # unbounded: a candidate everywhere
+                for bucket in self.buckets:
+                    bucket.append(entry)
+                continue
+            for lo, hi in spans:
+                first = bisect.bisect_right(starts, lo) - 1
+                for k in range(first, bisect.bisect_right(starts, hi)):
+                    self.buckets[k].append(entry)
+
+    def lookup(self, address: int, values: dict[str, int]) -> TableEntry | None:
+        return lookup(self.buckets[bisect.bisect_right(self.starts, address) - 1], values)
+
+
 @dataclass(frozen=True, slots=True)
 class _Hop:
     switch: str
@@ -192,9 +234,44 @@ class _Hop:
 def _deciding(hop: _Hop, values: dict[str, int]) -> TableEntry | None:
     """The `policy` entry of `hop` a packet with these port/flag values hits (None: the
     table's default, deny, or src_identity already dropped it)."""
-    if hop.entries is None:
-        return None
-    for varying, entry in hop.entries:
+    return None if hop.entries is None else _first_hit(hop.entries, values)
+
+
+_Bounds = tuple[int, int, int, int, int, int, TableEntry]  # sport, dport, flags mask/value
+
+
+def _bounds(entries: list[tuple[tuple[FieldMatch, ...], TableEntry]]) -> list[_Bounds] | None:
+    """The port and flag matches of `entries` as plain bounds (None if one is no interval),
+    for `_first_bound`: the same first hit, without a dict per packet."""
+    out = []
+    for varying, entry in entries:
+        ports = {"l4_src_port": (0, MAX_PORT), "l4_dst_port": (0, MAX_PORT)}
+        mask = value = 0
+        for m in varying:
+            if m.field == "tcp_flags" and m.kind == "ternary":
+                mask, value = m.arg, m.value & m.arg
+                continue
+            spans = _match_intervals(m, 16) if m.field in ports else []
+            if len(spans) != 1:
+                return None
+            ports[m.field] = spans[0]
+        (slo, shi), (dlo, dhi) = ports["l4_src_port"], ports["l4_dst_port"]
+        out.append((slo, shi, dlo, dhi, mask, value, entry))
+    return out
+
+
+def _first_bound(bounds: list[_Bounds], sport: int, dport: int, flags: int) -> TableEntry | None:
+    for slo, shi, dlo, dhi, mask, value, entry in bounds:
+        if slo <= sport <= shi and dlo <= dport <= dhi and flags & mask == value:
+            return entry
+    return None
+
+
+def _first_hit(
+    entries: list[tuple[tuple[FieldMatch, ...], TableEntry]], values: dict[str, int]
+) -> TableEntry | None:
+    """The first of `entries` (by priority) whose remaining matches cover `values`."""
+    for varying, entry in entries:
         if all(m.covers(values[m.field]) for m in varying):
             return entry
     return None
@@ -250,10 +327,19 @@ class Verifier:
             tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
-        self._from_group: dict[tuple[str, int], list[TableEntry]] = {}
-        self._policy: dict[
-            tuple[str, int, int, int, int], list[tuple[tuple[FieldMatch, ...], TableEntry]]
+        self._from_group: dict[str, _AddressIndex] = {}  # policy entries by source group
+        self._by_source: dict[
+            tuple[str, int, int, int], tuple[list[int], list[_Judged | None], list[_Candidate]]
         ] = {}
+        self._entry_sets: dict[tuple[int, ...], _Judged] = {}
+        self._starts: list[int] | None = None  # address classes' first addresses
+        self._indexes: dict[tuple[str, str], _AddressIndex] = {}
+        self._src_groups: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
+        self._hop_checks: dict[tuple[int, bool, int], tuple[bool, bool, int, int]] = {}
+        self._rule_sets: dict[int, tuple[int, int]] = {}  # atom -> (as source, as destination)
+        self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        self._rule_ids: dict[tuple[int, int, int], int] = {}
+        self._decided: dict[tuple[int, int, int, int], Decision] = {}
 
     # -- address classes ---------------------------------------------------------------
 
@@ -268,7 +354,21 @@ class Verifier:
                 for m in entry.matches:
                     if m.field in ("src_addr", "dst_addr"):
                         cuts |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
-        return _classes(cuts, MAX_ADDRESS)
+        classes = _classes(cuts, MAX_ADDRESS)
+        self._starts = [lo for lo, _hi in classes]
+        return classes
+
+    def _index(self, switch: str, table: str, field: str) -> _AddressIndex:
+        """`table` of `switch` bucketed by address class of `field`, built on first use."""
+        key = (switch, table)
+        found = self._indexes.get(key)
+        if found is None:
+            if self._starts is None:
+                self.address_classes()
+            assert self._starts is not None
+            entries = self.fabric.switches[switch].by_table.get(table, [])
+            found = self._indexes[key] = _AddressIndex(entries, field, self._starts)
+        return found
 
     # -- the path a destination's packets take, and what each hop can decide -------------
 
@@ -283,10 +383,11 @@ class Verifier:
         return hops
 
     def _route(
-        self, sender: Host, dst: int
+        self, sender: Host, dst: int, keep: bool = True
     ) -> list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]:
         """(switch, ingress port, (epoch, src group, dst group) or None if src_identity drops
-        it, egress port, loops here) per hop; the same for every protocol, so cached."""
+        it, egress port, loops here) per hop; the same for every protocol, so cached unless
+        `keep` is False (the fast proof asks once per pair: keeping them all costs memory)."""
         key = (sender.name, dst)
         cached = self._routes.get(key)
         if cached is not None:
@@ -299,14 +400,12 @@ class Verifier:
                 hops.append((switch, port, None, None, True))
                 break
             seen.add((switch, port))
-            sw = self.fabric.switches[switch]
             epoch = self._epoch[switch]
-            values = {"epoch": epoch, "ingress_port": port, "src_addr": sender.ip, "dst_addr": dst}
-            src_hit = lookup(sw.by_table.get("src_identity", []), values)
+            src_group = self._src_group(switch, epoch, port, sender.ip)
             groups = None
-            if src_hit is not None and src_hit.action == "set_src_group":
+            if src_group is not None:
                 dst_group = self._lookup(switch, "dst_identity", epoch, dst) or 0
-                groups = (epoch, dict(src_hit.params)["group"], dst_group)
+                groups = (epoch, src_group, dst_group)
             egress = self._lookup(switch, "routing", epoch, dst)
             hops.append((switch, port, groups, egress, False))
             if egress is None or (switch, egress) in self.fabric.host_at:
@@ -314,15 +413,17 @@ class Verifier:
             if (switch, egress) not in self.fabric.peer:
                 break
             switch, port = self.fabric.peer[(switch, egress)]
-        self._routes[key] = hops
+        if keep:
+            self._routes[key] = hops
         return hops
 
     def _lookup(self, switch: str, table: str, epoch: int, dst: int) -> int | None:
         """dst_identity's group (0 on a miss) or routing's egress port (None), cached."""
         key = (switch, table, dst)
         if key not in self._by_dst:
-            sw = self.fabric.switches[switch]
-            hit = lookup(sw.by_table.get(table, []), {"epoch": epoch, "dst_addr": dst})
+            hit = self._index(switch, table, "dst_addr").lookup(
+                dst, {"epoch": epoch, "dst_addr": dst}
+            )
             if table == "dst_identity":
                 self._by_dst[key] = dict(hit.params)["group"] if hit else 0
             else:
@@ -331,36 +432,103 @@ class Verifier:
                 )
         return self._by_dst[key]
 
+    def _src_group(self, switch: str, epoch: int, port: int, src: int) -> int | None:
+        """src_identity's group for a source on an ingress port (None: dropped), cached."""
+        key = (switch, port, src)
+        found = self._src_groups.get(key)
+        if found is None:
+            values = {"epoch": epoch, "ingress_port": port, "src_addr": src}
+            hit = self._index(switch, "src_identity", "src_addr").lookup(src, values)
+            group = dict(hit.params)["group"] if hit and hit.action == "set_src_group" else -1
+            found = self._src_groups[key] = (group, hit)
+        return None if found[0] < 0 else found[0]
+
     def _policy_from(self, switch: str, src_group: int) -> list[TableEntry]:
         """The policy entries of a switch that can match a source group (in table order)."""
-        key = (switch, src_group)
-        found = self._from_group.get(key)
-        if found is None:
-            found = [
-                e
-                for e in self.fabric.switches[switch].by_table.get("policy", [])
-                if (m := e.match("src_group")) is None or m.covers(src_group)
-            ]
-            self._from_group[key] = found
-        return found
+        index = self._from_group.get(switch)
+        if index is None:
+            entries = self.fabric.switches[switch].by_table.get("policy", [])
+            width = _WIDTH["src_group"]
+            cuts: set[int] = set()
+            for e in entries:
+                m = e.match("src_group")
+                if m is not None and len(spans := _match_intervals(m, width)) <= 4096:
+                    cuts |= _cuts(spans, (1 << width) - 1)
+            starts = [lo for lo, _hi in _classes(cuts, (1 << width) - 1)]
+            index = self._from_group[switch] = _AddressIndex(entries, "src_group", starts, width)
+        found = index.buckets[bisect.bisect_right(index.starts, src_group) - 1]
+        return [e for e in found if (m := e.match("src_group")) is None or m.covers(src_group)]
 
     def _policy_entries(
         self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
     ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
         """The policy entries that can match these groups and protocol, by priority, with
-        the matches left to decide (ports, flags); cached per switch and groups."""
-        key = (switch, epoch, src_group, dst_group, proto)
-        cached = self._policy.get(key)
-        if cached is not None:
-            return cached
-        values = {"epoch": epoch, "src_group": src_group, "dst_group": dst_group, "protocol": proto}
-        entries = []
+        the matches left to decide (ports, flags); cached per switch, source group and
+        class of destination groups."""
+        return self._judged(switch, epoch, src_group, dst_group, proto)[1]
+
+    def _judged(
+        self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
+    ) -> tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]:
+        """`_policy_entries` with a number naming that list of entries: groups whose packets
+        meet the same entries are judged alike, so one check serves them all."""
+        by_source = self._by_source.get((switch, epoch, src_group, proto))
+        if by_source is None:
+            by_source = self._from_source(switch, epoch, src_group, proto)
+        starts, lists, candidates = by_source
+        slot = bisect.bisect_right(starts, dst_group) - 1 if starts else -1
+        found = lists[slot] if slot >= 0 else None
+        if found is None:
+            entries = [
+                (v, e)
+                for v, e, m, first, last in candidates
+                if (first <= slot <= last if first >= 0 else m is None or m.covers(dst_group))
+            ]
+            ident = tuple(id(e) for _v, e in entries)
+            found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
+            if slot >= 0:
+                lists[slot] = found
+        return found
+
+    def _from_source(
+        self, switch: str, epoch: int, src_group: int, proto: int
+    ) -> tuple[list[int], list[_Judged | None], list[_Candidate]]:
+        """The policy entries that can match a source group and protocol, by priority, with
+        their dst_group match, and the dst_group values where that set can change (empty:
+        too fragmented to cut; filter per group)."""
+        key = (switch, epoch, src_group, proto)
+        found = self._by_source.get(key)
+        if found is not None:
+            return found
+        fixed = {"epoch": epoch, "src_group": src_group, "protocol": proto}
+        matching: list[
+            tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, list[tuple[int, int]]]
+        ] = []
+        cuts: set[int] | None = set()
         for entry in self._policy_from(switch, src_group):
-            if all(m.covers(values[m.field]) for m in entry.matches if m.field in values):
-                entries.append((tuple(m for m in entry.matches if m.field not in values), entry))
-        entries.sort(key=lambda pair: -pair[1].priority)  # stable: ties keep table order
-        self._policy[key] = entries
-        return entries
+            if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
+                varying = tuple(m for m in entry.matches if m.field not in _GROUP_FIELDS)
+                dst = entry.match("dst_group")
+                spans = [] if dst is None else _match_intervals(dst, _WIDTH["dst_group"])
+                matching.append((varying, entry, dst, spans))
+                if cuts is not None:
+                    cuts = cuts | _cuts(spans, MAX_GROUP) if len(spans) <= 4096 else None
+        matching.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
+        starts = [] if cuts is None else [lo for lo, _hi in _classes(cuts, MAX_GROUP)]
+        # Each candidate's classes of destination groups as one slot range where it is one
+        # interval (first < 0: test its match instead).
+        candidates: list[_Candidate] = []
+        for varying, entry, dst, spans in matching:
+            first, last = -1, -1
+            if starts and dst is None:
+                first, last = 0, len(starts) - 1
+            elif starts and len(spans) == 1:
+                first = bisect.bisect_right(starts, spans[0][0]) - 1
+                last = bisect.bisect_right(starts, spans[0][1]) - 1
+            candidates.append((varying, entry, dst, first, last))
+        lists: list[_Judged | None] = [None] * len(starts)
+        found = self._by_source[key] = (starts, lists, candidates)
+        return found
 
     def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = [(EPHEMERAL_PORT, EPHEMERAL_PORT)]
@@ -393,15 +561,194 @@ class Verifier:
                 if m.field == "protocol" and m.kind == "ternary" and m.arg == 0xFF
             }
         )
+        atom_of = self.sem.addresses.atom_of
+        protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
+        dst_atoms = [atom_of(lo) for lo, _hi in classes]
         for sender in self.inventory.hosts:
-            for lo, _hi in classes:
+            src_atom = atom_of(sender.ip)
+            from_s, to_s = self._rule_set(src_atom)
+            for (lo, _hi), dst_atom in zip(classes, dst_atoms, strict=True):
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
                     continue
-                for proto in protocols:
+                from_d, to_d = self._rule_set(dst_atom)
+                forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
+                flows = (forward, reverse, src_atom, dst_atom)
+                for proto in self._unproven(sender, lo, target, flows, protocols_rules, result):
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
+
+    def _rule_set(self, atom: int) -> tuple[int, int]:
+        """The rules an address atom is a source of, and a destination of (as bit masks)."""
+        found = self._rule_sets.get(atom)
+        if found is None:
+            sem = self.sem
+            found = (sem.src_index[atom] | sem.src_any, sem.dst_index[atom] | sem.dst_any)
+            self._rule_sets[atom] = found
+        return found
+
+    def _unproven(
+        self,
+        sender: Host,
+        dst: int,
+        target: Host | None,
+        flows: tuple[int, int, int, int],
+        protocols: list[tuple[int, int]],
+        result: VerifyResult,
+    ) -> list[int]:
+        """The fast proof for one sender and destination class, hop by hop: routing delivers
+        to the target (or nowhere), and per protocol each hop's policy decisions, checked
+        once per (entries met, rules of the flow), agree with the policy: exactly on the ToRs
+        that judge (meters included), at least where it allows elsewhere. Then the end-to-end
+        verdict is the policy's. Returns the protocols not proven so (a difference or an
+        unusual path), for `_check` to walk class by class and report.
+        `flows`: the rules matching its flows forward and back, the address atoms."""
+        everything = [proto for proto, _rules in protocols]
+        route = self._route(sender, dst, keep=False)
+        last = route[-1]
+        if last[4]:
+            return everything  # a loop
+        egress = last[3]
+        end_host = self.fabric.host_at.get((last[0], egress)) if egress is not None else None
+        complete = all(hop[2] is not None for hop in route)
+        if target is None:
+            if end_host is None or not complete:
+                result.classes += len(protocols)  # nowhere to deliver: nothing to contradict
+                return []
+            return everything
+        if not complete or (end_host is not None and end_host != target.name):
+            return everything
+        judge_last = last[0] == target.switch and len(route) > 1
+        forward, reverse, src_atom, dst_atom = flows
+        rule_ids = self._rule_ids
+        out = []
+        for proto, of_proto in protocols:
+            rules = (forward & of_proto, reverse & of_proto)
+            rules_id = rule_ids.setdefault((proto, *rules), len(rule_ids))
+            first: tuple[bool, bool, int, int] | None = None
+            for index, (switch, _port, groups, _egress, _loop) in enumerate(route):
+                assert groups is not None
+                judge = index == 0 or (judge_last and index == len(route) - 1)
+                check = self._hop_check(
+                    switch, groups, judge, proto, rules, rules_id, src_atom, dst_atom
+                )
+                if not check[0]:
+                    break
+                first = first or check
+            else:
+                assert first is not None
+                _ok, allows, classes, metered = first
+                if end_host is None and allows:
+                    out.append(proto)  # allowed but not routed: `_check` reports it
+                    continue
+                result.classes += classes
+                result.metered_classes += metered
+                continue
+            out.append(proto)
+        return out
+
+    def _hop_check(
+        self,
+        switch: str,
+        groups: tuple[int, int, int],
+        judge: bool,
+        proto: int,
+        rules: tuple[int, int],
+        rules_id: int,
+        src_atom: int,
+        dst_atom: int,
+    ) -> tuple[bool, bool, int, int]:
+        """(agrees, the policy allows some class, port/flag classes, metered allowed
+        classes) for one hop's `policy` decisions on packets of these groups and protocol
+        whose flows the `rules` (forward, reverse) match: the policy decides every such
+        packet alike whatever its addresses, so the atoms given stand for all of them."""
+        ident, entries = self._judged(switch, *groups, proto)
+        key = (ident, judge, rules_id)
+        found = self._hop_checks.get(key)
+        if found is not None:
+            return found
+        if not judge and entries and not entries[0][0] and _passes(entries[0][1]):
+            found = self._hop_checks[key] = (True, False, 0, 0)  # passes all: a spine
+            return found
+        sem = self.sem
+        name = sem.proto_class(proto)
+        has_ports = proto in (PROTO_TCP, PROTO_UDP)
+        flag_bits = TCP_ACK if proto == PROTO_TCP else 0
+        ported = has_ports or proto == PROTO_ICMP
+        # The policy reads the destination port for a flow's own rules, the source port
+        # for the rules a reply answers (semantics.decide_atoms): each axis cut by its own.
+        sport_cuts = _cuts(self._ports_of(rules[1], name) if ported else [], MAX_PORT)
+        dport_cuts = _cuts(self._ports_of(rules[0], name) if ported else [], MAX_PORT)
+        if proto == PROTO_ICMP:
+            dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
+        for varying, _entry in entries:
+            for m in varying:
+                if m.field == "l4_src_port":
+                    sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                elif m.field == "l4_dst_port":
+                    dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+                elif m.field == "tcp_flags" and proto == PROTO_TCP:
+                    flag_bits |= m.arg
+        sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
+        dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
+        flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
+        ok, allows, classes, metered = True, False, 0, 0
+        bounds = _bounds(entries)
+        # The policy's decisions depend on the flow's rules, not on the hop: shared by hops.
+        decided = self._decided
+        for sport, _s in sports:
+            sport_atom = sem.ports.atom_of(sport if has_ports else EPHEMERAL_PORT)
+            for dport, _d in dports:
+                dport_atom = sem.ports.atom_of(dport if has_ports else 0)
+                for flags in flag_values:
+                    classes += 1
+                    if bounds is not None:
+                        entry = _first_bound(bounds, sport, dport, flags)
+                    else:
+                        values = {"l4_src_port": sport, "l4_dst_port": dport, "tcp_flags": flags}
+                        entry = _first_hit(entries, values)
+                    icmp = proto == PROTO_ICMP
+                    ask = (rules_id, sport_atom, dport if icmp else dport_atom, flags & TCP_ACK)
+                    decision = decided.get(ask)
+                    if decision is None:
+                        decision = decided[ask] = sem.decide_atoms(
+                            src_atom,
+                            dst_atom,
+                            name,
+                            sport_atom,
+                            dport_atom,
+                            ack=bool(flags & TCP_ACK),
+                            icmp_type=dport >> 8 if icmp else 8,
+                            icmp_code=dport & 0xFF if icmp else 0,
+                        )
+                    if not decision.allowed:
+                        ok = ok and not (judge and _passes(entry))
+                        continue
+                    allows = True
+                    want = _meter_wanted(decision)
+                    metered += want is not None
+                    if not _passes(entry):
+                        ok = False
+                    elif judge:
+                        assert entry is not None
+                        ok = ok and _meter_applied(entry) == want
+        found = self._hop_checks[key] = (ok, allows, classes, metered)
+        return found
+
+    def _ports_of(self, rules: int, proto: str) -> list[tuple[int, int]]:
+        """The port ranges of `rules` (a bit mask) that apply to `proto`, and the client
+        port: where the policy's decisions on those flows can change."""
+        key = (rules, proto)
+        found = self._port_rules.get(key)
+        if found is None:
+            found = [(EPHEMERAL_PORT, EPHEMERAL_PORT)]
+            for i in bits(rules):
+                r = self.policy.rules[i]
+                if r.proto in (proto, "ip") and r.ports != ALL_PORTS:
+                    found += r.ports
+            self._port_rules[key] = found
+        return found
 
     def _check(
         self, sender: Host, dst: int, target: Host | None, proto: int, result: VerifyResult
@@ -555,14 +902,16 @@ class Verifier:
 
     def _spoofing(self, classes: list[tuple[int, int]], result: VerifyResult) -> None:
         for host in self.inventory.hosts:
-            sw = self.fabric.switches[host.switch]
+            index = self._index(host.switch, "src_identity", "src_addr")
+            epoch = self._epoch[host.switch]
             for lo, _hi in classes:
                 if lo == host.ip:
                     continue
                 result.spoof_classes += 1
                 pkt = PacketFields(lo, host.ip ^ 1, OTHER_PROTOCOL)
-                hit = evaluate(sw, host.port, pkt).hits[1]
-                if hit.entry is not None and hit.action != "drop":
+                values = {"epoch": epoch, "ingress_port": host.port, "src_addr": lo}
+                hit = index.lookup(lo, values)
+                if hit is not None and hit.action != "drop":
                     result.counterexamples.append(
                         Counterexample(
                             "spoof-accepted",
@@ -571,7 +920,7 @@ class Verifier:
                             None,
                             f"a packet on {host.name}'s port ({host.switch} port {host.port}) "
                             f"must carry {_ip(host.ip)}",
-                            f"{host.switch}: src_identity {_entry(hit.entry)} accepts {_ip(lo)}",
+                            f"{host.switch}: src_identity {_entry(hit)} accepts {_ip(lo)}",
                         )
                     )
 
