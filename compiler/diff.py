@@ -352,7 +352,7 @@ def _name(intervals: list[tuple[int, int]], hosts: dict[int, str]) -> str:
     return ", ".join(names)
 
 
-def _always_now(window: TimeWindow, moment: float) -> bool:
+def _always_open(window: TimeWindow, moment: float) -> bool:
     return True
 
 
@@ -363,14 +363,14 @@ def semantic_diff(
     old: Policy,
     new: Policy,
     inventory: Inventory,
-    window_open: WindowOpen = _always_now,
-    now: float = 0.0,
+    now: float | None = None,
 ) -> list[FlowChange]:
     """Every flow class whose profile differs between `old` and `new`, grouped for reading,
     then every host-pair packet class that differs where no flow change shows it.
 
-    `window_open` says whether a `during` window is open at a moment (runtime/live.py);
-    the default treats every window as always open (no time-bound rule ever lapses)."""
+    `now` (UNIX time) places the `during` windows (TimeWindow.active_at); without it every
+    window counts as always open (no time-bound rule ever lapses)."""
+    window_open: WindowOpen = _always_open if now is None else TimeWindow.active_at
     hosts = {h.ip: h.name for h in inventory.hosts}
     addr_sets = [s for p in (old, new) for r in p.rules for s in (r.src.intervals, r.dst.intervals)]
     all_rules = [r for p in (old, new) for r in p.rules]
@@ -382,7 +382,7 @@ def semantic_diff(
     ports = Partition(port_sets, MAX_PORT)
     icmp = Partition(icmp_sets, MAX_ICMP)
     classes = protocol_classes(old, new)
-    when = moments((old, new), window_open, now)
+    when = moments((old, new), window_open, 0.0 if now is None else now)
     judges = (_Judge(old, list(hosts), when), _Judge(new, list(hosts), when))
     rules = (old.rules, new.rules)
     addr_iv = _atom_intervals(addresses)

@@ -108,19 +108,10 @@ examples:
 
 
 def _moment_options(p: argparse.ArgumentParser) -> None:
-    from p4seg.commands import DEFAULT_STATE
+    from p4seg.commands import at_argument, state_argument
 
-    p.add_argument(
-        "--state",
-        metavar="DIR",
-        default=DEFAULT_STATE,
-        help=f"live state: grants, quarantines, `for` rules (default: {DEFAULT_STATE})",
-    )
-    p.add_argument(
-        "--at",
-        metavar="TIME",
-        help="judge by the effective policy at TIME (ISO 8601 with a zone, or `now`)",
-    )
+    state_argument(p)
+    at_argument(p)
 
 
 def _switch_options(p: argparse.ArgumentParser) -> None:
@@ -405,9 +396,8 @@ def cmd_diff(args: argparse.Namespace, checked: Checked) -> int:
     moment = _moment(args, "diff")
     if moment is None:
         return EXIT_ERROR
-    from runtime.live import window_open
 
-    changes = semantic_diff(old, new, inventory, window_open, moment)
+    changes = semantic_diff(old, new, inventory, moment)
     if args.output == "json":
         print(
             json.dumps({"same": not changes, "changes": [c.to_json() for c in changes]}, indent=2)

@@ -141,12 +141,13 @@ def add_controller_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human", help="stdout format")
 
 
-def _state_argument(p: argparse.ArgumentParser) -> None:
+def state_argument(p: argparse.ArgumentParser) -> None:
+    """--state DIR: the same on every verb that reads or keeps live state."""
     p.add_argument(
         "--state",
         metavar="DIR",
         default=DEFAULT_STATE,
-        help=f"live state, audit log and alerts (default: {DEFAULT_STATE})",
+        help=f"live state (grants, quarantines, `for` clocks), audit log, alerts (default: {DEFAULT_STATE})",
     )
 
 
@@ -163,11 +164,11 @@ def register(
         if with_policy:
             policy_arguments(p, True)
             add_controller_arguments(p)
-        _state_argument(p)
+        state_argument(p)
         return p
 
     pl = verb("plan", "show what apply would change on the switches", PLAN_HELP)
-    _at_argument(pl)
+    at_argument(pl)
     a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
     a.add_argument(
@@ -224,13 +225,14 @@ def register(
     al.add_argument("--rate", type=float, default=5.0, help="alerts/s per source (default: 5)")
     al.add_argument("--burst", type=int, default=20, help="burst per source (default: 20)")
 
-    _at_argument(verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP))
+    at_argument(verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP))
 
     au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
     au.add_argument("action", choices=("verify", "show"))
 
 
-def _at_argument(p: argparse.ArgumentParser) -> None:
+def at_argument(p: argparse.ArgumentParser) -> None:
+    """--at TIME: judge or plan the effective policy of another moment."""
     p.add_argument(
         "--at",
         metavar="TIME",

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.diagnostics import Span
-from compiler.model import Action, Policy, PolicyRule, TimeWindow
+from compiler.model import Action, Policy, PolicyRule
 
 STATE_FILE = "live.json"
 REMEDIATION = "remediation"  # the service a quarantined host may still reach
@@ -208,13 +207,6 @@ def parse_moment(text: str) -> float | str:
     if moment.tzinfo is None:
         return f"--at {text!r} has no zone: add one (Z, +01:00) so the moment is unambiguous"
     return moment.timestamp()
-
-
-def window_open(window: TimeWindow, now: float) -> bool:
-    """Whether a `during` window is open at `now` (as `in_force` judges a rule with it)."""
-    probe = PolicyRule(0, Action.ALLOW, _EMPTY, _EMPTY, "", "", "ip", (), False, False, None,
-                       None, window, Span("", 0, 0, 0, 0))  # fmt: skip
-    return in_force(probe, LiveState(), now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
 from compiler.semantics import Decision, PolicySemantics
 from compiler.verify import verify
-from runtime.live import LiveState, effective_policy, window_open
+from runtime.live import LiveState, effective_policy
 
 INVENTORY_TEXT = """\
 name: tiny
@@ -217,7 +217,7 @@ def test_diff_is_empty_exactly_when_the_switches_do_the_same(pair: tuple[str, st
         verify(new, INVENTORY, old_tables).proven and verify(old, INVENTORY, new_tables).proven
     )
     same = tables_alike and _alike_at_every_moment(old, new)
-    changes = [c for c in semantic_diff(old, new, INVENTORY, window_open, NOW) if c.on_switches]
+    changes = [c for c in semantic_diff(old, new, INVENTORY, NOW) if c.on_switches]
     shown = "\n".join(c.describe() for c in changes)
     assert (not changes) == same, (
         f"tables alike: {tables_alike}\n--- old\n{old_text}--- new\n{new_text}--- diff\n{shown}"
