@@ -463,15 +463,13 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
 
     async def read_all() -> tuple[list[object], list[object]]:
         pipe = tables.pipeline
-        return (
-            await asyncio.gather(
-                *(read_counters(t, pipe, options) for t in selected), return_exceptions=True
-            ),
-            await asyncio.gather(
-                *(read_red_drops(t, pipe, options, metered) for t in selected),
-                return_exceptions=True,
-            ),
+        # Counters and red drops of every switch at once: one slow switch delays only itself.
+        done: list[object] = await asyncio.gather(
+            *(read_counters(t, pipe, options) for t in selected),
+            *(read_red_drops(t, pipe, options, metered) for t in selected),
+            return_exceptions=True,
         )
+        return done[: len(selected)], done[len(selected) :]
 
     results, reds = asyncio.run(read_all())
     counters = {t.name: r for t, r in zip(selected, results, strict=True)}
