@@ -55,7 +55,16 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.model import ALL_PORTS, Policy
-from compiler.protocols import MAX_PORT, OTHER_PROTOCOL, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK
+from compiler.protocols import (
+    ICMP_ECHO_REPLY_RANGE,
+    ICMP_ECHO_REQUEST_RANGE,
+    MAX_PORT,
+    OTHER_PROTOCOL,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+)
 from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, bits, protocol_of
 from p4src.spec import PIPELINE
 
@@ -681,15 +690,8 @@ class Verifier:
         sport_cuts = _cuts(self._ports_of(rules[1], name) if ported else [], MAX_PORT)
         dport_cuts = _cuts(self._ports_of(rules[0], name) if ported else [], MAX_PORT)
         if proto == PROTO_ICMP:
-            dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
-        for varying, _entry in entries:
-            for m in varying:
-                if m.field == "l4_src_port":
-                    sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                elif m.field == "l4_dst_port":
-                    dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                elif m.field == "tcp_flags" and proto == PROTO_TCP:
-                    flag_bits |= m.arg
+            dport_cuts |= _ECHO_CUTS
+        flag_bits |= _cut_by_entries(entries, proto, sport_cuts, dport_cuts)
         sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
         dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
@@ -766,16 +768,9 @@ class Verifier:
         sport_cuts = _cuts(rule_ports, MAX_PORT)
         dport_cuts = set(sport_cuts)
         if proto == PROTO_ICMP:
-            dport_cuts |= {0x0000, 0x0100, 0x0800, 0x0900}  # echo reply / request
+            dport_cuts |= _ECHO_CUTS
         for hop in hops:
-            for varying, _entry in hop.entries or ():
-                for m in varying:
-                    if m.field == "l4_src_port":
-                        sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                    elif m.field == "l4_dst_port":
-                        dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
-                    elif m.field == "tcp_flags" and proto == PROTO_TCP:
-                        flag_bits |= m.arg
+            flag_bits |= _cut_by_entries(hop.entries or (), proto, sport_cuts, dport_cuts)
         if target is None and (end_host is None or not all(h.entries is not None for h in hops)):
             # Nowhere to deliver, whatever the ports: nothing a policy could contradict.
             result.classes += 1
@@ -923,6 +918,30 @@ class Verifier:
                             f"{host.switch}: src_identity {_entry(hit)} accepts {_ip(lo)}",
                         )
                     )
+
+
+# The l4_dst_port values where ICMP echo replies and requests begin and end.
+_ECHO_CUTS = frozenset(_cuts((ICMP_ECHO_REPLY_RANGE, ICMP_ECHO_REQUEST_RANGE), MAX_PORT))
+
+
+def _cut_by_entries(
+    entries: Iterable[tuple[tuple[FieldMatch, ...], TableEntry]],
+    proto: int,
+    sport_cuts: set[int],
+    dport_cuts: set[int],
+) -> int:
+    """Add the port cuts of `entries`' varying matches to the sets; the TCP flag bits they
+    read (for TCP)."""
+    flag_bits = 0
+    for varying, _entry in entries:
+        for m in varying:
+            if m.field == "l4_src_port":
+                sport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+            elif m.field == "l4_dst_port":
+                dport_cuts |= _cuts(_match_intervals(m, 16), MAX_PORT)
+            elif m.field == "tcp_flags" and proto == PROTO_TCP:
+                flag_bits |= m.arg
+    return flag_bits
 
 
 def _subsets(bits: int) -> list[int]:
