@@ -1,0 +1,110 @@
+"""Stable numbers across policy versions: rule ids and identity tags, allocated once and kept.
+
+Like Cilium's numeric security identities, a number is keyed by what it names and keeps
+its value from one compile to the next; a new key takes a free number, and a number freed
+by a removed key is *retired* — never handed out again until every switch has left the
+version that used it (the controller says so with :meth:`Allocation.settled`). The
+allocation is an input and an output of every compile, and the compile is deterministic
+given it: the same policy, inventory and allocation always give the same entries.
+
+- rules: a rule's stable key (its name, else a hash of its normalised text and
+  occurrence) -> its rule id, which is also its priority slot (compiler.lower) and the id
+  alerts and counters report.
+- tags: per ToR and per side (`src`, `dst`), an endpoint set's key (its normalised text)
+  -> its tag: a (field, value) slot of the identity vector the ToR's identity tables
+  set (compiler.tags).
+
+Stored as JSON (`allocation.json` in a build and in the controller's state directory).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FORMAT = "p4seg-allocation/1"
+
+Tag = tuple[int, int]  # (field, value)
+
+
+class AllocationError(ValueError):
+    """An allocation file that cannot be used (bad JSON, wrong format, bad numbers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SideTags:
+    """One side (`src` or `dst`) of one ToR: endpoint-set key -> tag."""
+
+    tags: Mapping[str, Tag] = field(default_factory=dict)
+    retired: frozenset[Tag] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    rules: Mapping[str, int] = field(default_factory=dict)
+    retired_rules: frozenset[int] = frozenset()
+    tags: Mapping[tuple[str, str], SideTags] = field(default_factory=dict)  # (switch, side)
+
+    def settled(self) -> Allocation:
+        """The same allocation once no switch holds a retired number any more: they are free."""
+        return Allocation(
+            self.rules,
+            frozenset(),
+            {k: SideTags(v.tags, frozenset()) for k, v in self.tags.items()},
+        )
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT,
+            "rules": dict(sorted(self.rules.items())),
+            "retired_rules": sorted(self.retired_rules),
+            "tags": {
+                f"{switch}/{side}": {
+                    "tags": {k: list(v) for k, v in sorted(s.tags.items())},
+                    "retired": sorted(list(t) for t in s.retired),
+                }
+                for (switch, side), s in sorted(self.tags.items())
+            },
+        }
+        return json.dumps(doc, indent=1, sort_keys=False) + "\n"
+
+    @staticmethod
+    def from_json(text: str, source: str = "allocation.json") -> Allocation:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AllocationError(f"{source}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise AllocationError(f"{source}: not a p4seg allocation (format {FORMAT!r})")
+        try:
+            rules = {str(k): _number(v, 1, 0xFFFE) for k, v in doc.get("rules", {}).items()}
+            if len(set(rules.values())) != len(rules):
+                raise AllocationError(f"{source}: two rule keys share one rule id")
+            retired = frozenset(_number(v, 1, 0xFFFE) for v in doc.get("retired_rules", []))
+            tags: dict[tuple[str, str], SideTags] = {}
+            for name, side in doc.get("tags", {}).items():
+                switch, _, which = str(name).rpartition("/")
+                if which not in ("src", "dst") or not switch:
+                    raise AllocationError(f"{source}: bad tag table name {name!r}")
+                held = {str(k): _tag(v) for k, v in side.get("tags", {}).items()}
+                if len(set(held.values())) != len(held):
+                    raise AllocationError(f"{source}: two endpoint sets share a tag in {name}")
+                tags[(switch, which)] = SideTags(
+                    held, frozenset(_tag(v) for v in side.get("retired", []))
+                )
+        except (AttributeError, TypeError) as exc:
+            raise AllocationError(f"{source}: malformed allocation ({exc})") from None
+        return Allocation(rules, retired, tags)
+
+
+def _number(value: object, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise AllocationError(f"expected an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _tag(value: object) -> Tag:
+    if not isinstance(value, list) or len(value) != 2:
+        raise AllocationError(f"expected a tag [field, value], got {value!r}")
+    return _number(value[0], 0, 4095), _number(value[1], 1, 0xFFFF)
