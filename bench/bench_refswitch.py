@@ -810,8 +810,8 @@ def policy_entries(n: int) -> list[TableEntry]:
     for i in range(n):
         src, dst, port = 1 + i % 128, 1 + (i // 128) % 256, 1024 + i // (128 * 256)
         matches = (
-            FieldMatch("src_group", "range", src, src + 3),
-            FieldMatch("dst_group", "range", dst, dst),
+            FieldMatch("src_tags", "range", src, src + 3),
+            FieldMatch("dst_tags", "range", dst, dst),
             FieldMatch("protocol", "ternary", PROTO_TCP, 0xFF),
             FieldMatch("l4_dst_port", "range", port, port),
         )
@@ -1483,10 +1483,10 @@ class BusyTor:
             for port in [h.port] if h.switch == tables.switch else uplinks:
                 values = {"epoch": 0, "ingress_port": port, "src_addr": h.ip}
                 hit = idx.lookup("src_identity", values)
-                if hit is not None and hit.action == "set_src_group":
-                    senders.setdefault(dict(hit.params)["group"], []).append((h, port))
+                if hit is not None and hit.action == "set_src_tags":
+                    senders.setdefault(dict(hit.params)["tags"], []).append((h, port))
             hit = idx.lookup("dst_identity", {"epoch": 0, "dst_addr": h.ip})
-            receivers.setdefault(dict(hit.params)["group"] if hit else 0, []).append(h)
+            receivers.setdefault(dict(hit.params)["tags"] if hit else 0, []).append(h)
         permits = [e for e in tables.table("policy") if e.action.startswith("permit")]
 
         def within(e: TableEntry, name: str, groups: Iterable[int]) -> list[int]:
@@ -1503,7 +1503,7 @@ class BusyTor:
             sport = rnd.randrange(1024, 1 << 16)
             if len(frames) % 2:
                 e = rnd.choice(permits)
-                srcs, dsts = within(e, "src_group", senders), within(e, "dst_group", receivers)
+                srcs, dsts = within(e, "src_tags", senders), within(e, "dst_tags", receivers)
                 proto = e.match("protocol")
                 protocol = proto.value if proto is not None else rnd.choice((6, 17))
                 if not srcs or not dsts or protocol not in (PROTO_TCP, PROTO_UDP):

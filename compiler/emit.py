@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
+from compiler.allocation import Allocation
 from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
 from compiler.fit import fit
 from compiler.inventory import Inventory
@@ -51,6 +52,7 @@ class Build:
     files: dict[str, str]  # relative path -> content
     report: dict[str, object]
     switches: tuple[SwitchTables, ...]
+    allocation: Allocation  # to give the next compile (allocation.json)
 
 
 def _dumps(doc: object) -> str:
@@ -80,11 +82,13 @@ def build(
     policy_text: str,
     target_name: str,
     sizes: dict[str, int] | None = None,
+    allocation: Allocation | None = None,
 ) -> Build:
-    """Compile a checked policy for a target: every output file, as text."""
+    """Compile a checked policy for a target: every output file, as text. `allocation`:
+    the previous compile's (compiler/allocation.py), so that ids stay what they were."""
     target = make_target(target_name, sizes)
-    groups_of, switches = lower(policy, inventory)
-    fitted = fit(switches, target)
+    lowered = lower(policy, inventory, allocation)
+    fitted = fit(lowered.switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
     files = {
         f"p4/{target.name}/p4seg.p4": render_program(
@@ -99,10 +103,10 @@ def build(
         files[f"entries/{sw.switch}-runtime.json"] = _dumps_listing(
             _runtime_json(sw, target), "table_entries"
         )
-    groups = max((g.count for g in groups_of.values()), default=0)
-    report = _report(policy, inventory, policy_text, target, fitted, groups)
+    report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     files["report.json"] = _dumps(report)
-    return Build(target, files, report, fitted)
+    files["allocation.json"] = lowered.allocation.to_json()
+    return Build(target, files, report, fitted, lowered.allocation)
 
 
 def _entries_json(sw: SwitchTables, target: Target) -> dict[str, object]:
@@ -212,7 +216,7 @@ def _report(
     policy_text: str,
     target: Target,
     switches: tuple[SwitchTables, ...],
-    groups: int,
+    tag_fields: int,
 ) -> dict[str, object]:
     policy_entries = sum(len(sw.table("policy")) for sw in switches if sw.role == "tor")
     report: dict[str, object] = {
@@ -221,7 +225,7 @@ def _report(
         "inventory": inventory.name,
         "target": target.name,
         "program": target.program,
-        "groups": groups,
+        "tag_fields": tag_fields,
         "rules": [
             {
                 "id": 0,
@@ -259,7 +263,9 @@ def _report(
 def summary(build_: Build) -> str:
     """The human summary `p4seg compile` prints."""
     r = build_.report
-    lines = [f"target {build_.target.name} ({build_.target.description}), {r['groups']} groups"]
+    lines = [
+        f"target {build_.target.name} ({build_.target.description}), {r['tag_fields']} tag fields"
+    ]
     switches = r["switches"]
     assert isinstance(switches, list)
     tables = [t for t in build_.target.pipeline.tables if t.keys]

@@ -19,7 +19,7 @@ from operator import attrgetter
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Inventory
 from compiler.protocols import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from p4src.spec import PIPELINE, REASON_DENY_LOG, REASON_SPOOF, UNKNOWN_GROUP
+from p4src.spec import NO_TAGS, PIPELINE, REASON_DENY_LOG, REASON_SPOOF
 
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
 MAX_HOPS = 16
@@ -385,14 +385,14 @@ def evaluate(
         return hit
 
     src = apply("src_identity", "drop_spoofed", ())
-    if src.action != "set_src_group":
+    if src.action != "set_src_tags":
         spoofed = src.action == "drop_spoofed"
         return SwitchResult(
             tables.switch, tuple(hits), None, spoofed, None, REASON_SPOOF if spoofed else 0
         )
-    values["src_group"] = dict(src.params)["group"]
-    dst = apply("dst_identity", "set_dst_group", (("group", UNKNOWN_GROUP),))
-    values["dst_group"] = dict(dst.params)["group"]
+    values["src_tags"] = dict(src.params)["tags"]
+    dst = apply("dst_identity", "set_dst_tags", (("tags", NO_TAGS),))
+    values["dst_tags"] = dict(dst.params)["tags"]
     verdict = apply("policy", "deny", (("rule_id", 0),))
     rule_id = dict(verdict.params)["rule_id"]
     if verdict.action not in ("permit", "permit_metered"):  # meters are all green here

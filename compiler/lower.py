@@ -1,10 +1,10 @@
 """Stage 3 — Policy + inventory -> per-switch table entries (target neutral).
 
-Groups. Addresses are partitioned into atoms (compiler.semantics); each atom gets a
-16-bit group id. Ids are handed out in an order that keeps the atoms of each service
-together, so a rule's source or destination is a few *runs* of consecutive ids and one
-rule becomes a few `range` entries instead of one entry per pair of atoms. The atom of
-addresses named by no rule gets group 0, which is also `dst_identity`'s default.
+Identities. Each ToR's identity tables give an address a vector of tags, one per endpoint
+set it belongs to that the ToR's entries match (compiler/tags.py); a rule's entry matches
+its source's tag and its destination's tag, so a rule is one entry per ToR (per protocol
+and port range). Tags come from the previous compile's allocation where they still fit
+(compiler/allocation.py), so an edit changes only what it touches.
 
 Placement. A ToR binds each host's address to its port (anti-spoofing), accepts the
 other racks' hosts on its uplinks, and holds the policy entries of every rule that
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from compiler.addresses import Interval
+from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import P4segError, error
 from compiler.entries import (
     DefaultAction,
@@ -41,11 +42,11 @@ from compiler.entries import (
 from compiler.inventory import Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
-from compiler.semantics import PolicySemantics, bits
-from p4src.spec import DEFAULT_RULE_ID, GROUP_BITS
+from compiler.semantics import PolicySemantics
+from compiler.tags import NONE, TAG_FIELD_BITS, SideCodes, TagSpaceError, allocate_side
+from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
-ALL_GROUPS = (0, (1 << GROUP_BITS) - 1)  # spines' single permit: transit, judged at the ToRs
 _BAND_BITS = 20
 
 BAND_DENY_LOG, BAND_DENY, BAND_METERED, BAND_ALLOW = 7, 6, 5, 4
@@ -59,77 +60,6 @@ class LowerError(P4segError):
 def priority(band: int, rank: int) -> int:
     """P4Runtime priority for the `rank`-th rule of a band (rank 0 decides first)."""
     return (band << _BAND_BITS) | ((1 << _BAND_BITS) - 1 - rank)
-
-
-@dataclass(frozen=True, slots=True)
-class Groups:
-    """Atom -> group id, and the inverse view a rule needs: runs of consecutive ids."""
-
-    semantics: PolicySemantics
-    of_atom: tuple[int, ...]
-    _runs: dict[int, list[Interval]]
-
-    def runs(self, atom_mask: int) -> list[Interval]:
-        cached = self._runs.get(atom_mask)
-        if cached is not None:
-            return cached
-        ids = sorted(self.of_atom[a] for a in bits(atom_mask))
-        runs: list[list[int]] = []
-        for g in ids:
-            if runs and g == runs[-1][1] + 1:
-                runs[-1][1] = g
-            else:
-                runs.append([g, g])
-        result = [(lo, hi) for lo, hi in runs]
-        self._runs[atom_mask] = result
-        return result
-
-    def group_of(self, address: int) -> int:
-        return self.of_atom[self.semantics.addresses.atom_of(address)]
-
-    @property
-    def count(self) -> int:
-        return max(self.of_atom, default=0) + 1
-
-
-def assign_groups(semantics: PolicySemantics, masks: Iterable[int] | None = None) -> Groups:
-    """Group ids for the atoms, keeping the atoms of each of `masks` consecutive.
-
-    `masks` are the atom sets entries will match (default: every rule's source and
-    destination). Ids are a switch's own business: each switch maps addresses to groups
-    in its own identity tables, so each ToR gets the numbering that suits its entries.
-    """
-    part = semantics.addresses
-    if masks is None:
-        masks = (
-            part.mask(s)
-            for s in sorted(
-                {s for r in semantics.rules for s in (r.src.intervals, r.dst.intervals)}
-            )
-        )
-    members: list[list[int]] = [[] for _ in range(part.count)]
-    for j, mask in enumerate(dict.fromkeys(m for m in masks if m and m != part.full)):
-        for a in bits(mask):
-            members[a].append(j)
-    # Atoms sharing memberships sort next to each other: services become runs of ids.
-    order = sorted(range(part.count), key=lambda a: (members[a], part.representative[a]))
-    of_atom = [0] * part.count
-    next_id = 1
-    for atom in order:
-        if members[atom]:
-            of_atom[atom] = next_id
-            next_id += 1
-    if next_id > 1 << GROUP_BITS:
-        raise LowerError(
-            [
-                error(
-                    "E501",
-                    f"the policy needs {next_id} groups; the pipeline has {1 << GROUP_BITS}",
-                    None,
-                )
-            ]
-        )
-    return Groups(semantics, tuple(of_atom), {})
 
 
 def cidr_blocks(lo: int, hi: int, width: int = 32) -> Iterable[tuple[int, int]]:
@@ -152,20 +82,14 @@ def _m(field: str, kind: str, value: int, arg: int = 0) -> FieldMatch:
 class _PolicyEntries:
     """The `policy` table entries of one ToR."""
 
-    groups: Groups
+    codes: _ToRCodes
     entries: list[TableEntry]
-    local: int  # atoms of this ToR's hosts
-
-    def _runs(self, mask: int) -> list[Interval]:
-        if mask == self.groups.semantics.addresses.full:
-            return [ALL_GROUPS]
-        return self.groups.runs(mask) if mask else []
 
     def add(
         self,
         rule: PolicyRule | None,
-        src_mask: int,
-        dst_mask: int,
+        src_key: str,
+        dst_key: str,
         proto: str,
         action: str,
         prio: int,
@@ -176,55 +100,35 @@ class _PolicyEntries:
         meter: MeterConfig | None = None,
     ) -> None:
         rule_id = rule.id if rule else DEFAULT_RULE_ID
-        # A ToR sees only packets from its hosts or to them: (src ∩ local) x dst, then
-        # (src \ local) x (dst ∩ local) — disjoint, and far fewer runs than src x dst.
-        full = self.groups.semantics.addresses.full
-        if src_mask == full and dst_mask == full:
-            blocks = [([ALL_GROUPS], [ALL_GROUPS])]
-        else:
-            blocks = [
-                (self._runs(src_mask & self.local), self._runs(dst_mask)),
-                (self._runs(src_mask & ~self.local & full), self._runs(dst_mask & self.local)),
-            ]
+        src = self.codes.src.match(src_key)
+        dst = self.codes.dst.match(dst_key)
+        if src is NONE or dst is NONE:
+            return  # no packet this ToR judges is in the rule's source (or destination)
         common: list[FieldMatch] = []
+        if not isinstance(src, bool):
+            common.append(_m("src_tags", "ternary", *src))
+        if not isinstance(dst, bool):
+            common.append(_m("dst_tags", "ternary", *dst))
         number = protocol_number(proto)
         if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
             common.append(_m("protocol", "ternary", number, 0xFF))
         if ack:
             common.append(_m("tcp_flags", "ternary", TCP_ACK, TCP_ACK))
         params = (("rule_id", rule_id),)
-        for src_runs, dst_runs in blocks:
-            for s_lo, s_hi in src_runs:
-                for d_lo, d_hi in dst_runs:
-                    for sp_lo, sp_hi in sport:
-                        for dp_lo, dp_hi in dport:
-                            matches = []
-                            if (s_lo, s_hi) != ALL_GROUPS:
-                                matches.append(_m("src_group", "range", s_lo, s_hi))
-                            if (d_lo, d_hi) != ALL_GROUPS:
-                                matches.append(_m("dst_group", "range", d_lo, d_hi))
-                            matches += common
-                            if (sp_lo, sp_hi) != ALL_PORTS[0]:
-                                matches.append(_m("l4_src_port", "range", sp_lo, sp_hi))
-                            if (dp_lo, dp_hi) != ALL_PORTS[0]:
-                                matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
-                            self.entries.append(
-                                TableEntry(
-                                    "policy",
-                                    tuple(matches),
-                                    action,
-                                    params,
-                                    prio,
-                                    rule_id,
-                                    role,
-                                    meter,
-                                )
-                            )
+        for sp_lo, sp_hi in sport:
+            for dp_lo, dp_hi in dport:
+                matches = list(common)
+                if (sp_lo, sp_hi) != ALL_PORTS[0]:
+                    matches.append(_m("l4_src_port", "range", sp_lo, sp_hi))
+                if (dp_lo, dp_hi) != ALL_PORTS[0]:
+                    matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
+                self.entries.append(
+                    TableEntry("policy", tuple(matches), action, params, prio, rule_id, role, meter)
+                )
 
 
-def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEntry]:
-    sem = groups.semantics
-    out = _PolicyEntries(groups, [], local)
+def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
+    out = _PolicyEntries(codes, [])
     denies = [r for r in policy.rules if r.action is Action.DENY]
     allows = [r for r in policy.rules if r.action is Action.ALLOW]
     metered = sorted(
@@ -232,10 +136,10 @@ def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEnt
     )
     plain = [r for r in allows if r.rate_pps is None]
     rank = {r.id: i for i, r in enumerate(denies)}
-    for i, rule in enumerate(policy.rules):
-        _, src, dst, _ = sem.boxes[i]
-        if not (src & local or dst & local):
+    for rule in policy.rules:
+        if rule.id not in codes.relevant:
             continue  # no host of this rack is involved
+        src, dst = set_key(rule.src_text), set_key(rule.dst_text)
         if rule.action is Action.DENY:
             band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
             out.add(
@@ -264,12 +168,11 @@ def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEnt
         (BAND_ALLOW, plain, "permit"),
     ):
         for r_rank, rule in enumerate(group):
-            _, src, dst, _ = sem.boxes[rule.id - 1]
-            if src & local or dst & local:
+            if rule.id in codes.relevant:
                 out.add(
                     rule,
-                    src,
-                    dst,
+                    set_key(rule.src_text),
+                    set_key(rule.dst_text),
                     rule.proto,
                     action,
                     priority(band, r_rank),
@@ -278,13 +181,12 @@ def _policy_entries(groups: Groups, policy: Policy, local: int) -> list[TableEnt
                     meter=None if rule.rate_pps is None else meter_for_rate(rule.rate_pps),
                 )
     for rule in allows:
-        _, src, dst, _ = sem.boxes[rule.id - 1]
-        if src & local or dst & local:
+        if rule.id in codes.relevant:
             _replies(
                 out,
                 rule,
-                dst,
-                src,
+                set_key(rule.dst_text),
+                set_key(rule.src_text),
                 "permit",
                 priority(BAND_REPLY, rule.id),
                 "reply",
@@ -333,8 +235,8 @@ def reply_matches(rule: PolicyRule, udp_always: bool) -> tuple[ReplyMatch, ...]:
 def _replies(
     out: _PolicyEntries,
     rule: PolicyRule,
-    src: int,
-    dst: int,
+    src: str,
+    dst: str,
     action: str,
     prio: int,
     role: str,
@@ -391,33 +293,108 @@ def _routing(
     return entries
 
 
+def set_key(text: str) -> str:
+    """The key an endpoint set's tag is allocated under: its text, whitespace normalised."""
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class _ToRCodes:
+    """One ToR's tags: the rules it holds entries for and each side's codes."""
+
+    relevant: frozenset[int]  # rule ids
+    src: SideCodes
+    dst: SideCodes
+
+
+def _tor_codes(
+    semantics: PolicySemantics,
+    policy: Policy,
+    switch: str,
+    local: int,
+    hosts: int,
+    allocation: Allocation,
+) -> tuple[_ToRCodes, SideTags, SideTags]:
+    """Allocate the ToR's tags (compiler.tags): every set its entries match, on the universe
+    where the ToR needs it exact (its own hosts, every host, or every address)."""
+    full = semantics.addresses.full
+    src_needs: dict[str, tuple[int, int]] = {}
+    dst_needs: dict[str, tuple[int, int]] = {}
+
+    def need(src_text: str, src: int, dst_text: str, dst: int) -> None:
+        # Packets from this rack go anywhere; packets from elsewhere come to this rack.
+        for needs, text, mask, universe in (
+            (src_needs, src_text, src, hosts if dst & local else local),
+            (dst_needs, dst_text, dst, full if src & local else local),
+        ):
+            key = set_key(text)
+            old = needs.get(key, (mask, 0))
+            needs[key] = (mask, old[1] | universe)
+
+    relevant = set()
+    for i, rule in enumerate(policy.rules):
+        _, src, dst, _ = semantics.boxes[i]
+        if not (src & local or dst & local):
+            continue
+        relevant.add(rule.id)
+        need(rule.src_text, src, rule.dst_text, dst)
+        if reply_matches(rule, udp_always=rule.action is Action.DENY):
+            need(rule.dst_text, dst, rule.src_text, src)
+    max_fields = TAG_BITS // TAG_FIELD_BITS
+    sides = []
+    for side, needs in (("src", src_needs), ("dst", dst_needs)):
+        try:
+            sides.append(
+                allocate_side(needs, allocation.tags.get((switch, side), SideTags()), max_fields)
+            )
+        except TagSpaceError as exc:
+            raise LowerError(
+                [
+                    error(
+                        "E501",
+                        f"switch {switch}: the {side} identities need more than "
+                        f"{exc.available} tag fields of {TAG_FIELD_BITS} bits (the pipeline's "
+                        f"{TAG_BITS}-bit vector): too many overlapping address sets",
+                        None,
+                    )
+                ]
+            ) from None
+    (src_codes, src_tags), (dst_codes, dst_tags) = sides
+    return _ToRCodes(frozenset(relevant), src_codes, dst_codes), src_tags, dst_tags
+
+
 def _identity(
-    groups: Groups, inventory: Inventory, switch: Switch, uplinks: list[int]
+    codes: _ToRCodes | None,
+    semantics: PolicySemantics,
+    inventory: Inventory,
+    switch: Switch,
+    uplinks: list[int],
 ) -> list[TableEntry]:
     entries = []
-    if switch.role == "spine":
+    if codes is None:  # a spine
         for port in sorted({p for p in uplinks}):
             entries.append(
                 TableEntry(
                     "src_identity",
                     # Any source from the fabric: a don't-care, so the address is left out.
                     (_m("ingress_port", "exact", port),),
-                    "set_src_group",
-                    (("group", 0),),
+                    "set_src_tags",
+                    (("tags", NO_TAGS),),
                     1,
                     role="fabric",
                 )
             )
         return entries
+    part = semantics.addresses
     for host in sorted(inventory.hosts, key=lambda h: h.ip):
-        group = (("group", groups.group_of(host.ip)),)
+        tags = (("tags", codes.src.vector_of_atom.get(part.atom_of(host.ip), NO_TAGS)),)
         if host.switch == switch.name:
             entries.append(
                 TableEntry(
                     "src_identity",
                     (_m("ingress_port", "exact", host.port), _m("src_addr", "lpm", host.ip, 32)),
-                    "set_src_group",
-                    group,
+                    "set_src_tags",
+                    tags,
                     33,
                     role="host",
                 )
@@ -428,62 +405,64 @@ def _identity(
                     TableEntry(
                         "src_identity",
                         (_m("ingress_port", "exact", port), _m("src_addr", "lpm", host.ip, 32)),
-                        "set_src_group",
-                        group,
+                        "set_src_tags",
+                        tags,
                         33,
                         role="uplink",
                     )
                 )
-    for atom, intervals in enumerate(_atom_intervals(groups)):
-        group_id = groups.of_atom[atom]
-        if group_id == 0:
+    # Destinations: each run of addresses with one vector, as the fewest prefixes.
+    runs: list[tuple[int, int, int]] = []
+    vectors = codes.dst.vector_of_atom
+    for i, start in enumerate(part.starts):
+        end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
+        vector = vectors.get(part.element_atom[i], NO_TAGS)
+        if runs and runs[-1][2] == vector and runs[-1][1] + 1 == start:
+            runs[-1] = (runs[-1][0], end, vector)
+        else:
+            runs.append((start, end, vector))
+    for lo, hi, vector in runs:
+        if vector == NO_TAGS:
             continue  # dst_identity's default
-        for lo, hi in intervals:
-            for value, plen in cidr_blocks(lo, hi):
-                entries.append(
-                    TableEntry(
-                        "dst_identity",
-                        (_m("dst_addr", "lpm", value, plen),) if plen else (),
-                        "set_dst_group",
-                        (("group", group_id),),
-                        plen + 1,
-                        role="atom",
-                    )
+        for value, plen in cidr_blocks(lo, hi):
+            entries.append(
+                TableEntry(
+                    "dst_identity",
+                    (_m("dst_addr", "lpm", value, plen),) if plen else (),
+                    "set_dst_tags",
+                    (("tags", vector),),
+                    plen + 1,
+                    role="identity",
                 )
+            )
     return entries
 
 
-def _atom_intervals(groups: Groups) -> list[list[Interval]]:
-    """Each atom's address intervals, in one pass over the partition."""
-    part = groups.semantics.addresses
-    out: list[list[Interval]] = [[] for _ in range(part.count)]
-    for i, start in enumerate(part.starts):
-        end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
-        out[part.element_atom[i]].append((start, end))
-    return out
+@dataclass(frozen=True, slots=True)
+class Lowered:
+    """Every switch's entries, and the allocation they were made with (to keep for next time)."""
+
+    switches: tuple[SwitchTables, ...]
+    allocation: Allocation
+    tag_fields: int  # the most fields one side of one ToR uses
 
 
-def _tor_masks(semantics: PolicySemantics, local: int) -> list[int]:
-    """The atom sets a ToR's policy entries match (see _PolicyEntries.add)."""
-    full = semantics.addresses.full
-    masks = []
-    for _, src, dst, _ in semantics.boxes:
-        if src & local or dst & local:
-            masks += [src & local, dst, src & ~local & full, dst & local]
-    return masks
-
-
-def lower(
-    policy: Policy, inventory: Inventory
-) -> tuple[dict[str, Groups], tuple[SwitchTables, ...]]:
-    """Every switch's entries for `policy` on `inventory` (epoch left wildcard), and the
-    group numbering of each ToR."""
+def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = None) -> Lowered:
+    """Every switch's entries for `policy` on `inventory` (epoch left wildcard), with the
+    tags of `allocation` kept where they still fit (compiler.tags)."""
+    allocation = allocation or Allocation()
     semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
-    groups_of: dict[str, Groups] = {}
-    global_groups = assign_groups(semantics)
     next_port = _next_ports(inventory, _topology(inventory))
     part = semantics.addresses
+    hosts = 0
+    local_of: dict[str, int] = {}
+    for host in inventory.hosts:
+        bit = 1 << part.atom_of(host.ip)
+        hosts |= bit
+        local_of[host.switch] = local_of.get(host.switch, 0) | bit
+    tags: dict[tuple[str, str], SideTags] = {}
     out = []
+    most = 0
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         uplinks = sorted(
             port
@@ -491,20 +470,15 @@ def lower(
             for name, port in ((link.a, link.a_port), (link.b, link.b_port))
             if name == switch.name
         )
-        local = 0
-        for host in inventory.hosts:
-            if host.switch == switch.name:
-                local |= 1 << part.atom_of(host.ip)
-        masks = _tor_masks(semantics, local)
-        groups = min(  # two orderings; keep the one whose entries need fewer runs
-            (assign_groups(semantics, masks), global_groups),
-            key=lambda g: sum(len(g.runs(m)) for m in set(masks) if m != part.full),
-        )
-        entries = _identity(groups, inventory, switch, uplinks)
         if switch.role == "tor":
-            groups_of[switch.name] = groups
-            entries += _policy_entries(groups, policy, local)
+            codes, tags[(switch.name, "src")], tags[(switch.name, "dst")] = _tor_codes(
+                semantics, policy, switch.name, local_of.get(switch.name, 0), hosts, allocation
+            )
+            most = max(most, codes.src.fields, codes.dst.fields)
+            entries = _identity(codes, semantics, inventory, switch, uplinks)
+            entries += _policy_entries(codes, policy)
         else:
+            entries = _identity(None, semantics, inventory, switch, uplinks)
             entries.append(
                 TableEntry(
                     "policy",
@@ -528,4 +502,9 @@ def lower(
                 span=switch.span,
             )
         )
-    return groups_of, tuple(out)
+    # Switches no longer in the inventory: their tags are retired with everything else.
+    for key, side in allocation.tags.items():
+        if key not in tags:
+            tags[key] = SideTags({}, frozenset(side.retired | set(side.tags.values())))
+    new = Allocation(allocation.rules, allocation.retired_rules, tags)
+    return Lowered(tuple(out), new, most)

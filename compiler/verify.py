@@ -15,7 +15,7 @@ protocol) is proven when routing takes it to its host (or nowhere), and each hop
 decisions agree with the policy's — exactly on the ToRs that judge it (source, and the
 destination's ToR), at least wherever the policy allows on the others (spines) — for then
 the end-to-end verdict is the policy's too. A hop's decisions depend only on the `policy`
-entries its groups and protocol meet, and the policy's only on the rules of the flow (those
+entries its identities and protocol meet, and the policy's only on the rules of the flow (those
 matching it forward and those whose flows it answers), so each such check runs once and
 serves every triple that asks it again. A triple that fails it, or takes an unusual path
 (a loop, the wrong host, a drop before a policy table), is walked class by class as above,
@@ -69,11 +69,10 @@ from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, bits, 
 from p4src.spec import PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
-_GROUP_FIELDS = ("epoch", "src_group", "dst_group", "protocol")  # fixed by a packet's hop
+_IDENTITY_FIELDS = ("epoch", "src_tags", "dst_tags", "protocol")  # fixed by a packet's hop
 _PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
-MAX_GROUP = (1 << _WIDTH["dst_group"]) - 1
-_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, int, int]
+_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None]
 _Judged = tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]
 
 
@@ -336,14 +335,14 @@ class Verifier:
             tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
-        self._from_group: dict[str, _AddressIndex] = {}  # policy entries by source group
+        self._from_identity: dict[tuple[str, int], list[TableEntry]] = {}
         self._by_source: dict[
-            tuple[str, int, int, int], tuple[list[int], list[_Judged | None], list[_Candidate]]
+            tuple[str, int, int, int], tuple[dict[int, _Judged], list[_Candidate]]
         ] = {}
         self._entry_sets: dict[tuple[int, ...], _Judged] = {}
         self._starts: list[int] | None = None  # address classes' first addresses
         self._indexes: dict[tuple[str, str], _AddressIndex] = {}
-        self._src_groups: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
+        self._src_ids: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
         self._hop_checks: dict[tuple[int, bool, int], tuple[bool, bool, int, int]] = {}
         self._rule_sets: dict[int, tuple[int, int]] = {}  # atom -> (as source, as destination)
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
@@ -386,15 +385,15 @@ class Verifier:
         entries each can judge them by (those whose fixed fields match): the port and
         flag classes of a packet then only pick among those."""
         hops = []
-        for switch, port, groups, egress, loop in self._route(sender, dst):
-            entries = None if groups is None else self._policy_entries(switch, *groups, proto)
+        for switch, port, idents, egress, loop in self._route(sender, dst):
+            entries = None if idents is None else self._policy_entries(switch, *idents, proto)
             hops.append(_Hop(switch, port, entries, egress, loop))
         return hops
 
     def _route(
         self, sender: Host, dst: int, keep: bool = True
     ) -> list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]:
-        """(switch, ingress port, (epoch, src group, dst group) or None if src_identity drops
+        """(switch, ingress port, (epoch, src tags, dst tags) or None if src_identity drops
         it, egress port, loops here) per hop; the same for every protocol, so cached unless
         `keep` is False (the fast proof asks once per pair: keeping them all costs memory)."""
         key = (sender.name, dst)
@@ -410,13 +409,13 @@ class Verifier:
                 break
             seen.add((switch, port))
             epoch = self._epoch[switch]
-            src_group = self._src_group(switch, epoch, port, sender.ip)
-            groups = None
-            if src_group is not None:
-                dst_group = self._lookup(switch, "dst_identity", epoch, dst) or 0
-                groups = (epoch, src_group, dst_group)
+            src_tags = self._src_tags(switch, epoch, port, sender.ip)
+            idents = None
+            if src_tags is not None:
+                dst_tags = self._lookup(switch, "dst_identity", epoch, dst) or 0
+                idents = (epoch, src_tags, dst_tags)
             egress = self._lookup(switch, "routing", epoch, dst)
-            hops.append((switch, port, groups, egress, False))
+            hops.append((switch, port, idents, egress, False))
             if egress is None or (switch, egress) in self.fabric.host_at:
                 break
             if (switch, egress) not in self.fabric.peer:
@@ -427,116 +426,77 @@ class Verifier:
         return hops
 
     def _lookup(self, switch: str, table: str, epoch: int, dst: int) -> int | None:
-        """dst_identity's group (0 on a miss) or routing's egress port (None), cached."""
+        """dst_identity's tags (0 on a miss) or routing's egress port (None), cached."""
         key = (switch, table, dst)
         if key not in self._by_dst:
             hit = self._index(switch, table, "dst_addr").lookup(
                 dst, {"epoch": epoch, "dst_addr": dst}
             )
             if table == "dst_identity":
-                self._by_dst[key] = dict(hit.params)["group"] if hit else 0
+                self._by_dst[key] = dict(hit.params)["tags"] if hit else 0
             else:
                 self._by_dst[key] = (
                     dict(hit.params)["port"] if hit and hit.action == "forward" else None
                 )
         return self._by_dst[key]
 
-    def _src_group(self, switch: str, epoch: int, port: int, src: int) -> int | None:
-        """src_identity's group for a source on an ingress port (None: dropped), cached."""
+    def _src_tags(self, switch: str, epoch: int, port: int, src: int) -> int | None:
+        """src_identity's identity for a source on an ingress port (None: dropped), cached."""
         key = (switch, port, src)
-        found = self._src_groups.get(key)
+        found = self._src_ids.get(key)
         if found is None:
             values = {"epoch": epoch, "ingress_port": port, "src_addr": src}
             hit = self._index(switch, "src_identity", "src_addr").lookup(src, values)
-            group = dict(hit.params)["group"] if hit and hit.action == "set_src_group" else -1
-            found = self._src_groups[key] = (group, hit)
+            tags = dict(hit.params)["tags"] if hit and hit.action == "set_src_tags" else -1
+            found = self._src_ids[key] = (tags, hit)
         return None if found[0] < 0 else found[0]
 
-    def _policy_from(self, switch: str, src_group: int) -> list[TableEntry]:
-        """The policy entries of a switch that can match a source group (in table order)."""
-        index = self._from_group.get(switch)
-        if index is None:
+    def _policy_from(self, switch: str, src_tags: int) -> list[TableEntry]:
+        """The policy entries of a switch that can match a source identity (table order)."""
+        key = (switch, src_tags)
+        found = self._from_identity.get(key)
+        if found is None:
             entries = self.fabric.switches[switch].by_table.get("policy", [])
-            width = _WIDTH["src_group"]
-            cuts: set[int] = set()
-            for e in entries:
-                m = e.match("src_group")
-                if m is not None and len(spans := _match_intervals(m, width)) <= 4096:
-                    cuts |= _cuts(spans, (1 << width) - 1)
-            starts = [lo for lo, _hi in _classes(cuts, (1 << width) - 1)]
-            index = self._from_group[switch] = _AddressIndex(entries, "src_group", starts, width)
-        found = index.buckets[bisect.bisect_right(index.starts, src_group) - 1]
-        return [e for e in found if (m := e.match("src_group")) is None or m.covers(src_group)]
+            found = self._from_identity[key] = [
+                e for e in entries if (m := e.match("src_tags")) is None or m.covers(src_tags)
+            ]
+        return found
 
     def _policy_entries(
-        self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
+        self, switch: str, epoch: int, src_tags: int, dst_tags: int, proto: int
     ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
-        """The policy entries that can match these groups and protocol, by priority, with
-        the matches left to decide (ports, flags); cached per switch, source group and
-        class of destination groups."""
-        return self._judged(switch, epoch, src_group, dst_group, proto)[1]
+        """The policy entries that can match these identities and protocol, by priority,
+        with the matches left to decide (ports, flags); cached."""
+        return self._judged(switch, epoch, src_tags, dst_tags, proto)[1]
 
-    def _judged(
-        self, switch: str, epoch: int, src_group: int, dst_group: int, proto: int
-    ) -> tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]:
-        """`_policy_entries` with a number naming that list of entries: groups whose packets
-        meet the same entries are judged alike, so one check serves them all."""
-        by_source = self._by_source.get((switch, epoch, src_group, proto))
+    def _judged(self, switch: str, epoch: int, src_tags: int, dst_tags: int, proto: int) -> _Judged:
+        """`_policy_entries` with a number naming that list of entries: identities whose
+        packets meet the same entries are judged alike, so one check serves them all."""
+        by_source = self._by_source.get((switch, epoch, src_tags, proto))
         if by_source is None:
-            by_source = self._from_source(switch, epoch, src_group, proto)
-        starts, lists, candidates = by_source
-        slot = bisect.bisect_right(starts, dst_group) - 1 if starts else -1
-        found = lists[slot] if slot >= 0 else None
+            by_source = self._from_source(switch, epoch, src_tags, proto)
+        by_dst, candidates = by_source
+        found = by_dst.get(dst_tags)
         if found is None:
-            entries = [
-                (v, e)
-                for v, e, m, first, last in candidates
-                if (first <= slot <= last if first >= 0 else m is None or m.covers(dst_group))
-            ]
+            entries = [(v, e) for v, e, m in candidates if m is None or m.covers(dst_tags)]
             ident = tuple(id(e) for _v, e in entries)
             found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
-            if slot >= 0:
-                lists[slot] = found
+            by_dst[dst_tags] = found
         return found
 
     def _from_source(
-        self, switch: str, epoch: int, src_group: int, proto: int
-    ) -> tuple[list[int], list[_Judged | None], list[_Candidate]]:
-        """The policy entries that can match a source group and protocol, by priority, with
-        their dst_group match, and the dst_group values where that set can change (empty:
-        too fragmented to cut; filter per group)."""
-        key = (switch, epoch, src_group, proto)
-        found = self._by_source.get(key)
-        if found is not None:
-            return found
-        fixed = {"epoch": epoch, "src_group": src_group, "protocol": proto}
-        matching: list[
-            tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None, list[tuple[int, int]]]
-        ] = []
-        cuts: set[int] | None = set()
-        for entry in self._policy_from(switch, src_group):
-            if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
-                varying = tuple(m for m in entry.matches if m.field not in _GROUP_FIELDS)
-                dst = entry.match("dst_group")
-                spans = [] if dst is None else _match_intervals(dst, _WIDTH["dst_group"])
-                matching.append((varying, entry, dst, spans))
-                if cuts is not None:
-                    cuts = cuts | _cuts(spans, MAX_GROUP) if len(spans) <= 4096 else None
-        matching.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
-        starts = [] if cuts is None else [lo for lo, _hi in _classes(cuts, MAX_GROUP)]
-        # Each candidate's classes of destination groups as one slot range where it is one
-        # interval (first < 0: test its match instead).
+        self, switch: str, epoch: int, src_tags: int, proto: int
+    ) -> tuple[dict[int, _Judged], list[_Candidate]]:
+        """The policy entries that can match a source identity and protocol, by priority,
+        with their dst_tags match; and the lists already cut from them per destination."""
+        fixed = {"epoch": epoch, "src_tags": src_tags, "protocol": proto}
         candidates: list[_Candidate] = []
-        for varying, entry, dst, spans in matching:
-            first, last = -1, -1
-            if starts and dst is None:
-                first, last = 0, len(starts) - 1
-            elif starts and len(spans) == 1:
-                first = bisect.bisect_right(starts, spans[0][0]) - 1
-                last = bisect.bisect_right(starts, spans[0][1]) - 1
-            candidates.append((varying, entry, dst, first, last))
-        lists: list[_Judged | None] = [None] * len(starts)
-        found = self._by_source[key] = (starts, lists, candidates)
+        for entry in self._policy_from(switch, src_tags):
+            if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
+                varying = tuple(m for m in entry.matches if m.field not in _IDENTITY_FIELDS)
+                candidates.append((varying, entry, entry.match("dst_tags")))
+        candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
+        found = self._by_source[(switch, epoch, src_tags, proto)] = ({}, candidates)
         return found
 
     def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
@@ -636,11 +596,11 @@ class Verifier:
             rules = (forward & of_proto, reverse & of_proto)
             rules_id = rule_ids.setdefault((proto, *rules), len(rule_ids))
             first: tuple[bool, bool, int, int] | None = None
-            for index, (switch, _port, groups, _egress, _loop) in enumerate(route):
-                assert groups is not None
+            for index, (switch, _port, idents, _egress, _loop) in enumerate(route):
+                assert idents is not None
                 judge = index == 0 or (judge_last and index == len(route) - 1)
                 check = self._hop_check(
-                    switch, groups, judge, proto, rules, rules_id, src_atom, dst_atom
+                    switch, idents, judge, proto, rules, rules_id, src_atom, dst_atom
                 )
                 if not check[0]:
                     break
@@ -660,7 +620,7 @@ class Verifier:
     def _hop_check(
         self,
         switch: str,
-        groups: tuple[int, int, int],
+        idents: tuple[int, int, int],
         judge: bool,
         proto: int,
         rules: tuple[int, int],
@@ -669,10 +629,10 @@ class Verifier:
         dst_atom: int,
     ) -> tuple[bool, bool, int, int]:
         """(agrees, the policy allows some class, port/flag classes, metered allowed
-        classes) for one hop's `policy` decisions on packets of these groups and protocol
+        classes) for one hop's `policy` decisions on packets of these identities and protocol
         whose flows the `rules` (forward, reverse) match: the policy decides every such
         packet alike whatever its addresses, so the atoms given stand for all of them."""
-        ident, entries = self._judged(switch, *groups, proto)
+        ident, entries = self._judged(switch, *idents, proto)
         key = (ident, judge, rules_id)
         found = self._hop_checks.get(key)
         if found is not None:

@@ -16,7 +16,7 @@ FORMAT = "p4seg-ref/1"
 
 
 def device_config(pipeline: Pipeline) -> str:
-    range_kind = pipeline.table("policy").keys[1].match
+    range_kind = pipeline.table("policy").range_kind
     doc: dict[str, object] = {"format": FORMAT, "pipeline": pipeline.name, "range_kind": range_kind}
     doc["sizes"] = {t.name: t.size for t in pipeline.tables if t.name in DEFAULT_SIZES}
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

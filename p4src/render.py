@@ -8,11 +8,11 @@ import jinja2
 
 from p4src.spec import (
     CPU_CLONE_SESSION,
-    GROUP_BITS,
     PIPELINE,
     REASON_DENY_LOG,
     REASON_SPOOF,
     RULE_ID_BITS,
+    TAG_BITS,
     Pipeline,
 )
 
@@ -43,7 +43,7 @@ def render_program(
         clone_session=CPU_CLONE_SESSION,
         reason_deny_log=REASON_DENY_LOG,
         reason_spoof=REASON_SPOOF,
-        group_bits=GROUP_BITS,
+        tag_bits=TAG_BITS,
         rule_id_bits=RULE_ID_BITS,
     )
     # Templates are written for reading; the output keeps at most one blank line in a row.

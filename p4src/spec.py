@@ -6,17 +6,18 @@ and written into the programs as `@id`, so that p4c's P4Info and ours agree exac
 
 Ingress, in order (DESIGN.md "The pipeline"):
   epoch        keyless; its default action stamps the packet's policy epoch
-  src_identity (epoch, ingress port, source address) -> source group; miss = drop and
+  src_identity (epoch, ingress port, source address) -> source identity (tag vector); miss = drop and
                log (spoofing: the CPU copy says why, packet_in.reason = 2)
-  dst_identity (epoch, destination address) -> destination group; miss = unknown group (0)
-  policy       (epoch, groups, protocol, L4 ports, TCP flags) -> permit / deny /
+  dst_identity (epoch, destination address) -> destination identity; miss = no tags (0)
+  policy       (epoch, tags, protocol, L4 ports, TCP flags) -> permit / deny /
                deny-and-log / permit-metered, with a direct counter and a direct meter
                (RED is dropped and counted by rule id in `policy_red_drops`); default deny
   routing      destination address -> egress port; miss = drop
 
 Refinements of DESIGN.md, and why:
-- Group ids are matched as ranges in `policy`: atoms are numbered so that each service is
-  a few contiguous runs of ids, so one rule needs a few entries, not one per atom pair.
+- Identities are tag vectors matched ternary in `policy` (compiler/tags.py): each endpoint
+  set a rule names holds a (field, value) slot, so one rule needs one entry per ToR (per
+  protocol and port range) however its services are scattered, and ids stay stable.
 - ICMP has no ports: the parser puts type<<8 | code in the L4 destination-port field, so
   echo replies (type 0) are one range and need no extra key.
 """
@@ -34,9 +35,9 @@ DIRECT_COUNTER_PREFIX = 0x13
 DIRECT_METER_PREFIX = 0x15
 
 PORT_BITS = 9  # v1model standard_metadata ports
-GROUP_BITS = 16
+TAG_BITS = 256  # each address's identity vector (compiler/tags.py): 64 fields of 4 bits
 RULE_ID_BITS = 16
-UNKNOWN_GROUP = 0  # destinations outside the inventory and the policy's prefixes
+NO_TAGS = 0  # an address in none of the sets a ToR tags (dst_identity's default)
 DEFAULT_RULE_ID = 0  # the default deny
 CPU_CLONE_SESSION = 100  # the clone session the controller points at the CPU port
 
@@ -145,6 +146,14 @@ class Table:
     counter: DirectCounter | None = None
     meter: DirectMeter | None = None
 
+    def key(self, name: str) -> Key:
+        return next(k for k in self.keys if k.name == name)
+
+    @property
+    def range_kind(self) -> str:
+        """How the table matches port ranges: `range`, or `ternary` where a target has none."""
+        return next((k.match for k in self.keys if k.name == "l4_dst_port"), "range")
+
     @property
     def needs_priority(self) -> bool:
         return any(k.match in ("ternary", "range") for k in self.keys) or (
@@ -237,8 +246,8 @@ HEADERS = (
 METADATA = (
     MetadataField("ingress_port", PORT_BITS),
     MetadataField("epoch", 1),
-    MetadataField("src_group", GROUP_BITS),
-    MetadataField("dst_group", GROUP_BITS),
+    MetadataField("src_tags", TAG_BITS),
+    MetadataField("dst_tags", TAG_BITS),
     MetadataField("l4_src_port", 16),  # ICMP: 0
     MetadataField("l4_dst_port", 16),  # ICMP: type << 8 | code
     MetadataField("tcp_flags", 8),
@@ -282,8 +291,8 @@ def _action(index: int, name: str, *params: tuple[str, int]) -> Action:
 
 ACTIONS = (
     _action(1, "set_epoch", ("value", 1)),  # `epoch` would shadow the table
-    _action(2, "set_src_group", ("group", GROUP_BITS)),
-    _action(3, "set_dst_group", ("group", GROUP_BITS)),
+    _action(2, "set_src_tags", ("tags", TAG_BITS)),
+    _action(3, "set_dst_tags", ("tags", TAG_BITS)),
     _action(4, "drop"),
     _action(5, "permit", ("rule_id", RULE_ID_BITS)),
     _action(6, "permit_metered", ("rule_id", RULE_ID_BITS)),
@@ -338,7 +347,7 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
                 ("src_addr", "hdr.ipv4.src_addr", 32, "lpm"),
             ),
             actions=(
-                ActionRef("set_src_group", "TABLE_ONLY"),
+                ActionRef("set_src_tags", "TABLE_ONLY"),
                 ActionRef("drop"),
                 ActionRef("drop_spoofed", "DEFAULT_ONLY"),
             ),
@@ -351,9 +360,9 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
             "dst_identity",
             make_id(TABLE_PREFIX, 3),
             keys=_keys(EPOCH, ("dst_addr", "hdr.ipv4.dst_addr", 32, "lpm")),
-            actions=(ActionRef("set_dst_group"),),
-            default_action="set_dst_group",
-            default_args=(UNKNOWN_GROUP,),
+            actions=(ActionRef("set_dst_tags"),),
+            default_action="set_dst_tags",
+            default_args=(NO_TAGS,),
             const_default=True,
             size=size["dst_identity"],
         ),
@@ -362,8 +371,8 @@ def build_pipeline(sizes: dict[str, int] | None = None, range_kind: str = "range
             make_id(TABLE_PREFIX, 4),
             keys=_keys(
                 EPOCH,
-                ("src_group", "meta.src_group", GROUP_BITS, rk),
-                ("dst_group", "meta.dst_group", GROUP_BITS, rk),
+                ("src_tags", "meta.src_tags", TAG_BITS, "ternary"),
+                ("dst_tags", "meta.dst_tags", TAG_BITS, "ternary"),
                 ("protocol", "hdr.ipv4.protocol", 8, "ternary"),
                 ("l4_src_port", "meta.l4_src_port", 16, rk),
                 ("l4_dst_port", "meta.l4_dst_port", 16, rk),

@@ -78,7 +78,7 @@ def _show(field: str, value: int) -> str:
 
 
 def describe_entry(pipeline: Pipeline, entry: p4r.TableEntry) -> tuple[str, int | None]:
-    """A one-line reading of an entry (`policy[src_group=3..5 ...] -> permit(rule_id=2)`),
+    """A one-line reading of an entry (`policy[src_tags=3..5 ...] -> permit(rule_id=2)`),
     and the policy rule id it carries, if any."""
     table = next((t for t in pipeline.tables if t.id == entry.table_id), None)
     if table is None:

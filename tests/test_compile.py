@@ -117,7 +117,7 @@ def test_capacity_error_is_typed(
 ) -> None:
     policy = floor_policy
     with pytest.raises(CapacityError):
-        build(policy, floor, floor_policy_text, "tofino", {"policy": 50})
+        build(policy, floor, floor_policy_text, "tofino", {"policy": 10})
 
 
 def test_write_build_never_writes_over_what_it_did_not_write(

@@ -165,7 +165,7 @@ def test_entries_without_a_cuttable_field_are_searched_in_order() -> None:
     ]
     index = TableIndex(entries)
     for flag in (0x02, 0x12, 0x13):
-        values = {"epoch": 0, "src_group": 1, "dst_group": 2, "protocol": 6,
+        values = {"epoch": 0, "src_tags": 1, "dst_tags": 2, "protocol": 6,
                   "l4_src_port": 1, "l4_dst_port": 2, "tcp_flags": flag}  # fmt: skip
         assert index.lookup(values) is lookup(entries, values)
 
@@ -180,8 +180,8 @@ def test_a_large_policy_table_agrees_with_the_scan(seed: int) -> None:
         src = rnd.randrange(1, 400)
         dst = rnd.randrange(1, 400)
         matches = [
-            FieldMatch("src_group", "range", src, src + rnd.choice([0, 0, 1, 3, 7, 300])),
-            FieldMatch("dst_group", "range", dst, dst + rnd.choice([0, 0, 2, 5])),
+            FieldMatch("src_tags", "range", src, src + rnd.choice([0, 0, 1, 3, 7, 300])),
+            FieldMatch("dst_tags", "range", dst, dst + rnd.choice([0, 0, 2, 5])),
         ]
         if rnd.random() < 0.8:
             matches.append(FieldMatch("protocol", "ternary", rnd.choice([6, 17, 1]), 0xFF))
@@ -201,8 +201,8 @@ def test_a_large_policy_table_agrees_with_the_scan(seed: int) -> None:
     for _ in range(3000):
         values = {
             "epoch": rnd.randrange(2),
-            "src_group": rnd.randrange(0, 720),
-            "dst_group": rnd.randrange(0, 420),
+            "src_tags": rnd.randrange(0, 720),
+            "dst_tags": rnd.randrange(0, 420),
             "protocol": rnd.choice([6, 17, 1, 47]),
             "l4_src_port": rnd.randrange(1 << 16),
             "l4_dst_port": rnd.choice([22, 80, 443, 1024, 1030, 9876, 30005, 5]),
@@ -262,8 +262,8 @@ def test_the_compiled_floor_evaluates_as_the_scan(
                     for dport in ports:
                         values = {
                             "epoch": 0,
-                            "src_group": dict(result.hits[1].params)["group"],
-                            "dst_group": dict(result.hits[2].params)["group"],
+                            "src_tags": dict(result.hits[1].params)["tags"],
+                            "dst_tags": dict(result.hits[2].params)["tags"],
                             "protocol": proto,
                             "l4_src_port": 40000,
                             "l4_dst_port": dport,

@@ -45,7 +45,7 @@ REGEN = os.environ.get("P4SEG_REGEN") == "1"
 
 # Codes `p4seg check` cannot produce, so they have no file here; each needs a reason.
 NOT_FROM_CHECK = {
-    "E501": "back end (`p4seg compile`): more address groups than the pipeline's group bits",
+    "E501": "back end (`p4seg compile`): a ToR needs more identity tag fields than the pipeline has",
     "E502": "back end (`p4seg compile`): a table over capacity for the chosen target",
     "E503": "back end (`p4seg compile`): p4c missing or rejecting the program; depends on PATH",
 }

@@ -20,7 +20,7 @@ from compiler.entries import SwitchTables
 from compiler.evaluate import Fabric, PacketFields
 from compiler.fit import fit
 from compiler.inventory import Inventory, parse_inventory
-from compiler.lower import cidr_blocks, lower
+from compiler.lower import LowerError, cidr_blocks, lower
 from compiler.model import Policy
 from compiler.protocols import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from compiler.semantics import PolicySemantics
@@ -58,7 +58,7 @@ def mismatches(
     switches: tuple[SwitchTables, ...] | None = None,
 ) -> list[str]:
     if switches is None:
-        _, switches = lower(policy, inventory)
+        switches = lower(policy, inventory).switches
     fabric = Fabric({s.switch: s for s in switches}, inventory)
     sem = PolicySemantics(policy, pinned=[h.ip for h in inventory.hosts])
     found = []
@@ -104,37 +104,33 @@ def test_trading_floor_tables_implement_the_policy(floor: Inventory, policy: Pol
 
 
 def test_tofino_ternary_entries_implement_the_policy_too(floor: Inventory, policy: Policy) -> None:
-    _, switches = lower(policy, floor)
+    switches = lower(policy, floor).switches
     fitted = fit(switches, make_target("tofino"))
     assert all(m.kind != "range" for sw in fitted for e in sw.entries for m in e.matches)
     assert mismatches(policy, floor, switches=fitted) == []
 
 
-def test_groups_keep_services_contiguous(floor: Inventory, policy: Policy) -> None:
-    groups_of, switches = lower(policy, floor)
-    for tor, groups in groups_of.items():
-        sem = groups.semantics
-        local = 0
-        for host in floor.hosts:
-            if host.switch == tor:
-                local |= 1 << sem.addresses.atom_of(host.ip)
-        full = sem.addresses.full
-        masks = {
-            mask
-            for _, src, dst, _ in sem.boxes
-            if src & local or dst & local
-            for mask in (src & local, dst, src & ~local & full, dst & local)
-            if mask and mask != full
-        }
-        # The sets this ToR's entries match are (nearly) all single runs of group ids.
-        runs = sum(len(groups.runs(m)) for m in masks)
-        assert runs <= len(masks) + 2, (tor, runs, len(masks))
+def test_a_rule_costs_one_entry_per_tor_and_port_range(floor: Inventory, policy: Policy) -> None:
+    switches = lower(policy, floor).switches
+    for sw in switches:
+        if sw.role != "tor":
+            continue
+        forward: dict[int, int] = {}
+        for e in sw.table("policy"):
+            if e.role == "forward":
+                assert e.rule_id is not None
+                forward[e.rule_id] = forward.get(e.rule_id, 0) + 1
+        for rule_id, count in forward.items():
+            rule = policy.rule(rule_id)
+            assert rule is not None
+            # one entry per port interval, whatever the scatter of the rule's services
+            assert count == len(rule.ports), (sw.switch, rule.describe(), count)
     policy_entries = sum(len(s.table("policy")) for s in switches)
-    assert policy_entries < 150  # a handful per rule per ToR, not one per host pair
+    assert policy_entries < 110  # a rule is one entry per ToR (and its replies), not per run
 
 
 def test_spoofed_source_is_dropped_at_the_first_switch(floor: Inventory, policy: Policy) -> None:
-    _, switches = lower(policy, floor)
+    switches = lower(policy, floor).switches
     fabric = Fabric({s.switch: s for s in switches}, floor)
     algo1, oms1 = floor.hosts_by_name["algo1"], floor.hosts_by_name["oms1"]
     honest = fabric.walk("algo1", PacketFields(algo1.ip, oms1.ip, PROTO_TCP, 40000, 9876, TCP_SYN))
@@ -212,3 +208,14 @@ def test_random_policies_compile_to_tables_that_agree(text: str) -> None:
     result = check_policy(text, "random.zt", SMALL)
     assert result.policy is not None, result.diagnostics
     assert mismatches(result.policy, SMALL, limit=1) == []
+
+
+def test_more_overlapping_sets_than_tag_fields_is_e501(floor: Inventory) -> None:
+    # 65 destination sets that all hold algo1 and differ elsewhere: one field each.
+    rules = "".join(f"allow algo2 -> algo1, 10.200.0.{i} tcp 80\n" for i in range(65))
+    policy = check_policy(f"policy wide\n{rules}", "wide.zt", floor).policy
+    assert policy is not None
+    with pytest.raises(LowerError) as caught:
+        lower(policy, floor)
+    [diag] = caught.value.diagnostics
+    assert diag.code == "E501" and "tor-alg" in diag.message and "dst" in diag.message

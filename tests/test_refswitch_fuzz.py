@@ -1063,7 +1063,7 @@ def test_every_mutation_gets_its_status_and_reads_equal_the_model(
 ) -> None:
     rng = random.Random(seed)
     pipeline = pipeline_for(seed)
-    range_kind = pipeline.table("policy").keys[1].match
+    range_kind = pipeline.table("policy").range_kind
     pool = compiled_pool(pipeline, compiled[range_kind])
     _, addr = switch_address
     backup_id = rng.randint(1, PRIMARY - 1)
@@ -1284,7 +1284,7 @@ def test_garbage_gets_an_error_status_and_the_switch_keeps_serving(
 ) -> None:
     rng = random.Random(1000 + seed)
     pipeline = pipeline_for(seed)
-    pool = compiled_pool(pipeline, compiled[pipeline.table("policy").keys[1].match])
+    pool = compiled_pool(pipeline, compiled[pipeline.table("policy").range_kind])
     sw = ReferenceSwitch(device_id=DEVICE)
     addr = f"127.0.0.1:{sw.start('127.0.0.1:0')}"
     primary = FuzzSession(addr, PRIMARY)

@@ -11,6 +11,7 @@ import pytest
 from compiler.check import check_policy
 from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
+from compiler.evaluate import lookup
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.verify import verify
@@ -118,23 +119,25 @@ def test_a_widened_range_is_caught(
     assert any(c.kind in OPENED and 9877 <= c.packet.dport <= 9880 for c in result.counterexamples)
 
 
-def test_a_wrong_group_id_is_caught(
+def test_a_wrong_identity_is_caught(
     floor: Inventory, floor_with_deny: tuple[Policy, dict[str, SwitchTables]]
 ) -> None:
     policy, switches = floor_with_deny
-
-    def to(host: str) -> Callable[[TableEntry], bool]:
-        ip = floor.hosts_by_name[host].ip
-        return lambda e: (
-            e.table == "dst_identity" and getattr(_match(e, "dst_addr"), "value", None) == ip
-        )
-
-    riskdb_group = next(
-        dict(e.params)["group"] for e in switches["tor-alg"].entries if to("riskdb")(e)
-    )
+    tor = switches["tor-alg"]
+    riskdb, oms1 = floor.hosts_by_name["riskdb"].ip, floor.hosts_by_name["oms1"].ip
+    hit = lookup(tor.table("dst_identity"), {"epoch": 0, "dst_addr": riskdb})
+    tags = hit.params if hit is not None else (("tags", 0),)  # the default: no tags
     # On tor-alg, oms1's packets are labelled as riskdb's: algo -> oms1 FIX stops working.
-    relabel = lambda e: dataclasses.replace(e, params=(("group", riskdb_group),))  # noqa: E731
-    kinds = _kinds(policy, floor, _edit(switches, "tor-alg", to("oms1"), relabel))
+    relabel = TableEntry(
+        "dst_identity",
+        (FieldMatch("dst_addr", "lpm", oms1, 32),),
+        "set_dst_tags",
+        tags,
+        33,
+        role="identity",
+    )
+    corrupted = {**switches, "tor-alg": dataclasses.replace(tor, entries=(*tor.entries, relabel))}
+    kinds = _kinds(policy, floor, corrupted)
     assert {"denied-by-tables", "source-tor"} <= kinds
 
 

@@ -93,8 +93,8 @@ struct headers_t {
 struct metadata_t {
     bit<9> ingress_port;
     bit<1> epoch;
-    bit<16> src_group;
-    bit<16> dst_group;
+    bit<256> src_tags;
+    bit<256> dst_tags;
     bit<16> l4_src_port;
     bit<16> l4_dst_port;
     bit<8> tcp_flags;
@@ -191,15 +191,15 @@ control P4segIngress(inout headers_t hdr,
     }
 
     @id(0x01000002)
-    @name("set_src_group")
-    action set_src_group(bit<16> group) {
-        meta.src_group = group;
+    @name("set_src_tags")
+    action set_src_tags(bit<256> tags) {
+        meta.src_tags = tags;
     }
 
     @id(0x01000003)
-    @name("set_dst_group")
-    action set_dst_group(bit<16> group) {
-        meta.dst_group = group;
+    @name("set_dst_tags")
+    action set_dst_tags(bit<256> tags) {
+        meta.dst_tags = tags;
     }
 
     @id(0x01000004)
@@ -274,7 +274,7 @@ control P4segIngress(inout headers_t hdr,
             hdr.ipv4.src_addr : lpm @name("src_addr");
         }
         actions = {
-            @tableonly set_src_group;
+            @tableonly set_src_tags;
             drop;
             @defaultonly drop_spoofed;
         }
@@ -290,9 +290,9 @@ control P4segIngress(inout headers_t hdr,
             hdr.ipv4.dst_addr : lpm @name("dst_addr");
         }
         actions = {
-            set_dst_group;
+            set_dst_tags;
         }
-        const default_action = set_dst_group(0);
+        const default_action = set_dst_tags(0);
         size = 4096;
     }
 
@@ -301,8 +301,8 @@ control P4segIngress(inout headers_t hdr,
     table policy {
         key = {
             meta.epoch : ternary @name("epoch");
-            meta.src_group : range @name("src_group");
-            meta.dst_group : range @name("dst_group");
+            meta.src_tags : ternary @name("src_tags");
+            meta.dst_tags : ternary @name("dst_tags");
             hdr.ipv4.protocol : ternary @name("protocol");
             meta.l4_src_port : range @name("l4_src_port");
             meta.l4_dst_port : range @name("l4_dst_port");
@@ -345,7 +345,7 @@ control P4segIngress(inout headers_t hdr,
             epoch.apply();
             // Only a bound source goes on: `drop` (a miss, or an entry) has dropped the packet.
             switch (src_identity.apply().action_run) {
-                set_src_group: {
+                set_src_tags: {
                     dst_identity.apply();
                     switch (policy.apply().action_run) {
                         permit: {
