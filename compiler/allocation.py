@@ -23,6 +23,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from p4src.spec import TAG_BITS, TAG_FIELD_BITS
+
 FORMAT = "p4seg-allocation/1"
 
 Tag = tuple[int, int]  # (field, value)
@@ -106,4 +108,6 @@ def _number(value: object, lo: int, hi: int) -> int:
 def _tag(value: object) -> Tag:
     if not isinstance(value, list) or len(value) != 2:
         raise AllocationError(f"expected a tag [field, value], got {value!r}")
-    return _number(value[0], 0, 4095), _number(value[1], 1, 0xFFFF)
+    return _number(value[0], 0, TAG_BITS // TAG_FIELD_BITS - 1), _number(
+        value[1], 1, (1 << TAG_FIELD_BITS) - 1
+    )

@@ -43,8 +43,8 @@ from compiler.inventory import Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
 from compiler.semantics import PolicySemantics
-from compiler.tags import NONE, TAG_FIELD_BITS, SideCodes, TagSpaceError, allocate_side
-from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS
+from compiler.tags import MAX_FIELDS, NONE, SideCodes, TagSpaceError, allocate_side
+from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS, TAG_FIELD_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
 _BAND_BITS = 20
@@ -340,12 +340,11 @@ def _tor_codes(
         need(rule.src_text, src, rule.dst_text, dst)
         if reply_matches(rule, udp_always=rule.action is Action.DENY):
             need(rule.dst_text, dst, rule.src_text, src)
-    max_fields = TAG_BITS // TAG_FIELD_BITS
     sides = []
     for side, needs in (("src", src_needs), ("dst", dst_needs)):
         try:
             sides.append(
-                allocate_side(needs, allocation.tags.get((switch, side), SideTags()), max_fields)
+                allocate_side(needs, allocation.tags.get((switch, side), SideTags()), MAX_FIELDS)
             )
         except TagSpaceError as exc:
             raise LowerError(
@@ -411,16 +410,14 @@ def _identity(
                         role="uplink",
                     )
                 )
-    # Destinations: each run of addresses with one vector, as the fewest prefixes.
+    # Destinations: each interval of the partition (every host is one) with its vector. Not
+    # merged with equal neighbours: a host whose memberships change then changes its own
+    # entries only.
     runs: list[tuple[int, int, int]] = []
     vectors = codes.dst.vector_of_atom
     for i, start in enumerate(part.starts):
         end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
-        vector = vectors.get(part.element_atom[i], NO_TAGS)
-        if runs and runs[-1][2] == vector and runs[-1][1] + 1 == start:
-            runs[-1] = (runs[-1][0], end, vector)
-        else:
-            runs.append((start, end, vector))
+        runs.append((start, end, vectors.get(part.element_atom[i], NO_TAGS)))
     for lo, hi, vector in runs:
         if vector == NO_TAGS:
             continue  # dst_identity's default

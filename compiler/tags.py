@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 from compiler.allocation import SideTags, Tag
 from compiler.semantics import bits
+from p4src.spec import TAG_BITS, TAG_FIELD_BITS
 
-TAG_FIELD_BITS = 4
 FIELD_VALUES = (1 << TAG_FIELD_BITS) - 1  # value 0: in none of the field's sets
 FIELD_MASK = FIELD_VALUES
+MAX_FIELDS = TAG_BITS // TAG_FIELD_BITS
 
 
 class TagSpaceError(Exception):
@@ -106,8 +107,8 @@ def allocate_side(
         kept[restricted] = tag
         taken.add(tag)
         union[f] = union.get(f, 0) | restricted
-    used: dict[int, set[int]] = {}
-    for f, v in taken | set(previous.retired):
+    used: dict[int, set[int]] = {}  # slots held, retired, or being retired now
+    for f, v in taken | set(previous.retired) | set(previous.tags.values()):
         used.setdefault(f, set()).add(v)
     fields = max((f + 1 for f, _ in taken), default=0)
     # New sets, largest first (first fit packs best that way), then by key.

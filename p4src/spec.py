@@ -35,7 +35,8 @@ DIRECT_COUNTER_PREFIX = 0x13
 DIRECT_METER_PREFIX = 0x15
 
 PORT_BITS = 9  # v1model standard_metadata ports
-TAG_BITS = 256  # each address's identity vector (compiler/tags.py): 64 fields of 4 bits
+TAG_BITS = 256  # each address's identity vector (compiler/tags.py) ...
+TAG_FIELD_BITS = 4  # ... in fields of 4 bits: 64 fields of 15 tags each
 RULE_ID_BITS = 16
 NO_TAGS = 0  # an address in none of the sets a ToR tags (dst_identity's default)
 DEFAULT_RULE_ID = 0  # the default deny
