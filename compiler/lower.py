@@ -23,7 +23,8 @@ own meter, so a rule's rate holds per entry. Replies of a metered allow are not 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
@@ -139,7 +140,7 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
     for rule in policy.rules:
         if rule.id not in codes.relevant:
             continue  # no host of this rack is involved
-        src, dst = set_key(rule.src_text), set_key(rule.dst_text)
+        src, dst = codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")]
         if rule.action is Action.DENY:
             band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
             out.add(
@@ -171,8 +172,8 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
             if rule.id in codes.relevant:
                 out.add(
                     rule,
-                    set_key(rule.src_text),
-                    set_key(rule.dst_text),
+                    codes.keys[(rule.id, "src")],
+                    codes.keys[(rule.id, "dst")],
                     rule.proto,
                     action,
                     priority(band, r_rank),
@@ -185,8 +186,8 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
             _replies(
                 out,
                 rule,
-                set_key(rule.dst_text),
-                set_key(rule.src_text),
+                codes.keys[(rule.id, "dst")],
+                codes.keys[(rule.id, "src")],
                 "permit",
                 priority(BAND_REPLY, rule.id),
                 "reply",
@@ -293,9 +294,35 @@ def _routing(
     return entries
 
 
-def set_key(text: str) -> str:
-    """The key an endpoint set's tag is allocated under: its text, whitespace normalised."""
-    return " ".join(text.split())
+def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
+    """The key each rule's source and destination set is tagged under ((rule id, "src" or
+    "dst") -> key): its text, whitespace normalised — and, where one text stands for
+    different sets in this policy (a quarantine or a grant rewrites sets and keeps texts),
+    the text with a digest of the addresses for all but the largest, so that each key
+    names one set."""
+    sets: dict[str, set[tuple[Interval, ...]]] = {}
+    uses: list[tuple[tuple[int, str], str, tuple[Interval, ...]]] = []
+    for rule in policy.rules:
+        for side, text, addresses in (
+            ("src", rule.src_text, rule.src),
+            ("dst", rule.dst_text, rule.dst),
+        ):
+            text = " ".join(text.split())
+            sets.setdefault(text, set()).add(addresses.intervals)
+            uses.append(((rule.id, side), text, addresses.intervals))
+    # The largest of a text's sets keeps the bare text: a quarantine or a grant carves
+    # pieces out of a service, and the service itself keeps its tags.
+    bare = {
+        text: max(found, key=lambda iv: (sum(hi - lo + 1 for lo, hi in iv), iv))
+        for text, found in sets.items()
+    }
+    out = {}
+    for use, text, intervals in uses:
+        if intervals != bare[text]:
+            digest = hashlib.sha256(repr(intervals).encode()).hexdigest()[:12]
+            text = f"{text} ~{digest}"
+        out[use] = text
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +330,7 @@ class _ToRCodes:
     """One ToR's tags: the rules it holds entries for and each side's codes."""
 
     relevant: frozenset[int]  # rule ids
+    keys: Mapping[tuple[int, str], str]  # (rule id, side) -> the key its set is tagged under
     src: SideCodes
     dst: SideCodes
 
@@ -313,6 +341,7 @@ def _tor_codes(
     switch: str,
     local: int,
     hosts: int,
+    keys: Mapping[tuple[int, str], str],
     allocation: Allocation,
 ) -> tuple[_ToRCodes, SideTags, SideTags]:
     """Allocate the ToR's tags (compiler.tags): every set its entries match, on the universe
@@ -321,13 +350,12 @@ def _tor_codes(
     src_needs: dict[str, tuple[int, int]] = {}
     dst_needs: dict[str, tuple[int, int]] = {}
 
-    def need(src_text: str, src: int, dst_text: str, dst: int) -> None:
+    def need(src_key: str, src: int, dst_key: str, dst: int) -> None:
         # Packets from this rack go anywhere; packets from elsewhere come to this rack.
-        for needs, text, mask, universe in (
-            (src_needs, src_text, src, hosts if dst & local else local),
-            (dst_needs, dst_text, dst, full if src & local else local),
+        for needs, key, mask, universe in (
+            (src_needs, src_key, src, hosts if dst & local else local),
+            (dst_needs, dst_key, dst, full if src & local else local),
         ):
-            key = set_key(text)
             old = needs.get(key, (mask, 0))
             needs[key] = (mask, old[1] | universe)
 
@@ -337,9 +365,10 @@ def _tor_codes(
         if not (src & local or dst & local):
             continue
         relevant.add(rule.id)
-        need(rule.src_text, src, rule.dst_text, dst)
+        src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
+        need(src_key, src, dst_key, dst)
         if reply_matches(rule, udp_always=rule.action is Action.DENY):
-            need(rule.dst_text, dst, rule.src_text, src)
+            need(dst_key, dst, src_key, src)
     sides = []
     for side, needs in (("src", src_needs), ("dst", dst_needs)):
         try:
@@ -359,7 +388,7 @@ def _tor_codes(
                 ]
             ) from None
     (src_codes, src_tags), (dst_codes, dst_tags) = sides
-    return _ToRCodes(frozenset(relevant), src_codes, dst_codes), src_tags, dst_tags
+    return _ToRCodes(frozenset(relevant), keys, src_codes, dst_codes), src_tags, dst_tags
 
 
 def _identity(
@@ -458,6 +487,7 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
         hosts |= bit
         local_of[host.switch] = local_of.get(host.switch, 0) | bit
     tags: dict[tuple[str, str], SideTags] = {}
+    keys = set_keys(policy)
     out = []
     most = 0
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
@@ -469,7 +499,13 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
         )
         if switch.role == "tor":
             codes, tags[(switch.name, "src")], tags[(switch.name, "dst")] = _tor_codes(
-                semantics, policy, switch.name, local_of.get(switch.name, 0), hosts, allocation
+                semantics,
+                policy,
+                switch.name,
+                local_of.get(switch.name, 0),
+                hosts,
+                keys,
+                allocation,
             )
             most = max(most, codes.src.fields, codes.dst.fields)
             entries = _identity(codes, semantics, inventory, switch, uplinks)
