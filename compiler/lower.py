@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from compiler.addresses import Interval
+from compiler.addresses import AddressSet, Interval
 from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import P4segError, error
 from compiler.entries import (
@@ -40,7 +40,7 @@ from compiler.entries import (
     TableEntry,
     meter_for_rate,
 )
-from compiler.inventory import Inventory, Switch
+from compiler.inventory import Host, Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
 from compiler.semantics import PolicySemantics
@@ -77,6 +77,20 @@ def cidr_blocks(lo: int, hi: int, width: int = 32) -> Iterable[tuple[int, int]]:
 def _m(field: str, kind: str, value: int, arg: int = 0) -> FieldMatch:
     # Shared: the same match recurs on every switch (an uplink's host, a service's run).
     return FieldMatch(field, kind, value, arg)
+
+
+# Identity and routing entries are made once for all the switches holding them: a remote
+# host's uplink entry and its route are the same on most ToRs (keyed by ints: fast to hash).
+@functools.lru_cache(maxsize=1 << 18)
+def _source_entry(port: int, address: int, tags: int, role: str) -> TableEntry:
+    matches = (_m("ingress_port", "exact", port), _m("src_addr", "lpm", address, 32))
+    return TableEntry("src_identity", matches, "set_src_tags", (("tags", tags),), 33, None, role)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _route_entry(address: int, port: int) -> TableEntry:
+    matches = (_m("dst_addr", "lpm", address, 32),)
+    return TableEntry("routing", matches, "forward", (("port", port),), 0, None, "host")
 
 
 @dataclass
@@ -272,25 +286,18 @@ def _next_ports(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], 
 
 
 def _routing(
-    inventory: Inventory, switch: Switch, next_port: dict[tuple[str, str], int]
+    hosts: list[Host], switch: Switch, next_port: dict[tuple[str, str], int]
 ) -> list[TableEntry]:
+    """Every host's address to its port, or to the uplink towards its ToR (hosts sorted)."""
     entries = []
-    for host in sorted(inventory.hosts, key=lambda h: h.ip):
+    for host in hosts:
         if host.switch == switch.name:
             port = host.port
         elif (switch.name, host.switch) in next_port:
             port = next_port[(switch.name, host.switch)]
         else:
             continue  # unreachable: no route, the packet is dropped
-        entries.append(
-            TableEntry(
-                "routing",
-                (_m("dst_addr", "lpm", host.ip, 32),),
-                "forward",
-                (("port", port),),
-                role="host",
-            )
-        )
+        entries.append(_route_entry(host.ip, port))
     return entries
 
 
@@ -300,6 +307,7 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
     different sets in this policy (a quarantine or a grant rewrites sets and keeps texts),
     the text with a digest of the addresses for all but the largest, so that each key
     names one set."""
+    first: dict[str, AddressSet] = {}  # text -> its first set (resolved sets are shared)
     sets: dict[str, set[tuple[Interval, ...]]] = {}
     uses: list[tuple[tuple[int, str], str, tuple[Interval, ...]]] = []
     for rule in policy.rules:
@@ -308,7 +316,9 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
             ("dst", rule.dst_text, rule.dst),
         ):
             text = " ".join(text.split())
-            sets.setdefault(text, set()).add(addresses.intervals)
+            seen = first.setdefault(text, addresses)
+            if seen is not addresses and (text in sets or seen != addresses):
+                sets.setdefault(text, {seen.intervals}).add(addresses.intervals)
             uses.append(((rule.id, side), text, addresses.intervals))
     # The largest of a text's sets keeps the bare text: a quarantine or a grant carves
     # pieces out of a service, and the service itself keeps its tags.
@@ -318,7 +328,7 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
     }
     out = {}
     for use, text, intervals in uses:
-        if intervals != bare[text]:
+        if text in bare and intervals != bare[text]:
             digest = hashlib.sha256(repr(intervals).encode()).hexdigest()[:12]
             text = f"{text} ~{digest}"
         out[use] = text
@@ -394,10 +404,12 @@ def _tor_codes(
 def _identity(
     codes: _ToRCodes | None,
     semantics: PolicySemantics,
-    inventory: Inventory,
+    hosts: list[tuple[Host, int]],
     switch: Switch,
     uplinks: list[int],
 ) -> list[TableEntry]:
+    """The identity tables: a spine's uplinks (no tags), or a ToR's hosts and destinations
+    with their vectors (`hosts`: every host with its atom, by address)."""
     entries = []
     if codes is None:  # a spine
         for port in sorted({p for p in uplinks}):
@@ -414,31 +426,13 @@ def _identity(
             )
         return entries
     part = semantics.addresses
-    for host in sorted(inventory.hosts, key=lambda h: h.ip):
-        tags = (("tags", codes.src.vector_of_atom.get(part.atom_of(host.ip), NO_TAGS)),)
+    vectors = codes.src.vector_of_atom
+    for host, atom in hosts:
+        vector = vectors.get(atom, NO_TAGS)
         if host.switch == switch.name:
-            entries.append(
-                TableEntry(
-                    "src_identity",
-                    (_m("ingress_port", "exact", host.port), _m("src_addr", "lpm", host.ip, 32)),
-                    "set_src_tags",
-                    tags,
-                    33,
-                    role="host",
-                )
-            )
+            entries.append(_source_entry(host.port, host.ip, vector, "host"))
         else:  # another rack's host, arriving from the fabric
-            for port in uplinks:
-                entries.append(
-                    TableEntry(
-                        "src_identity",
-                        (_m("ingress_port", "exact", port), _m("src_addr", "lpm", host.ip, 32)),
-                        "set_src_tags",
-                        tags,
-                        33,
-                        role="uplink",
-                    )
-                )
+            entries += [_source_entry(uplink, host.ip, vector, "uplink") for uplink in uplinks]
     # Destinations: each interval of the partition (every host is one) with its vector. Not
     # merged with equal neighbours: a host whose memberships change then changes its own
     # entries only.
@@ -488,6 +482,8 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
         local_of[host.switch] = local_of.get(host.switch, 0) | bit
     tags: dict[tuple[str, str], SideTags] = {}
     keys = set_keys(policy)
+    hosts_sorted = sorted(inventory.hosts, key=lambda h: h.ip)
+    host_atoms = [(h, part.atom_of(h.ip)) for h in hosts_sorted]
     out = []
     most = 0
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
@@ -508,10 +504,10 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
                 allocation,
             )
             most = max(most, codes.src.fields, codes.dst.fields)
-            entries = _identity(codes, semantics, inventory, switch, uplinks)
+            entries = _identity(codes, semantics, host_atoms, switch, uplinks)
             entries += _policy_entries(codes, policy)
         else:
-            entries = _identity(None, semantics, inventory, switch, uplinks)
+            entries = _identity(None, semantics, host_atoms, switch, uplinks)
             entries.append(
                 TableEntry(
                     "policy",
@@ -523,7 +519,7 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
                     "fabric",
                 )
             )
-        entries += _routing(inventory, switch, next_port)
+        entries += _routing(hosts_sorted, switch, next_port)
         defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
         out.append(
             SwitchTables(

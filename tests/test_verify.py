@@ -128,15 +128,12 @@ def test_a_wrong_identity_is_caught(
     hit = lookup(tor.table("dst_identity"), {"epoch": 0, "dst_addr": riskdb})
     tags = hit.params if hit is not None else (("tags", 0),)  # the default: no tags
     # On tor-alg, oms1's packets are labelled as riskdb's: algo -> oms1 FIX stops working.
-    relabel = TableEntry(
-        "dst_identity",
-        (FieldMatch("dst_addr", "lpm", oms1, 32),),
-        "set_dst_tags",
-        tags,
-        33,
-        role="identity",
+    oms1_entry = lambda e: (  # noqa: E731
+        e.table == "dst_identity" and getattr(_match(e, "dst_addr"), "value", None) == oms1
     )
-    corrupted = {**switches, "tor-alg": dataclasses.replace(tor, entries=(*tor.entries, relabel))}
+    assert any(oms1_entry(e) for e in tor.entries)  # one entry per host: relabel it
+    relabel = lambda e: dataclasses.replace(e, params=tags)  # noqa: E731
+    corrupted = _edit(switches, "tor-alg", oms1_entry, relabel)
     kinds = _kinds(policy, floor, corrupted)
     assert {"denied-by-tables", "source-tor"} <= kinds
 
