@@ -51,6 +51,11 @@ updated concurrently; one that is slow or down is reported and never holds up th
 Entries that are already right are never rewritten: a second apply writes nothing, and an
 apply interrupted anywhere is finished by the next one.
 
+Before anything is written, the compiled tables are proven to implement the policy (as
+`p4seg verify` does); an unproven change is refused with its counterexamples and nothing
+is written. --no-verify skips the proof (the grants, quarantines and `watch` verbs take
+it too).
+
 exit status: 0 applied (or nothing to do), 2 changes pending (--dry-run), 1 error
 
 examples:
@@ -100,6 +105,15 @@ rules nothing has used: the unused permissions an access review should remove.
 
 exit status: 0, or 1 if a switch cannot be read
 """
+
+
+def no_verify_argument(p: argparse.ArgumentParser) -> None:
+    """--no-verify, for the verbs that write to switches."""
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="write without first proving the tables implement the policy (default: prove)",
+    )
 
 
 def add_controller_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +185,7 @@ def register(
     at_argument(pl)
     a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
     a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
+    no_verify_argument(a)
     a.add_argument(
         "--batch-size",
         type=int,
@@ -205,6 +220,7 @@ def register(
     _live_policy(rel, policy_arguments)
 
     w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
+    no_verify_argument(w)
     w.add_argument(
         "--batch-size",
         type=int,
@@ -246,6 +262,7 @@ def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) 
     p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY", help="inventory YAML")
     p.add_argument("--error-format", choices=("human", "json"), default="human")
     add_controller_arguments(p)
+    no_verify_argument(p)
     p.add_argument(
         "--batch-size",
         type=int,

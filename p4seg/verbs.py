@@ -134,6 +134,16 @@ def _apply_compiled(
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
     # not be hashed in its place.
     operations = in_force_report(compiled.policy, state, moment)
+    if not getattr(args, "no_verify", False) and not _proven(verb, compiled):
+        audit.append(
+            state_dir / "audit.jsonl",
+            verb,
+            **event,
+            policy=str(args.policy),
+            policy_sha256=hashlib.sha256(compiled.policy_text.encode()).hexdigest(),
+            result="refused: the compiled tables are not proven to implement the policy",
+        )
+        return EXIT_ERROR, compiled
     code, reports = run(verb, args, compiled)
     dry = getattr(args, "dry_run", False)
     changed = any(r.written for r in reports)
@@ -155,6 +165,27 @@ def _apply_compiled(
             switches=_summary(reports),
         )
     return code, compiled
+
+
+def _proven(verb: str, compiled: Compiled) -> bool:
+    """Whether the compiled tables implement the effective policy (compiler/verify.py);
+    if not, why, on stderr. A change is written only once it is proven (fail closed)."""
+    from compiler.verify import verify
+
+    switches = {sw.switch: sw for sw in compiled.build.switches}
+    result = verify(compiled.policy, compiled.inventory, switches)
+    if result.proven:
+        return True
+    shown = result.counterexamples[:5]
+    print(
+        f"p4seg {verb}: error: the compiled tables do not implement the policy "
+        f"({len(result.counterexamples)} counterexample(s)); nothing was written",
+        file=sys.stderr,
+    )
+    for c in shown:
+        print("  " + c.describe().replace("\n", "\n  "), file=sys.stderr)
+    print("  (a p4seg bug: please report it; --no-verify writes unproven tables)", file=sys.stderr)
+    return False
 
 
 def _load_state(args: argparse.Namespace, verb: str) -> LiveState | None:

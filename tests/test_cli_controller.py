@@ -220,3 +220,49 @@ def test_watch_removes_an_expired_grant_while_the_policy_file_is_broken(
     assert not loop.is_alive()
     record = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
     assert record["from"] == "last good text" and len(record["expired_grants"]) == 1
+
+
+def test_apply_writes_only_tables_proven_to_implement_the_policy(
+    site: tuple[ReferenceSwitch, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import dataclasses
+
+    import compiler.emit
+    from compiler.lower import Lowered, lower
+
+    sw, inv = site
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h4", 443)
+
+    def widening(*args: object, **kwargs: object) -> Lowered:
+        # A compiler bug: h2 -> remediation tcp 443 slips in (the h1 rule without its source).
+        lowered = lower(*args, **kwargs)  # type: ignore[arg-type]
+        tor = lowered.switches[0]
+        bad = [
+            dataclasses.replace(e, matches=tuple(m for m in e.matches if m.field != "src_tags"))
+            if e.table == "policy" and e.rule_id == 2 and e.role == "forward"
+            else e
+            for e in tor.entries
+        ]
+        return dataclasses.replace(
+            lowered, switches=(dataclasses.replace(tor, entries=tuple(bad)),)
+        )
+
+    monkeypatch.setattr(compiler.emit, "lower", widening)
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
+    capsys.readouterr()
+    assert main(["apply", "small.zt", *inv]) == 1
+    err = capsys.readouterr().err
+    assert "do not implement the policy" in err and "nothing was written" in err
+    assert "10.0.0.2" in err  # the counterexample: h2's packet to the remediation host
+    # nothing reached the switch: the old policy still holds, the widening never did
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h1", "h3", 8081)
+    assert not _passes(sw, "h2", "h4", 443)
+    assert main(["audit", "verify"]) == 0
+    last = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "apply" and last["result"].startswith("refused")
+    # --no-verify is the operator's explicit choice
+    assert main(["apply", "small.zt", *inv, "--no-verify"]) == 0
+    assert _passes(sw, "h2", "h4", 443)
