@@ -126,8 +126,15 @@ def test_partial_failure_of_a_batch_is_reported_and_the_retry_converges(
     assert not report.ok and "updates failed" in (report.error or "")
     assert report.failed_updates and all(c.table == "routing" for c, _ in report.failed_updates)
     assert all("RESOURCE_EXHAUSTED" in e for _, e in report.failed_updates)
-    (retry,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions(batch_size=50)))
-    assert retry.ok
+    # Each update fails once; an apply stops at a failed batch, so updates it never sent
+    # may fail on the next one: every apply gets further, and they converge.
+    failures = [len(report.failed_updates)]
+    for _ in range(5):
+        (retry,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions(batch_size=50)))
+        if retry.ok:
+            break
+        failures.append(len(retry.failed_updates))
+    assert retry.ok, failures
     want = {e.SerializeToString(deterministic=True) for e in one[0].desired.entries.values()}
     assert _held_entries(refs["tor-alg"]) == want
 
