@@ -298,7 +298,7 @@ def _syntax_diagnostic(
         return error(
             "E005",
             f"unexpected {found} after the statement: expected {wants}an option (log, reply, "
-            f"rate, for, during) or a new statement{tail}",
+            f"rate, for, during, name) or a new statement{tail}",
             span,
         )
     return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
