@@ -18,7 +18,7 @@ A priority is `band << 28 | sub << 16 | (0xFFFF - rule id)` (a P4Runtime int32 >
 `sub` 0 except in the metered band, where it ranks the rule's rate among the policy's
 distinct rates (the lowest rate highest). Rule ids are stable (compiler.allocation), so
 inserting, removing or editing a rule changes no other rule's entries — except metered
-entries when a new distinct rate joins below theirs.
+entries of lower rates when a rate appears or disappears (their sub-band moves up/down).
 
 Meters. The forward entries of a `rate` allow are `permit_metered` and carry the direct
 meter's config derived from the rate (compiler.entries.meter_for_rate); each entry has its
