@@ -129,6 +129,8 @@ def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, All
     Raises RuleIdsExhausted (nothing assigned) when a new rule finds no free id.
     """
     keys = {r.key for r in policy.rules}
+    if len(keys) != len(policy.rules) or "" in keys:  # resolve keys every rule, uniquely
+        raise ValueError("rules without a key, or two rules with one key")
     kept = {k: v for k, v in allocation.rules.items() if k in keys}
     retired = set(allocation.retired_rules) | {
         v for k, v in allocation.rules.items() if k not in keys
