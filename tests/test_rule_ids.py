@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -414,3 +415,54 @@ def test_a_new_rate_moves_only_lower_rates_and_too_many_rates_is_E504(floor: Inv
     with pytest.raises(LowerError) as err:
         _rate_ranks(with_rates(*range(1, MAX_DISTINCT_RATES + 2)))
     assert [d.code for d in err.value.diagnostics] == ["E504"]
+
+
+@pytest.fixture
+def floor_site(
+    tmp_path: Path, floor: Inventory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[str]]:
+    """The trading floor's switches as reference switches on loopback; its inventory file
+    pointing at them (the command line's `-i` argument)."""
+    from runtime.refswitch.switch import ReferenceSwitch
+
+    started: list[ReferenceSwitch] = []
+    text = FLOOR_INVENTORY.read_text()
+    try:
+        for s in floor.switches:
+            sw = ReferenceSwitch(s.device_id)
+            started.append(sw)
+            port = sw.start("127.0.0.1:0")
+            text = text.replace(f'p4rt: "{s.p4rt}"', f'p4rt: "127.0.0.1:{port}"')
+        inventory = tmp_path / "floor.yaml"
+        inventory.write_text(text)
+        monkeypatch.chdir(tmp_path)
+        yield ["-i", str(inventory), "--state", str(tmp_path / "state")]
+    finally:
+        for sw in started:
+            sw.stop()
+
+
+def test_apply_of_an_inserted_rule_writes_nothing_where_no_dev_host_is(
+    floor_site: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """issue 12's example end to end: after `apply`, inserting `allow dev -> dev tcp 22` at
+    the top writes nothing on the five ToRs (and two spines) that host no dev machine."""
+    from p4seg.allocations import state_allocation
+    from p4seg.cli import main
+
+    policy = tmp_path / "floor.zt"
+    policy.write_text(FLOOR_POLICY.read_text())
+    assert main(["apply", str(policy), *floor_site]) == 0
+    first = state_allocation(tmp_path / "state")
+    assert sorted(first.rules.values()) == list(range(1, len(first.rules) + 1))
+    policy.write_text(_insert_above_first_rule(FLOOR_POLICY.read_text(), NEW_RULE))
+    capsys.readouterr()
+    assert main(["apply", str(policy), *floor_site, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    written = {s["switch"]: s["written"] for s in doc["switches"]}
+    assert set(written) == {"tor-md", "tor-alg", "tor-oms", "tor-rsk", "tor-stl", "tor-dev",
+                            "spine1", "spine2"}  # fmt: skip
+    assert {s for s, n in written.items() if n} == {"tor-dev"}, written
+    second = state_allocation(tmp_path / "state")
+    assert {k: v for k, v in second.rules.items() if k in first.rules} == first.rules
+    assert set(second.rules.values()) - set(first.rules.values()) == {len(first.rules) + 1}
