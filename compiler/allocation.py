@@ -19,19 +19,27 @@ Stored as JSON (`allocation.json` in a build and in the controller's state direc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from compiler.diagnostics import P4segError, error
+from compiler.model import Policy
 from p4src.spec import TAG_BITS, TAG_FIELD_BITS
 
 FORMAT = "p4seg-allocation/1"
 
 Tag = tuple[int, int]  # (field, value)
+MAX_RULE_ID = 0xFFFE  # 0 is the default deny, 0xFFFF the fabric's permit
 
 
 class AllocationError(ValueError):
     """An allocation file that cannot be used (bad JSON, wrong format, bad numbers)."""
+
+
+class RuleIdsExhausted(P4segError):
+    """Every rule id is held or retired: no id for a new rule (E504)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +119,47 @@ def _tag(value: object) -> Tag:
     return _number(value[0], 0, TAG_BITS // TAG_FIELD_BITS - 1), _number(
         value[1], 1, (1 << TAG_FIELD_BITS) - 1
     )
+
+
+def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, Allocation]:
+    """Give every rule of `policy` its stable id, and the allocation that records them.
+
+    A key the allocation holds keeps its id; a new key takes, in file order, the lowest
+    id that is neither held nor retired; the ids of keys the policy no longer has are
+    retired (see :meth:`Allocation.settled`). With an empty allocation the ids are the
+    file positions. Deterministic: the same policy and allocation give the same ids.
+    Raises RuleIdsExhausted (nothing assigned) when a new rule finds no free id.
+    """
+    keys = {r.key for r in policy.rules}
+    if len(keys) != len(policy.rules) or "" in keys:  # resolve keys every rule, uniquely
+        raise ValueError("rules without a key, or two rules with one key")
+    kept = {k: v for k, v in allocation.rules.items() if k in keys}
+    retired = set(allocation.retired_rules) | {
+        v for k, v in allocation.rules.items() if k not in keys
+    }
+    taken = set(kept.values()) | retired
+    ids = dict(kept)
+    candidate = 1
+    for r in policy.rules:
+        if r.key in ids:
+            continue
+        while candidate in taken:
+            candidate += 1
+        if candidate > MAX_RULE_ID:
+            new = sum(r.key not in kept for r in policy.rules)
+            raise RuleIdsExhausted(
+                [
+                    error(
+                        "E504",
+                        f"no free rule id for {r.label} `{r.describe()}`: {len(kept)} rules "
+                        f"keep theirs, {len(retired)} are retired and {new} are new, of "
+                        f"{MAX_RULE_ID}; apply to every switch so that retired ids are freed",
+                        r.span,
+                    )
+                ]
+            )
+        ids[r.key] = candidate
+        taken.add(candidate)
+    rules = tuple(dataclasses.replace(r, id=ids[r.key]) for r in policy.rules)
+    out = Allocation(ids, frozenset(retired), allocation.tags)
+    return dataclasses.replace(policy, rules=rules), out

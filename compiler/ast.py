@@ -108,7 +108,15 @@ class DuringOption:
     days: tuple[DayRange, ...] = ()  # (): every day
 
 
-Option = LogOption | ReplyOption | RateOption | ForOption | DuringOption
+@dataclass(frozen=True, slots=True)
+class NameOption:
+    """`name NAME`: the rule's stable name (its key across policy versions)."""
+
+    name: Name
+    span: Span
+
+
+Option = LogOption | ReplyOption | RateOption | ForOption | DuringOption | NameOption
 
 OPTION_KEYWORD: dict[type, str] = {
     LogOption: "log",
@@ -116,6 +124,7 @@ OPTION_KEYWORD: dict[type, str] = {
     RateOption: "rate",
     ForOption: "for",
     DuringOption: "during",
+    NameOption: "name",
 }
 
 

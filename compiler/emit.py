@@ -12,6 +12,8 @@ inputs, byte-identical outputs.
     DIR/entries/<switch>.json          p4seg's entry format
     DIR/entries/<switch>-runtime.json  the p4lang tutorials runtime format, for interop
     DIR/report.json                    rules -> source lines, entries and utilisation, resources
+    DIR/allocation.json                the stable rule ids (compiler.allocation): the next
+                                       compile into DIR starts from them
     DIR/p4seg-build.json               the manifest: every file above that p4seg wrote
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
-from compiler.allocation import Allocation
+from compiler.allocation import Allocation, AllocationError
 from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
 from compiler.fit import fit
 from compiler.inventory import Inventory
@@ -105,7 +107,7 @@ def build(
         )
     report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     files["report.json"] = _dumps(report)
-    files["allocation.json"] = lowered.allocation.to_json()
+    files[ALLOCATION] = lowered.allocation.to_json()
     return Build(target, files, report, fitted, lowered.allocation)
 
 
@@ -236,6 +238,8 @@ def _report(
         + [
             {
                 "id": r.id,
+                "key": r.key,
+                **({"name": r.name} if r.name else {}),
                 "text": r.describe(),
                 "file": r.span.file,
                 "line": r.span.line,
@@ -291,6 +295,7 @@ def summary(build_: Build) -> str:
 
 
 MANIFEST = "p4seg-build.json"  # in every build: the files p4seg wrote there, and only those
+ALLOCATION = "allocation.json"  # in every build: the allocation the compile ended with
 
 
 class OutputDirError(Exception):
@@ -345,6 +350,23 @@ def _written_before(target: Path) -> set[str] | None:
         raise OutputDirError(
             f"{path}: unreadable build manifest ({err}); nothing written"
         ) from None
+
+
+def previous_allocation(out_dir: str) -> Allocation:
+    """The allocation of the p4seg build in `out_dir`: empty when `out_dir` holds no build
+    or a build without one; AllocationError or OutputDirError when it cannot be read."""
+    target = Path(out_dir)
+    if not target.is_dir():
+        return Allocation()
+    written = _written_before(target.resolve())
+    if written is None or ALLOCATION not in written:
+        return Allocation()
+    path = target / ALLOCATION
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AllocationError(f"{path}: cannot read ({err})") from None
+    return Allocation.from_json(text, str(path))
 
 
 def _check_path(target: Path, rel: str, ours: set[str]) -> None:

@@ -1,7 +1,7 @@
 """`p4seg fmt`: print a policy in canonical form, keeping every comment.
 
 Canonical form: one statement per line, single spaces, options in a fixed order (log,
-reply, rate, for, during), columns aligned within a run of statements of the same kind,
+reply, rate, for, during, name), columns aligned within a run of statements of the same kind,
 trailing comments aligned within the run, at most one blank line between runs. Formatting
 is idempotent and never changes what the policy means (both are property-tested).
 """
@@ -19,6 +19,7 @@ _OPTION_ORDER = {
     ast.RateOption: 2,
     ast.ForOption: 3,
     ast.DuringOption: 4,
+    ast.NameOption: 5,
 }
 
 
@@ -54,6 +55,8 @@ def _option(opt: ast.Option) -> str:
         return f"rate {opt.value}"
     if isinstance(opt, ast.ForOption):
         return f"for {opt.value}"
+    if isinstance(opt, ast.NameOption):
+        return f"name {opt.name.text}"
     days = ",".join(d.first if d.last is None else f"{d.first}-{d.last}" for d in opt.days)
     zone = f" {opt.zone}" if opt.zone else ""
     return f"during {opt.start}-{opt.end}{' ' + days if days else ''}{zone}"

@@ -11,9 +11,14 @@ other racks' hosts on its uplinks, and holds the policy entries of every rule th
 involves one of its hosts; it judges traffic from and to its hosts. Spines forward.
 
 Priorities (higher wins), one band per kind, rules ordered inside a band exactly as the
-semantics choose the deciding rule (compiler.semantics):
+semantics choose the deciding rule (compiler.semantics: the lowest rule id decides):
   7 logged deny   6 deny   5 metered allow (lowest rate first)   4 allow
   3 logged deny of replies   2 deny of replies   1 reply allows   0 `default deny log`
+A priority is `band << 28 | sub << 16 | (0xFFFF - rule id)` (a P4Runtime int32 > 0), with
+`sub` 0 except in the metered band, where it ranks the rule's rate among the policy's
+distinct rates (the lowest rate highest). Rule ids are stable (compiler.allocation), so
+inserting, removing or editing a rule changes no other rule's entries — except metered
+entries of lower rates when a rate appears or disappears (their sub-band moves up/down).
 
 Meters. The forward entries of a `rate` allow are `permit_metered` and carry the direct
 meter's config derived from the rate (compiler.entries.meter_for_rate); each entry has its
@@ -48,7 +53,8 @@ from compiler.tags import MAX_FIELDS, NONE, SideCodes, TagSpaceError, allocate_s
 from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS, TAG_FIELD_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
-_BAND_BITS = 20
+_BAND_SHIFT, _SUB_SHIFT = 28, 16
+MAX_DISTINCT_RATES = (1 << (_BAND_SHIFT - _SUB_SHIFT)) - 1
 
 BAND_DENY_LOG, BAND_DENY, BAND_METERED, BAND_ALLOW = 7, 6, 5, 4
 BAND_REPLY_DENY_LOG, BAND_REPLY_DENY, BAND_REPLY, BAND_DEFAULT = 3, 2, 1, 0
@@ -58,9 +64,27 @@ class LowerError(P4segError):
     """The policy cannot be laid out on the switches (e.g. more atoms than group ids)."""
 
 
-def priority(band: int, rank: int) -> int:
-    """P4Runtime priority for the `rank`-th rule of a band (rank 0 decides first)."""
-    return (band << _BAND_BITS) | ((1 << _BAND_BITS) - 1 - rank)
+def priority(band: int, rule_id: int, sub: int = 0) -> int:
+    """P4Runtime priority of a rule's entries in a band: the lowest rule id decides first,
+    after a higher `sub` (the metered band's rate rank)."""
+    return band << _BAND_SHIFT | sub << _SUB_SHIFT | (FABRIC_RULE_ID - rule_id)
+
+
+def _rate_ranks(policy: Policy) -> dict[int, int]:
+    """Metered band: rate -> sub-band, the lowest rate highest (so it decides first)."""
+    rates = sorted({r.rate_pps for r in policy.rules if r.rate_pps is not None})
+    if len(rates) > MAX_DISTINCT_RATES:
+        raise LowerError(
+            [
+                error(
+                    "E504",
+                    f"the policy has {len(rates)} distinct rates; the metered band orders at "
+                    f"most {MAX_DISTINCT_RATES}",
+                    None,
+                )
+            ]
+        )
+    return {rate: len(rates) - i for i, rate in enumerate(rates)}
 
 
 def cidr_blocks(lo: int, hi: int, width: int = 32) -> Iterable[tuple[int, int]]:
@@ -144,17 +168,13 @@ class _PolicyEntries:
 
 def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
     out = _PolicyEntries(codes, [])
-    denies = [r for r in policy.rules if r.action is Action.DENY]
-    allows = [r for r in policy.rules if r.action is Action.ALLOW]
-    metered = sorted(
-        (r for r in allows if r.rate_pps is not None), key=lambda r: (r.rate_pps, r.id)
-    )
-    plain = [r for r in allows if r.rate_pps is None]
-    rank = {r.id: i for i, r in enumerate(denies)}
-    for rule in policy.rules:
-        if rule.id not in codes.relevant:
-            continue  # no host of this rack is involved
-        src, dst = codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")]
+    rate_rank = _rate_ranks(policy)
+    mine = [
+        (rule, codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")])
+        for rule in policy.rules
+        if rule.id in codes.relevant  # else no host of this rack is involved
+    ]
+    for rule, src, dst in mine:
         if rule.action is Action.DENY:
             band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
             out.add(
@@ -163,7 +183,7 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 dst,
                 rule.proto,
                 action,
-                priority(band, rank[rule.id]),
+                priority(band, rule.id),
                 "forward",
                 dport=rule.ports,
             )
@@ -174,34 +194,36 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 dst,
                 src,
                 action,
-                priority(rband, rank[rule.id]),
+                priority(rband, rule.id),
                 "reverse-deny",
                 udp_always=True,
             )
-    for band, group, action in (
-        (BAND_METERED, metered, "permit_metered"),
-        (BAND_ALLOW, plain, "permit"),
-    ):
-        for r_rank, rule in enumerate(group):
-            if rule.id in codes.relevant:
-                out.add(
-                    rule,
-                    codes.keys[(rule.id, "src")],
-                    codes.keys[(rule.id, "dst")],
-                    rule.proto,
-                    action,
-                    priority(band, r_rank),
-                    "forward",
-                    dport=rule.ports,
-                    meter=None if rule.rate_pps is None else meter_for_rate(rule.rate_pps),
-                )
-    for rule in allows:
-        if rule.id in codes.relevant:
+    for rule, src, dst in mine:
+        if rule.action is not Action.ALLOW:
+            continue
+        if rule.rate_pps is None:
+            band, action, sub, meter = BAND_ALLOW, "permit", 0, None
+        else:
+            band, action = BAND_METERED, "permit_metered"
+            sub, meter = rate_rank[rule.rate_pps], meter_for_rate(rule.rate_pps)
+        out.add(
+            rule,
+            src,
+            dst,
+            rule.proto,
+            action,
+            priority(band, rule.id, sub),
+            "forward",
+            dport=rule.ports,
+            meter=meter,
+        )
+    for rule, src, dst in mine:
+        if rule.action is Action.ALLOW:
             _replies(
                 out,
                 rule,
-                codes.keys[(rule.id, "dst")],
-                codes.keys[(rule.id, "src")],
+                dst,
+                src,
                 "permit",
                 priority(BAND_REPLY, rule.id),
                 "reply",
@@ -214,7 +236,7 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 (),
                 "deny_and_log",
                 (("rule_id", DEFAULT_RULE_ID),),
-                priority(BAND_DEFAULT, 0),
+                priority(BAND_DEFAULT, DEFAULT_RULE_ID),
                 DEFAULT_RULE_ID,
                 "default-log",
             )

@@ -7,9 +7,11 @@ downstream (alerts, traces, counterexamples) can say which line decided.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -130,7 +132,15 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class PolicyRule:
-    """One allow/deny rule. `id` is 1-based in file order; 0 is the default deny."""
+    """One allow/deny rule.
+
+    `id` is the stable rule id (1..0xFFFE; 0 is the default deny, 0xFFFF the fabric's
+    permit): what entries, counters and alerts carry. It equals `position` until
+    compiler.allocation.assign_rule_ids maps `key` to the id an earlier compile gave it.
+    `key` names the rule across versions: its `name`, else a hash of `describe()` (plus
+    `#n` for the n-th copy of the same text). `position` (1-based file order) is for
+    display only; no decision depends on it.
+    """
 
     id: int
     action: Action
@@ -147,6 +157,14 @@ class PolicyRule:
     duration_s: int | None
     window: TimeWindow | None
     span: Span
+    key: str = ""
+    position: int = 0
+    name: str | None = None  # `name NAME` as written
+
+    @property
+    def label(self) -> str:
+        """How messages point at the rule for people: its name, else its line."""
+        return f"rule {self.name}" if self.name else f"the rule at line {self.span.line}"
 
     @property
     def answers_pings(self) -> bool:
@@ -213,10 +231,34 @@ class Policy:
     default_span: Span | None
     expects: tuple[ExpectCase, ...]
 
+    _by_id: dict[int, PolicyRule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {r.id: r for r in self.rules})
+
     def rule(self, rule_id: int) -> PolicyRule | None:
-        if 1 <= rule_id <= len(self.rules):
-            return self.rules[rule_id - 1]
-        return None
+        """The rule with this (stable) rule id, or None."""
+        return self._by_id.get(rule_id)
+
+
+def text_key(text: str) -> str:
+    """The key of an unnamed rule: a hash of its normalised text (`PolicyRule.describe`)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_keys(rules: Sequence[PolicyRule]) -> tuple[PolicyRule, ...]:
+    """`rules` with their keys: the name, else the hash of the text, `#n` on its n-th copy.
+
+    Everything `describe` shows is in the key, so editing a rule (a port, `log`, a rate)
+    makes it a new rule with a new id; give it a `name` to keep its id through edits.
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for r in rules:
+        base = r.name if r.name is not None else text_key(r.describe())
+        seen[base] = n = seen.get(base, 0) + 1
+        out.append(dataclasses.replace(r, key=base if n == 1 else f"{base}#{n}"))
+    return tuple(out)
 
 
 def format_ports(ports: tuple[Interval, ...]) -> str:

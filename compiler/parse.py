@@ -50,7 +50,7 @@ KEYWORDS: dict[str, str] = {
 KEYWORD_TYPES = frozenset(KEYWORDS.values())
 STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect", "ports")
 _STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
-_OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING"})
+_OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING", "RULE_NAME"})
 _STATEMENT_START = re.compile(r"^[ \t]*(?:" + "|".join(STATEMENT_KEYWORDS) + r")\b", re.MULTILINE)
 
 # How an expected terminal reads in an error message.
@@ -72,6 +72,7 @@ _EXPECTED_WORDS: dict[str, str] = {
     "EXCEPT": "`except`",
     "ICMP_TYPE": "`type`",
     "ICMP_CODE": "`code`",
+    "RULE_NAME": "`name`",
 }
 
 
@@ -297,7 +298,7 @@ def _syntax_diagnostic(
         return error(
             "E005",
             f"unexpected {found} after the statement: expected {wants}an option (log, reply, "
-            f"rate, for, during) or a new statement{tail}",
+            f"rate, for, during, name) or a new statement{tail}",
             span,
         )
     return error("E001", f"unexpected {found}: expected {_expected_words(expected)}", span)
@@ -424,6 +425,10 @@ class _ToAst(Transformer[Token, Any]):
     def opt_for(self, children: list[Token]) -> ast.ForOption:
         keyword, value = children
         return ast.ForOption(str(value), self._span(keyword, value), self._tok(value))
+
+    def opt_name(self, children: list[Token]) -> ast.NameOption:
+        keyword, name = children
+        return ast.NameOption(ast.Name(str(name), self._tok(name)), self._span(keyword, name))
 
     def zone(self, children: list[Token]) -> Token:
         return _joined_token(children, children[0], children[-1])

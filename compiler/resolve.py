@@ -39,6 +39,7 @@ from compiler.model import (
     PolicyRule,
     Service,
     TimeWindow,
+    with_keys,
 )
 from compiler.parse import TOO_MANY_DIGITS
 from compiler.protocols import MAX_PORT, PROTOCOL_NUMBERS
@@ -560,6 +561,28 @@ class _Resolver:
                 ok = False
         return ok
 
+    def check_rule_names(self, rule_stmts: list[ast.Rule]) -> None:
+        """Rule names: unique in the file (E105), and well formed (E106)."""
+        first: dict[str, ast.Name] = {}
+        for stmt in rule_stmts:
+            for opt in stmt.options:
+                if not isinstance(opt, ast.NameOption):
+                    continue
+                name = opt.name
+                problem = _rule_name_problem(name.text)
+                if problem:
+                    self.fail("E106", problem, name.span)
+                elif name.text in first:
+                    self.fail(
+                        "E105",
+                        f"rule name '{name.text}' is used twice",
+                        name.span,
+                        Note("first used here", first[name.text].span),
+                    )
+                else:
+                    first[name.text] = name
+                break  # a second `name` on one rule is E209
+
     def rule(self, stmt: ast.Rule, rule_id: int) -> PolicyRule | None:
         src = self.resolve_set(stmt.src, stmt.src_except)
         dst = self.resolve_set(stmt.dst, stmt.dst_except)
@@ -592,8 +615,11 @@ class _Resolver:
                 ok = ok and window is not None
         if src is None or dst is None or ports is None or not ok:
             return None
+        name = next((o.name.text for o in stmt.options if isinstance(o, ast.NameOption)), None)
         return PolicyRule(
             id=rule_id,
+            position=rule_id,
+            name=name,
             action=Action(stmt.action),
             src=src,
             dst=dst,
@@ -697,6 +723,7 @@ class _Resolver:
 
         rules: list[PolicyRule] = []
         rule_stmts = [s for s in statements if isinstance(s, ast.Rule)]
+        self.check_rule_names(rule_stmts)
         for rule_id, rule_stmt in enumerate(rule_stmts, start=1):
             resolved = self.rule(rule_stmt, rule_id)
             if resolved is not None:
@@ -730,7 +757,7 @@ class _Resolver:
             name=headers[0].name.text if headers else "policy",
             file=self.tree.file,
             services=tuple(services),
-            rules=tuple(rules),
+            rules=with_keys(rules),
             default_log=default_log,
             default_span=default_span,
             expects=tuple(expects),
@@ -842,7 +869,25 @@ def _fixed_offset(zone: str) -> str | None:
     return f"{'+' if minutes > 0 else '-'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
+MAX_RULE_NAME = 64
+_GENERATED_KEY = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _rule_name_problem(name: str) -> str | None:
+    """What is wrong with a rule name, or None."""
+    if len(name) > MAX_RULE_NAME:
+        return f"rule name {quote(name)} is longer than {MAX_RULE_NAME} characters"
+    if _GENERATED_KEY.match(name):
+        return (
+            f"rule name '{name}' has the form of a generated rule key (16 hex digits), "
+            "which unnamed rules get; choose another name"
+        )
+    return None
+
+
 def _option_problem(opt: ast.Option, action: str, proto: str, default: bool) -> str | None:
+    if isinstance(opt, ast.NameOption) and not default:
+        return None
     if default:
         if isinstance(opt, ast.LogOption):
             return None

@@ -28,6 +28,7 @@ import bisect
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
 from compiler.model import Action, ExpectCase, Policy, PolicyRule, format_icmp_types
@@ -266,6 +267,9 @@ class PolicySemantics:
                 if r.rate_pps is not None:
                     self.metered_bits |= bit
         self.all_rules = (1 << len(rules)) - 1
+        # Bit i is the i-th rule of the policy; the deciding rule is the lowest *id*, which
+        # is the lowest bit as long as ids grow in file order (a fresh allocation).
+        self._ids_ascending = all(a.id < b.id for a, b in pairwise(rules))
         self._atom_class: list[int] | None = None
         self._port_reps: list[int] | None = None
         self._icmp_reps: list[int] | None = None
@@ -345,13 +349,13 @@ class PolicySemantics:
         if reverse_denied:
             return self._deny(reverse_denied, "reply-of-denied")
         if replies:
-            return Decision(True, self.rules[next(bits(replies))], "reply", False)
+            return Decision(True, self.first(replies), "reply", False)
         return Decision(False, None, "default", self.policy.default_log)
 
     def _deny(self, denied: int, reason: str) -> Decision:
         # A logging deny wins over a silent one, so that a logged flow is always logged.
         logged = denied & self.log_bits
-        rule = self.rules[next(bits(logged or denied))]
+        rule = self.first(logged or denied)
         return Decision(False, rule, reason, rule.log)
 
     def _deciding_allow(self, allowed: int) -> PolicyRule:
@@ -361,7 +365,13 @@ class PolicySemantics:
             return min(
                 (self.rules[i] for i in bits(metered)), key=lambda r: (r.rate_pps or 0, r.id)
             )
-        return self.rules[next(bits(allowed))]
+        return self.first(allowed)
+
+    def first(self, mask: int) -> PolicyRule:
+        """The rule of `mask` (a non-empty bit mask of rules) with the lowest rule id."""
+        if self._ids_ascending:
+            return self.rules[next(bits(mask))]
+        return min((self.rules[i] for i in bits(mask)), key=lambda r: r.id)
 
     def decide(
         self,
@@ -557,7 +567,8 @@ class PolicySemantics:
     # -- coverage (dead rules) ---------------------------------------------------------------
 
     def overlapping_denies(self, i: int) -> list[PolicyRule]:
-        """The denies that match some packet the `i`-th rule (0-based) matches."""
+        """The denies that match some packet the `i`-th rule (0-based, in the policy's
+        order) matches."""
         return [self.rules[j] for j in bits(self._candidates(i) & self.deny_bits)]
 
     def _candidates(self, i: int) -> int:
@@ -607,7 +618,8 @@ class PolicySemantics:
         """Allow rules that never decide a packet: covered by denies or by other allows."""
         dead: list[Coverage] = []
         alive = self.allow_bits
-        for i in reversed(range(len(self.rules))):  # a duplicate is reported at its later copy
+        # Highest id first: of two copies, the lower id decides, so the other is reported.
+        for i in sorted(range(len(self.rules)), key=lambda i: self.rules[i].id, reverse=True):
             rule = self.rules[i]
             if rule.action is not Action.ALLOW:
                 continue
@@ -627,7 +639,7 @@ class PolicySemantics:
             if covering is not None:
                 dead.append(Coverage(rule, False, tuple(self.rules[j] for j in covering)))
                 alive &= ~(1 << i)
-        return sorted(dead, key=lambda c: c.rule.id)
+        return sorted(dead, key=lambda c: (c.rule.position, c.rule.id))
 
 
 def atoms_of(mask: int) -> Iterator[int]:

@@ -291,8 +291,10 @@ def _judged(
     the tables are the switches' or a moment was asked for; else the policy as written."""
     if not live and not getattr(args, "at", None):
         return Judged(policy, text, [], None)
+    from compiler.allocation import AllocationError, assign_rule_ids
     from compiler.check import check_policy
-    from compiler.diagnostics import SourceFiles, render_all
+    from compiler.diagnostics import P4segError, SourceFiles, render_all
+    from p4seg.allocations import state_allocation
     from runtime.live import (
         LiveState,
         effective_policy,
@@ -320,6 +322,11 @@ def _judged(
         policy = result.policy
     hosts = {h.name: h.ip for h in inventory.hosts}
     effective = effective_policy(policy, state, moment, hosts)
+    try:  # the rule ids the controller gave: the ones the switches' entries carry
+        effective, _ = assign_rule_ids(effective, state_allocation(Path(args.state)))
+    except (AllocationError, P4segError) as err:
+        print(f"p4seg {args.verb}: error: {err}", file=sys.stderr)
+        return None
     report = in_force_report(policy, state, moment)
     return Judged(effective, granted, report.lines(), report.to_json())
 

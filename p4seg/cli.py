@@ -81,6 +81,13 @@ Checks the policy first; on any error nothing is written. Outputs are byte-ident
 the same inputs. With p4c-bm2-ss on PATH, bmv2 builds also get p4c's BMv2 JSON
 (p4/bmv2/p4seg.json); ref builds get the reference switch's device config there.
 
+Rule ids are stable: every rule has a key (its `name`, else a hash of its text) and the
+build's allocation.json maps keys to ids. A compile into a directory that already holds a
+p4seg build starts from that build's allocation.json (or from --allocation FILE), so a
+rule keeps its id and its entries' priorities, a new rule takes a free id, and the id of
+a removed rule is retired (not reused; the controller frees it once every switch has
+left the version that used it). Without an allocation, ids are the rules' positions.
+
 targets: ref (the built-in reference switch), bmv2 (simple_switch_grpc), tofino (TNA)
 
 exit status: 0 built, 1 errors (policy, inventory, capacity, p4c)
@@ -205,6 +212,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="table size for the program (repeatable), e.g. policy=32768",
+    )
+    k.add_argument(
+        "--allocation",
+        metavar="FILE",
+        help="start from this allocation.json (rule key -> id) instead of DIR's",
     )
     k.add_argument(
         "--output",
@@ -366,7 +378,8 @@ def _summary(policy: Policy, inventory: Inventory) -> str:
         f"{' log' if policy.default_log else ''}):",
     ]
     for r in policy.rules:
-        lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}")
+        named = f"  name {r.name}" if r.name else ""
+        lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}{named}")
     lines += ["", f"expectations ({len(policy.expects)}, all hold):"]
     lines += [f"  ok  {e.describe()}" for e in policy.expects]
     return "\n".join(lines)
@@ -385,7 +398,11 @@ def _policy_json(policy: Policy, inventory: Inventory) -> dict[str, object]:
             }
             for s in policy.services
         ],
-        "rules": [{"id": r.id, "line": r.span.line, "rule": r.describe()} for r in policy.rules],
+        "rules": [
+            {"id": r.id, "key": r.key, "line": r.span.line, "rule": r.describe()}
+            | ({"name": r.name} if r.name else {})
+            for r in policy.rules
+        ],
         "default": "deny log" if policy.default_log else "deny",
         "expectations": [
             {"line": e.span.line, "expect": e.describe(), "holds": True} for e in policy.expects
@@ -417,8 +434,16 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     # The back end pulls in networkx, Jinja2 and the protobufs: only `compile` pays for them.
-    from compiler.emit import OutputDirError, build, summary, write_build
+    from compiler.allocation import AllocationError, assign_rule_ids
+    from compiler.emit import (
+        OutputDirError,
+        build,
+        previous_allocation,
+        summary,
+        write_build,
+    )
     from compiler.p4c import p4c_artifacts
+    from p4seg.allocations import read_allocation
 
     sizes = _sizes(args.size)
     if sizes is None:
@@ -434,7 +459,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if result.policy is None:
         return EXIT_ERROR
     try:
-        built = build(result.policy, inventory, policy_text, args.target, sizes)
+        previous = (
+            read_allocation(args.allocation)
+            if args.allocation
+            else previous_allocation(args.output_dir)
+        )
+    except (AllocationError, OutputDirError) as err:
+        print(f"p4seg: error: {err}; nothing written", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        policy, allocation = assign_rule_ids(result.policy, previous)
+        built = build(policy, inventory, policy_text, args.target, sizes, allocation)
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format, {"ok": False})
@@ -476,10 +511,13 @@ def _front(
     text: str | None = None,
 ) -> Compiled | None:
     """The front end of every verb that drives switches: load, check and compile the
-    (effective) policy and write the build; diagnostics are reported here (None: failed).
+    (effective) policy, its rule ids from the state directory's allocation, and write the
+    build; diagnostics are reported here (None: failed).
     `text`: compile this policy text instead of the file's (watch's last good text)."""
+    from compiler.allocation import Allocation, AllocationError, assign_rule_ids
     from compiler.emit import OutputDirError, build, write_build
     from compiler.p4c import p4c_artifacts
+    from p4seg.allocations import state_allocation
     from p4seg.control import Compiled
 
     sources = SourceFiles()
@@ -496,8 +534,15 @@ def _front(
     if result.policy is None:
         return None
     effective = policy_transform(result.policy, inventory)
+    state = getattr(args, "state", None)
     try:
-        built = build(effective, inventory, compiled_text, args.target)
+        previous = state_allocation(Path(state)) if state else Allocation()
+    except AllocationError as err:
+        print(f"p4seg: error: {err}; nothing written", file=sys.stderr)
+        return None
+    try:
+        effective, allocation = assign_rule_ids(effective, previous)
+        built = build(effective, inventory, compiled_text, args.target, allocation=allocation)
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format)
@@ -508,7 +553,7 @@ def _front(
     except (OutputDirError, OSError) as err:
         print(f"p4seg: error: {err}", file=sys.stderr)
         return None
-    return Compiled(built, build_dir, inventory, effective, file_text)
+    return Compiled(built, build_dir, inventory, effective, file_text, built.allocation)
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:

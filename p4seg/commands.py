@@ -56,6 +56,11 @@ Before anything is written, the compiled tables are proven to implement the poli
 is written. --no-verify skips the proof (the grants, quarantines and `watch` verbs take
 it too).
 
+Rule ids are stable: the compile starts from the state directory's allocation.json (rule
+key -> id), so unchanged rules keep their ids and priorities and a one-rule edit writes
+that rule's entries only. After an apply the allocation is saved; ids of removed rules are
+freed for reuse only once every switch of the inventory took the new build.
+
 exit status: 0 applied (or nothing to do), 2 changes pending (--dry-run), 1 error
 
 examples:
@@ -161,7 +166,9 @@ def state_argument(p: argparse.ArgumentParser) -> None:
         "--state",
         metavar="DIR",
         default=DEFAULT_STATE,
-        help=f"live state (grants, quarantines, `for` clocks), audit log, alerts (default: {DEFAULT_STATE})",
+        help=f"live state (grants, quarantines, `for` clocks), the rule-id allocation "
+        f"(allocation.json: rules keep their ids from one apply to the next), audit log, alerts "
+        f"(default: {DEFAULT_STATE})",
     )
 
 

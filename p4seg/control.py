@@ -15,15 +15,17 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finsy.grpcutil import GRPCCredentialsTLS
 from finsy.proto import p4r
 
+from compiler.allocation import Allocation
 from compiler.emit import Build
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from p4seg.allocations import save_state_allocation
 from runtime.controller import (
     ControllerError,
     ControllerOptions,
@@ -50,6 +52,7 @@ class Compiled:
     inventory: Inventory
     policy: Policy  # the effective policy that was compiled
     policy_text: str = ""  # the policy file's text as read for this compile
+    allocation: Allocation = field(default_factory=Allocation)  # its rule ids
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:
@@ -121,6 +124,19 @@ def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict
     tmp = state_dir / f".{APPLIED_RULES}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     tmp.replace(state_dir / APPLIED_RULES)
+
+
+def _record_allocation(
+    state_dir: Path, compiled: Compiled, reports: Sequence[SwitchReport]
+) -> None:
+    """Keep the allocation this apply wrote with. Its retired ids stay retired while any
+    switch may still hold the version that used them (a failed or partial apply); once
+    every switch of the inventory holds this build, they are free again."""
+    everywhere = {r.switch for r in reports if r.ok} >= {
+        s.name for s in compiled.inventory.switches
+    }
+    allocation = compiled.allocation.settled() if everywhere else compiled.allocation
+    save_state_allocation(state_dir, allocation)
 
 
 def _entry_json(tables: Tables, entry: p4r.TableEntry, rules: dict[int, str]) -> dict[str, object]:
@@ -300,6 +316,7 @@ def run(
     before = applied_rules(state_dir)
     if apply and state_dir is not None:
         record_applied(state_dir, reports, rules)
+        _record_allocation(state_dir, compiled, reports)
     if args.output == "json":
         doc = report_json(reports, tables, rules, apply, before)
         doc["seconds"] = round(time.monotonic() - start, 3)

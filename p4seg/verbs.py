@@ -285,12 +285,14 @@ def _grant_effect(
     policy = effective_policy(result.policy, state, moment, hosts)
     grants = state.active_grants(moment)
     first_grant = len(result.policy.rules) - len(grants) + 1
-    rule = policy.rules[len(result.policy.rules) - 1]
+    newest = len(result.policy.rules) - 1  # the grant's index in the policy (and semantics)
+    rule = policy.rules[newest]
     line = grants[-1].line()
 
     def named(r: PolicyRule) -> str:
-        if first_grant <= r.id < first_grant + len(grants):  # quarantine's rules come after
-            g = grants[r.id - first_grant]
+        # Grants are the last rules of the file; quarantine's rules come after them.
+        if first_grant <= r.position < first_grant + len(grants):
+            g = grants[r.position - first_grant]
             return f"grant {g.id} (`{g.line()}`)"
         return f"`{r.describe()}` at {r.span}"
 
@@ -301,9 +303,9 @@ def _grant_effect(
             f"side is quarantined ({cut}); release first"
         )
     sem = PolicySemantics(policy)
-    coverage = next((c for c in sem.dead_rules() if c.rule.id == rule.id), None)
+    coverage = next((c for c in sem.dead_rules() if c.rule.key == rule.key), None)
     if coverage is None:
-        for deny in sem.overlapping_denies(rule.id - 1):
+        for deny in sem.overlapping_denies(newest):
             print(f"p4seg grant: warning: part of `{line}` stays blocked by "
                   f"{named(deny)} (deny overrides allow)", file=sys.stderr)  # fmt: skip
     if coverage is not None and coverage.by_deny:

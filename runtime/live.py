@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.model import Action, Policy, PolicyRule
+from compiler.model import Action, Policy, PolicyRule, text_key
 
 STATE_FILE = "live.json"
 REMEDIATION = "remediation"  # the service a quarantined host may still reach
@@ -166,11 +166,23 @@ def _quarantine(
         )  # fmt: skip
         for src, dst, src_text, dst_text in flows:
             if src and dst:
+                # Its own key (derived from the allow's), so it gets an id of its own.
+                key = text_key(f"quarantine {r.key}: {src_text} -> {dst_text}")
                 extra.append(
-                    dataclasses.replace(r, src=src, dst=dst, src_text=src_text, dst_text=dst_text)
+                    dataclasses.replace(
+                        r,
+                        src=src,
+                        dst=dst,
+                        src_text=src_text,
+                        dst_text=dst_text,
+                        name=None,
+                        key=key,
+                    )
                 )
     base = len(out)
-    return out + [dataclasses.replace(r, id=base + i) for i, r in enumerate(extra, start=1)]
+    return out + [
+        dataclasses.replace(r, id=base + i, position=base + i) for i, r in enumerate(extra, start=1)
+    ]
 
 
 def next_change(policy: Policy, state: LiveState, now: float) -> float | None:

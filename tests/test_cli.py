@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from compiler.model import text_key
 from p4seg.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,7 @@ def test_check_json_describes_the_policy(capsys: pytest.CaptureFixture[str]) -> 
     assert algo["hosts"] == ["algo1", "algo2", "algo3"]
     assert doc["policy"]["rules"][0] == {
         "id": 1,
+        "key": text_key("allow market_data -> algo udp 30001-30010"),
         "line": 20,
         "rule": "allow market_data -> algo udp 30001-30010",
     }

@@ -48,6 +48,8 @@ NOT_FROM_CHECK = {
     "E501": "back end (`p4seg compile`): a ToR needs more identity tag fields than the pipeline has",
     "E502": "back end (`p4seg compile`): a table over capacity for the chosen target",
     "E503": "back end (`p4seg compile`): p4c missing or rejecting the program; depends on PATH",
+    "E504": "rule ids (`p4seg compile`): every id held or retired by the allocation; "
+    "tests/test_rule_ids.py",
 }
 
 _CODE = re.compile(r"^(?P<code>[EW]\d{3})_[a-z0-9_]+$")

@@ -108,8 +108,15 @@ def strip(node: Any) -> Any:
     return node
 
 
-# fmt prints options as: log, reply, rate, for, during (compiler/fmt.py docstring).
-_OPTION_ORDER = [ast.LogOption, ast.ReplyOption, ast.RateOption, ast.ForOption, ast.DuringOption]
+# fmt prints options as: log, reply, rate, for, during, name (compiler/fmt.py docstring).
+_OPTION_ORDER = [
+    ast.LogOption,
+    ast.ReplyOption,
+    ast.RateOption,
+    ast.ForOption,
+    ast.DuringOption,
+    ast.NameOption,
+]
 
 
 def assert_fmt_properties(original: str, formatted: str) -> None:
@@ -249,7 +256,9 @@ def _endpoints(draw: st.DrawFn) -> list[tuple[str, str]]:
 
 def _options(draw: st.DrawFn) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    kinds = draw(st.lists(st.sampled_from(["log", "reply", "rate", "for", "during"]), max_size=3))
+    kinds = draw(
+        st.lists(st.sampled_from(["log", "reply", "rate", "for", "during", "name"]), max_size=3)
+    )
     for kind in kinds:
         out.append((kind, W))
         if kind == "rate":
@@ -258,6 +267,8 @@ def _options(draw: st.DrawFn) -> list[tuple[str, str]]:
             )
         elif kind == "for":
             out.append((draw(st.sampled_from(["15m", "2h", "1d", "30s", "2w"])), W))
+        elif kind == "name":
+            out.append((draw(NAMES), W))
         elif kind == "during":
             times = st.sampled_from(["07:00", "18:00", "7:5", "23:59", "00:00"])
             out += [(draw(times), W), ("-", P), (draw(times), W)]
