@@ -48,6 +48,7 @@ class SideTags:
 
     tags: Mapping[str, Tag] = field(default_factory=dict)
     retired: frozenset[Tag] = frozenset()
+    shared: Mapping[Tag, str] = field(default_factory=dict)  # a tag several keys hold -> its set
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class Allocation:
         return Allocation(
             self.rules,
             frozenset(),
-            {k: SideTags(v.tags, frozenset()) for k, v in self.tags.items()},
+            {k: SideTags(v.tags, frozenset(), v.shared) for k, v in self.tags.items()},
         )
 
     def to_json(self) -> str:
@@ -73,6 +74,7 @@ class Allocation:
                 f"{switch}/{side}": {
                     "tags": {k: list(v) for k, v in sorted(s.tags.items())},
                     "retired": sorted(list(t) for t in s.retired),
+                    "shared": [[*t, d] for t, d in sorted(s.shared.items())],
                 }
                 for (switch, side), s in sorted(self.tags.items())
             },
@@ -99,8 +101,9 @@ class Allocation:
                     raise AllocationError(f"{source}: bad tag table name {name!r}")
                 # Keys whose sets are equal where it matters share one tag (compiler.tags).
                 held = {str(k): _tag(v) for k, v in side.get("tags", {}).items()}
+                shared = {_tag(v[:2]): str(v[2]) for v in side.get("shared", []) if len(v) == 3}
                 tags[(switch, which)] = SideTags(
-                    held, frozenset(_tag(v) for v in side.get("retired", []))
+                    held, frozenset(_tag(v) for v in side.get("retired", [])), shared
                 )
         except (AttributeError, TypeError) as exc:
             raise AllocationError(f"{source}: malformed allocation ({exc})") from None

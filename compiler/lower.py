@@ -48,7 +48,7 @@ from compiler.entries import (
 from compiler.inventory import Host, Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
-from compiler.semantics import PolicySemantics
+from compiler.semantics import PolicySemantics, bits
 from compiler.tags import MAX_FIELDS, NONE, SideCodes, TagSpaceError, allocate_side
 from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS, TAG_FIELD_BITS
 
@@ -401,11 +401,20 @@ def _tor_codes(
         need(src_key, src, dst_key, dst)
         if reply_matches(rule, udp_always=rule.action is Action.DENY):
             need(dst_key, dst, src_key, src)
+    representative = semantics.addresses.representative
+
+    def digest(atoms: int) -> str:
+        """A set of atoms by its addresses (atom numbers change from compile to compile)."""
+        first = sorted(representative[a] for a in bits(atoms))
+        return hashlib.sha256(repr(first).encode()).hexdigest()[:16]
+
     sides = []
     for side, needs in (("src", src_needs), ("dst", dst_needs)):
         try:
             sides.append(
-                allocate_side(needs, allocation.tags.get((switch, side), SideTags()), MAX_FIELDS)
+                allocate_side(
+                    needs, allocation.tags.get((switch, side), SideTags()), MAX_FIELDS, full, digest
+                )
             )
         except TagSpaceError as exc:
             raise LowerError(

@@ -14,8 +14,9 @@ used only by rules whose packets leave this rack (source side: the rule's destin
 no host here) need only be exact on this rack's hosts, and symmetrically; so a set is
 tagged on its *universe* (all hosts, or every address, or just this rack's hosts), and two
 sets may share a field when they are disjoint there. Sets equal on their universe share
-one tag. A set that covers its whole universe needs no match at all; one that misses it
-entirely makes the rule's entries unnecessary on this ToR.
+one tag. `any` (every address) needs no match at all; a set that misses its universe
+entirely makes the rule's entries unnecessary on this ToR. Only `any` goes unmatched: a set that happens to cover its universe still gets a tag, or a rule
+that widens the universe would change the entries of every rule naming the set.
 
 Stability. Tags are allocated with compiler.allocation: a set keeps its tag across
 compiles as long as it stays disjoint from its field-mates; a new set takes the lowest free
@@ -26,7 +27,7 @@ addresses whose memberships changed — nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from compiler.allocation import SideTags, Tag
@@ -68,22 +69,28 @@ ANY, NONE = True, False
 
 
 def allocate_side(
-    needs: Mapping[str, tuple[int, int]], previous: SideTags, max_fields: int
+    needs: Mapping[str, tuple[int, int]],
+    previous: SideTags,
+    max_fields: int,
+    everything: int,
+    digest: Callable[[int], str] = str,
 ) -> tuple[SideCodes, SideTags]:
     """Tags for one side of one ToR.
 
     `needs`: key -> (atoms of the set, atoms of its universe); `previous`: what the last
-    compile allocated. Deterministic given both (keys are visited in sorted order).
+    compile allocated; `everything`: the atoms of every address (a set that is all of them
+    needs no match); `digest`: names a set of atoms by its addresses, the same from one
+    compile to the next. Deterministic given all (keys are visited in sorted order).
     """
     of_key: dict[str, Tag | bool] = {}
     holders: dict[int, list[str]] = {}  # restricted set -> keys, in key order
     for key in sorted(needs):
         mask, universe = needs[key]
         restricted = mask & universe
-        if not restricted:
-            of_key[key] = NONE
-        elif restricted == universe:
+        if mask == everything:
             of_key[key] = ANY
+        elif not restricted:
+            of_key[key] = NONE
         else:
             holders.setdefault(restricted, []).append(key)
     order = sorted(holders, key=lambda r: holders[r][0])
@@ -92,11 +99,23 @@ def allocate_side(
     kept: dict[int, Tag] = {}
     taken: set[Tag] = set()
     union: dict[int, int] = {}
+    claims: dict[Tag, set[int]] = {}
+    for restricted in order:
+        for key in holders[restricted]:
+            if (tag := previous.tags.get(key)) is not None:
+                claims.setdefault(tag, set()).add(restricted)
+    # A tag several keys shared stays with the set it stood for when its keys now stand for
+    # different sets (a quarantine carves a piece out of a service: the piece moves).
+    owner = {
+        tag: next((r for r in sorted(rs) if digest(r) == previous.shared.get(tag)), None)
+        for tag, rs in claims.items()
+        if len(rs) > 1
+    }
     for restricted in order:
         votes: dict[Tag, int] = {}
         for key in holders[restricted]:
             tag = previous.tags.get(key)
-            if tag is not None and tag not in taken:
+            if tag is not None and tag not in taken and owner.get(tag, restricted) == restricted:
                 votes[tag] = votes.get(tag, 0) + 1
         if not votes:
             continue
@@ -132,12 +151,15 @@ def allocate_side(
         fields = max(fields, slot[0] + 1)
     vectors: dict[int, int] = {}
     held: dict[str, Tag] = {}
+    shared: dict[Tag, str] = {}
     for restricted, (f, v) in kept.items():
         for key in holders[restricted]:
             of_key[key] = held[key] = (f, v)
+        if len(holders[restricted]) > 1:
+            shared[(f, v)] = digest(restricted)
         part = v << (f * TAG_FIELD_BITS)
         for atom in bits(restricted):
             vectors[atom] = vectors.get(atom, 0) | part
     now = set(kept.values())
     retired = frozenset(previous.retired | {t for t in previous.tags.values() if t not in now})
-    return SideCodes(of_key, vectors, fields), SideTags(held, retired)
+    return SideCodes(of_key, vectors, fields), SideTags(held, retired, shared)

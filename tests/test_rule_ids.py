@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -166,8 +167,10 @@ def test_inserting_a_rule_changes_only_its_entries(
     assert new_id == len(before.rules) + 1  # the lowest free id, not position 1
     assert {r.key: r.id for r in after.rules[1:]} == {r.key: r.id for r in before.rules}
 
-    old = _policy_entries(lower(before, floor)[1])
-    new = _policy_entries(lower(after, floor)[1])
+    first = lower(before, floor)
+    second = lower(after, floor, first.allocation)
+    old = _policy_entries(first.switches)
+    new = _policy_entries(second.switches)
     changed = {}
     for switch in old:
         gone = Counter(map(_without_groups, old[switch]))
@@ -179,10 +182,25 @@ def test_inserting_a_rule_changes_only_its_entries(
     assert {s for s, (_, added) in changed.items() if added} == {"tor-dev"}
     # The new rule's entries: its forward permit and the ACK replies, on tor-dev only.
     assert {e[2] for e in changed["tor-dev"][1]} == {"permit"}
-    # The other rules' entries are the same, group values included, where no dev host is.
+    # With the tags of the first compile, everything else is the same, tags included:
+    # identity tables too (`dev` was tagged on tor-dev already).
     for switch in old:
         if switch != "tor-dev":
             assert old[switch] == new[switch], switch
+    changes = {
+        a.switch: set(a.entries) ^ set(b.entries)
+        for a, b in zip(first.switches, second.switches, strict=True)
+        if a.entries != b.entries
+    }
+    assert set(changes) == {"tor-dev"}
+    policy_changes = {e for e in changes["tor-dev"] if e.table == "policy"}
+    assert {e.rule_id for e in policy_changes} == {new_id}
+    # `dev` is now a destination of tor-dev's own hosts too, so its tag must hold on
+    # every dev address, not only on tor-dev's: identities change inside 10.8.0.0/16 only.
+    dev = (int(ip_address("10.8.0.0")), int(ip_address("10.8.255.255")))
+    for e in changes["tor-dev"] - policy_changes:
+        (addr,) = (m for m in e.matches if m.field == "dst_addr")
+        assert e.table == "dst_identity" and dev[0] <= addr.value <= dev[1], e
 
 
 def test_removed_rule_id_is_retired_until_settled(
@@ -244,7 +262,7 @@ def test_the_lowest_id_decides_in_semantics_and_tables(floor: Inventory) -> None
     policy, _ = assign_rule_ids(checked, reversed_ids)
     assert [r.id for r in policy.rules] == [9, 8, 7, 6]
     sem = PolicySemantics(policy)
-    tables = {sw.switch: sw for sw in lower(policy, floor)[1]}
+    tables = {sw.switch: sw for sw in lower(policy, floor).switches}
     fabric = Fabric(tables, floor)
     hosts = floor.hosts_by_name
     for src, dst, port, want in (("algo1", "oms1", 9876, 8), ("dev1", "oms1", 22, 6)):
@@ -266,7 +284,7 @@ def test_priorities_follow_rule_ids_and_are_unique_per_rule(
     floor: Inventory, floor_policy: Policy
 ) -> None:
     policy, _ = assign_rule_ids(floor_policy, Allocation())
-    for sw in lower(policy, floor)[1]:
+    for sw in lower(policy, floor).switches:
         rules_at: dict[int, set[int | None]] = defaultdict(set)
         for e in sw.entries:
             if e.table == "policy":
@@ -284,7 +302,7 @@ def test_metered_rules_lowest_rate_first_then_lowest_id(floor: Inventory) -> Non
         "allow oms1 -> risk1 tcp 8443 rate 20000pps\nallow oms1 -> risk1 tcp 8000-9000 rate 20kpps\n"
     )
     policy, _ = assign_rule_ids(_checked(text, floor), Allocation())
-    (tor,) = (sw for sw in lower(policy, floor)[1] if sw.switch == "tor-rsk")
+    (tor,) = (sw for sw in lower(policy, floor).switches if sw.switch == "tor-rsk")
     prio = {e.rule_id: e.priority for e in tor.entries if e.action == "permit_metered"}
     assert prio[2] > prio[3] > prio[1]  # 20 kpps (id 2, then id 3) before 50 kpps
 
