@@ -117,6 +117,30 @@ def _route_entry(address: int, port: int) -> TableEntry:
     return TableEntry("routing", matches, "forward", (("port", port),), 0, None, "host")
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _tails(
+    proto: str, sport: tuple[Interval, ...], dport: tuple[Interval, ...], ack: bool
+) -> tuple[tuple[FieldMatch, ...], ...]:
+    """The matches after the identities, one tuple per entry (port range pair): the same
+    for a rule on every ToR, so made once."""
+    common: tuple[FieldMatch, ...] = ()
+    number = protocol_number(proto)
+    if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
+        common += (_m("protocol", "ternary", number, 0xFF),)
+    if ack:
+        common += (_m("tcp_flags", "ternary", TCP_ACK, TCP_ACK),)
+    out = []
+    for sp_lo, sp_hi in sport:
+        for dp_lo, dp_hi in dport:
+            tail = common
+            if (sp_lo, sp_hi) != ALL_PORTS[0]:
+                tail += (_m("l4_src_port", "range", sp_lo, sp_hi),)
+            if (dp_lo, dp_hi) != ALL_PORTS[0]:
+                tail += (_m("l4_dst_port", "range", dp_lo, dp_hi),)
+            out.append(tail)
+    return tuple(out)
+
+
 @dataclass
 class _PolicyEntries:
     """The `policy` table entries of one ToR."""
@@ -143,27 +167,16 @@ class _PolicyEntries:
         dst = self.codes.dst.match(dst_key)
         if src is NONE or dst is NONE:
             return  # no packet this ToR judges is in the rule's source (or destination)
-        common: list[FieldMatch] = []
+        head: tuple[FieldMatch, ...] = ()
         if not isinstance(src, bool):
-            common.append(_m("src_tags", "ternary", *src))
+            head += (_m("src_tags", "ternary", *src),)
         if not isinstance(dst, bool):
-            common.append(_m("dst_tags", "ternary", *dst))
-        number = protocol_number(proto)
-        if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
-            common.append(_m("protocol", "ternary", number, 0xFF))
-        if ack:
-            common.append(_m("tcp_flags", "ternary", TCP_ACK, TCP_ACK))
+            head += (_m("dst_tags", "ternary", *dst),)
         params = (("rule_id", rule_id),)
-        for sp_lo, sp_hi in sport:
-            for dp_lo, dp_hi in dport:
-                matches = list(common)
-                if (sp_lo, sp_hi) != ALL_PORTS[0]:
-                    matches.append(_m("l4_src_port", "range", sp_lo, sp_hi))
-                if (dp_lo, dp_hi) != ALL_PORTS[0]:
-                    matches.append(_m("l4_dst_port", "range", dp_lo, dp_hi))
-                self.entries.append(
-                    TableEntry("policy", tuple(matches), action, params, prio, rule_id, role, meter)
-                )
+        for tail in _tails(proto, sport, dport, ack):
+            self.entries.append(
+                TableEntry("policy", head + tail, action, params, prio, rule_id, role, meter)
+            )
 
 
 def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
@@ -392,10 +405,13 @@ def _tor_codes(
             needs[key] = (mask, old[1] | universe)
 
     relevant = set()
-    for i, rule in enumerate(policy.rules):
+    # The rules naming a local atom on either side (the semantics index them by atom).
+    touching = semantics.src_any | semantics.dst_any if local else 0
+    for atom in bits(local):
+        touching |= semantics.src_index[atom] | semantics.dst_index[atom]
+    for i in bits(touching):
+        rule = policy.rules[i]
         _, src, dst, _ = semantics.boxes[i]
-        if not (src & local or dst & local):
-            continue
         relevant.add(rule.id)
         src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
         need(src_key, src, dst_key, dst)

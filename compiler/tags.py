@@ -134,21 +134,21 @@ def allocate_side(
     fresh = sorted(
         (r for r in order if r not in kept), key=lambda r: (-r.bit_count(), holders[r][0])
     )
+    free = [
+        [v for v in range(FIELD_VALUES, 0, -1) if v not in used.get(f, ())]
+        for f in range(max_fields)
+    ]  # per field, its free values, the lowest last
+    open_fields = [f for f in range(max_fields) if free[f]]
     for restricted in fresh:
-        slot = None
-        for f in range(max_fields):
-            if union.get(f, 0) & restricted:
-                continue
-            free = next((v for v in range(1, FIELD_VALUES + 1) if v not in used.get(f, ())), None)
-            if free is not None:
-                slot = (f, free)
-                break
-        if slot is None:
+        found = next((f for f in open_fields if not union.get(f, 0) & restricted), None)
+        if found is None:
             raise TagSpaceError(max_fields + 1, max_fields)
+        slot = (found, free[found].pop())
+        if not free[found]:
+            open_fields.remove(found)
         kept[restricted] = slot
-        used.setdefault(slot[0], set()).add(slot[1])
-        union[slot[0]] = union.get(slot[0], 0) | restricted
-        fields = max(fields, slot[0] + 1)
+        union[found] = union.get(found, 0) | restricted
+        fields = max(fields, found + 1)
     vectors: dict[int, int] = {}
     held: dict[str, Tag] = {}
     shared: dict[Tag, str] = {}
