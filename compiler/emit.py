@@ -46,6 +46,8 @@ _ADDRESS_FIELDS = ("src_addr", "dst_addr")
 # Tofino memory units (per stage): TCAM blocks 44 bits x 512 entries, SRAM blocks 128 bits x 1024.
 TCAM_WIDTH, TCAM_DEPTH = 44, 512
 SRAM_WIDTH, SRAM_DEPTH = 128, 1024
+# Tofino (1): 12 match-action stages, each with 24 TCAM blocks and 80 SRAM blocks.
+TOFINO_STAGES, STAGE_TCAM_BLOCKS, STAGE_SRAM_BLOCKS = 12, 24, 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +172,34 @@ def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
     }
 
 
+def tofino_stages(resources: list[dict[str, object]]) -> dict[str, object]:
+    """How many of Tofino's 12 stages the tables take, estimated: each table depends on the
+    one before it (every lookup reads what the previous one set), so each starts a stage of
+    its own and spans as many as its TCAM (or SRAM) blocks need."""
+    per_table = {}
+    for row in resources:
+        tcam, sram = row.get("tcam_blocks", 0), row.get("sram_blocks", 0)
+        assert isinstance(tcam, int) and isinstance(sram, int)
+        action = row["action_sram_blocks"]
+        assert isinstance(action, int)
+        per_table[str(row["table"])] = max(
+            1, math.ceil(tcam / STAGE_TCAM_BLOCKS), math.ceil((sram + action) / STAGE_SRAM_BLOCKS)
+        )
+    total = sum(per_table.values())
+    return {
+        "per_table": per_table,
+        "total": total,
+        "available": TOFINO_STAGES,
+        "fits": total <= TOFINO_STAGES,
+    }
+
+
 def tofino_resources(
     pipeline: Pipeline, switches: tuple[SwitchTables, ...]
 ) -> list[dict[str, object]]:
-    """Per-table estimate for Tofino: TCAM for ternary/lpm/range keys, SRAM for exact ones."""
+    """Per-table estimate for Tofino: TCAM for ternary/lpm/range keys, SRAM for exact ones,
+    for the table sizes of the program (size the `policy` table to what the floor needs:
+    its key is 561 bits wide, 13 TCAM blocks per 512 entries)."""
     out = []
     for table in pipeline.tables:
         entries = max((len(sw.table(table.name)) for sw in switches), default=0)
@@ -260,7 +286,9 @@ def _report(
         "policy_entries": policy_entries,
     }
     if target.kind.resource_estimate:
-        report["tofino_resources"] = tofino_resources(target.pipeline, switches)
+        resources = tofino_resources(target.pipeline, switches)
+        report["tofino_resources"] = resources
+        report["tofino_stages"] = tofino_stages(resources)
     return report
 
 
@@ -290,6 +318,12 @@ def summary(build_: Build) -> str:
         lines.append(
             f"  tofino {row['table']:<13} {row['memory']:<15} key {row['key_bits']:>3} bits, "
             f"{blocks} {'TCAM' if 'tcam_blocks' in row else 'SRAM'} blocks, action data {row['action_sram_blocks']} SRAM blocks"
+        )
+    stages = r.get("tofino_stages")
+    if isinstance(stages, dict):
+        verdict = "fits" if stages["fits"] else "does NOT fit (size the tables with --size)"
+        lines.append(
+            f"  tofino stages (estimate): {stages['total']} of {stages['available']}: {verdict}"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ class TargetKind:
     own_device_config: bool  # p4seg ships the device config (the reference switch's JSON)
     runs_here: bool  # p4seg brings it up and drives it (Mininet floors, the controller)
     resource_estimate: bool  # the report estimates per-stage resources (Tofino's TCAM/SRAM)
+    sizes: tuple[tuple[str, int], ...] = ()  # its default table sizes, over DEFAULT_SIZES
 
 
 TARGETS: dict[str, TargetKind] = {
@@ -35,7 +36,9 @@ TARGETS: dict[str, TargetKind] = {
     for kind in (
         TargetKind("ref", "p4seg reference switch", "v1model", True, True, True, False),
         TargetKind("bmv2", "BMv2 simple_switch_grpc", "v1model", True, False, True, False),
-        TargetKind("tofino", "Tofino (TNA)", "tna", False, False, False, True),
+        # The policy key is 561 bits (13 TCAM blocks per 512 entries): 6144 entries take 7
+        # stages, and the whole pipeline 11 of Tofino's 12 (compiler.emit.tofino_stages).
+        TargetKind("tofino", "Tofino (TNA)", "tna", False, False, False, True, (("policy", 6144),)),
     )
 }
 TARGET_NAMES = tuple(TARGETS)  # DESIGN.md vocabulary: where tables run
@@ -67,8 +70,10 @@ class Target:
 
 
 def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
-    """The target `name` with table `sizes` (defaults: p4src.spec.DEFAULT_SIZES)."""
+    """The target `name` with table `sizes` (defaults: the target's, then
+    p4src.spec.DEFAULT_SIZES)."""
     kind = TARGETS.get(name)
     if kind is None:
         raise ValueError(f"unknown target '{name}' ({', '.join(TARGET_NAMES)})")
+    sizes = {**dict(kind.sizes), **(sizes or {})}
     return Target(kind, build_pipeline(sizes, "range" if kind.has_range else "ternary"))

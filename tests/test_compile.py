@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.emit import OutputDirError, build, write_build
+from compiler.emit import OutputDirError, build, summary, write_build
 from compiler.fit import CapacityError, range_to_ternary
 from compiler.inventory import Inventory
 from compiler.model import Policy
@@ -211,3 +211,17 @@ def test_tna_program_passes_p4test(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "warning" not in (proc.stdout + proc.stderr).lower(), (
         proc.stderr
     )
+
+
+def test_tofino_stage_estimate_fits_by_default_and_says_when_it_does_not(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    built = build(floor_policy, floor, floor_policy_text, "tofino")
+    stages = built.report["tofino_stages"]
+    assert isinstance(stages, dict) and stages["fits"] and stages["total"] <= 12
+    # the policy key is 561 bits: 16384 entries would take 416 TCAM blocks, 18 stages
+    big = build(floor_policy, floor, floor_policy_text, "tofino", {"policy": 16384})
+    big_stages = big.report["tofino_stages"]
+    assert isinstance(big_stages, dict) and not big_stages["fits"]
+    assert big_stages["per_table"]["policy"] == 18  # type: ignore[index]
+    assert "does NOT fit" in summary(big)

@@ -343,7 +343,7 @@ control P4segIngress(inout headers_t hdr,
         const default_action = deny(0);
         counters = policy_counter;
         meters = policy_meter;
-        size = 16384;
+        size = 6144;
     }
 
     @id(0x02000005)
