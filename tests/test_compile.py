@@ -223,5 +223,5 @@ def test_tofino_stage_estimate_fits_by_default_and_says_when_it_does_not(
     big = build(floor_policy, floor, floor_policy_text, "tofino", {"policy": 16384})
     big_stages = big.report["tofino_stages"]
     assert isinstance(big_stages, dict) and not big_stages["fits"]
-    assert big_stages["per_table"]["policy"] == 18  # type: ignore[index]
+    assert big_stages["per_table"]["policy"] == 18
     assert "does NOT fit" in summary(big)
