@@ -61,7 +61,7 @@ BAND_REPLY_DENY_LOG, BAND_REPLY_DENY, BAND_REPLY, BAND_DEFAULT = 3, 2, 1, 0
 
 
 class LowerError(P4segError):
-    """The policy cannot be laid out on the switches (e.g. more atoms than group ids)."""
+    """The policy cannot be laid out on the switches (e.g. more overlapping sets than tag fields)."""
 
 
 def priority(band: int, rule_id: int, sub: int = 0) -> int:
