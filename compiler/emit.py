@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -102,10 +103,14 @@ def build(
     }
     if target.kind.own_device_config:
         files["p4/ref/p4seg.json"] = device_config(target.pipeline)
+    ours: _Lines = {}
+    runtime: _Lines = {}
     for sw in fitted:
-        files[f"entries/{sw.switch}.json"] = _dumps_listing(_entries_json(sw, target), "entries")
+        files[f"entries/{sw.switch}.json"] = _dumps_listing(
+            _entries_json(sw, target, ours), "entries"
+        )
         files[f"entries/{sw.switch}-runtime.json"] = _dumps_listing(
-            _runtime_json(sw, target), "table_entries"
+            _runtime_json(sw, target, runtime), "table_entries"
         )
     report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     files["report.json"] = _dumps(report)
@@ -113,7 +118,19 @@ def build(
     return Build(target, files, report, fitted, lowered.allocation)
 
 
-def _entries_json(sw: SwitchTables, target: Target) -> dict[str, object]:
+_Lines = dict[int, tuple[TableEntry, str]]  # id(entry) -> (the entry, its JSON line)
+
+
+def _line(lines: _Lines, entry: TableEntry, encode: Callable[[TableEntry], object]) -> str:
+    """An entry's JSON line, made once per build: identity and routing entries are the same
+    objects on most switches (compiler.lower), so each is serialised once."""
+    found = lines.get(id(entry))
+    if found is None or found[0] is not entry:
+        found = lines[id(entry)] = (entry, json.dumps(encode(entry), sort_keys=True))
+    return found[1]
+
+
+def _entries_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, object]:
     return {
         "switch": sw.switch,
         "role": sw.role,
@@ -122,14 +139,8 @@ def _entries_json(sw: SwitchTables, target: Target) -> dict[str, object]:
         "defaults": [
             {"table": d.table, "action": d.action, "params": dict(d.params)} for d in sw.defaults
         ],
-        "entries": [_entry_line(e) for e in sw.entries],
+        "entries": [_line(lines, e, TableEntry.to_json) for e in sw.entries],
     }
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _entry_line(entry: TableEntry) -> str:
-    # Many entries recur on every switch (routing, uplinks): serialise each value once.
-    return json.dumps(entry.to_json(), sort_keys=True)
 
 
 def _runtime_value(field: str, kind: str, value: int, arg: int) -> object:
@@ -141,9 +152,23 @@ def _runtime_value(field: str, kind: str, value: int, arg: int) -> object:
     return [text, format_ipv4(arg) if field in _ADDRESS_FIELDS else arg]
 
 
-def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
+def _runtime_entry(pipe: Pipeline, e: TableEntry) -> dict[str, object]:
+    item: dict[str, object] = {
+        "table": pipe.qualified(e.table),
+        "match": {m.field: _runtime_value(m.field, m.kind, m.value, m.arg) for m in e.matches},
+        "action_name": pipe.qualified(e.action),
+        "action_params": dict(e.params),
+    }
+    if e.priority:
+        item["priority"] = e.priority
+    if e.meter is not None:  # P4Runtime's MeterConfig field names, as in the entries JSON
+        item["meter_config"] = e.meter.to_json()
+    return item
+
+
+def _runtime_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, object]:
     pipe = target.pipeline
-    table_entries: list[dict[str, object]] = [
+    table_entries: list[object] = [
         {
             "table": pipe.qualified(d.table),
             "default_action": True,
@@ -152,18 +177,8 @@ def _runtime_json(sw: SwitchTables, target: Target) -> dict[str, object]:
         }
         for d in sw.defaults
     ]
-    for e in sw.entries:
-        item: dict[str, object] = {
-            "table": pipe.qualified(e.table),
-            "match": {m.field: _runtime_value(m.field, m.kind, m.value, m.arg) for m in e.matches},
-            "action_name": pipe.qualified(e.action),
-            "action_params": dict(e.params),
-        }
-        if e.priority:
-            item["priority"] = e.priority
-        if e.meter is not None:  # P4Runtime's MeterConfig field names, as in the entries JSON
-            item["meter_config"] = e.meter.to_json()
-        table_entries.append(item)
+    encode = functools.partial(_runtime_entry, pipe)
+    table_entries += [_line(lines, e, encode) for e in sw.entries]
     return {
         "target": "bmv2" if target.program == "v1model" else target.name,
         "p4info": "../p4info.txtpb",
