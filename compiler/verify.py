@@ -39,6 +39,7 @@ counterexample. What the meter then does with real packets is the data plane's p
 from __future__ import annotations
 
 import bisect
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class VerifyResult:
     seconds: float = 0.0
     metered_classes: int = 0  # allowed classes whose deciding rule has a rate
     metered: list[MeteredRule] = field(default_factory=list)  # the policy's rate limits
+    scope: tuple[str, ...] | None = None  # differential: the ToRs whose packets were proven
 
     def metered_note(self) -> list[str]:
         """What the proof says about rate limits, one line per metered allow."""
@@ -510,16 +512,18 @@ class Verifier:
 
     # -- the proof ---------------------------------------------------------------------
 
-    def run(self) -> VerifyResult:
+    def run(self, only: frozenset[str] | None = None) -> VerifyResult:
+        """The proof; with `only` (ToR names), of the packets those ToRs judge: from their
+        hosts to anywhere and from anywhere to their hosts (see differential_scope)."""
         start = time.monotonic()
-        result = VerifyResult()
+        result = VerifyResult(scope=None if only is None else tuple(sorted(only)))
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
             for r in self.policy.rules
             if r.rate_pps is not None
         ]
         classes = self.address_classes()
-        self._spoofing(classes, result)
+        self._spoofing(classes, result, only)
         protocols = sorted(
             {protocol_of(c, self.sem.proto_classes) for c in self.sem.proto_classes}
             | {
@@ -533,12 +537,16 @@ class Verifier:
         atom_of = self.sem.addresses.atom_of
         protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
         dst_atoms = [atom_of(lo) for lo, _hi in classes]
+        within = only if only is not None else frozenset()
         for sender in self.inventory.hosts:
+            everywhere = only is None or sender.switch in within
             src_atom = atom_of(sender.ip)
             from_s, to_s = self._rule_set(src_atom)
             for (lo, _hi), dst_atom in zip(classes, dst_atoms, strict=True):
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
+                    continue
+                if not everywhere and (target is None or target.switch not in within):
                     continue
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
@@ -855,8 +863,12 @@ class Verifier:
                 )
             )
 
-    def _spoofing(self, classes: list[tuple[int, int]], result: VerifyResult) -> None:
+    def _spoofing(
+        self, classes: list[tuple[int, int]], result: VerifyResult, only: frozenset[str] | None
+    ) -> None:
         for host in self.inventory.hosts:
+            if only is not None and host.switch not in only:
+                continue
             index = self._index(host.switch, "src_identity", "src_addr")
             epoch = self._epoch[host.switch]
             for lo, _hi in classes:
@@ -975,7 +987,112 @@ def _alone(hop: SwitchResult, fabric: Fabric) -> str:
 
 
 def verify(
-    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    only: frozenset[str] | None = None,
 ) -> VerifyResult:
-    """Prove that `switches`' entries implement `policy` on `inventory`, or show where not."""
-    return Verifier(policy, inventory, switches).run()
+    """Prove that `switches`' entries implement `policy` on `inventory`, or show where not;
+    with `only`, for the packets those ToRs judge (a differential proof, differential_scope)."""
+    return Verifier(policy, inventory, switches).run(only)
+
+
+# -- differential proofs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProofRecord:
+    """What a proven build was proven for: enough to prove the next one by difference.
+
+    rules: rule key -> (digest of what the rule means, the ToRs its flows touch);
+    switches: switch -> digest of its tables; the inventory's and the default's digests."""
+
+    inventory: str
+    default_log: bool
+    rules: Mapping[str, tuple[str, tuple[str, ...]]]
+    switches: Mapping[str, str]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "inventory": self.inventory,
+            "default_log": self.default_log,
+            "rules": {k: [d, list(t)] for k, (d, t) in sorted(self.rules.items())},
+            "switches": dict(sorted(self.switches.items())),
+        }
+
+    @staticmethod
+    def from_json(doc: object) -> ProofRecord | None:
+        """The record, or None if `doc` is not one (then the next proof is a full one)."""
+        try:
+            assert isinstance(doc, dict)
+            rules = {
+                str(k): (str(v[0]), tuple(str(t) for t in v[1])) for k, v in doc["rules"].items()
+            }
+            switches = {str(k): str(v) for k, v in doc["switches"].items()}
+            return ProofRecord(str(doc["inventory"]), bool(doc["default_log"]), rules, switches)
+        except (AssertionError, KeyError, TypeError, IndexError, AttributeError):
+            return None
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def proof_record(
+    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables]
+) -> ProofRecord:
+    """The record of a build proven for `policy` (see differential_scope)."""
+    hosts = sorted((h.ip, h.switch) for h in inventory.hosts)
+    ips = [ip for ip, _ in hosts]
+
+    def tors_of(intervals: Iterable[tuple[int, int]]) -> set[str]:
+        out = set()
+        for lo, hi in intervals:
+            for k in range(bisect.bisect_left(ips, lo), bisect.bisect_right(ips, hi)):
+                out.add(hosts[k][1])
+        return out
+
+    rules = {}
+    for r in policy.rules:
+        meaning = _digest(
+            r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log,
+            r.reply, r.rate_pps,
+        )  # fmt: skip
+        tors = tors_of(r.src.intervals) | tors_of(r.dst.intervals)
+        rules[r.key] = (meaning, tuple(sorted(tors)))
+    tables = {name: _digest(sw.entries, sw.defaults) for name, sw in sorted(switches.items())}
+    return ProofRecord(_digest(inventory.hosts, inventory.switches, inventory.links),
+                       policy.default_log, rules, tables)  # fmt: skip
+
+
+def differential_scope(
+    before: ProofRecord, after: ProofRecord, roles: Mapping[str, str]
+) -> frozenset[str] | None:
+    """The ToRs whose packets must be proven for a build (`after`) when the last proven
+    one (`before`) is known, or None when only a full proof will do.
+
+    The argument: a packet crosses its source ToR, spines, and its destination's ToR. On
+    ToRs whose tables did not change it meets the entries that were proven for the old
+    policy; its verdict is the new policy's as long as no rule deciding it changed. A
+    changed rule (added, removed, or meaning something else) may change the verdict of
+    its flows only, each of which starts or ends on a ToR hosting one of its hosts: if
+    every such ToR is among those re-proven (every packet from or to their hosts), every
+    packet whose verdict can have changed is proven again. A changed spine, inventory or
+    default rule: a full proof."""
+    if before.inventory != after.inventory or before.default_log != after.default_log:
+        return None
+    changed = {
+        name
+        for name in set(before.switches) | set(after.switches)
+        if before.switches.get(name) != after.switches.get(name)
+    }
+    if any(roles.get(name) != "tor" for name in changed):
+        return None
+    for key in set(before.rules) | set(after.rules):
+        old, new = before.rules.get(key), after.rules.get(key)
+        if old is not None and new is not None and old[0] == new[0]:
+            continue
+        touched = set(old[1] if old else ()) | set(new[1] if new else ())
+        if not touched <= changed:
+            return None
+    return frozenset(changed)

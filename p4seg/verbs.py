@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -134,7 +135,8 @@ def _apply_compiled(
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
     # not be hashed in its place.
     operations = in_force_report(compiled.policy, state, moment)
-    if not getattr(args, "no_verify", False) and not _proven(verb, compiled):
+    proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
+    if proof is None and (proof := _proven(verb, compiled, state_dir)) is None:
         audit.append(
             state_dir / "audit.jsonl",
             verb,
@@ -160,6 +162,7 @@ def _apply_compiled(
             policy_sha256=hashlib.sha256(compiled.policy_text.encode()).hexdigest(),
             compiled_sha256=compiled.build.report.get("policy_sha256"),
             operations_sha256=operations.digest(),
+            proof=proof,
             expired_grants=[g.id for g in expired],
             result="ok" if code == EXIT_OK else "failed",
             switches=_summary(reports),
@@ -167,15 +170,36 @@ def _apply_compiled(
     return code, compiled
 
 
-def _proven(verb: str, compiled: Compiled) -> bool:
-    """Whether the compiled tables implement the effective policy (compiler/verify.py);
-    if not, why, on stderr. A change is written only once it is proven (fail closed)."""
-    from compiler.verify import verify
+PROOF_FILE = "proof.json"  # in the state directory: what the last proven build was proven for
+
+
+def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
+    """Whether the compiled tables implement the effective policy (compiler/verify.py):
+    how it was proven ("full", or "differential: ToRs" when the last proven build in the
+    state directory lets only the changed ToRs' packets be proven), or None — and why, on
+    stderr. A change is written only once it is proven (fail closed)."""
+    from compiler.verify import ProofRecord, differential_scope, proof_record, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    result = verify(compiled.policy, compiled.inventory, switches)
+    record = proof_record(compiled.policy, compiled.inventory, switches)
+    path = state_dir / PROOF_FILE
+    try:
+        before = ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
+    except (OSError, ValueError):
+        before = None  # unreadable: prove everything
+    roles = {s.name: s.role for s in compiled.inventory.switches}
+    scope = None if before is None else differential_scope(before, record, roles)
+    result = verify(compiled.policy, compiled.inventory, switches, scope)
     if result.proven:
-        return True
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.to_json()) + "\n")
+        os.replace(tmp, path)
+        return (
+            "full"
+            if scope is None
+            else f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
+        )
     shown = result.counterexamples[:5]
     print(
         f"p4seg {verb}: error: the compiled tables do not implement the policy "
@@ -185,7 +209,7 @@ def _proven(verb: str, compiled: Compiled) -> bool:
     for c in shown:
         print("  " + c.describe().replace("\n", "\n  "), file=sys.stderr)
     print("  (a p4seg bug: please report it; --no-verify writes unproven tables)", file=sys.stderr)
-    return False
+    return None
 
 
 def _load_state(args: argparse.Namespace, verb: str) -> LiveState | None:

@@ -266,3 +266,17 @@ def test_apply_writes_only_tables_proven_to_implement_the_policy(
     # --no-verify is the operator's explicit choice
     assert main(["apply", "small.zt", *inv, "--no-verify"]) == 0
     assert _passes(sw, "h2", "h4", 443)
+
+
+def test_a_change_after_a_proven_apply_is_proven_by_difference(
+    site: tuple[ReferenceSwitch, list[str]],
+) -> None:
+    sw, inv = site
+    assert main(["apply", "small.zt", *inv]) == 0
+    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    assert records[-1]["proof"] == "full"  # nothing proven before
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
+    assert main(["apply", "small.zt", *inv]) == 0
+    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    assert records[-1]["proof"] == "differential: tor1"
+    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
