@@ -480,14 +480,22 @@ def _identity(
             entries.append(_source_entry(host.port, host.ip, vector, "host"))
         else:  # another rack's host, arriving from the fabric
             entries += [_source_entry(uplink, host.ip, vector, "uplink") for uplink in uplinks]
-    # Destinations: each interval of the partition (every host is one) with its vector. Not
-    # merged with equal neighbours: a host whose memberships change then changes its own
-    # entries only.
+    # Destinations: each host's address alone, so that a host whose memberships change
+    # changes its own entry only; between hosts, runs of addresses with one vector, so
+    # that a cut another rule makes elsewhere in the address space changes nothing here.
     runs: list[tuple[int, int, int]] = []
     vectors = codes.dst.vector_of_atom
+    host_ips = {h.ip for h, _ in hosts}
     for i, start in enumerate(part.starts):
         end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
-        runs.append((start, end, vectors.get(part.element_atom[i], NO_TAGS)))
+        vector = vectors.get(part.element_atom[i], NO_TAGS)
+        alone = start == end and start in host_ips
+        if runs and not alone and runs[-1][2] == vector and runs[-1][1] + 1 == start:
+            last = runs[-1]
+            if not (last[0] == last[1] and last[0] in host_ips):
+                runs[-1] = (last[0], end, vector)
+                continue
+        runs.append((start, end, vector))
     for lo, hi, vector in runs:
         if vector == NO_TAGS:
             continue  # dst_identity's default

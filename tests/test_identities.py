@@ -240,3 +240,16 @@ def test_a_shared_tag_stays_with_the_set_it_stood_for() -> None:
     # and the allocation file keeps what the tag stood for
     again = Allocation.from_json(Allocation(tags={("t", "src"): tags}).to_json())
     assert again.tags[("t", "src")] == tags
+
+
+def test_a_rule_that_cuts_another_racks_prefix_changes_nothing_there(
+    floor: Inventory, floor_policy_text: str, first: Lowered
+) -> None:
+    # 10.8.200.0/24 lies inside `dev` (10.8.0.0/16), which every ToR tags for `prod -> dev`:
+    # the new cut must not split their dst_identity entries for dev.
+    text = floor_policy_text.replace(
+        "default deny log", "allow dev1 -> 10.8.200.0/24 tcp 443\ndefault deny log"
+    )
+    edited = lower(_policy(text, floor), floor, first.allocation)
+    changes = _changes(first, edited)
+    assert set(changes) == {"tor-dev"}
