@@ -35,7 +35,7 @@ from compiler.allocation import Allocation, AllocationError
 from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
 from compiler.fit import fit
 from compiler.inventory import Inventory
-from compiler.lower import lower
+from compiler.lower import Lowered, lower
 from compiler.model import Policy
 from compiler.targets import Target, make_target
 from p4src.p4info import p4info_text
@@ -58,6 +58,7 @@ class Build:
     report: dict[str, object]
     switches: tuple[SwitchTables, ...]
     allocation: Allocation  # to give the next compile (allocation.json)
+    lowered: Lowered | None = None  # to give the next compile, for an incremental one
 
 
 def _dumps(doc: object) -> str:
@@ -88,11 +89,17 @@ def build(
     target_name: str,
     sizes: dict[str, int] | None = None,
     allocation: Allocation | None = None,
+    previous: Build | None = None,
 ) -> Build:
     """Compile a checked policy for a target: every output file, as text. `allocation`:
-    the previous compile's (compiler/allocation.py), so that ids stay what they were."""
+    the previous compile's (compiler/allocation.py), so that ids stay what they were;
+    `previous`: that compile's build, if at hand, to reuse what did not change (the
+    switches whose inputs are the same, and their files) — the result is the same."""
     target = make_target(target_name, sizes)
-    lowered = lower(policy, inventory, allocation)
+    same_target = previous is not None and previous.target == target
+    lowered = lower(
+        policy, inventory, allocation, previous.lowered if previous and same_target else None
+    )
     fitted = fit(lowered.switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
     files = {
@@ -105,17 +112,18 @@ def build(
         files["p4/ref/p4seg.json"] = device_config(target.pipeline)
     ours: _Lines = {}
     runtime: _Lines = {}
+    kept = {sw.switch: sw for sw in previous.switches} if previous and same_target else {}
     for sw in fitted:
-        files[f"entries/{sw.switch}.json"] = _dumps_listing(
-            _entries_json(sw, target, ours), "entries"
-        )
-        files[f"entries/{sw.switch}-runtime.json"] = _dumps_listing(
-            _runtime_json(sw, target, runtime), "table_entries"
-        )
+        names = (f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json")
+        if kept.get(sw.switch) is sw and previous is not None:  # reused as it was
+            files.update((name, previous.files[name]) for name in names)
+            continue
+        files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
+        files[names[1]] = _dumps_listing(_runtime_json(sw, target, runtime), "table_entries")
     report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     files["report.json"] = _dumps(report)
     files[ALLOCATION] = lowered.allocation.to_json()
-    return Build(target, files, report, fitted, lowered.allocation)
+    return Build(target, files, report, fitted, lowered.allocation, lowered)
 
 
 _Lines = dict[int, tuple[TableEntry, str]]  # id(entry) -> (the entry, its JSON line)

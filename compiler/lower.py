@@ -27,6 +27,8 @@ own meter, so a rule's rate holds per entry. Replies of a metered allow are not 
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
@@ -448,30 +450,32 @@ def _tor_codes(
     return _ToRCodes(frozenset(relevant), keys, src_codes, dst_codes), src_tags, dst_tags
 
 
+def _spine_identity(uplinks: list[int]) -> list[TableEntry]:
+    """A spine's `src_identity`: any source from the fabric, no tags (ToRs judge)."""
+    return [
+        TableEntry(
+            "src_identity",
+            # Any source from the fabric: a don't-care, so the address is left out.
+            (_m("ingress_port", "exact", port),),
+            "set_src_tags",
+            (("tags", NO_TAGS),),
+            1,
+            role="fabric",
+        )
+        for port in sorted(set(uplinks))
+    ]
+
+
 def _identity(
-    codes: _ToRCodes | None,
+    codes: _ToRCodes,
     semantics: PolicySemantics,
     hosts: list[tuple[Host, int]],
     switch: Switch,
     uplinks: list[int],
 ) -> list[TableEntry]:
-    """The identity tables: a spine's uplinks (no tags), or a ToR's hosts and destinations
-    with their vectors (`hosts`: every host with its atom, by address)."""
-    entries = []
-    if codes is None:  # a spine
-        for port in sorted({p for p in uplinks}):
-            entries.append(
-                TableEntry(
-                    "src_identity",
-                    # Any source from the fabric: a don't-care, so the address is left out.
-                    (_m("ingress_port", "exact", port),),
-                    "set_src_tags",
-                    (("tags", NO_TAGS),),
-                    1,
-                    role="fabric",
-                )
-            )
-        return entries
+    """A ToR's identity tables: its hosts and destinations with their vectors (`hosts`:
+    every host with its atom, by address)."""
+    entries: list[TableEntry] = []
     part = semantics.addresses
     vectors = codes.src.vector_of_atom
     for host, atom in hosts:
@@ -520,28 +524,98 @@ class Lowered:
     switches: tuple[SwitchTables, ...]
     allocation: Allocation
     tag_fields: int  # the most fields one side of one ToR uses
+    # Per switch: a digest of everything its entries depend on but the allocation, and the
+    # tag fields it uses — what the next compile needs to reuse it (see `lower`).
+    inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    fields: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    reused: frozenset[str] = frozenset()  # switches taken as they were from `previous`
 
 
-def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = None) -> Lowered:
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def _switch_inputs(
+    policy: Policy, inventory: Inventory, keys: Mapping[tuple[int, str], str]
+) -> dict[str, str]:
+    """Per switch, a digest of what its entries are made from, at the level of addresses
+    (atoms are renumbered by any edit): the inventory; for a ToR, every rule naming one of
+    its hosts — its id, meaning, set keys and rate rank — and the default rule."""
+    floor = _digest(inventory.hosts, inventory.switches, inventory.links)
+    located = sorted((h.ip, h.switch) for h in inventory.hosts)
+    ips = [ip for ip, _ in located]
+    tors = sorted({sw for _, sw in located})
+    rate_rank = _rate_ranks(policy)
+    mine: dict[str, list[str]] = {t: [] for t in tors}
+    for r in policy.rules:
+        touched: set[str] = set()
+        for lo, hi in (*r.src.intervals, *r.dst.intervals):
+            for k in range(bisect.bisect_left(ips, lo), bisect.bisect_right(ips, hi)):
+                touched.add(located[k][1])
+                if len(touched) == len(tors):
+                    break
+        if not touched:
+            continue
+        meaning = _digest(
+            r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log,
+            r.reply, r.rate_pps, keys[(r.id, "src")], keys[(r.id, "dst")],
+            rate_rank.get(r.rate_pps) if r.rate_pps is not None else None,
+        )  # fmt: skip
+        for t in touched:
+            mine[t].append(meaning)
+    return {
+        sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
+        for sw in inventory.switches
+    }
+
+
+def lower(
+    policy: Policy,
+    inventory: Inventory,
+    allocation: Allocation | None = None,
+    previous: Lowered | None = None,
+) -> Lowered:
     """Every switch's entries for `policy` on `inventory` (epoch left wildcard), with the
-    tags of `allocation` kept where they still fit (compiler.tags)."""
+    tags of `allocation` kept where they still fit (compiler.tags).
+
+    Incremental: given the `previous` compile (whose allocation is `allocation`), a switch
+    whose inputs are unchanged (the digest of `_switch_inputs`) is taken as it was — exactly
+    what compiling it again would give, since its tags all still fit — and the policy's
+    semantics are only built if some switch must be compiled again.
+    """
     allocation = allocation or Allocation()
-    semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
-    next_port = _next_ports(inventory, _topology(inventory))
-    part = semantics.addresses
-    hosts = 0
-    local_of: dict[str, int] = {}
-    for host in inventory.hosts:
-        bit = 1 << part.atom_of(host.ip)
-        hosts |= bit
-        local_of[host.switch] = local_of.get(host.switch, 0) | bit
-    tags: dict[tuple[str, str], SideTags] = {}
     keys = set_keys(policy)
+    inputs = _switch_inputs(policy, inventory, keys)
+    before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}
+
+    def reusable(name: str) -> bool:
+        if previous is None or previous.inputs.get(name) != inputs[name] or name not in before:
+            return False
+        return all(
+            allocation.tags.get((name, side)) == previous.allocation.tags.get((name, side))
+            for side in ("src", "dst")
+        )
+
+    @functools.cache
+    def semantics() -> PolicySemantics:
+        return PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
+
+    next_port = _next_ports(inventory, _topology(inventory))
+    tags: dict[tuple[str, str], SideTags] = {}
     hosts_sorted = sorted(inventory.hosts, key=lambda h: h.ip)
-    host_atoms = [(h, part.atom_of(h.ip)) for h in hosts_sorted]
     out = []
-    most = 0
+    fields: dict[str, int] = {}
+    reused = set()
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
+        if reusable(switch.name):
+            assert previous is not None
+            out.append(before[switch.name])
+            reused.add(switch.name)
+            for which in ("src", "dst"):
+                if (found := previous.allocation.tags.get((switch.name, which))) is not None:
+                    tags[(switch.name, which)] = found
+            fields[switch.name] = previous.fields.get(switch.name, 0)
+            continue
         uplinks = sorted(
             port
             for link in inventory.links
@@ -549,20 +623,22 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
             if name == switch.name
         )
         if switch.role == "tor":
+            sem = semantics()
+            part = sem.addresses
+            host_atoms = [(h, part.atom_of(h.ip)) for h in hosts_sorted]
+            local = hosts = 0
+            for host, atom in host_atoms:
+                hosts |= 1 << atom
+                if host.switch == switch.name:
+                    local |= 1 << atom
             codes, tags[(switch.name, "src")], tags[(switch.name, "dst")] = _tor_codes(
-                semantics,
-                policy,
-                switch.name,
-                local_of.get(switch.name, 0),
-                hosts,
-                keys,
-                allocation,
+                sem, policy, switch.name, local, hosts, keys, allocation
             )
-            most = max(most, codes.src.fields, codes.dst.fields)
-            entries = _identity(codes, semantics, host_atoms, switch, uplinks)
+            fields[switch.name] = max(codes.src.fields, codes.dst.fields)
+            entries = _identity(codes, sem, host_atoms, switch, uplinks)
             entries += _policy_entries(codes, policy)
         else:
-            entries = _identity(None, semantics, host_atoms, switch, uplinks)
+            entries = _spine_identity(uplinks)
             entries.append(
                 TableEntry(
                     "policy",
@@ -591,4 +667,5 @@ def lower(policy: Policy, inventory: Inventory, allocation: Allocation | None = 
         if key not in tags:
             tags[key] = SideTags({}, frozenset(side.retired | set(side.tags.values())))
     new = Allocation(allocation.rules, allocation.retired_rules, tags)
-    return Lowered(tuple(out), new, most)
+    most = max(fields.values(), default=0)
+    return Lowered(tuple(out), new, most, inputs, fields, frozenset(reused))

@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler.check import check_policy
 from compiler.emit import OutputDirError, build, summary, write_build
 from compiler.fit import CapacityError, range_to_ternary
 from compiler.inventory import Inventory
@@ -225,3 +226,17 @@ def test_tofino_stage_estimate_fits_by_default_and_says_when_it_does_not(
     assert isinstance(big_stages, dict) and not big_stages["fits"]
     assert big_stages["per_table"]["policy"] == 18
     assert "does NOT fit" in summary(big)
+
+
+def test_a_build_given_the_previous_one_is_the_same_build(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    first = build(floor_policy, floor, floor_policy_text, "ref")
+    text = floor_policy_text.replace("risk_db      tcp 5432", "risk_db      tcp 5433")
+    edited = check_policy(text, "p.zt", floor, expectations=False).policy
+    assert edited is not None
+    full = build(edited, floor, text, "ref", allocation=first.allocation)
+    again = build(edited, floor, text, "ref", allocation=first.allocation, previous=first)
+    assert again.files == full.files and again.switches == full.switches
+    assert again.lowered is not None and "tor-rsk" not in again.lowered.reused
+    assert len(again.lowered.reused) == len(floor.switches) - 1

@@ -8,8 +8,10 @@ asserted, and every switch that hosts none of the affected hosts must not change
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from compiler.allocation import Allocation, AllocationError, SideTags
+from compiler.allocation import Allocation, AllocationError, SideTags, assign_rule_ids
 from compiler.check import check_policy
 from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Inventory
@@ -253,3 +255,46 @@ def test_a_rule_that_cuts_another_racks_prefix_changes_nothing_there(
     edited = lower(_policy(text, floor), floor, first.allocation)
     changes = _changes(first, edited)
     assert set(changes) == {"tor-dev"}
+
+
+# -- incremental compile -----------------------------------------------------------------
+
+EDITS = (
+    ("risk_db      tcp 5432", "risk_db      tcp 5433"),  # a port
+    ("service books        = ledger ", "service books        = ledger, md1 "),  # a member
+    ("default deny log", "allow dev1 -> 10.8.200.0/24 tcp 443\ndefault deny log"),  # a rule
+    ("allow settlement   -> books        tcp 5432\n", ""),  # a rule removed
+    ("default deny log", "allow algo -> risk udp 9000 reply\ndefault deny log"),  # another
+    ("udp 30001-30010", "udp 30001-30020"),  # a range
+    ("deny dev  -> prod log", "deny dev  -> prod"),  # a deny without log
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(range(len(EDITS))), min_size=1, max_size=5))
+def test_incremental_compile_gives_exactly_what_a_full_compile_gives(
+    floor: Inventory, floor_policy_text: str, steps: list[int]
+) -> None:
+    text = floor_policy_text
+    policy, allocation = assign_rule_ids(_policy(text, floor), Allocation())
+    previous = lower(policy, floor, allocation)
+    allocation = previous.allocation
+    for step in steps:
+        text = text.replace(*EDITS[step])
+        policy, allocation = assign_rule_ids(_policy(text, floor), allocation)
+        full = lower(policy, floor, allocation)
+        incremental = lower(policy, floor, allocation, previous)
+        assert incremental.switches == full.switches
+        assert incremental.allocation == full.allocation
+        assert incremental.tag_fields == full.tag_fields
+        previous, allocation = incremental, incremental.allocation
+
+
+def test_an_edit_on_one_rack_reuses_every_other_switch(
+    floor: Inventory, floor_policy_text: str, first: Lowered
+) -> None:
+    text = floor_policy_text.replace("risk_db      tcp 5432", "risk_db      tcp 5433")
+    again = lower(_policy(text, floor), floor, first.allocation, first)
+    assert {sw.switch for sw in again.switches} - again.reused == {"tor-rsk"}
+    untouched = lower(_policy(floor_policy_text, floor), floor, first.allocation, first)
+    assert untouched.reused == {sw.switch for sw in first.switches}
