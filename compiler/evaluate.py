@@ -12,7 +12,7 @@ costs a few tests per table whatever the table's size.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -284,6 +284,19 @@ class _Parts:
             part = self.parts[i] = _build(part, fields, self.depth + 1)
         return part
 
+    def _find_in(
+        self, order: Iterable[int], values: dict[str, int], best: _Item | None
+    ) -> _Item | None:
+        """Search the parts `order` names, by their first entries, while they could hold a
+        better entry than `best`."""
+        mins, parts = self.mins, self.parts
+        for i in order:
+            if mins[i] >= (best.pos if best is not None else _NONE):
+                break  # the rest come later in pos order
+            part = parts[i]
+            best = (self._node(i) if isinstance(part, list) else part).find(values, best)
+        return best
+
 
 class _Split(_Parts):
     """Parts: one per segment of `field`, then the fallback."""
@@ -297,11 +310,9 @@ class _Split(_Parts):
 
     def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
         seg, fb = bisect_right(self.bounds, values[self.field]), len(self.parts) - 1
-        mins = self.mins
-        for i in (seg, fb) if mins[seg] < mins[fb] else (fb, seg):
-            if mins[i] < (best.pos if best is not None else _NONE):
-                best = self._node(i).find(values, best)
-        return best
+        return self._find_in(
+            (seg, fb) if self.mins[seg] < self.mins[fb] else (fb, seg), values, best
+        )
 
 
 class _Slices(_Parts):
@@ -332,12 +343,7 @@ class _Slices(_Parts):
     def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
         x = values[self.field]
         order = self.seen.get(x)
-        mins = self.mins
-        for i in order if order is not None else self._visits(x):
-            if mins[i] >= (best.pos if best is not None else _NONE):
-                break  # the rest come later in pos order
-            best = self._node(i).find(values, best)
-        return best
+        return self._find_in(order if order is not None else self._visits(x), values, best)
 
 
 _Node = _Leaf | _Split | _Slices
