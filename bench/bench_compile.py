@@ -14,9 +14,9 @@ port ranges kept. Targets (issue 3): the 10k-rule build in under 2 s, and at lea
 policy entries than the naive expansion.
 
 A one-rule edit (one rule's destination and port changed) is compiled with the previous
-build's allocation (`build(..., allocation=previous.allocation)`, as `p4seg compile` does
-with allocation.json) and, as the baseline, without it: the entries that differ from the
-previous build's, per ToR (the set difference both ways), are what a controller rewrites.
+build's allocation (`build(..., allocation=previous.allocation)`: what the build's
+allocation.json is kept for) and, as the baseline, without it: the entries that differ from
+the previous build's, per ToR (the set difference both ways), are what a controller rewrites.
 """
 
 from __future__ import annotations

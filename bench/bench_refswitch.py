@@ -4,7 +4,7 @@
     python -m bench.bench_refswitch --quick      # 2 s trials, 5k entries (about 2 minutes)
     python -m bench.bench_refswitch --only p4rt  # just the P4Runtime figures
     python -m bench.bench_refswitch --profile    # also: where the switch spends its time
-    python -m bench.bench_refswitch --only newflows  # new flows/s, 20k policy entries (~30 s)
+    python -m bench.bench_refswitch --only newflows  # new flows/s, 3.9k and 20k policy entries (~1 min)
 
 Data plane. One `p4seg-switch` runs tor-alg's compiled tables (policies/trading_floor.zt on
 topologies/trading_floor.yaml) between two veths; a sender and a receiver sit in network
@@ -37,13 +37,15 @@ and 20k distinct policy entries (ranges, ternaries, priorities) written in batch
 and read back with one wildcard Read: through finsy (the project's client) and through the
 raw grpc stub with prebuilt messages (the baseline: protocol and server cost only).
 
-New flows (`--only newflows`, in-process, no root). A generated floor (bench/gen_policy.py,
-1500 rules, 240 hosts, 4 ToRs) compiled for the reference switch; its busiest ToR (22,600
-policy entries) loaded into a `ReferenceSwitch`; every frame a flow the cache has not seen
-(half built to match a permit entry, half between random hosts and ports): new flows/s
-through `Dataplane.process` with the evaluator's indexes, then the same data plane with
-every lookup a linear scan (the baseline, on a sample), which must decide the same; the
-first frame after loading and after a one-entry write; each table's lookup time alone.
+New flows (`--only newflows`, in-process, no root). The 10k-rule generated floor
+(bench/gen_policy.py, 1,000 hosts, 48 ToRs) compiled for the reference switch; its busiest
+ToR (3,858 policy entries matching tag slices), then the same ToR with its policy table
+grown to 20,000 entries (compiled permits copied onto more ports), each loaded into a
+`ReferenceSwitch`; every frame a flow the cache has not seen (half built to match a permit
+entry, half between random hosts and ports): new flows/s through `Dataplane.process` with
+the evaluator's indexes, then the same data plane with every lookup a linear scan (the
+baseline, on a sample), which must decide the same; the first frame after loading and
+after a one-entry write; each table's lookup time alone.
 
 Targets (issue "Reference switch"; BMv2 simple_switch_grpc on these machines forwards about
 18 kpps, loss-free up to ~10 kpps paced, p50 ~0.1 ms; a Linux bridge does >= 300 kpps):
