@@ -5,17 +5,25 @@
 
 For each generated floor (bench/gen_policy.py) it times lower (policy -> per-switch entries)
 and the whole build (lower + fit + render + P4Info + files as text) for the ref and tofino
-targets, with the check of the same policy, measured in the same run, as the baseline.
-Entries are compared (bench/baselines.py), on the same placement (each ToR: packets from or
-to its hosts, with the same reply entries), with a host-pair x single-port expansion, and
-with the stricter one entry per host pair with port ranges kept. Targets (issue 3): the 10k-rule build in
-under 2 s, and at least 10x fewer policy entries than the naive expansion.
+targets, with the check of the same policy, measured in the same run, as the baseline, and
+prints the identity tag fields used (of the 64 of the 256-bit vector, compiler/tags.py) and
+the tofino build's TCAM estimate for `policy`. Entries are compared (bench/baselines.py), on
+the same placement (each ToR: packets from or to its hosts, with the same reply entries),
+with a host-pair x single-port expansion, and with the stricter one entry per host pair with
+port ranges kept. Targets (issue 3): the 10k-rule build in under 2 s, and at least 10x fewer
+policy entries than the naive expansion.
+
+A one-rule edit (one rule's destination and port changed) is compiled with the previous
+build's allocation (`build(..., allocation=previous.allocation)`: what the build's
+allocation.json is kept for) and, as the baseline, without it: the entries that differ from
+the previous build's, per ToR (the set difference both ways), are what a controller rewrites.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -24,13 +32,20 @@ from typing import TypeVar
 from bench.baselines import baselines, total
 from bench.gen_policy import generate
 from compiler.check import check_policy
-from compiler.emit import build
-from compiler.inventory import parse_inventory
+from compiler.emit import Build, build, tofino_resources
+from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import lower
+from compiler.model import Policy
+from compiler.targets import make_target
+from p4src.spec import TAG_BITS
 
 T = TypeVar("T")
 TARGET_S = 2.0
 TARGET_REDUCTION = 10.0
+FIELDS = TAG_BITS // 4
+SIZES = {"policy": 1 << 20, "src_identity": 1 << 16, "dst_identity": 1 << 16, "routing": 1 << 16}
+# A single-port allow between two services: the edit moves it to another service and port.
+ALLOW = re.compile(r"^(allow\s+\S+\s+->\s+)(\S+)(\s+tcp\s+)(\d+)(\s*)$", re.MULTILINE)
 
 
 def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
@@ -43,6 +58,12 @@ def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
     return statistics.median(runs), result
 
 
+def checked(text: str, inventory: Inventory) -> Policy:
+    policy = check_policy(text, "policy.zt", inventory).policy
+    assert policy is not None, "the generated policy must check clean"
+    return policy
+
+
 def run_case(
     rules: int, services: int, hosts: int, tors: int, repeat: int, targets: tuple[str, ...]
 ) -> None:
@@ -51,42 +72,31 @@ def run_case(
     print(
         f"\n== {floor.rules} rules, {floor.services} services, {hosts} hosts, {tors} ToRs (median of {repeat})"
     )
-    t_check, checked = timed(lambda: check_policy(floor.policy, "policy.zt", inventory), repeat)
-    policy = checked.policy
-    assert policy is not None, "the generated policy must check clean"
+    t_check, policy = timed(lambda: checked(floor.policy, inventory), repeat)
     print(f"   {'check (baseline)':<34}{t_check:8.3f} s    1.00x")
-    t_lower, (groups_of, switches) = timed(lambda: lower(policy, inventory), repeat)
-    most = max(g.count for g in groups_of.values())
+    t_lower, lowered = timed(lambda: lower(policy, inventory), repeat)
     print(
-        f"   {'lower':<34}{t_lower:8.3f} s   {t_lower / t_check:5.2f}x   (up to {most} groups on a ToR)"
+        f"   {'lower':<34}{t_lower:8.3f} s   {t_lower / t_check:5.2f}x   "
+        f"(up to {lowered.tag_fields} of {FIELDS} tag fields on one side of a ToR)"
     )
+    ref: Build | None = None
     for target in targets:
         t_build, built = timed(
-            functools.partial(
-                build,
-                policy,
-                inventory,
-                floor.policy,
-                target,
-                {
-                    "policy": 1 << 20,
-                    "src_identity": 1 << 16,
-                    "dst_identity": 1 << 16,
-                    "routing": 1 << 16,
-                },
-            ),
-            repeat,
+            functools.partial(build, policy, inventory, floor.policy, target, SIZES), repeat
         )
+        ref = built if target == "ref" else ref
         tor_policy = [len(sw.table("policy")) for sw in built.switches if sw.role == "tor"]
-        entries = sum(tor_policy)
         verdict = "under" if t_build < TARGET_S else "OVER"
         print(
             f"   {'build --target ' + target:<34}{t_build:8.3f} s   {t_build / t_check:5.2f}x   "
-            f"{verdict} the {TARGET_S:.0f} s target; policy entries {entries} (max {max(tor_policy)} on one ToR)"
+            f"{verdict} the {TARGET_S:.0f} s target; policy entries {sum(tor_policy)} "
+            f"(max {max(tor_policy)} on one ToR)"
         )
+        if target == "tofino":
+            tofino(built)
     baseline = total(baselines(policy, inventory))
     naive, pairs = baseline.naive, baseline.host_pairs
-    ref_total = sum(len(sw.table("policy")) for sw in switches if sw.role == "tor")
+    ref_total = sum(len(sw.table("policy")) for sw in lowered.switches if sw.role == "tor")
     ratio = naive / ref_total if ref_total else float("inf")
     mark = "meets" if ratio >= TARGET_REDUCTION else "MISSES"
     print(
@@ -95,6 +105,63 @@ def run_case(
     )
     print(
         f"   stricter, one entry per host pair with port ranges kept: {pairs} -> {pairs / ref_total:.1f}x"
+    )
+    if ref is not None:
+        one_rule_edit(floor.policy, inventory, ref)
+
+
+def tofino(built: Build) -> None:
+    """The tofino estimate (compiler.emit.tofino_resources) with each table sized to the
+    busiest switch's entries: what these entries cost, whatever sizes the build declared."""
+    tables = ("src_identity", "dst_identity", "policy")
+    most = {t: max(len(sw.table(t)) for sw in built.switches) for t in tables}
+    fitted = make_target("tofino", most).pipeline
+    for row in tofino_resources(fitted, built.switches):
+        if row["table"] in tables:
+            blocks = row.get("tcam_blocks", row.get("sram_blocks"))
+            memory = "TCAM" if "tcam_blocks" in row else "SRAM"
+            print(
+                f"   {'':<34}tofino {row['table']}: key {row['key_bits']} bits, "
+                f"{row['max_entries_per_switch']:,} entries on the busiest switch -> {blocks} "
+                f"{memory} blocks, action data {row['action_data_bits']} bits -> "
+                f"{row['action_sram_blocks']} SRAM blocks"
+            )
+
+
+def one_rule_edit(text: str, inventory: Inventory, previous: Build) -> None:
+    """The entries a one-rule edit changes, with the previous allocation and without."""
+    allows = list(ALLOW.finditer(text))
+    edit, other = allows[len(allows) // 2], allows[len(allows) // 3]
+    line = f"{edit[1]}{other[2]}{edit[3]}{int(edit[4]) + 1}{edit[5]}"
+    edited = text[: edit.start()] + line + text[edit.end() :]
+    policy = checked(edited, inventory)
+    print(f"   one-rule edit: {edit[0].split()!r} -> {line.split()!r}")
+    for label, allocation in (
+        ("fresh allocation (baseline)", None),
+        ("previous allocation", previous.allocation),
+    ):
+        t, built = timed(lambda a=allocation: build(policy, inventory, edited, "ref", SIZES, a), 1)
+        print(f"   {'  rebuilt, ' + label:<34}{t:8.3f} s   " + _changes(previous, built))
+
+
+def _changes(before: Build, after: Build) -> str:
+    """Entries added plus removed, per ToR: policy and identity tables."""
+    old = {sw.switch: sw for sw in before.switches if sw.role == "tor"}
+    moved: dict[str, list[int]] = {"policy": [], "identity": []}
+    for sw in after.switches:
+        if sw.role != "tor":
+            continue
+        for kind, tables in (
+            ("policy", ("policy",)),
+            ("identity", ("src_identity", "dst_identity")),
+        ):
+            a = {e for t in tables for e in old[sw.switch].table(t)}
+            b = {e for t in tables for e in sw.table(t)}
+            moved[kind].append(len(a ^ b))
+    return "; ".join(
+        f"{kind} entries changed on {sum(1 for n in per if n)}/{len(per)} ToRs: "
+        f"{sum(per):,} in all, max {max(per):,}"
+        for kind, per in moved.items()
     )
 
 
@@ -108,8 +175,7 @@ def main() -> None:
     repeat = 1 if args.quick else args.repeat
     run_case(1_000, 200, 1_000, 48, repeat, ("ref", "tofino"))
     if not args.quick:
-        # Tofino's ternary expansion of the 10k case takes minutes: the ref build shows the scale.
-        run_case(10_000, 1_000, 1_000, 48, repeat, ("ref",))
+        run_case(10_000, 1_000, 1_000, 48, repeat, ("ref", "tofino"))
 
 
 if __name__ == "__main__":

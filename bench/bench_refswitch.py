@@ -4,7 +4,7 @@
     python -m bench.bench_refswitch --quick      # 2 s trials, 5k entries (about 2 minutes)
     python -m bench.bench_refswitch --only p4rt  # just the P4Runtime figures
     python -m bench.bench_refswitch --profile    # also: where the switch spends its time
-    python -m bench.bench_refswitch --only newflows  # new flows/s, 20k policy entries (~30 s)
+    python -m bench.bench_refswitch --only newflows  # new flows/s, 3.9k and 20k policy entries (~1 min)
 
 Data plane. One `p4seg-switch` runs tor-alg's compiled tables (policies/trading_floor.zt on
 topologies/trading_floor.yaml) between two veths; a sender and a receiver sit in network
@@ -37,13 +37,15 @@ and 20k distinct policy entries (ranges, ternaries, priorities) written in batch
 and read back with one wildcard Read: through finsy (the project's client) and through the
 raw grpc stub with prebuilt messages (the baseline: protocol and server cost only).
 
-New flows (`--only newflows`, in-process, no root). A generated floor (bench/gen_policy.py,
-1500 rules, 240 hosts, 4 ToRs) compiled for the reference switch; its busiest ToR (22,600
-policy entries) loaded into a `ReferenceSwitch`; every frame a flow the cache has not seen
-(half built to match a permit entry, half between random hosts and ports): new flows/s
-through `Dataplane.process` with the evaluator's indexes, then the same data plane with
-every lookup a linear scan (the baseline, on a sample), which must decide the same; the
-first frame after loading and after a one-entry write; each table's lookup time alone.
+New flows (`--only newflows`, in-process, no root). The 10k-rule generated floor
+(bench/gen_policy.py, 1,000 hosts, 48 ToRs) compiled for the reference switch; its busiest
+ToR (3,858 policy entries matching tag slices), then the same ToR with its policy table
+grown to 20,000 entries (compiled permits copied onto more ports), each loaded into a
+`ReferenceSwitch`; every frame a flow the cache has not seen (half built to match a permit
+entry, half between random hosts and ports): new flows/s through `Dataplane.process` with
+the evaluator's indexes, then the same data plane with every lookup a linear scan (the
+baseline, on a sample), which must decide the same; the first frame after loading and
+after a one-entry write; each table's lookup time alone.
 
 Targets (issue "Reference switch"; BMv2 simple_switch_grpc on these machines forwards about
 18 kpps, loss-free up to ~10 kpps paced, p50 ~0.1 ms; a Linux bridge does >= 300 kpps):
@@ -104,9 +106,17 @@ from compiler.inventory import Host, Inventory, load_inventory
 from compiler.model import Policy
 from compiler.p4c import P4C_BMV2, p4c_artifacts
 from compiler.protocols import PROTO_TCP, PROTO_UDP
+from compiler.tags import FIELD_MASK, FIELD_VALUES, TAG_FIELD_BITS
 from p4src.p4info import build_p4info
 from p4src.refconfig import device_config
-from p4src.spec import CPU_CLONE_SESSION, DEFAULT_SIZES, PIPELINE, Pipeline, build_pipeline
+from p4src.spec import (
+    CPU_CLONE_SESSION,
+    DEFAULT_SIZES,
+    PIPELINE,
+    TAG_BITS,
+    Pipeline,
+    build_pipeline,
+)
 from runtime.entities import default_entry_proto, table_entry_proto
 from runtime.refswitch.dataplane import parse
 from runtime.refswitch.ports import PortIO
@@ -804,16 +814,26 @@ def routing_entries(n: int) -> list[TableEntry]:
     ]  # fmt: skip
 
 
+def tag_match(name: str, tag: tuple[int, int]) -> FieldMatch:
+    """The compiler's match on an identity vector: one tag's (field, value) as a ternary
+    slice (compiler/tags.py)."""
+    shift = tag[0] * TAG_FIELD_BITS
+    return FieldMatch(name, "ternary", tag[1] << shift, FIELD_MASK << shift)
+
+
 def policy_entries(n: int) -> list[TableEntry]:
-    """`n` distinct policy entries shaped like the compiler's: group ranges, protocol, a port."""
+    """`n` distinct policy entries shaped like the compiler's: a tag slice of each identity
+    vector (every (field, value) of the 256-bit vector in turn), protocol, a port."""
+    fields = TAG_BITS // TAG_FIELD_BITS
+    tags = [(f, v) for f in range(fields) for v in range(1, FIELD_VALUES + 1)]
     out = []
     for i in range(n):
-        src, dst, port = 1 + i % 128, 1 + (i // 128) % 256, 1024 + i // (128 * 256)
+        src, dst = tags[i % len(tags)], tags[(i // len(tags) * 7 + i) % len(tags)]
         matches = (
-            FieldMatch("src_tags", "range", src, src + 3),
-            FieldMatch("dst_tags", "range", dst, dst),
+            tag_match("src_tags", src),
+            tag_match("dst_tags", dst),
             FieldMatch("protocol", "ternary", PROTO_TCP, 0xFF),
-            FieldMatch("l4_dst_port", "range", port, port),
+            FieldMatch("l4_dst_port", "range", 1024 + i, 1024 + i),
         )
         out.append(TableEntry("policy", matches, "permit", (("rule_id", 1 + i % 60000),), 100))
     return out
@@ -1428,8 +1448,11 @@ def run_p4rt(args: argparse.Namespace, cpus: tuple[int, int]) -> None:
 
 # -- new flows: the evaluator's indexes with a generated floor's policy table -----------------
 
-# `bench.gen_policy` floor whose busiest ToR holds about 20k policy entries (t01: 20,726).
-NEWFLOW_FLOOR = {"rules": 1500, "services": 300, "hosts": 240, "tors": 4, "seed": 1}
+# `bench.gen_policy`'s 10k-rule floor (bench_compile's): its busiest ToR holds about 3,900
+# policy entries (t25: 3,858). Floors with many more rules per ToR need more than the
+# 256-bit identity vector, so the ~20k-entry case is that ToR's table grown (BusyTor.grown).
+NEWFLOW_FLOOR = {"rules": 10_000, "services": 1_000, "hosts": 1_000, "tors": 48, "seed": 1}
+NEWFLOW_GROWN = 20_000
 NEWFLOW_SIZES = {
     "src_identity": 1 << 16,
     "dst_identity": 1 << 16,
@@ -1465,11 +1488,37 @@ class BusyTor:
         program = Program("ref", pipeline, built.files["p4info.txtpb"], config, tables)
         return cls(inventory, program, compile_s)
 
+    def grown(self, n: int, seed: int = 3) -> BusyTor:
+        """The same ToR with its policy table grown to `n` entries shaped like the compiler's:
+        each added entry a compiled TCP/UDP permit (its tag slices, protocol, priority,
+        action) for one more destination port, as a rule with more ports would add."""
+        rnd = random.Random(seed)
+        tables = self.program.tables
+        policy = tables.table("policy")
+        permits = [
+            e for e in policy if e.action.startswith("permit")
+            and (p := e.match("protocol")) is not None and p.value in (PROTO_TCP, PROTO_UDP)
+        ]  # fmt: skip
+        have = {(e.matches, e.priority) for e in policy}
+        added: list[TableEntry] = []
+        while len(policy) + len(added) < n:
+            base = rnd.choice(permits)
+            port = rnd.randrange(1024, 1 << 16)
+            kept = tuple(m for m in base.matches if m.field != "l4_dst_port")
+            matches = (*kept, FieldMatch("l4_dst_port", "range", port, port))
+            if (matches, base.priority) not in have:
+                have.add((matches, base.priority))
+                added.append(dataclasses.replace(base, matches=matches))
+        more = dataclasses.replace(tables, entries=(*tables.entries, *added))
+        program = dataclasses.replace(self.program, tables=more)
+        return dataclasses.replace(self, program=program)
+
     def new_flows(self, n: int, seed: int = 7) -> list[tuple[int, bytes]]:
         """`n` frames (ingress port, frame), each of a flow not seen before: every other one
-        built to match a permit entry of the ToR's policy table (hosts of its source and
-        destination group runs, its protocol and ports), the others between random hosts to
-        random ports (mostly denied: a miss, the index's worst case). TCP SYNs and UDP."""
+        built to match a permit entry of the ToR's policy table (hosts whose identity vectors
+        carry its source and destination tags, its protocol and ports), the others between
+        random hosts to random ports (mostly denied: a miss, the index's worst case). TCP
+        SYNs and UDP."""
         rnd = random.Random(seed)
         tables, inv = self.program.tables, self.inventory
         idx = IndexedSwitch.of(tables)
@@ -1477,8 +1526,8 @@ class BusyTor:
             {lk.a_port for lk in inv.links if lk.a == tables.switch}
             | {lk.b_port for lk in inv.links if lk.b == tables.switch}
         )
-        senders: dict[int, list[tuple[Host, int]]] = {}  # source group -> (host, ingress port)
-        receivers: dict[int, list[Host]] = {}  # destination group -> hosts
+        senders: dict[int, list[tuple[Host, int]]] = {}  # source tags -> (host, ingress port)
+        receivers: dict[int, list[Host]] = {}  # destination tags -> hosts
         for h in inv.hosts:
             for port in [h.port] if h.switch == tables.switch else uplinks:
                 values = {"epoch": 0, "ingress_port": port, "src_addr": h.ip}
@@ -1489,9 +1538,13 @@ class BusyTor:
             receivers.setdefault(dict(hit.params)["tags"] if hit else 0, []).append(h)
         permits = [e for e in tables.table("policy") if e.action.startswith("permit")]
 
-        def within(e: TableEntry, name: str, groups: Iterable[int]) -> list[int]:
+        matching: dict[tuple[str, FieldMatch | None], list[int]] = {}
+
+        def within(e: TableEntry, name: str, vectors: Iterable[int]) -> list[int]:
             m = e.match(name)
-            return [g for g in groups if m is None or m.value <= g <= m.arg]
+            if (name, m) not in matching:
+                matching[(name, m)] = [v for v in vectors if m is None or m.covers(v)]
+            return matching[(name, m)]
 
         def port_in(e: TableEntry, name: str, default: int) -> int:
             m = e.match(name)
@@ -1555,19 +1608,27 @@ class GcPauses:
 
 
 def run_newflows(args: argparse.Namespace) -> None:
-    """New flows per second through `Dataplane.process` on the busy ToR's tables: every frame
-    a flow the cache has not seen, indexed lookups against the linear scan (the baseline, on
-    a sample) in the same run; the two must decide every sampled flow the same way."""
+    """New flows per second through `Dataplane.process` on the busy ToR's tables, as compiled
+    and grown to NEWFLOW_GROWN policy entries: every frame a flow the cache has not seen,
+    indexed lookups against the linear scan (the baseline, on a sample) in the same run; the
+    two must decide every sampled flow the same way."""
     busy = BusyTor.load()
+    grown = busy.grown(NEWFLOW_GROWN)
+    floor = ", ".join(f"{n:,} {k}" for k, n in NEWFLOW_FLOOR.items() if k != "seed")
+    for label, case in (("as compiled", busy), ("policy grown", grown)):
+        print(
+            f"\n== New flows: {case.program.tables.switch} of a generated floor ({floor}; "
+            f"compiled in {busy.compile_s:.1f} s), {label}"
+        )
+        _newflow_case(case, args)
+
+
+def _newflow_case(busy: BusyTor, args: argparse.Namespace) -> None:
     tables = busy.program.tables
     counts = {
         t: len(tables.table(t)) for t in ("src_identity", "dst_identity", "policy", "routing")
     }
-    print(
-        f"\n== New flows: {tables.switch} of a generated floor ({NEWFLOW_FLOOR['rules']} rules, "
-        f"{NEWFLOW_FLOOR['hosts']} hosts, {NEWFLOW_FLOOR['tors']} ToRs; compiled in "
-        f"{busy.compile_s:.1f} s): " + ", ".join(f"{t} {n:,}" for t, n in counts.items())
-    )
+    print("   " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
     load = OtherLoad(args.wait_quiet)
     n, sample = (5_000, 60) if args.quick else (30_000, 300)
     frames = busy.new_flows(n + 2)

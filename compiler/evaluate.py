@@ -12,7 +12,7 @@ costs a few tests per table whatever the table's size.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -98,18 +98,26 @@ def lookup(entries: list[TableEntry], values: dict[str, int]) -> TableEntry | No
 # position `pos` in the scan's order of preference — (-priority, -prefix length, table order)
 # — so the winner is the matching entry with the lowest pos, ties included, exactly as
 # `lookup` picks; every list below is kept in pos order. A node is a `_Leaf` (the first entry
-# that matches wins) or a `_Split` on the field whose intervals cut its entries best: the
-# field's value picks one segment between the entries' interval boundaries, and entries too
-# wide to cut (wildcards, non-prefix ternaries, intervals over many segments) sit in the
-# split's fallback. A split's parts become nodes when a packet first reaches them, so a
-# rebuild after a write costs one cut of the table, and the tree grows where traffic goes.
-# Search visits a part only while it could still hold an entry better than the best found.
-# Field values are assumed within their widths, as the parser sets them.
+# that matches wins) or a split on the field that cuts its entries best, of one of two kinds:
+# - `_Split`: the field's value picks one segment between the entries' interval boundaries;
+#   entries too wide to cut (wildcards, non-prefix ternaries, intervals over many segments)
+#   sit in the split's fallback.
+# - `_Slices`: for ternary matches such as the policy's tag slices (one 4-bit field of a
+#   256-bit identity vector, compiler/tags.py), which are not one interval and spread over
+#   many slices. Each distinct mask is a virtual field, `value & mask`; an entry sits in the
+#   part of its (mask, value), and the packet visits the part of each virtual field it has
+#   a value in (a tag vector names the sets its address is in), plus the fallback (the
+#   entries with no mask on the field). The parts a value visits are kept per value.
+# A split's parts become nodes when a packet first reaches them, so a rebuild after a write
+# costs one cut of the table, and the tree grows where traffic goes. Search visits a part
+# only while it could still hold an entry better than the best found. Field values are
+# assumed within their widths, as the parser sets them.
 
 _LEAF = 12  # entries a leaf holds before it is worth splitting
 _DEPTH = 4  # splits along one path
 _SPAN = 8  # segments an entry may be copied into before it goes to the fallback
 _SAMPLE = 256  # entries a split's field is chosen on
+_SEEN = 4096  # values a `_Slices` node keeps the visited parts of
 _NONE = 1 << 62  # the pos of no entry
 _EMPTY: list[_Item] = []  # every empty segment (never appended to: fewer objects to collect)
 
@@ -119,10 +127,11 @@ _Tests = tuple[tuple[str, int, int], ...]
 class _Item:
     """One entry prepared for search: `intervals` (field, lo, hi) and `masks` (field, mask,
     value) together test exactly the entry's matches; `spans` are the values of each field it
-    can match as one interval (absent: any value, or not one interval). Never changed once
-    made (a plain slotted class: tens of thousands are made per rebuild)."""
+    can match as one interval (absent: any value, or not one interval); `slices` the (mask,
+    value) of each field it matches ternary with a non-zero mask. Never changed once made
+    (a plain slotted class: tens of thousands are made per rebuild)."""
 
-    __slots__ = ("entry", "intervals", "masks", "pos", "rank", "spans")
+    __slots__ = ("entry", "intervals", "masks", "pos", "rank", "slices", "spans")
 
     def __init__(
         self,
@@ -132,22 +141,29 @@ class _Item:
         intervals: _Tests,
         masks: _Tests,
         spans: dict[str, tuple[int, int]],
+        slices: dict[str, tuple[int, int]],
     ) -> None:
         self.pos, self.entry, self.rank = pos, entry, rank
-        self.intervals, self.masks, self.spans = intervals, masks, spans
+        self.intervals, self.masks = intervals, masks
+        self.spans, self.slices = spans, slices
 
     def at(self, pos: int) -> _Item:
-        return _Item(pos, self.entry, self.rank, self.intervals, self.masks, self.spans)
+        return _Item(
+            pos, self.entry, self.rank, self.intervals, self.masks, self.spans, self.slices
+        )
 
     @classmethod
     def of(cls, entry: TableEntry) -> _Item:
         intervals: list[tuple[str, int, int]] = []
         masks: list[tuple[str, int, int]] = []
         spans: dict[str, tuple[int, int]] = {}
+        slices: dict[str, tuple[int, int]] = {}
         for m in entry.matches:
             full = (1 << _WIDTH[m.field]) - 1
             if m.kind == "ternary":
                 masks.append((m.field, m.arg, m.value))
+                if m.arg & full:
+                    slices.setdefault(m.field, (m.arg & full, m.value))
                 low = full & ~m.arg  # a prefix mask (ones, then zeros) is an interval
                 if m.arg & ~full or low & (low + 1) or m.value & low:
                     continue
@@ -167,10 +183,12 @@ class _Item:
                 intervals.append((m.field, lo, hi))
             if lo > 0 or hi < full:  # the whole field's range cuts nothing
                 spans.setdefault(m.field, (lo, hi))
-        return cls(_NONE, entry, _rank(entry), tuple(intervals), tuple(masks), spans)
+        return cls(_NONE, entry, _rank(entry), tuple(intervals), tuple(masks), spans, slices)
 
 
 _Cut = tuple[list[int], list[list[_Item]], list[_Item]]  # bounds, segments, fallback
+# each (mask, value) -> its part's index, the parts, the fallback
+_SliceCut = tuple[dict[tuple[int, int], int], list[list[_Item]], list[_Item]]
 
 
 def _cut(items: list[_Item], field: str) -> _Cut:
@@ -195,11 +213,30 @@ def _cut(items: list[_Item], field: str) -> _Cut:
     return bounds, [held.get(i, _EMPTY) for i in range(len(bounds) + 1)], fallback
 
 
-def _cost(cut: _Cut) -> float:
-    """Entries a search tests after a cut: the fallback, plus the entry-weighted mean segment."""
-    _, segments, fallback = cut
-    copies = sum(len(s) for s in segments)
-    return len(fallback) + (sum(len(s) ** 2 for s in segments) / copies if copies else 0.0)
+def _slice_cut(items: list[_Item], field: str) -> _SliceCut:
+    """The entries of each (mask, value) `field` is matched with, the fallback entries (no
+    mask on `field`), all in the order of `items`."""
+    index: dict[tuple[int, int], int] = {}
+    parts: list[list[_Item]] = []
+    fallback: list[_Item] = []
+    for it in items:
+        key = it.slices.get(field)
+        if key is None:
+            fallback.append(it)
+            continue
+        i = index.get(key)
+        if i is None:
+            i = index[key] = len(parts)
+            parts.append([])
+        parts[i].append(it)
+    return index, parts, fallback
+
+
+def _cost(parts: list[list[_Item]], fallback: list[_Item]) -> float:
+    """Entries a search tests after a cut: the fallback, plus the entry-weighted mean part
+    (a packet visiting one part: the choice of a split is speed only, never results)."""
+    copies = sum(len(s) for s in parts)
+    return len(fallback) + (sum(len(s) ** 2 for s in parts) / copies if copies else 0.0)
 
 
 class _Leaf:
@@ -225,38 +262,91 @@ class _Leaf:
         return best
 
 
-class _Split:
-    """Parts: one per segment of `field`, then the fallback; each a list of entries until a
+class _Parts:
+    """A split on `field`: parts, the last one the fallback; each a list of entries until a
     packet reaches it, then a node."""
 
-    __slots__ = ("_others", "bounds", "depth", "field", "fields", "mins", "parts")
+    __slots__ = ("_others", "depth", "field", "fields", "mins", "parts")
 
-    def __init__(self, cut: _Cut, field: str, fields: tuple[str, ...], depth: int) -> None:
-        bounds, segments, fallback = cut
-        self.field, self.fields, self.depth, self.bounds = field, fields, depth, bounds
+    def __init__(
+        self, lists: list[list[_Item]], field: str, fields: tuple[str, ...], depth: int
+    ) -> None:
+        self.field, self.fields, self.depth = field, fields, depth
         self._others = tuple(f for f in fields if f != field)
-        lists = [*segments, fallback]
         self.mins = [p[0].pos if p else _NONE for p in lists]
         self.parts: list[list[_Item] | _Node] = list(lists)
 
     def _node(self, i: int) -> _Node:
         part = self.parts[i]
         if isinstance(part, list):
-            # a segment's entries all span it: cutting them on this field again cuts nothing
+            # a part's entries all match this field alike: cutting them on it again cuts nothing
             fields = self.fields if i == len(self.parts) - 1 else self._others
             part = self.parts[i] = _build(part, fields, self.depth + 1)
         return part
 
-    def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
-        seg, fb = bisect_right(self.bounds, values[self.field]), len(self.parts) - 1
-        mins = self.mins
-        for i in (seg, fb) if mins[seg] < mins[fb] else (fb, seg):
-            if mins[i] < (best.pos if best is not None else _NONE):
-                best = self._node(i).find(values, best)
+    def _find_in(
+        self, order: Iterable[int], values: dict[str, int], best: _Item | None
+    ) -> _Item | None:
+        """Search the parts `order` names, by their first entries, while they could hold a
+        better entry than `best`."""
+        mins, parts = self.mins, self.parts
+        for i in order:
+            if mins[i] >= (best.pos if best is not None else _NONE):
+                break  # the rest come later in pos order
+            part = parts[i]
+            best = (self._node(i) if isinstance(part, list) else part).find(values, best)
         return best
 
 
-_Node = _Leaf | _Split
+class _Split(_Parts):
+    """Parts: one per segment of `field`, then the fallback."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self, cut: _Cut, field: str, fields: tuple[str, ...], depth: int) -> None:
+        bounds, segments, fallback = cut
+        super().__init__([*segments, fallback], field, fields, depth)
+        self.bounds = bounds
+
+    def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
+        seg, fb = bisect_right(self.bounds, values[self.field]), len(self.parts) - 1
+        return self._find_in(
+            (seg, fb) if self.mins[seg] < self.mins[fb] else (fb, seg), values, best
+        )
+
+
+class _Slices(_Parts):
+    """Parts: one per (mask, value) of `field`, then the fallback. `masks`: each mask with
+    its parts by value; `seen`: for a value of the field, the parts it visits by their
+    first entry (the fallback included)."""
+
+    __slots__ = ("masks", "seen")
+
+    def __init__(self, cut: _SliceCut, field: str, fields: tuple[str, ...], depth: int) -> None:
+        index, parts, fallback = cut
+        super().__init__([*parts, fallback], field, fields, depth)
+        masks: dict[int, dict[int, int]] = {}
+        for (mask, value), i in index.items():
+            masks.setdefault(mask, {})[value] = i
+        self.masks = tuple(masks.items())
+        self.seen: dict[int, list[int]] = {}
+
+    def _visits(self, x: int) -> list[int]:
+        order = [i for mask, parts in self.masks if (i := parts.get(x & mask)) is not None]
+        order.append(len(self.parts) - 1)
+        order.sort(key=self.mins.__getitem__)
+        if len(self.seen) >= _SEEN:
+            self.seen.clear()
+        self.seen[x] = order
+        return order
+
+    def find(self, values: dict[str, int], best: _Item | None) -> _Item | None:
+        x = values[self.field]
+        order = self.seen.get(x)
+        return self._find_in(order if order is not None else self._visits(x), values, best)
+
+
+_Node = _Leaf | _Split | _Slices
 
 
 def _build(items: list[_Item], fields: tuple[str, ...], depth: int) -> _Node:
@@ -265,16 +355,19 @@ def _build(items: list[_Item], fields: tuple[str, ...], depth: int) -> _Node:
     if len(items) <= _LEAF or depth >= _DEPTH:
         return _Leaf(items)
     sample = items if len(items) <= _SAMPLE else items[:: -(-len(items) // _SAMPLE)]
-    best: tuple[float, str, _Cut] | None = None
+    best: tuple[float, str, bool] | None = None  # cost, field, sliced
     for f in fields:
-        cut = _cut(sample, f)
-        cost = _cost(cut)
-        if cost <= len(sample) / 2 and (best is None or cost < best[0]):
-            best = (cost, f, cut)
+        for sliced in (False, True):
+            parts, fallback = _slice_cut(sample, f)[1:] if sliced else _cut(sample, f)[1:]
+            cost = _cost(parts, fallback)
+            if cost <= len(sample) / 2 and (best is None or cost < best[0]):
+                best = (cost, f, sliced)
     if best is None:
         return _Leaf(items)
-    _, field, cut = best
-    return _Split(cut if sample is items else _cut(items, field), field, fields, depth)
+    _, field, sliced = best
+    if sliced:
+        return _Slices(_slice_cut(items, field), field, fields, depth)
+    return _Split(_cut(items, field), field, fields, depth)
 
 
 _by_rank = attrgetter("rank")
@@ -300,7 +393,9 @@ class TableIndex:
         self.prepared: _Prepared = {id(it.entry): it for it in items}  # only what is here now
         # stable: of equal ranks, the first in table order comes first, as in the scan
         items.sort(key=_by_rank, reverse=True)
-        fields = tuple(sorted(set().union(*(it.spans for it in self.prepared.values()))))
+        fields = tuple(
+            sorted(set().union(*(it.spans.keys() | it.slices for it in self.prepared.values())))
+        )
         self.root = _build([it.at(pos) for pos, it in enumerate(items)], fields, 0)
 
     def lookup(self, values: dict[str, int]) -> TableEntry | None:

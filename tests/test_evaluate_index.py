@@ -5,6 +5,9 @@ entry in table order. For random entry sets over the real pipeline's tables (eve
 exact/lpm/ternary/range as the table declares it, or left out; priorities drawn from a small
 set so ties are common) and random packets, the index must return the very same entry.
 Values are drawn from small pools near each other so that entries overlap and packets hit.
+The identity vectors (`src_tags`, `dst_tags`) are mostly matched as the compiler does, one
+4-bit field of the vector (compiler/tags.py), and packets carry vectors with a value in a
+few fields.
 
 P4SEG_PROPERTY_EXAMPLES=N runs every property with N examples instead of 200.
 """
@@ -30,11 +33,13 @@ from compiler.evaluate import (
     PacketFields,
     ScanSwitch,
     TableIndex,
+    _Slices,
     evaluate,
     lookup,
 )
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from compiler.tags import FIELD_MASK, FIELD_VALUES, TAG_FIELD_BITS
 from p4src.spec import PIPELINE, Key, Table, build_pipeline
 from runtime.entities import table_entry_proto
 from runtime.refswitch.switch import ReferenceSwitch
@@ -52,6 +57,8 @@ KEYED = [t for t in PIPELINE.tables if t.keys]
 TERNARY = build_pipeline(range_kind="ternary")
 TABLES = KEYED + [TERNARY.table(t.name) for t in KEYED if t.name == "policy"]
 A = 10 << 24  # 10.0.0.0
+TAG_KEYS = ("src_tags", "dst_tags")
+TAG_FIELDS = (0, 1, 2, 5, 63)  # the vector's fields the tests use (63: a prefix mask)
 
 
 def _pool(key: Key) -> list[int]:
@@ -64,12 +71,39 @@ def _pool(key: Key) -> list[int]:
 
 
 def _value(key: Key) -> st.SearchStrategy[int]:
-    return st.one_of(st.sampled_from(_pool(key)), st.integers(0, (1 << key.bits) - 1))
+    anything = st.one_of(st.sampled_from(_pool(key)), st.integers(0, (1 << key.bits) - 1))
+    return st.one_of(_vector(), _vector(), anything) if key.name in TAG_KEYS else anything
+
+
+@st.composite
+def _vector(draw: st.DrawFn) -> int:
+    """An identity vector: a value (often a small one, so that vectors share it) in a few
+    of the tested fields."""
+    vector = 0
+    for f in draw(st.lists(st.sampled_from(TAG_FIELDS), max_size=4, unique=True)):
+        value = draw(st.one_of(st.integers(1, 3), st.integers(0, FIELD_VALUES)))
+        vector |= value << (f * TAG_FIELD_BITS)
+    return vector
+
+
+@st.composite
+def _tag_slice(draw: st.DrawFn, key: Key) -> FieldMatch:
+    """The compiler's match on an identity vector: one field's value; now and then two
+    fields at once, or a value outside its mask (an entry that matches nothing)."""
+    mask = FIELD_MASK << (draw(st.sampled_from(TAG_FIELDS)) * TAG_FIELD_BITS)
+    if not draw(st.integers(0, 9)):
+        mask |= FIELD_MASK << (draw(st.sampled_from(TAG_FIELDS)) * TAG_FIELD_BITS)
+    value = draw(_vector()) & mask
+    if not draw(st.integers(0, 19)):
+        value |= 1 << draw(st.integers(0, key.bits - 1))
+    return FieldMatch(key.name, "ternary", value, mask)
 
 
 @st.composite
 def _match(draw: st.DrawFn, key: Key) -> FieldMatch:
     top = (1 << key.bits) - 1
+    if key.name in TAG_KEYS and draw(st.integers(0, 4)):
+        return draw(_tag_slice(key))
     if key.match == "exact":
         return FieldMatch(key.name, "exact", draw(_value(key)))
     if key.match == "lpm":
@@ -101,22 +135,32 @@ def _packet(draw: st.DrawFn, table: Table) -> dict[str, int]:
 
 
 @st.composite
-def _case(draw: st.DrawFn) -> tuple[Table, list[TableEntry], list[dict[str, int]]]:
-    table = draw(st.sampled_from(TABLES))
-    entries = draw(st.lists(_entry(table), max_size=60))
+def _case(
+    draw: st.DrawFn, tables: list[Table] = TABLES, most: int = 60
+) -> tuple[Table, list[TableEntry], list[dict[str, int]]]:
+    table = draw(st.sampled_from(tables))
+    entries = draw(st.lists(_entry(table), max_size=most))
     # Some copies: equal entries and equal ranks, where only table order decides.
     entries += draw(st.lists(st.sampled_from(entries), max_size=5)) if entries else []
-    # Some packets built from an entry's own values, so that specific entries are hit.
+    # Some packets built from an entry's own values, so that specific entries are hit (an
+    # identity vector keeps its other fields: an address is in several sets).
     packets = draw(st.lists(_packet(table), min_size=1, max_size=25))
     for e in draw(st.lists(st.sampled_from(entries), max_size=10)) if entries else []:
         pkt = draw(_packet(table))
-        pkt.update({m.field: m.value for m in e.matches})
+        for m in e.matches:
+            keep = pkt[m.field] & ~m.arg if m.field in TAG_KEYS and m.kind == "ternary" else 0
+            pkt[m.field] = keep | m.value
         packets.append(pkt)
     return table, entries, packets
 
 
+# Policy tables only, larger: the identity vectors matched by tag slices, as compiled.
+POLICIES = [t for t in TABLES if t.name == "policy"]
+TAGGED = _case(POLICIES, 150)
+
+
 @PROPERTY
-@given(_case())
+@given(st.one_of(_case(), TAGGED))
 def test_the_index_returns_what_the_linear_scan_returns(
     case: tuple[Table, list[TableEntry], list[dict[str, int]]],
 ) -> None:
@@ -129,7 +173,7 @@ def test_the_index_returns_what_the_linear_scan_returns(
 
 
 @PROPERTY
-@given(_case(), st.data())
+@given(st.one_of(_case(), TAGGED), st.data())
 def test_an_index_rebuilt_after_writes_reuses_entries_and_agrees(
     case: tuple[Table, list[TableEntry], list[dict[str, int]]], data: st.DataObject
 ) -> None:
@@ -170,18 +214,30 @@ def test_entries_without_a_cuttable_field_are_searched_in_order() -> None:
         assert index.lookup(values) is lookup(entries, values)
 
 
+def _slot(rnd: random.Random, fields: int) -> tuple[int, int]:
+    """A random tag (field, value), as compiler/tags.py allocates them: values 1..15."""
+    return rnd.randrange(fields), rnd.randint(1, FIELD_VALUES)
+
+
+def _tag(slot: tuple[int, int]) -> tuple[int, int]:
+    """The tag's (value, mask) over the vector."""
+    shift = slot[0] * TAG_FIELD_BITS
+    return slot[1] << shift, FIELD_MASK << shift
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_large_policy_table_agrees_with_the_scan(seed: int) -> None:
-    """Thousands of entries shaped like the compiler's (group runs, ports, protocols, a few
-    wildcards and wide ranges, clustered priorities), so that the index splits deeply."""
+    """Thousands of entries shaped like the compiler's (a tag slice of each identity vector
+    over 40 fields, ports, protocols, a few wildcards and wide ranges, clustered priorities),
+    and packets whose vectors name several sets, so that the index splits deeply: on a tag
+    vector first, as the slices cut best."""
     rnd = random.Random(seed)
+    fields = 40
     entries: list[TableEntry] = []
     for i in range(3000):
-        src = rnd.randrange(1, 400)
-        dst = rnd.randrange(1, 400)
         matches = [
-            FieldMatch("src_tags", "range", src, src + rnd.choice([0, 0, 1, 3, 7, 300])),
-            FieldMatch("dst_tags", "range", dst, dst + rnd.choice([0, 0, 2, 5])),
+            FieldMatch("src_tags", "ternary", *_tag(_slot(rnd, fields))),
+            FieldMatch("dst_tags", "ternary", *_tag(_slot(rnd, fields))),
         ]
         if rnd.random() < 0.8:
             matches.append(FieldMatch("protocol", "ternary", rnd.choice([6, 17, 1]), 0xFF))
@@ -193,22 +249,36 @@ def test_a_large_policy_table_agrees_with_the_scan(seed: int) -> None:
         if rnd.random() < 0.2:
             matches.append(FieldMatch("epoch", "ternary", rnd.randrange(2), 1))
         if rnd.random() < 0.02:
-            matches = matches[1:]  # no source group: a wildcard there
+            matches = matches[1:]  # no source tag: every source
         entries.append(
             TableEntry("policy", tuple(matches), "permit", (("rule_id", i),), rnd.randrange(50))
         )
     index = TableIndex(entries)
+    assert isinstance(index.root, _Slices) and index.root.field in TAG_KEYS
+
+    def vector(e: TableEntry, key: str) -> int:
+        """An address in a few sets, at most one per field; for most packets, in the
+        set `e` names."""
+        v = sum(_tag(_slot(rnd, fields))[0] for _ in range(rnd.randrange(8)))
+        m = e.match(key)
+        return v & ~m.arg | m.value if m is not None and rnd.random() < 0.8 else v
+
+    hits = 0
     for _ in range(3000):
+        e = rnd.choice(entries)
         values = {
             "epoch": rnd.randrange(2),
-            "src_tags": rnd.randrange(0, 720),
-            "dst_tags": rnd.randrange(0, 420),
+            "src_tags": vector(e, "src_tags"),
+            "dst_tags": vector(e, "dst_tags"),
             "protocol": rnd.choice([6, 17, 1, 47]),
             "l4_src_port": rnd.randrange(1 << 16),
             "l4_dst_port": rnd.choice([22, 80, 443, 1024, 1030, 9876, 30005, 5]),
             "tcp_flags": rnd.choice([0x02, 0x10, 0x18]),
         }
-        assert index.lookup(values) is lookup(entries, values), values
+        want = lookup(entries, values)
+        assert index.lookup(values) is want, values
+        hits += want is not None
+    assert hits > 300  # the packets hit entries, not only the default
 
 
 def test_routing_keeps_the_longest_prefix_and_table_order_on_ties() -> None:
