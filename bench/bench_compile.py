@@ -140,7 +140,9 @@ def one_rule_edit(text: str, inventory: Inventory, previous: Build) -> None:
         ("fresh allocation (baseline)", None),
         ("previous allocation", previous.allocation),
     ):
-        t, built = timed(lambda a=allocation: build(policy, inventory, edited, "ref", SIZES, a), 1)
+        t, built = timed(
+            functools.partial(build, policy, inventory, edited, "ref", SIZES, allocation), 1
+        )
         print(f"   {'  rebuilt, ' + label:<34}{t:8.3f} s   " + _changes(previous, built))
 
 

@@ -106,7 +106,7 @@ from compiler.inventory import Host, Inventory, load_inventory
 from compiler.model import Policy
 from compiler.p4c import P4C_BMV2, p4c_artifacts
 from compiler.protocols import PROTO_TCP, PROTO_UDP
-from compiler.tags import FIELD_MASK, FIELD_VALUES, TAG_FIELD_BITS
+from compiler.tags import FIELD_MASK, FIELD_VALUES
 from p4src.p4info import build_p4info
 from p4src.refconfig import device_config
 from p4src.spec import (
@@ -114,6 +114,7 @@ from p4src.spec import (
     DEFAULT_SIZES,
     PIPELINE,
     TAG_BITS,
+    TAG_FIELD_BITS,
     Pipeline,
     build_pipeline,
 )

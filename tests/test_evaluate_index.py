@@ -39,8 +39,8 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Inventory
 from compiler.model import Policy
-from compiler.tags import FIELD_MASK, FIELD_VALUES, TAG_FIELD_BITS
-from p4src.spec import PIPELINE, Key, Table, build_pipeline
+from compiler.tags import FIELD_MASK, FIELD_VALUES
+from p4src.spec import PIPELINE, TAG_FIELD_BITS, Key, Table, build_pipeline
 from runtime.entities import table_entry_proto
 from runtime.refswitch.switch import ReferenceSwitch
 

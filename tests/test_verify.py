@@ -127,10 +127,11 @@ def test_a_wrong_identity_is_caught(
     riskdb, oms1 = floor.hosts_by_name["riskdb"].ip, floor.hosts_by_name["oms1"].ip
     hit = lookup(tor.table("dst_identity"), {"epoch": 0, "dst_addr": riskdb})
     tags = hit.params if hit is not None else (("tags", 0),)  # the default: no tags
+
     # On tor-alg, oms1's packets are labelled as riskdb's: algo -> oms1 FIX stops working.
-    oms1_entry = lambda e: (  # noqa: E731
-        e.table == "dst_identity" and getattr(_match(e, "dst_addr"), "value", None) == oms1
-    )
+    def oms1_entry(e: TableEntry) -> bool:
+        return e.table == "dst_identity" and getattr(_match(e, "dst_addr"), "value", None) == oms1
+
     assert any(oms1_entry(e) for e in tor.entries)  # one entry per host: relabel it
     relabel = lambda e: dataclasses.replace(e, params=tags)  # noqa: E731
     corrupted = _edit(switches, "tor-alg", oms1_entry, relabel)
