@@ -121,7 +121,7 @@ def build(
         files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
         files[names[1]] = _dumps_listing(_runtime_json(sw, target, runtime), "table_entries")
     report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
-    files["report.json"] = _dumps(report)
+    files["report.json"] = _dumps_listing(report, "rules")
     files[ALLOCATION] = lowered.allocation.to_json()
     return Build(target, files, report, fitted, lowered.allocation, lowered)
 

@@ -37,6 +37,7 @@ from p4src.spec import PIPELINE
 from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
 
 if TYPE_CHECKING:
+    from compiler.emit import Build
     from p4seg.control import Compiled
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -504,6 +505,11 @@ def _checked(args: argparse.Namespace) -> tuple[Policy, Inventory, str] | None:
     return result.policy, inventory, text
 
 
+# A long-running verb (`watch`, the live verbs `up` starts) compiles again and again: the
+# last build per build directory lets the next compile reuse what did not change.
+_LAST_BUILD: dict[str, Build] = {}
+
+
 def _front(
     args: argparse.Namespace,
     text_transform: Callable[[str], str],
@@ -540,14 +546,18 @@ def _front(
     except AllocationError as err:
         print(f"p4seg: error: {err}; nothing written", file=sys.stderr)
         return None
+    build_dir = Path(args.build or Path("build") / inventory.name)
+    last = _LAST_BUILD.get(str(build_dir.resolve()))
     try:
         effective, allocation = assign_rule_ids(effective, previous)
-        built = build(effective, inventory, compiled_text, args.target, allocation=allocation)
+        built = build(
+            effective, inventory, compiled_text, args.target, allocation=allocation, previous=last
+        )
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format)
         return None
-    build_dir = Path(args.build or Path("build") / inventory.name)
+    _LAST_BUILD[str(build_dir.resolve())] = built
     try:
         write_build(built, str(build_dir))
     except (OutputDirError, OSError) as err:
