@@ -197,11 +197,15 @@ TNA_INCLUDE = os.environ.get("P4SEG_TNA_INCLUDE", "/opt/p4/share/tna-include")
     P4TEST is None or not Path(TNA_INCLUDE, "tna.p4").exists(),
     reason="p4test or the Tofino TNA includes (P4SEG_TNA_INCLUDE) are not installed: cannot check the TNA program",
 )
-def test_tna_program_passes_p4test(tmp_path: Path) -> None:
+def test_tna_program_passes_p4test(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
     import subprocess
 
+    # the program a tofino build writes (ports matched ternary, its table sizes)
+    built = build(floor_policy, floor, floor_policy_text, "tofino")
     src = tmp_path / "p4seg_tna.p4"
-    src.write_text(render_program("tna"))
+    src.write_text(built.files["p4/tofino/p4seg.p4"])
     proc = subprocess.run(
         [str(P4TEST), "-I", TNA_INCLUDE, "-D__TARGET_TOFINO__=1", str(src)],
         capture_output=True,

@@ -7,6 +7,8 @@
  * and a 20-byte header is dropped, as is every packet no table explicitly lets through.
  */
 #include <core.p4>
+// The typed `counter<I>` (policy_red_drops) is v1model's from version 20200408 on.
+#define V1MODEL_VERSION 20200408
 #include <v1model.p4>
 
 const bit<16> ETHERTYPE_IPV4 = 0x0800;
