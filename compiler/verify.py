@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
@@ -73,7 +75,6 @@ MAX_ADDRESS = (1 << 32) - 1
 _IDENTITY_FIELDS = ("epoch", "src_tags", "dst_tags", "protocol")  # fixed by a packet's hop
 _PROTO_NAME = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
 _WIDTH = {k.name: k.bits for t in PIPELINE.tables for k in t.keys}
-_Candidate = tuple[tuple[FieldMatch, ...], TableEntry, FieldMatch | None]
 _Judged = tuple[int, list[tuple[tuple[FieldMatch, ...], TableEntry]]]
 
 
@@ -232,6 +233,44 @@ class _AddressIndex:
         return lookup(self.buckets[bisect.bisect_right(self.starts, address) - 1], values)
 
 
+_T = TypeVar("_T")
+
+
+def _itself(entry: TableEntry) -> TableEntry:
+    return entry
+
+
+class _SliceIndex(Generic[_T]):
+    """Items (in their order) by the match their entry has on an identity field: the items
+    a vector matches are those without a match there and, per ternary mask, those whose
+    value is the vector's under that mask — a few dict lookups instead of a test per item
+    (any other kind of match, as a corrupted table may have, is tested one by one)."""
+
+    def __init__(self, items: list[_T], field: str, entry_of: Callable[[_T], TableEntry]) -> None:
+        self.items = items
+        self.anywhere: list[int] = []  # positions of items with no match on `field`
+        self.by_mask: dict[int, dict[int, list[int]]] = {}
+        self.tested: list[tuple[int, FieldMatch]] = []
+        for pos, item in enumerate(items):
+            m = entry_of(item).match(field)
+            if m is None:
+                self.anywhere.append(pos)
+            elif m.kind == "ternary":
+                self.by_mask.setdefault(m.arg, {}).setdefault(m.value, []).append(pos)
+            else:
+                self.tested.append((pos, m))
+
+    def matching(self, vector: int) -> list[_T]:
+        found = [self.anywhere]
+        for mask, values in self.by_mask.items():
+            if (hit := values.get(vector & mask)) is not None:
+                found.append(hit)
+        if self.tested:
+            found.append([pos for pos, m in self.tested if m.covers(vector)])
+        positions = found[0] if len(found) == 1 else sorted(itertools.chain(*found))
+        return [self.items[p] for p in positions]
+
+
 @dataclass(frozen=True, slots=True)
 class _Hop:
     switch: str
@@ -338,8 +377,10 @@ class Verifier:
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
         self._from_identity: dict[tuple[str, int], list[TableEntry]] = {}
+        self._by_src_tags: dict[str, _SliceIndex[TableEntry]] = {}
         self._by_source: dict[
-            tuple[str, int, int, int], tuple[dict[int, _Judged], list[_Candidate]]
+            tuple[str, int, int, int],
+            tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]],
         ] = {}
         self._entry_sets: dict[tuple[int, ...], _Judged] = {}
         self._starts: list[int] | None = None  # address classes' first addresses
@@ -458,10 +499,11 @@ class Verifier:
         key = (switch, src_tags)
         found = self._from_identity.get(key)
         if found is None:
-            entries = self.fabric.switches[switch].by_table.get("policy", [])
-            found = self._from_identity[key] = [
-                e for e in entries if (m := e.match("src_tags")) is None or m.covers(src_tags)
-            ]
+            index = self._by_src_tags.get(switch)
+            if index is None:
+                entries = self.fabric.switches[switch].by_table.get("policy", [])
+                index = self._by_src_tags[switch] = _SliceIndex(entries, "src_tags", _itself)
+            found = self._from_identity[key] = index.matching(src_tags)
         return found
 
     def _policy_entries(
@@ -477,10 +519,10 @@ class Verifier:
         by_source = self._by_source.get((switch, epoch, src_tags, proto))
         if by_source is None:
             by_source = self._from_source(switch, epoch, src_tags, proto)
-        by_dst, candidates = by_source
+        by_dst, index = by_source
         found = by_dst.get(dst_tags)
         if found is None:
-            entries = [(v, e) for v, e, m in candidates if m is None or m.covers(dst_tags)]
+            entries = index.matching(dst_tags)
             ident = tuple(id(e) for _v, e in entries)
             found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
             by_dst[dst_tags] = found
@@ -488,17 +530,19 @@ class Verifier:
 
     def _from_source(
         self, switch: str, epoch: int, src_tags: int, proto: int
-    ) -> tuple[dict[int, _Judged], list[_Candidate]]:
+    ) -> tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]]:
         """The policy entries that can match a source identity and protocol, by priority,
-        with their dst_tags match; and the lists already cut from them per destination."""
+        with the matches left to decide, indexed by their dst_tags match; and the lists
+        already cut from them per destination identity."""
         fixed = {"epoch": epoch, "src_tags": src_tags, "protocol": proto}
-        candidates: list[_Candidate] = []
+        candidates: list[tuple[tuple[FieldMatch, ...], TableEntry]] = []
         for entry in self._policy_from(switch, src_tags):
             if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
                 varying = tuple(m for m in entry.matches if m.field not in _IDENTITY_FIELDS)
-                candidates.append((varying, entry, entry.match("dst_tags")))
+                candidates.append((varying, entry))
         candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
-        found = self._by_source[(switch, epoch, src_tags, proto)] = ({}, candidates)
+        index = _SliceIndex(candidates, "dst_tags", lambda c: c[1])
+        found = self._by_source[(switch, epoch, src_tags, proto)] = ({}, index)
         return found
 
     def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
