@@ -348,6 +348,14 @@ class Verifier:
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._rule_ids: dict[tuple[int, int, int], int] = {}
         self._decided: dict[tuple[int, int, int, int], Decision] = {}
+        # Quarantined hosts (address -> their ToR): only their own ToR holds the overlay.
+        q = policy.quarantine
+        self._cut = {a: h.switch for a in (q.hosts if q else ()) if (h := self.host_by_ip.get(a))}
+        self._uncarved = (
+            PolicySemantics(policy.uncarved(), [h.ip for h in inventory.hosts])
+            if self._cut
+            else None
+        )
 
     # -- address classes ---------------------------------------------------------------
 
@@ -543,7 +551,11 @@ class Verifier:
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
                 flows = (forward, reverse, src_atom, dst_atom)
-                for proto in self._unproven(sender, lo, target, flows, protocols_rules, result):
+                if self._cut and (sender.ip in self._cut or lo in self._cut):
+                    unproven = [proto for proto, _rules in protocols_rules]  # class by class
+                else:
+                    unproven = self._unproven(sender, lo, target, flows, protocols_rules, result)
+                for proto in unproven:
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
@@ -740,10 +752,14 @@ class Verifier:
         sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
         dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
-        # The source ToR and the destination ToR each judge alone (defence in depth).
+        # The source ToR and the destination ToR each judge alone (defence in depth) —
+        # except that a ToR other than a quarantined host's own still holds its ordinary
+        # identity, so judges its flows by the uncarved policy (relaxed: True).
         tors = [(0, "source")]
         if target is not None and hops[-1].switch == target.switch and len(hops) > 1:
             tors.append((len(hops) - 1, "destination"))
+        owners = {self._cut[a] for a in (src, dst) if a in self._cut}
+        relaxed = {i: bool(owners) and hops[i].switch not in owners for i, _side in tors}
         sem = self.sem
         src_atom, dst_atom = sem.addresses.atom_of(src), sem.addresses.atom_of(dst)
         sport_atoms = [sem.ports.atom_of(p if has_ports else EPHEMERAL_PORT) for p, _ in sports]
@@ -775,21 +791,27 @@ class Verifier:
                     allowed = decision.allowed
                     looping = last.loop and all(verdicts[:-1])
                     kinds = _judge(looping, delivered_to, target, allowed)
+                    ordinary = decision
+                    if any(relaxed.values()):
+                        ordinary = self._decide(self._uncarved, pkt, name)
                     if target is not None:
                         for index, side in tors:
-                            if verdicts[index] != allowed:
+                            want = ordinary if relaxed[index] else decision
+                            if verdicts[index] != want.allowed:
                                 kinds.append(f"{side}-tor:{hops[index].switch}")
                     if kinds:
                         self._report(sender, pkt, name, kinds, result)
                     elif allowed and target is not None:
-                        self._meters(sender, pkt, hops, tors, deciding, decision, result)
+                        judged = [
+                            (i, side, ordinary if relaxed[i] else decision) for i, side in tors
+                        ]
+                        self._meters(sender, pkt, hops, judged, deciding, decision, result)
 
-    def _report(
-        self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
-    ) -> None:
-        """The slow path, for a difference only: the full walk, for the details."""
-        path = self.fabric.walk(sender.name, pkt)
-        decision = self.sem.decide(
+    @staticmethod
+    def _decide(sem: PolicySemantics | None, pkt: PacketFields, proto: str) -> Decision:
+        """`sem`'s decision on a packet (by its addresses)."""
+        assert sem is not None
+        return sem.decide(
             pkt.src,
             pkt.dst,
             proto,
@@ -799,7 +821,13 @@ class Verifier:
             icmp_type=pkt.icmp_type,
             icmp_code=pkt.icmp_code,
         )
-        expected = decision.describe()
+
+    def _report(
+        self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
+    ) -> None:
+        """The slow path, for a difference only: the full walk, for the details."""
+        path = self.fabric.walk(sender.name, pkt)
+        expected = self._decide(self.sem, pkt, proto).describe()
         for kind in kinds:
             if ":" in kind:
                 side, switch = kind.split(":")
@@ -821,24 +849,25 @@ class Verifier:
         sender: Host,
         pkt: PacketFields,
         hops: list[_Hop],
-        tors: list[tuple[int, str]],
+        tors: list[tuple[int, str, Decision]],
         deciding: list[TableEntry | None],
         decision: Decision,
         result: VerifyResult,
     ) -> None:
         """An allowed packet is allowed up to its rule's rate: each ToR that judges it must
-        meter it with exactly the config the rate gives (none for an unmetered allow)."""
-        want = _meter_wanted(decision)
-        if want is not None:
+        meter it with exactly the config the rate gives (none for an unmetered allow) —
+        the rate of the decision that ToR is held to (`tors`: index, side, decision)."""
+        if _meter_wanted(decision) is not None:
             result.metered_classes += 1
-        for index, side in tors:
+        for index, side, judged in tors:
+            want = _meter_wanted(judged)
             entry = deciding[index]
             assert entry is not None  # the packet passes this ToR
             have = _meter_applied(entry)
             if have == want:
                 continue
             switch = hops[index].switch
-            expected = decision.describe() + (
+            expected = judged.describe() + (
                 f", up to {want.cir} pps (meter {want.describe()})"
                 if want is not None
                 else ", with no rate limit"

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.model import Action, Policy, PolicyRule, text_key
+from compiler.model import REMEDIATION, Action, Policy, PolicyRule, Quarantine, text_key
 
 STATE_FILE = "live.json"
-REMEDIATION = "remediation"  # the service a quarantined host may still reach
 _EMPTY = AddressSet(())
 
 
@@ -139,11 +138,25 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
         r if in_force(r, state, now) else dataclasses.replace(r, src=_EMPTY, dst=_EMPTY)
         for r in policy.rules
     ]
-    cut = AddressSet.of((hosts[h], hosts[h]) for h in state.quarantined if h in hosts)
-    if cut:
-        remediation = next((s.addresses for s in policy.services if s.name == REMEDIATION), _EMPTY)
-        rules = _quarantine(rules, cut, remediation)
-    return dataclasses.replace(policy, rules=tuple(rules))
+    addresses = sorted({hosts[h] for h in state.quarantined if h in hosts})
+    if not addresses:
+        return dataclasses.replace(policy, rules=tuple(rules))
+    cut = AddressSet.of((a, a) for a in addresses)
+    remediation = remediation_of(policy)
+    carved = _quarantine(rules, cut, remediation)
+    uncarved = tuple(
+        (r.key, r.src, r.dst)
+        for r, c in zip(rules, carved, strict=False)
+        if (r.src, r.dst) != (c.src, c.dst)
+    )
+    added = frozenset(r.key for r in carved[len(rules) :])
+    quarantine = Quarantine(tuple(addresses), remediation, uncarved, added)
+    return dataclasses.replace(policy, rules=tuple(carved), quarantine=quarantine)
+
+
+def remediation_of(policy: Policy) -> AddressSet:
+    """The addresses of the policy's `remediation` service (none if it has no such service)."""
+    return policy.remediation() or _EMPTY
 
 
 def _quarantine(
