@@ -35,6 +35,7 @@ from p4seg.control import (
     Session,
     _record_allocation,
     _rule_lines,
+    applied_rules,
     print_reports,
     record_applied,
     report_json,
@@ -415,6 +416,7 @@ def _overlay(
     if code == EXIT_OK:
         note_applied(compiled.policy, state, moment)
     state.save(state_dir)
+    before = applied_rules(state_dir)  # removed entries are labelled by the rules they came from
     record_applied(state_dir, [report], rules)
     _record_allocation(state_dir, compiled, [report])
     written = [
@@ -434,12 +436,12 @@ def _overlay(
         switches=_summary([report]),
     )
     if args.output == "json":
-        doc = report_json([report], session.tables, rules, True)
+        doc = report_json([report], session.tables, rules, True, before)
         doc["seconds"] = round(took, 3)
         doc["overlay"] = True
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print_reports([report], session.tables, rules, True)
+        print_reports([report], session.tables, rules, True, before=before)
         print(f"{'Quarantined' if verb == 'quarantine' else 'Released'} {args.host}: "
               f"{report.written} writes on {target.name} only, in {took * 1000:.0f} ms"
               f"{'' if report.ok else '; failed: ' + str(report.error)}")  # fmt: skip
