@@ -351,11 +351,9 @@ class Verifier:
         # Quarantined hosts (address -> their ToR): only their own ToR holds the overlay.
         q = policy.quarantine
         self._cut = {a: h.switch for a in (q.hosts if q else ()) if (h := self.host_by_ip.get(a))}
-        self._uncarved = (
-            PolicySemantics(policy.uncarved(), [h.ip for h in inventory.hosts])
-            if self._cut
-            else None
-        )
+        # The uncarved policy's verifier over the same tables, for those other ToRs.
+        self._other = Verifier(policy.uncarved(), inventory, switches) if self._cut else None
+        self._uncarved = self._other.sem if self._other is not None else None
 
     # -- address classes ---------------------------------------------------------------
 
@@ -556,10 +554,10 @@ class Verifier:
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
                 flows = (forward, reverse, src_atom, dst_atom)
-                if self._cut and (sender.ip in self._cut or lo in self._cut):
-                    unproven = [proto for proto, _rules in protocols_rules]  # class by class
-                else:
-                    unproven = self._unproven(sender, lo, target, flows, protocols_rules, result)
+                owners = frozenset(self._cut[a] for a in (sender.ip, lo) if a in self._cut)
+                unproven = self._unproven(
+                    sender, lo, target, flows, protocols_rules, result, owners
+                )
                 for proto in unproven:
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
@@ -582,6 +580,7 @@ class Verifier:
         flows: tuple[int, int, int, int],
         protocols: list[tuple[int, int]],
         result: VerifyResult,
+        owners: frozenset[str] = frozenset(),
     ) -> list[int]:
         """The fast proof for one sender and destination class, hop by hop: routing delivers
         to the target (or nowhere), and per protocol each hop's policy decisions, checked
@@ -589,7 +588,10 @@ class Verifier:
         that judge (meters included), at least where it allows elsewhere. Then the end-to-end
         verdict is the policy's. Returns the protocols not proven so (a difference or an
         unusual path), for `_check` to walk class by class and report.
-        `flows`: the rules matching its flows forward and back, the address atoms."""
+        `flows`: the rules matching its flows forward and back, the address atoms; `owners`:
+        the ToRs of the quarantined hosts among the two — any other ToR that judges is held
+        to the uncarved policy (`_other`), and since the carve only takes allows away, the
+        verdict end to end is still the (carved) policy's."""
         everything = [proto for proto, _rules in protocols]
         route = self._route(sender, dst, keep=False)
         last = route[-1]
@@ -609,16 +611,34 @@ class Verifier:
         forward, reverse, src_atom, dst_atom = flows
         rule_ids = self._rule_ids
         out = []
+        other = self._other if owners else None
+        if other is not None:
+            o_src, o_dst = other.sem.addresses.atom_of(sender.ip), other.sem.addresses.atom_of(dst)
+            (o_from_s, o_to_s), (o_from_d, o_to_d) = other._rule_set(o_src), other._rule_set(o_dst)
         for proto, of_proto in protocols:
             rules = (forward & of_proto, reverse & of_proto)
             rules_id = rule_ids.setdefault((proto, *rules), len(rule_ids))
+            held: tuple[Verifier, tuple[int, int], int, int, int] = (
+                self,
+                rules,
+                rules_id,
+                src_atom,
+                dst_atom,
+            )
+            relaxed = held
+            if other is not None:
+                o_proto = other.sem.proto_index[other.sem.proto_class(proto)]
+                o_rules = (o_from_s & o_to_d & o_proto, o_from_d & o_to_s & o_proto)
+                o_id = other._rule_ids.setdefault((proto, *o_rules), len(other._rule_ids))
+                relaxed = (other, o_rules, o_id, o_src, o_dst)
             first: tuple[bool, bool, int, int] | None = None
             for index, (switch, _port, idents, _egress, _loop) in enumerate(route):
                 assert idents is not None
                 judge = index == 0 or (judge_last and index == len(route) - 1)
-                check = self._hop_check(
-                    switch, idents, judge, proto, rules, rules_id, src_atom, dst_atom
+                by, by_rules, by_id, by_src, by_dst = (
+                    relaxed if judge and owners and switch not in owners else held
                 )
+                check = by._hop_check(switch, idents, judge, proto, by_rules, by_id, by_src, by_dst)
                 if not check[0]:
                     break
                 first = first or check
