@@ -399,10 +399,10 @@ def _overlay(
                          result="refused: the compiled tables are not proven to implement the "
                          "policy")  # fmt: skip
             return EXIT_ERROR
-    session = session_of(verb, args, compiled)
+    session = session_of(verb, args, compiled, only=host.switch)
     if session is None:
         return EXIT_ERROR
-    [target] = [t for t in session.switches if t.name == host.switch]
+    [target] = session.switches
     start = time.monotonic()
     report = asyncio.run(
         apply_one(target, session.tables, session.files, session.options,

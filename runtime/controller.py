@@ -91,12 +91,14 @@ class SwitchTarget:
 def targets(
     inventory: Inventory, compiled: Sequence[SwitchTables], tables: Tables
 ) -> list[SwitchTarget]:
+    """The inventory's switches that `compiled` has tables for, with what they must hold."""
     by_name = {s.switch: s for s in compiled}
     return [
         SwitchTarget(
             sw.name, sw.p4rt, sw.device_id, Desired.of(tables, by_name[sw.name], sw.cpu_port)
         )
         for sw in inventory.switches
+        if sw.name in by_name
     ]
 
 
