@@ -522,6 +522,17 @@ def _overlay_entries(
     return out.entries
 
 
+def settle_quarantine(allocation: Allocation, switch: str) -> Allocation:
+    """`allocation` once `switch` holds its compiled tables: the quarantine values retired
+    there are free again (only a host's own ToR ever holds its quarantine identity)."""
+    side = allocation.tags.get((switch, "src"))
+    if side is None:
+        return allocation
+    retired = frozenset(t for t in side.retired if t[0] != QUARANTINE_FIELD)
+    tags = {**allocation.tags, (switch, "src"): SideTags(side.tags, retired, side.shared)}
+    return Allocation(allocation.rules, allocation.retired_rules, tags)
+
+
 def _quarantine_values(
     switch: str, here: list[int], previous: SideTags
 ) -> tuple[dict[int, int], dict[str, Tag], frozenset[Tag]]:

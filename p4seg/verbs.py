@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import signal
@@ -363,6 +364,7 @@ def _overlay(
     packets (the only ones the overlay changes: verify restricted to flows from and to it),
     then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
     (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
+    from compiler.lower import settle_quarantine
     from compiler.verify import verify
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
@@ -418,6 +420,9 @@ def _overlay(
     state.save(state_dir)
     before = applied_rules(state_dir)  # removed entries are labelled by the rules they came from
     record_applied(state_dir, [report], rules)
+    if report.ok:  # the ToR holds no released host's quarantine identity any more
+        allocation = settle_quarantine(compiled.allocation, target.name)
+        compiled = dataclasses.replace(compiled, allocation=allocation)
     _record_allocation(state_dir, compiled, [report])
     written = [
         {"op": c.op, "entry": describe_entry(session.tables.pipeline, c.entity.table_entry)[0]}

@@ -300,6 +300,7 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     floor: Inventory,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from p4seg.allocations import state_allocation
     from p4seg.cli import main
 
     switches, live = floor_site
@@ -349,6 +350,11 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert [s["switch"] for s in doc["switches"]] == ["tor-alg"] and doc["overlay"] is True
     assert _delivered(switches, floor, "algo1", "oms1", order)
     assert _delivered(switches, floor, "md1", "algo1", UDP(sport=5000, dport=30005))
+    # tor-alg took the release, so algo1's quarantine value is free again (not retired:
+    # quarantine and release may alternate forever without running out of values).
+    side = state_allocation(Path("state")).tags[("tor-alg", "src")]
+    assert not [t for t in side.retired if t[0] == QUARANTINE_FIELD]
+    assert not [k for k in side.tags if k.startswith("(quarantine)")]
     assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
     assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
 
