@@ -27,7 +27,11 @@ from compiler.lower import (
 )
 from compiler.model import Policy
 from compiler.verify import verify
+from p4src.spec import PIPELINE
+from runtime.entities import canonical_entry, table_entry_proto
 from runtime.live import LiveState, effective_policy
+from runtime.overlay import NotAnOverlay, overlay_plan
+from runtime.plan import Desired, Held, Tables, clone_session
 from runtime.refswitch.switch import ReferenceSwitch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,3 +393,42 @@ def test_quarantining_a_remediation_host_is_refused(
     assert "`remediation` service" in capsys.readouterr().err
     assert main(["quarantine", "nohost", *live]) == 1
     assert "no host nohost" in capsys.readouterr().err
+
+
+def _held(tables: SwitchTables) -> Held:
+    """What a switch holding `tables` (wildcard epoch) reads back."""
+    entries = [canonical_entry(table_entry_proto(PIPELINE, e)) for e in tables.entries]
+    return Held(entries, 0, clone_session(255))
+
+
+def test_the_overlay_is_written_in_a_per_packet_consistent_order(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, before = _compile(policy, floor, (), Allocation())
+    _, after = _compile(policy, floor, ("algo1",), before.allocation)
+    ip = floor.hosts_by_name["algo1"].ip
+    old, new = _by_switch(before)["tor-alg"], _by_switch(after)["tor-alg"]
+    tables = Tables(PIPELINE)
+    # quarantine: the overlay's policy entries first, then src_identity, then dst_identity
+    plan = overlay_plan(tables, Desired.of(tables, new, 255), _held(old), {ip})
+    assert plan.flip is None and not plan.finish
+    steps = [(c.op, c.table) for c in plan.prepare]
+    assert steps == [("insert", "policy")] * 8 + [
+        ("modify", "src_identity"),
+        ("modify", "dst_identity"),
+    ]
+    # release: the identities back first, then the overlay goes
+    plan = overlay_plan(tables, Desired.of(tables, old, 255), _held(new), {ip})
+    steps = [(c.op, c.table) for c in plan.prepare]
+    assert (
+        steps
+        == [("modify", "src_identity"), ("modify", "dst_identity")] + [("delete", "policy")] * 8
+    )
+    # anything else on the ToR (another host's identity, an ordinary entry): refused
+    with pytest.raises(NotAnOverlay):
+        overlay_plan(tables, Desired.of(tables, new, 255), _held(old), {ip + 1})
+    ordinary = next(e for e in old.entries if e.table == "policy")
+    pending = dataclasses.replace(old, entries=tuple(e for e in old.entries if e != ordinary))
+    with pytest.raises(NotAnOverlay):
+        overlay_plan(tables, Desired.of(tables, new, 255), _held(pending), {ip})
