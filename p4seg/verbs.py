@@ -379,6 +379,8 @@ def _overlay(
     if compiled is None:
         return EXIT_ERROR
     host = compiled.inventory.hosts_by_name.get(args.host)
+    if host is None and verb == "release":
+        return None  # gone from the inventory: nothing of it on any switch to take away
     if host is None:
         known = ", ".join(sorted(compiled.inventory.hosts_by_name))
         print(f"p4seg {verb}: error: no host {args.host} in the inventory ({known})",

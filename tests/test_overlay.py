@@ -331,6 +331,14 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert 0 < report["written"] <= 10 and report["writes"]["flip"] == 0
     assert cut_off()
     assert _delivered(switches, floor, "algo2", "oms1", order)  # its rack-mate is untouched
+    # verify and trace judge the live switches by the effective (quarantined) policy.
+    assert main(["verify", "floor.zt", *args, "--from-switches"]) == 0
+    capsys.readouterr()
+    trace = ["trace", "algo1", "oms1", "tcp", "9876", *args, "--from-switches", "--policy"]
+    main([*trace, "floor.zt"])
+    out = capsys.readouterr().out
+    assert "quarantined: algo1" in out and "tcp 9876: BLOCKED" in out
+    assert "tor-alg -> dropped" in out  # by the overlay, on algo1's own ToR
     # The audit log has the operation with the entries written.
     record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "quarantine" and record["host"] == "algo1"
