@@ -160,6 +160,8 @@ def _apply_compiled(
     if reports and not dry:
         if code == EXIT_OK:
             note_applied(compiled.policy, state, moment)
+            if len(reports) == len(compiled.inventory.switches):  # every switch holds it
+                state.applied_schedule = operations.schedule_digest()
         state.save(state_dir)
     if (changed or event or code == EXIT_ERROR or expired) and not dry and reports:
         audit.append(
@@ -378,6 +380,9 @@ def _overlay(
     compiled = _compile(args, front, state, moment)
     if compiled is None:
         return EXIT_ERROR
+    operations = in_force_report(compiled.policy, state, moment)
+    if operations.schedule_digest() != state.applied_schedule:
+        return None  # a window opened or closed, a grant changed since: apply it all
     host = compiled.inventory.hosts_by_name.get(args.host)
     if host is None and verb == "release":
         return None  # gone from the inventory: nothing of it on any switch to take away
@@ -437,7 +442,7 @@ def _overlay(
         policy=str(args.policy),
         policy_sha256=digest,
         compiled_sha256=compiled.build.report.get("policy_sha256"),
-        operations_sha256=in_force_report(compiled.policy, state, moment).digest(),
+        operations_sha256=operations.digest(),
         result="ok" if code == EXIT_OK else "failed",
         overlay={"switch": target.name, "written": written},
         switches=_summary([report]),

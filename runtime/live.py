@@ -56,6 +56,9 @@ class LiveState:
     grants: list[Grant] = field(default_factory=list)
     quarantined: dict[str, float] = field(default_factory=dict)  # host -> since
     first_applied: dict[str, float] = field(default_factory=dict)  # rule text -> time
+    # What the last full apply held in force (InForce.schedule_digest): a quarantine writes
+    # only its overlay while nothing else is due (runtime/overlay.py).
+    applied_schedule: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> LiveState:
@@ -68,6 +71,7 @@ class LiveState:
                 [Grant(**g) for g in doc.get("grants", [])],
                 {str(k): float(v) for k, v in doc.get("quarantined", {}).items()},
                 {str(k): float(v) for k, v in doc.get("first_applied", {}).items()},
+                str(doc.get("applied_schedule", "")),
             )
         except (ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
@@ -79,6 +83,7 @@ class LiveState:
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": self.quarantined,
             "first_applied": self.first_applied,
+            "applied_schedule": self.applied_schedule,
         }
         fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
         with os.fdopen(fd, "w") as f:
@@ -270,6 +275,15 @@ class InForce:
         """A SHA-256 of the operations and rule states (for the audit log)."""
         doc = self.to_json()
         doc.pop("at")
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def schedule_digest(self) -> str:
+        """A SHA-256 of what holds apart from quarantines: the grants and which time-bound
+        rules are in force (what a quarantine must not leave behind when it writes only its
+        overlay)."""
+        doc = self.to_json()
+        doc.pop("at")
+        doc.pop("quarantined")
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

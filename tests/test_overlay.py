@@ -440,3 +440,31 @@ def test_the_overlay_is_written_in_a_per_packet_consistent_order(
     pending = dataclasses.replace(old, entries=tuple(e for e in old.entries if e != ordinary))
     with pytest.raises(NotAnOverlay):
         overlay_plan(tables, Desired.of(tables, new, 255), _held(pending), {ip})
+
+
+def test_a_window_that_closed_since_the_last_apply_takes_the_full_apply(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What is due (here `ops_jump -> prod tcp 22 during 07:00-18:00 UTC` closing, on other
+    ToRs than dev1's) is never left behind by a quarantine that writes only its overlay."""
+    import p4seg.verbs
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    ssh = TCP(sport=40000, dport=22, flags="S")
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: float(NOON))
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert _delivered(switches, floor, "jump1", "risk1", ssh)
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: float(NOON + 7 * 3600))  # 19:00
+    capsys.readouterr()
+    assert main(["quarantine", "dev1", *live, "--output", "json"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out[out.index("{\n") :])  # after what the verb says it found due
+    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    assert not _delivered(switches, floor, "jump1", "risk1", ssh)
+    # now nothing else is due: the release is the overlay alone
+    assert main(["release", "dev1", *live, "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overlay"] is True
