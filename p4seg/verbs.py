@@ -371,18 +371,11 @@ def _overlay(
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
 
-    if getattr(args, "switch", []) or getattr(args, "dry_run", False):
-        return None
     state_dir = Path(args.state)
     moment = clock()
-    if any(g.expires <= moment for g in state.grants):
-        return None  # an expiry changes every switch holding the grant
     compiled = _compile(args, front, state, moment)
     if compiled is None:
         return EXIT_ERROR
-    operations = in_force_report(compiled.policy, state, moment)
-    if operations.schedule_digest() != state.applied_schedule:
-        return None  # a window opened or closed, a grant changed since: apply it all
     host = compiled.inventory.hosts_by_name.get(args.host)
     if host is None and verb == "release":
         return None  # gone from the inventory: nothing of it on any switch to take away
@@ -397,6 +390,13 @@ def _overlay(
               f"it could no longer serve the others' remediation; nothing written",
               file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
+    if getattr(args, "switch", []) or getattr(args, "dry_run", False):
+        return None
+    if any(g.expires <= moment for g in state.grants):
+        return None  # an expiry changes every switch holding the grant
+    operations = in_force_report(compiled.policy, state, moment)
+    if operations.schedule_digest() != state.applied_schedule:
+        return None  # a window opened or closed, a grant changed since: apply it all
     digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
     if not getattr(args, "no_verify", False):
         switches = {sw.switch: sw for sw in compiled.build.switches}
