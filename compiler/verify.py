@@ -540,16 +540,15 @@ class Verifier:
         )
         atom_of = self.sem.addresses.atom_of
         protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
-        dst_atoms = [atom_of(lo) for lo, _hi in classes]
+        every = [(lo, atom_of(lo)) for lo, _hi in classes]
+        focused = every if focus is None else [(lo, a) for lo, a in every if lo in focus]
         for sender in self.inventory.hosts:
             src_atom = atom_of(sender.ip)
             from_s, to_s = self._rule_set(src_atom)
             sending = focus is None or sender.ip in focus
-            for (lo, _hi), dst_atom in zip(classes, dst_atoms, strict=True):
+            for lo, dst_atom in every if sending else focused:
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
-                    continue
-                if not sending and focus is not None and lo not in focus:
                     continue
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
