@@ -615,7 +615,9 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     compiled, session = opened
     options, tables, selected = session.options, session.tables, session.switches
 
-    metered = [r.id for r in compiled.policy.rules if r.rate_pps is not None]
+    # The rules the entries carry: a quarantine's overlay counts under the uncarved rules.
+    rules = compiled.policy.uncarved()
+    metered = [r.id for r in rules.rules if r.rate_pps is not None]
 
     async def read_all() -> tuple[list[object], list[object]]:
         pipe = tables.pipeline
@@ -632,7 +634,7 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
     ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
     red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
-    hits = hits_by_rule(compiled.policy, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
+    hits = hits_by_rule(rules, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,

@@ -339,6 +339,11 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     out = capsys.readouterr().out
     assert "quarantined: algo1" in out and "tcp 9876: BLOCKED" in out
     assert "tor-alg -> dropped" in out  # by the overlay, on algo1's own ToR
+    # hits counts the overlay under the policy's own rules (no rule of the carve is "unused")
+    assert main(["hits", "floor.zt", *args, "--output", "json"]) == 0
+    out = capsys.readouterr().out
+    texts = [r["rule"] for r in json.loads(out[out.index("{\n") :])["rules"]]
+    assert texts and not [t for t in texts if "quarantined" in t]
     # The audit log has the operation with the entries written.
     record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "quarantine" and record["host"] == "algo1"
