@@ -182,9 +182,26 @@ def test_verify_proves_a_quarantined_floor_and_catches_a_missing_overlay_entry(
     floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
     # The trading floor as it is (no remediation service): algo1 is cut off entirely.
-    effective, lowered = _compile(floor_policy, floor, ("algo1",), Allocation())
+    _, plain = _compile(floor_policy, floor, (), Allocation())
+    effective, lowered = _compile(floor_policy, floor, ("algo1",), plain.allocation)
     tables = _by_switch(lowered)
     assert verify(effective, floor, tables).proven
+    # One overlay write lost: algo1's src_identity entry still gives its ordinary identity.
+    ordinary = next(
+        e
+        for e in _by_switch(plain)["tor-alg"].entries
+        if e.table == "src_identity" and e.role == "host" and e.matches[0].value == 1
+    )
+    overlaid = next(e for e in tables["tor-alg"].entries if _key(e) == _key(ordinary))
+    lost = _without(tables, "tor-alg", overlaid)
+    lost["tor-alg"] = dataclasses.replace(
+        lost["tor-alg"], entries=(*lost["tor-alg"].entries, ordinary)
+    )
+    broken = verify(effective, floor, lost)
+    assert any(
+        c.sender == "algo1" and c.kind in ("allowed-by-tables", "source-tor")
+        for c in broken.counterexamples
+    ), broken.counterexamples[:3]
     # With remediation: drop the overlay's permit of algo1 -> jump1 tcp 443.
     policy = _policy(_floor_text(floor_policy_text), floor)
     effective, lowered = _compile(policy, floor, ("algo1",), Allocation())
