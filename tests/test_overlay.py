@@ -490,3 +490,34 @@ def test_a_window_that_closed_since_the_last_apply_takes_the_full_apply(
     # now nothing else is due: the release is the overlay alone
     assert main(["release", "dev1", *live, "--output", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["overlay"] is True
+
+
+@pytest.mark.parametrize(
+    "hosts", [("algo1", "algo2"), ("algo1", "oms1"), ("algo3", "md1", "risk2")]
+)
+def test_several_quarantined_hosts_are_proven(
+    floor: Inventory, floor_policy_text: str, hosts: tuple[str, ...]
+) -> None:
+    """Hosts sharing a ToR (each its own value) or on different ToRs (each ToR judging its
+    own with the overlay and the other's by the uncarved policy)."""
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, before = _compile(policy, floor, (), Allocation())
+    effective, after = _compile(policy, floor, hosts, before.allocation)
+    assert verify(effective, floor, _by_switch(after)).proven
+    assert set(_changes(before, after)) == {floor.hosts_by_name[h].switch for h in hosts}
+
+
+def test_a_metered_remediation_flow_keeps_its_rate(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # oms1's remediation is risk1, over `order_router -> risk tcp 8443 rate 20000pps`.
+    text = _floor_text(floor_policy_text, "service remediation = risk1\n")
+    policy = _policy(text, floor)
+    effective, lowered = _compile(policy, floor, ("oms1",), Allocation())
+    tables = _by_switch(lowered)
+    result = verify(effective, floor, tables)
+    assert result.proven and result.metered_classes
+    metered = [
+        e for e in tables["tor-oms"].entries if e.role == "quarantine" and e.meter is not None
+    ]
+    assert metered and all(e.action == "permit_metered" for e in metered)
