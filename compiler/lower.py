@@ -31,13 +31,14 @@ import bisect
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import networkx as nx
 
 from compiler.addresses import AddressSet, Interval
-from compiler.allocation import Allocation, SideTags
+from compiler.allocation import Allocation, SideTags, Tag
 from compiler.diagnostics import P4segError, error
 from compiler.entries import (
     DefaultAction,
@@ -51,7 +52,15 @@ from compiler.inventory import Host, Inventory, Switch
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
 from compiler.semantics import PolicySemantics, bits
-from compiler.tags import MAX_FIELDS, NONE, SideCodes, TagSpaceError, allocate_side
+from compiler.tags import (
+    FIELD_MASK,
+    FIELD_VALUES,
+    MAX_FIELDS,
+    NONE,
+    SideCodes,
+    TagSpaceError,
+    allocate_side,
+)
 from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS, TAG_FIELD_BITS
 
 FABRIC_RULE_ID = (1 << 16) - 1
@@ -143,11 +152,24 @@ def _tails(
     return tuple(out)
 
 
+class _Codes(Protocol):
+    """What a ToR's policy entries match a set key by, per side."""
+
+    @property
+    def src(self) -> _Matcher: ...
+    @property
+    def dst(self) -> _Matcher: ...
+
+
+class _Matcher(Protocol):
+    def match(self, key: str) -> tuple[int, int] | bool: ...
+
+
 @dataclass
 class _PolicyEntries:
     """The `policy` table entries of one ToR."""
 
-    codes: _ToRCodes
+    codes: _Codes
     entries: list[TableEntry]
 
     def add(
@@ -181,14 +203,41 @@ class _PolicyEntries:
             )
 
 
+Priority = Callable[[int, int, int], int]  # (band, rule id, sub) -> priority
+
+
 def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
-    out = _PolicyEntries(codes, [])
-    rate_rank = _rate_ranks(policy)
     mine = [
         (rule, codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")])
         for rule in policy.rules
         if rule.id in codes.relevant  # else no host of this rack is involved
     ]
+    out = _rule_entries(_PolicyEntries(codes, []), policy, mine, priority, "")
+    if policy.default_log:
+        out.entries.append(
+            TableEntry(
+                "policy",
+                (),
+                "deny_and_log",
+                (("rule_id", DEFAULT_RULE_ID),),
+                priority(BAND_DEFAULT, DEFAULT_RULE_ID),
+                DEFAULT_RULE_ID,
+                "default-log",
+            )
+        )
+    return out.entries
+
+
+def _rule_entries(
+    out: _PolicyEntries,
+    policy: Policy,
+    mine: list[tuple[PolicyRule, str, str]],
+    prio: Priority,
+    role: str,
+) -> _PolicyEntries:
+    """The entries of `mine` (rule, source key, destination key): denies, then allows, then
+    the allows' replies; `role`, when given, replaces each entry's role."""
+    rate_rank = _rate_ranks(policy)
     for rule, src, dst in mine:
         if rule.action is Action.DENY:
             band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
@@ -198,8 +247,8 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 dst,
                 rule.proto,
                 action,
-                priority(band, rule.id),
-                "forward",
+                prio(band, rule.id, 0),
+                role or "forward",
                 dport=rule.ports,
             )
             rband = BAND_REPLY_DENY_LOG if rule.log else BAND_REPLY_DENY
@@ -209,8 +258,8 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 dst,
                 src,
                 action,
-                priority(rband, rule.id),
-                "reverse-deny",
+                prio(rband, rule.id, 0),
+                role or "reverse-deny",
                 udp_always=True,
             )
     for rule, src, dst in mine:
@@ -227,8 +276,8 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
             dst,
             rule.proto,
             action,
-            priority(band, rule.id, sub),
-            "forward",
+            prio(band, rule.id, sub),
+            role or "forward",
             dport=rule.ports,
             meter=meter,
         )
@@ -240,23 +289,11 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
                 dst,
                 src,
                 "permit",
-                priority(BAND_REPLY, rule.id),
-                "reply",
+                prio(BAND_REPLY, rule.id, 0),
+                role or "reply",
                 udp_always=False,
             )
-    if policy.default_log:
-        out.entries.append(
-            TableEntry(
-                "policy",
-                (),
-                "deny_and_log",
-                (("rule_id", DEFAULT_RULE_ID),),
-                priority(BAND_DEFAULT, DEFAULT_RULE_ID),
-                DEFAULT_RULE_ID,
-                "default-log",
-            )
-        )
-    return out.entries
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +417,171 @@ class _ToRCodes:
     keys: Mapping[tuple[int, str], str]  # (rule id, side) -> the key its set is tagged under
     src: SideCodes
     dst: SideCodes
+    quarantined: Mapping[int, int] = dataclasses.field(default_factory=dict)  # atom -> value
+
+
+# -- quarantine overlay -------------------------------------------------------------------
+# A quarantined host keeps its ordinary identity everywhere but on its own ToR, where both
+# identity tables give it a reserved quarantine identity instead: value v in the top field
+# of the vector (one v per quarantined host of the ToR, kept in the allocation). No
+# ordinary tag is left on it there, so of the ToR's ordinary entries only those that match
+# a side without a tag (`any`) could still meet its packets; the overlay's own entries,
+# above every ordinary one (band 7 with a sub-band over 0), give it exactly the carved
+# policy (runtime/live.py): each rule that names it, restricted to `remediation` on the
+# other side, then a deny of everything else from or to it.
+QUARANTINE_FIELD = MAX_FIELDS - 1  # reserved: ordinary sets use the fields below it
+QUARANTINE_VALUES = FIELD_VALUES  # quarantined hosts per ToR
+QUARANTINE_KEY = "(quarantine) "  # + the host's address: its value, in the ToR's src tags
+REMEDIATION_KEY = "(remediation)"  # the `remediation` service, tagged on every ToR
+_Q_SHIFT = QUARANTINE_FIELD * TAG_FIELD_BITS
+_Q_SUB = 1 << 11  # overlay entries' sub-band in band 7: band << 8 | rate rank below it
+_Q_DENY_SRC_SUB, _Q_DENY_DST_SUB = 2, 1  # the overlay's catch-all denies, below its rules
+
+
+def quarantine_tags(value: int) -> int:
+    """The identity vector of a quarantined host (its value in the reserved field)."""
+    return value << _Q_SHIFT
+
+
+def _overlay_priority(band: int, rule_id: int, sub: int) -> int:
+    if sub >= 1 << 8:
+        raise LowerError(
+            [
+                error(
+                    "E504",
+                    f"a quarantined host's rule ranks {sub} among the policy's rates; the "
+                    f"quarantine overlay orders at most {(1 << 8) - 1}",
+                    None,
+                )
+            ]
+        )
+    return priority(BAND_DENY_LOG, rule_id, _Q_SUB | band << 8 | sub)
+
+
+def _both(a: tuple[int, int] | bool, b: tuple[int, int] | bool) -> tuple[int, int] | bool:
+    """The match of addresses in both sets (ANY: no match needed; NONE: nothing matches)."""
+    if a is NONE or b is NONE:
+        return NONE
+    if isinstance(a, bool):
+        return b
+    if isinstance(b, bool):
+        return a
+    if a[1] & b[1]:  # one field: one tag, one set (or two disjoint ones)
+        return a if a == b else NONE
+    return a[0] | b[0], a[1] | b[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _OverlaySide:
+    """A side's codes with the overlay's keys: `QUARANTINE_KEY`+address (that host's
+    quarantine identity) and `KEY & remediation`."""
+
+    codes: SideCodes
+    quarantined: Mapping[str, int]  # key -> value
+
+    def match(self, key: str) -> tuple[int, int] | bool:
+        if key in self.quarantined:
+            return quarantine_tags(self.quarantined[key]), FIELD_MASK << _Q_SHIFT
+        base, _, rest = key.rpartition(" & ")
+        if rest == REMEDIATION_KEY:
+            return _both(self.codes.match(base), self.codes.match(REMEDIATION_KEY))
+        return self.codes.match(key)
+
+
+@dataclass(frozen=True, slots=True)
+class _OverlayCodes:
+    src: _OverlaySide
+    dst: _OverlaySide
+
+
+def _overlay_entries(
+    codes: _ToRCodes,
+    policy: Policy,
+    semantics: PolicySemantics,
+    remediation: int,
+    hosts: Iterable[tuple[Host, int]],
+) -> list[TableEntry]:
+    """The quarantine overlay's `policy` entries on one ToR (`hosts`: its quarantined hosts
+    with their atoms; `remediation`: the service's atoms, 0 without one)."""
+    keys = {f"{QUARANTINE_KEY}{h.ip}": codes.quarantined[atom] for h, atom in hosts}
+    overlay = _OverlayCodes(_OverlaySide(codes.src, keys), _OverlaySide(codes.dst, keys))
+    out = _PolicyEntries(overlay, [])
+    log = policy.default_log or any(r.log for r in policy.rules)
+    for host, atom in hosts:
+        me = f"{QUARANTINE_KEY}{host.ip}"
+        mine: list[tuple[PolicyRule, str, str]] = []
+        for i, rule in enumerate(policy.rules):
+            _, src, dst, _ = semantics.boxes[i]
+            if src >> atom & 1 and dst & remediation:
+                mine.append((rule, me, f"{codes.keys[(rule.id, 'dst')]} & {REMEDIATION_KEY}"))
+            if dst >> atom & 1 and src & remediation:
+                mine.append((rule, f"{codes.keys[(rule.id, 'src')]} & {REMEDIATION_KEY}", me))
+        _rule_entries(out, policy, mine, _overlay_priority, "quarantine")
+        # Everything else from or to it: denied (and logged as the default deny, or when a
+        # logged deny might have named it), above any ordinary entry that matches no tag.
+        action = "deny_and_log" if log else "deny"
+        for field, sub in (("src_tags", _Q_DENY_SRC_SUB), ("dst_tags", _Q_DENY_DST_SUB)):
+            value, mask = overlay.src.match(me)  # type: ignore[misc]
+            out.entries.append(
+                TableEntry(
+                    "policy",
+                    (_m(field, "ternary", value, mask),),
+                    action,
+                    (("rule_id", DEFAULT_RULE_ID),),
+                    priority(BAND_DENY_LOG, DEFAULT_RULE_ID, sub),
+                    DEFAULT_RULE_ID,
+                    "quarantine",
+                )
+            )
+    return out.entries
+
+
+def settle_quarantine(allocation: Allocation, switch: str) -> Allocation:
+    """`allocation` once `switch` holds its compiled tables: the quarantine values retired
+    there are free again (only a host's own ToR ever holds its quarantine identity)."""
+    side = allocation.tags.get((switch, "src"))
+    if side is None:
+        return allocation
+    retired = frozenset(t for t in side.retired if t[0] != QUARANTINE_FIELD)
+    tags = {**allocation.tags, (switch, "src"): SideTags(side.tags, retired, side.shared)}
+    return Allocation(allocation.rules, allocation.retired_rules, tags)
+
+
+def _quarantine_values(
+    switch: str, here: list[int], previous: SideTags
+) -> tuple[dict[int, int], dict[str, Tag], frozenset[Tag]]:
+    """Each quarantined host of a ToR (by address) -> its value in the reserved field: kept
+    from `previous`, else the lowest free; values of released hosts are retired (a switch
+    may still hold their entries) until the allocation settles. Also what to record."""
+    held = {
+        int(k[len(QUARANTINE_KEY) :]): t[1]
+        for k, t in previous.tags.items()
+        if k.startswith(QUARANTINE_KEY)
+    }
+    values = {a: v for a, v in held.items() if a in here}
+    retired = {(QUARANTINE_FIELD, v) for a, v in held.items() if a not in here}
+    taken = set(values.values()) | {
+        v for f, v in previous.retired | retired if f == QUARANTINE_FIELD
+    }
+    for address in sorted(here):
+        if address in values:
+            continue
+        free = next((v for v in range(1, QUARANTINE_VALUES + 1) if v not in taken), None)
+        if free is None:
+            raise LowerError(
+                [
+                    error(
+                        "E501",
+                        f"switch {switch}: more than {QUARANTINE_VALUES} quarantined hosts "
+                        f"(held or being released) on one ToR; release some first",
+                        None,
+                    )
+                ]
+            )
+        values[address] = free
+        taken.add(free)
+    record = {f"{QUARANTINE_KEY}{a}": (QUARANTINE_FIELD, v) for a, v in values.items()}
+    return values, record, frozenset(retired)
 
 
 def _tor_codes(
@@ -390,9 +592,13 @@ def _tor_codes(
     hosts: int,
     keys: Mapping[tuple[int, str], str],
     allocation: Allocation,
+    remediation: int,
+    quarantined: Mapping[int, int],
 ) -> tuple[_ToRCodes, SideTags, SideTags]:
     """Allocate the ToR's tags (compiler.tags): every set its entries match, on the universe
-    where the ToR needs it exact (its own hosts, every host, or every address)."""
+    where the ToR needs it exact (its own hosts, every host, or every address); the
+    `remediation` service (atoms) on every address, for a quarantine overlay; and a value
+    of the reserved field for each of its `quarantined` hosts (address -> atom)."""
     full = semantics.addresses.full
     src_needs: dict[str, tuple[int, int]] = {}
     dst_needs: dict[str, tuple[int, int]] = {}
@@ -419,6 +625,8 @@ def _tor_codes(
         need(src_key, src, dst_key, dst)
         if reply_matches(rule, udp_always=rule.action is Action.DENY):
             need(dst_key, dst, src_key, src)
+    if remediation:  # always, quarantine or not: a quarantine then changes no ordinary tag
+        src_needs[REMEDIATION_KEY] = dst_needs[REMEDIATION_KEY] = (remediation, full)
     representative = semantics.addresses.representative
 
     def digest(atoms: int) -> str:
@@ -427,13 +635,16 @@ def _tor_codes(
         return hashlib.sha256(repr(first).encode()).hexdigest()[:16]
 
     sides = []
-    for side, needs in (("src", src_needs), ("dst", dst_needs)):
+    previous = {side: allocation.tags.get((switch, side), SideTags()) for side in ("src", "dst")}
+    ordinary = SideTags(
+        {k: t for k, t in previous["src"].tags.items() if not k.startswith(QUARANTINE_KEY)},
+        previous["src"].retired,
+        previous["src"].shared,
+    )
+    values, record, released = _quarantine_values(switch, sorted(quarantined), previous["src"])
+    for side, needs, before in (("src", src_needs, ordinary), ("dst", dst_needs, previous["dst"])):
         try:
-            sides.append(
-                allocate_side(
-                    needs, allocation.tags.get((switch, side), SideTags()), MAX_FIELDS, full, digest
-                )
-            )
+            sides.append(allocate_side(needs, before, QUARANTINE_FIELD, full, digest))
         except TagSpaceError as exc:
             raise LowerError(
                 [
@@ -447,7 +658,10 @@ def _tor_codes(
                 ]
             ) from None
     (src_codes, src_tags), (dst_codes, dst_tags) = sides
-    return _ToRCodes(frozenset(relevant), keys, src_codes, dst_codes), src_tags, dst_tags
+    src_tags = SideTags({**src_tags.tags, **record}, src_tags.retired | released, src_tags.shared)
+    by_atom = {quarantined[a]: v for a, v in values.items()}
+    codes = _ToRCodes(frozenset(relevant), keys, src_codes, dst_codes, by_atom)
+    return codes, src_tags, dst_tags
 
 
 def _spine_identity(uplinks: list[int]) -> list[TableEntry]:
@@ -478,9 +692,11 @@ def _identity(
     entries: list[TableEntry] = []
     part = semantics.addresses
     vectors = codes.src.vector_of_atom
+    cut = {atom: quarantine_tags(v) for atom, v in codes.quarantined.items()}
     for host, atom in hosts:
         vector = vectors.get(atom, NO_TAGS)
         if host.switch == switch.name:
+            vector = cut.get(atom, vector)
             entries.append(_source_entry(host.port, host.ip, vector, "host"))
         else:  # another rack's host, arriving from the fabric
             entries += [_source_entry(uplink, host.ip, vector, "uplink") for uplink in uplinks]
@@ -488,7 +704,7 @@ def _identity(
     # changes its own entry only; between hosts, runs of addresses with one vector, so
     # that a cut another rule makes elsewhere in the address space changes nothing here.
     runs: list[tuple[int, int, int]] = []
-    vectors = codes.dst.vector_of_atom
+    vectors = {**codes.dst.vector_of_atom, **cut}  # a quarantined host: its own interval
     host_ips = {h.ip for h, _ in hosts}
     for i, start in enumerate(part.starts):
         end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
@@ -536,12 +752,23 @@ def _digest(*parts: object) -> str:
 
 
 def _switch_inputs(
-    policy: Policy, inventory: Inventory, keys: Mapping[tuple[int, str], str]
+    policy: Policy,
+    inventory: Inventory,
+    keys: Mapping[tuple[int, str], str],
+    remediation: AddressSet | None,
+    quarantined: set[int],
 ) -> dict[str, str]:
     """Per switch, a digest of what its entries are made from, at the level of addresses
-    (atoms are renumbered by any edit): the inventory; for a ToR, every rule naming one of
-    its hosts — its id, meaning, set keys and rate rank — and the default rule."""
-    floor = _digest(inventory.hosts, inventory.switches, inventory.links)
+    (atoms are renumbered by any edit): the inventory and the remediation service (tagged
+    on every ToR); for a ToR, every rule naming one of its hosts — its id, meaning, set
+    keys and rate rank —, the default rule, and its quarantined hosts."""
+    floor = _digest(
+        inventory.hosts,
+        inventory.switches,
+        inventory.links,
+        remediation.intervals if remediation else None,
+    )
+    held = {h.ip: h.switch for h in inventory.hosts if h.ip in quarantined}
     located = sorted((h.ip, h.switch) for h in inventory.hosts)
     ips = [ip for ip, _ in located]
     tors = sorted({sw for _, sw in located})
@@ -564,7 +791,13 @@ def _switch_inputs(
         for t in touched:
             mine[t].append(meaning)
     return {
-        sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
+        sw.name: _digest(
+            floor,
+            sw.name,
+            policy.default_log,
+            sorted(mine.get(sw.name, ())),
+            sorted(ip for ip, tor in held.items() if tor == sw.name),
+        )
         for sw in inventory.switches
     }
 
@@ -584,8 +817,12 @@ def lower(
     semantics are only built if some switch must be compiled again.
     """
     allocation = allocation or Allocation()
+    quarantine = policy.quarantine
+    policy = policy.uncarved()  # the ordinary entries; a quarantine is an overlay
+    service = policy.remediation()
+    cut = set(quarantine.hosts) if quarantine else set()
     keys = set_keys(policy)
-    inputs = _switch_inputs(policy, inventory, keys)
+    inputs = _switch_inputs(policy, inventory, keys, service, cut)
     before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}
 
     def reusable(name: str) -> bool:
@@ -598,7 +835,8 @@ def lower(
 
     @functools.cache
     def semantics() -> PolicySemantics:
-        return PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
+        pinned = (h.ip for h in inventory.hosts)
+        return PolicySemantics(policy, pinned, sets=[service.intervals] if service else ())
 
     next_port = _next_ports(inventory, _topology(inventory))
     tags: dict[tuple[str, str], SideTags] = {}
@@ -631,12 +869,23 @@ def lower(
                 hosts |= 1 << atom
                 if host.switch == switch.name:
                     local |= 1 << atom
+            remediation = part.mask(service.intervals) if service else 0
+            here = [(h, a) for h, a in host_atoms if h.switch == switch.name and h.ip in cut]
             codes, tags[(switch.name, "src")], tags[(switch.name, "dst")] = _tor_codes(
-                sem, policy, switch.name, local, hosts, keys, allocation
+                sem,
+                policy,
+                switch.name,
+                local,
+                hosts,
+                keys,
+                allocation,
+                remediation,
+                {h.ip: a for h, a in here},
             )
             fields[switch.name] = max(codes.src.fields, codes.dst.fields)
             entries = _identity(codes, sem, host_atoms, switch, uplinks)
             entries += _policy_entries(codes, policy)
+            entries += _overlay_entries(codes, policy, sem, remediation, here)
         else:
             entries = _spine_identity(uplinks)
             entries.append(

@@ -20,6 +20,7 @@ from compiler.diagnostics import Span
 from compiler.protocols import ICMP_ECHO_REQUEST_RANGE, MAX_PORT, PROTOCOL_NUMBERS
 
 ALL_PORTS: tuple[Interval, ...] = ((0, MAX_PORT),)
+REMEDIATION = "remediation"  # the service a quarantined host may still reach
 PORT_PROTOCOLS = ("tcp", "udp")
 # The ICMP types (and a few codes) a rule may name: name -> (type, code or None: every code).
 ICMP_NAMES: dict[str, tuple[int, int | None]] = {
@@ -222,6 +223,20 @@ class ExpectCase:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Hosts cut off by `p4seg quarantine`: the rules are carved for the semantics (each
+    allow loses the hosts, their flows with `remediation` come back as added rules), while
+    the switches keep the uncarved rules and cut the hosts off with an overlay on their own
+    ToRs (compiler.lower). `uncarved`: each carved rule's key -> its sets before the carve;
+    `added`: the keys of the rules the carve added."""
+
+    hosts: tuple[int, ...]  # addresses, sorted
+    remediation: AddressSet
+    uncarved: tuple[tuple[str, AddressSet, AddressSet], ...]
+    added: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     name: str
     file: str
@@ -230,6 +245,7 @@ class Policy:
     default_log: bool
     default_span: Span | None
     expects: tuple[ExpectCase, ...]
+    quarantine: Quarantine | None = None  # set by runtime.live.effective_policy
 
     _by_id: dict[int, PolicyRule] = field(init=False, repr=False, compare=False)
 
@@ -239,6 +255,25 @@ class Policy:
     def rule(self, rule_id: int) -> PolicyRule | None:
         """The rule with this (stable) rule id, or None."""
         return self._by_id.get(rule_id)
+
+    def remediation(self) -> AddressSet | None:
+        """The addresses of the `remediation` service (what a quarantined host may still
+        reach), or None if the policy has no such service."""
+        return next((s.addresses for s in self.services if s.name == REMEDIATION), None)
+
+    def uncarved(self) -> Policy:
+        """The policy the switches' ordinary entries hold: a quarantine's carve undone (the
+        rules it added dropped, the others' sets restored; ids kept), no quarantine."""
+        q = self.quarantine
+        if q is None:
+            return self
+        sets = {key: (src, dst) for key, src, dst in q.uncarved}
+        rules = tuple(
+            dataclasses.replace(r, src=sets[r.key][0], dst=sets[r.key][1]) if r.key in sets else r
+            for r in self.rules
+            if r.key not in q.added
+        )
+        return dataclasses.replace(self, rules=rules, quarantine=None)
 
 
 def text_key(text: str) -> str:

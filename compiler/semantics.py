@@ -190,7 +190,14 @@ class Coverage:
 class PolicySemantics:
     """A policy compiled to atom bit masks, answering packet, flow and coverage questions."""
 
-    def __init__(self, policy: Policy, pinned: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        pinned: Iterable[int] = (),
+        sets: Iterable[Sequence[Interval]] = (),
+    ) -> None:
+        """`pinned`: addresses that get atoms of their own; `sets`: more address sets the
+        atoms must not straddle (compiler.lower: the `remediation` service)."""
         self.policy = policy
         rules = policy.rules
         self.rules = rules
@@ -210,6 +217,7 @@ class PolicySemantics:
                 port_sets.append(((e.port, e.port),))
             if e.icmp_types:
                 port_sets.append(e.icmp_types)
+        addr_sets += sets
         pinned = list(pinned)
         self.addresses = Partition(addr_sets, MAX_ADDRESS, pinned)
         self.pinned_atoms = {self.addresses.atom_of(v) for v in pinned}

@@ -42,7 +42,7 @@ import bisect
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -391,6 +391,12 @@ class Verifier:
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._rule_ids: dict[tuple[int, int, int], int] = {}
         self._decided: dict[tuple[int, int, int, int], Decision] = {}
+        # Quarantined hosts (address -> their ToR): only their own ToR holds the overlay.
+        q = policy.quarantine
+        self._cut = {a: h.switch for a in (q.hosts if q else ()) if (h := self.host_by_ip.get(a))}
+        # The uncarved policy's verifier over the same tables, for those other ToRs.
+        self._other = Verifier(policy.uncarved(), inventory, switches) if self._cut else None
+        self._uncarved = self._other.sem if self._other is not None else None
 
     # -- address classes ---------------------------------------------------------------
 
@@ -556,18 +562,21 @@ class Verifier:
 
     # -- the proof ---------------------------------------------------------------------
 
-    def run(self, only: frozenset[str] | None = None) -> VerifyResult:
-        """The proof; with `only` (ToR names), of the packets those ToRs judge: from their
-        hosts to anywhere and from anywhere to their hosts (see differential_scope)."""
+    def run(
+        self, focus: Collection[int] | None = None, scope: tuple[str, ...] | None = None
+    ) -> VerifyResult:
+        """The proof; with `focus` (host addresses), only the packets from or to them (and
+        only their ports' spoofing) — what a change that touches only their packets needs
+        (`scope`: the ToRs whose hosts they are, when that is how they were chosen)."""
         start = time.monotonic()
-        result = VerifyResult(scope=None if only is None else tuple(sorted(only)))
+        result = VerifyResult(scope=scope)
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
             for r in self.policy.rules
             if r.rate_pps is not None
         ]
         classes = self.address_classes()
-        self._spoofing(classes, result, only)
+        self._spoofing(classes, result, focus)
         protocols = sorted(
             {protocol_of(c, self.sem.proto_classes) for c in self.sem.proto_classes}
             | {
@@ -580,22 +589,24 @@ class Verifier:
         )
         atom_of = self.sem.addresses.atom_of
         protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
-        dst_atoms = [atom_of(lo) for lo, _hi in classes]
-        within = only if only is not None else frozenset()
+        every = [(lo, atom_of(lo)) for lo, _hi in classes]
+        focused = every if focus is None else [(lo, a) for lo, a in every if lo in focus]
         for sender in self.inventory.hosts:
-            everywhere = only is None or sender.switch in within
             src_atom = atom_of(sender.ip)
             from_s, to_s = self._rule_set(src_atom)
-            for (lo, _hi), dst_atom in zip(classes, dst_atoms, strict=True):
+            sending = focus is None or sender.ip in focus
+            for lo, dst_atom in every if sending else focused:
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
-                    continue
-                if not everywhere and (target is None or target.switch not in within):
                     continue
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
                 flows = (forward, reverse, src_atom, dst_atom)
-                for proto in self._unproven(sender, lo, target, flows, protocols_rules, result):
+                owners = frozenset(self._cut[a] for a in (sender.ip, lo) if a in self._cut)
+                unproven = self._unproven(
+                    sender, lo, target, flows, protocols_rules, result, owners
+                )
+                for proto in unproven:
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
@@ -617,6 +628,7 @@ class Verifier:
         flows: tuple[int, int, int, int],
         protocols: list[tuple[int, int]],
         result: VerifyResult,
+        owners: frozenset[str] = frozenset(),
     ) -> list[int]:
         """The fast proof for one sender and destination class, hop by hop: routing delivers
         to the target (or nowhere), and per protocol each hop's policy decisions, checked
@@ -624,7 +636,10 @@ class Verifier:
         that judge (meters included), at least where it allows elsewhere. Then the end-to-end
         verdict is the policy's. Returns the protocols not proven so (a difference or an
         unusual path), for `_check` to walk class by class and report.
-        `flows`: the rules matching its flows forward and back, the address atoms."""
+        `flows`: the rules matching its flows forward and back, the address atoms; `owners`:
+        the ToRs of the quarantined hosts among the two — any other ToR that judges is held
+        to the uncarved policy (`_other`), and since the carve only takes allows away, the
+        verdict end to end is still the (carved) policy's."""
         everything = [proto for proto, _rules in protocols]
         route = self._route(sender, dst, keep=False)
         last = route[-1]
@@ -644,16 +659,34 @@ class Verifier:
         forward, reverse, src_atom, dst_atom = flows
         rule_ids = self._rule_ids
         out = []
+        other = self._other if owners else None
+        if other is not None:
+            o_src, o_dst = other.sem.addresses.atom_of(sender.ip), other.sem.addresses.atom_of(dst)
+            (o_from_s, o_to_s), (o_from_d, o_to_d) = other._rule_set(o_src), other._rule_set(o_dst)
         for proto, of_proto in protocols:
             rules = (forward & of_proto, reverse & of_proto)
             rules_id = rule_ids.setdefault((proto, *rules), len(rule_ids))
+            held: tuple[Verifier, tuple[int, int], int, int, int] = (
+                self,
+                rules,
+                rules_id,
+                src_atom,
+                dst_atom,
+            )
+            relaxed = held
+            if other is not None:
+                o_proto = other.sem.proto_index[other.sem.proto_class(proto)]
+                o_rules = (o_from_s & o_to_d & o_proto, o_from_d & o_to_s & o_proto)
+                o_id = other._rule_ids.setdefault((proto, *o_rules), len(other._rule_ids))
+                relaxed = (other, o_rules, o_id, o_src, o_dst)
             first: tuple[bool, bool, int, int] | None = None
             for index, (switch, _port, idents, _egress, _loop) in enumerate(route):
                 assert idents is not None
                 judge = index == 0 or (judge_last and index == len(route) - 1)
-                check = self._hop_check(
-                    switch, idents, judge, proto, rules, rules_id, src_atom, dst_atom
+                by, by_rules, by_id, by_src, by_dst = (
+                    relaxed if judge and owners and switch not in owners else held
                 )
+                check = by._hop_check(switch, idents, judge, proto, by_rules, by_id, by_src, by_dst)
                 if not check[0]:
                     break
                 first = first or check
@@ -792,10 +825,14 @@ class Verifier:
         sports = _classes(sport_cuts, MAX_PORT) if has_ports else [(0, 0)]
         dports = _classes(dport_cuts, MAX_PORT) if has_ports or proto == PROTO_ICMP else [(0, 0)]
         flag_values = _subsets(flag_bits) if proto == PROTO_TCP else [0]
-        # The source ToR and the destination ToR each judge alone (defence in depth).
+        # The source ToR and the destination ToR each judge alone (defence in depth) —
+        # except that a ToR other than a quarantined host's own still holds its ordinary
+        # identity, so judges its flows by the uncarved policy (relaxed: True).
         tors = [(0, "source")]
         if target is not None and hops[-1].switch == target.switch and len(hops) > 1:
             tors.append((len(hops) - 1, "destination"))
+        owners = {self._cut[a] for a in (src, dst) if a in self._cut}
+        relaxed = {i: bool(owners) and hops[i].switch not in owners for i, _side in tors}
         sem = self.sem
         src_atom, dst_atom = sem.addresses.atom_of(src), sem.addresses.atom_of(dst)
         sport_atoms = [sem.ports.atom_of(p if has_ports else EPHEMERAL_PORT) for p, _ in sports]
@@ -827,21 +864,27 @@ class Verifier:
                     allowed = decision.allowed
                     looping = last.loop and all(verdicts[:-1])
                     kinds = _judge(looping, delivered_to, target, allowed)
+                    ordinary = decision
+                    if any(relaxed.values()):
+                        ordinary = self._decide(self._uncarved, pkt, name)
                     if target is not None:
                         for index, side in tors:
-                            if verdicts[index] != allowed:
+                            want = ordinary if relaxed[index] else decision
+                            if verdicts[index] != want.allowed:
                                 kinds.append(f"{side}-tor:{hops[index].switch}")
                     if kinds:
                         self._report(sender, pkt, name, kinds, result)
                     elif allowed and target is not None:
-                        self._meters(sender, pkt, hops, tors, deciding, decision, result)
+                        judged = [
+                            (i, side, ordinary if relaxed[i] else decision) for i, side in tors
+                        ]
+                        self._meters(sender, pkt, hops, judged, deciding, decision, result)
 
-    def _report(
-        self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
-    ) -> None:
-        """The slow path, for a difference only: the full walk, for the details."""
-        path = self.fabric.walk(sender.name, pkt)
-        decision = self.sem.decide(
+    @staticmethod
+    def _decide(sem: PolicySemantics | None, pkt: PacketFields, proto: str) -> Decision:
+        """`sem`'s decision on a packet (by its addresses)."""
+        assert sem is not None
+        return sem.decide(
             pkt.src,
             pkt.dst,
             proto,
@@ -851,7 +894,13 @@ class Verifier:
             icmp_type=pkt.icmp_type,
             icmp_code=pkt.icmp_code,
         )
-        expected = decision.describe()
+
+    def _report(
+        self, sender: Host, pkt: PacketFields, proto: str, kinds: list[str], result: VerifyResult
+    ) -> None:
+        """The slow path, for a difference only: the full walk, for the details."""
+        path = self.fabric.walk(sender.name, pkt)
+        expected = self._decide(self.sem, pkt, proto).describe()
         for kind in kinds:
             if ":" in kind:
                 side, switch = kind.split(":")
@@ -873,24 +922,25 @@ class Verifier:
         sender: Host,
         pkt: PacketFields,
         hops: list[_Hop],
-        tors: list[tuple[int, str]],
+        tors: list[tuple[int, str, Decision]],
         deciding: list[TableEntry | None],
         decision: Decision,
         result: VerifyResult,
     ) -> None:
         """An allowed packet is allowed up to its rule's rate: each ToR that judges it must
-        meter it with exactly the config the rate gives (none for an unmetered allow)."""
-        want = _meter_wanted(decision)
-        if want is not None:
+        meter it with exactly the config the rate gives (none for an unmetered allow) —
+        the rate of the decision that ToR is held to (`tors`: index, side, decision)."""
+        if _meter_wanted(decision) is not None:
             result.metered_classes += 1
-        for index, side in tors:
+        for index, side, judged in tors:
+            want = _meter_wanted(judged)
             entry = deciding[index]
             assert entry is not None  # the packet passes this ToR
             have = _meter_applied(entry)
             if have == want:
                 continue
             switch = hops[index].switch
-            expected = decision.describe() + (
+            expected = judged.describe() + (
                 f", up to {want.cir} pps (meter {want.describe()})"
                 if want is not None
                 else ", with no rate limit"
@@ -908,10 +958,10 @@ class Verifier:
             )
 
     def _spoofing(
-        self, classes: list[tuple[int, int]], result: VerifyResult, only: frozenset[str] | None
+        self, classes: list[tuple[int, int]], result: VerifyResult, focus: Collection[int] | None
     ) -> None:
         for host in self.inventory.hosts:
-            if only is not None and host.switch not in only:
+            if focus is not None and host.ip not in focus:
                 continue
             index = self._index(host.switch, "src_identity", "src_addr")
             epoch = self._epoch[host.switch]
@@ -1035,10 +1085,18 @@ def verify(
     inventory: Inventory,
     switches: Mapping[str, SwitchTables],
     only: frozenset[str] | None = None,
+    focus: Collection[int] | None = None,
 ) -> VerifyResult:
     """Prove that `switches`' entries implement `policy` on `inventory`, or show where not;
-    with `only`, for the packets those ToRs judge (a differential proof, differential_scope)."""
-    return Verifier(policy, inventory, switches).run(only)
+    with `only` (ToR names), for the packets those ToRs judge — from and to their hosts (a
+    differential proof, differential_scope); with `focus` (host addresses), for the packets
+    from and to those hosts only."""
+    if only is not None:
+        held = {h.ip for h in inventory.hosts if h.switch in only}
+        focus = held | set(focus or ())
+    return Verifier(policy, inventory, switches).run(
+        focus, None if only is None else tuple(sorted(only))
+    )
 
 
 # -- differential proofs ---------------------------------------------------------------------

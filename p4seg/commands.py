@@ -83,10 +83,15 @@ examples:
 """
 
 _QUARANTINE_HELP = """\
-Isolate a host now, on every switch: it keeps only the flows with the policy's
-`remediation` service that the policy allows (none if there is no such service); every
-other host keeps exactly what it had. Applied with the epoch protocol and audited;
-`p4seg release HOST` undoes it.
+Isolate a host now: it keeps only the flows with the policy's `remediation` service that
+the policy allows (none if there is no such service); every other host keeps exactly what
+it had. The host's own ToR, which judges every packet from and to it, gets an overlay: a
+quarantine identity for the host and a handful of entries, proven (the host's packets)
+and written onto that ToR alone, no other switch touched, in an order that judges every
+packet wholly before or wholly after. When that ToR holds more changes than the overlay
+(an edit not applied yet), the whole policy is applied instead. Audited with the entries
+written; kept in the state directory, so any later `apply` or `watch` restores it on a
+restarted switch. `p4seg release HOST` undoes it the same way.
 """
 
 _WATCH_HELP = """\
@@ -217,7 +222,7 @@ def register(
     r.add_argument("grant_id", metavar="GRANT")
     _live_policy(r, policy_arguments)
 
-    q = verb("quarantine", "isolate a host on every switch now", _QUARANTINE_HELP, False)
+    q = verb("quarantine", "isolate a host now (an overlay on its ToR)", _QUARANTINE_HELP, False)
     q.add_argument("host", metavar="HOST")
     _live_policy(q, policy_arguments)
     rel = verb(

@@ -81,7 +81,12 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
     )
 
 
-def _selected(compiled: Compiled, names: Sequence[str], tables: Tables) -> list[SwitchTarget] | str:
+def _selected(
+    compiled: Compiled, names: Sequence[str], tables: Tables, only: str | None = None
+) -> list[SwitchTarget] | str:
+    if only is not None:  # one switch: encode its entries alone
+        [sw] = [s for s in compiled.build.switches if s.switch == only]
+        return targets(compiled.inventory, [sw], tables)
     every = targets(compiled.inventory, compiled.build.switches, tables)
     if not names:
         return every
@@ -263,14 +268,17 @@ class Session:
     files: PipelineFiles
 
 
-def session_of(verb: str, args: argparse.Namespace, compiled: Compiled) -> Session | None:
-    """The session for a command line, or None (the problem is reported)."""
+def session_of(
+    verb: str, args: argparse.Namespace, compiled: Compiled, only: str | None = None
+) -> Session | None:
+    """The session for a command line, or None (the problem is reported); `only`: that
+    switch alone, whatever the command line selects."""
     options = options_of(args)
     if isinstance(options, str):
         _fail(verb, options)
         return None
     tables = Tables(compiled.build.target.pipeline)
-    selected = _selected(compiled, getattr(args, "switch", []), tables)
+    selected = _selected(compiled, getattr(args, "switch", []), tables, only)
     if isinstance(selected, str):
         _fail(verb, selected)
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from compiler.inventory import Inventory
 from compiler.model import Policy
@@ -34,7 +35,12 @@ from p4seg.control import (
     EXIT_OK,
     Compiled,
     Session,
+    _record_allocation,
     _rule_lines,
+    applied_rules,
+    print_reports,
+    record_applied,
+    report_json,
     run,
     session_of,
 )
@@ -42,6 +48,7 @@ from runtime import audit
 from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
 from runtime.audit import actor
 from runtime.controller import SwitchReport, pipeline_states
+from runtime.entities import describe_entry
 from runtime.live import (
     LiveState,
     effective_policy,
@@ -51,6 +58,9 @@ from runtime.live import (
     parse_moment,
     policy_text_with_grants,
 )
+
+if TYPE_CHECKING:
+    from compiler.verify import Counterexample
 
 # p4seg/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
@@ -152,6 +162,8 @@ def _apply_compiled(
     if reports and not dry:
         if code == EXIT_OK:
             note_applied(compiled.policy, state, moment)
+            if len(reports) == len(compiled.inventory.switches):  # every switch holds it
+                state.applied_schedule = operations.schedule_digest()
         state.save(state_dir)
     if (changed or event or code == EXIT_ERROR or expired) and not dry and reports:
         audit.append(
@@ -200,15 +212,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
             if scope is None
             else f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
         )
-    shown = result.counterexamples[:5]
-    print(
-        f"p4seg {verb}: error: the compiled tables do not implement the policy "
-        f"({len(result.counterexamples)} counterexample(s)); nothing was written",
-        file=sys.stderr,
-    )
-    for c in shown:
-        print("  " + c.describe().replace("\n", "\n  "), file=sys.stderr)
-    print("  (a p4seg bug: please report it; --no-verify writes unproven tables)", file=sys.stderr)
+    _refused(verb, result.counterexamples)
     return None
 
 
@@ -360,6 +364,8 @@ def cmd_revoke(args: argparse.Namespace, front: Front) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
+    """Quarantine or release a host: its ToR's overlay only (`_overlay`), or a full apply
+    when the switches hold more than the overlay changes (a pending edit, an expiry)."""
     state = _load_state(args, args.verb)
     if state is None:
         return EXIT_ERROR
@@ -370,7 +376,124 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
     elif state.quarantined.pop(args.host, None) is None:
         print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
         return EXIT_ERROR
-    return _apply(args.verb, args, front, state, {"host": args.host})
+    event: dict[str, object] = {"host": args.host}
+    fast = _overlay(args.verb, args, front, state, event)
+    if fast is not None:
+        return fast
+    return _apply(args.verb, args, front, state, event)
+
+
+def _overlay(
+    verb: str, args: argparse.Namespace, front: Front, state: LiveState, event: dict[str, object]
+) -> int | None:
+    """The fast path of quarantine/release (runtime/overlay.py): compile, prove the host's
+    packets (the only ones the overlay changes: verify restricted to flows from and to it),
+    then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
+    (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
+    from compiler.lower import settle_quarantine
+    from compiler.verify import verify
+    from runtime.controller import apply_one
+    from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
+
+    state_dir = Path(args.state)
+    moment = clock()
+    compiled = _compile(args, front, state, moment)
+    if compiled is None:
+        return EXIT_ERROR
+    host = compiled.inventory.hosts_by_name.get(args.host)
+    if host is None and verb == "release":
+        return None  # gone from the inventory: nothing of it on any switch to take away
+    if host is None:
+        known = ", ".join(sorted(compiled.inventory.hosts_by_name))
+        print(f"p4seg {verb}: error: no host {args.host} in the inventory ({known})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    remediation = compiled.policy.remediation()
+    if verb == "quarantine" and remediation is not None and host.ip in remediation:
+        print(f"p4seg {verb}: error: {args.host} is in the `remediation` service: quarantined, "
+              f"it could no longer serve the others' remediation; nothing written",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    if getattr(args, "switch", []) or getattr(args, "dry_run", False):
+        return None
+    if any(g.expires <= moment for g in state.grants):
+        return None  # an expiry changes every switch holding the grant
+    operations = in_force_report(compiled.policy, state, moment)
+    if operations.schedule_digest() != state.applied_schedule:
+        return None  # a window opened or closed, a grant changed since: apply it all
+    digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
+    if not getattr(args, "no_verify", False):
+        switches = {sw.switch: sw for sw in compiled.build.switches}
+        result = verify(compiled.policy, compiled.inventory, switches, focus={host.ip})
+        if not result.proven:
+            _refused(verb, result.counterexamples)
+            audit.append(state_dir / "audit.jsonl", verb, **event, policy=str(args.policy),
+                         policy_sha256=digest,
+                         result="refused: the compiled tables are not proven to implement the "
+                         "policy")  # fmt: skip
+            return EXIT_ERROR
+    session = session_of(verb, args, compiled, only=host.switch)
+    if session is None:
+        return EXIT_ERROR
+    [target] = session.switches
+    start = time.monotonic()
+    report = asyncio.run(
+        apply_one(target, session.tables, session.files, session.options,
+                  planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}))
+    )  # fmt: skip
+    if report.error is not None and report.error.startswith(NOT_AN_OVERLAY):
+        return None  # nothing was written: the full apply brings the ToR (and all) up to date
+    took = time.monotonic() - start
+    rules = _rule_lines(compiled.build)
+    code = EXIT_OK if report.ok else EXIT_ERROR
+    if code == EXIT_OK:
+        note_applied(compiled.policy, state, moment)
+    state.save(state_dir)
+    before = applied_rules(state_dir)  # removed entries are labelled by the rules they came from
+    record_applied(state_dir, [report], rules)
+    if report.ok:  # the ToR holds no released host's quarantine identity any more
+        allocation = settle_quarantine(compiled.allocation, target.name)
+        compiled = dataclasses.replace(compiled, allocation=allocation)
+    _record_allocation(state_dir, compiled, [report])
+    written = [
+        {"op": c.op, "entry": describe_entry(session.tables.pipeline, c.entity.table_entry)[0]}
+        for c in (report.plan.prepare if report.plan is not None else ())
+    ][: report.written]
+    audit.append(
+        state_dir / "audit.jsonl",
+        verb,
+        **event,
+        policy=str(args.policy),
+        policy_sha256=digest,
+        compiled_sha256=compiled.build.report.get("policy_sha256"),
+        operations_sha256=operations.digest(),
+        result="ok" if code == EXIT_OK else "failed",
+        overlay={"switch": target.name, "written": written},
+        switches=_summary([report]),
+    )
+    if args.output == "json":
+        doc = report_json([report], session.tables, rules, True, before)
+        doc["seconds"] = round(took, 3)
+        doc["overlay"] = True
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print_reports([report], session.tables, rules, True, before=before)
+        print(f"{'Quarantined' if verb == 'quarantine' else 'Released'} {args.host}: "
+              f"{report.written} writes on {target.name} only, in {took * 1000:.0f} ms"
+              f"{'' if report.ok else '; failed: ' + str(report.error)}")  # fmt: skip
+    return code
+
+
+def _refused(verb: str, counterexamples: list[Counterexample]) -> None:
+    """Why an unproven change is not written, on stderr (a few counterexamples)."""
+    print(
+        f"p4seg {verb}: error: the compiled tables do not implement the policy "
+        f"({len(counterexamples)} counterexample(s)); nothing was written",
+        file=sys.stderr,
+    )
+    for c in counterexamples[:5]:
+        print("  " + c.describe().replace("\n", "\n  "), file=sys.stderr)
+    print("  (a p4seg bug: please report it; --no-verify writes unproven tables)", file=sys.stderr)
 
 
 def cmd_watch(args: argparse.Namespace, front: Front) -> int:
@@ -516,7 +639,9 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     compiled, session = opened
     options, tables, selected = session.options, session.tables, session.switches
 
-    metered = [r.id for r in compiled.policy.rules if r.rate_pps is not None]
+    # The rules the entries carry: a quarantine's overlay counts under the uncarved rules.
+    rules = compiled.policy.uncarved()
+    metered = [r.id for r in rules.rules if r.rate_pps is not None]
 
     async def read_all() -> tuple[list[object], list[object]]:
         pipe = tables.pipeline
@@ -533,7 +658,7 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
     ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
     red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
-    hits = hits_by_rule(compiled.policy, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
+    hits = hits_by_rule(rules, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,

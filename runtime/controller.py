@@ -91,12 +91,14 @@ class SwitchTarget:
 def targets(
     inventory: Inventory, compiled: Sequence[SwitchTables], tables: Tables
 ) -> list[SwitchTarget]:
+    """The inventory's switches that `compiled` has tables for, with what they must hold."""
     by_name = {s.switch: s for s in compiled}
     return [
         SwitchTarget(
             sw.name, sw.p4rt, sw.device_id, Desired.of(tables, by_name[sw.name], sw.cpu_port)
         )
         for sw in inventory.switches
+        if sw.name in by_name
     ]
 
 
@@ -272,8 +274,10 @@ async def apply_one(
     files: PipelineFiles,
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
+    planner: Callable[[Tables, Desired, Held], SwitchPlan] = plan_switch,
 ) -> SwitchReport:
-    """Win arbitration, set the pipeline if it differs, and execute the switch's plan."""
+    """Win arbitration, set the pipeline if it differs, and execute the switch's plan
+    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes)."""
     report = SwitchReport(target.name, target.address)
     say = progress or (lambda _switch, _text: None)
 
@@ -292,7 +296,7 @@ async def apply_one(
                 say(target.name, f"pipeline {report.pipeline}: set")
             raw = _raw_client(sw)
             held = await read_held(raw, target.device_id, tables)
-            plan = report.plan = plan_switch(tables, target.desired, held)
+            plan = report.plan = planner(tables, target.desired, held)
             if plan.empty:
                 return
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.model import Action, Policy, PolicyRule, text_key
+from compiler.model import REMEDIATION, Action, Policy, PolicyRule, Quarantine, text_key
 
 STATE_FILE = "live.json"
-REMEDIATION = "remediation"  # the service a quarantined host may still reach
 _EMPTY = AddressSet(())
 
 
@@ -57,6 +56,9 @@ class LiveState:
     grants: list[Grant] = field(default_factory=list)
     quarantined: dict[str, float] = field(default_factory=dict)  # host -> since
     first_applied: dict[str, float] = field(default_factory=dict)  # rule text -> time
+    # What the last full apply held in force (InForce.schedule_digest): a quarantine writes
+    # only its overlay while nothing else is due (runtime/overlay.py).
+    applied_schedule: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> LiveState:
@@ -69,6 +71,7 @@ class LiveState:
                 [Grant(**g) for g in doc.get("grants", [])],
                 {str(k): float(v) for k, v in doc.get("quarantined", {}).items()},
                 {str(k): float(v) for k, v in doc.get("first_applied", {}).items()},
+                str(doc.get("applied_schedule", "")),
             )
         except (ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
@@ -80,6 +83,7 @@ class LiveState:
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": self.quarantined,
             "first_applied": self.first_applied,
+            "applied_schedule": self.applied_schedule,
         }
         fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
         with os.fdopen(fd, "w") as f:
@@ -139,11 +143,25 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
         r if in_force(r, state, now) else dataclasses.replace(r, src=_EMPTY, dst=_EMPTY)
         for r in policy.rules
     ]
-    cut = AddressSet.of((hosts[h], hosts[h]) for h in state.quarantined if h in hosts)
-    if cut:
-        remediation = next((s.addresses for s in policy.services if s.name == REMEDIATION), _EMPTY)
-        rules = _quarantine(rules, cut, remediation)
-    return dataclasses.replace(policy, rules=tuple(rules))
+    addresses = sorted({hosts[h] for h in state.quarantined if h in hosts})
+    if not addresses:
+        return dataclasses.replace(policy, rules=tuple(rules))
+    cut = AddressSet.of((a, a) for a in addresses)
+    remediation = remediation_of(policy)
+    carved = _quarantine(rules, cut, remediation)
+    uncarved = tuple(
+        (r.key, r.src, r.dst)
+        for r, c in zip(rules, carved, strict=False)
+        if (r.src, r.dst) != (c.src, c.dst)
+    )
+    added = frozenset(r.key for r in carved[len(rules) :])
+    quarantine = Quarantine(tuple(addresses), remediation, uncarved, added)
+    return dataclasses.replace(policy, rules=tuple(carved), quarantine=quarantine)
+
+
+def remediation_of(policy: Policy) -> AddressSet:
+    """The addresses of the policy's `remediation` service (none if it has no such service)."""
+    return policy.remediation() or _EMPTY
 
 
 def _quarantine(
@@ -257,6 +275,15 @@ class InForce:
         """A SHA-256 of the operations and rule states (for the audit log)."""
         doc = self.to_json()
         doc.pop("at")
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def schedule_digest(self) -> str:
+        """A SHA-256 of what holds apart from quarantines: the grants and which time-bound
+        rules are in force (what a quarantine must not leave behind when it writes only its
+        overlay)."""
+        doc = self.to_json()
+        doc.pop("at")
+        doc.pop("quarantined")
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

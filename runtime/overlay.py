@@ -1,0 +1,122 @@
+"""The quarantine fast path: write a quarantine overlay onto one ToR, nothing else.
+
+A quarantine (compiler/lower.py, "quarantine overlay") changes the tables of the host's
+own ToR only, and there only entries no other host's packets meet: the host's two identity
+entries (its `src_identity` entry on its port, its `dst_identity` /32) and `policy`
+entries that match its reserved quarantine identity. So `quarantine` and `release` need
+no epoch flip; the overlay is written in an order that keeps every packet consistent:
+
+  quarantine  1. insert the overlay's `policy` entries: they match only the quarantine
+                 identity, which no packet carries yet, so nothing is judged differently
+              2. the host's identity entries (`src_identity`, then `dst_identity`)
+  release     the same order: 1. the identity entries back to the ordinary identity
+              (no packet carries the quarantine identity after them), 2. delete the
+              overlay's `policy` entries, which no packet meets any more
+
+Per packet: a packet through the ToR is from the host or to it, never both (the host's
+own traffic to itself does not cross the switch), so it reads the one identity entry that
+changes on its side — old or new — and the other side's identity, which does not change.
+Its `policy` lookup then sees every entry either identity meets: with the old identity
+the ordinary ones (untouched), with the new one the overlay (complete before step 2). It is
+judged entirely by the policy before or entirely by the policy after. Other ToRs keep
+judging the host's flows by its ordinary identity (the uncarved policy), so end to end a
+packet is judged by the carved policy or, before the write, by the old one.
+
+`overlay_plan` refuses (NotAnOverlay) whenever the switch differs from the compiled
+tables in anything else — another pending change, an interrupted apply's epoch copies, a
+pipeline just set — so that the caller falls back to a full apply (and its full proof).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from finsy.proto import p4r
+
+from compiler.entries import TableEntry
+from compiler.lower import QUARANTINE_FIELD
+from compiler.tags import FIELD_MASK
+from p4src.spec import TAG_FIELD_BITS
+from runtime.controller import ControllerError
+from runtime.entities import entry_from_proto
+from runtime.plan import (
+    DELETE,
+    INSERT,
+    MODIFY,
+    Change,
+    Desired,
+    Held,
+    SwitchPlan,
+    Tables,
+    diff,
+)
+
+NOT_AN_OVERLAY = "not only the quarantine overlay differs"
+_Q_MASK = FIELD_MASK << (QUARANTINE_FIELD * TAG_FIELD_BITS)
+_IDENTITY = {"src_identity": "src_addr", "dst_identity": "dst_addr"}
+
+
+class NotAnOverlay(ControllerError):
+    """The switch differs from the compiled tables in more than a quarantine overlay."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{NOT_AN_OVERLAY}: {why}")
+
+
+def _overlay_policy(entry: TableEntry) -> bool:
+    """A `policy` entry of the overlay: it matches a quarantine identity on one side."""
+    return any(
+        (m := entry.match(f)) is not None and m.kind == "ternary" and m.arg == _Q_MASK
+        for f in ("src_tags", "dst_tags")
+    )
+
+
+def _hosts_identity(entry: TableEntry, table: str, hosts: Collection[int]) -> bool:
+    m = entry.match(_IDENTITY[table])
+    return m is not None and m.kind == "lpm" and m.arg == 32 and m.value in hosts
+
+
+def overlay_plan(
+    tables: Tables, desired: Desired, held: Held, hosts: Collection[int]
+) -> SwitchPlan:
+    """The writes that take `held` to `desired` when they differ only in the quarantine
+    overlay of `hosts` (addresses), in the order of the module docstring; NotAnOverlay
+    otherwise."""
+    if held.clone is None or held.clone != desired.clone:
+        raise NotAnOverlay("the clone session")
+    for entry in held.entries:
+        if entry.table_id in tables.epoch_field and tables.split(entry)[1] is not None:
+            raise NotAnOverlay("entries of an interrupted apply (pinned to an epoch)")
+    pipeline = tables.pipeline
+    inserts: list[Change] = []
+    identity: list[Change] = []
+    deletes: list[Change] = []
+
+    def change(op: str, entry: p4r.TableEntry, table: str) -> Change:
+        e = p4r.Entity()
+        e.table_entry.CopyFrom(entry)
+        return Change(op, e, table)
+
+    differences = diff(tables, desired, held)
+    for table, d in differences.items():
+        if table == "policy":
+            if d.changed:
+                raise NotAnOverlay("a policy entry's action")
+            for entries, out, op in ((d.added, inserts, INSERT), (d.removed, deletes, DELETE)):
+                for entry in entries:
+                    if not _overlay_policy(entry_from_proto(pipeline, entry)):
+                        raise NotAnOverlay("policy entries outside the overlay")
+                    out.append(change(op, entry, table))
+        elif table in _IDENTITY:
+            ops = [(INSERT, e) for e in d.added] + [(MODIFY, b) for _a, b in d.changed]
+            ops += [(DELETE, e) for e in d.removed]
+            for op, entry in ops:
+                if not _hosts_identity(entry_from_proto(pipeline, entry), table, hosts):
+                    raise NotAnOverlay(f"{table} entries of other addresses")
+                identity.append(change(op, entry, table))
+        else:
+            raise NotAnOverlay(f"the {table} table")
+    identity.sort(key=lambda c: c.table != "src_identity")  # src first, as documented
+    return SwitchPlan(
+        desired.switch, (*inserts, *identity, *deletes), None, (), differences, held.epoch
+    )

@@ -1,0 +1,523 @@
+"""Quarantine as an overlay (compiler/lower.py, runtime/overlay.py): a quarantined host is
+cut off by a handful of entries on its own ToR, proven like any other state, written by
+`p4seg quarantine` onto that ToR alone and restored by any full apply."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from compiler.allocation import Allocation, SideTags, assign_rule_ids
+from compiler.check import check_policy
+from compiler.entries import SwitchTables, TableEntry
+from compiler.inventory import Inventory
+from compiler.lower import (
+    QUARANTINE_FIELD,
+    QUARANTINE_VALUES,
+    Lowered,
+    LowerError,
+    lower,
+    quarantine_tags,
+)
+from compiler.model import Policy
+from compiler.verify import verify
+from p4src.spec import PIPELINE
+from runtime.entities import canonical_entry, table_entry_proto
+from runtime.live import LiveState, effective_policy
+from runtime.overlay import NotAnOverlay, overlay_plan
+from runtime.plan import Desired, Held, Tables, clone_session
+from runtime.refswitch.switch import ReferenceSwitch
+
+ROOT = Path(__file__).resolve().parent.parent
+NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600  # inside every `during` window
+REMEDIATION = """\
+service remediation = jump1
+allow algo -> remediation tcp 443
+"""
+
+
+def _floor_text(floor_policy_text: str, extra: str = REMEDIATION) -> str:
+    text = "\n".join(
+        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
+    )
+    return text.replace("default deny log", extra + "default deny log")
+
+
+def _policy(text: str, floor: Inventory) -> Policy:
+    result = check_policy(text, "floor.zt", floor)
+    assert result.policy is not None, result.diagnostics
+    return result.policy
+
+
+def _compile(
+    policy: Policy, floor: Inventory, quarantined: tuple[str, ...], allocation: Allocation
+) -> tuple[Policy, Lowered]:
+    """The effective policy (as the controller makes it) and its tables."""
+    state = LiveState(quarantined={h: 0.0 for h in quarantined})
+    hosts = {h.name: h.ip for h in floor.hosts}
+    effective, allocation = assign_rule_ids(
+        effective_policy(policy, state, NOON, hosts), allocation
+    )
+    return effective, lower(effective, floor, allocation)
+
+
+def _by_switch(lowered: Lowered) -> dict[str, SwitchTables]:
+    return {sw.switch: sw for sw in lowered.switches}
+
+
+def _changes(before: Lowered, after: Lowered) -> dict[str, tuple[set[TableEntry], set[TableEntry]]]:
+    old = {sw.switch: set(sw.entries) for sw in before.switches}
+    return {
+        sw.switch: (old[sw.switch] - set(sw.entries), set(sw.entries) - old[sw.switch])
+        for sw in after.switches
+        if set(sw.entries) != old[sw.switch]
+    }
+
+
+def _key(entry: TableEntry) -> tuple[object, ...]:
+    return (entry.table, entry.matches, entry.priority)
+
+
+def test_the_overlay_is_a_handful_of_entries_on_the_hosts_tor_only(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, before = _compile(policy, floor, (), Allocation())
+    effective, after = _compile(policy, floor, ("algo1",), before.allocation)
+    algo1 = floor.hosts_by_name["algo1"]
+    changes = _changes(before, after)
+    assert set(changes) == {"tor-alg"}  # no other switch touched
+    removed, added = changes["tor-alg"]
+    # algo1's two identity entries change their vector (same keys: two MODIFYs) ...
+    assert {e.table for e in removed} == {"src_identity", "dst_identity"}
+    assert {_key(e) for e in removed} <= {_key(e) for e in added}
+    q = quarantine_tags(1)
+    for entry in added:
+        if entry.table != "policy":
+            assert dict(entry.params)["tags"] == q
+            address = entry.match("src_addr") or entry.match("dst_addr")
+            assert address is not None and (address.value, address.arg) == (algo1.ip, 32)
+    # ... and the overlay's policy entries, each matching the quarantine identity on one side:
+    # algo1's own remediation flow (forward and its TCP replies), jump1 (remediation) ->
+    # algo1 ssh and ping (ops_jump -> prod), and the deny of everything else, both ways.
+    overlay = [e for e in added if e.table == "policy"]
+    assert all(e.role == "quarantine" for e in overlay)
+    mask = 0xF << (QUARANTINE_FIELD * 4)
+    for e in overlay:
+        sides = [e.match(f) for f in ("src_tags", "dst_tags")]
+        assert any(m is not None and (m.value, m.arg) == (q, mask) for m in sides), e
+    rule_of = {r.id: r.describe() for r in effective.rules}
+    found = sorted((e.action, rule_of.get(e.rule_id or 0, "default")) for e in overlay)
+    assert found == [
+        ("deny_and_log", "default"),
+        ("deny_and_log", "default"),
+        ("permit", "allow algo -> remediation tcp 443"),
+        ("permit", "allow algo -> remediation tcp 443"),
+        ("permit", "allow ops_jump -> prod icmp"),
+        ("permit", "allow ops_jump -> prod icmp"),
+        ("permit", "allow ops_jump -> prod tcp 22 during 07:00-18:00 UTC"),
+        ("permit", "allow ops_jump -> prod tcp 22 during 07:00-18:00 UTC"),
+    ]
+    writes = len(overlay) + len(removed)  # inserts, and one MODIFY per identity entry
+    assert writes <= 10
+    # The overlay sits above every ordinary entry of the ToR.
+    ordinary = [e for e in _by_switch(after)["tor-alg"].entries if e.table == "policy"]
+    lowest = min(e.priority for e in overlay)
+    assert all(e.priority < lowest for e in ordinary if e.role != "quarantine")
+    # Release: exactly the tables from before, everywhere.
+    _, released = _compile(policy, floor, (), after.allocation)
+    assert released.switches == before.switches
+    assert verify(effective, floor, _by_switch(after)).proven
+
+
+def test_quarantine_values_are_stable_and_retired_until_settled(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    def values(lowered: Lowered) -> dict[str, int]:
+        tags = lowered.allocation.tags[("tor-alg", "src")].tags
+        by_ip = {str(h.ip): h.name for h in floor.hosts}
+        return {by_ip[k.split()[-1]]: t[1] for k, t in tags.items() if k.startswith("(quar")}
+
+    _, one = _compile(floor_policy, floor, ("algo1",), Allocation())
+    _, two = _compile(floor_policy, floor, ("algo1", "algo2"), one.allocation)
+    assert values(two) == {"algo1": 1, "algo2": 2}
+    _, three = _compile(floor_policy, floor, ("algo2", "algo3"), two.allocation)
+    assert values(three) == {"algo2": 2, "algo3": 3}  # algo1's 1 is retired, not reused
+    assert (QUARANTINE_FIELD, 1) in three.allocation.tags[("tor-alg", "src")].retired
+    reread = Allocation.from_json(three.allocation.to_json()).settled()
+    _, four = _compile(floor_policy, floor, ("algo1", "algo2", "algo3"), reread)
+    assert values(four) == {"algo1": 1, "algo2": 2, "algo3": 3}
+
+
+def test_more_quarantined_hosts_on_one_tor_than_values_is_e501(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    # Every value but one is retired (released hosts a switch may still hold): two new
+    # quarantines on that ToR find one value.
+    held = frozenset((QUARANTINE_FIELD, v) for v in range(1, QUARANTINE_VALUES))
+    retired = Allocation(tags={("tor-alg", "src"): SideTags(retired=held)})
+    with pytest.raises(LowerError) as caught:
+        _compile(floor_policy, floor, ("algo1", "algo2"), retired)
+    [diag] = caught.value.diagnostics
+    assert diag.code == "E501" and "tor-alg" in diag.message and "quarantined" in diag.message
+
+
+def _without(
+    tables: dict[str, SwitchTables], switch: str, drop: TableEntry
+) -> dict[str, SwitchTables]:
+    sw = tables[switch]
+    return {
+        **tables,
+        switch: dataclasses.replace(sw, entries=tuple(e for e in sw.entries if e != drop)),
+    }
+
+
+def test_verify_proves_a_quarantined_floor_and_catches_a_missing_overlay_entry(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    # The trading floor as it is (no remediation service): algo1 is cut off entirely.
+    _, plain = _compile(floor_policy, floor, (), Allocation())
+    effective, lowered = _compile(floor_policy, floor, ("algo1",), plain.allocation)
+    tables = _by_switch(lowered)
+    assert verify(effective, floor, tables).proven
+    # One overlay write lost: algo1's src_identity entry still gives its ordinary identity.
+    ordinary = next(
+        e
+        for e in _by_switch(plain)["tor-alg"].entries
+        if e.table == "src_identity" and e.role == "host" and e.matches[0].value == 1
+    )
+    overlaid = next(e for e in tables["tor-alg"].entries if _key(e) == _key(ordinary))
+    lost = _without(tables, "tor-alg", overlaid)
+    lost["tor-alg"] = dataclasses.replace(
+        lost["tor-alg"], entries=(*lost["tor-alg"].entries, ordinary)
+    )
+    broken = verify(effective, floor, lost)
+    assert any(
+        c.sender == "algo1" and c.kind in ("allowed-by-tables", "source-tor")
+        for c in broken.counterexamples
+    ), broken.counterexamples[:3]
+    # With remediation: drop the overlay's permit of algo1 -> jump1 tcp 443.
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    effective, lowered = _compile(policy, floor, ("algo1",), Allocation())
+    tables = _by_switch(lowered)
+    assert verify(effective, floor, tables).proven
+    permit = next(
+        e
+        for e in tables["tor-alg"].entries
+        if e.role == "quarantine"
+        and e.action == "permit"
+        and e.match("l4_dst_port") is not None
+        and e.match("l4_dst_port").value == 443  # type: ignore[union-attr]
+    )
+    broken = verify(effective, floor, _without(tables, "tor-alg", permit))
+    assert not broken.proven
+    described = [c.describe() for c in broken.counterexamples]
+    assert any("10.0.2.11 -> 10.0.5.50 tcp" in d and "443" in d for d in described), described
+    # The local proof (the fast path's: only algo1's packets) finds it too.
+    focused = verify(
+        effective,
+        floor,
+        _without(tables, "tor-alg", permit),
+        focus={floor.hosts_by_name["algo1"].ip},
+    )
+    assert not focused.proven
+    assert verify(effective, floor, tables, focus={floor.hosts_by_name["algo1"].ip}).proven
+
+
+def test_the_catch_all_deny_stops_rules_that_match_any_source(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # `any` matches no tag, so its entries would meet the quarantine identity too.
+    policy = _policy(_floor_text(floor_policy_text, "allow any -> riskdb tcp 5432\n"), floor)
+    effective, lowered = _compile(policy, floor, ("algo1",), Allocation())
+    tables = _by_switch(lowered)
+    assert verify(effective, floor, tables).proven
+    catch_all = next(
+        e
+        for e in tables["tor-alg"].entries
+        if e.role == "quarantine" and e.rule_id == 0 and e.match("src_tags") is not None
+    )
+    broken = verify(effective, floor, _without(tables, "tor-alg", catch_all))
+    kinds = {c.kind for c in broken.counterexamples}
+    assert "allowed-by-tables" in kinds or "source-tor" in kinds, broken.counterexamples[:2]
+    assert all(c.sender == "algo1" for c in broken.counterexamples)
+
+
+def test_other_tors_keep_the_ordinary_identity_and_verify_allows_it(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """Defence in depth is lost for the quarantined host: the destination ToR still lets
+    algo1 -> oms1 through alone; its own ToR drops it. verify holds each to its part."""
+    from compiler.evaluate import PacketFields, evaluate
+
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, lowered = _compile(policy, floor, ("algo1",), Allocation())
+    tables = _by_switch(lowered)
+    algo1, oms1 = floor.hosts_by_name["algo1"], floor.hosts_by_name["oms1"]
+    pkt = PacketFields(algo1.ip, oms1.ip, 6, 40000, 9876, 0x02)
+    own = evaluate(tables["tor-alg"], algo1.port, pkt)
+    other = evaluate(tables["tor-oms"], 9, pkt)
+    assert own.egress_port is None and other.egress_port == oms1.port
+
+
+# -- end to end: the CLI against the trading floor's reference switches --------------------
+
+
+@pytest.fixture
+def floor_site(
+    tmp_path: Path, floor: Inventory, floor_policy_text: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[dict[str, ReferenceSwitch], list[str]]]:
+    started: dict[str, ReferenceSwitch] = {}
+    text = (ROOT / "topologies" / "trading_floor.yaml").read_text()
+    try:
+        for s in floor.switches:
+            sw = ReferenceSwitch(s.device_id)
+            started[s.name] = sw
+            port = sw.start("127.0.0.1:0")
+            text = text.replace(f'p4rt: "{s.p4rt}"', f'p4rt: "127.0.0.1:{port}"')
+        (tmp_path / "floor.yaml").write_text(text)
+        (tmp_path / "floor.zt").write_text(_floor_text(floor_policy_text))
+        monkeypatch.chdir(tmp_path)
+        yield started, ["-p", "floor.zt", "-i", "floor.yaml", "--state", "state"]
+    finally:
+        for sw in started.values():
+            sw.stop()
+
+
+def _delivered(
+    switches: dict[str, ReferenceSwitch], floor: Inventory, src: str, dst: str, l4: object
+) -> bool:
+    """Whether a packet from host `src` to host `dst` reaches it through the switches."""
+    peer = {}
+    for link in floor.links:
+        peer[(link.a, link.a_port)] = (link.b, link.b_port)
+        peer[(link.b, link.b_port)] = (link.a, link.a_port)
+    s, d = floor.hosts_by_name[src], floor.hosts_by_name[dst]
+    frame = bytes(Ether() / IP(src=str_ip(s.ip), dst=str_ip(d.ip)) / l4)
+    switch, port = s.switch, s.port
+    for _ in range(6):
+        out = switches[switch].inject(port, frame)
+        if not out:
+            return False
+        [(egress, frame)] = out
+        if (switch, egress) not in peer:
+            return (switch, egress) == (d.switch, d.port)
+        switch, port = peer[(switch, egress)]
+    return False
+
+
+def str_ip(value: int) -> str:
+    return ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
+
+
+def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from p4seg.allocations import state_allocation
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    args = live[2:]  # -i and --state: `apply` takes the policy as its argument
+    order = TCP(sport=40000, dport=9876, flags="S")
+    fix = TCP(sport=40000, dport=443, flags="S")
+
+    def cut_off() -> bool:
+        return (
+            not _delivered(switches, floor, "algo1", "oms1", order)
+            and not _delivered(switches, floor, "md1", "algo1", UDP(sport=5000, dport=30005))
+            and _delivered(switches, floor, "algo1", "jump1", fix)
+            and _delivered(switches, floor, "jump1", "algo1", ICMP())
+        )
+
+    assert main(["apply", "floor.zt", *args]) == 0
+    assert _delivered(switches, floor, "algo1", "oms1", order)
+    capsys.readouterr()
+    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["overlay"] is True
+    assert [s["switch"] for s in doc["switches"]] == ["tor-alg"]
+    [report] = doc["switches"]
+    assert 0 < report["written"] <= 10 and report["writes"]["flip"] == 0
+    assert cut_off()
+    assert _delivered(switches, floor, "algo2", "oms1", order)  # its rack-mate is untouched
+    # verify and trace judge the live switches by the effective (quarantined) policy.
+    assert main(["verify", "floor.zt", *args, "--from-switches"]) == 0
+    capsys.readouterr()
+    trace = ["trace", "algo1", "oms1", "tcp", "9876", *args, "--from-switches", "--policy"]
+    main([*trace, "floor.zt"])
+    out = capsys.readouterr().out
+    assert "quarantined: algo1" in out and "tcp 9876: BLOCKED" in out
+    assert "tor-alg -> dropped" in out  # by the overlay, on algo1's own ToR
+    # hits counts the overlay under the policy's own rules (no rule of the carve is "unused")
+    assert main(["hits", "floor.zt", *args, "--output", "json"]) == 0
+    out = capsys.readouterr().out
+    texts = [r["rule"] for r in json.loads(out[out.index("{\n") :])["rules"]]
+    assert texts and not [t for t in texts if "quarantined" in t]
+    # The audit log has the operation with the entries written.
+    record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "quarantine" and record["host"] == "algo1"
+    assert record["overlay"]["switch"] == "tor-alg"
+    assert len(record["overlay"]["written"]) == report["written"]
+    # A restarted controller's full apply computes the same tables: nothing to write.
+    assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
+    assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
+    # A restarted switch comes back empty; the full apply restores the overlay.
+    address = switches["tor-alg"].server_address
+    switches["tor-alg"].stop()
+    switches["tor-alg"] = ReferenceSwitch(floor.switches_by_name["tor-alg"].device_id)
+    switches["tor-alg"].start(address)
+    assert not _delivered(switches, floor, "algo1", "jump1", fix)
+    assert main(["apply", "floor.zt", *args]) == 0
+    assert cut_off()
+    # Release: the overlay goes, on that ToR only, and algo1 has its access back.
+    capsys.readouterr()
+    assert main(["release", "algo1", *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["switch"] for s in doc["switches"]] == ["tor-alg"] and doc["overlay"] is True
+    assert _delivered(switches, floor, "algo1", "oms1", order)
+    assert _delivered(switches, floor, "md1", "algo1", UDP(sport=5000, dport=30005))
+    # tor-alg took the release, so algo1's quarantine value is free again (not retired:
+    # quarantine and release may alternate forever without running out of values).
+    side = state_allocation(Path("state")).tags[("tor-alg", "src")]
+    assert not [t for t in side.retired if t[0] == QUARANTINE_FIELD]
+    assert not [k for k in side.tags if k.startswith("(quarantine)")]
+    assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
+    assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
+
+
+def test_a_pending_edit_takes_the_full_apply(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    # An edit on algo1's ToR not applied yet: the ToR differs in more than the overlay.
+    text = Path("floor.zt").read_text()
+    Path("floor.zt").write_text(text.replace("tcp 9876", "tcp 9877"))
+    capsys.readouterr()
+    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    assert not _delivered(switches, floor, "algo1", "oms1", TCP(dport=9877, flags="S"))
+    assert _delivered(switches, floor, "algo2", "oms1", TCP(dport=9877, flags="S"))
+
+
+def test_quarantining_a_remediation_host_is_refused(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p4seg.cli import main
+
+    _, live = floor_site
+    assert main(["quarantine", "jump1", *live]) == 1
+    assert "`remediation` service" in capsys.readouterr().err
+    assert main(["quarantine", "nohost", *live]) == 1
+    assert "no host nohost" in capsys.readouterr().err
+
+
+def _held(tables: SwitchTables) -> Held:
+    """What a switch holding `tables` (wildcard epoch) reads back."""
+    entries = [canonical_entry(table_entry_proto(PIPELINE, e)) for e in tables.entries]
+    return Held(entries, 0, clone_session(255))
+
+
+def test_the_overlay_is_written_in_a_per_packet_consistent_order(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, before = _compile(policy, floor, (), Allocation())
+    _, after = _compile(policy, floor, ("algo1",), before.allocation)
+    ip = floor.hosts_by_name["algo1"].ip
+    old, new = _by_switch(before)["tor-alg"], _by_switch(after)["tor-alg"]
+    tables = Tables(PIPELINE)
+    # quarantine: the overlay's policy entries first, then src_identity, then dst_identity
+    plan = overlay_plan(tables, Desired.of(tables, new, 255), _held(old), {ip})
+    assert plan.flip is None and not plan.finish
+    steps = [(c.op, c.table) for c in plan.prepare]
+    assert steps == [("insert", "policy")] * 8 + [
+        ("modify", "src_identity"),
+        ("modify", "dst_identity"),
+    ]
+    # release: the identities back first, then the overlay goes
+    plan = overlay_plan(tables, Desired.of(tables, old, 255), _held(new), {ip})
+    steps = [(c.op, c.table) for c in plan.prepare]
+    assert (
+        steps
+        == [("modify", "src_identity"), ("modify", "dst_identity")] + [("delete", "policy")] * 8
+    )
+    # anything else on the ToR (another host's identity, an ordinary entry): refused
+    with pytest.raises(NotAnOverlay):
+        overlay_plan(tables, Desired.of(tables, new, 255), _held(old), {ip + 1})
+    ordinary = next(e for e in old.entries if e.table == "policy")
+    pending = dataclasses.replace(old, entries=tuple(e for e in old.entries if e != ordinary))
+    with pytest.raises(NotAnOverlay):
+        overlay_plan(tables, Desired.of(tables, new, 255), _held(pending), {ip})
+
+
+def test_a_window_that_closed_since_the_last_apply_takes_the_full_apply(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What is due (here `ops_jump -> prod tcp 22 during 07:00-18:00 UTC` closing, on other
+    ToRs than dev1's) is never left behind by a quarantine that writes only its overlay."""
+    import p4seg.verbs
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    ssh = TCP(sport=40000, dport=22, flags="S")
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: float(NOON))
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert _delivered(switches, floor, "jump1", "risk1", ssh)
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: float(NOON + 7 * 3600))  # 19:00
+    capsys.readouterr()
+    assert main(["quarantine", "dev1", *live, "--output", "json"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out[out.index("{\n") :])  # after what the verb says it found due
+    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    assert not _delivered(switches, floor, "jump1", "risk1", ssh)
+    # now nothing else is due: the release is the overlay alone
+    assert main(["release", "dev1", *live, "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overlay"] is True
+
+
+@pytest.mark.parametrize(
+    "hosts", [("algo1", "algo2"), ("algo1", "oms1"), ("algo3", "md1", "risk2")]
+)
+def test_several_quarantined_hosts_are_proven(
+    floor: Inventory, floor_policy_text: str, hosts: tuple[str, ...]
+) -> None:
+    """Hosts sharing a ToR (each its own value) or on different ToRs (each ToR judging its
+    own with the overlay and the other's by the uncarved policy)."""
+    policy = _policy(_floor_text(floor_policy_text), floor)
+    _, before = _compile(policy, floor, (), Allocation())
+    effective, after = _compile(policy, floor, hosts, before.allocation)
+    assert verify(effective, floor, _by_switch(after)).proven
+    assert set(_changes(before, after)) == {floor.hosts_by_name[h].switch for h in hosts}
+
+
+def test_a_metered_remediation_flow_keeps_its_rate(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # oms1's remediation is risk1, over `order_router -> risk tcp 8443 rate 20000pps`.
+    text = _floor_text(floor_policy_text, "service remediation = risk1\n")
+    policy = _policy(text, floor)
+    effective, lowered = _compile(policy, floor, ("oms1",), Allocation())
+    tables = _by_switch(lowered)
+    result = verify(effective, floor, tables)
+    assert result.proven and result.metered_classes
+    metered = [
+        e for e in tables["tor-oms"].entries if e.role == "quarantine" and e.meter is not None
+    ]
+    assert metered and all(e.action == "permit_metered" for e in metered)
