@@ -136,14 +136,27 @@ def one_rule_edit(text: str, inventory: Inventory, previous: Build) -> None:
     edited = text[: edit.start()] + line + text[edit.end() :]
     policy = checked(edited, inventory)
     print(f"   one-rule edit: {edit[0].split()!r} -> {line.split()!r}")
-    for label, allocation in (
-        ("fresh allocation (baseline)", None),
-        ("previous allocation", previous.allocation),
+    full_s = 0.0
+    for label, allocation, before in (
+        ("fresh allocation (baseline)", None, None),
+        ("previous allocation", previous.allocation, None),
+        ("incremental (previous build)", previous.allocation, previous),
     ):
         t, built = timed(
-            functools.partial(build, policy, inventory, edited, "ref", SIZES, allocation), 1
+            functools.partial(build, policy, inventory, edited, "ref", SIZES, allocation, before),
+            1,
         )
-        print(f"   {'  rebuilt, ' + label:<34}{t:8.3f} s   " + _changes(previous, built))
+        full_s = full_s or t
+        reused = (
+            f"; {len(built.lowered.reused)}/{len(built.switches)} switches reused"
+            if before is not None and built.lowered is not None
+            else ""
+        )
+        print(
+            f"   {'  rebuilt, ' + label:<34}{t:8.3f} s   {t / full_s:5.2f}x   "
+            + _changes(previous, built)
+            + reused
+        )
 
 
 def _changes(before: Build, after: Build) -> str:
