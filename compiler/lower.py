@@ -37,7 +37,7 @@ from typing import Protocol
 
 import networkx as nx
 
-from compiler.addresses import AddressSet, Interval
+from compiler.addresses import AddressSet, Interval, merge_intervals
 from compiler.allocation import Allocation, SideTags, Tag
 from compiler.diagnostics import P4segError, error
 from compiler.entries import (
@@ -81,16 +81,18 @@ def priority(band: int, rule_id: int, sub: int = 0) -> int:
     return band << _BAND_SHIFT | sub << _SUB_SHIFT | (FABRIC_RULE_ID - rule_id)
 
 
-def _rate_ranks(policy: Policy) -> dict[int, int]:
-    """Metered band: rate -> sub-band, the lowest rate highest (so it decides first)."""
-    rates = sorted({r.rate_pps for r in policy.rules if r.rate_pps is not None})
-    if len(rates) > MAX_DISTINCT_RATES:
+def _rate_ranks(
+    rules: Iterable[PolicyRule], limit: int = MAX_DISTINCT_RATES, what: str = "the metered band"
+) -> dict[int, int]:
+    """Metered band: rate -> sub-band, the lowest rate highest (so it decides first), over
+    the rates of `rules` (the entries that compete with each other)."""
+    rates = sorted({r.rate_pps for r in rules if r.rate_pps is not None})
+    if len(rates) > limit:
         raise LowerError(
             [
                 error(
                     "E504",
-                    f"the policy has {len(rates)} distinct rates; the metered band orders at "
-                    f"most {MAX_DISTINCT_RATES}",
+                    f"the policy has {len(rates)} distinct rates; {what} orders at most {limit}",
                     None,
                 )
             ]
@@ -212,7 +214,9 @@ def _policy_entries(codes: _ToRCodes, policy: Policy) -> list[TableEntry]:
         for rule in policy.rules
         if rule.id in codes.relevant  # else no host of this rack is involved
     ]
-    out = _rule_entries(_PolicyEntries(codes, []), policy, mine, priority, "")
+    out = _rule_entries(
+        _PolicyEntries(codes, []), policy, mine, priority, "", _rate_ranks(policy.rules)
+    )
     if policy.default_log:
         out.entries.append(
             TableEntry(
@@ -234,10 +238,11 @@ def _rule_entries(
     mine: list[tuple[PolicyRule, str, str]],
     prio: Priority,
     role: str,
+    rate_rank: Mapping[int, int],
 ) -> _PolicyEntries:
     """The entries of `mine` (rule, source key, destination key): denies, then allows, then
-    the allows' replies; `role`, when given, replaces each entry's role."""
-    rate_rank = _rate_ranks(policy)
+    the allows' replies; `role`, when given, replaces each entry's role; `rate_rank`: the
+    metered sub-bands of the entries these compete with."""
     for rule, src, dst in mine:
         if rule.action is Action.DENY:
             band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
@@ -436,6 +441,7 @@ REMEDIATION_KEY = "(remediation)"  # the `remediation` service, tagged on every 
 _Q_SHIFT = QUARANTINE_FIELD * TAG_FIELD_BITS
 _Q_SUB = 1 << 11  # overlay entries' sub-band in band 7: band << 8 | rate rank below it
 _Q_DENY_SRC_SUB, _Q_DENY_DST_SUB = 2, 1  # the overlay's catch-all denies, below its rules
+_Q_RATES = (1 << 8) - 1  # distinct rates the overlay's sub-band orders
 
 
 def quarantine_tags(value: int) -> int:
@@ -444,7 +450,7 @@ def quarantine_tags(value: int) -> int:
 
 
 def _overlay_priority(band: int, rule_id: int, sub: int) -> int:
-    if sub >= 1 << 8:
+    if sub > _Q_RATES:
         raise LowerError(
             [
                 error(
@@ -516,7 +522,9 @@ def _overlay_entries(
                 mine.append((rule, me, f"{codes.keys[(rule.id, 'dst')]} & {REMEDIATION_KEY}"))
             if dst >> atom & 1 and src & remediation:
                 mine.append((rule, f"{codes.keys[(rule.id, 'src')]} & {REMEDIATION_KEY}", me))
-        _rule_entries(out, policy, mine, _overlay_priority, "quarantine")
+        # The overlay's entries compete only with each other: their rates ranked among them.
+        ranks = _rate_ranks((r for r, _s, _d in mine), _Q_RATES)
+        _rule_entries(out, policy, mine, _overlay_priority, "quarantine", ranks)
         # Everything else from or to it: denied (and logged as the default deny, or when a
         # logged deny might have named it), above any ordinary entry that matches no tag.
         action = "deny_and_log" if log else "deny"
@@ -553,11 +561,18 @@ def _quarantine_values(
     """Each quarantined host of a ToR (by address) -> its value in the reserved field: kept
     from `previous`, else the lowest free; values of released hosts are retired (a switch
     may still hold their entries) until the allocation settles. Also what to record."""
-    held = {
-        int(k[len(QUARANTINE_KEY) :]): t[1]
-        for k, t in previous.tags.items()
-        if k.startswith(QUARANTINE_KEY)
-    }
+    # What the allocation says each quarantined address holds; anything odd in it (an
+    # address that is no number, a slot outside the reserved field, a value two addresses
+    # claim) is not trusted: that host gets a fresh value, never one another host holds.
+    held: dict[int, int] = {}
+    claimed: set[int] = set()
+    for k, (f, v) in sorted(previous.tags.items()):
+        text = k[len(QUARANTINE_KEY) :]
+        if not k.startswith(QUARANTINE_KEY) or f != QUARANTINE_FIELD or not text.isdigit():
+            continue
+        if v not in claimed:
+            held[int(text)] = v
+            claimed.add(v)
     values = {a: v for a, v in held.items() if a in here}
     retired = {(QUARANTINE_FIELD, v) for a, v in held.items() if a not in here}
     taken = set(values.values()) | {
@@ -582,6 +597,16 @@ def _quarantine_values(
         taken.add(free)
     record = {f"{QUARANTINE_KEY}{a}": (QUARANTINE_FIELD, v) for a, v in values.items()}
     return values, record, frozenset(retired)
+
+
+def _atom_intervals(semantics: PolicySemantics) -> list[list[Interval]]:
+    """Each address atom's intervals, in one pass over the partition."""
+    part = semantics.addresses
+    out: list[list[Interval]] = [[] for _ in range(part.count)]
+    for i, start in enumerate(part.starts):
+        end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
+        out[part.element_atom[i]].append((start, end))
+    return out
 
 
 def _tor_codes(
@@ -627,12 +652,15 @@ def _tor_codes(
             need(dst_key, dst, src_key, src)
     if remediation:  # always, quarantine or not: a quarantine then changes no ordinary tag
         src_needs[REMEDIATION_KEY] = dst_needs[REMEDIATION_KEY] = (remediation, full)
-    representative = semantics.addresses.representative
+    intervals_of: list[list[Interval]] = []
 
     def digest(atoms: int) -> str:
-        """A set of atoms by its addresses (atom numbers change from compile to compile)."""
-        first = sorted(representative[a] for a in bits(atoms))
-        return hashlib.sha256(repr(first).encode()).hexdigest()[:16]
+        """A set of atoms by its addresses, merged: the same whatever the partition (atoms
+        are renumbered and cut differently by any edit, even one elsewhere)."""
+        if not intervals_of:
+            intervals_of.extend(_atom_intervals(semantics))
+        spans = merge_intervals(iv for a in bits(atoms) for iv in intervals_of[a])
+        return hashlib.sha256(repr(spans).encode()).hexdigest()[:16]
 
     sides = []
     previous = {side: allocation.tags.get((switch, side), SideTags()) for side in ("src", "dst")}
@@ -767,12 +795,13 @@ def _switch_inputs(
         inventory.switches,
         inventory.links,
         remediation.intervals if remediation else None,
+        any(r.log for r in policy.rules),  # a quarantine overlay logs its catch-all then
     )
     held = {h.ip: h.switch for h in inventory.hosts if h.ip in quarantined}
     located = sorted((h.ip, h.switch) for h in inventory.hosts)
     ips = [ip for ip, _ in located]
     tors = sorted({sw for _, sw in located})
-    rate_rank = _rate_ranks(policy)
+    rate_rank = _rate_ranks(policy.rules)
     mine: dict[str, list[str]] = {t: [] for t in tors}
     for r in policy.rules:
         touched: set[str] = set()
@@ -821,6 +850,13 @@ def lower(
     policy = policy.uncarved()  # the ordinary entries; a quarantine is an overlay
     service = policy.remediation()
     cut = set(quarantine.hosts) if quarantine else set()
+    if service is not None:
+        # A quarantine overlay ranks the rates of the rules meeting `remediation` in 8 bits:
+        # refuse such a policy now, not the day a host must be cut off.
+        meeting = (
+            r for r in policy.rules if r.src.intersection(service) or r.dst.intersection(service)
+        )
+        _rate_ranks(meeting, _Q_RATES, "among the rules meeting `remediation`, a quarantine")
     keys = set_keys(policy)
     inputs = _switch_inputs(policy, inventory, keys, service, cut)
     before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}

@@ -29,13 +29,25 @@ class TargetKind:
     runs_here: bool  # p4seg brings it up and drives it (Mininet floors, the controller)
     resource_estimate: bool  # the report estimates per-stage resources (Tofino's TCAM/SRAM)
     sizes: tuple[tuple[str, int], ...] = ()  # its default table sizes, over DEFAULT_SIZES
+    # An INSERT without a meter config may keep a deleted entry's direct meter (BMv2 reuses
+    # the slot and resets only its counter): follow it with a DirectMeterEntry MODIFY.
+    stale_direct_meters: bool = False
 
 
 TARGETS: dict[str, TargetKind] = {
     kind.name: kind
     for kind in (
         TargetKind("ref", "p4seg reference switch", "v1model", True, True, True, False),
-        TargetKind("bmv2", "BMv2 simple_switch_grpc", "v1model", True, False, True, False),
+        TargetKind(
+            "bmv2",
+            "BMv2 simple_switch_grpc",
+            "v1model",
+            True,
+            False,
+            True,
+            False,
+            stale_direct_meters=True,
+        ),
         # The policy key is 561 bits (13 TCAM blocks per 512 entries): 6144 entries take 7
         # stages, and the whole pipeline 11 of Tofino's 12 (compiler.emit.tofino_stages).
         TargetKind("tofino", "Tofino (TNA)", "tna", False, False, False, True, (("policy", 6144),)),

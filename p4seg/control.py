@@ -25,6 +25,7 @@ from compiler.allocation import Allocation
 from compiler.emit import Build
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from compiler.targets import TARGETS
 from p4seg.allocations import save_state_allocation
 from runtime.controller import (
     ControllerError,
@@ -76,8 +77,13 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
     batch = getattr(args, "batch_size", DEFAULT_BATCH)
     if batch <= 0:
         return "--batch-size must be > 0"
+    kind = TARGETS.get(getattr(args, "target", "ref"))
     return ControllerOptions(
-        election_id=args.election_id, batch_size=batch, timeout=args.timeout, tls=tls
+        election_id=args.election_id,
+        batch_size=batch,
+        timeout=args.timeout,
+        tls=tls,
+        reset_direct_meters=kind is not None and kind.stale_direct_meters,
     )
 
 

@@ -164,6 +164,11 @@ def _apply_compiled(
             note_applied(compiled.policy, state, moment)
             if len(reports) == len(compiled.inventory.switches):  # every switch holds it
                 state.applied_schedule = operations.schedule_digest()
+        for r in reports:  # what each switch holds now (unknown after a failure)
+            if r.ok:
+                state.applied_tables[r.switch] = tables_digest(compiled, r.switch)
+            else:
+                state.applied_tables.pop(r.switch, None)
         state.save(state_dir)
     if (changed or event or code == EXIT_ERROR or expired) and not dry and reports:
         audit.append(
@@ -214,6 +219,12 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
         )
     _refused(verb, result.counterexamples)
     return None
+
+
+def tables_digest(compiled: Compiled, switch: str) -> str:
+    """The digest of what the compiled build gives `switch` (its entries file)."""
+    text = compiled.build.files.get(f"entries/{switch}.json", "")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _load_state(args: argparse.Namespace, verb: str) -> LiveState | None:
@@ -421,6 +432,12 @@ def _overlay(
     operations = in_force_report(compiled.policy, state, moment)
     if operations.schedule_digest() != state.applied_schedule:
         return None  # a window opened or closed, a grant changed since: apply it all
+    if any(
+        state.applied_tables.get(sw.name) != tables_digest(compiled, sw.name)
+        for sw in compiled.inventory.switches
+        if sw.name != host.switch
+    ):
+        return None  # another switch has a change pending (an edit not applied yet): all
     digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
     if not getattr(args, "no_verify", False):
         switches = {sw.switch: sw for sw in compiled.build.switches}
@@ -448,6 +465,9 @@ def _overlay(
     code = EXIT_OK if report.ok else EXIT_ERROR
     if code == EXIT_OK:
         note_applied(compiled.policy, state, moment)
+        state.applied_tables[target.name] = tables_digest(compiled, target.name)
+    else:
+        state.applied_tables.pop(target.name, None)
     state.save(state_dir)
     before = applied_rules(state_dir)  # removed entries are labelled by the rules they came from
     record_applied(state_dir, [report], rules)

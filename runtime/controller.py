@@ -48,6 +48,7 @@ class ControllerOptions:
     batch_size: int = DEFAULT_BATCH
     timeout: float = 30.0  # per switch, for the whole plan or apply
     tls: GRPCCredentialsTLS | None = None
+    reset_direct_meters: bool = False  # compiler.targets.TargetKind.stale_direct_meters
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,21 +249,51 @@ async def plan_all(
     return list(await asyncio.gather(*(plan_one(t, tables, files, options) for t in switches)))
 
 
+def _meter_reset(tables: Tables, op: str, table: str, wire: p4r.Update) -> p4r.Update | None:
+    """For an entry inserted (`wire`: as sent) into a table with a direct meter and no
+    meter config of its own: a DirectMeterEntry MODIFY without config, which resets its
+    meter to the default (P4Runtime: what the INSERT alone should do; BMv2 may keep a
+    deleted entry's)."""
+    entry = wire.entity.table_entry
+    if op != "insert" or table not in tables.metered or entry.HasField("meter_config"):
+        return None
+    u = p4r.Update(type=p4r.Update.MODIFY)
+    key = u.entity.direct_meter_entry.table_entry
+    key.table_id, key.priority = entry.table_id, entry.priority
+    key.match.extend(entry.match)
+    return u
+
+
 async def _write(
-    sw: Switch, tables: Tables, changes: Sequence[Change], batch: int, report: SwitchReport
+    sw: Switch,
+    tables: Tables,
+    changes: Sequence[Change],
+    batch: int,
+    report: SwitchReport,
+    reset_meters: bool = False,
 ) -> None:
     for i in range(0, len(changes), batch):
         chunk = changes[i : i + batch]
+        updates: list[p4r.Update] = []
+        owner: list[int] = []  # the change each update on the wire belongs to
+        for k, c in enumerate(chunk):
+            wire = tables.on_the_wire(c.update())
+            updates.append(wire)
+            owner.append(k)
+            if reset_meters and (reset := _meter_reset(tables, c.op, c.table, wire)) is not None:
+                updates.append(reset)
+                owner.append(k)
         try:
-            await sw.write([tables.on_the_wire(c.update()) for c in chunk])
+            await sw.write(updates)
         except P4ClientError as err:
+            failed = sorted({owner[index] for index in err.details})
             for index, detail in sorted(err.details.items()):
                 report.failed_updates.append(
-                    (chunk[index], f"{detail.canonical_code.name}: {detail.message}")
+                    (chunk[owner[index]], f"{detail.canonical_code.name}: {detail.message}")
                 )
-            report.written += len(chunk) - len(err.details)
+            report.written += len(chunk) - len(failed)
             raise ControllerError(
-                f"{len(err.details)} of {len(chunk)} updates failed "
+                f"{len(failed)} of {len(chunk)} updates failed "
                 f"(first: {report.failed_updates[0][1] if report.failed_updates else err.message})"
             ) from None
         report.written += len(chunk)
@@ -300,13 +331,14 @@ async def apply_one(
             if plan.empty:
                 return
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
-            await _write(sw, tables, plan.prepare, options.batch_size, report)
+            reset = options.reset_direct_meters
+            await _write(sw, tables, plan.prepare, options.batch_size, report, reset)
             if plan.flip is not None:
                 say(target.name, f"flipping to epoch {plan.epoch_after}")
                 await _write(sw, tables, [plan.flip], 1, report)
             if plan.finish:
                 say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
-                await _write(sw, tables, plan.finish, options.batch_size, report)
+                await _write(sw, tables, plan.finish, options.batch_size, report, reset)
 
     return await _bounded(report, options.timeout, work)
 

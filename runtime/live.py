@@ -59,6 +59,10 @@ class LiveState:
     # What the last full apply held in force (InForce.schedule_digest): a quarantine writes
     # only its overlay while nothing else is due (runtime/overlay.py).
     applied_schedule: str = ""
+    # switch -> digest of the compiled tables it was last brought to (a full apply, or the
+    # overlay): a quarantine writes only its overlay while every other switch holds the
+    # tables the new compile gives it (nothing else pending).
+    applied_tables: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_dir: Path) -> LiveState:
@@ -72,6 +76,7 @@ class LiveState:
                 {str(k): float(v) for k, v in doc.get("quarantined", {}).items()},
                 {str(k): float(v) for k, v in doc.get("first_applied", {}).items()},
                 str(doc.get("applied_schedule", "")),
+                {str(k): str(v) for k, v in doc.get("applied_tables", {}).items()},
             )
         except (ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
@@ -84,6 +89,7 @@ class LiveState:
             "quarantined": self.quarantined,
             "first_applied": self.first_applied,
             "applied_schedule": self.applied_schedule,
+            "applied_tables": self.applied_tables,
         }
         fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
         with os.fdopen(fd, "w") as f:

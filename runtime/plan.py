@@ -90,6 +90,7 @@ class Tables:
             if k.match == "range"
         }
         self.set_epoch = pipeline.action("set_epoch")
+        self.metered = {t.name for t in pipeline.tables if t.meter is not None}
 
     def split(self, entry: p4r.TableEntry) -> tuple[bytes, int | None]:
         """(the entry's key without its epoch, the epoch it is limited to or None)."""

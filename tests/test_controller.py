@@ -169,13 +169,18 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
     written = 0
 
     async def dying(
-        sw: object, tables: Tables, changes: Sequence[Change], batch: int, report: object
+        sw: object,
+        tables: Tables,
+        changes: Sequence[Change],
+        batch: int,
+        report: object,
+        reset_meters: bool = False,
     ) -> None:
         nonlocal written
         room = kill_after - written
         if room <= 0:
             raise controller.ControllerError("killed")
-        await real_write(sw, tables, changes[:room], batch, report)  # type: ignore[arg-type]
+        await real_write(sw, tables, changes[:room], batch, report, reset_meters)  # type: ignore[arg-type]
         written += min(room, len(changes))
         if room < len(changes):
             raise controller.ControllerError("killed")

@@ -313,3 +313,74 @@ def test_incremental_compile_of_a_quarantine_and_its_release(
         if previous is not None:  # only algo1's ToR is compiled again
             assert {sw.switch for sw in full.switches} - incremental.reused == {"tor-alg"}
         previous, allocation = incremental, incremental.allocation
+
+
+def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> None:
+    """Compile each (policy text, live state) in turn, incrementally and in full from the
+    same allocation: the two must agree at every step, allocation included."""
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    previous: Lowered | None = None
+    allocation = Allocation()
+    for text, state in steps:
+        policy = effective_policy(_policy(text, floor), state, noon, hosts)
+        policy, allocation = assign_rule_ids(policy, allocation)
+        full = lower(policy, floor, allocation)
+        incremental = lower(policy, floor, allocation, previous)
+        assert incremental.switches == full.switches
+        assert incremental.allocation == full.allocation
+        previous, allocation = incremental, incremental.allocation
+
+
+def test_incremental_sees_a_logged_rule_elsewhere_change_a_quarantine_overlays_log(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # No rule logs, then one does (on tor-dev): the overlay's catch-all on tor-alg logs now.
+    quiet = floor_policy_text.replace(" log\n", "\n").replace(
+        "default deny log", "service remediation = jump1\ndefault deny"
+    )
+    loud = quiet.replace("default deny", "deny dev1 -> dev2 tcp 80 log\ndefault deny")
+    algo1 = LiveState(quarantined={"algo1": 0.0})
+    _chain(floor, [(quiet, algo1), (loud, algo1)])
+
+
+def test_incremental_keeps_shared_tags_whatever_another_rack_cuts(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # Two texts equal on tor-alg share a tag; a rule on tor-dev cuts inside that prefix;
+    # then one of the two sets shrinks: the tag must stay with the same one either way.
+    two = floor_policy_text.replace(
+        "default deny log",
+        "allow algo -> market_data tcp 1\nallow algo -> 10.0.1.0/24 tcp 2\ndefault deny log",
+    )
+    cut = two.replace("default deny log", "deny dev1 -> 10.0.1.200 tcp 1\ndefault deny log")
+    narrower = cut.replace(
+        "service market_data  = 10.0.1.0/24", "service market_data  = 10.0.1.0/25"
+    )
+    assert narrower != cut
+    _chain(floor, [(two, LiveState()), (cut, LiveState()), (narrower, LiveState())])
+
+
+def test_an_allocation_with_odd_quarantine_slots_is_not_trusted(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    state = LiveState(quarantined={"algo1": 0.0, "algo2": 0.0})
+    policy = effective_policy(floor_policy, state, noon, hosts)
+    good = lower(policy, floor).allocation
+    side = good.tags[("tor-alg", "src")]
+    quarantine = [k for k in side.tags if k.startswith("(quarantine) ")]
+    assert len(quarantine) == 2
+    # both hosts claim one value, and a key that is no address: neither may be believed
+    (first, value), (second, _) = ((k, side.tags[k]) for k in sorted(quarantine))
+    odd = {**side.tags, second: value, "(quarantine) not-an-address": value}
+    bad = Allocation(
+        good.rules, good.retired_rules, {**good.tags, ("tor-alg", "src"): SideTags(odd)}
+    )
+    again = lower(policy, floor, bad)
+    held = again.allocation.tags[("tor-alg", "src")].tags
+    values = [held[k] for k in quarantine]
+    assert len(set(values)) == 2  # two hosts, two values
+    switches = {sw.switch: sw for sw in again.switches}
+    assert verify(policy, floor, switches).proven

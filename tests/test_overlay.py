@@ -413,6 +413,30 @@ def test_a_pending_edit_takes_the_full_apply(
     assert _delivered(switches, floor, "algo2", "oms1", TCP(dport=9877, flags="S"))
 
 
+def test_a_pending_edit_on_another_rack_takes_the_full_apply(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    # An edit on tor-stl only (settlement -> books), not applied yet: algo1's ToR does not
+    # see it, but the quarantine must not leave it pending behind an "ok".
+    text = Path("floor.zt").read_text()
+    edited = text.replace("books        tcp 5432", "books        tcp 5433")
+    assert edited != text
+    Path("floor.zt").write_text(edited)
+    capsys.readouterr()
+    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    syn = TCP(sport=40000, dport=5432, flags="S")
+    assert not _delivered(switches, floor, "settle1", "ledger", syn)  # the edit took
+    assert main(["plan", "floor.zt", *live[2:]]) == 0  # nothing left pending
+
+
 def test_quarantining_a_remediation_host_is_refused(
     floor_site: tuple[dict[str, ReferenceSwitch], list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
