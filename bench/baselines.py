@@ -1,9 +1,9 @@
 """What p4seg's policy entries are measured against: entry counts of simpler encodings.
 
-The compiler writes one `policy` entry per run of group ids (compiler.lower); these are
-the counts the same policy would need without groups, on the same placement: each ToR
+The compiler writes one `policy` entry per rule and ToR (compiler.lower); these are
+the counts the same policy would need without identities, on the same placement: each ToR
 holds entries for the packets from or to its hosts — for a rule, (src ∩ local) x dst and
-(src \\ local) x (dst ∩ local) — with the same reply entries (compiler.lower.reply_matches).
+(src \\ local) x (dst ∩ local) — with the same reply entries (compiler.rule_entries.reply_matches).
 
 - naive: one entry per host pair and single port (a rule without ports: one per pair);
 - host pairs: one entry per host pair, port ranges kept as the compiler keeps them.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from compiler.addresses import Interval
 from compiler.inventory import Inventory
-from compiler.lower import reply_matches
 from compiler.model import ALL_PORTS, Action, Policy
+from compiler.rule_entries import reply_matches
 from compiler.semantics import PolicySemantics, bits
 
 

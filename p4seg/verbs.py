@@ -401,7 +401,7 @@ def _overlay(
     packets (the only ones the overlay changes: verify restricted to flows from and to it),
     then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
     (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
-    from compiler.lower import settle_quarantine
+    from compiler.quarantine import settle_quarantine
     from compiler.verify import verify
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan

@@ -1,6 +1,6 @@
 """The quarantine fast path: write a quarantine overlay onto one ToR, nothing else.
 
-A quarantine (compiler/lower.py, "quarantine overlay") changes the tables of the host's
+A quarantine (compiler/quarantine.py) changes the tables of the host's
 own ToR only, and there only entries no other host's packets meet: the host's two identity
 entries (its `src_identity` entry on its port, its `dst_identity` /32) and `policy`
 entries that match its reserved quarantine identity. So `quarantine` and `release` need
@@ -34,7 +34,7 @@ from collections.abc import Collection
 from finsy.proto import p4r
 
 from compiler.entries import TableEntry
-from compiler.lower import QUARANTINE_FIELD
+from compiler.quarantine import QUARANTINE_FIELD
 from compiler.tags import FIELD_MASK
 from p4src.spec import TAG_FIELD_BITS
 from runtime.controller import ControllerError

@@ -373,7 +373,7 @@ def test_an_allocation_with_odd_quarantine_slots_is_not_trusted(
     quarantine = [k for k in side.tags if k.startswith("(quarantine) ")]
     assert len(quarantine) == 2
     # both hosts claim one value, and a key that is no address: neither may be believed
-    (first, value), (second, _) = ((k, side.tags[k]) for k in sorted(quarantine))
+    (_first, value), (second, _) = ((k, side.tags[k]) for k in sorted(quarantine))
     odd = {**side.tags, second: value, "(quarantine) not-an-address": value}
     bad = Allocation(
         good.rules, good.retired_rules, {**good.tags, ("tor-alg", "src"): SideTags(odd)}

@@ -17,15 +17,9 @@ from compiler.allocation import Allocation, SideTags, assign_rule_ids
 from compiler.check import check_policy
 from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Inventory
-from compiler.lower import (
-    QUARANTINE_FIELD,
-    QUARANTINE_VALUES,
-    Lowered,
-    LowerError,
-    lower,
-    quarantine_tags,
-)
+from compiler.lower import Lowered, LowerError, lower
 from compiler.model import Policy
+from compiler.quarantine import QUARANTINE_FIELD, QUARANTINE_VALUES, quarantine_tags
 from compiler.verify import verify
 from p4src.spec import PIPELINE
 from runtime.entities import canonical_entry, table_entry_proto

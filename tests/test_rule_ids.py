@@ -417,7 +417,7 @@ def test_controller_keeps_the_allocation_and_settles_it_when_every_switch_took_i
 
 
 def test_a_new_rate_moves_only_lower_rates_and_too_many_rates_is_E504(floor: Inventory) -> None:
-    from compiler.lower import MAX_DISTINCT_RATES, LowerError, _rate_ranks
+    from compiler.rule_entries import MAX_DISTINCT_RATES, LowerError, rate_ranks
 
     base = _checked("policy p\nallow oms1 -> risk1 tcp 8443 rate 10pps\n", floor)
     rule = base.rules[0]
@@ -426,12 +426,12 @@ def test_a_new_rate_moves_only_lower_rates_and_too_many_rates_is_E504(floor: Inv
         rules = [dataclasses.replace(rule, rate_pps=r, id=i) for i, r in enumerate(rates, 1)]
         return dataclasses.replace(base, rules=tuple(rules))
 
-    before = _rate_ranks(with_rates(10, 30).rules)
-    after = _rate_ranks(with_rates(10, 30, 20).rules)
+    before = rate_ranks(with_rates(10, 30).rules)
+    after = rate_ranks(with_rates(10, 30, 20).rules)
     assert after[30] == before[30] and after[10] == before[10] + 1  # 20 joins below 30 only
-    assert _rate_ranks(with_rates(*range(1, MAX_DISTINCT_RATES + 1)).rules)[1] == MAX_DISTINCT_RATES
+    assert rate_ranks(with_rates(*range(1, MAX_DISTINCT_RATES + 1)).rules)[1] == MAX_DISTINCT_RATES
     with pytest.raises(LowerError) as err:
-        _rate_ranks(with_rates(*range(1, MAX_DISTINCT_RATES + 2)).rules)
+        rate_ranks(with_rates(*range(1, MAX_DISTINCT_RATES + 2)).rules)
     assert [d.code for d in err.value.diagnostics] == ["E504"]
 
 
