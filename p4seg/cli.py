@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--allocation",
         metavar="FILE",
-        help="start from this allocation.json (rule key -> id) instead of DIR's",
+        help="start from this allocation.json (rule ids, identity tags) instead of DIR's",
     )
     k.add_argument(
         "--output",
