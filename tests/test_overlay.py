@@ -387,22 +387,36 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
 
 
+def _quarantine_with_pending_edit(
+    site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+    edit: tuple[str, str],
+) -> None:
+    """Apply the floor, edit the policy file without applying it, quarantine algo1: the
+    quarantine must take the full apply (every switch), not the overlay alone."""
+    from p4seg.cli import main
+
+    _, live = site
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    text = Path("floor.zt").read_text()
+    edited = text.replace(*edit)
+    assert edited != text
+    Path("floor.zt").write_text(edited)
+    capsys.readouterr()
+    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+
+
 def test_a_pending_edit_takes_the_full_apply(
     floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
     floor: Inventory,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from p4seg.cli import main
-
-    switches, live = floor_site
-    assert main(["apply", "floor.zt", *live[2:]]) == 0
     # An edit on algo1's ToR not applied yet: the ToR differs in more than the overlay.
-    text = Path("floor.zt").read_text()
-    Path("floor.zt").write_text(text.replace("tcp 9876", "tcp 9877"))
-    capsys.readouterr()
-    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    _quarantine_with_pending_edit(floor_site, floor, capsys, ("tcp 9876", "tcp 9877"))
+    switches, _ = floor_site
     assert not _delivered(switches, floor, "algo1", "oms1", TCP(dport=9877, flags="S"))
     assert _delivered(switches, floor, "algo2", "oms1", TCP(dport=9877, flags="S"))
 
@@ -414,18 +428,11 @@ def test_a_pending_edit_on_another_rack_takes_the_full_apply(
 ) -> None:
     from p4seg.cli import main
 
-    switches, live = floor_site
-    assert main(["apply", "floor.zt", *live[2:]]) == 0
     # An edit on tor-stl only (settlement -> books), not applied yet: algo1's ToR does not
     # see it, but the quarantine must not leave it pending behind an "ok".
-    text = Path("floor.zt").read_text()
-    edited = text.replace("books        tcp 5432", "books        tcp 5433")
-    assert edited != text
-    Path("floor.zt").write_text(edited)
-    capsys.readouterr()
-    assert main(["quarantine", "algo1", *live, "--output", "json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert "overlay" not in doc and len(doc["switches"]) == len(floor.switches)
+    edit = ("books        tcp 5432", "books        tcp 5433")
+    _quarantine_with_pending_edit(floor_site, floor, capsys, edit)
+    switches, live = floor_site
     syn = TCP(sport=40000, dport=5432, flags="S")
     assert not _delivered(switches, floor, "settle1", "ledger", syn)  # the edit took
     assert main(["plan", "floor.zt", *live[2:]]) == 0  # nothing left pending
