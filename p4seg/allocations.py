@@ -8,10 +8,10 @@ switch of the inventory holds the new version.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from compiler.allocation import Allocation, AllocationError
+from runtime.files import write_atomic
 
 STATE_FILE = "allocation.json"
 
@@ -33,7 +33,4 @@ def state_allocation(state_dir: Path) -> Allocation:
 
 def save_state_allocation(state_dir: Path, allocation: Allocation) -> None:
     """Replace the controller's allocation atomically."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(allocation.to_json(), encoding="utf-8")
-    os.replace(tmp, state_dir / STATE_FILE)
+    write_atomic(state_dir / STATE_FILE, allocation.to_json())

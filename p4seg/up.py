@@ -15,7 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from runtime.files import write_atomic
 
 if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
     from compiler.inventory import Inventory
@@ -24,6 +27,7 @@ if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up`
     from topologies.network import Floor
 
 EXIT_OK, EXIT_ERROR = 0, 1
+MATRIX_FILE = "matrix.json"  # the last `up`'s segmentation matrix, in the state directory
 
 UP_HELP = """\
 The whole story on one machine: compile the policy, bring the inventory's floor up in
@@ -63,7 +67,12 @@ def register(sub: Any, policy_arguments: Callable[[argparse.ArgumentParser, bool
     p.add_argument("--keep", action="store_true", help="keep the floor up (Mininet CLI) after")
     p.add_argument("--samples", type=int, default=3, help="random extra ports per protocol")
     p.add_argument("--probe-timeout", type=float, default=1.5, help="seconds per probe")
-    p.add_argument("--state", default=".p4seg", help="state directory for --keep's watch")
+    p.add_argument(
+        "--state",
+        default=".p4seg",
+        help=f"state directory: the matrix is saved there ({MATRIX_FILE}), and --keep's watch "
+        "keeps its state there",
+    )
 
 
 def on_loopback(inventory: Inventory, ports: dict[str, int]) -> Inventory:
@@ -147,6 +156,8 @@ def run_up(args: argparse.Namespace, inventory_front: Callable[..., Compiled | N
             hosts = len(floor.hosts)
             say(f"probing {hosts * (hosts - 1) * len(flows)} flows ({len(flows)} per host pair)")
             matrix = run_matrix(floor, compiled.policy, flows, args.probe_timeout)
+            # the last matrix, for `serve`'s map and for whoever looks later
+            write_atomic(Path(args.state) / MATRIX_FILE, json.dumps(matrix.to_json()) + "\n")
             if args.output == "json":
                 print(json.dumps(matrix.to_json(), indent=2, sort_keys=True))
             else:

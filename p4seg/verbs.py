@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -49,6 +48,7 @@ from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_
 from runtime.audit import actor
 from runtime.controller import SwitchReport, pipeline_states
 from runtime.entities import describe_entry
+from runtime.files import write_atomic
 from runtime.live import (
     LiveState,
     effective_policy,
@@ -208,10 +208,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     scope = None if before is None else differential_scope(before, record, roles)
     result = verify(compiled.policy, compiled.inventory, switches, scope)
     if result.proven:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record.to_json()) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(record.to_json()) + "\n")
         return (
             "full"
             if scope is None

@@ -81,6 +81,8 @@ class Matrix:
             "hosts": self.hosts,
             "flows": [str(f) for f in self.flows],
             "cells": len(self.expected),
+            # per source row, per destination: the flows that passed (None: not probed)
+            "grid": [[self._passed(s, d) for d in self.hosts] for s in self.hosts],
             "allowed": sum(self.expected.values()),
             "mismatches": [
                 {
@@ -94,6 +96,10 @@ class Matrix:
             ],
             "seconds": round(self.seconds, 2),
         }
+
+    def _passed(self, src: str, dst: str) -> int | None:
+        cells = [self.observed.get((src, dst, f)) for f in self.flows]
+        return None if all(c is None for c in cells) else sum(bool(c) for c in cells)
 
     def render(self, color: bool = False) -> str:
         """Rows: sources; columns: destinations, numbered as the rows; a cell is `.`
