@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -34,6 +33,8 @@ from runtime.alerts import Alert, RuleHits
 from runtime.controller import SwitchReport
 from runtime.siem import SinkStats
 
+# The classic text format every Prometheus reads (the library's latest, 1.0.0, needs 3.x).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "other"  # the label value every source past the limit counts under
 DEFAULT_SOURCE_LIMIT = 20
 DEFAULT_IDLE_SECONDS = 900.0
@@ -318,7 +319,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
 
     def _siem_families(self) -> list[Metric]:
         events = CounterMetricFamily(
