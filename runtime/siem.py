@@ -395,13 +395,14 @@ class SyslogSink:
             )
 
     def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued (for up to `timeout` seconds), then stop the thread."""
+        """Send what is queued for up to `timeout` seconds, then stop: what is still queued
+        counts as failed, and the thread ends once its attempt in flight (at most the
+        config's timeout) does."""
         if self._thread.is_alive():
             self.flush(timeout)
-            self._closing.set()  # a retry still waiting gives up: its event counts as failed
+            self._closing.set()
             self._queue.put(_STOP)
-            self._thread.join(timeout)
-        self._disconnect()
+            self._thread.join(self.config.timeout + 1.0)  # the thread closes its socket
 
     # -- the sender thread -----------------------------------------------------------------
 
@@ -418,9 +419,10 @@ class SyslogSink:
             item = self._queue.get()
             try:
                 if item is _STOP:
+                    self._disconnect()
                     return
                 assert isinstance(item, Event)
-                sent = self._deliver(self._message(item))
+                sent = not self._closing.is_set() and self._deliver(self._message(item))
                 with self._lock:
                     if sent:
                         self._sent += 1
