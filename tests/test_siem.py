@@ -30,6 +30,7 @@ from runtime.siem import (
     Severity,
     SiemConfigError,
     SinkConfig,
+    SinkStats,
     SyslogSink,
     event_of_alert,
     event_of_audit,
@@ -382,3 +383,33 @@ def test_sink_defaults() -> None:
     assert parse_sink("udp://siem.example").port == 514
     config = parse_sink("tcp://siem:1514?facility=local0&sd_id=acme@12345&queue=50")
     assert (config.facility, config.sd_id, config.queue_size) == (16, "acme@12345", 50)
+
+
+def test_tcp_events_wait_for_a_collector_that_comes_up_later() -> None:
+    """Events queued while nothing listens are sent, octet-counted, once a collector does."""
+    port = _free_port(socket.SOCK_STREAM)
+    sink = SyslogSink(parse_sink(f"tcp://127.0.0.1:{port}")).start()
+    events = [event_of_alert(_alert(f"10.0.2.{n}")) for n in (31, 32, 33)]
+    try:
+        assert all(sink.emit(e) for e in events)
+        assert not sink.flush(0.3)  # refused: the sender backs off and retries
+        with socket.create_server(("127.0.0.1", port)) as server:
+            server.settimeout(20)
+            conn, _ = server.accept()
+            with conn:
+                assert sink.flush(20)
+                received = b""
+                conn.settimeout(5)
+                while received.count(b"<116>1 ") < 3:
+                    received += conn.recv(65536)
+    finally:
+        sink.close()
+    frames = []
+    while received:  # RFC 6587 octet counting: LENGTH SP MESSAGE
+        length, rest = received.split(b" ", 1)
+        frames.append(rest[: int(length)].decode())
+        received = rest[int(length) :]
+    assert [re.findall(r'src="([^"]+)"', f)[0] for f in frames] == [
+        "10.0.2.31", "10.0.2.32", "10.0.2.33",
+    ]  # fmt: skip
+    assert sink.stats() == SinkStats(sent=3, dropped=0, failed=0, queued=0)
