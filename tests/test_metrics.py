@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,7 +26,7 @@ from compiler.emit import build, write_build
 from compiler.inventory import load_inventory
 from p4src.spec import PIPELINE, REASON_DENY_LOG
 from runtime import audit
-from runtime.alerts import Alert, alert_of, hits_by_rule, read_counters, read_red_drops
+from runtime.alerts import Alert, RuleHits, alert_of, hits_by_rule, read_counters, read_red_drops
 from runtime.controller import ControllerOptions, PipelineFiles, apply_all, targets
 from runtime.metrics import OTHER, BoundedLabels, Metrics
 from runtime.plan import Tables
@@ -271,3 +276,105 @@ def test_two_instances_share_nothing() -> None:
     a, b = Metrics(), Metrics()
     a.set_grants(3)
     assert value(samples(b), "p4seg_grants") == 0
+
+
+# -- what the docs and the Grafana dashboard say about the metrics -------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "docs" / "grafana" / "p4seg.json"
+PROMTOOL = shutil.which("promtool")
+_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
+
+
+def _every_metric() -> Metrics:
+    """A Metrics that has seen one event of every kind, so every family has samples."""
+    from runtime.controller import SwitchReport
+
+    m = Metrics()
+    m.apply_finished("apply", 0.02, [SwitchReport("tor1", "127.0.0.1:1", written=3)])
+    m.switch_state("tor1", connected=True, primary=True)
+    m.set_quarantined(["algo1"])
+    m.set_grants(1)
+    m.signal_received("unhealthy", "edr")
+    m.set_signals_active({"unhealthy": 1})
+    m.containment("scan", "contained")
+    m.alert(_alert("10.0.2.11", suppressed=1))
+    m.audit_record({"event": "apply", "result": "ok"})
+    m.rule_hits(
+        [RuleHits(1, "line 3: allow a -> b tcp 80 rate 10pps", "allow", 5, 300, ("tor1",), 10, 2)]
+    )
+    m.siem_sink("soc", lambda: SinkStats(1, 0, 0, 0))
+    return m
+
+
+def _families(m: Metrics) -> set[str]:
+    return {f.name for f in text_string_to_metric_families(m.render()[0].decode())}
+
+
+def _base(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def test_the_docs_list_every_metric_and_no_other() -> None:
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    families = _families(_every_metric())
+    named = {_base(n) for n in re.findall(r"\bp4seg_[a-z_]+[a-z]", doc)}
+    assert families - named == set(), "metrics the docs do not list"
+    assert named - families == set(), "metrics the docs name that do not exist"
+
+
+def _dashboard_panels() -> list[dict[str, Any]]:
+    doc = json.loads(DASHBOARD.read_text())
+    assert doc["uid"] == "p4seg" and doc["schemaVersion"] >= 36 and doc["title"]
+    panels: list[dict[str, Any]] = doc["panels"]
+    return panels
+
+
+def test_the_dashboard_queries_metrics_that_exist_and_its_panels_do_not_overlap() -> None:
+    panels = _dashboard_panels()
+    families = _families(_every_metric())
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    queried = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not mine & cells, f"{p['title']} overlaps another panel"
+        cells |= mine
+        if p["type"] == "row":
+            continue
+        assert p["targets"], p["title"]
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+        for t in p["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            queried |= {_base(n) for n in re.findall(r"\bp4seg_[a-z_]+[a-z]", t["expr"])}
+    assert queried - families == set(), "the dashboard queries metrics that do not exist"
+    # Every family is on the dashboard except those only joined or read for state.
+    assert families - queried <= {"p4seg_rule_counters_read_timestamp_seconds"}
+
+
+@pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
+def test_promtool_accepts_the_exposition_and_every_dashboard_query(tmp_path: Path) -> None:
+    assert PROMTOOL is not None
+    lint = subprocess.run([PROMTOOL, "check", "metrics"], input=_every_metric().render()[0],
+                          capture_output=True)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+    exprs = [t["expr"] for p in _dashboard_panels() if p["type"] != "row" for t in p["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"p4seg:dashboard_query_{n}",
+         "expr": e.replace("$__rate_interval", "5m").replace("$__range", "1h")}
+        for n, e in enumerate(exprs)
+    ]}]}  # fmt: skip
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))  # JSON is YAML
+    check = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "rules.yml")],
+                           capture_output=True)  # fmt: skip
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert f"SUCCESS: {len(exprs)} rules found" in check.stdout.decode()

@@ -4,8 +4,10 @@ RFC 5424 parser extracted, and the raw message it received, are read back from i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -59,12 +61,15 @@ def _free_port(kind: int) -> int:
 
 
 def _listening(port: int, proto: str) -> bool:
-    """Whether something on this host listens on 127.0.0.1:port (/proc/net/tcp or udp)."""
-    want = f"0100007F:{port:04X}"
-    for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
-        cols = line.split()
-        if cols[1] == want and (proto == "udp" or cols[3] == "0A"):  # 0A: LISTEN
-            return True
+    """Whether something listens on this port, on any address (IPv4 or IPv6)."""
+    suffix = f":{port:04X}"
+    for table in (proto, f"{proto}6"):
+        path = Path(f"/proc/net/{table}")
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            cols = line.split()
+            local, state = cols[1], cols[3]
+            if local.endswith(suffix) and (proto == "udp" or state == "0A"):  # 0A: LISTEN
+                return True
     return False
 
 
@@ -110,18 +115,54 @@ class Collector:
                 (("ca", "ca.pem"), ("cert", "client.pem"), ("key", "client.key"))}  # fmt: skip
 
 
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
+def _certificates(d: Path) -> None:
+    """A CA, the collector's certificate (for 127.0.0.1) and the controller's, all by openssl."""
+    _ca(d, "ca")
+    _certificate(d, "server", "ca", "/CN=collector", "subjectAltName=IP:127.0.0.1\n")
+    _certificate(d, "client", "ca", "/CN=p4seg controller")
+
+
+@contextlib.contextmanager
+def _rsyslogd(conf: Path, ports: list[tuple[int, str]]) -> Iterator[None]:
+    """rsyslogd -n on `conf`, until every (port, tcp|udp) listens; stopped on the way out."""
+    assert RSYSLOGD is not None
+    process = subprocess.Popen(
+        [RSYSLOGD, "-n", "-f", str(conf), "-i", str(conf.with_suffix(".pid"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        up = wait_for(
+            lambda: process.poll() is not None or all(_listening(p, k) for p, k in ports), 20
+        )
+        if process.poll() is not None or not up:
+            process.kill()
+            pytest.fail(f"rsyslogd did not start: {process.communicate(timeout=10)[0].decode()}")
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _need_rsyslogd() -> None:
     if RSYSLOGD is None:
         pytest.skip("rsyslogd is not installed (Debian package rsyslog)")
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    _need_rsyslogd()
     d = tmp_path / "rsyslog"
     d.mkdir()
     tls_port = None
     tls_input, tls_global = "", ""
     if OSSL and shutil.which("openssl"):
-        _ca(d, "ca")
-        _certificate(d, "server", "ca", "/CN=collector", "subjectAltName=IP:127.0.0.1\n")
-        _certificate(d, "client", "ca", "/CN=p4seg controller")
+        _certificates(d)
         tls_port = _free_port(socket.SOCK_STREAM)
         tls_global = (
             f' defaultNetstreamDriverCAFile="{d}/ca.pem"'
@@ -148,27 +189,9 @@ input(type="imudp" name="udp" address="127.0.0.1" port="{udp}" ruleset="in")
 input(type="imtcp" name="tcp" address="127.0.0.1" port="{tcp}" ruleset="in")
 {tls_input}
 """)
-    process = subprocess.Popen(
-        [RSYSLOGD, "-n", "-f", str(d / "rsyslog.conf"), "-i", str(d / "rsyslogd.pid")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        ports = [(udp, "udp"), (tcp, "tcp")] + ([(tls_port, "tcp")] if tls_port else [])
-        up = wait_for(
-            lambda: process.poll() is not None or all(_listening(p, k) for p, k in ports), 20
-        )
-        if process.poll() is not None or not up:
-            pytest.fail(f"rsyslogd did not start: {process.communicate(timeout=5)[0].decode()}")
+    ports = [(udp, "udp"), (tcp, "tcp")] + ([(tls_port, "tcp")] if tls_port else [])
+    with _rsyslogd(d / "rsyslog.conf", ports):
         yield Collector(d, udp, tcp, tls_port)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def _alert(src: str = "10.0.2.11", spoof: bool = False) -> Alert:
@@ -413,3 +436,48 @@ def test_tcp_events_wait_for_a_collector_that_comes_up_later() -> None:
         "10.0.2.31", "10.0.2.32", "10.0.2.33",
     ]  # fmt: skip
     assert sink.stats() == SinkStats(sent=3, dropped=0, failed=0, queued=0)
+
+
+@pytest.mark.skipif(not OSSL, reason="rsyslog has no OpenSSL stream driver (rsyslog-openssl)")
+def test_the_rsyslog_configuration_of_the_docs_receives_and_parses_events(tmp_path: Path) -> None:
+    """docs/observability.md's collector configuration, run as written (paths and ports
+    moved into the test's directory): events over TCP and mutual TLS land in the per-host
+    file raw and in the JSON file with their structured data parsed."""
+    _need_rsyslogd()
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "observability.md").read_text()
+    conf = doc.split("# /etc/rsyslog.d/p4seg.conf\n", 1)[1].split("```", 1)[0]
+    d = tmp_path / "collector"
+    d.mkdir()
+    _certificates(d)
+    tcp, tls = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM)
+    for old, new in (("/etc/rsyslog/p4seg-ca.pem", f"{d}/ca.pem"),
+                     ("/etc/rsyslog/collector.pem", f"{d}/server.pem"),
+                     ("/etc/rsyslog/collector.key", f"{d}/server.key"),
+                     ("/var/log/p4seg", f"{d}/log"),
+                     ('port="514"', f'port="{tcp}"'), ('port="6514"', f'port="{tls}"')):  # fmt: skip
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    (d / "p4seg.conf").write_text(f'global(workDirectory="{d}")\n{conf}')
+    record = audit.append(tmp_path / "audit.jsonl", "grant", grant="g1", result="ok")
+    with _rsyslogd(d / "p4seg.conf", [(tcp, "tcp"), (tls, "tcp")]):
+        _send(f"tcp://127.0.0.1:{tcp}", [event_of_alert(_alert())])
+        files = {k: str(d / f) for k, f in (("ca", "ca.pem"), ("cert", "client.pem"),
+                                            ("key", "client.key"))}  # fmt: skip
+        _send(f"tls://127.0.0.1:{tls}", [event_of_audit(record)], **files)
+        events = d / "log" / "events.json"
+        assert wait_for(lambda: events.exists() and len(events.read_text().splitlines()) == 2, 20)
+    alert, grant = (json.loads(line) for line in events.read_text().splitlines())
+    assert (alert["event"], alert["severity"], alert["controller"]) == (
+        "deny",
+        "4",
+        socket.gethostname(),
+    )
+    assert alert["sd"][DEFAULT_SD_ID]["src"] == "10.0.2.11"
+    assert (
+        alert["sd"][DEFAULT_SD_ID]["rule"] == 'line 9: deny dev -> any log  # "quoted" [x] \\ back'
+    )
+    assert alert["sd"]["meta"] == {"sequenceId": "1"}
+    assert (grant["event"], grant["severity"]) == ("grant", "5")
+    assert grant["sd"][DEFAULT_SD_ID]["hash"] == record["hash"]
+    raw = (d / "log" / f"{socket.gethostname()}.log").read_text().splitlines()
+    assert len(raw) == 2 and raw[1].startswith("<109>1 ") and 'grant="g1"' in raw[1]
