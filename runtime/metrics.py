@@ -50,6 +50,14 @@ class BoundedLabels:
     while it is active, and gives it up to a newcomer only after `idle_seconds` without an
     event (least recently seen first). `label` returns the label to count under and the
     value evicted to make room, whose series the caller removes.
+
+    >>> sources = BoundedLabels(limit=1, idle_seconds=60)
+    >>> sources.label("10.0.2.11", now=0.0)
+    ('10.0.2.11', None)
+    >>> sources.label("10.0.2.12", now=30.0)  # the one slot is busy
+    ('other', None)
+    >>> sources.label("10.0.2.12", now=90.0)  # 10.0.2.11 idle for 90 s: its slot is free
+    ('10.0.2.12', '10.0.2.11')
     """
 
     limit: int = DEFAULT_SOURCE_LIMIT
@@ -149,7 +157,8 @@ def _result(record: Mapping[str, object]) -> str:
 
 
 class Metrics:
-    """Every metric the controller exposes, in a registry of its own."""
+    """Every metric the controller exposes, in a registry of its own. Event methods are
+    called from one thread (the service's event loop); `render` from any."""
 
     def __init__(
         self,

@@ -168,7 +168,16 @@ def parse_sink(
     url: str, *, ca: str | None = None, cert: str | None = None, key: str | None = None
 ) -> SinkConfig:
     """A sink from its URL (`udp|tcp|tls://host[:port][?option=value&...]`); the TLS files
-    may come as keywords instead of options. Raises SiemConfigError."""
+    may come as keywords instead of options. Raises SiemConfigError.
+
+    >>> sink = parse_sink("tls://siem.example?format=cef&facility=local0")
+    >>> sink.port, sink.format, sink.facility
+    (6514, 'cef', 16)
+    >>> parse_sink("tcp://siem.example?colour=red")
+    Traceback (most recent call last):
+    ...
+    runtime.siem.SiemConfigError: tcp://siem.example?colour=red: unknown option colour (known: format, facility, app, sd_id, ca, cert, key, queue, timeout)
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -274,7 +283,14 @@ def _one_line(text: str) -> str:
 def format_rfc5424(event: Event, config: SinkConfig, sequence: int, procid: int = 0) -> bytes:
     """One RFC 5424 message: header, structured data (our SD-ID with the event's fields,
     `origin` with the software, `meta` with a sequence number a collector can check for
-    gaps), and the human message."""
+    gaps), and the human message.
+
+    >>> config = SinkConfig("udp", "siem", 514, hostname="ctl1")
+    >>> event = Event("2026-03-02T08:00:00+00:00", "audit", "grant", Severity.NOTICE,
+    ...               "grant g1 by ops@ctl1: ok", (("grant", "g1"), ("rule", 'a "b" [c]')))
+    >>> print(format_rfc5424(event, config, sequence=1, procid=7).decode())
+    <109>1 2026-03-02T08:00:00.000Z ctl1 p4seg 7 grant [p4seg@32473 category="audit" grant="g1" rule="a \\"b\\" [c\\]"][origin software="p4seg" swVersion="0.1.0"][meta sequenceId="1"] grant g1 by ops@ctl1: ok
+    """
     ours = "".join(f' {name}="{_sd_escape(value)}"' for name, value in event.params)
     sd = (
         f'[{config.sd_id} category="{event.kind}"{ours}]'
