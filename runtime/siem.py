@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import queue
 import re
@@ -230,8 +231,8 @@ def parse_sink(
             try:
                 numbers[name] = float(options[name]) if name == "timeout" else int(options[name])
             except ValueError:
-                numbers[name] = low - 1
-            if numbers[name] < low:
+                numbers[name] = math.nan
+            if not (math.isfinite(numbers[name]) and numbers[name] >= low):
                 raise SiemConfigError(f"{url}: {name} must be a number >= {low:g}")
     return SinkConfig(
         transport, parts.hostname, port or DEFAULT_PORTS[transport], fmt, facility, app,

@@ -394,11 +394,19 @@ def test_long_and_odd_fields_are_bounded_and_escaped() -> None:
         ("tcp://siem?app=", "app must be"),
         ("tcp://siem?queue=0", "queue must be a number >= 1"),
         ("tcp://siem?timeout=soon", "timeout must be a number"),
+        ("tcp://siem?timeout=inf", "timeout must be a number"),
     ],
 )
 def test_bad_sink_urls_are_refused_with_the_reason(url: str, message: str) -> None:
     with pytest.raises(SiemConfigError, match=re.escape(message)):
         parse_sink(url)
+
+
+def test_tls_files_that_are_not_certificates_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    config = parse_sink("tls://127.0.0.1:6514", ca=str(tmp_path / "ca.pem"))
+    with pytest.raises(SiemConfigError, match="TLS files not usable"):
+        SyslogSink(config)
 
 
 def test_sink_defaults() -> None:
