@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
+from test_meters import INVENTORY, _ping  # one ToR, a bastion and two strategy hosts
 
 from compiler.check import check_policy
 from compiler.emit import build, write_build
@@ -33,15 +34,6 @@ from runtime.plan import Tables
 from runtime.refswitch.switch import ReferenceSwitch
 from runtime.siem import SinkStats
 
-INVENTORY = """\
-name: metrics
-switches:
-  tor1: {role: tor, device_id: 1, p4rt: "127.0.0.1:1"}
-hosts:
-  bastion: {ip: 10.0.0.1, switch: tor1, port: 1}
-  strat1:  {ip: 10.0.0.2, switch: tor1, port: 2}
-  strat2:  {ip: 10.0.0.3, switch: tor1, port: 3}
-"""
 POLICY = """\
 policy metrics
 allow bastion -> strat1 icmp rate 100pps
@@ -76,10 +68,6 @@ def switch() -> Iterator[ReferenceSwitch]:
         yield sw
     finally:
         sw.stop()
-
-
-def _ping(dst: str) -> bytes:
-    return bytes(Ether() / IP(src="10.0.0.1", dst=dst) / ICMP(type=8, id=7, seq=1))
 
 
 def test_an_apply_and_per_rule_counters_from_a_reference_switch(
