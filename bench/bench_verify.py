@@ -75,7 +75,7 @@ def _one_rule_edit(
         policy, rules=tuple(edited if r is rule else r for r in policy.rules)
     )
     start = time.perf_counter()
-    rebuilt = build(new_policy, inventory, policy_text, "ref", sizes, built.allocation)
+    rebuilt = build(new_policy, inventory, policy_text, "ref", sizes, built.allocation, built)
     t_build = time.perf_counter() - start
     old = {s.switch: s for s in built.switches}
     new = {s.switch: s for s in rebuilt.switches}
@@ -83,12 +83,24 @@ def _one_rule_edit(
     scope = differential_scope(
         proof_record(policy, inventory, old), proof_record(new_policy, inventory, new), roles
     )
+    start = time.perf_counter()
     result = verify(new_policy, inventory, new, scope)
+    t_tors = time.perf_counter() - start
     what = "full (no scope)" if scope is None else f"on {len(scope)} ToR(s)"
     print(
-        f"   one-rule edit: compile {t_build:.2f} s (with the allocation), differential verify "
-        f"{result.seconds:.2f} s {what}, {result.seconds / full_s:.2f}x the full proof: "
-        f"{'proven' if result.proven else 'NOT proven'} (target < 0.1 s)"
+        f"   one-rule edit: compile {t_build:.2f} s (incremental), differential verify "
+        f"by ToRs {t_tors:.2f} s {what}, {t_tors / full_s:.2f}x the full proof: "
+        f"{'proven' if result.proven else 'NOT proven'}"
+    )
+    # by pairs: the previous build's tables at hand (a long-running controller has them)
+    start = time.perf_counter()
+    pairs = verify(new_policy, inventory, new, previous=(policy, inventory, old))
+    t_pairs = time.perf_counter() - start
+    print(
+        f"   {'':<15}differential verify by pairs {t_pairs:.3f} s ({pairs.pairs} (sender, "
+        f"destination) pairs, {pairs.classes} packet classes; setup included), "
+        f"{t_pairs / full_s:.3f}x the full proof: {'proven' if pairs.proven else 'NOT proven'} "
+        f"(target < 0.1 s: {'met' if t_pairs < 0.1 else 'MISSED'})"
     )
 
 

@@ -46,6 +46,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from compiler.differential import (
+    PairScope,
+    ScopeBuilder,
+    changed_rules,
+    changed_tables,
+    prefix_interval,
+    same_inventory,
+)
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
@@ -69,7 +77,7 @@ from compiler.protocols import (
     TCP_ACK,
 )
 from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, bits, protocol_of
-from p4src.spec import PIPELINE
+from p4src.spec import NO_TAGS, PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
 _IDENTITY_FIELDS = ("epoch", "src_tags", "dst_tags", "protocol")  # fixed by a packet's hop
@@ -151,6 +159,7 @@ class VerifyResult:
     metered_classes: int = 0  # allowed classes whose deciding rule has a rate
     metered: list[MeteredRule] = field(default_factory=list)  # the policy's rate limits
     scope: tuple[str, ...] | None = None  # differential: the ToRs whose packets were proven
+    pairs: int | None = None  # differential by pairs: the (sender, destination class) pairs
 
     def metered_note(self) -> list[str]:
         """What the proof says about rate limits, one line per metered allow."""
@@ -365,6 +374,7 @@ class Verifier:
     ) -> None:
         self.policy = policy
         self.inventory = inventory
+        self.switches = switches
         self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
         self.fabric = Fabric(switches, inventory)
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
@@ -383,6 +393,7 @@ class Verifier:
             tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]],
         ] = {}
         self._entry_sets: dict[tuple[int, ...], _Judged] = {}
+        self._classes: list[tuple[int, int]] | None = None
         self._starts: list[int] | None = None  # address classes' first addresses
         self._indexes: dict[tuple[str, str], _AddressIndex] = {}
         self._src_ids: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
@@ -401,6 +412,8 @@ class Verifier:
     # -- address classes ---------------------------------------------------------------
 
     def address_classes(self) -> list[tuple[int, int]]:
+        if self._classes is not None:
+            return self._classes
         cuts: set[int] = set()
         for h in self.inventory.hosts:
             cuts |= _cuts([(h.ip, h.ip)], MAX_ADDRESS)
@@ -411,7 +424,7 @@ class Verifier:
                 for m in entry.matches:
                     if m.field in ("src_addr", "dst_addr"):
                         cuts |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
-        classes = _classes(cuts, MAX_ADDRESS)
+        classes = self._classes = _classes(cuts, MAX_ADDRESS)
         self._starts = [lo for lo, _hi in classes]
         return classes
 
@@ -563,13 +576,20 @@ class Verifier:
     # -- the proof ---------------------------------------------------------------------
 
     def run(
-        self, focus: Collection[int] | None = None, scope: tuple[str, ...] | None = None
+        self,
+        focus: Collection[int] | None = None,
+        scope: tuple[str, ...] | None = None,
+        pairs: PairScope | None = None,
     ) -> VerifyResult:
         """The proof; with `focus` (host addresses), only the packets from or to them (and
         only their ports' spoofing) — what a change that touches only their packets needs
-        (`scope`: the ToRs whose hosts they are, when that is how they were chosen)."""
+        (`scope`: the ToRs whose hosts they are, when that is how they were chosen); with
+        `pairs`, only those (sender, destination class) pairs and those hosts' spoofing
+        (compiler/differential.py)."""
         start = time.monotonic()
-        result = VerifyResult(scope=scope)
+        result = VerifyResult(scope=scope, pairs=None if pairs is None else pairs.pairs())
+        if pairs is not None:
+            focus = pairs.spoof
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
             for r in self.policy.rules
@@ -592,10 +612,16 @@ class Verifier:
         every = [(lo, atom_of(lo)) for lo, _hi in classes]
         focused = every if focus is None else [(lo, a) for lo, a in every if lo in focus]
         for sender in self.inventory.hosts:
+            if pairs is not None:
+                mask = pairs.masks.get(sender.ip, 0)
+                if not mask:
+                    continue
+                targets = [every[i] for i in bits(mask)]
+            else:
+                targets = every if focus is None or sender.ip in focus else focused
             src_atom = atom_of(sender.ip)
             from_s, to_s = self._rule_set(src_atom)
-            sending = focus is None or sender.ip in focus
-            for lo, dst_atom in every if sending else focused:
+            for lo, dst_atom in targets:
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
                     continue
@@ -610,6 +636,64 @@ class Verifier:
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
+
+    def pair_scope(
+        self,
+        old_policy: Policy,
+        old_inventory: Inventory,
+        old_switches: Mapping[str, SwitchTables],
+    ) -> PairScope | None:
+        """The pairs whose verdicts a change from a proven build (the old policy and
+        tables) to this one can have touched, or None: prove everything
+        (compiler/differential.py has the argument)."""
+        if not same_inventory(old_inventory, self.inventory):
+            return None
+        if old_policy.default_log != self.policy.default_log:
+            return None
+        changed = changed_tables(old_switches, self.switches)
+        if changed is None:
+            return None
+        self.address_classes()
+        assert self._starts is not None
+        scope = ScopeBuilder(self._starts, self.inventory.hosts)
+        for rule in changed_rules(old_policy, self.policy):
+            scope.rule(rule)
+        if old_policy.quarantine is not None or self.policy.quarantine is not None:
+            # ToRs other than a quarantined host's own judge by the uncarved policy
+            for rule in changed_rules(old_policy.uncarved(), self.policy.uncarved()):
+                scope.rule(rule)
+        for name, entries in changed.items():
+            self._entries_scope(name, entries, scope)
+        return scope.scope()
+
+    def _entries_scope(self, switch: str, entries: list[TableEntry], scope: ScopeBuilder) -> None:
+        """Add the pairs that can meet these changed entries of `switch`. A policy entry's
+        senders and destinations are read off the identity entries whose tags it matches
+        (every prefix such an entry covers: a superset of the addresses whose lookup ends
+        there), not looked up address by address."""
+        policy = [e for e in entries if e.table == "policy"]
+        for e in entries:
+            if e.table == "src_identity":
+                scope.add(scope.senders([prefix_interval(e.match("src_addr"))]), scope.full)
+                scope.spoof |= {h.ip for h in self.inventory.hosts if h.switch == switch}
+            elif e.table in ("dst_identity", "routing"):
+                scope.add(None, scope.classes([prefix_interval(e.match("dst_addr"))]))
+        if not policy:
+            return
+        tables = self.fabric.switches[switch].by_table
+        sources = _tagged(tables.get("src_identity", []), "set_src_tags", "src_addr")
+        destinations = _tagged(tables.get("dst_identity", []), "set_dst_tags", "dst_addr")
+        for e in policy:
+            src, dst = e.match("src_tags"), e.match("dst_tags")
+            who = None
+            if src is not None:
+                who = scope.senders(iv for tags, iv in sources if src.covers(tags))
+            mask = scope.full
+            if dst is not None:
+                mask = scope.classes(iv for tags, iv in destinations if dst.covers(tags))
+                if dst.covers(NO_TAGS):  # a miss sets no tags: every address can
+                    mask = scope.full
+            scope.add(who, mask)
 
     def _rule_set(self, atom: int) -> tuple[int, int]:
         """The rules an address atom is a source of, and a destination of (as bit masks)."""
@@ -990,6 +1074,17 @@ class Verifier:
 _ECHO_CUTS = frozenset(_cuts((ICMP_ECHO_REPLY_RANGE, ICMP_ECHO_REQUEST_RANGE), MAX_PORT))
 
 
+def _tagged(
+    entries: Iterable[TableEntry], action: str, field: str
+) -> list[tuple[int, tuple[int, int]]]:
+    """(tags, address interval) of each identity entry that sets tags."""
+    return [
+        (dict(e.params)["tags"], prefix_interval(e.match(field)))
+        for e in entries
+        if e.action == action
+    ]
+
+
 def _cut_by_entries(
     entries: Iterable[tuple[tuple[FieldMatch, ...], TableEntry]],
     proto: int,
@@ -1080,23 +1175,33 @@ def _alone(hop: SwitchResult, fabric: Fabric) -> str:
     return f"{hop.switch} alone lets it through: {entry}, then forwards it to {to}"
 
 
+# A build proven before: its policy, inventory and tables (for a differential proof).
+Proven = tuple[Policy, Inventory, Mapping[str, SwitchTables]]
+
+
 def verify(
     policy: Policy,
     inventory: Inventory,
     switches: Mapping[str, SwitchTables],
     only: frozenset[str] | None = None,
     focus: Collection[int] | None = None,
+    previous: Proven | None = None,
 ) -> VerifyResult:
     """Prove that `switches`' entries implement `policy` on `inventory`, or show where not;
     with `only` (ToR names), for the packets those ToRs judge — from and to their hosts (a
     differential proof, differential_scope); with `focus` (host addresses), for the packets
-    from and to those hosts only."""
+    from and to those hosts only; with `previous` (a build proven before), for the pairs
+    the change from it can have touched (compiler/differential.py), or everything when
+    that cannot be told."""
+    verifier = Verifier(policy, inventory, switches)
+    if previous is not None:
+        pairs = verifier.pair_scope(*previous)
+        if pairs is not None:
+            return verifier.run(pairs=pairs)
     if only is not None:
         held = {h.ip for h in inventory.hosts if h.switch in only}
         focus = held | set(focus or ())
-    return Verifier(policy, inventory, switches).run(
-        focus, None if only is None else tuple(sorted(only))
-    )
+    return verifier.run(focus, None if only is None else tuple(sorted(only)))
 
 
 # -- differential proofs ---------------------------------------------------------------------

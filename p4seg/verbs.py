@@ -60,7 +60,7 @@ from runtime.live import (
 )
 
 if TYPE_CHECKING:
-    from compiler.verify import Counterexample
+    from compiler.verify import Counterexample, ProofRecord, Proven
 
 # p4seg/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
@@ -188,13 +188,18 @@ def _apply_compiled(
 
 
 PROOF_FILE = "proof.json"  # in the state directory: what the last proven build was proven for
+# The last build proven in this process per state directory, with its record: a long-running
+# controller (watch, serve) proves the next change by the pairs it can touch.
+_PROVEN: dict[Path, tuple[ProofRecord, Proven]] = {}
 
 
 def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     """Whether the compiled tables implement the effective policy (compiler/verify.py):
-    how it was proven ("full", or "differential: ToRs" when the last proven build in the
-    state directory lets only the changed ToRs' packets be proven), or None — and why, on
-    stderr. A change is written only once it is proven (fail closed)."""
+    how it was proven, or None — and why, on stderr. "full"; "differential: N pairs" when
+    this process proved the build the state directory last recorded and still holds its
+    tables (only the (sender, destination) pairs the change can touch are walked,
+    compiler/differential.py); "differential: ToRs" when only the record is at hand (the
+    changed ToRs' packets). A change is written only once it is proven (fail closed)."""
     from compiler.verify import ProofRecord, differential_scope, proof_record, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
@@ -204,18 +209,23 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
         before = ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
     except (OSError, ValueError):
         before = None  # unreadable: prove everything
+    held = _PROVEN.get(state_dir.resolve())
+    previous = held[1] if held is not None and before is not None and held[0] == before else None
     roles = {s.name: s.role for s in compiled.inventory.switches}
-    scope = None if before is None else differential_scope(before, record, roles)
-    result = verify(compiled.policy, compiled.inventory, switches, scope)
-    if result.proven:
-        write_atomic(path, json.dumps(record.to_json()) + "\n")
-        return (
-            "full"
-            if scope is None
-            else f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
-        )
-    _refused(verb, result.counterexamples)
-    return None
+    scope = None
+    if previous is None and before is not None:
+        scope = differential_scope(before, record, roles)
+    result = verify(compiled.policy, compiled.inventory, switches, scope, previous=previous)
+    if not result.proven:
+        _refused(verb, result.counterexamples)
+        return None
+    write_atomic(path, json.dumps(record.to_json()) + "\n")
+    _PROVEN[state_dir.resolve()] = (record, (compiled.policy, compiled.inventory, switches))
+    if result.pairs is not None:
+        return f"differential: {result.pairs} pairs"
+    if scope is None:
+        return "full"
+    return f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
 
 
 def tables_digest(compiled: Compiled, switch: str) -> str:
