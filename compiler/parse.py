@@ -46,9 +46,23 @@ KEYWORDS: dict[str, str] = {
     "ip": "PROTO",
     "allowed": "VERDICT",
     "denied": "VERDICT",
+    "signal": "SIGNAL",
+    "contain": "CONTAIN",
+    "protect": "PROTECT",
 }
 KEYWORD_TYPES = frozenset(KEYWORDS.values())
-STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect", "ports")
+STATEMENT_KEYWORDS = (
+    "policy",
+    "service",
+    "allow",
+    "deny",
+    "default",
+    "expect",
+    "ports",
+    "signal",
+    "contain",
+    "protect",
+)
 _STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
 _OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING", "RULE_NAME"})
 _STATEMENT_START = re.compile(r"^[ \t]*(?:" + "|".join(STATEMENT_KEYWORDS) + r")\b", re.MULTILINE)
@@ -73,6 +87,11 @@ _EXPECTED_WORDS: dict[str, str] = {
     "ICMP_TYPE": "`type`",
     "ICMP_CODE": "`code`",
     "RULE_NAME": "`name`",
+    "FROM": "`from`",
+    "RESTRICT": "`restrict`",
+    "AFTER": "`after`",
+    "DENIES": "`denies`",
+    "WITHIN": "`within`",
 }
 
 
@@ -283,8 +302,7 @@ def _syntax_diagnostic(
         tail = _hint(str(tok.value), STATEMENT_KEYWORDS) if tok.type == "NAME" else ""
         return error(
             "E001",
-            f"expected a statement (policy, service, allow, deny, default, expect, ports), "
-            f"found {found}{tail}",
+            f"expected a statement ({', '.join(STATEMENT_KEYWORDS)}), found {found}{tail}",
             span,
         )
     if expected & _OPTION_TOKENS:
@@ -479,6 +497,44 @@ class _ToAst(Transformer[Token, Any]):
             span=self._span(keyword, rest[-1]),
             icmp=item if isinstance(item, ast.PortName | ast.IcmpType) else None,
         )
+
+    def signal_decl(self, children: list[Any]) -> ast.SignalDecl:
+        keyword, name, _from, *sources, effect = children
+        restrict, target = effect
+        return ast.SignalDecl(
+            ast.Name(str(name), self._tok(name)),
+            tuple(ast.Name(str(s), self._tok(s)) for s in sources),
+            ast.Name(str(target), self._tok(target)),
+            restrict,
+            self._span(keyword, target),
+        )
+
+    def effect_name(self, children: list[Token]) -> tuple[bool, Token]:
+        return False, children[0]
+
+    def effect_restrict(self, children: list[Token]) -> tuple[bool, Token]:
+        return True, children[1]
+
+    def contain_decl(self, children: list[Any]) -> ast.ContainDecl:
+        keyword, *rest = children
+        scope = rest.pop(0) if isinstance(rest[0], _EndpointSet) else None
+        _after, count, _denies, _within, within, _for, duration = rest
+        return ast.ContainDecl(
+            scope.include if scope else (),
+            scope.exclude if scope else (),
+            _number(count),
+            self._tok(count),
+            str(within),
+            self._tok(within),
+            str(duration),
+            self._tok(duration),
+            self._span(keyword, duration),
+        )
+
+    def protect_decl(self, children: list[Any]) -> ast.ProtectDecl:
+        keyword, hosts, *options = children
+        span = self._span(keyword, children[-1])
+        return ast.ProtectDecl(hosts.include, hosts.exclude, tuple(options), span)
 
 
 @dataclass(frozen=True, slots=True)
