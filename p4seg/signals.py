@@ -1,0 +1,205 @@
+"""`p4seg signal`: a posture signal about a host, through the policy engine to the switches.
+
+The engine (runtime/engine.py) decides; this module keeps its state in the state directory
+(`engine.json`, next to `live.json`), turns its decisions into the live state's holds
+(quarantines that may lapse, restrictions to profiles), and applies them the way
+`quarantine` and `apply` do: a lone quarantine or release through its ToR's overlay, any
+restriction through a full apply (it changes ordinary entries), audited with the signal and
+the decisions. `p4seg serve` uses the same functions for its API and for containment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compiler.check import check_policy
+from compiler.diagnostics import InventoryError, SourceError, read_source
+from compiler.inventory import Inventory, load_inventory
+from compiler.resolve import parse_duration
+from p4seg.control import EXIT_ERROR, EXIT_OK
+from runtime import audit
+from runtime.engine import (
+    AlertOnly,
+    Decision,
+    EngineSettings,
+    PolicyEngine,
+    Quarantine,
+    Release,
+    Restrict,
+    Signal,
+    SignalError,
+    Unrestrict,
+    WouldContain,
+    decision_json,
+)
+from runtime.live import LiveState
+
+if TYPE_CHECKING:
+    from p4seg.verbs import Front
+
+ENGINE_FILE = "engine.json"
+
+
+def load_engine(state_dir: Path, settings: EngineSettings, dry_run: bool = False) -> PolicyEngine:
+    """The engine with the state kept in `state_dir` (a new one if there is none);
+    ValueError if the file is damaged."""
+    path = state_dir / ENGINE_FILE
+    if not path.exists():
+        return PolicyEngine(settings, dry_run)
+    try:
+        doc = json.loads(path.read_text())
+        return PolicyEngine.from_json(doc, settings, dry_run)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
+
+
+def save_engine(state_dir: Path, engine: PolicyEngine) -> None:
+    """Atomically, like the live state."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".engine.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(engine.to_json(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / ENGINE_FILE)
+
+
+def hold(state: LiveState, decisions: Iterable[Decision], now: float) -> bool:
+    """Carry the engine's decisions into the live state; whether anything changed."""
+    before = json.dumps(_holds(state), sort_keys=True)
+    for d in decisions:
+        if isinstance(d, Quarantine):
+            state.quarantined.setdefault(d.host, now)
+            _until(state.quarantine_until, d.host, d.until)
+        elif isinstance(d, Release):
+            state.quarantined.pop(d.host, None)
+            state.quarantine_until.pop(d.host, None)
+        elif isinstance(d, Restrict):
+            state.restricted[d.host] = list(d.profiles)
+            _until(state.restricted_until, d.host, d.until)
+        elif isinstance(d, Unrestrict):
+            state.restricted.pop(d.host, None)
+            state.restricted_until.pop(d.host, None)
+    return json.dumps(_holds(state), sort_keys=True) != before
+
+
+def _holds(state: LiveState) -> list[object]:
+    return [state.quarantined, state.quarantine_until, state.restricted, state.restricted_until]
+
+
+def _until(table: dict[str, float], host: str, until: float | None) -> None:
+    if until is None:
+        table.pop(host, None)
+    else:
+        table[host] = until
+
+
+def describe(decision: Decision) -> str:
+    """One line for people."""
+    if isinstance(decision, Quarantine):
+        return f"quarantine {decision.host}{_to(decision.until)}: {decision.reason}"
+    if isinstance(decision, Restrict):
+        profiles = ", ".join(decision.profiles)
+        return f"restrict {decision.host} to {profiles}{_to(decision.until)}: {decision.reason}"
+    if isinstance(decision, Release):
+        return f"release {decision.host}: {decision.reason}"
+    if isinstance(decision, Unrestrict):
+        return f"unrestrict {decision.host}: {decision.reason}"
+    if isinstance(decision, AlertOnly):
+        return f"alert only, {decision.host} {decision.why}: {decision.reason}"
+    return f"would {decision.action} {decision.host}{_to(decision.until)}: {decision.reason}"
+
+
+def _to(until: float | None) -> str:
+    if until is None:
+        return ""
+    return f" until {dt.datetime.fromtimestamp(until, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _settings(args: argparse.Namespace) -> tuple[EngineSettings, Inventory] | None:
+    """The engine's settings from the policy file (errors: `p4seg check` says which)."""
+    try:
+        inventory, _ = load_inventory(args.inventory)
+        text = read_source(args.policy, "E000", "policy")
+    except (InventoryError, SourceError) as err:
+        print(f"p4seg signal: error: {err.diagnostics[0].message}", file=sys.stderr)
+        return None
+    result = check_policy(text, args.policy, inventory, expectations=False)
+    if result.policy is None:
+        print(f"p4seg signal: error: {args.policy} has errors (see `p4seg check`); nothing "
+              f"recorded", file=sys.stderr)  # fmt: skip
+        return None
+    return EngineSettings.of(result.policy, {h.name: h.ip for h in inventory.hosts}), inventory
+
+
+def cmd_signal(args: argparse.Namespace, front: Front) -> int:
+    """Record a signal, decide, and apply what the engine decided (see the module)."""
+    from p4seg.verbs import _apply, _load_state, _overlay, clock
+
+    ttl: int | None = None
+    if args.ttl:
+        seconds = parse_duration(args.ttl)
+        if isinstance(seconds, str):
+            print(f"p4seg signal: error: --ttl: {seconds}", file=sys.stderr)
+            return EXIT_ERROR
+        ttl = seconds
+    loaded = _settings(args)
+    state = _load_state(args, "signal")
+    if loaded is None or state is None:
+        return EXIT_ERROR
+    settings, _inventory = loaded
+    state_dir = Path(args.state)
+    try:
+        engine = load_engine(state_dir, settings, args.dry_run)
+    except ValueError as err:
+        print(f"p4seg signal: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    now = clock()
+    signal = Signal(args.host, args.name, args.source, ttl, args.reason, now)
+    decisions = engine.tick(now)
+    try:
+        decisions += engine.signal(signal)
+    except SignalError as err:
+        print(f"p4seg signal: error: {err}; nothing recorded", file=sys.stderr)
+        return EXIT_ERROR
+    if args.output == "json":
+        print(json.dumps({"decisions": [decision_json(d) for d in decisions]}, indent=2))
+    else:
+        for d in decisions:
+            print(describe(d))
+        if not decisions:
+            print(f"{args.host}: nothing changes")
+    if args.dry_run:
+        return EXIT_OK  # nothing recorded, nothing written
+    event: dict[str, object] = {
+        "host": args.host,
+        "signal": {"name": args.name, "source": args.source, "ttl": ttl, "reason": args.reason},
+        "decisions": [decision_json(d) for d in decisions],
+    }
+    if not hold(state, decisions, now):
+        save_engine(state_dir, engine)
+        audit.append(state_dir / "audit.jsonl", "signal", **event, result="no change")
+        return EXIT_OK
+    acting = [d for d in decisions if not isinstance(d, AlertOnly | WouldContain)]
+    code: int | None = None
+    if len(acting) == 1 and isinstance(acting[0], Quarantine | Release):
+        # One host in or out of quarantine: its ToR's overlay alone, as `p4seg quarantine`.
+        verb = "quarantine" if isinstance(acting[0], Quarantine) else "release"
+        code = _overlay(verb, argparse.Namespace(**{**vars(args), "host": acting[0].host}),
+                        front, state, event)  # fmt: skip
+    if code is None:
+        code = _apply("signal", args, front, state, event)
+    if code == EXIT_OK:
+        save_engine(state_dir, engine)
+    else:
+        print("p4seg signal: not applied; the signal is not recorded (send it again)",
+              file=sys.stderr)  # fmt: skip
+    return code

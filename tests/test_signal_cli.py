@@ -1,0 +1,152 @@
+"""`p4seg signal` end to end against a reference switch on loopback: a signal quarantines,
+restricts or only alerts, judged by packets through the switch's data plane."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+import p4seg.verbs
+from p4seg.cli import main
+from runtime.refswitch.switch import ReferenceSwitch
+
+POLICY = """\
+policy small
+service front       = h1, h2
+service back        = h3
+service remediation = h4
+service read_only   = 10.0.0.250
+allow front            -> back        tcp 8080
+allow front, read_only -> back        tcp 8443
+allow h1               -> remediation tcp 443
+signal unhealthy from edr -> remediation
+signal degraded  from edr -> restrict read_only
+protect h2
+default deny log
+"""
+HOSTS = {"h1": ("10.0.0.1", 1), "h2": ("10.0.0.2", 2), "h3": ("10.0.0.3", 3), "h4": ("10.0.0.4", 4)}
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ReferenceSwitch, list[str]]]:
+    sw = ReferenceSwitch(device_id=1)
+    port = sw.start("127.0.0.1:0")
+    inventory = tmp_path / "small.yaml"
+    hosts = "\n".join(
+        f"  {h}: {{ip: {ip}, switch: tor1, port: {p}}}" for h, (ip, p) in HOSTS.items()
+    )
+    inventory.write_text(
+        f'name: small\nswitches:\n  tor1: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{port}"}}\n'
+        f"hosts:\n{hosts}\n"
+    )
+    (tmp_path / "small.zt").write_text(POLICY)
+    monkeypatch.chdir(tmp_path)
+    try:
+        yield sw, ["-p", "small.zt", "-i", str(inventory)]
+    finally:
+        sw.stop()
+
+
+def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:
+    (sip, port), (dip, _) = HOSTS[src], HOSTS[dst]
+    frame = bytes(Ether() / IP(src=sip, dst=dip) / TCP(sport=40000, dport=dport, flags="S"))
+    return bool(sw.inject(port, frame))
+
+
+def _flows(sw: ReferenceSwitch) -> list[bool]:
+    return [
+        _passes(sw, "h1", "h3", 8080),
+        _passes(sw, "h1", "h3", 8443),
+        _passes(sw, "h1", "h4", 443),
+        _passes(sw, "h2", "h3", 8080),
+    ]
+
+
+def _audit() -> list[dict[str, object]]:
+    return [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+
+
+def test_a_signal_quarantines_then_healthy_releases(
+    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sw, args = site
+    assert main(["apply", *args[1:]]) == 0
+    assert _flows(sw) == [True, True, True, True]
+    capsys.readouterr()
+    signal = ["signal", "h1", "unhealthy", "--source", "edr", "--ttl", "1h", "--reason", "beacon"]
+    assert main([*signal, *args]) == 0
+    out = capsys.readouterr().out
+    assert "quarantine h1 until " in out and "signal unhealthy from edr: beacon" in out
+    assert "writes on tor1 only" in out  # the overlay's fast path, as `p4seg quarantine`
+    assert _flows(sw) == [False, False, True, True]
+    record = _audit()[-1]
+    assert record["event"] == "quarantine" and record["signal"] == {
+        "name": "unhealthy", "source": "edr", "ttl": 3600, "reason": "beacon"}  # fmt: skip
+    live = json.loads(Path(".p4seg/live.json").read_text())
+    assert list(live["quarantined"]) == ["h1"] and "h1" in live["quarantine_until"]
+    assert main(["signal", "h1", "healthy", "--source", "edr", *args]) == 0
+    assert "release h1: healthy from edr" in capsys.readouterr().out
+    assert _flows(sw) == [True, True, True, True]
+
+
+def test_the_ttl_lapses_on_the_next_apply(
+    site: tuple[ReferenceSwitch, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sw, args = site
+    now = [p4seg.verbs.clock()]
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: now[0])
+    assert main(["apply", *args[1:]]) == 0
+    assert main(["signal", "h1", "unhealthy", "--source", "edr", "--ttl", "10m", *args]) == 0
+    assert _flows(sw)[0] is False
+    now[0] += 600
+    assert main(["apply", *args[1:]]) == 0  # what `watch` does when the TTL is due
+    assert _flows(sw) == [True, True, True, True]
+    assert json.loads(Path(".p4seg/live.json").read_text())["quarantined"] == {}
+
+
+def test_restrict_downgrades_to_the_profile(
+    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sw, args = site
+    assert main(["apply", *args[1:]]) == 0
+    capsys.readouterr()
+    assert main(["signal", "h1", "degraded", "--source", "edr", *args]) == 0
+    assert "restrict h1 to read_only: signal degraded from edr" in capsys.readouterr().out
+    # 8080 is not the profile's; 8443 is; remediation on 443 is not the profile's either.
+    assert _flows(sw) == [False, True, False, True]
+    assert _audit()[-1]["event"] == "signal"
+    assert main(["signal", "h1", "healthy", "--source", "edr", *args]) == 0
+    assert _flows(sw) == [True, True, True, True]
+
+
+def test_a_protected_host_only_alerts_and_bad_signals_change_nothing(
+    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sw, args = site
+    assert main(["apply", *args[1:]]) == 0
+    capsys.readouterr()
+    assert main(["signal", "h2", "unhealthy", "--source", "edr", *args]) == 0
+    assert "alert only, h2 protected: never contained automatically" in capsys.readouterr().out
+    assert _flows(sw) == [True, True, True, True]
+    assert _audit()[-1]["result"] == "no change"
+    before = {p.name: p.read_bytes() for p in Path(".p4seg").iterdir() if p.is_file()}
+    for bad in (["h9", "unhealthy", "--source", "edr"], ["h1", "infected", "--source", "edr"],
+                ["h1", "unhealthy", "--source", "idp"], ["h1", "unhealthy", "--source", "edr",
+                "--ttl", "0s"]):  # fmt: skip
+        assert main(["signal", *bad, *args]) == 1
+    err = capsys.readouterr().err
+    assert "no host 'h9'" in err and "declares no signal 'infected'" in err
+    assert "not from 'idp'" in err and "--ttl: duration '0s'" in err
+    after = {p.name: p.read_bytes() for p in Path(".p4seg").iterdir() if p.is_file()}
+    assert after == before and _flows(sw) == [True, True, True, True]
+    # --dry-run says what would happen and records nothing.
+    assert main(["signal", "h1", "unhealthy", "--source", "edr", "--dry-run", *args]) == 0
+    assert "would quarantine h1" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in Path(".p4seg").iterdir() if p.is_file()} == before
