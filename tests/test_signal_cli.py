@@ -3,11 +3,13 @@ restricts or only alerts, judged by packets through the switch's data plane."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from p4rt import wait_for
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -150,3 +152,65 @@ def test_a_protected_host_only_alerts_and_bad_signals_change_nothing(
     assert main(["signal", "h1", "unhealthy", "--source", "edr", "--dry-run", *args]) == 0
     assert "would quarantine h1" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in Path(".p4seg").iterdir() if p.is_file()} == before
+
+
+def test_a_scan_is_contained_from_real_packet_ins(
+    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loop `p4seg serve` runs: PacketIns of logged denies -> Alerts -> the engine ->
+    the live state -> the switch. h1 scans; after 5 denies it is cut off but for
+    remediation; h2 is untouched; the containment lapses after its 15 minutes."""
+    from p4seg.cli import _front, _parser
+    from p4seg.control import _rule_lines
+    from p4seg.signals import hold
+    from p4seg.verbs import _open_session
+    from runtime.alerts import Alert, follow
+    from runtime.engine import EngineSettings, PolicyEngine, Quarantine, Release
+    from runtime.live import LiveState
+
+    sw, args = site
+    Path("small.zt").write_text(POLICY + "contain front after 5 denies within 10s for 15m\n")
+    assert main(["apply", *args[1:]]) == 0
+    opened = _open_session("alerts", _parser().parse_args(["alerts", *args[1:]]), _front)
+    assert opened is not None
+    compiled, session = opened
+    hosts = {h.name: h.ip for h in compiled.inventory.hosts}
+    engine = PolicyEngine(EngineSettings.of(compiled.policy, hosts))
+    alerts: list[Alert] = []
+
+    async def scan() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            follow(session.switches, session.files, session.options,
+                   _rule_lines(compiled.build), alerts.append, on_ready=lambda _: ready.set())
+        )  # fmt: skip
+        await asyncio.wait_for(ready.wait(), 10)
+        for _ in range(50):  # h3 (outside `front`) until the path switch -> sink is live
+            _passes(sw, "h3", "h1", 23)
+            if await asyncio.to_thread(wait_for, lambda: bool(alerts), 0.2):
+                break
+        assert alerts and alerts[0].src == "10.0.0.3"
+        for port in range(20, 25):
+            assert not _passes(sw, "h1", "h3", port)
+        assert await asyncio.to_thread(wait_for, lambda: len(alerts) == 6)
+        task.cancel()
+
+    asyncio.run(scan())
+    t0 = p4seg.verbs.clock()  # the live state judges the quarantine's end by the clock
+    decisions = [d for i, a in enumerate(alerts) for d in engine.observe(a, t0 + i)]
+    assert [(type(d), d.host) for d in decisions] == [(Quarantine, "h1")]  # type: ignore[union-attr]
+    state = LiveState.load(Path(".p4seg"))
+    assert hold(state, decisions, t0 + 5)
+    state.save(Path(".p4seg"))
+    assert main(["apply", *args[1:]]) == 0
+    assert _flows(sw) == [False, False, True, True]  # h1: remediation only; h2 untouched
+    until = decisions[0].until  # type: ignore[union-attr]
+    assert until == t0 + 5 + 900  # the fifth deny of h1 (the first alert was h3's)
+    assert engine.tick(until - 1) == []
+    [release] = engine.tick(until)
+    assert isinstance(release, Release)
+    state = LiveState.load(Path(".p4seg"))
+    assert hold(state, [release], until)
+    state.save(Path(".p4seg"))
+    assert main(["apply", *args[1:]]) == 0
+    assert _flows(sw) == [True, True, True, True]
