@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +38,7 @@ from runtime.engine import (
     WouldContain,
     decision_json,
 )
-from runtime.live import LiveState
+from runtime.live import LiveState, save_json
 
 if TYPE_CHECKING:
     from p4seg.verbs import Front
@@ -63,13 +61,7 @@ def load_engine(state_dir: Path, settings: EngineSettings, dry_run: bool = False
 
 def save_engine(state_dir: Path, engine: PolicyEngine) -> None:
     """Atomically, like the live state."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".engine.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(engine.to_json(), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / ENGINE_FILE)
+    save_json(state_dir, ENGINE_FILE, engine.to_json())
 
 
 def hold(state: LiveState, decisions: Iterable[Decision], now: float) -> bool:

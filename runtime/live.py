@@ -91,7 +91,6 @@ class LiveState:
 
     def save(self, state_dir: Path) -> None:
         """Atomically: a crash leaves the old state or the new, never half of one."""
-        state_dir.mkdir(parents=True, exist_ok=True)
         doc = {
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": self.quarantined,
@@ -102,12 +101,7 @@ class LiveState:
             "restricted": self.restricted,
             "restricted_until": self.restricted_until,
         }
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_dir / STATE_FILE)
+        save_json(state_dir, STATE_FILE, doc)
 
     def active_grants(self, now: float) -> list[Grant]:
         return [g for g in self.grants if g.expires > now]
@@ -144,6 +138,17 @@ class LiveState:
             h: t for h, t in self.restricted_until.items() if h in self.restricted
         }
         return expired
+
+
+def save_json(state_dir: Path, name: str, doc: object) -> None:
+    """Write a state file atomically: a crash leaves the old document or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / name)
 
 
 def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from p4rt import wait_for
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
+from test_cli_controller import _passes, site  # noqa: F401  (the fixture)
 
 import p4seg.verbs
 from p4seg.cli import main
@@ -31,35 +29,14 @@ signal degraded  from edr -> restrict read_only
 protect h2
 default deny log
 """
-HOSTS = {"h1": ("10.0.0.1", 1), "h2": ("10.0.0.2", 2), "h3": ("10.0.0.3", 3), "h4": ("10.0.0.4", 4)}
 
 
 @pytest.fixture
-def site(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[ReferenceSwitch, list[str]]]:
-    sw = ReferenceSwitch(device_id=1)
-    port = sw.start("127.0.0.1:0")
-    inventory = tmp_path / "small.yaml"
-    hosts = "\n".join(
-        f"  {h}: {{ip: {ip}, switch: tor1, port: {p}}}" for h, (ip, p) in HOSTS.items()
-    )
-    inventory.write_text(
-        f'name: small\nswitches:\n  tor1: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{port}"}}\n'
-        f"hosts:\n{hosts}\n"
-    )
-    (tmp_path / "small.zt").write_text(POLICY)
-    monkeypatch.chdir(tmp_path)
-    try:
-        yield sw, ["-p", "small.zt", "-i", str(inventory)]
-    finally:
-        sw.stop()
-
-
-def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:
-    (sip, port), (dip, _) = HOSTS[src], HOSTS[dst]
-    frame = bytes(Ether() / IP(src=sip, dst=dip) / TCP(sport=40000, dport=dport, flags="S"))
-    return bool(sw.inject(port, frame))
+def signal_site(request: pytest.FixtureRequest) -> tuple[ReferenceSwitch, list[str]]:
+    """test_cli_controller's switch and hosts (h1..h4 on tor1), with this module's policy."""
+    sw, inventory = request.getfixturevalue("site")
+    Path("small.zt").write_text(POLICY)
+    return sw, ["-p", "small.zt", *inventory]
 
 
 def _flows(sw: ReferenceSwitch) -> list[bool]:
@@ -76,9 +53,9 @@ def _audit() -> list[dict[str, object]]:
 
 
 def test_a_signal_quarantines_then_healthy_releases(
-    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+    signal_site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sw, args = site
+    sw, args = signal_site
     assert main(["apply", *args[1:]]) == 0
     assert _flows(sw) == [True, True, True, True]
     capsys.readouterr()
@@ -99,9 +76,9 @@ def test_a_signal_quarantines_then_healthy_releases(
 
 
 def test_the_ttl_lapses_on_the_next_apply(
-    site: tuple[ReferenceSwitch, list[str]], monkeypatch: pytest.MonkeyPatch
+    signal_site: tuple[ReferenceSwitch, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sw, args = site
+    sw, args = signal_site
     now = [p4seg.verbs.clock()]
     monkeypatch.setattr(p4seg.verbs, "clock", lambda: now[0])
     assert main(["apply", *args[1:]]) == 0
@@ -114,9 +91,9 @@ def test_the_ttl_lapses_on_the_next_apply(
 
 
 def test_restrict_downgrades_to_the_profile(
-    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+    signal_site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sw, args = site
+    sw, args = signal_site
     assert main(["apply", *args[1:]]) == 0
     capsys.readouterr()
     assert main(["signal", "h1", "degraded", "--source", "edr", *args]) == 0
@@ -129,9 +106,9 @@ def test_restrict_downgrades_to_the_profile(
 
 
 def test_a_protected_host_only_alerts_and_bad_signals_change_nothing(
-    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+    signal_site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sw, args = site
+    sw, args = signal_site
     assert main(["apply", *args[1:]]) == 0
     capsys.readouterr()
     assert main(["signal", "h2", "unhealthy", "--source", "edr", *args]) == 0
@@ -155,7 +132,7 @@ def test_a_protected_host_only_alerts_and_bad_signals_change_nothing(
 
 
 def test_a_scan_is_contained_from_real_packet_ins(
-    site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
+    signal_site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The loop `p4seg serve` runs: PacketIns of logged denies -> Alerts -> the engine ->
     the live state -> the switch. h1 scans; after 5 denies it is cut off but for
@@ -168,7 +145,7 @@ def test_a_scan_is_contained_from_real_packet_ins(
     from runtime.engine import EngineSettings, PolicyEngine, Quarantine, Release
     from runtime.live import LiveState
 
-    sw, args = site
+    sw, args = signal_site
     Path("small.zt").write_text(POLICY + "contain front after 5 denies within 10s for 15m\n")
     assert main(["apply", *args[1:]]) == 0
     opened = _open_session("alerts", _parser().parse_args(["alerts", *args[1:]]), _front)
