@@ -65,15 +65,19 @@ def save_engine(state_dir: Path, engine: PolicyEngine) -> None:
 
 
 def hold(state: LiveState, decisions: Iterable[Decision], now: float) -> bool:
-    """Carry the engine's decisions into the live state; whether anything changed."""
+    """Carry the engine's decisions into the live state; whether anything changed. An
+    operator's quarantine (`p4seg quarantine`) is neither given an end nor released."""
     before = json.dumps(_holds(state), sort_keys=True)
     for d in decisions:
-        if isinstance(d, Quarantine):
+        by_operator = d.host in state.quarantined and d.host not in state.automatic
+        if isinstance(d, Quarantine) and not by_operator:
             state.quarantined.setdefault(d.host, now)
+            state.automatic = sorted({*state.automatic, d.host})
             _until(state.quarantine_until, d.host, d.until)
-        elif isinstance(d, Release):
+        elif isinstance(d, Release) and not by_operator:
             state.quarantined.pop(d.host, None)
             state.quarantine_until.pop(d.host, None)
+            state.automatic = [h for h in state.automatic if h != d.host]
         elif isinstance(d, Restrict):
             state.restricted[d.host] = list(d.profiles)
             _until(state.restricted_until, d.host, d.until)
@@ -84,7 +88,13 @@ def hold(state: LiveState, decisions: Iterable[Decision], now: float) -> bool:
 
 
 def _holds(state: LiveState) -> list[object]:
-    return [state.quarantined, state.quarantine_until, state.restricted, state.restricted_until]
+    return [
+        state.quarantined,
+        state.quarantine_until,
+        state.automatic,
+        state.restricted,
+        state.restricted_until,
+    ]
 
 
 def _until(table: dict[str, float], host: str, until: float | None) -> None:

@@ -383,8 +383,7 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
     if args.verb == "quarantine":
         if args.host in state.quarantined:
             print(f"{args.host} is already quarantined; applying to make sure")
-        state.quarantined.setdefault(args.host, clock())
-        state.quarantine_until.pop(args.host, None)  # an operator's quarantine does not lapse
+        state.quarantine_by_operator(args.host, clock())
     elif state.quarantined.pop(args.host, None) is None:
         print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
         return EXIT_ERROR

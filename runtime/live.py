@@ -66,6 +66,7 @@ class LiveState:
     # Automatic holds (runtime/engine.py): when a quarantine lapses (none: until released),
     # and hosts restricted to profiles (services), with when that lapses.
     quarantine_until: dict[str, float] = field(default_factory=dict)
+    automatic: list[str] = field(default_factory=list)  # quarantined by the engine, not by hand
     restricted: dict[str, list[str]] = field(default_factory=dict)
     restricted_until: dict[str, float] = field(default_factory=dict)
 
@@ -83,6 +84,7 @@ class LiveState:
                 str(doc.get("applied_schedule", "")),
                 {str(k): str(v) for k, v in doc.get("applied_tables", {}).items()},
                 {str(k): float(v) for k, v in doc.get("quarantine_until", {}).items()},
+                [str(h) for h in doc.get("automatic", [])],
                 {str(k): [str(p) for p in v] for k, v in doc.get("restricted", {}).items()},
                 {str(k): float(v) for k, v in doc.get("restricted_until", {}).items()},
             )
@@ -98,6 +100,7 @@ class LiveState:
             "applied_schedule": self.applied_schedule,
             "applied_tables": self.applied_tables,
             "quarantine_until": self.quarantine_until,
+            "automatic": self.automatic,
             "restricted": self.restricted,
             "restricted_until": self.restricted_until,
         }
@@ -112,6 +115,12 @@ class LiveState:
         grant = Grant(secrets.token_hex(4), src, dst, proto, ports, now, now + seconds, actor)
         self.grants.append(grant)
         return grant
+
+    def quarantine_by_operator(self, host: str, now: float) -> None:
+        """An operator's quarantine: it never lapses, and the engine never releases it."""
+        self.quarantined.setdefault(host, now)
+        self.quarantine_until.pop(host, None)
+        self.automatic = [h for h in self.automatic if h != host]
 
     def quarantined_at(self, now: float) -> list[str]:
         """Hosts quarantined at `now` (an automatic quarantine past its end is not)."""
@@ -137,6 +146,7 @@ class LiveState:
         self.restricted_until = {
             h: t for h, t in self.restricted_until.items() if h in self.restricted
         }
+        self.automatic = [h for h in self.automatic if h in self.quarantined]
         return expired
 
 

@@ -191,3 +191,23 @@ def test_a_scan_is_contained_from_real_packet_ins(
     state.save(Path(".p4seg"))
     assert main(["apply", *args[1:]]) == 0
     assert _flows(sw) == [True, True, True, True]
+
+
+def test_the_engine_never_ends_an_operators_quarantine() -> None:
+    from p4seg.signals import hold
+    from runtime.engine import Quarantine, Release, Restrict
+    from runtime.live import LiveState
+
+    state = LiveState()
+    state.quarantine_by_operator("h1", 10.0)
+    assert not hold(state, [Quarantine("h1", "signal", 100.0)], 20.0)
+    assert not hold(state, [Release("h1", "healthy")], 30.0)
+    assert (state.quarantined, state.quarantine_until) == ({"h1": 10.0}, {})
+    # The engine's own quarantine: given its end, and released by the engine.
+    assert hold(state, [Quarantine("h2", "contain", 100.0), Restrict("h3", ("p",), "", None)], 20.0)
+    assert state.quarantine_until == {"h2": 100.0} and state.automatic == ["h2"]
+    assert state.restricted == {"h3": ["p"]} and state.restricted_until == {}
+    # An operator who quarantines a contained host makes it theirs: no end any more.
+    state.quarantine_by_operator("h2", 40.0)
+    assert (state.quarantine_until, state.automatic) == ({}, [])
+    assert not hold(state, [Release("h2", "lapsed")], 100.0)
