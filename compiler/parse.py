@@ -92,6 +92,15 @@ _EXPECTED_WORDS: dict[str, str] = {
     "AFTER": "`after`",
     "DENIES": "`denies`",
     "WITHIN": "`within`",
+    "FOR": "`for`",
+    "DURING": "`during`",
+}
+
+# The shape of the statements whose words are mostly contextual, for their syntax errors.
+_FORMS = {
+    "signal": "signal NAME from SOURCE, ... -> remediation | restrict PROFILE",
+    "contain": "contain [SOURCES] after N denies within DURATION for DURATION",
+    "protect": "protect HOSTS [during HH:MM-HH:MM [DAYS] ZONE]",
 }
 
 
@@ -223,8 +232,9 @@ def _describe(token: Token) -> str:
     return f"`{token.value}`"
 
 
-def _expected_words(expected: set[str]) -> str:
-    words = sorted({_EXPECTED_WORDS[e] for e in expected if e in _EXPECTED_WORDS})
+def _expected_words(expected: set[str], meaning: dict[str, str] | None = None) -> str:
+    meaning = {**_EXPECTED_WORDS, **(meaning or {})}
+    words = sorted({meaning[e] for e in expected if e in meaning})
     if not words:
         return "a statement"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
@@ -271,6 +281,21 @@ def _syntax_diagnostic(
         )
     if tok.type in KEYWORD_TYPES and "NAME" in expected:
         return error("E104", f"`{tok.value}` is a keyword and cannot be used as a name", span)
+    statement = chunk.split(None, 1)[0] if chunk.strip() else ""
+    if statement in _FORMS:
+        incomplete = tok.type == "$END" or (
+            tok.type in _STATEMENT_TOKENS and tok.type not in expected
+        )
+        what = "incomplete" if incomplete else f"unexpected {found} in"
+        # `protect` takes `during` only (others are E207 once parsed): not suggested here.
+        wanted = expected - (_OPTION_TOKENS - {"DURING"}) if statement == "protect" else expected
+        numbers = {"INT": "a number", "QUANTITY": "a duration such as 10s"}
+        return error(
+            "E004" if incomplete else "E001",
+            f"{what} `{statement}`: expected {_expected_words(wanted, numbers)} "
+            f"(the form is `{_FORMS[statement]}`)",
+            span,
+        )
     if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
         return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
