@@ -130,6 +130,10 @@ class EngineSettings:
     protected: tuple[Protection, ...]
     hosts: Mapping[str, int]  # host name -> address
     remediation: AddressSet
+    names: Mapping[int, str] = field(init=False, repr=False, compare=False)  # address -> host
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", {ip: name for name, ip in self.hosts.items()})
 
     @classmethod
     def of(cls, policy: Policy, hosts: Mapping[str, int]) -> EngineSettings:
@@ -257,7 +261,7 @@ class PolicyEngine:
         rules = [c for c in self.settings.containment if address in c.src]
         if not rules:
             return []
-        host = next((h for h, ip in self.settings.hosts.items() if ip == address), None)
+        host = self.settings.names.get(address)
         if host is not None and any(
             h.origin == "contain" and h.active(at) for h in self.holds.get(host, {}).values()
         ):
