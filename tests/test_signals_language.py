@@ -22,6 +22,7 @@ service algo        = algo1, algo2, algo3
 service dev         = 10.8.0.0/16
 service remediation = jump1
 service read_only   = 10.0.2.250
+service nobody      = algo1 except algo
 signal unhealthy from edr      -> remediation
 signal degraded  from edr, mdm -> restrict read_only
 contain algo, dev except dev1 after 20 denies within 10s for 15m
@@ -37,7 +38,15 @@ default deny log
 
 def test_the_statements_resolve_into_the_model(floor: Inventory) -> None:
     result = check_policy(POLICY, "floor.zt", floor)
-    assert result.policy is not None and result.diagnostics == ()
+    assert result.policy is not None
+    # `nobody` is unused; services named only by a signal, contain or protect are used.
+    assert [(d.code, d.message) for d in result.diagnostics] == [
+        ("W003", "service 'nobody' is never used by a rule or expectation")
+    ]
+    only = POLICY.replace("allow algo, read_only -> oms1", "allow algo -> oms1").replace(
+        "service nobody      = algo1 except algo\n", ""
+    )
+    assert check_policy(only, "floor.zt", floor).diagnostics == ()
     p = result.policy
     hosts = {h.name: h.ip for h in floor.hosts}
     assert [(s.name, s.sources, s.profile) for s in p.signals] == [
@@ -105,6 +114,7 @@ default deny log
         ("signal infected from edr -> quarantine", "E108", "not 'quarantine'"),
         ("signal infected from edr -> restrict algo1", "E108", "a service, not 'algo1'"),
         ("signal infected from edr -> restrict red_only", "E101", "did you mean 'read_only'"),
+        ("signal infected from edr -> restrict nobody", "E108", "'nobody' has no addresses"),
         ("signal healthy from edr -> remediation", "E104", "`healthy` is built in"),
         ("contain after 10001 denies within 1s for 1m", "E212", "from 1 to 10000"),
         ("contain after 5 denies within 10 for 1m", "E205", "not a whole number with a unit"),
@@ -124,7 +134,7 @@ def test_nonsense_is_an_error_with_its_location(
     result = check_policy(text, "floor.zt", floor)
     assert result.policy is None
     [diag] = [d for d in result.diagnostics if d.is_error]
-    assert (diag.code, diag.span is not None and diag.span.line) == (code, 11), diag
+    assert (diag.code, diag.span is not None and diag.span.line) == (code, 12), diag
     assert fragment in diag.message, diag.message
 
 
@@ -133,7 +143,8 @@ def test_removing_the_remediation_service_breaks_a_remediation_signal(floor: Inv
         "allow algo -> remediation tcp 443\n", ""
     )
     result = check_policy(text, "floor.zt", floor)
-    assert [(d.code, d.span and d.span.line) for d in result.diagnostics] == [("E108", 5)]
+    errors = [(d.code, d.span and d.span.line) for d in result.diagnostics if d.is_error]
+    assert errors == [("E108", 6)]
 
 
 def test_check_shows_them(
@@ -145,13 +156,13 @@ def test_check_shows_them(
     assert main(["check", "floor.zt", "-i", str(floor), "--summary"]) == 0
     out = capsys.readouterr().out
     assert "signals and containment (6):" in out
-    assert "  line 8    contain algo, dev except dev1 after 20 denies within 10s for 15m" in out
+    assert "  line 9    contain algo, dev except dev1 after 20 denies within 10s for 15m" in out
     assert main(["check", "floor.zt", "-i", str(floor), "--error-format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)["policy"]
     assert doc["signals"][1] == {
-        "line": 7, "name": "degraded", "sources": ["edr", "mdm"], "effect": "restrict",
+        "line": 8, "name": "degraded", "sources": ["edr", "mdm"], "effect": "restrict",
         "profile": "read_only"}  # fmt: skip
     assert doc["containment"][0]["within_s"] == 10 and doc["containment"][1]["sources"] == "any"
     assert doc["protected"][1] == {
-        "line": 11, "hosts": ["oms1", "oms2"], "addresses": "10.0.3.10/31",
+        "line": 12, "hosts": ["oms1", "oms2"], "addresses": "10.0.3.10/31",
         "during": "08:00-17:00 Mon-Fri Europe/London"}  # fmt: skip
