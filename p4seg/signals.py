@@ -11,7 +11,9 @@ the decisions. `p4seg serve` uses the same functions for its API and for contain
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import json
 import sys
 from collections.abc import Iterable
@@ -144,7 +146,7 @@ def _settings(args: argparse.Namespace) -> tuple[EngineSettings, Inventory] | No
 
 def cmd_signal(args: argparse.Namespace, front: Front) -> int:
     """Record a signal, decide, and apply what the engine decided (see the module)."""
-    from p4seg.verbs import _apply, _load_state, _overlay, clock
+    from p4seg.verbs import _load_state, clock
 
     ttl: int | None = None
     if args.ttl:
@@ -172,36 +174,61 @@ def cmd_signal(args: argparse.Namespace, front: Front) -> int:
     except SignalError as err:
         print(f"p4seg signal: error: {err}; nothing recorded", file=sys.stderr)
         return EXIT_ERROR
-    if args.output == "json":
-        print(json.dumps({"decisions": [decision_json(d) for d in decisions]}, indent=2))
-    else:
+    doc: dict[str, object] = {"decisions": [decision_json(d) for d in decisions]}
+    if args.output == "human":
         for d in decisions:
             print(describe(d))
         if not decisions:
             print(f"{args.host}: nothing changes")
-    if args.dry_run:
-        return EXIT_OK  # nothing recorded, nothing written
-    event: dict[str, object] = {
-        "host": args.host,
-        "signal": {"name": args.name, "source": args.source, "ttl": ttl, "reason": args.reason},
-        "decisions": [decision_json(d) for d in decisions],
-    }
-    if not hold(state, decisions, now):
-        save_engine(state_dir, engine)
-        audit.append(state_dir / "audit.jsonl", "signal", **event, result="no change")
+    if args.dry_run or not hold(state, decisions, now):
+        if not args.dry_run:  # nothing to write: the engine's state and the audit record
+            save_engine(state_dir, engine)
+            audit.append(state_dir / "audit.jsonl", "signal", **_event(args, ttl, doc),
+                         result="no change")  # fmt: skip
+        if args.output == "json":
+            print(json.dumps(doc, indent=2))
         return EXIT_OK
-    acting = [d for d in decisions if not isinstance(d, AlertOnly | WouldContain)]
-    code: int | None = None
-    if len(acting) == 1 and isinstance(acting[0], Quarantine | Release):
-        # One host in or out of quarantine: its ToR's overlay alone, as `p4seg quarantine`.
-        verb = "quarantine" if isinstance(acting[0], Quarantine) else "release"
-        code = _overlay(verb, argparse.Namespace(**{**vars(args), "host": acting[0].host}),
-                        front, state, event)  # fmt: skip
-    if code is None:
-        code = _apply("signal", args, front, state, event)
+    # In JSON, one document: the decisions and what applying them printed.
+    applied = io.StringIO()
+    with contextlib.redirect_stdout(applied) if args.output == "json" else contextlib.nullcontext():
+        code = _write(args, front, state, decisions, _event(args, ttl, doc))
+    if args.output == "json":
+        text = applied.getvalue()
+        try:
+            doc["applied"] = json.loads(text)
+        except ValueError:
+            doc["applied"] = text
+        print(json.dumps(doc, indent=2))
     if code == EXIT_OK:
         save_engine(state_dir, engine)
     else:
         print("p4seg signal: not applied; the signal is not recorded (send it again)",
               file=sys.stderr)  # fmt: skip
     return code
+
+
+def _event(args: argparse.Namespace, ttl: int | None, doc: dict[str, object]) -> dict[str, object]:
+    """The audit record's fields: the signal and the engine's decisions."""
+    signal = {"name": args.name, "source": args.source, "ttl": ttl, "reason": args.reason}
+    return {"host": args.host, "signal": signal, **doc}
+
+
+def _write(
+    args: argparse.Namespace,
+    front: Front,
+    state: LiveState,
+    decisions: list[Decision],
+    event: dict[str, object],
+) -> int:
+    """Apply the live state: a lone quarantine or release through its ToR's overlay (as
+    `p4seg quarantine`), anything else (a restriction) through a full apply."""
+    from p4seg.verbs import _apply, _overlay
+
+    acting = [d for d in decisions if not isinstance(d, AlertOnly | WouldContain)]
+    if len(acting) == 1 and isinstance(acting[0], Quarantine | Release):
+        verb = "quarantine" if isinstance(acting[0], Quarantine) else "release"
+        one = argparse.Namespace(**{**vars(args), "host": acting[0].host})
+        code = _overlay(verb, one, front, state, event)
+        if code is not None:
+            return code
+    return _apply("signal", args, front, state, event)

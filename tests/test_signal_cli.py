@@ -101,7 +101,12 @@ def test_restrict_downgrades_to_the_profile(
     # 8080 is not the profile's; 8443 is; remediation on 443 is not the profile's either.
     assert _flows(sw) == [False, True, False, True]
     assert _audit()[-1]["event"] == "signal"
-    assert main(["signal", "h1", "healthy", "--source", "edr", *args]) == 0
+    capsys.readouterr()
+    assert main(["signal", "h1", "healthy", "--source", "edr", "--output", "json", *args]) == 0
+    doc = json.loads(capsys.readouterr().out)  # one document: the decisions and the apply
+    assert doc["decisions"] == [
+        {"decision": "Unrestrict", "host": "h1", "reason": "healthy from edr"}]  # fmt: skip
+    assert [s["switch"] for s in doc["applied"]["switches"]] == ["tor1"]
     assert _flows(sw) == [True, True, True, True]
 
 
