@@ -88,6 +88,18 @@ def test_fmt_keeps_them_and_is_idempotent() -> None:
     assert "contain after 200 denies within 1m for 1h" in once
 
 
+def test_fmt_keeps_their_meaning(floor: Inventory) -> None:
+    def meaning(text: str) -> list[str]:
+        policy = check_policy(text, "floor.zt", floor).policy
+        assert policy is not None
+        return [
+            f"{x.describe()} {getattr(x, 'src', '')} {getattr(x, 'hosts', '')}"
+            for x in (*policy.signals, *policy.containment, *policy.protected)
+        ]
+
+    assert meaning(format_policy(POLICY)) == meaning(POLICY)
+
+
 def test_their_words_are_names_elsewhere(floor: Inventory) -> None:
     """`from`, `after`, `within`, `denies` and `restrict` are contextual: services may
     bear those names; `signal`, `contain` and `protect` are keywords."""
