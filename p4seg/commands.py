@@ -109,8 +109,8 @@ exit status: 0 recorded (and applied), 1 refused (unknown host, signal or source
 applied
 
 examples:
-    p4seg signal algo1 unhealthy --source edr --ttl 1h --reason "EDR: credential dumping" \
-        -p policies/trading_floor.zt -i topologies/trading_floor.yaml
+    p4seg signal algo1 unhealthy --source edr --ttl 1h --reason "EDR: credential dumping" \\
+        -p policy.zt -i topologies/trading_floor.yaml
     p4seg signal algo1 healthy --source edr -p policy.zt -i floor.yaml
 """
 
