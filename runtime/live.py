@@ -3,13 +3,16 @@
 The controller keeps what operators changed in a state directory (`.p4seg/` by default):
 
     live.json     grants (with absolute expiry times), quarantined hosts, and when each
-                  `for` rule was first applied — so expiries hold across restarts
+                  `for` rule was first applied — so expiries hold across restarts; the
+                  policy engine's holds: when automatic quarantines lapse, restricted hosts
+    engine.json   the policy engine's own state (runtime/engine.py, p4seg/signals.py)
     audit.jsonl   the hash-chained audit log (runtime/audit.py)
     alerts.jsonl  alerts from logged denies (runtime/alerts.py)
 
 The switches always hold the *effective* policy at a moment: the policy file, plus the
 grants not yet expired, minus the time-bound rules outside their window or past their
-`for`, with quarantined hosts cut off. Rule ids never shift: a rule that is not in force
+`for`, with restricted hosts narrowed to their profiles and quarantined hosts cut off
+(holds past their end lapse by themselves). Rule ids never shift: a rule that is not in force
 keeps its id with empty endpoints (it compiles to nothing), and what operations add comes
 after the policy's own rules.
 """
