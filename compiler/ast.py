@@ -186,7 +186,55 @@ class Expect:
     icmp: PortName | IcmpType | None = None  # an ICMP type after icmp (a name after tcp/udp)
 
 
-Statement = PolicyDecl | ServiceDef | PortsDef | Rule | DefaultDecl | Expect
+@dataclass(frozen=True, slots=True)
+class SignalDecl:
+    """`signal NAME from SOURCE, ... -> remediation | restrict PROFILE`: what a posture
+    signal about a host does to it."""
+
+    name: Name
+    sources: tuple[Name, ...]
+    effect: Name  # `remediation`, or the profile service after `restrict`
+    restrict: bool
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ContainDecl:
+    """`contain [SOURCES] after N denies within T for D`: automatic quarantine of a source
+    that hits N logged denies within T, for D."""
+
+    src: tuple[Endpoint, ...]  # (): every source
+    src_except: tuple[Endpoint, ...]
+    denies: int
+    denies_span: Span
+    within: str
+    within_span: Span
+    duration: str
+    duration_span: Span
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectDecl:
+    """`protect ENDPOINTS [during ...]`: hosts never cut off automatically (then)."""
+
+    hosts: tuple[Endpoint, ...]
+    hosts_except: tuple[Endpoint, ...]
+    options: tuple[Option, ...]
+    span: Span
+
+
+Statement = (
+    PolicyDecl
+    | ServiceDef
+    | PortsDef
+    | Rule
+    | DefaultDecl
+    | Expect
+    | SignalDecl
+    | ContainDecl
+    | ProtectDecl
+)
 
 
 @dataclass(frozen=True, slots=True)

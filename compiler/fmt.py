@@ -86,6 +86,16 @@ def _columns(stmt: ast.Statement) -> list[str]:
         ]
     if isinstance(stmt, ast.DefaultDecl):
         return [" ".join(filter(None, ["default", stmt.action, _options(stmt.options)]))]
+    if isinstance(stmt, ast.SignalDecl):
+        effect = f"restrict {stmt.effect.text}" if stmt.restrict else stmt.effect.text
+        sources = ", ".join(s.text for s in stmt.sources)
+        return ["signal", stmt.name.text, f"from {sources}", "->", effect]
+    if isinstance(stmt, ast.ContainDecl):
+        scope = _endpoints(stmt.src, stmt.src_except)
+        when = f"after {stmt.denies} denies within {stmt.within} for {stmt.duration}"
+        return [" ".join(filter(None, ["contain", scope, when]))]
+    if isinstance(stmt, ast.ProtectDecl):
+        return ["protect", _endpoints(stmt.hosts, stmt.hosts_except), _options(stmt.options)]
     port = str(stmt.port) if stmt.port is not None else _port(stmt.icmp) if stmt.icmp else ""
     return [
         "expect",

@@ -21,6 +21,7 @@ from compiler.protocols import ICMP_ECHO_REQUEST_RANGE, MAX_PORT, PROTOCOL_NUMBE
 
 ALL_PORTS: tuple[Interval, ...] = ((0, MAX_PORT),)
 REMEDIATION = "remediation"  # the service a quarantined host may still reach
+HEALTHY = "healthy"  # the built-in signal that clears what its source said about a host
 PORT_PROTOCOLS = ("tcp", "udp")
 # The ICMP types (and a few codes) a rule may name: name -> (type, code or None: every code).
 ICMP_NAMES: dict[str, tuple[int, int | None]] = {
@@ -50,6 +51,14 @@ def protocol_number(proto: str) -> int | None:
     if proto.startswith("proto "):
         return int(proto[6:])
     return PROTOCOL_NUMBERS.get(proto)
+
+
+def format_duration(seconds: int) -> str:
+    """A duration in the largest unit that divides it (`900` -> `15m`), as a policy writes it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def format_days(days: frozenset[int]) -> str:
@@ -223,6 +232,59 @@ class ExpectCase:
 
 
 @dataclass(frozen=True, slots=True)
+class SignalRule:
+    """`signal NAME from SOURCE, ... -> remediation | restrict PROFILE`: a host with the
+    signal is quarantined (reaches only `remediation`), or keeps only the flows it had that
+    every address of the service PROFILE also has (`profile`)."""
+
+    name: str
+    sources: tuple[str, ...]
+    profile: str | None  # None: remediation only
+    span: Span
+
+    def describe(self) -> str:
+        effect = REMEDIATION if self.profile is None else f"restrict {self.profile}"
+        return f"signal {self.name} from {', '.join(self.sources)} -> {effect}"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainRule:
+    """`contain [SOURCES] after N denies within T for D`: a source address of `src` that
+    hits `denies` logged denies within `within_s` seconds is quarantined for `for_s`."""
+
+    src: AddressSet
+    src_text: str  # "": every source
+    denies: int
+    within_s: int
+    for_s: int
+    span: Span
+
+    def describe(self) -> str:
+        scope = f" {self.src_text}" if self.src_text else ""
+        return (
+            f"contain{scope} after {self.denies} denies within "
+            f"{format_duration(self.within_s)} for {format_duration(self.for_s)}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    """`protect HOSTS [during WINDOW]`: never contained automatically (while the window is
+    open; always without one): containment and signals only alert."""
+
+    hosts: AddressSet
+    hosts_text: str
+    window: TimeWindow | None
+    span: Span
+
+    def active_at(self, unix_time: float) -> bool:
+        return self.window is None or self.window.active_at(unix_time)
+
+    def describe(self) -> str:
+        return f"protect {self.hosts_text}" + (f" during {self.window}" if self.window else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Quarantine:
     """Hosts cut off by `p4seg quarantine`: the rules are carved for the semantics (each
     allow loses the hosts, their flows with `remediation` come back as added rules), while
@@ -246,6 +308,9 @@ class Policy:
     default_span: Span | None
     expects: tuple[ExpectCase, ...]
     quarantine: Quarantine | None = None  # set by runtime.live.effective_policy
+    signals: tuple[SignalRule, ...] = ()
+    containment: tuple[ContainRule, ...] = ()
+    protected: tuple[Protection, ...] = ()
 
     _by_id: dict[int, PolicyRule] = field(init=False, repr=False, compare=False)
 

@@ -46,9 +46,23 @@ KEYWORDS: dict[str, str] = {
     "ip": "PROTO",
     "allowed": "VERDICT",
     "denied": "VERDICT",
+    "signal": "SIGNAL",
+    "contain": "CONTAIN",
+    "protect": "PROTECT",
 }
 KEYWORD_TYPES = frozenset(KEYWORDS.values())
-STATEMENT_KEYWORDS = ("policy", "service", "allow", "deny", "default", "expect", "ports")
+STATEMENT_KEYWORDS = (
+    "policy",
+    "service",
+    "allow",
+    "deny",
+    "default",
+    "expect",
+    "ports",
+    "signal",
+    "contain",
+    "protect",
+)
 _STATEMENT_TOKENS = frozenset(KEYWORDS[k] for k in STATEMENT_KEYWORDS)
 _OPTION_TOKENS = frozenset({"LOG", "REPLY", "RATE", "FOR", "DURING", "RULE_NAME"})
 _STATEMENT_START = re.compile(r"^[ \t]*(?:" + "|".join(STATEMENT_KEYWORDS) + r")\b", re.MULTILINE)
@@ -73,6 +87,20 @@ _EXPECTED_WORDS: dict[str, str] = {
     "ICMP_TYPE": "`type`",
     "ICMP_CODE": "`code`",
     "RULE_NAME": "`name`",
+    "FROM": "`from`",
+    "RESTRICT": "`restrict`",
+    "AFTER": "`after`",
+    "DENIES": "`denies`",
+    "WITHIN": "`within`",
+    "FOR": "`for`",
+    "DURING": "`during`",
+}
+
+# The shape of the statements whose words are mostly contextual, for their syntax errors.
+_FORMS = {
+    "signal": "signal NAME from SOURCE, ... -> remediation | restrict PROFILE",
+    "contain": "contain [SOURCES] after N denies within DURATION for DURATION",
+    "protect": "protect HOSTS [during HH:MM-HH:MM [DAYS] ZONE]",
 }
 
 
@@ -204,8 +232,9 @@ def _describe(token: Token) -> str:
     return f"`{token.value}`"
 
 
-def _expected_words(expected: set[str]) -> str:
-    words = sorted({_EXPECTED_WORDS[e] for e in expected if e in _EXPECTED_WORDS})
+def _expected_words(expected: set[str], meaning: dict[str, str] | None = None) -> str:
+    meaning = {**_EXPECTED_WORDS, **(meaning or {})}
+    words = sorted({meaning[e] for e in expected if e in meaning})
     if not words:
         return "a statement"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
@@ -252,6 +281,21 @@ def _syntax_diagnostic(
         )
     if tok.type in KEYWORD_TYPES and "NAME" in expected:
         return error("E104", f"`{tok.value}` is a keyword and cannot be used as a name", span)
+    statement = chunk.split(None, 1)[0] if chunk.strip() else ""
+    if statement in _FORMS:
+        incomplete = tok.type == "$END" or (
+            tok.type in _STATEMENT_TOKENS and tok.type not in expected
+        )
+        what = "incomplete" if incomplete else f"unexpected {found} in"
+        # `protect` takes `during` only (others are E207 once parsed): not suggested here.
+        wanted = expected - (_OPTION_TOKENS - {"DURING"}) if statement == "protect" else expected
+        numbers = {"INT": "a number", "QUANTITY": "a duration such as 10s"}
+        return error(
+            "E004" if incomplete else "E001",
+            f"{what} `{statement}`: expected {_expected_words(wanted, numbers)} "
+            f"(the form is `{_FORMS[statement]}`)",
+            span,
+        )
     if tok.type in ("INT", "QUANTITY") and "PROTO" in expected:
         return error("E001", f"port `{tok.value}` needs a protocol before it (tcp or udp)", span)
     after_arrow = "->" in chunk[: tok.start_pos or 0] if tok.type != "$END" else False
@@ -283,8 +327,7 @@ def _syntax_diagnostic(
         tail = _hint(str(tok.value), STATEMENT_KEYWORDS) if tok.type == "NAME" else ""
         return error(
             "E001",
-            f"expected a statement (policy, service, allow, deny, default, expect, ports), "
-            f"found {found}{tail}",
+            f"expected a statement ({', '.join(STATEMENT_KEYWORDS)}), found {found}{tail}",
             span,
         )
     if expected & _OPTION_TOKENS:
@@ -479,6 +522,44 @@ class _ToAst(Transformer[Token, Any]):
             span=self._span(keyword, rest[-1]),
             icmp=item if isinstance(item, ast.PortName | ast.IcmpType) else None,
         )
+
+    def signal_decl(self, children: list[Any]) -> ast.SignalDecl:
+        keyword, name, _from, *sources, effect = children
+        restrict, target = effect
+        return ast.SignalDecl(
+            ast.Name(str(name), self._tok(name)),
+            tuple(ast.Name(str(s), self._tok(s)) for s in sources),
+            ast.Name(str(target), self._tok(target)),
+            restrict,
+            self._span(keyword, target),
+        )
+
+    def effect_name(self, children: list[Token]) -> tuple[bool, Token]:
+        return False, children[0]
+
+    def effect_restrict(self, children: list[Token]) -> tuple[bool, Token]:
+        return True, children[1]
+
+    def contain_decl(self, children: list[Any]) -> ast.ContainDecl:
+        keyword, *rest = children
+        scope = rest.pop(0) if isinstance(rest[0], _EndpointSet) else None
+        _after, count, _denies, _within, within, _for, duration = rest
+        return ast.ContainDecl(
+            scope.include if scope else (),
+            scope.exclude if scope else (),
+            _number(count),
+            self._tok(count),
+            str(within),
+            self._tok(within),
+            str(duration),
+            self._tok(duration),
+            self._span(keyword, duration),
+        )
+
+    def protect_decl(self, children: list[Any]) -> ast.ProtectDecl:
+        keyword, hosts, *options = children
+        span = self._span(keyword, children[-1])
+        return ast.ProtectDecl(hosts.include, hosts.exclude, tuple(options), span)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,13 +31,18 @@ from compiler.model import (
     ALL_PORTS,
     DAY_NAMES,
     EVERY_DAY,
+    HEALTHY,
     ICMP_NAMES,
     PORT_PROTOCOLS,
+    REMEDIATION,
     Action,
+    ContainRule,
     ExpectCase,
     Policy,
     PolicyRule,
+    Protection,
     Service,
+    SignalRule,
     TimeWindow,
     with_keys,
 )
@@ -48,6 +53,7 @@ ANY = "any"
 MAX_PROTOCOL = 255
 MAX_RATE_PPS = 1_000_000_000
 MAX_DURATION_S = 365 * 86400
+MAX_CONTAIN_DENIES = 10_000  # a source's window keeps this many timestamps at most
 _RATE = re.compile(r"^(?P<n>[0-9]{1,12}(?:\.[0-9]{1,6})?)(?P<unit>pps|kpps|mpps)$")
 _DURATION = re.compile(r"^(?P<n>[0-9]{1,9})(?P<unit>s|m|h|d)$")
 _CLOCK = re.compile(r"^(?P<h>[0-9]{1,2}):(?P<m>[0-9]{2})$")
@@ -693,6 +699,153 @@ class _Resolver:
             icmp_types,
         )
 
+    # -- signals, containment, protection -------------------------------------------------
+
+    def signals(self) -> list[SignalRule]:
+        out: list[SignalRule] = []
+        first: dict[str, ast.SignalDecl] = {}
+        for stmt in self.tree.statements:
+            if not isinstance(stmt, ast.SignalDecl):
+                continue
+            name = stmt.name.text
+            if name == HEALTHY:
+                self.fail(
+                    "E104",
+                    f"`{HEALTHY}` is built in (it clears what its source said about a host) "
+                    "and cannot be declared",
+                    stmt.name.span,
+                )
+                continue
+            if name in first:
+                self.fail(
+                    "E102",
+                    f"signal '{name}' is defined twice",
+                    stmt.name.span,
+                    Note("first defined here", first[name].name.span),
+                )
+                continue
+            first[name] = stmt
+            profile = self.signal_profile(stmt)
+            if profile is None:
+                continue
+            sources = tuple(dict.fromkeys(src.text for src in stmt.sources))
+            out.append(SignalRule(name, sources, profile or None, stmt.span))
+        return out
+
+    def signal_profile(self, stmt: ast.SignalDecl) -> str | None:
+        """The profile of a signal ('' for remediation only), or None after an error."""
+        target = stmt.effect
+        if not stmt.restrict:
+            if target.text != REMEDIATION:
+                hint = (
+                    f" (did you mean `restrict {target.text}`?)" if target.text in self.defs else ""
+                )
+                self.fail(
+                    "E108",
+                    f"a signal leads to `{REMEDIATION}` or to `restrict PROFILE`, not "
+                    f"{quote(target.text)}{hint}",
+                    target.span,
+                )
+                return None
+            if REMEDIATION not in self.defs:
+                self.fail(
+                    "E108",
+                    f"`-> {REMEDIATION}` needs a service named `{REMEDIATION}` (what a "
+                    "quarantined host may still reach): define it, even with a single address",
+                    target.span,
+                )
+                return None
+            return ""
+        if target.text not in self.defs:
+            if target.text in self.inventory.hosts_by_name or target.text == ANY:
+                self.fail(
+                    "E108",
+                    f"the profile of `restrict` is a service, not {quote(target.text)}: "
+                    f"define a service holding the flows a downgraded host keeps",
+                    target.span,
+                )
+            else:
+                close = difflib.get_close_matches(target.text, list(self.defs), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.fail(
+                    "E101", f"unknown service {quote(target.text)} after `restrict`{hint}",
+                    target.span,
+                )  # fmt: skip
+            return None
+        if target.text in self.bad:
+            return None
+        if not self.service_address_set(target.text):
+            self.fail(
+                "E108",
+                f"profile '{target.text}' has no addresses: a downgraded host keeps the flows "
+                "every address of its profile has, so name at least one",
+                target.span,
+            )
+            return None
+        return target.text
+
+    def containment(self) -> list[ContainRule]:
+        out: list[ContainRule] = []
+        for stmt in self.tree.statements:
+            if not isinstance(stmt, ast.ContainDecl):
+                continue
+            src = (
+                self.resolve_set(stmt.src, stmt.src_except) if stmt.src else AddressSet.everything()
+            )
+            ok = src is not None
+            if not 1 <= stmt.denies <= MAX_CONTAIN_DENIES:
+                shown = stmt.denies if stmt.denies < TOO_MANY_DIGITS else "number"
+                self.fail(
+                    "E212",
+                    f"`after {shown} denies`: the count must be from 1 to {MAX_CONTAIN_DENIES}",
+                    stmt.denies_span,
+                )
+                ok = False
+            times: list[int] = []
+            for text, span in (
+                (stmt.within, stmt.within_span),
+                (stmt.duration, stmt.duration_span),
+            ):
+                seconds = parse_duration(text)
+                if isinstance(seconds, str):
+                    self.fail("E205", seconds, span)
+                    ok = False
+                else:
+                    times.append(seconds)
+            if ok and src is not None:
+                text = _endpoints_text(stmt.src, stmt.src_except)
+                out.append(ContainRule(src, text, stmt.denies, times[0], times[1], stmt.span))
+        return out
+
+    def protections(self) -> list[Protection]:
+        out: list[Protection] = []
+        for stmt in self.tree.statements:
+            if not isinstance(stmt, ast.ProtectDecl):
+                continue
+            hosts = self.resolve_set(stmt.hosts, stmt.hosts_except)
+            ok = hosts is not None
+            window = None
+            seen: ast.Option | None = None
+            for opt in stmt.options:
+                if not isinstance(opt, ast.DuringOption):
+                    kind = ast.OPTION_KEYWORD[type(opt)]
+                    self.fail("E207", f"`protect` takes only `during`, not `{kind}`", opt.span)
+                    ok = False
+                elif seen is not None:
+                    self.fail(
+                        "E209", "option `during` is given twice", opt.span,
+                        Note("first here", seen.span),
+                    )  # fmt: skip
+                    ok = False
+                else:
+                    seen = opt
+                    window = self.window(opt)
+                    ok = ok and window is not None
+            if ok and hosts is not None:
+                text = _endpoints_text(stmt.hosts, stmt.hosts_except)
+                out.append(Protection(hosts, text, window, stmt.span))
+        return out
+
     def run(self) -> Policy:
         statements = self.tree.statements
         headers = [s for s in statements if isinstance(s, ast.PolicyDecl)]
@@ -753,6 +906,17 @@ class _Resolver:
         expects = [
             e for s in statements if isinstance(s, ast.Expect) and (e := self.expect(s)) is not None
         ]
+        containment = self.containment()
+        logged = default_log or any(r.log for r in rules)
+        for contain in containment if not logged else ():
+            self.warnings.append(
+                warning(
+                    "W007",
+                    "`contain` counts logged denies, and no rule logs any: it never triggers "
+                    "(add `log` to a deny, or write `default deny log`)",
+                    contain.span,
+                )
+            )
         return Policy(
             name=headers[0].name.text if headers else "policy",
             file=self.tree.file,
@@ -761,6 +925,9 @@ class _Resolver:
             default_log=default_log,
             default_span=default_span,
             expects=tuple(expects),
+            signals=tuple(self.signals()),
+            containment=tuple(containment),
+            protected=tuple(self.protections()),
         )
 
     def unused_services(self) -> list[Diagnostic]:
@@ -769,6 +936,12 @@ class _Resolver:
         for stmt in self.tree.statements:
             if isinstance(stmt, ast.Rule | ast.Expect):
                 roots |= _names_in(stmt.src + stmt.src_except + stmt.dst + stmt.dst_except)
+            elif isinstance(stmt, ast.ContainDecl):
+                roots |= _names_in(stmt.src + stmt.src_except)
+            elif isinstance(stmt, ast.ProtectDecl):
+                roots |= _names_in(stmt.hosts + stmt.hosts_except)
+            elif isinstance(stmt, ast.SignalDecl):
+                roots.add(stmt.effect.text)
         seen, todo = set(), [n for n in roots if n in edges]
         while todo:
             name = todo.pop()

@@ -381,6 +381,10 @@ def _summary(policy: Policy, inventory: Inventory) -> str:
     for r in policy.rules:
         named = f"  name {r.name}" if r.name else ""
         lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}{named}")
+    automatic = [*policy.signals, *policy.containment, *policy.protected]
+    if automatic:
+        lines += ["", f"signals and containment ({len(automatic)}):"]
+        lines += [f"  line {a.span.line:<4} {a.describe()}" for a in automatic]
     lines += ["", f"expectations ({len(policy.expects)}, all hold):"]
     lines += [f"  ok  {e.describe()}" for e in policy.expects]
     return "\n".join(lines)
@@ -405,6 +409,36 @@ def _policy_json(policy: Policy, inventory: Inventory) -> dict[str, object]:
             for r in policy.rules
         ],
         "default": "deny log" if policy.default_log else "deny",
+        "signals": [
+            {
+                "line": s.span.line,
+                "name": s.name,
+                "sources": list(s.sources),
+                "effect": "remediation" if s.profile is None else "restrict",
+                "profile": s.profile,
+            }
+            for s in policy.signals
+        ],
+        "containment": [
+            {
+                "line": c.span.line,
+                "sources": c.src_text or "any",
+                "addresses": str(c.src),
+                "denies": c.denies,
+                "within_s": c.within_s,
+                "for_s": c.for_s,
+            }
+            for c in policy.containment
+        ],
+        "protected": [
+            {
+                "line": p.span.line,
+                "hosts": [hosts[ip] for ip in sorted(hosts) if ip in p.hosts],
+                "addresses": str(p.hosts),
+                "during": str(p.window) if p.window else None,
+            }
+            for p in policy.protected
+        ],
         "expectations": [
             {"line": e.span.line, "expect": e.describe(), "holds": True} for e in policy.expects
         ],

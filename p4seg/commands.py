@@ -20,6 +20,7 @@ VERBS = (
     "revoke",
     "quarantine",
     "release",
+    "signal",
     "watch",
     "alerts",
     "hits",
@@ -92,6 +93,25 @@ packet wholly before or wholly after. When that ToR holds more changes than the 
 (an edit not applied yet), the whole policy is applied instead. Audited with the entries
 written; kept in the state directory, so any later `apply` or `watch` restores it on a
 restarted switch. `p4seg release HOST` undoes it the same way.
+"""
+
+_SIGNAL_HELP = """\
+Tell the controller what an EDR or identity provider says about a host. The policy's
+`signal` statements say which signals exist, from which sources, and what they do: `->
+remediation` quarantines the host (as `p4seg quarantine`, through its ToR's overlay),
+`-> restrict PROFILE` keeps it only the flows the PROFILE service has (a full apply). A
+signal lasts its --ttl, or until `healthy` from the same source clears it; `protect`ed
+hosts are never held automatically (the decision says "alert only"). The engine's state
+is kept in the state directory (engine.json); every signal is audited with its decisions.
+`p4seg watch` (or any apply) ends holds whose TTL has passed.
+
+exit status: 0 recorded (and applied), 1 refused (unknown host, signal or source) or not
+applied
+
+examples:
+    p4seg signal algo1 unhealthy --source edr --ttl 1h --reason "EDR: credential dumping" \\
+        -p policy.zt -i topologies/trading_floor.yaml
+    p4seg signal algo1 healthy --source edr -p policy.zt -i floor.yaml
 """
 
 _WATCH_HELP = """\
@@ -230,6 +250,20 @@ def register(
     )
     rel.add_argument("host", metavar="HOST")
     _live_policy(rel, policy_arguments)
+
+    sg = verb(
+        "signal",
+        "a posture signal about a host (EDR, IdP), as the policy says",
+        _SIGNAL_HELP,
+        False,
+    )
+    sg.add_argument("host", metavar="HOST")
+    sg.add_argument("name", metavar="NAME", help="a signal the policy declares, or `healthy`")
+    sg.add_argument("--source", required=True, help="who says so (edr, idp, ...: as declared)")
+    sg.add_argument("--ttl", metavar="DURATION", help="e.g. 1h (default: until `healthy`)")
+    sg.add_argument("--reason", default="", help="why, for the audit log and alerts")
+    sg.add_argument("--dry-run", action="store_true", help="say what would change; record nothing")
+    _live_policy(sg, policy_arguments)
 
     w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
     no_verify_argument(w)

@@ -390,7 +390,7 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
     if args.verb == "quarantine":
         if args.host in state.quarantined:
             print(f"{args.host} is already quarantined; applying to make sure")
-        state.quarantined.setdefault(args.host, clock())
+        state.quarantine_by_operator(args.host, clock())
     elif state.quarantined.pop(args.host, None) is None:
         print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
         return EXIT_ERROR
@@ -509,6 +509,12 @@ def _overlay(
               f"{report.written} writes on {target.name} only, in {took * 1000:.0f} ms"
               f"{'' if report.ok else '; failed: ' + str(report.error)}")  # fmt: skip
     return code
+
+
+def cmd_signal(args: argparse.Namespace, front: Front) -> int:
+    from p4seg.signals import cmd_signal as signal  # the engine: only this verb pays for it
+
+    return signal(args, front)
 
 
 def _refused(verb: str, counterexamples: list[Counterexample]) -> None:
@@ -741,6 +747,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Front], int]] = {
     "revoke": cmd_revoke,
     "quarantine": cmd_quarantine,
     "release": cmd_quarantine,
+    "signal": cmd_signal,
     "watch": cmd_watch,
     "alerts": cmd_alerts,
     "hits": cmd_hits,

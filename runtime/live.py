@@ -3,13 +3,16 @@
 The controller keeps what operators changed in a state directory (`.p4seg/` by default):
 
     live.json     grants (with absolute expiry times), quarantined hosts, and when each
-                  `for` rule was first applied — so expiries hold across restarts
+                  `for` rule was first applied — so expiries hold across restarts; the
+                  policy engine's holds: when automatic quarantines lapse, restricted hosts
+    engine.json   the policy engine's own state (runtime/engine.py, p4seg/signals.py)
     audit.jsonl   the hash-chained audit log (runtime/audit.py)
     alerts.jsonl  alerts from logged denies (runtime/alerts.py)
 
 The switches always hold the *effective* policy at a moment: the policy file, plus the
 grants not yet expired, minus the time-bound rules outside their window or past their
-`for`, with quarantined hosts cut off. Rule ids never shift: a rule that is not in force
+`for`, with restricted hosts narrowed to their profiles and quarantined hosts cut off
+(holds past their end lapse by themselves). Rule ids never shift: a rule that is not in force
 keeps its id with empty endpoints (it compiles to nothing), and what operations add comes
 after the policy's own rules.
 """
@@ -63,6 +66,12 @@ class LiveState:
     # overlay): a quarantine writes only its overlay while every other switch holds the
     # tables the new compile gives it (nothing else pending).
     applied_tables: dict[str, str] = field(default_factory=dict)
+    # Automatic holds (runtime/engine.py): when a quarantine lapses (none: until released),
+    # and hosts restricted to profiles (services), with when that lapses.
+    quarantine_until: dict[str, float] = field(default_factory=dict)
+    automatic: list[str] = field(default_factory=list)  # quarantined by the engine, not by hand
+    restricted: dict[str, list[str]] = field(default_factory=dict)
+    restricted_until: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_dir: Path) -> LiveState:
@@ -77,26 +86,28 @@ class LiveState:
                 {str(k): float(v) for k, v in doc.get("first_applied", {}).items()},
                 str(doc.get("applied_schedule", "")),
                 {str(k): str(v) for k, v in doc.get("applied_tables", {}).items()},
+                {str(k): float(v) for k, v in doc.get("quarantine_until", {}).items()},
+                [str(h) for h in doc.get("automatic", [])],
+                {str(k): [str(p) for p in v] for k, v in doc.get("restricted", {}).items()},
+                {str(k): float(v) for k, v in doc.get("restricted_until", {}).items()},
             )
         except (ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
 
     def save(self, state_dir: Path) -> None:
         """Atomically: a crash leaves the old state or the new, never half of one."""
-        state_dir.mkdir(parents=True, exist_ok=True)
         doc = {
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": self.quarantined,
             "first_applied": self.first_applied,
             "applied_schedule": self.applied_schedule,
             "applied_tables": self.applied_tables,
+            "quarantine_until": self.quarantine_until,
+            "automatic": self.automatic,
+            "restricted": self.restricted,
+            "restricted_until": self.restricted_until,
         }
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".live.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_dir / STATE_FILE)
+        save_json(state_dir, STATE_FILE, doc)
 
     def active_grants(self, now: float) -> list[Grant]:
         return [g for g in self.grants if g.expires > now]
@@ -108,11 +119,49 @@ class LiveState:
         self.grants.append(grant)
         return grant
 
+    def quarantine_by_operator(self, host: str, now: float) -> None:
+        """An operator's quarantine: it never lapses, and the engine never releases it."""
+        self.quarantined.setdefault(host, now)
+        self.quarantine_until.pop(host, None)
+        self.automatic = [h for h in self.automatic if h != host]
+
+    def quarantined_at(self, now: float) -> list[str]:
+        """Hosts quarantined at `now` (an automatic quarantine past its end is not)."""
+        return sorted(h for h in self.quarantined if self.quarantine_until.get(h, now + 1) > now)
+
+    def restricted_at(self, now: float) -> dict[str, list[str]]:
+        """Hosts restricted at `now` -> their profiles."""
+        return {
+            h: p for h, p in self.restricted.items() if self.restricted_until.get(h, now + 1) > now
+        }
+
     def prune(self, now: float) -> list[Grant]:
         """Drop expired grants; returns them (for the audit log)."""
         expired = [g for g in self.grants if g.expires <= now]
         self.grants = self.active_grants(now)
+        for host in set(self.quarantined) - set(self.quarantined_at(now)):
+            del self.quarantined[host]
+        for host in set(self.restricted) - set(self.restricted_at(now)):
+            del self.restricted[host]
+        self.quarantine_until = {
+            h: t for h, t in self.quarantine_until.items() if h in self.quarantined
+        }
+        self.restricted_until = {
+            h: t for h, t in self.restricted_until.items() if h in self.restricted
+        }
+        self.automatic = [h for h in self.automatic if h in self.quarantined]
         return expired
+
+
+def save_json(state_dir: Path, name: str, doc: object) -> None:
+    """Write a state file atomically: a crash leaves the old document or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / name)
 
 
 def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:
@@ -149,7 +198,10 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
         r if in_force(r, state, now) else dataclasses.replace(r, src=_EMPTY, dst=_EMPTY)
         for r in policy.rules
     ]
-    addresses = sorted({hosts[h] for h in state.quarantined if h in hosts})
+    restricted = {hosts[h]: p for h, p in state.restricted_at(now).items() if h in hosts}
+    if restricted:
+        rules = _restrict(policy, rules, restricted)
+    addresses = sorted({hosts[h] for h in state.quarantined_at(now) if h in hosts})
     if not addresses:
         return dataclasses.replace(policy, rules=tuple(rules))
     cut = AddressSet.of((a, a) for a in addresses)
@@ -163,6 +215,30 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
     added = frozenset(r.key for r in carved[len(rules) :])
     quarantine = Quarantine(tuple(addresses), remediation, uncarved, added)
     return dataclasses.replace(policy, rules=tuple(carved), quarantine=quarantine)
+
+
+def _restrict(
+    policy: Policy, rules: list[PolicyRule], restricted: dict[int, list[str]]
+) -> list[PolicyRule]:
+    """Each restricted host keeps a side of an allow only if every one of its profiles is
+    wholly on that side: the flows it had that its profiles also have, never more. A
+    profile the policy no longer defines keeps it nothing (fail closed)."""
+    services = {s.name: s.addresses for s in policy.services}
+
+    def keeps(side: AddressSet, profiles: list[str]) -> bool:
+        sets = [services.get(p, _EMPTY) for p in profiles]
+        return all(s and not s.difference(side) for s in sets)
+
+    def narrowed(side: AddressSet) -> AddressSet:
+        cut = [a for a, profiles in restricted.items() if a in side and not keeps(side, profiles)]
+        return side.difference(AddressSet.of((a, a) for a in cut)) if cut else side
+
+    return [
+        dataclasses.replace(r, src=narrowed(r.src), dst=narrowed(r.dst))
+        if r.action is Action.ALLOW
+        else r
+        for r in rules
+    ]
 
 
 def remediation_of(policy: Policy) -> AddressSet:
@@ -213,6 +289,9 @@ def next_change(policy: Policy, state: LiveState, now: float) -> float | None:
     """The next moment the effective policy changes by itself (a window edge, a `for` or a
     grant running out), for `watch` to re-apply then; None if never."""
     moments = [g.expires for g in state.grants if g.expires > now]
+    moments += [
+        t for t in [*state.quarantine_until.values(), *state.restricted_until.values()] if t > now
+    ]
     for rule in policy.rules:
         if rule.duration_s is not None:
             since = state.first_applied.get(rule.describe())
@@ -254,6 +333,7 @@ class InForce:
     quarantined: tuple[str, ...]
     in_force: tuple[PolicyRule, ...]  # time-bound rules in force
     lapsed: tuple[PolicyRule, ...]  # time-bound rules not in force
+    restricted: tuple[tuple[str, tuple[str, ...]], ...] = ()  # host, profiles
 
     def lines(self) -> list[str]:
         at = dt.datetime.fromtimestamp(self.moment, dt.UTC)
@@ -262,6 +342,7 @@ class InForce:
             until = dt.datetime.fromtimestamp(g.expires, dt.UTC)
             out.append(f"  grant {g.id}: {g.line()} (by {g.actor}, until {until:%H:%M:%S} UTC)")
         out += [f"  quarantined: {h}" for h in self.quarantined]
+        out += [f"  restricted:  {h} to {', '.join(p)}" for h, p in self.restricted]
         out += [f"  in force:     line {r.span.line}: {r.describe()}" for r in self.in_force]
         out += [f"  not in force: line {r.span.line}: {r.describe()}" for r in self.lapsed]
         if len(out) == 1:
@@ -273,6 +354,8 @@ class InForce:
             "at": dt.datetime.fromtimestamp(self.moment, dt.UTC).isoformat(),
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": list(self.quarantined),
+            # Only when some: the digests of states without restrictions stay what they were.
+            **({"restricted": {h: list(p) for h, p in self.restricted}} if self.restricted else {}),
             "in_force": [{"line": r.span.line, "rule": r.describe()} for r in self.in_force],
             "not_in_force": [{"line": r.span.line, "rule": r.describe()} for r in self.lapsed],
         }
@@ -299,7 +382,8 @@ def in_force_report(policy: Policy, state: LiveState, now: float) -> InForce:
     return InForce(
         now,
         tuple(state.active_grants(now)),
-        tuple(sorted(state.quarantined)),
+        tuple(state.quarantined_at(now)),
         tuple(r for r in timed if in_force(r, state, now)),
         tuple(r for r in timed if not in_force(r, state, now)),
+        tuple((h, tuple(p)) for h, p in sorted(state.restricted_at(now).items())),
     )
