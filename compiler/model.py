@@ -317,6 +317,11 @@ class Policy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_id", {r.id: r for r in self.rules})
 
+    def automatic(self) -> list[SignalRule | ContainRule | Protection]:
+        """The statements that change access without an operator, in that order: signals,
+        containment, protected hosts."""
+        return [*self.signals, *self.containment, *self.protected]
+
     def rule(self, rule_id: int) -> PolicyRule | None:
         """The rule with this (stable) rule id, or None."""
         return self._by_id.get(rule_id)

@@ -381,7 +381,7 @@ def _summary(policy: Policy, inventory: Inventory) -> str:
     for r in policy.rules:
         named = f"  name {r.name}" if r.name else ""
         lines.append(f"  #{r.id:<3} line {r.span.line:<4} {r.describe()}{named}")
-    automatic = [*policy.signals, *policy.containment, *policy.protected]
+    automatic = policy.automatic()
     if automatic:
         lines += ["", f"signals and containment ({len(automatic)}):"]
         lines += [f"  line {a.span.line:<4} {a.describe()}" for a in automatic]

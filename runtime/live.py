@@ -23,14 +23,13 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
 from compiler.model import REMEDIATION, Action, Policy, PolicyRule, Quarantine, text_key
+from runtime.files import write_atomic
 
 STATE_FILE = "live.json"
 _EMPTY = AddressSet(())
@@ -155,13 +154,7 @@ class LiveState:
 
 def save_json(state_dir: Path, name: str, doc: object) -> None:
     """Write a state file atomically: a crash leaves the old document or the new one."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / name)
+    write_atomic(state_dir / name, json.dumps(doc, indent=2, sort_keys=True))
 
 
 def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:

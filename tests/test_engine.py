@@ -243,7 +243,7 @@ def test_state_round_trips_through_json(settings: EngineSettings) -> None:
     # The window carries on where it was, and the holds lapse as they would have.
     assert _scan(again, "10.0.2.11", [T0 + 3]) == []
     assert [type(d) for d in again.observe(_deny("10.0.2.11"), T0 + 4)] == [Quarantine]
-    assert [(type(d), d.host) for d in again.tick(T0 + 600)] == [(Release, "algo2")]  # type: ignore[union-attr]
+    assert [(type(d), d.host) for d in again.tick(T0 + 600)] == [(Release, "algo2")]
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,7 @@ def test_a_scan_is_contained_from_real_packet_ins(
     asyncio.run(scan())
     t0 = p4seg.verbs.clock()  # the live state judges the quarantine's end by the clock
     decisions = [d for i, a in enumerate(alerts) for d in engine.observe(a, t0 + i)]
-    assert [(type(d), d.host) for d in decisions] == [(Quarantine, "h1")]  # type: ignore[union-attr]
+    assert [(type(d), d.host) for d in decisions] == [(Quarantine, "h1")]
     state = LiveState.load(Path(".p4seg"))
     assert hold(state, decisions, t0 + 5)
     state.save(Path(".p4seg"))

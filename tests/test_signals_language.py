@@ -66,7 +66,7 @@ def test_the_statements_resolve_into_the_model(floor: Inventory) -> None:
     always, hours = p.protected
     assert always.window is None and hosts["fixgw"] in always.hosts
     assert hours.window == TimeWindow(480, 1020, "Europe/London", frozenset(range(5)))
-    assert [x.describe() for x in (*p.signals, *p.containment, *p.protected)] == [
+    assert [x.describe() for x in p.automatic()] == [
         "signal unhealthy from edr -> remediation",
         "signal degraded from edr, mdm -> restrict read_only",
         "contain algo, dev except dev1 after 20 denies within 10s for 15m",
@@ -94,7 +94,7 @@ def test_fmt_keeps_their_meaning(floor: Inventory) -> None:
         assert policy is not None
         return [
             f"{x.describe()} {getattr(x, 'src', '')} {getattr(x, 'hosts', '')}"
-            for x in (*policy.signals, *policy.containment, *policy.protected)
+            for x in policy.automatic()
         ]
 
     assert meaning(format_policy(POLICY)) == meaning(POLICY)

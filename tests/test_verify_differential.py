@@ -107,7 +107,7 @@ def _corruptions(
     import random
 
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, SwitchTables]] = []
     names = sorted(switches)
     while len(out) < count:
         name = rng.choice(names)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from p4seg.webmap import MAX_MATRIX_HOSTS, MapLive, map_document, page
 
 
-def _node(doc: dict[str, object], name: str) -> dict[str, object]:
+def _node(doc: dict[str, object], name: str) -> dict[str, Any]:
     nodes = doc["nodes"]
     assert isinstance(nodes, list)
     return next(n for n in nodes if n["name"] == name)
