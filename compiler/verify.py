@@ -1047,6 +1047,11 @@ def _observed(path: PathResult) -> str:
     if path.delivered:
         return f"delivered to {path.delivered_to} via " + " -> ".join(h.switch for h in path.hops)
     last = path.hops[-1]
+    if last.egress_port is not None:  # forwarded, to nothing: a down spine, an unlinked port
+        return (
+            f"lost: {last.switch} sends it out of port {last.egress_port}, which leads to no "
+            "live switch or host"
+        )
     stop = next(
         (h for h in reversed(last.hits) if h.action in ("drop", "deny", "deny_and_log")),
         last.hits[-1] if last.hits else None,
@@ -1163,8 +1168,9 @@ def proof_record(
         tors = tors_of(r.src.intervals) | tors_of(r.dst.intervals)
         rules[r.key] = (meaning, tuple(sorted(tors)))
     tables = {name: _digest(sw.entries, sw.defaults) for name, sw in sorted(switches.items())}
-    return ProofRecord(_digest(inventory.hosts, inventory.switches, inventory.links),
-                       policy.default_log, rules, tables)  # fmt: skip
+    down = sorted(inventory.down)  # a spine going down or back: a full proof
+    floor = _digest(inventory.hosts, inventory.switches, inventory.links, *([down] if down else []))
+    return ProofRecord(floor, policy.default_log, rules, tables)
 
 
 def differential_scope(
