@@ -21,17 +21,20 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler.diagnostics import InventoryError, error
-from compiler.inventory import Inventory
+from compiler.inventory import Inventory, Switch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the runtime (finsy, grpc) is imported where used: `check` reads down.json
+    from finsy.grpcutil import GRPCCredentialsTLS
+
     from p4seg.control import Compiled
 
 DOWN_FILE = "down.json"  # in the state directory: {"down": [spine, ...]}
+PROBE_TIMEOUT = 2.0  # seconds a live spine has to answer a probe
 
 
 def read_down(state_dir: Path) -> list[str]:
@@ -80,28 +83,22 @@ def follow_spines(
     `restore`d (its own tables written; True if that worked) and comes back — one taken
     down by hand (the inventory's `down`, `--down`) stays down. Returns what changed (the
     audit event of the routing change the caller applies next), or None."""
-    # The runtime (finsy, grpc) is imported here: `check` and `compile` read down.json too.
     from p4seg.control import options_of
-    from runtime.controller import ControllerError, PipelineFiles, pipeline_states, targets
-    from runtime.plan import Tables
 
     state_dir = Path(args.state)
-    spines = [sw for sw in compiled.build.switches if sw.role == "spine"]
     options = options_of(args)
     try:
         recorded = set(read_down(state_dir))
-        files = PipelineFiles.of(compiled.build_dir, args.target)
-    except (ValueError, ControllerError) as err:
+    except ValueError as err:
         print(f"p4seg watch: {err}", file=sys.stderr)
         return None
-    if not spines or isinstance(options, str):
-        return None  # no spines; bad options are reported by the apply itself
-    tables = Tables(compiled.build.target.pipeline)
-    found = targets(compiled.inventory, spines, tables)
-    states = asyncio.run(pipeline_states(found, files, options))
+    if isinstance(options, str):
+        return None  # reported by the apply itself
+    spines = [s for s in compiled.inventory.switches if s.role == "spine"]
+    answers = asyncio.run(_answering(spines, options.tls, min(options.timeout, PROBE_TIMEOUT)))
     down = compiled.inventory.down
-    gone = sorted(n for n, s in states.items() if s == "unreachable" and n not in down)
-    back = sorted(n for n, s in states.items() if s != "unreachable" and n in recorded)
+    gone = sorted(n for n, up in answers.items() if not up and n not in down)
+    back = sorted(n for n, up in answers.items() if up and n in recorded)
     if gone:
         print(f"-- {', '.join(gone)}: not answering: routing around", flush=True)
     for name in list(back):
@@ -112,3 +109,43 @@ def follow_spines(
         return None
     write_down(state_dir, (recorded | set(gone)) - set(back))
     return {"spines_down": gone, "spines_back": back}
+
+
+async def _answering(
+    spines: Sequence[Switch], tls: GRPCCredentialsTLS | None, timeout: float
+) -> dict[str, bool]:
+    """Whether each spine's P4Runtime server answers (any answer, even an error: a switch
+    that lost its pipeline answers too), all probed at once.
+
+    Each probe has a channel of its own (gRPC's local subchannel pool): a channel shared
+    with a dead switch's address waits out gRPC's reconnect backoff (up to finsy's 15 s)
+    after the switch is back, and a probe must see it back at once."""
+    import grpc
+    from finsy.grpcutil import GRPCOptions, grpc_channel
+    from finsy.proto import p4r, p4r_grpc
+
+    class _OwnChannel(GRPCOptions):
+        def to_native(self) -> list[tuple[str, int | str]]:
+            return [*super().to_native(), ("grpc.use_local_subchannel_pool", 1)]
+
+    async def one(switch: Switch) -> bool:
+        channel = grpc_channel(switch.p4rt, credentials=tls, options=_OwnChannel())
+        request = p4r.GetForwardingPipelineConfigRequest(
+            device_id=switch.device_id,
+            response_type=p4r.GetForwardingPipelineConfigRequest.COOKIE_ONLY,
+        )
+        try:
+            await p4r_grpc.P4RuntimeStub(channel).GetForwardingPipelineConfig(
+                request, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        finally:
+            await channel.close()
+        return True
+
+    found = await asyncio.gather(*(one(s) for s in spines))
+    return {s.name: up for s, up in zip(spines, found, strict=True)}
