@@ -68,6 +68,16 @@ def _spine_of(inventory: Inventory, built: Build) -> dict[tuple[str, str], str]:
     }
 
 
+def _taken_down(
+    policy: Policy, inventory: Inventory, text: str, spine: str
+) -> tuple[Build, Inventory, Build]:
+    """The build of `inventory`, the inventory with `spine` down, and the build of that
+    from the first (incremental, as `watch` compiles)."""
+    before = _compile(policy, inventory, text)
+    gone = inventory.with_down([spine])
+    return before, gone, _compile(policy, gone, text, previous=before)
+
+
 def _without_routing(sw: SwitchTables) -> list[object]:
     return [e for e in sw.entries if e.table != "routing"]
 
@@ -120,9 +130,7 @@ def test_the_spread_does_not_depend_on_the_order_of_the_inventory(
 def test_a_down_spine_changes_routing_only_and_moves_only_its_own_hosts(
     floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
-    before = _compile(floor_policy, floor, floor_policy_text)
-    gone = floor.with_down(["spine1"])
-    after = _compile(floor_policy, gone, floor_policy_text, previous=before)
+    before, gone, after = _taken_down(floor_policy, floor, floor_policy_text, "spine1")
     # Incremental: nothing compiled again but routing — and the same as compiling afresh.
     assert after.lowered is not None
     assert after.lowered.reused == {s.name for s in floor.switches}
@@ -208,9 +216,7 @@ def test_three_spines_one_down_its_hosts_spread_over_the_other_two() -> None:
 def test_a_spine_change_asks_for_a_full_proof(
     floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
-    before = _compile(floor_policy, floor, floor_policy_text)
-    gone = floor.with_down(["spine2"])
-    after = _compile(floor_policy, gone, floor_policy_text, previous=before)
+    before, gone, after = _taken_down(floor_policy, floor, floor_policy_text, "spine2")
     roles = {s.name: s.role for s in floor.switches}
     old = proof_record(floor_policy, floor, {s.switch: s for s in before.switches})
     new = proof_record(floor_policy, gone, {s.switch: s for s in after.switches})

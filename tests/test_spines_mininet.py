@@ -82,6 +82,12 @@ class Traffic:
             return self.loops[src].ok(lo, flow=flow)
         raise KeyError(flow)
 
+    def wait_all(self, lo: float, what: str) -> None:
+        """Until every allowed flow has passed five times, started (or sent) after `lo`."""
+        for flow, src, *_ in ALLOWED:
+            stream = self.loops.get(src) or next(iter(self.received.values()))
+            stream.wait(at_least(5, partial(self.ok, flow, lo)), f"{flow} {what}")
+
     def passed_denied(self) -> list[dict[str, object]]:
         return [e for flow, *_ in DENIED for e in self.ok(flow)]
 
@@ -116,9 +122,7 @@ def traffic(lab: Lab) -> Iterator[Traffic]:
                 loops[src] = start(src, "tcp-loop", ip(src), str(GAP), str(CONNECT_TIMEOUT),
                                    json.dumps(flows))  # fmt: skip
         running = Traffic(loops, received)
-        for flow, src, *_ in ALLOWED:
-            stream = running.loops.get(src) or next(iter(received.values()))
-            stream.wait(lambda f=flow: len(running.ok(f)) >= 5, f"{flow} passing")
+        running.wait_all(0.0, "passing")
         yield running
 
 
@@ -153,9 +157,7 @@ def test_spine1_killed_under_traffic_is_routed_around_then_restored(lab: Lab) ->
                 assert switch.proc is not None
                 switch.proc.kill()  # SIGKILL: a crash
                 switch.stop(deleteIntfs=False)  # reaps it; its links stay, carrying nothing
-                for flow, src, *_ in ALLOWED:
-                    stream = running.loops.get(src) or next(iter(running.received.values()))
-                    stream.wait(at_least(5, partial(running.ok, flow, killed)), f"{flow} back")
+                running.wait_all(killed, "passing again")
             assert running.passed_denied() == [], running.passed_denied()
             rerouted = [outage(running, flow, killed) for flow, *_ in ALLOWED]
             assert read_down(lab.state) == [DEAD]
@@ -175,9 +177,7 @@ def test_spine1_killed_under_traffic_is_routed_around_then_restored(lab: Lab) ->
                 lab.extra_pids.append(switch.proc.pid)
                 assert wait_for(lambda: read_down(lab.state) == [], DEADLINE), out.text
                 restored = time.monotonic()
-                for flow, src, *_ in ALLOWED:
-                    stream = running.loops.get(src) or next(iter(running.received.values()))
-                    stream.wait(at_least(5, partial(running.ok, flow, restored)), f"{flow} on")
+                running.wait_all(restored, "passing through spine1 again")
             assert running.passed_denied() == [], running.passed_denied()
             returned = [outage(running, flow, back) for flow, *_ in ALLOWED]
     finally:
