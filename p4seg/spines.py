@@ -2,8 +2,8 @@
 
 The state directory's `down.json` lists the spines the controller found dead; every verb
 that compiles with `--state` routes around them (compiler/lower.py, `inventory.down`).
-`watch` probes every spine each `--check` period (one P4Runtime cookie read: a dead
-process refuses the connection at once):
+`watch` probes every spine each `--check` period (one P4Runtime cookie read on a channel
+of its own: a dead process refuses the connection at once, a hung one times out):
 
 - a spine that stops answering is written to `down.json`, and the next apply changes the
   ToRs' routing only — the hosts it carried move to the live spines;
