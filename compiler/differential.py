@@ -142,7 +142,9 @@ def prefix_interval(m: FieldMatch | None) -> tuple[int, int]:
 
 
 def same_inventory(a: Inventory, b: Inventory) -> bool:
-    return (a.hosts, a.switches, a.links) == (b.hosts, b.switches, b.links)
+    """The same hosts, switches, links and spines out of service (a spine going down or
+    back moves routes everywhere: a full proof)."""
+    return (a.hosts, a.switches, a.links, a.down) == (b.hosts, b.switches, b.links, b.down)
 
 
 def changed_tables(

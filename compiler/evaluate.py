@@ -526,6 +526,8 @@ class Fabric:
         self.switches = {name: IndexedSwitch.of(t) for name, t in tables.items()}
         self.peer: dict[tuple[str, int], tuple[str, int]] = {}
         for link in inventory.links:
+            if link.a in inventory.down or link.b in inventory.down:
+                continue  # a spine out of service forwards nothing: a packet sent to it is lost
             self.peer[(link.a, link.a_port)] = (link.b, link.b_port)
             self.peer[(link.b, link.b_port)] = (link.a, link.a_port)
         self.host_at = {(h.switch, h.port): h.name for h in inventory.hosts}

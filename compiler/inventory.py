@@ -9,9 +9,10 @@ says it, and all problems of a file are reported together.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol, TypeVar
@@ -41,7 +42,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*$")
 _ENDPOINT = re.compile(r"^(?P<switch>[^:\s]+):(?P<port>[0-9]{1,9})$")
 _NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only, and short enough for int()
 
-_TOP_FIELDS = ("name", "switches", "hosts", "links")
+_TOP_FIELDS = ("name", "switches", "hosts", "links", "down")
 _SWITCH_FIELDS = ("role", "device_id", "p4rt", "rack", "cpu_port")
 _HOST_FIELDS = ("ip", "mac", "switch", "port")
 _LINK_FIELDS = ("endpoints",)
@@ -90,6 +91,8 @@ class Inventory:
     links: tuple[Link, ...]
     hosts_by_name: Mapping[str, Host]
     switches_by_name: Mapping[str, Switch]
+    # Spines out of service (dead, or taken out for maintenance): routing avoids them.
+    down: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -99,6 +102,7 @@ class Inventory:
         switches: tuple[Switch, ...],
         hosts: tuple[Host, ...],
         links: tuple[Link, ...],
+        down: frozenset[str] = frozenset(),
     ) -> Inventory:
         return cls(
             name,
@@ -108,7 +112,31 @@ class Inventory:
             links,
             MappingProxyType({h.name: h for h in hosts}),
             MappingProxyType({s.name: s for s in switches}),
+            down,
         )
+
+    def with_down(self, names: Iterable[str], source: str = "--down") -> Inventory:
+        """This inventory with the spines `names` (and those already down) out of service;
+        a name that is not a spine of the inventory is an InventoryError naming `source`."""
+        diags = []
+        for name in sorted(set(names)):
+            switch = self.switches_by_name.get(name)
+            if switch is None:
+                close = difflib.get_close_matches(name, list(self.switches_by_name), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                diags.append(error("E305", f"{source}: unknown switch '{name}'{hint}", None))
+            elif switch.role != "spine":
+                diags.append(
+                    error(
+                        "E307",
+                        f"{source}: '{name}' is a {switch.role}: only spines can be out of "
+                        "service (a ToR's hosts have no other way in)",
+                        None,
+                    )
+                )
+        if diags:
+            raise InventoryError(diags)
+        return dataclasses.replace(self, down=self.down | frozenset(names))
 
     @classmethod
     def empty(cls) -> Inventory:
@@ -281,11 +309,12 @@ class _InventoryReader:
             top.get("hosts"), "hosts", lambda n, v: self.read_host(n, v, by_name)
         )
         links = self.read_links(top.get("links"), by_name)
+        down = self.read_down(top.get("down"), by_name)
         self.check_unique(switches, hosts)
         self.check_ports(hosts, links)
         if self.diags:
             raise InventoryError(self.diags)
-        return Inventory.build(name or "inventory", self.file, switches, hosts, links)
+        return Inventory.build(name or "inventory", self.file, switches, hosts, links, down)
 
     def check_aliases(self, text: str) -> None:
         """Refuse aliases of mappings and lists, before anything expands them: a few hundred
@@ -427,6 +456,33 @@ class _InventoryReader:
                 continue
             links.append(Link(a, a_port, b, b_port, self.span(ends)))
         return tuple(links)
+
+    def read_down(self, node: yaml.Node | None, switches: dict[str, Switch]) -> frozenset[str]:
+        """`down`: the spines out of service, a list of names."""
+        if node is None:
+            return frozenset()
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail("E302", "down must be a list of spine names", node)
+            return frozenset()
+        out = set()
+        for item in node.value:
+            name = self.scalar(item, "a switch in down")
+            if name is None or (name not in switches and name in self.declared):
+                continue
+            if name not in switches:
+                close = difflib.get_close_matches(name, list(switches), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.fail("E305", f"down names unknown switch '{name}'{hint}", item)
+            elif switches[name].role != "spine":
+                self.fail(
+                    "E307",
+                    f"down names '{name}', a {switches[name].role}: only spines can be out "
+                    "of service (a ToR's hosts have no other way in)",
+                    item,
+                )
+            else:
+                out.add(name)
+        return frozenset(out)
 
     def link_end(self, node: yaml.Node, switches: dict[str, Switch]) -> tuple[str, int] | None:
         text = self.scalar(node, "link endpoint")

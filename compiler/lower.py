@@ -10,6 +10,11 @@ Placement. A ToR binds each host's address to its port (anti-spoofing), accepts 
 other racks' hosts on its uplinks, and holds the policy entries of every rule that
 involves one of its hosts; it judges traffic from and to its hosts. Spines forward.
 
+Routing. Each destination host takes one of the equal-cost next hops, round robin by
+address over all hosts, so every spine carries about 1/N of every rack's destinations and
+each packet has one path (no hash in the data plane). A spine out of service
+(`inventory.down`) is routed around: only the hosts it carried move (_NextHops.port).
+
 Entries of rules: compiler/rule_entries.py (matches, priority bands, replies, meters).
 Quarantine: compiler/quarantine.py (an overlay on the quarantined host's own ToR).
 Incremental: given the previous compile, a switch whose inputs did not change is reused.
@@ -135,31 +140,72 @@ def _topology(inventory: Inventory) -> nx.Graph:
     return g
 
 
-def _next_ports(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], int]:
-    """(switch, destination ToR) -> the port towards it, one BFS per destination ToR."""
+@dataclass(frozen=True, slots=True)
+class _NextHops:
+    """From one switch towards one destination ToR: the ports of the equal-cost next hops
+    on the whole fabric, and of those still on a shortest path with the down spines gone."""
+
+    every: tuple[int, ...]
+    live: tuple[int, ...]
+
+    def port(self, rank: int) -> int | None:
+        """The port for the destination host of `rank` (its place among all hosts by
+        address): round robin over every next hop, so that each carries about 1/N of any
+        rack's hosts; a host whose next hop is down moves to the live ones, round robin
+        too, and the others keep theirs (a spine going down or back moves only its own
+        share)."""
+        if not self.live:
+            return None  # unreachable: no route, the packet is dropped
+        if self.every:
+            preferred = self.every[rank % len(self.every)]
+            if preferred in self.live:
+                return preferred
+        return self.live[rank % len(self.live)]
+
+
+def _next_hops(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], _NextHops]:
+    """(switch, destination ToR) -> its next hops, from one BFS per destination ToR on the
+    whole fabric and one on the live part. A down spine's own next hops are those of the
+    whole fabric: its tables stay what they were, ready for when it comes back."""
+    live = graph.subgraph(n for n in graph if n not in inventory.down)
     out = {}
+
+    def towards(g: nx.Graph, switch: str, dist: Mapping[str, int]) -> tuple[int, ...]:
+        closer = (n for n in g.neighbors(switch) if dist.get(n) == dist[switch] - 1)
+        return tuple(graph.edges[switch, n]["ports"][switch] for n in sorted(closer))
+
     for dest in sorted({h.switch for h in inventory.hosts}):
         if dest not in graph:
             continue
-        for switch, path in nx.single_source_shortest_path(graph, dest).items():
-            if switch != dest:  # path runs dest -> ... -> switch: its last hop leads back
-                out[(switch, dest)] = graph.edges[path[-1], path[-2]]["ports"][switch]
+        whole = nx.single_source_shortest_path_length(graph, dest)
+        alive = nx.single_source_shortest_path_length(live, dest) if dest in live else {}
+        for switch in whole:
+            if switch == dest:
+                continue
+            every = towards(graph, switch, whole)
+            if switch in inventory.down:
+                out[(switch, dest)] = _NextHops(every, every)
+            else:
+                ports = towards(live, switch, alive) if switch in alive else ()
+                out[(switch, dest)] = _NextHops(every, ports)
     return out
 
 
 def _routing(
-    hosts: list[Host], switch: Switch, next_port: dict[tuple[str, str], int]
+    hosts: list[Host], switch: Switch, next_hops: Mapping[tuple[str, str], _NextHops]
 ) -> list[TableEntry]:
-    """Every host's address to its port, or to the uplink towards its ToR (hosts sorted)."""
+    """Every host's address to its port, or to the uplink towards its ToR that its rank
+    picks (`hosts` sorted by address: see _NextHops.port)."""
     entries = []
-    for host in hosts:
+    for rank, host in enumerate(hosts):
         if host.switch == switch.name:
-            port = host.port
-        elif (switch.name, host.switch) in next_port:
-            port = next_port[(switch.name, host.switch)]
+            port: int | None = host.port
+        elif (hops := next_hops.get((switch.name, host.switch))) is not None:
+            port = hops.port(rank)
         else:
-            continue  # unreachable: no route, the packet is dropped
-        entries.append(_route_entry(host.ip, port))
+            port = None
+        if port is not None:  # else unreachable: no route, the packet is dropped
+            entries.append(_route_entry(host.ip, port))
     return entries
 
 
@@ -371,6 +417,7 @@ class Lowered:
     inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fields: Mapping[str, int] = dataclasses.field(default_factory=dict)
     reused: frozenset[str] = frozenset()  # switches taken as they were from `previous`
+    down: frozenset[str] = frozenset()  # the spines routed around (inventory.down)
 
 
 def _digest(*parts: object) -> str:
@@ -387,7 +434,8 @@ def _switch_inputs(
     """Per switch, a digest of what its entries are made from, at the level of addresses
     (atoms are renumbered by any edit): the inventory and the remediation service (tagged
     on every ToR); for a ToR, every rule naming one of its hosts — its id, meaning, set
-    keys and rate rank —, the default rule, and its quarantined hosts."""
+    keys and rate rank —, the default rule, and its quarantined hosts. The down spines are
+    left out: they change routing only (`lower` makes it again, _rerouted)."""
     floor = _digest(
         inventory.hosts,
         inventory.switches,
@@ -472,7 +520,7 @@ def lower(
         pinned = (h.ip for h in inventory.hosts)
         return PolicySemantics(policy, pinned, sets=[service.intervals] if service else ())
 
-    next_port = _next_ports(inventory, _topology(inventory))
+    next_hops = _next_hops(inventory, _topology(inventory))
     tags: dict[tuple[str, str], SideTags] = {}
     hosts_sorted = sorted(inventory.hosts, key=lambda h: h.ip)
     out = []
@@ -481,7 +529,10 @@ def lower(
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         if reusable(switch.name):
             assert previous is not None
-            out.append(before[switch.name])
+            held = before[switch.name]
+            if previous.down != inventory.down:
+                held = _rerouted(held, hosts_sorted, switch, next_hops)
+            out.append(held)
             reused.add(switch.name)
             for which in ("src", "dst"):
                 if (found := previous.allocation.tags.get((switch.name, which))) is not None:
@@ -533,7 +584,7 @@ def lower(
                     "fabric",
                 )
             )
-        entries += _routing(hosts_sorted, switch, next_port)
+        entries += _routing(hosts_sorted, switch, next_hops)
         defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
         out.append(
             SwitchTables(
@@ -551,4 +602,20 @@ def lower(
             tags[key] = SideTags({}, frozenset(side.retired | set(side.tags.values())))
     new = Allocation(allocation.rules, allocation.retired_rules, tags)
     most = max(fields.values(), default=0)
-    return Lowered(tuple(out), new, most, inputs, fields, frozenset(reused))
+    return Lowered(tuple(out), new, most, inputs, fields, frozenset(reused), inventory.down)
+
+
+def _rerouted(
+    held: SwitchTables,
+    hosts: list[Host],
+    switch: Switch,
+    next_hops: Mapping[tuple[str, str], _NextHops],
+) -> SwitchTables:
+    """A reused switch's tables with its routing made again, for a change of the down
+    spines (the one input `_switch_inputs` leaves out: a spine going down or back changes
+    routing only); the same object when its routing is unchanged."""
+    routes = _routing(hosts, switch, next_hops)
+    if routes == [e for e in held.entries if e.table == "routing"]:
+        return held
+    kept = [e for e in held.entries if e.table != "routing"]  # routing comes last
+    return dataclasses.replace(held, entries=(*kept, *routes))

@@ -24,6 +24,11 @@ which finds and reports the same counterexamples as ever.
 Spoofing is checked apart: on every host port, every source address class other than the
 host's own must be refused by `src_identity` (a miss or an explicit drop).
 
+Spines out of service (`inventory.down`) forward nothing: a packet routed to one is lost.
+A host whose ToR has no live path to the sender's (every spine between them down) counts
+as no host at all: no tables could deliver to it, so a packet to it that goes nowhere
+contradicts nothing, and one delivered anywhere is a wrong destination.
+
 A difference is a `Counterexample`: the packet, where it went (or the hop, table and entry
 that stopped it), and the policy's decision with the rule and line behind it.
 
@@ -354,6 +359,25 @@ def _meter_wanted(decision: Decision) -> MeterConfig | None:
     return meter_for_rate(rule.rate_pps)
 
 
+def _islands(inventory: Inventory) -> dict[str, str]:
+    """Each switch's island: the switches it is linked to, with the down spines gone (the
+    first of them by name)."""
+    live = [s.name for s in inventory.switches if s.name not in inventory.down]
+    parent = {name: name for name in sorted(live)}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for link in inventory.links:
+        if link.a in parent and link.b in parent:
+            a, b = sorted((root(link.a), root(link.b)))
+            parent[b] = a
+    return {name: root(name) for name in parent} | {n: n for n in inventory.down}
+
+
 def _judge(loop: bool, delivered_to: str | None, target: Host | None, allowed: bool) -> list[str]:
     if loop:
         return ["loop"]
@@ -378,6 +402,7 @@ class Verifier:
         self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
         self.fabric = Fabric(switches, inventory)
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
+        self._island = _islands(inventory)
         self._epoch = {
             name: next((dict(d.params)["value"] for d in sw.defaults if d.table == "epoch"), 0)
             for name, sw in switches.items()
@@ -611,6 +636,7 @@ class Verifier:
         protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]
         every = [(lo, atom_of(lo)) for lo, _hi in classes]
         focused = every if focus is None else [(lo, a) for lo, a in every if lo in focus]
+        island = self._island
         for sender in self.inventory.hosts:
             if pairs is not None:
                 mask = pairs.masks.get(sender.ip, 0)
@@ -625,6 +651,8 @@ class Verifier:
                 target = self.host_by_ip.get(lo)
                 if target is not None and target.name == sender.name:
                     continue
+                if target is not None and island[target.switch] != island[sender.switch]:
+                    target = None  # no live path (spines down): no tables could deliver it
                 from_d, to_d = self._rule_set(dst_atom)
                 forward, reverse = from_s & to_d, from_d & to_s  # the rules of its flows
                 flows = (forward, reverse, src_atom, dst_atom)
@@ -1142,6 +1170,11 @@ def _observed(path: PathResult) -> str:
     if path.delivered:
         return f"delivered to {path.delivered_to} via " + " -> ".join(h.switch for h in path.hops)
     last = path.hops[-1]
+    if last.egress_port is not None:  # forwarded, to nothing: a down spine, an unlinked port
+        return (
+            f"lost: {last.switch} sends it out of port {last.egress_port}, which leads to no "
+            "live switch or host"
+        )
     stop = next(
         (h for h in reversed(last.hits) if h.action in ("drop", "deny", "deny_and_log")),
         last.hits[-1] if last.hits else None,
@@ -1268,8 +1301,9 @@ def proof_record(
         tors = tors_of(r.src.intervals) | tors_of(r.dst.intervals)
         rules[r.key] = (meaning, tuple(sorted(tors)))
     tables = {name: _digest(sw.entries, sw.defaults) for name, sw in sorted(switches.items())}
-    return ProofRecord(_digest(inventory.hosts, inventory.switches, inventory.links),
-                       policy.default_log, rules, tables)  # fmt: skip
+    down = sorted(inventory.down)  # a spine going down or back: a full proof
+    floor = _digest(inventory.hosts, inventory.switches, inventory.links, *([down] if down else []))
+    return ProofRecord(floor, policy.default_log, rules, tables)
 
 
 def differential_scope(

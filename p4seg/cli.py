@@ -33,6 +33,7 @@ from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
 from p4seg.analysis import register as register_analysis_verbs
 from p4seg.commands import VERBS as CONTROLLER_VERBS
 from p4seg.commands import register as register_controller_verbs
+from p4seg.spines import take_down
 from p4src.spec import PIPELINE
 from runtime.shell import BACKUP_ELECTION_ID, ShellOptions, election_id_arg, run_shell
 
@@ -169,6 +170,14 @@ def _policy_arguments(parser: argparse.ArgumentParser, inventory_required: bool)
         choices=("human", "json"),
         default="human",
         help="how to print diagnostics (default: human)",
+    )
+    parser.add_argument(
+        "--down",
+        metavar="SPINE",
+        action="append",
+        default=[],
+        help="a spine out of service: routing goes around it (repeatable; adds to the "
+        "inventory's `down` and, with --state, the controller's down.json)",
     )
 
 
@@ -317,6 +326,7 @@ def _load(
         if args.inventory:
             inventory, inv_text = load_inventory(args.inventory)
             sources.add(args.inventory, inv_text)
+            inventory = take_down(inventory, args)
         policy_text = read_source(args.policy, "E000", "policy") if text is None else text
     except (InventoryError, SourceError) as exc:
         for path in (args.inventory, args.policy):

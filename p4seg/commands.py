@@ -118,7 +118,9 @@ _WATCH_HELP = """\
 Keep the switches on the policy: apply now, then again whenever the policy file changes
 and whenever the effective policy changes by itself (a grant expires, a `during` window
 opens or closes, a `for` rule lapses). An edit with errors is reported and nothing
-changes; the last good policy stays. Stop with Ctrl-C.
+changes; the last good policy stays. Every --check period it also restores a switch that
+lost its pipeline, routes around a spine that stopped answering (down.json in the state
+directory), and restores a spine that answers again. Stop with Ctrl-C.
 """
 
 _ALERTS_HELP = """\

@@ -94,8 +94,8 @@ def _selected(
         [sw] = [s for s in compiled.build.switches if s.switch == only]
         return targets(compiled.inventory, [sw], tables)
     every = targets(compiled.inventory, compiled.build.switches, tables)
-    if not names:
-        return every
+    if not names:  # a spine out of service is not written to, unless named (p4seg/spines.py)
+        return [t for t in every if t.name not in compiled.inventory.down]
     known = {t.name for t in every}
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -96,7 +96,7 @@ def on_loopback(inventory: Inventory, ports: dict[str, int]) -> Inventory:
         dataclasses.replace(sw, p4rt=f"127.0.0.1:{ports[sw.name]}") for sw in inventory.switches
     )
     return Inventory.build(
-        inventory.name, inventory.file, switches, inventory.hosts, inventory.links
+        inventory.name, inventory.file, switches, inventory.hosts, inventory.links, inventory.down
     )
 
 

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +44,7 @@ from p4seg.control import (
     run,
     session_of,
 )
+from p4seg.spines import follow_spines
 from runtime import audit
 from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
 from runtime.audit import actor
@@ -547,6 +549,7 @@ def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], boo
     due: float | None = clock()
     unreadable = False
     last: Compiled | None = None
+    event: dict[str, object] = {}  # why the next apply is due, for its audit record
     next_check = time.monotonic() + args.check
     while not stopped():
         mark: tuple[int, int] | None
@@ -563,13 +566,16 @@ def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], boo
             if lost:
                 print(f"-- {', '.join(lost)}: pipeline lost (restarted?): restoring", flush=True)
                 due = clock()
+            if moved := follow_spines(args, last, partial(_restore_spine, args, front)):
+                event, due = moved, clock()  # the ToRs' routing, at once
         scheduled = due is not None and clock() >= due
         if mark != seen or scheduled:
             seen = mark
             state = _load_state(args, "watch")
             if state is not None:
                 print(f"-- {time.strftime('%H:%M:%S')} applying {policy_path}", flush=True)
-                code, compiled = _apply_compiled("watch", args, front, state, {})
+                code, compiled = _apply_compiled("watch", args, front, state, event)
+                event = {}
                 if compiled is None and last is not None and scheduled:
                     print(
                         "   the policy file does not compile: applying what is due to the last "
@@ -593,6 +599,16 @@ def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], boo
                 return EXIT_OK
         _wait(args.interval, stopped)
     return EXIT_OK
+
+
+def _restore_spine(args: argparse.Namespace, front: Front, name: str) -> bool:
+    """Write a spine that answers again its own tables, alone (p4seg/spines.py)."""
+    state = _load_state(args, "watch")
+    alone = argparse.Namespace(**{**vars(args), "switch": [name]})
+    return (
+        state is not None
+        and _apply("watch", alone, front, state, {"spine_restored": name}) == EXIT_OK
+    )
 
 
 def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:

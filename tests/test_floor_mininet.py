@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sized
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -265,7 +265,7 @@ def streams(floor: Floor) -> Iterator[Callable[..., Stream]]:
 
 
 @contextlib.contextmanager
-def listeners(floor: Floor, tcp: dict[str, Iterable[int]]) -> Iterator[None]:
+def listeners(floor: Floor, tcp: Mapping[str, Iterable[int]]) -> Iterator[None]:
     """topologies.probe TCP listeners (accept, close) on hosts, until exit."""
     procs = []
     try:
