@@ -142,30 +142,35 @@ def api_options(args: argparse.Namespace) -> ApiOptions | str:
 # -- the engine ---------------------------------------------------------------------------
 
 
-class _ThreadStreams(io.TextIOBase):
-    """sys.stdout / sys.stderr while serve runs: a thread inside `capture()` writes into
-    its own buffer (the verbs report by printing), every other thread to the real stream."""
+class _ThreadStream(io.TextIOBase):
+    """A stand-in for sys.stdout or sys.stderr: the thread that installed it writes into a
+    buffer (the verbs report by printing), every other thread to the real stream."""
 
     def __init__(self, real: TextIO) -> None:
         super().__init__()
         self.real = real
-        self._local = threading.local()
+        self.buffer_ = io.StringIO()
+        self._owner = threading.get_ident()
 
     def write(self, text: str) -> int:
-        buffer: io.StringIO | None = getattr(self._local, "buffer", None)
-        return (buffer if buffer is not None else self.real).write(text)
+        if threading.get_ident() == self._owner:
+            return self.buffer_.write(text)
+        return self.real.write(text)
 
     def flush(self) -> None:
-        if getattr(self._local, "buffer", None) is None:
+        if threading.get_ident() != self._owner:
             self.real.flush()
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[io.StringIO]:
-        self._local.buffer = io.StringIO()
-        try:
-            yield self._local.buffer
-        finally:
-            self._local.buffer = None
+
+@contextlib.contextmanager
+def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """What this thread prints to stdout and stderr, meanwhile (other threads unaffected)."""
+    out, err = _ThreadStream(sys.stdout), _ThreadStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield out.buffer_, err.buffer_
+    finally:
+        sys.stdout, sys.stderr = out.real, err.real
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +230,6 @@ class Engine:
         self._front = front
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
-        self.streams: tuple[_ThreadStreams, _ThreadStreams] | None = None
 
     # The front end of every compile: the last build is what status probes the switches with.
     def front(
@@ -241,10 +245,7 @@ class Engine:
         return compiled
 
     def start(self) -> None:
-        """Route the verbs' printing, then start the watch loop in its thread."""
-        out, err = _ThreadStreams(sys.stdout), _ThreadStreams(sys.stderr)
-        self.streams = (out, err)
-        sys.stdout, sys.stderr = out, err
+        """Start the watch loop in its thread."""
         hooks = WatchHooks(self.lock, self.changed)
         self._watch = threading.Thread(
             target=watch_loop,
@@ -258,9 +259,6 @@ class Engine:
         self._stop.set()
         if self._watch is not None:
             self._watch.join()
-        if self.streams is not None:
-            sys.stdout, sys.stderr = self.streams[0].real, self.streams[1].real
-            self.streams = None
 
     @property
     def stopping(self) -> bool:
@@ -292,13 +290,10 @@ class Engine:
             **vars(self.args), "verb": verb, "output": "json", "dry_run": False, "switch": [],
             "error_format": "human", **fields,
         })  # fmt: skip
-        assert self.streams is not None, "Engine.start() first"
-        out, err = self.streams
         with (
-            self.lock,
+            self.lock,  # also keeps the watch loop's printing out of the capture
             audit.on_behalf_of(principal, via="api", **audit_fields),
-            out.capture() as stdout,
-            err.capture() as stderr,
+            _captured() as (stdout, stderr),
         ):
             before = self._state_bytes()
             code = HANDLERS[verb](args, self.front)
