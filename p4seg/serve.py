@@ -986,7 +986,14 @@ class Service:
             site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
             self.addresses.append(runner.addresses[-1][:2])
-        self.engine.start()
+        metrics = (
+            f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
+            if o.metrics
+            else ""
+        )
+        host, port = self.addresses[0]
+        print(f"p4seg serve: API on {o.scheme}://{host}:{port}/v1/status{metrics}", flush=True)
+        self.engine.start()  # after the banner: the watch loop prints its first apply
         self._expiry = asyncio.create_task(self._expire())
 
     async def _expire(self) -> None:
@@ -1034,10 +1041,6 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
             print(f"p4seg serve: error: {err}", file=sys.stderr)
             await service.stop()
             return EXIT_ERROR
-        host, port = service.addresses[0]
-        print(f"p4seg serve: API on {options.scheme}://{host}:{port}/v1/status"
-              + (f", metrics on http://{options.metrics[0]}:{service.addresses[1][1]}/metrics"
-                 if options.metrics else ""), flush=True)  # fmt: skip
         stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
