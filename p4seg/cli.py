@@ -665,6 +665,15 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(f"p4seg {args.verb}: error: --ttl needs --server: a one-shot quarantine "
                       "has no process to end it", file=sys.stderr)  # fmt: skip
                 return 2
+        if args.verb in ("apply", "watch", *REMOTE_VERBS):
+            from p4seg.remote import serving
+
+            url = serving(Path(args.state))
+            if url is not None:  # it applies in turn with its own loop: never race it
+                print(f"p4seg {args.verb}: error: a p4seg serve runs on {args.state} ({url}): "
+                      "ask it instead (--server URL or P4SEG_SERVER; POST /v1/apply to "
+                      "apply)", file=sys.stderr)  # fmt: skip
+                return EXIT_ERROR
         if args.verb == "serve":
             from p4seg.serve import cmd_serve
 

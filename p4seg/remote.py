@@ -10,6 +10,7 @@ verifies the server (default: the system's CAs).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import ssl
@@ -17,9 +18,41 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_ERROR = 0, 1
+SERVE_LOCK = "serve.lock"  # in the state directory: held by the p4seg serve running on it
+
+
+def serving(state_dir: Path) -> str | None:
+    """The API URL of the p4seg serve running on `state_dir`, or None if none is."""
+    try:
+        fd = os.open(state_dir / SERVE_LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (state_dir / SERVE_LOCK).read_text().strip() or "(address unknown)"
+    finally:
+        os.close(fd)  # also drops a shared lock this took
+    return None
+
+
+def hold(state_dir: Path, url: str) -> int | None:
+    """Mark `state_dir` as served at `url` for as long as the returned descriptor is open;
+    None if another p4seg serve holds it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{url}\n".encode())
+    return fd
 
 
 def server_of(args: argparse.Namespace) -> str | None:

@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from aiohttp import web
 
 from compiler.diagnostics import InventoryError
 from compiler.inventory import Inventory, load_inventory
-from compiler.resolve import parse_duration
+from compiler.resolve import MAX_DURATION_S, parse_duration
 from p4seg.api_auth import (
     SCOPES,
     Access,
@@ -46,7 +47,8 @@ from p4seg.api_auth import (
     load_access,
     server_context,
 )
-from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, options_of, session_of
+from p4seg.control import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, Compiled, options_of, session_of
+from p4seg.remote import hold, serving
 from p4seg.verbs import (
     HANDLERS,
     Front,
@@ -63,6 +65,11 @@ DEFAULT_MAX_BODY = 64 * 1024  # bytes: the largest request body (a grant is ~200
 NOTES_FILE = "quarantines.json"  # in the state directory: reason, caller, expiry per host
 PROTOCOLS = ("tcp", "udp", "icmp", "ip")
 _PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
+# One endpoint of a grant: a name or an address/prefix, as compiler/grammar.lark spells them
+# (a grant's sides become policy text: nothing else may reach it).
+_ENDPOINT = re.compile(
+    r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?)$"
+)
 SERVICE_PRINCIPAL = "p4seg-serve"  # the audit actor of what serve does by itself (expiries)
 
 
@@ -194,6 +201,10 @@ class QuarantineNote:
     expires: float | None = None
 
 
+class StateBusy(Exception):
+    """Another p4seg serve holds the state directory."""
+
+
 class ApiError(Exception):
     """An answer other than success: HTTP status, a stable code, a message."""
 
@@ -244,16 +255,21 @@ class Engine:
             self.last = compiled
         return compiled
 
-    def start(self) -> None:
-        """Start the watch loop in its thread."""
-        hooks = WatchHooks(self.lock, self.changed)
+    def start(self, failed: Callable[[], object]) -> None:
+        """Start the watch loop in its thread; `failed` is called if it ever dies."""
         self._watch = threading.Thread(
-            target=watch_loop,
-            args=(self.args, self.front, self._stop.is_set, hooks),
-            name="p4seg-watch",
-            daemon=True,
+            target=self._watch_loop, args=(failed,), name="p4seg-watch", daemon=True
         )
         self._watch.start()
+
+    def _watch_loop(self, failed: Callable[[], object]) -> None:
+        hooks = WatchHooks(self.lock, self.changed)
+        try:
+            watch_loop(self.args, self.front, self._stop.is_set, hooks)
+        except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)
+            print("p4seg serve: the watch loop failed; stopping", file=sys.stderr)
+            traceback.print_exc()
+            failed()
 
     def stop(self) -> None:
         self._stop.set()
@@ -283,12 +299,14 @@ class Engine:
         return b""
 
     def operate(self, verb: str, principal: str, fields: Mapping[str, object],
-                audit_fields: Mapping[str, object]) -> Outcome:  # fmt: skip
+                audit_fields: Mapping[str, object], done: Callable[[], None] | None = None
+                ) -> Outcome:  # fmt: skip
         """Run one verb (p4seg/verbs.py) under the lock, on behalf of `principal`, with
-        its report as JSON; call from a worker thread."""
+        its report as JSON, then `done` (still under the lock) if it succeeded; call from a
+        worker thread."""
         args = argparse.Namespace(**{
             **vars(self.args), "verb": verb, "output": "json", "dry_run": False, "switch": [],
-            "error_format": "human", **fields,
+            "error_format": "human", "reason": "", **fields,
         })  # fmt: skip
         with (
             self.lock,  # also keeps the watch loop's printing out of the capture
@@ -298,6 +316,8 @@ class Engine:
             before = self._state_bytes()
             code = HANDLERS[verb](args, self.front)
             changed = self._state_bytes() != before
+            if code == EXIT_OK and done is not None:
+                done()
         if changed:
             self.changed.set()
         output = stdout.getvalue()
@@ -315,6 +335,15 @@ class Engine:
             raise ApiError(
                 500, "state", f"{self.state_dir / NOTES_FILE} is damaged ({err})"
             ) from None
+
+    def note(self, host: str, note: QuarantineNote | None) -> None:
+        """Keep (or, None, drop) the note of `host`'s quarantine; under the lock."""
+        notes = self.notes()
+        if note is not None:
+            notes[host] = note
+        elif notes.pop(host, None) is None:
+            return
+        self.save_notes(notes)
 
     def save_notes(self, notes: Mapping[str, QuarantineNote]) -> None:
         doc = {h: dataclasses.asdict(n) for h, n in sorted(notes.items())}
@@ -337,10 +366,8 @@ class Engine:
                              {"reason": f"quarantine TTL expired ({note.reason})"})  # fmt: skip
             if host not in self.live().quarantined:  # else retried after a check period
                 with self.lock:
-                    current = self.notes()
-                    if current.get(host) == note:
-                        del current[host]
-                        self.save_notes(current)
+                    if self.notes().get(host) == note:  # not quarantined again meanwhile
+                        self.note(host, None)
         pending = [n.expires - now for n in self.notes().values() if n.expires is not None]
         return max(0.05, min([period, *pending]))
 
@@ -525,6 +552,9 @@ class Route:
     content: str = "application/json"
 
 
+_JSON_TYPES = {str: "string", int: "integer", bool: "boolean"}  # also OpenAPI's names
+
+
 def _json(doc: object, status: int = 200) -> web.Response:
     return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, indent=1) + "\n")
 
@@ -557,8 +587,8 @@ async def _body(request: web.Request, fields: tuple[Field, ...]) -> dict[str, An
                 raise ApiError(400, "missing_field", f"field {f.name!r} is required")
             continue
         value = doc[f.name]
-        if isinstance(value, bool) or not isinstance(value, f.types):
-            kinds = " or ".join("string" if t is str else "integer" for t in f.types)
+        if not isinstance(value, f.types) or (isinstance(value, bool) and bool not in f.types):
+            kinds = " or ".join(_JSON_TYPES[t] for t in f.types)
             raise ApiError(400, "wrong_type", f"field {f.name!r} must be a {kinds}")
     return doc
 
@@ -566,8 +596,9 @@ async def _body(request: web.Request, fields: tuple[Field, ...]) -> dict[str, An
 def _seconds(value: object, field: str) -> int:
     """A duration: whole seconds, or a string such as `15m` (ApiError 400)."""
     if isinstance(value, int):
-        if value <= 0:
-            raise ApiError(400, "bad_value", f"field {field!r} must be > 0 seconds")
+        if not 1 <= value <= MAX_DURATION_S:
+            raise ApiError(400, "bad_value", f"field {field!r} must be from 1 to "
+                           f"{MAX_DURATION_S} seconds (365d)")  # fmt: skip
         return value
     seconds = parse_duration(str(value))
     if isinstance(seconds, str):
@@ -631,15 +662,11 @@ class Api:
         ttl = _seconds(doc["ttl"], "ttl") if "ttl" in doc else None
         reason = doc.get("reason", "")
         self._host(host)
+        now = clock()
+        note = QuarantineNote(reason, who.audit_name, now, None if ttl is None else now + ttl)
         outcome = await asyncio.to_thread(self.engine.operate, "quarantine", who.audit_name,
-                                          {"host": host}, {"reason": reason, "ttl": ttl})  # fmt: skip
-        if outcome.code == EXIT_OK:
-            now = clock()
-            with self.engine.lock:
-                notes = self.engine.notes()
-                notes[host] = QuarantineNote(reason, who.audit_name, now,
-                                             None if ttl is None else now + ttl)  # fmt: skip
-                self.engine.save_notes(notes)
+                                          {"host": host}, {"reason": reason, "ttl": ttl},
+                                          lambda: self.engine.note(host, note))  # fmt: skip
         return _outcome(outcome, {"host": host, "quarantined": outcome.code == EXIT_OK})
 
     async def release(self, request: web.Request, who: Principal) -> web.StreamResponse:
@@ -649,12 +676,8 @@ class Api:
         if host not in self.engine.live().quarantined:
             raise ApiError(404, "not_quarantined", f"{host} is not quarantined")
         outcome = await asyncio.to_thread(self.engine.operate, "release", who.audit_name,
-                                          {"host": host}, {"reason": doc.get("reason", "")})  # fmt: skip
-        if outcome.code == EXIT_OK:
-            with self.engine.lock:
-                notes = self.engine.notes()
-                if notes.pop(host, None) is not None:
-                    self.engine.save_notes(notes)
+                                          {"host": host}, {"reason": doc.get("reason", "")},
+                                          lambda: self.engine.note(host, None))  # fmt: skip
         return _outcome(outcome, {"host": host, "quarantined": outcome.code != EXIT_OK})
 
     async def grants(self, request: web.Request, who: Principal) -> web.StreamResponse:
@@ -663,6 +686,10 @@ class Api:
 
     async def grant(self, request: web.Request, who: Principal) -> web.StreamResponse:
         doc = await _body(request, GRANT_BODY)
+        for side in ("src", "dst"):
+            if not _ENDPOINT.match(doc[side]):
+                raise ApiError(400, "bad_value", f"{side} must be one service, host name, "
+                               "address or prefix (e.g. algo, algo1, 10.0.1.0/24)")  # fmt: skip
         if doc["proto"] not in PROTOCOLS:
             raise ApiError(400, "bad_value", f"proto must be one of {', '.join(PROTOCOLS)}")
         ports = doc.get("ports", "")
@@ -691,10 +718,13 @@ class Api:
         return _outcome(outcome, {"grant": grant_id, "revoked": outcome.code == EXIT_OK})
 
     async def apply(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        doc = await _body(request, RELEASE_BODY)
-        outcome = await asyncio.to_thread(self.engine.operate, "apply", who.audit_name, {},
-                                          {"reason": doc.get("reason", "")})  # fmt: skip
-        return _outcome(outcome, {"policy": str(self.engine.args.policy)})
+        doc = await _body(request, APPLY_BODY)
+        dry = doc.get("dry_run", False)
+        outcome = await asyncio.to_thread(self.engine.operate, "apply", who.audit_name,
+                                          {"dry_run": dry}, {"reason": doc.get("reason", "")})  # fmt: skip
+        if dry and outcome.code == EXIT_CHANGES:  # the plan has changes: a plan, not a failure
+            outcome = dataclasses.replace(outcome, code=EXIT_OK)
+        return _outcome(outcome, {"policy": str(self.engine.args.policy), "dry_run": dry})
 
     async def signals(self, request: web.Request, who: Principal) -> web.StreamResponse:
         raise ApiError(501, "not_implemented",
@@ -787,6 +817,10 @@ QUARANTINE_BODY = (
     Field("ttl", (str, int), False, "release after this long: seconds or e.g. `30m`"),
 )
 RELEASE_BODY = (Field("reason", (str,), False, "why (audited)"),)
+APPLY_BODY = (
+    *RELEASE_BODY,
+    Field("dry_run", (bool,), False, "plan only: the answer is the plan, nothing is written"),
+)
 GRANT_BODY = (
     Field("src", (str,), True, "a service, host name or address, as in the policy"),
     Field("dst", (str,), True, "a service, host name or address"),
@@ -808,7 +842,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/grants/{id}", "operate", "end a grant now", Api.revoke,
           RELEASE_BODY, errors=(400, 404, 413, 422, 502)),
     Route("POST", "/v1/apply", "operate", "re-read the policy file and apply it; the plan "
-          "and the result", Api.apply, RELEASE_BODY, errors=(400, 413, 422, 502)),
+          "and the result", Api.apply, APPLY_BODY, errors=(400, 413, 422, 502)),
     Route("POST", "/v1/signals", "operate", "posture signals (not built yet: 501)",
           Api.signals, errors=(501,)),
     Route("GET", "/v1/alerts", "read", "logged denies (alerts.jsonl), oldest first",
@@ -859,9 +893,9 @@ def openapi_document() -> dict[str, object]:
                 f.name: {
                     "description": f.description,
                     **(
-                        {"type": "string"}
-                        if f.types == (str,)
-                        else {"oneOf": [{"type": "string"}, {"type": "integer"}]}
+                        {"type": _JSON_TYPES[f.types[0]]}
+                        if len(f.types) == 1
+                        else {"oneOf": [{"type": _JSON_TYPES[t]} for t in f.types]}
                     ),
                 }
                 for f in r.body
@@ -915,7 +949,10 @@ async def _errors(
     try:
         return await handler(request)
     except ApiError as err:
-        return _json(err.body(), err.status)
+        response = _json(err.body(), err.status)
+        if err.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="p4seg"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -965,6 +1002,8 @@ class Service:
     def __init__(self, engine: Engine, options: ApiOptions, access: Access) -> None:
         self.engine, self.options, self.access = engine, options, access
         self._runners: list[web.AppRunner] = []
+        self._held: int | None = None  # the state directory's serve.lock
+        self.failed = asyncio.Event()  # the watch loop died: the process must stop
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
 
@@ -986,14 +1025,21 @@ class Service:
             site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
             self.addresses.append(runner.addresses[-1][:2])
-        metrics = (
-            f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
-            if o.metrics
-            else ""
-        )
         host, port = self.addresses[0]
-        print(f"p4seg serve: API on {o.scheme}://{host}:{port}/v1/status{metrics}", flush=True)
-        self.engine.start()  # after the banner: the watch loop prints its first apply
+        url = f"{o.scheme}://{host}:{port}"
+        self._held = hold(self.engine.state_dir, url)
+        if self._held is None:
+            busy = serving(self.engine.state_dir)
+            for runner in self._runners:
+                await runner.cleanup()
+            raise StateBusy(f"another p4seg serve runs on {self.engine.state_dir} ({busy})")
+        metrics = ""
+        if o.metrics is not None:
+            metrics = f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
+        print(f"p4seg serve: API on {url}/v1/status{metrics}", flush=True)
+        loop = asyncio.get_running_loop()
+        # After the banner: the watch loop prints its first apply.
+        self.engine.start(lambda: loop.call_soon_threadsafe(self.failed.set))
         self._expiry = asyncio.create_task(self._expire())
 
     async def _expire(self) -> None:
@@ -1014,6 +1060,9 @@ class Service:
         await asyncio.to_thread(self.engine.stop)
         for runner in self._runners:
             await runner.cleanup()
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 def cmd_serve(args: argparse.Namespace, front: Front) -> int:
@@ -1037,7 +1086,7 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
     async def serve() -> int:
         try:
             await service.start()
-        except (AccessError, OSError) as err:
+        except (AccessError, OSError, StateBusy) as err:
             print(f"p4seg serve: error: {err}", file=sys.stderr)
             await service.stop()
             return EXIT_ERROR
@@ -1045,8 +1094,10 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
-        await stopped.wait()
+        failed = asyncio.ensure_future(service.failed.wait())
+        await asyncio.wait([asyncio.ensure_future(stopped.wait()), failed],
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         await service.stop()
-        return EXIT_OK
+        return EXIT_ERROR if failed.done() else EXIT_OK
 
     return asyncio.run(serve())

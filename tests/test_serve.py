@@ -299,7 +299,10 @@ def test_every_bad_input_is_a_4xx_and_changes_nothing(served: Served) -> None:
          op, 422, "refused: unknown name 'nobody'"),
         (("POST", "/v1/grants", {"src": "h2", "dst": "h4", "proto": "tcp", "for": 60,
                                  "ports": 443}), op, 400, "wrong_type"),
+        (("POST", "/v1/grants", {"src": "h2 -> any ip\nallow any", "dst": "h4",
+                                 "proto": "tcp", "for": "1m"}), op, 400, "bad_value: one service"),
         (("DELETE", "/v1/grants/nope", None), op, 404, "unknown_grant"),
+        (("POST", "/v1/apply", {"dry_run": "yes"}), op, 400, "wrong_type: boolean"),
         (("GET", "/v1/alerts?since=yesterday", None), op, 400, "bad_value"),
         (("GET", "/v1/alerts?since=2026-01-01T00:00:00", None), op, 400, "bad_value"),
         (("GET", "/v1/alerts?limit=0", None), op, 400, "bad_value"),
@@ -333,6 +336,8 @@ def test_apply_rereads_the_policy_and_a_bad_edit_is_refused(served: Served) -> N
     assert switch["ok"] and switch["switch"] == "tor1" and "written" in switch
     assert _passes(served.switch, "h1", "h3", 8081)
     assert not _passes(served.switch, "h1", "h3", 8080)
+    code, doc = served.call("POST", "/v1/apply", {"dry_run": True}, token=OPERATOR)
+    assert code == 200 and doc["dry_run"] and doc["result"]["switches"][0]["changes"] is False
     policy.write_text(text.replace("back        tcp", "bakc tcp"))
     code, doc = served.call("POST", "/v1/apply", token=OPERATOR)
     assert code == 422 and "unknown name 'bakc'" in doc["error"]["message"]
@@ -410,9 +415,16 @@ def test_cli_verbs_ask_the_server(served: Served, capsys: pytest.CaptureFixture[
     assert _passes(served.switch, "h2", "h4", 443)
     assert main(["revoke", grant_id, *remote, *creds]) == 0
     assert not _passes(served.switch, "h2", "h4", 443)
-    # Without a server the live verbs need the policy and inventory, as before.
+    # Without a server the live verbs need the policy and inventory, as before; and while a
+    # serve runs on the state directory, nothing else writes from it.
     assert main(["quarantine", "h2"]) == 2
     assert "-p/--policy and -i/--inventory are required" in capsys.readouterr().err
+    for argv in (["quarantine", "h2", "-p", "small.zt"], ["apply", "small.zt"]):
+        assert main([*argv, "-i", "small.yaml"]) == 1
+        assert f"a p4seg serve runs on .p4seg ({served.url})" in capsys.readouterr().err
+    assert main(_serve_args(["-i", "small.yaml"], served.pki)) == 1
+    assert "another p4seg serve runs on .p4seg" in capsys.readouterr().err
+    assert _passes(served.switch, "h2", "h3", 8080)
 
 
 def test_a_quarantine_ttl_releases_the_host(
