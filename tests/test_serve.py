@@ -22,9 +22,11 @@ import pytest
 from p4rt import wait_for
 from test_cli_controller import _passes, site  # noqa: F401  (site: the fixture)
 
+from p4seg.api import ROUTES
 from p4seg.api_auth import Access, load_access
 from p4seg.cli import _front, _parser, main
-from p4seg.serve import ROUTES, Engine, Service, api_options
+from p4seg.engine import Engine
+from p4seg.serve import Service, api_options
 from runtime.refswitch.switch import ReferenceSwitch
 
 OPERATOR = "operator-token-0123456789"
@@ -430,7 +432,7 @@ def test_cli_verbs_ask_the_server(served: Served, capsys: pytest.CaptureFixture[
 def test_a_quarantine_ttl_releases_the_host(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p4seg.serve
+    import p4seg.engine
     from p4seg.verbs import clock
 
     code, doc = served.call("PUT", "/v1/quarantine/h1", {"reason": "scan", "ttl": "10m"},
@@ -439,7 +441,7 @@ def test_a_quarantine_ttl_releases_the_host(
     assert served.status()["quarantines"][0]["expires"] is not None
     assert not _passes(served.switch, "h1", "h3", 8080)
     later = clock() + 601
-    monkeypatch.setattr(p4seg.serve, "clock", lambda: later)
+    monkeypatch.setattr(p4seg.engine, "clock", lambda: later)
     assert wait_for(lambda: _passes(served.switch, "h1", "h3", 8080))
     assert wait_for(lambda: served.status()["quarantined"] == [])
     record = next(r for r in reversed(served.audit()) if r["event"] == "release")
