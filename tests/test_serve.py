@@ -5,6 +5,7 @@ packets through its data plane."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -166,30 +167,36 @@ def _serve_args(inv: list[str], pki: Path, *extra: str) -> list[str]:
             "--check", "0.2", "--interval", "0.05", *extra]  # fmt: skip
 
 
-@pytest.fixture
-def served(
-    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
-    pki: Path,
-) -> Iterator[Served]:
-    sw, inv = site
-    args = _parser().parse_args(
-        _serve_args(inv, pki, "--metrics", "127.0.0.1:0", "--api-max-body", str(MAX_BODY))
-    )
+@contextlib.contextmanager
+def _running(argv: list[str], pki: Path) -> Iterator[Service]:
+    """A Service of `p4seg ARGV`, started on its own event loop (in a thread)."""
+    args = _parser().parse_args(argv)
     options = api_options(args)
     assert not isinstance(options, str), options
     service = Service(Engine(args, _front), options, load_access(pki / "access.yaml"))
     loop = _Loop()
     loop.run(service.start())
     try:
+        yield service
+    finally:
+        loop.run(service.stop())
+        loop.close()
+
+
+@pytest.fixture
+def served(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,
+) -> Iterator[Served]:
+    sw, inv = site
+    argv = _serve_args(inv, pki, "--metrics", "127.0.0.1:0", "--api-max-body", str(MAX_BODY))
+    with _running(argv, pki) as service:
         (_, port), (_, metrics) = service.addresses
         s = Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                    Path(".p4seg").resolve())  # fmt: skip
         assert wait_for(lambda: _passes(sw, "h1", "h3", 8080))  # the watch loop applied
         s.status()  # waits for that apply to finish (status takes the operations' lock)
         yield s
-    finally:
-        loop.run(service.stop())
-        loop.close()
 
 
 def test_serve_refuses_plain_http_off_loopback_and_missing_credentials(
@@ -464,3 +471,22 @@ def test_access_file_errors_name_the_place(tmp_path: Path) -> None:
         with pytest.raises(AccessError, match=message.replace("[", r"\[")):
             load_access(path)
     assert Access().by_certificate("anyone").may("admin")  # no file: the CA decides
+
+
+def test_plain_http_on_loopback_still_needs_a_token(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,
+) -> None:
+    _, inv = site
+    argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
+            "--api-tokens", str(pki / "access.yaml")]  # fmt: skip
+    with _running(argv, pki) as service:
+        url = f"http://127.0.0.1:{service.addresses[0][1]}/v1/status"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"] == 'Bearer realm="p4seg"'
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {READER}"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert json.loads(reply.read())["switches"][0]["name"] == "tor1"
+    assert main(["apply", "small.zt", *inv]) == 0  # serve.lock went with the service
