@@ -197,7 +197,7 @@ class Engine:
         its report as JSON, then `done` (still under the lock) if it succeeded; call from a
         worker thread."""
         args = argparse.Namespace(**{
-            **vars(self.args), "verb": verb, "output": "json", "dry_run": False, "switch": [],
+            **vars(self.args), "verb": verb, "output": "json", "dry_run": False,
             "error_format": "human", "reason": "", **fields,
         })  # fmt: skip
         with (
