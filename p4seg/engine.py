@@ -129,6 +129,7 @@ class Engine:
         self.state_dir = Path(args.state)
         self.lock = threading.Lock()
         self.changed = threading.Event()  # the live state changed: the watch loop reschedules
+        self.watched = threading.Event()  # the watch loop finished a turn (its first apply)
         self.last: Compiled | None = None  # the last build that compiled
         self._front = front
         self._stop = threading.Event()
@@ -155,7 +156,7 @@ class Engine:
         self._watch.start()
 
     def _watch_loop(self, failed: Callable[[], object]) -> None:
-        hooks = WatchHooks(self.lock, self.changed)
+        hooks = WatchHooks(self.lock, self.changed, self.watched)
         try:
             watch_loop(self.args, self.front, self._stop.is_set, hooks)
         except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)

@@ -537,6 +537,7 @@ class WatchHooks:
 
     lock: AbstractContextManager[object]
     changed: threading.Event
+    turned: threading.Event = dataclasses.field(default_factory=threading.Event)  # a turn ended
 
 
 def watch_loop(
@@ -556,6 +557,8 @@ def watch_loop(
                 hooks.changed.clear()
                 w.reschedule(args)
             _watch_turn(args, front, w)
+        if hooks is not None:
+            hooks.turned.set()
         if args.once:
             return EXIT_OK
         _wait(args.interval, stopped)

@@ -194,8 +194,8 @@ def served(
         (_, port), (_, metrics) = service.addresses
         s = Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                    Path(".p4seg").resolve())  # fmt: skip
-        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080))  # the watch loop applied
-        s.status()  # waits for that apply to finish (status takes the operations' lock)
+        assert service.engine.watched.wait(30)  # the watch loop's first apply is done
+        assert _passes(sw, "h1", "h3", 8080)
         yield s
 
 
