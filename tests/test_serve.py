@@ -168,12 +168,13 @@ def _serve_args(inv: list[str], pki: Path, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _running(argv: list[str], pki: Path) -> Iterator[Service]:
+def _running(argv: list[str]) -> Iterator[Service]:
     """A Service of `p4seg ARGV`, started on its own event loop (in a thread)."""
     args = _parser().parse_args(argv)
     options = api_options(args)
     assert not isinstance(options, str), options
-    service = Service(Engine(args, _front), options, load_access(pki / "access.yaml"))
+    access = load_access(options.tokens) if options.tokens is not None else Access()
+    service = Service(Engine(args, _front), options, access)
     loop = _Loop()
     loop.run(service.start())
     try:
@@ -190,7 +191,7 @@ def served(
 ) -> Iterator[Served]:
     sw, inv = site
     argv = _serve_args(inv, pki, "--metrics", "127.0.0.1:0", "--api-max-body", str(MAX_BODY))
-    with _running(argv, pki) as service:
+    with _running(argv) as service:
         (_, port), (_, metrics) = service.addresses
         s = Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                    Path(".p4seg").resolve())  # fmt: skip
@@ -311,6 +312,8 @@ def test_every_bad_input_is_a_4xx_and_changes_nothing(served: Served) -> None:
         (("POST", "/v1/grants", {"src": "h2 -> any ip\nallow any", "dst": "h4",
                                  "proto": "tcp", "for": "1m"}), op, 400, "bad_value: one service"),
         (("DELETE", "/v1/grants/nope", None), op, 404, "unknown_grant"),
+        (("DELETE", "/v1/quarantine/h1", {"reason": []}), op, 400, "wrong_type: string"),
+        (("POST", "/v1/apply", {"force": True}), op, 400, "unknown_field: 'force'"),
         (("POST", "/v1/apply", {"dry_run": "yes"}), op, 400, "wrong_type: boolean"),
         (("GET", "/v1/alerts?since=yesterday", None), op, 400, "bad_value"),
         (("GET", "/v1/alerts?since=2026-01-01T00:00:00", None), op, 400, "bad_value"),
@@ -480,7 +483,7 @@ def test_plain_http_on_loopback_still_needs_a_token(
     _, inv = site
     argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
             "--api-tokens", str(pki / "access.yaml")]  # fmt: skip
-    with _running(argv, pki) as service:
+    with _running(argv) as service:
         url = f"http://127.0.0.1:{service.addresses[0][1]}/v1/status"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=10)
@@ -490,3 +493,54 @@ def test_plain_http_on_loopback_still_needs_a_token(
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert json.loads(reply.read())["switches"][0]["name"] == "tor1"
     assert main(["apply", "small.zt", *inv]) == 0  # serve.lock went with the service
+
+
+def test_mtls_alone_requires_a_certificate(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,
+) -> None:
+    """Without an access file the CA decides: a certificate is required, and any it
+    signed (and no other) has every scope."""
+    _, inv = site
+    argv = [a for a in _serve_args(inv, pki) if "access.yaml" not in a and a != "--api-tokens"]
+    with _running(argv) as service:
+        served = Served(site[0], pki, f"https://127.0.0.1:{service.addresses[0][1]}", "",
+                        Path(".p4seg").resolve())  # fmt: skip
+        assert served.call("GET", "/v1/status") == (None, None)  # no certificate: no handshake
+        assert served.call("GET", "/v1/status", token=READER) == (None, None)
+        assert served.call("GET", "/v1/status", cert="rogue") == (None, None)
+        assert served.call("GET", "/v1/status", cert="noc-viewer")[0] == 200
+
+
+def test_the_serve_command_runs_until_sigterm(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,
+) -> None:
+    """`p4seg serve` as a process: its banner names the address; SIGTERM stops it (exit 0)
+    and frees the state directory."""
+    import os
+    import signal
+    import sys
+
+    sw, inv = site
+    argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
+            "--api-tokens", str(pki / "access.yaml")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "p4seg", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert banner.startswith("p4seg serve: API on http://127.0.0.1:"), banner
+        url = banner.split(" on ", 1)[1].split()[0].rstrip(",")
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {READER}"})
+        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080))
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert json.loads(reply.read())["switches"][0]["connection"] == "up"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert main(["apply", "small.zt", *inv]) == 0  # nothing holds .p4seg any more
