@@ -217,12 +217,11 @@ class Api:
         if ports and not _PORTS.match(ports):
             raise ApiError(400, "bad_value", "ports must be a port or a range (5432, 8000-8080)")
         seconds = _seconds(doc["for"], "for")
-        before = {g.id for g in self.engine.live().grants}
         fields = {"src": doc["src"], "dst": doc["dst"], "proto": doc["proto"], "ports": ports,
                   "duration": f"{seconds}s"}  # fmt: skip
         outcome = await asyncio.to_thread(self.engine.operate, "grant", who.audit_name, fields,
                                           {"reason": doc.get("reason", "")})  # fmt: skip
-        new = [g for g in self.engine.live().grants if g.id not in before]
+        new = [g for g in self.engine.live().grants if g.id in outcome.grants_added]
         if outcome.code == EXIT_OK and not new:  # already allowed: nothing to grant
             return _json({"ok": True, "grant": None, "message": outcome.output.strip()})
         return _outcome(outcome, {"grant": grant_json(new[0]) if new else None})

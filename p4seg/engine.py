@@ -85,6 +85,7 @@ class Outcome:
     report: dict[str, Any] | None
     errors: str
     output: str
+    grants_added: tuple[str, ...] = ()  # ids of the grants the operation added
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,11 @@ class Engine:
         except ValueError as err:
             raise ApiError(500, "state", str(err)) from None
 
+    def _grant_ids(self) -> set[str]:
+        with contextlib.suppress(ValueError):
+            return {g.id for g in LiveState.load(self.state_dir).grants}
+        return set()
+
     def _state_bytes(self) -> bytes:
         with contextlib.suppress(OSError):
             return (self.state_dir / STATE_FILE).read_bytes()
@@ -203,18 +209,23 @@ class Engine:
         })  # fmt: skip
         with (
             self.lock,  # also keeps the watch loop's printing out of the capture
-            audit.on_behalf_of(principal, via="api", **audit_fields),
+            audit.on_behalf_of(
+                principal,
+                via="api",
+                **{k: v for k, v in audit_fields.items() if v not in (None, "")},
+            ),
             _captured() as (stdout, stderr),
         ):
-            before = self._state_bytes()
+            before, grants = self._state_bytes(), self._grant_ids()
             code = HANDLERS[verb](args, self.front)
             changed = self._state_bytes() != before
+            added = tuple(sorted(self._grant_ids() - grants)) if changed else ()
             if code == EXIT_OK and done is not None:
                 done()
         if changed:
             self.changed.set()
         output = stdout.getvalue()
-        return Outcome(code, _report_of(output), stderr.getvalue().strip(), output)
+        return Outcome(code, _report_of(output), stderr.getvalue().strip(), output, added)
 
     # -- quarantine notes (serve's own: the live state knows only who is quarantined) --
 
