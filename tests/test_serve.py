@@ -544,3 +544,33 @@ def test_the_serve_command_runs_until_sigterm(
             proc.kill()
             proc.wait()
     assert main(["apply", "small.zt", *inv]) == 0  # nothing holds .p4seg any more
+
+
+def test_concurrent_operations_take_turns(served: Served) -> None:
+    """Calls that arrive together are applied one after the other: each answers 200 and
+    the switch ends up holding all of them."""
+    sw = served.switch
+    grant = {"src": "h3", "dst": "h4", "proto": "tcp", "ports": "443", "for": "10m"}
+    calls = [
+        ("PUT", "/v1/quarantine/h1", {"reason": "a"}),
+        ("PUT", "/v1/quarantine/h2", {"reason": "b"}),
+        ("POST", "/v1/grants", grant),
+        ("POST", "/v1/apply", {}),
+    ]
+    answers: list[tuple[int | None, Any]] = [(None, None)] * len(calls)
+
+    def call(i: int) -> None:
+        answers[i] = served.call(*calls[i], token=OPERATOR)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a[0] for a in answers] == [200] * len(calls), answers
+    assert not _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h3", 8080)
+    assert _passes(sw, "h3", "h4", 443) and _passes(sw, "h1", "h4", 443)
+    status = served.status()
+    assert status["quarantined"] == ["h1", "h2"]
+    assert [g["id"] for g in status["grants"]] == [answers[2][1]["grant"]["id"]]
+    assert main(["audit", "verify"]) == 0  # one chain, records never interleaved
