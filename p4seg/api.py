@@ -486,17 +486,35 @@ async def _errors(
         return _json({"error": {"code": "internal", "message": "internal error (logged)"}}, 500)
 
 
+def _access_line(request: web.Request, who: Principal | None, status: int) -> None:
+    moment = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    caller = who.audit_name if who is not None else "-"
+    print(f"p4seg serve: {moment} {request.remote} {caller} {request.method} "
+          f"{request.path_qs} {status}", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def application(api: Api, max_body: int) -> web.Application:
     """The API's aiohttp application: ROUTES, each behind its scope."""
     app = web.Application(client_max_size=max_body, middlewares=[_errors])
 
     def bind(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            who = api.principal(request)
-            if not who.may(route.scope):
-                raise ApiError(403, "forbidden", f"{who.audit_name} lacks the "
-                               f"{route.scope!r} scope for {route.method} {route.path}")  # fmt: skip
-            return await route.handler(api, request, who)
+            who: Principal | None = None
+            status = 500
+            try:
+                who = api.principal(request)
+                if not who.may(route.scope):
+                    raise ApiError(403, "forbidden", f"{who.audit_name} lacks the "
+                                   f"{route.scope!r} scope for {route.method} {route.path}")  # fmt: skip
+                response = await route.handler(api, request, who)
+                status = response.status
+                return response
+            except ApiError as err:
+                status = err.status
+                raise
+            finally:  # changes and refused callers, one line each (reads are not logged)
+                if request.method != "GET" or status in (401, 403):
+                    _access_line(request, who, status)
 
         return handle
 

@@ -221,7 +221,9 @@ def test_serve_refuses_plain_http_off_loopback_and_missing_credentials(
     assert not Path(".p4seg").exists()  # nothing started, nothing written
 
 
-def test_tls_and_scopes_refuse_who_they_must(served: Served) -> None:
+def test_tls_and_scopes_refuse_who_they_must(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert served.call("GET", "/v1/status", cert="ops-admin")[0] == 200
     assert served.call("GET", "/v1/status", cert="noc-viewer")[0] == 200
     assert served.call("GET", "/v1/status", cert="rogue") == (None, None)  # another CA
@@ -235,6 +237,9 @@ def test_tls_and_scopes_refuse_who_they_must(served: Served) -> None:
     code, doc = served.call("POST", "/v1/grants", {}, token=READER)
     assert code == 403 and doc["error"]["code"] == "forbidden"
     assert _passes(served.switch, "h1", "h3", 8080)  # nothing refused changed anything
+    log = capsys.readouterr().err  # refused callers are logged, with who they were
+    assert "127.0.0.1 cert:noc-viewer PUT /v1/quarantine/h1 403" in log
+    assert "127.0.0.1 - GET /v1/status 401" in log
 
 
 def test_quarantine_through_the_api_is_on_the_switch_and_audited(served: Served) -> None:
