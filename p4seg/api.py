@@ -131,7 +131,8 @@ def _outcome(outcome: Outcome, doc: dict[str, object]) -> web.Response:
     """200 when the verb succeeded; 422 when it refused (nothing reached the switches);
     502 when a switch failed (the live state is kept; watch retries)."""
     if outcome.code == EXIT_OK:
-        return _json({**doc, "ok": True, "result": outcome.report})
+        warnings = {"warnings": outcome.errors} if outcome.errors else {}
+        return _json({**doc, "ok": True, "result": outcome.report, **warnings})
     message = outcome.errors or "the operation failed"
     if outcome.report is None:
         raise ApiError(422, "refused", message)

@@ -133,6 +133,7 @@ class Engine:
         self.watched = threading.Event()  # the watch loop finished a turn (its first apply)
         self.last: Compiled | None = None  # the last build that compiled
         self._front = front
+        self._restricting = False  # an operation that only takes access away is running
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
 
@@ -145,6 +146,11 @@ class Engine:
         text: str | None = None,
     ) -> Compiled | None:
         compiled = self._front(args, text_transform, policy_transform, text)
+        if compiled is None and text is None and self.last is not None and self._restricting:
+            # Fail closed: a broken edit of the policy file must not stop a quarantine.
+            print("p4seg serve: the policy file does not compile: quarantining against the "
+                  "last text that did", file=sys.stderr)  # fmt: skip
+            compiled = self._front(args, text_transform, policy_transform, self.last.policy_text)
         if compiled is not None:
             self.last = compiled
         return compiled
@@ -217,7 +223,11 @@ class Engine:
             _captured() as (stdout, stderr),
         ):
             before, grants = self._state_bytes(), self._grant_ids()
-            code = HANDLERS[verb](args, self.front)
+            self._restricting = verb == "quarantine"
+            try:
+                code = HANDLERS[verb](args, self.front)
+            finally:
+                self._restricting = False
             changed = self._state_bytes() != before
             added = tuple(sorted(self._grant_ids() - grants)) if changed else ()
             if code == EXIT_OK and done is not None:

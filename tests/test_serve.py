@@ -359,6 +359,11 @@ def test_apply_rereads_the_policy_and_a_bad_edit_is_refused(served: Served) -> N
     code, doc = served.call("POST", "/v1/apply", token=OPERATOR)
     assert code == 422 and "unknown name 'bakc'" in doc["error"]["message"]
     assert _passes(served.switch, "h1", "h3", 8081)  # the last good policy stays
+    # Fail closed: the broken edit does not stop a quarantine (the last good text is used).
+    code, doc = served.call("PUT", "/v1/quarantine/h2", {"reason": "EDR"}, token=OPERATOR)
+    assert code == 200 and "against the last text that did" in doc["warnings"], doc
+    assert not _passes(served.switch, "h2", "h3", 8081)
+    assert _passes(served.switch, "h1", "h3", 8081)
 
 
 def test_a_switch_down_is_a_502_and_watch_brings_the_quarantine_when_it_is_back(
