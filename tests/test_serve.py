@@ -24,7 +24,7 @@ from p4rt import wait_for
 from test_cli_controller import _passes, site  # noqa: F401  (site: the fixture)
 
 from p4seg.api import ROUTES
-from p4seg.api_auth import Access, load_access
+from p4seg.api_auth import Access, Principal, load_access
 from p4seg.cli import _front, _parser, main
 from p4seg.engine import Engine
 from p4seg.serve import Service, api_options
@@ -584,3 +584,18 @@ def test_concurrent_operations_take_turns(served: Served) -> None:
     assert status["quarantined"] == ["h1", "h2"]
     assert [g["id"] for g in status["grants"]] == [answers[2][1]["grant"]["id"]]
     assert main(["audit", "verify"]) == 0  # one chain, records never interleaved
+
+
+def test_the_documented_access_file_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text()
+    [block] = [b.split("```", 1)[0] for b in doc.split("```yaml\n")[1:]]
+    path = tmp_path / "access.yaml"
+    path.write_text(block)
+    access = load_access(path)
+    assert access.by_token("at least 16 characters of secret") == Principal(
+        "grafana", frozenset({"read"}), "token"
+    )
+    assert access.by_token("example-token-do-not-use-0001") is not None  # its token_sha256
+    assert access.by_certificate("noc-viewer").may("read")
+    assert not access.by_certificate("noc-viewer").may("operate")
+    assert not access.by_certificate("stranger").scopes
