@@ -421,11 +421,12 @@ def openapi_document() -> dict[str, object]:
                 }
                 for f in r.body
             }
+            required = [f.name for f in r.body if f.required]
             schema = {
                 "type": "object",
                 "additionalProperties": False,
                 "properties": props,
-                "required": [f.name for f in r.body if f.required],
+                **({"required": required} if required else {}),
             }
             op["requestBody"] = {
                 "required": any(f.required for f in r.body),
@@ -433,7 +434,7 @@ def openapi_document() -> dict[str, object]:
             }
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",  # 3.1: it has the mutualTLS security scheme
         "info": {"title": "p4seg serve", "version": "1"},
         "paths": paths,
         "components": {
