@@ -599,3 +599,22 @@ def test_the_documented_access_file_loads(tmp_path: Path) -> None:
     assert access.by_certificate("noc-viewer").may("read")
     assert not access.by_certificate("noc-viewer").may("operate")
     assert not access.by_certificate("stranger").scopes
+
+
+def test_a_grant_made_through_the_api_expires_on_schedule(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch loop learns of a grant the API made (WatchHooks.changed) and removes it
+    when it expires, with no other event to wake it."""
+    import p4seg.verbs
+
+    body = {"src": "h2", "dst": "h4", "proto": "tcp", "ports": "443", "for": 60}
+    code, doc = served.call("POST", "/v1/grants", body, token=OPERATOR)
+    assert code == 200, doc
+    assert _passes(served.switch, "h2", "h4", 443)
+    later = p4seg.verbs.clock() + 61
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: later)
+    assert wait_for(lambda: not _passes(served.switch, "h2", "h4", 443))
+    assert wait_for(lambda: served.status()["grants"] == [])
+    record = next(r for r in reversed(served.audit()) if r.get("expired_grants"))
+    assert record["expired_grants"] == [doc["grant"]["id"]]
