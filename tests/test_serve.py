@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -218,6 +219,13 @@ def test_serve_refuses_plain_http_off_loopback_and_missing_credentials(
     bad.write_text("tokens:\n  - {principal: x, token: short, scopes: [read]}\n")
     assert main([*base, "--api", "127.0.0.1:8080", "--api-plain", "--api-tokens", str(bad)]) == 1
     assert "tokens[1]: a token needs at least 16 characters" in capsys.readouterr().err
+    with socket.socket() as taken:  # the API's port is in use: a clear error, not a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*base, "--api", f"127.0.0.1:{port}", "--api-plain", *tokens]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("p4seg serve: error: ") and "address already in use" in err, err
     assert not Path(".p4seg").exists()  # nothing started, nothing written
 
 
