@@ -449,6 +449,8 @@ def test_cli_verbs_ask_the_server(served: Served, capsys: pytest.CaptureFixture[
     # serve runs on the state directory, nothing else writes from it.
     assert main(["quarantine", "h2"]) == 2
     assert "-p/--policy and -i/--inventory are required" in capsys.readouterr().err
+    assert main(["quarantine", "h2", "-p", "small.zt", "-i", "small.yaml", "--ttl", "5m"]) == 2
+    assert "--ttl needs --server" in capsys.readouterr().err
     for argv in (["quarantine", "h2", "-p", "small.zt"], ["apply", "small.zt"]):
         assert main([*argv, "-i", "small.yaml"]) == 1
         assert f"a p4seg serve runs on .p4seg ({served.url})" in capsys.readouterr().err
