@@ -140,6 +140,7 @@ class Service:
             busy = serving(self.engine.state_dir)
             for runner in self._runners:
                 await runner.cleanup()
+            self._runners.clear()
             raise StateBusy(f"another p4seg serve runs on {self.engine.state_dir} ({busy})")
         metrics = ""
         if o.metrics is not None:
@@ -176,13 +177,12 @@ class Service:
 def cmd_serve(args: argparse.Namespace, front: Front) -> int:
     """`p4seg serve`: check every option, start, and serve until SIGINT/SIGTERM."""
     options = api_options(args)
-    controller = options_of(args)
-    problem = options if isinstance(options, str) else None
-    if problem is None and isinstance(controller, str):
-        problem = controller
-    if problem is not None or isinstance(options, str):
-        print(f"p4seg serve: error: {problem}", file=sys.stderr)
-        return EXIT_ERROR
+    controller = options_of(args)  # the switches' side: checked now, used by every apply
+    for problem in (options, controller):
+        if isinstance(problem, str):
+            print(f"p4seg serve: error: {problem}", file=sys.stderr)
+            return EXIT_ERROR
+    assert not isinstance(options, str)
     try:
         access = load_access(options.tokens) if options.tokens is not None else Access()
         LiveState.load(Path(args.state))
