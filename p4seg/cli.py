@@ -31,6 +31,7 @@ from compiler.model import Action, Policy
 from compiler.targets import TARGET_NAMES
 from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
 from p4seg.analysis import register as register_analysis_verbs
+from p4seg.commands import REMOTE_VERBS
 from p4seg.commands import VERBS as CONTROLLER_VERBS
 from p4seg.commands import register as register_controller_verbs
 from p4seg.spines import take_down
@@ -695,6 +696,33 @@ def _main(argv: Sequence[str] | None) -> int:
 
             logging.getLogger("finsy").setLevel(logging.ERROR)
             return run_up(args, _front)
+        if args.verb in REMOTE_VERBS:
+            from p4seg.remote import run_remote, server_of
+
+            if server_of(args):
+                return run_remote(args)
+            if not (args.policy and args.inventory):
+                print(f"p4seg {args.verb}: error: -p/--policy and -i/--inventory are required "
+                      "(or --server URL: a running p4seg serve)", file=sys.stderr)  # fmt: skip
+                return 2
+            if getattr(args, "ttl", None):
+                print(f"p4seg {args.verb}: error: --ttl needs --server: a one-shot quarantine "
+                      "has no process to end it", file=sys.stderr)  # fmt: skip
+                return 2
+        if args.verb in ("apply", "watch", *REMOTE_VERBS):
+            from p4seg.remote import serving
+
+            url = serving(Path(args.state))
+            if url is not None:  # it applies in turn with its own loop: never race it
+                print(f"p4seg {args.verb}: error: a p4seg serve runs on {args.state} ({url}): "
+                      "ask it instead (--server URL or P4SEG_SERVER; POST /v1/apply to "
+                      "apply)", file=sys.stderr)  # fmt: skip
+                return EXIT_ERROR
+        if args.verb == "serve":
+            from p4seg.serve import cmd_serve
+
+            logging.getLogger("finsy").setLevel(logging.ERROR)
+            return cmd_serve(args, _front)
         if args.verb in CONTROLLER_VERBS:
             from p4seg.verbs import HANDLERS  # finsy and grpc: only these verbs pay for them
 

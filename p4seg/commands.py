@@ -25,7 +25,9 @@ VERBS = (
     "alerts",
     "hits",
     "audit",
+    "serve",
 )
+REMOTE_VERBS = ("grant", "revoke", "quarantine", "release")  # --server: ask a running serve
 
 PolicyArguments = Callable[[argparse.ArgumentParser, bool], None]
 
@@ -121,6 +123,23 @@ opens or closes, a `for` rule lapses). An edit with errors is reported and nothi
 changes; the last good policy stays. Every --check period it also restores a switch that
 lost its pipeline, routes around a spine that stopped answering (down.json in the state
 directory), and restores a spine that answers again. Stop with Ctrl-C.
+"""
+
+_SERVE_HELP = """\
+Run the controller as a service: everything `watch` does (apply now, re-apply on edits, on
+schedule and to restarted switches), plus an HTTPS API for SOAR playbooks, EDR webhooks
+and operators: GET /v1/status, PUT/DELETE /v1/quarantine/HOST, GET/POST /v1/grants,
+DELETE /v1/grants/ID, POST /v1/apply, GET /v1/alerts (and /v1/alerts/stream), /metrics
+and /openapi.json. Callers authenticate with a client certificate (--api-client-ca) or a
+bearer token (--api-tokens), each with scopes read < operate < admin; every change is
+audited with the caller. API calls and the watch loop take turns: never two applies at
+once. The live verbs (quarantine, release, grant, revoke) ask a running serve with
+--server URL (or $P4SEG_SERVER). docs/serve.md has the details.
+
+examples:
+    p4seg serve policies/trading_floor.zt -i topologies/trading_floor.yaml --api 0.0.0.0:8443 \\
+        --api-cert api.pem --api-key api.key --api-client-ca clients-ca.pem --api-tokens access.yaml
+    p4seg serve policy.zt -i floor.yaml --api 127.0.0.1:8080 --api-plain --api-tokens access.yaml
 """
 
 _ALERTS_HELP = """\
@@ -247,6 +266,12 @@ def register(
     q = verb("quarantine", "isolate a host now (an overlay on its ToR)", _QUARANTINE_HELP, False)
     q.add_argument("host", metavar="HOST")
     _live_policy(q, policy_arguments)
+    q.add_argument("--reason", default="", help="why (in the audit record)")
+    q.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="release after this long (e.g. 30m); only with --server: serve releases it",
+    )
     rel = verb(
         "release", "end a host's quarantine", "Give a quarantined host its access back.", False
     )
@@ -268,21 +293,9 @@ def register(
     _live_policy(sg, policy_arguments)
 
     w = verb("watch", "re-apply on policy edits and on schedule", _WATCH_HELP)
-    no_verify_argument(w)
-    w.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH,
-        help=f"updates per Write (default: {DEFAULT_BATCH})",
-    )
-    w.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
-    w.add_argument(
-        "--check",
-        type=float,
-        default=2.0,
-        help="seconds between checks that every switch still runs the pipeline (default: 2)",
-    )
+    _watch_arguments(w)
     w.add_argument("--once", action="store_true", help="apply what is due, then exit (for cron)")
+    _serve_arguments(verb("serve", "watch, plus an authenticated HTTPS API", _SERVE_HELP))
 
     al = verb("alerts", "logged denies as JSON lines", _ALERTS_HELP)
     al.add_argument("--follow", action="store_true", help="receive alerts live until Ctrl-C")
@@ -293,6 +306,80 @@ def register(
 
     au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
     au.add_argument("action", choices=("verify", "show"))
+
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    """What `watch` and `serve` share: how they apply, how often they look."""
+    no_verify_argument(p)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"updates per Write (default: {DEFAULT_BATCH})",
+    )
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between file checks")
+    p.add_argument(
+        "--check",
+        type=float,
+        default=2.0,
+        help="seconds between checks that every switch still runs the pipeline (default: 2)",
+    )
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _watch_arguments(p)
+    p.set_defaults(once=False)
+    api = p.add_argument_group("API")
+    api.add_argument("--api", required=True, metavar="HOST:PORT", help="the API's address")
+    api.add_argument("--api-cert", metavar="PEM", help="the API's server certificate (TLS)")
+    api.add_argument("--api-key", metavar="PEM", help="its private key")
+    api.add_argument(
+        "--api-client-ca",
+        metavar="PEM",
+        help="accept client certificates signed by this CA (mTLS; principal: the subject CN)",
+    )
+    api.add_argument(
+        "--api-tokens",
+        metavar="FILE",
+        help="access file (YAML): bearer tokens -> principal and scopes, certificate CNs -> "
+        "scopes (docs/serve.md)",
+    )
+    api.add_argument(
+        "--api-plain",
+        action="store_true",
+        help="no TLS: only on a loopback address (tokens still required)",
+    )
+    api.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="a separate, unauthenticated listener for /metrics (default: /metrics on the API, "
+        "read scope)",
+    )
+    api.add_argument(
+        "--api-max-body",
+        type=int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="the largest request body (default: 65536; larger: 413)",
+    )
+
+
+def server_arguments(p: argparse.ArgumentParser) -> None:
+    """--server and its credentials: the live verbs ask a running `p4seg serve`."""
+    s = p.add_argument_group("a running p4seg serve (instead of the switches directly)")
+    s.add_argument(
+        "--server",
+        metavar="URL",
+        help="ask this p4seg serve (e.g. https://ctl:8443; default: $P4SEG_SERVER)",
+    )
+    s.add_argument(
+        "--server-token",
+        metavar="TOKEN",
+        help="bearer token (default: $P4SEG_SERVER_TOKEN, which keeps it out of `ps`)",
+    )
+    s.add_argument("--server-cert", metavar="PEM", help="client certificate (mTLS)")
+    s.add_argument("--server-key", metavar="PEM", help="its private key")
+    s.add_argument("--server-ca", metavar="PEM", help="verify the server against this CA")
 
 
 def at_argument(p: argparse.ArgumentParser) -> None:
@@ -306,8 +393,9 @@ def at_argument(p: argparse.ArgumentParser) -> None:
 
 def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) -> None:
     """Live verbs name the policy with -p, since their positionals say what to change."""
-    p.add_argument("-p", "--policy", required=True, metavar="POLICY", help="policy file (.zt)")
-    p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY", help="inventory YAML")
+    # Required unless a server is configured (checked by p4seg/cli.py): it has its own.
+    p.add_argument("-p", "--policy", metavar="POLICY", help="policy file (.zt)")
+    p.add_argument("-i", "--inventory", metavar="INVENTORY", help="inventory YAML")
     p.add_argument("--error-format", choices=("human", "json"), default="human")
     add_controller_arguments(p)
     no_verify_argument(p)
@@ -317,3 +405,4 @@ def _live_policy(p: argparse.ArgumentParser, policy_arguments: PolicyArguments) 
         default=DEFAULT_BATCH,
         help=f"updates per Write (default: {DEFAULT_BATCH})",
     )
+    server_arguments(p)

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -106,6 +107,7 @@ def _summary(reports: list[SwitchReport]) -> dict[str, object]:
         r.switch: {
             "ok": r.ok,
             "written": r.written,
+            "seconds": round(r.seconds, 3),
             **({"error": r.error} if r.error else {}),
             **(
                 {
@@ -397,6 +399,8 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
         print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
         return EXIT_ERROR
     event: dict[str, object] = {"host": args.host}
+    if getattr(args, "reason", ""):
+        event["reason"] = args.reason
     fast = _overlay(args.verb, args, front, state, event)
     if fast is not None:
         return fast
@@ -540,63 +544,38 @@ def cmd_watch(args: argparse.Namespace, front: Front) -> int:
     return watch_loop(args, front, stop.is_set)
 
 
-def watch_loop(args: argparse.Namespace, front: Front, stopped: Callable[[], bool]) -> int:
+@dataclasses.dataclass(frozen=True, slots=True)
+class WatchHooks:
+    """How `p4seg serve` shares the watch loop with its API: one lock held around each
+    turn of the loop (so an API operation never races an apply), and an event an operation
+    sets when it changed the live state (a grant's expiry to schedule)."""
+
+    lock: AbstractContextManager[object]
+    changed: threading.Event
+    turned: threading.Event = dataclasses.field(default_factory=threading.Event)  # a turn ended
+
+
+def watch_loop(
+    args: argparse.Namespace,
+    front: Front,
+    stopped: Callable[[], bool],
+    hooks: WatchHooks | None = None,
+) -> int:
     """See cmd_watch. Fail closed: while the policy file cannot be compiled, what is due
     (a grant expiring, a window closing, a `for` lapsing, a restarted switch) is applied
     from the last text that compiled, so a broken edit never keeps a permission alive."""
-    policy_path = Path(args.policy)
-    seen: tuple[int, int] | None = None
-    due: float | None = clock()
-    unreadable = False
-    last: Compiled | None = None
-    event: dict[str, object] = {}  # why the next apply is due, for its audit record
-    next_check = time.monotonic() + args.check
+    w = _Watch(due=clock(), next_check=time.monotonic() + args.check)
+    lock = hooks.lock if hooks is not None else nullcontext()
     while not stopped():
-        mark: tuple[int, int] | None
-        try:
-            stat = policy_path.stat()
-            mark, unreadable = (stat.st_mtime_ns, stat.st_size), False
-        except OSError as err:
-            if not unreadable:
-                print(f"p4seg watch: cannot read {policy_path}: {err.strerror}", file=sys.stderr)
-            mark, unreadable = seen, True  # the switches keep what is applied
-        if last is not None and time.monotonic() >= next_check:
-            next_check = time.monotonic() + args.check
-            lost = _lost_pipelines(args, last)
-            if lost:
-                print(f"-- {', '.join(lost)}: pipeline lost (restarted?): restoring", flush=True)
-                due = clock()
-            if moved := follow_spines(args, last, partial(_restore_spine, args, front)):
-                event, due = moved, clock()  # the ToRs' routing, at once
-        scheduled = due is not None and clock() >= due
-        if mark != seen or scheduled:
-            seen = mark
-            state = _load_state(args, "watch")
-            if state is not None:
-                print(f"-- {time.strftime('%H:%M:%S')} applying {policy_path}", flush=True)
-                code, compiled = _apply_compiled("watch", args, front, state, event)
-                event = {}
-                if compiled is None and last is not None and scheduled:
-                    print(
-                        "   the policy file does not compile: applying what is due to the last "
-                        "text that did",
-                        flush=True,
-                    )
-                    state = _load_state(args, "watch") or state  # as saved: prune again
-                    code, compiled = _apply_compiled(
-                        "watch", args, front, state, {"from": "last good text"}, last.policy_text
-                    )
-                if compiled is None and last is None:
-                    due = None  # nothing applied yet: wait for an edit, not the schedule
-                if compiled is not None:
-                    last = compiled
-                    due = next_change(compiled.policy, state, clock())
-                if code == EXIT_ERROR:
-                    print("   not everything applied; the switches keep what they had", flush=True)
-                    if compiled is not None:  # a switch failed: try again after a check period
-                        due = clock() + args.check
-            if args.once:
-                return EXIT_OK
+        with lock:
+            if hooks is not None and hooks.changed.is_set():
+                hooks.changed.clear()
+                w.reschedule(args)
+            _watch_turn(args, front, w)
+        if hooks is not None:
+            hooks.turned.set()
+        if args.once:
+            return EXIT_OK
         _wait(args.interval, stopped)
     return EXIT_OK
 
@@ -609,6 +588,76 @@ def _restore_spine(args: argparse.Namespace, front: Front, name: str) -> bool:
         state is not None
         and _apply("watch", alone, front, state, {"spine_restored": name}) == EXIT_OK
     )
+
+
+@dataclasses.dataclass(slots=True)
+class _Watch:
+    """What watch_loop carries from one turn to the next."""
+
+    due: float | None  # when the effective policy changes next (or a retry)
+    next_check: float  # when to check the switches' pipelines next (monotonic)
+    seen: tuple[int, int] | None = None  # the policy file's (mtime, size) last applied
+    unreadable: bool = False
+    last: Compiled | None = None  # the last build that compiled
+    event: dict[str, object] = dataclasses.field(default_factory=dict)  # why the next apply
+
+    def reschedule(self, args: argparse.Namespace) -> None:
+        """The live state changed under the loop (an API operation): keep what is due
+        now, and add what the new state makes due (a new grant's expiry)."""
+        state = _load_state(args, "watch")
+        if self.last is None or state is None:
+            return
+        upcoming = next_change(self.last.policy, state, clock())
+        self.due = min((d for d in (self.due, upcoming) if d is not None), default=None)
+
+
+def _watch_turn(args: argparse.Namespace, front: Front, w: _Watch) -> None:
+    """One turn of watch_loop: apply if the file changed, something is due or a switch
+    lost its pipeline."""
+    policy_path = Path(args.policy)
+    mark: tuple[int, int] | None
+    try:
+        stat = policy_path.stat()
+        mark, w.unreadable = (stat.st_mtime_ns, stat.st_size), False
+    except OSError as err:
+        if not w.unreadable:
+            print(f"p4seg watch: cannot read {policy_path}: {err.strerror}", file=sys.stderr)
+        mark, w.unreadable = w.seen, True  # the switches keep what is applied
+    if w.last is not None and time.monotonic() >= w.next_check:
+        w.next_check = time.monotonic() + args.check
+        lost = _lost_pipelines(args, w.last)
+        if lost:
+            print(f"-- {', '.join(lost)}: pipeline lost (restarted?): restoring", flush=True)
+            w.due = clock()
+        if moved := follow_spines(args, w.last, partial(_restore_spine, args, front)):
+            w.event, w.due = moved, clock()  # the ToRs' routing, at once
+    scheduled = w.due is not None and clock() >= w.due
+    if mark != w.seen or scheduled:
+        w.seen = mark
+        state = _load_state(args, "watch")
+        if state is not None:
+            print(f"-- {time.strftime('%H:%M:%S')} applying {policy_path}", flush=True)
+            code, compiled = _apply_compiled("watch", args, front, state, w.event)
+            w.event = {}
+            if compiled is None and w.last is not None and scheduled:
+                print(
+                    "   the policy file does not compile: applying what is due to the last "
+                    "text that did",
+                    flush=True,
+                )
+                state = _load_state(args, "watch") or state  # as saved: prune again
+                code, compiled = _apply_compiled(
+                    "watch", args, front, state, {"from": "last good text"}, w.last.policy_text
+                )
+            if compiled is None and w.last is None:
+                w.due = None  # nothing applied yet: wait for an edit, not the schedule
+            if compiled is not None:
+                w.last = compiled
+                w.due = next_change(compiled.policy, state, clock())
+            if code == EXIT_ERROR:
+                print("   not everything applied; the switches keep what they had", flush=True)
+                if compiled is not None:  # a switch failed: try again after a check period
+                    w.due = clock() + args.check
 
 
 def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:

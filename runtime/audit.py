@@ -10,6 +10,7 @@ recompute the chain; to stop a rewrite of the whole file, ship the last hash els
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import getpass
@@ -18,10 +19,17 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 GENESIS = "0" * 64
+
+# Who a change is made for when it is not the login user (an API caller of `p4seg serve`),
+# and what else every record made on their behalf carries (the reason, the channel).
+_ON_BEHALF: ContextVar[tuple[str, dict[str, object]] | None] = ContextVar(
+    "p4seg_audit_on_behalf", default=None
+)
 
 
 def _canonical(record: dict[str, object]) -> bytes:
@@ -33,8 +41,23 @@ def _digest(record: dict[str, object]) -> str:
     return hashlib.sha256(_canonical(body)).hexdigest()
 
 
+@contextlib.contextmanager
+def on_behalf_of(principal: str, **fields: object) -> Iterator[None]:
+    """Within this context (this thread or task), `actor()` is `principal` and every
+    record appended also carries `fields` (e.g. `via`, `reason`)."""
+    token = _ON_BEHALF.set((principal, fields))
+    try:
+        yield
+    finally:
+        _ON_BEHALF.reset(token)
+
+
 def actor() -> str:
-    """Who is making the change: the login user and the host."""
+    """Who is making the change: the caller set by `on_behalf_of`, else the login user
+    and the host."""
+    behalf = _ON_BEHALF.get()
+    if behalf is not None:
+        return behalf[0]
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -64,6 +87,7 @@ def append(path: Path, event: str, **fields: object) -> dict[str, object]:
             "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             "actor": actor(),
             "event": event,
+            **(behalf[1] if (behalf := _ON_BEHALF.get()) is not None else {}),
             **fields,
             "prev": prev,
         }

@@ -144,14 +144,7 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     request = p4r.ReadRequest(device_id=device_id, entities=_table_wildcards(tables))
     async for reply in client.request_iter(request):
         held.entries.extend(canonical_entry(e.table_entry) for e in reply.entities)
-    epoch = p4r.Entity()
-    epoch.table_entry.table_id = tables.epoch_table.id
-    epoch.table_entry.is_default_action = True
-    request = p4r.ReadRequest(device_id=device_id, entities=[epoch])
-    async for reply in client.request_iter(request):
-        for e in reply.entities:
-            params = e.table_entry.action.action.params
-            held.epoch = int.from_bytes(params[0].value, "big") if params else 0
+    held.epoch = await read_epoch(client, device_id, tables)
     clone = p4r.Entity()
     clone.packet_replication_engine_entry.clone_session_entry.session_id = CPU_CLONE_SESSION
     request = p4r.ReadRequest(device_id=device_id, entities=[clone])
@@ -163,6 +156,20 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
         if err.code.name != "NOT_FOUND":  # some targets answer a missing session so
             raise
     return held
+
+
+async def read_epoch(client: P4Client, device_id: int, tables: Tables) -> int:
+    """The epoch the switch stamps packets with (the `epoch` table's default action)."""
+    epoch = p4r.Entity()
+    epoch.table_entry.table_id = tables.epoch_table.id
+    epoch.table_entry.is_default_action = True
+    value = 0
+    request = p4r.ReadRequest(device_id=device_id, entities=[epoch])
+    async for reply in client.request_iter(request):
+        for e in reply.entities:
+            params = e.table_entry.action.action.params
+            value = int.from_bytes(params[0].value, "big") if params else 0
+    return value
 
 
 async def pipeline_state(client: P4Client, device_id: int, expected: P4Schema) -> str:

@@ -1,0 +1,436 @@
+"""The engine of `p4seg serve`: the verbs an operator runs (p4seg/verbs.py), run for API
+callers one at a time.
+
+An operation runs in a worker thread holding the one lock the watch loop holds for each of
+its turns, so an API call never races an apply; it runs on behalf of its caller
+(runtime/audit.py `on_behalf_of`: the audit records name the principal), with what the
+verb prints captured for that thread alone and turned into the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from compiler.diagnostics import InventoryError
+from compiler.inventory import Inventory, load_inventory
+from p4seg.control import EXIT_OK, Compiled, session_of
+from p4seg.verbs import (
+    HANDLERS,
+    Front,
+    PolicyTransform,
+    TextTransform,
+    WatchHooks,
+    clock,
+    watch_loop,
+)
+from runtime import audit
+from runtime.live import STATE_FILE, LiveState
+
+NOTES_FILE = "quarantines.json"  # in the state directory: reason, caller, expiry per host
+SERVICE_PRINCIPAL = "p4seg-serve"  # the audit actor of what serve does by itself (expiries)
+
+
+class _ThreadStream(io.TextIOBase):
+    """A stand-in for sys.stdout or sys.stderr: the thread that installed it writes into a
+    buffer (the verbs report by printing), every other thread to the real stream."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+        self.buffer_ = io.StringIO()
+        self._owner = threading.get_ident()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self._owner:
+            return self.buffer_.write(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        if threading.get_ident() != self._owner:
+            self.real.flush()
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """What this thread prints to stdout and stderr, meanwhile (other threads unaffected)."""
+    out, err = _ThreadStream(sys.stdout), _ThreadStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield out.buffer_, err.buffer_
+    finally:
+        sys.stdout, sys.stderr = out.real, err.real
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a verb run on the API's behalf did: exit status, its JSON report (if it
+    reached the switches) and what it said on stderr."""
+
+    code: int
+    report: dict[str, Any] | None
+    errors: str
+    output: str
+    grants_added: tuple[str, ...] = ()  # ids of the grants the operation added
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineNote:
+    """Why and by whom a host was quarantined through the API, and until when."""
+
+    reason: str
+    by: str
+    since: float
+    expires: float | None = None
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP status, a stable code, a message."""
+
+    def __init__(self, status: int, code: str, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+def _report_of(output: str) -> dict[str, Any] | None:
+    """The JSON document a verb printed (`--output json`) among its other lines."""
+    for match in re.finditer(r"^\{", output, re.MULTILINE):
+        try:
+            doc, _ = json.JSONDecoder().raw_decode(output[match.start() :])
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return None
+
+
+class Engine:
+    """The controller behind the API: the command line's options, the compiler front end,
+    one lock for every operation, and the notes serve keeps (quarantine reasons, TTLs)."""
+
+    def __init__(self, args: argparse.Namespace, front: Front) -> None:
+        self.args = args
+        self.state_dir = Path(args.state)
+        self.lock = threading.Lock()
+        self.changed = threading.Event()  # the live state changed: the watch loop reschedules
+        self.watched = threading.Event()  # the watch loop finished a turn (its first apply)
+        self.last: Compiled | None = None  # the last build that compiled
+        self._front = front
+        self._restricting = False  # an operation that only takes access away is running
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    # The front end of every compile: the last build is what status probes the switches with.
+    def front(
+        self,
+        args: argparse.Namespace,
+        text_transform: TextTransform,
+        policy_transform: PolicyTransform,
+        text: str | None = None,
+    ) -> Compiled | None:
+        compiled = self._front(args, text_transform, policy_transform, text)
+        if compiled is None and text is None and self.last is not None and self._restricting:
+            # Fail closed: a broken edit of the policy file must not stop a quarantine.
+            print("p4seg serve: the policy file does not compile: quarantining against the "
+                  "last text that did", file=sys.stderr)  # fmt: skip
+            compiled = self._front(args, text_transform, policy_transform, self.last.policy_text)
+        if compiled is not None:
+            self.last = compiled
+        return compiled
+
+    def start(self, failed: Callable[[], object]) -> None:
+        """Start the watch loop in its thread; `failed` is called if it ever dies."""
+        self._watch = threading.Thread(
+            target=self._watch_loop, args=(failed,), name="p4seg-watch", daemon=True
+        )
+        self._watch.start()
+
+    def _watch_loop(self, failed: Callable[[], object]) -> None:
+        hooks = WatchHooks(self.lock, self.changed, self.watched)
+        try:
+            watch_loop(self.args, self.front, self._stop.is_set, hooks)
+        except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)
+            print("p4seg serve: the watch loop failed; stopping", file=sys.stderr)
+            traceback.print_exc()
+            failed()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def inventory(self) -> Inventory:
+        try:
+            return load_inventory(self.args.inventory)[0]
+        except InventoryError as err:
+            first = err.diagnostics[0].message if err.diagnostics else "cannot be loaded"
+            raise ApiError(500, "inventory", f"{self.args.inventory}: {first}") from None
+
+    def live(self) -> LiveState:
+        try:
+            return LiveState.load(self.state_dir)
+        except ValueError as err:
+            raise ApiError(500, "state", str(err)) from None
+
+    def _grant_ids(self) -> set[str]:
+        with contextlib.suppress(ValueError):
+            return {g.id for g in LiveState.load(self.state_dir).grants}
+        return set()
+
+    def _state_bytes(self) -> bytes:
+        with contextlib.suppress(OSError):
+            return (self.state_dir / STATE_FILE).read_bytes()
+        return b""
+
+    def operate(self, verb: str, principal: str, fields: Mapping[str, object],
+                audit_fields: Mapping[str, object], done: Callable[[], None] | None = None
+                ) -> Outcome:  # fmt: skip
+        """Run one verb (p4seg/verbs.py) under the lock, on behalf of `principal`, with
+        its report as JSON, then `done` (still under the lock) if it succeeded; call from a
+        worker thread."""
+        args = argparse.Namespace(**{
+            **vars(self.args), "verb": verb, "output": "json", "dry_run": False,
+            "error_format": "human", "reason": "", **fields,
+        })  # fmt: skip
+        with (
+            self.lock,  # also keeps the watch loop's printing out of the capture
+            audit.on_behalf_of(
+                principal,
+                via="api",
+                **{k: v for k, v in audit_fields.items() if v not in (None, "")},
+            ),
+            _captured() as (stdout, stderr),
+        ):
+            before, grants = self._state_bytes(), self._grant_ids()
+            self._restricting = verb == "quarantine"
+            try:
+                code = HANDLERS[verb](args, self.front)
+            finally:
+                self._restricting = False
+            changed = self._state_bytes() != before
+            added = tuple(sorted(self._grant_ids() - grants)) if changed else ()
+            if code == EXIT_OK and done is not None:
+                done()
+        if changed:
+            self.changed.set()
+        output = stdout.getvalue()
+        return Outcome(code, _report_of(output), stderr.getvalue().strip(), output, added)
+
+    # -- quarantine notes (serve's own: the live state knows only who is quarantined) --
+
+    def notes(self) -> dict[str, QuarantineNote]:
+        try:
+            doc = json.loads((self.state_dir / NOTES_FILE).read_text())
+            return {str(h): QuarantineNote(**n) for h, n in doc.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise ApiError(
+                500, "state", f"{self.state_dir / NOTES_FILE} is damaged ({err})"
+            ) from None
+
+    def note(self, host: str, note: QuarantineNote | None) -> None:
+        """Keep (or, None, drop) the note of `host`'s quarantine; under the lock."""
+        notes = self.notes()
+        if note is not None:
+            notes[host] = note
+        elif notes.pop(host, None) is None:
+            return
+        self.save_notes(notes)
+
+    def save_notes(self, notes: Mapping[str, QuarantineNote]) -> None:
+        doc = {h: dataclasses.asdict(n) for h, n in sorted(notes.items())}
+        tmp = self.state_dir / f".{NOTES_FILE}.tmp"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.state_dir / NOTES_FILE)
+
+    def expire_quarantines(self) -> float:
+        """Release every quarantine whose TTL ran out (worker thread); seconds until the
+        next one runs out (at most a check period)."""
+        now = clock()
+        period = float(self.args.check)
+        notes = self.notes()
+        for host, note in notes.items():
+            if note.expires is None or note.expires > now:
+                continue
+            if host in self.live().quarantined:
+                self.operate("release", SERVICE_PRINCIPAL, {"host": host},
+                             {"reason": f"quarantine TTL expired ({note.reason})"})  # fmt: skip
+            if host not in self.live().quarantined:  # else retried after a check period
+                with self.lock:
+                    if self.notes().get(host) == note:  # not quarantined again meanwhile
+                        self.note(host, None)
+        pending = [n.expires - now for n in self.notes().values() if n.expires is not None]
+        return max(0.05, min([period, *pending]))
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """GET /v1/status (worker thread)."""
+        with self.lock:
+            state, notes, inventory = self.live(), self.notes(), self.inventory()
+            probes = self._probe(self.last)
+        records = _recent_audit(self.state_dir / "audit.jsonl")
+        applied: dict[str, dict[str, object]] = {}
+        last_apply: dict[str, object] | None = None
+        for record in records:  # oldest first: the latest wins
+            switches = record.get("switches")
+            if not isinstance(switches, dict):
+                continue
+            seconds = [s.get("seconds", 0) for s in switches.values() if isinstance(s, dict)]
+            last_apply = {
+                "event": record.get("event"),
+                "time": record.get("time"),
+                "actor": record.get("actor"),
+                "result": record.get("result"),
+                "seconds": max(seconds, default=0),
+            }
+            for name, summary in switches.items():
+                if isinstance(summary, dict) and summary.get("ok"):
+                    applied[name] = {
+                        "time": record.get("time"),
+                        "policy_sha256": record.get("policy_sha256"),
+                        "compiled_sha256": record.get("compiled_sha256"),
+                    }
+        now = clock()
+        return {
+            "role": "leader",
+            "policy": str(self.args.policy),
+            "switches": [
+                {
+                    "name": sw.name,
+                    "address": sw.p4rt,
+                    **probes.get(sw.name, {"connection": "unknown"}),
+                    "applied": applied.get(sw.name),
+                    "tables_sha256": state.applied_tables.get(sw.name),
+                }
+                for sw in inventory.switches
+            ],
+            "last_apply": last_apply,
+            "grants": [grant_json(g) for g in state.active_grants(now)],
+            "quarantined": sorted(state.quarantined),
+            "quarantines": [
+                {"host": h, "since": _iso(since), **_note_json(notes.get(h))}
+                for h, since in sorted(state.quarantined.items())
+            ],
+            "signals": [],
+        }
+
+    def _probe(self, compiled: Compiled | None) -> dict[str, dict[str, object]]:
+        """Each switch's connection, pipeline and epoch (one cookie read, one default read)."""
+        if compiled is None:
+            return {}
+        from finsy import P4Client
+        from finsy.p4client import P4ClientError
+
+        from runtime.controller import pipeline_state, read_epoch
+
+        session = session_of("status", self.args, compiled)
+        if session is None:
+            return {}
+        schema = session.files.schema()
+        timeout = min(5.0, session.options.timeout)
+
+        async def one(target: Any) -> dict[str, object]:
+            try:
+                async with P4Client(target.address, session.options.tls,
+                                    wait_for_ready=False) as client:  # fmt: skip
+                    pipeline = await asyncio.wait_for(
+                        pipeline_state(client, target.device_id, schema), timeout
+                    )
+                    epoch = None
+                    if pipeline == "same":
+                        epoch = await asyncio.wait_for(
+                            read_epoch(client, target.device_id, session.tables), timeout
+                        )
+                return {"connection": "up", "pipeline": pipeline, "epoch": epoch}
+            except (P4ClientError, TimeoutError, OSError) as err:
+                return {"connection": "unreachable", "reason": str(err) or type(err).__name__}
+
+        async def every() -> list[dict[str, object]]:
+            return list(await asyncio.gather(*(one(t) for t in session.switches)))
+
+        results = asyncio.run(every())
+        return {t.name: r for t, r in zip(session.switches, results, strict=True)}
+
+
+def _iso(moment: float) -> str:
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="seconds")
+
+
+def grant_json(grant: Any) -> dict[str, object]:
+    return {
+        "id": grant.id,
+        "rule": grant.line(),
+        "by": grant.actor,
+        "created": _iso(grant.created),
+        "expires": _iso(grant.expires),
+    }
+
+
+def _note_json(note: QuarantineNote | None) -> dict[str, object]:
+    if note is None:
+        return {}
+    return {
+        "reason": note.reason,
+        "by": note.by,
+        "expires": None if note.expires is None else _iso(note.expires),
+    }
+
+
+def _recent_audit(path: Path, tail: int = 1 << 18) -> list[dict[str, Any]]:
+    """The audit records in the last `tail` bytes of the log (a status needs the latest)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail))
+            lines = f.read().splitlines()[1 if size > tail else 0 :]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def metrics_text(engine: Engine) -> str:
+    """The Prometheus text body of /metrics (a minimal one; runtime/metrics.py replaces it)."""
+    try:
+        state = engine.live()
+    except ApiError:
+        state = LiveState()
+    now = clock()
+    lines = [
+        "# HELP p4seg_quarantined_hosts Hosts quarantined now.",
+        "# TYPE p4seg_quarantined_hosts gauge",
+        f"p4seg_quarantined_hosts {len(state.quarantined)}",
+        "# HELP p4seg_grants Grants in force now.",
+        "# TYPE p4seg_grants gauge",
+        f"p4seg_grants {len(state.active_grants(now))}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,211 @@
+"""`p4seg serve`: the controller as a service — `watch` plus an authenticated HTTPS API.
+
+The engine (p4seg/engine.py) runs the verbs an operator runs, one at a time with the watch
+loop; the API (p4seg/api.py) is aiohttp — asyncio like finsy, and its transport gives the
+TLS peer certificate, the mTLS principal; who may call it is p4seg/api_auth.py. This
+module holds the options, the listeners and the command. docs/serve.md describes it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from p4seg.api import Api, application, metrics_application
+from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
+from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
+from p4seg.engine import ApiError, Engine
+from p4seg.remote import hold, serving
+from p4seg.verbs import Front
+from runtime.live import LiveState
+
+DEFAULT_MAX_BODY = 64 * 1024  # bytes: the largest request body (a grant is ~200)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiOptions:
+    """The API's listeners and credentials, checked (`api_options`)."""
+
+    host: str
+    port: int
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    tokens: Path | None = None
+    plain: bool = False
+    metrics: tuple[str, int] | None = None  # a separate Prometheus listener
+    max_body: int = DEFAULT_MAX_BODY
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.plain else "https"
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int] | str:
+    """HOST:PORT (IPv6 as [ADDR]:PORT), or what is wrong with it."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"{flag} {text!r}: expected HOST:PORT (e.g. 127.0.0.1:8443)"
+    return host, int(port)
+
+
+def api_options(args: argparse.Namespace) -> ApiOptions | str:
+    """The API options of a command line, or what is wrong with them (nothing started)."""
+    address = parse_address(args.api, "--api")
+    if isinstance(address, str):
+        return address
+    metrics = parse_address(args.metrics, "--metrics") if args.metrics else None
+    if isinstance(metrics, str):
+        return metrics
+    host, port = address
+    paths = {
+        flag: Path(value) if value else None
+        for flag, value in (
+            ("--api-cert", args.api_cert),
+            ("--api-key", args.api_key),
+            ("--api-client-ca", args.api_client_ca),
+            ("--api-tokens", args.api_tokens),
+        )
+    }
+    for flag, path in paths.items():
+        if path is not None and not path.is_file():
+            return f"{flag} {path}: no such file"
+    cert, key, client_ca = paths["--api-cert"], paths["--api-key"], paths["--api-client-ca"]
+    if args.api_plain:
+        if not is_loopback(host):
+            return (
+                f"--api-plain serves the API without TLS: only on a loopback address "
+                f"(127.0.0.1, ::1), not {host}"
+            )
+        if cert or key or client_ca:
+            return "--api-plain is without TLS: drop --api-cert, --api-key and --api-client-ca"
+    elif not (cert and key):
+        return "the API needs --api-cert and --api-key (or --api-plain on a loopback address)"
+    if client_ca is None and paths["--api-tokens"] is None:
+        return "no way to authenticate callers: give --api-client-ca and/or --api-tokens"
+    if args.api_max_body <= 0:
+        return "--api-max-body must be > 0"
+    return ApiOptions(
+        host, port, cert, key, client_ca, paths["--api-tokens"], args.api_plain, metrics,
+        args.api_max_body,
+    )  # fmt: skip
+
+
+class StateBusy(Exception):
+    """Another p4seg serve holds the state directory."""
+
+
+class Service:
+    """The listeners of one serve process (API, and metrics when asked), over an Engine."""
+
+    def __init__(self, engine: Engine, options: ApiOptions, access: Access) -> None:
+        self.engine, self.options, self.access = engine, options, access
+        self._runners: list[web.AppRunner] = []
+        self._held: int | None = None  # the state directory's serve.lock
+        self.failed = asyncio.Event()  # the watch loop died: the process must stop
+        self._expiry: asyncio.Task[None] | None = None
+        self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
+
+    async def start(self) -> None:
+        """Bind the listeners (AccessError: bad TLS material), then start the engine."""
+        o = self.options
+        context = None
+        if not o.plain:
+            assert o.cert is not None and o.key is not None
+            context = server_context(o.cert, o.key, o.client_ca, optional=o.tokens is not None)
+        listeners = [(application(Api(self.engine, self.access), o.max_body), o.host, o.port,
+                      context)]  # fmt: skip
+        if o.metrics is not None:
+            listeners.append((metrics_application(self.engine), *o.metrics, None))
+        for app, host, port, ssl_context in listeners:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            self._runners.append(runner)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+            await site.start()
+            self.addresses.append(runner.addresses[-1][:2])
+        host, port = self.addresses[0]
+        url = f"{o.scheme}://{host}:{port}"
+        self._held = hold(self.engine.state_dir, url)
+        if self._held is None:
+            busy = serving(self.engine.state_dir)
+            for runner in self._runners:
+                await runner.cleanup()
+            self._runners.clear()
+            raise StateBusy(f"another p4seg serve runs on {self.engine.state_dir} ({busy})")
+        metrics = ""
+        if o.metrics is not None:
+            metrics = f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
+        print(f"p4seg serve: API on {url}/v1/status{metrics}", flush=True)
+        loop = asyncio.get_running_loop()
+        # After the banner: the watch loop prints its first apply.
+        self.engine.start(lambda: loop.call_soon_threadsafe(self.failed.set))
+        self._expiry = asyncio.create_task(self._expire())
+
+    async def _expire(self) -> None:
+        """Release quarantines whose TTL ran out, as they run out."""
+        while True:
+            try:
+                pause = await asyncio.to_thread(self.engine.expire_quarantines)
+            except ApiError as err:  # a damaged notes file: say so, keep serving, retry
+                print(f"p4seg serve: {err.message}", file=sys.stderr)
+                pause = float(self.engine.args.check)
+            await asyncio.sleep(pause)
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        await asyncio.to_thread(self.engine.stop)
+        for runner in self._runners:
+            await runner.cleanup()
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
+def cmd_serve(args: argparse.Namespace, front: Front) -> int:
+    """`p4seg serve`: check every option, start, and serve until SIGINT/SIGTERM."""
+    options = api_options(args)
+    controller = options_of(args)  # the switches' side: checked now, used by every apply
+    for problem in (options, controller):
+        if isinstance(problem, str):
+            print(f"p4seg serve: error: {problem}", file=sys.stderr)
+            return EXIT_ERROR
+    assert not isinstance(options, str)
+    try:
+        access = load_access(options.tokens) if options.tokens is not None else Access()
+        LiveState.load(Path(args.state))
+    except (AccessError, ValueError) as err:
+        print(f"p4seg serve: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    service = Service(Engine(args, front), options, access)
+
+    async def serve() -> int:
+        try:
+            await service.start()
+        except (AccessError, OSError, StateBusy) as err:
+            print(f"p4seg serve: error: {err}", file=sys.stderr)
+            await service.stop()
+            return EXIT_ERROR
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        failed = asyncio.ensure_future(service.failed.wait())
+        await asyncio.wait([asyncio.ensure_future(stopped.wait()), failed],
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        await service.stop()
+        return EXIT_ERROR if failed.done() else EXIT_OK
+
+    return asyncio.run(serve())
