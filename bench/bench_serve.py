@@ -47,7 +47,7 @@ from bench.bench_controller import (
 )
 from p4seg.api_auth import load_access
 from p4seg.cli import _front, _parser
-from p4seg.engine import Engine
+from p4seg.operations import Operations
 from p4seg.serve import Service, api_options
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -81,7 +81,7 @@ def _serving(argv: list[str], access: Path) -> Iterator[Service]:
     args = _parser().parse_args(argv)
     options = api_options(args)
     assert not isinstance(options, str), options
-    service = Service(Engine(args, _front), options, load_access(access))
+    service = Service(Operations(args, _front), options, load_access(access))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -130,7 +130,7 @@ def bench(floor_name: str, repeat: int) -> None:
             _timed(verb_q, verb_r, lambda: run_verb(["quarantine", host.name, *live]),
                    lambda: run_verb(["release", host.name, *live]), dropped, restored)  # fmt: skip
             with _serving(argv, d / "access.yaml") as service:
-                service.engine.watched.wait(TIMEOUT)  # its first apply (nothing to write) is done
+                service.ops.watched.wait(TIMEOUT)  # its first apply (nothing to write) is done
                 url = f"https://127.0.0.1:{service.addresses[0][1]}/v1/quarantine/{host.name}"
                 _timed(api_q, api_r, _call(url, "PUT", context), _call(url, "DELETE", context),
                        dropped, restored)  # fmt: skip

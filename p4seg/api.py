@@ -2,7 +2,7 @@
 which the router and the OpenAPI document are both made, so they cannot drift.
 
 Every request is authenticated (p4seg/api_auth.py) and checked against its route's scope,
-its body and parameters are validated before the engine runs anything (bad input changes
+its body and parameters are validated before anything runs (bad input changes
 nothing), and every answer is JSON; errors are `{"error": {"code": ..., "message": ...}}`.
 """
 
@@ -26,9 +26,9 @@ from aiohttp import web
 from compiler.resolve import MAX_DURATION_S, parse_duration
 from p4seg.api_auth import SCOPES, Access, Principal, common_name
 from p4seg.control import EXIT_CHANGES, EXIT_OK
-from p4seg.engine import (
+from p4seg.operations import (
     ApiError,
-    Engine,
+    Operations,
     Outcome,
     QuarantineNote,
     grant_json,
@@ -140,10 +140,10 @@ def _outcome(outcome: Outcome, doc: dict[str, object]) -> web.Response:
 
 
 class Api:
-    """The endpoints, over an Engine."""
+    """The endpoints, over an Operations."""
 
-    def __init__(self, engine: Engine, access: Access) -> None:
-        self.engine = engine
+    def __init__(self, ops: Operations, access: Access) -> None:
+        self.ops = ops
         self.access = access
 
     def principal(self, request: web.Request) -> Principal:
@@ -168,7 +168,7 @@ class Api:
 
     def _host(self, host: str) -> None:
         """404 (with a suggestion) for a host the inventory does not have."""
-        names = sorted(self.engine.inventory().hosts_by_name)
+        names = sorted(self.ops.inventory().hosts_by_name)
         if host not in names:
             close = difflib.get_close_matches(host, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -176,7 +176,7 @@ class Api:
                            hosts=names)  # fmt: skip
 
     async def status(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        return _json(await asyncio.to_thread(self.engine.status))
+        return _json(await asyncio.to_thread(self.ops.status))
 
     async def quarantine(self, request: web.Request, who: Principal) -> web.StreamResponse:
         host = request.match_info["host"]
@@ -186,24 +186,24 @@ class Api:
         self._host(host)
         now = clock()
         note = QuarantineNote(reason, who.audit_name, now, None if ttl is None else now + ttl)
-        outcome = await asyncio.to_thread(self.engine.operate, "quarantine", who.audit_name,
+        outcome = await asyncio.to_thread(self.ops.operate, "quarantine", who.audit_name,
                                           {"host": host}, {"reason": reason, "ttl": ttl},
-                                          lambda: self.engine.note(host, note))  # fmt: skip
+                                          lambda: self.ops.note(host, note))  # fmt: skip
         return _outcome(outcome, {"host": host, "quarantined": outcome.code == EXIT_OK})
 
     async def release(self, request: web.Request, who: Principal) -> web.StreamResponse:
         host = request.match_info["host"]
         doc = await _body(request, RELEASE_BODY)
         self._host(host)
-        if host not in self.engine.live().quarantined:
+        if host not in self.ops.live().quarantined:
             raise ApiError(404, "not_quarantined", f"{host} is not quarantined")
-        outcome = await asyncio.to_thread(self.engine.operate, "release", who.audit_name,
+        outcome = await asyncio.to_thread(self.ops.operate, "release", who.audit_name,
                                           {"host": host}, {"reason": doc.get("reason", "")},
-                                          lambda: self.engine.note(host, None))  # fmt: skip
+                                          lambda: self.ops.note(host, None))  # fmt: skip
         return _outcome(outcome, {"host": host, "quarantined": outcome.code != EXIT_OK})
 
     async def grants(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        state = self.engine.live()
+        state = self.ops.live()
         return _json({"grants": [grant_json(g) for g in state.active_grants(clock())]})
 
     async def grant(self, request: web.Request, who: Principal) -> web.StreamResponse:
@@ -220,9 +220,9 @@ class Api:
         seconds = _seconds(doc["for"], "for")
         fields = {"src": doc["src"], "dst": doc["dst"], "proto": doc["proto"], "ports": ports,
                   "duration": f"{seconds}s"}  # fmt: skip
-        outcome = await asyncio.to_thread(self.engine.operate, "grant", who.audit_name, fields,
+        outcome = await asyncio.to_thread(self.ops.operate, "grant", who.audit_name, fields,
                                           {"reason": doc.get("reason", "")})  # fmt: skip
-        new = [g for g in self.engine.live().grants if g.id in outcome.grants_added]
+        new = [g for g in self.ops.live().grants if g.id in outcome.grants_added]
         if outcome.code == EXIT_OK and not new:  # already allowed: nothing to grant
             return _json({"ok": True, "grant": None, "message": outcome.output.strip()})
         return _outcome(outcome, {"grant": grant_json(new[0]) if new else None})
@@ -230,10 +230,10 @@ class Api:
     async def revoke(self, request: web.Request, who: Principal) -> web.StreamResponse:
         grant_id = request.match_info["id"]
         doc = await _body(request, RELEASE_BODY)
-        known = [g.id for g in self.engine.live().grants]
+        known = [g.id for g in self.ops.live().grants]
         if grant_id not in known:
             raise ApiError(404, "unknown_grant", f"no grant {grant_id!r}", grants=known)
-        outcome = await asyncio.to_thread(self.engine.operate, "revoke", who.audit_name,
+        outcome = await asyncio.to_thread(self.ops.operate, "revoke", who.audit_name,
                                           {"grant_id": grant_id},
                                           {"reason": doc.get("reason", "")})  # fmt: skip
         return _outcome(outcome, {"grant": grant_id, "revoked": outcome.code == EXIT_OK})
@@ -241,11 +241,11 @@ class Api:
     async def apply(self, request: web.Request, who: Principal) -> web.StreamResponse:
         doc = await _body(request, APPLY_BODY)
         dry = doc.get("dry_run", False)
-        outcome = await asyncio.to_thread(self.engine.operate, "apply", who.audit_name,
+        outcome = await asyncio.to_thread(self.ops.operate, "apply", who.audit_name,
                                           {"dry_run": dry}, {"reason": doc.get("reason", "")})  # fmt: skip
         if dry and outcome.code == EXIT_CHANGES:  # the plan has changes: a plan, not a failure
             outcome = dataclasses.replace(outcome, code=EXIT_OK)
-        return _outcome(outcome, {"policy": str(self.engine.args.policy), "dry_run": dry})
+        return _outcome(outcome, {"policy": str(self.ops.args.policy), "dry_run": dry})
 
     async def signals(self, request: web.Request, who: Principal) -> web.StreamResponse:
         raise ApiError(501, "not_implemented",
@@ -253,7 +253,7 @@ class Api:
                        "not in the policy language yet; nothing was changed")  # fmt: skip
 
     def _alerts_path(self) -> Path:
-        return self.engine.state_dir / "alerts.jsonl"
+        return self.ops.state_dir / "alerts.jsonl"
 
     async def alerts(self, request: web.Request, who: Principal) -> web.StreamResponse:
         since = _since(request)
@@ -267,7 +267,7 @@ class Api:
         await response.prepare(request)
         offset = 0
         try:
-            while not self.engine.stopping:
+            while not self.ops.stopping:
                 alerts, offset = _read_alerts(self._alerts_path(), offset)
                 for a in alerts:
                     if _after(a, since):
@@ -281,7 +281,7 @@ class Api:
         return _json(openapi_document())
 
     async def metrics(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        return web.Response(text=metrics_text(self.engine), content_type="text/plain",
+        return web.Response(text=metrics_text(self.ops), content_type="text/plain",
                             charset="utf-8")  # fmt: skip
 
 
@@ -525,12 +525,12 @@ def application(api: Api, max_body: int) -> web.Application:
     return app
 
 
-def metrics_application(engine: Engine) -> web.Application:
+def metrics_application(ops: Operations) -> web.Application:
     """The separate --metrics listener: /metrics alone, for Prometheus to scrape."""
     app = web.Application(middlewares=[_errors])
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return web.Response(text=metrics_text(engine), content_type="text/plain", charset="utf-8")
+        return web.Response(text=metrics_text(ops), content_type="text/plain", charset="utf-8")
 
     app.router.add_get("/metrics", handle)
     return app

@@ -1,6 +1,6 @@
 """`p4seg serve`: the controller as a service — `watch` plus an authenticated HTTPS API.
 
-The engine (p4seg/engine.py) runs the verbs an operator runs, one at a time with the watch
+The operations (p4seg/operations.py) runs the verbs an operator runs, one at a time with the watch
 loop; the API (p4seg/api.py) is aiohttp — asyncio like finsy, and its transport gives the
 TLS peer certificate, the mTLS principal; who may call it is p4seg/api_auth.py. This
 module holds the options, the listeners and the command. docs/serve.md describes it all.
@@ -22,7 +22,7 @@ from aiohttp import web
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
-from p4seg.engine import ApiError, Engine
+from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front
 from runtime.live import LiveState
@@ -105,10 +105,10 @@ class StateBusy(Exception):
 
 
 class Service:
-    """The listeners of one serve process (API, and metrics when asked), over an Engine."""
+    """The listeners of one serve process (API, and metrics when asked), over an Operations."""
 
-    def __init__(self, engine: Engine, options: ApiOptions, access: Access) -> None:
-        self.engine, self.options, self.access = engine, options, access
+    def __init__(self, ops: Operations, options: ApiOptions, access: Access) -> None:
+        self.ops, self.options, self.access = ops, options, access
         self._runners: list[web.AppRunner] = []
         self._held: int | None = None  # the state directory's serve.lock
         self.failed = asyncio.Event()  # the watch loop died: the process must stop
@@ -116,16 +116,16 @@ class Service:
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
 
     async def start(self) -> None:
-        """Bind the listeners (AccessError: bad TLS material), then start the engine."""
+        """Bind the listeners (AccessError: bad TLS material), then start the operations."""
         o = self.options
         context = None
         if not o.plain:
             assert o.cert is not None and o.key is not None
             context = server_context(o.cert, o.key, o.client_ca, optional=o.tokens is not None)
-        listeners = [(application(Api(self.engine, self.access), o.max_body), o.host, o.port,
+        listeners = [(application(Api(self.ops, self.access), o.max_body), o.host, o.port,
                       context)]  # fmt: skip
         if o.metrics is not None:
-            listeners.append((metrics_application(self.engine), *o.metrics, None))
+            listeners.append((metrics_application(self.ops), *o.metrics, None))
         for app, host, port, ssl_context in listeners:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -135,30 +135,30 @@ class Service:
             self.addresses.append(runner.addresses[-1][:2])
         host, port = self.addresses[0]
         url = f"{o.scheme}://{host}:{port}"
-        self._held = hold(self.engine.state_dir, url)
+        self._held = hold(self.ops.state_dir, url)
         if self._held is None:
-            busy = serving(self.engine.state_dir)
+            busy = serving(self.ops.state_dir)
             for runner in self._runners:
                 await runner.cleanup()
             self._runners.clear()
-            raise StateBusy(f"another p4seg serve runs on {self.engine.state_dir} ({busy})")
+            raise StateBusy(f"another p4seg serve runs on {self.ops.state_dir} ({busy})")
         metrics = ""
         if o.metrics is not None:
             metrics = f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
         print(f"p4seg serve: API on {url}/v1/status{metrics}", flush=True)
         loop = asyncio.get_running_loop()
         # After the banner: the watch loop prints its first apply.
-        self.engine.start(lambda: loop.call_soon_threadsafe(self.failed.set))
+        self.ops.start(lambda: loop.call_soon_threadsafe(self.failed.set))
         self._expiry = asyncio.create_task(self._expire())
 
     async def _expire(self) -> None:
         """Release quarantines whose TTL ran out, as they run out."""
         while True:
             try:
-                pause = await asyncio.to_thread(self.engine.expire_quarantines)
+                pause = await asyncio.to_thread(self.ops.expire_quarantines)
             except ApiError as err:  # a damaged notes file: say so, keep serving, retry
                 print(f"p4seg serve: {err.message}", file=sys.stderr)
-                pause = float(self.engine.args.check)
+                pause = float(self.ops.args.check)
             await asyncio.sleep(pause)
 
     async def stop(self) -> None:
@@ -166,7 +166,7 @@ class Service:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
-        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.ops.stop)
         for runner in self._runners:
             await runner.cleanup()
         if self._held is not None:
@@ -189,7 +189,7 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
     except (AccessError, ValueError) as err:
         print(f"p4seg serve: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    service = Service(Engine(args, front), options, access)
+    service = Service(Operations(args, front), options, access)
 
     async def serve() -> int:
         try:

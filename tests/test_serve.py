@@ -27,7 +27,7 @@ from test_cli_controller import _passes, site  # noqa: F401  (site: the fixture)
 from p4seg.api import ROUTES
 from p4seg.api_auth import Access, Principal, load_access
 from p4seg.cli import _front, _parser, main
-from p4seg.engine import Engine
+from p4seg.operations import Operations
 from p4seg.serve import Service, api_options
 from runtime.refswitch.switch import ReferenceSwitch
 
@@ -175,7 +175,7 @@ def _running(argv: list[str]) -> Iterator[Service]:
     options = api_options(args)
     assert not isinstance(options, str), options
     access = load_access(options.tokens) if options.tokens is not None else Access()
-    service = Service(Engine(args, _front), options, access)
+    service = Service(Operations(args, _front), options, access)
     loop = _Loop()
     loop.run(service.start())
     try:
@@ -196,7 +196,7 @@ def served(
         (_, port), (_, metrics) = service.addresses
         s = Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                    Path(".p4seg").resolve())  # fmt: skip
-        assert service.engine.watched.wait(30)  # the watch loop's first apply is done
+        assert service.ops.watched.wait(30)  # the watch loop's first apply is done
         assert _passes(sw, "h1", "h3", 8080)
         yield s
 
@@ -462,7 +462,7 @@ def test_cli_verbs_ask_the_server(served: Served, capsys: pytest.CaptureFixture[
 def test_a_quarantine_ttl_releases_the_host(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p4seg.engine
+    import p4seg.operations
     from p4seg.verbs import clock
 
     code, doc = served.call("PUT", "/v1/quarantine/h1", {"reason": "scan", "ttl": "10m"},
@@ -471,7 +471,7 @@ def test_a_quarantine_ttl_releases_the_host(
     assert served.status()["quarantines"][0]["expires"] is not None
     assert not _passes(served.switch, "h1", "h3", 8080)
     later = clock() + 601
-    monkeypatch.setattr(p4seg.engine, "clock", lambda: later)
+    monkeypatch.setattr(p4seg.operations, "clock", lambda: later)
     assert wait_for(lambda: _passes(served.switch, "h1", "h3", 8080))
     assert wait_for(lambda: served.status()["quarantined"] == [])
     record = next(r for r in reversed(served.audit()) if r["event"] == "release")

@@ -1,4 +1,4 @@
-"""The engine of `p4seg serve`: the verbs an operator runs (p4seg/verbs.py), run for API
+"""The operations of `p4seg serve`: the verbs an operator runs (p4seg/verbs.py), run for API
 callers one at a time.
 
 An operation runs in a worker thread holding the one lock the watch loop holds for each of
@@ -121,7 +121,7 @@ def _report_of(output: str) -> dict[str, Any] | None:
     return None
 
 
-class Engine:
+class Operations:
     """The controller behind the API: the command line's options, the compiler front end,
     one lock for every operation, and the notes serve keeps (quarantine reasons, TTLs)."""
 
@@ -418,10 +418,10 @@ def _recent_audit(path: Path, tail: int = 1 << 18) -> list[dict[str, Any]]:
     return out
 
 
-def metrics_text(engine: Engine) -> str:
+def metrics_text(ops: Operations) -> str:
     """The Prometheus text body of /metrics (a minimal one; runtime/metrics.py replaces it)."""
     try:
-        state = engine.live()
+        state = ops.live()
     except ApiError:
         state = LiveState()
     now = clock()
