@@ -32,7 +32,6 @@ from p4seg.operations import (
     Outcome,
     QuarantineNote,
     grant_json,
-    metrics_text,
 )
 from p4seg.verbs import clock
 
@@ -281,8 +280,12 @@ class Api:
         return _json(openapi_document())
 
     async def metrics(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        return web.Response(text=metrics_text(self.ops), content_type="text/plain",
-                            charset="utf-8")  # fmt: skip
+        return _metrics(await asyncio.to_thread(self.ops.metrics))
+
+
+def _metrics(exposition: tuple[bytes, str]) -> web.Response:
+    body, content_type = exposition
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _since(request: web.Request) -> dt.datetime | None:
@@ -530,7 +533,7 @@ def metrics_application(ops: Operations) -> web.Application:
     app = web.Application(middlewares=[_errors])
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return web.Response(text=metrics_text(ops), content_type="text/plain", charset="utf-8")
+        return _metrics(await asyncio.to_thread(ops.metrics))
 
     app.router.add_get("/metrics", handle)
     return app

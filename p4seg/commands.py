@@ -362,6 +362,26 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="the largest request body (default: 65536; larger: 413)",
     )
+    api.add_argument(
+        "--hits-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="read the per-rule counters this often, for /metrics and the live map's packet "
+        "rates (default: 30; 0: never)",
+    )
+    siem = p.add_argument_group("SIEM (docs/observability.md)")
+    siem.add_argument(
+        "--syslog",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="send every audit record and alert to this collector: udp://HOST:PORT, "
+        "tcp://HOST:PORT or tls://HOST:PORT, with ?format=cef for CEF (repeatable)",
+    )
+    siem.add_argument("--syslog-ca", metavar="PEM", help="tls://: the collector's CA")
+    siem.add_argument("--syslog-cert", metavar="PEM", help="tls://: our client certificate")
+    siem.add_argument("--syslog-key", metavar="PEM", help="tls://: its private key")
 
 
 def server_arguments(p: argparse.ArgumentParser) -> None:

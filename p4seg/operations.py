@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from compiler.diagnostics import InventoryError
 from compiler.inventory import Inventory, load_inventory
 from p4seg.control import EXIT_OK, Compiled, session_of
+from p4seg.observe import Observers, sinks_of
 from p4seg.verbs import (
     HANDLERS,
     Front,
@@ -36,10 +37,12 @@ from p4seg.verbs import (
     TextTransform,
     WatchHooks,
     clock,
+    read_hits,
     watch_loop,
 )
 from runtime import audit
 from runtime.live import STATE_FILE, LiveState
+from runtime.siem import SyslogSink
 
 NOTES_FILE = "quarantines.json"  # in the state directory: reason, caller, expiry per host
 SERVICE_PRINCIPAL = "p4seg-serve"  # the audit actor of what serve does by itself (expiries)
@@ -125,8 +128,13 @@ class Operations:
     """The controller behind the API: the command line's options, the compiler front end,
     one lock for every operation, and the notes serve keeps (quarantine reasons, TTLs)."""
 
-    def __init__(self, args: argparse.Namespace, front: Front) -> None:
+    def __init__(
+        self, args: argparse.Namespace, front: Front, observers: Observers | None = None
+    ) -> None:
         self.args = args
+        # metrics and SIEM (p4seg/observe.py); the --syslog collectors, checked by the caller
+        self.observers = observers or Observers([SyslogSink(c).start() for c in sinks_of(args)])
+        self.connections: dict[str, dict[str, object]] = {}  # the last counters read, per switch
         self.state_dir = Path(args.state)
         self.lock = threading.Lock()
         self.changed = threading.Event()  # the live state changed: the watch loop reschedules
@@ -175,6 +183,33 @@ class Operations:
         self._stop.set()
         if self._watch is not None:
             self._watch.join()
+        self.observers.close()
+
+    def read_hits(self) -> None:
+        """Read every rule's counters (worker thread, no lock: reads need no primary) for
+        the metrics and the live map's rates; which switches answered, for the metrics."""
+        compiled = self.last
+        if compiled is None:
+            return
+        session = session_of("hits", self.args, compiled)
+        if session is None:
+            return
+        hits, failed = read_hits(compiled, session)
+        self.observers.hits(hits, clock())
+        self.connections = {
+            t.name: {"connection": "unreachable" if t.name in failed else "up"}
+            for t in session.switches
+        }
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition, its state gauges set from the state now."""
+        try:
+            state = self.live()
+        except ApiError:
+            state = LiveState()
+        build = self.last.build if self.last is not None else None
+        self.observers.refresh(state, clock(), build, self.connections)
+        return self.observers.metrics.render()
 
     @property
     def stopping(self) -> bool:
@@ -416,21 +451,3 @@ def _recent_audit(path: Path, tail: int = 1 << 18) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 out.append(record)
     return out
-
-
-def metrics_text(ops: Operations) -> str:
-    """The Prometheus text body of /metrics (a minimal one; runtime/metrics.py replaces it)."""
-    try:
-        state = ops.live()
-    except ApiError:
-        state = LiveState()
-    now = clock()
-    lines = [
-        "# HELP p4seg_quarantined_hosts Hosts quarantined now.",
-        "# TYPE p4seg_quarantined_hosts gauge",
-        f"p4seg_quarantined_hosts {len(state.quarantined)}",
-        "# HELP p4seg_grants Grants in force now.",
-        "# TYPE p4seg_grants gauge",
-        f"p4seg_grants {len(state.active_grants(now))}",
-    ]
-    return "\n".join(lines) + "\n"

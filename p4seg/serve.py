@@ -22,10 +22,12 @@ from aiohttp import web
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
+from p4seg.observe import sinks_of
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front
 from runtime.live import LiveState
+from runtime.siem import SiemConfigError
 
 DEFAULT_MAX_BODY = 64 * 1024  # bytes: the largest request body (a grant is ~200)
 
@@ -113,6 +115,7 @@ class Service:
         self._held: int | None = None  # the state directory's serve.lock
         self.failed = asyncio.Event()  # the watch loop died: the process must stop
         self._expiry: asyncio.Task[None] | None = None
+        self._hits: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
 
     async def start(self) -> None:
@@ -150,6 +153,9 @@ class Service:
         # After the banner: the watch loop prints its first apply.
         self.ops.start(lambda: loop.call_soon_threadsafe(self.failed.set))
         self._expiry = asyncio.create_task(self._expire())
+        interval = float(getattr(self.ops.args, "hits_interval", 0.0) or 0.0)
+        if interval > 0:
+            self._hits = asyncio.create_task(self._read_hits(interval))
 
     async def _expire(self) -> None:
         """Release quarantines whose TTL ran out, as they run out."""
@@ -161,11 +167,21 @@ class Service:
                 pause = float(self.ops.args.check)
             await asyncio.sleep(pause)
 
+    async def _read_hits(self, interval: float) -> None:
+        """The rule counters, every `interval` seconds (metrics, the map's rates)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.ops.read_hits)
+            except Exception as err:  # a failed read is retried, never fatal
+                print(f"p4seg serve: reading the rule counters failed: {err!r}", file=sys.stderr)
+            await asyncio.sleep(interval)
+
     async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        for task in (self._expiry, self._hits):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self.ops.stop)
         for runner in self._runners:
             await runner.cleanup()
@@ -188,6 +204,11 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
         LiveState.load(Path(args.state))
     except (AccessError, ValueError) as err:
         print(f"p4seg serve: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        sinks_of(args)
+    except SiemConfigError as err:
+        print(f"p4seg serve: error: --syslog {err}", file=sys.stderr)
         return EXIT_ERROR
     service = Service(Operations(args, front), options, access)
 

@@ -47,7 +47,14 @@ from p4seg.control import (
 )
 from p4seg.spines import follow_spines
 from runtime import audit
-from runtime.alerts import Alert, follow, hits_by_rule, read_counters, read_red_drops
+from runtime.alerts import (
+    Alert,
+    RuleHits,
+    follow,
+    hits_by_rule,
+    read_counters,
+    read_red_drops,
+)
 from runtime.audit import actor
 from runtime.controller import SwitchReport, pipeline_states
 from runtime.entities import describe_entry
@@ -735,28 +742,8 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
     if opened is None:
         return EXIT_ERROR
     compiled, session = opened
-    options, tables, selected = session.options, session.tables, session.switches
+    hits, failed = read_hits(compiled, session)
 
-    # The rules the entries carry: a quarantine's overlay counts under the uncarved rules.
-    rules = compiled.policy.uncarved()
-    metered = [r.id for r in rules.rules if r.rate_pps is not None]
-
-    async def read_all() -> tuple[list[object], list[object]]:
-        pipe = tables.pipeline
-        # Counters and red drops of every switch at once: one slow switch delays only itself.
-        done: list[object] = await asyncio.gather(
-            *(read_counters(t, pipe, options) for t in selected),
-            *(read_red_drops(t, pipe, options, metered) for t in selected),
-            return_exceptions=True,
-        )
-        return done[: len(selected)], done[len(selected) :]
-
-    results, reds = asyncio.run(read_all())
-    counters = {t.name: r for t, r in zip(selected, results, strict=True)}
-    failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
-    ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
-    red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
-    hits = hits_by_rule(rules, tables.pipeline, ok, red_cells)  # type: ignore[arg-type]
     if args.output == "json":
         print(json.dumps({
             "rules": [{"rule_id": h.rule_id, "rule": h.rule, "action": h.action, "packets": h.packets,
@@ -784,6 +771,32 @@ def cmd_hits(args: argparse.Namespace, front: Front) -> int:
         if any(h.rate_pps is not None and h.red is None for h in hits):
             print("red: packets over a rule's rate, dropped by its meters; ? = a switch unread")
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def read_hits(compiled: Compiled, session: Session) -> tuple[list[RuleHits], dict[str, str]]:
+    """Every rule's packets and bytes (and red drops of metered allows) summed over the
+    session's switches, and the switches that could not be read (name -> why)."""
+    options, tables, selected = session.options, session.tables, session.switches
+    # The rules the entries carry: a quarantine's overlay counts under the uncarved rules.
+    rules = compiled.policy.uncarved()
+    metered = [r.id for r in rules.rules if r.rate_pps is not None]
+
+    async def read_all() -> tuple[list[object], list[object]]:
+        pipe = tables.pipeline
+        # Counters and red drops of every switch at once: one slow switch delays only itself.
+        done: list[object] = await asyncio.gather(
+            *(read_counters(t, pipe, options) for t in selected),
+            *(read_red_drops(t, pipe, options, metered) for t in selected),
+            return_exceptions=True,
+        )
+        return done[: len(selected)], done[len(selected) :]
+
+    results, reds = asyncio.run(read_all())
+    counters = {t.name: r for t, r in zip(selected, results, strict=True)}
+    failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
+    ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
+    red_cells = {t.name: r for t, r in zip(selected, reds, strict=True) if isinstance(r, dict)}
+    return hits_by_rule(rules, tables.pipeline, ok, red_cells), failed  # type: ignore[arg-type]
 
 
 def cmd_audit(args: argparse.Namespace, front: Front) -> int:

@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,18 @@ GENESIS = "0" * 64
 _ON_BEHALF: ContextVar[tuple[str, dict[str, object]] | None] = ContextVar(
     "p4seg_audit_on_behalf", default=None
 )
+
+
+# Who else hears of every record appended in this process (serve's metrics and SIEM sinks).
+_WATCHERS: list[Callable[[dict[str, object]], None]] = []
+
+
+def watch(callback: Callable[[dict[str, object]], None]) -> Callable[[], None]:
+    """Call `callback` with every record appended from now on (after it is on disk);
+    returns the function that stops it. A watcher that raises is reported, never the
+    append's caller's problem."""
+    _WATCHERS.append(callback)
+    return lambda: _WATCHERS.remove(callback) if callback in _WATCHERS else None
 
 
 def _canonical(record: dict[str, object]) -> bytes:
@@ -95,6 +108,11 @@ def append(path: Path, event: str, **fields: object) -> dict[str, object]:
         f.write(_canonical(record) + b"\n")
         f.flush()
         os.fsync(f.fileno())
+    for watcher in list(_WATCHERS):
+        try:
+            watcher(record)
+        except Exception as err:
+            print(f"p4seg: audit watcher failed: {err!r}", file=sys.stderr)
     return record
 
 

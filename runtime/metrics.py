@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,7 +31,6 @@ from prometheus_client.registry import Collector
 
 from compiler.emit import Build
 from runtime.alerts import Alert, RuleHits
-from runtime.controller import SwitchReport
 from runtime.siem import SinkStats
 
 # The classic text format every Prometheus reads (the library's latest, 1.0.0, needs 3.x).
@@ -156,6 +156,17 @@ def _result(record: Mapping[str, object]) -> str:
     return result.split(":", 1)[0].strip() or "ok"
 
 
+class Applied(Protocol):
+    """What a metric needs of one switch's apply (runtime.controller.SwitchReport has it)."""
+
+    @property
+    def switch(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def written(self) -> int: ...
+
+
 class Metrics:
     """Every metric the controller exposes, in a registry of its own. Event methods are
     called from one thread (the service's event loop); `render` from any."""
@@ -254,7 +265,7 @@ class Metrics:
 
     # -- the service's events ---------------------------------------------------------------
 
-    def apply_finished(self, verb: str, seconds: float, reports: Sequence[SwitchReport]) -> None:
+    def apply_finished(self, verb: str, seconds: float, reports: Sequence[Applied]) -> None:
         """One apply (of any verb) finished in `seconds`, with a report per switch."""
         result = "ok" if reports and all(rep.ok for rep in reports) else "failed"
         self.applies.labels(verb, result).inc()
