@@ -34,6 +34,7 @@ from p4seg.operations import (
     grant_json,
 )
 from p4seg.verbs import clock
+from p4seg.webmap import page
 
 PROTOCOLS = ("tcp", "udp", "icmp", "ip")
 _PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
@@ -146,6 +147,12 @@ class Api:
         self.access = access
 
     def principal(self, request: web.Request) -> Principal:
+        token = _browser_token(request)
+        if token is not None:  # the map's page in a browser: read scope at most
+            found = self.access.by_token(token)
+            if found is None:
+                raise ApiError(401, "unauthenticated", "unknown token")
+            return found.reading()
         header = request.headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
@@ -279,8 +286,40 @@ class Api:
     async def openapi(self, request: web.Request, who: Principal) -> web.StreamResponse:
         return _json(openapi_document())
 
+    async def page(self, request: web.Request, who: Principal) -> web.StreamResponse:
+        token = request.query.get("token")
+        if token is not None:  # the login link: keep the token in a cookie, not in the URL
+            response = web.Response(status=303, headers={"Location": "/"})
+            response.set_cookie(
+                COOKIE, token, httponly=True, samesite="Strict", path="/",
+                secure=request.secure, max_age=12 * 3600,
+            )  # fmt: skip
+            return response
+        return web.Response(body=page(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    async def map(self, request: web.Request, who: Principal) -> web.StreamResponse:
+        return _json(await asyncio.to_thread(self.ops.map))
+
     async def metrics(self, request: web.Request, who: Principal) -> web.StreamResponse:
         return _metrics(await asyncio.to_thread(self.ops.metrics))
+
+
+COOKIE = "p4seg_token"  # a browser's bearer token, set by /?token=... (read scope only)
+
+
+def _browser_token(request: web.Request) -> str | None:
+    """A browser's token: `/?token=...` (the login link) or the cookie it sets — only for
+    GET, and only when no other credential is given (a cookie never authorises a change:
+    no cross-site request can use it to write)."""
+    if request.method != "GET" or "Authorization" in request.headers:
+        return None
+    if request.path == "/" and "token" in request.query:
+        return request.query["token"]
+    transport = request.transport
+    if transport is not None and transport.get_extra_info("peercert"):
+        return None
+    return request.cookies.get(COOKIE)
 
 
 def _metrics(exposition: tuple[bytes, str]) -> web.Response:
@@ -377,6 +416,11 @@ ROUTES: tuple[Route, ...] = (
           Api.alert_stream, query=(("since", "ISO 8601 time with a zone"),), errors=(400,),
           content="application/x-ndjson"),
     Route("GET", "/openapi.json", "read", "this document", Api.openapi),
+    Route("GET", "/", "read", "the live map (a page: services, flows, quarantines, alerts); "
+          "`/?token=TOKEN` logs a browser in with a read-only cookie", Api.page,
+          query=(("token", "a bearer token, kept in a cookie (then redirected to /)"),),
+          content="text/html"),
+    Route("GET", "/v1/map", "read", "the live map's document", Api.map, errors=(503,)),
     Route("GET", "/metrics", "read", "Prometheus metrics", Api.metrics, content="text/plain"),
 )  # fmt: skip
 

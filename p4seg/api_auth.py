@@ -24,6 +24,7 @@ then the only authority). With one, a certificate whose CN it does not list has 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -49,17 +50,23 @@ class Principal:
 
     name: str
     scopes: frozenset[str]
-    method: str  # "certificate" | "token"
+    method: str  # "certificate" | "token" | "cookie" (a browser's token: read only)
 
     def may(self, scope: str) -> bool:
         """Whether the principal holds `scope` or a scope above it."""
         need = SCOPES.index(scope)
         return any(SCOPES.index(s) >= need for s in self.scopes)
 
+    def reading(self) -> Principal:
+        """The same caller with `read` at most (a browser's cookie never changes anything)."""
+        scopes = frozenset({"read"}) if self.may("read") else frozenset()
+        return dataclasses.replace(self, scopes=scopes, method="cookie")
+
     @property
     def audit_name(self) -> str:
         """The name audit records carry: which kind of credential, and whose."""
-        return f"{'cert' if self.method == 'certificate' else 'token'}:{self.name}"
+        kind = {"certificate": "cert", "cookie": "cookie"}.get(self.method, "token")
+        return f"{kind}:{self.name}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from compiler.diagnostics import InventoryError
 from compiler.inventory import Inventory, load_inventory
 from p4seg.control import EXIT_OK, Compiled, session_of
 from p4seg.observe import Observers, sinks_of
+from p4seg.up import MATRIX_FILE
 from p4seg.verbs import (
     HANDLERS,
     Front,
@@ -40,6 +42,7 @@ from p4seg.verbs import (
     read_hits,
     watch_loop,
 )
+from p4seg.webmap import MAX_ALERTS, MapLive, map_document
 from runtime import audit
 from runtime.live import STATE_FILE, LiveState
 from runtime.siem import SyslogSink
@@ -201,6 +204,27 @@ class Operations:
             for t in session.switches
         }
 
+    def map(self) -> dict[str, object]:
+        """GET /v1/map: the live map's document (p4seg/webmap.py) from the last build, the
+        live state, the rule rates, the last alerts and the last `up` matrix."""
+        compiled = self.last
+        if compiled is None:
+            raise ApiError(503, "not_ready", "nothing compiled yet: the first apply is running")
+        state = self.live()
+        raw = self._state_bytes()
+        matrix = None
+        with contextlib.suppress(OSError, ValueError):
+            matrix = json.loads((self.state_dir / MATRIX_FILE).read_text())
+        live = MapLive(
+            quarantined=tuple(state.quarantined),
+            contained=tuple(state.automatic),
+            rule_rates=dict(self.observers.rates),
+            alerts=_tail_records(self.state_dir / "alerts.jsonl")[-MAX_ALERTS:],
+            matrix=matrix if isinstance(matrix, dict) else None,
+            generation=int.from_bytes(hashlib.sha256(raw).digest()[:4], "big"),
+        )
+        return map_document(compiled.policy.uncarved(), compiled.inventory, live)
+
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus exposition, its state gauges set from the state now."""
         try:
@@ -327,7 +351,7 @@ class Operations:
         with self.lock:
             state, notes, inventory = self.live(), self.notes(), self.inventory()
             probes = self._probe(self.last)
-        records = _recent_audit(self.state_dir / "audit.jsonl")
+        records = _tail_records(self.state_dir / "audit.jsonl")
         applied: dict[str, dict[str, object]] = {}
         last_apply: dict[str, object] | None = None
         for record in records:  # oldest first: the latest wins
@@ -435,8 +459,9 @@ def _note_json(note: QuarantineNote | None) -> dict[str, object]:
     }
 
 
-def _recent_audit(path: Path, tail: int = 1 << 18) -> list[dict[str, Any]]:
-    """The audit records in the last `tail` bytes of the log (a status needs the latest)."""
+def _tail_records(path: Path, tail: int = 1 << 18) -> list[dict[str, Any]]:
+    """The JSON records in the last `tail` bytes of a JSONL log (the audit log: a status
+    needs the latest; the alerts: the map shows the last)."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, os.SEEK_END)

@@ -3,15 +3,19 @@ packets (parsed as Prometheus parses them), and its audit records at a real rsys
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM, Browser
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_controller import _passes, site  # noqa: F401  (site: the fixture)
-from test_serve import OPERATOR, Served, _running, _serve_args, pki  # noqa: F401  (pki)
+from test_serve import OPERATOR, READER, Served, _running, _serve_args, pki  # noqa: F401  (pki)
 from test_siem import Collector, collector, structured_data  # noqa: F401  (collector)
 
 from runtime.refswitch.switch import ReferenceSwitch
@@ -95,3 +99,40 @@ def test_metrics_follow_operations_and_packets(observed: Served, collector: Coll
     fields = next(v for k, v in sd.items() if k.startswith("p4seg@"))
     assert fields["event"] == "quarantine" and fields["host"] == "h2"
     assert fields["actor"] == "token:soar"  # the API caller, as the audit names it
+
+
+def test_the_live_map_in_a_real_browser_updates_after_a_quarantine(observed: Served) -> None:
+    """Chromium opens the map with a read-only login link, draws the services from
+    /v1/map, and marks a host quarantined through the API on its next refresh."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian package chromium)")
+    code, doc = observed.call("GET", "/v1/map", token=READER)
+    assert code == 200 and {n["name"] for n in doc["nodes"]} == {"front", "back", "h1",
+                                                                   "remediation"}  # fmt: skip
+    # a cookie is read-only: it cannot quarantine
+    request = urllib.request.Request(observed.url + "/v1/quarantine/h2", b"{}", method="PUT",
+                                     headers={"Cookie": f"p4seg_token={OPERATOR}"})  # fmt: skip
+    context = ssl.create_default_context(cafile=observed.pki / "ca.pem")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=context, timeout=10)
+    assert refused.value.code == 401
+
+    async def look() -> None:
+        async with Browser(f"{observed.url}/?token={READER}") as page:
+            drawn = await page.wait_for("document.querySelectorAll('#nodes g.node').length")
+            assert drawn == 4
+            assert await page.evaluate("location.pathname + location.search") == "/"
+            assert await page.evaluate("document.querySelectorAll('#edges path.allow').length") == 2
+            code, _ = await asyncio.to_thread(
+                observed.call, "PUT", "/v1/quarantine/h2", {"reason": "edr"}, token=OPERATOR
+            )
+            assert code == 200
+            held = await page.wait_for(
+                "document.querySelector('g.node[data-name=\"front\"]').dataset.quarantined"
+            )
+            assert held == "h2"
+            assert await page.evaluate(
+                "[...document.querySelectorAll('#quarantined li')].map(li => li.dataset.host)"
+            ) == ["h2"]
+
+    asyncio.run(look())
