@@ -52,6 +52,7 @@ def observed(
                        "--syslog", collector.url("tcp"))  # fmt: skip
     with _running(argv) as service:
         (_, port), (_, metrics) = service.addresses
+        assert service.ops.watched.wait(30)  # the watch loop's first apply is done
         yield Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                      Path(".p4seg").resolve())  # fmt: skip
 
