@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,22 +89,34 @@ def _last(path: Path) -> tuple[int, str]:
     return int(last["seq"]) + 1, str(last["hash"])
 
 
+def seal(seq: int, prev: str, event: str, fields: dict[str, object]) -> dict[str, object]:
+    """Record number `seq` chained to `prev`: who, when, what, and its hash (the one record
+    format of every store: this file, and etcd in runtime/etcdstore.py)."""
+    record: dict[str, object] = {
+        "seq": seq,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "actor": actor(),
+        "event": event,
+        **(behalf[1] if (behalf := _ON_BEHALF.get()) is not None else {}),
+        **fields,
+        "prev": prev,
+    }
+    record["hash"] = _digest(record)
+    return record
+
+
+def canonical(record: dict[str, object]) -> bytes:
+    """A record as stored: canonical JSON (sorted keys, no spaces)."""
+    return _canonical(record)
+
+
 def append(path: Path, event: str, **fields: object) -> dict[str, object]:
     """Append one record (who, when, what) to the log; returns it with its hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # two writers never chain to the same record
         seq, prev = _last(path)
-        record: dict[str, object] = {
-            "seq": seq,
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "actor": actor(),
-            "event": event,
-            **(behalf[1] if (behalf := _ON_BEHALF.get()) is not None else {}),
-            **fields,
-            "prev": prev,
-        }
-        record["hash"] = _digest(record)
+        record = seal(seq, prev, event, fields)
         f.write(_canonical(record) + b"\n")
         f.flush()
         os.fsync(f.fileno())
@@ -134,18 +146,24 @@ def records(path: Path) -> Iterator[dict[str, object]]:
 
 def verify(path: Path) -> Verdict:
     """Walk the chain; the first record that does not follow is reported with its line."""
-    prev, count = GENESIS, 0
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         return Verdict(False, 0, "", f"cannot read {path}: {err.strerror}")
     except UnicodeDecodeError:
         return Verdict(False, 0, "", f"{path} is not UTF-8 text")
-    for number, line in enumerate(lines, start=1):
+    return check_chain(enumerate(lines, start=1))
+
+
+def check_chain(stored: Iterable[tuple[int, str | bytes]]) -> Verdict:
+    """Walk stored records (position, canonical JSON) from the first: the first that does
+    not follow is reported with its position (a file's line, etcd's record number)."""
+    prev, count = GENESIS, 0
+    for number, line in stored:
         try:
             record = json.loads(line)
             assert isinstance(record, dict)
-        except (json.JSONDecodeError, AssertionError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
             return Verdict(False, count, prev, "not a JSON record", number)
         if record.get("seq") != count:
             return Verdict(

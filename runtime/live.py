@@ -75,10 +75,13 @@ class LiveState:
     @classmethod
     def load(cls, state_dir: Path) -> LiveState:
         path = state_dir / STATE_FILE
-        if not path.exists():
-            return cls()
+        return cls.from_json(path.read_text(), str(path)) if path.exists() else cls()
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> LiveState:
+        """The state as `to_json` wrote it; ValueError naming `where` when it is damaged."""
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(text)
             return cls(
                 [Grant(**g) for g in doc.get("grants", [])],
                 {str(k): float(v) for k, v in doc.get("quarantined", {}).items()},
@@ -91,10 +94,10 @@ class LiveState:
                 {str(k): float(v) for k, v in doc.get("restricted_until", {}).items()},
             )
         except (ValueError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path} is damaged ({err}); fix or remove it") from None
+            raise ValueError(f"{where} is damaged ({err}); fix or remove it") from None
 
-    def save(self, state_dir: Path) -> None:
-        """Atomically: a crash leaves the old state or the new, never half of one."""
+    def to_json(self) -> str:
+        """The state as one JSON document (the state directory's live.json, etcd's `live`)."""
         doc = {
             "grants": [dataclasses.asdict(g) for g in self.grants],
             "quarantined": self.quarantined,
@@ -106,7 +109,11 @@ class LiveState:
             "restricted": self.restricted,
             "restricted_until": self.restricted_until,
         }
-        save_json(state_dir, STATE_FILE, doc)
+        return json.dumps(doc, indent=2, sort_keys=True)
+
+    def save(self, state_dir: Path) -> None:
+        """Atomically: a crash leaves the old state or the new, never half of one."""
+        write_atomic(state_dir / STATE_FILE, self.to_json())
 
     def active_grants(self, now: float) -> list[Grant]:
         return [g for g in self.grants if g.expires > now]
