@@ -143,9 +143,9 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type inform
             "grpc.max_reconnect_backoff_ms": 1000,
         }
         if options.ca is not None:
-            channel_options["grpc.ssl_target_name_override"] = options.endpoints[0].rpartition(
-                ":"
-            )[0]
+            channel_options["grpc.ssl_target_name_override"] = options.endpoints[0].rpartition(":")[
+                0
+            ]
         super().__init__(timeout=options.timeout, options=channel_options)
         self._p4seg = options
 
@@ -209,7 +209,9 @@ class Etcd:
             code, details = err.code(), err.details() or ""
             where = f"etcd {','.join(self.options.endpoints)}: {what}"
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                reason = "no answer in time" if code is grpc.StatusCode.DEADLINE_EXCEEDED else details
+                reason = (
+                    "no answer in time" if code is grpc.StatusCode.DEADLINE_EXCEEDED else details
+                )
                 unsent = code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower()
                 raise StoreUnavailable(
                     f"{where}: etcd unreachable or without quorum ({reason})",
@@ -338,7 +340,9 @@ class Elector:
         term = self._holding()
         if term is None:
             holder = self.leader.name if self.leader and self._term is None else None
-            why = "its lease is not refreshed (etcd unreachable?)" if self._term else "it is standby"
+            why = (
+                "its lease is not refreshed (etcd unreachable?)" if self._term else "it is standby"
+            )
             raise NotLeader(
                 f"{self.options.who} is not the leader of floor {self.options.floor}: {why}"
                 + (f"; the leader is {holder}" if holder else ""),
@@ -358,13 +362,17 @@ class Elector:
         """etcd refused a fenced write: someone else holds (or nobody holds) the key."""
         self.leader = leader
         if self._term is not None:
-            self._lose(f"etcd refused a fenced write (leader now {leader.name if leader else 'none'})")
+            self._lose(
+                f"etcd refused a fenced write (leader now {leader.name if leader else 'none'})"
+            )
 
     # -- running
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"p4seg-elector-{self.options.floor}")
+            self._task = asyncio.create_task(
+                self._run(), name=f"p4seg-elector-{self.options.floor}"
+            )
 
     async def stop(self, *, resign: bool = True) -> None:
         """Stop campaigning; a leader resigns (revokes its lease) unless `resign` is False."""
@@ -395,7 +403,9 @@ class Elector:
                     self._lose(str(err))
                 await asyncio.sleep(self.options.ttl / 6)  # etcd down: retry, not spin
             except Exception:
-                log.exception("floor %s: the election failed; campaigning again", self.options.floor)
+                log.exception(
+                    "floor %s: the election failed; campaigning again", self.options.floor
+                )
                 self._lose("the election failed")
                 await asyncio.sleep(self.options.ttl / 6)
 
@@ -429,7 +439,9 @@ class Elector:
         self._term = Leadership(who, int(kv.create_revision), int(grant.ID))
         self._deadline = sent + ttl - self.options.margin
         self._lost.clear()
-        log.info("%s leads floor %s (election id %d)", who, self.options.floor, self._term.election_id)
+        log.info(
+            "%s leads floor %s (election id %d)", who, self.options.floor, self._term.election_id
+        )
         self._notify()
         return True
 
@@ -440,7 +452,9 @@ class Elector:
         interval = self.options.ttl / 3
         while self._term is term:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, min(interval, self._deadline - time.monotonic()))):
+                async with asyncio.timeout(
+                    max(0.0, min(interval, self._deadline - time.monotonic()))
+                ):
                     await self._lost.wait()
             if self._term is not term:
                 return

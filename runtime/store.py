@@ -76,7 +76,7 @@ class Document:
 
 def check_name(name: str) -> str:
     """A document name (`live`, `applied/tor-alg`), or ValueError saying what is wrong."""
-    if not _NAME.fullmatch(name):
+    if not _NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise ValueError(
             f"state document name {name!r}: use letters, digits, `_.-` and `/` between parts"
         )
@@ -170,4 +170,3 @@ class DirStore:
 
     async def audit_verify(self) -> audit.Verdict:
         return await asyncio.to_thread(audit.verify, self.state_dir / "audit.jsonl")
-
