@@ -11,7 +11,7 @@ PYTHON      ?= python3
 VENV        := .venv
 VENV_SHELL  := .venv-shell
 BIN         := $(VENV)/bin
-DEB_PKGS    := mininet iproute2 ethtool iputils-ping net-tools tcpdump openssl rsyslog rsyslog-openssl chromium
+DEB_PKGS    := mininet iproute2 ethtool iputils-ping net-tools tcpdump openssl rsyslog rsyslog-openssl chromium etcd-server
 PYTEST_ARGS ?=
 
 .PHONY: all setup deb venv venv-shell demo test lint bench clean

@@ -57,7 +57,11 @@ _PAGE = 500  # audit records per range request (a chain of any length fits gRPC'
 
 def election_id(create_revision: int) -> int:
     """The P4Runtime election id of the leader whose `leader` key has this create_revision
-    (128 bits: high word 1, low word the revision)."""
+    (128 bits: high word 1, low word the revision).
+
+    >>> hex(election_id(42))
+    '0x1000000000000002a'
+    """
     return ELECTION_BASE + create_revision
 
 
@@ -208,7 +212,12 @@ class Etcd:
         except grpc.aio.AioRpcError as err:
             code, details = err.code(), err.details() or ""
             where = f"etcd {','.join(self.options.endpoints)}: {what}"
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # etcd answers its own expired deadline as UNKNOWN "context deadline exceeded".
+            timed_out = code is grpc.StatusCode.UNKNOWN and "deadline exceeded" in details
+            if timed_out or code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
                 reason = (
                     "no answer in time" if code is grpc.StatusCode.DEADLINE_EXCEEDED else details
                 )
