@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,11 @@ class Member:
 class EtcdCluster:
     root: Path
     members: list[Member] = field(default_factory=list)
+    pki: Path | None = None  # tests/pki.py: clients must then speak mTLS (https)
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.pki is None else "https"
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -64,14 +70,18 @@ class EtcdCluster:
         cluster = ",".join(f"{x.name}=http://127.0.0.1:{x.peer_port}" for x in self.members)
         return [
             ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
-            "--listen-client-urls", f"http://{m.endpoint}",
-            "--advertise-client-urls", f"http://{m.endpoint}",
+            "--listen-client-urls", f"{self.scheme}://{m.endpoint}",
+            "--advertise-client-urls", f"{self.scheme}://{m.endpoint}",
             "--listen-peer-urls", f"http://127.0.0.1:{m.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
             "--initial-cluster", cluster, "--initial-cluster-state", "new",
             "--initial-cluster-token", self.root.name,
             # Loopback: fast heartbeats so that losing a member is noticed in well under a second.
             "--heartbeat-interval", "50", "--election-timeout", "500",
+            *(() if self.pki is None else (
+                "--cert-file", str(self.pki / "server.pem"), "--key-file", str(self.pki / "server.key"),
+                "--trusted-ca-file", str(self.pki / "ca.pem"), "--client-cert-auth",
+            )),
         ]  # fmt: skip
 
     def start(self, index: int) -> None:
@@ -92,9 +102,13 @@ class EtcdCluster:
 
     def healthy(self, index: int) -> bool:
         """The member answers /health with true (it is running and has a raft leader)."""
-        url = f"http://{self.members[index].endpoint}/health"
+        url = f"{self.scheme}://{self.members[index].endpoint}/health"
+        context = None
+        if self.pki is not None:
+            context = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+            context.load_cert_chain(self.pki / "client.pem", self.pki / "client.key")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 return bool(json.loads(response.read()).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -122,11 +136,12 @@ class EtcdCluster:
             self.kill(i)
 
 
-def start_cluster(size: int = 3) -> EtcdCluster:
-    """A started, healthy cluster; the caller stops it and removes `root`."""
+def start_cluster(size: int = 3, pki: Path | None = None) -> EtcdCluster:
+    """A started, healthy cluster (mTLS for clients with `pki`); the caller stops it and
+    removes `root`."""
     root = Path(tempfile.mkdtemp(prefix="p4seg-etcd-"))
     ports = _free_ports(2 * size)
-    cluster = EtcdCluster(root)
+    cluster = EtcdCluster(root, pki=pki)
     cluster.members = [
         Member(f"m{i}", ports[2 * i], ports[2 * i + 1], root / f"m{i}") for i in range(size)
     ]

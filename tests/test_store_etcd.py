@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from etcd_cluster import EtcdCluster, etcd_cluster
+from etcd_cluster import ETCD, EtcdCluster, etcd_cluster, start_cluster
+from pki import make_pki
 
 from compiler.allocation import Allocation
 from runtime import audit
@@ -433,3 +436,40 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
             assert refused.value.leader == leader.elector.options.who
 
     run(main())
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def test_mutual_tls_to_etcd(tmp_path: Path) -> None:
+    if not Path(ETCD).exists():
+        pytest.skip("etcd is not installed (Debian: apt-get install etcd-server)")
+    pki = make_pki(tmp_path)
+    cluster = start_cluster(size=1, pki=pki)
+    try:
+        endpoints = tuple(f"https://{e}" for e in cluster.endpoints)
+
+        async def main() -> None:
+            secure = EtcdOptions(
+                parse_endpoints(",".join(endpoints)), "floor", name="c0", timeout=3.0,
+                ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key",
+            )  # fmt: skip
+            async with seats(secure) as (leader,):
+                await leader.elector.wait_for(Role.LEADER, 10)
+                await leader.store.write(LIVE, "over mTLS")
+                assert (await leader.store.audit_verify()).ok
+            for refused in (
+                dataclasses.replace(secure, cert=None, key=None),  # no client certificate
+                dataclasses.replace(secure, ca=None, cert=None, key=None),  # clear text
+            ):
+                etcd = Etcd(refused)
+                try:
+                    with pytest.raises(StoreUnavailable):
+                        await etcd.get("state/live")
+                finally:
+                    await etcd.close()
+
+        run(main())
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
