@@ -420,10 +420,10 @@ class Elector:
 
     async def _campaign(self) -> bool:
         ttl, who = self.options.ttl, self.options.who
+        sent = time.monotonic()  # etcd grants the lease after this: it cannot expire earlier
         grant = await self.etcd.call(
             "grant a lease", "leasestub.LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl)
         )
-        sent = time.monotonic()  # the lease runs from its grant, which is after this
         value = json.dumps({"name": who, "since": time.time()}).encode()
         try:
             response = await self.etcd.txn(
