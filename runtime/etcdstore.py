@@ -35,7 +35,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -602,6 +602,32 @@ class EtcdStore:
             name = kv.key[len(prefix) :].decode()
             docs[name] = Document(name, kv.value.decode(), int(kv.mod_revision))
         return int(response.header.revision), docs
+
+    async def changes(self, after: int) -> AsyncIterator[Document]:
+        """Every document write after revision `after` (a snapshot's), in commit order: a
+        standby applies them to its snapshot and stays warm. StoreUnavailable when etcd goes
+        away, StoreError when `after` was compacted (take a new snapshot)."""
+        prefix = self.etcd.key("state/")
+        await self.etcd.client.connect()
+        try:
+            watch = await self.etcd.client.watch(
+                prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=after + 1
+            )
+        except aetcd.exceptions.WatchTimeoutError:
+            raise StoreUnavailable("etcd: watch the state: no answer in time") from None
+        try:
+            async for event in watch:
+                name = event.kv.key[len(prefix) :].decode()
+                yield Document(name, event.kv.value.decode(), int(event.kv.mod_revision))
+        except aetcd.exceptions.RevisionCompactedError as err:
+            raise StoreError(
+                f"etcd: the state after revision {after} was compacted ({err})"
+            ) from None
+        except aetcd.exceptions.ClientError as err:
+            raise StoreUnavailable(f"etcd: watch the state: {err}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
 
     async def write(self, name: str, text: str, *, expected: int | None = None) -> int:
         term = self._fence()

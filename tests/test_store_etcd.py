@@ -40,6 +40,7 @@ from runtime.store import (
     LIVE,
     Conflict,
     DirStore,
+    Document,
     NotLeader,
     StateStore,
     StoreUnavailable,
@@ -434,6 +435,24 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
             with pytest.raises(NotLeader) as refused:
                 await standby.store.write(LIVE, "{}")
             assert refused.value.leader == leader.elector.options.who
+
+            # Warm: the standby follows every write after its snapshot, in order.
+            seen: list[Document] = []
+
+            async def follow() -> None:
+                async for doc in standby.store.changes(revision):
+                    seen.append(doc)
+                    if len(seen) == 2:
+                        return
+
+            follower = asyncio.create_task(follow())
+            r1 = await leader.store.write("applied/tor-alg", '{"version": "def"}')
+            r2 = await leader.store.write(LIVE, LiveState().to_json())
+            await asyncio.wait_for(follower, 10)
+            assert seen == [
+                Document("applied/tor-alg", '{"version": "def"}', r1),
+                Document(LIVE, LiveState().to_json(), r2),
+            ]
 
     run(main())
 
