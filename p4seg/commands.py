@@ -304,8 +304,39 @@ def register(
 
     at_argument(verb("hits", "per-rule hit counts, unused allow rules", _HITS_HELP))
 
-    au = verb("audit", "check or show the audit log", "The hash-chained audit log.", False)
+    au = verb("audit", "check or show the audit log", _AUDIT_HELP, False)
     au.add_argument("action", choices=("verify", "show"))
+    etcd_arguments(au, floor=True)
+
+
+_AUDIT_HELP = """\
+The hash-chained audit log: `verify` walks the chain and names the first record that does
+not follow (edited, removed, inserted, reordered) and prints the head hash; `show` prints
+every record. The log is --state's audit.jsonl, or with --etcd the chain the controllers
+of --floor keep in etcd (docs/controller.md, "Replicated controllers").
+
+examples:
+    p4seg audit verify
+    p4seg audit verify --etcd https://etcd1:2379,https://etcd2:2379 --floor trading_floor \\
+        --etcd-ca ca.pem --etcd-cert ctl.pem --etcd-key ctl.key
+"""
+
+
+def etcd_arguments(p: argparse.ArgumentParser, *, floor: bool) -> None:
+    """--etcd URL[,URL...] and its TLS files: the state in etcd instead of --state."""
+    p.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="the controllers' etcd cluster (http://HOST:PORT or https://...): state there, "
+        "not in --state",
+    )
+    if floor:
+        p.add_argument(
+            "--floor", metavar="NAME", help="the floor's keys in etcd (/p4seg/NAME/; with --etcd)"
+        )
+    p.add_argument("--etcd-ca", metavar="PEM", help="verify etcd against this CA (TLS)")
+    p.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd (mTLS)")
+    p.add_argument("--etcd-key", metavar="PEM", help="client private key for etcd (mTLS)")
 
 
 def _watch_arguments(p: argparse.ArgumentParser) -> None:

@@ -71,6 +71,7 @@ from runtime.live import (
 
 if TYPE_CHECKING:
     from compiler.verify import Counterexample, ProofRecord, Proven
+    from runtime.etcdstore import EtcdOptions
 
 # p4seg/cli.py supplies the front end: load, transform the text, check, transform the
 # policy, compile and write the build; it reports every diagnostic itself (None: failed).
@@ -800,6 +801,8 @@ def read_hits(compiled: Compiled, session: Session) -> tuple[list[RuleHits], dic
 
 
 def cmd_audit(args: argparse.Namespace, front: Front) -> int:
+    if args.etcd:
+        return _audit_etcd(args)
     log = Path(args.state) / "audit.jsonl"
     if not log.exists():
         print(f"p4seg audit: error: no audit log at {log}", file=sys.stderr)
@@ -808,14 +811,76 @@ def cmd_audit(args: argparse.Namespace, front: Front) -> int:
         for record in audit.records(log):
             print(json.dumps(record, sort_keys=True))
         return EXIT_OK
-    verdict = audit.verify(log)
+    return _say_verdict(str(log), audit.verify(log))
+
+
+def _say_verdict(where: str, verdict: audit.Verdict) -> int:
     if verdict.ok:
-        print(f"{log}: {verdict.records} records, chain intact; head {verdict.last_hash}")
+        print(f"{where}: {verdict.records} records, chain intact; head {verdict.last_hash}")
         return EXIT_OK
     print(
-        f"{log}:{verdict.line}: chain broken after {verdict.records} good records: {verdict.problem}"
+        f"{where}:{verdict.line}: chain broken after {verdict.records} good records: "
+        f"{verdict.problem}"
     )
     return EXIT_ERROR
+
+
+def etcd_options(args: argparse.Namespace, floor: str) -> EtcdOptions:
+    """The --etcd arguments (p4seg/commands.py etcd_arguments) for `floor`; ValueError
+    saying what is wrong."""
+    from runtime.etcdstore import EtcdOptions, parse_endpoints, wants_tls
+
+    files = {name: getattr(args, f"etcd_{name}") for name in ("ca", "cert", "key")}
+    tls = wants_tls(args.etcd)
+    if (files["cert"] or files["key"]) and not (files["ca"] or tls):
+        raise ValueError("--etcd-cert/--etcd-key: TLS needs https:// endpoints or --etcd-ca")
+    for path in filter(None, files.values()):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
+    return EtcdOptions(
+        parse_endpoints(args.etcd),
+        floor,
+        tls=tls,
+        **{name: Path(path) for name, path in files.items() if path},  # type: ignore[arg-type]
+    )
+
+
+def _audit_etcd(args: argparse.Namespace) -> int:
+    """`audit verify|show` on the chain in etcd, read only (no election)."""
+    from runtime.etcdstore import Etcd, EtcdStore
+    from runtime.store import StoreError
+
+    if not args.floor:
+        print("p4seg audit: error: --etcd needs --floor (the floor's keys)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        options = etcd_options(args, args.floor)
+    except ValueError as err:
+        print(f"p4seg audit: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    where = f"etcd:{options.prefix()}audit"
+
+    async def read() -> tuple[list[tuple[int, bytes]], audit.Verdict]:
+        etcd = Etcd(options)
+        try:
+            store = EtcdStore(etcd, None)
+            return await store.audit_records(), await store.audit_verify()
+        finally:
+            await etcd.close()
+
+    try:
+        stored, verdict = asyncio.run(read())
+    except StoreError as err:
+        print(f"p4seg audit: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    if not stored:
+        print(f"p4seg audit: error: no audit records at {where}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.action == "show":
+        for _, raw in stored:
+            print(json.dumps(json.loads(raw), sort_keys=True))
+        return EXIT_OK
+    return _say_verdict(where, verdict)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Front], int]] = {

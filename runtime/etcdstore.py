@@ -83,6 +83,14 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def wants_tls(text: str) -> bool:
+    """Whether `--etcd` names https endpoints (all or none: ValueError if mixed)."""
+    schemes = {"https" if p.strip().startswith("https://") else "http" for p in text.split(",")}
+    if len(schemes) > 1:
+        raise ValueError("--etcd: mixes http:// and https:// endpoints")
+    return schemes == {"https"}
+
+
 @dataclass(frozen=True, slots=True)
 class EtcdOptions:
     """How to reach etcd and how to hold the floor's leadership."""
@@ -93,6 +101,7 @@ class EtcdOptions:
     ttl: int = 3  # lease seconds (etcd leases are whole seconds)
     margin: float = 0.5  # stop writing this long before the lease could expire
     timeout: float = 2.0  # per etcd request
+    tls: bool = False  # TLS (implied by `ca`); without `ca`, the system's CAs verify etcd
     ca: Path | None = None  # TLS: the CA that signed etcd's certificates
     cert: Path | None = None  # mTLS: this controller's certificate and key
     key: Path | None = None
@@ -146,7 +155,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type inform
             "grpc.min_reconnect_backoff_ms": 100,
             "grpc.max_reconnect_backoff_ms": 1000,
         }
-        if options.ca is not None:
+        if options.ca is not None or options.tls:
             channel_options["grpc.ssl_target_name_override"] = options.endpoints[0].rpartition(":")[
                 0
             ]
@@ -158,12 +167,12 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type inform
             return
         options = self._p4seg
         target = _target(options.endpoints)
-        if options.ca is None:
+        if options.ca is None and not options.tls:
             self.channel = rpc.insecure_channel(target, options=self._options.items())
         else:
             try:
                 creds = grpc.ssl_channel_credentials(
-                    options.ca.read_bytes(),
+                    options.ca.read_bytes() if options.ca else None,
                     options.key.read_bytes() if options.key else None,
                     options.cert.read_bytes() if options.cert else None,
                 )

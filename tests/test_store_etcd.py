@@ -25,6 +25,7 @@ from etcd_cluster import ETCD, EtcdCluster, etcd_cluster, start_cluster
 from pki import make_pki
 
 from compiler.allocation import Allocation
+from p4seg.cli import main as cli
 from runtime import audit
 from runtime.etcdstore import (
     ELECTION_BASE,
@@ -33,6 +34,7 @@ from runtime.etcdstore import (
     Replica,
     Role,
     parse_endpoints,
+    wants_tls,
 )
 from runtime.live import LiveState
 from runtime.store import (
@@ -99,6 +101,9 @@ def test_endpoints_parse_and_bad_ones_are_named() -> None:
     for bad in ("127.0.0.1", "ftp://a:1", "http://a:1/v3", "a:99999", ""):
         with pytest.raises(ValueError, match="--etcd"):
             parse_endpoints(bad)
+    assert wants_tls("https://a:1,https://b:2") and not wants_tls("a:1,http://b:2")
+    with pytest.raises(ValueError, match="mixes"):
+        wants_tls("https://a:1,b:2")
     with pytest.raises(ValueError, match="margin"):
         EtcdOptions(("a:1",), "floor", ttl=1, margin=0.6)
     with pytest.raises(ValueError, match="floor"):
@@ -314,6 +319,42 @@ def test_concurrent_appenders_never_fork_the_audit_chain(etcd_cluster: EtcdClust
     run(main())
 
 
+def test_audit_verify_and_show_on_the_chain_in_etcd(
+    etcd_cluster: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def append() -> list[dict[str, object]]:
+        async with seats(options(etcd_cluster, "c0")) as (leader,):
+            await leader.elector.wait_for(Role.LEADER, 10)
+            return [await leader.store.audit_append("grant", {"n": n}) for n in range(3)]
+
+    records = run(append())
+    etcd = ["--etcd", ",".join(f"http://{e}" for e in etcd_cluster.endpoints)]
+    assert cli(["audit", "verify", *etcd, "--floor", "floor"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"etcd:/p4seg/floor/audit: 3 records, chain intact; head {records[2]['hash']}\n"
+    assert cli(["audit", "show", *etcd, "--floor", "floor"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert shown == records
+
+    async def tamper() -> None:
+        admin = Etcd(options(etcd_cluster, "admin"))
+        try:
+            edited = dict(records[1], n=7)
+            await _put(admin, admin.key(f"audit/records/{1:016d}"), audit.canonical(edited))
+        finally:
+            await admin.close()
+
+    run(tamper())
+    assert cli(["audit", "verify", *etcd, "--floor", "floor"]) == 1
+    assert capsys.readouterr().out.startswith("etcd:/p4seg/floor/audit:2: chain broken after 1")
+    assert cli(["audit", "verify", *etcd]) == 1
+    assert "--etcd needs --floor" in capsys.readouterr().err
+    assert cli(["audit", "verify", "--etcd", "127.0.0.1", "--floor", "floor"]) == 1
+    assert "is not an etcd endpoint" in capsys.readouterr().err
+    assert cli(["audit", "verify", *etcd, "--floor", "nothing-here"]) == 1
+    assert "no audit records at etcd:/p4seg/nothing-here/audit" in capsys.readouterr().err
+
+
 async def _put(etcd: Etcd, key: bytes, value: bytes) -> None:
     from aetcd import rpc
 
@@ -460,7 +501,7 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
 # -- TLS ------------------------------------------------------------------------------------
 
 
-def test_mutual_tls_to_etcd(tmp_path: Path) -> None:
+def test_mutual_tls_to_etcd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not Path(ETCD).exists():
         pytest.skip("etcd is not installed (Debian: apt-get install etcd-server)")
     pki = make_pki(tmp_path)
@@ -476,7 +517,7 @@ def test_mutual_tls_to_etcd(tmp_path: Path) -> None:
             async with seats(secure) as (leader,):
                 await leader.elector.wait_for(Role.LEADER, 10)
                 await leader.store.write(LIVE, "over mTLS")
-                assert (await leader.store.audit_verify()).ok
+                await leader.store.audit_append("grant", {"over": "mTLS"})
             for refused in (
                 dataclasses.replace(secure, cert=None, key=None),  # no client certificate
                 dataclasses.replace(secure, ca=None, cert=None, key=None),  # clear text
@@ -489,6 +530,13 @@ def test_mutual_tls_to_etcd(tmp_path: Path) -> None:
                     await etcd.close()
 
         run(main())
+        etcd = ["--etcd", ",".join(endpoints), "--floor", "floor"]
+        tls = ["--etcd-ca", str(pki / "ca.pem")]
+        client = ["--etcd-cert", str(pki / "client.pem"), "--etcd-key", str(pki / "client.key")]
+        assert cli(["audit", "verify", *etcd, *tls, *client]) == 0
+        assert "1 records, chain intact" in capsys.readouterr().out
+        assert cli(["audit", "verify", *etcd, *client]) == 1  # the system's CAs do not know it
+        assert "etcd unreachable" in capsys.readouterr().err
     finally:
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
