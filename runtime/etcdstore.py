@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
@@ -336,7 +336,8 @@ class Elector:
         self.leader: Leader | None = None  # last seen holder (this controller or another)
         self.last_error = ""
         self._listeners: list[Listener] = []
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set and replaced at every change of role
+        self._background: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._watch_from = 0  # the revision after the read that lost the last campaign
@@ -357,7 +358,7 @@ class Elector:
         holds none or can no longer be sure it does (no lease refresh for ttl - margin)."""
         term = self._holding()
         if term is None:
-            holder = self.leader.name if self.leader and self._term is None else None
+            holder = self.leader.name if self.leader and self._term is None else None  # not us
             why = (
                 "its lease is not refreshed (etcd unreachable?)" if self._term else "it is standby"
             )
@@ -373,8 +374,9 @@ class Elector:
 
     async def wait_for(self, role: Role, timeout: float) -> None:
         """Until this controller has `role` (TimeoutError after `timeout` s)."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: self.role is role)
+        async with asyncio.timeout(timeout):
+            while self.role is not role:
+                await self._changed.wait()
 
     def deposed(self, leader: Leader | None) -> None:
         """etcd refused a fenced write: someone else holds (or nobody holds) the key."""
@@ -523,12 +525,16 @@ class Elector:
         if term is None:
             return
         self._term = None
+        if self.leader is not None and self.leader.create_revision == term.create_revision:
+            self.leader = None  # not known to lead any more
         self._lost.set()
         log.warning("%s no longer leads floor %s: %s", term.name, self.options.floor, why)
         self.last_error = why
         self._notify()
-        with contextlib.suppress(RuntimeError):  # free the key early if etcd still has it
-            asyncio.get_running_loop().create_task(self._revoke_quietly(term.lease))
+        # Free the key at once if etcd still has it (a standby need not wait for the TTL).
+        task = asyncio.get_running_loop().create_task(self._revoke_quietly(term.lease))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _revoke_quietly(self, lease: int) -> None:
         with contextlib.suppress(StoreError):
@@ -556,13 +562,8 @@ class Elector:
         role, term = self.role, self._term
         for listener in self._listeners:
             listener(role, term)
-
-        async def wake() -> None:
-            async with self._changed:
-                self._changed.notify_all()
-
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(wake())
+        self._changed.set()
+        self._changed = asyncio.Event()
 
 
 # -- the shared state and the audit chain ------------------------------------------------
@@ -761,13 +762,12 @@ class Replica:
 def status(replica: Replica) -> dict[str, object]:
     """What `GET /v1/status` says about the replication."""
     leader = replica.elector.leader
-    return cast(
-        dict[str, object],
-        {
-            "role": replica.elector.role.value,
-            "leader": leader.name if leader else None,
-            "election_id": leader.election_id if leader else None,
-            "etcd": list(replica.etcd.options.endpoints),
-            **({"error": replica.elector.last_error} if replica.elector.last_error else {}),
-        },
-    )
+    out: dict[str, object] = {
+        "role": replica.elector.role.value,
+        "leader": leader.name if leader else None,
+        "election_id": leader.election_id if leader else None,
+        "etcd": list(replica.etcd.options.endpoints),
+    }
+    if replica.elector.last_error:
+        out["error"] = replica.elector.last_error
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ class Document:
     revision: int
 
 
+def _revision(text: str) -> int:
+    """A document's revision in the state directory: 63 bits of its SHA-256, never 0."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8]) >> 1 | 1
+
+
 def check_name(name: str) -> str:
     """A document name (`live`, `applied/tor-alg`), or ValueError saying what is wrong."""
     if not _NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
@@ -125,7 +131,8 @@ async def load_allocation(store: StateStore) -> tuple[Allocation, int]:
 class DirStore:
     """The state directory as a StateStore (one controller: nothing to fence). A document
     is `NAME.json` (`live.json`, `allocation.json`, `applied/tor-alg.json`), the audit log
-    `audit.jsonl`; the revision is the file's modification time in nanoseconds."""
+    `audit.jsonl`; a document's revision is drawn from its content's SHA-256 (file times
+    are too coarse to tell two quick writes apart)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -140,7 +147,7 @@ class DirStore:
         path = self._path(name)
         try:
             text = path.read_text(encoding="utf-8")
-            return Document(name, text, path.stat().st_mtime_ns)
+            return Document(name, text, _revision(text))
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as err:
@@ -155,14 +162,14 @@ class DirStore:
         with (self.state_dir / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # read-compare-replace as one step
             if expected is not None:
-                current = path.stat().st_mtime_ns if path.exists() else 0
-                if current != expected:
-                    raise Conflict(f"{path}: changed since it was read (revision {current})")
+                current = self._read(name)
+                if (current.revision if current else 0) != expected:
+                    raise Conflict(f"{path}: changed since it was read")
             try:
                 write_atomic(path, text)
             except OSError as err:
                 raise StoreError(f"{path}: cannot write ({err.strerror})") from None
-            return path.stat().st_mtime_ns
+            return _revision(text)
 
     async def audit_append(self, event: str, fields: Mapping[str, object]) -> dict[str, object]:
         path = self.state_dir / "audit.jsonl"
