@@ -543,20 +543,22 @@ class Elector:
     async def _wait_vacant(self) -> None:
         """Until the leader key is deleted (a watch from the read that lost), or one TTL
         passes (then the caller reads again: a broken watch never strands a standby)."""
-        watch = await self.etcd.client.watch(
-            self._key, start_revision=self._watch_from, kind=aetcd.rtypes.EventKind.DELETE
-        )
+        watch = None
         try:
             async with asyncio.timeout(self.options.ttl):
+                watch = await self.etcd.client.watch(
+                    self._key, start_revision=self._watch_from, kind=aetcd.rtypes.EventKind.DELETE
+                )
                 async for _event in watch:
                     return
         except TimeoutError:
             return
         except aetcd.exceptions.ClientError as err:
-            raise StoreUnavailable(f"etcd: watch the leader: {err}") from None
+            raise StoreUnavailable(f"etcd: watch the leader: {err or type(err).__name__}") from None
         finally:
-            with contextlib.suppress(Exception):
-                await watch.cancel()
+            if watch is not None:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
 
     def _notify(self) -> None:
         role, term = self.role, self._term

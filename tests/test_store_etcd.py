@@ -131,6 +131,18 @@ def test_one_leader_and_each_new_leader_outranks_the_last(etcd_cluster: EtcdClus
     assert len(ids) == 3 and ids == sorted(ids) and len(set(ids)) == 3, ids
 
 
+def test_a_leader_keeps_its_term_across_many_lease_ttls(etcd_cluster: EtcdCluster) -> None:
+    async def main() -> None:
+        async with seats(options(etcd_cluster, "c0", ttl=1, margin=0.2)) as (leader,):
+            await leader.elector.wait_for(Role.LEADER, 10)
+            term = leader.elector.fence()
+            await asyncio.sleep(3.5)  # the lease would have expired three times unrefreshed
+            assert leader.elector.fence() == term
+            await leader.store.write(LIVE, "still leading")
+
+    run(main())
+
+
 def test_a_killed_leader_is_replaced_after_its_lease_expires(etcd_cluster: EtcdCluster) -> None:
     ttl = 3
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
