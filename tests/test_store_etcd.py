@@ -34,6 +34,7 @@ from runtime.etcdstore import (
     Replica,
     Role,
     parse_endpoints,
+    status,
     wants_tls,
 )
 from runtime.live import LiveState
@@ -417,8 +418,9 @@ def test_quorum_lost_refuses_writes_with_a_typed_error_and_writes_nothing_half(
             await leader.store.audit_append("apply", {"n": 1})
             etcd_cluster.kill(1)
             etcd_cluster.kill(2)
-            with pytest.raises(StoreUnavailable, match="etcd unreachable or without quorum"):
+            with pytest.raises(StoreUnavailable, match="etcd unreachable or without quorum") as e:
                 await leader.store.write(LIVE, "v2")
+            assert e.value.maybe_applied  # sent, unanswered: etcd may still commit it whole
             with pytest.raises((StoreUnavailable, NotLeader)):
                 await leader.store.audit_append("apply", {"n": 2})
             with pytest.raises(StoreUnavailable):
@@ -488,6 +490,14 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
             with pytest.raises(NotLeader) as refused:
                 await standby.store.write(LIVE, "{}")
             assert refused.value.leader == leader.elector.options.who
+            term = leader.elector.fence()
+            assert status(standby) == {
+                "role": "standby",
+                "leader": leader.elector.options.who,
+                "election_id": term.election_id,
+                "etcd": list(etcd_cluster.endpoints),
+            }
+            assert status(leader)["role"] == "leader"
 
             # Warm: the standby follows every write after its snapshot, in order.
             seen: list[Document] = []
