@@ -284,12 +284,11 @@ class Role(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Leadership:
-    """This controller's term as leader."""
+class Leader:
+    """Whoever holds the floor's leader key, as last seen."""
 
     name: str
-    create_revision: int  # of the leader key: what every write compares
-    lease: int
+    create_revision: int  # of the leader key: what every fenced write compares
 
     @property
     def election_id(self) -> int:
@@ -297,15 +296,10 @@ class Leadership:
 
 
 @dataclass(frozen=True, slots=True)
-class Leader:
-    """Whoever holds the floor's leader key, as last seen."""
+class Leadership(Leader):
+    """This controller's term as leader: the leader key it holds and its lease."""
 
-    name: str
-    create_revision: int
-
-    @property
-    def election_id(self) -> int:
-        return election_id(self.create_revision)
+    lease: int
 
 
 def _leader_of(kv: Any) -> Leader:
