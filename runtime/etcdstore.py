@@ -235,6 +235,10 @@ class Etcd:
                     f"{where}: etcd unreachable or without quorum ({reason})",
                     maybe_applied=write and not unsent,
                 ) from None
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
+                raise StoreError(
+                    f"{where}: too large for etcd ({details}); see etcd's --max-request-bytes"
+                ) from None
             raise StoreError(f"{where}: {code.name.lower()}: {details}") from None
 
     async def txn(

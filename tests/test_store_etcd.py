@@ -46,6 +46,7 @@ from runtime.store import (
     Document,
     NotLeader,
     StateStore,
+    StoreError,
     StoreUnavailable,
     load_allocation,
     load_live,
@@ -498,6 +499,12 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
                 "etcd": list(etcd_cluster.endpoints),
             }
             assert status(leader)["role"] == "leader"
+            # Past etcd's request limit (1.5 MiB by default): a clear error, nothing written.
+            before = await leader.store.read(LIVE)
+            for size in (1_600_000, 2 << 20):  # over etcd's limit, over gRPC's
+                with pytest.raises(StoreError, match="write live: too large for etcd"):
+                    await leader.store.write(LIVE, "x" * size)
+            assert await leader.store.read(LIVE) == before
 
             # Warm: the standby follows every write after its snapshot, in order.
             seen: list[Document] = []
