@@ -35,7 +35,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,15 @@ import grpc
 from aetcd import rpc
 
 from runtime import audit
-from runtime.store import Conflict, Document, NotLeader, StoreError, StoreUnavailable, check_name
+from runtime.store import (
+    Commit,
+    Conflict,
+    Document,
+    NotLeader,
+    StoreError,
+    StoreUnavailable,
+    check_name,
+)
 
 log = logging.getLogger("p4seg.etcd")
 
@@ -640,29 +648,71 @@ class EtcdStore:
                 await watch.cancel()
 
     async def write(self, name: str, text: str, *, expected: int | None = None) -> int:
-        term = self._fence()
-        key = self.etcd.key(f"state/{check_name(name)}")
-        compare = [_compare(self._leader_key, "create", term.create_revision)]
-        if expected is not None:
-            compare.append(_compare(key, "mod", expected))
-        response = await self.etcd.txn(
-            f"write {name}",
-            compare,
-            [_put(key, text.encode()), _get(key)],
-            [_get(self._leader_key), _get(key)],
+        done = await self.commit(
+            {name: text}, expected=None if expected is None else {name: expected}
         )
-        if response.succeeded:
-            kv = _ranged(response, 1)
-            assert kv is not None
-            return int(kv.mod_revision)
-        leader_kv = _ranged(response, 0)
-        if leader_kv is None or int(leader_kv.create_revision) != term.create_revision:
-            raise self._refused(leader_kv, term)
-        current = _ranged(response, 1)
-        raise Conflict(
-            f"state document {name!r} changed since it was read (revision "
-            f"{int(current.mod_revision) if current is not None else 0}, expected {expected})"
-        )
+        return done.revision
+
+    async def audit_append(
+        self, event: str, fields: Mapping[str, object], *, fenced: bool = True
+    ) -> dict[str, object]:
+        """Chain one record (see `commit`); unfenced, anyone's append is taken."""
+        return (await self.commit(events=[(event, fields)], fenced=fenced)).records[0]
+
+    async def commit(
+        self,
+        docs: Mapping[str, str] | None = None,
+        events: Sequence[tuple[str, Mapping[str, object]]] = (),
+        *,
+        expected: Mapping[str, int] | None = None,
+        fenced: bool = True,
+    ) -> Commit:
+        """Write documents and chain audit records in ONE transaction, fenced by the
+        leadership: all of it is stored or none. The records chain to the head as read, and
+        the transaction compares the head's mod_revision, so two appenders never chain to
+        the same record (the loser reads the new head and tries again). `expected`: the
+        revision each named document must still have (0: absent), else Conflict."""
+        docs = {check_name(n): t for n, t in (docs or {}).items()}
+        if docs and not fenced:
+            raise ValueError("state documents are written by the leader only (fenced)")
+        term = self._fence() if fenced else None
+        keys = {name: self.etcd.key(f"state/{name}") for name in docs}
+        guards = [(name, keys[name], rev) for name, rev in (expected or {}).items()]
+        what = ", ".join([*(f"write {n}" for n in docs), *(f"audit {e}" for e, _ in events)])
+        for _attempt in range(64):
+            compare = [_compare(key, "mod", rev) for _, key, rev in guards]
+            if term is not None:
+                compare.append(_compare(self._leader_key, "create", term.create_revision))
+            success = [_put(keys[name], text.encode()) for name, text in docs.items()]
+            records: list[dict[str, object]] = []
+            if events:
+                seq, prev, head_revision = await self._head_of()
+                for event, fields in events:
+                    records.append(audit.seal(seq, prev, event, dict(fields)))
+                    key = self.etcd.key(f"audit/records/{seq:016d}")
+                    success.append(_put(key, audit.canonical(records[-1])))
+                    seq, prev = seq + 1, str(records[-1]["hash"])
+                head = {"seq": seq - 1, "hash": prev}
+                success.append(_put(self._head, json.dumps(head).encode()))
+                compare.append(_compare(self._head, "mod", head_revision))
+            failure = [_get(self._leader_key), *(_get(key) for _, key, _ in guards)]
+            response = await self.etcd.txn(what, compare, success, failure)
+            if response.succeeded:
+                return Commit(int(response.header.revision), tuple(records))
+            leader_kv = _ranged(response, 0)
+            if term is not None and (
+                leader_kv is None or int(leader_kv.create_revision) != term.create_revision
+            ):
+                raise self._refused(leader_kv, term)
+            for i, (name, _, rev) in enumerate(guards, start=1):
+                kv = _ranged(response, i)
+                if (int(kv.mod_revision) if kv is not None else 0) != rev:
+                    raise Conflict(
+                        f"state document {name!r} changed since it was read (revision "
+                        f"{int(kv.mod_revision) if kv is not None else 0}, expected {rev})"
+                    )
+            # Only the audit head moved (another appender): chain after it.
+        raise StoreError("audit chain: the head kept moving under 64 attempts to append")
 
     async def _head_of(self) -> tuple[int, str, int]:
         """(next seq, hash to chain to, head key's mod_revision: 0 before the first record)."""
@@ -671,36 +721,6 @@ class EtcdStore:
             return 0, audit.GENESIS, 0
         head = json.loads(kv.value)
         return int(head["seq"]) + 1, str(head["hash"]), int(kv.mod_revision)
-
-    async def audit_append(
-        self, event: str, fields: Mapping[str, object], *, fenced: bool = True
-    ) -> dict[str, object]:
-        """Chain one record: a transaction on the head key as read, so two appenders never
-        chain to the same record (the loser reads the new head and tries again). Fenced
-        (the default), only the leader's append is taken."""
-        term = self._fence() if fenced else None
-        for _attempt in range(64):
-            seq, prev, head_revision = await self._head_of()
-            record = audit.seal(seq, prev, event, dict(fields))
-            compare = [_compare(self._head, "mod", head_revision)]
-            if term is not None:
-                compare.append(_compare(self._leader_key, "create", term.create_revision))
-            head = json.dumps({"seq": seq, "hash": record["hash"]}).encode()
-            response = await self.etcd.txn(
-                f"append audit record {seq}",
-                compare,
-                [_put(self.etcd.key(f"audit/records/{seq:016d}"), audit.canonical(record)),
-                 _put(self._head, head)],
-                [_get(self._leader_key)],
-            )  # fmt: skip
-            if response.succeeded:
-                return record
-            leader_kv = _ranged(response, 0)
-            if term is not None and (
-                leader_kv is None or int(leader_kv.create_revision) != term.create_revision
-            ):
-                raise self._refused(leader_kv, term)
-        raise StoreError("audit chain: the head kept moving under 64 attempts to append")
 
     async def audit_records(self) -> list[tuple[int, bytes]]:
         """Every stored record (its position from 1, its canonical JSON), in chain order, as

@@ -20,7 +20,7 @@ import asyncio
 import fcntl
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -75,6 +75,15 @@ class Document:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What one commit stored: the store's revision after it, and the audit records as
+    chained."""
+
+    revision: int
+    records: tuple[dict[str, object], ...] = ()
+
+
 def _revision(text: str) -> int:
     """A document's revision in the state directory: 63 bits of its SHA-256, never 0."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8]) >> 1 | 1
@@ -104,6 +113,14 @@ class StateStore(Protocol):
 
     async def audit_append(self, event: str, fields: Mapping[str, object]) -> dict[str, object]:
         """Chain one audit record (runtime/audit.py format) and return it once stored."""
+        ...
+
+    async def commit(
+        self,
+        docs: Mapping[str, str] | None = None,
+        events: Sequence[tuple[str, Mapping[str, object]]] = (),
+    ) -> Commit:
+        """Write documents and chain audit records together (etcd: in one transaction)."""
         ...
 
     async def audit_verify(self) -> audit.Verdict:
@@ -177,3 +194,15 @@ class DirStore:
 
     async def audit_verify(self) -> audit.Verdict:
         return await asyncio.to_thread(audit.verify, self.state_dir / "audit.jsonl")
+
+    async def commit(
+        self,
+        docs: Mapping[str, str] | None = None,
+        events: Sequence[tuple[str, Mapping[str, object]]] = (),
+    ) -> Commit:
+        """One after the other (one controller: no one to interleave with)."""
+        revision = 0
+        for name, text in (docs or {}).items():
+            revision = await self.write(name, text)
+        records = [await self.audit_append(event, fields) for event, fields in events]
+        return Commit(revision, tuple(records))
