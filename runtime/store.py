@@ -206,3 +206,70 @@ class DirStore:
             revision = await self.write(name, text)
         records = [await self.audit_append(event, fields) for event, fields in events]
         return Commit(revision, tuple(records))
+
+
+class StateMirror:
+    """The state directory as the working copy of a shared store, for verbs that read and
+    write files (p4seg/verbs.py): `pull()` before an operation makes the files what the
+    store holds; `push()` after it commits the documents that changed and the audit records
+    the operation appended to `audit.jsonl`, in one commit (etcd: one fenced transaction),
+    so an operation's state and its audit record are stored together or not at all.
+
+    Document `NAME` is the file `NAME.json` (as DirStore names them). The local audit log
+    stays the working copy's own; its new records are chained into the store's chain with
+    their fields (time, actor, event, ...) as written."""
+
+    def __init__(self, store: StateStore, state_dir: Path, names: Sequence[str]) -> None:
+        self.store = store
+        self.state_dir = state_dir
+        self.names = tuple(check_name(n) for n in names)
+        self._known: dict[str, str | None] = {}  # as last pulled or pushed
+        self._audited = 0  # records of audit.jsonl already in the store (or pulled past)
+
+    def _path(self, name: str) -> Path:
+        return self.state_dir / f"{name}.json"
+
+    def _local(self, name: str) -> str | None:
+        try:
+            return self._path(name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def _records(self) -> list[dict[str, object]]:
+        path = self.state_dir / "audit.jsonl"
+        return list(audit.records(path)) if path.exists() else []
+
+    async def pull(self) -> None:
+        """Make the files what the store holds (a document it lacks: no file)."""
+        for name in self.names:
+            doc = await self.store.read(name)
+            text = None if doc is None else doc.text
+            if text != self._local(name):
+                if text is None:
+                    self._path(name).unlink(missing_ok=True)
+                else:
+                    write_atomic(self._path(name), text)
+            self._known[name] = text
+        self._audited = len(await asyncio.to_thread(self._records))
+
+    async def push(self) -> Commit | None:
+        """Commit what changed since the last pull or push (None: nothing did)."""
+        docs = {}
+        for name in self.names:
+            text = self._local(name)
+            if text is not None and text != self._known.get(name):
+                docs[name] = text
+        records = (await asyncio.to_thread(self._records))[self._audited :]
+        if not docs and not records:
+            return None
+        events = [
+            (
+                str(r["event"]),
+                {k: v for k, v in r.items() if k not in ("seq", "prev", "hash", "event")},
+            )
+            for r in records
+        ]
+        done = await self.store.commit(docs, events)
+        self._known.update(docs)
+        self._audited += len(records)
+        return done

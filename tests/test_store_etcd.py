@@ -45,6 +45,7 @@ from runtime.store import (
     DirStore,
     Document,
     NotLeader,
+    StateMirror,
     StateStore,
     StoreError,
     StoreUnavailable,
@@ -523,6 +524,57 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
                 Document("applied/tor-alg", '{"version": "def"}', r1),
                 Document(LIVE, LiveState().to_json(), r2),
             ]
+
+    run(main())
+
+
+def test_a_state_directory_mirrors_the_store_and_commits_state_with_its_audit(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with seats(options(etcd_cluster, "A", ttl=30)) as (a,):
+            await a.elector.wait_for(Role.LEADER, 10)
+            work = tmp_path / "a"
+            mirror = StateMirror(a.store, work, [LIVE, ALLOCATION])
+            await mirror.pull()
+            assert not (work / "live.json").exists()
+            # An operation as the verbs make it: the state files and the local audit log.
+            state = LiveState()
+            state.quarantined["algo1"] = 5.0
+            state.save(work)
+            local = audit.append(work / "audit.jsonl", "quarantine", host="algo1")
+            done = await mirror.push()
+            assert done is not None and len(done.records) == 1
+            assert await mirror.push() is None  # nothing new since
+            stored = json.loads((await a.store.audit_records())[0][1])
+            assert {k: stored[k] for k in ("time", "actor", "event", "host")} == {
+                k: local[k] for k in ("time", "actor", "event", "host")
+            }
+            async with seats(options(etcd_cluster, "B")) as (b,):
+                copy = tmp_path / "b"
+                await StateMirror(b.store, copy, [LIVE, ALLOCATION]).pull()
+                assert (copy / "live.json").read_text() == (work / "live.json").read_text()
+                assert not (copy / "allocation.json").exists()
+
+                # Deposed behind its back, A's next push is refused whole.
+                admin = Etcd(options(etcd_cluster, "admin"))
+                try:
+                    lease = a.elector.fence().lease
+                    await admin.call(
+                        "revoke", "leasestub.LeaseRevoke", _revoke_request(lease), write=True
+                    )
+                finally:
+                    await admin.close()
+                await b.elector.wait_for(Role.LEADER, 10)
+                state.quarantined["algo2"] = 6.0
+                state.save(work)
+                audit.append(work / "audit.jsonl", "quarantine", host="algo2")
+                with pytest.raises(NotLeader):
+                    await mirror.push()
+                held = await b.store.read(LIVE)
+                assert held is not None
+                assert LiveState.from_json(held.text, "x").quarantined == {"algo1": 5.0}
+                assert (await b.store.audit_verify()).records == 1
 
     run(main())
 
