@@ -1,0 +1,79 @@
+"""`p4seg serve --etcd`: the seat of one controller among several sharing a floor in etcd.
+
+serve runs its verbs in worker threads, one at a time under its lock, on files in the state
+directory. With etcd, each operation becomes:
+
+    election_id = replication.begin()   # leader only (else NotLeader naming the leader);
+                                        # the state directory is what etcd holds
+    ... the verb, as P4Runtime primary with that election id ...
+    replication.end()                   # the changed state files and the verb's audit
+                                        # records, in one fenced etcd transaction
+    ... only now acknowledge the caller ...
+
+An operation whose `end()` fails was not acknowledged: the switches may hold it, etcd does
+not, and the next leader brings the switches back to what etcd holds. The election, lease
+refresh and fencing are runtime/etcdstore.py's; this module only bridges serve's threads to
+the asyncio loop that owns the etcd connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from p4seg.allocations import STATE_FILE as ALLOCATION_FILE
+from p4seg.control import APPLIED_RULES
+from p4seg.operations import NOTES_FILE
+from p4seg.signals import ENGINE_FILE
+from p4seg.spines import DOWN_FILE
+from p4seg.verbs import PROOF_FILE
+from runtime.etcdstore import Replica, status
+from runtime.live import STATE_FILE as LIVE_FILE
+from runtime.store import StateMirror, StoreUnavailable
+
+T = TypeVar("T")
+
+# The state directory's files that are the floor's state (not a controller's own: alerts,
+# the last `up` matrix): each is the etcd document of its name without `.json`.
+SHARED_FILES = (LIVE_FILE, ALLOCATION_FILE, ENGINE_FILE, NOTES_FILE, APPLIED_RULES, PROOF_FILE,
+                DOWN_FILE)  # fmt: skip
+
+
+class Replication:
+    """A started Replica on `loop` (serve's event loop) and the mirror of `state_dir`; the
+    methods are for worker threads, never for the loop itself."""
+
+    def __init__(self, replica: Replica, state_dir: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.replica = replica
+        self.loop = loop
+        names = [name.removesuffix(".json") for name in SHARED_FILES]
+        self.mirror = StateMirror(replica.store, state_dir, names)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            # Every etcd request has its own deadline; this bounds a pull or push of them all.
+            return future.result(timeout=self.replica.etcd.options.timeout * 4)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise StoreUnavailable("etcd: the state was not read or written in time") from None
+
+    def begin(self) -> int:
+        """Before an operation: this controller's P4Runtime election id, once the state
+        directory holds what etcd holds; NotLeader on a standby, StoreUnavailable when etcd
+        cannot be read."""
+        term = self.replica.elector.fence()
+        self._run(self.mirror.pull())
+        return term.election_id
+
+    def end(self) -> None:
+        """After an operation: what it changed is in etcd (NotLeader if this controller was
+        deposed meanwhile: nothing of it was stored)."""
+        self._run(self.mirror.push())
+
+    def status(self) -> dict[str, object]:
+        """`GET /v1/status`'s replication part: role, leader, election id, endpoints."""
+        return status(self.replica)
