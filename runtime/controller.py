@@ -49,6 +49,8 @@ class ControllerOptions:
     timeout: float = 30.0  # per switch, for the whole plan or apply
     tls: GRPCCredentialsTLS | None = None
     reset_direct_meters: bool = False  # compiler.targets.TargetKind.stale_direct_meters
+    # Read every switch in full even when its digest says it holds the build (drift checks).
+    full_read: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,10 @@ class SwitchReport:
     seconds: float = 0.0
     error: str | None = None
     failed_updates: list[tuple[Change, str]] = field(default_factory=list)
+    # Planned in full (its tables read, or known empty: no pipeline); False: its digest said
+    # it holds the build, confirmed by one small read.
+    in_full: bool = False
+    marks: int = 0  # writes of the digest mark (runtime/plan.py), not counted in `written`
 
     @property
     def ok(self) -> bool:
@@ -144,14 +150,7 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     request = p4r.ReadRequest(device_id=device_id, entities=_table_wildcards(tables))
     async for reply in client.request_iter(request):
         held.entries.extend(canonical_entry(e.table_entry) for e in reply.entities)
-    epoch = p4r.Entity()
-    epoch.table_entry.table_id = tables.epoch_table.id
-    epoch.table_entry.is_default_action = True
-    request = p4r.ReadRequest(device_id=device_id, entities=[epoch])
-    async for reply in client.request_iter(request):
-        for e in reply.entities:
-            params = e.table_entry.action.action.params
-            held.epoch = int.from_bytes(params[0].value, "big") if params else 0
+    held.epoch, held.digest = await read_mark(client, device_id, tables)
     clone = p4r.Entity()
     clone.packet_replication_engine_entry.clone_session_entry.session_id = CPU_CLONE_SESSION
     request = p4r.ReadRequest(device_id=device_id, entities=[clone])
@@ -163,6 +162,24 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
         if err.code.name != "NOT_FOUND":  # some targets answer a missing session so
             raise
     return held
+
+
+async def read_mark(client: P4Client, device_id: int, tables: Tables) -> tuple[int, bytes]:
+    """One small read: the switch's epoch and the digest it is marked with (b"": none)."""
+    epoch = p4r.Entity()
+    epoch.table_entry.table_id = tables.epoch_table.id
+    epoch.table_entry.is_default_action = True
+    out = (0, b"")
+    async for reply in client.request_iter(p4r.ReadRequest(device_id=device_id, entities=[epoch])):
+        for e in reply.entities:
+            params = e.table_entry.action.action.params
+            out = (int.from_bytes(params[0].value, "big") if params else 0, e.table_entry.metadata)
+    return out
+
+
+def _unchanged(target: SwitchTarget, epoch: int) -> SwitchPlan:
+    """The empty plan of a switch whose digest says it holds `target.desired`."""
+    return SwitchPlan(target.name, (), None, (), {}, epoch)
 
 
 async def pipeline_state(client: P4Client, device_id: int, expected: P4Schema) -> str:
@@ -232,9 +249,17 @@ async def plan_one(
     async def work() -> None:
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
-            held = Held() if report.pipeline != "same" else None
-            if held is None:
-                held = await read_held(client, target.device_id, tables)
+            if report.pipeline != "same":
+                report.in_full = True
+                report.plan = plan_switch(tables, target.desired, Held())
+                return
+            if not options.full_read:
+                epoch, digest = await read_mark(client, target.device_id, tables)
+                if digest and digest == target.desired.digest:
+                    report.plan = _unchanged(target, epoch)
+                    return
+            report.in_full = True
+            held = await read_held(client, target.device_id, tables)
             report.plan = plan_switch(tables, target.desired, held)
 
     return await _bounded(report, options.timeout, work)
@@ -326,10 +351,21 @@ async def apply_one(
             if report.pipeline != "same":
                 say(target.name, f"pipeline {report.pipeline}: set")
             raw = _raw_client(sw)
+            digest = target.desired.digest
+            if report.pipeline == "same" and not options.full_read:
+                epoch, mark = await read_mark(raw, target.device_id, tables)
+                if mark and mark == digest:
+                    report.plan = _unchanged(target, epoch)
+                    return
+            report.in_full = True
             held = await read_held(raw, target.device_id, tables)
             plan = report.plan = planner(tables, target.desired, held)
             if plan.empty:
+                if digest and held.digest != digest:  # right, but not marked (yet): mark it
+                    await _mark(sw, tables, plan.epoch_after, digest, report)
                 return
+            if held.digest:  # from the first write on, the switch holds no known build
+                await _mark(sw, tables, held.epoch, b"", report)
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
             reset = options.reset_direct_meters
             await _write(sw, tables, plan.prepare, options.batch_size, report, reset)
@@ -339,8 +375,24 @@ async def apply_one(
             if plan.finish:
                 say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
                 await _write(sw, tables, plan.finish, options.batch_size, report, reset)
+            if digest:  # every update took: the switch holds the build
+                await _mark(sw, tables, plan.epoch_after, digest, report)
 
     return await _bounded(report, options.timeout, work)
+
+
+async def _mark(
+    sw: Switch, tables: Tables, epoch: int, digest: bytes, report: SwitchReport
+) -> None:
+    """Mark the switch as holding `digest` (b"": unknown) on the epoch default, which keeps
+    stamping `epoch`: no packet is judged differently."""
+    u = p4r.Update(type=p4r.Update.MODIFY)
+    u.entity.table_entry.CopyFrom(tables.epoch_default(epoch, digest))
+    try:
+        await sw.write([u])
+    except P4ClientError as err:
+        raise ControllerError(f"marking the switch's digest failed: {err.message}") from None
+    report.marks += 1
 
 
 def session_options(
