@@ -116,7 +116,7 @@ TIMEOUT = 120.0  # seconds: a bound for a hung child or switch, never a pause
 BENCH_ELECTION_ID = 30  # the writes figure; p4runtime-shell comes after with a higher one
 SHELL_ELECTION_ID = (0, 40)
 RESERVED_PORTS = range(6000, 6100)  # bench/gen_policy.py: no rule allows them
-FIGURES = ("writes", "apply", "quarantine", "alerts")
+FIGURES = ("writes", "apply", "quarantine", "grant", "alerts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,7 @@ class FloorSize:
 
 SMALL = FloorSize("small", 300, 60, 160)
 MEDIUM = FloorSize("medium", 1_000, 200, 960)
+TOR48 = FloorSize("tor48", 1_000, 200, 1_000, tors=48)  # issue 13's 48-ToR floor
 
 
 # -- shared helpers ------------------------------------------------------------------------
@@ -890,6 +891,51 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         run_verb(["release", host.name, *live])
 
 
+# -- 3b. grant and revoke -------------------------------------------------------------------
+
+
+def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
+    """`p4seg grant` of one host-to-host flow on a reserved port (no rule allows it), until
+    the verb returns, then `revoke`; probed through the data planes after each."""
+    print(
+        f"\n== 3b. grant and revoke one flow on {len(s.refs)} switches ({c.floor.rules}-rule floor)"
+    )
+    policy = s.directory / "a.zt"
+    run_verb(["apply", str(policy), *verb_args(s)])
+    host, flows = quarantine_flows(c, s)
+    known = next(f for f in flows if f.src == host)
+    probe = Flow(known.src, known.dst, RESERVED_PORTS.start + 1)
+    live = ["-p", str(policy), *verb_args(s)]
+    grant = ["grant", probe.src.name, probe.dst.name, "tcp", str(probe.dport), "--for", "1h"]
+    noop, granted, revoked = VerbTimes(), VerbTimes(), VerbTimes()
+    problems: list[str] = []
+    for i in range(repeat):
+        run_verb(["apply", str(policy), *verb_args(s)], noop)
+        if s.passes(probe):
+            problems.append(f"run {i}: {probe} passes before the grant")
+        run_verb([*grant, *live], granted)
+        if not s.passes(probe):
+            problems.append(f"run {i}: {probe} dropped after the grant")
+        state = json.loads((s.directory / "state" / "live.json").read_text())
+        run_verb(["revoke", state["grants"][-1]["id"], *live], revoked)
+        if s.passes(probe):
+            problems.append(f"run {i}: {probe} passes after the revoke")
+    base = statistics.median(noop.total)
+    print(f"   {probe}")
+    print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
+    for label, times in (("`p4seg grant`", granted), ("`p4seg revoke`", revoked)):
+        mid = statistics.median(times.total)
+        print(f"   {label:<58}{median_ms(times.total)} {mid / base:6.2f}x   "
+              f"{verdict(mid, TARGET_QUARANTINE_S)} the < {TARGET_QUARANTINE_S * 1e3:.0f} ms "
+              f"target; {statistics.median(times.writes):.0f} writes on "
+              f"{statistics.median(times.changed):.0f} switches")  # fmt: skip
+        print_split(times, "         ")
+    print(f"   every run: the probe dropped before, delivered after the grant, dropped after the "
+          f"revoke. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
+    if profile:
+        profiled("p4seg grant", lambda: run_verb([*grant, *live]))
+
+
 # -- 4. denied packet -> alert on disk -----------------------------------------------------
 
 
@@ -1155,7 +1201,7 @@ def run_floor(size: FloorSize, only: set[str], repeat: int, packets: int, profil
         tmp = Path(tmp_name)
         if "writes" in only:
             bench_writes(c, tmp, repeat)
-        if not only & {"apply", "quarantine", "alerts"}:
+        if not only & {"apply", "quarantine", "grant", "alerts"}:
             return
         write_build(c.built, str(tmp / "core-build"))
         change = one_rule_change(c) if "apply" in only else None
@@ -1165,6 +1211,8 @@ def run_floor(size: FloorSize, only: set[str], repeat: int, packets: int, profil
                 bench_apply(c, s, change, repeat, profile)
             if "quarantine" in only:
                 bench_quarantine(c, s, repeat, profile)
+            if "grant" in only:
+                bench_grant(c, s, repeat, profile)
             if "alerts" in only:
                 bench_alerts(c, s, packets)
 
@@ -1181,7 +1229,7 @@ def main() -> None:
     ap.add_argument("--packets", type=int, default=200, help="alert packets (default: 200)")
     ap.add_argument("--only", default=",".join(FIGURES),
                     help=f"comma-separated subset of {','.join(FIGURES)}")  # fmt: skip
-    ap.add_argument("--floor", choices=("small", "medium", "both"), default="both")
+    ap.add_argument("--floor", choices=("small", "medium", "tor48", "both", "all"), default="both")
     ap.add_argument("--profile", action="store_true", help="cProfile apply, the verb, quarantine")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -1189,7 +1237,8 @@ def main() -> None:
         ap.error(f"--only: unknown {', '.join(sorted(only - set(FIGURES)))}")
     logging.getLogger("finsy").setLevel(logging.CRITICAL)
     repeat, packets = (3, 50) if args.quick else (args.repeat, args.packets)
-    floors = {"small": [SMALL], "medium": [MEDIUM], "both": [SMALL, MEDIUM]}[args.floor]
+    floors = {"small": [SMALL], "medium": [MEDIUM], "tor48": [TOR48], "both": [SMALL, MEDIUM],
+              "all": [SMALL, MEDIUM, TOR48]}[args.floor]  # fmt: skip
     if args.quick:
         floors = [SMALL]
     print(f"p4seg controller bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
