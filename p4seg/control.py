@@ -91,10 +91,21 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
 def _selected(
     compiled: Compiled, names: Sequence[str], tables: Tables, only: str | None = None
 ) -> list[SwitchTarget] | str:
-    if only is not None:  # one switch: encode its entries alone
+    files = compiled.build.files
+
+    def entries_file(switch: str) -> str:
+        return files[f"entries/{switch}.json"]
+
+    # The entries files name each switch's tables exactly: encoded only when planned.
+    named = (
+        entries_file
+        if all(f"entries/{s.switch}.json" in files for s in compiled.build.switches)
+        else None
+    )
+    if only is not None:
         [sw] = [s for s in compiled.build.switches if s.switch == only]
-        return targets(compiled.inventory, [sw], tables)
-    every = targets(compiled.inventory, compiled.build.switches, tables)
+        return targets(compiled.inventory, [sw], tables, named)
+    every = targets(compiled.inventory, compiled.build.switches, tables, named)
     if not names:
         return every
     known = {t.name for t in every}

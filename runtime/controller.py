@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,10 +30,11 @@ from google.protobuf import text_format
 
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
+from compiler.inventory import Switch as InventorySwitch
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
-from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
+from runtime.plan import DIGEST_MARK, Change, Desired, Held, SwitchPlan, Tables, plan_switch
 
 log = logging.getLogger("p4seg.controller")
 
@@ -92,14 +94,28 @@ class SwitchTarget:
 
 
 def targets(
-    inventory: Inventory, compiled: Sequence[SwitchTables], tables: Tables
+    inventory: Inventory,
+    compiled: Sequence[SwitchTables],
+    tables: Tables,
+    named: Callable[[str], str] | None = None,
 ) -> list[SwitchTarget]:
-    """The inventory's switches that `compiled` has tables for, with what they must hold."""
+    """The inventory's switches that `compiled` has tables for, with what they must hold.
+
+    `named(switch)`: a text that names the switch's compiled tables exactly (its entries
+    file): their digest is taken from it, and they are encoded only when a plan needs them.
+    """
     by_name = {s.switch: s for s in compiled}
+
+    def desired(sw: InventorySwitch) -> Desired:
+        tables_of = by_name[sw.name]
+        if named is None:
+            return Desired.of(tables, tables_of, sw.cpu_port)
+        text = f"cpu port {sw.cpu_port}\n{named(sw.name)}"
+        digest = DIGEST_MARK + hashlib.sha256(text.encode()).hexdigest().encode()
+        return Desired.lazy(tables, tables_of, sw.cpu_port, digest)
+
     return [
-        SwitchTarget(
-            sw.name, sw.p4rt, sw.device_id, Desired.of(tables, by_name[sw.name], sw.cpu_port)
-        )
+        SwitchTarget(sw.name, sw.p4rt, sw.device_id, desired(sw))
         for sw in inventory.switches
         if sw.name in by_name
     ]

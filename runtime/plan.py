@@ -32,7 +32,7 @@ default entry instead of reading and planning every table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from finsy.proto import p4r
@@ -165,31 +165,75 @@ def _meter_bytes(entry: p4r.TableEntry) -> bytes:
     return data
 
 
-@dataclass(frozen=True, slots=True)
 class Desired:
     """What one switch must hold: wildcard-epoch entries, by key, and its clone session;
     `encoded`: each entry serialized (once) -> its key, so that a held entry equal to it is
     matched by its bytes alone; `digest`: the mark of a switch that holds all of it (see the
-    module docstring; empty: never taken as held)."""
+    module docstring; empty: never taken as held).
 
-    switch: str
-    entries: dict[bytes, p4r.TableEntry]
-    clone: p4r.CloneSessionEntry
-    encoded: dict[bytes, bytes] = field(default_factory=dict)
-    digest: bytes = b""
+    `Desired.of` encodes the compiled entries at once; `Desired.lazy` (given the digest the
+    build names them by) only when a plan needs them, so that a switch whose mark matches
+    costs no encoding at all. Read only once made.
+    """
+
+    __slots__ = ("_encoded", "_entries", "_source", "clone", "digest", "switch")
+
+    def __init__(
+        self,
+        switch: str,
+        entries: dict[bytes, p4r.TableEntry],
+        clone: p4r.CloneSessionEntry,
+        encoded: dict[bytes, bytes] | None = None,
+        digest: bytes = b"",
+    ) -> None:
+        self.switch, self.clone, self.digest = switch, clone, digest
+        self._entries, self._encoded = entries, encoded if encoded is not None else {}
+        self._source: Callable[[], tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]] | None
+        self._source = None
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
-        entries, encoded = {}, {}
-        for e in compiled.entries:
-            msg = table_entry_proto(tables.pipeline, e)
-            key = tables.split(msg)[0]
-            entries[key] = msg
-            encoded[msg.SerializeToString(deterministic=True)] = key
-        # The only default the compiler sets is the epoch's, which the update protocol owns.
-        assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
+        entries, encoded = _encode(tables, compiled)
         clone = clone_session(cpu_port)
         return cls(compiled.switch, entries, clone, encoded, _digest(encoded, clone))
+
+    @classmethod
+    def lazy(cls, tables: Tables, compiled: SwitchTables, cpu_port: int, digest: bytes) -> Desired:
+        """`compiled`, encoded when first needed; `digest` must name exactly what it holds
+        (with `cpu_port`'s clone session), as the build's entries file does."""
+        out = cls(compiled.switch, {}, clone_session(cpu_port), None, digest)
+        out._source = lambda: _encode(tables, compiled)
+        return out
+
+    def _made(self) -> None:
+        if self._source is not None:
+            self._entries, self._encoded = self._source()
+            self._source = None
+
+    @property
+    def entries(self) -> dict[bytes, p4r.TableEntry]:
+        self._made()
+        return self._entries
+
+    @property
+    def encoded(self) -> dict[bytes, bytes]:
+        self._made()
+        return self._encoded
+
+
+def _encode(
+    tables: Tables, compiled: SwitchTables
+) -> tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]:
+    """The compiled entries as messages by key, and serialized -> key (each encoded once)."""
+    entries, encoded = {}, {}
+    for e in compiled.entries:
+        msg = table_entry_proto(tables.pipeline, e)
+        key = tables.split(msg)[0]
+        entries[key] = msg
+        encoded[msg.SerializeToString(deterministic=True)] = key
+    # The only default the compiler sets is the epoch's, which the update protocol owns.
+    assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
+    return entries, encoded
 
 
 def _digest(encoded: Iterable[bytes], clone: p4r.CloneSessionEntry) -> bytes:
