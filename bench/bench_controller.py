@@ -243,9 +243,10 @@ def compile_floor(size: FloorSize) -> Compiled:
 
 
 def held_entries(sw: ReferenceSwitch) -> set[bytes]:
-    """Every table entry the switch's device holds, serialized canonically."""
+    """Every table entry the switch's device holds, serialized canonically (a metered
+    entry with its meter config, as compiled entries carry it)."""
     entity = p4r.Entity()
-    entity.table_entry.SetInParent()
+    entity.table_entry.meter_config.SetInParent()
     return {e.table_entry.SerializeToString(deterministic=True) for e in sw.device.read([entity])}
 
 
