@@ -188,6 +188,7 @@ def report_json(
             "ok": r.ok,
             "pipeline": r.pipeline,
             "seconds": round(r.seconds, 3),
+            "planned_in_full": r.in_full,  # False: its digest mark said it holds the build
         }
         if r.error:
             item["error"] = r.error
