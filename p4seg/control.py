@@ -39,7 +39,7 @@ from runtime.controller import (
 )
 from runtime.defaults import DEFAULT_BATCH
 from runtime.entities import describe_entry
-from runtime.plan import Tables
+from runtime.plan import Desired, Tables
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -309,6 +309,11 @@ def session_of(
     return Session(options, tables, selected, files)
 
 
+# Per build directory, per switch: what this process last brought the switch to (a
+# long-running `watch` or service plans a marked switch from it instead of reading it).
+_APPLIED: dict[str, dict[str, Desired]] = {}
+
+
 def run(
     verb: str,
     args: argparse.Namespace,
@@ -331,7 +336,13 @@ def run(
             print(f"  {switch}: {text}", file=sys.stderr, flush=True)
 
     if apply:
-        reports = asyncio.run(apply_all(selected, tables, files, options, progress))
+        held = _APPLIED.setdefault(str(compiled.build_dir.resolve()), {})
+        reports = asyncio.run(apply_all(selected, tables, files, options, progress, held))
+        for target, report in zip(selected, reports, strict=True):
+            if report.ok:
+                held[target.name] = target.desired
+            else:
+                held.pop(target.name, None)
     else:
         reports = asyncio.run(plan_all(selected, tables, files, options))
     pending = [

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,9 +347,13 @@ async def apply_one(
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
     planner: Callable[[Tables, Desired, Held], SwitchPlan] = plan_switch,
+    known: Desired | None = None,
 ) -> SwitchReport:
     """Win arbitration, set the pipeline if it differs, and execute the switch's plan
-    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes)."""
+    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes).
+
+    `known`: what a long-running caller last brought the switch to; a switch still marked
+    with its digest holds exactly it, so the plan starts from it instead of a full read."""
     report = SwitchReport(target.name, target.address)
     say = progress or (lambda _switch, _text: None)
 
@@ -368,13 +372,17 @@ async def apply_one(
                 say(target.name, f"pipeline {report.pipeline}: set")
             raw = _raw_client(sw)
             digest = target.desired.digest
+            held = None
             if report.pipeline == "same" and not options.full_read:
                 epoch, mark = await read_mark(raw, target.device_id, tables)
                 if mark and mark == digest:
                     report.plan = _unchanged(target, epoch)
                     return
-            report.in_full = True
-            held = await read_held(raw, target.device_id, tables)
+                if mark and known is not None and mark == known.digest:
+                    held = Held(list(known.entries.values()), epoch, known.clone, mark)
+            if held is None:
+                report.in_full = True
+                held = await read_held(raw, target.device_id, tables)
             plan = report.plan = planner(tables, target.desired, held)
             if plan.empty:
                 if digest and held.digest != digest:  # right, but not marked (yet): mark it
@@ -445,15 +453,22 @@ async def apply_all(
     files: PipelineFiles,
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
+    known: Mapping[str, Desired] | None = None,
 ) -> list[SwitchReport]:
     """Apply every switch's plan concurrently; a failing switch never stops the others.
+    `known`: per switch, what the caller last brought it to (apply_one).
 
     Switches flip independently: a packet in flight meets each ToR's policy whole, and
     every ToR enforces the whole policy for its hosts, so its fate is its fate under the
     old policy or under the new one (docs/controller.md).
     """
     return list(
-        await asyncio.gather(*(apply_one(t, tables, files, options, progress) for t in switches))
+        await asyncio.gather(
+            *(
+                apply_one(t, tables, files, options, progress, known=(known or {}).get(t.name))
+                for t in switches
+            )
+        )
     )
 
 

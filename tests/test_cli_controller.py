@@ -61,6 +61,7 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import p4seg.control
     import runtime.plan
 
     sw, inv = site
@@ -88,13 +89,20 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     assert main(["apply", "small.zt", *inv, "--output", "json"]) == 0
     assert [s["written"] for s in json.loads(capsys.readouterr().out)["switches"]] == [0]
     assert encoded == [] and reads == [False]  # the mark's one small read, nothing encoded
-    # A changed policy: its tables are encoded and the switch read in full, once.
+    # A changed policy, in the same process (as under `watch`): the switch is still marked
+    # with what this process applied, so the plan starts from that (encoded now), unread.
     Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
     assert main(["apply", "small.zt", *inv]) == 0
-    assert encoded == ["tor1"] and reads.count(True) == 1, reads
+    assert encoded == ["tor1", "tor1"] and reads.count(True) == 0, reads
     assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
     assert main(["apply", "small.zt", *inv, "--full-read"]) == 0  # reads every table anyway
-    assert reads.count(True) == 2
+    assert reads.count(True) == 1 and len(encoded) == 3  # and plans it in full
+    # A new process knows nothing it applied: the changed switch is read in full.
+    p4seg.control._APPLIED.clear()
+    Path("small.zt").write_text(POLICY)
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert reads.count(True) == 2 and len(encoded) == 4
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h1", "h3", 8081)
 
 
 def test_plan_apply_idempotent(

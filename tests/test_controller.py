@@ -130,6 +130,38 @@ def test_a_switch_marked_with_the_build_is_neither_read_in_full_nor_written(
     assert all(seen.full_reads == 1 for seen in traffic.values())
 
 
+def test_a_long_running_caller_plans_a_marked_switch_from_what_it_applied(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    floor: Inventory,
+    floor_policy_text: str,
+) -> None:
+    switches, files, refs = fabric
+    options = ControllerOptions(timeout=20)
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, options)))
+    text = floor_policy_text.replace("tcp 9876\n", "tcp 9877\n", 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    result = check_policy(text, "p.zt", floor)
+    assert result.policy is not None
+    edited = {s.switch: s for s in build(result.policy, floor, text, "ref").switches}
+    new = [
+        dataclasses.replace(t, desired=Desired.of(TABLES, edited[t.name], 255)) for t in switches
+    ]
+    traffic = {name: _count(sw) for name, sw in refs.items()}
+    known = {t.name: t.desired for t in switches}
+    reports = asyncio.run(apply_all(new, TABLES, files, options, known=known))
+    assert all(r.ok and not r.in_full for r in reports)  # planned from `known`, none read
+    assert {r.switch for r in reports if r.written} == {"tor-alg", "tor-oms"}
+    assert all(seen.full_reads == 0 for seen in traffic.values())
+    for target in new:
+        want = {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+        assert _held_entries(refs[target.name]) == want, target.name
+        assert _mark(refs[target.name]) == target.desired.digest
+    # A `known` the mark does not confirm is never trusted: the switch is read.
+    back = asyncio.run(apply_all(switches, TABLES, files, options, known=known))
+    assert all(r.ok for r in back) and all(r.in_full for r in back if r.written)
+    assert {r.switch for r in back if r.in_full} == {"tor-alg", "tor-oms"}
+
+
 def test_a_restarted_or_overwritten_switch_is_read_and_planned_in_full(
     fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
 ) -> None:
