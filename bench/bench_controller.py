@@ -155,10 +155,15 @@ def verdict(value: float, target: float, below: bool = True) -> str:
     return "meets" if ok else "MISSES"
 
 
+_STDERR = io.StringIO()  # the last quiet verb's stderr, for the error of a failed one
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """The verbs print reports and progress: kept off the bench's output."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    global _STDERR
+    _STDERR = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(_STDERR):
         yield
 
 
@@ -676,7 +681,8 @@ def run_verb(argv: list[str], times: VerbTimes | None = None) -> p4seg.control.C
         code = p4seg.cli.main(argv)
         seconds = time.perf_counter() - start
     if code != 0 or not compiled or compiled[-1] is None:
-        raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}")
+        said = _STDERR.getvalue().strip().splitlines()[-8:]
+        raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}: " + "\n".join(said))
     if not reports and one_reports:  # the overlay's path: one switch, no apply_all
         controller, reports = one, [one_reports]
     if times is not None:
