@@ -314,6 +314,12 @@ def session_of(
 _APPLIED: dict[str, dict[str, Desired]] = {}
 
 
+def applied_here(compiled: Compiled) -> dict[str, Desired]:
+    """Per switch, what this process last brought it to with `compiled`'s build directory
+    (runtime.controller.apply_one's `known`); callers update it with what they apply."""
+    return _APPLIED.setdefault(str(compiled.build_dir.resolve()), {})
+
+
 def run(
     verb: str,
     args: argparse.Namespace,
@@ -336,7 +342,7 @@ def run(
             print(f"  {switch}: {text}", file=sys.stderr, flush=True)
 
     if apply:
-        held = _APPLIED.setdefault(str(compiled.build_dir.resolve()), {})
+        held = applied_here(compiled)
         reports = asyncio.run(apply_all(selected, tables, files, options, progress, held))
         for target, report in zip(selected, reports, strict=True):
             if report.ok:

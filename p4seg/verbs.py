@@ -37,6 +37,7 @@ from p4seg.control import (
     Session,
     _record_allocation,
     _rule_lines,
+    applied_here,
     applied_rules,
     print_reports,
     record_applied,
@@ -460,10 +461,16 @@ def _overlay(
         return EXIT_ERROR
     [target] = session.switches
     start = time.monotonic()
+    applied = applied_here(compiled)  # a long-running process plans the ToR from memory
     report = asyncio.run(
         apply_one(target, session.tables, session.files, session.options,
-                  planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}))
+                  planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}),
+                  known=applied.get(target.name))
     )  # fmt: skip
+    if report.ok:
+        applied[target.name] = target.desired
+    else:
+        applied.pop(target.name, None)
     if report.error is not None and report.error.startswith(NOT_AN_OVERLAY):
         return None  # nothing was written: the full apply brings the ToR (and all) up to date
     took = time.monotonic() - start
