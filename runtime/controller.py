@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ from compiler.inventory import Switch as InventorySwitch
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
-from runtime.plan import DIGEST_MARK, Change, Desired, Held, SwitchPlan, Tables, plan_switch
+from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch, text_digest
 
 log = logging.getLogger("p4seg.controller")
 
@@ -115,8 +114,7 @@ def targets(
         tables_of = by_name[sw.name]
         if named is None:
             return Desired.of(tables, tables_of, sw.cpu_port)
-        text = f"cpu port {sw.cpu_port}\n{named(sw.name)}"
-        digest = DIGEST_MARK + hashlib.sha256(text.encode()).hexdigest().encode()
+        digest = text_digest(f"cpu port {sw.cpu_port}\n{named(sw.name)}")
         return Desired.lazy(tables, tables_of, sw.cpu_port, digest)
 
     return [

@@ -236,6 +236,12 @@ def _encode(
     return entries, encoded
 
 
+def text_digest(text: str) -> bytes:
+    """The mark of a switch holding what `text` names exactly (e.g. a build's entries file
+    with the switch's CPU port)."""
+    return DIGEST_MARK + hashlib.sha256(text.encode()).hexdigest().encode()
+
+
 def _digest(encoded: Iterable[bytes], clone: p4r.CloneSessionEntry) -> bytes:
     """The mark of a switch holding the `encoded` entries (as wildcards) and `clone`,
     whatever order they were compiled in."""
