@@ -5,10 +5,11 @@ Figures, never asserted.
     python -m bench.bench_controller --quick      # the small floor, 3 runs (about 2 min)
     python -m bench.bench_controller --only apply,quarantine --profile
 
-Floors come from bench/gen_policy.py, every one with 20 ToRs and 2 spines: `small` (300
-rules, 60 services, 160 hosts) and `medium` (1,000 rules, 200 services, 960 hosts; not in
---quick). Each switch is an in-process ReferenceSwitch on its own 127.0.0.1 port; the
-inventory's p4rt addresses are rewritten to those ports.
+Floors come from bench/gen_policy.py: `small` (300 rules, 60 services, 160 hosts) and
+`medium` (1,000 rules, 200 services, 960 hosts; not in --quick), both 20 ToRs and 2
+spines, and `tor48` (1,000 rules, 200 services, 1,000 hosts, 48 ToRs and 2 spines; only
+with --floor tor48 or all). Each switch is an in-process ReferenceSwitch on its own
+127.0.0.1 port; the inventory's p4rt addresses are rewritten to those ports.
 
 1. writes   One `p4seg-switch` subprocess on 127.0.0.1. The largest ToR's compiled entries
             are written three ways into the emptied switch: p4seg's batched writes
@@ -20,8 +21,10 @@ inventory's p4rt addresses are rewritten to those ports.
             exactly the same entries each time. Target: p4seg >= 10x the shell.
 2. apply    Policy A is applied, then B (A with one rule's port changed) and back, timed
             from the start of the apply until it returns: apply_all with the targets
-            prepared (the controller core), and `p4seg apply` in-process (p4seg.cli.main:
-            check, compile, write the build, encode, apply, state and audit). The baseline is
+            prepared (the controller core: as a new process, each changed switch read; and
+            back as a long-running one, planned from what it applied), and `p4seg apply`
+            in-process (p4seg.cli.main: check, compile, write the build, encode, apply, state
+            and audit; nothing applied kept in memory, as a new process). The baseline is
             a no-op apply (nothing to change) of the same kind. After each apply every
             switch's entries are read back from its device and compared with what B (or A)
             compiles to, and the changed flow is sent through the switches' data planes
@@ -32,6 +35,8 @@ inventory's p4rt addresses are rewritten to those ports.
             returns; then `release` (at most 3 runs: each takes seconds). Broken down:
             compile (the verb's front end: check, build, write), controller (apply_all),
             the rest (encoding, state, audit). Target: < 100 ms.
+3b. grant   `p4seg grant` of one host-to-host flow on a reserved port, then `revoke`, each
+            probed through the data planes; baseline: a no-op `p4seg apply`.
 4. alerts   `p4seg alerts --follow` in a subprocess (the real verb, connected to every
             switch); a logged-denied packet is injected (each from another host, so the
             per-source rate limit never drops one) and timed until its JSON line is in
@@ -670,6 +675,9 @@ def run_verb(argv: list[str], times: VerbTimes | None = None) -> p4seg.control.C
     proof: list[float] = []
     if times is not None:  # timed: start without the garbage of the runs before
         gc.collect()
+    # As a new `p4seg` process: nothing it applied is in memory, so every switch a build
+    # changes is read (p4seg.control keeps what a long-running process applied).
+    p4seg.control._APPLIED.clear()
     with (
         quiet(),
         timed_attr(p4seg.cli, "_front", front, compiled),
