@@ -104,6 +104,7 @@ from runtime.controller import (
     apply_all,
     pipeline_state,
     read_held,
+    read_mark,
     targets,
 )
 from runtime.defaults import DEFAULT_BATCH
@@ -1121,22 +1122,23 @@ async def _anatomy_one(
 
     t = time.perf_counter()
     schema = files.schema()
-    t = add("parse the P4Info text (PipelineFiles.schema)", t)
+    t = add("parse the P4Info text (PipelineFiles.schema, once per build)", t)
     async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
         await pipeline_state(client, target.device_id, schema)
     t = add("connect, read the pipeline cookie, close", t)
-    opts = dataclasses.replace(
-        switch_options(files, target.device_id), initial_election_id=options.election_id
-    )
+    opts = runtime.controller.session_options(target, files, options)
     async with Switch(target.name, target.address, opts) as sw:
-        t = add("open finsy's Switch (parses the P4Info again, arbitration)", t)
+        t = add("open finsy's Switch (arbitration)", t)
         raw = sw._p4client  # the Switch's own channel, as apply_one reads through it
         assert raw is not None
+        _, mark = await read_mark(raw, target.device_id, TABLES)
+        assert mark == target.desired.digest
+        t = add("read the digest mark (one small Read): all a no-op apply needs", t)
         held = await read_held(raw, target.device_id, TABLES)
-        t = add("read_held: Read of every entry, epoch, clone session", t)
+        t = add("(without the mark) read_held: every entry, epoch, clone session", t)
         plan = plan_switch(TABLES, target.desired, held)
         assert plan.empty
-        t = add("plan_switch (index, compare every entry)", t)
+        t = add("(without the mark) plan_switch: index, compare every entry", t)
     add("close the Switch", t)
 
 
