@@ -215,6 +215,7 @@ def report_json(
             }
         if applied:
             item["written"] = r.written
+            item["digest_marks"] = r.marks  # writes of the switch's digest mark, apart
         switches.append(item)
     return {"switches": switches}
 

@@ -87,7 +87,8 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     monkeypatch.setattr(sw.device, "read", read)
     capsys.readouterr()
     assert main(["apply", "small.zt", *inv, "--output", "json"]) == 0
-    assert [s["written"] for s in json.loads(capsys.readouterr().out)["switches"]] == [0]
+    [doc] = json.loads(capsys.readouterr().out)["switches"]
+    assert (doc["written"], doc["digest_marks"], doc["planned_in_full"]) == (0, 0, False)
     assert encoded == [] and reads == [False]  # the mark's one small read, nothing encoded
     # A changed policy, in the same process (as under `watch`): the switch is still marked
     # with what this process applied, so the plan starts from that (encoded now), unread.
