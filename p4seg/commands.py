@@ -35,7 +35,9 @@ PLAN_HELP = """\
 Compile the policy, read back what every switch of the inventory holds, and show what
 `apply` would change: per switch and table, the entries added (+), changed (~) and
 removed (-), each with the policy rule behind it. Nothing on the switches changes; reading
-needs no arbitration, so a plan never disturbs a running controller.
+needs no arbitration, so a plan never disturbs a running controller. A switch marked with
+the digest of exactly this build (by the apply that wrote it) is confirmed by one small
+read and not read in full; --full-read reads it all.
 
 exit status: 0 nothing to change, 2 changes pending, 1 error
 
@@ -52,7 +54,9 @@ protocol — the new entries under the idle epoch, one write flips the epoch, th
 epoch's entries go — so no packet is ever judged by a mix of the two policies. Switches are
 updated concurrently; one that is slow or down is reported and never holds up the others.
 Entries that are already right are never rewritten: a second apply writes nothing, and an
-apply interrupted anywhere is finished by the next one.
+apply interrupted anywhere is finished by the next one. Each switch brought to the build is
+marked with its digest (the epoch default entry's metadata); a switch already marked with
+the new build's digest costs one small read (--full-read reads every table anyway).
 
 Before anything is written, the compiled tables are proven to implement the policy (as
 `p4seg verify` does); an unproven change is refused with its counterexamples and nothing
@@ -237,6 +241,13 @@ def register(
     pl = verb("plan", "show what apply would change on the switches", PLAN_HELP)
     at_argument(pl)
     a = verb("apply", "make the switches hold the policy (consistent updates)", APPLY_HELP)
+    for p in (pl, a):
+        p.add_argument(
+            "--full-read",
+            action="store_true",
+            help="read every table of every switch, even one whose digest says it holds the "
+            "build (finds entries written behind the controller's back)",
+        )
     a.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
     no_verify_argument(a)
     a.add_argument(

@@ -39,7 +39,7 @@ from runtime.controller import (
 )
 from runtime.defaults import DEFAULT_BATCH
 from runtime.entities import describe_entry
-from runtime.plan import Tables
+from runtime.plan import Desired, Tables
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -84,16 +84,28 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
         timeout=args.timeout,
         tls=tls,
         reset_direct_meters=kind is not None and kind.stale_direct_meters,
+        full_read=getattr(args, "full_read", False),
     )
 
 
 def _selected(
     compiled: Compiled, names: Sequence[str], tables: Tables, only: str | None = None
 ) -> list[SwitchTarget] | str:
-    if only is not None:  # one switch: encode its entries alone
+    files = compiled.build.files
+
+    def entries_file(switch: str) -> str:
+        return files[f"entries/{switch}.json"]
+
+    # The entries files name each switch's tables exactly: encoded only when planned.
+    named = (
+        entries_file
+        if all(f"entries/{s.switch}.json" in files for s in compiled.build.switches)
+        else None
+    )
+    if only is not None:
         [sw] = [s for s in compiled.build.switches if s.switch == only]
-        return targets(compiled.inventory, [sw], tables)
-    every = targets(compiled.inventory, compiled.build.switches, tables)
+        return targets(compiled.inventory, [sw], tables, named)
+    every = targets(compiled.inventory, compiled.build.switches, tables, named)
     if not names:  # a spine out of service is not written to, unless named (p4seg/spines.py)
         return [t for t in every if t.name not in compiled.inventory.down]
     known = {t.name for t in every}
@@ -176,6 +188,7 @@ def report_json(
             "ok": r.ok,
             "pipeline": r.pipeline,
             "seconds": round(r.seconds, 3),
+            "planned_in_full": r.in_full,  # False: its digest mark said it holds the build
         }
         if r.error:
             item["error"] = r.error
@@ -202,6 +215,7 @@ def report_json(
             }
         if applied:
             item["written"] = r.written
+            item["digest_marks"] = r.marks  # writes of the switch's digest mark, apart
         switches.append(item)
     return {"switches": switches}
 
@@ -296,6 +310,17 @@ def session_of(
     return Session(options, tables, selected, files)
 
 
+# Per build directory, per switch: what this process last brought the switch to (a
+# long-running `watch` or service plans a marked switch from it instead of reading it).
+_APPLIED: dict[str, dict[str, Desired]] = {}
+
+
+def applied_here(compiled: Compiled) -> dict[str, Desired]:
+    """Per switch, what this process last brought it to with `compiled`'s build directory
+    (runtime.controller.apply_one's `known`); callers update it with what they apply."""
+    return _APPLIED.setdefault(str(compiled.build_dir.resolve()), {})
+
+
 def run(
     verb: str,
     args: argparse.Namespace,
@@ -318,7 +343,13 @@ def run(
             print(f"  {switch}: {text}", file=sys.stderr, flush=True)
 
     if apply:
-        reports = asyncio.run(apply_all(selected, tables, files, options, progress))
+        held = applied_here(compiled)
+        reports = asyncio.run(apply_all(selected, tables, files, options, progress, held))
+        for target, report in zip(selected, reports, strict=True):
+            if report.ok:
+                held[target.name] = target.desired
+            else:
+                held.pop(target.name, None)
     else:
         reports = asyncio.run(plan_all(selected, tables, files, options))
     pending = [

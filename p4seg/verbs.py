@@ -38,6 +38,7 @@ from p4seg.control import (
     Session,
     _record_allocation,
     _rule_lines,
+    applied_here,
     applied_rules,
     print_reports,
     record_applied,
@@ -60,11 +61,17 @@ from runtime.controller import SwitchReport, pipeline_states
 from runtime.entities import describe_entry
 from runtime.files import write_atomic
 from runtime.live import (
+    GrantFlow,
     LiveState,
+    OperationError,
+    QuarantineHost,
+    ReleaseHost,
+    RevokeGrant,
     effective_policy,
     in_force_report,
     next_change,
     note_applied,
+    operate,
     parse_moment,
     policy_text_with_grants,
 )
@@ -303,15 +310,16 @@ def cmd_grant(args: argparse.Namespace, front: Front) -> int:
     if state is None:
         return EXIT_ERROR
     moment = clock()
-    grant = state.add_grant(args.src, args.dst, args.proto, args.ports, seconds, moment, actor())
-    refused = _grant_effect(args, state, moment)
+    op = GrantFlow(args.src, args.dst, args.proto, args.ports, seconds, actor())
+    done = operate(state, op, moment)
+    grant = done.grant
+    assert grant is not None
+    refused = _grant_effect(args, done.state, moment)
     if refused is not None:
         code, message = refused
         print(message, file=sys.stderr if code == EXIT_ERROR else sys.stdout)
         return code  # nothing saved, nothing written
-    code = _apply(
-        "grant", args, front, state, {"grant": grant.id, "rule": grant.line(), "seconds": seconds}
-    )
+    code = _apply("grant", args, front, done.state, done.event)
     if code == EXIT_OK:
         print(f"grant {grant.id}: {grant.line()} for {args.duration} "
               f"(revoke with: p4seg revoke {grant.id} -p {args.policy} -i {args.inventory})")  # fmt: skip
@@ -384,13 +392,12 @@ def cmd_revoke(args: argparse.Namespace, front: Front) -> int:
     state = _load_state(args, "revoke")
     if state is None:
         return EXIT_ERROR
-    match = [g for g in state.grants if g.id == args.grant_id]
-    if not match:
-        known = ", ".join(f"{g.id} ({g.line()})" for g in state.grants) or "none"
-        print(f"p4seg revoke: error: no grant {args.grant_id} (active: {known})", file=sys.stderr)
+    try:
+        done = operate(state, RevokeGrant(args.grant_id), clock())
+    except OperationError as err:
+        print(f"p4seg revoke: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    state.grants.remove(match[0])
-    return _apply("revoke", args, front, state, {"grant": args.grant_id, "rule": match[0].line()})
+    return _apply("revoke", args, front, done.state, done.event)
 
 
 def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
@@ -399,20 +406,20 @@ def cmd_quarantine(args: argparse.Namespace, front: Front) -> int:
     state = _load_state(args, args.verb)
     if state is None:
         return EXIT_ERROR
-    if args.verb == "quarantine":
-        if args.host in state.quarantined:
-            print(f"{args.host} is already quarantined; applying to make sure")
-        state.quarantine_by_operator(args.host, clock())
-    elif state.quarantined.pop(args.host, None) is None:
-        print(f"p4seg release: error: {args.host} is not quarantined", file=sys.stderr)
+    op = QuarantineHost(args.host) if args.verb == "quarantine" else ReleaseHost(args.host)
+    try:
+        done = operate(state, op, clock())
+    except OperationError as err:
+        print(f"p4seg {args.verb}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    event: dict[str, object] = {"host": args.host}
+    if done.again:
+        print(f"{args.host} is already quarantined; applying to make sure")
     if getattr(args, "reason", ""):
-        event["reason"] = args.reason
-    fast = _overlay(args.verb, args, front, state, event)
+        done.event["reason"] = args.reason
+    fast = _overlay(args.verb, args, front, done.state, done.event)
     if fast is not None:
         return fast
-    return _apply(args.verb, args, front, state, event)
+    return _apply(args.verb, args, front, done.state, done.event)
 
 
 def _overlay(
@@ -475,10 +482,16 @@ def _overlay(
         return EXIT_ERROR
     [target] = session.switches
     start = time.monotonic()
+    applied = applied_here(compiled)  # a long-running process plans the ToR from memory
     report = asyncio.run(
         apply_one(target, session.tables, session.files, session.options,
-                  planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}))
+                  planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}),
+                  known=applied.get(target.name))
     )  # fmt: skip
+    if report.ok:
+        applied[target.name] = target.desired
+    else:
+        applied.pop(target.name, None)
     if report.error is not None and report.error.startswith(NOT_AN_OVERLAY):
         return None  # nothing was written: the full apply brings the ToR (and all) up to date
     took = time.monotonic() - start

@@ -17,9 +17,10 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from finsy import P4Client, P4ClientError, Switch, SwitchOptions
 from finsy.grpcutil import GRPCCredentialsTLS
@@ -29,10 +30,11 @@ from google.protobuf import text_format
 
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
+from compiler.inventory import Switch as InventorySwitch
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
-from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch
+from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch, text_digest
 
 log = logging.getLogger("p4seg.controller")
 
@@ -49,6 +51,8 @@ class ControllerOptions:
     timeout: float = 30.0  # per switch, for the whole plan or apply
     tls: GRPCCredentialsTLS | None = None
     reset_direct_meters: bool = False  # compiler.targets.TargetKind.stale_direct_meters
+    # Read every switch in full even when its digest says it holds the build (drift checks).
+    full_read: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,10 @@ class PipelineFiles:
             self.p4info_path, self.device_config_path, self.p4info_path.stat().st_mtime_ns
         )
 
+    def device_config_bytes(self) -> bytes:
+        """The device config, read once per build."""
+        return self.schema().p4blob
+
 
 @functools.lru_cache(maxsize=8)
 def _schema(p4info: Path, device_config: Path, _mtime: int) -> P4Schema:
@@ -90,14 +98,27 @@ class SwitchTarget:
 
 
 def targets(
-    inventory: Inventory, compiled: Sequence[SwitchTables], tables: Tables
+    inventory: Inventory,
+    compiled: Sequence[SwitchTables],
+    tables: Tables,
+    named: Callable[[str], str] | None = None,
 ) -> list[SwitchTarget]:
-    """The inventory's switches that `compiled` has tables for, with what they must hold."""
+    """The inventory's switches that `compiled` has tables for, with what they must hold.
+
+    `named(switch)`: a text that names the switch's compiled tables exactly (its entries
+    file): their digest is taken from it, and they are encoded only when a plan needs them.
+    """
     by_name = {s.switch: s for s in compiled}
+
+    def desired(sw: InventorySwitch) -> Desired:
+        tables_of = by_name[sw.name]
+        if named is None:
+            return Desired.of(tables, tables_of, sw.cpu_port)
+        digest = text_digest(f"cpu port {sw.cpu_port}\n{named(sw.name)}")
+        return Desired.lazy(tables, tables_of, sw.cpu_port, digest)
+
     return [
-        SwitchTarget(
-            sw.name, sw.p4rt, sw.device_id, Desired.of(tables, by_name[sw.name], sw.cpu_port)
-        )
+        SwitchTarget(sw.name, sw.p4rt, sw.device_id, desired(sw))
         for sw in inventory.switches
         if sw.name in by_name
     ]
@@ -115,6 +136,10 @@ class SwitchReport:
     seconds: float = 0.0
     error: str | None = None
     failed_updates: list[tuple[Change, str]] = field(default_factory=list)
+    # Planned in full (its tables read, or known empty: no pipeline); False: its digest said
+    # it holds the build, confirmed by one small read.
+    in_full: bool = False
+    marks: int = 0  # writes of the digest mark (runtime/plan.py), not counted in `written`
 
     @property
     def ok(self) -> bool:
@@ -144,7 +169,7 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     request = p4r.ReadRequest(device_id=device_id, entities=_table_wildcards(tables))
     async for reply in client.request_iter(request):
         held.entries.extend(canonical_entry(e.table_entry) for e in reply.entities)
-    held.epoch = await read_epoch(client, device_id, tables)
+    held.epoch, held.digest = await read_mark(client, device_id, tables)
     clone = p4r.Entity()
     clone.packet_replication_engine_entry.clone_session_entry.session_id = CPU_CLONE_SESSION
     request = p4r.ReadRequest(device_id=device_id, entities=[clone])
@@ -158,18 +183,27 @@ async def read_held(client: P4Client, device_id: int, tables: Tables) -> Held:
     return held
 
 
-async def read_epoch(client: P4Client, device_id: int, tables: Tables) -> int:
-    """The epoch the switch stamps packets with (the `epoch` table's default action)."""
+async def read_mark(client: P4Client, device_id: int, tables: Tables) -> tuple[int, bytes]:
+    """One small read: the switch's epoch and the digest it is marked with (b"": none)."""
     epoch = p4r.Entity()
     epoch.table_entry.table_id = tables.epoch_table.id
     epoch.table_entry.is_default_action = True
-    value = 0
-    request = p4r.ReadRequest(device_id=device_id, entities=[epoch])
-    async for reply in client.request_iter(request):
+    out = (0, b"")
+    async for reply in client.request_iter(p4r.ReadRequest(device_id=device_id, entities=[epoch])):
         for e in reply.entities:
             params = e.table_entry.action.action.params
-            value = int.from_bytes(params[0].value, "big") if params else 0
-    return value
+            out = (int.from_bytes(params[0].value, "big") if params else 0, e.table_entry.metadata)
+    return out
+
+
+def _unchanged(target: SwitchTarget, epoch: int) -> SwitchPlan:
+    """The empty plan of a switch whose digest says it holds `target.desired`."""
+    return SwitchPlan(target.name, (), None, (), {}, epoch)
+
+
+async def read_epoch(client: P4Client, device_id: int, tables: Tables) -> int:
+    """The epoch the switch stamps packets with (the `epoch` table's default action)."""
+    return (await read_mark(client, device_id, tables))[0]
 
 
 async def pipeline_state(client: P4Client, device_id: int, expected: P4Schema) -> str:
@@ -239,9 +273,17 @@ async def plan_one(
     async def work() -> None:
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
-            held = Held() if report.pipeline != "same" else None
-            if held is None:
-                held = await read_held(client, target.device_id, tables)
+            if report.pipeline != "same":
+                report.in_full = True
+                report.plan = plan_switch(tables, target.desired, Held())
+                return
+            if not options.full_read:
+                epoch, digest = await read_mark(client, target.device_id, tables)
+                if digest and digest == target.desired.digest:
+                    report.plan = _unchanged(target, epoch)
+                    return
+            report.in_full = True
+            held = await read_held(client, target.device_id, tables)
             report.plan = plan_switch(tables, target.desired, held)
 
     return await _bounded(report, options.timeout, work)
@@ -313,9 +355,13 @@ async def apply_one(
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
     planner: Callable[[Tables, Desired, Held], SwitchPlan] = plan_switch,
+    known: Desired | None = None,
 ) -> SwitchReport:
     """Win arbitration, set the pipeline if it differs, and execute the switch's plan
-    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes)."""
+    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes).
+
+    `known`: what a long-running caller last brought the switch to; a switch still marked
+    with its digest holds exactly it, so the plan starts from it instead of a full read."""
     report = SwitchReport(target.name, target.address)
     say = progress or (lambda _switch, _text: None)
 
@@ -333,10 +379,25 @@ async def apply_one(
             if report.pipeline != "same":
                 say(target.name, f"pipeline {report.pipeline}: set")
             raw = _raw_client(sw)
-            held = await read_held(raw, target.device_id, tables)
+            digest = target.desired.digest
+            held = None
+            if report.pipeline == "same" and not options.full_read:
+                epoch, mark = await read_mark(raw, target.device_id, tables)
+                if mark and mark == digest:
+                    report.plan = _unchanged(target, epoch)
+                    return
+                if mark and known is not None and mark == known.digest:
+                    held = Held(list(known.entries.values()), epoch, known.clone, mark)
+            if held is None:
+                report.in_full = True
+                held = await read_held(raw, target.device_id, tables)
             plan = report.plan = planner(tables, target.desired, held)
             if plan.empty:
+                if digest and held.digest != digest:  # right, but not marked (yet): mark it
+                    await _mark(sw, tables, plan.epoch_after, digest, report)
                 return
+            if held.digest:  # from the first write on, the switch holds no known build
+                await _mark(sw, tables, held.epoch, b"", report)
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
             reset = options.reset_direct_meters
             await _write(sw, tables, plan.prepare, options.batch_size, report, reset)
@@ -346,8 +407,24 @@ async def apply_one(
             if plan.finish:
                 say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
                 await _write(sw, tables, plan.finish, options.batch_size, report, reset)
+            if digest:  # every update took: the switch holds the build
+                await _mark(sw, tables, plan.epoch_after, digest, report)
 
     return await _bounded(report, options.timeout, work)
+
+
+async def _mark(
+    sw: Switch, tables: Tables, epoch: int, digest: bytes, report: SwitchReport
+) -> None:
+    """Mark the switch as holding `digest` (b"": unknown) on the epoch default, which keeps
+    stamping `epoch`: no packet is judged differently."""
+    u = p4r.Update(type=p4r.Update.MODIFY)
+    u.entity.table_entry.CopyFrom(tables.epoch_default(epoch, digest))
+    try:
+        await sw.write([u])
+    except P4ClientError as err:
+        raise ControllerError(f"marking the switch's digest failed: {err.message}") from None
+    report.marks += 1
 
 
 def session_options(
@@ -360,9 +437,12 @@ def session_options(
     """finsy's options for a session with one switch: our election id, role and TLS; with
     `set_pipeline`, finsy sets the compiled pipeline when the switch's cookie differs;
     without `fail_fast`, finsy reconnects after a failure (long-running sessions)."""
+    schema = files.schema()
     return SwitchOptions(
-        p4info=files.p4info_path,
-        p4blob=files.device_config_path if set_pipeline else None,
+        # The P4Info parsed once per build (finsy's P4Schema takes a parsed P4Info as well as
+        # a path, which it would parse again for every switch and every apply: ~9 ms each).
+        p4info=cast(Path, schema.p4info),
+        p4blob=files.device_config_bytes() if set_pipeline else None,
         device_id=target.device_id,
         initial_election_id=options.election_id,
         role_name=options.role,
@@ -384,15 +464,22 @@ async def apply_all(
     files: PipelineFiles,
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
+    known: Mapping[str, Desired] | None = None,
 ) -> list[SwitchReport]:
     """Apply every switch's plan concurrently; a failing switch never stops the others.
+    `known`: per switch, what the caller last brought it to (apply_one).
 
     Switches flip independently: a packet in flight meets each ToR's policy whole, and
     every ToR enforces the whole policy for its hosts, so its fate is its fate under the
     old policy or under the new one (docs/controller.md).
     """
     return list(
-        await asyncio.gather(*(apply_one(t, tables, files, options, progress) for t in switches))
+        await asyncio.gather(
+            *(
+                apply_one(t, tables, files, options, progress, known=(known or {}).get(t.name))
+                for t in switches
+            )
+        )
     )
 
 

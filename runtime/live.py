@@ -19,6 +19,7 @@ after the policy's own rules.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import hashlib
@@ -52,12 +53,20 @@ class Grant:
         ports = f" {self.ports}" if self.ports else ""
         return f"allow {self.src} -> {self.dst} {self.proto}{ports}"
 
+    @property
+    def rule_name(self) -> str:
+        """The grant's rule's name, hence its rule key: its id (and so its rule id and
+        entries) stays the same whatever other grants come and go."""
+        return f"grant_{self.id}"
+
 
 @dataclass(slots=True)
 class LiveState:
     grants: list[Grant] = field(default_factory=list)
     quarantined: dict[str, float] = field(default_factory=dict)  # host -> since
-    first_applied: dict[str, float] = field(default_factory=dict)  # rule text -> time
+    # rule key -> when a `for` rule first went onto the switches (live.json written before
+    # rule keys may hold a rule's text instead: still read, see `_first_applied`)
+    first_applied: dict[str, float] = field(default_factory=dict)
     # What the last full apply held in force (InForce.schedule_digest): a quarantine writes
     # only its overlay while nothing else is due (runtime/overlay.py).
     applied_schedule: str = ""
@@ -164,6 +173,99 @@ def save_json(state_dir: Path, name: str, doc: object) -> None:
     write_atomic(state_dir / name, json.dumps(doc, indent=2, sort_keys=True))
 
 
+# -- operations: typed values that change the live state ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GrantFlow:
+    """`grant`: allow SRC -> DST PROTO PORTS for `seconds` from the moment it is applied."""
+
+    src: str
+    dst: str
+    proto: str
+    ports: str
+    seconds: int
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeGrant:
+    """`revoke`: end a grant now."""
+
+    grant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineHost:
+    """`quarantine`: cut an inventory host off (but for `remediation`)."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHost:
+    """`release`: end a host's quarantine."""
+
+    host: str
+
+
+Operation = GrantFlow | RevokeGrant | QuarantineHost | ReleaseHost
+
+
+class OperationError(Exception):
+    """An operation that does not apply to the live state (nothing changed)."""
+
+
+class UnknownGrant(OperationError):
+    def __init__(self, grant_id: str, grants: list[Grant]) -> None:
+        known = ", ".join(f"{g.id} ({g.line()})" for g in grants) or "none"
+        super().__init__(f"no grant {grant_id} (active: {known})")
+        self.grant_id = grant_id
+
+
+class NotQuarantined(OperationError):
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host} is not quarantined")
+        self.host = host
+
+
+@dataclass(frozen=True, slots=True)
+class Operated:
+    """An operation applied: the live state after it (the one before is untouched), what
+    the audit log records of it, and the grant it made (GrantFlow)."""
+
+    state: LiveState
+    event: dict[str, object]
+    grant: Grant | None = None
+    again: bool = False  # it was in force already (a host quarantined twice)
+
+
+def operate(state: LiveState, op: Operation, now: float) -> Operated:
+    """`op` applied to `state` at `now`; OperationError when it does not apply."""
+    after = copy.deepcopy(state)  # every field, the engine's holds too
+    match op:
+        case GrantFlow():
+            grant = after.add_grant(op.src, op.dst, op.proto, op.ports, op.seconds, now, op.actor)
+            event = {"grant": grant.id, "rule": grant.line(), "seconds": op.seconds}
+            return Operated(after, event, grant)
+        case RevokeGrant():
+            match = [g for g in after.grants if g.id == op.grant_id]
+            if not match:
+                raise UnknownGrant(op.grant_id, after.grants)
+            after.grants.remove(match[0])
+            return Operated(after, {"grant": op.grant_id, "rule": match[0].line()})
+        case QuarantineHost():
+            again = op.host in after.quarantined
+            after.quarantine_by_operator(op.host, now)
+            return Operated(after, {"host": op.host}, again=again)
+        case ReleaseHost():
+            if after.quarantined.pop(op.host, None) is None:
+                raise NotQuarantined(op.host)
+            after.quarantine_until.pop(op.host, None)
+            after.automatic = [h for h in after.automatic if h != op.host]
+            return Operated(after, {"host": op.host})
+
+
 def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:
     """The policy text with the active grants appended as rules (after every policy rule,
     so rule ids of the file stay what they are)."""
@@ -171,7 +273,7 @@ def policy_text_with_grants(text: str, state: LiveState, now: float) -> str:
     if not grants:
         return text
     lines = [
-        f"{g.line()}  # grant {g.id} by {g.actor}, expires "
+        f"{g.line()} name {g.rule_name}  # grant {g.id} by {g.actor}, expires "
         f"{dt.datetime.fromtimestamp(g.expires, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
         for g in grants
     ]
@@ -183,10 +285,17 @@ def in_force(rule: PolicyRule, state: LiveState, now: float) -> bool:
     if rule.window is not None and not rule.window.active_at(now):
         return False
     if rule.duration_s is not None:
-        since = state.first_applied.get(rule.describe())
+        since = _first_applied(rule, state)
         if since is not None and now >= since + rule.duration_s:
             return False
     return True
+
+
+def _first_applied(rule: PolicyRule, state: LiveState) -> float | None:
+    """When `rule`'s `for` clock started: by its stable key, else (a state saved before
+    clocks were keyed so) by its text — never restarted by the change of format."""
+    since = state.first_applied.get(rule.key)
+    return since if since is not None else state.first_applied.get(rule.describe())
 
 
 def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[str, int]) -> Policy:
@@ -294,7 +403,7 @@ def next_change(policy: Policy, state: LiveState, now: float) -> float | None:
     ]
     for rule in policy.rules:
         if rule.duration_s is not None:
-            since = state.first_applied.get(rule.describe())
+            since = _first_applied(rule, state)
             if since is not None and since + rule.duration_s > now:
                 moments.append(since + rule.duration_s)
         edge = rule.window.next_edge(now) if rule.window is not None else None
@@ -307,7 +416,8 @@ def note_applied(policy: Policy, state: LiveState, now: float) -> None:
     """Remember when each `for` rule first went onto the switches."""
     for rule in policy.rules:
         if rule.duration_s is not None:
-            state.first_applied.setdefault(rule.describe(), now)
+            since = _first_applied(rule, state)
+            state.first_applied[rule.key] = now if since is None else since
 
 
 def parse_moment(text: str) -> float | str:

@@ -21,11 +21,18 @@ To move from policy A (live under epoch e) to B:
 
 Tables without an epoch key (routing) change in `prepare` (inserts, modifications) and
 `finish` (deletions). A plan with nothing to change is empty: no flip, no writes.
+
+Switch-side digests: a switch brought to a `Desired` is marked with its `digest` in the
+`metadata` of the epoch table's default entry, which P4Runtime keeps opaque and returns on
+a read (runtime/controller.py writes it last, and clears it before anything else changes).
+A switch whose mark equals the new `Desired.digest` holds exactly it: one small read of the
+default entry instead of reading and planning every table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from finsy.proto import p4r
@@ -38,6 +45,7 @@ INSERT, MODIFY, DELETE = "insert", "modify", "delete"
 _UPDATE_TYPE = {INSERT: p4r.Update.INSERT, MODIFY: p4r.Update.MODIFY, DELETE: p4r.Update.DELETE}
 EPOCH_TABLE = "epoch"
 EPOCH_KEY = "epoch"
+DIGEST_MARK = b"p4seg/1 "  # what a digest in a default entry's metadata starts with
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +142,13 @@ class Tables:
                 fm.range.high = fm.range.high.rjust(width, b"\x00")
         return out
 
-    def epoch_default(self, epoch: int) -> p4r.TableEntry:
+    def epoch_default(self, epoch: int, digest: bytes = b"") -> p4r.TableEntry:
+        """The epoch table's default entry stamping `epoch`, marked with `digest` (what the
+        switch holds once the write is done; empty: unknown)."""
         entry = p4r.TableEntry(table_id=self.epoch_table.id, is_default_action=True)
         entry.action.action.action_id = self.set_epoch.id
         entry.action.action.params.add(param_id=1, value=bytes([epoch]))
+        entry.metadata = digest
         return entry
 
 
@@ -154,23 +165,91 @@ def _meter_bytes(entry: p4r.TableEntry) -> bytes:
     return data
 
 
-@dataclass(frozen=True, slots=True)
 class Desired:
-    """What one switch must hold: wildcard-epoch entries, by key, and its clone session."""
+    """What one switch must hold: wildcard-epoch entries, by key, and its clone session;
+    `encoded`: each entry serialized (once) -> its key, so that a held entry equal to it is
+    matched by its bytes alone; `digest`: the mark of a switch that holds all of it (see the
+    module docstring; empty: never taken as held).
 
-    switch: str
-    entries: dict[bytes, p4r.TableEntry]
-    clone: p4r.CloneSessionEntry
+    `Desired.of` encodes the compiled entries at once; `Desired.lazy` (given the digest the
+    build names them by) only when a plan needs them, so that a switch whose mark matches
+    costs no encoding at all. Read only once made.
+    """
+
+    __slots__ = ("_encoded", "_entries", "_source", "clone", "digest", "switch")
+
+    def __init__(
+        self,
+        switch: str,
+        entries: dict[bytes, p4r.TableEntry],
+        clone: p4r.CloneSessionEntry,
+        encoded: dict[bytes, bytes] | None = None,
+        digest: bytes = b"",
+    ) -> None:
+        self.switch, self.clone, self.digest = switch, clone, digest
+        self._entries, self._encoded = entries, encoded if encoded is not None else {}
+        self._source: Callable[[], tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]] | None
+        self._source = None
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
-        entries = {}
-        for e in compiled.entries:
-            msg = table_entry_proto(tables.pipeline, e)
-            entries[tables.split(msg)[0]] = msg
-        # The only default the compiler sets is the epoch's, which the update protocol owns.
-        assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
-        return cls(compiled.switch, entries, clone_session(cpu_port))
+        entries, encoded = _encode(tables, compiled)
+        clone = clone_session(cpu_port)
+        return cls(compiled.switch, entries, clone, encoded, _digest(encoded, clone))
+
+    @classmethod
+    def lazy(cls, tables: Tables, compiled: SwitchTables, cpu_port: int, digest: bytes) -> Desired:
+        """`compiled`, encoded when first needed; `digest` must name exactly what it holds
+        (with `cpu_port`'s clone session), as the build's entries file does."""
+        out = cls(compiled.switch, {}, clone_session(cpu_port), None, digest)
+        out._source = lambda: _encode(tables, compiled)
+        return out
+
+    def _made(self) -> None:
+        if self._source is not None:
+            self._entries, self._encoded = self._source()
+            self._source = None
+
+    @property
+    def entries(self) -> dict[bytes, p4r.TableEntry]:
+        self._made()
+        return self._entries
+
+    @property
+    def encoded(self) -> dict[bytes, bytes]:
+        self._made()
+        return self._encoded
+
+
+def _encode(
+    tables: Tables, compiled: SwitchTables
+) -> tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]:
+    """The compiled entries as messages by key, and serialized -> key (each encoded once)."""
+    entries, encoded = {}, {}
+    for e in compiled.entries:
+        msg = table_entry_proto(tables.pipeline, e)
+        key = tables.split(msg)[0]
+        entries[key] = msg
+        encoded[msg.SerializeToString(deterministic=True)] = key
+    # The only default the compiler sets is the epoch's, which the update protocol owns.
+    assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
+    return entries, encoded
+
+
+def text_digest(text: str) -> bytes:
+    """The mark of a switch holding what `text` names exactly (e.g. a build's entries file
+    with the switch's CPU port)."""
+    return DIGEST_MARK + hashlib.sha256(text.encode()).hexdigest().encode()
+
+
+def _digest(encoded: Iterable[bytes], clone: p4r.CloneSessionEntry) -> bytes:
+    """The mark of a switch holding the `encoded` entries (as wildcards) and `clone`,
+    whatever order they were compiled in."""
+    h = hashlib.sha256(clone.SerializeToString(deterministic=True))
+    for entry in sorted(encoded):
+        h.update(len(entry).to_bytes(4, "big"))
+        h.update(entry)
+    return DIGEST_MARK + h.hexdigest().encode()
 
 
 @dataclass(slots=True)
@@ -180,6 +259,7 @@ class Held:
     entries: list[p4r.TableEntry] = field(default_factory=list)
     epoch: int = 0
     clone: p4r.CloneSessionEntry | None = None
+    digest: bytes = b""  # the epoch default's metadata: the mark of what the switch holds
 
 
 @dataclass(slots=True)
@@ -190,19 +270,36 @@ class _Copies:
     pinned: dict[int, p4r.TableEntry] = field(default_factory=dict)
 
 
-def _index(tables: Tables, held: Held) -> tuple[dict[bytes, _Copies], dict[bytes, p4r.TableEntry]]:
-    """Held entries of epoch tables by key (with their copies), and of the other tables."""
-    copies: dict[bytes, _Copies] = {}
-    plain: dict[bytes, p4r.TableEntry] = {}
+_NONE = _Copies()  # read only: a key the switch holds no entry under
+
+
+@dataclass(slots=True)
+class _Index:
+    """Held entries indexed once: of epoch tables by key (with their copies), of the other
+    tables by key, and the keys whose held entry is byte for byte the desired one."""
+
+    copies: dict[bytes, _Copies] = field(default_factory=dict)
+    plain: dict[bytes, p4r.TableEntry] = field(default_factory=dict)
+    exact: set[bytes] = field(default_factory=set)
+
+
+def _index(tables: Tables, held: Held, desired: Desired) -> _Index:
+    index = _Index()
     for entry in held.entries:
-        key, epoch = tables.split(entry)
-        if entry.table_id not in tables.epoch_field:
-            plain[key] = entry
-        elif epoch is None:
-            copies.setdefault(key, _Copies()).wild = entry
+        # Serialized entries first: a held entry equal to a desired one needs no splitting.
+        key = desired.encoded.get(entry.SerializeToString(deterministic=True))
+        epoch = None
+        if key is not None:
+            index.exact.add(key)
         else:
-            copies.setdefault(key, _Copies()).pinned[epoch] = entry
-    return copies, plain
+            key, epoch = tables.split(entry)
+        if entry.table_id not in tables.epoch_field:
+            index.plain[key] = entry
+        elif epoch is None:
+            index.copies.setdefault(key, _Copies()).wild = entry
+        else:
+            index.copies.setdefault(key, _Copies()).pinned[epoch] = entry
+    return index
 
 
 def _same(a: p4r.TableEntry | None, b: p4r.TableEntry | None) -> bool:
@@ -225,29 +322,23 @@ class TableDiff:
 
 def diff(tables: Tables, desired: Desired, held: Held) -> dict[str, TableDiff]:
     """Per table: what packets of the live epoch meet now against what they should meet."""
-    return _diff(tables, desired, held, *_index(tables, held))
+    return _diff(tables, desired, held, _index(tables, held, desired))
 
 
-def _diff(
-    tables: Tables,
-    desired: Desired,
-    held: Held,
-    copies: dict[bytes, _Copies],
-    plain: dict[bytes, p4r.TableEntry],
-) -> dict[str, TableDiff]:
+def _diff(tables: Tables, desired: Desired, held: Held, index: _Index) -> dict[str, TableDiff]:
     live = {
         k: c.wild or c.pinned[held.epoch]
-        for k, c in copies.items()
-        if c.wild or held.epoch in c.pinned
+        for k, c in index.copies.items()
+        if (c.wild or held.epoch in c.pinned) and k not in index.exact
     }
-    live.update(plain)
+    live.update((k, e) for k, e in index.plain.items() if k not in index.exact)
     slots: dict[
         str,
         tuple[
             list[p4r.TableEntry], list[tuple[p4r.TableEntry, p4r.TableEntry]], list[p4r.TableEntry]
         ],
     ] = {}
-    for key in sorted(live.keys() | desired.entries.keys()):
+    for key in sorted(live.keys() | (desired.entries.keys() - index.exact)):
         have, want = live.get(key), desired.entries.get(key)
         if _same(have, want):
             continue
@@ -296,7 +387,8 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
     e, idle = held.epoch, 1 - held.epoch
     prepare: list[Change] = []
     finish: list[Change] = []
-    copies, plain = _index(tables, held)
+    index = _index(tables, held, desired)
+    copies, plain, exact = index.copies, index.plain, index.exact
 
     def change(op: str, entry: p4r.TableEntry) -> Change:
         return Change(op, _entity(entry), tables.name[entry.table_id])
@@ -306,7 +398,9 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
         k for k, v in desired.entries.items() if v.table_id in tables.epoch_field
     }
     for key in sorted(keys):
-        held_k = copies.get(key, _Copies())
+        held_k = copies.get(key, _NONE)
+        if key in exact and not held_k.pinned:
+            continue  # the desired entry, held as a wildcard: nothing to do
         w, oe, oi = held_k.wild, held_k.pinned.get(e), held_k.pinned.get(idle)
         d = desired.entries.get(key)
         if _same(w if w is not None else oe, d):
@@ -338,7 +432,7 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
             prepare.append(change(DELETE, oi))
     # Tables without an epoch key (routing) change in place.
     for key, want in sorted(desired.entries.items()):
-        if want.table_id in tables.epoch_field:
+        if want.table_id in tables.epoch_field or key in exact:
             continue
         have = plain.get(key)
         if have is None:
@@ -357,6 +451,6 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
         tuple(prepare),
         change(MODIFY, tables.epoch_default(idle)) if flip_needed else None,
         tuple(finish),
-        _diff(tables, desired, held, copies, plain),
+        _diff(tables, desired, held, index),
         idle if flip_needed else e,
     )

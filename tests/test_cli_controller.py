@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from p4rt import wait_for
@@ -56,6 +57,59 @@ def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:
     (sip, port), (dip, _) = HOSTS[src], HOSTS[dst]
     frame = bytes(Ether() / IP(src=sip, dst=dip) / TCP(sport=40000, dport=dport, flags="S"))
     return bool(sw.inject(port, frame))
+
+
+def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
+    site: tuple[ReferenceSwitch, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import p4seg.control
+    import runtime.plan
+
+    sw, inv = site
+    assert main(["apply", "small.zt", *inv]) == 0
+    encoded: list[str] = []
+    real_encode = runtime.plan._encode
+
+    def encode(tables: Any, compiled: Any) -> Any:
+        encoded.append(compiled.switch)
+        return real_encode(tables, compiled)
+
+    monkeypatch.setattr(runtime.plan, "_encode", encode)
+    reads: list[bool] = []  # per Read: whether it read a table's entries
+    real_read = sw.device.read
+
+    def read(entities: list[object]) -> object:
+        entities = list(entities)
+        reads.append(
+            any(
+                e.WhichOneof("entity") == "table_entry" and not e.table_entry.is_default_action  # type: ignore[attr-defined]
+                for e in entities
+            )
+        )
+        return real_read(entities)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sw.device, "read", read)
+    capsys.readouterr()
+    assert main(["apply", "small.zt", *inv, "--output", "json"]) == 0
+    [doc] = json.loads(capsys.readouterr().out)["switches"]
+    assert (doc["written"], doc["digest_marks"], doc["planned_in_full"]) == (0, 0, False)
+    assert encoded == [] and reads == [False]  # the mark's one small read, nothing encoded
+    # A changed policy, in the same process (as under `watch`): the switch is still marked
+    # with what this process applied, so the plan starts from that (encoded now), unread.
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert encoded == ["tor1", "tor1"] and reads.count(True) == 0, reads
+    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
+    assert main(["apply", "small.zt", *inv, "--full-read"]) == 0  # reads every table anyway
+    assert reads.count(True) == 1 and len(encoded) == 3  # and plans it in full
+    # A new process knows nothing it applied: the changed switch is read in full.
+    p4seg.control._APPLIED.clear()
+    Path("small.zt").write_text(POLICY)
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert reads.count(True) == 2 and len(encoded) == 4
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h1", "h3", 8081)
 
 
 def test_plan_apply_idempotent(
@@ -176,6 +230,34 @@ def test_an_expired_grant_is_removed_by_the_next_apply(
     assert not _passes(sw, "h2", "h4", 443)
     record = json.loads(Path(".p4seg/audit.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "apply" and len(record["expired_grants"]) == 1
+
+
+def test_a_grant_keeps_its_rule_id_and_entries_when_another_expires(
+    site: tuple[ReferenceSwitch, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    sw, inv = site
+    live = ["-p", "small.zt", *inv]
+    assert main(["apply", "small.zt", *inv]) == 0
+    # The grant that expires first is listed first: the other one's position in the
+    # effective policy moves up when it goes, and must change nothing.
+    assert main(["grant", "h2", "h4", "tcp", "443", "--for", "60s", *live]) == 0
+    assert main(["grant", "h3", "h4", "tcp", "443", "--for", "1h", *live]) == 0
+    capsys.readouterr()
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert main(["apply", "small.zt", *inv, "--output", "json"]) == 0
+    (switch,) = json.loads(capsys.readouterr().out)["switches"]
+    # Only the expired grant's policy entries go; the other's stay, unrewritten (its rule
+    # key is its grant id, so its rule id holds).
+    policy = switch["tables"].pop("policy")
+    assert not policy["added"] and not policy["changed"] and policy["removed"]
+    assert {e["rule"] for e in policy["removed"]} == {"line 10: allow h2 -> h4 tcp 443"}
+    assert all(not t["added"] and not t["removed"] for t in switch["tables"].values())
+    assert _passes(sw, "h3", "h4", 443) and not _passes(sw, "h2", "h4", 443)
 
 
 def test_watch_removes_an_expired_grant_while_the_policy_file_is_broken(

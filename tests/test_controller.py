@@ -9,7 +9,7 @@ import random
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from runtime.controller import (
     targets,
 )
 from runtime.plan import Change, Desired, Tables
+from runtime.refswitch.device import P4RuntimeError
 from runtime.refswitch.switch import ReferenceSwitch
 from topologies.switches import free_port
 
@@ -60,6 +61,144 @@ def test_plan_apply_and_a_second_apply_writes_nothing(
     assert all(r.ok and r.pipeline == "same" and r.plan and r.plan.empty for r in again)
     second = asyncio.run(apply_all(switches, TABLES, files, options))
     assert all(r.ok and r.written == 0 for r in second)
+
+
+def _mark(sw: ReferenceSwitch) -> bytes:
+    """The digest the switch is marked with (the epoch default's metadata), read over the
+    device's own Read."""
+    entity = p4r.Entity()
+    entity.table_entry.table_id = TABLES.epoch_table.id
+    entity.table_entry.is_default_action = True
+    (read,) = sw.device.read([entity])
+    return bytes(read.table_entry.metadata)
+
+
+@dataclasses.dataclass
+class _Traffic:
+    """What the controller asked one reference switch: Write requests and table reads."""
+
+    writes: int = 0
+    full_reads: int = 0  # reads of a table's entries (not of its default entry alone)
+    small_reads: int = 0
+
+
+def _count(sw: ReferenceSwitch) -> _Traffic:
+    seen = _Traffic()
+    device = sw.device
+    read, write = device.read, device.write
+
+    def counted_read(entities: Iterable[p4r.Entity]) -> Iterator[p4r.Entity]:
+        entities = list(entities)
+        full = any(
+            e.WhichOneof("entity") == "table_entry" and not e.table_entry.is_default_action
+            for e in entities
+        )
+        if full:
+            seen.full_reads += 1
+        else:
+            seen.small_reads += 1
+        return read(entities)
+
+    def counted_write(updates: Iterable[p4r.Update]) -> list[P4RuntimeError | None]:
+        seen.writes += 1
+        return list(write(updates))
+
+    device.read = counted_read  # type: ignore[method-assign]
+    device.write = counted_write  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_switch_marked_with_the_build_is_neither_read_in_full_nor_written(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+) -> None:
+    switches, files, refs = fabric
+    options = ControllerOptions(timeout=20)
+    applied = asyncio.run(apply_all(switches, TABLES, files, options))
+    assert all(r.ok and r.marks == 1 for r in applied)  # marked once, after the last write
+    for target in switches:
+        assert _mark(refs[target.name]) == target.desired.digest != b""
+    traffic = {name: _count(sw) for name, sw in refs.items()}
+    again = asyncio.run(apply_all(switches, TABLES, files, options))
+    planned = asyncio.run(plan_all(switches, TABLES, files, options))
+    for r in (*again, *planned):
+        assert r.ok and not r.in_full and r.written == 0 and r.marks == 0
+        assert r.plan is not None and r.plan.empty
+    for name, seen in traffic.items():
+        # Per switch: the apply's and the plan's one small read each; nothing written.
+        assert (seen.writes, seen.full_reads, seen.small_reads) == (0, 0, 2), name
+    full = asyncio.run(plan_all(switches, TABLES, files, ControllerOptions(full_read=True)))
+    assert all(r.in_full and r.plan is not None and r.plan.empty for r in full)
+    assert all(seen.full_reads == 1 for seen in traffic.values())
+
+
+def test_a_long_running_caller_plans_a_marked_switch_from_what_it_applied(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    floor: Inventory,
+    floor_policy_text: str,
+) -> None:
+    switches, files, refs = fabric
+    options = ControllerOptions(timeout=20)
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, options)))
+    text = floor_policy_text.replace("tcp 9876\n", "tcp 9877\n", 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    result = check_policy(text, "p.zt", floor)
+    assert result.policy is not None
+    edited = {s.switch: s for s in build(result.policy, floor, text, "ref").switches}
+    new = [
+        dataclasses.replace(t, desired=Desired.of(TABLES, edited[t.name], 255)) for t in switches
+    ]
+    traffic = {name: _count(sw) for name, sw in refs.items()}
+    known = {t.name: t.desired for t in switches}
+    reports = asyncio.run(apply_all(new, TABLES, files, options, known=known))
+    assert all(r.ok and not r.in_full for r in reports)  # planned from `known`, none read
+    assert {r.switch for r in reports if r.written} == {"tor-alg", "tor-oms"}
+    assert all(seen.full_reads == 0 for seen in traffic.values())
+    for target in new:
+        want = {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+        assert _held_entries(refs[target.name]) == want, target.name
+        assert _mark(refs[target.name]) == target.desired.digest
+    # A `known` the mark does not confirm is never trusted: the switch is read.
+    back = asyncio.run(apply_all(switches, TABLES, files, options, known=known))
+    assert all(r.ok for r in back) and all(r.in_full for r in back if r.written)
+    assert {r.switch for r in back if r.in_full} == {"tor-alg", "tor-oms"}
+
+
+def test_a_restarted_or_overwritten_switch_is_read_and_planned_in_full(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+) -> None:
+    switches, files, refs = fabric
+    options = ControllerOptions(timeout=20)
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, options)))
+    restarted, overwritten = "tor-alg", "tor-oms"
+    address = next(t.address for t in switches if t.name == restarted)
+    refs[restarted].stop()
+    refs[restarted] = ReferenceSwitch(next(t.device_id for t in switches if t.name == restarted))
+    refs[restarted].start(address)
+    # Another writer leaves the epoch default without our mark (and one entry fewer).
+    held = refs[overwritten].device
+    target = next(t for t in switches if t.name == overwritten)
+    routing = next(
+        e
+        for e in target.desired.entries.values()
+        if e.table_id == TABLES.pipeline.table("routing").id
+    )
+    updates = [p4r.Update(type=p4r.Update.MODIFY), p4r.Update(type=p4r.Update.DELETE)]
+    updates[0].entity.table_entry.CopyFrom(TABLES.epoch_default(0))
+    updates[1].entity.table_entry.CopyFrom(routing)
+    assert held.write(updates) == [None, None]
+    planned = {r.switch: r for r in asyncio.run(plan_all(switches, TABLES, files, options))}
+    assert {n for n, r in planned.items() if r.in_full} == {restarted, overwritten}
+    assert planned[restarted].pipeline == "missing"
+    overwritten_plan = planned[overwritten].plan
+    assert overwritten_plan is not None and not overwritten_plan.empty
+    applied = {r.switch: r for r in asyncio.run(apply_all(switches, TABLES, files, options))}
+    assert all(r.ok for r in applied.values())
+    assert {n for n, r in applied.items() if r.written} == {restarted, overwritten}
+    assert applied[overwritten].written == 1  # the routing entry, back
+    for target in switches:
+        want = {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+        assert _held_entries(refs[target.name]) == want, target.name
+        assert _mark(refs[target.name]) == target.desired.digest
 
 
 def test_a_dead_switch_does_not_hold_up_the_others(
@@ -186,11 +325,14 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
             raise controller.ControllerError("killed")
 
     monkeypatch.setattr(controller, "_write", dying)
-    asyncio.run(apply_all([target], TABLES, files, ControllerOptions()))
+    (killed,) = asyncio.run(apply_all([target], TABLES, files, ControllerOptions()))
     monkeypatch.setattr(controller, "_write", real_write)
+    # Killed anywhere, the switch claims no build: neither the old nor the new digest.
+    assert _mark(refs["tor-alg"]) == (target.desired.digest if killed.ok else b"")
     before = _held_entries(refs["tor-alg"])
     (resumed,) = asyncio.run(apply_all([target], TABLES, files, ControllerOptions()))
-    assert resumed.ok and resumed.plan is not None
+    assert resumed.ok and resumed.plan is not None and resumed.in_full != killed.ok
+    assert _mark(refs["tor-alg"]) == target.desired.digest
     final = {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
     assert _held_entries(refs["tor-alg"]) == final
     for change in resumed.plan.changes():
@@ -233,11 +375,13 @@ def test_the_controller_drives_bmv2_unchanged(
         options = ControllerOptions(timeout=60)
         (applied,) = asyncio.run(apply_all([target], tables, files, options))
         assert applied.ok and applied.written > 0, applied.error
-        (planned,) = asyncio.run(plan_all([target], tables, files, options))
+        full = dataclasses.replace(options, full_read=True)
+        (planned,) = asyncio.run(plan_all([target], tables, files, full))
         assert planned.ok and planned.pipeline == "same" and planned.plan is not None
         assert planned.plan.empty, planned.plan.diff  # BMv2 holds exactly the compiled entries
+        # BMv2 keeps the digest in the epoch default's metadata: one small read confirms it.
         (again,) = asyncio.run(apply_all([target], tables, files, options))
-        assert again.ok and again.written == 0
+        assert again.ok and again.written == 0 and again.marks == 0 and not again.in_full
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -149,3 +149,72 @@ def test_address_set_intersection_and_difference(seed: int) -> None:
         assert _members(a.intersection(b)) == _members(a) & _members(b)
         assert _members(a.difference(b)) == _members(a) - _members(b)
         assert a.difference(b) == AddressSet.of(a.difference(b).intervals)  # merged, sorted
+
+
+def test_operations_are_values_applied_to_a_copy_of_the_state() -> None:
+    from runtime.live import (
+        GrantFlow,
+        NotQuarantined,
+        QuarantineHost,
+        ReleaseHost,
+        RevokeGrant,
+        UnknownGrant,
+        operate,
+    )
+
+    state = LiveState()
+    granted = operate(state, GrantFlow("algo1", "riskdb", "tcp", "5432", 900, "t@h"), 1000.0)
+    assert not state.grants and granted.grant is not None  # the state before is untouched
+    assert granted.state.grants == [granted.grant] and granted.grant.expires == 1900.0
+    assert granted.event == {
+        "grant": granted.grant.id,
+        "rule": granted.grant.line(),
+        "seconds": 900,
+    }
+    with pytest.raises(UnknownGrant, match="no grant nope"):
+        operate(granted.state, RevokeGrant("nope"), 1000.0)
+    revoked = operate(granted.state, RevokeGrant(granted.grant.id), 1000.0)
+    assert not revoked.state.grants and granted.state.grants
+    cut = operate(revoked.state, QuarantineHost("algo1"), 1000.0)
+    assert cut.state.quarantined == {"algo1": 1000.0} and not cut.again
+    assert operate(cut.state, QuarantineHost("algo1"), 2000.0).again
+    with pytest.raises(NotQuarantined):
+        operate(revoked.state, ReleaseHost("algo1"), 1000.0)
+    assert not operate(cut.state, ReleaseHost("algo1"), 1000.0).state.quarantined
+
+
+def test_grant_rules_are_keyed_by_their_grant_so_their_ids_hold(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    from compiler.allocation import Allocation, assign_rule_ids
+
+    state = LiveState()
+    first = state.add_grant("algo1", "riskdb", "tcp", "5432", 100, now=1000.0, actor="t")
+    second = state.add_grant("algo2", "riskdb", "tcp", "5432", 900, now=1000.0, actor="t")
+    both, allocation = assign_rule_ids(
+        _policy(policy_text_with_grants(floor_policy_text, state, 1050.0), floor), Allocation()
+    )
+    keyed = {r.key: r.id for r in both.rules}
+    assert {first.rule_name, second.rule_name} <= keyed.keys()
+    one, _ = assign_rule_ids(
+        _policy(policy_text_with_grants(floor_policy_text, state, 1500.0), floor), allocation
+    )
+    assert first.rule_name not in {r.key for r in one.rules}
+    assert next(r.id for r in one.rules if r.key == second.rule_name) == keyed[second.rule_name]
+
+
+def test_for_clocks_are_keyed_by_rule_key_and_old_text_keys_still_count(
+    floor: Inventory,
+) -> None:
+    text = "policy t\nallow algo1 -> riskdb tcp 5432 for 15m name temp_db\ndefault deny\n"
+    temp = _policy(text, floor)
+    (rule,) = temp.rules
+    state = LiveState(first_applied={rule.describe(): 100.0})  # live.json of an older p4seg
+    note_applied(temp, state, 500.0)
+    assert state.first_applied[rule.key] == 100.0  # the clock did not restart
+    assert not _allowed(effective_policy(temp, state, 1000.0, _hosts(floor)), floor,
+                        "algo1", "riskdb", "tcp", 5432)  # fmt: skip
+    # Editing a named rule keeps its clock (its key is its name), not its text's.
+    edited = _policy(text.replace("tcp 5432", "tcp 5433"), floor)
+    assert edited.rules[0].key == rule.key and edited.rules[0].describe() != rule.describe()
+    assert next_change(edited, LiveState(first_applied={rule.key: 100.0}), 500.0) == 1000.0

@@ -360,16 +360,22 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert record["event"] == "quarantine" and record["host"] == "algo1"
     assert record["overlay"]["switch"] == "tor-alg"
     assert len(record["overlay"]["written"]) == report["written"]
-    # A restarted controller's full apply computes the same tables: nothing to write.
+    # A restarted controller's full apply computes the same tables: nothing to write, and
+    # the overlay marked tor-alg with them, so no switch is even read in full.
     assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
-    assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
+    after = json.loads(capsys.readouterr().out)["switches"]
+    assert all(s["written"] == 0 and not s["planned_in_full"] for s in after)
     # A restarted switch comes back empty; the full apply restores the overlay.
     address = switches["tor-alg"].server_address
     switches["tor-alg"].stop()
     switches["tor-alg"] = ReferenceSwitch(floor.switches_by_name["tor-alg"].device_id)
     switches["tor-alg"].start(address)
     assert not _delivered(switches, floor, "algo1", "jump1", fix)
-    assert main(["apply", "floor.zt", *args]) == 0
+    assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
+    planned = {
+        s["switch"]: s["planned_in_full"] for s in json.loads(capsys.readouterr().out)["switches"]
+    }
+    assert {n for n, full in planned.items() if full} == {"tor-alg"}
     assert cut_off()
     # Release: the overlay goes, on that ToR only, and algo1 has its access back.
     capsys.readouterr()

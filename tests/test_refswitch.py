@@ -209,6 +209,33 @@ def test_compiled_entries_read_back_identically(
     assert epoch.table_entry.action.action.action_id == PIPELINE.action("set_epoch").id
 
 
+def test_a_default_entrys_metadata_is_kept_and_read_back(
+    loaded: tuple[ReferenceSwitch, Session],
+) -> None:
+    _, s = loaded
+    query = p4r.Entity()
+    query.table_entry.table_id = PIPELINE.table("epoch").id
+    query.table_entry.is_default_action = True
+    epoch = p4r.TableEntry(table_id=PIPELINE.table("epoch").id, is_default_action=True)
+    epoch.action.action.action_id = PIPELINE.action("set_epoch").id
+    epoch.action.action.params.add(param_id=1, value=b"\x01")
+    epoch.metadata = b"p4seg/1 digest"
+    assert s.write([update(p4r.Update.MODIFY, epoch)]).code == grpc.StatusCode.OK
+    (read,) = s.read(query)
+    assert read.table_entry == epoch  # action and metadata, as written
+    reset = p4r.TableEntry(table_id=epoch.table_id, is_default_action=True)
+    assert s.write([update(p4r.Update.MODIFY, reset)]).code == grpc.StatusCode.OK
+    (read,) = s.read(query)
+    assert (
+        read.table_entry.metadata == b""
+        and read.table_entry.action.action.params[0].value == b"\x00"
+    )
+    assert s.write([update(p4r.Update.MODIFY, epoch)]).code == grpc.StatusCode.OK
+    s.set_pipeline(pipeline_config())  # a new pipeline: the defaults as the program sets them
+    (read,) = s.read(query)
+    assert read.table_entry.metadata == b""
+
+
 def test_batch_errors_are_reported_per_update_in_order(
     loaded: tuple[ReferenceSwitch, Session], tor_alg: SwitchTables
 ) -> None:

@@ -271,6 +271,8 @@ class Device:
         self._saved: tuple[Schema, p4r.ForwardingPipelineConfig] | None = None
         self.tables: dict[int, dict[MatchKey, Stored]] = {}
         self.defaults: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {}
+        # A default entry's opaque `metadata`, kept and read back like an entry's (P4Runtime).
+        self.default_metadata: dict[int, bytes] = {}
         self.clone_sessions: dict[int, p4r.CloneSessionEntry] = {}
         self.counters: dict[int, list[int]] = {}  # indexed counters: id -> packets per index
         self.version = 0
@@ -336,6 +338,7 @@ class Device:
         if not keep_state:
             self.tables = {t.id: {} for t in schema.pipeline.tables}
             self.defaults = {t.id: schema.initial_default(t) for t in schema.pipeline.tables}
+            self.default_metadata = {}
             self.clone_sessions = {}
         self.counters = {
             c.id: (self.counters.get(c.id) if keep_state else None) or [0] * c.size
@@ -509,9 +512,11 @@ class Device:
             raise _fail(PERMISSION_DENIED, f"{table.name}'s default action is constant")
         if not te.HasField("action"):
             self.defaults[table.id] = schema.initial_default(table)
+            self.default_metadata.pop(table.id, None)
             return
         action, params = _parse_action(table, schema, te.action.action, default=True)
         self.defaults[table.id] = (action.name, params)
+        self.default_metadata[table.id] = te.metadata
 
     def _stored_of(self, schema: Schema, te: p4r.TableEntry, resource: str) -> tuple[Table, Stored]:
         table = schema.table(te.table_id)
@@ -631,6 +636,7 @@ class Device:
             entity.table_entry.action.action.CopyFrom(
                 action_proto(schema.pipeline.action(name), params)
             )
+            entity.table_entry.metadata = self.default_metadata.get(table.id, b"")
             yield entity
             return
         want_counter, want_meter = te.HasField("counter_data"), te.HasField("meter_config")
