@@ -396,11 +396,11 @@ def _quarantine(
 
 def next_change(policy: Policy, state: LiveState, now: float) -> float | None:
     """The next moment the effective policy changes by itself (a window edge, a `for` or a
-    grant running out), for `watch` to re-apply then; None if never."""
-    moments = [g.expires for g in state.grants if g.expires > now]
-    moments += [
-        t for t in [*state.quarantine_until.values(), *state.restricted_until.values()] if t > now
-    ]
+    grant running out), for `watch` to re-apply then; None if never. A grant or hold that
+    ran out while still in the state (nothing applied since) is due now."""
+    ends = [g.expires for g in state.grants]
+    ends += [*state.quarantine_until.values(), *state.restricted_until.values()]
+    moments = [max(t, now) for t in ends]
     for rule in policy.rules:
         if rule.duration_s is not None:
             since = _first_applied(rule, state)

@@ -218,3 +218,15 @@ def test_for_clocks_are_keyed_by_rule_key_and_old_text_keys_still_count(
     edited = _policy(text.replace("tcp 5432", "tcp 5433"), floor)
     assert edited.rules[0].key == rule.key and edited.rules[0].describe() != rule.describe()
     assert next_change(edited, LiveState(first_applied={rule.key: 100.0}), 500.0) == 1000.0
+
+
+def test_a_grant_that_ran_out_unnoticed_is_due_now(floor_policy: Policy) -> None:
+    """A watch loop that learns of a grant only after it ran out (a busy loop, a short
+    grant) must still remove it: the expired grant, still in the state, is due now."""
+    state = LiveState()
+    grant = state.add_grant("algo1", "riskdb", "tcp", "5432", 1, 1000.0, "test")
+    assert next_change(floor_policy, state, 1000.5) == grant.expires
+    assert next_change(floor_policy, state, 1005.0) == 1005.0  # overdue: now
+    state.prune(1005.0)  # the apply that removes it prunes it: then only the window is due
+    after = next_change(floor_policy, state, 1005.0)
+    assert after is not None and after > 1005.0
