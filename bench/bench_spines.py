@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections import Counter
-from collections.abc import Callable
 from typing import TypeVar
 
+from bench.bench_compile import timed
 from bench.gen_policy import generate
 from compiler.allocation import Allocation, assign_rule_ids
 from compiler.check import check_policy
@@ -31,16 +30,6 @@ from compiler.verify import verify
 
 T = TypeVar("T")
 SIZES = {"policy": 1 << 20, "src_identity": 1 << 16, "dst_identity": 1 << 16, "routing": 1 << 16}
-
-
-def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
-    runs, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        runs.append(time.perf_counter() - start)
-    assert result is not None
-    return statistics.median(runs), result
 
 
 def run_case(spines: int, repeat: int) -> None:
