@@ -30,7 +30,7 @@ from p4seg.operations import NOTES_FILE
 from p4seg.signals import ENGINE_FILE
 from p4seg.spines import DOWN_FILE
 from p4seg.verbs import PROOF_FILE
-from runtime.etcdstore import Replica, status
+from runtime.etcdstore import Replica, Role, status
 from runtime.live import STATE_FILE as LIVE_FILE
 from runtime.store import StateMirror, StoreUnavailable
 
@@ -51,6 +51,9 @@ class Replication:
         self.loop = loop
         names = [name.removesuffix(".json") for name in SHARED_FILES]
         self.mirror = StateMirror(replica.store, state_dir, names)
+        # The term whose pull the state directory holds: only the leader writes, so a
+        # leader pulls once per term (and again after a push that was not confirmed).
+        self._pulled: int | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -66,13 +69,23 @@ class Replication:
         directory holds what etcd holds; NotLeader on a standby, StoreUnavailable when etcd
         cannot be read."""
         term = self.replica.elector.fence()
-        self._run(self.mirror.pull())
+        if self._pulled != term.create_revision:
+            self._run(self.mirror.pull())
+            self._pulled = term.create_revision
         return term.election_id
 
     def end(self) -> None:
         """After an operation: what it changed is in etcd (NotLeader if this controller was
         deposed meanwhile: nothing of it was stored)."""
-        self._run(self.mirror.push())
+        try:
+            self._run(self.mirror.push())
+        except BaseException:
+            self._pulled = None  # what etcd holds is unsure: pull before the next operation
+            raise
+
+    def leads(self) -> bool:
+        """Whether this controller leads now (no etcd request)."""
+        return self.replica.elector.role is Role.LEADER
 
     def status(self) -> dict[str, object]:
         """`GET /v1/status`'s replication part: role, leader, election id, endpoints."""
