@@ -415,6 +415,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     siem.add_argument("--syslog-key", metavar="PEM", help="tls://: its private key")
     etcd_arguments(p, floor=True)  # several controllers of one floor (docs/serve.md)
     p.add_argument(
+        "--etcd-name",
+        metavar="NAME",
+        default="",
+        help="this controller, as the floor's other controllers name it (default: USER@HOST:PID)",
+    )
+    p.add_argument(
         "--etcd-ttl",
         type=int,
         default=3,

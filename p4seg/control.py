@@ -84,6 +84,7 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
         timeout=args.timeout,
         tls=tls,
         reset_direct_meters=kind is not None and kind.stale_direct_meters,
+        fenced=bool(getattr(args, "etcd", None)),  # serve --etcd: a newer leader outranks us
     )
 
 

@@ -216,7 +216,7 @@ def etcd_of(args: argparse.Namespace) -> EtcdOptions:
     """--etcd and its options; the floor defaults to the inventory's name (ValueError,
     InventoryError)."""
     floor = args.floor or load_inventory(args.inventory)[0].name
-    return dataclasses.replace(etcd_options(args, floor), ttl=args.etcd_ttl)
+    return dataclasses.replace(etcd_options(args, floor), ttl=args.etcd_ttl, name=args.etcd_name)
 
 
 def cmd_serve(args: argparse.Namespace, front: Front) -> int:
