@@ -194,6 +194,12 @@ class Operations:
         """Whether this controller may write now (always, without --etcd)."""
         return self.replication is None or self.replication.leads()
 
+    def refuse_on_standby(self) -> None:
+        """ApiError 503 naming the leader on a standby, before a change is even checked
+        against its (stale) view; `operate` asks etcd again under the lock."""
+        if not self.leads():
+            raise self._standby()
+
     def _begin(self) -> None:
         """Before an operation (under the lock): the state directory is what etcd holds and
         the switches are written with the term's election id; ApiError 503 on a standby

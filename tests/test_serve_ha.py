@@ -148,6 +148,10 @@ def test_a_standby_names_the_leader_and_takes_over_when_it_dies(
     assert code == 200, doc
     assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h3", 8080)
     assert "h1" in _stored(cluster)[0].quarantined
+    # A release through the standby is 503 too (not 404 from its view, which lags).
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 503 and doc["error"]["leader"]["name"] == "ctl-a", doc
+    assert not _passes(sw, "h1", "h3", 8080)
     old_id = a.election_id()
 
     # The switch drifts from what etcd holds (as a leader dying halfway through an apply
