@@ -623,7 +623,10 @@ class _Watch:
         state = _load_state(args, "watch")
         if self.last is None or state is None:
             return
-        upcoming = next_change(self.last.policy, state, clock())
+        now = clock()
+        upcoming = next_change(self.last.policy, state, now)
+        if any(g.expires <= now for g in state.grants):  # ran out before this look: remove now
+            upcoming = now
         self.due = min((d for d in (self.due, upcoming) if d is not None), default=None)
 
 
