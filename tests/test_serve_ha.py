@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,3 +217,67 @@ def test_bad_etcd_options_are_one_line_and_start_nothing(
         err = capsys.readouterr().err
         assert err.startswith(says) and err.count("\n") == 1, err
     assert not Path(".p4seg").exists()  # nothing started, nothing written
+
+
+def test_kill_9_of_the_leader_process(
+    site: tuple[ReferenceSwitch, list[str]],
+    pki: Path,
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """Two `p4seg serve --etcd` processes; the leader is SIGKILLed (no resignation, no
+    clean-up of any kind): the standby leads within the lease and keeps the quarantine."""
+    sw, inv = site
+    etcd = ",".join(f"http://{e}" for e in etcd_cluster.endpoints)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> Served:
+        out = Path(f"{name}.out")
+        argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
+                "--api-tokens", str(pki / "access.yaml"), "--state", f"state-{name}",
+                "--interval", "0.05", "--etcd", etcd, "--etcd-ttl", str(TTL),
+                "--etcd-name", name]  # fmt: skip
+        with out.open("wb") as sink:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "p4seg", *argv], stdout=sink,
+                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        assert wait_for(lambda: b"/v1/status" in out.read_bytes(), 60), out.read_text()
+        banner = out.read_text().split("p4seg serve: API on ", 1)[1].split()[0]
+        return Served(sw, pki, banner.removesuffix("/v1/status").rstrip(","), "", Path())
+
+    def status(s: Served) -> dict[str, Any]:
+        code, doc = s.call("GET", "/v1/status", token=OPERATOR)
+        assert code == 200, doc
+        return dict(doc)
+
+    try:
+        a = start("ctl-a")
+        assert wait_for(lambda: status(a)["role"] == "leader", 30)
+        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080), 30)
+        b = start("ctl-b")
+        assert wait_for(lambda: (status(b)["leader"] or {}).get("name") == "ctl-a", 30)
+        assert status(b)["role"] == "standby"
+        code, doc = a.call("PUT", "/v1/quarantine/h1", {"reason": "EDR"}, token=OPERATOR)
+        assert code == 200, doc
+        assert not _passes(sw, "h1", "h3", 8080)
+        old_id = status(a)["leader"]["election_id"]
+
+        procs["ctl-a"].kill()  # SIGKILL
+        killed = time.monotonic()
+        procs["ctl-a"].wait()
+        assert wait_for(lambda: status(b)["role"] == "leader", 30)
+        print(f"ctl-b leads {time.monotonic() - killed:.2f} s after ctl-a was killed "
+              f"(lease TTL {TTL} s)")  # fmt: skip
+        assert status(b)["leader"]["election_id"] > old_id
+        assert not _passes(sw, "h1", "h3", 8080)
+        code, doc = b.call("PUT", "/v1/quarantine/h2", {"reason": "EDR"}, token=OPERATOR)
+        assert code == 200, doc
+        assert not _passes(sw, "h2", "h3", 8080) and _passes(sw, "h1", "h4", 443)  # remediation
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
