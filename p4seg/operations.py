@@ -200,14 +200,15 @@ class Operations:
         if not self.leads():
             raise self._standby()
 
-    def _begin(self) -> None:
+    def _begin(self, *, fresh: bool = True) -> None:
         """Before an operation (under the lock): the state directory is what etcd holds and
         the switches are written with the term's election id; ApiError 503 on a standby
-        or without etcd (nothing done)."""
+        or without etcd (nothing done). Not `fresh`: the watch loop's turns, which pull
+        once per term."""
         if self.replication is None:
             return
         try:
-            self.args.election_id = self.replication.begin()
+            self.args.election_id = self.replication.begin(fresh=fresh)
         except NotLeader:
             raise self._standby() from None
         except StoreUnavailable as err:
@@ -230,18 +231,21 @@ class Operations:
 
     def _standby(self, prefix: str = "") -> ApiError:
         assert self.replication is not None
-        leader = self.replication.replica.elector.leader
-        where = "no leader is elected yet (retry)"
+        elector = self.replication.replica.elector
+        leader = elector.leader
+        where = "no leader is elected yet (retry)" + (
+            f"; {elector.last_error}" if elector.last_error else ""
+        )
         if leader is not None:
             where = f"the leader is {leader.name}" + (f" at {leader.url}" if leader.url else "")
-        who = self.replication.replica.elector.options.who
+        who = elector.options.who
         return ApiError(503, "standby", f"{prefix}{who} is a standby: {where}",
                         leader=self.replication.status()["leader"])  # fmt: skip
 
     def _may_write(self) -> bool:
         """The watch loop's turn runs on the leader only (a standby's would fight it)."""
         try:
-            self._begin()
+            self._begin(fresh=False)
         except ApiError as err:
             if err.code == "etcd_unavailable" and err.message != self._said:
                 print(f"p4seg serve: watch: {err.message}", file=sys.stderr)

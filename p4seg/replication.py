@@ -51,8 +51,8 @@ class Replication:
         self.loop = loop
         names = [name.removesuffix(".json") for name in SHARED_FILES]
         self.mirror = StateMirror(replica.store, state_dir, names)
-        # The term whose pull the state directory holds: only the leader writes, so a
-        # leader pulls once per term (and again after a push that was not confirmed).
+        # The term whose pull the state directory holds (None: unsure, after a push that
+        # was not confirmed): only the leader writes, so its copy stays current.
         self._pulled: int | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -64,12 +64,14 @@ class Replication:
             future.cancel()
             raise StoreUnavailable("etcd: the state was not read or written in time") from None
 
-    def begin(self) -> int:
+    def begin(self, *, fresh: bool = True) -> int:
         """Before an operation: this controller's P4Runtime election id, once the state
         directory holds what etcd holds; NotLeader on a standby, StoreUnavailable when etcd
-        cannot be read."""
+        cannot be read. `fresh`: read etcd even if this term's copy is current (an
+        operation a caller waits for must not start while etcd is unreachable); else
+        once per term (the watch loop's turns)."""
         term = self.replica.elector.fence()
-        if self._pulled != term.create_revision:
+        if fresh or self._pulled != term.create_revision:
             self._run(self.mirror.pull())
             self._pulled = term.create_revision
         return term.election_id

@@ -281,3 +281,36 @@ def test_kill_9_of_the_leader_process(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    sw, _, (a, b), cluster = floor
+    code, doc = _quarantine(a, "h1")
+    assert code == 200, doc
+
+    cluster.kill(1)
+    cluster.kill(2)  # one member of three: no quorum
+    code, doc = _quarantine(a, "h2")
+    assert code == 503 and doc["error"]["code"] in ("etcd_unavailable", "standby"), doc
+    # The leader cannot refresh its lease: within the TTL it stops leading, and nobody can
+    # win: both answer every change 503, and the switch keeps enforcing the last policy.
+    assert wait_for(lambda: a.served.status()["role"] == "standby", 30)
+    assert b.served.status()["role"] == "standby"
+    code, doc = _quarantine(a, "h2")
+    assert code == 503 and doc["error"]["code"] == "standby", doc
+    assert _passes(sw, "h2", "h3", 8080) and not _passes(sw, "h1", "h3", 8080)
+
+    cluster.start(1)
+    cluster.start(2)
+    cluster.wait_healthy()
+    assert wait_for(lambda: Role.LEADER in (a.role(), b.role()), 30)
+    leader = a if a.role() is Role.LEADER else b
+    code, doc = _quarantine(leader, "h2")
+    assert code == 200, doc
+    assert not _passes(sw, "h2", "h3", 8080) and not _passes(sw, "h1", "h3", 8080)
+    live, records, chained = _stored(cluster)
+    assert set(live.quarantined) == {"h1", "h2"} and chained
+    # The calls answered 503 left nothing in etcd: one record per acknowledged quarantine.
+    assert [r["host"] for r in records if r["event"] == "quarantine"] == ["h1", "h2"]
