@@ -441,7 +441,8 @@ def openapi_document() -> dict[str, object]:
                         "description": "error",
                         "content": {"application/json": {"schema": error}},
                     }
-                    for s in (401, 403, *r.errors)
+                    # 503: with --etcd, a standby (or etcd unreachable) refuses every change
+                    for s in (401, 403, *r.errors, *(() if r.method == "GET" else (503,)))
                 },
             },
         }
