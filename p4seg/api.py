@@ -441,7 +441,8 @@ def openapi_document() -> dict[str, object]:
                         "description": "error",
                         "content": {"application/json": {"schema": error}},
                     }
-                    for s in (401, 403, *r.errors)
+                    # 503: with --etcd, a standby (or etcd unreachable) refuses every change
+                    for s in (401, 403, *r.errors, *(() if r.method == "GET" else (503,)))
                 },
             },
         }
@@ -555,6 +556,8 @@ def application(api: Api, max_body: int) -> web.Application:
                 if not who.may(route.scope):
                     raise ApiError(403, "forbidden", f"{who.audit_name} lacks the "
                                    f"{route.scope!r} scope for {route.method} {route.path}")  # fmt: skip
+                if request.method != "GET":  # a standby's view is stale: name the leader
+                    api.ops.refuse_on_standby()
                 response = await route.handler(api, request, who)
                 status = response.status
                 return response

@@ -424,6 +424,21 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     siem.add_argument("--syslog-ca", metavar="PEM", help="tls://: the collector's CA")
     siem.add_argument("--syslog-cert", metavar="PEM", help="tls://: our client certificate")
     siem.add_argument("--syslog-key", metavar="PEM", help="tls://: its private key")
+    etcd_arguments(p, floor=True)  # several controllers of one floor (docs/serve.md)
+    p.add_argument(
+        "--etcd-name",
+        metavar="NAME",
+        default="",
+        help="this controller, as the floor's other controllers name it (default: USER@HOST:PID)",
+    )
+    p.add_argument(
+        "--etcd-ttl",
+        type=int,
+        default=3,
+        metavar="SECONDS",
+        help="the leader's lease: a standby takes over this long after the leader died "
+        "(default: 3)",
+    )
 
 
 def server_arguments(p: argparse.ArgumentParser) -> None:

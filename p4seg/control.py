@@ -85,6 +85,7 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
         tls=tls,
         reset_direct_meters=kind is not None and kind.stale_direct_meters,
         full_read=getattr(args, "full_read", False),
+        fenced=bool(getattr(args, "etcd", None)),  # serve --etcd: a newer leader outranks us
     )
 
 

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from compiler.diagnostics import InventoryError
 from compiler.inventory import Inventory, load_inventory
@@ -46,6 +46,10 @@ from p4seg.webmap import MAX_ALERTS, MapLive, map_document
 from runtime import audit
 from runtime.live import STATE_FILE, LiveState
 from runtime.siem import SyslogSink
+from runtime.store import NotLeader, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from p4seg.replication import Replication
 
 NOTES_FILE = "quarantines.json"  # in the state directory: reason, caller, expiry per host
 SERVICE_PRINCIPAL = "p4seg-serve"  # the audit actor of what serve does by itself (expiries)
@@ -147,6 +151,8 @@ class Operations:
         self._restricting = False  # an operation that only takes access away is running
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
+        self.replication: Replication | None = None  # --etcd: set by Service.start
+        self._said = ""  # the watch loop's last word on etcd
 
     # The front end of every compile: the last build is what status probes the switches with.
     def front(
@@ -174,13 +180,85 @@ class Operations:
         self._watch.start()
 
     def _watch_loop(self, failed: Callable[[], object]) -> None:
-        hooks = WatchHooks(self.lock, self.changed, self.watched)
+        hooks = WatchHooks(self.lock, self.changed, self.watched, self._may_write, self._wrote)
         try:
             watch_loop(self.args, self.front, self._stop.is_set, hooks)
         except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)
             print("p4seg serve: the watch loop failed; stopping", file=sys.stderr)
             traceback.print_exc()
             failed()
+
+    # -- replicated controllers (--etcd): the leader alone writes, as P4Runtime primary
+
+    def leads(self) -> bool:
+        """Whether this controller may write now (always, without --etcd)."""
+        return self.replication is None or self.replication.leads()
+
+    def refuse_on_standby(self) -> None:
+        """ApiError 503 naming the leader on a standby, before a change is even checked
+        against its (stale) view; `operate` asks etcd again under the lock."""
+        if not self.leads():
+            raise self._standby()
+
+    def _begin(self, *, fresh: bool = True) -> None:
+        """Before an operation (under the lock): the state directory is what etcd holds and
+        the switches are written with the term's election id; ApiError 503 on a standby
+        or without etcd (nothing done). Not `fresh`: the watch loop's turns, which pull
+        once per term."""
+        if self.replication is None:
+            return
+        try:
+            self.args.election_id = self.replication.begin(fresh=fresh)
+        except NotLeader:
+            raise self._standby() from None
+        except StoreUnavailable as err:
+            raise ApiError(
+                503, "etcd_unavailable", f"etcd unavailable: nothing was done ({err})"
+            ) from None
+
+    def _end(self) -> None:
+        """After an operation (under the lock): what it changed is in etcd, or ApiError 503
+        (not acknowledged: the next leader brings the switches back to what etcd holds)."""
+        if self.replication is None:
+            return
+        try:
+            self.replication.end()
+        except NotLeader:
+            raise self._standby("deposed during the operation: it was not stored; ") from None
+        except StoreError as err:
+            raise ApiError(503, "etcd_unavailable", f"etcd unavailable: the operation was not "
+                           f"stored and may be undone by the next leader ({err})") from None  # fmt: skip
+
+    def _standby(self, prefix: str = "") -> ApiError:
+        assert self.replication is not None
+        elector = self.replication.replica.elector
+        leader = elector.leader
+        where = "no leader is elected yet (retry)" + (
+            f"; {elector.last_error}" if elector.last_error else ""
+        )
+        if leader is not None:
+            where = f"the leader is {leader.name}" + (f" at {leader.url}" if leader.url else "")
+        who = elector.options.who
+        return ApiError(503, "standby", f"{prefix}{who} is a standby: {where}",
+                        leader=self.replication.status()["leader"])  # fmt: skip
+
+    def _may_write(self) -> bool:
+        """The watch loop's turn runs on the leader only (a standby's would fight it)."""
+        try:
+            self._begin(fresh=False)
+        except ApiError as err:
+            if err.code == "etcd_unavailable" and err.message != self._said:
+                print(f"p4seg serve: watch: {err.message}", file=sys.stderr)
+            self._said = err.message  # said once, not every turn
+            return False
+        self._said = ""
+        return True
+
+    def _wrote(self) -> None:
+        try:
+            self._end()
+        except ApiError as err:  # the next leader (or this one's next turn) converges
+            print(f"p4seg serve: watch: {err.message}", file=sys.stderr)
 
     def stop(self) -> None:
         self._stop.set()
@@ -281,6 +359,8 @@ class Operations:
             ),
             _captured() as (stdout, stderr),
         ):
+            self._begin()
+            args.election_id = self.args.election_id
             before, grants = self._state_bytes(), self._grant_ids()
             self._restricting = verb == "quarantine"
             try:
@@ -291,6 +371,7 @@ class Operations:
             added = tuple(sorted(self._grant_ids() - grants)) if changed else ()
             if code == EXIT_OK and done is not None:
                 done()
+            self._end()  # acknowledged means stored
         if changed:
             self.changed.set()
         output = stdout.getvalue()
@@ -330,6 +411,8 @@ class Operations:
         next one runs out (at most a check period)."""
         now = clock()
         period = float(self.args.check)
+        if not self.leads():  # the leader expires them; nothing expires without one
+            return period
         notes = self.notes()
         for host, note in notes.items():
             if note.expires is None or note.expires > now:
@@ -374,8 +457,9 @@ class Operations:
                         "compiled_sha256": record.get("compiled_sha256"),
                     }
         now = clock()
+        replication = {"role": "leader"} if self.replication is None else self.replication.status()
         return {
-            "role": "leader",
+            **replication,
             "policy": str(self.args.policy),
             "switches": [
                 {

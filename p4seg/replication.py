@@ -30,7 +30,7 @@ from p4seg.operations import NOTES_FILE
 from p4seg.signals import ENGINE_FILE
 from p4seg.spines import DOWN_FILE
 from p4seg.verbs import PROOF_FILE
-from runtime.etcdstore import Replica, status
+from runtime.etcdstore import Replica, Role, status
 from runtime.live import STATE_FILE as LIVE_FILE
 from runtime.store import StateMirror, StoreUnavailable
 
@@ -51,6 +51,9 @@ class Replication:
         self.loop = loop
         names = [name.removesuffix(".json") for name in SHARED_FILES]
         self.mirror = StateMirror(replica.store, state_dir, names)
+        # The term whose pull the state directory holds (None: unsure, after a push that
+        # was not confirmed): only the leader writes, so its copy stays current.
+        self._pulled: int | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -61,19 +64,31 @@ class Replication:
             future.cancel()
             raise StoreUnavailable("etcd: the state was not read or written in time") from None
 
-    def begin(self) -> int:
+    def begin(self, *, fresh: bool = True) -> int:
         """Before an operation: this controller's P4Runtime election id, once the state
         directory holds what etcd holds; NotLeader on a standby, StoreUnavailable when etcd
-        cannot be read."""
+        cannot be read. `fresh`: read etcd even if this term's copy is current (an
+        operation a caller waits for must not start while etcd is unreachable); else
+        once per term (the watch loop's turns)."""
         term = self.replica.elector.fence()
-        self._run(self.mirror.pull())
+        if fresh or self._pulled != term.create_revision:
+            self._run(self.mirror.pull())
+            self._pulled = term.create_revision
         return term.election_id
 
     def end(self) -> None:
         """After an operation: what it changed is in etcd (NotLeader if this controller was
         deposed meanwhile: nothing of it was stored)."""
-        self._run(self.mirror.push())
+        try:
+            self._run(self.mirror.push())
+        except BaseException:
+            self._pulled = None  # what etcd holds is unsure: pull before the next operation
+            raise
 
-    def status(self) -> dict[str, object]:
+    def leads(self) -> bool:
+        """Whether this controller leads now (no etcd request)."""
+        return self.replica.elector.role is Role.LEADER
+
+    def status(self) -> dict[str, Any]:
         """`GET /v1/status`'s replication part: role, leader, election id, endpoints."""
         return status(self.replica)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -19,13 +20,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from compiler.diagnostics import InventoryError
+from compiler.inventory import load_inventory
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
 from p4seg.observe import sinks_of
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
-from p4seg.verbs import Front
+from p4seg.verbs import Front, etcd_options
+from runtime.etcdstore import EtcdOptions, Replica
 from runtime.live import LiveState
 from runtime.siem import SiemConfigError
 
@@ -109,8 +113,12 @@ class StateBusy(Exception):
 class Service:
     """The listeners of one serve process (API, and metrics when asked), over an Operations."""
 
-    def __init__(self, ops: Operations, options: ApiOptions, access: Access) -> None:
+    def __init__(
+        self, ops: Operations, options: ApiOptions, access: Access, etcd: EtcdOptions | None = None
+    ) -> None:
         self.ops, self.options, self.access = ops, options, access
+        self.etcd = etcd  # --etcd: one of several controllers of the floor
+        self.replica: Replica | None = None
         self._runners: list[web.AppRunner] = []
         self._held: int | None = None  # the state directory's serve.lock
         self.failed = asyncio.Event()  # the watch loop died: the process must stop
@@ -150,6 +158,15 @@ class Service:
             metrics = f", metrics on http://{o.metrics[0]}:{self.addresses[1][1]}/metrics"
         print(f"p4seg serve: API on {url}/v1/status{metrics}", flush=True)
         loop = asyncio.get_running_loop()
+        if self.etcd is not None:
+            from p4seg.replication import Replication
+
+            # Campaigns in the background: the watch loop turns once this controller leads.
+            self.replica = Replica.open(dataclasses.replace(self.etcd, url=url))
+            await self.replica.start()
+            self.ops.replication = Replication(self.replica, self.ops.state_dir, loop)
+            print(f"p4seg serve: {self.replica.elector.options.who} on floor {self.etcd.floor} "
+                  f"(etcd {','.join(self.etcd.endpoints)})", flush=True)  # fmt: skip
         # After the banner: the watch loop prints its first apply.
         self.ops.start(lambda: loop.call_soon_threadsafe(self.failed.set))
         self._expiry = asyncio.create_task(self._expire())
@@ -176,18 +193,30 @@ class Service:
                 print(f"p4seg serve: reading the rule counters failed: {err!r}", file=sys.stderr)
             await asyncio.sleep(interval)
 
-    async def stop(self) -> None:
+    async def stop(self, *, resign: bool = True) -> None:
+        """Stop serving; a leader resigns (a standby takes over at once) unless `resign` is
+        False (then as if it died: a standby waits for the lease to run out)."""
         for task in (self._expiry, self._hits):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self.ops.stop)
+        if self.replica is not None:
+            await self.replica.close(resign=resign)
+            self.replica = None
         for runner in self._runners:
             await runner.cleanup()
         if self._held is not None:
             os.close(self._held)
             self._held = None
+
+
+def etcd_of(args: argparse.Namespace) -> EtcdOptions:
+    """--etcd and its options; the floor defaults to the inventory's name (ValueError,
+    InventoryError)."""
+    floor = args.floor or load_inventory(args.inventory)[0].name
+    return dataclasses.replace(etcd_options(args, floor), ttl=args.etcd_ttl, name=args.etcd_name)
 
 
 def cmd_serve(args: argparse.Namespace, front: Front) -> int:
@@ -210,7 +239,18 @@ def cmd_serve(args: argparse.Namespace, front: Front) -> int:
     except SiemConfigError as err:
         print(f"p4seg serve: error: --syslog {err}", file=sys.stderr)
         return EXIT_ERROR
-    service = Service(Operations(args, front), options, access)
+    etcd = None
+    if args.etcd:
+        try:
+            etcd = etcd_of(args)
+        except InventoryError as err:
+            first = err.diagnostics[0].message if err.diagnostics else "cannot be loaded"
+            print(f"p4seg serve: error: {args.inventory}: {first}", file=sys.stderr)
+            return EXIT_ERROR
+        except ValueError as err:
+            print(f"p4seg serve: error: --etcd: {err}", file=sys.stderr)
+            return EXIT_ERROR
+    service = Service(Operations(args, front), options, access, etcd)
 
     async def serve() -> int:
         try:

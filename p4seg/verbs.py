@@ -574,6 +574,9 @@ class WatchHooks:
     lock: AbstractContextManager[object]
     changed: threading.Event
     turned: threading.Event = dataclasses.field(default_factory=threading.Event)  # a turn ended
+    # Under the lock, before a turn: False skips it (a standby of replicated controllers).
+    may_write: Callable[[], bool] = lambda: True
+    wrote: Callable[[], None] = lambda: None  # after a turn, still under the lock: store it
 
 
 def watch_loop(
@@ -589,10 +592,15 @@ def watch_loop(
     lock = hooks.lock if hooks is not None else nullcontext()
     while not stopped():
         with lock:
-            if hooks is not None and hooks.changed.is_set():
-                hooks.changed.clear()
-                w.reschedule(args)
-            _watch_turn(args, front, w)
+            if hooks is not None and not hooks.may_write():
+                w.due = clock()  # on winning, the first turn applies what the store holds
+            else:
+                if hooks is not None and hooks.changed.is_set():
+                    hooks.changed.clear()
+                    w.reschedule(args)
+                _watch_turn(args, front, w)
+                if hooks is not None:
+                    hooks.wrote()
         if hooks is not None:
             hooks.turned.set()
         if args.once:
@@ -628,7 +636,7 @@ class _Watch:
         state = _load_state(args, "watch")
         if self.last is None or state is None:
             return
-        upcoming = next_change(self.last.policy, state, clock())
+        upcoming = next_change(self.last.policy, state, clock())  # overdue: now
         self.due = min((d for d in (self.due, upcoming) if d is not None), default=None)
 
 

@@ -53,6 +53,9 @@ class ControllerOptions:
     reset_direct_meters: bool = False  # compiler.targets.TargetKind.stale_direct_meters
     # Read every switch in full even when its digest says it holds the build (drift checks).
     full_read: bool = False
+    # Write only as `election_id` itself: finsy bids the switch's election_id_past when no
+    # primary is connected, which would let a deposed etcd leader outrank its successor.
+    fenced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +374,7 @@ async def apply_one(
         async with Switch(
             target.name, target.address, session_options(target, files, options)
         ) as sw:
-            if not sw.is_primary:
+            if not sw.is_primary or (options.fenced and sw.election_id != options.election_id):
                 raise ControllerError(
                     f"not the primary controller (election id {options.election_id}; the "
                     f"primary has {sw.primary_id}): nothing written"

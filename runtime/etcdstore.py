@@ -106,6 +106,7 @@ class EtcdOptions:
     endpoints: tuple[str, ...]  # host:port (parse_endpoints)
     floor: str  # the key prefix /p4seg/<floor>/: one election and one state per floor
     name: str = ""  # this controller, as standbys and operators see it (default user@host:pid)
+    url: str = ""  # where this controller's API answers (a standby names it to callers)
     ttl: int = 3  # lease seconds (etcd leases are whole seconds)
     margin: float = 0.5  # stop writing this long before the lease could expire
     timeout: float = 2.0  # per etcd request
@@ -301,6 +302,7 @@ class Leader:
 
     name: str
     create_revision: int  # of the leader key: what every fenced write compares
+    url: str = dataclasses.field(default="", kw_only=True)  # its API, if it serves one
 
     @property
     def election_id(self) -> int:
@@ -316,10 +318,11 @@ class Leadership(Leader):
 
 def _leader_of(kv: Any) -> Leader:
     try:
-        name = str(json.loads(kv.value)["name"])
-    except (ValueError, KeyError, TypeError):
-        name = kv.value.decode(errors="replace")
-    return Leader(name, int(kv.create_revision))
+        value = json.loads(kv.value)
+        name, url = str(value["name"]), str(value.get("url", ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        name, url = kv.value.decode(errors="replace"), ""
+    return Leader(name, int(kv.create_revision), url=url)
 
 
 Listener = Callable[[Role, Leadership | None], None]
@@ -441,7 +444,7 @@ class Elector:
         grant = await self.etcd.call(
             "grant a lease", "leasestub.LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl)
         )
-        value = json.dumps({"name": who, "since": time.time()}).encode()
+        value = json.dumps({"name": who, "url": self.options.url, "since": time.time()}).encode()
         try:
             response = await self.etcd.txn(
                 "campaign",
@@ -462,7 +465,7 @@ class Elector:
             self._notify()
             return False
         assert kv is not None
-        self._term = Leadership(who, int(kv.create_revision), int(grant.ID))
+        self._term = Leadership(who, int(kv.create_revision), int(grant.ID), url=self.options.url)
         self._deadline = sent + ttl - self.options.margin
         self._lost.clear()
         log.info(
@@ -779,13 +782,14 @@ class Replica:
         await self.etcd.close()
 
 
-def status(replica: Replica) -> dict[str, object]:
+def status(replica: Replica) -> dict[str, Any]:
     """What `GET /v1/status` says about the replication."""
     leader = replica.elector.leader
     out: dict[str, object] = {
         "role": replica.elector.role.value,
-        "leader": leader.name if leader else None,
-        "election_id": leader.election_id if leader else None,
+        "leader": None
+        if leader is None
+        else {"name": leader.name, "url": leader.url, "election_id": leader.election_id},
         "etcd": list(replica.etcd.options.endpoints),
     }
     if replica.elector.last_error:

@@ -59,7 +59,7 @@ def test_an_operation_on_the_leader_lands_in_etcd_and_a_standby_refuses(
             with pytest.raises(NotLeader) as refused:
                 await asyncio.to_thread(b.begin)
             assert refused.value.leader == "ctl-a"
-            assert b.status()["role"] == "standby" and b.status()["leader"] == "ctl-a"
+            assert b.status()["role"] == "standby" and b.status()["leader"]["name"] == "ctl-a"
 
             # The leader goes; the standby takes over from what etcd holds.
             await leader.close()

@@ -495,8 +495,11 @@ def test_state_round_trips_in_etcd_and_a_standby_sees_it(etcd_cluster: EtcdClust
             term = leader.elector.fence()
             assert status(standby) == {
                 "role": "standby",
-                "leader": leader.elector.options.who,
-                "election_id": term.election_id,
+                "leader": {
+                    "name": leader.elector.options.who,
+                    "url": "",
+                    "election_id": term.election_id,
+                },
                 "etcd": list(etcd_cluster.endpoints),
             }
             assert status(leader)["role"] == "leader"

@@ -1,0 +1,316 @@
+"""`p4seg serve --etcd`: two controllers of one floor on a real 3-member etcd cluster
+(tests/etcd_cluster.py) and a reference switch judged by packets: one leads, the other
+answers 503 naming it; the leader stops without resigning and the standby takes over, with
+a higher election id, so that the switch refuses the old leader's late writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcd_cluster import EtcdCluster, etcd_cluster
+from p4rt import wait_for
+from test_cli_controller import _passes, site
+from test_serve import OPERATOR, Served, _Loop, _serve_args, pki
+
+from p4seg.api_auth import Access, load_access
+from p4seg.cli import _front, _parser, main
+from p4seg.operations import Operations
+from p4seg.serve import Service, api_options, etcd_of
+from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
+from runtime.live import LiveState
+from runtime.refswitch.switch import ReferenceSwitch
+
+__all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
+
+TTL = 2  # seconds: the leader's lease
+
+
+@dataclass
+class Controller:
+    """One `p4seg serve --etcd` of the floor, on its own event loop."""
+
+    service: Service
+    loop: _Loop
+    served: Served
+    stopped: bool = False
+
+    def role(self) -> Role:
+        assert self.service.replica is not None
+        return self.service.replica.elector.role
+
+    def election_id(self) -> int:
+        assert self.service.replica is not None
+        return self.service.replica.elector.fence().election_id
+
+    def stop(self, *, resign: bool = True) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.loop.run(self.service.stop(resign=resign))
+            self.loop.close()
+
+
+def _controller(argv: list[str], sw: ReferenceSwitch, pki: Path, state: Path) -> Controller:
+    args = _parser().parse_args(argv)
+    options = api_options(args)
+    assert not isinstance(options, str), options
+    access = load_access(options.tokens) if options.tokens is not None else Access()
+    service = Service(Operations(args, _front), options, access, etcd_of(args))
+    loop = _Loop()
+    loop.run(service.start())
+    _, port = service.addresses[0]
+    served = Served(sw, pki, f"https://127.0.0.1:{port}", "", state.resolve())
+    return Controller(service, loop, served)
+
+
+@pytest.fixture
+def floor(
+    site: tuple[ReferenceSwitch, list[str]],
+    pki: Path,
+    etcd_cluster: EtcdCluster,
+) -> Iterator[tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster]]:
+    """ctl-a (the leader, its first apply done), then ctl-b (a standby that sees it)."""
+    sw, inv = site
+    etcd = ",".join(f"http://{e}" for e in etcd_cluster.endpoints)
+    controllers: list[Controller] = []
+
+    def start(name: str) -> Controller:
+        state = Path(f"state-{name}")
+        argv = _serve_args(inv, pki, "--state", str(state), "--etcd", etcd, "--floor", "small",
+                           "--etcd-ttl", str(TTL), "--etcd-name", name)  # fmt: skip
+        controllers.append(_controller(argv, sw, pki, state))
+        return controllers[-1]
+
+    try:
+        a = start("ctl-a")
+        assert wait_for(lambda: a.role() is Role.LEADER, 30)
+        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080), 30)  # its first apply
+        b = start("ctl-b")
+        assert wait_for(lambda: b.served.status()["leader"] is not None, 30)
+        yield sw, inv, controllers, etcd_cluster
+    finally:
+        for c in reversed(controllers):
+            c.stop()
+
+
+def _stored(cluster: EtcdCluster) -> tuple[LiveState, list[dict[str, Any]], bool]:
+    """The floor's live state, audit records and whether the chain verifies, as etcd
+    holds them (read by a store that only reads)."""
+
+    async def read() -> tuple[str | None, list[tuple[int, bytes]], bool]:
+        etcd = Etcd(EtcdOptions(cluster.endpoints, "small"))
+        try:
+            store = EtcdStore(etcd, None)
+            doc = await store.read("live")
+            verdict = await store.audit_verify()
+            return None if doc is None else doc.text, await store.audit_records(), verdict.ok
+        finally:
+            await etcd.close()
+
+    text, records, ok = asyncio.run(read())
+    assert text is not None
+    return LiveState.from_json(text, "etcd"), [json.loads(r) for _, r in records], ok
+
+
+def _quarantine(c: Controller, host: str) -> tuple[int | None, dict[str, Any]]:
+    code, doc = c.served.call("PUT", f"/v1/quarantine/{host}", {"reason": "EDR: beaconing"},
+                              token=OPERATOR)  # fmt: skip
+    return code, doc
+
+
+def test_a_standby_names_the_leader_and_takes_over_when_it_dies(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sw, inv, (a, b), cluster = floor
+    a_url = a.served.url
+    status_b = b.served.status()
+    assert status_b["role"] == "standby"
+    assert status_b["leader"]["name"] == "ctl-a" and status_b["leader"]["url"] == a_url
+    assert a.served.status()["role"] == "leader"
+
+    # Through the standby: 503 naming the leader, and nothing changes.
+    code, doc = _quarantine(b, "h1")
+    assert code == 503, doc
+    error = doc["error"]
+    assert isinstance(error, dict) and error["code"] == "standby"
+    assert f"the leader is ctl-a at {a_url}" in str(error["message"])
+    assert _passes(sw, "h1", "h3", 8080)
+
+    # Through the leader: on the switch (packets) and in etcd, with its audit record.
+    code, doc = _quarantine(a, "h1")
+    assert code == 200, doc
+    assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h3", 8080)
+    assert "h1" in _stored(cluster)[0].quarantined
+    # A release through the standby is 503 too (not 404 from its view, which lags).
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 503 and doc["error"]["leader"]["name"] == "ctl-a", doc
+    assert not _passes(sw, "h1", "h3", 8080)
+    old_id = a.election_id()
+
+    # The switch drifts from what etcd holds (as a leader dying halfway through an apply
+    # would leave it): a one-shot apply from another state directory lifts the quarantine.
+    assert main(["apply", "small.zt", *inv, "--state", "state-elsewhere"]) == 0
+    assert _passes(sw, "h1", "h3", 8080)
+
+    # The leader stops without resigning (as if it died): its lease runs out.
+    a.stop(resign=False)
+    stopped = time.monotonic()
+    assert wait_for(lambda: b.role() is Role.LEADER, 30)
+    took = time.monotonic() - stopped
+    print(f"ctl-b took over {took:.2f} s after ctl-a stopped (lease TTL {TTL} s)")
+    status_b = b.served.status()
+    assert status_b["role"] == "leader" and status_b["leader"]["name"] == "ctl-b"
+    new_id = b.election_id()
+    assert new_id > old_id and status_b["leader"]["election_id"] == new_id
+
+    # Its first turn applies what etcd holds: the acknowledged quarantine is back.
+    assert wait_for(lambda: not _passes(sw, "h1", "h3", 8080), 30)
+    assert _passes(sw, "h2", "h3", 8080)
+    code, doc = _quarantine(b, "h2")
+    assert code == 200, doc
+    assert not _passes(sw, "h2", "h3", 8080) and not _passes(sw, "h1", "h3", 8080)
+    live, records, chained = _stored(cluster)
+    assert set(live.quarantined) == {"h1", "h2"} and chained
+    quarantines = [(r["host"], r["actor"]) for r in records if r["event"] == "quarantine"]
+    assert quarantines == [("h1", "token:soar"), ("h2", "token:soar")], records
+    assert set(LiveState.load(b.served.state).quarantined) == {"h1", "h2"}
+
+    # The deposed leader's late write: ctl-a's operations, as if it still believed it led
+    # (its etcd fence bypassed), release h1 with its old election id. The switch has seen
+    # ctl-b's higher id, so it does not make ctl-a primary, and p4seg never bids above its
+    # own id: nothing is written, h1 stays quarantined.
+    late = a.service.ops
+    late.replication = None
+    assert late.args.election_id == old_id
+    outcome = late.operate("release", "ctl-a-late", {"host": "h1"}, {})
+    assert outcome.code != 0
+    assert f"not the primary controller (election id {old_id}; the primary has {new_id})" in (
+        outcome.errors + outcome.output
+    ), outcome
+    assert not _passes(sw, "h1", "h3", 8080)
+
+
+def test_bad_etcd_options_are_one_line_and_start_nothing(
+    site: tuple[ReferenceSwitch, list[str]],
+    pki: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, inv = site
+    base = _serve_args(inv, pki, "--etcd", "http://127.0.0.1:2379")
+    for extra, says in (
+        (["--etcd-ttl", "0"], "p4seg serve: error: --etcd: lease TTL 0 s"),
+        (["--etcd-cert", "nowhere.pem"], "p4seg serve: error: --etcd: --etcd-cert/--etcd-key"),
+        (["--floor", "a/b"], "p4seg serve: error: --etcd: floor 'a/b'"),
+    ):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(says) and err.count("\n") == 1, err
+    assert not Path(".p4seg").exists()  # nothing started, nothing written
+
+
+def test_kill_9_of_the_leader_process(
+    site: tuple[ReferenceSwitch, list[str]],
+    pki: Path,
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """Two `p4seg serve --etcd` processes; the leader is SIGKILLed (no resignation, no
+    clean-up of any kind): the standby leads within the lease and keeps the quarantine."""
+    sw, inv = site
+    etcd = ",".join(f"http://{e}" for e in etcd_cluster.endpoints)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> Served:
+        out = Path(f"{name}.out")
+        argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
+                "--api-tokens", str(pki / "access.yaml"), "--state", f"state-{name}",
+                "--interval", "0.05", "--etcd", etcd, "--etcd-ttl", str(TTL),
+                "--etcd-name", name]  # fmt: skip
+        with out.open("wb") as sink:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "p4seg", *argv], stdout=sink,
+                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        assert wait_for(lambda: b"/v1/status" in out.read_bytes(), 60), out.read_text()
+        banner = out.read_text().split("p4seg serve: API on ", 1)[1].split()[0]
+        return Served(sw, pki, banner.removesuffix("/v1/status").rstrip(","), "", Path())
+
+    def status(s: Served) -> dict[str, Any]:
+        code, doc = s.call("GET", "/v1/status", token=OPERATOR)
+        assert code == 200, doc
+        return dict(doc)
+
+    try:
+        a = start("ctl-a")
+        assert wait_for(lambda: status(a)["role"] == "leader", 30)
+        assert wait_for(lambda: _passes(sw, "h1", "h3", 8080), 30)
+        b = start("ctl-b")
+        assert wait_for(lambda: (status(b)["leader"] or {}).get("name") == "ctl-a", 30)
+        assert status(b)["role"] == "standby"
+        code, doc = a.call("PUT", "/v1/quarantine/h1", {"reason": "EDR"}, token=OPERATOR)
+        assert code == 200, doc
+        assert not _passes(sw, "h1", "h3", 8080)
+        old_id = status(a)["leader"]["election_id"]
+
+        procs["ctl-a"].kill()  # SIGKILL
+        killed = time.monotonic()
+        procs["ctl-a"].wait()
+        assert wait_for(lambda: status(b)["role"] == "leader", 30)
+        print(f"ctl-b leads {time.monotonic() - killed:.2f} s after ctl-a was killed "
+              f"(lease TTL {TTL} s)")  # fmt: skip
+        assert status(b)["leader"]["election_id"] > old_id
+        assert not _passes(sw, "h1", "h3", 8080)
+        code, doc = b.call("PUT", "/v1/quarantine/h2", {"reason": "EDR"}, token=OPERATOR)
+        assert code == 200, doc
+        assert not _passes(sw, "h2", "h3", 8080) and _passes(sw, "h1", "h4", 443)  # remediation
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    sw, _, (a, b), cluster = floor
+    code, doc = _quarantine(a, "h1")
+    assert code == 200, doc
+
+    cluster.kill(1)
+    cluster.kill(2)  # one member of three: no quorum
+    code, doc = _quarantine(a, "h2")
+    assert code == 503 and doc["error"]["code"] in ("etcd_unavailable", "standby"), doc
+    # The leader cannot refresh its lease: within the TTL it stops leading, and nobody can
+    # win: both answer every change 503, and the switch keeps enforcing the last policy.
+    assert wait_for(lambda: a.served.status()["role"] == "standby", 30)
+    assert b.served.status()["role"] == "standby"
+    code, doc = _quarantine(a, "h2")
+    assert code == 503 and doc["error"]["code"] == "standby", doc
+    assert _passes(sw, "h2", "h3", 8080) and not _passes(sw, "h1", "h3", 8080)
+
+    cluster.start(1)
+    cluster.start(2)
+    cluster.wait_healthy()
+    assert wait_for(lambda: Role.LEADER in (a.role(), b.role()), 30)
+    leader = a if a.role() is Role.LEADER else b
+    code, doc = _quarantine(leader, "h2")
+    assert code == 200, doc
+    assert not _passes(sw, "h2", "h3", 8080) and not _passes(sw, "h1", "h3", 8080)
+    live, records, chained = _stored(cluster)
+    assert set(live.quarantined) == {"h1", "h2"} and chained
+    # The calls answered 503 left nothing in etcd: one record per acknowledged quarantine.
+    assert [r["host"] for r in records if r["event"] == "quarantine"] == ["h1", "h2"]
