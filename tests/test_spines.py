@@ -377,9 +377,14 @@ def test_watch_routes_around_a_dead_spine_and_back_through_it_restored(
             sw.stop()
     assert not loop.is_alive()
     records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    # A restore that failed (a loaded machine: the spine not ready yet) is tried again at the
+    # next check: only the attempts that took count, and each that did not says so.
+    retried = [r for r in records if "spine_restored" in r and r.get("result") != "ok"]
+    assert all(r.get("result") for r in retried), retried
     marks = [
         {k: r[k] for k in ("spines_down", "spines_back", "spine_restored") if k in r}
         for r in records
+        if r not in retried
     ]
     marks = [m for m in marks if m]
     # spine1's own tables first (alone), then the ToRs route through it again.
