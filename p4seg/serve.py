@@ -22,6 +22,7 @@ from aiohttp import web
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
+from p4seg.follower import AlertLog, Containment, Follower, controller_options
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front
@@ -114,6 +115,10 @@ class Service:
         self.failed = asyncio.Event()  # the watch loop died: the process must stop
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
+        # PacketIns -> alerts -> subscribers (the alert log, the engine; metrics, syslog).
+        self.containment = Containment(ops)
+        self.follower: Follower | None = None
+        self._following: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Bind the listeners (AccessError: bad TLS material), then start the operations."""
@@ -122,8 +127,8 @@ class Service:
         if not o.plain:
             assert o.cert is not None and o.key is not None
             context = server_context(o.cert, o.key, o.client_ca, optional=o.tokens is not None)
-        listeners = [(application(Api(self.ops, self.access), o.max_body), o.host, o.port,
-                      context)]  # fmt: skip
+        api = Api(self.ops, self.access, self.containment)
+        listeners = [(application(api, o.max_body), o.host, o.port, context)]
         if o.metrics is not None:
             listeners.append((metrics_application(self.ops), *o.metrics, None))
         for app, host, port, ssl_context in listeners:
@@ -150,6 +155,20 @@ class Service:
         # After the banner: the watch loop prints its first apply.
         self.ops.start(lambda: loop.call_soon_threadsafe(self.failed.set))
         self._expiry = asyncio.create_task(self._expire())
+        self._follow()
+
+    def _follow(self) -> None:
+        """Start the follower (p4seg/follower.py) and the engine behind it."""
+        self.ops.active_signals = self.containment.active_signals
+        self._following = [asyncio.create_task(self.containment.ticks())]
+        options = controller_options(self.ops)
+        if isinstance(options, str):
+            print(f"p4seg serve: {options}", file=sys.stderr)
+            return
+        self.follower = Follower(self.ops, options)
+        self.follower.subscribers += [AlertLog(self.ops.state_dir), self.containment.subscriber()]
+        self._following += [asyncio.create_task(self.follower.run()),
+                            asyncio.create_task(self.containment.consume())]  # fmt: skip
 
     async def _expire(self) -> None:
         """Release quarantines whose TTL ran out, as they run out."""
@@ -166,7 +185,12 @@ class Service:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
-        await asyncio.to_thread(self.ops.stop)
+        await asyncio.to_thread(self.ops.stop)  # the follower steps aside for its last apply
+        for task in self._following:
+            task.cancel()
+        for task in self._following:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for runner in self._runners:
             await runner.cleanup()
         if self._held is not None:

@@ -1,0 +1,178 @@
+"""`p4seg serve` follows the switch's PacketIns: logged denies become alerts, a scan gets its
+source quarantined automatically, signals go through the API, all judged by real packets
+through a reference switch on loopback (test_serve's HTTPS API and certificates)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from p4rt import wait_for
+from test_cli_controller import HOSTS, _passes, site  # noqa: F401  (site: the fixture)
+from test_serve import OPERATOR, READER, Served, _running, _serve_args, pki  # noqa: F401
+
+import p4seg.verbs
+from p4seg.serve import Service
+from runtime.refswitch.switch import ReferenceSwitch
+
+POLICY = """\
+policy small
+service front       = h1, h2
+service back        = h3
+service remediation = h4
+allow front -> back        tcp 8080
+allow h1    -> remediation tcp 443
+signal unhealthy from edr -> remediation
+contain after 3 denies within 10s for 10m
+protect h2
+default deny log
+"""
+
+
+@pytest.fixture
+def follows(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,  # noqa: F811
+) -> Iterator[tuple[Served, Service]]:
+    """A serve of POLICY whose follower is the switch's primary, reading its PacketIns."""
+    sw, inv = site
+    Path("small.zt").write_text(POLICY)
+    with _running(_serve_args(inv, pki)) as service:
+        (_, port), *_ = service.addresses
+        served = Served(sw, pki, f"https://127.0.0.1:{port}", "", Path(".p4seg").resolve())
+        assert service.ops.watched.wait(30)
+        assert service.follower is not None
+        follower = service.follower
+        assert wait_for(lambda: follower.is_following("tor1"))
+        yield served, service
+
+
+def _deny(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> None:
+    assert not _passes(sw, src, dst, dport), f"{src} -> {dst}:{dport} passed"
+
+
+def _alerts(served: Served) -> list[dict[str, Any]]:
+    code, doc = served.call("GET", "/v1/alerts", token=READER)
+    assert code == 200, doc
+    return list(doc["alerts"])
+
+
+def _record(served: Served, **match: object) -> dict[str, Any] | None:
+    """The latest audit record with these fields."""
+    for record in reversed(served.audit()):
+        if all(record.get(k) == v for k, v in match.items()):
+            return record
+    return None
+
+
+def test_denied_packets_become_alerts(follows: tuple[Served, Service]) -> None:
+    served, _ = follows
+    _deny(served.switch, "h3", "h1", 22)
+    assert wait_for(lambda: len(_alerts(served)) == 1)
+    [alert] = _alerts(served)
+    assert (alert["src"], alert["dst"], alert["proto"], alert["dport"]) == (
+        "10.0.0.3", "10.0.0.1", "tcp", 22
+    )  # fmt: skip
+    assert alert["switch"] == "tor1" and alert["ingress_port"] == HOSTS["h3"][1]
+    assert alert["rule"] == "line 10: default deny log"
+    [line] = (served.state / "alerts.jsonl").read_text().splitlines()
+    assert json.loads(line) == alert  # the format of `p4seg alerts --follow`
+
+
+def test_a_scan_is_contained_then_the_containment_lapses(
+    follows: tuple[Served, Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, _ = follows
+    sw = served.switch
+    for port in (21, 22, 23):  # three denied packets: the `contain` threshold
+        _deny(sw, "h1", "h3", port)
+    assert wait_for(lambda: not _passes(sw, "h1", "h3", 8080))  # quarantined by the engine
+    assert _passes(sw, "h1", "h4", 443) and _passes(sw, "h2", "h3", 8080)  # remediation; others
+    assert wait_for(lambda: _record(served, event="quarantine") is not None)
+    record = _record(served, event="quarantine")
+    assert record is not None and (record["actor"], record["via"]) == ("p4seg-engine", "engine")
+    assert record["overlay"]["switch"] == "tor1"  # the fast path
+    [decision] = record["decisions"]
+    assert (
+        decision["decision"] == "Quarantine"
+        and "3 logged denies within 10s" in (decision["reason"])
+    )
+    assert wait_for(lambda: served.status()["quarantined"] == ["h1"])
+    later = p4seg.verbs.clock() + 601  # past the `for 10m`
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: later)
+    # No probe from h1 meanwhile: its denied packets would count towards a new containment.
+    assert wait_for(lambda: served.status()["quarantined"] == [])
+    assert _passes(sw, "h1", "h3", 8080)  # released on the switch (the watch loop's apply)
+
+
+def test_a_protected_host_is_only_alerted(follows: tuple[Served, Service]) -> None:
+    served, _ = follows
+    sw = served.switch
+    for port in (21, 22, 23):
+        _deny(sw, "h2", "h4", port)
+    assert wait_for(lambda: _record(served, event="contain", result="alert only") is not None)
+    record = _record(served, event="contain", result="alert only")
+    assert record is not None and record["actor"] == "p4seg-engine"
+    [decision] = record["decisions"]
+    assert decision["decision"] == "AlertOnly" and "protected" in decision["why"]
+    assert _passes(sw, "h2", "h3", 8080)  # not cut off
+    assert served.status()["quarantined"] == []
+
+
+def test_a_signal_through_the_api_quarantines_and_healthy_releases(
+    follows: tuple[Served, Service],
+) -> None:
+    served, _ = follows
+    sw = served.switch
+    before = served.snapshot()
+    bad: list[tuple[dict[str, object], int, str]] = [
+        ({"host": "h11", "name": "unhealthy", "source": "edr"}, 404, "did you mean 'h1'"),
+        ({"host": "h1", "name": "infected", "source": "edr"}, 422, "declared: unhealthy"),
+        ({"host": "h1", "name": "unhealthy", "source": "soc"}, 422, "not from 'soc'"),
+        ({"host": "h1", "name": "unhealthy", "source": "edr", "ttl": True}, 400, "wrong_type"),
+        ({"host": "h1", "name": "unhealthy"}, 400, "missing_field"),
+        ({"host": "h1", "name": 5, "source": "edr"}, 400, "wrong_type"),
+    ]
+    for body, status, text in bad:
+        code, doc = served.call("POST", "/v1/signals", body, token=OPERATOR)
+        error = doc["error"]
+        assert code == status and text in f"{error['code']}: {error['message']}", (body, doc)
+    code, doc = served.call("POST", "/v1/signals", {"host": "h1", "name": "x", "source": "edr"},
+                            token=READER)  # fmt: skip
+    assert code == 403
+    assert served.snapshot() == before and _passes(sw, "h1", "h3", 8080)  # nothing changed
+    body = {"host": "h1", "name": "unhealthy", "source": "edr", "ttl": "1h", "reason": "beacon"}
+    code, doc = served.call("POST", "/v1/signals", body, token=OPERATOR)
+    assert code == 200, doc
+    assert [d["decision"] for d in doc["decisions"]] == ["Quarantine"]
+    assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h1", "h4", 443)
+    [signal] = served.status()["signals"]
+    assert (signal["host"], signal["name"], signal["source"]) == ("h1", "unhealthy", "edr")
+    assert signal["expires"] is not None
+    assert wait_for(lambda: _record(served, event="quarantine") is not None)
+    record = _record(served, event="quarantine", actor="token:soar")
+    assert record is not None and record["signal"]["reason"] == "beacon"
+    code, doc = served.call("POST", "/v1/signals", {"host": "h1", "name": "healthy",
+                                                    "source": "edr"}, token=OPERATOR)  # fmt: skip
+    assert code == 200 and [d["decision"] for d in doc["decisions"]] == ["Release"]
+    assert _passes(sw, "h1", "h3", 8080)
+    assert served.status()["signals"] == [] and served.status()["quarantined"] == []
+
+
+def test_an_apply_does_not_lose_the_follower(follows: tuple[Served, Service]) -> None:
+    served, service = follows
+    assert service.follower is not None
+    follower = service.follower
+    _deny(served.switch, "h3", "h1", 22)
+    assert wait_for(lambda: len(_alerts(served)) == 1)
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8080, 8081"))
+    code, doc = served.call("POST", "/v1/apply", {}, token=OPERATOR)
+    assert code == 200, doc  # the follower stepped aside: the apply was primary
+    assert _passes(served.switch, "h1", "h3", 8081)
+    assert wait_for(lambda: follower.is_following("tor1"))  # primary again
+    _deny(served.switch, "h3", "h1", 23)
+    assert wait_for(lambda: len(_alerts(served)) == 2)
+    assert _alerts(served)[-1]["dport"] == 23
