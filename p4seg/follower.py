@@ -84,10 +84,15 @@ class Follower:
     called in the event loop with every admitted alert; one that raises is reported and
     the others still get the alert."""
 
-    def __init__(self, ops: Operations, options: ControllerOptions,
-                 limiter: RateLimiter | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ops: Operations,
+        options: ControllerOptions,
+        subscribers: list[AlertSubscriber] | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.ops = ops
-        self.subscribers: list[AlertSubscriber] = []
+        self.subscribers = subscribers if subscribers is not None else []  # the caller's list
         self.limiter = limiter or RateLimiter()
         self.options = dataclasses.replace(options, election_id=options.election_id - 1)
         self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns

@@ -22,7 +22,7 @@ from aiohttp import web
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
-from p4seg.follower import AlertLog, Containment, Follower, controller_options
+from p4seg.follower import AlertLog, AlertSubscriber, Containment, Follower, controller_options
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front
@@ -115,8 +115,13 @@ class Service:
         self.failed = asyncio.Event()  # the watch loop died: the process must stop
         self._expiry: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
-        # PacketIns -> alerts -> subscribers (the alert log, the engine; metrics, syslog).
+        # PacketIns -> alerts -> each of these, in the event loop (p4seg/follower.py): the
+        # alert log and the engine; append more (metrics, syslog) before or after start.
         self.containment = Containment(ops)
+        self.alert_subscribers: list[AlertSubscriber] = [
+            AlertLog(ops.state_dir),
+            self.containment.subscriber(),
+        ]
         self.follower: Follower | None = None
         self._following: list[asyncio.Task[None]] = []
 
@@ -165,8 +170,7 @@ class Service:
         if isinstance(options, str):
             print(f"p4seg serve: {options}", file=sys.stderr)
             return
-        self.follower = Follower(self.ops, options)
-        self.follower.subscribers += [AlertLog(self.ops.state_dir), self.containment.subscriber()]
+        self.follower = Follower(self.ops, options, self.alert_subscribers)
         self._following += [asyncio.create_task(self.follower.run()),
                             asyncio.create_task(self.containment.consume())]  # fmt: skip
 

@@ -16,6 +16,7 @@ from test_serve import OPERATOR, READER, Served, _running, _serve_args, pki  # n
 
 import p4seg.verbs
 from p4seg.serve import Service
+from runtime.alerts import Alert
 from runtime.refswitch.switch import ReferenceSwitch
 
 POLICY = """\
@@ -69,9 +70,12 @@ def _record(served: Served, **match: object) -> dict[str, Any] | None:
 
 
 def test_denied_packets_become_alerts(follows: tuple[Served, Service]) -> None:
-    served, _ = follows
+    served, service = follows
+    seen: list[Alert] = []
+    service.alert_subscribers.append(seen.append)  # how metrics and syslog take them
     _deny(served.switch, "h3", "h1", 22)
     assert wait_for(lambda: len(_alerts(served)) == 1)
+    assert [a.dport for a in seen] == [22]
     [alert] = _alerts(served)
     assert (alert["src"], alert["dst"], alert["proto"], alert["dport"]) == (
         "10.0.0.3", "10.0.0.1", "tcp", 22
