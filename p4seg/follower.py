@@ -29,7 +29,9 @@ import dataclasses
 import json
 import sys
 import threading
+import time
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -97,6 +99,9 @@ class Follower:
         self.options = dataclasses.replace(options, election_id=options.election_id - 1)
         self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns
         self.received = 0  # PacketIns turned into alerts (admitted or not)
+        # Seconds from stepping aside for an apply to being the primary again (the last 100).
+        self.gaps: deque[float] = deque(maxlen=100)
+        self._aside_since: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._targets: dict[str, SwitchTarget] = {}
         self._files: PipelineFiles | None = None
@@ -161,6 +166,8 @@ class Follower:
         pending = asyncio.ensure_future(anext(packets))
         await asyncio.sleep(0)  # one turn: the generator has subscribed to PacketIns
         following.set()
+        if (since := self._aside_since.pop(sw.name, None)) is not None:
+            self.gaps.append(time.monotonic() - since)
         try:
             while True:
                 packet = await pending
@@ -214,6 +221,7 @@ class Follower:
 
     async def _pause(self, name: str) -> None:
         self._paused[name] += 1
+        self._aside_since.setdefault(name, time.monotonic())
         if name in self._runs:
             await self._end(name)
             await self._dropped(self._targets[name])
@@ -361,7 +369,12 @@ class Containment:
             engine = self.engine()
             now = verbs.clock()
             due = None if engine is None else engine.next_change(now)
-        if due is not None and due <= now:
+            # next_change counts active holds only: one past its end (the clock moved on
+            # while nothing ticked) is due now.
+            lapsed = engine is not None and any(
+                not h.active(now) for held in engine.holds.values() for h in held.values()
+            )
+        if lapsed or (due is not None and due <= now):
             self._run("contain", ENGINE_PRINCIPAL, lambda e, t: e.tick(t), {})
             return 0.05
         return period if due is None else max(0.05, min(period, due - now))
