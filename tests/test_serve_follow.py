@@ -180,3 +180,20 @@ def test_an_apply_does_not_lose_the_follower(follows: tuple[Served, Service]) ->
     _deny(served.switch, "h3", "h1", 23)
     assert wait_for(lambda: len(_alerts(served)) == 2)
     assert _alerts(served)[-1]["dport"] == 23
+
+
+def test_the_follower_comes_back_after_a_switch_restart(follows: tuple[Served, Service]) -> None:
+    served, service = follows
+    follower = service.follower
+    assert follower is not None
+    address = served.switch.server_address
+    served.switch.stop()  # the switch restarts: its pipeline, entries and sessions are gone
+    fresh = ReferenceSwitch(device_id=1)
+    fresh.start(address)
+    try:
+        assert wait_for(lambda: _passes(fresh, "h1", "h3", 8080), 60)  # watch restored it
+        assert wait_for(lambda: follower.is_following("tor1"), 60)  # finsy reconnected
+        _deny(fresh, "h3", "h1", 25)
+        assert wait_for(lambda: any(a["dport"] == 25 for a in _alerts(served)))
+    finally:
+        fresh.stop()
