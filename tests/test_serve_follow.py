@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from p4rt import wait_for
 from test_cli_controller import HOSTS, _passes, site  # noqa: F401  (site: the fixture)
+from test_cli_controller import POLICY as BASE_POLICY
 from test_serve import OPERATOR, READER, Served, _running, _serve_args, pki  # noqa: F401
 
 import p4seg.verbs
@@ -19,18 +20,14 @@ from p4seg.serve import Service
 from runtime.alerts import Alert
 from runtime.refswitch.switch import ReferenceSwitch
 
-POLICY = """\
-policy small
-service front       = h1, h2
-service back        = h3
-service remediation = h4
-allow front -> back        tcp 8080
-allow h1    -> remediation tcp 443
-signal unhealthy from edr -> remediation
-contain after 3 denies within 10s for 10m
-protect h2
-default deny log
-"""
+# test_cli_controller's policy, with posture and containment statements.
+POLICY = BASE_POLICY.replace(
+    "default deny log",
+    "signal unhealthy from edr -> remediation\n"
+    "contain after 3 denies within 10s for 10m\n"
+    "protect h2\n"
+    "default deny log",
+)
 
 
 @pytest.fixture
