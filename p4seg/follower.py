@@ -102,6 +102,7 @@ class Follower:
         # Seconds from stepping aside for an apply to being the primary again (the last 100).
         self.gaps: deque[float] = deque(maxlen=100)
         self._aside_since: dict[str, float] = {}
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._targets: dict[str, SwitchTarget] = {}
         self._files: PipelineFiles | None = None
@@ -136,6 +137,7 @@ class Follower:
         try:
             await asyncio.Event().wait()
         finally:
+            self._stopping = True  # an apply still running does not bring a session back
             for target in self._targets.values():
                 _share_primary(target.address, None)
             for name in list(self._runs):
@@ -228,7 +230,7 @@ class Follower:
 
     async def _resume(self, name: str) -> None:
         self._paused[name] -= 1
-        if self._paused[name] == 0 and name not in self._runs:
+        if self._paused[name] == 0 and name not in self._runs and not self._stopping:
             self._start(name)
 
     async def _dropped(self, target: SwitchTarget) -> None:
@@ -290,7 +292,8 @@ class Containment:
         if self._engine is not None and mark == self._mark:
             return self._engine
         loaded = _settings(args)
-        if loaded is None:
+        if loaded is None:  # said once per edit of the files, not on every call
+            self._mark = mark
             return self._engine
         settings = loaded[0]
         try:

@@ -146,6 +146,10 @@ def test_a_signal_through_the_api_quarantines_and_healthy_releases(
     assert code == 403
     assert served.snapshot() == before and _passes(sw, "h1", "h3", 8080)  # nothing changed
     body = {"host": "h1", "name": "unhealthy", "source": "edr", "ttl": "1h", "reason": "beacon"}
+    code, doc = served.call("POST", "/v1/signals", {**body, "dry_run": True}, token=OPERATOR)
+    assert code == 200 and [d["decision"] for d in doc["decisions"]] == ["WouldContain"]
+    assert _passes(sw, "h1", "h3", 8080) and served.status()["signals"] == []
+    assert (served.audit()[-1]["event"], served.audit()[-1]["result"]) == ("signal", "dry run")
     code, doc = served.call("POST", "/v1/signals", body, token=OPERATOR)
     assert code == 200, doc
     assert [d["decision"] for d in doc["decisions"]] == ["Quarantine"]
