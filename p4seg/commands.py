@@ -27,7 +27,7 @@ VERBS = (
     "audit",
     "serve",
 )
-REMOTE_VERBS = ("grant", "revoke", "quarantine", "release")  # --server: ask a running serve
+REMOTE_VERBS = ("grant", "revoke", "quarantine", "release", "signal")  # --server: ask serve
 
 PolicyArguments = Callable[[argparse.ArgumentParser, bool], None]
 

@@ -198,3 +198,22 @@ def test_the_follower_comes_back_after_a_switch_restart(follows: tuple[Served, S
         assert wait_for(lambda: any(a["dport"] == 25 for a in _alerts(served)))
     finally:
         fresh.stop()
+
+
+def test_p4seg_signal_asks_the_running_serve(
+    follows: tuple[Served, Service], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p4seg.cli import main
+
+    served, _ = follows
+    remote = ["--server", served.url, "--server-ca", str(served.pki / "ca.pem"),
+              "--server-token", OPERATOR]  # fmt: skip
+    signal = ["signal", "h1", "unhealthy", "--source", "edr", "--ttl", "1h"]
+    assert main([*signal, "-p", "small.zt", "-i", "small.yaml"]) == 1  # not beside it
+    assert "a p4seg serve runs on .p4seg" in capsys.readouterr().err
+    assert main([*signal, *remote]) == 0
+    assert "Quarantine h1: signal unhealthy from edr (via https://" in capsys.readouterr().out
+    assert not _passes(served.switch, "h1", "h3", 8080)
+    assert main(["signal", "h1", "healthy", "--source", "edr", *remote]) == 0
+    assert "Release h1" in capsys.readouterr().out
+    assert _passes(served.switch, "h1", "h3", 8080)
