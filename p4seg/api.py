@@ -150,6 +150,7 @@ class Api:
         self.ops = ops
         self.access = access
         self.containment = containment  # the policy engine (p4seg/follower.py)
+        self._streams: set[asyncio.Event] = set()  # one per /v1/alerts/stream reader
 
     def principal(self, request: web.Request) -> Principal:
         header = request.headers.get("Authorization")
@@ -270,6 +271,12 @@ class Api:
         decisions = [decision_json(d) for d in carried.decisions]
         return _outcome(carried.outcome, {"host": doc["host"], "decisions": decisions})
 
+    def alert_arrived(self, alert: object) -> None:
+        """An alert subscriber (p4seg/follower.py): wakes the stream readers, in the loop,
+        once the alert log has the alert."""
+        for arrived in self._streams:
+            arrived.set()
+
     def _alerts_path(self) -> Path:
         return self.ops.state_dir / "alerts.jsonl"
 
@@ -284,15 +291,22 @@ class Api:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         offset = 0
+        arrived = asyncio.Event()
+        self._streams.add(arrived)
         try:
             while not self.ops.stopping:
                 alerts, offset = _read_alerts(self._alerts_path(), offset)
                 for a in alerts:
                     if _after(a, since):
                         await response.write(json.dumps(a, sort_keys=True).encode() + b"\n")
-                await asyncio.sleep(0.2)  # the log is a file: look again
+                # Woken by the follower; the timeout notices a stop and lines other writers add.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), 1.0)
+                arrived.clear()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        finally:
+            self._streams.discard(arrived)
         return response
 
     async def openapi(self, request: web.Request, who: Principal) -> web.StreamResponse:

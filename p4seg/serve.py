@@ -133,6 +133,7 @@ class Service:
             assert o.cert is not None and o.key is not None
             context = server_context(o.cert, o.key, o.client_ca, optional=o.tokens is not None)
         api = Api(self.ops, self.access, self.containment)
+        self.alert_subscribers.append(api.alert_arrived)  # after the log: it has the line
         listeners = [(application(api, o.max_body), o.host, o.port, context)]
         if o.metrics is not None:
             listeners.append((metrics_application(self.ops), *o.metrics, None))

@@ -217,3 +217,20 @@ def test_p4seg_signal_asks_the_running_serve(
     assert main(["signal", "h1", "healthy", "--source", "edr", *remote]) == 0
     assert "Release h1" in capsys.readouterr().out
     assert _passes(served.switch, "h1", "h3", 8080)
+
+
+def test_the_alert_stream_gets_each_alert_as_it_comes(follows: tuple[Served, Service]) -> None:
+    import ssl
+    import urllib.request
+
+    served, _ = follows
+    context = ssl.create_default_context(cafile=served.pki / "ca.pem")
+    request = urllib.request.Request(
+        served.url + "/v1/alerts/stream", headers={"Authorization": f"Bearer {READER}"}
+    )
+    with urllib.request.urlopen(request, context=context, timeout=30) as stream:
+        _deny(served.switch, "h3", "h1", 26)
+        first = json.loads(stream.readline())
+        _deny(served.switch, "h3", "h1", 27)
+        second = json.loads(stream.readline())
+    assert (first["dport"], second["dport"]) == (26, 27)
