@@ -362,6 +362,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="the largest request body (default: 65536; larger: 413)",
     )
+    p.add_argument(
+        "--contain-dry-run",
+        action="store_true",
+        help="automatic containment only reports (audits) what it would have done",
+    )
 
 
 def server_arguments(p: argparse.ArgumentParser) -> None:

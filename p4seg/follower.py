@@ -276,6 +276,9 @@ class Containment:
     def __init__(self, ops: Operations) -> None:
         self.ops = ops
         self.dropped = 0  # alerts the engine never saw (its queue was full)
+        # --contain-dry-run: the engine (signals too) only reports WouldContain, audited;
+        # nothing is held or written, engine.json included.
+        self.dry_run = bool(getattr(ops.args, "contain_dry_run", False))
         self._engine: PolicyEngine | None = None
         self._mark: object = None
         self._queue: asyncio.Queue[Alert] | None = None
@@ -297,10 +300,11 @@ class Containment:
             return self._engine
         settings = loaded[0]
         try:
+            dry = self.dry_run
             if self._engine is None:
-                self._engine = load_engine(self.ops.state_dir, settings)
+                self._engine = load_engine(self.ops.state_dir, settings, dry)
             else:
-                self._engine = _copy(self._engine, settings)
+                self._engine = _copy(self._engine, settings, dry)
         except ValueError as err:
             raise ApiError(500, "state", str(err)) from None
         self._mark = mark
@@ -363,7 +367,8 @@ class Containment:
         def decide(engine: PolicyEngine, now: float) -> list[Decision]:
             return engine.tick(now) + engine.observe(alert, now)
 
-        return self._run("contain", ENGINE_PRINCIPAL, decide, {"alert": alert.to_json()})
+        event = {"alert": alert.to_json()}
+        return self._run("contain", ENGINE_PRINCIPAL, decide, event, self.dry_run)
 
     def tick(self) -> float:
         """Carry out what is due now (worker thread); seconds until the next look."""
@@ -378,7 +383,7 @@ class Containment:
                 not h.active(now) for held in engine.holds.values() for h in held.values()
             )
         if lapsed or (due is not None and due <= now):
-            self._run("contain", ENGINE_PRINCIPAL, lambda e, t: e.tick(t), {})
+            self._run("contain", ENGINE_PRINCIPAL, lambda e, t: e.tick(t), {}, self.dry_run)
             return 0.05
         return period if due is None else max(0.05, min(period, due - now))
 
@@ -400,7 +405,7 @@ class Containment:
 
         event: dict[str, object] = {"host": signal.host, "signal": {"name": signal.name, "source": signal.source,
                                                  "ttl": signal.ttl, "reason": signal.reason}}  # fmt: skip
-        return self._run("signal", principal, decide, event, dry_run)
+        return self._run("signal", principal, decide, event, dry_run or self.dry_run)
 
     # -- carrying out ---------------------------------------------------------------------
 

@@ -234,3 +234,23 @@ def test_the_alert_stream_gets_each_alert_as_it_comes(follows: tuple[Served, Ser
         _deny(served.switch, "h3", "h1", 27)
         second = json.loads(stream.readline())
     assert (first["dport"], second["dport"]) == (26, 27)
+
+
+def test_contain_dry_run_only_reports(
+    site: tuple[ReferenceSwitch, list[str]],  # noqa: F811
+    pki: Path,  # noqa: F811
+) -> None:
+    sw, inv = site
+    Path("small.zt").write_text(POLICY)
+    with _running(_serve_args(inv, pki, "--contain-dry-run")) as service:
+        served = Served(sw, pki, "", "", Path(".p4seg").resolve())
+        assert service.ops.watched.wait(30) and service.follower is not None
+        follower = service.follower
+        assert wait_for(lambda: follower.is_following("tor1"))
+        for port in (21, 22, 23):
+            _deny(sw, "h1", "h3", port)
+        assert wait_for(lambda: _record(served, event="contain", result="dry run") is not None)
+        record = _record(served, event="contain", result="dry run")
+        assert record is not None and record["decisions"][0]["decision"] == "WouldContain"
+        assert _passes(sw, "h1", "h3", 8080)  # nothing was contained
+        assert not (served.state / "engine.json").exists()
