@@ -19,7 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -35,6 +35,9 @@ from p4seg.operations import (
 )
 from p4seg.verbs import clock
 from p4seg.webmap import page
+
+if TYPE_CHECKING:
+    from p4seg.follower import Containment
 
 PROTOCOLS = ("tcp", "udp", "icmp", "ip")
 _PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
@@ -142,9 +145,12 @@ def _outcome(outcome: Outcome, doc: dict[str, object]) -> web.Response:
 class Api:
     """The endpoints, over an Operations."""
 
-    def __init__(self, ops: Operations, access: Access) -> None:
+    def __init__(self, ops: Operations, access: Access,
+                 containment: Containment | None = None) -> None:  # fmt: skip
         self.ops = ops
         self.access = access
+        self.containment = containment  # the policy engine (p4seg/follower.py)
+        self._streams: set[asyncio.Event] = set()  # one per /v1/alerts/stream reader
 
     def principal(self, request: web.Request) -> Principal:
         token = _browser_token(request)
@@ -254,9 +260,28 @@ class Api:
         return _outcome(outcome, {"policy": str(self.ops.args.policy), "dry_run": dry})
 
     async def signals(self, request: web.Request, who: Principal) -> web.StreamResponse:
-        raise ApiError(501, "not_implemented",
-                       "POST /v1/signals is not built yet: signals (EDR/IdP posture) are "
-                       "not in the policy language yet; nothing was changed")  # fmt: skip
+        from p4seg.follower import SignalRefused
+        from runtime.engine import Signal, decision_json
+
+        doc = await _body(request, SIGNAL_BODY)
+        ttl = _seconds(doc["ttl"], "ttl") if "ttl" in doc else None
+        self._host(doc["host"])
+        if self.containment is None:
+            raise ApiError(501, "not_implemented", "this serve runs no policy engine")
+        signal = Signal(doc["host"], doc["name"], doc["source"], ttl, doc.get("reason", ""), 0.0)
+        try:
+            carried = await asyncio.to_thread(self.containment.signal, who.audit_name, signal,
+                                              doc.get("dry_run", False))  # fmt: skip
+        except SignalRefused as err:
+            raise ApiError(422, "refused_signal", str(err), signals=err.declared) from None
+        decisions = [decision_json(d) for d in carried.decisions]
+        return _outcome(carried.outcome, {"host": doc["host"], "decisions": decisions})
+
+    def alert_arrived(self, alert: object) -> None:
+        """An alert subscriber (p4seg/follower.py): wakes the stream readers, in the loop,
+        once the alert log has the alert."""
+        for arrived in self._streams:
+            arrived.set()
 
     def _alerts_path(self) -> Path:
         return self.ops.state_dir / "alerts.jsonl"
@@ -272,15 +297,22 @@ class Api:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         offset = 0
+        arrived = asyncio.Event()
+        self._streams.add(arrived)
         try:
             while not self.ops.stopping:
                 alerts, offset = _read_alerts(self._alerts_path(), offset)
                 for a in alerts:
                     if _after(a, since):
                         await response.write(json.dumps(a, sort_keys=True).encode() + b"\n")
-                await asyncio.sleep(0.2)  # the log is a file: look again
+                # Woken by the follower; the timeout notices a stop and lines other writers add.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), 1.0)
+                arrived.clear()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        finally:
+            self._streams.discard(arrived)
         return response
 
     async def openapi(self, request: web.Request, who: Principal) -> web.StreamResponse:
@@ -392,6 +424,14 @@ GRANT_BODY = (
     Field("for", (str, int), True, "how long: seconds or e.g. `15m`"),
     Field("reason", (str,), False, "why (audited)"),
 )
+SIGNAL_BODY = (
+    Field("host", (str,), True, "the inventory host the signal is about"),
+    Field("name", (str,), True, "a signal the policy declares, or `healthy`"),
+    Field("source", (str,), True, "who says so (a source the policy accepts it from)"),
+    Field("ttl", (str, int), False, "the signal lapses after this long: seconds or e.g. `1h`"),
+    Field("reason", (str,), False, "why (audited)"),
+    Field("dry_run", (bool,), False, "decide only: the answer says what would be done"),
+)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/status", "read", "switches, applied policy, grants, quarantines",
           Api.status),
@@ -406,8 +446,9 @@ ROUTES: tuple[Route, ...] = (
           RELEASE_BODY, errors=(400, 404, 413, 422, 502)),
     Route("POST", "/v1/apply", "operate", "re-read the policy file and apply it; the plan "
           "and the result", Api.apply, APPLY_BODY, errors=(400, 413, 422, 502)),
-    Route("POST", "/v1/signals", "operate", "posture signals (not built yet: 501)",
-          Api.signals, errors=(501,)),
+    Route("POST", "/v1/signals", "operate", "a posture signal about a host, through the "
+          "policy engine; the decisions and what carrying them out did", Api.signals,
+          SIGNAL_BODY, errors=(400, 404, 413, 422, 501, 502)),
     Route("GET", "/v1/alerts", "read", "logged denies (alerts.jsonl), oldest first",
           Api.alerts, query=(("since", "ISO 8601 time with a zone: only alerts from then on"),
                              ("limit", "at most this many, the latest (default 1000)")),

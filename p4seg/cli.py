@@ -705,7 +705,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(f"p4seg {args.verb}: error: -p/--policy and -i/--inventory are required "
                       "(or --server URL: a running p4seg serve)", file=sys.stderr)  # fmt: skip
                 return 2
-            if getattr(args, "ttl", None):
+            if args.verb != "signal" and getattr(args, "ttl", None):  # a signal's ttl: the engine's
                 print(f"p4seg {args.verb}: error: --ttl needs --server: a one-shot quarantine "
                       "has no process to end it", file=sys.stderr)  # fmt: skip
                 return 2

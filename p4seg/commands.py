@@ -27,7 +27,7 @@ VERBS = (
     "audit",
     "serve",
 )
-REMOTE_VERBS = ("grant", "revoke", "quarantine", "release")  # --server: ask a running serve
+REMOTE_VERBS = ("grant", "revoke", "quarantine", "release", "signal")  # --server: ask serve
 
 PolicyArguments = Callable[[argparse.ArgumentParser, bool], None]
 
@@ -438,6 +438,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the leader's lease: a standby takes over this long after the leader died "
         "(default: 3)",
+    )
+    p.add_argument(
+        "--contain-dry-run",
+        action="store_true",
+        help="automatic containment only reports (audits) what it would have done",
     )
 
 

@@ -153,6 +153,8 @@ class Operations:
         self._watch: threading.Thread | None = None
         self.replication: Replication | None = None  # --etcd: set by Service.start
         self._said = ""  # the watch loop's last word on etcd
+        # The signals in force for GET /v1/status (p4seg/follower.py sets it); under the lock.
+        self.active_signals: Callable[[], list[dict[str, object]]] = list
 
     # The front end of every compile: the last build is what status probes the switches with.
     def front(
@@ -341,11 +343,12 @@ class Operations:
         return b""
 
     def operate(self, verb: str, principal: str, fields: Mapping[str, object],
-                audit_fields: Mapping[str, object], done: Callable[[], None] | None = None
-                ) -> Outcome:  # fmt: skip
-        """Run one verb (p4seg/verbs.py) under the lock, on behalf of `principal`, with
-        its report as JSON, then `done` (still under the lock) if it succeeded; call from a
-        worker thread."""
+                audit_fields: Mapping[str, object], done: Callable[[], None] | None = None,
+                handler: Callable[[argparse.Namespace, Front], int] | None = None,
+                via: str = "api") -> Outcome:  # fmt: skip
+        """Run one verb (p4seg/verbs.py; `handler` instead of the verb's own) under the
+        lock, on behalf of `principal` (audited `via`), with its report as JSON, then `done`
+        (still under the lock) if it succeeded; call from a worker thread."""
         args = argparse.Namespace(**{
             **vars(self.args), "verb": verb, "output": "json", "dry_run": False,
             "error_format": "human", "reason": "", **fields,
@@ -354,7 +357,7 @@ class Operations:
             self.lock,  # also keeps the watch loop's printing out of the capture
             audit.on_behalf_of(
                 principal,
-                via="api",
+                via=via,
                 **{k: v for k, v in audit_fields.items() if v not in (None, "")},
             ),
             _captured() as (stdout, stderr),
@@ -362,9 +365,10 @@ class Operations:
             self._begin()
             args.election_id = self.args.election_id
             before, grants = self._state_bytes(), self._grant_ids()
-            self._restricting = verb == "quarantine"
+            # The engine's verbs may quarantine too (p4seg/follower.py).
+            self._restricting = verb in ("quarantine", "contain", "signal")
             try:
-                code = HANDLERS[verb](args, self.front)
+                code = (handler or HANDLERS[verb])(args, self.front)
             finally:
                 self._restricting = False
             changed = self._state_bytes() != before
@@ -434,6 +438,7 @@ class Operations:
         with self.lock:
             state, notes, inventory = self.live(), self.notes(), self.inventory()
             probes = self._probe(self.last)
+            signals = self.active_signals()
         records = _tail_records(self.state_dir / "audit.jsonl")
         applied: dict[str, dict[str, object]] = {}
         last_apply: dict[str, object] | None = None
@@ -478,7 +483,7 @@ class Operations:
                 {"host": h, "since": _iso(since), **_note_json(notes.get(h))}
                 for h, since in sorted(state.quarantined.items())
             ],
-            "signals": [],
+            "signals": signals,
         }
 
     def _probe(self, compiled: Compiled | None) -> dict[str, dict[str, object]]:

@@ -106,6 +106,12 @@ def run_remote(args: argparse.Namespace) -> int:
         if args.ports:
             body["ports"] = args.ports
         call = ("POST", "/v1/grants", body)
+    elif verb == "signal":
+        body = {"host": args.host, "name": args.name, "source": args.source,
+                "reason": args.reason, "dry_run": args.dry_run}  # fmt: skip
+        if args.ttl:
+            body["ttl"] = args.ttl
+        call = ("POST", "/v1/signals", body)
     else:
         call = ("DELETE", f"/v1/grants/{quote(args.grant_id, safe='')}", None)
     try:
@@ -134,6 +140,11 @@ def _summary(verb: str, args: argparse.Namespace, doc: dict[str, Any]) -> str:
         return (
             f"grant {grant['id']}: {grant['rule']} until {grant['expires']} (via {server_of(args)})"
         )
+    if verb == "signal":
+        decisions = doc.get("decisions") or []
+        said = "; ".join(f"{d.get('decision')} {d.get('host')}: {d.get('reason')}"
+                         for d in decisions)  # fmt: skip
+        return f"{said or args.host + ': nothing changes'} (via {server_of(args)})"
     if verb == "revoke":
         return f"revoked {args.grant_id} (via {server_of(args)})"
     done = "Quarantined" if verb == "quarantine" else "Released"

@@ -25,6 +25,7 @@ from compiler.inventory import load_inventory
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
 from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
+from p4seg.follower import AlertLog, AlertSubscriber, Containment, Follower, controller_options
 from p4seg.observe import sinks_of
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
@@ -125,6 +126,16 @@ class Service:
         self._expiry: asyncio.Task[None] | None = None
         self._hits: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []  # bound: API first, then metrics
+        # PacketIns -> alerts -> each of these, in the event loop (p4seg/follower.py): the
+        # alert log, the engine, the metrics and SIEM; append more before or after start.
+        self.containment = Containment(ops)
+        self.alert_subscribers: list[AlertSubscriber] = [
+            AlertLog(ops.state_dir),
+            self.containment.subscriber(),
+            ops.observers.alert,  # metrics and the SIEM (p4seg/observe.py)
+        ]
+        self.follower: Follower | None = None
+        self._following: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Bind the listeners (AccessError: bad TLS material), then start the operations."""
@@ -133,8 +144,9 @@ class Service:
         if not o.plain:
             assert o.cert is not None and o.key is not None
             context = server_context(o.cert, o.key, o.client_ca, optional=o.tokens is not None)
-        listeners = [(application(Api(self.ops, self.access), o.max_body), o.host, o.port,
-                      context)]  # fmt: skip
+        api = Api(self.ops, self.access, self.containment)
+        self.alert_subscribers.append(api.alert_arrived)  # after the log: it has the line
+        listeners = [(application(api, o.max_body), o.host, o.port, context)]
         if o.metrics is not None:
             listeners.append((metrics_application(self.ops), *o.metrics, None))
         for app, host, port, ssl_context in listeners:
@@ -173,6 +185,25 @@ class Service:
         interval = float(getattr(self.ops.args, "hits_interval", 0.0) or 0.0)
         if interval > 0:
             self._hits = asyncio.create_task(self._read_hits(interval))
+        self._follow()
+
+    def _follow(self) -> None:
+        """Start the follower (p4seg/follower.py) and the engine behind it."""
+        self.ops.active_signals = self.containment.active_signals
+        self._following = [asyncio.create_task(self.containment.ticks())]
+        options = controller_options(self.ops)
+        if isinstance(options, str):
+            print(f"p4seg serve: {options}", file=sys.stderr)
+            return
+        if self.replica is not None:
+            # Not yet with --etcd: the follower's id would have to follow each term's (a
+            # standby's or a deposed leader's follower must never bid the leader's id).
+            print("p4seg serve: with --etcd, PacketIns are not followed (no alerts, no "
+                  "automatic containment; signals work): docs/serve.md", file=sys.stderr)  # fmt: skip
+            return
+        self.follower = Follower(self.ops, options, self.alert_subscribers)
+        self._following += [asyncio.create_task(self.follower.run()),
+                            asyncio.create_task(self.containment.consume())]  # fmt: skip
 
     async def _expire(self) -> None:
         """Release quarantines whose TTL ran out, as they run out."""
@@ -201,7 +232,12 @@ class Service:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await asyncio.to_thread(self.ops.stop)
+        await asyncio.to_thread(self.ops.stop)  # the follower steps aside for its last apply
+        for task in self._following:
+            task.cancel()
+        for task in self._following:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.replica is not None:
             await self.replica.close(resign=resign)
             self.replica = None

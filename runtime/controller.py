@@ -14,10 +14,12 @@ would cost more than the read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -351,6 +353,22 @@ async def _write(
         report.written += len(chunk)
 
 
+# Another session of this process that holds a switch's primary between applies (p4seg
+# serve's follower, p4seg/follower.py), by switch address: it steps aside while we write.
+_STEP_ASIDE: dict[str, Callable[[], AbstractAsyncContextManager[object]]] = {}
+
+
+def share_primary(
+    address: str, step_aside: Callable[[], AbstractAsyncContextManager[object]] | None
+) -> None:
+    """Register (None: forget) the session that `apply_one` asks to step aside on the
+    switch at `address` for as long as it holds the switch (see docs/serve.md)."""
+    if step_aside is None:
+        _STEP_ASIDE.pop(address, None)
+    else:
+        _STEP_ASIDE[address] = step_aside
+
+
 async def apply_one(
     target: SwitchTarget,
     tables: Tables,
@@ -369,6 +387,11 @@ async def apply_one(
     say = progress or (lambda _switch, _text: None)
 
     async def work() -> None:
+        aside = _STEP_ASIDE.get(target.address)
+        async with aside() if aside is not None else contextlib.nullcontext():
+            await held_work()
+
+    async def held_work() -> None:
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
         async with Switch(

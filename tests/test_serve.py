@@ -331,8 +331,10 @@ def test_every_bad_input_is_a_4xx_and_changes_nothing(served: Served) -> None:
         (("GET", "/v1/alerts?since=yesterday", None), op, 400, "bad_value"),
         (("GET", "/v1/alerts?since=2026-01-01T00:00:00", None), op, 400, "bad_value"),
         (("GET", "/v1/alerts?limit=0", None), op, 400, "bad_value"),
-        (("POST", "/v1/signals", {"host": "h1", "signal": "unhealthy"}), op, 501,
-         "not_implemented"),
+        (("POST", "/v1/signals", {"host": "h1", "signal": "unhealthy"}), op, 400,
+         "unknown_field"),
+        (("POST", "/v1/signals", {"host": "h1", "name": "unhealthy", "source": "edr"}), op,
+         422, "refused_signal: declares no signal 'unhealthy'"),
         (("GET", "/v1/nothing", None), op, 404, "not_found"),
         (("PATCH", "/v1/grants", None), op, 405, "method_not_allowed"),
     ]  # fmt: skip

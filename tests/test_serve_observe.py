@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, Browser
+from p4rt import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_controller import _passes, site  # noqa: F401  (site: the fixture)
 from test_serve import OPERATOR, READER, Served, _running, _serve_args, pki  # noqa: F401  (pki)
@@ -53,6 +54,8 @@ def observed(
     with _running(argv) as service:
         (_, port), (_, metrics) = service.addresses
         assert service.ops.watched.wait(30)  # the watch loop's first apply is done
+        follower = service.follower
+        assert follower is not None and wait_for(lambda: follower.is_following("tor1"))
         yield Served(sw, pki, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}",
                      Path(".p4seg").resolve())  # fmt: skip
 
@@ -100,6 +103,22 @@ def test_metrics_follow_operations_and_packets(observed: Served, collector: Coll
     fields = next(v for k, v in sd.items() if k.startswith("p4seg@"))
     assert fields["event"] == "quarantine" and fields["host"] == "h2"
     assert fields["actor"] == "token:soar"  # the API caller, as the audit names it
+    # a logged deny from the switch (the follower's PacketIn): counted, and at the SIEM
+    assert not _passes(sw, "h3", "h1", 22)
+    by_source = ("p4seg_alerts_by_source_total", (("source", "10.0.0.3"),))
+    assert _until(lambda: _metrics(observed).get(by_source) == 1)
+
+    def alerted() -> list[str]:
+        return [
+            line
+            for line in collector.lines("raw.log")
+            if 'category="alert"' in line and 'src="10.0.0.3"' in line
+        ]
+
+    alert = str(_until(alerted)[0])  # type: ignore[index]
+    fields = next(v for k, v in structured_data(alert[alert.index("[") : alert.rindex("]") + 1])
+                  .items() if k.startswith("p4seg@"))  # fmt: skip
+    assert (fields["src"], fields["dst"], fields["dport"]) == ("10.0.0.3", "10.0.0.1", "22")
 
 
 def test_the_live_map_in_a_real_browser_updates_after_a_quarantine(observed: Served) -> None:

@@ -1,0 +1,511 @@
+"""`p4seg serve` follows its switches: logged denies become alerts, alerts and signals go
+through the policy engine (runtime/engine.py), and its decisions are carried out.
+
+The follower holds one long-lived finsy session per switch, bidding the applies' election id
+minus one: it never outranks an apply. A switch sends PacketIns to its primary only. Between
+applies the follower is the primary: when the apply's stream closes the switch has no primary
+and says so (NOT_FOUND with the highest id it has seen), and finsy bids that id, the apply's.
+Before an apply of this process arbitrates on a switch the follower steps aside there (its
+session ends; runtime/controller.share_primary) and comes back when the apply is done, so
+two live streams never hold one election id. The gap is the apply's time on that switch:
+a logged deny then reaches no controller (docs/serve.md).
+
+Every admitted alert (runtime/alerts.py: parsed, rate-limited per source) goes to each of
+`Follower.subscribers`, in the event loop: the alert log (STATE/alerts.jsonl, the format of
+`p4seg alerts --follow`), the containment, and whoever else subscribes (metrics, syslog).
+
+Containment: the engine sees every alert and every signal under the operations' lock; its
+decisions are carried out as `p4seg signal` carries them out (p4seg/signals.py: a lone
+quarantine or release through its ToR's overlay, a restriction by a full apply), audited
+with the engine as the actor; its state is saved in STATE/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from finsy import P4Client, Switch
+from finsy.p4client import P4ClientError
+from finsy.proto import p4r, rpc_code
+
+from p4seg import verbs
+from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of, session_of
+from p4seg.operations import ApiError, Operations, Outcome
+from runtime import audit
+from runtime.alerts import Alert, RateLimiter, alert_of
+from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, session_options
+from runtime.controller import share_primary as _share_primary
+from runtime.engine import (
+    AlertOnly,
+    Decision,
+    EngineSettings,
+    PolicyEngine,
+    Signal,
+    SignalError,
+    WouldContain,
+    decision_json,
+)
+
+ENGINE_PRINCIPAL = "p4seg-engine"  # the audit actor of what the engine decides
+ALERTS_FILE = "alerts.jsonl"
+QUEUE_SIZE = 10_000  # alerts waiting for the engine; past it they are counted, not judged
+RELEASE_WAIT = 1.0  # seconds a stepping-aside follower waits for the switch to drop it
+
+AlertSubscriber = Callable[[Alert], None]
+_T = TypeVar("_T")
+
+
+class AlertLog:
+    """Appends each alert to STATE/alerts.jsonl, one JSON object a line (as `alerts
+    --follow` does), for GET /v1/alerts and its stream."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / ALERTS_FILE
+
+    def __call__(self, alert: Alert) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as out:
+            out.write(json.dumps(alert.to_json(), sort_keys=True) + "\n")
+
+
+class Follower:
+    """The long-lived sessions of one serve (see the module docstring). `subscribers` are
+    called in the event loop with every admitted alert; one that raises is reported and
+    the others still get the alert."""
+
+    def __init__(
+        self,
+        ops: Operations,
+        options: ControllerOptions,
+        subscribers: list[AlertSubscriber] | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.ops = ops
+        self.subscribers = subscribers if subscribers is not None else []  # the caller's list
+        self.limiter = limiter or RateLimiter()
+        self.options = dataclasses.replace(options, election_id=options.election_id - 1)
+        self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns
+        self.received = 0  # PacketIns turned into alerts (admitted or not)
+        # Seconds from stepping aside for an apply to being the primary again (the last 100).
+        self.gaps: deque[float] = deque(maxlen=100)
+        self._aside_since: dict[str, float] = {}
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._targets: dict[str, SwitchTarget] = {}
+        self._files: PipelineFiles | None = None
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        self._paused: dict[str, int] = {}
+        self._rules: tuple[Compiled | None, dict[int, str]] = (None, {})
+
+    def is_following(self, switch: str) -> bool:
+        """Whether the follower is the switch's primary and reading its PacketIns."""
+        event = self.following.get(switch)
+        return event is not None and event.is_set()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Wait for the first build, then follow every switch of it until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        while self.ops.last is None:  # the watch loop's first compile
+            await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
+            if self.ops.last is None and self.ops.watched.is_set():
+                await asyncio.sleep(float(self.ops.args.check))  # the policy does not compile
+        session = session_of("serve", self.ops.args, self.ops.last)
+        if session is None:
+            return  # reported: the apply path says the same
+        self._files = session.files
+        for target in session.switches:
+            self._targets[target.name] = target
+            self.following[target.name] = threading.Event()
+            self._paused[target.name] = 0
+            _share_primary(target.address, self._step_aside(target.name))
+            self._start(target.name)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._stopping = True  # an apply still running does not bring a session back
+            for target in self._targets.values():
+                _share_primary(target.address, None)
+            for name in list(self._runs):
+                await self._end(name)
+
+    def _start(self, name: str) -> None:
+        target, files = self._targets[name], self._files
+        assert files is not None
+        opts = session_options(target, files, self.options, set_pipeline=False, fail_fast=False)
+        switch = Switch(name, target.address, opts(ready_handler=self._ready))
+        # Switch.run reconnects (with finsy's back-off) when the switch restarts.
+        self._runs[name] = asyncio.ensure_future(switch.run())
+
+    async def _end(self, name: str) -> None:
+        task = self._runs.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        self.following[name].clear()
+
+    async def _ready(self, sw: Switch) -> None:
+        """finsy calls this when the channel is ready and again on every change of role."""
+        following = self.following[sw.name]
+        if not sw.is_primary:
+            following.clear()  # a backup: an apply holds the switch; finsy calls back
+            return
+        packets = aiter(sw.read_packets())
+        pending = asyncio.ensure_future(anext(packets))
+        await asyncio.sleep(0)  # one turn: the generator has subscribed to PacketIns
+        following.set()
+        if (since := self._aside_since.pop(sw.name, None)) is not None:
+            self.gaps.append(time.monotonic() - since)
+        try:
+            while True:
+                packet = await pending
+                pending = asyncio.ensure_future(anext(packets))
+                self._packet(sw.name, packet.payload, packet.metadata)
+        finally:
+            following.clear()
+            pending.cancel()
+
+    def _packet(self, switch: str, payload: bytes, metadata: dict[str, int]) -> None:
+        now = verbs.clock()
+        self.received += 1
+        alert = alert_of(switch, payload, metadata, self.rules(), now)
+        suppressed = self.limiter.admit(alert.src, now)
+        if suppressed is None:
+            return
+        alert = dataclasses.replace(alert, suppressed=suppressed)
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber(alert)
+            except Exception:  # one subscriber's bug must not stop the others, nor following
+                print(f"p4seg serve: alert subscriber {subscriber!r} failed", file=sys.stderr)
+                traceback.print_exc()
+
+    def rules(self) -> dict[int, str]:
+        """Rule id -> "line N: rule" of the last build (the alerts' `rule`)."""
+        last = self.ops.last
+        if last is not None and self._rules[0] is not last:
+            self._rules = (last, _rule_lines(last.build))
+        return self._rules[1]
+
+    # -- stepping aside for an apply ------------------------------------------------------
+
+    def _step_aside(self, name: str) -> Callable[[], AbstractAsyncContextManager[object]]:
+        @contextlib.asynccontextmanager
+        async def aside() -> AsyncIterator[None]:
+            await self._in_loop(self._pause(name))
+            try:
+                yield
+            finally:
+                await self._in_loop(self._resume(name))
+
+        return aside
+
+    async def _in_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coroutine` in the follower's loop (applies run in their own, in a thread)."""
+        assert self._loop is not None
+        if asyncio.get_running_loop() is self._loop:
+            return await coroutine
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    async def _pause(self, name: str) -> None:
+        self._paused[name] += 1
+        self._aside_since.setdefault(name, time.monotonic())
+        if name in self._runs:
+            await self._end(name)
+            await self._dropped(self._targets[name])
+
+    async def _resume(self, name: str) -> None:
+        self._paused[name] -= 1
+        if self._paused[name] == 0 and name not in self._runs and not self._stopping:
+            self._start(name)
+
+    async def _dropped(self, target: SwitchTarget) -> None:
+        """Until the switch has dropped our stream (it then has no primary), at most
+        RELEASE_WAIT: asked on a stream without an election id, which never conflicts."""
+        request = p4r.StreamMessageRequest(
+            arbitration=p4r.MasterArbitrationUpdate(device_id=target.device_id)
+        )
+        deadline = asyncio.get_running_loop().time() + RELEASE_WAIT
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                async with P4Client(target.address, self.options.tls,
+                                    wait_for_ready=False) as client:  # fmt: skip
+                    await client.send(request)
+                    reply = await asyncio.wait_for(client.receive(), RELEASE_WAIT)
+            except (P4ClientError, TimeoutError, OSError):
+                return  # unreachable: nothing of ours is held there either
+            if reply.arbitration.status.code != rpc_code.ALREADY_EXISTS:
+                return  # no primary: our stream is gone
+            await asyncio.sleep(0.005)  # the switch has not seen our stream end yet
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Carried:
+    """What the engine decided about one input, and how carrying it out went."""
+
+    decisions: tuple[Decision, ...]
+    outcome: Outcome
+
+
+class SignalRefused(Exception):
+    """The engine refused a signal (SignalError) with the policy's declared signals."""
+
+    def __init__(self, message: str, declared: list[str]) -> None:
+        super().__init__(message)
+        self.declared = declared
+
+
+class Containment:
+    """The policy engine of one serve: alerts and signals in, decisions carried out. Its
+    engine is touched under the operations' lock only."""
+
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+        self.dropped = 0  # alerts the engine never saw (its queue was full)
+        # --contain-dry-run: the engine (signals too) only reports WouldContain, audited;
+        # nothing is held or written, engine.json included.
+        self.dry_run = bool(getattr(ops.args, "contain_dry_run", False))
+        self._engine: PolicyEngine | None = None
+        self._mark: object = None
+        self._queue: asyncio.Queue[Alert] | None = None
+
+    # -- the engine -----------------------------------------------------------------------
+
+    def engine(self) -> PolicyEngine | None:
+        """The engine for the policy file as it is now (under the lock); the last one if
+        the file does not compile (fail closed: its holds stand)."""
+        from p4seg.signals import _settings, load_engine
+
+        args = self.ops.args
+        mark = tuple(_stat(Path(p)) for p in (args.policy, args.inventory))
+        if self._engine is not None and mark == self._mark:
+            return self._engine
+        loaded = _settings(args)
+        if loaded is None:  # said once per edit of the files, not on every call
+            self._mark = mark
+            return self._engine
+        settings = loaded[0]
+        try:
+            dry = self.dry_run
+            if self._engine is None:
+                self._engine = load_engine(self.ops.state_dir, settings, dry)
+            else:
+                self._engine = _copy(self._engine, settings, dry)
+        except ValueError as err:
+            raise ApiError(500, "state", str(err)) from None
+        self._mark = mark
+        return self._engine
+
+    def active_signals(self) -> list[dict[str, object]]:
+        """The signals in force (GET /v1/status): host, name, source, reason, expiry."""
+        engine = self.engine()
+        if engine is None:
+            return []
+        now = verbs.clock()
+        out: list[dict[str, object]] = []
+        for host, held in sorted(engine.holds.items()):
+            for h in held.values():
+                if h.origin == "signal" and h.active(now):
+                    source, _, name = h.key.partition(" ")
+                    expires = None if h.until is None else _iso(h.until)
+                    out.append({"host": host, "name": name, "source": source,
+                                "reason": h.reason, "expires": expires})  # fmt: skip
+        return out
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def subscriber(self) -> AlertSubscriber:
+        """The follower's subscriber: alerts queued for `consume` (in the event loop)."""
+        self._queue = asyncio.Queue(QUEUE_SIZE)
+        queue = self._queue
+
+        def put(alert: Alert) -> None:
+            try:
+                queue.put_nowait(alert)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+        return put
+
+    async def consume(self) -> None:
+        """Judge the queued alerts one at a time, in a worker thread, until cancelled."""
+        assert self._queue is not None
+        while True:
+            alert = await self._queue.get()
+            try:
+                await asyncio.to_thread(self.observe, alert)
+            except ApiError as err:  # a damaged engine state: said; the next alert retries
+                print(f"p4seg serve: containment: {err.message}", file=sys.stderr)
+
+    async def ticks(self) -> None:
+        """Carry out what the engine's clock decides (holds lapsing), until cancelled."""
+        while True:
+            try:
+                pause = await asyncio.to_thread(self.tick)
+            except ApiError as err:
+                print(f"p4seg serve: containment: {err.message}", file=sys.stderr)
+                pause = float(self.ops.args.check)
+            await asyncio.sleep(pause)
+
+    def observe(self, alert: Alert) -> Carried:
+        """One alert through the engine (worker thread)."""
+
+        def decide(engine: PolicyEngine, now: float) -> list[Decision]:
+            return engine.tick(now) + engine.observe(alert, now)
+
+        event: dict[str, object] = {"alert": alert.to_json()}
+        return self._run("contain", ENGINE_PRINCIPAL, decide, event, self.dry_run)
+
+    def tick(self) -> float:
+        """Carry out what is due now (worker thread); seconds until the next look."""
+        period = float(self.ops.args.check)
+        with self.ops.lock:
+            engine = self.engine()
+            now = verbs.clock()
+            due = None if engine is None else engine.next_change(now)
+            # next_change counts active holds only: one past its end (the clock moved on
+            # while nothing ticked) is due now.
+            lapsed = engine is not None and any(
+                not h.active(now) for held in engine.holds.values() for h in held.values()
+            )
+        if lapsed or (due is not None and due <= now):
+            self._run("contain", ENGINE_PRINCIPAL, lambda e, t: e.tick(t), {}, self.dry_run)
+            return 0.05
+        return period if due is None else max(0.05, min(period, due - now))
+
+    def signal(self, principal: str, signal: Signal, dry_run: bool = False) -> Carried:
+        """A signal (POST /v1/signals) through the engine (worker thread); SignalRefused
+        before anything changes when the engine refuses it."""
+
+        def decide(engine: PolicyEngine, now: float) -> list[Decision]:
+            at = dataclasses.replace(signal, at=now)
+            trial = _copy(engine, engine.settings, dry_run=True)
+            try:
+                trial.signal(at)  # refused before the real engine ticks (nothing changes)
+            except SignalError as err:
+                declared = [s.name for s in engine.settings.signals]
+                raise SignalRefused(str(err), declared) from None
+            if dry_run:  # a copy decides: the engine itself is left as it was
+                engine = _copy(engine, engine.settings, dry_run=True)
+            return engine.tick(now) + engine.signal(at)
+
+        event: dict[str, object] = {"host": signal.host, "signal": {"name": signal.name, "source": signal.source,
+                                                 "ttl": signal.ttl, "reason": signal.reason}}  # fmt: skip
+        return self._run("signal", principal, decide, event, dry_run or self.dry_run)
+
+    # -- carrying out ---------------------------------------------------------------------
+
+    def _run(
+        self,
+        verb: str,
+        principal: str,
+        decide: Callable[[PolicyEngine, float], list[Decision]],
+        event: dict[str, object],
+        dry_run: bool = False,
+    ) -> Carried:
+        decided: list[Decision] = []
+
+        def handler(args: argparse.Namespace, front: verbs.Front) -> int:
+            engine = self.engine()
+            if engine is None:
+                print("p4seg serve: the policy does not compile: no engine", file=sys.stderr)
+                return EXIT_ERROR
+            now = verbs.clock()
+            decided.extend(decide(engine, now))
+            return self._carry_out(args, front, engine, decided, now, event, dry_run)
+
+        via = "engine" if principal == ENGINE_PRINCIPAL else "api"
+        outcome = self.ops.operate(verb, principal, {}, {}, handler=handler, via=via)
+        if decided and principal == ENGINE_PRINCIPAL:  # the serve log: what the engine did
+            from p4seg.signals import describe
+
+            for d in decided:
+                print(f"p4seg serve: engine: {describe(d)}", file=sys.stderr, flush=True)
+            if outcome.code != EXIT_OK:
+                print(f"p4seg serve: engine: not carried out: {outcome.errors}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        return Carried(tuple(decided), outcome)
+
+    def _carry_out(
+        self,
+        args: argparse.Namespace,
+        front: verbs.Front,
+        engine: PolicyEngine,
+        decisions: list[Decision],
+        now: float,
+        event: dict[str, object],
+        dry_run: bool,
+    ) -> int:
+        """The engine's decisions into the live state and onto the switches (under the
+        lock): as `p4seg signal` does; alerts only and dry runs are audited, not applied."""
+        from p4seg.signals import _write, hold, save_engine
+
+        state_dir = Path(args.state)
+        if not decisions:
+            if not dry_run:
+                save_engine(state_dir, engine)  # its counting windows
+            return EXIT_OK
+        acting = [d for d in decisions if not isinstance(d, AlertOnly | WouldContain)]
+        hosts = sorted({d.host for d in (acting or decisions)})
+        fields = {**event, "host": ", ".join(hosts),
+                  "decisions": [decision_json(d) for d in decisions]}  # fmt: skip
+        verb = "signal" if "signal" in event else "contain"
+        state = verbs._load_state(args, verb)
+        if state is None:
+            return EXIT_ERROR
+        if dry_run or not hold(state, decisions, now):
+            if not dry_run:
+                save_engine(state_dir, engine)
+            result = "dry run" if dry_run else "alert only" if not acting else "no change"
+            audit.append(state_dir / "audit.jsonl", verb, **fields, result=result)
+            return EXIT_OK
+        code = _write(args, front, state, decisions, fields)
+        if code == EXIT_OK:
+            save_engine(state_dir, engine)
+        else:  # not carried out: forget the decision; the next denies or signal decide again
+            self._engine = None
+        return code
+
+
+def _copy(engine: PolicyEngine, settings: EngineSettings, dry_run: bool = False) -> PolicyEngine:
+    """The engine's state under `settings`, as saved and loaded (JSON: tuples become lists)."""
+    return PolicyEngine.from_json(json.loads(json.dumps(engine.to_json())), settings, dry_run)
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _iso(moment: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="seconds")
+
+
+def controller_options(ops: Operations) -> ControllerOptions | str:
+    """The options the follower's sessions derive from (the applies')."""
+    options = options_of(ops.args)
+    if isinstance(options, str):
+        return options
+    if options.election_id < 2:
+        return (f"--election-id {options.election_id} leaves no id below it for the follower: "
+                "alerts and containment are off (use 2 or more)")  # fmt: skip
+    return options
