@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,10 +231,16 @@ def test_a_backup_controller_writes_nothing(
             initial_election_id=100,
         )
         async with Switch("other", one[0].address, primary):
-            return list(await apply_all(one, TABLES, files, ControllerOptions(election_id=5)))
+            backup = ControllerOptions(election_id=5)
+            held = await apply_all(one, TABLES, files, backup)  # marked with this build
+            # a build the switch does not hold (--full-read: whatever the mark says)
+            forced = await apply_all(one, TABLES, files, replace(backup, full_read=True))
+            return [*held, *forced]
 
-    (report,) = asyncio.run(two_controllers())
-    assert not report.ok and "not the primary" in (report.error or "")  # type: ignore[attr-defined]
+    held, forced = asyncio.run(two_controllers())
+    # The switch already holds the build: nothing to write, no session needed.
+    assert held.ok and held.written == 0 and held.plan is not None and held.plan.empty  # type: ignore[attr-defined]
+    assert not forced.ok and "not the primary" in (forced.error or "")  # type: ignore[attr-defined]
 
 
 def _write_faults(monkeypatch: pytest.MonkeyPatch, fail: Callable[[p4r.Update], bool]) -> None:
