@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
-from test_meters import INVENTORY, _ping  # one ToR, a bastion and two strategy hosts
+from test_meters import INVENTORY, _ping, switch  # noqa: F401  (one ToR, a bastion and two strategy hosts; switch: the fixture)
 
 from compiler.check import check_policy
 from compiler.emit import build, write_build
@@ -60,18 +59,9 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
 
 
-@pytest.fixture
-def switch() -> Iterator[ReferenceSwitch]:
-    sw = ReferenceSwitch(1)
-    sw.start("127.0.0.1:0")
-    try:
-        yield sw
-    finally:
-        sw.stop()
-
-
 def test_an_apply_and_per_rule_counters_from_a_reference_switch(
-    tmp_path: Path, switch: ReferenceSwitch
+    tmp_path: Path,
+    switch: ReferenceSwitch,  # noqa: F811  (test_meters' fixture)
 ) -> None:
     (tmp_path / "metrics.yaml").write_text(INVENTORY)
     inventory, diags = load_inventory(str(tmp_path / "metrics.yaml"))
