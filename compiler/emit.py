@@ -369,13 +369,40 @@ def _relative(rel: object) -> str:
     return rel
 
 
-def _manifest(files: set[str]) -> str:
-    return _dumps({"p4seg_build": 1, "files": sorted(files)})
+def _manifest(files: set[str], digests: dict[str, str] | None = None) -> str:
+    doc: dict[str, object] = {"p4seg_build": 1, "files": sorted(files)}
+    if digests:  # each file's SHA-256: the next build rewrites only the files that differ
+        doc["sha256"] = {rel: digests[rel] for rel in sorted(files) if rel in digests}
+    return _dumps(doc)
 
 
-def _put_manifest(staging: Path, target: Path, files: set[str]) -> None:
-    (staging / MANIFEST).write_text(_manifest(files), encoding="utf-8")
+def _put_manifest(
+    staging: Path, target: Path, files: set[str], digests: dict[str, str] | None = None
+) -> None:
+    (staging / MANIFEST).write_text(_manifest(files, digests), encoding="utf-8")
     os.replace(staging / MANIFEST, target / MANIFEST)
+
+
+def _holds(path: Path, digest: str, recorded: str | None) -> bool:
+    """Whether `path` holds the content of `digest` — as the manifest says and as the file
+    still is (a file edited by hand is rewritten)."""
+    if recorded != digest:
+        return False
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    except OSError:
+        return False
+
+
+def _digests_before(target: Path) -> dict[str, str]:
+    """The SHA-256 of each file the build in `target` wrote, as its manifest records them
+    ({} for an older manifest without them: then every file is rewritten)."""
+    try:
+        doc = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+        digests = doc.get("sha256", {})
+        return {str(k): str(v) for k, v in digests.items()} if isinstance(digests, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _remove(target: Path, rel: str) -> None:
@@ -469,12 +496,16 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     """
     target = Path(out_dir).resolve()
     rels = [_relative(rel) for rel in build_.files]
+    digests = {
+        _relative(rel): hashlib.sha256(text.encode()).hexdigest()
+        for rel, text in build_.files.items()
+    }
     if not os.path.lexists(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = _fresh_dir(target.parent, f".{target.name}.")
         try:
             _write_files(staging, build_.files)
-            (staging / MANIFEST).write_text(_manifest(set(rels)), encoding="utf-8")
+            (staging / MANIFEST).write_text(_manifest(set(rels), digests), encoding="utf-8")
             os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -494,18 +525,27 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     gone = sorted(before - set(rels))
     for rel in [*rels, *gone]:
         _check_path(target, rel, before)
+    # A file the previous build wrote with the same content stays as it is (a quarantine
+    # changes one ToR's entries: the program, its P4Info and the other switches' files stay).
+    known = _digests_before(target)
+    changed = {
+        rel: text
+        for rel, text in build_.files.items()
+        if not _holds(target / _relative(rel), digests[_relative(rel)], known.get(_relative(rel)))
+    }
     staging = _fresh_dir(target, ".p4seg-staging-")
     try:
-        _write_files(staging, build_.files)
+        _write_files(staging, changed)
         # Old and new files first: whatever happens next, every file p4seg puts here is one
-        # it will recognise, and nothing else ever is.
+        # it will recognise, and nothing else ever is (and no digest vouches for a file
+        # that is being replaced).
         _put_manifest(staging, target, before | set(rels))
-        for rel in sorted(rels):
+        for rel in sorted(_relative(r) for r in changed):
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / rel, target / rel)
         for rel in gone:
             _remove(target, rel)
-        _put_manifest(staging, target, set(rels))
+        _put_manifest(staging, target, set(rels), digests)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sorted(str(target / rel) for rel in rels)

@@ -5,6 +5,7 @@ directory is refused and left exactly as it was. Modes follow the umask."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -207,3 +208,23 @@ def test_a_verbs_build_directory_follows_the_same_rule(
     err = capsys.readouterr().err
     assert "is not empty and is not a p4seg build" in err and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
+
+
+def test_an_update_rewrites_only_the_files_that_differ(
+    tmp_path: Path, builds: dict[str, Build]
+) -> None:
+    """A build over its predecessor replaces only the files whose content changed (the
+    manifest records each file's SHA-256); a file edited by hand is rewritten all the same."""
+    out = tmp_path / "out"
+    first = builds["ref"]
+    write_build(first, str(out))
+    inodes = {rel: (out / rel).stat().st_ino for rel in first.files}
+    one = next(rel for rel in first.files if rel.startswith("entries/"))
+    edited = dataclasses.replace(first, files={**first.files, one: first.files[one] + " "})
+    (out / "report.json").write_text("edited by hand\n")
+    write_build(edited, str(out))
+    moved = {rel for rel in first.files if (out / rel).stat().st_ino != inodes[rel]}
+    assert moved == {one, "report.json"}
+    for rel, content in edited.files.items():
+        assert (out / rel).read_text() == content, rel
+    assert manifest(out) == sorted(edited.files)
