@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from p4seg.serve import Service, api_options, etcd_of
 from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
+from topologies.switches import terminate
 
 __all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
 
@@ -274,13 +274,7 @@ def test_kill_9_of_the_leader_process(
         assert not _passes(sw, "h2", "h3", 8080) and _passes(sw, "h1", "h4", 443)  # remediation
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            terminate(proc, 30)
 
 
 def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(

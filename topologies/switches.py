@@ -194,19 +194,8 @@ class P4RuntimeSwitch(Switch):  # type: ignore[misc]  # mininet is untyped
     def _terminate(self) -> None:
         """SIGTERM, SIGKILL if it outlives STOP_TIMEOUT, and reap."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-        else:
-            proc.wait()
+        if proc is not None:
+            terminate(proc, STOP_TIMEOUT)
 
     def stop(self, deleteIntfs: bool = True) -> None:  # Mininet's parameter name
         """Stop the switch process (a dead one is reaped too); then, by default, delete
@@ -353,3 +342,19 @@ def switch_class(target: str) -> type[P4RuntimeSwitch]:
     else:
         reference_switch_program()
     return cls
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Stop a child process: SIGTERM, SIGKILL if it outlives `timeout` seconds, and reap
+    it (a process that already ended is only reaped)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    else:
+        proc.wait()
