@@ -27,7 +27,7 @@ module does not know): None — prove everything.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
@@ -85,7 +85,7 @@ class ScopeBuilder:
     """Accumulates a PairScope over the new build's address classes (`starts`: each
     class's first address, ascending) and the inventory's hosts."""
 
-    def __init__(self, starts: list[int], hosts: Iterable[Host]) -> None:
+    def __init__(self, starts: Sequence[int], hosts: Iterable[Host]) -> None:
         self.starts = starts
         self.full = (1 << len(starts)) - 1
         self.hosts = sorted(hosts, key=lambda h: h.ip)

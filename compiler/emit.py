@@ -25,9 +25,10 @@ import json
 import math
 import os
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from compiler.addresses import format_ipv4
@@ -36,6 +37,7 @@ from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTable
 from compiler.fit import fit
 from compiler.inventory import Inventory
 from compiler.lower import Lowered, lower
+from compiler.memo import ByObject
 from compiler.model import Policy
 from compiler.targets import Target, make_target
 from p4src.p4info import p4info_text
@@ -261,6 +263,38 @@ def _table_use(sw: SwitchTables, table: Table) -> dict[str, object]:
     return {"entries": count, "size": table.size, "utilisation": round(count / table.size, 4)}
 
 
+def _switch_report(target: Target, sw: SwitchTables) -> tuple[dict[str, object], int]:
+    """A switch's line of the report, and its number of `policy` entries."""
+    line = {
+        "name": sw.switch,
+        "role": sw.role,
+        "device_id": sw.device_id,
+        "tables": {t.name: _table_use(sw, t) for t in target.pipeline.tables if t.keys},
+        "entries_by_role": dict(sorted(Counter(e.role for e in sw.entries).items())),
+    }
+    return line, sum(e.table == "policy" for e in sw.entries)
+
+
+# A switch's line of the report, per target, kept while its SwitchTables object lives on
+# in the builds an incremental compile makes (compiler/memo.py).
+_SWITCH_REPORTS: defaultdict[str, ByObject[SwitchTables, tuple[dict[str, object], int]]] = (
+    defaultdict(lambda: ByObject(256))
+)
+# Each file's SHA-256 by its text object: the files of reused switches are the same strings.
+_DIGESTS: ByObject[str, str] = ByObject(1024)
+
+
+def forget() -> None:
+    """Drop the memos above (p4seg.cli.forget: what a new process starts without)."""
+    _SWITCH_REPORTS.clear()
+    _DIGESTS.clear()
+
+
+def file_digest(text: str) -> str:
+    """A build file's SHA-256 (hex), remembered per text object."""
+    return _DIGESTS.get(text, lambda t: hashlib.sha256(t.encode()).hexdigest())
+
+
 def _report(
     policy: Policy,
     inventory: Inventory,
@@ -269,7 +303,9 @@ def _report(
     switches: tuple[SwitchTables, ...],
     tag_fields: int,
 ) -> dict[str, object]:
-    policy_entries = sum(len(sw.table("policy")) for sw in switches if sw.role == "tor")
+    memo = _SWITCH_REPORTS[target.name]
+    lines = [memo.get(sw, partial(_switch_report, target)) for sw in switches]
+    policy_entries = sum(n for (_, n), sw in zip(lines, switches, strict=True) if sw.role == "tor")
     report: dict[str, object] = {
         "policy": policy.name,
         "policy_sha256": hashlib.sha256(policy_text.encode()).hexdigest(),
@@ -296,16 +332,7 @@ def _report(
             }
             for r in policy.rules
         ],
-        "switches": [
-            {
-                "name": sw.switch,
-                "role": sw.role,
-                "device_id": sw.device_id,
-                "tables": {t.name: _table_use(sw, t) for t in target.pipeline.tables if t.keys},
-                "entries_by_role": dict(sorted(Counter(e.role for e in sw.entries).items())),
-            }
-            for sw in switches
-        ],
+        "switches": [line for line, _ in lines],
         "policy_entries": policy_entries,
     }
     if target.kind.resource_estimate:
@@ -496,10 +523,7 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     """
     target = Path(out_dir).resolve()
     rels = [_relative(rel) for rel in build_.files]
-    digests = {
-        _relative(rel): hashlib.sha256(text.encode()).hexdigest()
-        for rel, text in build_.files.items()
-    }
+    digests = {_relative(rel): file_digest(text) for rel, text in build_.files.items()}
     if not os.path.lexists(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = _fresh_dir(target.parent, f".{target.name}.")

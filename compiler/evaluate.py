@@ -521,9 +521,19 @@ class PathResult:
 class Fabric:
     """The switches of an inventory with their entries, indexed once, to walk packets through."""
 
-    def __init__(self, tables: Mapping[str, SwitchTables], inventory: Inventory) -> None:
+    def __init__(
+        self,
+        tables: Mapping[str, SwitchTables],
+        inventory: Inventory,
+        indexed: Mapping[str, IndexedSwitch] | None = None,
+    ) -> None:
+        """`indexed`: the switches already indexed (a proof's cache), by name."""
         self.inventory = inventory
-        self.switches = {name: IndexedSwitch.of(t) for name, t in tables.items()}
+        self.switches = (
+            dict(indexed)
+            if indexed is not None
+            else {name: IndexedSwitch.of(t) for name, t in tables.items()}
+        )
         self.peer: dict[tuple[str, int], tuple[str, int]] = {}
         for link in inventory.links:
             if link.a in inventory.down or link.b in inventory.down:

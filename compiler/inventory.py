@@ -136,7 +136,8 @@ class Inventory:
                 )
         if diags:
             raise InventoryError(diags)
-        return dataclasses.replace(self, down=self.down | frozenset(names))
+        down = self.down | frozenset(names)
+        return self if down == self.down else dataclasses.replace(self, down=down)
 
     @classmethod
     def empty(cls) -> Inventory:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, 
 from compiler.evaluate import (
     MAX_HOPS,
     Fabric,
+    IndexedSwitch,
     PacketFields,
     PathResult,
     SwitchResult,
@@ -70,6 +72,7 @@ from compiler.evaluate import (
     lookup,
 )
 from compiler.inventory import Host, Inventory
+from compiler.memo import ByObject
 from compiler.model import ALL_PORTS, Policy
 from compiler.protocols import (
     ICMP_ECHO_REPLY_RANGE,
@@ -285,6 +288,100 @@ class _SliceIndex(Generic[_T]):
         return [self.items[p] for p in positions]
 
 
+class _Derived:
+    """What a proof derives from one switch's tables alone, whatever the policy: the
+    switch indexed for walking packets, the address cuts and protocols of its entries, its
+    tables bucketed by address class, its policy entries by source identity. Kept for the
+    next proof over the same `SwitchTables` object (DERIVED): a long-running controller
+    proves build after build, and an incremental compile passes the switches a change did
+    not touch on as the same objects, so a quarantine's proof indexes one ToR, not all."""
+
+    def __init__(self, tables: SwitchTables) -> None:
+        self.indexed = IndexedSwitch.of(tables)
+        self.cuts = frozenset(
+            cut
+            for entry in tables.entries
+            for m in entry.matches
+            if m.field in ("src_addr", "dst_addr")
+            for cut in _cuts(_match_intervals(m, 32), MAX_ADDRESS)
+        )
+        self.protocols = frozenset(
+            m.value
+            for e in self.indexed.by_table.get("policy", [])
+            for m in e.matches
+            if m.field == "protocol" and m.kind == "ternary" and m.arg == 0xFF
+        )
+        self._addresses: dict[tuple[str, str], tuple[tuple[int, ...], _AddressIndex]] = {}
+        self._by_src_tags: _SliceIndex[TableEntry] | None = None
+        self._sources: dict[
+            tuple[int, int, int], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]
+        ] = {}
+
+    def address_index(self, table: str, field: str, starts: tuple[int, ...]) -> _AddressIndex:
+        """`table` bucketed by the address classes starting at `starts` (built once per
+        partition: a new partition, e.g. a rule's new prefix, builds it again)."""
+        found = self._addresses.get((table, field))
+        if found is not None and (found[0] is starts or found[0] == starts):
+            return found[1]
+        index = _AddressIndex(self.indexed.by_table.get(table, []), field, list(starts))
+        self._addresses[(table, field)] = (starts, index)
+        return index
+
+    def source_index(
+        self, epoch: int, src_tags: int, proto: int
+    ) -> _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]:
+        """The policy entries that can match a source identity and protocol, by priority,
+        with the matches left to decide, indexed by their dst_tags match."""
+        key = (epoch, src_tags, proto)
+        found = self._sources.get(key)
+        if found is None:
+            fixed = {"epoch": epoch, "src_tags": src_tags, "protocol": proto}
+            candidates: list[tuple[tuple[FieldMatch, ...], TableEntry]] = []
+            for entry in self.by_src_tags().matching(src_tags):
+                if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
+                    varying = tuple(m for m in entry.matches if m.field not in _IDENTITY_FIELDS)
+                    candidates.append((varying, entry))
+            candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
+            found = self._sources[key] = _SliceIndex(candidates, "dst_tags", lambda c: c[1])
+        return found
+
+    def by_src_tags(self) -> _SliceIndex[TableEntry]:
+        if self._by_src_tags is None:
+            entries = self.indexed.by_table.get("policy", [])
+            self._by_src_tags = _SliceIndex(entries, "src_tags", _itself)
+        return self._by_src_tags
+
+
+class _DerivedCache:
+    """`_Derived` per `SwitchTables` object (compiler/memo.py), and the last address
+    partition, shared so that indexes built for it are found by identity."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self._derived: ByObject[SwitchTables, _Derived] = ByObject(keep)  # a few 50-switch builds
+        self._starts: tuple[int, ...] = ()
+        self._lock = threading.Lock()
+
+    def of(self, tables: SwitchTables) -> _Derived:
+        return self._derived.get(tables, _Derived)
+
+    def starts(self, starts: list[int]) -> tuple[int, ...]:
+        """The address partition as one shared tuple when it equals the last one."""
+        new = tuple(starts)
+        with self._lock:
+            if new == self._starts:
+                return self._starts
+            self._starts = new
+        return new
+
+    def clear(self) -> None:
+        self._derived.clear()
+        with self._lock:
+            self._starts = ()
+
+
+DERIVED = _DerivedCache()
+
+
 @dataclass(frozen=True, slots=True)
 class _Hop:
     switch: str
@@ -400,7 +497,8 @@ class Verifier:
         self.inventory = inventory
         self.switches = switches
         self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
-        self.fabric = Fabric(switches, inventory)
+        self._derived = {name: DERIVED.of(t) for name, t in switches.items()}
+        self.fabric = Fabric(switches, inventory, {n: d.indexed for n, d in self._derived.items()})
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
         self._island = _islands(inventory)
         self._epoch = {
@@ -411,15 +509,13 @@ class Verifier:
             tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
-        self._from_identity: dict[tuple[str, int], list[TableEntry]] = {}
-        self._by_src_tags: dict[str, _SliceIndex[TableEntry]] = {}
         self._by_source: dict[
             tuple[str, int, int, int],
             tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]],
         ] = {}
         self._entry_sets: dict[tuple[int, ...], _Judged] = {}
         self._classes: list[tuple[int, int]] | None = None
-        self._starts: list[int] | None = None  # address classes' first addresses
+        self._starts: tuple[int, ...] | None = None  # address classes' first addresses
         self._indexes: dict[tuple[str, str], _AddressIndex] = {}
         self._src_ids: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
         self._hop_checks: dict[tuple[int, bool, int], tuple[bool, bool, int, int]] = {}
@@ -444,13 +540,10 @@ class Verifier:
             cuts |= _cuts([(h.ip, h.ip)], MAX_ADDRESS)
         for r in self.policy.rules:
             cuts |= _cuts(r.src.intervals, MAX_ADDRESS) | _cuts(r.dst.intervals, MAX_ADDRESS)
-        for sw in self.fabric.switches.values():
-            for entry in sw.tables.entries:
-                for m in entry.matches:
-                    if m.field in ("src_addr", "dst_addr"):
-                        cuts |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
+        for derived in self._derived.values():
+            cuts |= derived.cuts
         classes = self._classes = _classes(cuts, MAX_ADDRESS)
-        self._starts = [lo for lo, _hi in classes]
+        self._starts = DERIVED.starts([lo for lo, _hi in classes])
         return classes
 
     def _index(self, switch: str, table: str, field: str) -> _AddressIndex:
@@ -461,8 +554,9 @@ class Verifier:
             if self._starts is None:
                 self.address_classes()
             assert self._starts is not None
-            entries = self.fabric.switches[switch].by_table.get(table, [])
-            found = self._indexes[key] = _AddressIndex(entries, field, self._starts)
+            found = self._indexes[key] = self._derived[switch].address_index(
+                table, field, self._starts
+            )
         return found
 
     # -- the path a destination's packets take, and what each hop can decide -------------
@@ -538,18 +632,6 @@ class Verifier:
             found = self._src_ids[key] = (tags, hit)
         return None if found[0] < 0 else found[0]
 
-    def _policy_from(self, switch: str, src_tags: int) -> list[TableEntry]:
-        """The policy entries of a switch that can match a source identity (table order)."""
-        key = (switch, src_tags)
-        found = self._from_identity.get(key)
-        if found is None:
-            index = self._by_src_tags.get(switch)
-            if index is None:
-                entries = self.fabric.switches[switch].by_table.get("policy", [])
-                index = self._by_src_tags[switch] = _SliceIndex(entries, "src_tags", _itself)
-            found = self._from_identity[key] = index.matching(src_tags)
-        return found
-
     def _policy_entries(
         self, switch: str, epoch: int, src_tags: int, dst_tags: int, proto: int
     ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
@@ -578,14 +660,7 @@ class Verifier:
         """The policy entries that can match a source identity and protocol, by priority,
         with the matches left to decide, indexed by their dst_tags match; and the lists
         already cut from them per destination identity."""
-        fixed = {"epoch": epoch, "src_tags": src_tags, "protocol": proto}
-        candidates: list[tuple[tuple[FieldMatch, ...], TableEntry]] = []
-        for entry in self._policy_from(switch, src_tags):
-            if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
-                varying = tuple(m for m in entry.matches if m.field not in _IDENTITY_FIELDS)
-                candidates.append((varying, entry))
-        candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
-        index = _SliceIndex(candidates, "dst_tags", lambda c: c[1])
+        index = self._derived[switch].source_index(epoch, src_tags, proto)
         found = self._by_source[(switch, epoch, src_tags, proto)] = ({}, index)
         return found
 
@@ -624,13 +699,7 @@ class Verifier:
         self._spoofing(classes, result, focus)
         protocols = sorted(
             {protocol_of(c, self.sem.proto_classes) for c in self.sem.proto_classes}
-            | {
-                m.value
-                for sw in self.fabric.switches.values()
-                for e in sw.by_table.get("policy", [])
-                for m in e.matches
-                if m.field == "protocol" and m.kind == "ternary" and m.arg == 0xFF
-            }
+            | {p for derived in self._derived.values() for p in derived.protocols}
         )
         atom_of = self.sem.addresses.atom_of
         protocols_rules = [(p, self.sem.proto_index[self.sem.proto_class(p)]) for p in protocols]

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from compiler.diagnostics import (
     summary_line,
 )
 from compiler.fmt import format_policy
-from compiler.inventory import Inventory, load_inventory
+from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Action, Policy
 from compiler.targets import TARGET_NAMES
 from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
@@ -325,7 +326,7 @@ def _load(
     inventory = Inventory.empty()
     try:
         if args.inventory:
-            inventory, inv_text = load_inventory(args.inventory)
+            inventory, inv_text = _PARSED.inventory(args.inventory)
             sources.add(args.inventory, inv_text)
             inventory = take_down(inventory, args)
         policy_text = read_source(args.policy, "E000", "policy") if text is None else text
@@ -555,6 +556,70 @@ def _checked(args: argparse.Namespace) -> tuple[Policy, Inventory, str] | None:
 _LAST_BUILD: dict[str, Build] = {}
 
 
+class _Parsed:
+    """The last inventory parsed and the last policy checked per file, for the verbs that
+    compile again and again (watch, serve): a quarantine, a release or a signal changes the
+    effective policy, not the text, and parsing 1,000 rules and 1,000 hosts again costs
+    more than the rest of their compile. Keyed by the whole text (and the inventory
+    object the check resolved names against): any edit parses afresh. Both are frozen."""
+
+    def __init__(self) -> None:
+        self._inventories: dict[str, tuple[str, Inventory]] = {}
+        self._checks: dict[str, tuple[str, Inventory, CheckResult]] = {}
+        self._lock = threading.Lock()  # serve's worker thread and `up`'s live verbs
+
+    def inventory(self, path: str) -> tuple[Inventory, str]:
+        """compiler.inventory.load_inventory, parsed again only when the text changed."""
+        try:
+            text = read_source(path, "E301", "inventory")
+        except SourceError as exc:
+            raise InventoryError(exc.diagnostics) from None
+        with self._lock:
+            found = self._inventories.get(path)
+        if found is not None and found[0] == text:
+            return found[1], text
+        inventory = parse_inventory(text, path)
+        with self._lock:
+            self._inventories[path] = (text, inventory)
+        return inventory, text
+
+    def clear(self) -> None:
+        with self._lock:
+            self._inventories.clear()
+            self._checks.clear()
+
+    def check(self, text: str, path: str, inventory: Inventory) -> CheckResult:
+        """check_policy, run again only when the text or the inventory changed."""
+        with self._lock:
+            found = self._checks.get(path)
+        if found is not None and found[0] == text and found[1] is inventory:
+            return found[2]
+        result = check_policy(text, path, inventory)
+        with self._lock:
+            self._checks[path] = (text, inventory, result)
+        return result
+
+
+_PARSED = _Parsed()
+
+
+def forget() -> None:
+    """Drop everything this process keeps between verbs, as a new `p4seg` process starts:
+    the last build (incremental compile), the parsed inventory and policy, what it applied
+    and proved, and the compiler's per-switch memos. Benchmarks and tests use it to measure
+    or check a one-shot command against a long-running controller (watch, serve)."""
+    from compiler.emit import forget as forget_emitted
+    from compiler.verify import DERIVED
+    from p4seg import control, verbs
+
+    _LAST_BUILD.clear()
+    _PARSED.clear()
+    control._APPLIED.clear()
+    verbs._PROVEN.clear()
+    DERIVED.clear()
+    forget_emitted()
+
+
 def _front(
     args: argparse.Namespace,
     text_transform: Callable[[str], str],
@@ -578,7 +643,7 @@ def _front(
     inventory, file_text = loaded
     compiled_text = text_transform(file_text)
     sources.add(args.policy, compiled_text)
-    result = check_policy(compiled_text, args.policy, inventory)
+    result = _PARSED.check(compiled_text, args.policy, inventory)
     errors = [d for d in result.diagnostics if d.severity.value == "error"]
     if errors:
         _report(errors, sources, args.error_format)

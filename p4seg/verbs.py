@@ -249,8 +249,9 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
 
 def tables_digest(compiled: Compiled, switch: str) -> str:
     """The digest of what the compiled build gives `switch` (its entries file)."""
-    text = compiled.build.files.get(f"entries/{switch}.json", "")
-    return hashlib.sha256(text.encode()).hexdigest()
+    from compiler.emit import file_digest
+
+    return file_digest(compiled.build.files.get(f"entries/{switch}.json", ""))
 
 
 def _load_state(args: argparse.Namespace, verb: str) -> LiveState | None:

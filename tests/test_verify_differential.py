@@ -203,3 +203,21 @@ def test_pairs_fall_back_to_the_full_proof_when_the_inventory_changes(
     assert result.proven and result.pairs is None and result.scope is None
     nothing = verify(policy, floor, switches, previous=(policy, floor, switches))
     assert nothing.proven and nothing.pairs == 0 and nothing.classes == 0
+
+
+def test_a_proof_over_what_earlier_proofs_derived_equals_a_cold_one(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """The derivations kept per switch object (compiler.verify.DERIVED: indexes, cuts)
+    serve the next proof over the same objects; a corrupted switch is a new object and is
+    derived afresh, so warm and cold proofs find the same counterexamples."""
+    from compiler.verify import DERIVED
+
+    policy, switches = _compile(floor_policy_text, floor)
+    assert verify(policy, floor, switches).proven  # warms the cache for every switch
+    for corrupted in _corruptions(switches, seed=11, count=30):
+        warm = verify(policy, floor, corrupted)
+        DERIVED.clear()
+        cold = verify(policy, floor, corrupted)
+        assert _found(warm) == _found(cold) and warm.proven == cold.proven
+        verify(policy, floor, switches)  # warm again for the next one

@@ -1,0 +1,48 @@
+"""Values derived from immutable objects, found again by the object's identity.
+
+A long-running controller compiles and proves build after build, and an incremental
+compile hands the switches a change did not touch on as the same frozen objects: what was
+derived from one (its proof indexes, its report line, its file's digest) holds for as long
+as the object lives. Hashing such an object (a switch's 3,000 entries) would cost what
+deriving does, so the key is its identity, and the memo holds the object so that the
+identity stays unique while it is remembered.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ByObject(Generic[K, V]):
+    """`make(obj)` per object, the least recently used dropped beyond `keep`. Thread-safe
+    (serve compiles in its worker thread while its API thread may trace); `make` runs
+    outside the lock, so two threads may both derive a value the first time."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._items: OrderedDict[int, tuple[K, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, obj: K, make: Callable[[K], V]) -> V:
+        key = id(obj)
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None and found[0] is obj:
+                self._items.move_to_end(key)
+                return found[1]
+        value = make(obj)
+        with self._lock:
+            self._items[key] = (obj, value)
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
