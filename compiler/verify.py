@@ -224,6 +224,10 @@ def _match_intervals(m: FieldMatch, bits: int) -> list[tuple[int, int]]:
     return out
 
 
+def _first(item: tuple[int, TableEntry]) -> int:
+    return item[0]
+
+
 class _AddressIndex:
     """One table's entries bucketed by the address classes (cut at every table prefix) their
     `field` can match, in table order: a lookup scans one bucket, not the table, and finds
@@ -233,21 +237,32 @@ class _AddressIndex:
         self, entries: list[TableEntry], field: str, starts: list[int], width: int = 32
     ) -> None:
         self.starts = starts
-        self.buckets: list[list[TableEntry]] = [[] for _ in starts]
-        for entry in entries:
+        # Only the classes some entry reaches have a bucket (most of a floor's classes are
+        # another ToR's hosts); the entries with no bound on `field` are kept apart, with
+        # their positions, to be merged in table order (`lookup` keeps the first of a tie).
+        self.buckets: dict[int, list[TableEntry]] = {}
+        self.anywhere: list[tuple[int, TableEntry]] = []
+        self._positions: dict[int, int] = {}  # id(entry) -> position, when some are anywhere
+        for pos, entry in enumerate(entries):
             m = entry.match(field)
             spans = _match_intervals(m, width) if m is not None else []
             if m is None or len(spans) > 4096:  # unbounded: a candidate everywhere
-                for bucket in self.buckets:
-                    bucket.append(entry)
+                self.anywhere.append((pos, entry))
                 continue
             for lo, hi in spans:
                 first = bisect.bisect_right(starts, lo) - 1
                 for k in range(first, bisect.bisect_right(starts, hi)):
-                    self.buckets[k].append(entry)
+                    self.buckets.setdefault(k, []).append(entry)
+        if self.anywhere:
+            self._positions = {id(e): pos for pos, e in enumerate(entries)}
 
     def lookup(self, address: int, values: dict[str, int]) -> TableEntry | None:
-        return lookup(self.buckets[bisect.bisect_right(self.starts, address) - 1], values)
+        bucket = self.buckets.get(bisect.bisect_right(self.starts, address) - 1, [])
+        if self.anywhere:
+            where = self._positions
+            merged = sorted([(where[id(e)], e) for e in bucket] + self.anywhere, key=_first)
+            bucket = [e for _pos, e in merged]
+        return lookup(bucket, values)
 
 
 _T = TypeVar("_T")
