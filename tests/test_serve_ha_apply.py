@@ -16,6 +16,7 @@ election id the switch had seen, and that election ids only grew (never two prim
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -28,14 +29,23 @@ from typing import Any
 
 import pytest
 from etcd_cluster import EtcdCluster, etcd_cluster
-from logged_switch import Decided, LoggedSwitch, Pending
+from logged_switch import Decided, Hold, LoggedSwitch, Pending
 from p4rt import wait_for
 from test_cli_controller import HOSTS, POLICY, _passes
 from test_controller import TABLES, _held_entries, _mark
-from test_serve import OPERATOR, Served, pki
+from test_serve import OPERATOR, Served, _Loop, pki
+from test_store_etcd import Partition
 
 from p4seg.cli import main
+from runtime.controller import (
+    ControllerError,
+    ControllerOptions,
+    PipelineFiles,
+    SwitchTarget,
+    apply_all,
+)
 from runtime.refswitch.device import P4RuntimeError
+from runtime.refswitch.switch import ReferenceSwitch
 from topologies.switches import terminate
 
 __all__ = ["etcd_cluster", "pki"]  # fixtures, used by name
@@ -128,6 +138,45 @@ POINTS = [
     # Everything written but the mark: the switch holds the edit but does not claim it.
     Point("finished", True, _kind_is("mark"), "ce+fe+"),
 ]
+
+
+# -- the write fence, alone --------------------------------------------------------------
+
+
+def test_an_apply_asks_the_write_fence_before_every_write(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+) -> None:
+    """ControllerOptions.fence (serve --etcd: p4seg/replication.py's still_leads) is asked
+    before arbitrating and before every batch; once it refuses, nothing more is written,
+    and the next apply converges."""
+    switches, files, refs = fabric
+    one = [t for t in switches if t.name == "tor-alg"]
+    device = refs["tor-alg"].device
+    writes: list[int] = []
+    real_write = device.write
+
+    def counted(updates: Any) -> Any:
+        updates = list(updates)
+        writes.append(len(updates))
+        return real_write(updates)
+
+    device.write = counted  # type: ignore[method-assign]
+    asked: list[int] = []
+
+    def fence(election_id: int) -> None:
+        asked.append(election_id)
+        if len(asked) > 3:  # arbitration, then two batches
+            raise ControllerError("ctl-a is not the leader: nothing more written")
+
+    options = ControllerOptions(election_id=7, batch_size=10, fence=fence)
+    (report,) = asyncio.run(apply_all(one, TABLES, files, options))
+    assert report.error == "ctl-a is not the leader: nothing more written"
+    assert asked == [7] * 4 and writes == [10, 10] and report.written == 20
+    (again,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions(batch_size=10)))
+    assert again.ok and again.written > 0
+    assert _held_entries(refs["tor-alg"]) == {
+        e.SerializeToString(deterministic=True) for e in one[0].desired.entries.values()
+    }
 
 
 # -- the floor: a logged switch, an etcd cluster, serve processes ---------------------------
@@ -354,3 +403,132 @@ def test_a_leader_killed_mid_apply_is_finished_by_the_standby(
 
     assert _plan_is_empty("state-ctl-b")
     _new_policy_on_the_wire(sw)
+
+
+# -- 3. a leader cut off from etcd, with a switch ------------------------------------------
+
+
+@pytest.fixture
+def relays(etcd_cluster: EtcdCluster) -> Iterator[tuple[tuple[str, ...], Callable[[], None]]]:
+    """One TCP relay per etcd member (test_store_etcd's Partition, on a loop of its own):
+    (the relays' endpoints, cut) — cut drops every connection and refuses new ones."""
+    loop = _Loop()
+    parts = [Partition(e) for e in etcd_cluster.endpoints]
+
+    async def cut() -> None:
+        for p in parts:
+            p.cut()
+
+    try:
+        yield tuple(loop.run(p.start()) for p in parts), lambda: loop.run(cut())
+    finally:
+        loop.run(cut())
+        loop.close()
+
+
+def _cut_mid_apply(
+    sw: LoggedSwitch,
+    serves: Callable[[str, tuple[str, ...]], Serve],
+    etcd_cluster: EtcdCluster,
+    relays: tuple[tuple[str, ...], Callable[[], None]],
+    *,
+    before: bool,
+) -> tuple[Serve, Serve, int, int, Hold, float]:
+    """ctl-a (through the relays) leads and applies the edit; its second write is parked
+    (`before` the switch checks it: in flight; else landed, ctl-a awaiting the answer)
+    when the relays are cut. Returns ctl-a, ctl-b, ctl-a's election id, the switch's
+    epoch before the edit, the hold and when the relays were cut."""
+    via, cut = relays
+    a, b = _leading_pair(serves, sw, via, etcd_cluster.endpoints)
+    _operate(a, "PUT", "/v1/quarantine/h2", {"reason": "EDR: beaconing"})  # acknowledged
+    a_id, epoch = a.election_id(), _epoch(sw)
+    second = _nth(2)(0)
+    hold = sw.hold(lambda w: w.election_id == a_id and second(w), before=before)
+    Path("small.zt").write_text(EDIT)  # ctl-a's watch loop applies it
+    assert hold.held.wait(60), a.output()
+    cut()
+    return a, b, a_id, epoch, hold, time.monotonic()
+
+
+def _b_took_over(b: Serve, sw: LoggedSwitch, epoch: int) -> int:
+    """ctl-b leads and has applied (its mark is on the switch); its election id."""
+    assert wait_for(lambda: b.status()["role"] == "leader", 30), b.output()
+    b_id = b.election_id()
+
+    def marked() -> bool:
+        return any(d.accepted and kind(d.updates, epoch) == "mark" for d in _writes(sw.log, b_id))
+
+    assert wait_for(marked, 30), b.output()
+    return b_id
+
+
+def _only_b_state(a: Serve, sw: LoggedSwitch) -> None:
+    """ctl-a is a standby that refuses changes; the switch holds ctl-b's apply of the edit."""
+    assert wait_for(lambda: a.status()["role"] == "standby", 30), a.output()
+    code, doc = a.served.call("PUT", "/v1/quarantine/h1", {"reason": "late"}, token=OPERATOR)
+    assert code == 503 and doc["error"]["code"] == "standby", (code, doc)
+    assert _plan_is_empty("state-ctl-b")
+    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
+    assert not _passes(sw, "h2", "h3", 8081) and _passes(sw, "h3", "h4", 22)
+
+
+def test_a_leader_cut_off_from_etcd_mid_apply_writes_nothing_more(
+    site: tuple[LoggedSwitch, list[str]],
+    serves: Callable[[str, tuple[str, ...]], Serve],
+    etcd_cluster: EtcdCluster,
+    relays: tuple[tuple[str, ...], Callable[[], None]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ctl-a's write landed and it awaits the answer when it loses etcd. It stops leading
+    when it can no longer be sure of its lease (before the lease can expire: etcdstore's
+    margin); its answer then arrives, and its apply sends nothing more, though the switch
+    would still take it (ctl-b has not won yet)."""
+    sw, _ = site
+    a, b, a_id, epoch, hold, cut = _cut_mid_apply(sw, serves, etcd_cluster, relays, before=False)
+    assert wait_for(lambda: "no longer leads" in a.output(), 30), a.output()
+    stopped = time.monotonic() - cut
+    parked = len(sw.log)  # the landed write is the log's last decision
+    hold.release()
+    # Its apply ends (status waits for it), having sent nothing more.
+    assert wait_for(lambda: a.status()["role"] == "standby", 30), a.output()
+    log = sw.log
+    assert log[parked - 1].election_id == a_id and log[parked - 1].accepted
+    late = [kind(d.updates, epoch) for d in _writes(log, a_id, parked)]
+    assert not late, f"ctl-a wrote after it stopped leading: {late}"
+    b_id = _b_took_over(b, sw, epoch)
+    leads = min(d.at for d in _writes(sw.log, b_id)) - cut
+    with capsys.disabled():
+        print(f"\nctl-a stopped leading {stopped:.2f} s after the cut; ctl-b's first write "
+              f"{leads:.2f} s after it (lease TTL {TTL} s)")  # fmt: skip
+    _only_b_state(a, sw)
+    assert not _writes(sw.log, a_id, parked)
+    only_the_highest_wrote(sw.log, {a_id, b_id})
+
+
+def test_a_deposed_leaders_write_in_flight_is_refused_by_the_switch(
+    site: tuple[LoggedSwitch, list[str]],
+    serves: Callable[[str, tuple[str, ...]], Serve],
+    etcd_cluster: EtcdCluster,
+    relays: tuple[tuple[str, ...], Callable[[], None]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ctl-a's write is in flight when it loses etcd, and reaches the switch only after
+    ctl-b has won and applied: the switch refuses it (ctl-b's election id is higher)."""
+    sw, _ = site
+    a, b, a_id, epoch, hold, cut = _cut_mid_apply(sw, serves, etcd_cluster, relays, before=True)
+    b_id = _b_took_over(b, sw, epoch)
+    with capsys.disabled():
+        print(f"\nctl-b's first write {min(d.at for d in _writes(sw.log, b_id)) - cut:.2f} s "
+              f"after ctl-a was cut off (lease TTL {TTL} s)")  # fmt: skip
+    hold.release()  # ctl-a's write arrives now
+
+    def refused() -> list[Decided]:
+        return [d for d in sw.log if not d.accepted]
+
+    assert wait_for(lambda: bool(refused()), 30)
+    [late] = refused()
+    assert late.election_id == a_id < b_id == late.highest
+    assert kind(late.updates, epoch) == "entries"  # the edit's first entry, never written
+    _only_b_state(a, sw)
+    assert refused() == [late]  # and ctl-a tried nothing else
+    only_the_highest_wrote(sw.log, {a_id, b_id})
