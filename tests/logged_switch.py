@@ -43,7 +43,7 @@ class Decided:
 
     election_id: int
     highest: int | None  # the highest election id the switch had seen (None: none yet)
-    accepted: bool
+    accepted: bool  # it passed the primary check (its updates may still fail on their own)
     updates: tuple[p4r.Update, ...]
     at: float  # time.monotonic() of the decision
 
@@ -74,6 +74,7 @@ class Hold:
 
 
 def election_of(request: p4r.WriteRequest) -> int:
+    """The election id a Write carries (P4Runtime's Uint128)."""
     return (request.election_id.high << 64) | request.election_id.low
 
 

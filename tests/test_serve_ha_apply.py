@@ -487,6 +487,7 @@ def test_a_leader_cut_off_from_etcd_mid_apply_writes_nothing_more(
     would still take it (ctl-b has not won yet)."""
     sw, _ = site
     a, b, a_id, epoch, hold, cut = _cut_mid_apply(sw, serves, etcd_cluster, relays, before=False)
+    # serve prints the elector's warnings on stderr: the moment ctl-a gives up leading.
     assert wait_for(lambda: "no longer leads" in a.output(), 30), a.output()
     stopped = time.monotonic() - cut
     parked = len(sw.log)  # the landed write is the log's last decision
