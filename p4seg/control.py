@@ -86,6 +86,7 @@ def options_of(args: argparse.Namespace) -> ControllerOptions | str:
         reset_direct_meters=kind is not None and kind.stale_direct_meters,
         full_read=getattr(args, "full_read", False),
         fenced=bool(getattr(args, "etcd", None)),  # serve --etcd: a newer leader outranks us
+        fence=getattr(args, "write_fence", None),  # serve --etcd: p4seg/replication.py
     )
 
 

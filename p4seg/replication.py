@@ -30,9 +30,10 @@ from p4seg.operations import NOTES_FILE
 from p4seg.signals import ENGINE_FILE
 from p4seg.spines import DOWN_FILE
 from p4seg.verbs import PROOF_FILE
+from runtime.controller import ControllerError
 from runtime.etcdstore import Replica, Role, status
 from runtime.live import STATE_FILE as LIVE_FILE
-from runtime.store import StateMirror, StoreUnavailable
+from runtime.store import NotLeader, StateMirror, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -84,6 +85,18 @@ class Replication:
         except BaseException:
             self._pulled = None  # what etcd holds is unsure: pull before the next operation
             raise
+
+    def still_leads(self, election_id: int) -> None:
+        """Before every switch write (ControllerOptions.fence): ControllerError unless this
+        controller still leads with `election_id`. An operation's writes stop once the
+        lease may lapse (no refresh for ttl - margin), not only its next operation."""
+        try:
+            term = self.replica.elector.fence()
+        except NotLeader as err:
+            raise ControllerError(f"{err}: nothing more written") from None
+        if term.election_id != election_id:
+            raise ControllerError(f"this controller leads with election id {term.election_id} "
+                                  f"now, not {election_id}: nothing more written")  # fmt: skip
 
     def leads(self) -> bool:
         """Whether this controller leads now (no etcd request)."""

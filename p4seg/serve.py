@@ -177,6 +177,7 @@ class Service:
             self.replica = Replica.open(dataclasses.replace(self.etcd, url=url))
             await self.replica.start()
             self.ops.replication = Replication(self.replica, self.ops.state_dir, loop)
+            self.ops.args.write_fence = self.ops.replication.still_leads  # every switch write
             print(f"p4seg serve: {self.replica.elector.options.who} on floor {self.etcd.floor} "
                   f"(etcd {','.join(self.etcd.endpoints)})", flush=True)  # fmt: skip
         # After the banner: the watch loop prints its first apply.

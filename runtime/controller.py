@@ -58,6 +58,9 @@ class ControllerOptions:
     # Write only as `election_id` itself: finsy bids the switch's election_id_past when no
     # primary is connected, which would let a deposed etcd leader outrank its successor.
     fenced: bool = False
+    # Asked before every write with `election_id`: raises ControllerError once this
+    # controller may no longer write as it (serve --etcd: a leader whose lease may lapse).
+    fence: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +328,11 @@ async def _write(
     batch: int,
     report: SwitchReport,
     reset_meters: bool = False,
+    fence: Callable[[], None] | None = None,
 ) -> None:
     for i in range(0, len(changes), batch):
+        if fence is not None:
+            fence()
         chunk = changes[i : i + batch]
         updates: list[p4r.Update] = []
         owner: list[int] = []  # the change each update on the wire belongs to
@@ -401,9 +407,14 @@ async def apply_one(
         async with aside() if aside is not None else contextlib.nullcontext():
             await held_work()
 
+    def fence() -> None:
+        if options.fence is not None:
+            options.fence(options.election_id)
+
     async def held_work() -> None:
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
+        fence()  # arbitrating may set the pipeline: a write too
         async with Switch(
             target.name, target.address, session_options(target, files, options)
         ) as sw:
@@ -430,30 +441,36 @@ async def apply_one(
             plan = report.plan = planner(tables, target.desired, held)
             if plan.empty:
                 if digest and held.digest != digest:  # right, but not marked (yet): mark it
-                    await _mark(sw, tables, plan.epoch_after, digest, report)
+                    await _mark(sw, tables, plan.epoch_after, digest, report, fence)
                 return
             if held.digest:  # from the first write on, the switch holds no known build
-                await _mark(sw, tables, held.epoch, b"", report)
+                await _mark(sw, tables, held.epoch, b"", report, fence)
             say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
             reset = options.reset_direct_meters
-            await _write(sw, tables, plan.prepare, options.batch_size, report, reset)
+            await _write(sw, tables, plan.prepare, options.batch_size, report, reset, fence)
             if plan.flip is not None:
                 say(target.name, f"flipping to epoch {plan.epoch_after}")
-                await _write(sw, tables, [plan.flip], 1, report)
+                await _write(sw, tables, [plan.flip], 1, report, fence=fence)
             if plan.finish:
                 say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
-                await _write(sw, tables, plan.finish, options.batch_size, report, reset)
+                await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
             if digest:  # every update took: the switch holds the build
-                await _mark(sw, tables, plan.epoch_after, digest, report)
+                await _mark(sw, tables, plan.epoch_after, digest, report, fence)
 
     return await _bounded(report, options.timeout, work)
 
 
 async def _mark(
-    sw: Switch, tables: Tables, epoch: int, digest: bytes, report: SwitchReport
+    sw: Switch,
+    tables: Tables,
+    epoch: int,
+    digest: bytes,
+    report: SwitchReport,
+    fence: Callable[[], None],
 ) -> None:
     """Mark the switch as holding `digest` (b"": unknown) on the epoch default, which keeps
     stamping `epoch`: no packet is judged differently."""
+    fence()
     u = p4r.Update(type=p4r.Update.MODIFY)
     u.entity.table_entry.CopyFrom(tables.epoch_default(epoch, digest))
     try:

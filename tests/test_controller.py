@@ -321,12 +321,13 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
         batch: int,
         report: object,
         reset_meters: bool = False,
+        fence: object = None,
     ) -> None:
         nonlocal written
         room = kill_after - written
         if room <= 0:
             raise controller.ControllerError("killed")
-        await real_write(sw, tables, changes[:room], batch, report, reset_meters)  # type: ignore[arg-type]
+        await real_write(sw, tables, changes[:room], batch, report, reset_meters, fence)  # type: ignore[arg-type]
         written += min(room, len(changes))
         if room < len(changes):
             raise controller.ControllerError("killed")

@@ -187,11 +187,13 @@ def test_a_standby_names_the_leader_and_takes_over_when_it_dies(
     assert set(LiveState.load(b.served.state).quarantined) == {"h1", "h2"}
 
     # The deposed leader's late write: ctl-a's operations, as if it still believed it led
-    # (its etcd fence bypassed), release h1 with its old election id. The switch has seen
-    # ctl-b's higher id, so it does not make ctl-a primary, and p4seg never bids above its
-    # own id: nothing is written, h1 stays quarantined.
+    # (its etcd fences bypassed: before the operation and before each write), release h1
+    # with its old election id. The switch has seen ctl-b's higher id, so it does not make
+    # ctl-a primary, and p4seg never bids above its own id: nothing is written, h1 stays
+    # quarantined.
     late = a.service.ops
     late.replication = None
+    late.args.write_fence = None
     assert late.args.election_id == old_id
     outcome = late.operate("release", "ctl-a-late", {"host": "h1"}, {})
     assert outcome.code != 0
