@@ -284,12 +284,6 @@ _SWITCH_REPORTS: defaultdict[str, ByObject[SwitchTables, tuple[dict[str, object]
 _DIGESTS: ByObject[str, str] = ByObject(1024)
 
 
-def forget() -> None:
-    """Drop the memos above (p4seg.cli.forget: what a new process starts without)."""
-    _SWITCH_REPORTS.clear()
-    _DIGESTS.clear()
-
-
 def file_digest(text: str) -> str:
     """A build file's SHA-256 (hex), remembered per text object."""
     return _DIGESTS.get(text, lambda t: hashlib.sha256(t.encode()).hexdigest())

@@ -10,13 +10,15 @@ Passes run in the order of PASSES; adding a pass is adding a line:
 from __future__ import annotations
 
 import itertools
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 
 from compiler.diagnostics import P4segError, error
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.lower import cidr_blocks
+from compiler.memo import ByObject
 from compiler.targets import Target
 
 
@@ -36,30 +38,40 @@ def expand_ranges(switches: tuple[SwitchTables, ...], target: Target) -> tuple[S
     if target.has_range:
         return switches
     width = {k.name: k.bits for t in target.pipeline.tables for k in t.keys}
-    out = []
-    for sw in switches:
-        entries: list[TableEntry] = []
-        for entry in sw.entries:
-            choices = [
-                [
-                    FieldMatch(m.field, "ternary", v, mask)
-                    for v, mask in range_to_ternary(m.value, m.arg, width[m.field])
-                ]
-                if m.kind == "range"
-                else [m]
-                for m in entry.matches
+    memo = _EXPANDED[target.name]
+    return tuple(memo.get(sw, partial(_expanded, width)) for sw in switches)
+
+
+def _expanded(width: Mapping[str, int], sw: SwitchTables) -> SwitchTables:
+    entries: list[TableEntry] = []
+    for entry in sw.entries:
+        choices = [
+            [
+                FieldMatch(m.field, "ternary", v, mask)
+                for v, mask in range_to_ternary(m.value, m.arg, width[m.field])
             ]
-            entries.extend(
-                replace(entry, matches=tuple(combo)) for combo in itertools.product(*choices)
-            )
-        out.append(replace(sw, entries=tuple(entries)))
-    return tuple(out)
+            if m.kind == "range"
+            else [m]
+            for m in entry.matches
+        ]
+        entries.extend(
+            replace(entry, matches=tuple(combo)) for combo in itertools.product(*choices)
+        )
+    return replace(sw, entries=tuple(entries))
+
+
+# Per target, a switch's tables fitted to it, and its entries per table, for as long as an
+# incremental compile passes the switch on unchanged (compiler/memo.py).
+_EXPANDED: defaultdict[str, ByObject[SwitchTables, SwitchTables]] = defaultdict(
+    lambda: ByObject(256)
+)
+_COUNTS: ByObject[SwitchTables, Counter[str]] = ByObject(256)
 
 
 def check_capacity(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
     diags = []
     for sw in switches:
-        counts = Counter(e.table for e in sw.entries)
+        counts = _COUNTS.get(sw, lambda t: Counter(e.table for e in t.entries))
         for table in target.pipeline.tables:
             if counts[table.name] > table.size:
                 diags.append(

@@ -36,6 +36,7 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
+from compiler.memo import ByObject
 from compiler.model import Action, Policy
 from compiler.quarantine import (
     QUARANTINE_FIELD,
@@ -189,6 +190,10 @@ def _next_hops(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], _
                 ports = towards(live, switch, alive) if switch in alive else ()
                 out[(switch, dest)] = _NextHops(every, ports)
     return out
+
+
+# An inventory's next hops, while its object lives (the verbs parse an unchanged file once).
+_NEXT_HOPS: ByObject[Inventory, dict[tuple[str, str], _NextHops]] = ByObject(4)
 
 
 def _routing(
@@ -520,7 +525,7 @@ def lower(
         pinned = (h.ip for h in inventory.hosts)
         return PolicySemantics(policy, pinned, sets=[service.intervals] if service else ())
 
-    next_hops = _next_hops(inventory, _topology(inventory))
+    next_hops = _NEXT_HOPS.get(inventory, lambda inv: _next_hops(inv, _topology(inv)))
     tags: dict[tuple[str, str], SideTags] = {}
     hosts_sorted = sorted(inventory.hosts, key=lambda h: h.ip)
     out = []

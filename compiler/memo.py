@@ -11,12 +11,21 @@ identity stays unique while it is remembered.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+_EVERY: weakref.WeakSet[ByObject[Any, Any]] = weakref.WeakSet()
+
+
+def forget() -> None:
+    """Empty every memo (what a new process starts without: benchmarks, tests)."""
+    for memo in list(_EVERY):
+        memo.clear()
 
 
 class ByObject(Generic[K, V]):
@@ -28,6 +37,7 @@ class ByObject(Generic[K, V]):
         self.keep = keep
         self._items: OrderedDict[int, tuple[K, V]] = OrderedDict()
         self._lock = threading.Lock()
+        _EVERY.add(self)
 
     def get(self, obj: K, make: Callable[[K], V]) -> V:
         key = id(obj)

@@ -608,7 +608,7 @@ def forget() -> None:
     the last build (incremental compile), the parsed inventory and policy, what it applied
     and proved, and the compiler's per-switch memos. Benchmarks and tests use it to measure
     or check a one-shot command against a long-running controller (watch, serve)."""
-    from compiler.emit import forget as forget_emitted
+    from compiler.memo import forget as forget_memos
     from compiler.verify import DERIVED
     from p4seg import control, verbs
 
@@ -617,7 +617,7 @@ def forget() -> None:
     control._APPLIED.clear()
     verbs._PROVEN.clear()
     DERIVED.clear()
-    forget_emitted()
+    forget_memos()
 
 
 def _front(
