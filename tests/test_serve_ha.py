@@ -29,6 +29,7 @@ from p4seg.serve import Service, api_options, etcd_of
 from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
+from runtime.store import NotLeader
 from topologies.switches import terminate
 
 __all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
@@ -308,3 +309,47 @@ def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
     assert set(live.quarantined) == {"h1", "h2"} and chained
     # The calls answered 503 left nothing in etcd: one record per acknowledged quarantine.
     assert [r["host"] for r in records if r["event"] == "quarantine"] == ["h1", "h2"]
+
+
+def test_a_new_leader_judges_a_release_or_revocation_by_etcd_not_its_stale_copy(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby's state directory is as of its last term (here: none), until its first
+    turn as leader pulls: a release or a revocation it answers meanwhile must not be "not
+    quarantined" / "unknown grant" from that copy while etcd holds the host or the grant."""
+    sw, _, (a, b), cluster = floor
+    assert _quarantine(a, "h1")[0] == 200
+    body = {"src": "h2", "dst": "h4", "proto": "tcp", "ports": "443", "for": 3600}
+    code, doc = a.served.call("POST", "/v1/grants", body, token=OPERATOR)
+    assert code == 200, doc
+    grant = doc["grant"]["id"]
+    assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h4", 443)
+
+    # ctl-b's watch loop takes no turn (its pull once per term), as before its first one.
+    assert b.service.ops.replication is not None
+    pull = b.service.ops.replication.begin
+
+    def calls_only(*, fresh: bool = True) -> int:
+        if not fresh:
+            raise NotLeader("held off by the test")
+        return pull(fresh=fresh)
+
+    monkeypatch.setattr(b.service.ops.replication, "begin", calls_only)
+    a.stop()  # resigns: ctl-b leads at once
+    assert wait_for(lambda: b.role() is Role.LEADER, 30)
+    stale = LiveState.load(b.served.state)
+    assert "h1" not in stale.quarantined and not stale.grants  # its copy predates the term
+
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 200 and doc["quarantined"] is False, doc
+    code, doc = b.served.call("DELETE", f"/v1/grants/{grant}", {}, token=OPERATOR)
+    assert code == 200 and doc["revoked"], doc
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h4", 443)
+    # Now they are gone, in etcd too: 404 from what etcd holds.
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 404 and doc["error"]["code"] == "not_quarantined", doc
+    code, doc = b.served.call("DELETE", f"/v1/grants/{grant}", {}, token=OPERATOR)
+    assert code == 404 and doc["error"]["code"] == "unknown_grant", doc
+    live, _, chained = _stored(cluster)
+    assert not live.quarantined and not live.grants and chained
