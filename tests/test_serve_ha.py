@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -353,3 +354,26 @@ def test_a_new_leader_judges_a_release_or_revocation_by_etcd_not_its_stale_copy(
     assert code == 404 and doc["error"]["code"] == "unknown_grant", doc
     live, _, chained = _stored(cluster)
     assert not live.quarantined and not live.grants and chained
+
+
+def test_more_concurrent_calls_than_the_loop_has_threads_do_not_stall_the_leader(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    """serve runs each call's verb in the event loop's default thread pool, where it waits
+    for the operations lock; the leader's pull and push of etcd, under that lock, must not
+    need a thread of that pool (every one may be waiting for the lock): all calls are
+    answered 200, none 503 "not read or written in time"."""
+    sw, _, (a, _), cluster = floor
+    pool = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor (Python 3.8+)
+    replies: list[tuple[int | None, dict[str, Any]]] = []
+    calls = [
+        threading.Thread(target=lambda h=h: replies.append(_quarantine(a, h)))
+        for h in [("h1", "h2", "h3")[i % 3] for i in range(pool + 2)]
+    ]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    assert [code for code, _ in replies] == [200] * len(calls), replies
+    assert set(_stored(cluster)[0].quarantined) == {"h1", "h2", "h3"}
+    assert not _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h3", 8080)
