@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 from etcd_cluster import EtcdCluster, etcd_cluster
 from p4rt import wait_for
+from serve_process import ServeProcesses
 from test_cli_controller import _passes, site
 from test_serve import OPERATOR, Served, _Loop, _serve_args, pki
 
@@ -31,7 +30,6 @@ from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
 from runtime.store import NotLeader
-from topologies.switches import terminate
 
 __all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
 
@@ -230,21 +228,11 @@ def test_kill_9_of_the_leader_process(
     clean-up of any kind): the standby leads within the lease and keeps the quarantine."""
     sw, inv = site
     etcd = ",".join(f"http://{e}" for e in etcd_cluster.endpoints)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    common = ["small.zt", *inv, "--api-tokens", str(pki / "access.yaml")]
+    ctl = ServeProcesses(Path.cwd(), common, etcd, TTL)
 
     def start(name: str) -> Served:
-        out = Path(f"{name}.out")
-        argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
-                "--api-tokens", str(pki / "access.yaml"), "--state", f"state-{name}",
-                "--interval", "0.05", "--etcd", etcd, "--etcd-ttl", str(TTL),
-                "--etcd-name", name]  # fmt: skip
-        with out.open("wb") as sink:
-            procs[name] = subprocess.Popen([sys.executable, "-m", "p4seg", *argv], stdout=sink,
-                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        assert wait_for(lambda: b"/v1/status" in out.read_bytes(), 60), out.read_text()
-        banner = out.read_text().split("p4seg serve: API on ", 1)[1].split()[0]
-        return Served(sw, pki, banner.removesuffix("/v1/status").rstrip(","), "", Path())
+        return Served(sw, pki, ctl.start(name), "", Path())
 
     def status(s: Served) -> dict[str, Any]:
         code, doc = s.call("GET", "/v1/status", token=OPERATOR)
@@ -263,9 +251,8 @@ def test_kill_9_of_the_leader_process(
         assert not _passes(sw, "h1", "h3", 8080)
         old_id = status(a)["leader"]["election_id"]
 
-        procs["ctl-a"].kill()  # SIGKILL
+        ctl.kill("ctl-a")  # SIGKILL
         killed = time.monotonic()
-        procs["ctl-a"].wait()
         assert wait_for(lambda: status(b)["role"] == "leader", 30)
         print(f"ctl-b leads {time.monotonic() - killed:.2f} s after ctl-a was killed "
               f"(lease TTL {TTL} s)")  # fmt: skip
@@ -275,8 +262,7 @@ def test_kill_9_of_the_leader_process(
         assert code == 200, doc
         assert not _passes(sw, "h2", "h3", 8080) and _passes(sw, "h1", "h4", 443)  # remediation
     finally:
-        for proc in procs.values():
-            terminate(proc, 30)
+        ctl.stop()
 
 
 def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
