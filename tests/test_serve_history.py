@@ -1,10 +1,10 @@
 """The history check of `p4seg serve --etcd` (issue 15): concurrent API clients quarantine,
 release, grant and revoke through three controller processes while the leader is SIGKILLed
-again and again; at the end, etcd, the audit chain and the switch's packets hold exactly
-what the acknowledged operations imply.
+again and again; at the end, etcd, the audit chain and the switch (its packets, and its
+tables entry by entry) hold exactly what the acknowledged operations imply.
 
 Every call is recorded with its outcome:
-- **acknowledged**: 2xx with a body;
+- **acknowledged**: 2xx with a body that says `"ok": true`;
 - **refused**: an answer that says nothing was stored — a 4xx (unknown grant, a host not
   quarantined, a grant that could not take effect), 503 `standby`, 503 `etcd_unavailable`
   before the verb ran ("nothing was done");
@@ -30,6 +30,7 @@ interleaving is the machine's.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import math
@@ -52,8 +53,12 @@ from test_cli_controller import _passes, site
 from test_serve import OPERATOR, pki
 from test_serve_ha import TTL, _stored
 
+from p4seg.cli import main
+from p4seg.replication import SHARED_FILES
+from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
+from runtime.store import StateMirror
 
 __all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
 
@@ -249,7 +254,7 @@ class Client(threading.Thread):
             elif status is None:
                 ask, what = None, "retry"  # connection refused: a killed controller
             elif 200 <= status < 300:
-                what = "ack"
+                what = "ack" if reply.doc.get("ok") is True else "error"
             elif status in (502, 503):
                 what = "ambiguous"  # the verb ran; a switch failed it, or etcd did not confirm
             else:
@@ -320,6 +325,22 @@ def _flows(state: LiveState) -> dict[tuple[str, str, int], bool]:
     expect[("h1", "h4", 443)] = True  # remediation: kept through a quarantine of h1
     expect[("h3", "h1", 8080)] = False  # never allowed
     return expect
+
+
+def _pull(cluster: EtcdCluster, state: Path) -> None:
+    """Make `state` a state directory holding what etcd holds (as a controller's pull does,
+    by a store that only reads)."""
+
+    async def pull() -> None:
+        etcd = Etcd(EtcdOptions(cluster.endpoints, "small"))
+        try:
+            names = [name.removesuffix(".json") for name in SHARED_FILES]
+            await StateMirror(EtcdStore(etcd, None), state, names).pull()
+        finally:
+            await etcd.close()
+
+    state.mkdir()
+    asyncio.run(pull())
 
 
 def _until(condition: Callable[[], object], timeout: float) -> bool:
@@ -467,6 +488,10 @@ def test_history_of_concurrent_operations_while_leaders_are_killed(
                     for (s, d, p), v in expect.items()]  # fmt: skip
             pytest.fail(f"the switch disagrees with etcd (quarantined {sorted(live.quarantined)}"
                         f", grants {sorted(stored)}):\n" + "\n".join(rows))  # fmt: skip
+        # ... and holds exactly the tables that etcd's state compiles to, entry by entry (a
+        # plan reading every table: 0, nothing to change).
+        _pull(etcd_cluster, Path("state-etcd"))
+        assert main(["plan", "small.zt", *inv, "--state", "state-etcd", "--full-read"]) == 0
         print(f"final: quarantined {sorted(live.quarantined)}, grants "
               f"{sorted(f'{g.src}->{g.dst}:{g.ports}' for g in live.grants)}; takeovers "
               f"{', '.join(f'{t:.2f}' for t in takeovers)} s (lease TTL {TTL} s)")  # fmt: skip
