@@ -349,8 +349,14 @@ def _until(condition: Callable[[], object], timeout: float) -> bool:
 
 def _settled(floor: Floor, timeout: float = 30) -> str:
     """The leader, once every controller names it and it says it leads."""
-    seen: list[str] = []
-    assert _until(lambda: seen.append(floor.leader() or "") or seen[-1], timeout), "no leader"
+    seen: list[str | None] = []
+
+    def named() -> bool:
+        seen.append(floor.leader())
+        return seen[-1] is not None
+
+    assert _until(named, timeout), "no leader every controller names"
+    assert seen[-1] is not None
     return seen[-1]
 
 
@@ -376,41 +382,45 @@ def test_history_of_concurrent_operations_while_leaders_are_killed(
             floor.start(name)
         assert _until(lambda: floor.leader() == CONTROLLERS[0], 30)
 
-        for c in clients:
-            c.start()
+        for client in clients:
+            client.start()
 
-        def acked() -> int:
+        def acknowledged() -> int:
             return sum(1 for c in clients for call in list(c.calls) if call.outcome == "ack")
+
+        def more_acknowledged(than: int) -> Callable[[], bool]:
+            return lambda: acknowledged() >= than + ACKS
+
+        def taken_over(victim: str) -> Callable[[], bool]:
+            survivors = [n for n in CONTROLLERS if n != victim]
+            return lambda: any(floor.status(n).get("role") == "leader" for n in survivors)
 
         takeovers = []
         began, mark = time.monotonic(), 0
         for k in range(1, KILLS + 2):
             # Kill in the thick of it: once the leader acknowledged a few, whatever runs.
-            assert _until(lambda m=mark: acked() >= m + ACKS, 120), f"{acked()} acknowledged"
+            assert _until(more_acknowledged(mark), 120), f"{acknowledged()} acknowledged"
             if k > KILLS:
                 break
             victim = _settled(floor)
             floor.kill(victim)
             killed = time.monotonic()
-            survivors = [n for n in CONTROLLERS if n != victim]
-            assert _until(
-                lambda s=survivors: any(floor.status(n).get("role") == "leader" for n in s), 30
-            ), f"no survivor of {victim} took over"
+            assert _until(taken_over(victim), 30), f"no survivor of {victim} took over"
             takeovers.append(time.monotonic() - killed)
-            mark = acked()
+            mark = acknowledged()
             floor.start(victim)  # a standby under the killed one's name
             print(f"kill {k} at {killed - began:.1f} s: {victim}, {mark} calls acknowledged; "
                   f"a survivor led {takeovers[-1]:.2f} s later")  # fmt: skip
-        for c in clients:
-            c.stop.set()
-        for c in clients:
-            c.join(timeout=RETRY_FOR + CALL_TIMEOUT + 10)
-            assert not c.is_alive()
+        for client in clients:
+            client.stop.set()
+        for client in clients:
+            client.join(timeout=RETRY_FOR + CALL_TIMEOUT + 10)
+            assert not client.is_alive()
         final_leader = _settled(floor)
 
-        calls = sorted((call for c in clients for call in c.calls), key=lambda c: c.start)
+        calls = sorted((call for client in clients for call in client.calls), key=lambda c: c.start)
         outcomes = Counter(f"{c.kind} {c.outcome}" for c in calls)
-        attempts = sum((c.attempts for c in clients), Counter[str]())
+        attempts = sum((client.attempts for client in clients), Counter[str]())
         print(f"{len(calls)} calls: {dict(sorted(outcomes.items()))}")
         print(f"attempts: {dict(sorted(attempts.items()))}; leader at the end {final_leader}")
         refusals = Counter(
