@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +32,12 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from runtime.refswitch.switch import ReferenceSwitch
-from topologies.switches import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback cluster and the small site the tests use
 
 from etcd_cluster import start_cluster  # noqa: E402
+from serve_process import ServeProcesses  # noqa: E402
 from test_cli_controller import HOSTS, POLICY  # noqa: E402
 
 TOKEN = "failover-bench-token-0001"
@@ -73,41 +71,9 @@ def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:
     return bool(sw.inject(port, bytes(Ether() / IP(src=sip, dst=dip) / TCP(dport=dport))))
 
 
-class Controllers:
-    """The serve processes of the floor, by name."""
-
-    def __init__(self, work: Path, etcd: str, ttl: int) -> None:
-        self.work, self.etcd, self.ttl = work, etcd, ttl
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.urls: dict[str, str] = {}
-
-    def start(self, name: str) -> None:
-        out = self.work / f"{name}.out"
-        argv = ["serve", "small.zt", "-i", "small.yaml", "--api", "127.0.0.1:0", "--api-plain",
-                "--api-tokens", "access.yaml", "--state", f"state-{name}", "--build",
-                f"build-{name}", "--interval", "0.05", "--hits-interval", "0",
-                "--etcd", self.etcd, "--etcd-ttl", str(self.ttl), "--etcd-name", name]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with out.open("wb") as sink:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "p4seg", *argv], cwd=self.work, stdout=sink,
-                stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        _until(lambda: b"/v1/status" in out.read_bytes())
-        banner = out.read_text().split("p4seg serve: API on ", 1)[1].split()[0]
-        self.urls[name] = banner.removesuffix("/v1/status").rstrip(",")
-
-    def role(self, name: str) -> str:
-        code, doc = _call(self.urls[name], "GET", "/v1/status")
-        return str(doc.get("role")) if code == 200 else ""
-
-    def kill(self, name: str) -> None:
-        self.procs[name].kill()
-        self.procs[name].wait()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            terminate(proc, 30)
+def _role(ctl: ServeProcesses, name: str) -> str:
+    code, doc = _call(ctl.urls[name], "GET", "/v1/status")
+    return str(doc.get("role")) if code == 200 else ""
 
 
 def run(runs: int, ttl: int) -> None:
@@ -127,20 +93,21 @@ def run(runs: int, ttl: int) -> None:
         f"tokens:\n  - {{principal: soar, token: {TOKEN}, scopes: [operate]}}\n"
     )
     etcd = ",".join(f"http://{e}" for e in cluster.endpoints)
-    ctl = Controllers(work, etcd, ttl)
+    ctl = ServeProcesses(work, ["small.zt", "-i", "small.yaml", "--api-tokens", "access.yaml"],
+                         etcd, ttl)  # fmt: skip
     elected: list[float] = []
     contained: list[float] = []
     try:
         ctl.start("ctl-a")
-        _until(lambda: ctl.role("ctl-a") == "leader")
+        _until(lambda: _role(ctl, "ctl-a") == "leader")
         _until(lambda: _passes(sw, "h1", "h3", 8080))  # its first apply
         ctl.start("ctl-b")
-        _until(lambda: ctl.role("ctl-b") == "standby")
+        _until(lambda: _role(ctl, "ctl-b") == "standby")
         leader, standby = "ctl-a", "ctl-b"
         for _ in range(runs):
             killed = time.monotonic()
             ctl.kill(leader)
-            _until(lambda s=standby: ctl.role(s) == "leader")  # type: ignore[misc]
+            _until(lambda s=standby: _role(ctl, s) == "leader")  # type: ignore[misc]
             elected.append(time.monotonic() - killed)
             while (
                 _call(ctl.urls[standby], "PUT", "/v1/quarantine/h1", {"reason": "bench"})[0] != 200
@@ -151,7 +118,7 @@ def run(runs: int, ttl: int) -> None:
             code, doc = _call(ctl.urls[standby], "DELETE", "/v1/quarantine/h1", {"reason": "bench"})
             assert code == 200, doc
             ctl.start(leader)  # a fresh standby under the killed one's name
-            _until(lambda s=leader: ctl.role(s) == "standby")  # type: ignore[misc]
+            _until(lambda s=leader: _role(ctl, s) == "standby")  # type: ignore[misc]
             leader, standby = standby, leader
     finally:
         ctl.stop()

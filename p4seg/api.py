@@ -207,11 +207,15 @@ class Api:
         host = request.match_info["host"]
         doc = await _body(request, RELEASE_BODY)
         self._host(host)
-        if host not in self.ops.live().quarantined:
-            raise ApiError(404, "not_quarantined", f"{host} is not quarantined")
+
+        def quarantined() -> None:
+            if host not in self.ops.live().quarantined:
+                raise ApiError(404, "not_quarantined", f"{host} is not quarantined")
+
         outcome = await asyncio.to_thread(self.ops.operate, "release", who.audit_name,
                                           {"host": host}, {"reason": doc.get("reason", "")},
-                                          lambda: self.ops.note(host, None))  # fmt: skip
+                                          lambda: self.ops.note(host, None),
+                                          check=quarantined)  # fmt: skip
         return _outcome(outcome, {"host": host, "quarantined": outcome.code != EXIT_OK})
 
     async def grants(self, request: web.Request, who: Principal) -> web.StreamResponse:
@@ -242,12 +246,16 @@ class Api:
     async def revoke(self, request: web.Request, who: Principal) -> web.StreamResponse:
         grant_id = request.match_info["id"]
         doc = await _body(request, RELEASE_BODY)
-        known = [g.id for g in self.ops.live().grants]
-        if grant_id not in known:
-            raise ApiError(404, "unknown_grant", f"no grant {grant_id!r}", grants=known)
+
+        def granted() -> None:
+            known = [g.id for g in self.ops.live().grants]
+            if grant_id not in known:
+                raise ApiError(404, "unknown_grant", f"no grant {grant_id!r}", grants=known)
+
         outcome = await asyncio.to_thread(self.ops.operate, "revoke", who.audit_name,
                                           {"grant_id": grant_id},
-                                          {"reason": doc.get("reason", "")})  # fmt: skip
+                                          {"reason": doc.get("reason", "")},
+                                          check=granted)  # fmt: skip
         return _outcome(outcome, {"grant": grant_id, "revoked": outcome.code == EXIT_OK})
 
     async def apply(self, request: web.Request, who: Principal) -> web.StreamResponse:

@@ -345,10 +345,11 @@ class Operations:
     def operate(self, verb: str, principal: str, fields: Mapping[str, object],
                 audit_fields: Mapping[str, object], done: Callable[[], None] | None = None,
                 handler: Callable[[argparse.Namespace, Front], int] | None = None,
-                via: str = "api") -> Outcome:  # fmt: skip
+                via: str = "api", check: Callable[[], None] | None = None) -> Outcome:  # fmt: skip
         """Run one verb (p4seg/verbs.py; `handler` instead of the verb's own) under the
         lock, on behalf of `principal` (audited `via`), with its report as JSON, then `done`
-        (still under the lock) if it succeeded; call from a worker thread."""
+        (still under the lock) if it succeeded; call from a worker thread. `check` runs
+        first, on the state as etcd holds it (ApiError: nothing done)."""
         args = argparse.Namespace(**{
             **vars(self.args), "verb": verb, "output": "json", "dry_run": False,
             "error_format": "human", "reason": "", **fields,
@@ -363,6 +364,8 @@ class Operations:
             _captured() as (stdout, stderr),
         ):
             self._begin()
+            if check is not None:  # after the pull: a new leader's copy may predate its term
+                check()
             args.election_id = self.args.election_id
             before, grants = self._state_bytes(), self._grant_ids()
             # The engine's verbs may quarantine too (p4seg/follower.py).

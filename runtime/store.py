@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -225,6 +226,9 @@ class StateMirror:
         self.names = tuple(check_name(n) for n in names)
         self._known: dict[str, str | None] = {}  # as last pulled or pushed
         self._audited = 0  # records of audit.jsonl already in the store (or pulled past)
+        # Its own thread for reading the audit log: serve's callers wait for its lock in the
+        # loop's default pool, and a pull or push under that lock must never wait for them.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="p4seg-mirror")
 
     def _path(self, name: str) -> Path:
         return self.state_dir / f"{name}.json"
@@ -239,6 +243,9 @@ class StateMirror:
         path = self.state_dir / "audit.jsonl"
         return list(audit.records(path)) if path.exists() else []
 
+    async def _read_records(self) -> list[dict[str, object]]:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._records)
+
     async def pull(self) -> None:
         """Make the files what the store holds (a document it lacks: no file)."""
         for name in self.names:
@@ -250,7 +257,7 @@ class StateMirror:
                 else:
                     write_atomic(self._path(name), text)
             self._known[name] = text
-        self._audited = len(await asyncio.to_thread(self._records))
+        self._audited = len(await self._read_records())
 
     async def push(self) -> Commit | None:
         """Commit what changed since the last pull or push (None: nothing did)."""
@@ -259,7 +266,7 @@ class StateMirror:
             text = self._local(name)
             if text is not None and text != self._known.get(name):
                 docs[name] = text
-        records = (await asyncio.to_thread(self._records))[self._audited :]
+        records = (await self._read_records())[self._audited :]
         if not docs and not records:
             return None
         events = [

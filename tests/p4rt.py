@@ -31,13 +31,13 @@ from topologies.switches import free_port
 WAIT = 10.0  # seconds: an upper bound for a message that must come, never a pause
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Poll `condition` until it holds or `timeout` passes; whether it held."""
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT, every: float = 0.005) -> bool:
+    """Poll `condition` every `every` s until it holds or `timeout` passes; whether it held."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.005)
+        time.sleep(every)
     return True
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from etcd_cluster import EtcdCluster, etcd_cluster
 from p4rt import wait_for
+from serve_process import ServeProcesses
 from test_cli_controller import _passes, site
 from test_serve import OPERATOR, Served, _Loop, _serve_args, pki
 
@@ -29,7 +29,7 @@ from p4seg.serve import Service, api_options, etcd_of
 from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
-from topologies.switches import terminate
+from runtime.store import NotLeader
 
 __all__ = ["etcd_cluster", "pki", "site"]  # fixtures, used by name
 
@@ -230,21 +230,11 @@ def test_kill_9_of_the_leader_process(
     clean-up of any kind): the standby leads within the lease and keeps the quarantine."""
     sw, inv = site
     etcd = ",".join(f"http://{e}" for e in etcd_cluster.endpoints)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    common = ["small.zt", *inv, "--api-tokens", str(pki / "access.yaml")]
+    ctl = ServeProcesses(Path.cwd(), common, etcd, TTL)
 
     def start(name: str) -> Served:
-        out = Path(f"{name}.out")
-        argv = ["serve", "small.zt", *inv, "--api", "127.0.0.1:0", "--api-plain",
-                "--api-tokens", str(pki / "access.yaml"), "--state", f"state-{name}",
-                "--interval", "0.05", "--etcd", etcd, "--etcd-ttl", str(TTL),
-                "--etcd-name", name]  # fmt: skip
-        with out.open("wb") as sink:
-            procs[name] = subprocess.Popen([sys.executable, "-m", "p4seg", *argv], stdout=sink,
-                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        assert wait_for(lambda: b"/v1/status" in out.read_bytes(), 60), out.read_text()
-        banner = out.read_text().split("p4seg serve: API on ", 1)[1].split()[0]
-        return Served(sw, pki, banner.removesuffix("/v1/status").rstrip(","), "", Path())
+        return Served(sw, pki, ctl.start(name), "", Path())
 
     def status(s: Served) -> dict[str, Any]:
         code, doc = s.call("GET", "/v1/status", token=OPERATOR)
@@ -263,9 +253,8 @@ def test_kill_9_of_the_leader_process(
         assert not _passes(sw, "h1", "h3", 8080)
         old_id = status(a)["leader"]["election_id"]
 
-        procs["ctl-a"].kill()  # SIGKILL
+        ctl.kill("ctl-a")  # SIGKILL
         killed = time.monotonic()
-        procs["ctl-a"].wait()
         assert wait_for(lambda: status(b)["role"] == "leader", 30)
         print(f"ctl-b leads {time.monotonic() - killed:.2f} s after ctl-a was killed "
               f"(lease TTL {TTL} s)")  # fmt: skip
@@ -275,8 +264,7 @@ def test_kill_9_of_the_leader_process(
         assert code == 200, doc
         assert not _passes(sw, "h2", "h3", 8080) and _passes(sw, "h1", "h4", 443)  # remediation
     finally:
-        for proc in procs.values():
-            terminate(proc, 30)
+        ctl.stop()
 
 
 def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
@@ -310,3 +298,70 @@ def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
     assert set(live.quarantined) == {"h1", "h2"} and chained
     # The calls answered 503 left nothing in etcd: one record per acknowledged quarantine.
     assert [r["host"] for r in records if r["event"] == "quarantine"] == ["h1", "h2"]
+
+
+def test_a_new_leader_judges_a_release_or_revocation_by_etcd_not_its_stale_copy(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby's state directory is as of its last term (here: none), until its first
+    turn as leader pulls: a release or a revocation it answers meanwhile must not be "not
+    quarantined" / "unknown grant" from that copy while etcd holds the host or the grant."""
+    sw, _, (a, b), cluster = floor
+    assert _quarantine(a, "h1")[0] == 200
+    body = {"src": "h2", "dst": "h4", "proto": "tcp", "ports": "443", "for": 3600}
+    code, doc = a.served.call("POST", "/v1/grants", body, token=OPERATOR)
+    assert code == 200, doc
+    grant = doc["grant"]["id"]
+    assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h4", 443)
+
+    # ctl-b's watch loop takes no turn (its pull once per term), as before its first one.
+    assert b.service.ops.replication is not None
+    pull = b.service.ops.replication.begin
+
+    def calls_only(*, fresh: bool = True) -> int:
+        if not fresh:
+            raise NotLeader("held off by the test")
+        return pull(fresh=fresh)
+
+    monkeypatch.setattr(b.service.ops.replication, "begin", calls_only)
+    a.stop()  # resigns: ctl-b leads at once
+    assert wait_for(lambda: b.role() is Role.LEADER, 30)
+    stale = LiveState.load(b.served.state)
+    assert "h1" not in stale.quarantined and not stale.grants  # its copy predates the term
+
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 200 and doc["quarantined"] is False, doc
+    code, doc = b.served.call("DELETE", f"/v1/grants/{grant}", {}, token=OPERATOR)
+    assert code == 200 and doc["revoked"], doc
+    assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h4", 443)
+    # Now they are gone, in etcd too: 404 from what etcd holds.
+    code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
+    assert code == 404 and doc["error"]["code"] == "not_quarantined", doc
+    code, doc = b.served.call("DELETE", f"/v1/grants/{grant}", {}, token=OPERATOR)
+    assert code == 404 and doc["error"]["code"] == "unknown_grant", doc
+    live, _, chained = _stored(cluster)
+    assert not live.quarantined and not live.grants and chained
+
+
+def test_more_concurrent_calls_than_the_loop_has_threads_do_not_stall_the_leader(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    """serve runs each call's verb in the event loop's default thread pool, where it waits
+    for the operations lock; the leader's pull and push of etcd, under that lock, must not
+    need a thread of that pool (every one may be waiting for the lock): all calls are
+    answered 200, none 503 "not read or written in time"."""
+    sw, _, (a, _), cluster = floor
+    pool = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor (Python 3.8+)
+    replies: list[tuple[int | None, dict[str, Any]]] = []
+    calls = [
+        threading.Thread(target=lambda h=h: replies.append(_quarantine(a, h)))
+        for h in [("h1", "h2", "h3")[i % 3] for i in range(pool + 2)]
+    ]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    assert [code for code, _ in replies] == [200] * len(calls), replies
+    assert set(_stored(cluster)[0].quarantined) == {"h1", "h2", "h3"}
+    assert not _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h2", "h3", 8080)
