@@ -22,6 +22,7 @@ from compiler.model import Policy
 from compiler.protocols import ICMP_ECHO_REQUEST, MAX_ICMP, MAX_PORT
 from compiler.resolve import protocol_problem
 from compiler.targets import TARGET_NAMES
+from runtime import grpc_loops
 
 EXIT_OK, EXIT_ERROR, EXIT_DIFFERENT = 0, 1, 2
 
@@ -192,7 +193,6 @@ def register(
 
 
 def _live_tables(args: argparse.Namespace, inventory: Inventory) -> dict[str, SwitchTables] | None:
-    import asyncio
     from pathlib import Path as P
 
     from finsy.grpcutil import GRPCCredentialsTLS
@@ -214,7 +214,7 @@ def _live_tables(args: argparse.Namespace, inventory: Inventory) -> dict[str, Sw
         for s in inventory.switches
         if s.name not in inventory.down  # out of service: nothing to read, nothing routed to it
     ]
-    read = asyncio.run(
+    read = grpc_loops.run(
         read_tables(targets, tables, ControllerOptions(timeout=args.timeout, tls=tls))
     )
     failed = {n: r for n, r in read.items() if isinstance(r, str)}

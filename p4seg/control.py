@@ -10,7 +10,6 @@ apply --dry-run), 1 error (policy, inventory, a switch that could not be read or
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -27,6 +26,7 @@ from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.targets import TARGETS
 from p4seg.allocations import save_state_allocation
+from runtime import grpc_loops
 from runtime.controller import (
     ControllerError,
     ControllerOptions,
@@ -346,14 +346,14 @@ def run(
 
     if apply:
         held = applied_here(compiled)
-        reports = asyncio.run(apply_all(selected, tables, files, options, progress, held))
+        reports = grpc_loops.run(apply_all(selected, tables, files, options, progress, held))
         for target, report in zip(selected, reports, strict=True):
             if report.ok:
                 held[target.name] = target.desired
             else:
                 held.pop(target.name, None)
     else:
-        reports = asyncio.run(plan_all(selected, tables, files, options))
+        reports = grpc_loops.run(plan_all(selected, tables, files, options))
     pending = [
         r for r in reports if r.ok and (r.pipeline != "same" or (r.plan and not r.plan.empty))
     ]

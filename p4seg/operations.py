@@ -43,7 +43,7 @@ from p4seg.verbs import (
     watch_loop,
 )
 from p4seg.webmap import MAX_ALERTS, MapLive, map_document
-from runtime import audit
+from runtime import audit, grpc_loops
 from runtime.live import STATE_FILE, LiveState
 from runtime.siem import SyslogSink
 from runtime.store import NotLeader, StoreError, StoreUnavailable
@@ -523,7 +523,7 @@ class Operations:
         async def every() -> list[dict[str, object]]:
             return list(await asyncio.gather(*(one(t) for t in session.switches)))
 
-        results = asyncio.run(every())
+        results = grpc_loops.run(every())
         return {t.name: r for t, r in zip(session.switches, results, strict=True)}
 
 

@@ -31,6 +31,7 @@ from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front, etcd_options
 from runtime.etcdstore import EtcdOptions, Replica
+from runtime.grpc_loops import ignore_closed_loop_events
 from runtime.live import LiveState
 from runtime.siem import SiemConfigError
 
@@ -139,6 +140,7 @@ class Service:
 
     async def start(self) -> None:
         """Bind the listeners (AccessError: bad TLS material), then start the operations."""
+        ignore_closed_loop_events(asyncio.get_running_loop())  # runtime/grpc_loops.py
         o = self.options
         context = None
         if not o.plain:

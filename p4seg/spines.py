@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from compiler.diagnostics import InventoryError, error
 from compiler.inventory import Inventory, Switch
+from runtime import grpc_loops
 
 if TYPE_CHECKING:  # the runtime (finsy, grpc) is imported where used: `check` reads down.json
     from finsy.grpcutil import GRPCCredentialsTLS
@@ -95,7 +96,7 @@ def follow_spines(
     if isinstance(options, str):
         return None  # reported by the apply itself
     spines = [s for s in compiled.inventory.switches if s.role == "spine"]
-    answers = asyncio.run(_answering(spines, options.tls, min(options.timeout, PROBE_TIMEOUT)))
+    answers = grpc_loops.run(_answering(spines, options.tls, min(options.timeout, PROBE_TIMEOUT)))
     down = compiled.inventory.down
     gone = sorted(n for n, up in answers.items() if not up and n not in down)
     back = sorted(n for n, up in answers.items() if up and n in recorded)

@@ -8,7 +8,6 @@ hosts  ->  apply with the controller  ->  the segmentation matrix  ->  tear down
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import sys
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime import grpc_loops
 from runtime.files import write_atomic
 
 if TYPE_CHECKING:  # the verb's code pulls in finsy, grpc and Mininet: only `up` pays for it
@@ -143,7 +143,7 @@ def run_up(args: argparse.Namespace, inventory_front: Callable[..., Compiled | N
     try:
         with Floor(compiled.inventory, args.target, progress=say) as floor:
             say(f"floor up in {time.monotonic() - start:.1f} s; applying the policy")
-            reports = asyncio.run(
+            reports = grpc_loops.run(
                 apply_all(session.switches, session.tables, session.files, session.options)
             )
             failed = [r for r in reports if not r.ok]

@@ -47,7 +47,7 @@ from p4seg.control import (
     session_of,
 )
 from p4seg.spines import follow_spines
-from runtime import audit
+from runtime import audit, grpc_loops
 from runtime.alerts import (
     Alert,
     RuleHits,
@@ -484,7 +484,7 @@ def _overlay(
     [target] = session.switches
     start = time.monotonic()
     applied = applied_here(compiled)  # a long-running process plans the ToR from memory
-    report = asyncio.run(
+    report = grpc_loops.run(
         apply_one(target, session.tables, session.files, session.options,
                   planner=lambda t, d, h: overlay_plan(t, d, h, {host.ip}),
                   known=applied.get(target.name))
@@ -695,7 +695,7 @@ def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:
     session = session_of("watch", args, compiled)
     if session is None:
         return []
-    states = asyncio.run(pipeline_states(session.switches, session.files, session.options))
+    states = grpc_loops.run(pipeline_states(session.switches, session.files, session.options))
     return [name for name, state in states.items() if state in ("missing", "different")]
 
 
@@ -750,7 +750,7 @@ def cmd_alerts(args: argparse.Namespace, front: Front) -> int:
             print(f"following {switch}", file=sys.stderr, flush=True)
 
         try:
-            asyncio.run(
+            grpc_loops.run(
                 follow(session.switches, session.files, session.options,
                        _rule_lines(compiled.build), sink,
                        RateLimiter(args.rate, args.burst), on_ready=ready)
@@ -814,7 +814,7 @@ def read_hits(compiled: Compiled, session: Session) -> tuple[list[RuleHits], dic
         )
         return done[: len(selected)], done[len(selected) :]
 
-    results, reds = asyncio.run(read_all())
+    results, reds = grpc_loops.run(read_all())
     counters = {t.name: r for t, r in zip(selected, results, strict=True)}
     failed = {n: str(r) for n, r in counters.items() if isinstance(r, BaseException)}
     ok = {n: r for n, r in counters.items() if not isinstance(r, BaseException)}
@@ -891,7 +891,7 @@ def _audit_etcd(args: argparse.Namespace) -> int:
             await etcd.close()
 
     try:
-        stored, verdict = asyncio.run(read())
+        stored, verdict = grpc_loops.run(read())
     except StoreError as err:
         print(f"p4seg audit: error: {err}", file=sys.stderr)
         return EXIT_ERROR
