@@ -182,7 +182,7 @@ def _apply_compiled(
         if code == EXIT_OK:
             note_applied(compiled.policy, state, moment)
             if len(reports) == len(compiled.inventory.switches):  # every switch holds it
-                state.applied_schedule = operations.schedule_digest()
+                state.applied_schedule = _schedule(compiled, state, moment)
         for r in reports:  # what each switch holds now (unknown after a failure)
             if r.ok:
                 state.applied_tables[r.switch] = tables_digest(compiled, r.switch)
@@ -245,6 +245,13 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     if scope is None:
         return "full"
     return f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
+
+
+def _schedule(compiled: Compiled, state: LiveState, moment: float) -> str:
+    """What holds apart from quarantines (InForce.schedule_digest), judged on the policy
+    without their carve: a quarantine rewrites the rules that name its host, `during`
+    rules in force among them, and must not look like a change of schedule."""
+    return in_force_report(compiled.policy.uncarved(), state, moment).schedule_digest()
 
 
 def tables_digest(compiled: Compiled, switch: str) -> str:
@@ -459,7 +466,7 @@ def _overlay(
     if any(g.expires <= moment for g in state.grants):
         return None  # an expiry changes every switch holding the grant
     operations = in_force_report(compiled.policy, state, moment)
-    if operations.schedule_digest() != state.applied_schedule:
+    if _schedule(compiled, state, moment) != state.applied_schedule:
         return None  # a window opened or closed, a grant changed since: apply it all
     if any(
         state.applied_tables.get(sw.name) != tables_digest(compiled, sw.name)

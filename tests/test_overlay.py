@@ -5,6 +5,7 @@ cut off by a handful of entries on its own ToR, proven like any other state, wri
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,13 +311,23 @@ def str_ip(value: int) -> str:
     return ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
 
 
+# The floor's `allow ops_jump -> prod tcp 22 during 07:00-18:00 UTC` names algo1: in force,
+# the quarantine's carve rewrites it, and must still take the overlay (not a full apply).
+@pytest.mark.parametrize("hour", [3, 12], ids=["outside-window", "inside-window"])
 def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
     floor: Inventory,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    hour: int,
 ) -> None:
+    import p4seg.verbs
     from p4seg.allocations import state_allocation
     from p4seg.cli import main
+
+    at = dt.datetime(2026, 11, 26, hour, 30, tzinfo=dt.UTC)
+    monkeypatch.setattr(p4seg.verbs, "clock", at.timestamp)
+    when = ["--at", at.isoformat()]  # the analysis verbs judge at that moment too
 
     switches, live = floor_site
     args = live[2:]  # -i and --state: `apply` takes the policy as its argument
@@ -343,9 +354,9 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert cut_off()
     assert _delivered(switches, floor, "algo2", "oms1", order)  # its rack-mate is untouched
     # verify and trace judge the live switches by the effective (quarantined) policy.
-    assert main(["verify", "floor.zt", *args, "--from-switches"]) == 0
+    assert main(["verify", "floor.zt", *args, "--from-switches", *when]) == 0
     capsys.readouterr()
-    trace = ["trace", "algo1", "oms1", "tcp", "9876", *args, "--from-switches", "--policy"]
+    trace = ["trace", "algo1", "oms1", "tcp", "9876", *args, "--from-switches", *when, "--policy"]
     main([*trace, "floor.zt"])
     out = capsys.readouterr().out
     assert "quarantined: algo1" in out and "tcp 9876: BLOCKED" in out
