@@ -622,13 +622,17 @@ class PolicySemantics:
                 return None
         return None
 
-    def dead_rules(self) -> list[Coverage]:
-        """Allow rules that never decide a packet: covered by denies or by other allows."""
+    def dead_rules(self, down_to: int = 0) -> list[Coverage]:
+        """Allow rules that never decide a packet: covered by denies or by other allows.
+        `down_to`: only the rules with an id at least that (the same verdicts for them: a
+        rule's depends only on the rules of higher ids, judged before it)."""
         dead: list[Coverage] = []
         alive = self.allow_bits
         # Highest id first: of two copies, the lower id decides, so the other is reported.
         for i in sorted(range(len(self.rules)), key=lambda i: self.rules[i].id, reverse=True):
             rule = self.rules[i]
+            if rule.id < down_to:
+                break
             if rule.action is not Action.ALLOW:
                 continue
             cand = self._candidates(i)

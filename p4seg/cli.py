@@ -603,6 +603,11 @@ class _Parsed:
 _PARSED = _Parsed()
 
 
+def parsed() -> _Parsed:
+    """This process's parsed inventories and checked policies (the verbs share them)."""
+    return _PARSED
+
+
 def forget() -> None:
     """Drop everything this process keeps between verbs, as a new `p4seg` process starts:
     the last build (incremental compile), the parsed inventory and policy, what it applied

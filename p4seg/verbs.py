@@ -339,20 +339,17 @@ def _grant_effect(
 ) -> tuple[int, str] | None:
     """Why the newest grant of `state` cannot change anything — (exit status, message) —
     or None when it takes effect (or the policy has errors, which the apply reports)."""
-    from compiler.check import check_policy
     from compiler.diagnostics import InventoryError
-    from compiler.inventory import load_inventory
     from compiler.model import Action, PolicyRule
     from compiler.semantics import PolicySemantics
+    from p4seg.cli import parsed  # a long-running controller parsed both already
 
     try:
-        inventory, _ = load_inventory(args.inventory)
+        inventory, _ = parsed().inventory(args.inventory)
         text = Path(args.policy).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, InventoryError):
         return None
-    result = check_policy(
-        policy_text_with_grants(text, state, moment), args.policy, inventory, expectations=False
-    )
+    result = parsed().check(policy_text_with_grants(text, state, moment), args.policy, inventory)
     if result.policy is None:
         return None
     hosts = {h.name: h.ip for h in inventory.hosts}
@@ -377,7 +374,8 @@ def _grant_effect(
             f"side is quarantined ({cut}); release first"
         )
     sem = PolicySemantics(policy)
-    coverage = next((c for c in sem.dead_rules() if c.rule.key == rule.key), None)
+    dead = sem.dead_rules(down_to=rule.id)  # the grant's verdict, not every rule's
+    coverage = next((c for c in dead if c.rule.key == rule.key), None)
     if coverage is None:
         for deny in sem.overlapping_denies(newest):
             print(f"p4seg grant: warning: part of `{line}` stays blocked by "

@@ -664,3 +664,25 @@ def test_day_mistakes_are_located_errors(window: str, message: str, floor: Inven
 )  # fmt: skip
 def test_syntax_mistakes_in_the_new_constructs(tail: str, message: str, floor: Inventory) -> None:
     assert _errors(f"allow jump1 -> oms1 {tail}", floor) == [("E001", message)]
+
+
+def test_dead_rules_down_to_an_id_judge_those_rules_as_the_whole_pass_does(
+    floor: Inventory,
+) -> None:
+    """`dead_rules(down_to=id)` (a grant's check: only its verdict is needed) reports, of
+    the rules with that id or above, exactly what the whole pass reports."""
+    from compiler.semantics import PolicySemantics
+
+    text = (ROOT / "policies" / "trading_floor.zt").read_text() + (
+        "\nallow algo -> order_router tcp 9876\n"  # a copy of a rule: dead
+        "allow dev -> prod tcp 22\n"  # blocked by the floor's deny
+        "allow ops_jump -> prod tcp 22\n"
+    )
+    policy = check_policy(text, "floor.zt", floor, expectations=False).policy
+    assert policy is not None
+    sem = PolicySemantics(policy)
+    whole = sem.dead_rules()
+    assert len(whole) >= 2
+    for rule in policy.rules:
+        part = sem.dead_rules(down_to=rule.id)
+        assert part == [c for c in whole if c.rule.id >= rule.id], rule.describe()
