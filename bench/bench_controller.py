@@ -955,8 +955,9 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     print(f"   every run: all {len(flows)} probes delivered before, dropped after quarantine, "
           f"delivered after release. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
     if profile:
-        profiled("p4seg quarantine", lambda: run_verb(["quarantine", host.name, *live]))
-        run_verb(["release", host.name, *live])
+        profiled("p4seg quarantine, long-running",
+                 lambda: run_verb(["quarantine", host.name, *live], fresh=False))  # fmt: skip
+        run_verb(["release", host.name, *live], fresh=False)
 
 
 # -- 3b. grant and revoke -------------------------------------------------------------------
@@ -1008,7 +1009,7 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     print(f"   every run: the probe dropped before, delivered after the grant, dropped after the "
           f"revoke. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
     if profile:
-        profiled("p4seg grant", lambda: run_verb([*grant, *live]))
+        profiled("p4seg grant, long-running", lambda: run_verb([*grant, *live], fresh=False))
 
 
 # -- 4. denied packet -> alert on disk -----------------------------------------------------

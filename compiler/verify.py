@@ -44,6 +44,7 @@ counterexample. What the meter then does with real packets is the data plane's p
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import itertools
 import threading
@@ -389,7 +390,9 @@ class _DerivedCache:
         return new
 
     def clear(self) -> None:
+        """Forget everything proofs derived (and the rules' meaning digests)."""
         self._derived.clear()
+        _meaning.cache_clear()
         with self._lock:
             self._starts = ()
 
@@ -1378,16 +1381,39 @@ def proof_record(
 
     rules = {}
     for r in policy.rules:
-        meaning = _digest(
-            r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log,
-            r.reply, r.rate_pps,
-        )  # fmt: skip
+        meaning = _meaning((r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports,
+                            r.log, r.reply, r.rate_pps))  # fmt: skip
         tors = tors_of(r.src.intervals) | tors_of(r.dst.intervals)
         rules[r.key] = (meaning, tuple(sorted(tors)))
-    tables = {name: _digest(sw.entries, sw.defaults) for name, sw in sorted(switches.items())}
+    tables = {
+        name: _TABLES_DIGESTS.get(sw, _tables_digest) for name, sw in sorted(switches.items())
+    }
     down = sorted(inventory.down)  # a spine going down or back: a full proof
-    floor = _digest(inventory.hosts, inventory.switches, inventory.links, *([down] if down else []))
+    floor = _INVENTORY_DIGESTS.get(inventory, _floor_digest)
+    if down:
+        floor = _digest(floor, down)
     return ProofRecord(floor, policy.default_log, rules, tables)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _meaning(parts: tuple[object, ...]) -> str:
+    """A rule's meaning digest (a tuple of numbers hashes in microseconds; its repr and
+    SHA-256 cost far more, for every rule of every record)."""
+    return _digest(*parts)
+
+
+def _tables_digest(sw: SwitchTables) -> str:
+    return _digest(sw.entries, sw.defaults)
+
+
+def _floor_digest(inventory: Inventory) -> str:
+    return _digest(inventory.hosts, inventory.switches, inventory.links)
+
+
+# The digests of a proof record, per switch's tables and per inventory (compiler/memo.py):
+# a repr of 3,000 entries costs 25 ms, and most switches are the same objects build after build.
+_TABLES_DIGESTS: ByObject[SwitchTables, str] = ByObject(256)
+_INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(4)
 
 
 def differential_scope(
