@@ -176,3 +176,34 @@ def test_the_new_leader_follows_and_the_old_terms_follower_cannot_write(
     # Each controller logs the alerts of its own terms: ctl-a's log ends with h1's scan.
     old_log = (a.served.state / "alerts.jsonl").read_text().splitlines()
     assert {json.loads(line)["src"] for line in old_log} == {"10.0.0.1"}
+
+
+def test_a_leader_without_etcd_stops_following_and_the_next_leader_follows(
+    contained: Floor,
+) -> None:
+    sw, _, (a, b), cluster = contained
+    _deny(sw, "h3", "h2", 22)
+    assert wait_for(lambda: len(_alerts(a.served)) == 1)
+    assert _following(a) and sw.service.arbiter.primaries()  # the follower is the primary
+
+    cluster.kill(1)
+    cluster.kill(2)  # no quorum: the leader cannot refresh its lease and steps down
+    assert wait_for(lambda: a.role() is Role.STANDBY, 30)
+    assert wait_for(lambda: a.service.follower is None, 30)  # its term's follower is gone
+    assert wait_for(lambda: not sw.service.arbiter.primaries(), 30)  # its sessions closed
+    _deny(sw, "h3", "h2", 23)  # still dropped (fail-static), reported to nobody
+    assert [x["dport"] for x in _alerts(a.served)] == [22] and _alerts(b.served) == []
+    assert b.service.follower is None
+
+    cluster.start(1)
+    cluster.start(2)
+    cluster.wait_healthy()
+    assert wait_for(lambda: Role.LEADER in (a.role(), b.role()), 30)
+    leader, other = (a, b) if a.role() is Role.LEADER else (b, a)
+    assert wait_for(lambda: _following(leader), 30)
+    assert other.service.follower is None
+    follower = leader.service.follower
+    assert follower is not None and follower.ceiling == leader.election_id()
+    _deny(sw, "h3", "h2", 24)
+    assert wait_for(lambda: any(x["dport"] == 24 for x in _alerts(leader.served)), 30)
+    assert not any(x["dport"] == 24 for x in _alerts(other.served))
