@@ -179,9 +179,10 @@ class Follower:
         """Wait for the first build, then follow every switch of it until cancelled."""
         self._loop = asyncio.get_running_loop()
         while self.ops.last is None:  # the watch loop's first compile
-            await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
-            if self.ops.last is None and self.ops.watched.is_set():
-                await asyncio.sleep(float(self.ops.args.check))  # the policy does not compile
+            if not self.ops.watched.is_set():
+                await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
+            else:  # it turned without compiling: a standby's turns (--etcd), a broken policy
+                await asyncio.sleep(float(self.ops.args.interval))  # a turn's period
         session = session_of("serve", self.ops.args, self.ops.last)
         if session is None:
             return  # reported: the apply path says the same
@@ -431,7 +432,12 @@ class Containment:
             await asyncio.sleep(pause)
 
     def observe(self, alert: Alert) -> Carried:
-        """One alert through the engine (worker thread)."""
+        """One alert through the engine (worker thread); none when the policy has no
+        `contain` statement (nothing to count: no operation, no etcd round trip)."""
+        with self.ops.lock:
+            engine = self.engine()
+            if engine is None or not engine.settings.containment:
+                return Carried((), Outcome(EXIT_OK, None, "", ""))
 
         def decide(engine: PolicyEngine, now: float) -> list[Decision]:
             return engine.tick(now) + engine.observe(alert, now)
