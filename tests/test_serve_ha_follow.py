@@ -3,7 +3,8 @@ on a real 3-member etcd cluster (tests/etcd_cluster.py) and a reference switch j
 packets (test_serve_ha's floor). A logged deny becomes an alert at the leader, a scan is
 contained through the fenced operation path (in etcd before it is acknowledged), and after
 the leader stops without resigning the new leader follows with its term's id, while a
-follower of the old term can neither become primary nor write."""
+follower of the old term can neither become primary nor write; a leader that loses etcd's
+quorum stops following at once."""
 
 from __future__ import annotations
 
