@@ -76,8 +76,10 @@ class Serves:
     def alerted(self, name: str, dports: set[int]) -> set[int]:
         """Which of `dports` the serve's alerts hold."""
         code, doc = _call(self.urls[name], "GET", "/v1/alerts")
-        alerts = doc.get("alerts", []) if code == 200 else []
-        return dports & {a["dport"] for a in alerts if isinstance(a, dict)}  # type: ignore[union-attr]
+        alerts = doc.get("alerts") if code == 200 else None
+        if not isinstance(alerts, list):
+            return set()
+        return dports & {a["dport"] for a in alerts if isinstance(a, dict)}
 
     def stop(self, name: str | None = None) -> None:
         for n in [name] if name else list(self.procs):

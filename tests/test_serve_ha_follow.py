@@ -140,7 +140,7 @@ def test_the_new_leader_follows_and_the_old_terms_follower_cannot_write(
 
     running = loop.run(start())
     try:
-        assert wait_for(lambda: roles, 30)
+        assert wait_for(lambda: bool(roles), 30)  # its channel is up
         # b applies a policy change: its follower steps aside and the switch, with no primary
         # left, says so to every client (NOT_FOUND with b's id); the old session does not bid.
         Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8080, 8081"))
