@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,8 @@ class Service:
         for task in following:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # An engine operation already in its worker thread ends while etcd is still open.
+        await asyncio.to_thread(_drained, self.ops.lock)
         if self.replica is not None:
             await self.replica.close(resign=resign)
             self.replica = None
@@ -276,6 +279,11 @@ class Service:
         if self._held is not None:
             os.close(self._held)
             self._held = None
+
+
+def _drained(lock: threading.Lock) -> None:
+    with lock:
+        pass  # taken once: whoever held it is done
 
 
 async def _after(previous: asyncio.Task[None] | None, then: Coroutine[Any, Any, None]) -> None:
