@@ -10,6 +10,11 @@ session ends; runtime/controller.share_primary) and comes back when the apply is
 two live streams never hold one election id. The gap is the apply's time on that switch:
 a logged deny then reaches no controller (docs/serve.md).
 
+With `--etcd` only the leader follows (p4seg/serve.py starts a Follower per term and ends
+it the moment the term ends): its id is the term's election id minus one, and it never bids
+above the term's id (`CappedArbitration`), so a deposed leader's follower can never take a
+switch from its successor (docs/serve.md, "Following with --etcd").
+
 Every admitted alert (runtime/alerts.py: parsed, rate-limited per source) goes to each of
 `Follower.subscribers`, in the event loop: the alert log (STATE/alerts.jsonl, the format of
 `p4seg alerts --follow`), the containment, and whoever else subscribes (metrics, syslog).
@@ -38,8 +43,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finsy import P4Client, Switch
-from finsy.p4client import P4ClientError
-from finsy.proto import p4r, rpc_code
+from finsy.grpcutil import GRPCStatusCode
+from finsy.p4arbitrator import Arbitrator
+from finsy.p4client import P4ClientError, P4RpcStatus
+from finsy.proto import U128, p4r, rpc_code
 
 from p4seg import verbs
 from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of, session_of
@@ -81,10 +88,59 @@ class AlertLog:
             out.write(json.dumps(alert.to_json(), sort_keys=True) + "\n")
 
 
+class CappedArbitration(Arbitrator):
+    """finsy's arbitration, except that it never bids above `ceiling`. finsy bids the
+    switch's highest-seen election id whenever the switch has no primary; when that id is
+    above the ceiling (a newer etcd leader's), this one stays a backup instead."""
+
+    def __init__(self, initial_election_id: int, ceiling: int, role_name: str = "") -> None:
+        super().__init__(initial_election_id, role_name)
+        self.ceiling = ceiling
+
+    async def handshake(self, switch: Switch, *, conflict: bool = False) -> None:
+        """finsy's handshake (p4arbitrator.py) with the ceiling on its NOT_FOUND loop."""
+        assert not self.is_primary
+        if conflict:
+            self.election_id -= 1
+        response = await self._arbitration_request(switch)
+        status = P4RpcStatus.from_status(response.status)
+        primary_id = U128.decode(response.election_id)
+        while status.code == GRPCStatusCode.NOT_FOUND and primary_id <= self.ceiling:
+            self.election_id = primary_id
+            response = await self._arbitration_request(switch)
+            status = P4RpcStatus.from_status(response.status)
+            primary_id = U128.decode(response.election_id)
+        self.primary_id = primary_id
+        self.is_primary = status.code == GRPCStatusCode.OK
+        self._check_invariant()  # type: ignore[no-untyped-call]  # finsy leaves it untyped
+
+    async def _request_primary(self, switch: Switch) -> None:
+        if self.primary_id <= self.ceiling:  # above it: a newer leader's id, not ours to bid
+            await super()._request_primary(switch)
+
+
+def follower_session(
+    target: SwitchTarget,
+    files: PipelineFiles,
+    options: ControllerOptions,
+    ceiling: int | None,
+    ready: Callable[[Switch], Coroutine[Any, Any, None]] | None = None,
+) -> Switch:
+    """A follower's finsy session with one switch (not started): at `options.election_id`,
+    reconnecting after failures, never bidding above `ceiling` (None: finsy's own bids);
+    finsy calls `ready` when the channel is up and on every change of role."""
+    opts = session_options(target, files, options, set_pipeline=False, fail_fast=False)
+    switch = Switch(target.name, target.address, opts(ready_handler=ready))
+    if ceiling is not None:
+        switch._arbitrator = CappedArbitration(options.election_id, ceiling, options.role)
+    return switch
+
+
 class Follower:
     """The long-lived sessions of one serve (see the module docstring). `subscribers` are
     called in the event loop with every admitted alert; one that raises is reported and
-    the others still get the alert."""
+    the others still get the alert. With `options.fenced` (--etcd), `options.election_id`
+    is the term's, and the follower never bids above it."""
 
     def __init__(
         self,
@@ -97,6 +153,8 @@ class Follower:
         self.subscribers = subscribers if subscribers is not None else []  # the caller's list
         self.limiter = limiter or RateLimiter()
         self.options = dataclasses.replace(options, election_id=options.election_id - 1)
+        # --etcd: the term's id caps the bids (None: finsy bids whatever id the switch saw).
+        self.ceiling = options.election_id if options.fenced else None
         self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns
         self.received = 0  # PacketIns turned into alerts (admitted or not)
         # Seconds from stepping aside for an apply to being the primary again (the last 100).
@@ -121,9 +179,10 @@ class Follower:
         """Wait for the first build, then follow every switch of it until cancelled."""
         self._loop = asyncio.get_running_loop()
         while self.ops.last is None:  # the watch loop's first compile
-            await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
-            if self.ops.last is None and self.ops.watched.is_set():
-                await asyncio.sleep(float(self.ops.args.check))  # the policy does not compile
+            if not self.ops.watched.is_set():
+                await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
+            else:  # it turned without compiling: a standby's turns (--etcd), a broken policy
+                await asyncio.sleep(float(self.ops.args.interval))  # a turn's period
         session = session_of("serve", self.ops.args, self.ops.last)
         if session is None:
             return  # reported: the apply path says the same
@@ -146,8 +205,7 @@ class Follower:
     def _start(self, name: str) -> None:
         target, files = self._targets[name], self._files
         assert files is not None
-        opts = session_options(target, files, self.options, set_pipeline=False, fail_fast=False)
-        switch = Switch(name, target.address, opts(ready_handler=self._ready))
+        switch = follower_session(target, files, self.options, self.ceiling, self._ready)
         # Switch.run reconnects (with finsy's back-off) when the switch restarts.
         self._runs[name] = asyncio.ensure_future(switch.run())
 
@@ -280,35 +338,47 @@ class Containment:
         # nothing is held or written, engine.json included.
         self.dry_run = bool(getattr(ops.args, "contain_dry_run", False))
         self._engine: PolicyEngine | None = None
-        self._mark: object = None
+        self._settings: EngineSettings | None = None  # of the last policy text that compiled
+        self._files: object = None  # the policy's and inventory's stat when last read
+        self._saved: object = None  # engine.json's stat when the engine was last loaded/saved
         self._queue: asyncio.Queue[Alert] | None = None
 
     # -- the engine -----------------------------------------------------------------------
 
     def engine(self) -> PolicyEngine | None:
-        """The engine for the policy file as it is now (under the lock); the last one if
-        the file does not compile (fail closed: its holds stand)."""
-        from p4seg.signals import _settings, load_engine
+        """The engine for the policy file as it is now (under the lock); the last settings
+        if the file does not compile (fail closed: its holds stand). Its state is reloaded
+        when engine.json changed under it (--etcd: a pull brought another leader's)."""
+        from p4seg.signals import ENGINE_FILE, _settings, load_engine
 
         args = self.ops.args
-        mark = tuple(_stat(Path(p)) for p in (args.policy, args.inventory))
-        if self._engine is not None and mark == self._mark:
+        files = (_stat(Path(args.policy)), _stat(Path(args.inventory)))
+        saved = _stat(self.ops.state_dir / ENGINE_FILE)
+        if self._engine is not None and (files, saved) == (self._files, self._saved):
             return self._engine
-        loaded = _settings(args)
-        if loaded is None:  # said once per edit of the files, not on every call
-            self._mark = mark
-            return self._engine
-        settings = loaded[0]
+        if files != self._files:  # said once per edit of the files, not on every call
+            self._files = files
+            loaded = _settings(args)
+            if loaded is not None:
+                self._settings = loaded[0]
+        if self._settings is None:
+            return None
         try:
-            dry = self.dry_run
-            if self._engine is None:
-                self._engine = load_engine(self.ops.state_dir, settings, dry)
+            if self._engine is None or saved != self._saved:
+                self._engine = load_engine(self.ops.state_dir, self._settings, self.dry_run)
             else:
-                self._engine = _copy(self._engine, settings, dry)
+                self._engine = _copy(self._engine, self._settings, self.dry_run)
         except ValueError as err:
             raise ApiError(500, "state", str(err)) from None
-        self._mark = mark
+        self._saved = saved
         return self._engine
+
+    def _save(self, state_dir: Path, engine: PolicyEngine) -> None:
+        """Save the engine's state; the file then holds what this engine holds."""
+        from p4seg.signals import ENGINE_FILE, save_engine
+
+        save_engine(state_dir, engine)
+        self._saved = _stat(state_dir / ENGINE_FILE)
 
     def active_signals(self) -> list[dict[str, object]]:
         """The signals in force (GET /v1/status): host, name, source, reason, expiry."""
@@ -362,7 +432,12 @@ class Containment:
             await asyncio.sleep(pause)
 
     def observe(self, alert: Alert) -> Carried:
-        """One alert through the engine (worker thread)."""
+        """One alert through the engine (worker thread); none when the policy has no
+        `contain` statement (nothing to count: no operation, no etcd round trip)."""
+        with self.ops.lock:
+            engine = self.engine()
+            if engine is None or not engine.settings.containment:
+                return Carried((), Outcome(EXIT_OK, None, "", ""))
 
         def decide(engine: PolicyEngine, now: float) -> list[Decision]:
             return engine.tick(now) + engine.observe(alert, now)
@@ -373,6 +448,8 @@ class Containment:
     def tick(self) -> float:
         """Carry out what is due now (worker thread); seconds until the next look."""
         period = float(self.ops.args.check)
+        if not self.ops.leads():  # --etcd: a standby's engine decides nothing
+            return period
         with self.ops.lock:
             engine = self.engine()
             now = verbs.clock()
@@ -452,12 +529,12 @@ class Containment:
     ) -> int:
         """The engine's decisions into the live state and onto the switches (under the
         lock): as `p4seg signal` does; alerts only and dry runs are audited, not applied."""
-        from p4seg.signals import _write, hold, save_engine
+        from p4seg.signals import _write, hold
 
         state_dir = Path(args.state)
         if not decisions:
             if not dry_run:
-                save_engine(state_dir, engine)  # its counting windows
+                self._save(state_dir, engine)  # its counting windows
             return EXIT_OK
         acting = [d for d in decisions if not isinstance(d, AlertOnly | WouldContain)]
         hosts = sorted({d.host for d in (acting or decisions)})
@@ -469,13 +546,13 @@ class Containment:
             return EXIT_ERROR
         if dry_run or not hold(state, decisions, now):
             if not dry_run:
-                save_engine(state_dir, engine)
+                self._save(state_dir, engine)
             result = "dry run" if dry_run else "alert only" if not acting else "no change"
             audit.append(state_dir / "audit.jsonl", verb, **fields, result=result)
             return EXIT_OK
         code = _write(args, front, state, decisions, fields)
         if code == EXIT_OK:
-            save_engine(state_dir, engine)
+            self._save(state_dir, engine)
         else:  # not carried out: forget the decision; the next denies or signal decide again
             self._engine = None
         return code
@@ -486,12 +563,12 @@ def _copy(engine: PolicyEngine, settings: EngineSettings, dry_run: bool = False)
     return PolicyEngine.from_json(json.loads(json.dumps(engine.to_json())), settings, dry_run)
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
+def _stat(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size  # the inode: files are replaced atomically
 
 
 def _iso(moment: float) -> str:
@@ -505,7 +582,7 @@ def controller_options(ops: Operations) -> ControllerOptions | str:
     options = options_of(ops.args)
     if isinstance(options, str):
         return options
-    if options.election_id < 2:
+    if options.election_id < 2 and not options.fenced:  # --etcd: each term has its own id
         return (f"--election-id {options.election_id} leaves no id below it for the follower: "
                 "alerts and containment are off (use 2 or more)")  # fmt: skip
     return options

@@ -15,8 +15,11 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -30,7 +33,8 @@ from p4seg.observe import sinks_of
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
 from p4seg.verbs import Front, etcd_options
-from runtime.etcdstore import EtcdOptions, Replica
+from runtime.controller import ControllerOptions
+from runtime.etcdstore import EtcdOptions, Leadership, Replica, Role
 from runtime.grpc_loops import ignore_closed_loop_events
 from runtime.live import LiveState
 from runtime.siem import SiemConfigError
@@ -135,8 +139,11 @@ class Service:
             self.containment.subscriber(),
             ops.observers.alert,  # metrics and the SIEM (p4seg/observe.py)
         ]
-        self.follower: Follower | None = None
+        self.follower: Follower | None = None  # with --etcd: this term's, while it leads
         self._following: list[asyncio.Task[None]] = []
+        self._term_follower: asyncio.Task[None] | None = None  # --etcd: runs self.follower
+        self._followed: int | None = None  # --etcd: the term followed (its create_revision)
+        self._stopping = False
 
     async def start(self) -> None:
         """Bind the listeners (AccessError: bad TLS material), then start the operations."""
@@ -191,22 +198,44 @@ class Service:
         self._follow()
 
     def _follow(self) -> None:
-        """Start the follower (p4seg/follower.py) and the engine behind it."""
+        """Start the follower (p4seg/follower.py) and the engine behind it; with --etcd, a
+        follower per term of this controller as leader (`_lead`)."""
         self.ops.active_signals = self.containment.active_signals
         self._following = [asyncio.create_task(self.containment.ticks())]
         options = controller_options(self.ops)
         if isinstance(options, str):
             print(f"p4seg serve: {options}", file=sys.stderr)
             return
-        if self.replica is not None:
-            # Not yet with --etcd: the follower's id would have to follow each term's (a
-            # standby's or a deposed leader's follower must never bid the leader's id).
-            print("p4seg serve: with --etcd, PacketIns are not followed (no alerts, no "
-                  "automatic containment; signals work): docs/serve.md", file=sys.stderr)  # fmt: skip
+        self._following.append(asyncio.create_task(self.containment.consume()))
+        if self.replica is None:
+            self.follower = Follower(self.ops, options, self.alert_subscribers)
+            self._following.append(asyncio.create_task(self.follower.run()))
             return
-        self.follower = Follower(self.ops, options, self.alert_subscribers)
-        self._following += [asyncio.create_task(self.follower.run()),
-                            asyncio.create_task(self.containment.consume())]  # fmt: skip
+        elector = self.replica.elector
+        elector.on_change(lambda role, term: self._lead(options, term, role))
+        if elector.role is Role.LEADER:
+            self._lead(options, elector.fence(), Role.LEADER)
+
+    def _lead(self, options: ControllerOptions, term: Leadership | None, role: Role) -> None:
+        """--etcd, on every change of role: a term that ends (deposed, lease lost, resigned)
+        cancels its follower now; a term that begins starts one at its election id, once
+        the previous one has closed its sessions."""
+        revision = term.create_revision if term is not None and role is Role.LEADER else None
+        if self._stopping:
+            revision = None
+        if revision == self._followed:
+            return
+        self._followed = revision
+        previous, self._term_follower, self.follower = self._term_follower, None, None
+        if previous is not None:
+            previous.cancel()
+        if term is None or revision is None:
+            return
+        assert options.fenced  # --etcd: the follower's bids are capped at the term's id
+        follower = Follower(self.ops, dataclasses.replace(options, election_id=term.election_id),
+                            self.alert_subscribers)  # fmt: skip
+        self.follower = follower
+        self._term_follower = asyncio.create_task(_after(previous, follower.run()))
 
     async def _expire(self) -> None:
         """Release quarantines whose TTL ran out, as they run out."""
@@ -236,11 +265,15 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self.ops.stop)  # the follower steps aside for its last apply
-        for task in self._following:
+        self._stopping = True  # no new term is followed
+        following = [*self._following, *filter(None, [self._term_follower])]
+        for task in following:
             task.cancel()
-        for task in self._following:
+        for task in following:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # An engine operation already in its worker thread ends while etcd is still open.
+        await asyncio.to_thread(_drained, self.ops.lock)
         if self.replica is not None:
             await self.replica.close(resign=resign)
             self.replica = None
@@ -249,6 +282,23 @@ class Service:
         if self._held is not None:
             os.close(self._held)
             self._held = None
+
+
+def _drained(lock: threading.Lock) -> None:
+    with lock:
+        pass  # taken once: whoever held it is done
+
+
+async def _after(previous: asyncio.Task[None] | None, then: Coroutine[Any, Any, None]) -> None:
+    """`then`, once `previous` is over (cancelled: its sessions are closed and its stepping
+    aside unregistered); a cancellation meanwhile cancels `then` too."""
+    try:
+        if previous is not None:
+            await asyncio.wait([previous])  # its outcome is its own; ours propagates
+    except BaseException:
+        then.close()
+        raise
+    await then
 
 
 def etcd_of(args: argparse.Namespace) -> EtcdOptions:
