@@ -8,7 +8,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from p4rt import wait_for
@@ -31,11 +31,14 @@ default deny log
 HOSTS = {"h1": ("10.0.0.1", 1), "h2": ("10.0.0.2", 2), "h3": ("10.0.0.3", 3), "h4": ("10.0.0.4", 4)}
 
 
-@pytest.fixture
-def site(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[ReferenceSwitch, list[str]]]:
-    sw = ReferenceSwitch(device_id=1)
+_Switch = TypeVar("_Switch", bound=ReferenceSwitch)
+
+
+def small_site(
+    sw: _Switch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[_Switch, list[str]]]:
+    """The one-ToR floor (HOSTS, POLICY) on `sw`, started on a free loopback port, in
+    tmp_path as the working directory; the switch stopped afterwards."""
     port = sw.start("127.0.0.1:0")
     inventory = tmp_path / "small.yaml"
     hosts = "\n".join(
@@ -51,6 +54,13 @@ def site(
         yield sw, ["-i", str(inventory)]
     finally:
         sw.stop()
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ReferenceSwitch, list[str]]]:
+    yield from small_site(ReferenceSwitch(device_id=1), tmp_path, monkeypatch)
 
 
 def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:

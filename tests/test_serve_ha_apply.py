@@ -32,7 +32,7 @@ from etcd_cluster import EtcdCluster, etcd_cluster
 from finsy.proto import p4r
 from logged_switch import Decided, Hold, LoggedSwitch, Pending
 from p4rt import wait_for
-from test_cli_controller import HOSTS, POLICY, _passes
+from test_cli_controller import POLICY, _passes, small_site
 from test_controller import TABLES, _held_entries, _mark
 from test_serve import OPERATOR, Served, _Loop, pki
 from test_store_etcd import Partition
@@ -188,22 +188,7 @@ def site(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[LoggedSwitch, list[str]]]:
     """test_cli_controller's one-ToR floor, on a LoggedSwitch."""
-    sw = LoggedSwitch(device_id=1)
-    port = sw.start("127.0.0.1:0")
-    hosts = "\n".join(
-        f"  {h}: {{ip: {ip}, switch: tor1, port: {p}}}" for h, (ip, p) in HOSTS.items()
-    )
-    inventory = tmp_path / "small.yaml"
-    inventory.write_text(
-        f'name: small\nswitches:\n  tor1: {{role: tor, device_id: 1, p4rt: "127.0.0.1:{port}"}}\n'
-        f"hosts:\n{hosts}\n"
-    )
-    (tmp_path / "small.zt").write_text(POLICY)
-    monkeypatch.chdir(tmp_path)
-    try:
-        yield sw, ["-i", str(inventory)]
-    finally:
-        sw.stop()
+    yield from small_site(LoggedSwitch(device_id=1), tmp_path, monkeypatch)
 
 
 @dataclasses.dataclass
