@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aetcd
@@ -97,6 +97,9 @@ def wants_tls(text: str) -> bool:
     if len(schemes) > 1:
         raise ValueError("--etcd: mixes http:// and https:// endpoints")
     return schemes == {"https"}
+
+
+RETRY_PAUSE = 0.05  # seconds before a read is asked again (doubling, at most 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,32 +226,43 @@ class Etcd:
         await self.client.connect()
         stub, _, name = method.partition(".")
         deadline = self.options.timeout if timeout is None else timeout
-        try:
-            return await getattr(getattr(self.client, stub), name)(
-                request, timeout=max(deadline, 0.01)
-            )
-        except grpc.aio.AioRpcError as err:
-            code, details = err.code(), err.details() or ""
-            where = f"etcd {','.join(self.options.endpoints)}: {what}"
-            # etcd answers its own expired deadline as UNKNOWN "context deadline exceeded".
-            timed_out = code is grpc.StatusCode.UNKNOWN and "deadline exceeded" in details
-            if timed_out or code in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            ):
-                reason = (
-                    "no answer in time" if code is grpc.StatusCode.DEADLINE_EXCEEDED else details
+        loop = asyncio.get_running_loop()
+        end, pause = loop.time() + deadline, RETRY_PAUSE
+        while True:
+            try:
+                return await getattr(getattr(self.client, stub), name)(
+                    request, timeout=max(end - loop.time(), 0.01)
                 )
-                unsent = code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower()
-                raise StoreUnavailable(
-                    f"{where}: etcd unreachable or without quorum ({reason})",
-                    maybe_applied=write and not unsent,
-                ) from None
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
-                raise StoreError(
-                    f"{where}: too large for etcd ({details}); see etcd's --max-request-bytes"
-                ) from None
-            raise StoreError(f"{where}: {code.name.lower()}: {details}") from None
+            except grpc.aio.AioRpcError as err:
+                # A read meeting a raft election (a member died: "leader changed") is asked
+                # again until its deadline: reading twice changes nothing. A write is not.
+                transient = err.code() is grpc.StatusCode.UNAVAILABLE
+                if write or not transient or loop.time() + pause >= end:
+                    self._failed(what, err, write)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    def _failed(self, what: str, err: grpc.aio.AioRpcError, write: bool) -> NoReturn:
+        """The StoreUnavailable or StoreError an etcd error means (see `call`)."""
+        code, details = err.code(), err.details() or ""
+        where = f"etcd {','.join(self.options.endpoints)}: {what}"
+        # etcd answers its own expired deadline as UNKNOWN "context deadline exceeded".
+        timed_out = code is grpc.StatusCode.UNKNOWN and "deadline exceeded" in details
+        if timed_out or code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
+            reason = "no answer in time" if code is grpc.StatusCode.DEADLINE_EXCEEDED else details
+            unsent = code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower()
+            raise StoreUnavailable(
+                f"{where}: etcd unreachable or without quorum ({reason})",
+                maybe_applied=write and not unsent,
+            ) from None
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
+            raise StoreError(
+                f"{where}: too large for etcd ({details}); see etcd's --max-request-bytes"
+            ) from None
+        raise StoreError(f"{where}: {code.name.lower()}: {details}") from None
 
     async def txn(
         self, what: str, compare: list[Any], success: list[Any], failure: list[Any],

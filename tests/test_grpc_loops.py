@@ -8,6 +8,7 @@ its own (this file, run as a script)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from finsy.proto import p4r, p4r_grpc
 
 from runtime import grpc_loops
@@ -78,10 +80,14 @@ def _scenario(handled: bool) -> dict[str, int]:
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
     thread.start()
     assert ready.wait(10)
-    for _ in range(3):
-        asyncio.run(client())
+    # as the controller runs its operations: each in a loop of its own (with the handler,
+    # which any bound loop needs: whichever wakes first delivers the others' completions)
+    run = grpc_loops.run if handled else asyncio.run
+    for _ in range(5):
+        run(client())
+        gc.collect()  # the call goes: its cancellation completes for the closed loop
     seen = threading.Event()
-    for _ in range(100):  # until the completions have come through (a condition, not a sleep)
+    for _ in range(30):  # until the completions have come through (a condition, not a sleep)
         if closed.count + grpc_loops.dropped >= 1:
             seen.set()
             break
@@ -99,13 +105,53 @@ def _run(case: str) -> dict[str, int]:
     return result
 
 
-def test_without_the_handler_the_long_lived_loop_logs_a_traceback() -> None:
-    assert _run("unhandled")["logged"] >= 1
+class PollerCompletionQueue:
+    """Stands for gRPC's poller in a handle's repr (`PollerCompletionQueue._handle_events`)."""
+
+    def _handle_events(self) -> None:
+        raise RuntimeError("Event loop is closed")
 
 
-def test_with_the_handler_they_are_counted_not_logged() -> None:
-    result = _run("handled")
-    assert result["logged"] == 0 and result["dropped"] >= 1, result
+def test_the_handler_drops_exactly_the_closed_loop_event_and_passes_the_rest_on() -> None:
+    loop = asyncio.new_event_loop()
+    seen: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    grpc_loops.ignore_closed_loop_events(loop)
+    try:
+        before = grpc_loops.dropped
+        handle = asyncio.Handle(PollerCompletionQueue()._handle_events, (), loop)
+        closed = RuntimeError("Event loop is closed")
+        loop.call_exception_handler({"message": "x", "exception": closed, "handle": handle})
+        assert grpc_loops.dropped == before + 1 and seen == []
+        # Another error of the poller, or the same error elsewhere: the previous handler.
+        other = {"message": "y", "exception": ValueError("no"), "handle": handle}
+        elsewhere = {"message": "z", "exception": closed, "handle": asyncio.Handle(print, (), loop)}
+        loop.call_exception_handler(other)
+        loop.call_exception_handler(elsewhere)
+        assert seen == [other, elsewhere] and grpc_loops.dropped == before + 1
+    finally:
+        loop.close()
+
+
+def test_real_grpc_completions_of_closed_loops_are_counted_not_logged() -> None:
+    """The real case, in processes of their own: without the handler the long-lived loop
+    logs the error, with it nothing is logged. gRPC decides when a closed loop's last
+    completion comes (the call's cancellation when it is collected): each case is run up
+    to 3 times until one comes, and a test in which none came says so and checks nothing."""
+    unhandled = _until("unhandled", "logged")
+    handled = _until("handled", "dropped")
+    if unhandled["logged"] == 0 or handled["dropped"] == 0:
+        pytest.skip(f"gRPC gave no closed loop a completion in 3 runs: {unhandled}, {handled}")
+    assert handled["logged"] == 0, handled
+
+
+def _until(case: str, count: str, runs: int = 3) -> dict[str, int]:
+    """The first of `runs` runs of `case` in which `count` is not 0 (else the last)."""
+    for _ in range(runs):
+        result = _run(case)
+        if result[count]:
+            break
+    return result
 
 
 if __name__ == "__main__":

@@ -267,6 +267,49 @@ def test_kill_9_of_the_leader_process(
         ctl.stop()
 
 
+def test_one_etcd_member_killed_and_the_controllers_carry_on(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    """Two members of three keep quorum: quarantines and releases are acknowledged, stored
+    and enforced, the standby names the leader, and the member back catches up. While the
+    two elect their raft leader (the dead member may have been it) a call may be refused
+    with nothing done, or the leader's lease refresh may miss it and its term renew (the
+    same controller, a new election id): a call then in flight fails, unacknowledged and
+    unwritten; the next one goes through."""
+    sw, _, (a, b), cluster = floor
+    cluster.kill(0)
+    cluster.wait_healthy([1, 2])
+
+    def leader() -> Controller | None:
+        return next((c for c in (a, b) if c.role() is Role.LEADER), None)
+
+    answers: list[tuple[int | None, dict[str, Any]]] = []
+
+    def acknowledged(method: str, path: str, body: dict[str, str] | None = None) -> bool:
+        now = leader()
+        if now is not None:
+            answers.append(now.served.call(method, path, body, token=OPERATOR))
+        return now is not None and answers[-1][0] == 200
+
+    assert wait_for(lambda: acknowledged("PUT", "/v1/quarantine/h1", {"reason": "x"}), 30), answers
+    assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h3", 8080)
+    assert wait_for(lambda: leader() is not None, 30)
+    ruling = leader()
+    assert ruling is not None
+    standby = b if ruling is a else a
+    code, doc = standby.served.call("PUT", "/v1/quarantine/h2", {"reason": "x"}, token=OPERATOR)
+    assert code == 503 and doc["error"]["code"] == "standby", doc
+    assert standby.served.status()["leader"] is not None
+    assert wait_for(lambda: acknowledged("DELETE", "/v1/quarantine/h1"), 30), answers[-3:]
+    assert _passes(sw, "h1", "h3", 8080)
+    cluster.start(0)
+    cluster.wait_healthy()
+    live, records, chained = _stored(cluster)
+    assert live.quarantined == {} and chained
+    done = [r["event"] for r in records if r["event"] in ("quarantine", "release")]
+    assert done[-2:] == ["quarantine", "release"] and done.count("release") == 1, done
+
+
 def test_without_etcd_quorum_nothing_changes_and_the_switch_keeps_its_policy(
     floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
 ) -> None:
