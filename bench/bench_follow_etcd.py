@@ -49,14 +49,15 @@ PROBE_EVERY = 0.05  # seconds between logged denies while waiting for alerts to 
 class Serves:
     """`p4seg serve` processes in one work directory, by name."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, policy: str = "small.zt", inventory: str = "small.yaml") -> None:
         self.work = work
+        self.policy, self.inventory = policy, inventory
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
 
     def start(self, name: str, *extra: str) -> str:
         out = self.work / f"{name}.out"
-        argv = ["serve", "small.zt", "-i", "small.yaml", "--api", "127.0.0.1:0", "--api-plain",
+        argv = ["serve", self.policy, "-i", self.inventory, "--api", "127.0.0.1:0", "--api-plain",
                 "--api-tokens", "access.yaml", "--state", f"state-{name}", "--build",
                 f"build-{name}", "--interval", "0.05", "--hits-interval", "0", *extra]  # fmt: skip
         with out.open("wb") as sink:
