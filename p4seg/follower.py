@@ -221,11 +221,13 @@ class Follower:
         following = self.following[sw.name]
         if not sw.is_primary:
             following.clear()  # a backup: an apply holds the switch; finsy calls back
+            self.ops.observers.primary(sw.name, False)
             return
         packets = aiter(sw.read_packets())
         pending = asyncio.ensure_future(anext(packets))
         await asyncio.sleep(0)  # one turn: the generator has subscribed to PacketIns
         following.set()
+        self.ops.observers.primary(sw.name, True)  # p4seg_switch_primary
         if (since := self._aside_since.pop(sw.name, None)) is not None:
             self.gaps.append(time.monotonic() - since)
         try:
@@ -235,6 +237,7 @@ class Follower:
                 self._packet(sw.name, packet.payload, packet.metadata)
         finally:
             following.clear()
+            self.ops.observers.primary(sw.name, False)
             pending.cancel()
 
     def _packet(self, switch: str, payload: bytes, metadata: dict[str, int]) -> None:

@@ -93,6 +93,9 @@ def test_metrics_follow_operations_and_packets(observed: Served, collector: Coll
         return sum(allow) >= 5 and m.get(("p4seg_switch_connected", (("switch", "tor1"),)), 0)
 
     assert _until(counted)
+    # serve's follower holds the switch between applies: this controller is its primary
+    primary = ("p4seg_switch_primary", (("switch", "tor1"),))
+    assert _until(lambda: _metrics(observed).get(primary) == 1)
 
     # the SIEM got the quarantine, with the API caller as the actor
     def sent() -> list[str]:
