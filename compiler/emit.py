@@ -278,10 +278,10 @@ def _switch_report(target: Target, sw: SwitchTables) -> tuple[dict[str, object],
 # A switch's line of the report, per target, kept while its SwitchTables object lives on
 # in the builds an incremental compile makes (compiler/memo.py).
 _SWITCH_REPORTS: defaultdict[str, ByObject[SwitchTables, tuple[dict[str, object], int]]] = (
-    defaultdict(lambda: ByObject(256))
+    defaultdict(lambda: ByObject(16))
 )
 # Each file's SHA-256 by its text object: the files of reused switches are the same strings.
-_DIGESTS: ByObject[str, str] = ByObject(1024)
+_DIGESTS: ByObject[str, str] = ByObject(32)
 
 
 def file_digest(text: str) -> str:
@@ -298,6 +298,7 @@ def _report(
     tag_fields: int,
 ) -> dict[str, object]:
     memo = _SWITCH_REPORTS[target.name]
+    memo.hold(len(switches))
     lines = [memo.get(sw, partial(_switch_report, target)) for sw in switches]
     policy_entries = sum(n for (_, n), sw in zip(lines, switches, strict=True) if sw.role == "tor")
     report: dict[str, object] = {
@@ -517,6 +518,7 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     """
     target = Path(out_dir).resolve()
     rels = [_relative(rel) for rel in build_.files]
+    _DIGESTS.hold(len(build_.files))
     digests = {_relative(rel): file_digest(text) for rel, text in build_.files.items()}
     if not os.path.lexists(target):
         target.parent.mkdir(parents=True, exist_ok=True)

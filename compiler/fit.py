@@ -39,6 +39,7 @@ def expand_ranges(switches: tuple[SwitchTables, ...], target: Target) -> tuple[S
         return switches
     width = {k.name: k.bits for t in target.pipeline.tables for k in t.keys}
     memo = _EXPANDED[target.name]
+    memo.hold(len(switches))
     return tuple(memo.get(sw, partial(_expanded, width)) for sw in switches)
 
 
@@ -63,14 +64,15 @@ def _expanded(width: Mapping[str, int], sw: SwitchTables) -> SwitchTables:
 # Per target, a switch's tables fitted to it, and its entries per table, for as long as an
 # incremental compile passes the switch on unchanged (compiler/memo.py).
 _EXPANDED: defaultdict[str, ByObject[SwitchTables, SwitchTables]] = defaultdict(
-    lambda: ByObject(256)
+    lambda: ByObject(16)
 )
-_COUNTS: ByObject[SwitchTables, Counter[str]] = ByObject(256)
+_COUNTS: ByObject[SwitchTables, Counter[str]] = ByObject(16)
 
 
 def check_capacity(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
     diags = []
     for sw in switches:
+        _COUNTS.hold(len(switches))
         counts = _COUNTS.get(sw, lambda t: Counter(e.table for e in t.entries))
         for table in target.pipeline.tables:
             if counts[table.name] > table.size:

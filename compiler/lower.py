@@ -193,7 +193,7 @@ def _next_hops(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], _
 
 
 # An inventory's next hops, while its object lives (the verbs parse an unchanged file once).
-_NEXT_HOPS: ByObject[Inventory, dict[tuple[str, str], _NextHops]] = ByObject(4)
+_NEXT_HOPS: ByObject[Inventory, dict[tuple[str, str], _NextHops]] = ByObject(2)
 
 
 def _routing(

@@ -29,15 +29,22 @@ def forget() -> None:
 
 
 class ByObject(Generic[K, V]):
-    """`make(obj)` per object, the least recently used dropped beyond `keep`. Thread-safe
+    """`make(obj)` per object, the least recently used dropped beyond the objects of one
+    build (`hold`) and `spare` more (the versions a few operations replaced: a switch's
+    tables are megabytes, so a long-running controller keeps no history). Thread-safe
     (serve compiles in its worker thread while its API thread may trace); `make` runs
     outside the lock, so two threads may both derive a value the first time."""
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
+    def __init__(self, spare: int) -> None:
+        self.spare = spare
+        self.keep = spare
         self._items: OrderedDict[int, tuple[K, V]] = OrderedDict()
         self._lock = threading.Lock()
         _EVERY.add(self)
+
+    def hold(self, count: int) -> None:
+        """Keep room for `count` objects in use at once (a build's switches or files)."""
+        self.keep = max(self.keep, count + self.spare)
 
     def get(self, obj: K, make: Callable[[K], V]) -> V:
         key = id(obj)

@@ -372,13 +372,17 @@ class _DerivedCache:
     """`_Derived` per `SwitchTables` object (compiler/memo.py), and the last address
     partition, shared so that indexes built for it are found by identity."""
 
-    def __init__(self, keep: int = 256) -> None:
-        self._derived: ByObject[SwitchTables, _Derived] = ByObject(keep)  # a few 50-switch builds
+    def __init__(self, spare: int = 16) -> None:
+        self._derived: ByObject[SwitchTables, _Derived] = ByObject(spare)
         self._starts: tuple[int, ...] = ()
         self._lock = threading.Lock()
 
     def of(self, tables: SwitchTables) -> _Derived:
         return self._derived.get(tables, _Derived)
+
+    def hold(self, count: int) -> None:
+        """Room for `count` switches proven at once (ByObject.hold)."""
+        self._derived.hold(count)
 
     def starts(self, starts: list[int]) -> tuple[int, ...]:
         """The address partition as one shared tuple when it equals the last one."""
@@ -515,6 +519,7 @@ class Verifier:
         self.inventory = inventory
         self.switches = switches
         self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
+        DERIVED.hold(len(switches))
         self._derived = {name: DERIVED.of(t) for name, t in switches.items()}
         self.fabric = Fabric(switches, inventory, {n: d.indexed for n, d in self._derived.items()})
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
@@ -1385,6 +1390,7 @@ def proof_record(
                             r.log, r.reply, r.rate_pps))  # fmt: skip
         tors = tors_of(r.src.intervals) | tors_of(r.dst.intervals)
         rules[r.key] = (meaning, tuple(sorted(tors)))
+    _TABLES_DIGESTS.hold(len(switches))
     tables = {
         name: _TABLES_DIGESTS.get(sw, _tables_digest) for name, sw in sorted(switches.items())
     }
@@ -1412,8 +1418,8 @@ def _floor_digest(inventory: Inventory) -> str:
 
 # The digests of a proof record, per switch's tables and per inventory (compiler/memo.py):
 # a repr of 3,000 entries costs 25 ms, and most switches are the same objects build after build.
-_TABLES_DIGESTS: ByObject[SwitchTables, str] = ByObject(256)
-_INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(4)
+_TABLES_DIGESTS: ByObject[SwitchTables, str] = ByObject(16)
+_INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(2)
 
 
 def differential_scope(
