@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ class Operations:
         self._watch: threading.Thread | None = None
         self.replication: Replication | None = None  # --etcd: set by Service.start
         self._said = ""  # the watch loop's last word on etcd
+        self._standby_due = 0.0  # when a standby reads etcd's state again (monotonic)
         # The signals in force for GET /v1/status (p4seg/follower.py sets it); under the lock.
         self.active_signals: Callable[[], list[dict[str, object]]] = list
 
@@ -245,16 +247,28 @@ class Operations:
                         leader=self.replication.status()["leader"])  # fmt: skip
 
     def _may_write(self) -> bool:
-        """The watch loop's turn runs on the leader only (a standby's would fight it)."""
+        """The watch loop's turn runs on the leader only (a standby's would fight it); a
+        standby's turns keep its state directory what etcd holds, every `--check` seconds."""
         try:
             self._begin(fresh=False)
         except ApiError as err:
             if err.code == "etcd_unavailable" and err.message != self._said:
                 print(f"p4seg serve: watch: {err.message}", file=sys.stderr)
             self._said = err.message  # said once, not every turn
+            if err.code == "standby":
+                self._refresh_standby()
             return False
         self._said = ""
         return True
+
+    def _refresh_standby(self) -> None:
+        assert self.replication is not None
+        now = time.monotonic()
+        if now < self._standby_due:
+            return
+        self._standby_due = now + self.args.check
+        with contextlib.suppress(StoreUnavailable):  # it answers from its last copy
+            self.replication.refresh()
 
     def _wrote(self) -> None:
         try:

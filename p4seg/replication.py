@@ -77,6 +77,12 @@ class Replication:
             self._pulled = term.create_revision
         return term.election_id
 
+    def refresh(self) -> None:
+        """On a standby: the state directory made what etcd holds, for its GET answers
+        and so that a takeover starts from a recent copy (StoreUnavailable when etcd
+        cannot be read). Reads only: a standby never pushes."""
+        self._run(self.mirror.pull())
+
     def end(self) -> None:
         """After an operation: what it changed is in etcd (NotLeader if this controller was
         deposed meanwhile: nothing of it was stored)."""

@@ -152,7 +152,10 @@ def test_a_standby_names_the_leader_and_takes_over_when_it_dies(
     assert code == 200, doc
     assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h3", 8080)
     assert "h1" in _stored(cluster)[0].quarantined
-    # A release through the standby is 503 too (not 404 from its view, which lags).
+    # The standby's view follows etcd (its watch turns read it every --check): it answers
+    # GETs with the quarantine the leader stored.
+    assert wait_for(lambda: b.served.status()["quarantined"] == ["h1"], 30)
+    # A release through the standby is 503 too (not 404 from its view, which may lag).
     code, doc = b.served.call("DELETE", "/v1/quarantine/h1", {}, token=OPERATOR)
     assert code == 503 and doc["error"]["leader"]["name"] == "ctl-a", doc
     assert not _passes(sw, "h1", "h3", 8080)
@@ -351,6 +354,9 @@ def test_a_new_leader_judges_a_release_or_revocation_by_etcd_not_its_stale_copy(
     turn as leader pulls: a release or a revocation it answers meanwhile must not be "not
     quarantined" / "unknown grant" from that copy while etcd holds the host or the grant."""
     sw, _, (a, b), cluster = floor
+    assert b.service.ops.replication is not None
+    # ctl-b's standby turns do not refresh its copy (as if etcd had been out of reach).
+    monkeypatch.setattr(b.service.ops.replication, "refresh", lambda: None)
     assert _quarantine(a, "h1")[0] == 200
     body = {"src": "h2", "dst": "h4", "proto": "tcp", "ports": "443", "for": 3600}
     code, doc = a.served.call("POST", "/v1/grants", body, token=OPERATOR)
@@ -359,7 +365,6 @@ def test_a_new_leader_judges_a_release_or_revocation_by_etcd_not_its_stale_copy(
     assert not _passes(sw, "h1", "h3", 8080) and _passes(sw, "h2", "h4", 443)
 
     # ctl-b's watch loop takes no turn (its pull once per term), as before its first one.
-    assert b.service.ops.replication is not None
     pull = b.service.ops.replication.begin
 
     def calls_only(*, fresh: bool = True) -> int:
