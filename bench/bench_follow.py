@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,20 +28,19 @@ from scapy.layers.l2 import Ether
 
 import p4seg.verbs
 from bench.bench_controller import TIMEOUT, median_ms, spread_ms
+from bench.bench_failover import ROOT
 from bench.bench_serve import _certificates, _serving, _until
 from runtime.refswitch.switch import ReferenceSwitch
 
-POLICY = """\
-policy small
-service front       = h1, h2
-service back        = h3
-service remediation = h4
-allow front -> back        tcp 8080
-allow h1    -> remediation tcp 443
-contain after 3 denies within 10s for 10m
-default deny log
-"""
-HOSTS = {"h1": ("10.0.0.1", 1), "h2": ("10.0.0.2", 2), "h3": ("10.0.0.3", 3), "h4": ("10.0.0.4", 4)}
+sys.path.insert(0, str(ROOT / "tests"))  # the one-ToR floor the tests use
+
+from test_cli_controller import HOSTS
+from test_cli_controller import POLICY as SMALL
+
+# test_cli_controller's one-ToR policy, with a contain rule
+POLICY = SMALL.replace(
+    "default deny log", "contain after 3 denies within 10s for 10m\ndefault deny log"
+)
 
 
 def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int, sport: int = 40000) -> bool:
