@@ -103,8 +103,10 @@ class Collector:
     tls: int | None  # None: rsyslog has no OpenSSL driver here
 
     def lines(self, name: str) -> list[str]:
+        """The file's lines, without the fixture's readiness probes."""
         path = self.dir / name
-        return path.read_text().splitlines() if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+        return [line for line in text.splitlines() if READY not in line]
 
     def url(self, transport: str, query: str = "") -> str:
         port = {"udp": self.udp, "tcp": self.tcp, "tls": self.tls}[transport]
@@ -191,7 +193,30 @@ input(type="imtcp" name="tcp" address="127.0.0.1" port="{tcp}" ruleset="in")
 """)
     ports = [(udp, "udp"), (tcp, "tcp")] + ([(tls_port, "tcp")] if tls_port else [])
     with _rsyslogd(d / "rsyslog.conf", ports):
+        _until_received(d / "raw.log", udp, tcp)
         yield Collector(d, udp, tcp, tls_port)
+
+
+READY = "p4seg-collector-ready"  # the fixture's probes (Collector.lines leaves them out)
+
+
+def _until_received(log: Path, udp: int, tcp: int) -> None:
+    """Until rsyslog writes what its UDP and TCP inputs receive: a port that listens is not
+    yet an input that processes (a datagram before that is lost)."""
+    probe = f"<14>1 - - {READY} - - - probe\n".encode()
+
+    def arrived(transport: str) -> bool:
+        if transport == "udp":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(probe, ("127.0.0.1", udp))
+        text = log.read_text() if log.exists() else ""
+        return any(line.startswith(f"{transport} ") and READY in line for line in text.splitlines())
+
+    with socket.create_connection(("127.0.0.1", tcp), timeout=10) as s:
+        s.sendall(probe)
+    for transport in ("udp", "tcp"):
+        if not wait_for(lambda t=transport: arrived(t), 20, every=0.1):  # type: ignore[misc]
+            pytest.fail(f"rsyslogd wrote nothing it received over {transport}")
 
 
 def _alert(src: str = "10.0.2.11", spoof: bool = False) -> Alert:
