@@ -17,10 +17,25 @@ from p4src.spec import PIPELINE
 from runtime.controller import PipelineFiles, SwitchTarget, targets
 from runtime.plan import Tables
 from runtime.refswitch.switch import ReferenceSwitch
+from topologies import ports
 
 TABLES = Tables(PIPELINE)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def floor_ports_reserved() -> Iterator[ports.Reservation]:
+    """The example inventories' fixed P4Runtime ports, out of the ephemeral range for the
+    whole run: an earlier test's outgoing connection must not sit on 127.0.0.1:50008 when
+    a Mininet floor's spine2 binds it (topologies/ports.py; a floor also reserves its own
+    ports, but only from its start)."""
+    fixed = set()
+    for path in sorted((ROOT / "topologies").glob("*.yaml")):
+        inventory, _ = load_inventory(str(path))
+        fixed |= {int(sw.p4rt.rpartition(":")[2]) for sw in inventory.switches}
+    with ports.reserved(fixed) as reservation:
+        yield reservation
 
 
 @pytest.fixture(scope="session")

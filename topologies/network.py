@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +33,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 
 from compiler.inventory import Inventory
+from topologies import ports
 from topologies.names import node_names
 from topologies.switches import P4RuntimeSwitch, switch_class
 
@@ -76,6 +78,7 @@ class Floor:
     workdir: Path | None = None
     node_names: dict[str, str] = field(default_factory=dict)  # inventory name -> Mininet's
     _pids: dict[str, int] = field(default_factory=dict)
+    _held: ExitStack = field(default_factory=ExitStack)
 
     def __enter__(self) -> Floor:
         try:
@@ -97,6 +100,9 @@ class Floor:
         cls = switch_class(self.target)
         self.workdir = Path(tempfile.mkdtemp(prefix="p4seg-floor-"))
         inv = self.inventory
+        # The switches' fixed P4Runtime ports lie in the ephemeral range: keep outgoing
+        # connections off them while the floor runs (topologies/ports.py).
+        self._held.enter_context(ports.reserved(_grpc_port(sw.p4rt) for sw in inv.switches))
         self.node_names = node_names(
             [*(s.name for s in inv.switches), *(h.name for h in inv.hosts)]
         )
@@ -160,6 +166,7 @@ class Floor:
             finally:
                 for sw in self.switches.values():
                     sw.stop()
+        self._held.close()
         if self.workdir is not None:
             for path in self.workdir.iterdir():
                 path.unlink()
