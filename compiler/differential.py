@@ -161,3 +161,192 @@ def changed_tables(
         if diff:
             out[name] = diff
     return out
+
+
+# -- a quarantine proven by its shape -------------------------------------------------------
+#
+# A quarantine cuts a host off with an overlay on its own ToR (compiler/quarantine.py):
+# the host's two identity entries there give it a quarantine identity (a value in reserved
+# bits of the tag vector), and `policy` entries match that identity. When a build differs
+# from a proven one only by one host's overlay coming or going (`overlay_change`):
+#
+# 1. every other packet meets exactly the entries it met before — the two builds differ
+#    only in the host's identity entries (their tags, nothing else) and in `policy` entries
+#    that match a quarantine identity of the host, which no other address carries on that
+#    ToR — and the policy decides it as the proven one did (the same rules, the quarantine
+#    one host larger or smaller): its verdict is the one already proven. So proving the
+#    host's packets (verify's `focus`) proves the whole build.
+# 2. when the host is newly quarantined and may reach nothing at all under the carved
+#    policy (no `remediation` flow of it survives the carve), its packets need no walk
+#    either (`quarantine_by_shape`): each crosses the host's ToR, gets the quarantine
+#    identity there on its side, and meets a catch-all deny of that identity (no other
+#    field matched) above every ordinary `policy` entry: dropped, as the policy says.
+#
+# An overlay that allows something (remediation), a release, or any other change is left
+# to the verifier.
+
+_DENY_ACTIONS = frozenset({"deny", "deny_and_log"})
+_IDENTITY_FIELD = {"src_identity": "src_addr", "dst_identity": "dst_addr"}
+
+
+def _without_tags(entry: TableEntry) -> TableEntry:
+    return TableEntry(
+        entry.table, entry.matches, entry.action,
+        tuple(p for p in entry.params if p[0] != "tags"), entry.priority, entry.rule_id,
+        entry.role, entry.meter,
+    )  # fmt: skip
+
+
+def _tags(entry: TableEntry) -> int:
+    return dict(entry.params).get("tags", 0)
+
+
+def _host_identity(entry: TableEntry, host: int) -> bool:
+    field = _IDENTITY_FIELD.get(entry.table)
+    m = entry.match(field) if field is not None else None
+    return m is not None and m.kind == "lpm" and m.arg == 32 and m.value == host
+
+
+def _matches_value(entry: TableEntry, values: set[int], mask: int) -> bool:
+    """A `policy` entry that matches one of these quarantine identities on a side."""
+    return entry.table == "policy" and any(
+        m is not None and m.kind == "ternary" and m.arg & mask == mask and m.value & mask in values
+        for m in (entry.match("src_tags"), entry.match("dst_tags"))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayChange:
+    """How a ToR's tables differ by one host's overlay: its quarantine identity before and
+    after (0: none), and the `policy` entries added."""
+
+    before: int
+    after: int
+    added: frozenset[TableEntry]
+
+
+def overlay_change(
+    old: SwitchTables, new: SwitchTables, host: int, mask: int
+) -> OverlayChange | str:
+    """The change from `old` to `new` when it is only `host`'s quarantine overlay (`mask`:
+    the tag vector's quarantine bits); else why not."""
+    if (old.role, old.device_id, old.defaults) != (new.role, new.device_id, new.defaults):
+        return "the switch's role or default actions changed"
+    before, after = set(old.entries), set(new.entries)
+    removed, added = before - after, after - before
+    moved = {_without_tags(e): e for e in removed if e.table in _IDENTITY_FIELD}
+    values: dict[str, set[int]] = {"old": set(), "new": set()}
+    for entry in added:
+        if entry.table not in _IDENTITY_FIELD:
+            continue
+        was = moved.pop(_without_tags(entry), None)
+        if was is None or not _host_identity(entry, host):
+            return f"{entry.table} entries other than the host's changed"
+        values["old"].add(_tags(was) & mask)
+        values["new"].add(_tags(entry) & mask)
+    if moved:
+        return "identity entries were removed"
+    if len(values["old"]) > 1 or len(values["new"]) > 1:
+        return "the host's identity entries disagree on its quarantine identity"
+    q_old, q_new = max(values["old"], default=0), max(values["new"], default=0)
+    if (q_old == 0) == (q_new == 0):
+        return "the host's quarantine identity neither came nor went"
+    held = {q_old, q_new} - {0}
+    others = (e for e in after | removed if e.table in _IDENTITY_FIELD)
+    if any(_tags(e) & mask in held for e in others if not _host_identity(e, host)):
+        return "another address of the switch carries the host's quarantine identity"
+    if any(e.table not in _IDENTITY_FIELD and not _matches_value(e, held, mask)
+           for e in removed | added):  # fmt: skip
+        return "entries outside the host's overlay changed"
+    return OverlayChange(q_old, q_new, frozenset(e for e in added if e.table == "policy"))
+
+
+def only_overlay_changed(
+    old: tuple[Policy, Inventory, Mapping[str, SwitchTables]],
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    host: Host,
+    mask: int,
+) -> OverlayChange | str:
+    """Point 1 above: the new build differs from the proven `old` one only by `host`'s
+    quarantine (in the policy) and its overlay (on its ToR), or why not."""
+    old_policy, old_inventory, old_switches = old
+    if not same_inventory(old_inventory, inventory):
+        return "the inventory changed"
+    if old_policy.default_log != policy.default_log:
+        return "the default's logging changed"
+    if changed_rules(old_policy.uncarved(), policy.uncarved()):
+        return "rules changed"
+    before = set(old_policy.quarantine.hosts) if old_policy.quarantine else set()
+    after = set(policy.quarantine.hosts) if policy.quarantine else set()
+    if before ^ after != {host.ip}:
+        return "not just the host's quarantine changed"
+    if old_switches.keys() != switches.keys():
+        return "the switches changed"
+    for name, sw in switches.items():
+        was = old_switches[name]
+        if name != host.switch and was is not sw and changed_entries(was, sw) != []:
+            return f"{name} changed"
+    return overlay_change(old_switches[host.switch], switches[host.switch], host.ip, mask)
+
+
+def quarantine_by_shape(
+    old: tuple[Policy, Inventory, Mapping[str, SwitchTables]],
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    host: Host,
+    mask: int,
+) -> str | None:
+    """Point 2 above: None when the new build is proven from the proven `old` one with no
+    packet walked — `host` newly quarantined, unable to reach anything, cut off by a
+    catch-all deny on each side; else why not."""
+    change = only_overlay_changed(old, policy, inventory, switches, host, mask)
+    if isinstance(change, str):
+        return change
+    return cuts_off(change, policy, switches, host, mask)
+
+
+def cuts_off(
+    change: OverlayChange,
+    policy: Policy,
+    switches: Mapping[str, SwitchTables],
+    host: Host,
+    mask: int,
+) -> str | None:
+    """Point 2 above, given point 1's change: None when the new overlay drops every packet
+    from and to `host` and the policy allows it nothing; else why not."""
+    if change.before or not change.after:
+        return "not a new quarantine"
+    if any(r.action.value == "allow" and (host.ip in r.src or host.ip in r.dst)
+           for r in policy.rules):  # fmt: skip
+        return "the carved policy still allows flows of the host (remediation)"
+    if any(e.action not in _DENY_ACTIONS for e in change.added):
+        return "the overlay allows flows of the host"
+    tor = switches[host.switch]
+    # The vectors the host's packets carry there, per side: an entry whose match on that
+    # side refuses them can never judge them.
+    vectors = {
+        f"{side}_tags": [_tags(e) for e in tor.entries
+                         if e.table == f"{side}_identity" and _host_identity(e, host.ip)]
+        for side in ("src", "dst")
+    }  # fmt: skip
+    for field, carried in vectors.items():
+
+        def may_judge(e: TableEntry, field: str = field, carried: list[int] = carried) -> bool:
+            m = e.match(field)
+            return m is None or any(v & m.arg == m.value for v in carried)
+
+        rivals = [(e.priority, (e.action, e.params)) for e in tor.entries
+                  if e.table == "policy" and e not in change.added and may_judge(e)]  # fmt: skip
+        # Above every entry that could judge the host's packets otherwise (one that does
+        # the same — another quarantined host's catch-all — may outrank it).
+        if not any(
+            len(e.matches) == 1 and (m := e.match(field)) is not None
+            and (m.kind, m.value, m.arg) == ("ternary", change.after, mask)
+            and all(p < e.priority for p, does in rivals if does != (e.action, e.params))
+            for e in change.added
+        ):  # fmt: skip
+            return f"no catch-all deny of the quarantine identity on {field} above the others"
+    return None

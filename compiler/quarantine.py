@@ -39,6 +39,7 @@ QUARANTINE_VALUES = FIELD_VALUES  # quarantined hosts per ToR
 QUARANTINE_KEY = "(quarantine) "  # + the host's address: its value, in the ToR's src tags
 REMEDIATION_KEY = "(remediation)"  # the `remediation` service, tagged on every ToR
 _Q_SHIFT = QUARANTINE_FIELD * TAG_FIELD_BITS
+QUARANTINE_MASK = FIELD_MASK << _Q_SHIFT  # the tag vector's bits that hold quarantine values
 _Q_SUB = 1 << 11  # overlay entries' sub-band in band 7: band << 8 | rate rank below it
 _Q_DENY_SRC_SUB, _Q_DENY_DST_SUB = 2, 1  # the overlay's catch-all denies, below its rules
 QUARANTINE_RATES = (1 << 8) - 1  # distinct rates the overlay's sub-band orders
@@ -87,7 +88,7 @@ class _OverlaySide:
 
     def match(self, key: str) -> tuple[int, int] | bool:
         if key in self.quarantined:
-            return quarantine_tags(self.quarantined[key]), FIELD_MASK << _Q_SHIFT
+            return quarantine_tags(self.quarantined[key]), QUARANTINE_MASK
         base, _, rest = key.rpartition(" & ")
         if rest == REMEDIATION_KEY:
             return _both(self.codes.match(base), self.codes.match(REMEDIATION_KEY))

@@ -77,6 +77,8 @@ from runtime.live import (
 )
 
 if TYPE_CHECKING:
+    from compiler.differential import OverlayChange
+    from compiler.inventory import Host
     from compiler.verify import Counterexample, ProofRecord, Proven
     from runtime.etcdstore import EtcdOptions
 
@@ -245,6 +247,71 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     if scope is None:
         return "full"
     return f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
+
+
+def _held_proven(state_dir: Path) -> Proven | None:
+    """The build this process last proved for the state directory, while the directory's
+    proof record still names it (nothing else was proven or applied since)."""
+    from compiler.verify import ProofRecord
+
+    held = _PROVEN.get(state_dir.resolve())
+    path = state_dir / PROOF_FILE
+    try:
+        record = ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+    return held[1] if held is not None and held[0] == record else None
+
+
+def _record_proven(compiled: Compiled, state_dir: Path) -> None:
+    """Remember the compiled build as proven (the next change is proven by difference)."""
+    from compiler.verify import proof_record
+
+    switches = {sw.switch: sw for sw in compiled.build.switches}
+    record = proof_record(compiled.policy, compiled.inventory, switches)
+    write_atomic(state_dir / PROOF_FILE, json.dumps(record.to_json()) + "\n")
+    _PROVEN[state_dir.resolve()] = (record, (compiled.policy, compiled.inventory, switches))
+
+
+_WHOLE = "whole build: "  # an overlay proof that proves every packet, not only the host's
+
+
+def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -> str | None:
+    """Whether a quarantine's or release's build implements the effective policy, proven
+    before its overlay is written (None: refused, and why on stderr).
+
+    From the build this process last proved (compiler/differential.py): a new quarantine
+    whose host may reach nothing is proven by the overlay's shape, no packet walked; any
+    other overlay by the host's packets, walked hop by hop (compiler/verify.py `focus`).
+    When nothing but the host's overlay changed since the proven build, either proves the
+    whole build ("whole build: ..."), which is recorded for the next change."""
+    from compiler.differential import cuts_off, only_overlay_changed
+    from compiler.quarantine import QUARANTINE_MASK
+    from compiler.verify import verify
+
+    switches = {sw.switch: sw for sw in compiled.build.switches}
+    old = _held_proven(state_dir)
+    change: OverlayChange | str = "no proven build at hand"
+    if old is not None:
+        change = only_overlay_changed(
+            old, compiled.policy, compiled.inventory, switches, host, QUARANTINE_MASK
+        )
+    shape = (
+        cuts_off(change, compiled.policy, switches, host, QUARANTINE_MASK)
+        if not isinstance(change, str) and verb == "quarantine"
+        else "not a new quarantine"
+    )
+    if shape is None:
+        return (
+            f"{_WHOLE}by the overlay's shape (the host may reach nothing; its ToR denies "
+            "every packet from and to it above every other entry)"
+        )
+    result = verify(compiled.policy, compiled.inventory, switches, focus={host.ip})
+    if not result.proven:
+        _refused(verb, result.counterexamples)
+        return None
+    walked = f"the host's packets walked ({result.seconds * 1000:.0f} ms)"
+    return walked + f" (only theirs: {change})" if isinstance(change, str) else _WHOLE + walked
 
 
 def _schedule(compiled: Compiled, state: LiveState, moment: float) -> str:
@@ -436,7 +503,6 @@ def _overlay(
     then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
     (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
     from compiler.quarantine import settle_quarantine
-    from compiler.verify import verify
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
 
@@ -473,16 +539,13 @@ def _overlay(
     ):
         return None  # another switch has a change pending (an edit not applied yet): all
     digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
-    if not getattr(args, "no_verify", False):
-        switches = {sw.switch: sw for sw in compiled.build.switches}
-        result = verify(compiled.policy, compiled.inventory, switches, focus={host.ip})
-        if not result.proven:
-            _refused(verb, result.counterexamples)
-            audit.append(state_dir / "audit.jsonl", verb, **event, policy=str(args.policy),
-                         policy_sha256=digest,
-                         result="refused: the compiled tables are not proven to implement the "
-                         "policy")  # fmt: skip
-            return EXIT_ERROR
+    proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
+    if proof is None and (proof := _overlay_proof(verb, compiled, state_dir, host)) is None:
+        audit.append(state_dir / "audit.jsonl", verb, **event, policy=str(args.policy),
+                     policy_sha256=digest,
+                     result="refused: the compiled tables are not proven to implement the "
+                     "policy")  # fmt: skip
+        return EXIT_ERROR
     session = session_of(verb, args, compiled, only=host.switch)
     if session is None:
         return EXIT_ERROR
@@ -506,6 +569,8 @@ def _overlay(
     if code == EXIT_OK:
         note_applied(compiled.policy, state, moment)
         state.applied_tables[target.name] = tables_digest(compiled, target.name)
+        if proof.startswith(_WHOLE):
+            _record_proven(compiled, state_dir)
     else:
         state.applied_tables.pop(target.name, None)
     state.save(state_dir)
@@ -529,6 +594,7 @@ def _overlay(
         operations_sha256=operations.digest(),
         result="ok" if code == EXIT_OK else "failed",
         overlay={"switch": target.name, "written": written},
+        proof=proof,
         switches=_summary([report]),
     )
     if args.output == "json":

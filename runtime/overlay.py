@@ -34,9 +34,7 @@ from collections.abc import Collection
 from finsy.proto import p4r
 
 from compiler.entries import TableEntry
-from compiler.quarantine import QUARANTINE_FIELD
-from compiler.tags import FIELD_MASK
-from p4src.spec import TAG_FIELD_BITS
+from compiler.quarantine import QUARANTINE_MASK
 from runtime.controller import ControllerError
 from runtime.entities import entry_from_proto
 from runtime.plan import (
@@ -52,7 +50,6 @@ from runtime.plan import (
 )
 
 NOT_AN_OVERLAY = "not only the quarantine overlay differs"
-_Q_MASK = FIELD_MASK << (QUARANTINE_FIELD * TAG_FIELD_BITS)
 _IDENTITY = {"src_identity": "src_addr", "dst_identity": "dst_addr"}
 
 
@@ -66,7 +63,7 @@ class NotAnOverlay(ControllerError):
 def _overlay_policy(entry: TableEntry) -> bool:
     """A `policy` entry of the overlay: it matches a quarantine identity on one side."""
     return any(
-        (m := entry.match(f)) is not None and m.kind == "ternary" and m.arg == _Q_MASK
+        (m := entry.match(f)) is not None and m.kind == "ternary" and m.arg == QUARANTINE_MASK
         for f in ("src_tags", "dst_tags")
     )
 

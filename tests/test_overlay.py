@@ -371,6 +371,9 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert record["event"] == "quarantine" and record["host"] == "algo1"
     assert record["overlay"]["switch"] == "tor-alg"
     assert len(record["overlay"]["written"]) == report["written"]
+    # algo1 keeps its remediation flow: its packets were walked; only the overlay changed
+    # since the build the apply proved, so that proves the whole build.
+    assert record["proof"].startswith("whole build: the host's packets walked")
     # A restarted controller's full apply computes the same tables: nothing to write, and
     # the overlay marked tor-alg with them, so no switch is even read in full.
     assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
@@ -402,6 +405,53 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert not [k for k in side.tags if k.startswith("(quarantine)")]
     assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0
     assert all(s["written"] == 0 for s in json.loads(capsys.readouterr().out)["switches"])
+
+
+def test_a_host_that_may_reach_nothing_is_quarantined_on_the_overlay_shape_alone(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    floor_policy_text: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In the process that proved the last build (serve, watch), quarantining a host with no
+    remediation flow walks no packet (compiler/differential.py); each such build is
+    recorded as proven, so the next one is too. A release widens: its host's packets are
+    walked. A new process without the proven build walks them too — and every result is
+    the one the packets show."""
+    import p4seg.verbs
+    from p4seg.cli import forget, main
+
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: NOON)
+    # dev2 is the remediation service: the risk hosts have no flow with it.
+    extra = "service remediation = dev2\nallow algo -> remediation tcp 443\n"
+    Path("floor.zt").write_text(_floor_text(floor_policy_text, extra))
+    at = ["--at", dt.datetime.fromtimestamp(NOON, dt.UTC).isoformat()]
+    switches, live = floor_site
+    args = live[2:]
+
+    def proof() -> str:
+        record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
+        assert record["overlay"] is not None and record["result"] == "ok", record
+        return str(record["proof"])
+
+    ping = ICMP()
+    assert main(["apply", "floor.zt", *args]) == 0
+    assert _delivered(switches, floor, "risk1", "riskdb", TCP(sport=40000, dport=5432))
+    for host in ("risk1", "risk2"):
+        assert main(["quarantine", host, *live]) == 0
+        assert proof().startswith("whole build: by the overlay's shape"), proof()
+    assert not _delivered(switches, floor, "risk1", "riskdb", TCP(sport=40000, dport=5432))
+    assert not _delivered(switches, floor, "oms1", "risk2", TCP(sport=40000, dport=8443))
+    assert main(["verify", "floor.zt", *args, "--from-switches", *at]) == 0
+    assert main(["release", "risk2", *live]) == 0
+    assert proof().startswith("whole build: the host's packets walked")
+    forget()  # a new process: no proven build at hand
+    assert main(["quarantine", "risk2", *live]) == 0
+    assert proof().endswith("(only theirs: no proven build at hand)"), proof()
+    assert not _delivered(switches, floor, "risk2", "riskdb", ping)
+    assert main(["verify", "floor.zt", *args, "--from-switches", *at]) == 0
+    capsys.readouterr()
 
 
 def _quarantine_with_pending_edit(

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from corrupt import corruptions
+
 from compiler.check import check_policy
 from compiler.emit import build
-from compiler.entries import FieldMatch, SwitchTables, TableEntry
+from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.verify import ProofRecord, VerifyResult, differential_scope, proof_record, verify
@@ -99,58 +101,6 @@ def test_spine_or_inventory_changes_need_the_full_proof(
 # -- differential by pairs (compiler/differential.py) ----------------------------------------
 
 
-def _corruptions(
-    switches: dict[str, SwitchTables], seed: int, count: int = 40
-) -> list[dict[str, SwitchTables]]:
-    """Builds with one entry corrupted each: deleted, its action flipped, a range or prefix
-    widened, an identity shifted, its priority raised."""
-    import random
-
-    rng = random.Random(seed)
-    out: list[dict[str, SwitchTables]] = []
-    names = sorted(switches)
-    while len(out) < count:
-        name = rng.choice(names)
-        sw = switches[name]
-        i = rng.randrange(len(sw.entries))
-        e = sw.entries[i]
-        kind = rng.choice(("delete", "action", "widen", "shift", "priority"))
-        new: TableEntry | None
-        if kind == "delete":
-            new = None
-        elif kind == "action":
-            flip = {"permit": "deny", "deny": "permit", "deny_and_log": "permit"}
-            if e.action not in flip:
-                continue
-            new = dataclasses.replace(e, action=flip[e.action], meter=None)
-        elif kind == "widen":
-            ms = [m for m in e.matches if m.kind in ("range", "lpm")]
-            if not ms:
-                continue
-            m = rng.choice(ms)
-            wider = (
-                FieldMatch(m.field, "range", max(0, m.value - 100), min(65535, m.arg + 100))
-                if m.kind == "range"
-                else FieldMatch(m.field, "lpm", m.value & ~0xFF, min(m.arg, 24))
-            )
-            new = dataclasses.replace(e, matches=tuple(wider if x is m else x for x in e.matches))
-        elif kind == "shift":
-            key = next((p for p, _v in e.params if p == "tags"), None)
-            if key is None:
-                continue
-            params = tuple(
-                (p, v ^ (1 << rng.randrange(8)) if p == "tags" else v) for p, v in e.params
-            )
-            new = dataclasses.replace(e, params=params)
-        else:
-            if not e.priority:
-                continue
-            new = dataclasses.replace(e, priority=e.priority + (1 << 27))
-        entries = sw.entries[:i] + ((new,) if new is not None else ()) + sw.entries[i + 1 :]
-        out.append({**switches, name: dataclasses.replace(sw, entries=entries)})
-    return out
-
-
 def _found(result: VerifyResult) -> set[str]:
     return {c.describe() for c in result.counterexamples}
 
@@ -162,7 +112,7 @@ def test_pairs_catch_every_corruption_the_full_proof_catches(
     previous = (policy, floor, switches)
     assert verify(policy, floor, switches).proven
     caught = 0
-    for corrupted in _corruptions(switches, seed=7, count=120):
+    for corrupted in corruptions(switches, seed=7, count=120):
         full = verify(policy, floor, corrupted)
         part = verify(policy, floor, corrupted, previous=previous)
         assert part.pairs is not None  # proven by pairs, not the fallback
@@ -188,7 +138,7 @@ def test_a_rule_edit_is_proven_on_its_pairs_and_a_corruption_on_them_caught(
         part = verify(p1, floor, b1, previous=(p0, floor, b0))
         assert full.proven and part.proven, new
         assert part.pairs is not None and 0 < part.classes < full.classes
-        for corrupted in _corruptions(b1, seed=len(new), count=10):
+        for corrupted in corruptions(b1, seed=len(new), count=10):
             assert _found(verify(p1, floor, corrupted, previous=(p0, floor, b0))) == _found(
                 verify(p1, floor, corrupted)
             ), new
@@ -215,7 +165,7 @@ def test_a_proof_over_what_earlier_proofs_derived_equals_a_cold_one(
 
     policy, switches = _compile(floor_policy_text, floor)
     assert verify(policy, floor, switches).proven  # warms the cache for every switch
-    for corrupted in _corruptions(switches, seed=11, count=30):
+    for corrupted in corruptions(switches, seed=11, count=30):
         warm = verify(policy, floor, corrupted)
         DERIVED.clear()
         cold = verify(policy, floor, corrupted)
