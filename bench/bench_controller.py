@@ -911,6 +911,8 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
             ([], warm_q, warm_dropped, warm_r, False),  # after the verbs above, kept
             (every, full_q, full_dropped, full_r, True),
         ):
+            if not fresh:  # a long-running controller applied (and proved) what it holds
+                run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
             run_verb(["quarantine", host.name, *live, *extra], times, fresh)
             start = time.perf_counter()
             still = [f for f in flows if s.passes(f)]
@@ -955,6 +957,7 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     print(f"   every run: all {len(flows)} probes delivered before, dropped after quarantine, "
           f"delivered after release. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
     if profile:
+        run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
         profiled("p4seg quarantine, long-running",
                  lambda: run_verb(["quarantine", host.name, *live], fresh=False))  # fmt: skip
         run_verb(["release", host.name, *live], fresh=False)

@@ -22,10 +22,20 @@ V = TypeVar("V")
 _EVERY: weakref.WeakSet[ByObject[Any, Any]] = weakref.WeakSet()
 
 
+_OTHERS: list[Callable[[], None]] = []  # how to empty the memos that are not ByObject
+
+
+def also_forget(clear: Callable[[], None]) -> None:
+    """Have `forget` call `clear` too (a memo kept another way, e.g. by value)."""
+    _OTHERS.append(clear)
+
+
 def forget() -> None:
     """Empty every memo (what a new process starts without: benchmarks, tests)."""
     for memo in list(_EVERY):
         memo.clear()
+    for clear in _OTHERS:
+        clear()
 
 
 class ByObject(Generic[K, V]):
