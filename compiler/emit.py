@@ -420,15 +420,34 @@ def _put_manifest(
     os.replace(staging / MANIFEST, target / MANIFEST)
 
 
+# Files this process found holding a digest, with the (inode, size, mtime) it saw: a
+# long-running controller writes the same build directory on every operation, and reading
+# and hashing its unchanged files (every switch's entries) cost more than the change.
+_CHECKED: dict[Path, tuple[str, tuple[int, int, int]]] = {}
+also_forget(_CHECKED.clear)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _holds(path: Path, digest: str, recorded: str | None) -> bool:
     """Whether `path` holds the content of `digest` — as the manifest says and as the file
-    still is (a file edited by hand is rewritten)."""
+    still is (a file edited by hand is rewritten; one unchanged since this process hashed
+    it, the same inode, size and modification time, is not hashed again)."""
     if recorded != digest:
         return False
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() == digest
+        stamp = _stamp(path)
+        if _CHECKED.get(path) == (digest, stamp):
+            return True
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            return False
     except OSError:
         return False
+    _CHECKED[path] = (digest, stamp)
+    return True
 
 
 def _digests_before(target: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
-from compiler.memo import ByObject
+from compiler.memo import ByObject, also_forget
 from compiler.model import Action, Policy
 from compiler.quarantine import (
     QUARANTINE_FIELD,
@@ -429,6 +429,34 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _meaning(parts: tuple[object, ...]) -> str:
+    """A rule's digest among a switch's inputs: the tuple hashes in microseconds, its repr
+    and SHA-256 cost far more, for every rule of every compile."""
+    return _digest(*parts)
+
+
+# The semantics of the last policies lowered, by what it reads of them (rules, expects, the
+# default's logging), the pinned addresses and the extra set: a long-running controller's
+# quarantines, releases and signals lower the same ordinary (uncarved) rules again and
+# again, each time in new but equal objects.
+_SEMANTICS: dict[tuple[object, ...], PolicySemantics] = {}
+also_forget(_SEMANTICS.clear)
+
+
+def _semantics(
+    policy: Policy, pinned: tuple[int, ...], sets: tuple[Interval, ...] | None
+) -> PolicySemantics:
+    key = (policy.rules, policy.expects, policy.default_log, pinned, sets)
+    found = _SEMANTICS.get(key)
+    if found is None:
+        found = PolicySemantics(policy, pinned, sets=[sets] if sets is not None else ())
+        if len(_SEMANTICS) >= 2:
+            _SEMANTICS.pop(next(iter(_SEMANTICS)))
+        _SEMANTICS[key] = found
+    return found
+
+
 def _switch_inputs(
     policy: Policy,
     inventory: Inventory,
@@ -463,11 +491,11 @@ def _switch_inputs(
                     break
         if not touched:
             continue
-        meaning = _digest(
+        meaning = _meaning((
             r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log,
             r.reply, r.rate_pps, keys[(r.id, "src")], keys[(r.id, "dst")],
             rate_rank.get(r.rate_pps) if r.rate_pps is not None else None,
-        )  # fmt: skip
+        ))  # fmt: skip
         for t in touched:
             mine[t].append(meaning)
     return {
@@ -522,8 +550,8 @@ def lower(
 
     @functools.cache
     def semantics() -> PolicySemantics:
-        pinned = (h.ip for h in inventory.hosts)
-        return PolicySemantics(policy, pinned, sets=[service.intervals] if service else ())
+        pinned = tuple(h.ip for h in inventory.hosts)
+        return _semantics(policy, pinned, service.intervals if service else None)
 
     next_hops = _NEXT_HOPS.get(inventory, lambda inv: _next_hops(inv, _topology(inv)))
     tags: dict[tuple[str, str], SideTags] = {}
