@@ -987,6 +987,8 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         for g_times, r_times, fresh in ((granted, revoked, True), (warm_g, warm_r, False)):
             if s.passes(probe):
                 problems.append(f"run {i}: {probe} passes before the grant")
+            if not fresh:  # a long-running controller applied (and proved) what it holds
+                run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
             run_verb([*grant, *live], g_times, fresh)
             if not s.passes(probe):
                 problems.append(f"run {i}: {probe} dropped after the grant")

@@ -324,6 +324,19 @@ def cuts_off(
         return "the carved policy still allows flows of the host (remediation)"
     if any(e.action not in _DENY_ACTIONS for e in change.added):
         return "the overlay allows flows of the host"
+    return outranked(change, switches, host, mask)[0]
+
+
+def outranked(
+    change: OverlayChange, switches: Mapping[str, SwitchTables], host: Host, mask: int
+) -> tuple[str | None, frozenset[TableEntry]]:
+    """Whether, on the host's ToR, a catch-all deny of its new quarantine identity (that
+    identity alone matched) outranks, on each side, every entry whose match admits the
+    vector the host's packets carry there: (None, those catch-alls), or (why not, ...).
+    Then a packet from or to the host meets an overlay entry other than the catch-alls or
+    is dropped."""
+    if change.before or not change.after:
+        return "not a new quarantine", frozenset()
     tor = switches[host.switch]
     # The vectors the host's packets carry there, per side: an entry whose match on that
     # side refuses them can never judge them.
@@ -332,6 +345,7 @@ def cuts_off(
                          if e.table == f"{side}_identity" and _host_identity(e, host.ip)]
         for side in ("src", "dst")
     }  # fmt: skip
+    found: set[TableEntry] = set()
     for field, carried in vectors.items():
 
         def may_judge(e: TableEntry, field: str = field, carried: list[int] = carried) -> bool:
@@ -342,11 +356,18 @@ def cuts_off(
                   if e.table == "policy" and e not in change.added and may_judge(e)]  # fmt: skip
         # Above every entry that could judge the host's packets otherwise (one that does
         # the same — another quarantined host's catch-all — may outrank it).
-        if not any(
-            len(e.matches) == 1 and (m := e.match(field)) is not None
+        catch_all = next((
+            e for e in change.added
+            if e.action in _DENY_ACTIONS and len(e.matches) == 1
+            and (m := e.match(field)) is not None
             and (m.kind, m.value, m.arg) == ("ternary", change.after, mask)
             and all(p < e.priority for p, does in rivals if does != (e.action, e.params))
-            for e in change.added
-        ):  # fmt: skip
-            return f"no catch-all deny of the quarantine identity on {field} above the others"
+        ), None)  # fmt: skip
+        if catch_all is None:
+            return (
+                f"no catch-all deny of the quarantine identity on {field} above the others",
+                frozenset(),
+            )
+        found.add(catch_all)
+    return None, frozenset(found)
     return None

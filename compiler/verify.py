@@ -74,7 +74,7 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.memo import ByObject
-from compiler.model import ALL_PORTS, Policy
+from compiler.model import ALL_PORTS, Action, Policy
 from compiler.protocols import (
     ICMP_ECHO_REPLY_RANGE,
     ICMP_ECHO_REQUEST_RANGE,
@@ -784,6 +784,24 @@ class Verifier:
                 scope.rule(rule)
         for name, entries in changed.items():
             self._entries_scope(name, entries, scope)
+        return scope.scope()
+
+    def quarantine_scope(self, host: Host, overlay: Iterable[TableEntry]) -> PairScope:
+        """The pairs a new quarantine of `host` can let through, given that its ToR drops
+        every packet from and to it that meets none of the `overlay` entries (the overlay
+        without its catch-all denies; compiler/differential.py `outranked`): the pairs that
+        can meet one of them, read off the ToR's identity entries, and the flows the
+        (carved) policy still allows the host, forward and back. Every other pair of the
+        host is dropped by the tables and denied by the policy; every other packet is
+        judged as before (`only_overlay_changed`)."""
+        self.address_classes()
+        assert self._starts is not None
+        scope = ScopeBuilder(self._starts, self.inventory.hosts)
+        self._entries_scope(host.switch, list(overlay), scope)
+        for rule in self.policy.rules:
+            if rule.action is Action.ALLOW and (host.ip in rule.src or host.ip in rule.dst):
+                scope.rule(rule)
+        scope.spoof.add(host.ip)
         return scope.scope()
 
     def _entries_scope(self, switch: str, entries: list[TableEntry], scope: ScopeBuilder) -> None:

@@ -285,9 +285,9 @@ def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -
     other overlay by the host's packets, walked hop by hop (compiler/verify.py `focus`).
     When nothing but the host's overlay changed since the proven build, either proves the
     whole build ("whole build: ..."), which is recorded for the next change."""
-    from compiler.differential import cuts_off, only_overlay_changed
+    from compiler.differential import cuts_off, only_overlay_changed, outranked
     from compiler.quarantine import QUARANTINE_MASK
-    from compiler.verify import verify
+    from compiler.verify import Verifier, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
     old = _held_proven(state_dir)
@@ -296,16 +296,25 @@ def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -
         change = only_overlay_changed(
             old, compiled.policy, compiled.inventory, switches, host, QUARANTINE_MASK
         )
-    shape = (
-        cuts_off(change, compiled.policy, switches, host, QUARANTINE_MASK)
-        if not isinstance(change, str) and verb == "quarantine"
-        else "not a new quarantine"
-    )
-    if shape is None:
-        return (
-            f"{_WHOLE}by the overlay's shape (the host may reach nothing; its ToR denies "
-            "every packet from and to it above every other entry)"
-        )
+    if not isinstance(change, str) and verb == "quarantine":
+        if cuts_off(change, compiled.policy, switches, host, QUARANTINE_MASK) is None:
+            return (
+                f"{_WHOLE}by the overlay's shape (the host may reach nothing; its ToR denies "
+                "every packet from and to it above every other entry)"
+            )
+        why, catch_alls = outranked(change, switches, host, QUARANTINE_MASK)
+        if why is None:  # the rest of the overlay lets through what the pairs below walk
+            verifier = Verifier(compiled.policy, compiled.inventory, switches)
+            pairs = verifier.quarantine_scope(host, change.added - catch_alls)
+            result = verifier.run(pairs=pairs)
+            if not result.proven:
+                _refused(verb, result.counterexamples)
+                return None
+            return (
+                f"{_WHOLE}the pairs its overlay can let through walked ({result.pairs} pairs, "
+                f"{result.seconds * 1000:.0f} ms); its ToR denies every other packet from and "
+                "to it above every other entry"
+            )
     result = verify(compiled.policy, compiled.inventory, switches, focus={host.ip})
     if not result.proven:
         _refused(verb, result.counterexamples)

@@ -371,9 +371,10 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert record["event"] == "quarantine" and record["host"] == "algo1"
     assert record["overlay"]["switch"] == "tor-alg"
     assert len(record["overlay"]["written"]) == report["written"]
-    # algo1 keeps its remediation flow: its packets were walked; only the overlay changed
-    # since the build the apply proved, so that proves the whole build.
-    assert record["proof"].startswith("whole build: the host's packets walked")
+    # algo1 keeps its remediation flows: the pairs its overlay can let through (and those
+    # flows) were walked; only the overlay changed since the build the apply proved, and
+    # its catch-all denies drop every other packet of algo1, so that proves the whole build.
+    assert record["proof"].startswith("whole build: the pairs its overlay can let through")
     # A restarted controller's full apply computes the same tables: nothing to write, and
     # the overlay marked tor-alg with them, so no switch is even read in full.
     assert main(["apply", "floor.zt", *args, "--output", "json"]) == 0

@@ -13,13 +13,18 @@ from corrupt import corruptions
 
 from compiler.allocation import Allocation, assign_rule_ids
 from compiler.check import check_policy
-from compiler.differential import only_overlay_changed, quarantine_by_shape
+from compiler.differential import (
+    OverlayChange,
+    only_overlay_changed,
+    outranked,
+    quarantine_by_shape,
+)
 from compiler.emit import Build, build
 from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory
 from compiler.model import Policy
 from compiler.quarantine import QUARANTINE_MASK
-from compiler.verify import verify
+from compiler.verify import Verifier, verify
 from runtime.live import LiveState, effective_policy
 
 NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
@@ -171,3 +176,67 @@ def test_only_the_overlay_changed_is_told_apart_from_other_changes(
     _, p2, s2, _ = _quarantine(text, floor, "algo2", ("algo1",))
     two = only_overlay_changed(old, p2, floor, s2, host, QUARANTINE_MASK)
     assert two == "not just the host's quarantine changed"
+
+
+REMEDIATION = "service remediation = jump1\nallow algo -> remediation tcp 443\n"
+
+
+def _scoped(
+    old: Proven, policy: Policy, floor: Inventory, switches: dict[str, SwitchTables], host: Host
+) -> tuple[bool, int] | None:
+    """The proof of a quarantine with remediation flows as the controller runs it: None
+    when the argument does not hold (the verifier walks all the host's packets then), else
+    (proven, pairs walked)."""
+    change = only_overlay_changed(old, policy, floor, switches, host, QUARANTINE_MASK)
+    if isinstance(change, str):
+        return None
+    why, catch_alls = outranked(change, switches, host, QUARANTINE_MASK)
+    if why is not None:
+        return None
+    verifier = Verifier(policy, floor, switches)
+    result = verifier.run(pairs=verifier.quarantine_scope(host, change.added - catch_alls))
+    return result.proven, result.pairs or 0
+
+
+def test_a_quarantine_with_remediation_flows_walks_only_what_its_overlay_lets_through(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    old, p1, s1, host = _quarantine(_text(floor_policy_text, REMEDIATION), floor, "algo1")
+    change = only_overlay_changed(old, p1, floor, s1, host, QUARANTINE_MASK)
+    assert isinstance(change, OverlayChange)
+    assert any(e.action == "permit" for e in change.added)  # algo1 -> jump1 tcp 443 and back
+    scoped = _scoped(old, p1, floor, s1, host)
+    focus = verify(p1, floor, s1, focus={host.ip})
+    assert scoped is not None and scoped[0] and focus.proven
+    assert 0 < scoped[1] < (focus.pairs or len(floor.hosts) * 2)  # fewer than every pair of algo1
+
+
+@pytest.mark.parametrize("seed", [7, 9])
+def test_whenever_the_scoped_pairs_prove_it_the_verifier_agrees(
+    floor: Inventory, floor_policy_text: str, seed: int
+) -> None:
+    """As above with remediation flows in the overlay: corrupt the ToR and the overlay one
+    entry at a time; whenever the argument holds and the scoped pairs are proven, the full
+    proof proves the build too."""
+    old, p1, s1, host = _quarantine(_text(floor_policy_text, REMEDIATION), floor, "algo1")
+    tor = s1[host.switch]
+    overlay = tuple(e for e in tor.entries if e.role == "quarantine" or (
+        e.table in ("src_identity", "dst_identity") and e.matches[-1].value == host.ip))  # fmt: skip
+    rest = tuple(e for e in tor.entries if e not in overlay)
+    mine = dataclasses.replace(tor, entries=overlay)
+    builds = corruptions({host.switch: tor}, seed=seed, count=40)
+    builds += [
+        {host.switch: dataclasses.replace(tor, entries=rest + c[host.switch].entries)}
+        for c in corruptions({host.switch: mine}, seed=seed, count=60)
+    ]
+    accepted = caught = 0
+    for corrupted in builds:
+        switches = {**s1, **corrupted}
+        scoped = _scoped(old, p1, floor, switches, host)
+        proven = verify(p1, floor, switches).proven
+        if scoped is not None and scoped[0]:
+            accepted += 1
+            assert proven, "the scoped pairs proved tables the verifier refutes"
+        caught += not proven
+    print(f"seed {seed}: scoped proof accepted {accepted} of {len(builds)}; {caught} caught")
+    assert accepted and caught
