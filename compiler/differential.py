@@ -182,8 +182,13 @@ def changed_tables(
 #    identity there on its side, and meets a catch-all deny of that identity (no other
 #    field matched) above every ordinary `policy` entry: dropped, as the policy says.
 #
-# An overlay that allows something (remediation), a release, or any other change is left
-# to the verifier.
+# 3. when the host keeps flows with `remediation`, point 2's catch-all denies still drop
+#    every packet of the host that meets no other entry of the overlay (`outranked`); the
+#    verifier then walks only the pairs that can meet one (read off the ToR's identity
+#    entries) and the flows the carved policy allows the host (compiler/verify.py
+#    `quarantine_scope`): a few pairs instead of every pair of the host.
+#
+# A release (it widens), or any other change, is left to the verifier: the host's packets.
 
 _DENY_ACTIONS = frozenset({"deny", "deny_and_log"})
 _IDENTITY_FIELD = {"src_identity": "src_addr", "dst_identity": "dst_addr"}

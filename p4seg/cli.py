@@ -621,6 +621,7 @@ def forget() -> None:
     _PARSED.clear()
     control._APPLIED.clear()
     verbs._PROVEN.clear()
+    verbs._RECORDS.clear()
     DERIVED.clear()
     forget_memos()
 

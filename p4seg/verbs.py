@@ -212,6 +212,17 @@ PROOF_FILE = "proof.json"  # in the state directory: what the last proven build 
 # The last build proven in this process per state directory, with its record: a long-running
 # controller (watch, serve) proves the next change by the pairs it can touch.
 _PROVEN: dict[Path, tuple[ProofRecord, Proven]] = {}
+# The records of the last builds proven in this process per state directory: a build whose
+# record is one of them was proven (a release back to the build before a quarantine).
+_RECORDS: dict[Path, list[ProofRecord]] = {}
+_KEEP_RECORDS = 4
+
+
+def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
+    key = state_dir.resolve()
+    _PROVEN[key] = (record, proven)
+    kept = [r for r in _RECORDS.get(key, []) if r != record][-(_KEEP_RECORDS - 1) :]
+    _RECORDS[key] = [*kept, record]
 
 
 def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
@@ -220,7 +231,9 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     this process proved the build the state directory last recorded and still holds its
     tables (only the (sender, destination) pairs the change can touch are walked,
     compiler/differential.py); "differential: ToRs" when only the record is at hand (the
-    changed ToRs' packets). A change is written only once it is proven (fail closed)."""
+    changed ToRs' packets); EARLIER when the build is one this process proved a few
+    builds ago (its proof record: the same rules, tables and inventory). A change is
+    written only once it is proven (fail closed)."""
     from compiler.verify import ProofRecord, differential_scope, proof_record, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
@@ -232,6 +245,10 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
         before = None  # unreadable: prove everything
     held = _PROVEN.get(state_dir.resolve())
     previous = held[1] if held is not None and before is not None and held[0] == before else None
+    if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
+        write_atomic(path, json.dumps(record.to_json()) + "\n")
+        _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
+        return EARLIER
     roles = {s.name: s.role for s in compiled.inventory.switches}
     scope = None
     if previous is None and before is not None:
@@ -241,7 +258,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
         _refused(verb, result.counterexamples)
         return None
     write_atomic(path, json.dumps(record.to_json()) + "\n")
-    _PROVEN[state_dir.resolve()] = (record, (compiled.policy, compiled.inventory, switches))
+    _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
     if result.pairs is not None:
         return f"differential: {result.pairs} pairs"
     if scope is None:
@@ -270,9 +287,10 @@ def _record_proven(compiled: Compiled, state_dir: Path) -> None:
     switches = {sw.switch: sw for sw in compiled.build.switches}
     record = proof_record(compiled.policy, compiled.inventory, switches)
     write_atomic(state_dir / PROOF_FILE, json.dumps(record.to_json()) + "\n")
-    _PROVEN[state_dir.resolve()] = (record, (compiled.policy, compiled.inventory, switches))
+    _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
 
 
+EARLIER = "the build of an earlier proof (the same policy, rules and tables)"
 _WHOLE = "whole build: "  # an overlay proof that proves every packet, not only the host's
 
 
@@ -287,9 +305,12 @@ def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -
     whole build ("whole build: ..."), which is recorded for the next change."""
     from compiler.differential import cuts_off, only_overlay_changed, outranked
     from compiler.quarantine import QUARANTINE_MASK
-    from compiler.verify import Verifier, verify
+    from compiler.verify import Verifier, proof_record, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
+    record = proof_record(compiled.policy, compiled.inventory, switches)
+    if record in _RECORDS.get(state_dir.resolve(), ()):
+        return _WHOLE + EARLIER
     old = _held_proven(state_dir)
     change: OverlayChange | str = "no proven build at hand"
     if old is not None:

@@ -382,3 +382,10 @@ def test_a_change_after_a_proven_apply_is_proven_by_difference(
     records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
     assert records[-1]["proof"] == "differential: tor1"
     assert _passes(sw, "h1", "h3", 8082) and not _passes(sw, "h1", "h3", 8081)
+    # back to a build this process proved a few builds ago (a revoke, a release): its proof
+    # record says so, nothing is walked
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
+    assert main(["apply", "small.zt", *inv]) == 0
+    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    assert records[-1]["proof"] == verbs.EARLIER
+    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8082)

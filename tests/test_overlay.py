@@ -418,8 +418,8 @@ def test_a_host_that_may_reach_nothing_is_quarantined_on_the_overlay_shape_alone
     """In the process that proved the last build (serve, watch), quarantining a host with no
     remediation flow walks no packet (compiler/differential.py); each such build is
     recorded as proven, so the next one is too. A release widens: its host's packets are
-    walked. A new process without the proven build walks them too — and every result is
-    the one the packets show."""
+    walked, unless it returns to a build proven before. A new process without the proven
+    build walks them too — and every result is the one the packets show."""
     import p4seg.verbs
     from p4seg.cli import forget, main
 
@@ -445,12 +445,20 @@ def test_a_host_that_may_reach_nothing_is_quarantined_on_the_overlay_shape_alone
     assert not _delivered(switches, floor, "risk1", "riskdb", TCP(sport=40000, dport=5432))
     assert not _delivered(switches, floor, "oms1", "risk2", TCP(sport=40000, dport=8443))
     assert main(["verify", "floor.zt", *args, "--from-switches", *at]) == 0
+    # Released, risk2 leaves the build the quarantine of risk1 gave, proven then.
     assert main(["release", "risk2", *live]) == 0
-    assert proof().startswith("whole build: the host's packets walked")
-    forget()  # a new process: no proven build at hand
+    assert (
+        proof() == "whole build: the build of an earlier proof (the same policy, rules and tables)"
+    )
+    # A release to a build this process never proved walks the host's packets.
+    forget()
     assert main(["quarantine", "risk2", *live]) == 0
+    assert main(["release", "risk1", *live]) == 0
+    assert proof().startswith("the host's packets walked"), proof()
+    forget()  # a new process: no proven build at hand
+    assert main(["quarantine", "risk1", *live]) == 0
     assert proof().endswith("(only theirs: no proven build at hand)"), proof()
-    assert not _delivered(switches, floor, "risk2", "riskdb", ping)
+    assert not _delivered(switches, floor, "risk1", "riskdb", ping)
     assert main(["verify", "floor.zt", *args, "--from-switches", *at]) == 0
     capsys.readouterr()
 
