@@ -82,9 +82,9 @@ from finsy import P4Client, Switch, SwitchOptions
 from finsy.proto import p4i, p4r
 from google.protobuf import text_format
 
-import compiler.verify
 import p4seg.cli
 import p4seg.control
+import p4seg.verbs
 import runtime.controller
 from bench.gen_policy import Floor, generate
 from compiler.addresses import AddressSet
@@ -247,7 +247,12 @@ class Compiled:
     built: Build
 
 
-def compile_floor(size: FloorSize) -> Compiled:
+# --remediation: the generated floor with a `remediation` service every prod host keeps a
+# flow to when quarantined (its overlay then allows that flow, and its proof walks it).
+REMEDIATION = "service remediation = {host}\nallow prod -> remediation tcp 443\n"
+
+
+def compile_floor(size: FloorSize, remediation: bool = False) -> Compiled:
     floor = generate(
         rules=size.rules,
         services=size.services,
@@ -256,6 +261,10 @@ def compile_floor(size: FloorSize) -> Compiled:
         spines=size.spines,
     )
     inventory = parse_inventory(floor.inventory, "inventory.yaml")
+    if remediation:
+        extra = REMEDIATION.format(host=inventory.hosts[0].name)
+        text = floor.policy.replace("default deny log", extra + "default deny log", 1)
+        floor = dataclasses.replace(floor, policy=text)
     checked = check_policy(floor.policy, "policy.zt", inventory)
     assert checked.policy is not None, "the generated policy must check clean"
     return Compiled(
@@ -702,7 +711,8 @@ def run_verb(
         timed_attr(p4seg.cli, "_front", front, compiled),
         timed_attr(p4seg.control, "apply_all", controller, reports),
         timed_attr(runtime.controller, "apply_one", one, one_reports, ends),
-        timed_attr(compiler.verify, "verify", proof),
+        timed_attr(p4seg.verbs, "_proven", proof),  # every proof a write waits for
+        timed_attr(p4seg.verbs, "_overlay_proof", proof),
     ):
         start = time.perf_counter()
         code = p4seg.cli.main(argv)
@@ -852,17 +862,22 @@ def quarantine_flows(c: Compiled, s: Site, most: int = 8) -> tuple[Host, list[Fl
     switches deliver now (checked on the compiled tables, then on the switches)."""
     fabric = Fabric({sw.switch: sw for sw in c.built.switches}, c.inventory)
     hosts = Hosts(c.inventory)
+    # Not the remediation service's flows (a quarantined host keeps them), nor its hosts.
+    rem = c.policy.remediation()
     usable = [
         (r, hosts.within(r.src), hosts.within(r.dst))
         for r in c.policy.rules
         if r.action == Action.ALLOW and r.proto == "tcp" and not r.window and not r.duration_s
-    ]
+        and not (rem and rem.intervals in (r.src.intervals, r.dst.intervals))
+    ]  # fmt: skip
     count: dict[str, int] = {}
     for _, src, dst in usable:
         for h in src + dst:
             count[h.name] = count.get(h.name, 0) + 1
     for name in sorted(count, key=lambda n: -count[n])[:20]:
         host = c.inventory.hosts_by_name[name]
+        if rem is not None and host.ip in rem:
+            continue
         flows: list[Flow] = []
         seen: set[tuple[str, bool]] = set()
         for r, src, dst in usable:
@@ -1272,9 +1287,11 @@ def profiled(label: str, fn: Callable[[], object], top: int = 18) -> None:
 # -- main ----------------------------------------------------------------------------------
 
 
-def run_floor(size: FloorSize, only: set[str], repeat: int, packets: int, profile: bool) -> None:
+def run_floor(
+    size: FloorSize, only: set[str], repeat: int, packets: int, profile: bool, remediation: bool
+) -> None:
     start = time.perf_counter()
-    c = compile_floor(size)
+    c = compile_floor(size, remediation)
     entries = sum(len(s.entries) for s in c.built.switches)
     print(f"\n#### {size.name} floor: {c.floor.rules} rules, {c.floor.services} services, "
           f"{size.hosts} hosts, {size.tors} ToRs + {size.spines} spines, {entries} entries "
@@ -1313,6 +1330,9 @@ def main() -> None:
                     help=f"comma-separated subset of {','.join(FIGURES)}")  # fmt: skip
     ap.add_argument("--floor", choices=("small", "medium", "tor48", "both", "all"), default="both")
     ap.add_argument("--profile", action="store_true", help="cProfile apply, the verb, quarantine")
+    ap.add_argument("--remediation", action="store_true",
+                    help="add a `remediation` service that quarantined prod hosts keep a flow "
+                    "to (the generated floors have none)")  # fmt: skip
     args = ap.parse_args()
     only = set(args.only.split(","))
     if only - set(FIGURES):
@@ -1326,7 +1346,7 @@ def main() -> None:
     print(f"p4seg controller bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"{time.strftime('%Y-%m-%d')}; {load()}")  # fmt: skip
     for size in floors:
-        run_floor(size, only, repeat, packets, args.profile)
+        run_floor(size, only, repeat, packets, args.profile, args.remediation)
         print(f"\n   ({load()} after the {size.name} floor)")
 
 

@@ -36,7 +36,7 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject
 from compiler.model import Action, Policy
 from compiler.quarantine import (
     QUARANTINE_FIELD,
@@ -61,7 +61,7 @@ from compiler.rule_entries import (
     reply_matches,
     rule_entries,
 )
-from compiler.semantics import PolicySemantics, bits
+from compiler.semantics import PolicySemantics, bits, semantics_of
 from compiler.tags import TagSpaceError, allocate_side
 from p4src.spec import DEFAULT_RULE_ID, NO_TAGS, TAG_BITS, TAG_FIELD_BITS
 
@@ -436,27 +436,6 @@ def _meaning(parts: tuple[object, ...]) -> str:
     return _digest(*parts)
 
 
-# The semantics of the last policies lowered, by what it reads of them (rules, expects, the
-# default's logging), the pinned addresses and the extra set: a long-running controller's
-# quarantines, releases and signals lower the same ordinary (uncarved) rules again and
-# again, each time in new but equal objects.
-_SEMANTICS: dict[tuple[object, ...], PolicySemantics] = {}
-also_forget(_SEMANTICS.clear)
-
-
-def _semantics(
-    policy: Policy, pinned: tuple[int, ...], sets: tuple[Interval, ...] | None
-) -> PolicySemantics:
-    key = (policy.rules, policy.expects, policy.default_log, pinned, sets)
-    found = _SEMANTICS.get(key)
-    if found is None:
-        found = PolicySemantics(policy, pinned, sets=[sets] if sets is not None else ())
-        if len(_SEMANTICS) >= 2:
-            _SEMANTICS.pop(next(iter(_SEMANTICS)))
-        _SEMANTICS[key] = found
-    return found
-
-
 def _switch_inputs(
     policy: Policy,
     inventory: Inventory,
@@ -551,7 +530,7 @@ def lower(
     @functools.cache
     def semantics() -> PolicySemantics:
         pinned = tuple(h.ip for h in inventory.hosts)
-        return _semantics(policy, pinned, service.intervals if service else None)
+        return semantics_of(policy, pinned, service.intervals if service else None)
 
     next_hops = _NEXT_HOPS.get(inventory, lambda inv: _next_hops(inv, _topology(inv)))
     tags: dict[tuple[str, str], SideTags] = {}

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
 from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
+from compiler.memo import also_forget
 from compiler.model import Action, ExpectCase, Policy, PolicyRule, format_icmp_types
 from compiler.protocols import (
     ICMP_ECHO_REPLY,
@@ -693,3 +695,28 @@ def _subtract(
             out.append((piece[0], piece[1], piece[2], piece[3]))
             current[dim] &= cover[dim]
     return out
+
+
+# The semantics of the last few policies asked for, by what it reads of them (rules,
+# expects, the default's logging), the pinned addresses and the extra set: a long-running
+# controller's quarantines, releases and grants compile and prove the same ordinary
+# (uncarved) rules again and again, each time in new but equal objects. Read-only once made.
+_RECENT: OrderedDict[tuple[object, ...], PolicySemantics] = OrderedDict()
+_RECENT_MAX = 4
+also_forget(_RECENT.clear)
+
+
+def semantics_of(
+    policy: Policy, pinned: tuple[int, ...], extra: Sequence[Interval] | None = None
+) -> PolicySemantics:
+    """PolicySemantics(policy, pinned, [extra]), made once for equal inputs."""
+    key = (policy.rules, policy.expects, policy.default_log, pinned, extra)
+    found = _RECENT.get(key)
+    if found is None:
+        found = PolicySemantics(policy, pinned, sets=[extra] if extra is not None else ())
+        _RECENT[key] = found
+        if len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    else:
+        _RECENT.move_to_end(key)
+    return found

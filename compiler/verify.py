@@ -85,7 +85,14 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
-from compiler.semantics import EPHEMERAL_PORT, Decision, PolicySemantics, bits, protocol_of
+from compiler.semantics import (
+    EPHEMERAL_PORT,
+    Decision,
+    PolicySemantics,
+    bits,
+    protocol_of,
+    semantics_of,
+)
 from p4src.spec import NO_TAGS, PIPELINE
 
 MAX_ADDRESS = (1 << 32) - 1
@@ -518,7 +525,7 @@ class Verifier:
         self.policy = policy
         self.inventory = inventory
         self.switches = switches
-        self.sem = PolicySemantics(policy, [h.ip for h in inventory.hosts])
+        self.sem = semantics_of(policy, tuple(h.ip for h in inventory.hosts))
         DERIVED.hold(len(switches))
         self._derived = {name: DERIVED.of(t) for name, t in switches.items()}
         self.fabric = Fabric(switches, inventory, {n: d.indexed for n, d in self._derived.items()})

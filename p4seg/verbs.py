@@ -280,12 +280,10 @@ def _held_proven(state_dir: Path) -> Proven | None:
     return held[1] if held is not None and held[0] == record else None
 
 
-def _record_proven(compiled: Compiled, state_dir: Path) -> None:
-    """Remember the compiled build as proven (the next change is proven by difference)."""
-    from compiler.verify import proof_record
-
+def _record_proven(compiled: Compiled, state_dir: Path, record: ProofRecord) -> None:
+    """Remember the compiled build (whose proof record is `record`) as proven: the next
+    change is proven by difference."""
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    record = proof_record(compiled.policy, compiled.inventory, switches)
     write_atomic(state_dir / PROOF_FILE, json.dumps(record.to_json()) + "\n")
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
 
@@ -294,7 +292,9 @@ EARLIER = "the build of an earlier proof (the same policy, rules and tables)"
 _WHOLE = "whole build: "  # an overlay proof that proves every packet, not only the host's
 
 
-def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -> str | None:
+def _overlay_proof(
+    verb: str, compiled: Compiled, state_dir: Path, host: Host, record: ProofRecord
+) -> str | None:
     """Whether a quarantine's or release's build implements the effective policy, proven
     before its overlay is written (None: refused, and why on stderr).
 
@@ -305,10 +305,9 @@ def _overlay_proof(verb: str, compiled: Compiled, state_dir: Path, host: Host) -
     whole build ("whole build: ..."), which is recorded for the next change."""
     from compiler.differential import cuts_off, only_overlay_changed, outranked
     from compiler.quarantine import QUARANTINE_MASK
-    from compiler.verify import Verifier, proof_record, verify
+    from compiler.verify import Verifier, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    record = proof_record(compiled.policy, compiled.inventory, switches)
     if record in _RECORDS.get(state_dir.resolve(), ()):
         return _WHOLE + EARLIER
     old = _held_proven(state_dir)
@@ -533,6 +532,7 @@ def _overlay(
     then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
     (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
     from compiler.quarantine import settle_quarantine
+    from compiler.verify import proof_record
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
 
@@ -570,7 +570,9 @@ def _overlay(
         return None  # another switch has a change pending (an edit not applied yet): all
     digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
     proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
-    if proof is None and (proof := _overlay_proof(verb, compiled, state_dir, host)) is None:
+    switches = {sw.switch: sw for sw in compiled.build.switches}
+    record = proof_record(compiled.policy, compiled.inventory, switches)
+    if proof is None and (proof := _overlay_proof(verb, compiled, state_dir, host, record)) is None:
         audit.append(state_dir / "audit.jsonl", verb, **event, policy=str(args.policy),
                      policy_sha256=digest,
                      result="refused: the compiled tables are not proven to implement the "
@@ -600,7 +602,7 @@ def _overlay(
         note_applied(compiled.policy, state, moment)
         state.applied_tables[target.name] = tables_digest(compiled, target.name)
         if proof.startswith(_WHOLE):
-            _record_proven(compiled, state_dir)
+            _record_proven(compiled, state_dir, record)
     else:
         state.applied_tables.pop(target.name, None)
     state.save(state_dir)
