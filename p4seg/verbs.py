@@ -293,7 +293,7 @@ _WHOLE = "whole build: "  # an overlay proof that proves every packet, not only 
 
 
 def _overlay_proof(
-    verb: str, compiled: Compiled, state_dir: Path, host: Host, record: ProofRecord
+    verb: str, compiled: Compiled, state_dir: Path, host: Host, record: ProofRecord | None
 ) -> str | None:
     """Whether a quarantine's or release's build implements the effective policy, proven
     before its overlay is written (None: refused, and why on stderr).
@@ -308,7 +308,7 @@ def _overlay_proof(
     from compiler.verify import Verifier, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    if record in _RECORDS.get(state_dir.resolve(), ()):
+    if record is not None and record in _RECORDS.get(state_dir.resolve(), ()):
         return _WHOLE + EARLIER
     old = _held_proven(state_dir)
     change: OverlayChange | str = "no proven build at hand"
@@ -571,7 +571,11 @@ def _overlay(
     digest = hashlib.sha256(compiled.policy_text.encode()).hexdigest()
     proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    record = proof_record(compiled.policy, compiled.inventory, switches)
+    # The build's proof record, when this process has proven builds to compare it with and
+    # to remember it by (a new process would digest every switch's tables for nothing).
+    record = None
+    if state_dir.resolve() in _RECORDS:
+        record = proof_record(compiled.policy, compiled.inventory, switches)
     if proof is None and (proof := _overlay_proof(verb, compiled, state_dir, host, record)) is None:
         audit.append(state_dir / "audit.jsonl", verb, **event, policy=str(args.policy),
                      policy_sha256=digest,
@@ -602,6 +606,8 @@ def _overlay(
         note_applied(compiled.policy, state, moment)
         state.applied_tables[target.name] = tables_digest(compiled, target.name)
         if proof.startswith(_WHOLE):
+            if record is None:
+                record = proof_record(compiled.policy, compiled.inventory, switches)
             _record_proven(compiled, state_dir, record)
     else:
         state.applied_tables.pop(target.name, None)

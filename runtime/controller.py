@@ -394,8 +394,11 @@ async def apply_one(
 
     async def work() -> None:
         # A switch marked with this build needs no session of ours: read it without
-        # arbitration, and nobody (serve's follower) has to step aside for nothing.
-        if target.desired.digest and not options.full_read:
+        # arbitration, and nobody (serve's follower) has to step aside for nothing. Not
+        # asked when the caller knows it brought the switch to another build (an overlay
+        # right after an apply): held_work reads the mark again anyway.
+        expected = known is None or known.digest == target.desired.digest
+        if target.desired.digest and not options.full_read and expected:
             async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
                 report.pipeline = await pipeline_state(client, target.device_id, files.schema())
                 if report.pipeline == "same":
