@@ -298,11 +298,14 @@ def _overlay_proof(
     """Whether a quarantine's or release's build implements the effective policy, proven
     before its overlay is written (None: refused, and why on stderr).
 
-    From the build this process last proved (compiler/differential.py): a new quarantine
-    whose host may reach nothing is proven by the overlay's shape, no packet walked; any
-    other overlay by the host's packets, walked hop by hop (compiler/verify.py `focus`).
-    When nothing but the host's overlay changed since the proven build, either proves the
-    whole build ("whole build: ..."), which is recorded for the next change."""
+    A build this process proved a few builds ago (`record` among `_RECORDS`) is proven.
+    From the build it proved last (compiler/differential.py), when only the host's overlay
+    changed since: a new quarantine of a host that may reach nothing is proven by the
+    overlay's shape, no packet walked; one whose host keeps remediation flows by the few
+    pairs its overlay can let through (Verifier.quarantine_scope); anything else (a
+    release) by the host's packets, walked hop by hop (compiler/verify.py `focus`). Each of
+    these proves the whole build ("whole build: ..."), which is recorded for the next
+    change; without a proven build at hand the walk proves the host's packets only."""
     from compiler.differential import cuts_off, only_overlay_changed, outranked
     from compiler.quarantine import QUARANTINE_MASK
     from compiler.verify import Verifier, verify
