@@ -178,7 +178,7 @@ def changed_tables(
 #    host's packets (verify's `focus`) proves the whole build.
 # 2. when the host is newly quarantined and may reach nothing at all under the carved
 #    policy (no `remediation` flow of it survives the carve), its packets need no walk
-#    either (`quarantine_by_shape`): each crosses the host's ToR, gets the quarantine
+#    either (`cuts_off`): each crosses the host's ToR, gets the quarantine
 #    identity there on its side, and meets a catch-all deny of that identity (no other
 #    field matched) above every ordinary `policy` entry: dropped, as the policy says.
 #
@@ -296,23 +296,6 @@ def only_overlay_changed(
     return overlay_change(old_switches[host.switch], switches[host.switch], host.ip, mask)
 
 
-def quarantine_by_shape(
-    old: tuple[Policy, Inventory, Mapping[str, SwitchTables]],
-    policy: Policy,
-    inventory: Inventory,
-    switches: Mapping[str, SwitchTables],
-    host: Host,
-    mask: int,
-) -> str | None:
-    """Point 2 above: None when the new build is proven from the proven `old` one with no
-    packet walked — `host` newly quarantined, unable to reach anything, cut off by a
-    catch-all deny on each side; else why not."""
-    change = only_overlay_changed(old, policy, inventory, switches, host, mask)
-    if isinstance(change, str):
-        return change
-    return cuts_off(change, policy, switches, host, mask)
-
-
 def cuts_off(
     change: OverlayChange,
     policy: Policy,
@@ -320,8 +303,9 @@ def cuts_off(
     host: Host,
     mask: int,
 ) -> str | None:
-    """Point 2 above, given point 1's change: None when the new overlay drops every packet
-    from and to `host` and the policy allows it nothing; else why not."""
+    """Point 2 above, given point 1's change (`only_overlay_changed`): None when the new
+    overlay drops every packet from and to `host` and the policy allows it nothing, so the
+    new build is proven with no packet walked; else why not."""
     if change.before or not change.after:
         return "not a new quarantine"
     if any(r.action.value == "allow" and (host.ip in r.src or host.ip in r.dst)

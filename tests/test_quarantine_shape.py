@@ -13,12 +13,7 @@ from corrupt import corruptions
 
 from compiler.allocation import Allocation, assign_rule_ids
 from compiler.check import check_policy
-from compiler.differential import (
-    OverlayChange,
-    only_overlay_changed,
-    outranked,
-    quarantine_by_shape,
-)
+from compiler.differential import OverlayChange, cuts_off, only_overlay_changed, outranked
 from compiler.emit import Build, build
 from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory
@@ -53,6 +48,20 @@ def _build(
 
 def _switches(b: Build) -> dict[str, SwitchTables]:
     return {sw.switch: sw for sw in b.switches}
+
+
+def quarantine_by_shape(
+    old: Proven,
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    host: Host,
+    mask: int,
+) -> str | None:
+    """Points 1 and 2 of compiler/differential.py, as the controller asks them: None when
+    the new build is proven with no packet walked, else why not."""
+    change = only_overlay_changed(old, policy, inventory, switches, host, mask)
+    return change if isinstance(change, str) else cuts_off(change, policy, switches, host, mask)
 
 
 def _quarantine(
