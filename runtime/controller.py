@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,11 +394,8 @@ async def apply_one(
 
     async def work() -> None:
         # A switch marked with this build needs no session of ours: read it without
-        # arbitration, and nobody (serve's follower) has to step aside for nothing. Not
-        # asked when the caller knows it brought the switch to another build (an overlay
-        # right after an apply): held_work reads the mark again anyway.
-        expected = known is None or known.digest == target.desired.digest
-        if target.desired.digest and not options.full_read and expected:
+        # arbitration, and nobody (serve's follower) has to step aside for nothing.
+        if target.desired.digest and not options.full_read:
             async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
                 report.pipeline = await pipeline_state(client, target.device_id, files.schema())
                 if report.pipeline == "same":
@@ -418,9 +415,7 @@ async def apply_one(
         async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
             report.pipeline = await pipeline_state(client, target.device_id, files.schema())
         fence()  # arbitrating may set the pipeline: a write too
-        async with Switch(
-            target.name, target.address, session_options(target, files, options)
-        ) as sw:
+        async with _arbitrated(target, files, options) as sw:
             if not sw.is_primary or (options.fenced and sw.election_id != options.election_id):
                 raise ControllerError(
                     f"not the primary controller (election id {options.election_id}; the "
@@ -461,6 +456,34 @@ async def apply_one(
                 await _mark(sw, tables, plan.epoch_after, digest, report, fence)
 
     return await _bounded(report, options.timeout, work)
+
+
+# How long a session waits out a stream of ours with its election id that the switch has
+# not dropped yet (one closed a moment ago): the switch refuses a second live stream with
+# one election id, so the new session would come up a backup for nothing.
+OWN_STREAM_WAIT_S = 2.0
+
+
+@contextlib.asynccontextmanager
+async def _arbitrated(
+    target: SwitchTarget, files: PipelineFiles, options: ControllerOptions
+) -> AsyncIterator[Switch]:
+    """finsy's Switch for `target`, arbitrated. When the switch names our own election id
+    as the primary's but not this stream as primary, it still holds the stream our last
+    session closed: open the session again (backing off) until it has dropped it, or
+    OWN_STREAM_WAIT_S passes; the caller then sees whatever the switch answered."""
+    deadline = time.monotonic() + OWN_STREAM_WAIT_S
+    pause = 0.005
+    while True:
+        async with Switch(
+            target.name, target.address, session_options(target, files, options)
+        ) as sw:
+            own = not sw.is_primary and sw.primary_id == options.election_id
+            if not own or time.monotonic() >= deadline:
+                yield sw
+                return
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 async def _mark(

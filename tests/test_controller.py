@@ -398,3 +398,42 @@ def test_the_controller_drives_bmv2_unchanged(
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["waited-out", "no-wait"])
+def test_a_session_waits_out_our_own_stream_the_switch_still_holds(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    monkeypatch: pytest.MonkeyPatch,
+    wait: bool,
+) -> None:
+    """A switch refuses a second live stream with one election id, and a stream a session
+    of ours just closed may still be live on it: the next session (an overlay right after
+    an apply) must not come up a backup for that. Here the first stream is held open until
+    the second session has started; without the wait, the second is not primary."""
+    import runtime.controller as controller
+
+    if not wait:
+        monkeypatch.setattr(controller, "OWN_STREAM_WAIT_S", 0.0)
+    switches, files, _refs = fabric
+    target, options = switches[0], ControllerOptions(timeout=20)
+
+    async def scenario() -> tuple[bool, bool]:
+        opened, close = asyncio.Event(), asyncio.Event()
+
+        async def first() -> bool:
+            async with controller._arbitrated(target, files, options) as sw:
+                opened.set()
+                await close.wait()
+                return sw.is_primary
+
+        held = asyncio.create_task(first())
+        await opened.wait()
+        asyncio.get_running_loop().call_later(0.2, close.set)
+        async with controller._arbitrated(target, files, options) as sw:
+            second = sw.is_primary
+        close.set()
+        return await held, second
+
+    first_primary, second_primary = asyncio.run(scenario())
+    assert first_primary
+    assert second_primary is wait
