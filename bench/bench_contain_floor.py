@@ -101,8 +101,7 @@ def run(rounds: int) -> None:
             time.sleep(WINDOW + 0.1)  # pacing: the next scan starts on an empty window
             _until(lambda: passes(SCANNER, *ALLOWED))
     except BaseException:
-        for out in sorted(work.glob("*.out")):
-            print(f"==== {out.name}\n" + out.read_text()[-4000:])
+        serves.dump()
         raise
     finally:
         serves.stop()

@@ -86,6 +86,11 @@ class Serves:
         for n in [name] if name else list(self.procs):
             terminate(self.procs.pop(n), 30)
 
+    def dump(self) -> None:
+        """Print the end of every serve's output (a bench that failed shows why)."""
+        for out in sorted(self.work.glob("*.out")):
+            print(f"==== {out.name}\n" + out.read_text()[-4000:])
+
 
 def _deny(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> None:
     assert not _passes(sw, src, dst, dport), f"{src} -> {dst}:{dport} passed"
@@ -166,8 +171,7 @@ def run(rounds: int, ttl: int) -> None:
             _until(lambda s=leader: serves.role(s) == "standby")  # type: ignore[misc]
             leader, standby = standby, leader
     except BaseException:
-        for out in sorted(work.glob("*.out")):
-            print(f"==== {out.name}\n" + out.read_text()[-4000:])
+        serves.dump()
         raise
     finally:
         serves.stop()
