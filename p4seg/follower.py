@@ -51,6 +51,7 @@ from finsy.proto import U128, p4r, rpc_code
 from p4seg import verbs
 from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of, session_of
 from p4seg.operations import ApiError, Operations, Outcome
+from p4seg.operations import file_stat as _stat
 from runtime import audit
 from runtime.alerts import Alert, RateLimiter, alert_of
 from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, session_options
@@ -564,14 +565,6 @@ class Containment:
 def _copy(engine: PolicyEngine, settings: EngineSettings, dry_run: bool = False) -> PolicyEngine:
     """The engine's state under `settings`, as saved and loaded (JSON: tuples become lists)."""
     return PolicyEngine.from_json(json.loads(json.dumps(engine.to_json())), settings, dry_run)
-
-
-def _stat(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size  # the inode: files are replaced atomically
 
 
 def _iso(moment: float) -> str:

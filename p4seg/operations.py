@@ -38,9 +38,11 @@ from p4seg.verbs import (
     Front,
     PolicyTransform,
     TextTransform,
+    Warmed,
     WatchHooks,
     clock,
     read_hits,
+    warm,
     watch_loop,
 )
 from p4seg.webmap import MAX_ALERTS, MapLive, map_document
@@ -155,6 +157,8 @@ class Operations:
         self.replication: Replication | None = None  # --etcd: set by Service.start
         self._said = ""  # the watch loop's last word on etcd
         self._standby_due = 0.0  # when a standby reads etcd's state again (monotonic)
+        self._warm_key: object = None  # the files a standby's build was last compiled from
+        self.warmed: Warmed | None = None  # what that compile and proof gave (GET /v1/status)
         # The signals in force for GET /v1/status (p4seg/follower.py sets it); under the lock.
         self.active_signals: Callable[[], list[dict[str, object]]] = list
 
@@ -269,6 +273,22 @@ class Operations:
         self._standby_due = now + self.args.check
         with contextlib.suppress(StoreUnavailable):  # it answers from its last copy
             self.replication.refresh()
+        self._warm()
+
+    def _warm(self) -> None:
+        """A standby compiles and proves what the leader applies (p4seg/verbs.py `warm`),
+        again whenever the state etcd holds, the policy or the inventory changed: its
+        takeover then starts from that build and proof, not cold."""
+        from p4seg.replication import SHARED_FILES
+
+        files = [self.state_dir / f for f in SHARED_FILES]
+        key = tuple(
+            file_stat(f) for f in (*files, Path(self.args.policy), Path(self.args.inventory))
+        )
+        if key == self._warm_key:
+            return
+        self._warm_key = key
+        self.warmed = warm(self.args, self.front)
 
     def _wrote(self) -> None:
         try:
@@ -480,6 +500,8 @@ class Operations:
                     }
         now = clock()
         replication = {"role": "leader"} if self.replication is None else self.replication.status()
+        if replication.get("role") == "standby":  # what its takeover would start from
+            replication["standby_build"] = None if self.warmed is None else self.warmed.to_json()
         return {
             **replication,
             "policy": str(self.args.policy),
@@ -539,6 +561,15 @@ class Operations:
 
         results = grpc_loops.run(every())
         return {t.name: r for t, r in zip(session.switches, results, strict=True)}
+
+
+def file_stat(path: Path) -> tuple[int, int, int] | None:
+    """A file's (inode, mtime, size), None when it cannot be read: a cheap mark of change."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size  # the inode: files are replaced atomically
 
 
 def _iso(moment: float) -> str:

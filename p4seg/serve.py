@@ -124,6 +124,8 @@ class Service:
     ) -> None:
         self.ops, self.options, self.access = ops, options, access
         self.etcd = etcd  # --etcd: one of several controllers of the floor
+        if etcd is not None and not ops.args.build:  # a standby compiles too (p4seg/verbs.py
+            ops.args.build = str(ops.state_dir / "build")  # warm): never into another's build
         self.replica: Replica | None = None
         self._runners: list[web.AppRunner] = []
         self._held: int | None = None  # the state directory's serve.lock

@@ -225,7 +225,7 @@ def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
     _RECORDS[key] = [*kept, record]
 
 
-def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
+def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True) -> str | None:
     """Whether the compiled tables implement the effective policy (compiler/verify.py):
     how it was proven, or None — and why, on stderr. "full"; "differential: N pairs" when
     this process proved the build the state directory last recorded and still holds its
@@ -233,7 +233,8 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     compiler/differential.py); "differential: ToRs" when only the record is at hand (the
     changed ToRs' packets); EARLIER when the build is one this process proved a few
     builds ago (its proof record: the same rules, tables and inventory). A change is
-    written only once it is proven (fail closed)."""
+    written only once it is proven (fail closed). Not `save`: the proof is remembered in
+    this process only, the state directory's record left as it is (a standby's)."""
     from compiler.verify import ProofRecord, differential_scope, proof_record, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
@@ -246,7 +247,8 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     held = _PROVEN.get(state_dir.resolve())
     previous = held[1] if held is not None and before is not None and held[0] == before else None
     if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
-        write_atomic(path, json.dumps(record.to_json()) + "\n")
+        if save:
+            write_atomic(path, json.dumps(record.to_json()) + "\n")
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
         return EARLIER
     roles = {s.name: s.role for s in compiled.inventory.switches}
@@ -257,13 +259,52 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path) -> str | None:
     if not result.proven:
         _refused(verb, result.counterexamples)
         return None
-    write_atomic(path, json.dumps(record.to_json()) + "\n")
+    if save:
+        write_atomic(path, json.dumps(record.to_json()) + "\n")
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
     if result.pairs is not None:
         return f"differential: {result.pairs} pairs"
     if scope is None:
         return "full"
     return f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Warmed:
+    """What a standby's turn compiled and proved (`warm`), for GET /v1/status."""
+
+    at: float  # the controller's clock
+    seconds: float
+    compiled_sha256: str | None = None  # None: the policy did not compile
+    proof: str | None = None  # how it was proven (None: not proven, or not compiled)
+    tables_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # per switch
+
+    def to_json(self) -> dict[str, object]:
+        return {"at": self.at, "seconds": round(self.seconds, 3),
+                "compiled_sha256": self.compiled_sha256, "proof": self.proof,
+                "tables_sha256": self.tables_sha256}  # fmt: skip
+
+
+def warm(args: argparse.Namespace, front: Front) -> Warmed | None:
+    """A standby's turn (serve --etcd): compile and prove what the leader applies now, from
+    the state directory as etcd holds it, writing nothing to a switch or to the shared
+    state. The build and its proof stay in this process (the incremental compile's last
+    build, the proven builds), so a takeover's first apply compiles only what changed since
+    and proves a build proven here as an earlier proof, instead of starting cold."""
+    state = _load_state(args, "serve")
+    if state is None:
+        return None
+    started, moment = time.monotonic(), clock()
+    state.prune(moment)  # what the leader's turn would apply now (nothing saved)
+    compiled = _compile(args, front, state, moment)
+    if compiled is None:
+        return Warmed(moment, time.monotonic() - started)
+    proof = None
+    if not getattr(args, "no_verify", False):
+        proof = _proven("serve", compiled, Path(args.state), save=False)
+    digest = compiled.build.report.get("policy_sha256")
+    tables = {sw.name: tables_digest(compiled, sw.name) for sw in compiled.inventory.switches}
+    return Warmed(moment, time.monotonic() - started, str(digest), proof, tables)
 
 
 def _held_proven(state_dir: Path) -> Proven | None:

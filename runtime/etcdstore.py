@@ -13,7 +13,7 @@ with the asyncio client `aetcd`). Keys, under `/p4seg/<floor>/`:
 `2**64 + create_revision` of its `leader` key (high word 1, low word the revision): etcd's
 revision only grows, so a newer leader always outranks an older one, and every etcd leader
 outranks a one-shot `p4seg apply` (election id 10). The leader refreshes its lease every
-`ttl / 3`; it holds the leadership only until `last successful refresh sent + ttl - margin`,
+`ttl / 6`; it holds the leadership only until `last successful refresh sent + ttl - margin`,
 so a leader cut off from etcd stops writing before its lease can expire and a standby win.
 Standbys watch `leader` and campaign when it is deleted (lease expired or revoked by a
 clean stop).
@@ -61,6 +61,9 @@ log = logging.getLogger("p4seg.etcd")
 ELECTION_BASE = 1 << 64  # election id = ELECTION_BASE + create_revision of the leader key
 _FLOOR = re.compile(r"[A-Za-z0-9_.-]+")
 _PAGE = 500  # audit records per range request (a chain of any length fits gRPC's limits)
+REFRESHES = 6  # lease refreshes per TTL
+RETRY_EVERY = 0.1  # seconds: while the newest refresh has no answer, send another this often
+IN_FLIGHT = 8  # lease refreshes unanswered at once, at most
 
 
 def election_id(create_revision: int) -> int:
@@ -489,32 +492,50 @@ class Elector:
         return True
 
     async def _hold(self) -> None:
-        """Refresh the lease every ttl/3 until the leadership is lost."""
+        """Refresh the lease every ttl/6 until the leadership is lost. While the newest
+        refresh has no answer, another is sent every RETRY_EVERY (at most IN_FLIGHT at once),
+        the older ones left running: when etcd loses its raft leader, a keepalive hangs or
+        fails until the others elect one (within etcd's election timeout) and etcd then
+        extends every lease. The first answer after that — from the latest refresh sent —
+        carries the term on, if it comes before the deadline; refreshing often leaves the
+        most of the TTL for that."""
         term = self._term
         assert term is not None
-        interval = self.options.ttl / 3
-        while self._term is term:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(
-                    max(0.0, min(interval, self._deadline - time.monotonic()))
-                ):
-                    await self._lost.wait()
-            if self._term is not term:
-                return
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                self._lose("no lease refresh in time (etcd unreachable or without quorum)")
-                return
-            sent = time.monotonic()
-            try:
-                reply = await self._refresh(term.lease, timeout=min(self.options.timeout, left))
-            except StoreUnavailable as err:
-                self.last_error = str(err)
-                continue  # try again until the deadline; past it, the leadership is gone
-            if reply.TTL <= 0:
-                self._lose("the lease expired")
-                return
-            self._deadline = sent + self.options.ttl - self.options.margin
+        ttl, margin = self.options.ttl, self.options.margin
+        interval = ttl / REFRESHES
+        pending: dict[asyncio.Task[Any], float] = {}  # refresh -> when it was sent
+        lost = asyncio.ensure_future(self._lost.wait())
+        newest, next_at = 0.0, time.monotonic() + interval
+        try:
+            while self._term is term:
+                now = time.monotonic()
+                if now >= self._deadline:
+                    self._lose("no lease refresh in time (etcd unreachable or without quorum)")
+                    return
+                if now >= next_at and len(pending) < IN_FLIGHT:
+                    timeout = min(self.options.timeout, self._deadline - now)
+                    pending[asyncio.ensure_future(self._refresh(term.lease, timeout))] = now
+                    newest, next_at = now, now + RETRY_EVERY  # unless it answers before
+                wake = min(next_at, self._deadline) - now
+                done, _ = await asyncio.wait(
+                    [lost, *pending], timeout=max(0.0, wake), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done - {lost}:
+                    sent = pending.pop(task)
+                    try:
+                        reply = task.result()
+                    except StoreUnavailable as err:
+                        self.last_error = str(err)  # the next one is sent at RETRY_EVERY
+                        continue
+                    if reply.TTL <= 0:
+                        self._lose("the lease expired")
+                        return
+                    self._deadline = max(self._deadline, sent + ttl - margin)
+                    if sent == newest:
+                        next_at = sent + interval
+        finally:
+            for task in [lost, *pending]:
+                task.cancel()
 
     async def _refresh(self, lease: int, timeout: float) -> Any:
         await self.etcd.client.connect()

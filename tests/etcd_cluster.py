@@ -113,6 +113,29 @@ class EtcdCluster:
         except (OSError, ValueError, urllib.error.URLError):
             return False
 
+    def raft_leader(self) -> int | None:
+        """The index of the member raft has elected leader (as a live member says), or None."""
+        for i, m in enumerate(self.members):
+            if m.process is None:
+                continue
+            url = f"{self.scheme}://{m.endpoint}/v3/maintenance/status"
+            context = None
+            if self.pki is not None:
+                context = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+                context.load_cert_chain(self.pki / "client.pem", self.pki / "client.key")
+            request = urllib.request.Request(url, b"{}", {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=1, context=context) as response:
+                    doc = json.loads(response.read())
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+            leader, me = doc.get("leader"), doc.get("header", {}).get("member_id")
+            if leader is None or me is None:
+                continue
+            if leader == me:
+                return i
+        return None
+
     def wait_healthy(self, indexes: list[int] | None = None, timeout: float = 30.0) -> None:
         indexes = list(range(len(self.members))) if indexes is None else indexes
         deadline = time.monotonic() + timeout

@@ -26,6 +26,7 @@ from p4seg.api_auth import Access, load_access
 from p4seg.cli import _front, _parser, main
 from p4seg.operations import Operations
 from p4seg.serve import Service, api_options, etcd_of
+from p4seg.verbs import EARLIER
 from runtime.etcdstore import Etcd, EtcdOptions, EtcdStore, Role
 from runtime.live import LiveState
 from runtime.refswitch.switch import ReferenceSwitch
@@ -204,6 +205,39 @@ def test_a_standby_names_the_leader_and_takes_over_when_it_dies(
         outcome.errors + outcome.output
     ), outcome
     assert not _passes(sw, "h1", "h3", 8080)
+
+
+def test_a_standby_keeps_the_leaders_build_compiled_and_proven(
+    floor: tuple[ReferenceSwitch, list[str], list[Controller], EtcdCluster],
+) -> None:
+    """A standby compiles and proves what the leader applies, from etcd's state, after
+    every change (p4seg/verbs.py `warm`): its build gives every switch the tables the
+    leader wrote, and its takeover proves nothing again (an earlier proof of its own)."""
+    sw, inv, (a, b), cluster = floor
+
+    def warm_matches() -> bool:
+        build = b.served.status().get("standby_build")
+        leader = {s["name"]: s["tables_sha256"] for s in a.served.status()["switches"]}
+        return bool(build) and build["proof"] is not None and build["tables_sha256"] == leader
+
+    assert wait_for(warm_matches, 30), b.served.status().get("standby_build")
+    assert "standby_build" not in a.served.status()  # the leader's build is its applies'
+    before = b.served.status()["standby_build"]["tables_sha256"]
+    code, doc = _quarantine(a, "h1")
+    assert code == 200, doc
+    assert wait_for(warm_matches, 30), b.served.status().get("standby_build")
+    assert b.served.status()["standby_build"]["tables_sha256"] != before  # h1's ToR
+
+    # The switch drifts (a one-shot apply elsewhere lifts the quarantine), the leader dies:
+    # the standby's first turn writes the quarantine back with the build it proved warm.
+    assert main(["apply", "small.zt", *inv, "--state", "state-elsewhere"]) == 0
+    assert _passes(sw, "h1", "h3", 8080)
+    a.stop(resign=False)
+    assert wait_for(lambda: b.role() is Role.LEADER, 30)
+    assert wait_for(lambda: not _passes(sw, "h1", "h3", 8080), 30)
+    turns = [r for r in _stored(cluster)[1] if r["event"] == "watch"]
+    assert turns and turns[-1]["result"] == "ok", turns
+    assert turns[-1]["proof"] == EARLIER, turns[-1]  # proven while it stood by
 
 
 def test_bad_etcd_options_are_one_line_and_start_nothing(

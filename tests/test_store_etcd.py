@@ -407,6 +407,36 @@ def test_one_member_killed_and_the_floor_carries_on(etcd_cluster: EtcdCluster) -
     run(main())
 
 
+def test_a_leader_keeps_its_term_while_etcd_elects_a_new_raft_leader(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """The member raft elected leader is SIGKILLed three times under the default 3 s lease:
+    the two left elect another (here up to ~1.5 s: a 500 ms election timeout, randomised,
+    sometimes a split vote), and the controller's lease refreshes, sent again every 0.1 s
+    while unanswered, carry its term through (same election id, never lost)."""
+    events: list[tuple[Role, int | None]] = []
+
+    async def main() -> None:
+        async with seats(options(etcd_cluster, "c0")) as (leader,):
+            await leader.elector.wait_for(Role.LEADER, 10)
+            term = leader.elector.fence()
+            leader.elector.on_change(
+                lambda role, t: events.append((role, None if t is None else t.create_revision))
+            )
+            for round_ in range(3):
+                raft = await asyncio.to_thread(etcd_cluster.raft_leader)
+                assert raft is not None, f"round {round_}: no raft leader"
+                etcd_cluster.kill(raft)
+                others = [i for i in range(3) if i != raft]
+                await asyncio.to_thread(etcd_cluster.wait_healthy, others)
+                await leader.store.write(LIVE, f"round {round_}")  # fenced: still leads
+                etcd_cluster.start(raft)
+                await asyncio.to_thread(etcd_cluster.wait_healthy)
+            assert leader.elector.fence() == term and events == [], events
+
+    run(main())
+
+
 def test_quorum_lost_refuses_writes_with_a_typed_error_and_writes_nothing_half(
     etcd_cluster: EtcdCluster,
 ) -> None:
