@@ -37,6 +37,9 @@ with --floor tor48 or all). Each switch is an in-process ReferenceSwitch on its 
             the rest (encoding, state, audit). Target: < 100 ms.
 3b. grant   `p4seg grant` of one host-to-host flow on a reserved port, then `revoke`, each
             probed through the data planes; baseline: a no-op `p4seg apply`.
+3c. takeover    A new `serve --etcd` leader's first turn (`watch --once`: compile, prove,
+            confirm every switch holds the build) as a cold process and after a standby's
+            warm-up (p4seg/verbs.py `warm`).
 4. alerts   `p4seg alerts --follow` in a subprocess (the real verb, connected to every
             switch); a logged-denied packet is injected (each from another host, so the
             per-source rate limit never drops one) and timed until its JSON line is in
@@ -123,7 +126,7 @@ TIMEOUT = 120.0  # seconds: a bound for a hung child or switch, never a pause
 BENCH_ELECTION_ID = 30  # the writes figure; p4runtime-shell comes after with a higher one
 SHELL_ELECTION_ID = (0, 40)
 RESERVED_PORTS = range(6000, 6100)  # bench/gen_policy.py: no rule allows them
-FIGURES = ("writes", "apply", "quarantine", "grant", "alerts")
+FIGURES = ("writes", "apply", "quarantine", "grant", "takeover", "alerts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1035,6 +1038,38 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
 # -- 4. denied packet -> alert on disk -----------------------------------------------------
 
 
+def bench_takeover(c: Compiled, s: Site, repeat: int) -> None:
+    """The first turn of a new `serve --etcd` leader (p4seg/verbs.py watch_loop's turn,
+    `watch --once`): compile what etcd holds, prove it, confirm every switch holds it. Cold:
+    as a process that has compiled and proved nothing (before this change, every standby);
+    warm: after the standby's warm-up (p4seg/verbs.py `warm`, untimed: done while standing
+    by). The switches already hold the build, as after a leader that died idle."""
+    print(f"\n== 3c. takeover: a new leader's first turn on {len(s.refs)} switches "
+          f"({c.floor.rules}-rule floor)")  # fmt: skip
+    policy = s.directory / "a.zt"
+    turn = ["watch", str(policy), *verb_args(s), "--once"]
+    run_verb(["apply", str(policy), *verb_args(s)])  # the dead leader's last apply
+    cold, warm = VerbTimes(), VerbTimes()
+    warmups: list[float] = []
+    for _ in range(repeat):
+        run_verb(turn, cold, fresh=True)
+        p4seg.cli.forget()  # a standby process ...
+        args = p4seg.cli._parser().parse_args(turn)
+        with quiet():
+            start = time.perf_counter()
+            warmed = p4seg.verbs.warm(args, p4seg.cli._front)  # ... warming up
+            warmups.append(time.perf_counter() - start)
+        assert warmed is not None and warmed.proof is not None, warmed
+        run_verb(turn, warm, fresh=False)  # ... then leading
+    for label, times in (("cold (a process that proved nothing)", cold),
+                         ("warm standby", warm)):  # fmt: skip
+        print(
+            f"   {label:<58}{median_ms(times.total)}  (writes {statistics.median(times.writes):.0f})"
+        )
+        print_split(times, "      ")
+    print(f"   {'the standby warm-up (not on the takeover path)':<58}{median_ms(warmups)}")
+
+
 def logged_denies(c: Compiled, s: Site, count: int) -> list[Flow]:
     """Flows the source ToR denies and logs, each from another host (the rate limit is per
     source), towards a reserved port no rule allows."""
@@ -1300,7 +1335,7 @@ def run_floor(
         tmp = Path(tmp_name)
         if "writes" in only:
             bench_writes(c, tmp, repeat)
-        if not only & {"apply", "quarantine", "grant", "alerts"}:
+        if not only & {"apply", "quarantine", "grant", "takeover", "alerts"}:
             return
         write_build(c.built, str(tmp / "core-build"))
         change = one_rule_change(c) if "apply" in only else None
@@ -1312,6 +1347,8 @@ def run_floor(
                 bench_quarantine(c, s, repeat, profile)
             if "grant" in only:
                 bench_grant(c, s, repeat, profile)
+            if "takeover" in only:
+                bench_takeover(c, s, repeat)
             if "alerts" in only:
                 bench_alerts(c, s, packets)
 

@@ -121,6 +121,10 @@ class Observers:
         """Whether this service is the switch's primary now (its PacketIn follower says)."""
         self._primary[switch] = is_primary
 
+    def following(self, switch: str) -> bool:
+        """Whether this service's follower is the switch's primary, reading its PacketIns."""
+        return self._primary.get(switch, False)
+
     def sources(self) -> Iterable[str]:
         """The SIEM destinations, for the banner."""
         return [sink.config.url for sink in self.sinks]

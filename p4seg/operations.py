@@ -32,6 +32,7 @@ from compiler.diagnostics import InventoryError
 from compiler.inventory import Inventory, load_inventory
 from p4seg.control import EXIT_OK, Compiled, session_of
 from p4seg.observe import Observers, sinks_of
+from p4seg.standby import BackupView
 from p4seg.up import MATRIX_FILE
 from p4seg.verbs import (
     HANDLERS,
@@ -159,6 +160,7 @@ class Operations:
         self._standby_due = 0.0  # when a standby reads etcd's state again (monotonic)
         self._warm_key: object = None  # the files a standby's build was last compiled from
         self.warmed: Warmed | None = None  # what that compile and proof gave (GET /v1/status)
+        self.backup_view: dict[str, BackupView] = {}  # a standby's streams (p4seg/standby.py)
         # The signals in force for GET /v1/status (p4seg/follower.py sets it); under the lock.
         self.active_signals: Callable[[], list[dict[str, object]]] = list
 
@@ -499,9 +501,13 @@ class Operations:
                         "compiled_sha256": record.get("compiled_sha256"),
                     }
         now = clock()
-        replication = {"role": "leader"} if self.replication is None else self.replication.status()
+        replication: dict[str, object] = (
+            {"role": "leader"} if self.replication is None else self.replication.status()
+        )
+        backups: dict[str, BackupView] = {}
         if replication.get("role") == "standby":  # what its takeover would start from
             replication["standby_build"] = None if self.warmed is None else self.warmed.to_json()
+            backups = dict(self.backup_view)
         return {
             **replication,
             "policy": str(self.args.policy),
@@ -512,6 +518,8 @@ class Operations:
                     **probes.get(sw.name, {"connection": "unknown"}),
                     "applied": applied.get(sw.name),
                     "tables_sha256": state.applied_tables.get(sw.name),
+                    "following": self.observers.following(sw.name),
+                    **({"backup": backups[sw.name].to_json()} if sw.name in backups else {}),
                 }
                 for sw in inventory.switches
             ],

@@ -27,11 +27,12 @@ from compiler.diagnostics import InventoryError
 from compiler.inventory import load_inventory
 from p4seg.api import Api, application, metrics_application
 from p4seg.api_auth import Access, AccessError, is_loopback, load_access, server_context
-from p4seg.control import EXIT_ERROR, EXIT_OK, options_of
+from p4seg.control import EXIT_ERROR, EXIT_OK, options_of, session_of
 from p4seg.follower import AlertLog, AlertSubscriber, Containment, Follower, controller_options
 from p4seg.observe import sinks_of
 from p4seg.operations import ApiError, Operations
 from p4seg.remote import hold, serving
+from p4seg.standby import BackupStreams
 from p4seg.verbs import Front, etcd_options
 from runtime.controller import ControllerOptions
 from runtime.etcdstore import EtcdOptions, Leadership, Replica, Role
@@ -145,6 +146,10 @@ class Service:
         self._following: list[asyncio.Task[None]] = []
         self._term_follower: asyncio.Task[None] | None = None  # --etcd: runs self.follower
         self._followed: int | None = None  # --etcd: the term followed (its create_revision)
+        # --etcd, while a standby: a backup stream per switch (p4seg/standby.py); its view
+        # is the operations' (GET /v1/status).
+        self.backups = BackupStreams(ops.backup_view)
+        self._standing: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -217,6 +222,24 @@ class Service:
         elector.on_change(lambda role, term: self._lead(options, term, role))
         if elector.role is Role.LEADER:
             self._lead(options, elector.fence(), Role.LEADER)
+        else:
+            self._stand_by(True)
+
+    def _stand_by(self, standing: bool) -> None:
+        """--etcd: hold the backup streams while a standby, end them when leading."""
+        if standing and self._standing is None:
+            self._standing = asyncio.create_task(self._backup_streams())
+        elif not standing and self._standing is not None:
+            self._standing.cancel()
+            self._standing = None
+            self.backups.view.clear()
+
+    async def _backup_streams(self) -> None:
+        while self.ops.last is None:  # the standby's first compile (p4seg/verbs.py warm)
+            await asyncio.sleep(float(self.ops.args.interval))
+        session = session_of("serve", self.ops.args, self.ops.last)
+        if session is not None:  # else reported: the applies say the same
+            await self.backups.run(session.switches, session.options.tls)
 
     def _lead(self, options: ControllerOptions, term: Leadership | None, role: Role) -> None:
         """--etcd, on every change of role: a term that ends (deposed, lease lost, resigned)
@@ -225,6 +248,7 @@ class Service:
         revision = term.create_revision if term is not None and role is Role.LEADER else None
         if self._stopping:
             revision = None
+        self._stand_by(role is Role.STANDBY and not self._stopping)
         if revision == self._followed:
             return
         self._followed = revision
@@ -268,7 +292,7 @@ class Service:
                     await task
         await asyncio.to_thread(self.ops.stop)  # the follower steps aside for its last apply
         self._stopping = True  # no new term is followed
-        following = [*self._following, *filter(None, [self._term_follower])]
+        following = [*self._following, *filter(None, [self._term_follower, self._standing])]
         for task in following:
             task.cancel()
         for task in following:

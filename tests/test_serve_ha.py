@@ -212,16 +212,34 @@ def test_a_standby_keeps_the_leaders_build_compiled_and_proven(
 ) -> None:
     """A standby compiles and proves what the leader applies, from etcd's state, after
     every change (p4seg/verbs.py `warm`): its build gives every switch the tables the
-    leader wrote, and its takeover proves nothing again (an earlier proof of its own)."""
+    leader wrote, and its takeover proves nothing again (an earlier proof of its own). Its
+    backup streams (p4seg/standby.py) see the leader as every switch's primary."""
     sw, inv, (a, b), cluster = floor
 
     def warm_matches() -> bool:
         build = b.served.status().get("standby_build")
         leader = {s["name"]: s["tables_sha256"] for s in a.served.status()["switches"]}
-        return bool(build) and build["proof"] is not None and build["tables_sha256"] == leader
+        if not isinstance(build, dict):
+            return False
+        return build["proof"] is not None and build["tables_sha256"] == leader
 
     assert wait_for(warm_matches, 30), b.served.status().get("standby_build")
     assert "standby_build" not in a.served.status()  # the leader's build is its applies'
+    # Its backup streams (no election id) see the leader's term as each switch's primary:
+    # its applies' id, or its follower's one below.
+    leading = {a.election_id(), a.election_id() - 1}
+
+    def backups_see_the_leader() -> bool:
+        entries = b.served.status()["switches"]
+        return all(
+            e.get("backup", {}).get("connected") and e["backup"]["primary_election_id"] in leading
+            for e in entries
+        )
+
+    assert wait_for(backups_see_the_leader, 30), b.served.status()["switches"]
+    assert all("backup" not in e for e in a.served.status()["switches"])
+    assert wait_for(lambda: all(e["following"] for e in a.served.status()["switches"]), 30)
+    assert not any(e["following"] for e in b.served.status()["switches"])
     before = b.served.status()["standby_build"]["tables_sha256"]
     code, doc = _quarantine(a, "h1")
     assert code == 200, doc
@@ -238,6 +256,8 @@ def test_a_standby_keeps_the_leaders_build_compiled_and_proven(
     turns = [r for r in _stored(cluster)[1] if r["event"] == "watch"]
     assert turns and turns[-1]["result"] == "ok", turns
     assert turns[-1]["proof"] == EARLIER, turns[-1]  # proven while it stood by
+    status = b.served.status()  # a leader: its backup streams are closed
+    assert "standby_build" not in status and all("backup" not in e for e in status["switches"])
 
 
 def test_bad_etcd_options_are_one_line_and_start_nothing(
