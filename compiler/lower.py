@@ -22,7 +22,6 @@ Incremental: given the previous compile, a switch whose inputs did not change is
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import hashlib
@@ -38,6 +37,7 @@ from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
 from compiler.memo import ByObject
 from compiler.model import Action, Policy
+from compiler.placement import placement
 from compiler.quarantine import (
     QUARANTINE_FIELD,
     QUARANTINE_KEY,
@@ -436,6 +436,14 @@ def _meaning(parts: tuple[object, ...]) -> str:
     return _digest(*parts)
 
 
+def _inventory_digest(inventory: Inventory) -> str:
+    return _digest(inventory.hosts, inventory.switches, inventory.links)
+
+
+# Per inventory object: its digest among the switches' inputs (a repr of 1,000 hosts).
+_INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(2)
+
+
 def _switch_inputs(
     policy: Policy,
     inventory: Inventory,
@@ -449,25 +457,16 @@ def _switch_inputs(
     keys and rate rank —, the default rule, and its quarantined hosts. The down spines are
     left out: they change routing only (`lower` makes it again, _rerouted)."""
     floor = _digest(
-        inventory.hosts,
-        inventory.switches,
-        inventory.links,
+        _INVENTORY_DIGESTS.get(inventory, _inventory_digest),
         remediation.intervals if remediation else None,
         any(r.log for r in policy.rules),  # a quarantine overlay logs its catch-all then
     )
     held = {h.ip: h.switch for h in inventory.hosts if h.ip in quarantined}
-    located = sorted((h.ip, h.switch) for h in inventory.hosts)
-    ips = [ip for ip, _ in located]
-    tors = sorted({sw for _, sw in located})
+    placed = placement(inventory)
     rate_rank = rate_ranks(policy.rules)
-    mine: dict[str, list[str]] = {t: [] for t in tors}
+    mine: dict[str, list[str]] = {t: [] for t in placed.tors}
     for r in policy.rules:
-        touched: set[str] = set()
-        for lo, hi in (*r.src.intervals, *r.dst.intervals):
-            for k in range(bisect.bisect_left(ips, lo), bisect.bisect_right(ips, hi)):
-                touched.add(located[k][1])
-                if len(touched) == len(tors):
-                    break
+        touched = placed.tors_of(r.src.intervals) | placed.tors_of(r.dst.intervals)
         if not touched:
             continue
         meaning = _meaning((

@@ -23,6 +23,7 @@ from finsy.proto import p4r
 from compiler.allocation import Allocation
 from compiler.emit import Build
 from compiler.inventory import Inventory
+from compiler.memo import also_forget
 from compiler.model import Policy
 from compiler.targets import TARGETS
 from p4seg.allocations import save_state_allocation
@@ -129,14 +130,41 @@ UNRECORDED = "(the rule of a policy applied before; its text was not recorded)"
 
 def applied_rules(state_dir: Path | None) -> dict[str, dict[int, str]]:
     """Per switch, the rule lines of the build last applied to it (for labelling entries
-    that a plan removes: they come from that policy, not from the new one)."""
+    that a plan removes: they come from that policy, not from the new one). Read again
+    only when the file changed (a long-running controller asks before every operation);
+    the per-switch dicts are shared: read only."""
     if state_dir is None:
         return {}
+    path = state_dir / APPLIED_RULES
     try:
-        doc = json.loads((state_dir / APPLIED_RULES).read_text())
-        return {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
+        mark = _mark(path)
+        found = _APPLIED_READ.get(str(path.resolve()))
+        if found is not None and found[0] == mark:
+            return dict(found[1])
+        doc = json.loads(path.read_text())
+        record = {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}  # no record (or a damaged one): removed entries are labelled as unknown
+    _remember_applied(path, mark, record)
+    return dict(record)
+
+
+def _mark(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size  # replaced atomically: a new inode
+
+
+def _remember_applied(
+    path: Path, mark: tuple[int, int, int], record: dict[str, dict[int, str]]
+) -> None:
+    if len(_APPLIED_READ) >= 16:
+        _APPLIED_READ.clear()
+    _APPLIED_READ[str(path.resolve())] = (mark, record)
+
+
+# applied-rules.json as last read or written, per file, with the file's mark then.
+_APPLIED_READ: dict[str, tuple[tuple[int, int, int], dict[str, dict[int, str]]]] = {}
+also_forget(_APPLIED_READ.clear)
 
 
 def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict[int, str]) -> None:
@@ -151,7 +179,9 @@ def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict
     # Compact: one switch's lines per rule of the floor (50,000 lines at 48 ToRs), and only
     # json's C encoder is fast enough for that (`indent` switches to its Python one).
     tmp.write_text(json.dumps(record, sort_keys=True))
-    tmp.replace(state_dir / APPLIED_RULES)
+    path = state_dir / APPLIED_RULES
+    tmp.replace(path)
+    _remember_applied(path, _mark(path), record)
 
 
 def _record_allocation(

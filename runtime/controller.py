@@ -432,7 +432,7 @@ async def apply_one(
                     report.plan = _unchanged(target, epoch)
                     return
                 if mark and known is not None and mark == known.digest:
-                    held = Held(list(known.entries.values()), epoch, known.clone, mark)
+                    held = Held.of(known, epoch, mark)
             if held is None:
                 report.in_full = True
                 held = await read_held(raw, target.device_id, tables)

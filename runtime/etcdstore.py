@@ -374,6 +374,12 @@ class Elector:
     def role(self) -> Role:
         return Role.LEADER if self._holding() is not None else Role.STANDBY
 
+    @property
+    def holds_until(self) -> float | None:
+        """Until when (time.monotonic) this controller may act as leader, unless a refresh
+        extends it; None when it does not lead."""
+        return self._deadline if self._term is not None else None
+
     def _holding(self) -> Leadership | None:
         if self._term is not None and time.monotonic() < self._deadline:
             return self._term

@@ -315,7 +315,7 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
         return dataclasses.replace(policy, rules=tuple(rules))
     cut = AddressSet.of((a, a) for a in addresses)
     remediation = remediation_of(policy)
-    carved = _quarantine(rules, cut, remediation)
+    carved = _quarantine(rules, cut, addresses, remediation)
     uncarved = tuple(
         (r.key, r.src, r.dst)
         for r, c in zip(rules, carved, strict=False)
@@ -356,14 +356,15 @@ def remediation_of(policy: Policy) -> AddressSet:
 
 
 def _quarantine(
-    rules: list[PolicyRule], cut: AddressSet, remediation: AddressSet
+    rules: list[PolicyRule], cut: AddressSet, addresses: list[int], remediation: AddressSet
 ) -> list[PolicyRule]:
-    """Every allow loses the quarantined hosts; only their flows with `remediation` that
-    the policy allowed come back, as rules after all others."""
+    """Every allow loses the quarantined hosts (`cut`: the set of `addresses`); only their
+    flows with `remediation` that the policy allowed come back, as rules after all others.
+    An allow naming none of them is kept as it is (most of them: a lookup per address)."""
     out: list[PolicyRule] = []
     extra: list[PolicyRule] = []
     for r in rules:
-        if r.action is not Action.ALLOW:
+        if r.action is not Action.ALLOW or not any(a in r.src or a in r.dst for a in addresses):
             out.append(r)
             continue
         out.append(dataclasses.replace(r, src=r.src.difference(cut), dst=r.dst.difference(cut)))

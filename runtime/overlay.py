@@ -81,7 +81,8 @@ def overlay_plan(
     otherwise."""
     if held.clone is None or held.clone != desired.clone:
         raise NotAnOverlay("the clone session")
-    for entry in held.entries:
+    # Held as a Desired (Held.of, its bytes known) holds wildcard-epoch entries only.
+    for entry in held.entries if held.serialized is None else ():
         if entry.table_id in tables.epoch_field and tables.split(entry)[1] is not None:
             raise NotAnOverlay("entries of an interrupted apply (pinned to an epoch)")
     pipeline = tables.pipeline

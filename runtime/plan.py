@@ -282,6 +282,19 @@ class Held:
     epoch: int = 0
     clone: p4r.CloneSessionEntry | None = None
     digest: bytes = b""  # the epoch default's metadata: the mark of what the switch holds
+    # Each entry's bytes, when known without encoding: held as a Desired (Held.of), whose
+    # entries are all wildcard-epoch ones.
+    serialized: list[bytes] | None = None
+
+    @classmethod
+    def of(cls, known: Desired, epoch: int, digest: bytes) -> Held:
+        """What a switch holds when its mark says it holds `known` (a long-running
+        controller's last build of it): its entries, with the bytes they were encoded to."""
+        entries, serialized = [], []
+        for data, key in known.encoded.items():
+            entries.append(known.entries[key])
+            serialized.append(data)
+        return cls(entries, epoch, known.clone, digest, serialized)
 
 
 @dataclass(slots=True)
@@ -307,9 +320,13 @@ class _Index:
 
 def _index(tables: Tables, held: Held, desired: Desired) -> _Index:
     index = _Index()
-    for entry in held.entries:
+    serialized = held.serialized
+    for i, entry in enumerate(held.entries):
         # Serialized entries first: a held entry equal to a desired one needs no splitting.
-        key = desired.encoded.get(entry.SerializeToString(deterministic=True))
+        data = (
+            serialized[i] if serialized is not None else entry.SerializeToString(deterministic=True)
+        )
+        key = desired.encoded.get(data)
         epoch = None
         if key is not None:
             index.exact.add(key)
