@@ -6,7 +6,7 @@ are plain values so that plans, diffs and golden files compare them exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compiler.diagnostics import Span
 
@@ -84,6 +84,18 @@ class TableEntry:
     rule_id: int | None = None  # the policy rule this entry implements, for traces and alerts
     role: str = ""  # why it exists: forward, reply, reverse-deny, default-log, host, uplink, ...
     meter: MeterConfig | None = None  # the direct meter's config (metered allows only)
+    # The hash, once computed: entries are the keys of every by-value memo (their JSON
+    # lines, encodings, digests) and of the sets a proof compares, and hashing the nested
+    # matches again each time cost more than the lookups.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h == 0:
+            h = hash((self.table, self.matches, self.action, self.params, self.priority,
+                      self.rule_id, self.role, self.meter)) or 1  # fmt: skip
+            object.__setattr__(self, "_hash", h)
+        return h
 
     def match(self, name: str) -> FieldMatch | None:
         return next((m for m in self.matches if m.field == name), None)
