@@ -75,6 +75,12 @@ def _call(url: str, method: str, path: str, body: object = None) -> tuple[int, d
         return 0, {}
 
 
+def _passes(sw: ReferenceSwitch, src: str, dst: str, dport: int) -> bool:
+    """Whether a TCP packet from `src` to `dst`:`dport` of the small site crosses `sw`."""
+    (sip, port), (dip, _) = HOSTS[src], HOSTS[dst]
+    return bool(sw.inject(port, bytes(Ether() / IP(src=sip, dst=dip) / TCP(dport=dport))))
+
+
 @dataclass
 class Floor:
     """Where the serves run: their policy and inventory arguments, the host the rounds
@@ -98,10 +104,8 @@ def one_switch(work: Path) -> Floor:
         f"hosts:\n{hosts}\n"
     )  # fmt: skip
     (work / "small.zt").write_text(POLICY)
-    (sip, in_port), (dip, _) = HOSTS["h1"], HOSTS["h3"]
-    frame = bytes(Ether() / IP(src=sip, dst=dip) / TCP(dport=8080))
-    return Floor(["small.zt", "-i", "small.yaml"], "h1", lambda: not sw.inject(in_port, frame),
-                 [sw])  # fmt: skip
+    return Floor(["small.zt", "-i", "small.yaml"], "h1",
+                 lambda: not _passes(sw, "h1", "h3", 8080), [sw])  # fmt: skip
 
 
 def trading(work: Path) -> Floor:

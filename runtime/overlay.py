@@ -81,8 +81,8 @@ def overlay_plan(
     otherwise."""
     if held.clone is None or held.clone != desired.clone:
         raise NotAnOverlay("the clone session")
-    # Held as a Desired (Held.of, its bytes known) holds wildcard-epoch entries only.
-    for entry in held.entries if held.serialized is None else ():
+    # Held as a Desired (Held.of): wildcard-epoch entries only, none in `entries`.
+    for entry in held.entries:
         if entry.table_id in tables.epoch_field and tables.split(entry)[1] is not None:
             raise NotAnOverlay("entries of an interrupted apply (pinned to an epoch)")
     pipeline = tables.pipeline

@@ -32,7 +32,7 @@ default entry instead of reading and planning every table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
 
 from finsy.proto import p4r
@@ -166,6 +166,37 @@ def _meter_bytes(entry: p4r.TableEntry) -> bytes:
     return data
 
 
+class Entries(Mapping[bytes, p4r.TableEntry]):
+    """A switch's entries by key, each message parsed from its bytes when first asked for:
+    a plan of a few changes (a quarantine overlay) reads a handful of a ToR's 3,000."""
+
+    __slots__ = ("_messages", "_raw")
+
+    def __init__(
+        self, raw: dict[bytes, bytes], messages: dict[bytes, p4r.TableEntry] | None = None
+    ) -> None:
+        self._raw = raw  # key -> the entry serialized
+        self._messages = messages if messages is not None else {}
+
+    def __getitem__(self, key: bytes) -> p4r.TableEntry:
+        msg = self._messages.get(key)
+        if msg is None:
+            msg = self._messages[key] = p4r.TableEntry.FromString(self._raw[key])
+        return msg
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def keys(self) -> KeysView[bytes]:
+        return self._raw.keys()
+
+
 class Desired:
     """What one switch must hold: wildcard-epoch entries, by key, and its clone session;
     `encoded`: each entry serialized (once) -> its key, so that a held entry equal to it is
@@ -182,15 +213,14 @@ class Desired:
     def __init__(
         self,
         switch: str,
-        entries: dict[bytes, p4r.TableEntry],
+        entries: Mapping[bytes, p4r.TableEntry],
         clone: p4r.CloneSessionEntry,
         encoded: dict[bytes, bytes] | None = None,
         digest: bytes = b"",
     ) -> None:
         self.switch, self.clone, self.digest = switch, clone, digest
         self._entries, self._encoded = entries, encoded if encoded is not None else {}
-        self._source: Callable[[], tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]] | None
-        self._source = None
+        self._source: Callable[[], tuple[Entries, dict[bytes, bytes]]] | None = None
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
@@ -212,7 +242,7 @@ class Desired:
             self._source = None
 
     @property
-    def entries(self) -> dict[bytes, p4r.TableEntry]:
+    def entries(self) -> Mapping[bytes, p4r.TableEntry]:
         self._made()
         return self._entries
 
@@ -232,11 +262,12 @@ _ENCODED_MAX = 400_000
 also_forget(_ENCODED.clear)
 
 
-def _encode(
-    tables: Tables, compiled: SwitchTables
-) -> tuple[dict[bytes, p4r.TableEntry], dict[bytes, bytes]]:
-    """The compiled entries as messages by key, and serialized -> key (each encoded once)."""
-    entries, encoded = {}, {}
+def _encode(tables: Tables, compiled: SwitchTables) -> tuple[Entries, dict[bytes, bytes]]:
+    """The compiled entries as messages by key (parsed when first asked for), and
+    serialized -> key (each encoded once)."""
+    raw: dict[bytes, bytes] = {}
+    made: dict[bytes, p4r.TableEntry] = {}
+    encoded: dict[bytes, bytes] = {}
     pipeline = tables.pipeline
     ids = (pipeline.name, pipeline.control, pipeline.tables, pipeline.actions)
     seen = _ENCODED.get(ids)
@@ -248,14 +279,13 @@ def _encode(
         if found is None:
             msg = table_entry_proto(pipeline, e)
             found = seen[e] = (msg.SerializeToString(deterministic=True), tables.split(msg)[0])
-        else:
-            msg = p4r.TableEntry.FromString(found[0])
+            made[found[1]] = msg
         serialized, key = found
-        entries[key] = msg
+        raw[key] = serialized
         encoded[serialized] = key
     # The only default the compiler sets is the epoch's, which the update protocol owns.
     assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
-    return entries, encoded
+    return Entries(raw, made), encoded
 
 
 def text_digest(text: str) -> bytes:
@@ -282,19 +312,15 @@ class Held:
     epoch: int = 0
     clone: p4r.CloneSessionEntry | None = None
     digest: bytes = b""  # the epoch default's metadata: the mark of what the switch holds
-    # Each entry's bytes, when known without encoding: held as a Desired (Held.of), whose
-    # entries are all wildcard-epoch ones.
-    serialized: list[bytes] | None = None
+    # Held as this Desired (Held.of): its entries, all wildcard-epoch ones, are its own
+    # (by their bytes, parsed only where they differ from a plan's); `entries` is empty.
+    known: Desired | None = None
 
     @classmethod
     def of(cls, known: Desired, epoch: int, digest: bytes) -> Held:
         """What a switch holds when its mark says it holds `known` (a long-running
-        controller's last build of it): its entries, with the bytes they were encoded to."""
-        entries, serialized = [], []
-        for data, key in known.encoded.items():
-            entries.append(known.entries[key])
-            serialized.append(data)
-        return cls(entries, epoch, known.clone, digest, serialized)
+        controller's last build of it)."""
+        return cls([], epoch, known.clone, digest, known)
 
 
 @dataclass(slots=True)
@@ -317,27 +343,36 @@ class _Index:
     plain: dict[bytes, p4r.TableEntry] = field(default_factory=dict)
     exact: set[bytes] = field(default_factory=set)
 
+    def add(self, tables: Tables, entry: p4r.TableEntry, key: bytes, epoch: int | None) -> None:
+        if entry.table_id not in tables.epoch_field:
+            self.plain[key] = entry
+        elif epoch is None:
+            self.copies.setdefault(key, _Copies()).wild = entry
+        else:
+            self.copies.setdefault(key, _Copies()).pinned[epoch] = entry
+
 
 def _index(tables: Tables, held: Held, desired: Desired) -> _Index:
     index = _Index()
-    serialized = held.serialized
-    for i, entry in enumerate(held.entries):
+    known = held.known
+    if known is not None:  # its bytes are at hand: an entry desired as it is needs no more
+        wanted = desired.encoded
+        for data, own in known.encoded.items():
+            key = wanted.get(data)
+            if key is not None:
+                index.exact.add(key)
+            else:
+                index.add(tables, known.entries[own], own, None)
+        return index
+    for entry in held.entries:
         # Serialized entries first: a held entry equal to a desired one needs no splitting.
-        data = (
-            serialized[i] if serialized is not None else entry.SerializeToString(deterministic=True)
-        )
-        key = desired.encoded.get(data)
+        key = desired.encoded.get(entry.SerializeToString(deterministic=True))
         epoch = None
         if key is not None:
             index.exact.add(key)
         else:
             key, epoch = tables.split(entry)
-        if entry.table_id not in tables.epoch_field:
-            index.plain[key] = entry
-        elif epoch is None:
-            index.copies.setdefault(key, _Copies()).wild = entry
-        else:
-            index.copies.setdefault(key, _Copies()).pinned[epoch] = entry
+        index.add(tables, entry, key, epoch)
     return index
 
 
