@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from compiler.diagnostics import P4segError, error
-from compiler.model import Policy
+from compiler.memo import ByObject, also_forget
+from compiler.model import Policy, PolicyRule
 from p4src.spec import TAG_BITS, TAG_FIELD_BITS
 
 FORMAT = "p4seg-allocation/1"
@@ -66,6 +67,11 @@ class Allocation:
         )
 
     def to_json(self) -> str:
+        """The allocation as JSON (allocation.json), made once per object: a build and the
+        controller's state both write it."""
+        return _JSON.get(self, Allocation._json)
+
+    def _json(self) -> str:
         # One line per rule and per switch side: readable, diffable, and only the C encoder
         # runs (`indent` switches json to its pure-Python one: seconds on a large floor).
         rules = ",\n".join(f"  {json.dumps(k)}: {v}" for k, v in sorted(self.rules.items()))
@@ -129,6 +135,9 @@ def _tag(value: object) -> Tag:
     )
 
 
+_JSON: ByObject[Allocation, str] = ByObject(4)
+
+
 def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, Allocation]:
     """Give every rule of `policy` its stable id, and the allocation that records them.
 
@@ -168,6 +177,27 @@ def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, All
             )
         ids[r.key] = candidate
         taken.add(candidate)
-    rules = tuple(dataclasses.replace(r, id=ids[r.key]) for r in policy.rules)
+    rules = tuple(_with_id(r, ids[r.key]) for r in policy.rules)
     out = Allocation(ids, frozenset(retired), allocation.tags)
     return dataclasses.replace(policy, rules=rules), out
+
+
+def _with_id(rule: PolicyRule, rule_id: int) -> PolicyRule:
+    """`rule` with its stable id: the same object when it has it, and the same copy for
+    the same rule object (a long-running controller's effective policies share most of
+    their rule objects, build after build)."""
+    if rule.id == rule_id:
+        return rule
+    found = _WITH_IDS.get(id(rule))
+    if found is not None and found[0] is rule and found[1].id == rule_id:
+        return found[1]
+    out = dataclasses.replace(rule, id=rule_id)
+    if len(_WITH_IDS) >= _WITH_IDS_MAX:
+        _WITH_IDS.clear()
+    _WITH_IDS[id(rule)] = (rule, out)  # holds `rule`: its id stays its own while remembered
+    return out
+
+
+_WITH_IDS: dict[int, tuple[PolicyRule, PolicyRule]] = {}
+_WITH_IDS_MAX = 100_000
+also_forget(_WITH_IDS.clear)

@@ -152,6 +152,8 @@ def settle_quarantine(allocation: Allocation, switch: str) -> Allocation:
     if side is None:
         return allocation
     retired = frozenset(t for t in side.retired if t[0] != QUARANTINE_FIELD)
+    if retired == side.retired:
+        return allocation  # nothing of a quarantine retired there
     tags = {**allocation.tags, (switch, "src"): SideTags(side.tags, retired, side.shared)}
     return Allocation(allocation.rules, allocation.retired_rules, tags)
 
