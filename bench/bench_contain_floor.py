@@ -27,10 +27,8 @@ from pathlib import Path
 
 from scapy.layers.inet import TCP
 
-from bench.bench_failover import ROOT, TOKEN, _call, _until
+from bench.bench_failover import ROOT, TOKEN, _call, _until, trading_floor
 from bench.bench_follow_etcd import Serves
-from compiler.inventory import load_inventory
-from runtime.refswitch.switch import ReferenceSwitch
 
 sys.path.insert(0, str(ROOT / "tests"))  # the hop-by-hop walk the overlay tests use
 
@@ -46,19 +44,8 @@ contain {SCANNER} after 3 denies within 1s for 1s
 
 
 def run(rounds: int) -> None:
-    inventory_path = ROOT / "topologies" / "trading_floor.yaml"
-    floor, _ = load_inventory(str(inventory_path))
     work = Path(tempfile.mkdtemp(prefix="p4seg-contain-floor-"))
-    switches: dict[str, ReferenceSwitch] = {}
-    text = inventory_path.read_text()
-    for s in floor.switches:
-        switches[s.name] = ReferenceSwitch(s.device_id)
-        port = switches[s.name].start("127.0.0.1:0")
-        text = text.replace(f'p4rt: "{s.p4rt}"', f'p4rt: "127.0.0.1:{port}"')
-    (work / "floor.yaml").write_text(text)
-    policy = (ROOT / "policies" / "trading_floor.zt").read_text()
-    policy = "\n".join(line for line in policy.splitlines() if not line.startswith("expect"))
-    (work / "floor.zt").write_text(policy.replace("default deny log", ADDED + "default deny log"))
+    floor, switches = trading_floor(work, ADDED)
     (work / "access.yaml").write_text(
         f"tokens:\n  - {{principal: soar, token: {TOKEN}, scopes: [operate]}}\n"
     )

@@ -39,7 +39,7 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from compiler.inventory import load_inventory
+from compiler.inventory import Inventory, load_inventory
 from runtime.refswitch.switch import ReferenceSwitch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,12 +108,10 @@ def one_switch(work: Path) -> Floor:
                  lambda: not _passes(sw, "h1", "h3", 8080), [sw])  # fmt: skip
 
 
-def trading(work: Path) -> Floor:
-    """topologies/trading_floor.yaml's 8 switches (in-process reference switches) and the
-    example policy; algo1 is quarantined, its flow to oms1 (tcp 9876, across racks) probed
-    hop by hop."""
-    from test_overlay import _delivered
-
+def trading_floor(work: Path, added: str = "") -> tuple[Inventory, dict[str, ReferenceSwitch]]:
+    """topologies/trading_floor.yaml's switches as in-process reference switches on loopback
+    ports, written to WORK/floor.yaml with those ports, and the example policy (its `expect`
+    lines dropped, `added` before its default) to WORK/floor.zt."""
     path = ROOT / "topologies" / "trading_floor.yaml"
     inventory, _ = load_inventory(str(path))
     text = path.read_text()
@@ -124,9 +122,17 @@ def trading(work: Path) -> Floor:
         text = text.replace(f'p4rt: "{s.p4rt}"', f'p4rt: "127.0.0.1:{port}"')
     (work / "floor.yaml").write_text(text)
     policy = (ROOT / "policies" / "trading_floor.zt").read_text()
-    (work / "floor.zt").write_text(
-        "\n".join(line for line in policy.splitlines() if not line.startswith("expect"))
-    )
+    policy = "\n".join(line for line in policy.splitlines() if not line.startswith("expect"))
+    (work / "floor.zt").write_text(policy.replace("default deny log", added + "default deny log"))
+    return inventory, switches
+
+
+def trading(work: Path) -> Floor:
+    """The trading floor (`trading_floor`); algo1 is quarantined, its flow to oms1 (tcp
+    9876, across racks) probed hop by hop."""
+    from test_overlay import _delivered
+
+    inventory, switches = trading_floor(work)
     flow = TCP(sport=40000, dport=9876, flags="S")
     return Floor(["floor.zt", "-i", "floor.yaml"], "algo1",
                  lambda: not _delivered(switches, inventory, "algo1", "oms1", flow),

@@ -9,6 +9,7 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 from finsy import P4Client
@@ -36,6 +37,16 @@ async def _until(check: Callable[[], bool], what: str) -> None:
     assert check(), what
 
 
+def _seen(backups: BackupStreams, switch: str, primary: int | None) -> Callable[[], bool]:
+    """Whether the backup stream to `switch` is up and names `primary` as its primary."""
+
+    def check() -> bool:
+        v = backups.view.get(switch)
+        return v is not None and v.connected and v.primary_election_id == primary
+
+    return check
+
+
 async def _controller(address: str, election_id: int) -> P4Client:
     """A stream arbitrated with `election_id` (entered; the caller closes it)."""
     client = P4Client(address, None, wait_for_ready=False)
@@ -53,13 +64,7 @@ def test_backup_streams_follow_the_primary_and_outlive_a_restart() -> None:
     address = f"127.0.0.1:{port}"
     target = Where("tor1", address, 1)
     backups = BackupStreams()
-
-    def seen(primary: int | None) -> Callable[[], bool]:
-        def check() -> bool:
-            v = backups.view.get("tor1")
-            return v is not None and v.connected and v.primary_election_id == primary
-
-        return check
+    seen = partial(_seen, backups, "tor1")
 
     async def main() -> None:
         nonlocal sw
@@ -105,13 +110,7 @@ def test_backup_streams_follow_the_primary_on_bmv2() -> None:
     switch, and names the controller that is."""
     assert SIMPLE_SWITCH is not None
     backups = BackupStreams()
-
-    def seen(primary: int | None) -> Callable[[], bool]:
-        def check() -> bool:
-            v = backups.view.get("s1")
-            return v is not None and v.connected and v.primary_election_id == primary
-
-        return check
+    seen = partial(_seen, backups, "s1")
 
     async def main(address: str) -> None:
         task = asyncio.ensure_future(backups.run([Where("s1", address, 1)], None))
