@@ -522,7 +522,9 @@ class Elector:
                     timeout = min(self.options.timeout, self._deadline - now)
                     pending[asyncio.ensure_future(self._refresh(term.lease, timeout))] = now
                     newest, next_at = now, now + RETRY_EVERY  # unless it answers before
-                wake = min(next_at, self._deadline) - now
+                # With IN_FLIGHT unanswered, wait for one of them (or the deadline): no spin.
+                due = next_at if len(pending) < IN_FLIGHT else self._deadline
+                wake = min(due, self._deadline) - now
                 done, _ = await asyncio.wait(
                     [lost, *pending], timeout=max(0.0, wake), return_when=asyncio.FIRST_COMPLETED
                 )
