@@ -12,7 +12,7 @@ from pathlib import Path
 
 from compiler.allocation import Allocation, AllocationError
 from compiler.memo import also_forget
-from runtime.files import write_atomic
+from runtime.files import Parsed, write_atomic
 
 STATE_FILE = "allocation.json"
 
@@ -21,26 +21,13 @@ def read_allocation(path: str | Path) -> Allocation:
     """The allocation in `path`; AllocationError (with the path) when it cannot be used.
     Parsed again only when the file changed (a long-running controller reads it before
     every operation; 1,000 rules' ids and tags take 10 ms to parse)."""
-    where = str(Path(path).resolve())
     try:
-        st = Path(path).stat()
-        mark = (st.st_ino, st.st_mtime_ns, st.st_size)  # replaced atomically: a new inode
-        found = _READ.get(where)
-        if found is not None and found[0] == mark:
-            return found[1]
-        text = Path(path).read_text(encoding="utf-8")
+        return _READ.get(Path(path), lambda text: Allocation.from_json(text, str(path)))
     except (OSError, UnicodeDecodeError) as err:
         raise AllocationError(f"{path}: cannot read the allocation ({err})") from None
-    allocation = Allocation.from_json(text, str(path))
-    if len(_READ) >= _READ_MAX:
-        _READ.clear()
-    _READ[where] = (mark, allocation)
-    return allocation
 
 
-# The allocation last parsed per file, with the file's (inode, mtime, size) then.
-_READ: dict[str, tuple[tuple[int, int, int], Allocation]] = {}
-_READ_MAX = 16
+_READ: Parsed[Allocation] = Parsed()
 also_forget(_READ.clear)
 
 
@@ -54,5 +41,4 @@ def save_state_allocation(state_dir: Path, allocation: Allocation) -> None:
     """Replace the controller's allocation atomically (and remember it as read back)."""
     path = state_dir / STATE_FILE
     write_atomic(path, allocation.to_json())
-    st = path.stat()
-    _READ[str(path.resolve())] = ((st.st_ino, st.st_mtime_ns, st.st_size), allocation)
+    _READ.remember(path, allocation)

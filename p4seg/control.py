@@ -40,6 +40,7 @@ from runtime.controller import (
 )
 from runtime.defaults import DEFAULT_BATCH
 from runtime.entities import describe_entry
+from runtime.files import Parsed
 from runtime.plan import Desired, Tables
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -135,36 +136,19 @@ def applied_rules(state_dir: Path | None) -> dict[str, dict[int, str]]:
     the per-switch dicts are shared: read only."""
     if state_dir is None:
         return {}
-    path = state_dir / APPLIED_RULES
     try:
-        mark = _mark(path)
-        found = _APPLIED_READ.get(str(path.resolve()))
-        if found is not None and found[0] == mark:
-            return dict(found[1])
-        doc = json.loads(path.read_text())
-        record = {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
+        return dict(_RULES_READ.get(state_dir / APPLIED_RULES, _parse_applied))
     except (OSError, ValueError, AttributeError, TypeError):
         return {}  # no record (or a damaged one): removed entries are labelled as unknown
-    _remember_applied(path, mark, record)
-    return dict(record)
 
 
-def _mark(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns, st.st_size  # replaced atomically: a new inode
+def _parse_applied(text: str) -> dict[str, dict[int, str]]:
+    doc = json.loads(text)
+    return {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
 
 
-def _remember_applied(
-    path: Path, mark: tuple[int, int, int], record: dict[str, dict[int, str]]
-) -> None:
-    if len(_APPLIED_READ) >= 16:
-        _APPLIED_READ.clear()
-    _APPLIED_READ[str(path.resolve())] = (mark, record)
-
-
-# applied-rules.json as last read or written, per file, with the file's mark then.
-_APPLIED_READ: dict[str, tuple[tuple[int, int, int], dict[str, dict[int, str]]]] = {}
-also_forget(_APPLIED_READ.clear)
+_RULES_READ: Parsed[dict[str, dict[int, str]]] = Parsed()  # applied-rules.json, as last read
+also_forget(_RULES_READ.clear)
 
 
 def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict[int, str]) -> None:
@@ -181,7 +165,7 @@ def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict
     tmp.write_text(json.dumps(record, sort_keys=True))
     path = state_dir / APPLIED_RULES
     tmp.replace(path)
-    _remember_applied(path, _mark(path), record)
+    _RULES_READ.remember(path, record)
 
 
 def _record_allocation(

@@ -51,7 +51,6 @@ from finsy.proto import U128, p4r, rpc_code
 from p4seg import verbs
 from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of, session_of
 from p4seg.operations import ApiError, Operations, Outcome
-from p4seg.operations import file_stat as _stat
 from runtime import audit
 from runtime.alerts import Alert, RateLimiter, alert_of
 from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, session_options
@@ -66,6 +65,7 @@ from runtime.engine import (
     WouldContain,
     decision_json,
 )
+from runtime.files import file_mark as _stat
 
 ENGINE_PRINCIPAL = "p4seg-engine"  # the audit actor of what the engine decides
 ALERTS_FILE = "alerts.jsonl"

@@ -48,6 +48,7 @@ from p4seg.verbs import (
 )
 from p4seg.webmap import MAX_ALERTS, MapLive, map_document
 from runtime import audit, grpc_loops
+from runtime.files import file_mark
 from runtime.live import STATE_FILE, LiveState
 from runtime.siem import SyslogSink
 from runtime.store import NotLeader, StoreError, StoreUnavailable
@@ -285,7 +286,7 @@ class Operations:
 
         files = [self.state_dir / f for f in SHARED_FILES]
         key = tuple(
-            file_stat(f) for f in (*files, Path(self.args.policy), Path(self.args.inventory))
+            file_mark(f) for f in (*files, Path(self.args.policy), Path(self.args.inventory))
         )
         if key == self._warm_key:
             return
@@ -569,15 +570,6 @@ class Operations:
 
         results = grpc_loops.run(every())
         return {t.name: r for t, r in zip(session.switches, results, strict=True)}
-
-
-def file_stat(path: Path) -> tuple[int, int, int] | None:
-    """A file's (inode, mtime, size), None when it cannot be read: a cheap mark of change."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size  # the inode: files are replaced atomically
 
 
 def _iso(moment: float) -> str:
