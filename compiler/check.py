@@ -9,14 +9,14 @@ and `expect` lines, each evaluated exactly over every concrete flow it names
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compiler.addresses import AddressSet, format_ipv4
 from compiler.diagnostics import Diagnostic, Note, P4segError, error, warning
 from compiler.inventory import Inventory
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, format_ports
 from compiler.parse import parse
-from compiler.resolve import resolve
+from compiler.resolve import Resolved, resolve
 from compiler.semantics import PolicySemantics
 
 
@@ -24,6 +24,8 @@ from compiler.semantics import PolicySemantics
 class CheckResult:
     policy: Policy | None  # None when the policy has errors
     diagnostics: tuple[Diagnostic, ...]
+    # The resolution, for rules appended later (check_appended)
+    resolved: Resolved | None = field(default=None, repr=False, compare=False)
 
     @property
     def errors(self) -> int:
@@ -53,7 +55,17 @@ def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> 
         hurt = [a for a in allows if a.id not in never_allow]  # W001 says more about those
         if hurt:
             diags.append(_denied_replies(deny, hurt))
-    for expect in policy.expects if expectations else ():
+    if expectations:
+        diags += expectation_errors(policy, semantics, names)
+    return diags
+
+
+def expectation_errors(
+    policy: Policy, semantics: PolicySemantics, names: dict[int, str]
+) -> list[Diagnostic]:
+    """E401 for every `expect` line of `policy` its semantics do not bear out."""
+    diags: list[Diagnostic] = []
+    for expect in policy.expects:
         failure = semantics.expectation_failure(expect)
         if failure is None:
             continue
@@ -129,4 +141,29 @@ def check_policy(
         if collecting:
             gc.enable()
     policy = None if any(d.is_error for d in diags) else resolved.policy
-    return CheckResult(policy, tuple(sorted(diags, key=Diagnostic.sort_key)))
+    return CheckResult(policy, tuple(sorted(diags, key=Diagnostic.sort_key)), resolved)
+
+
+def check_appended(
+    checked: CheckResult, text: str, appended: str, file: str, inventory: Inventory
+) -> CheckResult:
+    """check_policy(appended) when `appended` is `text` followed by named rules (live
+    grants, runtime/live.py) and `text` was checked already (`checked`, without errors):
+    the added rules are resolved against the checked policy's services, and its
+    `expect` lines judged again with them; nothing of `text` is parsed or resolved again.
+    The diagnostics are the errors of the whole (the file's warnings are `checked`'s)."""
+    assert checked.policy is not None and checked.resolved is not None
+    head = len(text.rstrip("\n"))
+    assert appended.startswith(text[:head])
+    lines = "\n" * appended.count("\n", 0, head) + appended[head:]  # the same line numbers
+    try:
+        policy = checked.resolved.appended(parse(lines, file))
+    except P4segError as exc:
+        return CheckResult(None, exc.diagnostics)
+    if policy is None:  # not named rules alone: as the whole text says
+        whole = check_policy(appended, file, inventory)
+        return CheckResult(whole.policy, tuple(d for d in whole.diagnostics if d.is_error))
+    names = {h.ip: h.name for h in inventory.hosts}
+    semantics = PolicySemantics(policy, pinned=names)
+    errors = expectation_errors(policy, semantics, names)
+    return CheckResult(None if errors else policy, tuple(sorted(errors, key=Diagnostic.sort_key)))

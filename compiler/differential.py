@@ -17,9 +17,16 @@ So the scope is, per sender, a set of destination address classes:
   left out: over-approximated); identities are looked up in the new tables, and wherever an
   identity entry changed on that switch its addresses are in scope whole (below), so for
   every other address the old identity is the new one;
-- a changed `src_identity` entry: every sender in its prefix x every class (and those
-  hosts' spoofing is proven again); a changed `dst_identity` or `routing` entry: every
-  sender x the classes meeting its prefix.
+- an identity entry whose tags alone changed (the same match, action and priority: a
+  grant or a new rule gave its addresses a tag): only a `policy` entry of that switch that
+  matches one of its two tag vectors and not the other can judge its addresses otherwise,
+  so for `src_identity` the senders in its prefix x the classes meeting such an entry's
+  `dst_tags`, for `dst_identity` the senders meeting its `src_tags` x the classes meeting
+  the prefix; a changed `policy` entry's sides are then read off both tag vectors. Which
+  sources a port accepts is the same (spoofing is not proven again);
+- any other changed `src_identity` entry: every sender in its prefix x every class (and
+  those hosts' spoofing is proven again); a changed `dst_identity` or `routing` entry:
+  every sender x the classes meeting its prefix.
 Anything else (the inventory, a switch added or removed, a default action, a table this
 module does not know): None — prove everything.
 """
@@ -80,6 +87,43 @@ def changed_entries(old: SwitchTables, new: SwitchTables) -> list[TableEntry] | 
     if (old.role, old.device_id, old.defaults) != (new.role, new.device_id, new.defaults):
         return None
     return list(set(old.entries) ^ set(new.entries))
+
+
+@dataclass(frozen=True, slots=True)
+class Retag:
+    """An identity entry whose tags alone changed: its table, the addresses its prefix
+    covers, its tag vector before and after."""
+
+    table: str
+    interval: tuple[int, int]
+    old: int
+    new: int
+
+    def differs(self, m: FieldMatch | None) -> bool:
+        """Whether a `policy` match on this side matches one tag vector and not the other."""
+        if m is None or not m.arg & (self.old ^ self.new):
+            return False
+        return m.covers(self.old) != m.covers(self.new)
+
+
+def retags(old: SwitchTables, changed: list[TableEntry]) -> tuple[list[Retag], list[TableEntry]]:
+    """A switch's changed entries (`changed_entries`, `old` its tables before) split into
+    the identity entries whose tags alone changed and every other change."""
+    before = _entry_set(old)
+    removed = {_without_tags(e): e for e in changed if e.table in _IDENTITY_FIELD and e in before}
+    out: list[Retag] = []
+    rest: list[TableEntry] = []
+    for e in changed:
+        if e.table in _IDENTITY_FIELD:
+            if e in before:
+                continue  # removed: paired with its new version below, or kept as a change
+            was = removed.pop(_without_tags(e), None)
+            if was is not None:
+                where = prefix_interval(e.match(_IDENTITY_FIELD[e.table]))
+                out.append(Retag(e.table, where, _tags(was), _tags(e)))
+                continue
+        rest.append(e)
+    return out, rest + list(removed.values())
 
 
 class ScopeBuilder:

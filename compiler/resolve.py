@@ -8,9 +8,11 @@ carries them all and no policy is produced.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -101,10 +103,46 @@ def parse_duration(text: str) -> int | str:
     return seconds
 
 
+_APPENDING = threading.Lock()
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     policy: Policy
     warnings: tuple[Diagnostic, ...]
+    _resolver: _Resolver | None = field(default=None, repr=False, compare=False)
+
+    def appended(self, tree: ast.PolicyFile) -> Policy | None:
+        """The policy with the rules of `tree` after its own, as if its statements were
+        appended to the file (live grants): resolved against the file's services and port
+        sets, numbered on, keyed by their names; PolicyError when one does not resolve.
+        None when `tree` holds anything but rules with names the file does not use: check
+        the whole text then."""
+        resolver = self._resolver
+        assert resolver is not None
+        stmts = [s for s in tree.statements if isinstance(s, ast.Rule)]
+        names = [_rule_name(s) for s in stmts]
+        taken = {r.name for r in self.policy.rules}
+        if len(stmts) != len(tree.statements) or None in names or len(set(names)) < len(names):
+            return None
+        if taken.intersection(names) or any(_rule_name_problem(n) for n in names if n):
+            return None
+        with _APPENDING:  # the resolver's lists are shared by every caller
+            kept = resolver.warnings
+            resolver.diags, resolver.warnings = [], []
+            try:
+                first = len(self.policy.rules) + 1
+                rules = [resolver.rule(stmt, first + i) for i, stmt in enumerate(stmts)]
+                if resolver.diags:
+                    raise PolicyError(resolver.diags)
+            finally:
+                resolver.warnings = kept
+        added = tuple(dataclasses.replace(r, key=r.name or "") for r in rules if r is not None)
+        return dataclasses.replace(self.policy, rules=self.policy.rules + added)
+
+
+def _rule_name(stmt: ast.Rule) -> str | None:
+    return next((o.name.text for o in stmt.options if isinstance(o, ast.NameOption)), None)
 
 
 @dataclass
@@ -1108,4 +1146,4 @@ def resolve(tree: ast.PolicyFile, inventory: Inventory | None = None) -> Resolve
     warnings = resolver.warnings + resolver.unused_services()
     if resolver.diags:
         raise PolicyError(resolver.diags + warnings)
-    return Resolved(policy, tuple(warnings))
+    return Resolved(policy, tuple(warnings), resolver)

@@ -59,6 +59,7 @@ from compiler.differential import (
     changed_rules,
     changed_tables,
     prefix_interval,
+    retags,
     same_inventory,
 )
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
@@ -791,7 +792,7 @@ class Verifier:
             for rule in changed_rules(old_policy.uncarved(), self.policy.uncarved()):
                 scope.rule(rule)
         for name, entries in changed.items():
-            self._entries_scope(name, entries, scope)
+            self._entries_scope(name, entries, scope, old_switches[name])
         return scope.scope()
 
     def quarantine_scope(self, host: Host, overlay: Iterable[TableEntry]) -> PairScope:
@@ -812,11 +813,20 @@ class Verifier:
         scope.spoof.add(host.ip)
         return scope.scope()
 
-    def _entries_scope(self, switch: str, entries: list[TableEntry], scope: ScopeBuilder) -> None:
-        """Add the pairs that can meet these changed entries of `switch`. A policy entry's
-        senders and destinations are read off the identity entries whose tags it matches
-        (every prefix such an entry covers: a superset of the addresses whose lookup ends
-        there), not looked up address by address."""
+    def _entries_scope(
+        self,
+        switch: str,
+        entries: list[TableEntry],
+        scope: ScopeBuilder,
+        old: SwitchTables | None = None,
+    ) -> None:
+        """Add the pairs that can meet these changed entries of `switch` (`old`: its tables
+        before, when known: identity entries whose tags alone changed are then scoped by
+        the `policy` entries that tell their two vectors apart). A policy entry's senders
+        and destinations are read off the identity entries whose tags it matches (every
+        prefix such an entry covers: a superset of the addresses whose lookup ends there),
+        not looked up address by address."""
+        retagged, entries = retags(old, entries) if old is not None else ([], entries)
         policy = [e for e in entries if e.table == "policy"]
         for e in entries:
             if e.table == "src_identity":
@@ -824,22 +834,36 @@ class Verifier:
                 scope.spoof |= {h.ip for h in self.inventory.hosts if h.switch == switch}
             elif e.table in ("dst_identity", "routing"):
                 scope.add(None, scope.classes([prefix_interval(e.match("dst_addr"))]))
-        if not policy:
+        if not policy and not retagged:
             return
         tables = self.fabric.switches[switch].by_table
         sources = _tagged(tables.get("src_identity", []), "set_src_tags", "src_addr")
         destinations = _tagged(tables.get("dst_identity", []), "set_dst_tags", "dst_addr")
+        for r in retagged:  # a changed policy entry may have met the old vector
+            (sources if r.table == "src_identity" else destinations).append((r.old, r.interval))
+
+        def who(src: FieldMatch | None) -> list[Host] | None:
+            if src is None:
+                return None
+            return scope.senders(iv for tags, iv in sources if src.covers(tags))
+
+        def where(dst: FieldMatch | None) -> int:
+            if dst is None or dst.covers(NO_TAGS):  # a miss sets no tags: every address can
+                return scope.full
+            return scope.classes(iv for tags, iv in destinations if dst.covers(tags))
+
         for e in policy:
+            scope.add(who(e.match("src_tags")), where(e.match("dst_tags")))
+        if not retagged:
+            return
+        # (a retag keeps which sources a port accepts: their spoofing stands as proven)
+        for e in tables.get("policy", []):
             src, dst = e.match("src_tags"), e.match("dst_tags")
-            who = None
-            if src is not None:
-                who = scope.senders(iv for tags, iv in sources if src.covers(tags))
-            mask = scope.full
-            if dst is not None:
-                mask = scope.classes(iv for tags, iv in destinations if dst.covers(tags))
-                if dst.covers(NO_TAGS):  # a miss sets no tags: every address can
-                    mask = scope.full
-            scope.add(who, mask)
+            for r in retagged:
+                if r.table == "src_identity" and r.differs(src):
+                    scope.add(scope.senders([r.interval]), where(dst))
+                elif r.table == "dst_identity" and r.differs(dst):
+                    scope.add(who(src), scope.classes([r.interval]))
 
     def _rule_set(self, atom: int) -> tuple[int, int]:
         """The rules an address atom is a source of, and a destination of (as bit masks)."""

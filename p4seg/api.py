@@ -35,17 +35,12 @@ from p4seg.operations import (
 )
 from p4seg.verbs import clock
 from p4seg.webmap import page
+from runtime.live import GRANT_ENDPOINT, GRANT_PROTOCOLS
 
 if TYPE_CHECKING:
     from p4seg.follower import Containment
 
-PROTOCOLS = ("tcp", "udp", "icmp", "ip")
 _PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
-# One endpoint of a grant: a name or an address/prefix, as compiler/grammar.lark spells them
-# (a grant's sides become policy text: nothing else may reach it).
-_ENDPOINT = re.compile(
-    r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?)$"
-)
 
 
 Handler = Callable[["Api", web.Request, Principal], Awaitable[web.StreamResponse]]
@@ -225,11 +220,11 @@ class Api:
     async def grant(self, request: web.Request, who: Principal) -> web.StreamResponse:
         doc = await _body(request, GRANT_BODY)
         for side in ("src", "dst"):
-            if not _ENDPOINT.match(doc[side]):
+            if not GRANT_ENDPOINT.match(doc[side]):
                 raise ApiError(400, "bad_value", f"{side} must be one service, host name, "
                                "address or prefix (e.g. algo, algo1, 10.0.1.0/24)")  # fmt: skip
-        if doc["proto"] not in PROTOCOLS:
-            raise ApiError(400, "bad_value", f"proto must be one of {', '.join(PROTOCOLS)}")
+        if doc["proto"] not in GRANT_PROTOCOLS:
+            raise ApiError(400, "bad_value", f"proto must be one of {', '.join(GRANT_PROTOCOLS)}")
         ports = doc.get("ports", "")
         if ports and not _PORTS.match(ports):
             raise ApiError(400, "bad_value", "ports must be a port or a range (5432, 8000-8080)")

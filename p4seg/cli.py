@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compiler.check import CheckResult, check_policy
+from compiler.check import CheckResult, check_appended, check_policy
 from compiler.diagnostics import (
     Diagnostic,
     InventoryError,
@@ -565,7 +565,7 @@ class _Parsed:
 
     def __init__(self) -> None:
         self._inventories: dict[str, tuple[str, Inventory]] = {}
-        self._checks: dict[str, tuple[str, Inventory, CheckResult]] = {}
+        self._checks: dict[tuple[str, str], tuple[str, Inventory, CheckResult]] = {}
         self._lock = threading.Lock()  # serve's worker thread and `up`'s live verbs
 
     def inventory(self, path: str) -> tuple[Inventory, str]:
@@ -588,15 +588,35 @@ class _Parsed:
             self._inventories.clear()
             self._checks.clear()
 
-    def check(self, text: str, path: str, inventory: Inventory) -> CheckResult:
-        """check_policy, run again only when the text or the inventory changed."""
+    def check(
+        self, text: str, path: str, inventory: Inventory, file_text: str | None = None
+    ) -> CheckResult:
+        """check_policy, run again only when the text or the inventory changed. `text` may
+        be `file_text` (the policy file's) with live grants appended: then the file's own
+        check is the one kept, and the grants are resolved against it (check_appended)."""
+        if file_text is not None and text != file_text:
+            checked = self.check(file_text, path, inventory)
+            if checked.policy is not None and checked.resolved is not None:
+                return self._checked((path, "+"), text, inventory,
+                                     lambda: check_appended(checked, file_text, text, path,
+                                                            inventory))  # fmt: skip
+        return self._checked((path, ""), text, inventory,
+                             lambda: check_policy(text, path, inventory))  # fmt: skip
+
+    def _checked(
+        self,
+        key: tuple[str, str],
+        text: str,
+        inventory: Inventory,
+        run: Callable[[], CheckResult],
+    ) -> CheckResult:
         with self._lock:
-            found = self._checks.get(path)
+            found = self._checks.get(key)
         if found is not None and found[0] == text and found[1] is inventory:
             return found[2]
-        result = check_policy(text, path, inventory)
+        result = run()
         with self._lock:
-            self._checks[path] = (text, inventory, result)
+            self._checks[key] = (text, inventory, result)
         return result
 
 
@@ -649,7 +669,7 @@ def _front(
     inventory, file_text = loaded
     compiled_text = text_transform(file_text)
     sources.add(args.policy, compiled_text)
-    result = _PARSED.check(compiled_text, args.policy, inventory)
+    result = _PARSED.check(compiled_text, args.policy, inventory, file_text)
     errors = [d for d in result.diagnostics if d.severity.value == "error"]
     if errors:
         _report(errors, sources, args.error_format)

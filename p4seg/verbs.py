@@ -459,7 +459,11 @@ def cmd_grant(args: argparse.Namespace, front: Front) -> int:
         return EXIT_ERROR
     moment = clock()
     op = GrantFlow(args.src, args.dst, args.proto, args.ports, seconds, actor())
-    done = operate(state, op, moment)
+    try:
+        done = operate(state, op, moment)
+    except OperationError as err:
+        print(f"p4seg grant: error: {err}; nothing written", file=sys.stderr)
+        return EXIT_ERROR
     grant = done.grant
     assert grant is not None
     refused = _grant_effect(args, done.state, moment)
@@ -489,7 +493,8 @@ def _grant_effect(
         text = Path(args.policy).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, InventoryError):
         return None
-    result = parsed().check(policy_text_with_grants(text, state, moment), args.policy, inventory)
+    granted = policy_text_with_grants(text, state, moment)
+    result = parsed().check(granted, args.policy, inventory, text)
     if result.policy is None:
         return None
     hosts = {h.name: h.ip for h in inventory.hosts}

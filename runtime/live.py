@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,34 @@ class OperationError(Exception):
     """An operation that does not apply to the live state (nothing changed)."""
 
 
+# One side of a grant: a name or an address/prefix, as compiler/grammar.lark spells them
+# (a grant's sides become policy text: nothing else may reach it).
+GRANT_ENDPOINT = re.compile(
+    r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?)$"
+)
+GRANT_PROTOCOLS = ("tcp", "udp", "icmp", "ip")
+# Ports as the policy writes them after a protocol, on one line: no comment, no statement.
+_GRANT_PORTS = re.compile(r"^[A-Za-z0-9 ,-]*$")
+
+
+class InvalidGrant(OperationError):
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+
+
+def grant_problem(op: GrantFlow) -> str | None:
+    """Why a grant's fields cannot be one rule of policy text, or None."""
+    for side, value in (("SRC", op.src), ("DST", op.dst)):
+        if not GRANT_ENDPOINT.match(value):
+            return (f"{side} {value!r} must be one service, host name, address or prefix "
+                    "(e.g. algo, algo1, 10.0.1.0/24)")  # fmt: skip
+    if op.proto not in GRANT_PROTOCOLS:
+        return f"PROTO must be one of {', '.join(GRANT_PROTOCOLS)}, not {op.proto!r}"
+    if not _GRANT_PORTS.match(op.ports):
+        return f"PORTS {op.ports!r} must be ports as the policy writes them (5432, 8000-8080)"
+    return None
+
+
 class UnknownGrant(OperationError):
     def __init__(self, grant_id: str, grants: list[Grant]) -> None:
         known = ", ".join(f"{g.id} ({g.line()})" for g in grants) or "none"
@@ -245,6 +274,9 @@ def operate(state: LiveState, op: Operation, now: float) -> Operated:
     after = copy.deepcopy(state)  # every field, the engine's holds too
     match op:
         case GrantFlow():
+            problem = grant_problem(op)
+            if problem is not None:
+                raise InvalidGrant(problem)
             grant = after.add_grant(op.src, op.dst, op.proto, op.ports, op.seconds, now, op.actor)
             event = {"grant": grant.id, "rule": grant.line(), "seconds": op.seconds}
             return Operated(after, event, grant)

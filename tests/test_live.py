@@ -230,3 +230,74 @@ def test_a_grant_that_ran_out_unnoticed_is_due_now(floor_policy: Policy) -> None
     state.prune(1005.0)  # the apply that removes it prunes it: then only the window is due
     after = next_change(floor_policy, state, 1005.0)
     assert after is not None and after > 1005.0
+
+
+def _appended(text: str, state: LiveState, now: float, floor: Inventory) -> tuple[object, object]:
+    """The check of the policy with its grants, whole and appended to the file's check."""
+    from compiler.check import check_appended
+
+    granted = policy_text_with_grants(text, state, now)
+    checked = check_policy(text, "p.zt", floor)
+    return check_policy(granted, "p.zt", floor), check_appended(
+        checked, text, granted, "p.zt", floor
+    )
+
+
+def test_grants_appended_to_a_checked_policy_are_the_grants_of_a_whole_check(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """A long-running controller resolves grants against the file's check instead of
+    checking the file with its grants again: the same rules, ids, keys and spans."""
+    state = LiveState()
+    state.add_grant("algo1", "settle2", "tcp", "6001", 3600, 1000.0, "op")
+    state.add_grant("dev", "10.0.1.5", "udp", "7000-7010", 3600, 1000.0, "op")
+    state.add_grant("ops_jump", "risk", "icmp", "", 3600, 1000.0, "op")
+    whole, appended = _appended(floor_policy_text, state, 1100.0, floor)
+    assert whole.policy is not None and appended.policy is not None
+    assert appended.policy.rules == whole.policy.rules
+    assert appended.policy.rules[-1].key == f"grant_{state.grants[-1].id}"
+    assert [r.span for r in appended.policy.rules] == [r.span for r in whole.policy.rules]
+    assert appended.diagnostics == ()
+
+
+def test_a_grant_that_breaks_an_expectation_or_names_nothing_fails_as_in_a_whole_check(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    expects = [line for line in floor_policy_text.splitlines() if line.startswith("expect")]
+    assert any("denied" in line for line in expects)
+    for src, dst, proto, ports in (("algo1", "risk1", "tcp", "8443"),  # an `expect` says denied
+                                   ("nohost", "algo1", "tcp", "1")):  # fmt: skip
+        state = LiveState()
+        state.add_grant(src, dst, proto, ports, 3600, 1000.0, "op")
+        whole, appended = _appended(floor_policy_text, state, 1100.0, floor)
+        assert whole.policy is None and appended.policy is None
+        errors = [(d.code, d.span) for d in whole.diagnostics if d.is_error]
+        assert errors and [(d.code, d.span) for d in appended.diagnostics] == errors
+
+
+def test_grant_text_holding_more_than_its_rule_gets_the_rules_of_a_whole_check(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """Grant text with another rule in it (operate refuses such a grant; a live.json
+    written by hand may hold one): the same rules as the whole text's check — an unnamed
+    rule is not resolved against the file's check, the whole text is checked as it reads."""
+    for src in ("algo1 -> settle2 tcp 1\nallow dev", "algo1 -> settle2 tcp 1 name x\nallow dev"):
+        state = LiveState()
+        state.add_grant(src, "settle2", "tcp", "6001", 3600, 1000.0, "op")
+        whole, appended = _appended(floor_policy_text, state, 1100.0, floor)
+        assert list(appended.diagnostics) == [d for d in whole.diagnostics if d.is_error]
+        assert whole.policy is not None and appended.policy is not None
+        assert appended.policy.rules == whole.policy.rules
+        assert len(whole.policy.rules) == len(_policy(floor_policy_text, floor).rules) + 2
+
+
+def test_a_grant_whose_sides_are_not_one_endpoint_is_refused() -> None:
+    from runtime.live import GrantFlow, InvalidGrant, operate
+
+    state = LiveState()
+    for src, ports in (("algo1 -> settle2 tcp 1\nallow dev", "6001"), ("algo1", "6001 # x")):
+        with pytest.raises(InvalidGrant):
+            operate(state, GrantFlow(src, "settle2", "tcp", ports, 60, "op"), 1000.0)
+    assert state.grants == []
+    done = operate(state, GrantFlow("algo1", "10.0.1.0/24", "icmp", "echo-request", 60, "op"), 0)
+    assert done.grant is not None

@@ -171,3 +171,42 @@ def test_a_proof_over_what_earlier_proofs_derived_equals_a_cold_one(
         cold = verify(policy, floor, corrupted)
         assert _found(warm) == _found(cold) and warm.proven == cold.proven
         verify(policy, floor, switches)  # warm again for the next one
+
+
+def test_a_host_to_host_grant_is_proven_on_its_own_pairs(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """A grant between two hosts gives each of them a tag (their identity entries change in
+    their tags alone, on every ToR): only the `policy` entries that tell the old vector
+    from the new one can judge them otherwise, so the proof walks the grant's own pairs,
+    not every pair of the two hosts — and still finds what the full proof finds."""
+    p0 = check_policy(floor_policy_text, "floor.zt", floor, expectations=False).policy
+    assert p0 is not None
+    first = build(p0, floor, floor_policy_text, "ref")
+    b0 = {sw.switch: sw for sw in first.switches}
+    text = floor_policy_text + "\nallow algo1 -> settle2 tcp 6001 name grant_1\n"
+    p1 = check_policy(text, "floor.zt", floor, expectations=False).policy
+    assert p1 is not None
+    granted = build(p1, floor, text, "ref", allocation=first.allocation)
+    b1 = {sw.switch: sw for sw in granted.switches}
+    retagged = {
+        (name, e.table)
+        for name, sw in b1.items()
+        for e in set(sw.entries) - set(b0[name].entries)
+        if e.table in ("src_identity", "dst_identity")
+    }
+    assert retagged  # the two hosts carry a new tag
+    full = verify(p1, floor, b1)
+    part = verify(p1, floor, b1, previous=(p0, floor, b0))
+    assert full.proven and part.proven
+    # The grant's flow forward and back, and every sender to settle2, whose dst_identity
+    # entry on tor-alg is new (a miss before, so not a change of tags alone): 20 pairs,
+    # where a whole change of the two hosts' identity entries put 158 in scope.
+    assert part.pairs is not None and 0 < part.pairs <= len(floor.hosts) + 2
+    shifted = 0
+    for corrupted in corruptions(b1, seed=3, count=60):
+        assert _found(verify(p1, floor, corrupted, previous=(p0, floor, b0))) == _found(
+            verify(p1, floor, corrupted)
+        )
+        shifted += any(corrupted[n] is not b1[n] for n in corrupted)
+    assert shifted == 60
