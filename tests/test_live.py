@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from compiler.addresses import AddressSet
-from compiler.check import check_policy
+from compiler.check import CheckResult, check_policy
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.semantics import PolicySemantics
@@ -232,7 +232,9 @@ def test_a_grant_that_ran_out_unnoticed_is_due_now(floor_policy: Policy) -> None
     assert after is not None and after > 1005.0
 
 
-def _appended(text: str, state: LiveState, now: float, floor: Inventory) -> tuple[object, object]:
+def _appended(
+    text: str, state: LiveState, now: float, floor: Inventory
+) -> tuple[CheckResult, CheckResult]:
     """The check of the policy with its grants, whole and appended to the file's check."""
     from compiler.check import check_appended
 
