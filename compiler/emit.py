@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -53,10 +53,59 @@ SRAM_WIDTH, SRAM_DEPTH = 128, 1024
 TOFINO_STAGES, STAGE_TCAM_BLOCKS, STAGE_SRAM_BLOCKS = 12, 24, 80
 
 
+class BuildFiles(MutableMapping[str, str]):
+    """A build's files: relative path -> content. A file nothing has asked for yet may be
+    held as the function that makes its text, run once on its first read (a quarantine's
+    switch is written before its runtime JSON and the report are made; write_build reads
+    them all)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str] = {}
+        self._later: dict[str, Callable[[], str]] = {}
+
+    def later(self, name: str, make: Callable[[], str]) -> None:
+        self._texts.pop(name, None)
+        self._later[name] = make
+
+    def take(self, other: BuildFiles, name: str) -> None:
+        """`other`'s file `name`, as it is there (made, or still to make)."""
+        if name in other._later:
+            self.later(name, other._later[name])
+        else:
+            self[name] = other._texts[name]
+
+    def __getitem__(self, name: str) -> str:
+        text = self._texts.get(name)
+        if text is None:
+            make = self._later.pop(name, None)
+            if make is None:
+                raise KeyError(name)
+            text = self._texts[name] = make()
+        return text
+
+    def __setitem__(self, name: str, text: str) -> None:
+        self._later.pop(name, None)
+        self._texts[name] = text
+
+    def __delitem__(self, name: str) -> None:
+        if self._later.pop(name, None) is None:
+            del self._texts[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._texts or name in self._later
+
+    def __iter__(self) -> Iterator[str]:
+        yield from list(self._texts)
+        yield from list(self._later)
+
+    def __len__(self) -> int:
+        return len(self._texts) + len(self._later)
+
+
 @dataclass(frozen=True, slots=True)
 class Build:
     target: Target
-    files: dict[str, str]  # relative path -> content
+    files: BuildFiles  # relative path -> content
     report: dict[str, object]
     switches: tuple[SwitchTables, ...]
     allocation: Allocation  # to give the next compile (allocation.json)
@@ -104,12 +153,11 @@ def build(
     )
     fitted = fit(lowered.switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
-    files = {
-        f"p4/{target.name}/p4seg.p4": render_program(
-            target.program, target.pipeline, min(cpu_ports)
-        ),
-        "p4info.txtpb": p4info_text(target.pipeline, target.program),
-    }
+    files = BuildFiles()
+    files[f"p4/{target.name}/p4seg.p4"] = render_program(
+        target.program, target.pipeline, min(cpu_ports)
+    )
+    files["p4info.txtpb"] = p4info_text(target.pipeline, target.program)
     if target.kind.own_device_config:
         files["p4/ref/p4seg.json"] = device_config(target.pipeline)
     ours: _Lines = {}
@@ -118,13 +166,15 @@ def build(
     for sw in fitted:
         names = (f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json")
         if kept.get(sw.switch) is sw and previous is not None:  # reused as it was
-            files.update((name, previous.files[name]) for name in names)
+            for name in names:
+                files.take(previous.files, name)
             continue
+        # The entries file is what a controller plans from; the rest is made when read.
         files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
-        files[names[1]] = _dumps_listing(_runtime_json(sw, target, runtime), "table_entries")
+        files.later(names[1], partial(_runtime_listing, sw, target, runtime))
     report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
-    files["report.json"] = _dumps_listing(report, "rules")
-    files[ALLOCATION] = lowered.allocation.to_json()
+    files.later("report.json", partial(_dumps_listing, report, "rules"))
+    files.later(ALLOCATION, lowered.allocation.to_json)
     return Build(target, files, report, fitted, lowered.allocation, lowered)
 
 
@@ -188,6 +238,10 @@ def _runtime_entry(pipe: Pipeline, e: TableEntry) -> dict[str, object]:
     if e.meter is not None:  # P4Runtime's MeterConfig field names, as in the entries JSON
         item["meter_config"] = e.meter.to_json()
     return item
+
+
+def _runtime_listing(sw: SwitchTables, target: Target, lines: _Lines) -> str:
+    return _dumps_listing(_runtime_json(sw, target, lines), "table_entries")
 
 
 def _runtime_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, object]:
@@ -534,7 +588,7 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
         return path
 
 
-def _write_files(root: Path, files: dict[str, str]) -> None:
+def _write_files(root: Path, files: Mapping[str, str]) -> None:
     for rel, content in sorted(files.items()):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -651,13 +651,16 @@ def _front(
     text_transform: Callable[[str], str],
     policy_transform: Callable[[Policy, Inventory], Policy],
     text: str | None = None,
+    write: bool = True,
 ) -> Compiled | None:
     """The front end of every verb that drives switches: load, check and compile the
     (effective) policy, its rule ids from the state directory's allocation, and write the
     build; diagnostics are reported here (None: failed).
-    `text`: compile this policy text instead of the file's (watch's last good text)."""
+    `text`: compile this policy text instead of the file's (watch's last good text).
+    Not `write`: the build is written when the caller calls `Compiled.write` (a
+    quarantine's overlay goes onto its switch first)."""
     from compiler.allocation import Allocation, AllocationError, assign_rule_ids
-    from compiler.emit import OutputDirError, build, write_build
+    from compiler.emit import build
     from compiler.p4c import p4c_artifacts
     from p4seg.allocations import state_allocation
     from p4seg.control import Compiled
@@ -694,12 +697,10 @@ def _front(
         _report(exc.diagnostics, sources, args.error_format)
         return None
     _LAST_BUILD[str(build_dir.resolve())] = built
-    try:
-        write_build(built, str(build_dir))
-    except (OutputDirError, OSError) as err:
-        print(f"p4seg: error: {err}", file=sys.stderr)
+    compiled = Compiled(built, build_dir, inventory, effective, file_text, built.allocation)
+    if write and not compiled.write():
         return None
-    return Compiled(built, build_dir, inventory, effective, file_text, built.allocation)
+    return compiled
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:

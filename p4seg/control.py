@@ -21,7 +21,7 @@ from finsy.grpcutil import GRPCCredentialsTLS
 from finsy.proto import p4r
 
 from compiler.allocation import Allocation
-from compiler.emit import Build
+from compiler.emit import Build, OutputDirError, write_build
 from compiler.inventory import Inventory
 from compiler.memo import also_forget
 from compiler.model import Policy
@@ -56,6 +56,19 @@ class Compiled:
     policy: Policy  # the effective policy that was compiled
     policy_text: str = ""  # the policy file's text as read for this compile
     allocation: Allocation = field(default_factory=Allocation)  # its rule ids
+    _written: list[bool] = field(default_factory=list, repr=False, compare=False)
+
+    def write(self) -> bool:
+        """Write the build into `build_dir` (once; later calls return the first result).
+        False, and why on stderr, when it could not be written."""
+        if not self._written:
+            try:
+                write_build(self.build, str(self.build_dir))
+                self._written.append(True)
+            except (OutputDirError, OSError) as err:
+                print(f"p4seg: error: {err}", file=sys.stderr)
+                self._written.append(False)
+        return self._written[0]
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:

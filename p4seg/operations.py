@@ -172,13 +172,16 @@ class Operations:
         text_transform: TextTransform,
         policy_transform: PolicyTransform,
         text: str | None = None,
+        write: bool = True,
     ) -> Compiled | None:
-        compiled = self._front(args, text_transform, policy_transform, text)
+        compiled = self._front(args, text_transform, policy_transform, text, write)
         if compiled is None and text is None and self.last is not None and self._restricting:
             # Fail closed: a broken edit of the policy file must not stop a quarantine.
             print("p4seg serve: the policy file does not compile: quarantining against the "
                   "last text that did", file=sys.stderr)  # fmt: skip
-            compiled = self._front(args, text_transform, policy_transform, self.last.policy_text)
+            compiled = self._front(
+                args, text_transform, policy_transform, self.last.policy_text, write
+            )
         if compiled is not None:
             self.last = compiled
         return compiled

@@ -97,6 +97,7 @@ class Front(Protocol):
         text_transform: TextTransform,
         policy_transform: PolicyTransform,
         text: str | None = None,
+        write: bool = True,
     ) -> Compiled | None: ...
 
 
@@ -109,13 +110,19 @@ def clock() -> float:
 
 
 def _compile(
-    args: argparse.Namespace, front: Front, state: LiveState, now: float, text: str | None = None
+    args: argparse.Namespace,
+    front: Front,
+    state: LiveState,
+    now: float,
+    text: str | None = None,
+    write: bool = True,
 ) -> Compiled | None:
     return front(
         args,
         lambda file_text: policy_text_with_grants(file_text, state, now),
         lambda policy, inv: effective_policy(policy, state, now, {h.name: h.ip for h in inv.hosts}),
         text,
+        write,
     )
 
 
@@ -580,16 +587,30 @@ def _overlay(
     packets (the only ones the overlay changes: verify restricted to flows from and to it),
     then write the overlay onto its ToR alone, no epoch flip. None: take the full apply
     (a grant expired, the ToR differs in more than the overlay, --switch or --dry-run)."""
+    moment = clock()
+    compiled = _compile(args, front, state, moment, write=False)
+    if compiled is None:
+        return EXIT_ERROR
+    try:
+        return _overlay_compiled(verb, args, state, event, compiled, moment)
+    finally:
+        compiled.write()  # after the switch: the build is what it holds (or was refused)
+
+
+def _overlay_compiled(
+    verb: str,
+    args: argparse.Namespace,
+    state: LiveState,
+    event: dict[str, object],
+    compiled: Compiled,
+    moment: float,
+) -> int | None:
     from compiler.quarantine import settle_quarantine
     from compiler.verify import proof_record
     from runtime.controller import apply_one
     from runtime.overlay import NOT_AN_OVERLAY, overlay_plan
 
     state_dir = Path(args.state)
-    moment = clock()
-    compiled = _compile(args, front, state, moment)
-    if compiled is None:
-        return EXIT_ERROR
     host = compiled.inventory.hosts_by_name.get(args.host)
     if host is None and verb == "release":
         return None  # gone from the inventory: nothing of it on any switch to take away

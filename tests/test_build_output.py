@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.emit import MANIFEST, Build, OutputDirError, build, write_build
+from compiler.emit import MANIFEST, Build, BuildFiles, OutputDirError, build, write_build
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from p4seg.cli import main
@@ -220,7 +220,11 @@ def test_an_update_rewrites_only_the_files_that_differ(
     write_build(first, str(out))
     inodes = {rel: (out / rel).stat().st_ino for rel in first.files}
     one = next(rel for rel in first.files if rel.startswith("entries/"))
-    edited = dataclasses.replace(first, files={**first.files, one: first.files[one] + " "})
+    files = BuildFiles()
+    for rel in first.files:
+        files.take(first.files, rel)
+    files[one] = first.files[one] + " "
+    edited = dataclasses.replace(first, files=files)
     (out / "report.json").write_text("edited by hand\n")
     write_build(edited, str(out))
     moved = {rel for rel in first.files if (out / rel).stat().st_ino != inodes[rel]}

@@ -50,7 +50,7 @@ def floor_build(
     floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> dict[str, dict[str, str]]:
     policy = floor_policy
-    return {t: build(policy, floor, floor_policy_text, t).files for t in ("ref", "tofino")}
+    return {t: dict(build(policy, floor, floor_policy_text, t).files) for t in ("ref", "tofino")}
 
 
 def test_golden_programs_and_p4info(floor_build: dict[str, dict[str, str]]) -> None:

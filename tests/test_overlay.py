@@ -16,6 +16,7 @@ from scapy.layers.l2 import Ether
 
 from compiler.allocation import Allocation, SideTags, assign_rule_ids
 from compiler.check import check_policy
+from compiler.emit import file_digest
 from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Inventory
 from compiler.lower import Lowered, LowerError, lower
@@ -353,6 +354,11 @@ def test_quarantine_writes_only_the_hosts_tor_and_a_restart_restores_it(
     assert 0 < report["written"] <= 10 and report["writes"]["flip"] == 0
     assert cut_off()
     assert _delivered(switches, floor, "algo2", "oms1", order)  # its rack-mate is untouched
+    # The build directory, written after the switch, holds the tables the ToR was given.
+    held = json.loads(Path("state/live.json").read_text())["applied_tables"]["tor-alg"]
+    on_disk = Path("build/trading_floor/entries/tor-alg.json").read_text()
+    assert file_digest(on_disk) == held
+    assert "quarantined" in Path("build/trading_floor/report.json").read_text()
     # verify and trace judge the live switches by the effective (quarantined) policy.
     assert main(["verify", "floor.zt", *args, "--from-switches", *when]) == 0
     capsys.readouterr()
