@@ -41,6 +41,7 @@ from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory
 from compiler.memo import ByObject
 from compiler.model import Policy, PolicyRule
+from p4src.spec import NO_TAGS
 
 MAX_ADDRESS = (1 << 32) - 1
 _KNOWN_TABLES = frozenset({"src_identity", "dst_identity", "policy", "routing"})
@@ -106,9 +107,13 @@ class Retag:
         return m.covers(self.old) != m.covers(self.new)
 
 
-def retags(old: SwitchTables, changed: list[TableEntry]) -> tuple[list[Retag], list[TableEntry]]:
-    """A switch's changed entries (`changed_entries`, `old` its tables before) split into
-    the identity entries whose tags alone changed and every other change."""
+def retags(
+    old: SwitchTables, changed: list[TableEntry], new: SwitchTables | None = None
+) -> tuple[list[Retag], list[TableEntry]]:
+    """A switch's changed entries (`changed_entries`, `old` its tables before, `new` after)
+    split into the identity entries whose tags alone changed and every other change. With
+    `new`, a `dst_identity` entry for one address added or removed is a retag too: from or
+    to what the other build's table gives that address (its default, NO_TAGS, on a miss)."""
     before = _entry_set(old)
     removed = {_without_tags(e): e for e in changed if e.table in _IDENTITY_FIELD and e in before}
     out: list[Retag] = []
@@ -123,7 +128,40 @@ def retags(old: SwitchTables, changed: list[TableEntry]) -> tuple[list[Retag], l
                 out.append(Retag(e.table, where, _tags(was), _tags(e)))
                 continue
         rest.append(e)
-    return out, rest + list(removed.values())
+    for e in removed.values():
+        rest.append(e)
+    if new is None:
+        return out, rest
+    kept: list[TableEntry] = []
+    for e in rest:
+        gone = e in before
+        other = _host_tags(new if gone else old, e)
+        if other is None:
+            kept.append(e)
+            continue
+        where = prefix_interval(e.match("dst_addr"))
+        out.append(Retag(e.table, where, _tags(e), other) if gone else
+                   Retag(e.table, where, other, _tags(e)))  # fmt: skip
+    return out, kept
+
+
+def _host_tags(tables: SwitchTables, entry: TableEntry) -> int | None:
+    """For a `dst_identity` entry of one address: the tags `tables` give that address (the
+    longest prefix covering it; NO_TAGS on a miss), or None (another entry or kind)."""
+    m = entry.match("dst_addr")
+    if entry.table != "dst_identity" or entry.action != "set_dst_tags" or m is None:
+        return None
+    if m.kind != "lpm" or m.arg != 32:
+        return None
+    best, tags = -1, NO_TAGS
+    for other in tables.entries:
+        o = other.match("dst_addr") if other.table == "dst_identity" else None
+        if o is None or o.arg <= best or not o.covers_lpm(m.value, 32):
+            continue
+        if other.action != "set_dst_tags":
+            return None
+        best, tags = o.arg, _tags(other)
+    return tags
 
 
 class ScopeBuilder:
@@ -414,3 +452,68 @@ def outranked(
         found.add(catch_all)
     return None, frozenset(found)
     return None
+
+
+# -- a change that only widens, or only narrows -----------------------------------------
+#
+# When every switch's change from the tables it holds (`old`) to the new ones is
+#
+# - `policy` entries that plainly permit (no meter), all added (a widening: a grant, a new
+#   allow) or all removed (a narrowing: a revoke, an allow taken out), and
+# - identity entries whose tags alone change (`Retag`) such that no `policy` entry both
+#   builds keep tells the old vector from the new one, and an added permit that tells them
+#   apart matches the new one (a removed permit, the old one) —
+#
+# then writing the entries one by one, without an epoch flip — permits added before the
+# retags, removed after them — keeps every packet judged by the old policy or by the new
+# one (runtime/overlay.py `monotone_plan`): a retag changes no kept entry's match, so after
+# each write a hop's first matching entry is a kept one (its decision the same before and
+# after) or a permit that one of the two builds gives it too — its decision moves once, from
+# old to new, the same way on every hop. A
+# packet that meets one hop still old and another already new is dropped by one of them,
+# which is the old verdict of a widening and the new verdict of a narrowing.
+
+
+@dataclass(frozen=True, slots=True)
+class Monotone:
+    """A change that only widens (or only narrows): per changed switch, the compiled
+    entries the two builds do not share."""
+
+    widens: bool
+    changes: Mapping[str, frozenset[TableEntry]]
+
+
+def monotone_change(
+    old: Mapping[str, SwitchTables], new: Mapping[str, SwitchTables]
+) -> Monotone | str:
+    """The change from `old` to `new` when it only widens or only narrows (above), else
+    why not."""
+    changed = changed_tables(old, new)
+    if changed is None:
+        return "the switches, their defaults or other tables changed"
+    widens: bool | None = None
+    for name, entries in changed.items():
+        retagged, rest = retags(old[name], entries, new[name])
+        before = _entry_set(old[name])
+        for e in rest:
+            if e.table != "policy" or e.action != "permit" or e.meter is not None:
+                return f"{name}: {e.table} entries other than plain permits changed"
+            added = e not in before
+            if widens is not None and widens != added:
+                return f"{name}: permits are both added and removed"
+            widens = added
+        if retagged:
+            kept = [e for e in new[name].entries if e.table == "policy" and e in before]
+            for r in retagged:
+                side = "src_tags" if r.table == "src_identity" else "dst_tags"
+                if any(r.differs(e.match(side)) for e in kept):
+                    return f"{name}: an identity's new tags change what a kept entry matches"
+                # An added permit never stops matching an address once it matched (written
+                # before the retags); a removed one never starts to (deleted after them).
+                for e in rest:
+                    m = e.match(side)
+                    if m is None or not r.differs(m):
+                        continue
+                    if m.covers(r.old) if e not in before else m.covers(r.new):
+                        return f"{name}: a retag takes a permit away midway"
+    return Monotone(widens is not False, {name: frozenset(es) for name, es in changed.items()})

@@ -55,6 +55,7 @@ from typing import Generic, TypeVar
 
 from compiler.differential import (
     PairScope,
+    Retag,
     ScopeBuilder,
     changed_rules,
     changed_tables,
@@ -826,7 +827,10 @@ class Verifier:
         and destinations are read off the identity entries whose tags it matches (every
         prefix such an entry covers: a superset of the addresses whose lookup ends there),
         not looked up address by address."""
-        retagged, entries = retags(old, entries) if old is not None else ([], entries)
+        if old is None:
+            retagged: list[Retag] = []
+        else:
+            retagged, entries = retags(old, entries, self.switches[switch])
         policy = [e for e in entries if e.table == "policy"]
         for e in entries:
             if e.table == "src_identity":

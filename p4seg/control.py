@@ -10,10 +10,11 @@ apply --dry-run), 1 error (policy, inventory, a switch that could not be read or
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from finsy.grpcutil import GRPCCredentialsTLS
 from finsy.proto import p4r
 
 from compiler.allocation import Allocation
+from compiler.differential import Monotone
 from compiler.emit import Build, OutputDirError, write_build
 from compiler.inventory import Inventory
 from compiler.memo import also_forget
@@ -41,7 +43,8 @@ from runtime.controller import (
 from runtime.defaults import DEFAULT_BATCH
 from runtime.entities import describe_entry
 from runtime.files import Parsed
-from runtime.plan import Desired, Tables
+from runtime.overlay import monotone_plan
+from runtime.plan import Desired, Tables, plan_switch
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -358,14 +361,19 @@ def run(
     args: argparse.Namespace,
     compiled: Compiled,
     extra: dict[str, object] | None = None,
+    change: Monotone | None = None,
+    only: Collection[str] | None = None,
 ) -> tuple[int, list[SwitchReport]]:
     """Plan or apply; prints the result (`extra` joins the JSON document); the exit status
-    and the per-switch reports."""
+    and the per-switch reports. `change`: the build is the one a proven build's switches
+    hold with a change that only widens or narrows: written without an epoch flip where a
+    switch holds exactly that build (runtime/overlay.py `monotone_plan`). `only`: these
+    switches of the selection alone (the others are known to hold the build)."""
     session = session_of(verb, args, compiled)
     if session is None:
         return EXIT_ERROR, []
     options, tables, files = session.options, session.tables, session.files
-    selected = session.switches
+    selected = [t for t in session.switches if only is None or t.name in only]
     rules = _rule_lines(compiled.build)
     start = time.monotonic()
     apply = verb != "plan" and not getattr(args, "dry_run", False)
@@ -376,7 +384,10 @@ def run(
 
     if apply:
         held = applied_here(compiled)
-        reports = grpc_loops.run(apply_all(selected, tables, files, options, progress, held))
+        planner = functools.partial(monotone_plan, change=change) if change else plan_switch
+        reports = grpc_loops.run(
+            apply_all(selected, tables, files, options, progress, held, planner)
+        )
         for target, report in zip(selected, reports, strict=True):
             if report.ok:
                 held[target.name] = target.desired

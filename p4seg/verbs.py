@@ -77,7 +77,7 @@ from runtime.live import (
 )
 
 if TYPE_CHECKING:
-    from compiler.differential import OverlayChange
+    from compiler.differential import Monotone, OverlayChange
     from compiler.inventory import Host
     from compiler.verify import Counterexample, ProofRecord, Proven
     from runtime.etcdstore import EtcdOptions
@@ -173,6 +173,7 @@ def _apply_compiled(
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
     # not be hashed in its place.
     operations = in_force_report(compiled.policy, state, moment)
+    before = _held_proven(state_dir)  # what the switches hold, if this process proved it
     proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
     if proof is None and (proof := _proven(verb, compiled, state_dir)) is None:
         audit.append(
@@ -184,14 +185,16 @@ def _apply_compiled(
             result="refused: the compiled tables are not proven to implement the policy",
         )
         return EXIT_ERROR, compiled
-    code, reports = run(verb, args, compiled)
+    change = _monotone(before, compiled)
+    only = _changed_only(verb, args, compiled, state, change)
+    code, reports = run(verb, args, compiled, change=change, only=only)
     dry = getattr(args, "dry_run", False)
     changed = any(r.written for r in reports)
     if reports and not dry:
         if code == EXIT_OK:
             note_applied(compiled.policy, state, moment)
-            if len(reports) == len(compiled.inventory.switches):  # every switch holds it
-                state.applied_schedule = _schedule(compiled, state, moment)
+            if only is not None or len(reports) == len(compiled.inventory.switches):
+                state.applied_schedule = _schedule(compiled, state, moment)  # all hold it
         for r in reports:  # what each switch holds now (unknown after a failure)
             if r.ok:
                 state.applied_tables[r.switch] = tables_digest(compiled, r.switch)
@@ -213,6 +216,42 @@ def _apply_compiled(
             switches=_summary(reports),
         )
     return code, compiled
+
+
+def _monotone(before: Proven | None, compiled: Compiled) -> Monotone | None:
+    """The change from the build this process proved and the switches hold to `compiled`,
+    when it only widens or only narrows (a grant, a revoke, an allow added): written
+    without an epoch flip (compiler/differential.py `monotone_change`)."""
+    from compiler.differential import monotone_change, same_inventory
+
+    if before is None or not same_inventory(before[1], compiled.inventory):
+        return None
+    change = monotone_change(before[2], {sw.switch: sw for sw in compiled.build.switches})
+    return None if isinstance(change, str) else change
+
+
+def _changed_only(
+    verb: str,
+    args: argparse.Namespace,
+    compiled: Compiled,
+    state: LiveState,
+    change: Monotone | None,
+) -> frozenset[str] | None:
+    """For a grant or a revoke, the switches `change` touches, when every other switch was
+    last brought to the tables the build gives it (the state's digests): only those are
+    written (and read); None: every switch the command line selects (an `apply` confirms
+    them all)."""
+    if verb not in ("grant", "revoke") or change is None or not change.changes:
+        return None
+    if getattr(args, "switch", []) or getattr(args, "dry_run", False):
+        return None
+    if any(
+        state.applied_tables.get(sw.name) != tables_digest(compiled, sw.name)
+        for sw in compiled.inventory.switches
+        if sw.name not in change.changes and sw.name not in compiled.inventory.down
+    ):
+        return None
+    return frozenset(change.changes)
 
 
 PROOF_FILE = "proof.json"  # in the state directory: what the last proven build was proven for

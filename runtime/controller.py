@@ -544,9 +544,11 @@ async def apply_all(
     options: ControllerOptions,
     progress: Callable[[str, str], None] | None = None,
     known: Mapping[str, Desired] | None = None,
+    planner: Callable[[Tables, Desired, Held], SwitchPlan] = plan_switch,
 ) -> list[SwitchReport]:
     """Apply every switch's plan concurrently; a failing switch never stops the others.
-    `known`: per switch, what the caller last brought it to (apply_one).
+    `known`: per switch, what the caller last brought it to (apply_one); `planner`: the
+    epoch protocol, or runtime/overlay.py's writes of a change that only widens or narrows.
 
     Switches flip independently: a packet in flight meets each ToR's policy whole, and
     every ToR enforces the whole policy for its hosts, so its fate is its fate under the
@@ -555,7 +557,7 @@ async def apply_all(
     return list(
         await asyncio.gather(
             *(
-                apply_one(t, tables, files, options, progress, known=(known or {}).get(t.name))
+                apply_one(t, tables, files, options, progress, planner, (known or {}).get(t.name))
                 for t in switches
             )
         )

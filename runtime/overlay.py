@@ -33,6 +33,7 @@ from collections.abc import Collection
 
 from finsy.proto import p4r
 
+from compiler.differential import Monotone
 from compiler.entries import TableEntry
 from compiler.quarantine import QUARANTINE_MASK
 from runtime.controller import ControllerError
@@ -47,6 +48,7 @@ from runtime.plan import (
     SwitchPlan,
     Tables,
     diff,
+    plan_switch,
 )
 
 NOT_AN_OVERLAY = "not only the quarantine overlay differs"
@@ -90,11 +92,7 @@ def overlay_plan(
     identity: list[Change] = []
     deletes: list[Change] = []
 
-    def change(op: str, entry: p4r.TableEntry, table: str) -> Change:
-        e = p4r.Entity()
-        e.table_entry.CopyFrom(entry)
-        return Change(op, e, table)
-
+    change = _change
     differences = diff(tables, desired, held)
     for table, d in differences.items():
         if table == "policy":
@@ -118,3 +116,63 @@ def overlay_plan(
     return SwitchPlan(
         desired.switch, (*inserts, *identity, *deletes), None, (), differences, held.epoch
     )
+
+
+# -- a change that only widens or only narrows (compiler/differential.py) -------------------
+
+
+def _key(entry: TableEntry) -> tuple[object, ...]:
+    """An entry as a switch holds it: what the compiler adds (role, rule id, meter, the
+    lpm tables' priorities, which P4Runtime leaves out) left out, its matches by field."""
+    priority = entry.priority if entry.table == "policy" else 0
+    matches = tuple(sorted(entry.matches, key=lambda m: m.field))  # in P4Info's key order
+    return (entry.table, matches, entry.action, entry.params, priority)
+
+
+def monotone_plan(
+    tables: Tables, desired: Desired, held: Held, change: Monotone | None
+) -> SwitchPlan:
+    """The writes that take `held` to `desired` without an epoch flip when they are exactly
+    the switch's part of `change` (compiler/differential.py `monotone_change`): the new
+    permits, then the retagged identity entries (a widening); the retags, then the removed
+    permits deleted (a narrowing). Anything else — the switch holds other than the tables
+    the change starts from, no change known — is planned by the epoch protocol."""
+    if change is None or held.clone is None or held.clone != desired.clone:
+        return plan_switch(tables, desired, held)
+    expected = change.changes.get(desired.switch)
+    if expected is None:
+        return plan_switch(tables, desired, held)
+    if any(e.table_id in tables.epoch_field and tables.split(e)[1] is not None
+           for e in held.entries):  # fmt: skip
+        return plan_switch(tables, desired, held)  # an interrupted apply's epoch copies
+    pipeline = tables.pipeline
+    differences = diff(tables, desired, held)
+    permits: list[Change] = []
+    identity: list[Change] = []
+    seen: set[tuple[object, ...]] = set()
+    for table, d in differences.items():
+        if table in _IDENTITY:  # retags; a dst_identity /32 coming or going
+            for was, now in d.changed:
+                seen |= {_key(entry_from_proto(pipeline, e)) for e in (was, now)}
+                identity.append(_change(MODIFY, now, table))
+            for entries, op in ((d.added, INSERT), (d.removed, DELETE)):
+                for entry in entries:
+                    seen.add(_key(entry_from_proto(pipeline, entry)))
+                    identity.append(_change(op, entry, table))
+        elif table == "policy" and not d.changed:
+            for entries, op in ((d.added, INSERT), (d.removed, DELETE)):
+                for entry in entries:
+                    seen.add(_key(entry_from_proto(pipeline, entry)))
+                    permits.append(_change(op, entry, table))
+        else:
+            return plan_switch(tables, desired, held)
+    if seen != {_key(e) for e in expected}:
+        return plan_switch(tables, desired, held)
+    ordered = (*permits, *identity) if change.widens else (*identity, *permits)
+    return SwitchPlan(desired.switch, ordered, None, (), differences, held.epoch)
+
+
+def _change(op: str, entry: p4r.TableEntry, table: str) -> Change:
+    e = p4r.Entity()
+    e.table_entry.CopyFrom(entry)
+    return Change(op, e, table)
