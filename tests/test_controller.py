@@ -4,7 +4,9 @@ switch that does not hold up the others, partial failure, election."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import random
 import shutil
 import socket
@@ -31,7 +33,7 @@ from runtime.controller import (
     plan_all,
     targets,
 )
-from runtime.plan import Change, Desired, Tables
+from runtime.plan import Change, Desired, Tables, plan_switch
 from runtime.refswitch.device import P4RuntimeError
 from runtime.refswitch.switch import ReferenceSwitch
 from topologies.switches import free_port
@@ -361,15 +363,7 @@ SIMPLE_SWITCH = shutil.which("simple_switch_grpc")
 def test_the_controller_drives_bmv2_unchanged(
     tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
-    assert SIMPLE_SWITCH is not None
-    grpc_port, thrift_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [SIMPLE_SWITCH, "--no-p4", "--device-id", "1", "--thrift-port", str(thrift_port),
-         "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert wait_for(lambda: _listening(grpc_port), 30), "simple_switch_grpc did not start"
+    with _bmv2() as grpc_port:
         built = build(floor_policy, floor, floor_policy_text, "bmv2")
         built.files.update(p4c_artifacts(built))
         write_build(built, str(tmp_path / "build"))
@@ -390,9 +384,69 @@ def test_the_controller_drives_bmv2_unchanged(
         # BMv2 keeps the digest in the epoch default's metadata: one small read confirms it.
         (again,) = asyncio.run(apply_all([target], tables, files, options))
         assert again.ok and again.written == 0 and again.marks == 0 and not again.in_full
+
+
+@contextlib.contextmanager
+def _bmv2() -> Iterator[int]:
+    """A simple_switch_grpc without a program, device id 1: its P4Runtime port."""
+    assert SIMPLE_SWITCH is not None
+    grpc_port, thrift_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [SIMPLE_SWITCH, "--no-p4", "--device-id", "1", "--thrift-port", str(thrift_port),
+         "--", "--grpc-server-addr", f"127.0.0.1:{grpc_port}", "--cpu-port", "255"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: _listening(grpc_port), 30), "simple_switch_grpc did not start"
+        yield grpc_port
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(
+    SIMPLE_SWITCH is None or p4c_available() is None,
+    reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot drive BMv2",
+)
+def test_bmv2_takes_a_grant_and_its_revoke_entry_by_entry(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """The writes of a change that only widens (then narrows) — permits inserted, identity
+    entries modified, a dst_identity /32 inserted — as BMv2 takes them, no flip."""
+    from compiler.differential import Monotone, monotone_change
+    from runtime.overlay import monotone_plan
+
+    text = floor_policy_text + "\nallow algo1 -> settle2 tcp 6001 name grant_1\n"
+    granted_policy = check_policy(text, "floor.zt", floor).policy
+    assert granted_policy is not None
+    with _bmv2() as grpc_port:
+        first = build(floor_policy, floor, floor_policy_text, "bmv2")
+        granted = build(granted_policy, floor, text, "bmv2", allocation=first.allocation)
+        options = ControllerOptions(timeout=60)
+        builds = [first, granted, first]
+        for i, built in enumerate(builds):
+            built.files.update(p4c_artifacts(built))
+            write_build(built, str(tmp_path / "build"))
+            files = PipelineFiles.of(tmp_path / "build", "bmv2")
+            tables = Tables(built.target.pipeline)
+            (target,) = [
+                dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}", device_id=1)
+                for t in targets(floor, built.switches, tables)
+                if t.name == "tor-alg"
+            ]
+            planner = plan_switch
+            if i:
+                before = {sw.switch: sw for sw in builds[i - 1].switches}
+                change = monotone_change(before, {sw.switch: sw for sw in built.switches})
+                assert isinstance(change, Monotone) and change.widens is (i == 1)
+                planner = functools.partial(monotone_plan, change=change)
+            (applied,) = asyncio.run(apply_all([target], tables, files, options, planner=planner))
+            assert applied.ok and applied.plan is not None, applied.error
+            if i:
+                assert applied.plan.flip is None and 0 < applied.written <= 12
+            full = dataclasses.replace(options, full_read=True)
+            (planned,) = asyncio.run(plan_all([target], tables, files, full))
+            assert planned.ok and planned.plan is not None and planned.plan.empty
 
 
 def _listening(port: int) -> bool:

@@ -628,3 +628,40 @@ def test_a_metered_remediation_flow_keeps_its_rate(
         e for e in tables["tor-oms"].entries if e.role == "quarantine" and e.meter is not None
     ]
     assert metered and all(e.action == "permit_metered" for e in metered)
+
+
+def test_a_grant_and_its_revoke_write_their_entries_alone_with_no_flip(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In the process that applied and proved the build (serve, watch), a grant only widens:
+    its permits and the retags of its hosts are written on their two ToRs alone, no epoch
+    flip (compiler/differential.py `monotone_change`); its revoke narrows the same way."""
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    flow = TCP(sport=40000, dport=6001, flags="S")
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert not _delivered(switches, floor, "algo1", "settle2", flow)
+    capsys.readouterr()
+    grant = ["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live, "--output", "json"]
+    assert main(grant) == 0
+    out = capsys.readouterr().out
+    doc = json.JSONDecoder().raw_decode(out[out.index("{\n") :])[0]  # then `grant ID: ...`
+    written = {s["switch"]: s for s in doc["switches"]}
+    assert set(written) == {"tor-alg", "tor-stl"}  # the others hold the build already
+    assert all(s["writes"]["flip"] == 0 and 0 < s["written"] <= 12 for s in written.values())
+    assert _delivered(switches, floor, "algo1", "settle2", flow)
+    assert _delivered(switches, floor, "settle2", "algo1", TCP(sport=6001, dport=40000, flags="A"))
+    grant_id = json.loads(Path("state/live.json").read_text())["grants"][0]["id"]
+    assert main(["revoke", grant_id, *live, "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {s["switch"] for s in doc["switches"]} == {"tor-alg", "tor-stl"}
+    assert all(s["writes"]["flip"] == 0 for s in doc["switches"])
+    assert not _delivered(switches, floor, "algo1", "settle2", flow)
+    # A later apply finds every switch holding the build: nothing to write anywhere.
+    assert main(["apply", "floor.zt", *live[2:], "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["switches"]) == len(floor.switches)
+    assert not any(s["written"] for s in doc["switches"])
