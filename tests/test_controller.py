@@ -20,7 +20,7 @@ from finsy.proto import p4r
 from p4rt import wait_for
 
 from compiler.check import check_policy
-from compiler.emit import build, write_build
+from compiler.emit import Build, build, write_build
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.p4c import p4c_artifacts, p4c_available
@@ -354,26 +354,19 @@ def test_a_controller_killed_mid_apply_converges_on_restart(
 
 
 SIMPLE_SWITCH = shutil.which("simple_switch_grpc")
-
-
-@pytest.mark.skipif(
+NEEDS_BMV2 = pytest.mark.skipif(
     SIMPLE_SWITCH is None or p4c_available() is None,
     reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot drive BMv2",
 )
+
+
+@NEEDS_BMV2
 def test_the_controller_drives_bmv2_unchanged(
     tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
     with _bmv2() as grpc_port:
         built = build(floor_policy, floor, floor_policy_text, "bmv2")
-        built.files.update(p4c_artifacts(built))
-        write_build(built, str(tmp_path / "build"))
-        files = PipelineFiles.of(tmp_path / "build", "bmv2")
-        tables = Tables(built.target.pipeline)
-        (target,) = [
-            dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}", device_id=1)
-            for t in targets(floor, built.switches, tables)
-            if t.name == "tor-alg"
-        ]
+        target, tables, files = _on_bmv2(built, floor, tmp_path, grpc_port)
         options = ControllerOptions(timeout=60)
         (applied,) = asyncio.run(apply_all([target], tables, files, options))
         assert applied.ok and applied.written > 0, applied.error
@@ -384,6 +377,22 @@ def test_the_controller_drives_bmv2_unchanged(
         # BMv2 keeps the digest in the epoch default's metadata: one small read confirms it.
         (again,) = asyncio.run(apply_all([target], tables, files, options))
         assert again.ok and again.written == 0 and again.marks == 0 and not again.in_full
+
+
+def _on_bmv2(
+    built: Build, floor: Inventory, tmp_path: Path, grpc_port: int
+) -> tuple[SwitchTarget, Tables, PipelineFiles]:
+    """tor-alg of `built` (written with p4c's JSON) as the BMv2 on `grpc_port` takes it."""
+    built.files.update(p4c_artifacts(built))
+    write_build(built, str(tmp_path / "build"))
+    files = PipelineFiles.of(tmp_path / "build", "bmv2")
+    tables = Tables(built.target.pipeline)
+    (target,) = [
+        dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}", device_id=1)
+        for t in targets(floor, built.switches, tables)
+        if t.name == "tor-alg"
+    ]
+    return target, tables, files
 
 
 @contextlib.contextmanager
@@ -404,10 +413,7 @@ def _bmv2() -> Iterator[int]:
         proc.wait(timeout=10)
 
 
-@pytest.mark.skipif(
-    SIMPLE_SWITCH is None or p4c_available() is None,
-    reason="BMv2 simple_switch_grpc and p4c-bm2-ss are not on PATH: cannot drive BMv2",
-)
+@NEEDS_BMV2
 def test_bmv2_takes_a_grant_and_its_revoke_entry_by_entry(
     tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
@@ -425,15 +431,7 @@ def test_bmv2_takes_a_grant_and_its_revoke_entry_by_entry(
         options = ControllerOptions(timeout=60)
         builds = [first, granted, first]
         for i, built in enumerate(builds):
-            built.files.update(p4c_artifacts(built))
-            write_build(built, str(tmp_path / "build"))
-            files = PipelineFiles.of(tmp_path / "build", "bmv2")
-            tables = Tables(built.target.pipeline)
-            (target,) = [
-                dataclasses.replace(t, address=f"127.0.0.1:{grpc_port}", device_id=1)
-                for t in targets(floor, built.switches, tables)
-                if t.name == "tor-alg"
-            ]
+            target, tables, files = _on_bmv2(built, floor, tmp_path, grpc_port)
             planner = plan_switch
             if i:
                 before = {sw.switch: sw for sw in builds[i - 1].switches}
