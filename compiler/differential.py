@@ -469,9 +469,9 @@ def outranked(
 # one (runtime/overlay.py `monotone_plan`): a retag changes no kept entry's match, so after
 # each write a hop's first matching entry is a kept one (its decision the same before and
 # after) or a permit that one of the two builds gives it too — its decision moves once, from
-# old to new, the same way on every hop. A
-# packet that meets one hop still old and another already new is dropped by one of them,
-# which is the old verdict of a widening and the new verdict of a narrowing.
+# old to new, the same way on every hop. A packet that meets one hop still old and another
+# already new is dropped by one of them, which is the old verdict of a widening and the new
+# verdict of a narrowing.
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,11 +76,13 @@ class BuildFiles(MutableMapping[str, str]):
 
     def __getitem__(self, name: str) -> str:
         text = self._texts.get(name)
-        if text is None:
-            make = self._later.pop(name, None)
-            if make is None:
-                raise KeyError(name)
-            text = self._texts[name] = make()
+        if text is not None:
+            return text
+        make = self._later.get(name)
+        if make is None:  # made by another thread meanwhile, or no such file
+            return self._texts[name]
+        text = self._texts[name] = make()  # two threads may both make it: the same text
+        self._later.pop(name, None)
         return text
 
     def __setitem__(self, name: str, text: str) -> None:
@@ -95,8 +97,7 @@ class BuildFiles(MutableMapping[str, str]):
         return name in self._texts or name in self._later
 
     def __iter__(self) -> Iterator[str]:
-        yield from list(self._texts)
-        yield from list(self._later)
+        return iter(dict.fromkeys([*self._texts, *self._later]))  # one moving meanwhile: once
 
     def __len__(self) -> int:
         return len(self._texts) + len(self._later)

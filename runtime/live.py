@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
-from compiler.model import REMEDIATION, Action, Policy, PolicyRule, Quarantine, text_key
+from compiler.model import (
+    ICMP_NAMES,
+    REMEDIATION,
+    Action,
+    Policy,
+    PolicyRule,
+    Quarantine,
+    text_key,
+)
 from runtime.files import write_atomic
 
 STATE_FILE = "live.json"
@@ -223,8 +231,9 @@ GRANT_ENDPOINT = re.compile(
     r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?)$"
 )
 GRANT_PROTOCOLS = ("tcp", "udp", "icmp", "ip")
-# Ports as the policy writes them after a protocol, on one line: no comment, no statement.
-_GRANT_PORTS = re.compile(r"^[A-Za-z0-9 ,-]*$")
+# One item of a grant's ports as the policy writes them after a protocol: a number, a
+# range, `type N [code M]` (or an ICMP type's name) — no option, comment or statement.
+_PORT_ITEM = re.compile(r"^(?:[0-9]{1,5}(?:-[0-9]{1,5})?|type [0-9]{1,3}(?: code [0-9]{1,3})?)$")
 
 
 class InvalidGrant(OperationError):
@@ -240,7 +249,8 @@ def grant_problem(op: GrantFlow) -> str | None:
                     "(e.g. algo, algo1, 10.0.1.0/24)")  # fmt: skip
     if op.proto not in GRANT_PROTOCOLS:
         return f"PROTO must be one of {', '.join(GRANT_PROTOCOLS)}, not {op.proto!r}"
-    if not _GRANT_PORTS.match(op.ports):
+    items = [item.strip() for item in op.ports.split(",")] if op.ports else []
+    if not all(_PORT_ITEM.match(item) or item in ICMP_NAMES for item in items):
         return f"PORTS {op.ports!r} must be ports as the policy writes them (5432, 8000-8080)"
     return None
 

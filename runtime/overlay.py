@@ -22,6 +22,9 @@ judged entirely by the policy before or entirely by the policy after. Other ToRs
 judging the host's flows by its ordinary identity (the uncarved policy), so end to end a
 packet is judged by the carved policy or, before the write, by the old one.
 
+`monotone_plan` (below) writes a grant or a revoke the same way, entry by entry, when the
+change only widens or only narrows (compiler/differential.py `monotone_change`).
+
 `overlay_plan` refuses (NotAnOverlay) whenever the switch differs from the compiled
 tables in anything else — another pending change, an interrupted apply's epoch copies, a
 pipeline just set — so that the caller falls back to a full apply (and its full proof).
@@ -92,7 +95,6 @@ def overlay_plan(
     identity: list[Change] = []
     deletes: list[Change] = []
 
-    change = _change
     differences = diff(tables, desired, held)
     for table, d in differences.items():
         if table == "policy":
@@ -102,14 +104,14 @@ def overlay_plan(
                 for entry in entries:
                     if not _overlay_policy(entry_from_proto(pipeline, entry)):
                         raise NotAnOverlay("policy entries outside the overlay")
-                    out.append(change(op, entry, table))
+                    out.append(_change(op, entry, table))
         elif table in _IDENTITY:
             ops = [(INSERT, e) for e in d.added] + [(MODIFY, b) for _a, b in d.changed]
             ops += [(DELETE, e) for e in d.removed]
             for op, entry in ops:
                 if not _hosts_identity(entry_from_proto(pipeline, entry), table, hosts):
                     raise NotAnOverlay(f"{table} entries of other addresses")
-                identity.append(change(op, entry, table))
+                identity.append(_change(op, entry, table))
         else:
             raise NotAnOverlay(f"the {table} table")
     identity.sort(key=lambda c: c.table != "src_identity")  # src first, as documented

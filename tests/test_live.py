@@ -297,9 +297,11 @@ def test_a_grant_whose_sides_are_not_one_endpoint_is_refused() -> None:
     from runtime.live import GrantFlow, InvalidGrant, operate
 
     state = LiveState()
-    for src, ports in (("algo1 -> settle2 tcp 1\nallow dev", "6001"), ("algo1", "6001 # x")):
+    for src, ports in (("algo1 -> settle2 tcp 1\nallow dev", "6001"), ("algo1", "6001 # x"),
+                       ("algo1", "6001 log"), ("algo1", "log")):  # fmt: skip
         with pytest.raises(InvalidGrant):
             operate(state, GrantFlow(src, "settle2", "tcp", ports, 60, "op"), 1000.0)
     assert state.grants == []
-    done = operate(state, GrantFlow("algo1", "10.0.1.0/24", "icmp", "echo-request", 60, "op"), 0)
-    assert done.grant is not None
+    for proto, ports in (("icmp", "echo-request"), ("icmp", "type 3 code 4"), ("tcp", "80, 443")):
+        done = operate(state, GrantFlow("algo1", "10.0.1.0/24", proto, ports, 60, "op"), 0)
+        assert done.grant is not None
