@@ -14,7 +14,7 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,12 +363,14 @@ def run(
     extra: dict[str, object] | None = None,
     change: Monotone | None = None,
     only: Collection[str] | None = None,
+    before_writing: Callable[[], object] | None = None,
 ) -> tuple[int, list[SwitchReport]]:
     """Plan or apply; prints the result (`extra` joins the JSON document); the exit status
     and the per-switch reports. `change`: the build is the one a proven build's switches
     hold with a change that only widens or narrows: written without an epoch flip where a
     switch holds exactly that build (runtime/overlay.py `monotone_plan`). `only`: these
-    switches of the selection alone (the others are known to hold the build)."""
+    switches of the selection alone (the others are known to hold the build).
+    `before_writing`: called once the session is set up, before the first write."""
     session = session_of(verb, args, compiled)
     if session is None:
         return EXIT_ERROR, []
@@ -383,6 +385,8 @@ def run(
             print(f"  {switch}: {text}", file=sys.stderr, flush=True)
 
     if apply:
+        if before_writing is not None:
+            before_writing()
         held = applied_here(compiled)
         planner = functools.partial(monotone_plan, change=change) if change else plan_switch
         reports = grpc_loops.run(

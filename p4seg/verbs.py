@@ -187,7 +187,10 @@ def _apply_compiled(
         return EXIT_ERROR, compiled
     change = _monotone(before, compiled)
     only = _changed_only(verb, args, compiled, state, change)
-    code, reports = run(verb, args, compiled, change=change, only=only)
+    # The new state first: a controller killed after the writes restarts with the state the
+    # switches were given (a quarantine or a revoke kept, never undone by the restart).
+    code, reports = run(verb, args, compiled, change=change, only=only,
+                        before_writing=lambda: state.save(state_dir))  # fmt: skip
     dry = getattr(args, "dry_run", False)
     changed = any(r.written for r in reports)
     if reports and not dry:
@@ -695,6 +698,9 @@ def _overlay_compiled(
     if session is None:
         return EXIT_ERROR
     [target] = session.switches
+    # The host's new state first: a controller killed once the overlay is on the switch
+    # restarts with the quarantine (or release) the switch holds, never the one before.
+    state.save(state_dir)
     start = time.monotonic()
     applied = applied_here(compiled)  # a long-running process plans the ToR from memory
     report = grpc_loops.run(

@@ -665,3 +665,63 @@ def test_a_grant_and_its_revoke_write_their_entries_alone_with_no_flip(
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["switches"]) == len(floor.switches)
     assert not any(s["written"] for s in doc["switches"])
+
+
+def test_a_controller_killed_right_after_the_overlay_restarts_with_the_host_quarantined(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The state is saved before the overlay goes onto the switch: a controller killed
+    between the two restarts with the host quarantined, and its first apply keeps it cut
+    off (with the state saved after, it would have put the host's access back)."""
+    import p4seg.verbs
+    from p4seg.cli import forget, main
+
+    switches, live = floor_site
+    order = TCP(sport=40000, dport=9876, flags="S")
+    monkeypatch.setattr(p4seg.verbs, "clock", lambda: float(NOON))  # nothing falls due
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+
+    def killed(*_args: object) -> None:
+        raise KeyboardInterrupt("killed after the switch write")
+
+    with monkeypatch.context() as m:
+        m.setattr(p4seg.verbs, "note_applied", killed)  # the first step after the write
+        assert main(["quarantine", "algo1", *live]) == 130  # interrupted, as a kill
+    assert not _delivered(switches, floor, "algo1", "oms1", order)  # the overlay took
+    assert "algo1" in json.loads(Path("state/live.json").read_text())["quarantined"]
+    forget()  # the restart: a new process
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert not _delivered(switches, floor, "algo1", "oms1", order)
+    assert _delivered(switches, floor, "algo2", "oms1", order)
+
+
+def test_a_controller_killed_right_after_a_revoke_is_written_does_not_grant_again(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any apply saves the new state before its writes: a revoke whose controller is killed
+    right after the switches took it is not undone by the restart."""
+    import p4seg.verbs
+    from p4seg.cli import forget, main
+
+    switches, live = floor_site
+    flow = TCP(sport=40000, dport=6001, flags="S")
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert main(["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live]) == 0
+    assert _delivered(switches, floor, "algo1", "settle2", flow)
+    grant_id = json.loads(Path("state/live.json").read_text())["grants"][0]["id"]
+
+    def killed(*_args: object) -> None:
+        raise KeyboardInterrupt("killed after the switch writes")
+
+    with monkeypatch.context() as m:
+        m.setattr(p4seg.verbs, "note_applied", killed)  # the first step after the writes
+        assert main(["revoke", grant_id, *live]) == 130  # interrupted, as a kill
+    assert not _delivered(switches, floor, "algo1", "settle2", flow)
+    assert json.loads(Path("state/live.json").read_text())["grants"] == []
+    forget()  # the restart: a new process
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert not _delivered(switches, floor, "algo1", "settle2", flow)
