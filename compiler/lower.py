@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -36,7 +36,7 @@ from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
 from compiler.memo import ByObject
-from compiler.model import Action, Policy
+from compiler.model import Action, Policy, PolicyRule
 from compiler.placement import placement
 from compiler.quarantine import (
     QUARANTINE_FIELD,
@@ -267,12 +267,11 @@ def _tor_codes(
     keys: Mapping[tuple[int, str], str],
     allocation: Allocation,
     remediation: int,
-    quarantined: Mapping[int, int],
 ) -> tuple[ToRCodes, SideTags, SideTags]:
     """Allocate the ToR's tags (compiler.tags): every set its entries match, on the universe
-    where the ToR needs it exact (its own hosts, every host, or every address); the
-    `remediation` service (atoms) on every address, for a quarantine overlay; and a value
-    of the reserved field for each of its `quarantined` hosts (address -> atom)."""
+    where the ToR needs it exact (its own hosts, every host, or every address), and the
+    `remediation` service (atoms) on every address, for a quarantine overlay (its hosts'
+    values of the reserved field: _quarantined)."""
     full = semantics.addresses.full
     src_needs: dict[str, tuple[int, int]] = {}
     dst_needs: dict[str, tuple[int, int]] = {}
@@ -313,12 +312,7 @@ def _tor_codes(
 
     sides = []
     previous = {side: allocation.tags.get((switch, side), SideTags()) for side in ("src", "dst")}
-    ordinary = SideTags(
-        {k: t for k, t in previous["src"].tags.items() if not k.startswith(QUARANTINE_KEY)},
-        previous["src"].retired,
-        previous["src"].shared,
-    )
-    values, record, released = quarantine_values(switch, sorted(quarantined), previous["src"])
+    ordinary = _ordinary(previous["src"])
     for side, needs, before in (("src", src_needs, ordinary), ("dst", dst_needs, previous["dst"])):
         try:
             sides.append(allocate_side(needs, before, QUARANTINE_FIELD, full, digest))
@@ -335,10 +329,92 @@ def _tor_codes(
                 ]
             ) from None
     (src_codes, src_tags), (dst_codes, dst_tags) = sides
-    src_tags = SideTags({**src_tags.tags, **record}, src_tags.retired | released, src_tags.shared)
-    by_atom = {quarantined[a]: v for a, v in values.items()}
-    codes = ToRCodes(frozenset(relevant), keys, src_codes, dst_codes, by_atom)
+    codes = ToRCodes(frozenset(relevant), keys, src_codes, dst_codes)
     return codes, src_tags, dst_tags
+
+
+def _ordinary(side: SideTags) -> SideTags:
+    """A ToR's source tags without its quarantine values (kept apart: _quarantined)."""
+    tags = {k: t for k, t in side.tags.items() if not k.startswith(QUARANTINE_KEY)}
+    return SideTags(tags, side.retired, side.shared)
+
+
+def _quarantined(
+    codes: ToRCodes,
+    src_tags: SideTags,
+    switch: str,
+    quarantined: Mapping[int, int],
+    previous: SideTags,
+) -> tuple[ToRCodes, SideTags]:
+    """The ToR's ordinary codes and source tags with a value of the reserved field for each
+    of its `quarantined` hosts (address -> atom), kept from the `previous` source tags."""
+    values, record, released = quarantine_values(switch, sorted(quarantined), previous)
+    by_atom = {quarantined[a]: v for a, v in values.items()}
+    tags = SideTags({**src_tags.tags, **record}, src_tags.retired | released, src_tags.shared)
+    return dataclasses.replace(codes, quarantined=by_atom), tags
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    """What a ToR's entries were made from, kept by their tables object (`_MADE`): when only
+    its quarantined hosts change, `lower` makes them again from this, with neither the
+    policy's semantics nor the tag allocation (a quarantine adds no ordinary tag)."""
+
+    ordinary: str  # the ToR's inputs digest without its quarantined hosts
+    rules: Sequence[PolicyRule]  # the ordinary policy's rules the semantics are of
+    semantics: PolicySemantics
+    host_atoms: tuple[tuple[Host, int], ...]
+    remediation: int  # the `remediation` service's atoms
+    codes: ToRCodes  # no host quarantined
+    src: SideTags  # each side's ordinary tags, as the allocation made them
+    dst: SideTags
+    policy: tuple[TableEntry, ...]  # the ordinary `policy` entries
+
+
+# Per lowered ToR: how it was made (one build's ToRs and a few replaced ones).
+_MADE: ByObject[SwitchTables, _Made] = ByObject(8)
+
+
+def _same_ordinary(
+    made: _Made, ordinary: str, rules: Sequence[PolicyRule], allocation: Allocation, switch: str
+) -> bool:
+    """Whether the ToR's ordinary entries and tags are still what `made` says: the same
+    ordinary inputs and rules, and the allocation holding the tags it made (so that the
+    allocator, given them again, keeps every one: compiler/tags.allocate_side)."""
+    if made.ordinary != ordinary or made.rules != rules:
+        return False
+    src = _ordinary(allocation.tags.get((switch, "src"), SideTags()))
+    dst = allocation.tags.get((switch, "dst"), SideTags())
+    return (src.tags, src.shared, dst.tags, dst.shared) == (
+        made.src.tags,
+        made.src.shared,
+        made.dst.tags,
+        made.dst.shared,
+    )
+
+
+def _make_tor(
+    sem: PolicySemantics,
+    policy: Policy,
+    switch: str,
+    hosts_sorted: list[Host],
+    keys: Mapping[tuple[int, str], str],
+    allocation: Allocation,
+    service: AddressSet | None,
+    ordinary: str,
+) -> _Made:
+    """A ToR's ordinary codes, tags and `policy` entries (no host quarantined)."""
+    part = sem.addresses
+    host_atoms = tuple((h, part.atom_of(h.ip)) for h in hosts_sorted)
+    local = hosts = 0
+    for host, atom in host_atoms:
+        hosts |= 1 << atom
+        if host.switch == switch:
+            local |= 1 << atom
+    remediation = part.mask(service.intervals) if service else 0
+    codes, src, dst = _tor_codes(sem, policy, switch, local, hosts, keys, allocation, remediation)
+    entries = tuple(_policy_entries(codes, policy))
+    return _Made(ordinary, policy.rules, sem, host_atoms, remediation, codes, src, dst, entries)
 
 
 def _spine_identity(uplinks: list[int]) -> list[TableEntry]:
@@ -423,6 +499,8 @@ class Lowered:
     fields: Mapping[str, int] = dataclasses.field(default_factory=dict)
     reused: frozenset[str] = frozenset()  # switches taken as they were from `previous`
     down: frozenset[str] = frozenset()  # the spines routed around (inventory.down)
+    # ToRs whose quarantined hosts alone changed: made again from how they were (`_Made`)
+    requarantined: frozenset[str] = frozenset()
 
 
 def _digest(*parts: object) -> str:
@@ -450,12 +528,13 @@ def _switch_inputs(
     keys: Mapping[tuple[int, str], str],
     remediation: AddressSet | None,
     quarantined: set[int],
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, str]]:
     """Per switch, a digest of what its entries are made from, at the level of addresses
     (atoms are renumbered by any edit): the inventory and the remediation service (tagged
     on every ToR); for a ToR, every rule naming one of its hosts — its id, meaning, set
     keys and rate rank —, the default rule, and its quarantined hosts. The down spines are
-    left out: they change routing only (`lower` makes it again, _rerouted)."""
+    left out: they change routing only (`lower` makes it again, _rerouted). Also the same
+    digest without the quarantined hosts: what a ToR's ordinary entries are made from."""
     floor = _digest(
         _INVENTORY_DIGESTS.get(inventory, _inventory_digest),
         remediation.intervals if remediation else None,
@@ -476,16 +555,15 @@ def _switch_inputs(
         ))  # fmt: skip
         for t in touched:
             mine[t].append(meaning)
-    return {
-        sw.name: _digest(
-            floor,
-            sw.name,
-            policy.default_log,
-            sorted(mine.get(sw.name, ())),
-            sorted(ip for ip, tor in held.items() if tor == sw.name),
-        )
+    ordinary = {
+        sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
         for sw in inventory.switches
     }
+    inputs = {
+        name: _digest(digest, sorted(ip for ip, tor in held.items() if tor == name))
+        for name, digest in ordinary.items()
+    }
+    return inputs, ordinary
 
 
 def lower(
@@ -515,7 +593,8 @@ def lower(
         )
         rate_ranks(meeting, QUARANTINE_RATES, "among the rules meeting `remediation`, a quarantine")
     keys = set_keys(policy)
-    inputs = _switch_inputs(policy, inventory, keys, service, cut)
+    inputs, ordinary = _switch_inputs(policy, inventory, keys, service, cut)
+    _MADE.hold(len(inventory.switches))
     before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}
 
     def reusable(name: str) -> bool:
@@ -537,10 +616,12 @@ def lower(
     out = []
     fields: dict[str, int] = {}
     reused = set()
+    requarantined = set()
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         if reusable(switch.name):
             assert previous is not None
             held = before[switch.name]
+            _MADE.find(held)  # still in use: the last to forget
             if previous.down != inventory.down:
                 held = _rerouted(held, hosts_sorted, switch, next_hops)
             out.append(held)
@@ -557,31 +638,30 @@ def lower(
             if name == switch.name
         )
         if switch.role == "tor":
-            sem = semantics()
-            part = sem.addresses
-            host_atoms = [(h, part.atom_of(h.ip)) for h in hosts_sorted]
-            local = hosts = 0
-            for host, atom in host_atoms:
-                hosts |= 1 << atom
-                if host.switch == switch.name:
-                    local |= 1 << atom
-            remediation = part.mask(service.intervals) if service else 0
-            here = [(h, a) for h, a in host_atoms if h.switch == switch.name and h.ip in cut]
-            codes, tags[(switch.name, "src")], tags[(switch.name, "dst")] = _tor_codes(
-                sem,
-                policy,
+            made = _MADE.find(before[switch.name]) if switch.name in before else None
+            src_now = allocation.tags.get((switch.name, "src"), SideTags())
+            if made is not None and _same_ordinary(
+                made, ordinary[switch.name], policy.rules, allocation, switch.name
+            ):  # only its quarantined hosts changed: every ordinary tag is kept as it was
+                requarantined.add(switch.name)
+                src = _ordinary(src_now)
+                tags[(switch.name, "dst")] = allocation.tags.get((switch.name, "dst"), SideTags())
+            else:
+                made = _make_tor(semantics(), policy, switch.name, hosts_sorted, keys,
+                                 allocation, service, ordinary[switch.name])  # fmt: skip
+                src, tags[(switch.name, "dst")] = made.src, made.dst
+            here = [(h, a) for h, a in made.host_atoms if h.switch == switch.name and h.ip in cut]
+            codes, tags[(switch.name, "src")] = _quarantined(
+                dataclasses.replace(made.codes, keys=keys),
+                src,
                 switch.name,
-                local,
-                hosts,
-                keys,
-                allocation,
-                remediation,
                 {h.ip: a for h, a in here},
+                src_now,
             )
             fields[switch.name] = max(codes.src.fields, codes.dst.fields)
-            entries = _identity(codes, sem, host_atoms, switch, uplinks)
-            entries += _policy_entries(codes, policy)
-            entries += overlay_entries(codes, policy, sem, remediation, here)
+            entries = _identity(codes, made.semantics, list(made.host_atoms), switch, uplinks)
+            entries += made.policy
+            entries += overlay_entries(codes, policy, made.semantics, made.remediation, here)
         else:
             entries = _spine_identity(uplinks)
             entries.append(
@@ -597,23 +677,22 @@ def lower(
             )
         entries += _routing(hosts_sorted, switch, next_hops)
         defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
-        out.append(
-            SwitchTables(
-                switch.name,
-                switch.role,
-                switch.device_id,
-                tuple(entries),
-                defaults,
-                span=switch.span,
-            )
+        tables = SwitchTables(
+            switch.name, switch.role, switch.device_id, tuple(entries), defaults, span=switch.span
         )
+        if switch.role == "tor":
+            _MADE.put(tables, made)
+        out.append(tables)
     # Switches no longer in the inventory: their tags are retired with everything else.
     for key, side in allocation.tags.items():
         if key not in tags:
             tags[key] = SideTags({}, frozenset(side.retired | set(side.tags.values())))
     new = Allocation(allocation.rules, allocation.retired_rules, tags)
     most = max(fields.values(), default=0)
-    return Lowered(tuple(out), new, most, inputs, fields, frozenset(reused), inventory.down)
+    return Lowered(
+        tuple(out), new, most, inputs, fields, frozenset(reused), inventory.down,
+        frozenset(requarantined),
+    )  # fmt: skip
 
 
 def _rerouted(

@@ -70,6 +70,20 @@ class ByObject(Generic[K, V]):
                 self._items.popitem(last=False)
         return value
 
+    def put(self, obj: K, value: V) -> None:
+        """Remember `value` as what was derived from `obj`."""
+        self.get(obj, lambda _obj: value)
+
+    def find(self, obj: K) -> V | None:
+        """What was derived from `obj`, if it is still remembered (None: nothing); like
+        `get`, it counts as a use."""
+        with self._lock:
+            found = self._items.get(id(obj))
+            if found is None or found[0] is not obj:
+                return None
+            self._items.move_to_end(id(obj))
+            return found[1]
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
