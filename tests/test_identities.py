@@ -348,6 +348,7 @@ def test_quarantines_and_releases_made_from_how_a_tor_was_made_equal_a_full_comp
     quarantined: dict[str, float] = {}
     previous = lower(effective_policy(ordinary, LiveState(), noon, hosts), floor)
     allocation = previous.allocation
+    settled: set[str] = set()  # a settled allocation differs: the ToR is made again
     for host, cut, settle in steps:
         if cut:
             quarantined[host] = 0.0
@@ -360,11 +361,13 @@ def test_quarantines_and_releases_made_from_how_a_tor_was_made_equal_a_full_comp
         assert incremental.allocation == full.allocation
         assert incremental.tag_fields == full.tag_fields
         changed = {sw.switch for sw in full.switches} - incremental.reused
-        assert changed <= {rack[host]}
+        assert changed <= {rack[host]} | settled
         assert incremental.requarantined == changed
         previous, allocation = incremental, incremental.allocation
+        settled = set()
         if settle:
             allocation = settle_quarantine(allocation, rack[host])
+            settled = {rack[host]} if allocation != previous.allocation else set()
 
 
 def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> None:
