@@ -107,10 +107,16 @@ class BuildFiles(MutableMapping[str, str]):
 class Build:
     target: Target
     files: BuildFiles  # relative path -> content
-    report: dict[str, object]
+    made_report: Callable[[], dict[str, object]]  # report.json's document, made once asked
     switches: tuple[SwitchTables, ...]
     allocation: Allocation  # to give the next compile (allocation.json)
     lowered: Lowered | None = None  # to give the next compile, for an incremental one
+
+    @property
+    def report(self) -> dict[str, object]:
+        """What report.json holds: made when first read (a quarantine's switch write does
+        not wait for its 1,000 rule lines)."""
+        return self.made_report()
 
 
 def _dumps(doc: object) -> str:
@@ -173,8 +179,10 @@ def build(
         # The entries file is what a controller plans from; the rest is made when read.
         files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
         files.later(names[1], partial(_runtime_listing, sw, target, runtime))
-    report = _report(policy, inventory, policy_text, target, fitted, lowered.tag_fields)
-    files.later("report.json", partial(_dumps_listing, report, "rules"))
+    report = functools.cache(
+        partial(_report, policy, inventory, policy_text, target, fitted, lowered.tag_fields)
+    )
+    files.later("report.json", lambda: _dumps_listing(report(), "rules"))
     files.later(ALLOCATION, lowered.allocation.to_json)
     return Build(target, files, report, fitted, lowered.allocation, lowered)
 

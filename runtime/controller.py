@@ -392,10 +392,14 @@ async def apply_one(
     report = SwitchReport(target.name, target.address)
     say = progress or (lambda _switch, _text: None)
 
+    # A switch still holding what the caller brought it to, which differs from the build:
+    # it will be written, so the look without arbitration below would be for nothing.
+    expected = known is not None and bool(known.digest) and known.digest != target.desired.digest
+
     async def work() -> None:
         # A switch marked with this build needs no session of ours: read it without
         # arbitration, and nobody (serve's follower) has to step aside for nothing.
-        if target.desired.digest and not options.full_read:
+        if target.desired.digest and not options.full_read and not expected:
             async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
                 report.pipeline = await pipeline_state(client, target.device_id, files.schema())
                 if report.pipeline == "same":
@@ -412,8 +416,9 @@ async def apply_one(
             options.fence(options.election_id)
 
     async def held_work() -> None:
-        async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
-            report.pipeline = await pipeline_state(client, target.device_id, files.schema())
+        if not report.pipeline:  # unless the look above just read it
+            async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
+                report.pipeline = await pipeline_state(client, target.device_id, files.schema())
         fence()  # arbitrating may set the pipeline: a write too
         async with _arbitrated(target, files, options) as sw:
             if not sw.is_primary or (options.fenced and sw.election_id != options.election_id):
