@@ -106,6 +106,19 @@ class AddressSet:
                 j += 1
         return AddressSet(tuple(out))
 
+    def meets(self, other: AddressSet) -> bool:
+        """Whether the two sets share an address (`intersection` without building it)."""
+        i = j = 0
+        a, b = self.intervals, other.intervals
+        while i < len(a) and j < len(b):
+            if max(a[i][0], b[j][0]) <= min(a[i][1], b[j][1]):
+                return True
+            if a[i][1] < b[j][1]:
+                i += 1
+            else:
+                j += 1
+        return False
+
     def difference(self, other: AddressSet) -> AddressSet:
         out: list[Interval] = []
         for lo, hi in self.intervals:

@@ -8,13 +8,15 @@ and `expect` lines, each evaluated exactly over every concrete flow it names
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from compiler.addresses import AddressSet, format_ipv4
 from compiler.diagnostics import Diagnostic, Note, P4segError, error, warning
 from compiler.inventory import Inventory
-from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, format_ports
+from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule, format_ports
 from compiler.parse import parse
 from compiler.resolve import Resolved, resolve
 from compiler.semantics import PolicySemantics
@@ -148,7 +150,8 @@ def check_appended(
     checked: CheckResult, text: str, appended: str, file: str, inventory: Inventory
 ) -> CheckResult:
     """check_policy(appended) when `appended` is `text` followed by named rules (live
-    grants, runtime/live.py) and `text` was checked already (`checked`, without errors):
+    grants, runtime/live.py) and `text` was checked already (`checked`: check_policy's,
+    `expect` lines judged, without errors):
     the added rules are resolved against the checked policy's services, and its
     `expect` lines judged again with them; nothing of `text` is parsed or resolved again.
     The diagnostics are the errors of the whole (the file's warnings are `checked`'s)."""
@@ -164,6 +167,29 @@ def check_appended(
         whole = check_policy(appended, file, inventory)
         return CheckResult(whole.policy, tuple(d for d in whole.diagnostics if d.is_error))
     names = {h.ip: h.name for h in inventory.hosts}
-    semantics = PolicySemantics(policy, pinned=names)
-    errors = expectation_errors(policy, semantics, names)
+    errors = _appended_expectation_errors(policy, policy.rules[len(checked.policy.rules) :], names)
     return CheckResult(None if errors else policy, tuple(sorted(errors, key=Diagnostic.sort_key)))
+
+
+def _appended_expectation_errors(
+    policy: Policy, added: Sequence[PolicyRule], names: dict[int, str]
+) -> list[Diagnostic]:
+    """expectation_errors(policy) when only `added` (its last rules) are new and every
+    `expect` line held without them. Only the lines whose packets an added rule can match,
+    forward or on the way back, can change; each is judged by the rules that can match
+    its packets (the same verdict). A failure is reported from the whole policy's
+    semantics, as check_policy would word it (its example packet comes from them)."""
+
+    def meets(e: ExpectCase, r: PolicyRule) -> bool:
+        return (r.src.meets(e.src) and r.dst.meets(e.dst)) or (
+            r.src.meets(e.dst) and r.dst.meets(e.src)
+        )
+
+    touched = tuple(e for e in policy.expects if any(meets(e, r) for r in added))
+    if not touched:
+        return []
+    rules = tuple(r for r in policy.rules if any(meets(e, r) for e in touched))
+    near = dataclasses.replace(policy, rules=rules, expects=touched)
+    if not expectation_errors(near, PolicySemantics(near, pinned=names), names):
+        return []
+    return expectation_errors(policy, PolicySemantics(policy, pinned=names), names)

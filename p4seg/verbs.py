@@ -534,7 +534,7 @@ def _grant_effect(
     or None when it takes effect (or the policy has errors, which the apply reports)."""
     from compiler.diagnostics import InventoryError
     from compiler.model import Action, PolicyRule
-    from compiler.semantics import PolicySemantics
+    from compiler.semantics import PolicySemantics, around
     from p4seg.cli import parsed  # a long-running controller parsed both already
 
     try:
@@ -567,11 +567,13 @@ def _grant_effect(
             f"p4seg grant: error: `{line}` would not take effect: every host it names on one "
             f"side is quarantined ({cut}); release first"
         )
-    sem = PolicySemantics(policy)
-    dead = sem.dead_rules(down_to=rule.id)  # the grant's verdict, not every rule's
+    # The grant's verdict, not every rule's: from the rules its own can meet.
+    near = around(policy, rule.id)
+    sem = PolicySemantics(near)
+    dead = sem.dead_rules(down_to=rule.id)
     coverage = next((c for c in dead if c.rule.key == rule.key), None)
     if coverage is None:
-        for deny in sem.overlapping_denies(newest):
+        for deny in sem.overlapping_denies(near.rules.index(rule)):
             print(f"p4seg grant: warning: part of `{line}` stays blocked by "
                   f"{named(deny)} (deny overrides allow)", file=sys.stderr)  # fmt: skip
     if coverage is not None and coverage.by_deny:

@@ -36,7 +36,16 @@ from compiler.inventory import Switch as InventorySwitch
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
-from runtime.plan import Change, Desired, Held, SwitchPlan, Tables, plan_switch, text_digest
+from runtime.plan import (
+    Change,
+    Desired,
+    Held,
+    SwitchPlan,
+    Tables,
+    hold_text_digests,
+    plan_switch,
+    text_digest,
+)
 
 log = logging.getLogger("p4seg.controller")
 
@@ -117,12 +126,13 @@ def targets(
     file): their digest is taken from it, and they are encoded only when a plan needs them.
     """
     by_name = {s.switch: s for s in compiled}
+    hold_text_digests(len(by_name))
 
     def desired(sw: InventorySwitch) -> Desired:
         tables_of = by_name[sw.name]
         if named is None:
             return Desired.of(tables, tables_of, sw.cpu_port)
-        digest = text_digest(f"cpu port {sw.cpu_port}\n{named(sw.name)}")
+        digest = text_digest(named(sw.name), sw.cpu_port)
         return Desired.lazy(tables, tables_of, sw.cpu_port, digest)
 
     return [

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from finsy.proto import p4r
 
 from compiler.entries import SwitchTables, TableEntry
-from compiler.memo import also_forget
+from compiler.memo import ByObject, also_forget
 from p4src.spec import CPU_CLONE_SESSION, Pipeline
 from runtime.entities import table_entry_proto
 
@@ -288,10 +288,24 @@ def _encode(tables: Tables, compiled: SwitchTables) -> tuple[Entries, dict[bytes
     return Entries(raw, made), encoded
 
 
-def text_digest(text: str) -> bytes:
-    """The mark of a switch holding what `text` names exactly (e.g. a build's entries file
-    with the switch's CPU port)."""
-    return DIGEST_MARK + hashlib.sha256(text.encode()).hexdigest().encode()
+def text_digest(text: str, cpu_port: int) -> bytes:
+    """The mark of a switch holding what `text` names exactly (a build's entries file) with
+    `cpu_port`: remembered per text object (a build hands the switches an edit left alone
+    the same file text, and hashing 50 ToRs' files costs ~25 ms an operation)."""
+    made = _TEXT_DIGESTS.get(text, lambda _t: {})
+    if (found := made.get(cpu_port)) is None:
+        h = hashlib.sha256(f"cpu port {cpu_port}\n".encode())
+        h.update(text.encode())
+        found = made[cpu_port] = DIGEST_MARK + h.hexdigest().encode()
+    return found
+
+
+_TEXT_DIGESTS: ByObject[str, dict[int, bytes]] = ByObject(8)
+
+
+def hold_text_digests(count: int) -> None:
+    """Remember the digests of `count` texts at once (a build's switches)."""
+    _TEXT_DIGESTS.hold(count)
 
 
 def _digest(encoded: Iterable[bytes], clone: p4r.CloneSessionEntry) -> bytes:

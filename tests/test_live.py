@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compiler.addresses import AddressSet
 from compiler.check import CheckResult, check_policy
@@ -305,3 +307,31 @@ def test_a_grant_whose_sides_are_not_one_endpoint_is_refused() -> None:
     for proto, ports in (("icmp", "echo-request"), ("icmp", "type 3 code 4"), ("tcp", "80, 443")):
         done = operate(state, GrantFlow("algo1", "10.0.1.0/24", proto, ports, 60, "op"), 0)
         assert done.grant is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(("algo1", "algo", "oms1", "risk1", "jump1", "md1", "dev1", "10.0.4.0/24")),
+            st.sampled_from(("oms1", "risk1", "riskdb", "algo2", "md1", "ledger", "risk", "settle2")),
+            st.sampled_from((("tcp", "8443"), ("tcp", "9876"), ("udp", "30005"), ("tcp", "22"),
+                             ("udp", "30011"), ("icmp", ""), ("tcp", "5432"), ("tcp", "6001"))),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_grants_appended_judge_the_expect_lines_as_a_whole_check_does(
+    floor: Inventory, floor_policy_text: str, grants: list[tuple[str, str, tuple[str, str]]]
+) -> None:
+    """Grants that break an `expect` line (algo1 -> risk1 tcp 8443 is expected denied), that
+    touch one and keep it, or touch none: the errors of the appended check, which judges
+    only the lines the grants can touch, are the whole check's, word for word."""
+    state = LiveState()
+    for src, dst, (proto, ports) in grants:
+        state.add_grant(src, dst, proto, ports, 3600, 1000.0, "op")
+    whole, appended = _appended(floor_policy_text, state, 1100.0, floor)
+    errors = [d for d in whole.diagnostics if d.is_error]
+    assert list(appended.diagnostics) == errors
+    assert (appended.policy is None) == (whole.policy is None)

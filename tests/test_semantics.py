@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from compiler.addresses import parse_ipv4
+from compiler.check import check_policy
 from compiler.inventory import Inventory
 from compiler.model import Policy
 from compiler.parse import parse
 from compiler.protocols import ICMP_ECHO_REPLY
 from compiler.resolve import resolve
-from compiler.semantics import Partition, PolicySemantics, bits
+from compiler.semantics import Partition, PolicySemantics, around, bits
 
 POLICY = """
 policy t
@@ -151,3 +154,54 @@ def test_partition_atoms_are_exact() -> None:
 def test_bits() -> None:
     assert list(bits(0b101001)) == [0, 3, 5]
     assert list(bits(0)) == []
+
+
+# -- the rules a verdict looks at (compiler.semantics.around) -------------------------------
+
+_SOURCES = ("algo1", "algo", "oms1", "order_router", "settle1", "jump1", "dev1", "any")
+_DESTINATIONS = ("oms2", "order_router", "algo1", "risk", "books", "prod", "10.0.5.0/24")
+_WHAT = ("tcp 9876", "tcp 22", "tcp 5432", "tcp 7000", "tcp 1-9000", "icmp", "ip", "udp 9")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(("allow", "allow", "deny")),
+            st.sampled_from(_SOURCES),
+            st.sampled_from(_DESTINATIONS),
+            st.sampled_from(_WHAT),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+@example([("allow", "algo1", "oms2", "tcp 9876")])  # covered by an allow
+@example([("allow", "dev1", "algo1", "tcp 22")])  # by a deny
+@example([("allow", "jump1", "algo1", "icmp")])  # by an allow in the file's order
+@example([("deny", "algo", "order_router", "tcp 9876"), ("allow", "algo1", "oms2", "ip")])
+def test_a_verdict_from_the_rules_around_equals_the_one_from_the_whole_policy(
+    floor: Inventory, floor_policy_text: str, added: list[tuple[str, str, str, str]]
+) -> None:
+    """Rules added at the end of the trading floor's policy (as grants are): the dead-rule
+    verdicts from the first of them on, and the denies overlapping each, are the same from
+    the semantics of `around(policy, ...)` as from the whole policy's."""
+    lines = "".join(f"{a} {s} -> {d} {w}\n" for a, s, d, w in added)
+    text = floor_policy_text.replace("default deny log", lines + "default deny log")
+    result = check_policy(text, "floor.zt", floor, expectations=False)
+    assert result.policy is not None, [d.message for d in result.diagnostics]
+    policy = result.policy
+    down_to = policy.rules[-len(added)].id
+    near = around(policy, down_to)
+    whole, part = PolicySemantics(policy), PolicySemantics(near)
+
+    def verdicts(sem: PolicySemantics) -> list[tuple[str, bool, list[str]]]:
+        return [
+            (c.rule.key, c.by_deny, sorted(r.key for r in c.covering))
+            for c in sem.dead_rules(down_to=down_to)
+        ]
+
+    assert verdicts(part) == verdicts(whole)
+    for rule in policy.rules[-len(added) :]:
+        keys = [r.key for r in whole.overlapping_denies(policy.rules.index(rule))]
+        assert [r.key for r in part.overlapping_denies(near.rules.index(rule))] == keys
