@@ -160,7 +160,31 @@ def applied_rules(state_dir: Path | None) -> dict[str, dict[int, str]]:
 
 def _parse_applied(text: str) -> dict[str, dict[int, str]]:
     doc = json.loads(text)
-    return {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
+    if doc.get("format") != _APPLIED_FORMAT:  # one copy of the lines per switch (before 2)
+        return {sw: {int(k): str(v) for k, v in rules.items()} for sw, rules in doc.items()}
+    lines = {
+        name: {int(k): str(v) for k, v in rules.items()} for name, rules in doc["lines"].items()
+    }
+    return {sw: lines[name] for sw, name in doc["switches"].items()}
+
+
+def _applied_json(record: dict[str, dict[int, str]]) -> str:
+    """The record with each distinct set of rule lines once (the switches of one apply
+    share theirs): two or three sets, not 50 copies of a 1,000-rule policy's lines."""
+    names: dict[int, str] = {}
+    lines: dict[str, dict[int, str]] = {}
+    switches = {}
+    for sw, rules in record.items():
+        name = names.setdefault(id(rules), f"r{len(names)}")
+        lines[name] = rules
+        switches[sw] = name
+    # Compact: only json's C encoder is fast enough for 1,000s of lines (`indent` switches
+    # to its Python one).
+    return json.dumps({"format": _APPLIED_FORMAT, "lines": lines, "switches": switches},
+                      sort_keys=True)  # fmt: skip
+
+
+_APPLIED_FORMAT = 2
 
 
 _RULES_READ: Parsed[dict[str, dict[int, str]]] = Parsed()  # applied-rules.json, as last read
@@ -176,9 +200,7 @@ def record_applied(state_dir: Path, reports: Sequence[SwitchReport], rules: dict
     record.update(fresh)
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{APPLIED_RULES}.tmp"
-    # Compact: one switch's lines per rule of the floor (50,000 lines at 48 ToRs), and only
-    # json's C encoder is fast enough for that (`indent` switches to its Python one).
-    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.write_text(_applied_json(record))
     path = state_dir / APPLIED_RULES
     tmp.replace(path)
     _RULES_READ.remember(path, record)

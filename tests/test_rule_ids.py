@@ -484,3 +484,26 @@ def test_apply_of_an_inserted_rule_writes_nothing_where_no_dev_host_is(
     second = state_allocation(tmp_path / "state")
     assert {k: v for k, v in second.rules.items() if k in first.rules} == first.rules
     assert set(second.rules.values()) - set(first.rules.values()) == {len(first.rules) + 1}
+
+
+def test_the_rule_lines_each_switch_holds_are_kept_once_per_build(tmp_path: Path) -> None:
+    """applied-rules.json labels the entries a later plan removes: per switch, the rule
+    lines of the build it holds. The switches of one apply share their lines, and the file
+    holds each distinct set once; a record in the earlier layout (a copy per switch) reads."""
+    from p4seg.control import APPLIED_RULES, applied_rules, record_applied
+    from runtime.controller import SwitchReport
+
+    old = {0: "line 9: default deny", 1: "line 3: allow a -> b tcp 1"}
+    new = {**old, 2: "line 4: allow a -> c tcp 2"}
+    record_applied(tmp_path, [SwitchReport(f"tor{i}", "") for i in range(40)], old)
+    record_applied(tmp_path, [SwitchReport("tor1", ""), SwitchReport("tor7", "")], new)
+    held = applied_rules(tmp_path)
+    assert held["tor1"] == held["tor7"] == new and held["tor2"] == held["tor39"] == old
+    doc = json.loads((tmp_path / APPLIED_RULES).read_text())
+    assert sorted(map(len, doc["lines"].values())) == [2, 3]  # each set once, not 40 copies
+    from p4seg import control
+
+    control._RULES_READ.clear()  # as a new process reads it
+    assert applied_rules(tmp_path) == held
+    (tmp_path / APPLIED_RULES).write_text(json.dumps({"tor1": {"1": "line 3: x"}}))
+    assert applied_rules(tmp_path) == {"tor1": {1: "line 3: x"}}
