@@ -637,6 +637,7 @@ def lower(
             for name, port in ((link.a, link.a_port), (link.b, link.b_port))
             if name == switch.name
         )
+        made = None  # how a ToR's entries are made (`_Made`)
         if switch.role == "tor":
             made = _MADE.find(before[switch.name]) if switch.name in before else None
             src_now = allocation.tags.get((switch.name, "src"), SideTags())
@@ -680,7 +681,7 @@ def lower(
         tables = SwitchTables(
             switch.name, switch.role, switch.device_id, tuple(entries), defaults, span=switch.span
         )
-        if switch.role == "tor":
+        if made is not None:
             _MADE.put(tables, made)
         out.append(tables)
     # Switches no longer in the inventory: their tags are retired with everything else.

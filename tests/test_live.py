@@ -313,10 +313,24 @@ def test_a_grant_whose_sides_are_not_one_endpoint_is_refused() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(("algo1", "algo", "oms1", "risk1", "jump1", "md1", "dev1", "10.0.4.0/24")),
-            st.sampled_from(("oms1", "risk1", "riskdb", "algo2", "md1", "ledger", "risk", "settle2")),
-            st.sampled_from((("tcp", "8443"), ("tcp", "9876"), ("udp", "30005"), ("tcp", "22"),
-                             ("udp", "30011"), ("icmp", ""), ("tcp", "5432"), ("tcp", "6001"))),
+            st.sampled_from(
+                ("algo1", "algo", "oms1", "risk1", "jump1", "md1", "dev1", "10.0.4.0/24")
+            ),
+            st.sampled_from(
+                ("oms1", "risk1", "riskdb", "algo2", "md1", "ledger", "risk", "settle2")
+            ),
+            st.sampled_from(
+                (
+                    ("tcp", "8443"),
+                    ("tcp", "9876"),
+                    ("udp", "30005"),
+                    ("tcp", "22"),
+                    ("udp", "30011"),
+                    ("icmp", ""),
+                    ("tcp", "5432"),
+                    ("tcp", "6001"),
+                )
+            ),
         ),
         min_size=1,
         max_size=3,
