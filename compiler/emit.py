@@ -38,7 +38,7 @@ from compiler.fit import fit
 from compiler.inventory import Inventory
 from compiler.lower import Lowered, lower
 from compiler.memo import ByObject, also_forget
-from compiler.model import Policy
+from compiler.model import Policy, PolicyRule
 from compiler.targets import Target, make_target
 from p4src.p4info import p4info_text
 from p4src.refconfig import device_config
@@ -182,7 +182,7 @@ def build(
     report = functools.cache(
         partial(_report, policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     )
-    files.later("report.json", lambda: _dumps_listing(report(), "rules"))
+    files.later("report.json", lambda: _report_json(policy, report()))
     files.later(ALLOCATION, lowered.allocation.to_json)
     return Build(target, files, report, fitted, lowered.allocation, lowered)
 
@@ -367,6 +367,38 @@ def file_digest(text: str) -> str:
     return _DIGESTS.get(text, lambda t: hashlib.sha256(t.encode()).hexdigest())
 
 
+def _rule_line(r: PolicyRule) -> tuple[dict[str, object], str]:
+    line: dict[str, object] = {
+        "id": r.id,
+        "key": r.key,
+        **({"name": r.name} if r.name else {}),
+        "text": r.describe(),
+        "file": r.span.file,
+        "line": r.span.line,
+        "column": r.span.column,
+    }
+    return line, json.dumps(line, sort_keys=True)
+
+
+# Per rule object: its line in report.json, and that line's JSON. A quarantine, a grant or
+# an edit keeps most rule objects as they were: 1,000 rules described and dumped for a
+# change of one cost ~15 ms an operation.
+_RULE_LINES: ByObject[PolicyRule, tuple[dict[str, object], str]] = ByObject(64)
+
+
+def _rule_lines(policy: Policy) -> list[tuple[dict[str, object], str]]:
+    _RULE_LINES.hold(len(policy.rules))
+    return [_RULE_LINES.get(r, _rule_line) for r in policy.rules]
+
+
+def _report_json(policy: Policy, report: dict[str, object]) -> str:
+    """report.json: `report` with its rule lines dumped once per rule object."""
+    rules = report["rules"]
+    assert isinstance(rules, list)
+    lines = [json.dumps(rules[0], sort_keys=True)] + [j for _line, j in _rule_lines(policy)]
+    return _dumps_listing({**report, "rules": lines}, "rules")
+
+
 def _report(
     policy: Policy,
     inventory: Inventory,
@@ -393,18 +425,7 @@ def _report(
                 "line": policy.default_span.line if policy.default_span else None,
             }
         ]
-        + [
-            {
-                "id": r.id,
-                "key": r.key,
-                **({"name": r.name} if r.name else {}),
-                "text": r.describe(),
-                "file": r.span.file,
-                "line": r.span.line,
-                "column": r.span.column,
-            }
-            for r in policy.rules
-        ],
+        + [line for line, _json in _rule_lines(policy)],
         "switches": [line for line, _ in lines],
         "policy_entries": policy_entries,
     }
