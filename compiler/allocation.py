@@ -52,6 +52,21 @@ class SideTags:
     shared: Mapping[Tag, str] = field(default_factory=dict)  # a tag several keys hold -> its set
 
 
+def _side_json(t: SideTags) -> str:
+    return json.dumps(
+        {
+            "tags": {k: list(v) for k, v in sorted(t.tags.items())},
+            "retired": sorted(list(r) for r in t.retired),
+            "shared": [[*r, d] for r, d in sorted(t.shared.items())],
+        }
+    )
+
+
+# Per SideTags object: its JSON. A compile hands the sides of the switches it did not
+# change on as the same objects; a quarantine's allocation changed one side of 100.
+_SIDE_JSON: ByObject[SideTags, str] = ByObject(16)
+
+
 @dataclass(frozen=True, slots=True)
 class Allocation:
     rules: Mapping[str, int] = field(default_factory=dict)
@@ -75,15 +90,9 @@ class Allocation:
         # One line per rule and per switch side: readable, diffable, and only the C encoder
         # runs (`indent` switches json to its pure-Python one: seconds on a large floor).
         rules = ",\n".join(f"  {json.dumps(k)}: {v}" for k, v in sorted(self.rules.items()))
+        _SIDE_JSON.hold(len(self.tags))
         tags = ",\n".join(
-            f"  {json.dumps(f'{switch}/{side}')}: "
-            + json.dumps(
-                {
-                    "tags": {k: list(v) for k, v in sorted(t.tags.items())},
-                    "retired": sorted(list(r) for r in t.retired),
-                    "shared": [[*r, d] for r, d in sorted(t.shared.items())],
-                }
-            )
+            f"  {json.dumps(f'{switch}/{side}')}: " + _SIDE_JSON.get(t, _side_json)
             for (switch, side), t in sorted(self.tags.items())
         )
         return (
