@@ -482,9 +482,12 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
         return Change(op, _entity(entry), tables.name[entry.table_id])
 
     flip_needed = False
-    keys = copies.keys() | {
-        k for k, v in desired.entries.items() if v.table_id in tables.epoch_field
-    }
+    # Only the desired entries not held byte for byte are looked at (and parsed: a lazy
+    # Desired parses an entry's message when first asked for it); a held one with copies
+    # is among `copies`.
+    different = sorted(desired.entries.keys() - exact)
+    wanted = desired.entries
+    keys = copies.keys() | {k for k in different if wanted[k].table_id in tables.epoch_field}
     for key in sorted(keys):
         held_k = copies.get(key, _NONE)
         if key in exact and not held_k.pinned:
@@ -519,8 +522,9 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
         elif oi is not None:
             prepare.append(change(DELETE, oi))
     # Tables without an epoch key (routing) change in place.
-    for key, want in sorted(desired.entries.items()):
-        if want.table_id in tables.epoch_field or key in exact:
+    for key in different:
+        want = wanted[key]
+        if want.table_id in tables.epoch_field:
             continue
         have = plain.get(key)
         if have is None:
