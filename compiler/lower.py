@@ -472,18 +472,15 @@ def _identity(
     for lo, hi, vector in runs:
         if vector == NO_TAGS:
             continue  # dst_identity's default
-        for value, plen in cidr_blocks(lo, hi):
-            entries.append(
-                TableEntry(
-                    "dst_identity",
-                    (field_match("dst_addr", "lpm", value, plen),) if plen else (),
-                    "set_dst_tags",
-                    (("tags", vector),),
-                    plen + 1,
-                    role="identity",
-                )
-            )
+        entries += (_destination_entry(value, plen, vector) for value, plen in cidr_blocks(lo, hi))
     return entries
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _destination_entry(value: int, plen: int, tags: int) -> TableEntry:
+    matches = (field_match("dst_addr", "lpm", value, plen),) if plen else ()
+    return TableEntry("dst_identity", matches, "set_dst_tags", (("tags", tags),), plen + 1,
+                      role="identity")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ import hashlib
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -314,6 +315,43 @@ class _SliceIndex(Generic[_T]):
         return [self.items[p] for p in positions]
 
 
+class _AddressIndexes:
+    """Address indexes by the very entries they bucket: a changed ToR's identity and
+    routing tables are mostly lists of the objects the previous build held (the compiler
+    makes identity and routing entries once per value: compiler/lower.py), and an index of
+    the same objects, in the same order and on the same classes, is the same index. A few
+    tables are kept (those of the last builds' changed switches)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._items: OrderedDict[
+            tuple[str, tuple[int, ...], tuple[int, ...]], tuple[list[TableEntry], _AddressIndex]
+        ] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, entries: list[TableEntry], field: str, starts: tuple[int, ...]) -> _AddressIndex:
+        # The entries are held with their index: their ids stay theirs while remembered.
+        key = (field, starts, tuple(map(id, entries)))
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found[1]
+        index = _AddressIndex(entries, field, list(starts))
+        with self._lock:
+            self._items[key] = (list(entries), index)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return index
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_ADDRESS_INDEXES = _AddressIndexes()
+
+
 class _Derived:
     """What a proof derives from one switch's tables alone, whatever the policy: the
     switch indexed for walking packets, the address cuts and protocols of its entries, its
@@ -349,7 +387,7 @@ class _Derived:
         found = self._addresses.get((table, field))
         if found is not None and (found[0] is starts or found[0] == starts):
             return found[1]
-        index = _AddressIndex(self.indexed.by_table.get(table, []), field, list(starts))
+        index = _ADDRESS_INDEXES.of(self.indexed.by_table.get(table, []), field, starts)
         self._addresses[(table, field)] = (starts, index)
         return index
 
@@ -406,6 +444,7 @@ class _DerivedCache:
     def clear(self) -> None:
         """Forget everything proofs derived (and the rules' meaning digests)."""
         self._derived.clear()
+        _ADDRESS_INDEXES.clear()
         _meaning.cache_clear()
         with self._lock:
             self._starts = ()
