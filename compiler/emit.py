@@ -386,7 +386,7 @@ def _rule_line(r: PolicyRule) -> tuple[dict[str, object], str]:
 _RULE_LINES: ByObject[PolicyRule, tuple[dict[str, object], str]] = ByObject(64)
 
 
-def _rule_lines(policy: Policy) -> list[tuple[dict[str, object], str]]:
+def _report_rules(policy: Policy) -> list[tuple[dict[str, object], str]]:
     _RULE_LINES.hold(len(policy.rules))
     return [_RULE_LINES.get(r, _rule_line) for r in policy.rules]
 
@@ -395,7 +395,7 @@ def _report_json(policy: Policy, report: dict[str, object]) -> str:
     """report.json: `report` with its rule lines dumped once per rule object."""
     rules = report["rules"]
     assert isinstance(rules, list)
-    lines = [json.dumps(rules[0], sort_keys=True)] + [j for _line, j in _rule_lines(policy)]
+    lines = [json.dumps(rules[0], sort_keys=True)] + [j for _line, j in _report_rules(policy)]
     return _dumps_listing({**report, "rules": lines}, "rules")
 
 
@@ -425,7 +425,7 @@ def _report(
                 "line": policy.default_span.line if policy.default_span else None,
             }
         ]
-        + [line for line, _json in _rule_lines(policy)],
+        + [line for line, _json in _report_rules(policy)],
         "switches": [line for line, _ in lines],
         "policy_entries": policy_entries,
     }

@@ -71,8 +71,12 @@ class ByObject(Generic[K, V]):
         return value
 
     def put(self, obj: K, value: V) -> None:
-        """Remember `value` as what was derived from `obj`."""
-        self.get(obj, lambda _obj: value)
+        """Remember `value` as what was derived from `obj` (in place of anything before)."""
+        with self._lock:
+            self._items[id(obj)] = (obj, value)
+            self._items.move_to_end(id(obj))
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
 
     def find(self, obj: K) -> V | None:
         """What was derived from `obj`, if it is still remembered (None: nothing); like

@@ -25,3 +25,18 @@ def test_values_are_per_object_not_per_equal_value_and_the_oldest_go_first() -> 
     assert memo.get(a, make) == 7  # dropped for d: three kept at most
     forget()  # every memo, as a new process
     assert memo.get(d, make) == 8
+
+
+def test_put_replaces_and_find_counts_as_a_use() -> None:
+    memo: ByObject[object, str] = ByObject(0)
+    memo.hold(2)
+    a, b, c = object(), object(), object()
+    memo.put(a, "first")
+    memo.put(a, "second")  # replaced, not kept
+    assert memo.find(a) == "second"
+    memo.put(b, "b")
+    assert memo.find(a) == "second"  # a is now the most recently used
+    memo.put(c, "c")  # beyond two: the least recently used (b) goes
+    assert memo.find(b) is None
+    assert (memo.find(a), memo.find(c)) == ("second", "c")
+    assert memo.find(object()) is None
