@@ -207,8 +207,12 @@ class ScopeBuilder:
 
     def rule(self, rule: PolicyRule) -> None:
         """A changed rule's flows, forward and back."""
-        self.add(self.senders(rule.src.intervals), self.classes(rule.dst.intervals))
-        self.add(self.senders(rule.dst.intervals), self.classes(rule.src.intervals))
+        self.flows(rule.src.intervals, rule.dst.intervals)
+
+    def flows(self, src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]]) -> None:
+        """The flows between these sources and destinations, forward and back."""
+        self.add(self.senders(src), self.classes(dst))
+        self.add(self.senders(dst), self.classes(src))
 
     def scope(self) -> PairScope:
         masks = {h.ip: self.masks.get(h.ip, 0) | self.every for h in self.hosts}

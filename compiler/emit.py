@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 from compiler.addresses import format_ipv4
 from compiler.allocation import Allocation, AllocationError
@@ -706,28 +707,74 @@ def _field_match(name: str, doc: dict[str, object]) -> FieldMatch:
     return FieldMatch(name, kind, int(value[0]), int(value[1]))
 
 
+def _entry_of(e: dict[str, object]) -> TableEntry:
+    match, params, meter = e["match"], e["params"], e.get("meter")
+    assert isinstance(match, dict) and isinstance(params, dict)
+    table = str(e["table"])
+    return TableEntry(
+        table,
+        _in_key_order(table, [_field_match(k, v) for k, v in match.items()]),
+        str(e["action"]),
+        tuple(params.items()),
+        int(cast(int, e.get("priority", 0))),
+        cast("int | None", e.get("rule_id")),
+        str(e.get("role", "")),
+        MeterConfig(**meter) if isinstance(meter, dict) else None,
+    )
+
+
+def _tables_of(doc: dict[str, object], entries: tuple[TableEntry, ...]) -> SwitchTables:
+    defaults = doc["defaults"]
+    assert isinstance(defaults, list)
+    return SwitchTables(
+        str(doc["switch"]),
+        str(doc["role"]),
+        int(cast(int, doc["device_id"])),
+        entries,
+        tuple(DefaultAction(d["table"], d["action"], tuple(d["params"].items())) for d in defaults),
+    )
+
+
 def load_entries(text: str) -> SwitchTables:
     """A switch's entries back from `DIR/entries/<switch>.json` (what `verify` reads);
-    ValueError if the document is not in that format."""
+    ValueError if the document is not in that format. The entries are those the build
+    wrote, equal value for value (the compiler makes matches in key order)."""
     try:
         doc = json.loads(text)
+        return _tables_of(doc, tuple(_entry_of(e) for e in doc["entries"]))
+    except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as err:
+        raise ValueError(f"not a p4seg entries file ({err.__class__.__name__}: {err})") from None
+
+
+_ENTRIES_OPEN = '\n  "entries": [\n'
+_ENTRIES_CLOSE = "\n  ]\n}\n"
+
+
+def _entry_lines(text: str) -> tuple[str, list[str]] | None:
+    """An entries file (as write_build writes it: one entry a line) as the document without
+    its entries and each entry's JSON; None if it is not laid out so."""
+    start = text.find(_ENTRIES_OPEN)
+    if start < 0 or not text.endswith(_ENTRIES_CLOSE):
+        return None
+    body = text[start + len(_ENTRIES_OPEN) : -len(_ENTRIES_CLOSE)]
+    rest = text[:start] + '\n  "entries": []\n}\n'
+    return rest, [line.strip().removesuffix(",") for line in body.split("\n")]
+
+
+def load_entries_near(text: str, near: SwitchTables, near_text: str) -> SwitchTables:
+    """`load_entries(text)`, taking `near`'s entry objects (`near_text` is its entries
+    file) for the lines both files have: two builds of one switch differ in a few lines,
+    and only those are parsed."""
+    mine, theirs = _entry_lines(text), _entry_lines(near_text)
+    if mine is None or theirs is None or len(theirs[1]) != len(near.entries):
+        return load_entries(text)
+    known = dict(zip(theirs[1], near.entries, strict=True))
+    try:
+        doc = json.loads(mine[0])
         entries = tuple(
-            TableEntry(
-                e["table"],
-                _in_key_order(e["table"], [_field_match(k, v) for k, v in e["match"].items()]),
-                e["action"],
-                tuple(e["params"].items()),
-                e.get("priority", 0),
-                e.get("rule_id"),
-                e.get("role", ""),
-                MeterConfig(**e["meter"]) if "meter" in e else None,
-            )
-            for e in doc["entries"]
+            found if (found := known.get(line)) is not None else _entry_of(json.loads(line))
+            for line in mine[1]
         )
-        defaults = tuple(
-            DefaultAction(d["table"], d["action"], tuple(d["params"].items()))
-            for d in doc["defaults"]
-        )
-        return SwitchTables(doc["switch"], doc["role"], doc["device_id"], entries, defaults)
+        return _tables_of(doc, entries)
     except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as err:
         raise ValueError(f"not a p4seg entries file ({err.__class__.__name__}: {err})") from None

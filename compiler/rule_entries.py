@@ -95,8 +95,8 @@ def tails(
     number = protocol_number(proto)
     if number is not None:  # tcp, udp, icmp, `proto N`: exactly that protocol
         common += (field_match("protocol", "ternary", number, 0xFF),)
-    if ack:
-        common += (field_match("tcp_flags", "ternary", TCP_ACK, TCP_ACK),)
+    # In the table's key order (p4src/spec.py), as an entries file reads back (load_entries).
+    flags = (field_match("tcp_flags", "ternary", TCP_ACK, TCP_ACK),) if ack else ()
     out = []
     for sp_lo, sp_hi in sport:
         for dp_lo, dp_hi in dport:
@@ -105,7 +105,7 @@ def tails(
                 tail += (field_match("l4_src_port", "range", sp_lo, sp_hi),)
             if (dp_lo, dp_hi) != ALL_PORTS[0]:
                 tail += (field_match("l4_dst_port", "range", dp_lo, dp_hi),)
-            out.append(tail)
+            out.append(tail + flags)
     return tuple(out)
 
 

@@ -819,18 +819,50 @@ class Verifier:
             return None
         if old_policy.default_log != self.policy.default_log:
             return None
+        rules = changed_rules(old_policy, self.policy)
+        if old_policy.quarantine is not None or self.policy.quarantine is not None:
+            # ToRs other than a quarantined host's own judge by the uncarved policy
+            rules += changed_rules(old_policy.uncarved(), self.policy.uncarved())
+        return self._pairs_of([(r.src.intervals, r.dst.intervals) for r in rules], old_switches)
+
+    def recorded_pair_scope(self, old: Recorded, record: ProofRecord) -> PairScope | None:
+        """`pair_scope` from a build proven by another process, as the state directory
+        keeps it (`Recorded`), this build's record being `record`: the changed rules are
+        the keys whose meaning digests differ, each read off its addresses then and now.
+        None (prove everything) when the floor or the default changed, or when either
+        build carries a quarantine (its uncarved rules are not recorded)."""
+        before = old.record
+        if (before.inventory, before.default_log) != (record.inventory, record.default_log):
+            return None
+        if old.quarantined or self.policy.quarantine is not None:
+            return None
+        now = {r.key: r for r in self.policy.rules}
+        sides: list[tuple[Sides, Sides]] = []
+        for key in before.rules.keys() | record.rules.keys():
+            then, later = before.rules.get(key), record.rules.get(key)
+            if then is not None and later is not None and then[0] == later[0]:
+                continue
+            if then is not None:
+                if key not in old.sides:
+                    return None
+                sides.append(old.sides[key])
+            if later is not None:
+                sides.append((now[key].src.intervals, now[key].dst.intervals))
+        return self._pairs_of(sides, old.switches)
+
+    def _pairs_of(
+        self, rules: Iterable[tuple[Sides, Sides]], old_switches: Mapping[str, SwitchTables]
+    ) -> PairScope | None:
+        """The pairs of changed rules (their source and destination addresses) and of the
+        entries that differ from `old_switches`; None: prove everything."""
         changed = changed_tables(old_switches, self.switches)
         if changed is None:
             return None
         self.address_classes()
         assert self._starts is not None
         scope = ScopeBuilder(self._starts, self.inventory.hosts)
-        for rule in changed_rules(old_policy, self.policy):
-            scope.rule(rule)
-        if old_policy.quarantine is not None or self.policy.quarantine is not None:
-            # ToRs other than a quarantined host's own judge by the uncarved policy
-            for rule in changed_rules(old_policy.uncarved(), self.policy.uncarved()):
-                scope.rule(rule)
+        for src, dst in rules:
+            scope.flows(src, dst)
         for name, entries in changed.items():
             self._entries_scope(name, entries, scope, old_switches[name])
         return scope.scope()
@@ -1404,18 +1436,23 @@ def verify(
     only: frozenset[str] | None = None,
     focus: Collection[int] | None = None,
     previous: Proven | None = None,
+    recorded: tuple[Recorded, ProofRecord] | None = None,
 ) -> VerifyResult:
     """Prove that `switches`' entries implement `policy` on `inventory`, or show where not;
     with `only` (ToR names), for the packets those ToRs judge — from and to their hosts (a
     differential proof, differential_scope); with `focus` (host addresses), for the packets
     from and to those hosts only; with `previous` (a build proven before), for the pairs
     the change from it can have touched (compiler/differential.py), or everything when
-    that cannot be told."""
+    that cannot be told; with `recorded` (a build proven by another process, as the state
+    directory keeps it, and this build's record), the same pairs."""
     verifier = Verifier(policy, inventory, switches)
+    pairs = None
     if previous is not None:
         pairs = verifier.pair_scope(*previous)
-        if pairs is not None:
-            return verifier.run(pairs=pairs)
+    elif recorded is not None:
+        pairs = verifier.recorded_pair_scope(*recorded)
+    if pairs is not None:
+        return verifier.run(pairs=pairs)
     if only is not None:
         held = {h.ip for h in inventory.hosts if h.switch in only}
         focus = held | set(focus or ())
@@ -1457,6 +1494,27 @@ class ProofRecord:
             return ProofRecord(str(doc["inventory"]), bool(doc["default_log"]), rules, switches)
         except (AssertionError, KeyError, TypeError, IndexError, AttributeError):
             return None
+
+
+Sides = tuple[tuple[int, int], ...]  # a rule's source or destination addresses, as intervals
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A build proven by another process, as the state directory keeps it (p4seg/proven.py):
+    its proof record, each rule's addresses (rule key -> sources, destinations: where a
+    changed rule's pairs are read from), whether its policy carried a quarantine, and its
+    switches' tables (each checked against the record's digest)."""
+
+    record: ProofRecord
+    sides: Mapping[str, tuple[Sides, Sides]]
+    quarantined: bool
+    switches: Mapping[str, SwitchTables]
+
+
+def proof_digest(sw: SwitchTables) -> str:
+    """The digest of a switch's tables, as a proof record keeps it."""
+    return _TABLES_DIGESTS.get(sw, _tables_digest)
 
 
 def _digest(*parts: object) -> str:

@@ -191,6 +191,8 @@ def _apply_compiled(
     # switches were given (a quarantine or a revoke kept, never undone by the restart).
     code, reports = run(verb, args, compiled, change=change, only=only,
                         before_writing=lambda: state.save(state_dir))  # fmt: skip
+    if not proof.startswith("skipped"):  # after the writes: kept for the next process
+        _keep_proven(state_dir, compiled)
     dry = getattr(args, "dry_run", False)
     changed = any(r.written for r in reports)
     if reports and not dry:
@@ -285,6 +287,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     written only once it is proven (fail closed). Not `save`: the proof is remembered in
     this process only, the state directory's record left as it is (a standby's)."""
     from compiler.verify import ProofRecord, differential_scope, proof_record, verify
+    from p4seg import proven
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
     record = proof_record(compiled.policy, compiled.inventory, switches)
@@ -301,16 +304,22 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
         return EARLIER
     roles = {s.name: s.role for s in compiled.inventory.switches}
-    scope = None
+    scope, recorded = None, None
     if previous is None and before is not None:
         scope = differential_scope(before, record, roles)
-    result = verify(compiled.policy, compiled.inventory, switches, scope, previous=previous)
+        kept = proven.load(state_dir, before, compiled)  # a new process: the build kept
+        recorded = None if kept is None else (kept, record)
+    result = verify(
+        compiled.policy, compiled.inventory, switches, scope, previous=previous, recorded=recorded
+    )
     if not result.proven:
         _refused(verb, result.counterexamples)
         return None
     if save:
         write_atomic(path, json.dumps(record.to_json()) + "\n")
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
+    if result.pairs is not None and recorded is not None:
+        return f"differential: {result.pairs} pairs (from the proven build the state keeps)"
     if result.pairs is not None:
         return f"differential: {result.pairs} pairs"
     if scope is None:
@@ -354,6 +363,16 @@ def warm(args: argparse.Namespace, front: Front) -> Warmed | None:
     digest = compiled.build.report.get("policy_sha256")
     tables = {sw.name: tables_digest(compiled, sw.name) for sw in compiled.inventory.switches}
     return Warmed(moment, time.monotonic() - started, str(digest), proof, tables)
+
+
+def _keep_proven(state_dir: Path, compiled: Compiled) -> None:
+    """Keep `compiled` in the state directory for the next process (p4seg/proven.py), when
+    it is the build this process last proved and recorded there."""
+    from p4seg import proven
+
+    held = _PROVEN.get(state_dir.resolve())
+    if held is not None and held[1][0] is compiled.policy:
+        proven.save(state_dir, compiled, held[0])
 
 
 def _held_proven(state_dir: Path) -> Proven | None:
@@ -726,6 +745,7 @@ def _overlay_compiled(
             if record is None:
                 record = proof_record(compiled.policy, compiled.inventory, switches)
             _record_proven(compiled, state_dir, record)
+            _keep_proven(state_dir, compiled)
     else:
         state.applied_tables.pop(target.name, None)
     state.save(state_dir)

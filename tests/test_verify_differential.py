@@ -9,11 +9,20 @@ import dataclasses
 from corrupt import corruptions
 
 from compiler.check import check_policy
-from compiler.emit import build
+from compiler.emit import build, load_entries, load_entries_near
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from compiler.model import Policy
-from compiler.verify import ProofRecord, VerifyResult, differential_scope, proof_record, verify
+from compiler.verify import (
+    ProofRecord,
+    Recorded,
+    Verifier,
+    VerifyResult,
+    differential_scope,
+    proof_digest,
+    proof_record,
+    verify,
+)
 
 
 def _compile(text: str, floor: Inventory) -> tuple[Policy, dict[str, SwitchTables]]:
@@ -210,3 +219,87 @@ def test_a_host_to_host_grant_is_proven_on_its_own_pairs(
         )
         shifted += any(corrupted[n] is not b1[n] for n in corrupted)
     assert shifted == 60
+
+
+def _recorded(policy: Policy, floor: Inventory, switches: dict[str, SwitchTables]) -> Recorded:
+    """A proven build as the state directory keeps it for a new process (p4seg/proven.py):
+    its record, each rule's addresses, and its tables read back from their entries files."""
+    files = build(policy, floor, "", "ref").files
+    kept = {name: load_entries(files[f"entries/{name}.json"]) for name in switches}
+    sides = {r.key: (r.src.intervals, r.dst.intervals) for r in policy.rules}
+    return Recorded(proof_record(policy, floor, switches), sides, False, kept)
+
+
+def test_a_new_process_proves_an_edit_on_the_same_pairs_from_the_kept_build(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    p0, b0 = _compile(floor_policy_text, floor)
+    kept = _recorded(p0, floor, b0)
+    assert all(proof_digest(kept.switches[n]) == proof_digest(b0[n]) for n in b0)  # exact
+    edits = [
+        EDIT,
+        ("allow algo         -> order_router tcp 9876", "allow algo -> order_router tcp 9877"),
+        ("deny dev  -> prod log", "deny dev -> prod"),
+        ("# -- Operations", "allow dev -> dev tcp 22\n# -- Operations"),
+    ]
+    for old, new in edits:
+        p1, b1 = _compile(floor_policy_text.replace(old, new), floor)
+        record = proof_record(p1, floor, b1)
+        held = Verifier(p1, floor, b1).pair_scope(p0, floor, b0)
+        from_state = Verifier(p1, floor, b1).recorded_pair_scope(kept, record)
+        assert held is not None and from_state == held, new
+        for corrupted in corruptions(b1, seed=len(new), count=10):
+            record = proof_record(p1, floor, corrupted)
+            part = verify(p1, floor, corrupted, recorded=(kept, record))
+            assert part.pairs is not None and _found(part) == _found(verify(p1, floor, corrupted))
+
+
+def test_tables_left_as_they_were_after_an_edit_are_caught_from_the_kept_build(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """A compiler that forgot a change: no entry differs, so only the changed rules (their
+    addresses then and now) bring the packets in. A removed rule has only its old ones."""
+    p0, b0 = _compile(floor_policy_text, floor)
+    kept = _recorded(p0, floor, b0)
+    removed = "allow algo         -> order_router tcp 9876"
+    for text in (floor_policy_text.replace(removed, ""), floor_policy_text.replace(*EDIT)):
+        p1, _ = _compile(text, floor)
+        result = verify(p1, floor, b0, recorded=(kept, proof_record(p1, floor, b0)))
+        assert result.pairs is not None and not result.proven
+        assert any(c.packet.dport in (9876, 5432, 5433) for c in result.counterexamples)
+
+
+def test_a_kept_build_that_is_not_what_the_record_says_proves_everything(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    p0, b0 = _compile(floor_policy_text, floor)
+    kept = _recorded(p0, floor, b0)
+    p1, b1 = _compile(floor_policy_text.replace(*EDIT), floor)
+    record = proof_record(p1, floor, b1)
+    other_floor = dataclasses.replace(kept.record, inventory="another floor")
+    for stale in (
+        dataclasses.replace(kept, record=other_floor),
+        dataclasses.replace(kept, quarantined=True),
+        dataclasses.replace(kept, sides={}),  # a changed rule's addresses unknown
+    ):
+        result = verify(p1, floor, b1, recorded=(stale, record))
+        assert result.proven and result.pairs is None and result.scope is None
+
+
+def test_entries_files_read_back_equal_to_what_the_build_wrote(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    text = floor_policy_text
+    assert " rate " in text  # metered entries too
+    policy, switches = _compile(text, floor)
+    files = build(policy, floor, text, "ref").files
+    edited = build(_compile(text.replace(*EDIT), floor)[0], floor, text, "ref")
+    for name, sw in switches.items():
+        mine = files[f"entries/{name}.json"]
+        back = load_entries(mine)
+        assert (back.entries, back.defaults) == (sw.entries, sw.defaults), name
+        [near] = [s for s in edited.switches if s.switch == name]
+        again = load_entries_near(mine, near, edited.files[f"entries/{name}.json"])
+        assert (again.entries, again.defaults) == (sw.entries, sw.defaults), name
+        lent = {id(e) for e in near.entries}  # the lines both have: the edited build's objects
+        assert sum(id(e) in lent for e in again.entries) >= len(sw.entries) - 8, name
