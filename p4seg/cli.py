@@ -642,6 +642,7 @@ def forget() -> None:
     control._APPLIED.clear()
     verbs._PROVEN.clear()
     verbs._RECORDS.clear()
+    verbs._KEPT.clear()
     DERIVED.clear()
     forget_memos()
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.emit import load_entries, load_entries_near
@@ -57,7 +59,17 @@ def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
         return
 
 
-def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Recorded | None:
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The proven build as the state directory keeps it: what a differential proof needs,
+    and the entries files of the switches whose tables differ from the new build's (what
+    a switch marked with that file's digest holds: runtime/plan.py `text_digest`)."""
+
+    recorded: Recorded
+    texts: Mapping[str, str]
+
+
+def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | None:
     """The build `before` records, as the state directory keeps it, or None when it does
     not keep exactly that build. `compiled`'s tables stand in for every switch whose digest
     is the same, and lend their entries to the others (only the lines that differ are
@@ -74,6 +86,7 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Recorded |
         quarantined = bool(doc["quarantined"])
         now = {sw.switch: sw for sw in compiled.build.switches}
         switches: dict[str, SwitchTables] = {}
+        texts: dict[str, str] = {}
         for switch, digest in before.switches.items():
             new = now.get(switch)
             if new is not None and proof_digest(new) == digest:
@@ -84,10 +97,10 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Recorded |
             old = load_entries_near(text, new, near) if new and near else load_entries(text)
             if proof_digest(old) != digest:
                 return None
-            switches[switch] = old
+            switches[switch], texts[switch] = old, text
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    return Recorded(before, sides, quarantined, switches)
+    return Kept(Recorded(before, sides, quarantined, switches), texts)
 
 
 def _name(switch: str, digest: str) -> str:

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -78,8 +78,10 @@ from runtime.live import (
 
 if TYPE_CHECKING:
     from compiler.differential import Monotone, OverlayChange
+    from compiler.entries import SwitchTables
     from compiler.inventory import Host
     from compiler.verify import Counterexample, ProofRecord, Proven
+    from p4seg.proven import Kept
     from runtime.etcdstore import EtcdOptions
 
 # p4seg/cli.py supplies the front end: load, transform the text, check, transform the
@@ -175,7 +177,9 @@ def _apply_compiled(
     operations = in_force_report(compiled.policy, state, moment)
     before = _held_proven(state_dir)  # what the switches hold, if this process proved it
     proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
-    if proof is None and (proof := _proven(verb, compiled, state_dir)) is None:
+    proven_here = proof is None and (proof := _proven(verb, compiled, state_dir)) is not None
+    kept = _KEPT.pop(state_dir.resolve(), None)  # what that proof found in the state
+    if proof is None:
         audit.append(
             state_dir / "audit.jsonl",
             verb,
@@ -185,7 +189,14 @@ def _apply_compiled(
             result="refused: the compiled tables are not proven to implement the policy",
         )
         return EXIT_ERROR, compiled
-    change = _monotone(before, compiled)
+    from compiler.differential import same_inventory
+
+    old = None if before is None else before[2]
+    if before is not None and not same_inventory(before[1], compiled.inventory):
+        old = None
+    if kept is not None and proven_here and old is None:
+        old = _from_kept(compiled, kept)
+    change = _monotone(old, compiled)
     only = _changed_only(verb, args, compiled, state, change)
     # The new state first: a controller killed after the writes restarts with the state the
     # switches were given (a quarantine or a revoke kept, never undone by the restart).
@@ -223,16 +234,33 @@ def _apply_compiled(
     return code, compiled
 
 
-def _monotone(before: Proven | None, compiled: Compiled) -> Monotone | None:
-    """The change from the build this process proved and the switches hold to `compiled`,
-    when it only widens or only narrows (a grant, a revoke, an allow added): written
-    without an epoch flip (compiler/differential.py `monotone_change`)."""
-    from compiler.differential import monotone_change, same_inventory
+def _monotone(old: Mapping[str, SwitchTables] | None, compiled: Compiled) -> Monotone | None:
+    """The change from the tables of a proven build the switches hold (`old`, on the same
+    floor) to `compiled`, when it only widens or only narrows (a grant, a revoke, an allow
+    added): written without an epoch flip (compiler/differential.py `monotone_change`)."""
+    from compiler.differential import monotone_change
 
-    if before is None or not same_inventory(before[1], compiled.inventory):
+    if old is None:
         return None
-    change = monotone_change(before[2], {sw.switch: sw for sw in compiled.build.switches})
+    change = monotone_change(old, {sw.switch: sw for sw in compiled.build.switches})
     return None if isinstance(change, str) else change
+
+
+def _from_kept(compiled: Compiled, kept: Kept) -> Mapping[str, SwitchTables]:
+    """A new process's start from the proven build the state directory keeps (`kept`, on
+    `compiled`'s floor): each switch whose tables differ is planned from the kept ones
+    when its mark says it holds them (the mark is their entries file's digest), as a
+    long-running controller plans from what it applied; the kept tables, for `_monotone`."""
+    from runtime.plan import Desired, Tables, text_digest
+
+    held = applied_here(compiled)
+    tables = Tables(compiled.build.target.pipeline)
+    for sw in compiled.inventory.switches:
+        text = kept.texts.get(sw.name)
+        if text is not None and sw.name not in held:
+            old = kept.recorded.switches[sw.name]
+            held[sw.name] = Desired.lazy(tables, old, sw.cpu_port, text_digest(text, sw.cpu_port))
+    return kept.recorded.switches
 
 
 def _changed_only(
@@ -267,6 +295,9 @@ _PROVEN: dict[Path, tuple[ProofRecord, Proven]] = {}
 # record is one of them was proven (a release back to the build before a quarantine).
 _RECORDS: dict[Path, list[ProofRecord]] = {}
 _KEEP_RECORDS = 4
+# The proven build a new process found in the state directory while proving (p4seg/proven.py),
+# until the apply that follows the proof takes it.
+_KEPT: dict[Path, Kept] = {}
 
 
 def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
@@ -308,7 +339,9 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     if previous is None and before is not None:
         scope = differential_scope(before, record, roles)
         kept = proven.load(state_dir, before, compiled)  # a new process: the build kept
-        recorded = None if kept is None else (kept, record)
+        recorded = None if kept is None else (kept.recorded, record)
+        if save and kept is not None and before.inventory == record.inventory:
+            _KEPT[state_dir.resolve()] = kept  # for the apply that follows (`_from_kept`)
     result = verify(
         compiled.policy, compiled.inventory, switches, scope, previous=previous, recorded=recorded
     )

@@ -403,3 +403,11 @@ def test_a_change_after_a_proven_apply_is_proven_by_difference(
     assert records[-1]["proof"] == "differential: tor1"
     assert _passes(sw, "h1", "h3", 8083) and not _passes(sw, "h1", "h3", 8081)
     assert [p.name for p in Path(".p4seg/proven").glob("tor1-*.json")] != [kept.name]
+    # an index that is not one (a disk that filled up, an edit by hand): the same
+    Path(".p4seg/proven/index.json").write_text('{"format": 1, "record": {')
+    verbs._PROVEN.clear()
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8084"))
+    assert main(["apply", "small.zt", *inv]) == 0
+    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    assert records[-1]["proof"] == "differential: tor1"
+    assert _passes(sw, "h1", "h3", 8084) and not _passes(sw, "h1", "h3", 8083)

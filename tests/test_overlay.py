@@ -630,15 +630,19 @@ def test_a_metered_remediation_flow_keeps_its_rate(
     assert metered and all(e.action == "permit_metered" for e in metered)
 
 
+@pytest.mark.parametrize("new_process", [False, True], ids=["long-running", "new-process"])
 def test_a_grant_and_its_revoke_write_their_entries_alone_with_no_flip(
     floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
     floor: Inventory,
     capsys: pytest.CaptureFixture[str],
+    new_process: bool,
 ) -> None:
     """In the process that applied and proved the build (serve, watch), a grant only widens:
     its permits and the retags of its hosts are written on their two ToRs alone, no epoch
-    flip (compiler/differential.py `monotone_change`); its revoke narrows the same way."""
-    from p4seg.cli import main
+    flip (compiler/differential.py `monotone_change`); its revoke narrows the same way. A
+    new process does the same from the proven build the state directory keeps
+    (p4seg/proven.py), planning each ToR from it, not from a full read."""
+    from p4seg.cli import forget, main
 
     switches, live = floor_site
     flow = TCP(sport=40000, dport=6001, flags="S")
@@ -646,12 +650,19 @@ def test_a_grant_and_its_revoke_write_their_entries_alone_with_no_flip(
     assert not _delivered(switches, floor, "algo1", "settle2", flow)
     capsys.readouterr()
     grant = ["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live, "--output", "json"]
+    if new_process:
+        forget()
     assert main(grant) == 0
     out = capsys.readouterr().out
     doc = json.JSONDecoder().raw_decode(out[out.index("{\n") :])[0]  # then `grant ID: ...`
     written = {s["switch"]: s for s in doc["switches"]}
     assert set(written) == {"tor-alg", "tor-stl"}  # the others hold the build already
     assert all(s["writes"]["flip"] == 0 and 0 < s["written"] <= 12 for s in written.values())
+    assert not any(s["planned_in_full"] for s in written.values())
+    audit = Path("state/audit.jsonl").read_text().splitlines()
+    assert "pairs" in json.loads(audit[-1])["proof"]
+    if new_process:
+        forget()
     assert _delivered(switches, floor, "algo1", "settle2", flow)
     assert _delivered(switches, floor, "settle2", "algo1", TCP(sport=6001, dport=40000, flags="A"))
     grant_id = json.loads(Path("state/live.json").read_text())["grants"][0]["id"]
