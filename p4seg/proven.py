@@ -9,7 +9,8 @@ for a one-rule change on 11 of 48 ToRs, 10 s. This module keeps what the pairs a
     STATE/proven/index.json             the record, each rule's addresses, quarantined or not
     STATE/proven/<switch>-<digest>.json  the switch's entries file, as the build wrote it
 
-Each entries file is named by the proof record's digest of its tables and is written once;
+Each entries file is named by the proof record's digest of its tables and is written once
+(without fsync: this is a cache, every byte of it checked when read);
 files that no index names any more are removed after the index is written, so a process
 stopped at any point leaves files that are either named or unnamed, never wrong. Nothing
 here is trusted: `load` takes the index only when its record equals proof.json's, and each
@@ -51,8 +52,8 @@ def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
             name = _name(switch, digest)
             text = files.get(f"entries/{switch}.json")
             if name not in present and text is not None:
-                write_atomic(directory / name, text)
-        write_atomic(directory / INDEX, _index(record, compiled.policy))
+                write_atomic(directory / name, text, durable=False)
+        write_atomic(directory / INDEX, _index(record, compiled.policy), durable=False)
         for name in present - wanted:
             (directory / name).unlink(missing_ok=True)
     except OSError:

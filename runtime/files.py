@@ -13,16 +13,19 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
     """Replace `path` with `text` atomically (a temporary file beside it, fsync, rename);
-    the directory is made if missing."""
+    the directory is made if missing. Not `durable`: no fsync (a cache that is checked
+    when read: after a power loss it may be empty, never half of one content and half of
+    another while the system runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
