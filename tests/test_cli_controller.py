@@ -362,52 +362,44 @@ def test_apply_writes_only_tables_proven_to_implement_the_policy(
     assert _passes(sw, "h2", "h4", 443)
 
 
+def _proof() -> str:
+    """How the last audited write was proven."""
+    last = Path(".p4seg/audit.jsonl").read_text().splitlines()[-1]
+    return str(json.loads(last)["proof"])
+
+
 def test_a_change_after_a_proven_apply_is_proven_by_difference(
     site: tuple[ReferenceSwitch, list[str]],
 ) -> None:
     sw, inv = site
     assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
-    assert records[-1]["proof"] == "full"  # nothing proven before
-    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
-    assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
+    assert _proof() == "full"  # nothing proven before
+
+    def edit(port: int, was: int, new_process: bool = False) -> str:
+        """Apply the policy with the flow on `port`; how it was proven."""
+        if new_process:
+            verbs._PROVEN.clear()
+        Path("small.zt").write_text(POLICY.replace("tcp 8080", f"tcp {port}"))
+        assert main(["apply", "small.zt", *inv]) == 0
+        assert _passes(sw, "h1", "h3", port) and not _passes(sw, "h1", "h3", was)
+        return _proof()
+
     # this process proved the last build and holds its tables: the pairs the edit touches
-    assert re.fullmatch(r"differential: [1-9][0-9]* pairs", records[-1]["proof"])
-    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
+    assert re.fullmatch(r"differential: [1-9][0-9]* pairs", edit(8081, 8080))
     # a new process finds the proven build the state directory keeps (p4seg/proven.py):
     # the same pairs
-    verbs._PROVEN.clear()
-    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8082"))
-    assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
     assert re.fullmatch(
         r"differential: [1-9][0-9]* pairs \(from the proven build the state keeps\)",
-        records[-1]["proof"],
+        edit(8082, 8081, new_process=True),
     )
-    assert _passes(sw, "h1", "h3", 8082) and not _passes(sw, "h1", "h3", 8081)
     # back to a build this process proved a few builds ago (a revoke, a release): its proof
     # record says so, nothing is walked
-    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
-    assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
-    assert records[-1]["proof"] == verbs.EARLIER
-    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8082)
+    assert edit(8081, 8082) == verbs.EARLIER
     # one whose kept tables are not what the record names: the changed ToRs
     [kept] = Path(".p4seg/proven").glob("tor1-*.json")
     kept.write_text(kept.read_text().replace('"action": "permit"', '"action": "deny"', 1))
-    verbs._PROVEN.clear()
-    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8083"))
-    assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
-    assert records[-1]["proof"] == "differential: tor1"
-    assert _passes(sw, "h1", "h3", 8083) and not _passes(sw, "h1", "h3", 8081)
+    assert edit(8083, 8081, new_process=True) == "differential: tor1"
     assert [p.name for p in Path(".p4seg/proven").glob("tor1-*.json")] != [kept.name]
     # an index that is not one (a disk that filled up, an edit by hand): the same
     Path(".p4seg/proven/index.json").write_text('{"format": 1, "record": {')
-    verbs._PROVEN.clear()
-    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8084"))
-    assert main(["apply", "small.zt", *inv]) == 0
-    records = [json.loads(line) for line in Path(".p4seg/audit.jsonl").read_text().splitlines()]
-    assert records[-1]["proof"] == "differential: tor1"
-    assert _passes(sw, "h1", "h3", 8084) and not _passes(sw, "h1", "h3", 8083)
+    assert edit(8084, 8083, new_process=True) == "differential: tor1"

@@ -36,6 +36,12 @@ def _roles(floor: Inventory) -> dict[str, str]:
 
 
 EDIT = ("risk_db      tcp 5432", "risk_db      tcp 5433")  # risk -> risk_db: all on tor-rsk
+RULE_EDITS = [  # a port, another rack's rule, `log` dropped, a rule added
+    EDIT,
+    ("allow algo         -> order_router tcp 9876", "allow algo -> order_router tcp 9877"),
+    ("deny dev  -> prod log", "deny dev -> prod"),
+    ("# -- Operations", "allow dev -> dev tcp 22\n# -- Operations"),
+]
 
 
 def test_a_one_rack_edit_is_proven_on_that_rack_alone(
@@ -134,13 +140,7 @@ def test_a_rule_edit_is_proven_on_its_pairs_and_a_corruption_on_them_caught(
     floor: Inventory, floor_policy_text: str
 ) -> None:
     p0, b0 = _compile(floor_policy_text, floor)
-    edits = [
-        EDIT,
-        ("allow algo         -> order_router tcp 9876", "allow algo -> order_router tcp 9877"),
-        ("deny dev  -> prod log", "deny dev -> prod"),
-        ("# -- Operations", "allow dev -> dev tcp 22\n# -- Operations"),
-    ]
-    for old, new in edits:
+    for old, new in RULE_EDITS:
         assert old in floor_policy_text
         p1, b1 = _compile(floor_policy_text.replace(old, new), floor)
         full = verify(p1, floor, b1)
@@ -236,13 +236,7 @@ def test_a_new_process_proves_an_edit_on_the_same_pairs_from_the_kept_build(
     p0, b0 = _compile(floor_policy_text, floor)
     kept = _recorded(p0, floor, b0)
     assert all(proof_digest(kept.switches[n]) == proof_digest(b0[n]) for n in b0)  # exact
-    edits = [
-        EDIT,
-        ("allow algo         -> order_router tcp 9876", "allow algo -> order_router tcp 9877"),
-        ("deny dev  -> prod log", "deny dev -> prod"),
-        ("# -- Operations", "allow dev -> dev tcp 22\n# -- Operations"),
-    ]
-    for old, new in edits:
+    for old, new in RULE_EDITS:
         p1, b1 = _compile(floor_policy_text.replace(old, new), floor)
         record = proof_record(p1, floor, b1)
         held = Verifier(p1, floor, b1).pair_scope(p0, floor, b0)
