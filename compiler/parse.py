@@ -11,6 +11,7 @@ statement is reported at once, each with a message written for people.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 import threading
@@ -24,6 +25,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from compiler import ast
 from compiler.diagnostics import Diagnostic, PolicySyntaxError, Span, error
+from compiler.memo import also_forget
 
 KEYWORDS: dict[str, str] = {
     "policy": "POLICY",
@@ -150,7 +152,22 @@ def _parser() -> Lark:
 
 
 def parse(text: str, file: str = "<policy>") -> ast.PolicyFile:
-    """Parse policy text; raise :class:`PolicySyntaxError` with every syntax error found."""
+    """Parse policy text; raise :class:`PolicySyntaxError` with every syntax error found.
+
+    A file parsed before in this process (a long-running controller's policy, edited) has
+    only its statements that differ parsed again (`_Chunks`); the result is the same."""
+    chunks = _statement_chunks(text)
+    known = _CHUNKS.get(file)
+    if known is not None:
+        parsed = known.reuse(chunks, file)
+        if parsed is not None:
+            return parsed
+    parsed = _parse_whole(text, file)
+    _CHUNKS.keep(file, _Chunks.of(chunks, parsed))
+    return parsed
+
+
+def _parse_whole(text: str, file: str) -> ast.PolicyFile:
     comments: list[ast.Comment] = []
     parser = _parser()
     # Comments are ignored by the grammar; the lexer hands them over for `fmt`.
@@ -164,15 +181,107 @@ def parse(text: str, file: str = "<policy>") -> ast.PolicyFile:
     return ast.PolicyFile(file, tuple(statements), tuple(comments))
 
 
-def _statement_chunks(text: str) -> list[tuple[int, str]]:
+Chunk = tuple[int, str]  # (its first line, its text): from a line that starts a statement
+Parsed = tuple[tuple[ast.Statement, ...], tuple[ast.Comment, ...]]
+
+
+class _Chunks:
+    """A file's last parse, statement chunk by chunk (`_statement_chunks`). A statement
+    ends where the next line that starts with a statement keyword begins (keywords are
+    reserved: none can continue a statement), so a file parses to the statements and
+    comments of its chunks in order, each chunk parsed alone at its own line."""
+
+    MOST_NEW = 64  # more chunks than this that differ: the whole file is parsed again
+
+    def __init__(self, parsed: dict[Chunk, Parsed]) -> None:
+        self.parsed = parsed
+
+    @classmethod
+    def of(cls, chunks: list[Chunk], whole: ast.PolicyFile) -> _Chunks:
+        """The chunks of a file parsed whole, each with its statements and comments (by
+        their lines: the chunk's first line up to the next chunk's)."""
+        firsts = [line for line, _ in chunks]
+        statements: list[list[ast.Statement]] = [[] for _ in chunks]
+        comments: list[list[ast.Comment]] = [[] for _ in chunks]
+        for st in whole.statements:
+            statements[bisect.bisect_right(firsts, st.span.line) - 1].append(st)
+        for c in whole.comments:
+            comments[bisect.bisect_right(firsts, c.line) - 1].append(c)
+        return cls(
+            {chunk: (tuple(statements[i]), tuple(comments[i])) for i, chunk in enumerate(chunks)}
+        )
+
+    def reuse(self, chunks: list[Chunk], file: str) -> ast.PolicyFile | None:
+        """The file of these chunks, parsing only those this file's last parse did not
+        have; None (parse it whole) if more than MOST_NEW did not, or one does not parse
+        alone. Becomes the file's last parse."""
+        before = self.parsed  # this parse's view, whatever another thread keeps meanwhile
+        new = [chunk for chunk in chunks if chunk not in before]
+        if len(new) > self.MOST_NEW:
+            return None
+        parser = _parser()
+        parsed: dict[Chunk, Parsed] = {}
+        for line, text in new:
+            comments: list[ast.Comment] = []
+            _sink.comments, _sink.file = comments, file
+            try:  # at its own line: the lines before it, empty
+                statements = parser.parse("\n" * (line - 1) + text)
+            except UnexpectedInput:
+                return None
+            finally:
+                _sink.comments = None
+            parsed[(line, text)] = (tuple(statements), tuple(comments))  # type: ignore[arg-type]
+        for chunk in chunks:
+            if chunk not in parsed:
+                parsed[chunk] = before[chunk]
+        self.parsed = parsed
+        return ast.PolicyFile(
+            file,
+            tuple(st for chunk in chunks for st in parsed[chunk][0]),
+            tuple(c for chunk in chunks for c in parsed[chunk][1]),
+        )
+
+
+class _LastParses:
+    """Per file name, its last parse by chunks (a few files: the policy, its grants)."""
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self._files: dict[str, _Chunks] = {}
+        self._lock = threading.Lock()
+
+    def get(self, file: str) -> _Chunks | None:
+        with self._lock:
+            return self._files.get(file)
+
+    def keep(self, file: str, chunks: _Chunks) -> None:
+        with self._lock:
+            self._files.pop(file, None)
+            self._files[file] = chunks
+            while len(self._files) > self.most:
+                del self._files[next(iter(self._files))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._files.clear()
+
+
+_CHUNKS = _LastParses()
+also_forget(_CHUNKS.clear)
+
+
+def _statement_chunks(text: str) -> list[Chunk]:
     """Split text at lines that start a statement: (first line number, chunk text)."""
     starts = [m.start() for m in _STATEMENT_START.finditer(text)]
     if not starts or starts[0] != 0:
         starts.insert(0, 0)
     chunks = []
+    line, counted = 1, 0
     for i, begin in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(text)
-        chunks.append((text.count("\n", 0, begin) + 1, text[begin:end]))
+        line += text.count("\n", counted, begin)
+        counted = begin
+        chunks.append((line, text[begin:end]))
     return chunks
 
 
