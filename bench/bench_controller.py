@@ -815,30 +815,34 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
         )
         now, other = other, now  # fmt: skip
 
-    # The verb: the switches first hold the effective policy A, as the verb compiles it.
-    policy_a, policy_b = s.directory / "a.zt", s.directory / "b.zt"
-    policy_a.write_text(c.floor.policy)
-    policy_b.write_text(change.text_b)
-    run_verb(["apply", str(policy_a), *verb_args(s)])
+    # The verb: the switches first hold the effective policy A, as the verb compiles it. One
+    # policy file, edited between applies, as an operator edits it under `watch` or `serve`.
+    policy = s.directory / "policy.zt"
+    text_a, text_b = c.floor.policy, change.text_b
+
+    def apply(
+        text: str, times: VerbTimes | None = None, fresh: bool = True
+    ) -> p4seg.control.Compiled:
+        policy.write_text(text)
+        return run_verb(["apply", str(policy), *verb_args(s)], times, fresh)
+
+    apply(text_a)
     verb_noop, verb, warm = VerbTimes(), VerbTimes(), VerbTimes()
-    path, other_path = policy_a, policy_b
+    held, other_text = text_a, text_b
     for _ in range(repeat):
-        run_verb(["apply", str(path), *verb_args(s)], verb_noop)
-        done = run_verb(["apply", str(other_path), *verb_args(s)], verb)
-        problems += check_change(s, change, other_path == policy_b, s.live(done.build.switches))
-        path, other_path = other_path, path
+        apply(held, verb_noop)
+        done = apply(other_text, verb)
+        problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
+        held, other_text = other_text, held
         # and back, as the long-running controller (watch, serve) that applied the last one
-        done = run_verb(["apply", str(other_path), *verb_args(s)], warm, fresh=False)
-        problems += check_change(s, change, other_path == policy_b, s.live(done.build.switches))
-        path, other_path = other_path, path
+        done = apply(other_text, warm, fresh=False)
+        problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
+        held, other_text = other_text, held
     if profile:
-        profiled(
-            "p4seg apply, one-rule change",
-            lambda: run_verb(["apply", str(other_path), *verb_args(s)]),
-        )
-        path = other_path  # fmt: skip
-    if path != policy_a:
-        run_verb(["apply", str(policy_a), *verb_args(s)])
+        profiled("p4seg apply, one-rule change", lambda: apply(other_text))
+        held = other_text  # fmt: skip
+    if held is not text_a:
+        apply(text_a)
     total, base = statistics.median(verb.total), statistics.median(verb_noop.total)
     print("   `p4seg apply` in-process (p4seg.cli.main; compile included):")
     print(f"      {'no-op apply (baseline)':<55}{median_ms(verb_noop.total)}    1.00x")
