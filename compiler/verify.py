@@ -55,11 +55,13 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from compiler.differential import (
+    OverlayChange,
     PairScope,
     Retag,
     ScopeBuilder,
     changed_rules,
     changed_tables,
+    overlay_change,
     prefix_interval,
     retags,
     same_inventory,
@@ -77,7 +79,7 @@ from compiler.evaluate import (
 )
 from compiler.inventory import Host, Inventory
 from compiler.memo import ByObject, also_forget
-from compiler.model import ALL_PORTS, Action, Policy
+from compiler.model import ALL_PORTS, Action, Policy, PolicyRule
 from compiler.placement import placement
 from compiler.protocols import (
     ICMP_ECHO_REPLY_RANGE,
@@ -828,26 +830,20 @@ class Verifier:
     def recorded_pair_scope(self, old: Recorded, record: ProofRecord) -> PairScope | None:
         """`pair_scope` from a build proven by another process, as the state directory
         keeps it (`Recorded`), this build's record being `record`: the changed rules are
-        the keys whose meaning digests differ, each read off its addresses then and now.
-        None (prove everything) when the floor or the default changed, or when either
-        build carries a quarantine (its uncarved rules are not recorded)."""
+        the keys whose meaning digests differ, each read off its addresses then and now —
+        and with a quarantine in force in either build, the same for the uncarved rules,
+        as `pair_scope` does. None (prove everything) when the floor or the default
+        changed, or a changed rule's addresses are not kept."""
         before = old.record
         if (before.inventory, before.default_log) != (record.inventory, record.default_log):
             return None
-        if old.quarantined or self.policy.quarantine is not None:
+        then = {k: (d, *old.sides[k]) for k, (d, _) in before.rules.items() if k in old.sides}
+        if len(then) != len(before.rules):
             return None
-        now = {r.key: r for r in self.policy.rules}
-        sides: list[tuple[Sides, Sides]] = []
-        for key in before.rules.keys() | record.rules.keys():
-            then, later = before.rules.get(key), record.rules.get(key)
-            if then is not None and later is not None and then[0] == later[0]:
-                continue
-            if then is not None:
-                if key not in old.sides:
-                    return None
-                sides.append(old.sides[key])
-            if later is not None:
-                sides.append((now[key].src.intervals, now[key].dst.intervals))
+        sides = _changed_sides(then, _rule_sides(self.policy))
+        if old.uncarved is not None or self.policy.quarantine is not None:
+            then = dict(old.uncarved) if old.uncarved is not None else then
+            sides += _changed_sides(then, _rule_sides(self.policy.uncarved()))
         return self._pairs_of(sides, old.switches)
 
     def _pairs_of(
@@ -1503,13 +1499,69 @@ Sides = tuple[tuple[int, int], ...]  # a rule's source or destination addresses,
 class Recorded:
     """A build proven by another process, as the state directory keeps it (p4seg/proven.py):
     its proof record, each rule's addresses (rule key -> sources, destinations: where a
-    changed rule's pairs are read from), whether its policy carried a quarantine, and its
-    switches' tables (each checked against the record's digest)."""
+    changed rule's pairs are read from), its uncarved rules when a quarantine was in force,
+    and its switches' tables (each checked against the record's digest)."""
 
     record: ProofRecord
     sides: Mapping[str, tuple[Sides, Sides]]
-    quarantined: bool
+    # With a quarantine in force: the rules as the other ToRs judge (Policy.uncarved), each
+    # with its meaning digest and addresses; None: no quarantine, they are the rules.
+    uncarved: Mapping[str, tuple[str, Sides, Sides]] | None
+    quarantined: frozenset[int]  # the hosts a quarantine held then
     switches: Mapping[str, SwitchTables]
+
+    def overlay_change(
+        self, policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables],
+        host: Host, mask: int,
+    ) -> OverlayChange | str:  # fmt: skip
+        """compiler/differential.py `only_overlay_changed` from this kept build: the new
+        build (`policy`, `switches`) differs from it only by `host`'s quarantine and its
+        overlay, or why not. The kept switches equal to the new ones are the new objects
+        (p4seg/proven.py `load`), so any other is a change."""
+        if self.record.inventory != floor_digest(inventory):
+            return "the inventory changed"
+        if self.record.default_log != policy.default_log:
+            return "the default's logging changed"
+        then = self.uncarved
+        if then is None:
+            then = {k: (d, *self.sides[k]) for k, (d, _) in self.record.rules.items()}
+        if _changed_sides(then, _rule_sides(policy.uncarved())):
+            return "rules changed"
+        after = set(policy.quarantine.hosts) if policy.quarantine else set()
+        if self.quarantined ^ after != {host.ip}:
+            return "not just the host's quarantine changed"
+        if self.switches.keys() != switches.keys():
+            return "the switches changed"
+        for name, sw in switches.items():
+            if name != host.switch and self.switches[name] is not sw:
+                return f"{name} changed"
+        return overlay_change(self.switches[host.switch], switches[host.switch], host.ip, mask)
+
+
+def rule_digest(r: PolicyRule) -> str:
+    """A rule's meaning, as a proof record keeps it (compiler/differential.py `meaning`)."""
+    return _meaning(
+        (r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log, r.reply,
+         r.rate_pps)
+    )  # fmt: skip
+
+
+RuleSides = Mapping[str, tuple[str, Sides, Sides]]  # rule key -> meaning digest, addresses
+
+
+def _rule_sides(policy: Policy) -> RuleSides:
+    return {r.key: (rule_digest(r), r.src.intervals, r.dst.intervals) for r in policy.rules}
+
+
+def _changed_sides(then: RuleSides, now: RuleSides) -> list[tuple[Sides, Sides]]:
+    """The addresses, then and now, of every rule whose meaning changed (by key)."""
+    out = []
+    for key in then.keys() | now.keys():
+        a, b = then.get(key), now.get(key)
+        if a is not None and b is not None and a[0] == b[0]:
+            continue
+        out += [(x[1], x[2]) for x in (a, b) if x is not None]
+    return out
 
 
 def proof_digest(sw: SwitchTables) -> str:
@@ -1528,19 +1580,29 @@ def proof_record(
     placed = placement(inventory)
     rules = {}
     for r in policy.rules:
-        meaning = _meaning((r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports,
-                            r.log, r.reply, r.rate_pps))  # fmt: skip
         tors = placed.tors_of(r.src.intervals) | placed.tors_of(r.dst.intervals)
-        rules[r.key] = (meaning, tuple(sorted(tors)))
+        rules[r.key] = (rule_digest(r), tuple(sorted(tors)))
     _TABLES_DIGESTS.hold(len(switches))
     tables = {
         name: _TABLES_DIGESTS.get(sw, _tables_digest) for name, sw in sorted(switches.items())
     }
-    down = sorted(inventory.down)  # a spine going down or back: a full proof
+    return ProofRecord(floor_digest(inventory), policy.default_log, rules, tables)
+
+
+def floor_digest(inventory: Inventory) -> str:
+    """The inventory as a proof record keeps it (a spine going down or back: a new one)."""
     floor = _INVENTORY_DIGESTS.get(inventory, _floor_digest)
-    if down:
-        floor = _digest(floor, down)
-    return ProofRecord(floor, policy.default_log, rules, tables)
+    down = sorted(inventory.down)
+    return _digest(floor, down) if down else floor
+
+
+def remember_digests(digests: Mapping[SwitchTables, str], count: int) -> None:
+    """Take these tables' proof digests as known (the kept build's record names them: p4seg/
+    proven.py), with room for `count` switches: a new process's record of a build that
+    changed one ToR digests that one."""
+    _TABLES_DIGESTS.hold(count)
+    for sw, digest in digests.items():
+        _TABLES_DIGESTS.put(sw, digest)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -6,16 +6,20 @@ hold nothing but the proof record (proof.json: digests), which names the changed
 not what changed on them, so it walked every packet from and to their hosts: ~570,000 pairs
 for a one-rule change on 11 of 48 ToRs, 10 s. This module keeps what the pairs are read off:
 
-    STATE/proven/index.json             the record, each rule's addresses, quarantined or not
+    STATE/proven/index.json             the record, each rule's addresses (and with a
+                                        quarantine, the uncarved rules' meanings and addresses)
     STATE/proven/<switch>-<digest>.json  the switch's entries file, as the build wrote it
 
-Each entries file is named by the proof record's digest of its tables and is written once
-(without fsync: this is a cache, every byte of it checked when read);
-files that no index names any more are removed after the index is written, so a process
-stopped at any point leaves files that are either named or unnamed, never wrong. Nothing
-here is trusted: `load` takes the index only when its record equals proof.json's, and each
-switch's tables only when their digest, computed again, equals the record's; otherwise the
-proof falls back to the changed ToRs' packets.
+Each entries file is named by the proof record's digest of its tables and written once,
+without fsync (a cache: what it holds is checked when read); files that no index names any
+more are removed after the index is written, so a process stopped at any point leaves files
+that are either named or unnamed, never wrong. The index also names each switch's entries
+file by its SHA-256, beside the record's digest of the same tables (one build wrote both).
+
+`load` takes the index only when its record equals proof.json's. A switch whose new entries
+file is the one the index names holds the tables the record names: the new ones. Every other
+switch is read back from its kept file, and taken only if its digest, computed again, is the
+record's. Anything else: None, and the proof falls back to the changed ToRs' packets.
 """
 
 from __future__ import annotations
@@ -25,17 +29,25 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from compiler.emit import load_entries, load_entries_near
+from compiler.emit import file_digest, load_entries, load_entries_near
 from compiler.entries import SwitchTables
-from compiler.model import Policy
-from compiler.verify import ProofRecord, Recorded, Sides, proof_digest
+from compiler.model import Policy, PolicyRule
+from compiler.verify import (
+    ProofRecord,
+    Recorded,
+    Sides,
+    proof_digest,
+    remember_digests,
+    rule_digest,
+)
 from p4seg.control import Compiled
 from runtime.files import write_atomic
 
 DIRECTORY = "proven"
 INDEX = "index.json"
-FORMAT = 1
+FORMAT = 3
 
 
 def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
@@ -44,16 +56,18 @@ def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
     error: the next process proves by the changed ToRs instead."""
     directory = state_dir / DIRECTORY
     files = compiled.build.files
+    entries = {switch: files.get(f"entries/{switch}.json") for switch in record.switches}
+    if any(text is None for text in entries.values()):
+        return  # a build without entries files (not one `apply` writes)
+    texts = cast(dict[str, str], entries)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         wanted = {_name(switch, digest) for switch, digest in record.switches.items()}
         present = {p.name for p in directory.iterdir() if p.name != INDEX}
         for switch, digest in record.switches.items():
-            name = _name(switch, digest)
-            text = files.get(f"entries/{switch}.json")
-            if name not in present and text is not None:
-                write_atomic(directory / name, text, durable=False)
-        write_atomic(directory / INDEX, _index(record, compiled.policy), durable=False)
+            if (name := _name(switch, digest)) not in present:
+                write_atomic(directory / name, texts[switch], durable=False)
+        write_atomic(directory / INDEX, _index(record, compiled.policy, texts), durable=False)
         for name in present - wanted:
             (directory / name).unlink(missing_ok=True)
     except OSError:
@@ -84,42 +98,56 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | Non
             return None
         sets = [tuple((int(lo), int(hi)) for lo, hi in s) for s in doc["sets"]]
         sides = {str(k): (sets[i], sets[j]) for k, (i, j) in doc["sides"].items()}
-        quarantined = bool(doc["quarantined"])
+        uncarved = doc["uncarved"]
+        if uncarved is not None:
+            uncarved = {str(k): (str(d), sets[i], sets[j]) for k, (d, i, j) in uncarved.items()}
+        quarantined = frozenset(int(ip) for ip in doc["quarantined"])
+        files = {str(k): str(v) for k, v in doc["files"].items()}
         now = {sw.switch: sw for sw in compiled.build.switches}
         switches: dict[str, SwitchTables] = {}
+        same: dict[SwitchTables, str] = {}
         texts: dict[str, str] = {}
         for switch, digest in before.switches.items():
-            new = now.get(switch)
-            if new is not None and proof_digest(new) == digest:
-                switches[switch] = new
+            new, near = now.get(switch), compiled.build.files.get(f"entries/{switch}.json")
+            if new is not None and near is not None and file_digest(near) == files[switch]:
+                switches[switch] = new  # the same entries file: the same tables
+                same[new] = digest
                 continue
             text = (directory / _name(switch, digest)).read_text()
-            near = compiled.build.files.get(f"entries/{switch}.json")
             old = load_entries_near(text, new, near) if new and near else load_entries(text)
             if proof_digest(old) != digest:
                 return None
             switches[switch], texts[switch] = old, text
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    return Kept(Recorded(before, sides, quarantined, switches), texts)
+    remember_digests(same, len(before.switches))
+    return Kept(Recorded(before, sides, uncarved, quarantined, switches), texts)
 
 
 def _name(switch: str, digest: str) -> str:
     return f"{switch}-{digest}.json"
 
 
-def _index(record: ProofRecord, policy: Policy) -> str:
-    """The index: the record, each rule's addresses (each distinct set once), whether the
-    policy carries a quarantine."""
+def _index(record: ProofRecord, policy: Policy, entries: Mapping[str, str]) -> str:
+    """The index: the record, each rule's addresses (each distinct set once), and with a
+    quarantine in force the uncarved rules' meaning digests and addresses."""
     sets: dict[Sides, int] = {}
-    sides = {}
-    for rule in policy.rules:
+
+    def side(rule: PolicyRule) -> list[int]:
         src, dst = rule.src.intervals, rule.dst.intervals
-        sides[rule.key] = [sets.setdefault(src, len(sets)), sets.setdefault(dst, len(sets))]
+        return [sets.setdefault(src, len(sets)), sets.setdefault(dst, len(sets))]
+
+    sides = {rule.key: side(rule) for rule in policy.rules}
+    uncarved = None
+    if policy.quarantine is not None:
+        uncarved = {r.key: [rule_digest(r), *side(r)] for r in policy.uncarved().rules}
+    quarantined = sorted(policy.quarantine.hosts) if policy.quarantine is not None else []
     doc = {
         "format": FORMAT,
         "record": record.to_json(),
-        "quarantined": policy.quarantine is not None,
+        "files": {switch: file_digest(text) for switch, text in entries.items()},
+        "quarantined": quarantined,
+        "uncarved": uncarved,
         "sets": [_set_json(s) for s in sets],
         "sides": sides,
     }

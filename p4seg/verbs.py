@@ -398,6 +398,19 @@ def warm(args: argparse.Namespace, front: Front) -> Warmed | None:
     return Warmed(moment, time.monotonic() - started, str(digest), proof, tables)
 
 
+def _kept(state_dir: Path, compiled: Compiled) -> Kept | None:
+    """The proven build the state directory keeps (p4seg/proven.py), if its record is the
+    one proof.json names."""
+    from compiler.verify import ProofRecord
+    from p4seg import proven
+
+    try:
+        record = ProofRecord.from_json(json.loads((state_dir / PROOF_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+    return None if record is None else proven.load(state_dir, record, compiled)
+
+
 def _keep_proven(state_dir: Path, compiled: Compiled) -> None:
     """Keep `compiled` in the state directory for the next process (p4seg/proven.py), when
     it is the build this process last proved and recorded there."""
@@ -441,8 +454,9 @@ def _overlay_proof(
     before its overlay is written (None: refused, and why on stderr).
 
     A build this process proved a few builds ago (`record` among `_RECORDS`) is proven.
-    From the build it proved last (compiler/differential.py), when only the host's overlay
-    changed since: a new quarantine of a host that may reach nothing is proven by the
+    From the build it proved last (compiler/differential.py) — in a new process, the one
+    the state directory keeps (p4seg/proven.py) — when only the host's overlay changed
+    since: a new quarantine of a host that may reach nothing is proven by the
     overlay's shape, no packet walked; one whose host keeps remediation flows by the few
     pairs its overlay can let through (Verifier.quarantine_scope); anything else (a
     release) by the host's packets, walked hop by hop (compiler/verify.py `focus`). Each of
@@ -460,6 +474,10 @@ def _overlay_proof(
     if old is not None:
         change = only_overlay_changed(
             old, compiled.policy, compiled.inventory, switches, host, QUARANTINE_MASK
+        )
+    elif (kept := _kept(state_dir, compiled)) is not None:  # a new process: the build kept
+        change = kept.recorded.overlay_change(
+            compiled.policy, compiled.inventory, switches, host, QUARANTINE_MASK
         )
     if not isinstance(change, str) and verb == "quarantine":
         if cuts_off(change, compiled.policy, switches, host, QUARANTINE_MASK) is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -423,9 +424,10 @@ def test_a_host_that_may_reach_nothing_is_quarantined_on_the_overlay_shape_alone
 ) -> None:
     """In the process that proved the last build (serve, watch), quarantining a host with no
     remediation flow walks no packet (compiler/differential.py); each such build is
-    recorded as proven, so the next one is too. A release widens: its host's packets are
-    walked, unless it returns to a build proven before. A new process without the proven
-    build walks them too — and every result is the one the packets show."""
+    recorded as proven, so the next one is too, even in a new process (the state directory
+    keeps it). A release widens: its host's packets are walked, unless it returns to a build
+    proven before. A new process without a proven build walks them too — and every result
+    is the one the packets show."""
     import p4seg.verbs
     from p4seg.cli import forget, main
 
@@ -456,12 +458,16 @@ def test_a_host_that_may_reach_nothing_is_quarantined_on_the_overlay_shape_alone
     assert (
         proof() == "whole build: the build of an earlier proof (the same policy, rules and tables)"
     )
-    # A release to a build this process never proved walks the host's packets.
+    # A new process finds the proven build the state directory keeps (p4seg/proven.py): the
+    # overlay's shape again. A release to a build never proved walks the host's packets.
     forget()
     assert main(["quarantine", "risk2", *live]) == 0
+    assert proof().startswith("whole build: by the overlay's shape"), proof()
+    assert not _delivered(switches, floor, "oms1", "risk2", TCP(sport=40000, dport=8443))
     assert main(["release", "risk1", *live]) == 0
-    assert proof().startswith("the host's packets walked"), proof()
-    forget()  # a new process: no proven build at hand
+    assert proof().startswith("whole build: the host's packets walked"), proof()
+    forget()  # a new process, and no proven build kept: the host's packets alone
+    shutil.rmtree("state/proven")
     assert main(["quarantine", "risk1", *live]) == 0
     assert proof().endswith("(only theirs: no proven build at hand)"), proof()
     assert not _delivered(switches, floor, "risk1", "riskdb", ping)

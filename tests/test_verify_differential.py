@@ -9,10 +9,12 @@ import dataclasses
 from corrupt import corruptions
 
 from compiler.check import check_policy
+from compiler.differential import OverlayChange, only_overlay_changed
 from compiler.emit import build, load_entries, load_entries_near
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from compiler.model import Policy
+from compiler.quarantine import QUARANTINE_MASK
 from compiler.verify import (
     ProofRecord,
     Recorded,
@@ -21,8 +23,10 @@ from compiler.verify import (
     differential_scope,
     proof_digest,
     proof_record,
+    rule_digest,
     verify,
 )
+from runtime.live import LiveState, effective_policy
 
 
 def _compile(text: str, floor: Inventory) -> tuple[Policy, dict[str, SwitchTables]]:
@@ -223,11 +227,19 @@ def test_a_host_to_host_grant_is_proven_on_its_own_pairs(
 
 def _recorded(policy: Policy, floor: Inventory, switches: dict[str, SwitchTables]) -> Recorded:
     """A proven build as the state directory keeps it for a new process (p4seg/proven.py):
-    its record, each rule's addresses, and its tables read back from their entries files."""
+    its record, each rule's addresses (and its uncarved rules with a quarantine in force),
+    and its tables read back from their entries files."""
     files = build(policy, floor, "", "ref").files
     kept = {name: load_entries(files[f"entries/{name}.json"]) for name in switches}
     sides = {r.key: (r.src.intervals, r.dst.intervals) for r in policy.rules}
-    return Recorded(proof_record(policy, floor, switches), sides, False, kept)
+    uncarved = None
+    if policy.quarantine is not None:
+        uncarved = {
+            r.key: (rule_digest(r), r.src.intervals, r.dst.intervals)
+            for r in policy.uncarved().rules
+        }
+    quarantined = frozenset(policy.quarantine.hosts) if policy.quarantine else frozenset()
+    return Recorded(proof_record(policy, floor, switches), sides, uncarved, quarantined, kept)
 
 
 def test_a_new_process_proves_an_edit_on_the_same_pairs_from_the_kept_build(
@@ -263,6 +275,67 @@ def test_tables_left_as_they_were_after_an_edit_are_caught_from_the_kept_build(
         assert any(c.packet.dport in (9876, 5432, 5433) for c in result.counterexamples)
 
 
+def test_a_new_process_proves_on_the_same_pairs_with_quarantines_in_force(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    """A quarantine carves the rules that name its host; the other ToRs judge by the
+    uncarved rules, which the kept build keeps too: the pairs are those a process that
+    held the build would walk, whether the quarantine is in the old build, the new, both."""
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+
+    def compiled(*quarantined: str) -> tuple[Policy, dict[str, SwitchTables]]:
+        state = LiveState(quarantined=dict.fromkeys(quarantined, 0.0))
+        policy = effective_policy(floor_policy, state, noon, hosts)
+        return policy, {sw.switch: sw for sw in build(policy, floor, "", "ref").switches}
+
+    for old_q, new_q in [((), ("algo1",)), (("algo1",), ()), (("algo1",), ("algo1", "dev1"))]:
+        p0, b0 = compiled(*old_q)
+        p1, b1 = compiled(*new_q)
+        held = Verifier(p1, floor, b1).pair_scope(p0, floor, b0)
+        kept = _recorded(p0, floor, b0)
+        from_state = Verifier(p1, floor, b1).recorded_pair_scope(kept, proof_record(p1, floor, b1))
+        assert held is not None and from_state == held, (old_q, new_q)
+        assert verify(p1, floor, b1, recorded=(kept, proof_record(p1, floor, b1))).proven
+
+
+def test_a_kept_build_tells_an_overlay_change_as_the_proven_build_does(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """`Recorded.overlay_change` (a new process) gives what `only_overlay_changed` gives
+    the process that holds the proven build: the overlay, or why not."""
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    edited = _compile(floor_policy_text.replace(*EDIT), floor)[0]
+
+    def compiled(policy: Policy, *quarantined: str) -> tuple[Policy, dict[str, SwitchTables]]:
+        state = LiveState(quarantined=dict.fromkeys(quarantined, 0.0))
+        policy = effective_policy(policy, state, noon, hosts)
+        return policy, {sw.switch: sw for sw in build(policy, floor, "", "ref").switches}
+
+    cases = [  # the proven build, the new one, the host
+        ((floor_policy,), (floor_policy, "algo1"), "algo1"),  # a quarantine
+        ((floor_policy, "algo1"), (floor_policy,), "algo1"),  # its release
+        ((floor_policy, "algo1"), (floor_policy, "algo1", "risk1"), "risk1"),  # another
+        ((floor_policy,), (floor_policy, "algo1", "risk1"), "algo1"),  # two at once
+        ((floor_policy,), (edited, "risk1"), "risk1"),  # and a rule changed
+        ((floor_policy,), (floor_policy,), "algo1"),  # nothing changed
+    ]
+    shapes = set()
+    for then, now, name in cases:
+        p0, b0 = compiled(*then)
+        p1, b1 = compiled(*now)
+        host = floor.hosts_by_name[name]
+        held = only_overlay_changed((p0, floor, b0), p1, floor, b1, host, QUARANTINE_MASK)
+        kept = _recorded(p0, floor, b0)
+        # as p4seg/proven.py loads it: a switch whose entries are the same is the new object
+        same = {n: b1[n] if b1[n].entries == t.entries else t for n, t in kept.switches.items()}
+        kept = dataclasses.replace(kept, switches=same)
+        assert kept.overlay_change(p1, floor, b1, host, QUARANTINE_MASK) == held, (then, now)
+        shapes.add(type(held))
+    assert shapes == {str, OverlayChange}
+
+
 def test_a_kept_build_that_is_not_what_the_record_says_proves_everything(
     floor: Inventory, floor_policy_text: str
 ) -> None:
@@ -273,7 +346,6 @@ def test_a_kept_build_that_is_not_what_the_record_says_proves_everything(
     other_floor = dataclasses.replace(kept.record, inventory="another floor")
     for stale in (
         dataclasses.replace(kept, record=other_floor),
-        dataclasses.replace(kept, quarantined=True),
         dataclasses.replace(kept, sides={}),  # a changed rule's addresses unknown
     ):
         result = verify(p1, floor, b1, recorded=(stale, record))
