@@ -313,18 +313,19 @@ def test_a_kept_build_tells_an_overlay_change_as_the_proven_build_does(
         policy = effective_policy(policy, state, noon, hosts)
         return policy, {sw.switch: sw for sw in build(policy, floor, "", "ref").switches}
 
-    cases = [  # the proven build, the new one, the host
-        ((floor_policy,), (floor_policy, "algo1"), "algo1"),  # a quarantine
-        ((floor_policy, "algo1"), (floor_policy,), "algo1"),  # its release
-        ((floor_policy, "algo1"), (floor_policy, "algo1", "risk1"), "risk1"),  # another
-        ((floor_policy,), (floor_policy, "algo1", "risk1"), "algo1"),  # two at once
-        ((floor_policy,), (edited, "risk1"), "risk1"),  # and a rule changed
-        ((floor_policy,), (floor_policy,), "algo1"),  # nothing changed
-    ]
+    plain = floor_policy
+    cases: list[tuple[tuple[Policy, tuple[str, ...]], tuple[Policy, tuple[str, ...]], str]] = [
+        ((plain, ()), (plain, ("algo1",)), "algo1"),  # a quarantine
+        ((plain, ("algo1",)), (plain, ()), "algo1"),  # its release
+        ((plain, ("algo1",)), (plain, ("algo1", "risk1")), "risk1"),  # another
+        ((plain, ()), (plain, ("algo1", "risk1")), "algo1"),  # two at once
+        ((plain, ()), (edited, ("risk1",)), "risk1"),  # and a rule changed
+        ((plain, ()), (plain, ()), "algo1"),  # nothing changed
+    ]  # the proven build, the new one (policy, quarantined hosts), the host
     shapes = set()
-    for then, now, name in cases:
-        p0, b0 = compiled(*then)
-        p1, b1 = compiled(*now)
+    for (old_policy, then), (new_policy, now), name in cases:
+        p0, b0 = compiled(old_policy, *then)
+        p1, b1 = compiled(new_policy, *now)
         host = floor.hosts_by_name[name]
         held = only_overlay_changed((p0, floor, b0), p1, floor, b1, host, QUARANTINE_MASK)
         kept = _recorded(p0, floor, b0)
