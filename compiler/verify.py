@@ -1596,13 +1596,18 @@ def floor_digest(inventory: Inventory) -> str:
     return _digest(floor, down) if down else floor
 
 
-def remember_digests(digests: Mapping[SwitchTables, str], count: int) -> None:
+def remember_digests(digests: Mapping[SwitchTables, str], count: int) -> bool:
     """Take these tables' proof digests as known (the kept build's record names them: p4seg/
     proven.py), with room for `count` switches: a new process's record of a build that
-    changed one ToR digests that one."""
+    changed one ToR digests that one. False, and nothing taken, if one of them was
+    digested already to something else."""
+    if any((known := _TABLES_DIGESTS.find(sw)) is not None and known != d
+           for sw, d in digests.items()):  # fmt: skip
+        return False
     _TABLES_DIGESTS.hold(count)
     for sw, digest in digests.items():
         _TABLES_DIGESTS.put(sw, digest)
+    return True
 
 
 @functools.lru_cache(maxsize=1 << 16)

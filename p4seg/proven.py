@@ -120,7 +120,8 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | Non
             switches[switch], texts[switch] = old, text
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    remember_digests(same, len(before.switches))
+    if not remember_digests(same, len(before.switches)):
+        return None  # the index pairs a file with other tables than this process digested
     return Kept(Recorded(before, sides, uncarved, quarantined, switches), texts)
 
 
