@@ -63,15 +63,25 @@ class BuildFiles(MutableMapping[str, str]):
     def __init__(self) -> None:
         self._texts: dict[str, str] = {}
         self._later: dict[str, Callable[[], str]] = {}
+        # name -> the files its text is a function of alone (write_build: an earlier build's
+        # copy of it stands while they are the same)
+        self._sources: dict[str, tuple[str, ...]] = {}
 
-    def later(self, name: str, make: Callable[[], str]) -> None:
+    def later(self, name: str, make: Callable[[], str], sources: tuple[str, ...] = ()) -> None:
+        """`name`'s text, made by `make` on its first read; `sources`: files whose texts
+        alone determine it."""
         self._texts.pop(name, None)
         self._later[name] = make
+        self._sources[name] = sources
+
+    def unmade(self, name: str) -> tuple[str, ...] | None:
+        """The sources of `name` while its text is not made yet (None: made, or none)."""
+        return self._sources.get(name) if name in self._later else None
 
     def take(self, other: BuildFiles, name: str) -> None:
         """`other`'s file `name`, as it is there (made, or still to make)."""
         if name in other._later:
-            self.later(name, other._later[name])
+            self.later(name, other._later[name], other._sources.get(name, ()))
         else:
             self[name] = other._texts[name]
 
@@ -179,7 +189,9 @@ def build(
             continue
         # The entries file is what a controller plans from; the rest is made when read.
         files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
-        files.later(names[1], partial(_runtime_listing, sw, target, runtime))
+        # the runtime listing: a function of the entries (their file) and the pipeline
+        files.later(names[1], partial(_runtime_listing, sw, target, runtime),
+                    (names[0], "p4info.txtpb"))  # fmt: skip
     report = functools.cache(
         partial(_report, policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     )
@@ -638,8 +650,8 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     target = Path(out_dir).resolve()
     rels = [_relative(rel) for rel in build_.files]
     _DIGESTS.hold(len(build_.files))
-    digests = {_relative(rel): file_digest(text) for rel, text in build_.files.items()}
     if not os.path.lexists(target):
+        digests = {_relative(rel): file_digest(text) for rel, text in build_.files.items()}
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = _fresh_dir(target.parent, f".{target.name}.")
         try:
@@ -667,11 +679,18 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     # A file the previous build wrote with the same content stays as it is (a quarantine
     # changes one ToR's entries: the program, its P4Info and the other switches' files stay).
     known = _digests_before(target)
-    changed = {
-        rel: text
-        for rel, text in build_.files.items()
-        if not _holds(target / _relative(rel), digests[_relative(rel)], known.get(_relative(rel)))
-    }
+    digests = {}
+    changed = {}
+    for rel in build_.files:
+        path, recorded = target / _relative(rel), known.get(_relative(rel))
+        if _as_written(build_.files, rel, target, known):  # not even made: as it is there
+            assert recorded is not None
+            digests[_relative(rel)] = recorded
+            continue
+        text = build_.files[rel]
+        digests[_relative(rel)] = file_digest(text)
+        if not _holds(path, digests[_relative(rel)], recorded):
+            changed[rel] = text
     staging = _fresh_dir(target, ".p4seg-staging-")
     try:
         _write_files(staging, changed)
@@ -688,6 +707,21 @@ def write_build(build_: Build, out_dir: str) -> list[str]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sorted(str(target / rel) for rel in rels)
+
+
+def _as_written(files: BuildFiles, rel: str, target: Path, known: Mapping[str, str]) -> bool:
+    """Whether the file `rel` that the build has not made yet holds there what it would
+    make: its sources are the texts the earlier build wrote (so it would make the same
+    text), and it is still as that build wrote it (a new process writing into a build
+    directory need not make every switch's runtime listing to find it unchanged)."""
+    sources = files.unmade(rel)
+    recorded = known.get(_relative(rel))
+    if not sources or recorded is None:
+        return False
+    for source in sources:
+        if source not in files or known.get(_relative(source)) != file_digest(files[source]):
+            return False
+    return _holds(target / _relative(rel), recorded, recorded)
 
 
 _KEY_ORDER = {t.name: {k.name: k.id for k in t.keys} for t in build_pipeline().tables}

@@ -232,3 +232,46 @@ def test_an_update_rewrites_only_the_files_that_differ(
     for rel, content in edited.files.items():
         assert (out / rel).read_text() == content, rel
     assert manifest(out) == sorted(edited.files)
+
+
+def test_a_new_process_writes_a_build_without_making_what_it_would_find_unchanged(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """A switch's runtime listing is a function of its entries file and the P4Info alone: a
+    build written over one with the same entries for a switch (a new process's compile
+    after a one-rule edit) leaves that switch's listing as it is without making it — unless
+    the listing there is not what the earlier build wrote. The directory ends up byte for
+    byte what writing every file would give."""
+    out = tmp_path / "out"
+    first = build(floor_policy, floor, floor_policy_text, "ref")
+    write_build(first, str(out))
+    edited_text = floor_policy_text.replace("risk_db      tcp 5432", "risk_db      tcp 5433")
+    policy = dataclasses.replace(
+        floor_policy,
+        rules=tuple(
+            dataclasses.replace(r, ports=((5433, 5433),)) if r.ports == ((5432, 5432),) else r
+            for r in floor_policy.rules
+        ),
+    )
+    hand = out / "entries" / "tor-md-runtime.json"
+    hand.write_text(hand.read_text() + " ")  # edited by hand: made and written again
+    fresh = build(policy, floor, edited_text, "ref")  # as a new process compiles it
+    write_build(fresh, str(out))
+    unmade = {
+        rel for rel in fresh.files if rel.endswith("-runtime.json") and fresh.files.unmade(rel)
+    }
+    changed = {
+        s.name
+        for s in floor.switches
+        if first.files[f"entries/{s.name}.json"] != fresh.files[f"entries/{s.name}.json"]
+    }
+    assert "tor-rsk" in changed and "tor-md" not in changed
+    assert unmade == {
+        f"entries/{name}-runtime.json"
+        for name in {s.name for s in floor.switches} - changed - {"tor-md"}  # tor-md: by hand
+    }
+    reference = tmp_path / "reference"
+    write_build(build(policy, floor, edited_text, "ref"), str(reference))
+    assert snapshot(out).keys() == snapshot(reference).keys()
+    for rel in files_under(reference):
+        assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
