@@ -380,6 +380,11 @@ def file_digest(text: str) -> str:
     return _DIGESTS.get(text, lambda t: hashlib.sha256(t.encode()).hexdigest())
 
 
+def hold_file_digests(count: int) -> None:
+    """Room to remember `count` files' digests at once (a build's switches' entries)."""
+    _DIGESTS.hold(count)
+
+
 def _rule_line(r: PolicyRule) -> tuple[dict[str, object], str]:
     line: dict[str, object] = {
         "id": r.id,

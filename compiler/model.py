@@ -313,9 +313,11 @@ class Policy:
     protected: tuple[Protection, ...] = ()
 
     _by_id: dict[int, PolicyRule] = field(init=False, repr=False, compare=False)
+    _uncarved: list[Policy] = field(init=False, repr=False, compare=False)  # made once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_id", {r.id: r for r in self.rules})
+        object.__setattr__(self, "_uncarved", [])
 
     def automatic(self) -> list[SignalRule | ContainRule | Protection]:
         """The statements that change access without an operator, in that order: signals,
@@ -337,13 +339,16 @@ class Policy:
         q = self.quarantine
         if q is None:
             return self
+        if self._uncarved:  # asked by the proof, the schedule, the kept build: made once
+            return self._uncarved[0]
         sets = {key: (src, dst) for key, src, dst in q.uncarved}
         rules = tuple(
             dataclasses.replace(r, src=sets[r.key][0], dst=sets[r.key][1]) if r.key in sets else r
             for r in self.rules
             if r.key not in q.added
         )
-        return dataclasses.replace(self, rules=rules, quarantine=None)
+        self._uncarved.append(dataclasses.replace(self, rules=rules, quarantine=None))
+        return self._uncarved[0]
 
 
 def text_key(text: str) -> str:

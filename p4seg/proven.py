@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from compiler.emit import file_digest, load_entries, load_entries_near
+from compiler.emit import file_digest, hold_file_digests, load_entries, load_entries_near
 from compiler.entries import SwitchTables
 from compiler.model import Policy, PolicyRule
 from compiler.verify import (
@@ -60,6 +60,7 @@ def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
     if any(text is None for text in entries.values()):
         return  # a build without entries files (not one `apply` writes)
     texts = cast(dict[str, str], entries)
+    hold_file_digests(2 * len(texts))  # the index names each by its digest, made once
     try:
         directory.mkdir(parents=True, exist_ok=True)
         wanted = {_name(switch, digest) for switch, digest in record.switches.items()}
