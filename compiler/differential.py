@@ -87,7 +87,7 @@ def changed_entries(old: SwitchTables, new: SwitchTables) -> list[TableEntry] | 
         return [] if (old.role, old.defaults) == (new.role, new.defaults) else None
     if (old.role, old.device_id, old.defaults) != (new.role, new.device_id, new.defaults):
         return None
-    return list(set(old.entries) ^ set(new.entries))
+    return list(_entry_set(old) ^ _entry_set(new))  # the old one's made by the last proof
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +240,7 @@ def changed_tables(
     """Per switch, its changed entries (only switches with some); None: prove everything."""
     if old.keys() != new.keys():
         return None
+    _ENTRY_SETS.hold(len(new))  # the changed switches' entry sets, old and new
     out: dict[str, list[TableEntry]] = {}
     for name, sw in new.items():
         diff = changed_entries(old[name], sw)
