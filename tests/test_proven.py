@@ -29,12 +29,18 @@ def _record(c: Compiled) -> ProofRecord:
     return proof_record(c.policy, c.inventory, {sw.switch: sw for sw in c.build.switches})
 
 
+def _kept_floor(where: Path, floor: Inventory, text: str) -> tuple[Compiled, ProofRecord]:
+    """The floor compiled, proven (its record) and kept in `where` as a state directory."""
+    before = _compiled(text, floor, where)
+    record = _record(before)
+    proven.save(where, before, record)
+    return before, record
+
+
 def test_the_kept_build_reads_back_as_it_was_proven(
     tmp_path: Path, floor: Inventory, floor_policy_text: str
 ) -> None:
-    before = _compiled(floor_policy_text, floor, tmp_path)
-    record = _record(before)
-    proven.save(tmp_path, before, record)
+    before, record = _kept_floor(tmp_path, floor, floor_policy_text)
     kept_files = sorted(p.name for p in (tmp_path / "proven").iterdir())
     assert len(kept_files) == len(floor.switches) + 1  # each switch's file and the index
     forget()  # a new process
@@ -58,9 +64,7 @@ def test_the_kept_build_reads_back_as_it_was_proven(
 def test_a_record_naming_other_tables_than_this_process_made_is_refused(
     tmp_path: Path, floor: Inventory, floor_policy_text: str
 ) -> None:
-    before = _compiled(floor_policy_text, floor, tmp_path)
-    record = _record(before)
-    proven.save(tmp_path, before, record)
+    _, record = _kept_floor(tmp_path, floor, floor_policy_text)
     # proof.json and the index edited alike: an unchanged switch named by other tables
     forged = dataclasses.replace(record, switches={**record.switches, "tor-md": "0" * 24})
     index = json.loads((tmp_path / "proven" / "index.json").read_text())
