@@ -837,13 +837,13 @@ class Verifier:
         before = old.record
         if (before.inventory, before.default_log) != (record.inventory, record.default_log):
             return None
-        then = {k: (d, *old.sides[k]) for k, (d, _) in before.rules.items() if k in old.sides}
-        if len(then) != len(before.rules):
+        then = old.rule_sides()
+        if then is None:
             return None
         sides = _changed_sides(then, _rule_sides(self.policy))
         if old.uncarved is not None or self.policy.quarantine is not None:
-            then = dict(old.uncarved) if old.uncarved is not None else then
-            sides += _changed_sides(then, _rule_sides(self.policy.uncarved()))
+            uncarved = old.uncarved if old.uncarved is not None else then
+            sides += _changed_sides(uncarved, _rule_sides(self.policy.uncarved()))
         return self._pairs_of(sides, old.switches)
 
     def _pairs_of(
@@ -1510,6 +1510,12 @@ class Recorded:
     quarantined: frozenset[int]  # the hosts a quarantine held then
     switches: Mapping[str, SwitchTables]
 
+    def rule_sides(self) -> RuleSides | None:
+        """Its rules by key: meaning digest and addresses (None: an address is missing)."""
+        if not self.record.rules.keys() <= self.sides.keys():
+            return None
+        return {k: (d, *self.sides[k]) for k, (d, _) in self.record.rules.items()}
+
     def overlay_change(
         self, policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables],
         host: Host, mask: int,
@@ -1522,9 +1528,9 @@ class Recorded:
             return "the inventory changed"
         if self.record.default_log != policy.default_log:
             return "the default's logging changed"
-        then = self.uncarved
+        then = self.uncarved if self.uncarved is not None else self.rule_sides()
         if then is None:
-            then = {k: (d, *self.sides[k]) for k, (d, _) in self.record.rules.items()}
+            return "the kept build lacks rules' addresses"
         if _changed_sides(then, _rule_sides(policy.uncarved())):
             return "rules changed"
         after = set(policy.quarantine.hosts) if policy.quarantine else set()

@@ -87,9 +87,9 @@ class Kept:
 
 def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | None:
     """The build `before` records, as the state directory keeps it, or None when it does
-    not keep exactly that build. `compiled`'s tables stand in for every switch whose digest
-    is the same, and lend their entries to the others (only the lines that differ are
-    parsed)."""
+    not keep exactly that build. `compiled`'s tables stand in for every switch whose
+    entries file is the one the index names, and lend their entries to the others (only
+    the lines that differ are parsed)."""
     directory = state_dir / DIRECTORY
     try:
         doc = json.loads((directory / INDEX).read_text())
@@ -119,7 +119,7 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | Non
             if proof_digest(old) != digest:
                 return None
             switches[switch], texts[switch] = old, text
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
     if not remember_digests(same, len(before.switches)):
         return None  # the index pairs a file with other tables than this process digested

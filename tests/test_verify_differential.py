@@ -351,6 +351,8 @@ def test_a_kept_build_that_is_not_what_the_record_says_proves_everything(
     ):
         result = verify(p1, floor, b1, recorded=(stale, record))
         assert result.proven and result.pairs is None and result.scope is None
+        algo1 = floor.hosts_by_name["algo1"]
+        assert isinstance(stale.overlay_change(p1, floor, b1, algo1, QUARANTINE_MASK), str)
 
 
 def test_entries_files_read_back_equal_to_what_the_build_wrote(
