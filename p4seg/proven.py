@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 from compiler.emit import file_digest, hold_file_digests, load_entries, load_entries_near
 from compiler.entries import SwitchTables
+from compiler.memo import also_forget
 from compiler.model import Policy, PolicyRule
 from compiler.verify import (
     ProofRecord,
@@ -47,7 +48,7 @@ from runtime.files import write_atomic
 
 DIRECTORY = "proven"
 INDEX = "index.json"
-FORMAT = 3
+FORMAT = 4
 
 
 def save(state_dir: Path, compiled: Compiled, record: ProofRecord) -> None:
@@ -97,11 +98,15 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | Non
             return None
         if ProofRecord.from_json(doc.get("record")) != before:
             return None
-        sets = [tuple((int(lo), int(hi)) for lo, hi in s) for s in doc["sets"]]
-        sides = {str(k): (sets[i], sets[j]) for k, (i, j) in doc["sides"].items()}
+        sides = {
+            str(k): (_intervals(src), _intervals(dst)) for k, (src, dst) in doc["sides"].items()
+        }
         uncarved = doc["uncarved"]
         if uncarved is not None:
-            uncarved = {str(k): (str(d), sets[i], sets[j]) for k, (d, i, j) in uncarved.items()}
+            uncarved = {
+                str(k): (str(d), _intervals(src), _intervals(dst))
+                for k, (d, src, dst) in uncarved.items()
+            }
         quarantined = frozenset(int(ip) for ip in doc["quarantined"])
         files = {str(k): str(v) for k, v in doc["files"].items()}
         now = {sw.switch: sw for sw in compiled.build.switches}
@@ -126,36 +131,64 @@ def load(state_dir: Path, before: ProofRecord, compiled: Compiled) -> Kept | Non
     return Kept(Recorded(before, sides, uncarved, quarantined, switches), texts)
 
 
+def _intervals(doc: list[list[int]]) -> Sides:
+    return tuple((int(lo), int(hi)) for lo, hi in doc)
+
+
 def _name(switch: str, digest: str) -> str:
     return f"{switch}-{digest}.json"
 
 
 def _index(record: ProofRecord, policy: Policy, entries: Mapping[str, str]) -> str:
-    """The index: the record, each rule's addresses (each distinct set once), and with a
-    quarantine in force the uncarved rules' meaning digests and addresses."""
-    sets: dict[Sides, int] = {}
-
-    def side(rule: PolicyRule) -> list[int]:
-        src, dst = rule.src.intervals, rule.dst.intervals
-        return [sets.setdefault(src, len(sets)), sets.setdefault(dst, len(sets))]
-
-    sides = {rule.key: side(rule) for rule in policy.rules}
-    uncarved = None
+    """The index: the record, each entries file's digest, each rule's addresses, and with a
+    quarantine in force the quarantined hosts and the uncarved rules' meaning digests and
+    addresses. Each rule's part is made once per rule object (most rules are the same
+    objects build after build)."""
+    sides = ", ".join(_fragment(rule, _sides_json) for rule in policy.rules)
+    uncarved = "null"
     if policy.quarantine is not None:
-        uncarved = {r.key: [rule_digest(r), *side(r)] for r in policy.uncarved().rules}
+        rules = policy.uncarved().rules
+        uncarved = "{" + ", ".join(_fragment(rule, _uncarved_json) for rule in rules) + "}"
     quarantined = sorted(policy.quarantine.hosts) if policy.quarantine is not None else []
-    doc = {
-        "format": FORMAT,
-        "record": record.to_json(),
-        "files": {switch: file_digest(text) for switch, text in entries.items()},
-        "quarantined": quarantined,
-        "uncarved": uncarved,
-        "sets": [_set_json(s) for s in sets],
-        "sides": sides,
-    }
-    return json.dumps(doc, sort_keys=True) + "\n"
+    files = {switch: file_digest(text) for switch, text in entries.items()}
+    return (
+        f'{{"format": {FORMAT}, "record": {json.dumps(record.to_json())}, '
+        f'"files": {json.dumps(files)}, "quarantined": {json.dumps(quarantined)}, '
+        f'"uncarved": {uncarved}, "sides": {{{sides}}}}}\n'
+    )
+
+
+def _sides_json(rule: PolicyRule) -> str:
+    """`"key": [sources, destinations]`, each a list of [first, last] address intervals."""
+    return f"{json.dumps(rule.key)}: [{_set_json(rule.src.intervals)}, {_set_json(rule.dst.intervals)}]"
+
+
+def _uncarved_json(rule: PolicyRule) -> str:
+    """`"key": [meaning digest, sources, destinations]`."""
+    return (
+        f"{json.dumps(rule.key)}: [{json.dumps(rule_digest(rule))}, "
+        f"{_set_json(rule.src.intervals)}, {_set_json(rule.dst.intervals)}]"
+    )
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _set_json(intervals: Sides) -> list[list[int]]:
-    return [[lo, hi] for lo, hi in intervals]
+def _set_json(intervals: Sides) -> str:
+    return json.dumps([[lo, hi] for lo, hi in intervals])
+
+
+# Each rule object's part of the index, by kind: (the rule, its text) by the rule's id (the
+# rule is held, so its id is not reused while remembered); emptied past _MOST parts.
+_FRAGMENTS: dict[tuple[Callable[[PolicyRule], str], int], tuple[PolicyRule, str]] = {}
+_MOST = 100_000
+also_forget(_FRAGMENTS.clear)
+
+
+def _fragment(rule: PolicyRule, make: Callable[[PolicyRule], str]) -> str:
+    found = _FRAGMENTS.get((make, id(rule)))
+    if found is not None and found[0] is rule:
+        return found[1]
+    if len(_FRAGMENTS) >= _MOST:
+        _FRAGMENTS.clear()
+    text = make(rule)
+    _FRAGMENTS[(make, id(rule))] = (rule, text)
+    return text
