@@ -317,16 +317,13 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     builds ago (its proof record: the same rules, tables and inventory). A change is
     written only once it is proven (fail closed). Not `save`: the proof is remembered in
     this process only, the state directory's record left as it is (a standby's)."""
-    from compiler.verify import ProofRecord, differential_scope, proof_record, verify
+    from compiler.verify import differential_scope, proof_record, verify
     from p4seg import proven
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
     record = proof_record(compiled.policy, compiled.inventory, switches)
     path = state_dir / PROOF_FILE
-    try:
-        before = ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
-    except (OSError, ValueError):
-        before = None  # unreadable: prove everything
+    before = _recorded_proof(state_dir)  # unreadable: None, prove everything
     held = _PROVEN.get(state_dir.resolve())
     previous = held[1] if held is not None and before is not None and held[0] == before else None
     if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
@@ -401,14 +398,21 @@ def warm(args: argparse.Namespace, front: Front) -> Warmed | None:
 def _kept(state_dir: Path, compiled: Compiled) -> Kept | None:
     """The proven build the state directory keeps (p4seg/proven.py), if its record is the
     one proof.json names."""
-    from compiler.verify import ProofRecord
     from p4seg import proven
 
+    record = _recorded_proof(state_dir)
+    return None if record is None else proven.load(state_dir, record, compiled)
+
+
+def _recorded_proof(state_dir: Path) -> ProofRecord | None:
+    """The proof record the state directory holds (None: none, or unreadable)."""
+    from compiler.verify import ProofRecord
+
+    path = state_dir / PROOF_FILE
     try:
-        record = ProofRecord.from_json(json.loads((state_dir / PROOF_FILE).read_text()))
+        return ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
     except (OSError, ValueError):
         return None
-    return None if record is None else proven.load(state_dir, record, compiled)
 
 
 def _keep_proven(state_dir: Path, compiled: Compiled) -> None:
@@ -424,15 +428,10 @@ def _keep_proven(state_dir: Path, compiled: Compiled) -> None:
 def _held_proven(state_dir: Path) -> Proven | None:
     """The build this process last proved for the state directory, while the directory's
     proof record still names it (nothing else was proven or applied since)."""
-    from compiler.verify import ProofRecord
-
     held = _PROVEN.get(state_dir.resolve())
-    path = state_dir / PROOF_FILE
-    try:
-        record = ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
-    except (OSError, ValueError):
+    if held is None:
         return None
-    return held[1] if held is not None and held[0] == record else None
+    return held[1] if held[0] == _recorded_proof(state_dir) else None
 
 
 def _record_proven(compiled: Compiled, state_dir: Path, record: ProofRecord) -> None:
