@@ -12,7 +12,7 @@ the kill:
 - **leader**: until the standby's `/v1/status` says `"role": "leader"` (lease TTL + etcd's
   expiry tick, bounded below by the TTL: the baseline of the same run);
 - **primary everywhere**: until its status says its follower is every switch's primary
-  (`following`: its term's election id minus one, so the switches fence off the dead
+  (`following`: at its term's election id, so the switches fence off the dead
   leader's sessions from then on);
 - **first quarantine**: until a quarantine through it answers 200 — the new leader has
   pulled the state, won arbitration with its higher election id and written the overlay
@@ -145,7 +145,7 @@ def _role(ctl: ServeProcesses, name: str) -> str:
 
 
 def _primary_everywhere(ctl: ServeProcesses, name: str) -> bool:
-    """The serve's follower is every switch's primary (its term's election id minus one)."""
+    """The serve's follower is every switch's primary (at its term's election id)."""
     code, doc = _call(ctl.urls[name], "GET", "/v1/status")
     switches = doc.get("switches") if code == 200 else None
     return isinstance(switches, list) and all(

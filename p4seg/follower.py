@@ -1,17 +1,18 @@
 """`p4seg serve` follows its switches: logged denies become alerts, alerts and signals go
 through the policy engine (runtime/engine.py), and its decisions are carried out.
 
-The follower holds one long-lived finsy session per switch, bidding the applies' election id
-minus one: it never outranks an apply. A switch sends PacketIns to its primary only. Between
-applies the follower is the primary: when the apply's stream closes the switch has no primary
-and says so (NOT_FOUND with the highest id it has seen), and finsy bids that id, the apply's.
-Before an apply of this process arbitrates on a switch the follower steps aside there (its
-session ends; runtime/controller.share_primary) and comes back when the apply is done, so
-two live streams never hold one election id. The gap is the apply's time on that switch:
-a logged deny then reaches no controller (docs/serve.md).
+The follower holds one long-lived finsy session per switch, at the applies' election id: it
+is the controller's session with the switch. A switch sends PacketIns to its primary only,
+and the follower is the primary; the applies of this process write through its session
+(`lend`, runtime/controller.SharedPrimary): no session to open, and the PacketIns keep
+coming. Only an apply that must set the pipeline, or one that finds the follower not the
+primary (a switch restarting), opens a session of its own; the follower then steps aside
+there (its session ends, and the switch has dropped it) and comes back when the apply is
+done, so two live streams never hold one election id. The gap is that apply's time on that
+switch: a logged deny then reaches no controller (docs/serve.md).
 
 With `--etcd` only the leader follows (p4seg/serve.py starts a Follower per term and ends
-it the moment the term ends): its id is the term's election id minus one, and it never bids
+it the moment the term ends): its id is the term's election id, and it never bids
 above the term's id (`CappedArbitration`), so a deposed leader's follower can never take a
 switch from its successor (docs/serve.md, "Following with --etcd").
 
@@ -37,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,8 +54,13 @@ from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of
 from p4seg.operations import ApiError, Operations, Outcome
 from runtime import audit
 from runtime.alerts import Alert, RateLimiter, alert_of
-from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, session_options
-from runtime.controller import share_primary as _share_primary
+from runtime.controller import (
+    ControllerOptions,
+    PipelineFiles,
+    SwitchTarget,
+    register_shared,
+    session_options,
+)
 from runtime.engine import (
     AlertOnly,
     Decision,
@@ -153,13 +159,17 @@ class Follower:
         self.ops = ops
         self.subscribers = subscribers if subscribers is not None else []  # the caller's list
         self.limiter = limiter or RateLimiter()
-        self.options = dataclasses.replace(options, election_id=options.election_id - 1)
+        self.options = options  # the applies' election id (p4seg/serve.py: the term's)
         # --etcd: the term's id caps the bids (None: finsy bids whatever id the switch saw).
         self.ceiling = options.election_id if options.fenced else None
         self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns
         self.received = 0  # PacketIns turned into alerts (admitted or not)
         # Seconds from stepping aside for an apply to being the primary again (the last 100).
         self.gaps: deque[float] = deque(maxlen=100)
+        self.lent = 0  # applies on a switch carried out through the follower's session
+        self._switches: dict[str, Switch] = {}
+        self._raws: dict[str, P4Client] = {}  # per switch: raw reads for the applies lent to
+        self._lending: dict[str, asyncio.Lock] = {}
         self._aside_since: dict[str, float] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,14 +202,15 @@ class Follower:
             self._targets[target.name] = target
             self.following[target.name] = threading.Event()
             self._paused[target.name] = 0
-            _share_primary(target.address, self._step_aside(target.name))
+            self._lending[target.name] = asyncio.Lock()
+            register_shared(target.address, _Shared(self, target.name))
             self._start(target.name)
         try:
             await asyncio.Event().wait()
         finally:
             self._stopping = True  # an apply still running does not bring a session back
             for target in self._targets.values():
-                _share_primary(target.address, None)
+                register_shared(target.address, None)
             for name in list(self._runs):
                 await self._end(name)
 
@@ -207,15 +218,20 @@ class Follower:
         target, files = self._targets[name], self._files
         assert files is not None
         switch = follower_session(target, files, self.options, self.ceiling, self._ready)
+        self._switches[name] = switch
         # Switch.run reconnects (with finsy's back-off) when the switch restarts.
         self._runs[name] = asyncio.ensure_future(switch.run())
 
     async def _end(self, name: str) -> None:
         task = self._runs.pop(name, None)
+        self._switches.pop(name, None)
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
         self.following[name].clear()
+        raw = self._raws.pop(name, None)
+        if raw is not None:
+            await raw.close()
 
     async def _ready(self, sw: Switch) -> None:
         """finsy calls this when the channel is ready and again on every change of role."""
@@ -263,18 +279,53 @@ class Follower:
             self._rules = (last, _rule_lines(last.build))
         return self._rules[1]
 
-    # -- stepping aside for an apply ------------------------------------------------------
+    # -- an apply on the follower's session, or beside it ---------------------------------
 
-    def _step_aside(self, name: str) -> Callable[[], AbstractAsyncContextManager[object]]:
-        @contextlib.asynccontextmanager
-        async def aside() -> AsyncIterator[None]:
-            await self._in_loop(self._pause(name))
-            try:
-                yield
-            finally:
-                await self._in_loop(self._resume(name))
+    async def lend(
+        self,
+        name: str,
+        election_id: int,
+        work: Callable[[Switch, P4Client], Awaitable[bool]],
+    ) -> bool:
+        """runtime/controller.SharedPrimary.lend for switch `name`: `work` runs in the
+        follower's loop while its session there is the primary, one apply at a time."""
 
-        return aside
+        async def lent() -> bool:
+            async with self._lending[name]:
+                sw = self._switches.get(name)
+                if (
+                    sw is None
+                    or election_id != self.options.election_id  # another controller's
+                    or self._paused[name]
+                    or not self.is_following(name)
+                    or not sw.is_primary
+                    or sw.election_id > election_id  # bid up to another controller's id
+                ):
+                    return False
+                done = await work(sw, await self._raw(name))
+                self.lent += done
+                return done
+
+        return await self._in_loop(lent())
+
+    async def _raw(self, name: str) -> P4Client:
+        """The client an apply lent the session reads with (reads need no arbitration)."""
+        raw = self._raws.get(name)
+        if raw is None:
+            target = self._targets[name]
+            raw = P4Client(target.address, self.options.tls, wait_for_ready=False)
+            await raw.open()
+            self._raws[name] = raw
+        return raw
+
+    @contextlib.asynccontextmanager
+    async def step_aside(self, name: str) -> AsyncIterator[None]:
+        """While an apply holds switch `name` with a session of its own (SharedPrimary)."""
+        await self._in_loop(self._pause(name))
+        try:
+            yield
+        finally:
+            await self._in_loop(self._resume(name))
 
     async def _in_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run `coroutine` in the follower's loop (applies run in their own, in a thread)."""
@@ -313,6 +364,22 @@ class Follower:
             if reply.arbitration.status.code != rpc_code.ALREADY_EXISTS:
                 return  # no primary: our stream is gone
             await asyncio.sleep(0.005)  # the switch has not seen our stream end yet
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Shared:
+    """The follower's session with one switch, as runtime/controller.py shares it."""
+
+    follower: Follower
+    name: str
+
+    async def lend(
+        self, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
+    ) -> bool:
+        return await self.follower.lend(self.name, election_id, work)
+
+    def aside(self) -> AbstractAsyncContextManager[object]:
+        return self.follower.step_aside(self.name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -574,11 +641,5 @@ def _iso(moment: float) -> str:
 
 
 def controller_options(ops: Operations) -> ControllerOptions | str:
-    """The options the follower's sessions derive from (the applies')."""
-    options = options_of(ops.args)
-    if isinstance(options, str):
-        return options
-    if options.election_id < 2 and not options.fenced:  # --etcd: each term has its own id
-        return (f"--election-id {options.election_id} leaves no id below it for the follower: "
-                "alerts and containment are off (use 2 or more)")  # fmt: skip
-    return options
+    """The options of the follower's sessions: the applies' (a problem: its message)."""
+    return options_of(ops.args)

@@ -196,7 +196,7 @@ class Operations:
     def _watch_loop(self, failed: Callable[[], object]) -> None:
         hooks = WatchHooks(self.lock, self.changed, self.watched, self._may_write, self._wrote)
         try:
-            watch_loop(self.args, self.front, self._stop.is_set, hooks)
+            watch_loop(self.args, self.front, self._stop, hooks)
         except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)
             print("p4seg serve: the watch loop failed; stopping", file=sys.stderr)
             traceback.print_exc()

@@ -7,7 +7,7 @@ PI/BMv2 counts it as election id 0, so there it is the primary only while no con
 with an id is connected, and then receives PacketIns, which are dropped here.) Every change
 of primary is announced on every stream of the role, so without polling the standby knows
 whether each switch answers it and which election id the switch's primary holds — the
-leader's term (or its follower's, one below): GET /v1/status shows it per switch
+leader's term (its follower's): GET /v1/status shows it per switch
 (`backup`), so an operator sees, from any controller, that the switches follow the leader
 etcd elected. The streams end the moment this controller leads (its term's follower and
 applies hold their own sessions) and open again when it stands by.

@@ -859,7 +859,7 @@ def cmd_watch(args: argparse.Namespace, front: Front) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    return watch_loop(args, front, stop.is_set)
+    return watch_loop(args, front, stop)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -879,7 +879,7 @@ class WatchHooks:
 def watch_loop(
     args: argparse.Namespace,
     front: Front,
-    stopped: Callable[[], bool],
+    stop: threading.Event,
     hooks: WatchHooks | None = None,
 ) -> int:
     """See cmd_watch. Fail closed: while the policy file cannot be compiled, what is due
@@ -887,7 +887,7 @@ def watch_loop(
     from the last text that compiled, so a broken edit never keeps a permission alive."""
     w = _Watch(due=clock(), next_check=time.monotonic() + args.check)
     lock = hooks.lock if hooks is not None else nullcontext()
-    while not stopped():
+    while not stop.is_set():
         with lock:
             if hooks is not None and not hooks.may_write():
                 w.due = clock()  # on winning, the first turn applies what the store holds
@@ -902,7 +902,7 @@ def watch_loop(
             hooks.turned.set()
         if args.once:
             return EXIT_OK
-        _wait(args.interval, stopped)
+        stop.wait(args.interval)  # the next look at the file and the schedule
     return EXIT_OK
 
 
@@ -993,13 +993,6 @@ def _lost_pipelines(args: argparse.Namespace, compiled: Compiled) -> list[str]:
         return []
     states = grpc_loops.run(pipeline_states(session.switches, session.files, session.options))
     return [name for name, state in states.items() if state in ("missing", "different")]
-
-
-def _wait(seconds: float, stopped: Callable[[], bool]) -> None:
-    """Wait up to `seconds` for the next check (a poll interval, not a fixed delay)."""
-    deadline = time.monotonic() + seconds
-    while not stopped() and time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def _open_session(

@@ -6,9 +6,14 @@ compiled entries as canonical messages, plans as values (runtime/plan.py) and th
 update protocol, batched writes with per-update errors, and per-switch concurrency with
 bounded time, so that one slow or dead switch never holds up the others.
 
-Reads go through finsy's `P4Client` as raw messages: plans compare canonical protobufs,
-and decoding tens of thousands of entries into Python objects only to encode them again
-would cost more than the read.
+Reads go through a finsy `P4Client` of their own as raw messages (reading needs no
+arbitration): plans compare canonical protobufs, and decoding tens of thousands of entries
+into Python objects only to encode them again would cost more than the read. Writes go
+through the `Switch`'s public `write`.
+
+A long-lived process (p4seg serve) keeps one finsy session per switch, its follower; an
+apply of that process writes through it while it is the switch's primary (`lend`), so an
+operation opens no session and the switch's PacketIns keep reaching the follower.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from finsy import P4Client, P4ClientError, Switch, SwitchOptions
 from finsy.grpcutil import GRPCCredentialsTLS
@@ -158,6 +163,7 @@ class SwitchReport:
     # it holds the build, confirmed by one small read.
     in_full: bool = False
     marks: int = 0  # writes of the digest mark (runtime/plan.py), not counted in `written`
+    shared: bool = False  # written through this process's long-lived session (SharedPrimary)
 
     @property
     def ok(self) -> bool:
@@ -369,20 +375,37 @@ async def _write(
         report.written += len(chunk)
 
 
-# Another session of this process that holds a switch's primary between applies (p4seg
-# serve's follower, p4seg/follower.py), by switch address: it steps aside while we write.
-_STEP_ASIDE: dict[str, Callable[[], AbstractAsyncContextManager[object]]] = {}
+class SharedPrimary(Protocol):
+    """A long-lived session of this process with one switch, the primary between its applies
+    (p4seg serve's follower, p4seg/follower.py), shared with them."""
+
+    async def lend(
+        self, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
+    ) -> bool:
+        """Run `work` on the session, in the session's own event loop: its `Switch` (for
+        writes) and a client for raw reads. Only while the session is the switch's primary
+        and bids for the controller whose applies use `election_id`; False if not (nothing
+        run), or what `work` returns (False: it needs a session of its own, to set the
+        pipeline)."""
+        ...
+
+    def aside(self) -> AbstractAsyncContextManager[object]:
+        """End the session while an apply holds the switch with a session of its own, and
+        come back when it is done."""
+        ...
 
 
-def share_primary(
-    address: str, step_aside: Callable[[], AbstractAsyncContextManager[object]] | None
-) -> None:
-    """Register (None: forget) the session that `apply_one` asks to step aside on the
-    switch at `address` for as long as it holds the switch (see docs/serve.md)."""
-    if step_aside is None:
-        _STEP_ASIDE.pop(address, None)
+# The long-lived sessions of this process, by switch address (register_shared).
+_SHARED: dict[str, SharedPrimary] = {}
+
+
+def register_shared(address: str, session: SharedPrimary | None) -> None:
+    """Register (None: forget) the long-lived session with the switch at `address` that
+    `apply_one` writes through, or asks to step aside (see SharedPrimary and docs/serve.md)."""
+    if session is None:
+        _SHARED.pop(address, None)
     else:
-        _STEP_ASIDE[address] = step_aside
+        _SHARED[address] = session
 
 
 async def apply_one(
@@ -394,8 +417,10 @@ async def apply_one(
     planner: Callable[[Tables, Desired, Held], SwitchPlan] = plan_switch,
     known: Desired | None = None,
 ) -> SwitchReport:
-    """Win arbitration, set the pipeline if it differs, and execute the switch's plan
-    (`planner`: the epoch protocol, or runtime/overlay.py's overlay writes).
+    """Execute the switch's plan (`planner`: the epoch protocol, or runtime/overlay.py's
+    overlay writes): on this process's long-lived session with the switch while it is the
+    primary (SharedPrimary), else on a session of its own, which wins arbitration and sets
+    the pipeline if it differs.
 
     `known`: what a long-running caller last brought the switch to; a switch still marked
     with its digest holds exactly it, so the plan starts from it instead of a full read."""
@@ -406,69 +431,79 @@ async def apply_one(
     # it will be written, so the look without arbitration below would be for nothing.
     expected = known is not None and bool(known.digest) and known.digest != target.desired.digest
 
-    async def work() -> None:
-        # A switch marked with this build needs no session of ours: read it without
-        # arbitration, and nobody (serve's follower) has to step aside for nothing.
-        if target.desired.digest and not options.full_read and not expected:
-            async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
-                report.pipeline = await pipeline_state(client, target.device_id, files.schema())
-                if report.pipeline == "same":
-                    epoch, mark = await read_mark(client, target.device_id, tables)
-                    if mark == target.desired.digest:
-                        report.plan = _unchanged(target, epoch)
-                        return
-        aside = _STEP_ASIDE.get(target.address)
-        async with aside() if aside is not None else contextlib.nullcontext():
-            await held_work()
-
     def fence() -> None:
         if options.fence is not None:
             options.fence(options.election_id)
 
-    async def held_work() -> None:
-        if not report.pipeline:  # unless the look above just read it
-            async with P4Client(target.address, options.tls, wait_for_ready=False) as client:
-                report.pipeline = await pipeline_state(client, target.device_id, files.schema())
-        fence()  # arbitrating may set the pipeline: a write too
-        async with _arbitrated(target, files, options) as sw:
-            if not sw.is_primary or (options.fenced and sw.election_id != options.election_id):
-                raise ControllerError(
-                    f"not the primary controller (election id {options.election_id}; the "
-                    f"primary has {sw.primary_id}): nothing written"
-                )
-            if report.pipeline != "same":
-                say(target.name, f"pipeline {report.pipeline}: set")
-            raw = _raw_client(sw)
+    async def work() -> None:
+        shared = _SHARED.get(target.address)
+        if shared is not None and await shared.lend(options.election_id, on_shared):
+            report.shared = True
+            return
+        async with P4Client(target.address, options.tls, wait_for_ready=False) as raw:
+            if not report.pipeline:  # unless the shared session just read it
+                report.pipeline = await pipeline_state(raw, target.device_id, files.schema())
+            # A switch marked with this build needs no session of ours: read it without
+            # arbitration, and nobody (serve's follower) has to step aside for nothing.
             digest = target.desired.digest
-            held = None
-            if report.pipeline == "same" and not options.full_read:
+            if digest and report.pipeline == "same" and not expected and not options.full_read:
                 epoch, mark = await read_mark(raw, target.device_id, tables)
-                if mark and mark == digest:
+                if mark == digest:
                     report.plan = _unchanged(target, epoch)
                     return
-                if mark and known is not None and mark == known.digest:
-                    held = Held.of(known, epoch, mark)
-            if held is None:
-                report.in_full = True
-                held = await read_held(raw, target.device_id, tables)
-            plan = report.plan = planner(tables, target.desired, held)
-            if plan.empty:
-                if digest and held.digest != digest:  # right, but not marked (yet): mark it
-                    await _mark(sw, tables, plan.epoch_after, digest, report, fence)
+            async with shared.aside() if shared is not None else contextlib.nullcontext():
+                fence()  # arbitrating may set the pipeline: a write too
+                async with _arbitrated(target, files, options) as sw:
+                    if not sw.is_primary or (
+                        options.fenced and sw.election_id != options.election_id
+                    ):
+                        raise ControllerError(
+                            f"not the primary controller (election id {options.election_id}; "
+                            f"the primary has {sw.primary_id}): nothing written"
+                        )
+                    if report.pipeline != "same":
+                        say(target.name, f"pipeline {report.pipeline}: set")
+                    await on_primary(sw, raw)
+
+    async def on_shared(sw: Switch, raw: P4Client) -> bool:
+        report.pipeline = await pipeline_state(raw, target.device_id, files.schema())
+        if report.pipeline != "same":
+            return False  # the pipeline is set by a session of our own, which carries it
+        await on_primary(sw, raw)
+        return True
+
+    async def on_primary(sw: Switch, raw: P4Client) -> None:
+        """The switch's plan, on a session that is its primary (`raw`: reads)."""
+        digest = target.desired.digest
+        held = None
+        if report.pipeline == "same" and not options.full_read:
+            epoch, mark = await read_mark(raw, target.device_id, tables)
+            if mark and mark == digest:
+                report.plan = _unchanged(target, epoch)
                 return
-            if held.digest:  # from the first write on, the switch holds no known build
-                await _mark(sw, tables, held.epoch, b"", report, fence)
-            say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
-            reset = options.reset_direct_meters
-            await _write(sw, tables, plan.prepare, options.batch_size, report, reset, fence)
-            if plan.flip is not None:
-                say(target.name, f"flipping to epoch {plan.epoch_after}")
-                await _write(sw, tables, [plan.flip], 1, report, fence=fence)
-            if plan.finish:
-                say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
-                await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
-            if digest:  # every update took: the switch holds the build
+            if mark and known is not None and mark == known.digest:
+                held = Held.of(known, epoch, mark)
+        if held is None:
+            report.in_full = True
+            held = await read_held(raw, target.device_id, tables)
+        plan = report.plan = planner(tables, target.desired, held)
+        if plan.empty:
+            if digest and held.digest != digest:  # right, but not marked (yet): mark it
                 await _mark(sw, tables, plan.epoch_after, digest, report, fence)
+            return
+        if held.digest:  # from the first write on, the switch holds no known build
+            await _mark(sw, tables, held.epoch, b"", report, fence)
+        say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
+        reset = options.reset_direct_meters
+        await _write(sw, tables, plan.prepare, options.batch_size, report, reset, fence)
+        if plan.flip is not None:
+            say(target.name, f"flipping to epoch {plan.epoch_after}")
+            await _write(sw, tables, [plan.flip], 1, report, fence=fence)
+        if plan.finish:
+            say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
+            await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
+        if digest:  # every update took: the switch holds the build
+            await _mark(sw, tables, plan.epoch_after, digest, report, fence)
 
     return await _bounded(report, options.timeout, work)
 
@@ -543,13 +578,6 @@ def session_options(
         channel_credentials=options.tls,
         fail_fast=fail_fast,
     )
-
-
-def _raw_client(sw: Switch) -> P4Client:
-    # The Switch's own client: raw reads on the channel it already holds (see module doc).
-    client = sw._p4client
-    assert client is not None
-    return client
 
 
 async def apply_all(

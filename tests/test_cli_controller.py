@@ -206,7 +206,7 @@ def test_watch_restores_a_restarted_switch(site: tuple[ReferenceSwitch, list[str
     address = sw.server_address
     args = _parser().parse_args(["watch", "small.zt", *inv, "--check", "0.2", "--interval", "0.05"])
     stop = threading.Event()
-    loop = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    loop = threading.Thread(target=watch_loop, args=(args, _front, stop), daemon=True)
     loop.start()
     try:
         assert wait_for(lambda: _passes(sw, "h1", "h3", 8080))
@@ -287,7 +287,7 @@ def test_watch_removes_an_expired_grant_while_the_policy_file_is_broken(
     monkeypatch.setattr(p4seg.verbs, "clock", lambda: now[0])
     args = _parser().parse_args(["watch", "small.zt", *inv, "--check", "0.2", "--interval", "0.05"])
     stop = threading.Event()
-    loop = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    loop = threading.Thread(target=watch_loop, args=(args, _front, stop), daemon=True)
     loop.start()
     try:
         printed: list[str] = []

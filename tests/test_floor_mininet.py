@@ -858,7 +858,7 @@ def test_a_restarted_switch_is_restored_by_watch(lab: Lab) -> None:
     records_before = len(audit_log.read_text().splitlines())
     args = _parser().parse_args(lab.argv("watch", "--check", "0.5", "--interval", "0.1"))
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    watcher = threading.Thread(target=watch_loop, args=(args, _front, stop), daemon=True)
     out = Output()
     try:
         with (

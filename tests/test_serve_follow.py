@@ -174,10 +174,13 @@ def test_an_apply_does_not_lose_the_follower(follows: tuple[Served, Service]) ->
     _deny(served.switch, "h3", "h1", 22)
     assert wait_for(lambda: len(_alerts(served)) == 1)
     Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8080, 8081"))
+    lent = follower.lent
     code, doc = served.call("POST", "/v1/apply", {}, token=OPERATOR)
-    assert code == 200, doc  # the follower stepped aside: the apply was primary
+    assert code == 200, doc
     assert _passes(served.switch, "h1", "h3", 8081)
-    assert wait_for(lambda: follower.is_following("tor1"))  # primary again
+    # Written through the follower's session: it never stepped aside, and is still primary.
+    assert follower.lent == lent + 1 and not follower.gaps
+    assert follower.is_following("tor1")
     _deny(served.switch, "h3", "h1", 23)
     assert wait_for(lambda: len(_alerts(served)) == 2)
     assert _alerts(served)[-1]["dport"] == 23
@@ -194,6 +197,7 @@ def test_the_follower_comes_back_after_a_switch_restart(follows: tuple[Served, S
     try:
         assert wait_for(lambda: _passes(fresh, "h1", "h3", 8080), 60)  # watch restored it
         assert wait_for(lambda: follower.is_following("tor1"), 60)  # finsy reconnected
+        assert follower.gaps  # the pipeline was set by a session of the apply's own
         _deny(fresh, "h3", "h1", 25)
         assert wait_for(lambda: any(a["dport"] == 25 for a in _alerts(served)))
     finally:

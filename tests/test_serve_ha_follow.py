@@ -66,9 +66,9 @@ def test_the_leader_turns_denies_into_alerts_and_contains_a_scan(contained: Floo
     assert b.role() is Role.STANDBY and b.service.follower is None  # a standby never bids
     follower = a.service.follower
     assert follower is not None
-    # Its term's id minus one, its bids capped at the term's id (the leader's applies).
+    # The term's id (the leader's applies'), its bids capped there.
     assert follower.ceiling == a.election_id()
-    assert follower.options.election_id == a.election_id() - 1
+    assert follower.options.election_id == a.election_id()
 
     _deny(sw, "h3", "h2", 22)
     assert wait_for(lambda: len(_alerts(a.served)) == 1)
@@ -109,8 +109,8 @@ def test_the_new_leader_follows_and_the_old_terms_follower_cannot_write(
     follower = b.service.follower
     assert follower is not None
     new_id = b.election_id()
-    assert new_id - 1 > old_id  # the new follower outranks every id of the old term
-    assert (follower.options.election_id, follower.ceiling) == (new_id - 1, new_id)
+    assert new_id > old_id  # the new follower outranks every id of the old term
+    assert (follower.options.election_id, follower.ceiling) == (new_id, new_id)
     _deny(sw, "h3", "h2", 22)
     assert wait_for(lambda: any(x["dport"] == 22 for x in _alerts(b.served)), 30)
     # The engine's hold on h1 came with etcd's state: the new leader's engine knows it.
@@ -141,10 +141,18 @@ def test_the_new_leader_follows_and_the_old_terms_follower_cannot_write(
     running = loop.run(start())
     try:
         assert wait_for(lambda: bool(roles), 30)  # its channel is up
-        # b applies a policy change: its follower steps aside and the switch, with no primary
+        # b applies a policy change on a session of its own (its follower stepped aside, as
+        # for an apply that sets the pipeline): when it closes, the switch, with no primary
         # left, says so to every client (NOT_FOUND with b's id); the old session does not bid.
         Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8080, 8081"))
-        code, doc = b.served.call("POST", "/v1/apply", {}, token=OPERATOR)
+
+        async def apply_beside() -> tuple[int | None, object]:
+            async with follower.step_aside(target.name):
+                return await asyncio.to_thread(
+                    b.served.call, "POST", "/v1/apply", {}, token=OPERATOR
+                )
+
+        code, doc = loop.run(apply_beside())
         assert code == 200, doc
         assert _passes(sw, "h2", "h3", 8081)
         assert wait_for(lambda: _following(b), 30)  # b's follower is the primary again

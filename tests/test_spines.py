@@ -332,7 +332,7 @@ def test_watch_routes_around_a_dead_spine_and_back_through_it_restored(
     argv = ["watch", "p.zt", "-i", "fabric.yaml", "--check", "0.2", "--interval", "0.05"]
     stop = threading.Event()
     loop = threading.Thread(
-        target=watch_loop, args=(_parser().parse_args(argv), _front, stop.is_set), daemon=True
+        target=watch_loop, args=(_parser().parse_args(argv), _front, stop), daemon=True
     )
     tor1, tor2 = switches["tor1"], switches["tor2"]
 

@@ -145,7 +145,7 @@ def test_spine1_killed_under_traffic_is_routed_around_then_restored(lab: Lab) ->
     switch = lab.floor.switches[DEAD]
     args = _parser().parse_args(lab.argv("watch", "--check", "0.5", "--interval", "0.1"))
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_loop, args=(args, _front, stop.is_set), daemon=True)
+    watcher = threading.Thread(target=watch_loop, args=(args, _front, stop), daemon=True)
     out = Output()
     try:
         with contextlib.redirect_stdout(out):
