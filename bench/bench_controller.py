@@ -37,6 +37,11 @@ with --floor tor48 or all). Each switch is an in-process ReferenceSwitch on its 
             the rest (encoding, state, audit). Target: < 100 ms.
 3b. grant   `p4seg grant` of one host-to-host flow on a reserved port, then `revoke`, each
             probed through the data planes; baseline: a no-op `p4seg apply`.
+            The long-running figures of 2, 3 and 3b run the verbs in-process after the
+            verbs before them (what they compiled, proved and applied kept in memory) with
+            the long-lived sessions `p4seg serve` holds (runtime/sessions.py) open around
+            them: the verbs plan and write through those, opening no session; printed with
+            them, how many switches were written that way.
 3c. takeover    A new `serve --etcd` leader's first turn (`watch --once`: compile, prove,
             confirm every switch holds the build) as a cold process and after a standby's
             warm-up (p4seg/verbs.py `warm`).
@@ -114,6 +119,7 @@ from runtime.controller import (
 from runtime.defaults import DEFAULT_BATCH
 from runtime.plan import Desired, Tables, plan_switch
 from runtime.refswitch.switch import ReferenceSwitch
+from runtime.sessions import Sessions, running
 
 ROOT = Path(__file__).resolve().parent.parent
 SHELL_PYTHON = ROOT / ".venv-shell" / "bin" / "python"
@@ -736,6 +742,17 @@ def run_verb(
     return compiled[-1]
 
 
+@contextlib.contextmanager
+def long_lived(c: Compiled, s: Site) -> Iterator[Sessions]:
+    """The long-running controller's sessions with every switch, held as `p4seg serve`
+    holds them (runtime/sessions.py): the verbs run meanwhile plan and write through them.
+    Only around the long-running runs: a new process has none."""
+    files = PipelineFiles.of(s.directory / "core-build", "ref")
+    options = ControllerOptions(timeout=TIMEOUT)
+    with running(Sessions(options), s.live(c.built.switches), files) as held:
+        yield held
+
+
 def print_split(times: VerbTimes, indent: str) -> None:
     for label, runs in (
         ("compile (check + build + write the build)", times.front),
@@ -828,14 +845,17 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
 
     apply(text_a)
     verb_noop, verb, warm = VerbTimes(), VerbTimes(), VerbTimes()
+    lent: list[int] = []  # per long-running apply: switches written through its sessions
     held, other_text = text_a, text_b
     for _ in range(repeat):
         apply(held, verb_noop)
         done = apply(other_text, verb)
         problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
         held, other_text = other_text, held
-        # and back, as the long-running controller (watch, serve) that applied the last one
-        done = apply(other_text, warm, fresh=False)
+        # and back, as the long-running controller (serve) that applied the last one
+        with long_lived(c, s) as sessions:
+            done = apply(other_text, warm, fresh=False)
+        lent.append(sessions.lent)
         problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
         held, other_text = other_text, held
     if profile:
@@ -855,6 +875,8 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
           f"{mid / base:6.2f}x   {verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} "
           f"ms target {spread_ms(warm.total)}")  # fmt: skip
     print_split(warm, "         ")
+    print(f"         {'switches planned on its long-lived sessions':<52}"
+          f"{statistics.median(lent):8.0f} of {len(s.refs)}")  # fmt: skip
     print(f"   checked after every apply: every switch's device, read back, holds exactly what the "
           f"policy compiles to; {change.new} sent hop by hop through the data planes is "
           f"delivered on B and dropped on A, tcp/{change.old.dport} the other way round. "
@@ -925,6 +947,7 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     until_dropped: list[float] = []
     warm_dropped: list[float] = []
     full_dropped: list[float] = []
+    lent: list[int] = []  # per long-running quarantine and release: switches on its sessions
     problems: list[str] = []
     for i in range(repeat):
         run_verb(["apply", str(policy), *verb_args(s)], noop)
@@ -935,15 +958,18 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         ):
             if not fresh:  # a long-running controller applied (and proved) what it holds
                 run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
-            run_verb(["quarantine", host.name, *live, *extra], times, fresh)
-            start = time.perf_counter()
-            still = [f for f in flows if s.passes(f)]
-            dropped.append(times.total[-1] + time.perf_counter() - start)
-            if still:
-                problems.append(f"run {i}: {len(still)} flows still pass")
-            run_verb(["release", host.name, *live, *extra], back, fresh)
-            if not all(s.passes(f) for f in flows):
-                problems.append(f"run {i}: not restored by release")
+            with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
+                run_verb(["quarantine", host.name, *live, *extra], times, fresh)
+                start = time.perf_counter()
+                still = [f for f in flows if s.passes(f)]
+                dropped.append(times.total[-1] + time.perf_counter() - start)
+                if still:
+                    problems.append(f"run {i}: {len(still)} flows still pass")
+                run_verb(["release", host.name, *live, *extra], back, fresh)
+                if not all(s.passes(f) for f in flows):
+                    problems.append(f"run {i}: not restored by release")
+            if held is not None:
+                lent.append(held.lent)
     total, base = statistics.median(until_dropped), statistics.median(noop.total)
     full = statistics.median(full_dropped)
     print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
@@ -974,6 +1000,8 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     print(f"      {'in force (the ToR acked the overlay)':<55}{median_ms(warm_q.acked)}")
     print_split(warm_q, "         ")
     print(f"      {'its release':<55}{median_ms(warm_r.total)}")
+    print(f"      {'written on its long-lived sessions (quarantine and release)':<55}"
+          f"{statistics.median(lent):8.0f} switches")  # fmt: skip
     print(f"   {'release by full apply (baseline)':<58}{median_ms(full_r.total)}   "
           f"{statistics.median(full_r.writes):.0f} writes")  # fmt: skip
     print(f"   every run: all {len(flows)} probes delivered before, dropped after quarantine, "
@@ -1003,6 +1031,7 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     grant = ["grant", probe.src.name, probe.dst.name, "tcp", str(probe.dport), "--for", "1h"]
     noop, granted, revoked = VerbTimes(), VerbTimes(), VerbTimes()
     warm_g, warm_r = VerbTimes(), VerbTimes()  # in a long-running controller
+    lent: list[int] = []  # per long-running grant and revoke: switches on its sessions
     problems: list[str] = []
     for i in range(repeat):
         run_verb(["apply", str(policy), *verb_args(s)], noop)
@@ -1011,13 +1040,16 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
                 problems.append(f"run {i}: {probe} passes before the grant")
             if not fresh:  # a long-running controller applied (and proved) what it holds
                 run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
-            run_verb([*grant, *live], g_times, fresh)
-            if not s.passes(probe):
-                problems.append(f"run {i}: {probe} dropped after the grant")
-            state = json.loads((s.directory / "state" / "live.json").read_text())
-            run_verb(["revoke", state["grants"][-1]["id"], *live], r_times, fresh)
-            if s.passes(probe):
-                problems.append(f"run {i}: {probe} passes after the revoke")
+            with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
+                run_verb([*grant, *live], g_times, fresh)
+                if not s.passes(probe):
+                    problems.append(f"run {i}: {probe} dropped after the grant")
+                state = json.loads((s.directory / "state" / "live.json").read_text())
+                run_verb(["revoke", state["grants"][-1]["id"], *live], r_times, fresh)
+                if s.passes(probe):
+                    problems.append(f"run {i}: {probe} passes after the revoke")
+            if held is not None:
+                lent.append(held.lent)
     base = statistics.median(noop.total)
     print(f"   {probe}")
     print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
@@ -1033,6 +1065,8 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
               f"target; {statistics.median(times.writes):.0f} writes on "
               f"{statistics.median(times.changed):.0f} switches")  # fmt: skip
         print_split(times, "         ")
+    print(f"   {'long-running: switches written on its sessions (grant and revoke)':<58}"
+          f"{statistics.median(lent):8.0f}")  # fmt: skip
     print(f"   every run: the probe dropped before, delivered after the grant, dropped after the "
           f"revoke. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
     if profile:

@@ -246,6 +246,7 @@ def report_json(
             "pipeline": r.pipeline,
             "seconds": round(r.seconds, 3),
             "planned_in_full": r.in_full,  # False: its digest mark said it holds the build
+            "long_lived_session": r.shared,  # written through serve's session (docs/controller.md)
         }
         if r.error:
             item["error"] = r.error

@@ -1,19 +1,16 @@
 """`p4seg serve` follows its switches: logged denies become alerts, alerts and signals go
 through the policy engine (runtime/engine.py), and its decisions are carried out.
 
-The follower holds one long-lived finsy session per switch, at the applies' election id: it
-is the controller's session with the switch. A switch sends PacketIns to its primary only,
-and the follower is the primary; the applies of this process write through its session
-(`lend`, runtime/controller.SharedPrimary): no session to open, and the PacketIns keep
-coming. Only an apply that must set the pipeline, or one that finds the follower not the
-primary (a switch restarting), opens a session of its own; the follower then steps aside
-there (its session ends, and the switch has dropped it) and comes back when the apply is
-done, so two live streams never hold one election id. The gap is that apply's time on that
-switch: a logged deny then reaches no controller (docs/serve.md).
+The follower is the controller's long-lived sessions (runtime/sessions.py: one finsy session
+per switch at the applies' election id, which the applies of this process write through)
+reading the PacketIns: a switch sends them to its primary only, and the follower is the
+primary. Its session is lent to an apply only once it reads them; an apply that opens a
+session of its own (to set the pipeline) makes it step aside, and a logged deny on that
+switch then reaches no controller (`Follower.gaps`, docs/serve.md).
 
 With `--etcd` only the leader follows (p4seg/serve.py starts a Follower per term and ends
-it the moment the term ends): its id is the term's election id, and it never bids
-above the term's id (`CappedArbitration`), so a deposed leader's follower can never take a
+it the moment the term ends): its id is the term's election id, and it never bids above it
+(runtime/sessions.CappedArbitration), so a deposed leader's follower can never take a
 switch from its successor (docs/serve.md, "Following with --etcd").
 
 Every admitted alert (runtime/alerts.py: parsed, rate-limited per source) goes to each of
@@ -30,37 +27,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import sys
-import threading
-import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar
 
-from finsy import P4Client, Switch
-from finsy.grpcutil import GRPCStatusCode
-from finsy.p4arbitrator import Arbitrator
-from finsy.p4client import P4ClientError, P4RpcStatus
-from finsy.proto import U128, p4r, rpc_code
+from finsy import Switch
 
 from p4seg import verbs
 from p4seg.control import EXIT_ERROR, EXIT_OK, Compiled, _rule_lines, options_of, session_of
 from p4seg.operations import ApiError, Operations, Outcome
 from runtime import audit
 from runtime.alerts import Alert, RateLimiter, alert_of
-from runtime.controller import (
-    ControllerOptions,
-    PipelineFiles,
-    SwitchTarget,
-    register_shared,
-    session_options,
-)
+from runtime.controller import ControllerOptions
 from runtime.engine import (
     AlertOnly,
     Decision,
@@ -72,14 +55,13 @@ from runtime.engine import (
     decision_json,
 )
 from runtime.files import file_mark as _stat
+from runtime.sessions import Sessions
 
 ENGINE_PRINCIPAL = "p4seg-engine"  # the audit actor of what the engine decides
 ALERTS_FILE = "alerts.jsonl"
 QUEUE_SIZE = 10_000  # alerts waiting for the engine; past it they are counted, not judged
-RELEASE_WAIT = 1.0  # seconds a stepping-aside follower waits for the switch to drop it
 
 AlertSubscriber = Callable[[Alert], None]
-_T = TypeVar("_T")
 
 
 class AlertLog:
@@ -95,59 +77,11 @@ class AlertLog:
             out.write(json.dumps(alert.to_json(), sort_keys=True) + "\n")
 
 
-class CappedArbitration(Arbitrator):
-    """finsy's arbitration, except that it never bids above `ceiling`. finsy bids the
-    switch's highest-seen election id whenever the switch has no primary; when that id is
-    above the ceiling (a newer etcd leader's), this one stays a backup instead."""
-
-    def __init__(self, initial_election_id: int, ceiling: int, role_name: str = "") -> None:
-        super().__init__(initial_election_id, role_name)
-        self.ceiling = ceiling
-
-    async def handshake(self, switch: Switch, *, conflict: bool = False) -> None:
-        """finsy's handshake (p4arbitrator.py) with the ceiling on its NOT_FOUND loop."""
-        assert not self.is_primary
-        if conflict:
-            self.election_id -= 1
-        response = await self._arbitration_request(switch)
-        status = P4RpcStatus.from_status(response.status)
-        primary_id = U128.decode(response.election_id)
-        while status.code == GRPCStatusCode.NOT_FOUND and primary_id <= self.ceiling:
-            self.election_id = primary_id
-            response = await self._arbitration_request(switch)
-            status = P4RpcStatus.from_status(response.status)
-            primary_id = U128.decode(response.election_id)
-        self.primary_id = primary_id
-        self.is_primary = status.code == GRPCStatusCode.OK
-        self._check_invariant()  # type: ignore[no-untyped-call]  # finsy leaves it untyped
-
-    async def _request_primary(self, switch: Switch) -> None:
-        if self.primary_id <= self.ceiling:  # above it: a newer leader's id, not ours to bid
-            await super()._request_primary(switch)
-
-
-def follower_session(
-    target: SwitchTarget,
-    files: PipelineFiles,
-    options: ControllerOptions,
-    ceiling: int | None,
-    ready: Callable[[Switch], Coroutine[Any, Any, None]] | None = None,
-) -> Switch:
-    """A follower's finsy session with one switch (not started): at `options.election_id`,
-    reconnecting after failures, never bidding above `ceiling` (None: finsy's own bids);
-    finsy calls `ready` when the channel is up and on every change of role."""
-    opts = session_options(target, files, options, set_pipeline=False, fail_fast=False)
-    switch = Switch(target.name, target.address, opts(ready_handler=ready))
-    if ceiling is not None:
-        switch._arbitrator = CappedArbitration(options.election_id, ceiling, options.role)
-    return switch
-
-
 class Follower:
-    """The long-lived sessions of one serve (see the module docstring). `subscribers` are
-    called in the event loop with every admitted alert; one that raises is reported and
-    the others still get the alert. With `options.fenced` (--etcd), `options.election_id`
-    is the term's, and the follower never bids above it."""
+    """The long-lived sessions of one serve, reading PacketIns (see the module docstring).
+    `subscribers` are called in the event loop with every admitted alert; one that raises
+    is reported and the others still get the alert. With `options.fenced` (--etcd),
+    `options.election_id` is the term's, and the follower never bids above it."""
 
     def __init__(
         self,
@@ -159,36 +93,39 @@ class Follower:
         self.ops = ops
         self.subscribers = subscribers if subscribers is not None else []  # the caller's list
         self.limiter = limiter or RateLimiter()
-        self.options = options  # the applies' election id (p4seg/serve.py: the term's)
-        # --etcd: the term's id caps the bids (None: finsy bids whatever id the switch saw).
-        self.ceiling = options.election_id if options.fenced else None
-        self.following: dict[str, threading.Event] = {}  # primary and reading PacketIns
+        # Lent to an apply once it is the primary and reads the PacketIns (_ready).
+        self.sessions = Sessions(options, self._ready)
         self.received = 0  # PacketIns turned into alerts (admitted or not)
-        # Seconds from stepping aside for an apply to being the primary again (the last 100).
-        self.gaps: deque[float] = deque(maxlen=100)
-        self.lent = 0  # applies on a switch carried out through the follower's session
-        self._switches: dict[str, Switch] = {}
-        self._raws: dict[str, P4Client] = {}  # per switch: raw reads for the applies lent to
-        self._lending: dict[str, asyncio.Lock] = {}
-        self._aside_since: dict[str, float] = {}
-        self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._targets: dict[str, SwitchTarget] = {}
-        self._files: PipelineFiles | None = None
-        self._runs: dict[str, asyncio.Task[None]] = {}
-        self._paused: dict[str, int] = {}
         self._rules: tuple[Compiled | None, dict[int, str]] = (None, {})
+
+    @property
+    def options(self) -> ControllerOptions:
+        return self.sessions.options
+
+    @property
+    def ceiling(self) -> int | None:
+        return self.sessions.ceiling
+
+    @property
+    def gaps(self) -> deque[float]:
+        """Seconds from stepping aside for an apply to following again (the last 100)."""
+        return self.sessions.gaps
+
+    @property
+    def lent(self) -> int:
+        """Applies on a switch carried out through the follower's session."""
+        return self.sessions.lent
 
     def is_following(self, switch: str) -> bool:
         """Whether the follower is the switch's primary and reading its PacketIns."""
-        event = self.following.get(switch)
-        return event is not None and event.is_set()
+        return self.sessions.usable(switch)
 
-    # -- sessions -------------------------------------------------------------------------
+    def step_aside(self, name: str) -> AbstractAsyncContextManager[object]:
+        """While an apply holds switch `name` with a session of its own."""
+        return self.sessions.step_aside(name)
 
     async def run(self) -> None:
         """Wait for the first build, then follow every switch of it until cancelled."""
-        self._loop = asyncio.get_running_loop()
         while self.ops.last is None:  # the watch loop's first compile
             if not self.ops.watched.is_set():
                 await asyncio.to_thread(self.ops.watched.wait, float(self.ops.args.check))
@@ -197,63 +134,26 @@ class Follower:
         session = session_of("serve", self.ops.args, self.ops.last)
         if session is None:
             return  # reported: the apply path says the same
-        self._files = session.files
-        for target in session.switches:
-            self._targets[target.name] = target
-            self.following[target.name] = threading.Event()
-            self._paused[target.name] = 0
-            self._lending[target.name] = asyncio.Lock()
-            register_shared(target.address, _Shared(self, target.name))
-            self._start(target.name)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._stopping = True  # an apply still running does not bring a session back
-            for target in self._targets.values():
-                register_shared(target.address, None)
-            for name in list(self._runs):
-                await self._end(name)
-
-    def _start(self, name: str) -> None:
-        target, files = self._targets[name], self._files
-        assert files is not None
-        switch = follower_session(target, files, self.options, self.ceiling, self._ready)
-        self._switches[name] = switch
-        # Switch.run reconnects (with finsy's back-off) when the switch restarts.
-        self._runs[name] = asyncio.ensure_future(switch.run())
-
-    async def _end(self, name: str) -> None:
-        task = self._runs.pop(name, None)
-        self._switches.pop(name, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-        self.following[name].clear()
-        raw = self._raws.pop(name, None)
-        if raw is not None:
-            await raw.close()
+        await self.sessions.run(session.switches, session.files)
 
     async def _ready(self, sw: Switch) -> None:
         """finsy calls this when the channel is ready and again on every change of role."""
-        following = self.following[sw.name]
         if not sw.is_primary:
-            following.clear()  # a backup: an apply holds the switch; finsy calls back
+            self.sessions.mark(sw.name, False)  # a backup: another holds the switch
             self.ops.observers.primary(sw.name, False)
             return
         packets = aiter(sw.read_packets())
         pending = asyncio.ensure_future(anext(packets))
         await asyncio.sleep(0)  # one turn: the generator has subscribed to PacketIns
-        following.set()
+        self.sessions.mark(sw.name, True)
         self.ops.observers.primary(sw.name, True)  # p4seg_switch_primary
-        if (since := self._aside_since.pop(sw.name, None)) is not None:
-            self.gaps.append(time.monotonic() - since)
         try:
             while True:
                 packet = await pending
                 pending = asyncio.ensure_future(anext(packets))
                 self._packet(sw.name, packet.payload, packet.metadata)
         finally:
-            following.clear()
+            self.sessions.mark(sw.name, False)
             self.ops.observers.primary(sw.name, False)
             pending.cancel()
 
@@ -278,108 +178,6 @@ class Follower:
         if last is not None and self._rules[0] is not last:
             self._rules = (last, _rule_lines(last.build))
         return self._rules[1]
-
-    # -- an apply on the follower's session, or beside it ---------------------------------
-
-    async def lend(
-        self,
-        name: str,
-        election_id: int,
-        work: Callable[[Switch, P4Client], Awaitable[bool]],
-    ) -> bool:
-        """runtime/controller.SharedPrimary.lend for switch `name`: `work` runs in the
-        follower's loop while its session there is the primary, one apply at a time."""
-
-        async def lent() -> bool:
-            async with self._lending[name]:
-                sw = self._switches.get(name)
-                if (
-                    sw is None
-                    or election_id != self.options.election_id  # another controller's
-                    or self._paused[name]
-                    or not self.is_following(name)
-                    or not sw.is_primary
-                    or sw.election_id > election_id  # bid up to another controller's id
-                ):
-                    return False
-                done = await work(sw, await self._raw(name))
-                self.lent += done
-                return done
-
-        return await self._in_loop(lent())
-
-    async def _raw(self, name: str) -> P4Client:
-        """The client an apply lent the session reads with (reads need no arbitration)."""
-        raw = self._raws.get(name)
-        if raw is None:
-            target = self._targets[name]
-            raw = P4Client(target.address, self.options.tls, wait_for_ready=False)
-            await raw.open()
-            self._raws[name] = raw
-        return raw
-
-    @contextlib.asynccontextmanager
-    async def step_aside(self, name: str) -> AsyncIterator[None]:
-        """While an apply holds switch `name` with a session of its own (SharedPrimary)."""
-        await self._in_loop(self._pause(name))
-        try:
-            yield
-        finally:
-            await self._in_loop(self._resume(name))
-
-    async def _in_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        """Run `coroutine` in the follower's loop (applies run in their own, in a thread)."""
-        assert self._loop is not None
-        if asyncio.get_running_loop() is self._loop:
-            return await coroutine
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
-
-    async def _pause(self, name: str) -> None:
-        self._paused[name] += 1
-        self._aside_since.setdefault(name, time.monotonic())
-        if name in self._runs:
-            await self._end(name)
-            await self._dropped(self._targets[name])
-
-    async def _resume(self, name: str) -> None:
-        self._paused[name] -= 1
-        if self._paused[name] == 0 and name not in self._runs and not self._stopping:
-            self._start(name)
-
-    async def _dropped(self, target: SwitchTarget) -> None:
-        """Until the switch has dropped our stream (it then has no primary), at most
-        RELEASE_WAIT: asked on a stream without an election id, which never conflicts."""
-        request = p4r.StreamMessageRequest(
-            arbitration=p4r.MasterArbitrationUpdate(device_id=target.device_id)
-        )
-        deadline = asyncio.get_running_loop().time() + RELEASE_WAIT
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                async with P4Client(target.address, self.options.tls,
-                                    wait_for_ready=False) as client:  # fmt: skip
-                    await client.send(request)
-                    reply = await asyncio.wait_for(client.receive(), RELEASE_WAIT)
-            except (P4ClientError, TimeoutError, OSError):
-                return  # unreachable: nothing of ours is held there either
-            if reply.arbitration.status.code != rpc_code.ALREADY_EXISTS:
-                return  # no primary: our stream is gone
-            await asyncio.sleep(0.005)  # the switch has not seen our stream end yet
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Shared:
-    """The follower's session with one switch, as runtime/controller.py shares it."""
-
-    follower: Follower
-    name: str
-
-    async def lend(
-        self, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
-    ) -> bool:
-        return await self.follower.lend(self.name, election_id, work)
-
-    def aside(self) -> AbstractAsyncContextManager[object]:
-        return self.follower.step_aside(self.name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -27,10 +27,11 @@ from test_serve_follow import POLICY, _alerts, _deny
 from test_serve_ha import Controller, _stored, floor
 
 from p4seg.control import session_of
-from p4seg.follower import Follower, controller_options, follower_session
+from p4seg.follower import Follower, controller_options
 from runtime.etcdstore import Role
 from runtime.plan import Tables
 from runtime.refswitch.switch import ReferenceSwitch
+from runtime.sessions import controller_session
 
 __all__ = ["etcd_cluster", "floor", "pki", "site"]  # fixtures, used by name
 
@@ -132,7 +133,7 @@ def test_the_new_leader_follows_and_the_old_terms_follower_cannot_write(
     serving = session_of("serve", a.service.ops.args, a.service.ops.last)
     assert serving is not None
     [target] = serving.switches
-    old = follower_session(target, serving.files, deposed.options, deposed.ceiling, ready)
+    old = controller_session(target, serving.files, deposed.options, deposed.ceiling, ready)
     loop = _Loop()
 
     async def start() -> asyncio.Task[None]:

@@ -1,0 +1,145 @@
+"""The long-lived controller (runtime/sessions.py) against reference switches on loopback:
+applies write through its sessions without arbitrating, an apply that must set the pipeline
+steps a session aside and the session comes back, and nothing is left registered after."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+from finsy.proto import p4r
+
+import runtime.controller
+from compiler.check import check_policy
+from compiler.emit import build
+from compiler.inventory import Inventory
+from p4src.spec import PIPELINE
+from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, apply_all
+from runtime.plan import Desired, Tables
+from runtime.refswitch.switch import ReferenceSwitch
+from runtime.sessions import Sessions, running
+
+TABLES = Tables(PIPELINE)
+OPTIONS = ControllerOptions(timeout=20)
+Fabric = tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]]
+
+
+def _held(sw: ReferenceSwitch) -> set[bytes]:
+    entity = p4r.Entity()
+    entity.table_entry.meter_config.SetInParent()
+    return {e.table_entry.SerializeToString(deterministic=True) for e in sw.device.read([entity])}
+
+
+def _wanted(target: SwitchTarget) -> set[bytes]:
+    return {e.SerializeToString(deterministic=True) for e in target.desired.entries.values()}
+
+
+def _arbitrations(sw: ReferenceSwitch) -> Callable[[], int]:
+    """Counts the switch's arbitration requests from now on (every session opened makes one)."""
+    arbiter = sw.service.arbiter
+    update, seen = arbiter.update, [0]
+
+    def counted(client: object, msg: p4r.MasterArbitrationUpdate) -> None:
+        seen[0] += 1
+        update(client, msg)  # type: ignore[arg-type]
+
+    arbiter.update = counted  # type: ignore[method-assign]
+    return lambda: seen[0]
+
+
+def _edited(switches: list[SwitchTarget], floor: Inventory, text: str) -> list[SwitchTarget]:
+    """The targets of the trading floor with one rule's port changed."""
+    text = text.replace("tcp 9876\n", "tcp 9877\n", 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    result = check_policy(text, "p.zt", floor)
+    assert result.policy is not None
+    edited = {s.switch: s for s in build(result.policy, floor, text, "ref").switches}
+    return [
+        dataclasses.replace(t, desired=Desired.of(TABLES, edited[t.name], 255)) for t in switches
+    ]
+
+
+def test_applies_write_through_the_sessions_without_opening_one(
+    fabric: Fabric, floor: Inventory, floor_policy_text: str
+) -> None:
+    switches, files, refs = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    new = _edited(switches, floor, floor_policy_text)
+    with running(Sessions(OPTIONS), switches, files) as sessions:
+        assert all(sessions.usable(t.name) for t in switches)
+        opened = {name: _arbitrations(sw) for name, sw in refs.items()}
+        reports = asyncio.run(apply_all(new, TABLES, files, OPTIONS))
+        assert all(r.ok and r.shared for r in reports), [(r.switch, r.error) for r in reports]
+        assert {r.switch for r in reports if r.written} == {"tor-alg", "tor-oms"}
+        assert sessions.lent == len(switches) and not sessions.gaps
+        assert {name: count() for name, count in opened.items()} == dict.fromkeys(refs, 0)
+        for target in new:
+            assert _held(refs[target.name]) == _wanted(target), target.name
+            # The writes carried the applies' election id: the sessions' is the primary's.
+            primary = refs[target.name].service.arbiter.primaries()
+            assert [c.election_id for c in primary] == [OPTIONS.election_id]
+    # Nothing is left registered, and no stream of ours holds the id: a session of its own.
+    assert not runtime.controller._SHARED
+    back = asyncio.run(apply_all(switches, TABLES, files, OPTIONS))
+    assert all(r.ok and not r.shared for r in back), [(r.switch, r.error) for r in back]
+    assert all(_held(refs[t.name]) == _wanted(t) for t in switches)
+
+
+def test_an_apply_that_sets_the_pipeline_steps_the_session_aside(fabric: Fabric) -> None:
+    switches, files, refs = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    victim = switches[0]
+    with running(Sessions(OPTIONS), switches, files) as sessions:
+        # The switch restarts empty: no pipeline, no entries, no sessions.
+        refs[victim.name].stop()
+        fresh = ReferenceSwitch(victim.device_id)
+        fresh.start(victim.address)
+        refs[victim.name] = fresh  # the fixture stops it
+        reports = {r.switch: r for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS))}
+        assert all(r.ok for r in reports.values()), [r.error for r in reports.values()]
+        assert reports[victim.name].pipeline == "missing" and not reports[victim.name].shared
+        assert all(r.shared for name, r in reports.items() if name != victim.name)
+        assert _held(fresh) == _wanted(victim)
+        # The session stepped aside for it, and is back: the next apply goes through it.
+        assert sessions.wait_usable(victim.name, 30)
+        assert len(sessions.gaps) == 1
+        [again] = asyncio.run(apply_all([victim], TABLES, files, OPTIONS))
+        assert again.ok and again.shared and again.written == 0
+
+
+def test_sessions_end_and_unregister_when_the_caller_fails(fabric: Fabric) -> None:
+    switches, files, _ = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    with pytest.raises(RuntimeError), running(Sessions(OPTIONS), switches, files):
+        assert runtime.controller._SHARED
+        raise RuntimeError("the caller failed")
+    assert not runtime.controller._SHARED
+    again = asyncio.run(apply_all(switches, TABLES, files, OPTIONS))
+    assert all(r.ok and not r.shared for r in again), [r.error for r in again]
+
+
+@pytest.mark.parametrize("offset", [-1, 1], ids=["older", "newer"])
+def test_another_controllers_apply_is_never_lent_a_session(
+    fabric: Fabric, floor: Inventory, floor_policy_text: str, offset: int
+) -> None:
+    switches, files, refs = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    new = {t.name: t for t in _edited(switches, floor, floor_policy_text)}
+    with running(Sessions(OPTIONS), switches, files) as sessions:
+        # Another etcd leader's apply (fenced: it writes as its own id or not at all).
+        election_id = OPTIONS.election_id + offset
+        other = dataclasses.replace(OPTIONS, election_id=election_id, fenced=True)
+        [report] = asyncio.run(apply_all([new["tor-alg"]], TABLES, files, other))
+        assert not report.shared and sessions.lent == 0
+        if offset < 0:  # an older one is no primary on a session of its own: nothing written
+            assert not report.ok and report.written == 0
+            assert "not the primary controller" in (report.error or "")
+            assert _held(refs["tor-alg"]) == _wanted(_by(switches)["tor-alg"])
+        else:  # a newer one writes, as itself
+            assert report.ok and _held(refs["tor-alg"]) == _wanted(new["tor-alg"])
+
+
+def _by(switches: list[SwitchTarget]) -> dict[str, SwitchTarget]:
+    return {t.name: t for t in switches}
