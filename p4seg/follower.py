@@ -134,7 +134,20 @@ class Follower:
         session = session_of("serve", self.ops.args, self.ops.last)
         if session is None:
             return  # reported: the apply path says the same
-        await self.sessions.run(session.switches, session.files)
+        # Between operations (under their lock): an apply of this process writing with a
+        # session of its own would meet the new sessions at its election id.
+        lock = self.ops.lock
+        acquiring = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(lambda _: lock.release())  # once the thread has it
+            raise
+        try:
+            await self.sessions.start(session.switches, session.files)
+        finally:
+            lock.release()
+        await self.sessions.hold()
 
     async def _ready(self, sw: Switch) -> None:
         """finsy calls this when the channel is ready and again on every change of role."""

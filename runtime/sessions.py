@@ -156,6 +156,14 @@ class Sessions:
 
     async def run(self, targets: Sequence[SwitchTarget], files: PipelineFiles) -> None:
         """Hold a session with every switch of `targets` until cancelled."""
+        await self.start(targets, files)
+        await self.hold()
+
+    async def start(self, targets: Sequence[SwitchTarget], files: PipelineFiles) -> None:
+        """Register and start a session with every switch of `targets`, in the sessions'
+        loop. From then on every apply of this process on them is lent its session or
+        steps it aside; an apply already writing with a session of its own would meet it
+        at the same election id (p4seg/follower.py starts between operations)."""
         self._loop = asyncio.get_running_loop()
         self._files = files
         for target in targets:
@@ -166,6 +174,9 @@ class Sessions:
             register_shared(target.address, _Shared(self, target.name))
             self._start(target.name)
         self.started.set()
+
+    async def hold(self) -> None:
+        """Until cancelled; then every session ends and is unregistered."""
         try:
             await asyncio.Event().wait()
         finally:
