@@ -2,8 +2,9 @@
 
     python -m bench.bench_serve                  # the small generated floor, 5 runs
     python -m bench.bench_serve --repeat 9 --floor medium
+    python -m bench.bench_serve --repeat 3 --floor tor48
 
-The floor is bench/gen_policy.py's (20 ToRs, 2 spines), its switches in-process
+The floor is bench/gen_policy.py's (20 ToRs, 2 spines; tor48: 48 ToRs), its switches in-process
 ReferenceSwitches on loopback (bench/bench_controller.py `site`). A host with flows both
 ways across ToRs is quarantined and released, timed until every probe flow is dropped
 (then delivered again), injected hop by hop through the switches' data planes:
@@ -37,6 +38,7 @@ from bench.bench_controller import (
     MEDIUM,
     SMALL,
     TIMEOUT,
+    TOR48,
     compile_floor,
     median_ms,
     quarantine_flows,
@@ -100,7 +102,7 @@ def _serving(argv: list[str], access: Path) -> Iterator[Service]:
 
 
 def bench(floor_name: str, repeat: int) -> None:
-    size = {"small": SMALL, "medium": MEDIUM}[floor_name]
+    size = {"small": SMALL, "medium": MEDIUM, "tor48": TOR48}[floor_name]
     c = compile_floor(size)
     with tempfile.TemporaryDirectory() as tmp, site(c, Path(tmp)) as s:
         d = Path(tmp)
@@ -124,6 +126,7 @@ def bench(floor_name: str, repeat: int) -> None:
                 str(d / "access.yaml"), "--check", "3600", "--interval", "1"]  # fmt: skip
         context = ssl.create_default_context(cafile=d / "ca.pem")
         verb_q, verb_r, api_q, api_r = Runs(), Runs(), Runs(), Runs()
+        lent: list[int] = []  # per serve: switches its applies wrote on the follower's sessions
         # Rounds alternate (the verb, then a serve started afresh) so that both meet the same
         # load; the verb cannot run while a serve holds the state directory.
         for _ in range(repeat):
@@ -134,6 +137,7 @@ def bench(floor_name: str, repeat: int) -> None:
                 url = f"https://127.0.0.1:{service.addresses[0][1]}/v1/quarantine/{host.name}"
                 _timed(api_q, api_r, _call(url, "PUT", context), _call(url, "DELETE", context),
                        dropped, restored)  # fmt: skip
+                lent.append(service.follower.lent if service.follower is not None else 0)
     rows = (
         ("`p4seg quarantine` in-process (baseline)", verb_q, verb_q),
         ("PUT /v1/quarantine (HTTPS, token)", api_q, verb_q),
@@ -145,6 +149,8 @@ def bench(floor_name: str, repeat: int) -> None:
         ratio = statistics.median(runs.returned) / statistics.median(base.returned)
         print(f"   {label:<44}{median_ms(runs.returned)} {ratio:6.2f}x"
               f"{median_ms(runs.settled)}")  # fmt: skip
+    print(f"   serve's applies written on its follower's long-lived sessions: {lent} per serve "
+          "(its first apply, the quarantine, the release; one per switch each)")  # fmt: skip
 
 
 def _call(url: str, method: str, context: ssl.SSLContext) -> Callable[[], None]:
@@ -188,7 +194,7 @@ def _timed(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--floor", choices=("small", "medium"), default="small")
+    p.add_argument("--floor", choices=("small", "medium", "tor48"), default="small")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     bench(args.floor, args.repeat)
