@@ -206,9 +206,10 @@ def _keep(
     from p4seg.verbs import watch_loop
     from topologies.console import FloorCLI
 
-    args.interval, args.check, args.once, args.switch = 0.5, 2.0, False, []
+    watch = argparse.Namespace(**{**vars(args), "interval": 0.5, "check": 2.0, "once": False,
+                                  "switch": []})  # fmt: skip
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_loop, args=(args, front, stop.is_set), daemon=True)
+    watcher = threading.Thread(target=watch_loop, args=(watch, front, stop), daemon=True)
     watcher.start()
     print(
         f"p4seg up: the floor stays up; `p4seg watch` re-applies {args.policy} on every edit.\n"
