@@ -290,7 +290,7 @@ class Service:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await asyncio.to_thread(self.ops.stop)  # the follower steps aside for its last apply
+        await asyncio.to_thread(self.ops.stop)  # its last apply may use the follower's sessions
         self._stopping = True  # no new term is followed
         following = [*self._following, *filter(None, [self._term_follower, self._standing])]
         for task in following:
