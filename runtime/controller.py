@@ -375,15 +375,27 @@ async def _write(
         report.written += len(chunk)
 
 
+@dataclass(slots=True)
+class Tenure:
+    """What this process knows a switch holds while one long-lived session of it stays the
+    switch's primary without a break: only the primary writes, and a restart (the stream
+    ends) or another primary (an arbitration update) ends the tenure, so within it the
+    switch holds what this session last marked it with (runtime/sessions.py). `digest`
+    b"": nothing known, read the mark."""
+
+    digest: bytes = b""
+    epoch: int = 0
+
+
 class SharedPrimary(Protocol):
     """A long-lived session of this process with one switch, the primary between its applies
     (p4seg serve's follower, p4seg/follower.py), shared with them."""
 
     async def lend(
-        self, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
+        self, election_id: int, work: Callable[[Switch, P4Client, Tenure], Awaitable[bool]]
     ) -> bool:
         """Run `work` on the session, in the session's own event loop: its `Switch` (for
-        writes) and a client for raw reads. Only while the session is the switch's primary
+        writes), a client for raw reads and the session's current Tenure. Only while the session is the switch's primary
         and bids for the controller whose applies use `election_id`; False if not (nothing
         run), or what `work` returns (False: it needs a session of its own, to set the
         pipeline)."""
@@ -438,7 +450,6 @@ async def apply_one(
     async def work() -> None:
         shared = _SHARED.get(target.address)
         if shared is not None and await shared.lend(options.election_id, on_shared):
-            report.shared = True
             return
         async with P4Client(target.address, options.tls, wait_for_ready=False) as raw:
             if not report.pipeline:  # unless the shared session just read it
@@ -465,24 +476,36 @@ async def apply_one(
                         say(target.name, f"pipeline {report.pipeline}: set")
                     await on_primary(sw, raw)
 
-    async def on_shared(sw: Switch, raw: P4Client) -> bool:
-        report.pipeline = await pipeline_state(raw, target.device_id, files.schema())
-        if report.pipeline != "same":
-            return False  # the pipeline is set by a session of our own, which carries it
-        await on_primary(sw, raw)
+    async def on_shared(sw: Switch, raw: P4Client, tenure: Tenure) -> bool:
+        if tenure.digest and not options.full_read:
+            report.pipeline = "same"  # nobody but this session could have set another
+        else:
+            report.pipeline = await pipeline_state(raw, target.device_id, files.schema())
+            if report.pipeline != "same":
+                return False  # the pipeline is set by a session of our own, which carries it
+        report.shared = True
+        await on_primary(sw, raw, tenure)
         return True
 
-    async def on_primary(sw: Switch, raw: P4Client) -> None:
-        """The switch's plan, on a session that is its primary (`raw`: reads)."""
+    async def on_primary(sw: Switch, raw: P4Client, tenure: Tenure | None = None) -> None:
+        """The switch's plan, on a session that is its primary (`raw`: reads). `tenure`:
+        what a long-lived session knows the switch holds (none: its mark is read)."""
         digest = target.desired.digest
         held = None
         if report.pipeline == "same" and not options.full_read:
-            epoch, mark = await read_mark(raw, target.device_id, tables)
+            if tenure is not None and tenure.digest:  # its stream says nothing changed
+                epoch, mark = tenure.epoch, tenure.digest
+            else:
+                epoch, mark = await read_mark(raw, target.device_id, tables)
             if mark and mark == digest:
                 report.plan = _unchanged(target, epoch)
+                if tenure is not None:
+                    tenure.digest, tenure.epoch = mark, epoch
                 return
             if mark and known is not None and mark == known.digest:
                 held = Held.of(known, epoch, mark)
+        if tenure is not None:
+            tenure.digest = b""  # unknown from the first write on, until the last mark
         if held is None:
             report.in_full = True
             held = await read_held(raw, target.device_id, tables)
@@ -490,6 +513,8 @@ async def apply_one(
         if plan.empty:
             if digest and held.digest != digest:  # right, but not marked (yet): mark it
                 await _mark(sw, tables, plan.epoch_after, digest, report, fence)
+                if tenure is not None:
+                    tenure.digest, tenure.epoch = digest, plan.epoch_after
             return
         if held.digest:  # from the first write on, the switch holds no known build
             await _mark(sw, tables, held.epoch, b"", report, fence)
@@ -504,6 +529,8 @@ async def apply_one(
             await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
         if digest:  # every update took: the switch holds the build
             await _mark(sw, tables, plan.epoch_after, digest, report, fence)
+            if tenure is not None:
+                tenure.digest, tenure.epoch = digest, plan.epoch_after
 
     return await _bounded(report, options.timeout, work)
 

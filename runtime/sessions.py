@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from finsy import P4Client, Switch
+from finsy import P4Client, Switch, SwitchEvent
 from finsy.grpcutil import GRPCStatusCode
 from finsy.p4arbitrator import Arbitrator
 from finsy.p4client import P4ClientError, P4RpcStatus
@@ -44,6 +44,7 @@ from runtime.controller import (
     ControllerOptions,
     PipelineFiles,
     SwitchTarget,
+    Tenure,
     register_shared,
     session_options,
 )
@@ -51,6 +52,12 @@ from runtime.controller import (
 RELEASE_WAIT = 1.0  # seconds a session stepping aside waits for the switch to drop it
 READY_WAIT = 10.0  # seconds `running` waits for every session to be the primary
 _T = TypeVar("_T")
+_TENURE_ENDS = (
+    SwitchEvent.CHANNEL_UP,
+    SwitchEvent.CHANNEL_DOWN,
+    SwitchEvent.BECOME_PRIMARY,
+    SwitchEvent.BECOME_BACKUP,
+)
 Ready = Callable[[Switch], Coroutine[Any, Any, None]]
 
 
@@ -119,6 +126,7 @@ class Sessions:
         self._ready = ready or self._primary
         self._usable: dict[str, threading.Event] = {}
         self._switches: dict[str, Switch] = {}
+        self._tenures: dict[str, Tenure] = {}  # per switch: what its session knows it holds
         self._raws: dict[str, P4Client] = {}  # per switch: raw reads for the applies lent to
         self._lending: dict[str, asyncio.Lock] = {}
         self._aside_since: dict[str, float] = {}
@@ -191,6 +199,11 @@ class Sessions:
         assert files is not None
         switch = controller_session(target, files, self.options, self.ceiling, self._ready)
         self._switches[name] = switch
+        self._tenures[name] = Tenure()
+        # Any change of the stream or of the role ends what the session knew: a restart,
+        # another primary (who may write), ours again after it.
+        for event in _TENURE_ENDS:
+            switch.ee.on(event, lambda sw: self._tenures.__setitem__(sw.name, Tenure()))
         # Switch.run reconnects (with finsy's back-off) when the switch restarts.
         self._runs[name] = asyncio.ensure_future(switch.run())
 
@@ -208,7 +221,10 @@ class Sessions:
     # -- an apply on the session, or beside it --------------------------------------------
 
     async def lend(
-        self, name: str, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
+        self,
+        name: str,
+        election_id: int,
+        work: Callable[[Switch, P4Client, Tenure], Awaitable[bool]],
     ) -> bool:
         """runtime/controller.SharedPrimary.lend for switch `name`: `work` runs in the
         sessions' loop while the session there is usable and the primary, one at a time."""
@@ -222,10 +238,11 @@ class Sessions:
                     or self._paused[name]
                     or not self.usable(name)
                     or not sw.is_primary
-                    or sw.election_id > election_id  # bid up to another controller's id
+                    # Fenced (serve --etcd): written as the term's id or not at all.
+                    or (self.options.fenced and sw.election_id != election_id)
                 ):
                     return False
-                done = await work(sw, await self._raw(name))
+                done = await work(sw, await self._raw(name), self._tenures[name])
                 self.lent += done
                 return done
 
@@ -297,7 +314,7 @@ class _Shared:
     name: str
 
     async def lend(
-        self, election_id: int, work: Callable[[Switch, P4Client], Awaitable[bool]]
+        self, election_id: int, work: Callable[[Switch, P4Client, Tenure], Awaitable[bool]]
     ) -> bool:
         return await self.sessions.lend(self.name, election_id, work)
 

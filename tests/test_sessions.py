@@ -9,7 +9,10 @@ import dataclasses
 from collections.abc import Callable
 
 import pytest
+from finsy import Switch, SwitchOptions
 from finsy.proto import p4r
+from p4rt import wait_for
+from test_controller import _count, _write_faults
 
 import runtime.controller
 from compiler.check import check_policy
@@ -143,3 +146,66 @@ def test_another_controllers_apply_is_never_lent_a_session(
 
 def _by(switches: list[SwitchTarget]) -> dict[str, SwitchTarget]:
     return {t.name: t for t in switches}
+
+
+def test_within_its_tenure_a_session_reads_nothing_and_another_primary_ends_it(
+    fabric: Fabric, floor: Inventory, floor_policy_text: str
+) -> None:
+    """Only the primary writes: while a session stays the primary, the switch holds what it
+    last marked it with, and an apply confirms it without a read. Another primary (who may
+    have written) ends that: the next apply reads the switch's mark again."""
+    switches, files, refs = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    new = _edited(switches, floor, floor_policy_text)
+    with running(Sessions(OPTIONS), switches, files) as sessions:
+        assert all(r.ok and r.shared for r in asyncio.run(apply_all(new, TABLES, files, OPTIONS)))
+        traffic = {name: _count(sw) for name, sw in refs.items()}
+        again = asyncio.run(apply_all(new, TABLES, files, OPTIONS))
+        assert all(r.ok and r.shared and r.written == 0 and not r.in_full for r in again)
+        assert all((t.writes, t.full_reads, t.small_reads) == (0, 0, 0) for t in traffic.values())
+
+        async def another_primary() -> None:  # connects above us, writes nothing, leaves
+            options = SwitchOptions(p4info=files.p4info_path, device_id=new[0].device_id,
+                                    initial_election_id=OPTIONS.election_id + 90)  # fmt: skip
+            async with Switch("other", new[0].address, options) as other:
+                assert other.is_primary
+
+        asyncio.run(another_primary())
+        assert wait_for(lambda: sessions.usable(new[0].name))  # ours again, at its bid
+        traffic = {name: _count(sw) for name, sw in refs.items()}
+        third = asyncio.run(apply_all(new, TABLES, files, OPTIONS))
+        assert all(r.ok and r.shared and r.written == 0 for r in third)
+        reads = {name: t.small_reads for name, t in traffic.items()}
+        assert reads.pop(new[0].name) >= 1  # its mark (and cookie) read again
+        assert set(reads.values()) == {0}  # the others' sessions stayed the primary
+
+
+def test_an_apply_that_fails_midway_ends_what_the_session_knew(
+    fabric: Fabric, floor: Inventory, floor_policy_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed apply leaves the switch holding neither build: the session must not go on
+    believing it holds the one it marked before, or going back to that build would write
+    nothing."""
+    switches, files, refs = fabric
+    assert all(r.ok for r in asyncio.run(apply_all(switches, TABLES, files, OPTIONS)))
+    new = {t.name: t for t in _edited(switches, floor, floor_policy_text)}
+    alg = _by(switches)["tor-alg"]
+    with running(Sessions(OPTIONS), switches, files):
+        [known] = asyncio.run(apply_all([alg], TABLES, files, OPTIONS))  # marks it A
+        assert known.ok and known.shared
+        policy = PIPELINE.table("policy").id
+        taken: list[bytes] = []
+
+        def fail(update: p4r.Update) -> bool:  # every `policy` update but the first
+            if update.entity.table_entry.table_id != policy:
+                return False
+            taken.append(update.SerializeToString(deterministic=True))
+            return taken[0] != taken[-1]
+
+        with monkeypatch.context() as faults:
+            _write_faults(faults, fail)
+            [failed] = asyncio.run(apply_all([new["tor-alg"]], TABLES, files, OPTIONS))
+        assert not failed.ok and failed.shared and failed.written == 1  # one entry of B
+        [back] = asyncio.run(apply_all([alg], TABLES, files, OPTIONS))
+        assert back.ok and back.shared and back.written > 0
+        assert _held(refs["tor-alg"]) == _wanted(alg)
