@@ -7,19 +7,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from finsy import Switch, SwitchOptions
 from finsy.proto import p4r
 from p4rt import wait_for
-from test_controller import _count, _write_faults
+from test_controller import NEEDS_BMV2, _bmv2, _count, _on_bmv2, _write_faults
 
 import runtime.controller
 from compiler.check import check_policy
 from compiler.emit import build
 from compiler.inventory import Inventory
+from compiler.model import Policy
 from p4src.spec import PIPELINE
-from runtime.controller import ControllerOptions, PipelineFiles, SwitchTarget, apply_all
+from runtime.controller import (
+    ControllerOptions,
+    PipelineFiles,
+    SwitchTarget,
+    apply_all,
+    plan_all,
+)
 from runtime.plan import Desired, Tables
 from runtime.refswitch.switch import ReferenceSwitch
 from runtime.sessions import Sessions, running
@@ -52,13 +60,19 @@ def _arbitrations(sw: ReferenceSwitch) -> Callable[[], int]:
     return lambda: seen[0]
 
 
-def _edited(switches: list[SwitchTarget], floor: Inventory, text: str) -> list[SwitchTarget]:
-    """The targets of the trading floor with one rule's port changed."""
+def _edited_policy(floor: Inventory, text: str) -> tuple[Policy, str]:
+    """The trading floor's policy with one rule's port changed (its `expect` lines gone)."""
     text = text.replace("tcp 9876\n", "tcp 9877\n", 1)
     text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
     result = check_policy(text, "p.zt", floor)
     assert result.policy is not None
-    edited = {s.switch: s for s in build(result.policy, floor, text, "ref").switches}
+    return result.policy, text
+
+
+def _edited(switches: list[SwitchTarget], floor: Inventory, text: str) -> list[SwitchTarget]:
+    """The targets of the trading floor with one rule's port changed."""
+    policy, text = _edited_policy(floor, text)
+    edited = {s.switch: s for s in build(policy, floor, text, "ref").switches}
     return [
         dataclasses.replace(t, desired=Desired.of(TABLES, edited[t.name], 255)) for t in switches
     ]
@@ -209,3 +223,33 @@ def test_an_apply_that_fails_midway_ends_what_the_session_knew(
         [back] = asyncio.run(apply_all([alg], TABLES, files, OPTIONS))
         assert back.ok and back.shared and back.written > 0
         assert _held(refs["tor-alg"]) == _wanted(alg)
+
+
+@NEEDS_BMV2
+def test_bmv2_takes_applies_on_a_long_lived_session(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """simple_switch_grpc: the pipeline set by an apply's own session (the long-lived one
+    steps aside), then an edit and a no-op on the long-lived session, no read in its tenure."""
+    with _bmv2() as grpc_port:
+        built = build(floor_policy, floor, floor_policy_text, "bmv2")
+        target, tables, files = _on_bmv2(built, floor, tmp_path, grpc_port)
+        options = ControllerOptions(timeout=60)
+        edited_policy, text = _edited_policy(floor, floor_policy_text)
+        edited = build(edited_policy, floor, text, "bmv2", allocation=built.allocation)
+        (new,) = [
+            dataclasses.replace(target, desired=Desired.of(tables, s, 255))
+            for s in edited.switches
+            if s.switch == target.name
+        ]
+        with running(Sessions(options), [target], files, wait=5) as sessions:
+            (first,) = asyncio.run(apply_all([target], tables, files, options))
+            assert first.ok and first.pipeline == "missing" and not first.shared, first.error
+            assert sessions.wait_usable(target.name, 30)
+            (changed,) = asyncio.run(apply_all([new], tables, files, options))
+            assert changed.ok and changed.shared and changed.written > 0, changed.error
+            (again,) = asyncio.run(apply_all([new], tables, files, options))
+            assert again.ok and again.shared and again.written == 0 and not again.in_full
+        full = dataclasses.replace(options, full_read=True)
+        (planned,) = asyncio.run(plan_all([new], tables, files, full))
+        assert planned.ok and planned.plan is not None and planned.plan.empty  # BMv2 holds it
