@@ -380,11 +380,19 @@ class Tenure:
     """What this process knows a switch holds while one long-lived session of it stays the
     switch's primary without a break: only the primary writes, and a restart (the stream
     ends) or another primary (an arbitration update) ends the tenure, so within it the
-    switch holds what this session last marked it with (runtime/sessions.py). `digest`
-    b"": nothing known, read the mark."""
+    switch holds what this session last marked it with, on the pipeline it checked
+    (runtime/sessions.py). `digest` b"": nothing known, read the mark."""
 
     digest: bytes = b""
     epoch: int = 0
+    cookie: int = 0  # the pipeline's
+
+    def holds(self, digest: bytes, epoch: int, schema: P4Schema) -> None:
+        self.digest, self.epoch, self.cookie = digest, epoch, schema.p4cookie
+
+    def knows(self, schema: P4Schema) -> bool:
+        """Whether it knows what the switch holds, on `schema`'s pipeline."""
+        return bool(self.digest) and self.cookie == schema.p4cookie
 
 
 class SharedPrimary(Protocol):
@@ -395,10 +403,10 @@ class SharedPrimary(Protocol):
         self, election_id: int, work: Callable[[Switch, P4Client, Tenure], Awaitable[bool]]
     ) -> bool:
         """Run `work` on the session, in the session's own event loop: its `Switch` (for
-        writes), a client for raw reads and the session's current Tenure. Only while the session is the switch's primary
-        and bids for the controller whose applies use `election_id`; False if not (nothing
-        run), or what `work` returns (False: it needs a session of its own, to set the
-        pipeline)."""
+        writes), a client for raw reads and the session's current Tenure. Only while the
+        session is the switch's primary and bids for the controller whose applies use
+        `election_id`; False if not (nothing run), or what `work` returns (False: it needs
+        a session of its own, to set the pipeline)."""
         ...
 
     def aside(self) -> AbstractAsyncContextManager[object]:
@@ -477,7 +485,7 @@ async def apply_one(
                     await on_primary(sw, raw)
 
     async def on_shared(sw: Switch, raw: P4Client, tenure: Tenure) -> bool:
-        if tenure.digest and not options.full_read:
+        if tenure.knows(files.schema()) and not options.full_read:
             report.pipeline = "same"  # nobody but this session could have set another
         else:
             report.pipeline = await pipeline_state(raw, target.device_id, files.schema())
@@ -493,14 +501,14 @@ async def apply_one(
         digest = target.desired.digest
         held = None
         if report.pipeline == "same" and not options.full_read:
-            if tenure is not None and tenure.digest:  # its stream says nothing changed
+            if tenure is not None and tenure.knows(files.schema()):  # nothing changed since
                 epoch, mark = tenure.epoch, tenure.digest
             else:
                 epoch, mark = await read_mark(raw, target.device_id, tables)
             if mark and mark == digest:
                 report.plan = _unchanged(target, epoch)
                 if tenure is not None:
-                    tenure.digest, tenure.epoch = mark, epoch
+                    tenure.holds(mark, epoch, files.schema())
                 return
             if mark and known is not None and mark == known.digest:
                 held = Held.of(known, epoch, mark)
@@ -514,7 +522,7 @@ async def apply_one(
             if digest and held.digest != digest:  # right, but not marked (yet): mark it
                 await _mark(sw, tables, plan.epoch_after, digest, report, fence)
                 if tenure is not None:
-                    tenure.digest, tenure.epoch = digest, plan.epoch_after
+                    tenure.holds(digest, plan.epoch_after, files.schema())
             return
         if held.digest:  # from the first write on, the switch holds no known build
             await _mark(sw, tables, held.epoch, b"", report, fence)
@@ -530,7 +538,7 @@ async def apply_one(
         if digest:  # every update took: the switch holds the build
             await _mark(sw, tables, plan.epoch_after, digest, report, fence)
             if tenure is not None:
-                tenure.digest, tenure.epoch = digest, plan.epoch_after
+                tenure.holds(digest, plan.epoch_after, files.schema())
 
     return await _bounded(report, options.timeout, work)
 
