@@ -40,8 +40,9 @@ with --floor tor48 or all). Each switch is an in-process ReferenceSwitch on its 
             The long-running figures of 2, 3 and 3b run the verbs in-process after the
             verbs before them (what they compiled, proved and applied kept in memory) with
             the long-lived sessions `p4seg serve` holds (runtime/sessions.py) open around
-            them: the verbs plan and write through those, opening no session; printed with
-            them, how many switches were written that way.
+            them, established by an untimed no-op apply (as serve's have applied before):
+            the verbs plan and write through those, opening no session and reading nothing
+            the sessions know; printed with them, how many switches were written that way.
 3c. takeover    A new `serve --etcd` leader's first turn (`watch --once`: compile, prove,
             confirm every switch holds the build) as a cold process and after a standby's
             warm-up (p4seg/verbs.py `warm`).
@@ -852,10 +853,13 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
         done = apply(other_text, verb)
         problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
         held, other_text = other_text, held
-        # and back, as the long-running controller (serve) that applied the last one
+        # and back, as the long-running controller (serve) that applied the last one, its
+        # sessions established (they confirmed what the switches hold: an untimed no-op)
         with long_lived(c, s) as sessions:
+            apply(held, fresh=False)
+            before = sessions.lent
             done = apply(other_text, warm, fresh=False)
-        lent.append(sessions.lent)
+        lent.append(sessions.lent - before)
         problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
         held, other_text = other_text, held
     if profile:
@@ -956,9 +960,9 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
             ([], warm_q, warm_dropped, warm_r, False),  # after the verbs above, kept
             (every, full_q, full_dropped, full_r, True),
         ):
-            if not fresh:  # a long-running controller applied (and proved) what it holds
-                run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
             with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
+                if not fresh:  # a long-running controller applied (and proved) what it holds
+                    run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
                 run_verb(["quarantine", host.name, *live, *extra], times, fresh)
                 start = time.perf_counter()
                 still = [f for f in flows if s.passes(f)]
@@ -1038,9 +1042,9 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         for g_times, r_times, fresh in ((granted, revoked, True), (warm_g, warm_r, False)):
             if s.passes(probe):
                 problems.append(f"run {i}: {probe} passes before the grant")
-            if not fresh:  # a long-running controller applied (and proved) what it holds
-                run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
             with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
+                if not fresh:  # a long-running controller applied (and proved) what it holds
+                    run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
                 run_verb([*grant, *live], g_times, fresh)
                 if not s.passes(probe):
                     problems.append(f"run {i}: {probe} dropped after the grant")
