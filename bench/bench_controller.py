@@ -961,8 +961,9 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
             (every, full_q, full_dropped, full_r, True),
         ):
             with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
-                if not fresh:  # a long-running controller applied (and proved) what it holds
+                if held is not None:  # a long-running controller applied (and proved) what it holds
                     run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
+                before = held.lent if held is not None else 0
                 run_verb(["quarantine", host.name, *live, *extra], times, fresh)
                 start = time.perf_counter()
                 still = [f for f in flows if s.passes(f)]
@@ -973,7 +974,7 @@ def bench_quarantine(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
                 if not all(s.passes(f) for f in flows):
                     problems.append(f"run {i}: not restored by release")
             if held is not None:
-                lent.append(held.lent)
+                lent.append(held.lent - before)
     total, base = statistics.median(until_dropped), statistics.median(noop.total)
     full = statistics.median(full_dropped)
     print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
@@ -1043,8 +1044,9 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
             if s.passes(probe):
                 problems.append(f"run {i}: {probe} passes before the grant")
             with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
-                if not fresh:  # a long-running controller applied (and proved) what it holds
+                if held is not None:  # a long-running controller applied (and proved) what it holds
                     run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
+                before = held.lent if held is not None else 0
                 run_verb([*grant, *live], g_times, fresh)
                 if not s.passes(probe):
                     problems.append(f"run {i}: {probe} dropped after the grant")
@@ -1053,7 +1055,7 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
                 if s.passes(probe):
                     problems.append(f"run {i}: {probe} passes after the revoke")
             if held is not None:
-                lent.append(held.lent)
+                lent.append(held.lent - before)
     base = statistics.median(noop.total)
     print(f"   {probe}")
     print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
