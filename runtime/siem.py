@@ -37,6 +37,7 @@ DEFAULT_SD_ID = "p4seg@32473"  # RFC 5612's documentation enterprise number: a p
 DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514}
 MAX_PARAM = 1024  # characters of one SD-PARAM value; longer ones are cut and say so
 MAX_BACKOFF = 30.0
+CLOSE_WAIT = 2.0  # seconds a closing sink waits for the collector to close its side
 
 
 class SiemConfigError(ValueError):
@@ -436,7 +437,7 @@ class SyslogSink:
             item = self._queue.get()
             try:
                 if item is _STOP:
-                    self._disconnect()
+                    self._disconnect(graceful=True)
                     return
                 assert isinstance(item, Event)
                 sent = not self._closing.is_set() and self._deliver(self._message(item))
@@ -484,7 +485,21 @@ class SyslogSink:
         self._sock = sock
         return sock
 
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _disconnect(self, graceful: bool = False) -> None:
+        """Close the connection. `graceful` (the sink closing, TCP and TLS): end our side
+        first and read what the collector sent until it closes its own. Closing a socket
+        with unread data in it (a TLS collector's session tickets) resets the connection,
+        and a reset makes the collector's kernel drop what it had not read yet: the last
+        messages sent."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if graceful and self.config.transport != "udp":
+            try:
+                sock.settimeout(min(self.config.timeout, CLOSE_WAIT))
+                sock.shutdown(socket.SHUT_WR)  # TLS: the raw socket's, after its records
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # the collector went away, or took too long: closed anyway
+        sock.close()
