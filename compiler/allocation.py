@@ -74,11 +74,18 @@ class Allocation:
     tags: Mapping[tuple[str, str], SideTags] = field(default_factory=dict)  # (switch, side)
 
     def settled(self) -> Allocation:
-        """The same allocation once no switch holds a retired number any more: they are free."""
+        """The same allocation once no switch holds a retired number any more: they are free.
+        Itself when nothing is retired, and each side without retired tags as the same
+        object (its JSON is made once per object)."""
+        if not self.retired_rules and not any(v.retired for v in self.tags.values()):
+            return self
         return Allocation(
             self.rules,
             frozenset(),
-            {k: SideTags(v.tags, frozenset(), v.shared) for k, v in self.tags.items()},
+            {
+                k: SideTags(v.tags, frozenset(), v.shared) if v.retired else v
+                for k, v in self.tags.items()
+            },
         )
 
     def to_json(self) -> str:

@@ -38,7 +38,10 @@ def state_allocation(state_dir: Path) -> Allocation:
 
 
 def save_state_allocation(state_dir: Path, allocation: Allocation) -> None:
-    """Replace the controller's allocation atomically (and remember it as read back)."""
+    """Replace the controller's allocation atomically (and remember it as read back);
+    nothing is written when the file holds it already (an operation that changed no id)."""
     path = state_dir / STATE_FILE
+    if _READ.holds(path, allocation):
+        return
     write_atomic(path, allocation.to_json())
     _READ.remember(path, allocation)

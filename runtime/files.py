@@ -74,6 +74,19 @@ class Parsed(Generic[T]):
         if mark is not None:
             self._store(str(path.resolve()), mark, value)
 
+    def holds(self, path: Path, value: T) -> bool:
+        """Whether `path` is unchanged since it was parsed or remembered as `value` (or an
+        equal value): writing `value` again would change nothing."""
+        mark = file_mark(path)
+        with self._lock:
+            found = self._found.get(str(path.resolve()))
+        return (
+            found is not None
+            and mark is not None
+            and found[0] == mark
+            and (found[1] is value or found[1] == value)
+        )
+
     def clear(self) -> None:
         with self._lock:
             self._found.clear()

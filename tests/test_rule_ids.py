@@ -225,6 +225,31 @@ def test_removed_rule_id_is_retired_until_settled(
     assert next(r for r in settled.rules if r.describe() == NEW_RULE).id == dropped.id
 
 
+def test_the_state_allocation_is_written_only_when_it_changed(
+    tmp_path: Path, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """An operation that changes no rule id (a quarantine, a release) leaves allocation.json
+    as it is; `settled()` of an allocation with nothing retired is itself."""
+    from p4seg.allocations import STATE_FILE, save_state_allocation, state_allocation
+
+    _full, allocation = assign_rule_ids(floor_policy, Allocation())
+    assert allocation.settled() is allocation
+    save_state_allocation(tmp_path, allocation)
+    path = tmp_path / STATE_FILE
+    before = path.stat()
+    again = Allocation.from_json(allocation.to_json(), "again")  # equal, another object
+    save_state_allocation(tmp_path, again)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    text = floor_policy_text.replace(
+        "allow order_router -> risk         tcp 8443        rate 20000pps\n", ""
+    )
+    _less, retiring = assign_rule_ids(_checked(text, floor), allocation)
+    save_state_allocation(tmp_path, retiring)  # a retired id: written
+    assert path.stat().st_ino != before.st_ino and state_allocation(tmp_path) == retiring
+    assert retiring.settled() != retiring and not retiring.settled().retired_rules
+
+
 def test_a_named_rule_keeps_its_id_through_an_edit(floor: Inventory) -> None:
     v1 = "policy p\nallow algo1 -> oms1 tcp 9876 name fix\nallow algo2 -> oms2 tcp 9876\n"
     v2 = "policy p\nallow algo2 -> oms2 tcp 9876\nallow algo1 -> oms1 tcp 9876, 9877 name fix\n"
