@@ -358,17 +358,23 @@ def _quarantined(
 class _Made:
     """What a ToR's entries were made from, kept by their tables object (`_MADE`): when only
     its quarantined hosts change, `lower` makes them again from this, with neither the
-    policy's semantics nor the tag allocation (a quarantine adds no ordinary tag)."""
+    policy's semantics nor the tag allocation (a quarantine adds no ordinary tag); when its
+    rules change but not its tag needs, only its `policy` entries (`_retagged`)."""
 
     ordinary: str  # the ToR's inputs digest without its quarantined hosts
-    rules: Sequence[PolicyRule]  # the ordinary policy's rules the semantics are of
+    rules: Sequence[PolicyRule]  # the ordinary policy's rules its `policy` entries are of
+    # what its atoms are numbered by (codes, host_atoms): the semantics of `rules`, or of
+    # the earlier version its needs were first allocated for
     semantics: PolicySemantics
     host_atoms: tuple[tuple[Host, int], ...]
-    remediation: int  # the `remediation` service's atoms
     codes: ToRCodes  # no host quarantined
     src: SideTags  # each side's ordinary tags, as the allocation made them
     dst: SideTags
     policy: tuple[TableEntry, ...]  # the ordinary `policy` entries
+    needs: _Needs  # what its tags were allocated for, in addresses (`_needs`)
+    # its identity entries with no host quarantined, once made (the same for the next
+    # compile whose needs are these: `_retagged`)
+    identity: tuple[TableEntry, ...] | None = None
 
 
 # Per lowered ToR: how it was made (one build's ToRs and a few replaced ones).
@@ -381,8 +387,14 @@ def _same_ordinary(
     """Whether the ToR's ordinary entries and tags are still what `made` says: the same
     ordinary inputs and rules, and the allocation holding the tags it made (so that the
     allocator, given them again, keeps every one: compiler/tags.allocate_side)."""
-    if made.ordinary != ordinary or made.rules != rules:
-        return False
+    return (
+        made.ordinary == ordinary and made.rules == rules and _holds_tags(made, allocation, switch)
+    )
+
+
+def _holds_tags(made: _Made, allocation: Allocation, switch: str) -> bool:
+    """Whether `allocation` holds the ordinary tags `made` was made with (so that the
+    allocator, given them again for the same needs, keeps every one)."""
     src = _ordinary(allocation.tags.get((switch, "src"), SideTags()))
     dst = allocation.tags.get((switch, "dst"), SideTags())
     return (src.tags, src.shared, dst.tags, dst.shared) == (
@@ -402,6 +414,7 @@ def _make_tor(
     allocation: Allocation,
     service: AddressSet | None,
     ordinary: str,
+    needs: _Needs,
 ) -> _Made:
     """A ToR's ordinary codes, tags and `policy` entries (no host quarantined)."""
     part = sem.addresses
@@ -414,7 +427,71 @@ def _make_tor(
     remediation = part.mask(service.intervals) if service else 0
     codes, src, dst = _tor_codes(sem, policy, switch, local, hosts, keys, allocation, remediation)
     entries = tuple(_policy_entries(codes, policy))
-    return _Made(ordinary, policy.rules, sem, host_atoms, remediation, codes, src, dst, entries)
+    return _Made(ordinary, policy.rules, sem, host_atoms, codes, src, dst, entries, needs)
+
+
+# A ToR's tag needs in addresses: per side, (set key, its intervals, its universe), and
+# what every ToR's needs share (the inventory, the `remediation` service).
+_Need = tuple[str, tuple[Interval, ...], int]
+_Needs = tuple[str, frozenset[_Need], frozenset[_Need]]
+# The universe a set is tagged on (compiler/tags.py), widest last: this rack's hosts,
+# every host, every address (what `_tor_codes` ORs together as atoms).
+_LOCAL, _HOSTS, _FULL = 0, 1, 2
+
+
+def _needs(floor: str, touching: Iterable[tuple[PolicyRule, bool, bool]],
+           keys: Mapping[tuple[int, str], str]) -> _Needs:  # fmt: skip
+    """What `_tor_codes` allocates a ToR's tags from, in addresses rather than atoms (atoms
+    are renumbered by any edit): for each set key of the rules touching the ToR (rule,
+    whether its source / destination has a host there), its addresses and the widest
+    universe it needs. Two compiles with equal needs and the same tags in the allocation
+    make the same tags and the same identity entries (`_retagged`)."""
+    src: dict[str, tuple[tuple[Interval, ...], int]] = {}
+    dst: dict[str, tuple[tuple[Interval, ...], int]] = {}
+
+    def need(src_key: str, src_set: AddressSet, src_in: bool,
+             dst_key: str, dst_set: AddressSet, dst_in: bool) -> None:  # fmt: skip
+        for needs, key, addresses, level in (
+            (src, src_key, src_set, _HOSTS if dst_in else _LOCAL),
+            (dst, dst_key, dst_set, _FULL if src_in else _LOCAL),
+        ):
+            old = needs.get(key)
+            needs[key] = (addresses.intervals, level if old is None else max(old[1], level))
+
+    for rule, src_in, dst_in in touching:
+        src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
+        need(src_key, rule.src, src_in, dst_key, rule.dst, dst_in)
+        if reply_matches(rule, udp_always=rule.action is Action.DENY):
+            need(dst_key, rule.dst, dst_in, src_key, rule.src, src_in)
+    return (
+        floor,
+        frozenset((k, iv, level) for k, (iv, level) in src.items()),
+        frozenset((k, iv, level) for k, (iv, level) in dst.items()),
+    )
+
+
+def _retagged(
+    made: _Made,
+    needs: _Needs,
+    policy: Policy,
+    touching: Sequence[tuple[PolicyRule, bool, bool]],
+    keys: Mapping[tuple[int, str], str],
+    allocation: Allocation,
+    switch: str,
+    ordinary: str,
+) -> _Made | None:
+    """A ToR whose rules changed but whose tag needs did not (a port, an action, a rule
+    whose sets it already tags on the same universes), with the allocation holding the tags
+    it was made with: the allocator would give every set its tag again and the identity
+    entries would be the same, so only its `policy` entries are made again, with neither
+    the policy's semantics nor the allocator. None: not such a ToR."""
+    if made.needs != needs or not _holds_tags(made, allocation, switch):
+        return None
+    relevant = frozenset(rule.id for rule, _, _ in touching)
+    codes = dataclasses.replace(made.codes, relevant=relevant, keys=keys)
+    entries = tuple(_policy_entries(codes, policy))
+    return dataclasses.replace(made, ordinary=ordinary, rules=policy.rules, codes=codes,
+                               policy=entries)  # fmt: skip
 
 
 def _spine_identity(uplinks: list[int]) -> list[TableEntry]:
@@ -498,6 +575,9 @@ class Lowered:
     down: frozenset[str] = frozenset()  # the spines routed around (inventory.down)
     # ToRs whose quarantined hosts alone changed: made again from how they were (`_Made`)
     requarantined: frozenset[str] = frozenset()
+    # ToRs whose rules changed but not their tag needs: only their `policy` entries made
+    # again (`_retagged`)
+    retagged: frozenset[str] = frozenset()
 
 
 def _digest(*parts: object) -> str:
@@ -525,13 +605,14 @@ def _switch_inputs(
     keys: Mapping[tuple[int, str], str],
     remediation: AddressSet | None,
     quarantined: set[int],
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> _Inputs:
     """Per switch, a digest of what its entries are made from, at the level of addresses
     (atoms are renumbered by any edit): the inventory and the remediation service (tagged
     on every ToR); for a ToR, every rule naming one of its hosts — its id, meaning, set
     keys and rate rank —, the default rule, and its quarantined hosts. The down spines are
     left out: they change routing only (`lower` makes it again, _rerouted). Also the same
-    digest without the quarantined hosts: what a ToR's ordinary entries are made from."""
+    digest without the quarantined hosts: what a ToR's ordinary entries are made from;
+    and per ToR, the rules touching it (`_Inputs`)."""
     floor = _digest(
         _INVENTORY_DIGESTS.get(inventory, _inventory_digest),
         remediation.intervals if remediation else None,
@@ -541,8 +622,10 @@ def _switch_inputs(
     placed = placement(inventory)
     rate_rank = rate_ranks(policy.rules)
     mine: dict[str, list[str]] = {t: [] for t in placed.tors}
+    touching: dict[str, list[tuple[PolicyRule, bool, bool]]] = {t: [] for t in placed.tors}
     for r in policy.rules:
-        touched = placed.tors_of(r.src.intervals) | placed.tors_of(r.dst.intervals)
+        src_tors, dst_tors = placed.tors_of(r.src.intervals), placed.tors_of(r.dst.intervals)
+        touched = src_tors | dst_tors
         if not touched:
             continue
         meaning = _meaning((
@@ -552,6 +635,7 @@ def _switch_inputs(
         ))  # fmt: skip
         for t in touched:
             mine[t].append(meaning)
+            touching[t].append((r, t in src_tors, t in dst_tors))
     ordinary = {
         sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
         for sw in inventory.switches
@@ -560,7 +644,19 @@ def _switch_inputs(
         name: _digest(digest, sorted(ip for ip, tor in held.items() if tor == name))
         for name, digest in ordinary.items()
     }
-    return inputs, ordinary
+    return _Inputs(inputs, ordinary, floor, touching)
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """What `_switch_inputs` finds: per switch, the digest of its inputs and of its ordinary
+    inputs (no host quarantined); the part every switch shares; per ToR, the rules touching
+    it (rule, whether its source / destination has a host there)."""
+
+    of: dict[str, str]
+    ordinary: dict[str, str]
+    floor: str
+    touching: dict[str, list[tuple[PolicyRule, bool, bool]]]
 
 
 def lower(
@@ -582,15 +678,19 @@ def lower(
     policy = policy.uncarved()  # the ordinary entries; a quarantine is an overlay
     service = policy.remediation()
     cut = set(quarantine.hosts) if quarantine else set()
+    # The rules whose source, and whose destination, meets the `remediation` service (by id).
+    meets = (
+        frozenset(r.id for r in policy.rules if service is not None and r.src.meets(service)),
+        frozenset(r.id for r in policy.rules if service is not None and r.dst.meets(service)),
+    )
     if service is not None:
         # A quarantine overlay ranks the rates of the rules meeting `remediation` in 8 bits:
         # refuse such a policy now, not the day a host must be cut off.
-        meeting = (
-            r for r in policy.rules if r.src.intersection(service) or r.dst.intersection(service)
-        )
+        meeting = (r for r in policy.rules if r.id in meets[0] or r.id in meets[1])
         rate_ranks(meeting, QUARANTINE_RATES, "among the rules meeting `remediation`, a quarantine")
     keys = set_keys(policy)
-    inputs, ordinary = _switch_inputs(policy, inventory, keys, service, cut)
+    given = _switch_inputs(policy, inventory, keys, service, cut)
+    inputs, ordinary = given.of, given.ordinary
     _MADE.hold(len(inventory.switches))
     before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}
 
@@ -614,6 +714,7 @@ def lower(
     fields: dict[str, int] = {}
     reused = set()
     requarantined = set()
+    retagged = set()
     for switch in sorted(inventory.switches, key=lambda s: s.device_id):
         if reusable(switch.name):
             assert previous is not None
@@ -638,15 +739,25 @@ def lower(
         if switch.role == "tor":
             made = _MADE.find(before[switch.name]) if switch.name in before else None
             src_now = allocation.tags.get((switch.name, "src"), SideTags())
+            touching = given.touching.get(switch.name, [])
+            needs = _needs(given.floor, touching, keys)
+            again = None
             if made is not None and _same_ordinary(
                 made, ordinary[switch.name], policy.rules, allocation, switch.name
             ):  # only its quarantined hosts changed: every ordinary tag is kept as it was
                 requarantined.add(switch.name)
+            elif made is not None and (again := _retagged(
+                made, needs, policy, touching, keys, allocation, switch.name, ordinary[switch.name]
+            )) is not None:  # fmt: skip
+                made = again  # its rules changed, not what its tags are for: kept as well
+                retagged.add(switch.name)
+            else:
+                made = _make_tor(semantics(), policy, switch.name, hosts_sorted, keys,
+                                 allocation, service, ordinary[switch.name], needs)  # fmt: skip
+            if switch.name in requarantined or switch.name in retagged:
                 src = _ordinary(src_now)
                 tags[(switch.name, "dst")] = allocation.tags.get((switch.name, "dst"), SideTags())
             else:
-                made = _make_tor(semantics(), policy, switch.name, hosts_sorted, keys,
-                                 allocation, service, ordinary[switch.name])  # fmt: skip
                 src, tags[(switch.name, "dst")] = made.src, made.dst
             here = [(h, a) for h, a in made.host_atoms if h.switch == switch.name and h.ip in cut]
             codes, tags[(switch.name, "src")] = _quarantined(
@@ -657,9 +768,14 @@ def lower(
                 src_now,
             )
             fields[switch.name] = max(codes.src.fields, codes.dst.fields)
-            entries = _identity(codes, made.semantics, list(made.host_atoms), switch, uplinks)
+            if here or made.identity is None:
+                entries = _identity(codes, made.semantics, list(made.host_atoms), switch, uplinks)
+                if not here:  # no quarantine cut: what the next compile with these needs makes
+                    made = dataclasses.replace(made, identity=tuple(entries))
+            else:
+                entries = list(made.identity)
             entries += made.policy
-            entries += overlay_entries(codes, policy, made.semantics, made.remediation, here)
+            entries += overlay_entries(codes, policy, meets, here)
         else:
             entries = _spine_identity(uplinks)
             entries.append(
@@ -689,7 +805,7 @@ def lower(
     most = max(fields.values(), default=0)
     return Lowered(
         tuple(out), new, most, inputs, fields, frozenset(reused), inventory.down,
-        frozenset(requarantined),
+        frozenset(requarantined), frozenset(retagged),
     )  # fmt: skip
 
 

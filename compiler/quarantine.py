@@ -30,7 +30,6 @@ from compiler.rule_entries import (
     rate_ranks,
     rule_entries,
 )
-from compiler.semantics import PolicySemantics
 from compiler.tags import FIELD_MASK, FIELD_VALUES, MAX_FIELDS, NONE, SideCodes
 from p4src.spec import DEFAULT_RULE_ID, TAG_FIELD_BITS
 
@@ -104,24 +103,26 @@ class _OverlayCodes:
 def overlay_entries(
     codes: ToRCodes,
     policy: Policy,
-    semantics: PolicySemantics,
-    remediation: int,
+    meets: tuple[frozenset[int], frozenset[int]],
     hosts: Iterable[tuple[Host, int]],
 ) -> list[TableEntry]:
     """The quarantine overlay's `policy` entries on one ToR (`hosts`: its quarantined hosts
-    with their atoms; `remediation`: the service's atoms, 0 without one)."""
+    with their atoms; `meets`: the ids of the rules whose source, and whose destination,
+    meets the `remediation` service — none without one). In addresses, not atoms: a ToR's
+    codes may come from a compile of an earlier version of the policy (compiler/lower.py
+    `_retagged`)."""
+    src_meets, dst_meets = meets
     keys = {f"{QUARANTINE_KEY}{h.ip}": codes.quarantined[atom] for h, atom in hosts}
     overlay = _OverlayCodes(_OverlaySide(codes.src, keys), _OverlaySide(codes.dst, keys))
     out = PolicyEntries(overlay, [])
     log = policy.default_log or any(r.log for r in policy.rules)
-    for host, atom in hosts:
+    for host, _atom in hosts:
         me = f"{QUARANTINE_KEY}{host.ip}"
         mine: list[tuple[PolicyRule, str, str]] = []
-        for i, rule in enumerate(policy.rules):
-            _, src, dst, _ = semantics.boxes[i]
-            if src >> atom & 1 and dst & remediation:
+        for rule in policy.rules:
+            if rule.id in dst_meets and host.ip in rule.src:
                 mine.append((rule, me, f"{codes.keys[(rule.id, 'dst')]} & {REMEDIATION_KEY}"))
-            if dst >> atom & 1 and src & remediation:
+            if rule.id in src_meets and host.ip in rule.dst:
                 mine.append((rule, f"{codes.keys[(rule.id, 'src')]} & {REMEDIATION_KEY}", me))
         # The overlay's entries compete only with each other: their rates ranked among them.
         ranks = rate_ranks((r for r, _s, _d in mine), QUARANTINE_RATES)

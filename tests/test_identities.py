@@ -263,6 +263,10 @@ EDITS = (
     ("default deny log", "allow algo -> risk udp 9000 reply\ndefault deny log"),  # another
     ("udp 30001-30010", "udp 30001-30020"),  # a range
     ("deny dev  -> prod log", "deny dev  -> prod"),  # a deny without log
+    # sets tor-rsk tags already, the source now on a wider universe (every host)
+    ("default deny log", "allow prod -> risk udp 1\ndefault deny log"),
+    # and a destination on a wider universe (every address)
+    ("default deny log", "allow risk -> prod udp 1\ndefault deny log"),
 )
 
 
@@ -294,6 +298,72 @@ def test_an_edit_on_one_rack_reuses_every_other_switch(
     assert {sw.switch for sw in again.switches} - again.reused == {"tor-rsk"}
     untouched = lower(_policy(floor_policy_text, floor), floor, first.allocation, first)
     assert untouched.reused == {sw.switch for sw in first.switches}
+
+
+def test_a_port_edit_makes_only_the_policy_entries_of_its_tor_again(
+    floor: Inventory, floor_policy_text: str, first: Lowered
+) -> None:
+    # tor-rsk tags the same sets on the same universes: its tags and identity entries are
+    # kept as they were (the same objects), with neither the semantics nor the allocator.
+    text = floor_policy_text.replace("risk_db      tcp 5432", "risk_db      tcp 5433")
+    policy = _policy(text, floor)
+    again = lower(policy, floor, first.allocation, first)
+    assert again.retagged == {"tor-rsk"}
+    old, new = _switch(first, "tor-rsk"), _switch(again, "tor-rsk")
+    identity = ("src_identity", "dst_identity")
+    assert [id(e) for e in new.entries if e.table in identity] == [
+        id(e) for e in old.entries if e.table in identity
+    ]
+    assert new == _switch(lower(policy, floor, first.allocation), "tor-rsk")
+    # A member added to a service changes what its ToRs tag: those are compiled in full.
+    member = floor_policy_text.replace(
+        "service books        = ledger ", "service books        = ledger, md1 "
+    )
+    moved = lower(_policy(member, floor), floor, first.allocation, first)
+    assert {"tor-md", "tor-stl"} <= {sw.switch for sw in moved.switches} - moved.reused
+    assert not moved.retagged
+    # A rule between sets tor-rsk tags already, but `prod` as a source now on every host
+    # (its destination is here), not only on this rack's; then `prod` as a destination on
+    # every address, not only on this rack's hosts: compiled in full there.
+    for rule in ("allow prod -> risk udp 1", "allow risk -> prod udp 1"):
+        wider = floor_policy_text.replace("default deny log", f"{rule}\ndefault deny log")
+        policy = _policy(wider, floor)
+        widened = lower(policy, floor, first.allocation, first)
+        assert "tor-rsk" not in widened.retagged | widened.reused
+        assert widened.switches == lower(policy, floor, first.allocation).switches
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("edit"), st.sampled_from(range(len(EDITS)))),
+            st.tuples(st.just("cut"), st.sampled_from(("algo1", "algo2", "md1", "risk2"))),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_edits_and_quarantines_in_any_order_compile_incrementally_as_in_full(
+    floor: Inventory, floor_policy_text: str, steps: list[tuple[str, object]]
+) -> None:
+    """Rule edits (some keep a ToR's tag needs: only its `policy` entries are made again)
+    and quarantines toggled in between, with a `remediation` service whose rules the
+    overlays keep: each step's incremental compile equals the full one."""
+    text = floor_policy_text.replace(
+        "default deny log",
+        "service remediation = jump1\nallow prod -> remediation tcp 443\ndefault deny log",
+    )
+    quarantined: dict[str, float] = {}
+    chain = [(text, LiveState())]
+    for kind, what in steps:
+        if kind == "edit":
+            assert isinstance(what, int)
+            text = text.replace(*EDITS[what])
+        elif quarantined.pop(str(what), None) is None:
+            quarantined[str(what)] = 0.0
+        chain.append((text, LiveState(quarantined=dict(quarantined))))
+    _chain(floor, chain)
 
 
 def test_incremental_compile_of_a_quarantine_and_its_release(
