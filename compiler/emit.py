@@ -178,8 +178,8 @@ def build(
     files["p4info.txtpb"] = p4info_text(target.pipeline, target.program)
     if target.kind.own_device_config:
         files["p4/ref/p4seg.json"] = device_config(target.pipeline)
-    ours: _Lines = {}
-    runtime: _Lines = {}
+    ours = _LINES.setdefault("entries", {})
+    runtime = _LINES.setdefault(f"runtime {target.name}", {})
     kept = {sw.switch: sw for sw in previous.switches} if previous and same_target else {}
     for sw in fitted:
         names = (f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json")
@@ -201,22 +201,29 @@ def build(
 
 
 _Lines = dict[int, tuple[TableEntry, str]]  # id(entry) -> (the entry, its JSON line)
+# Per encoding, the lines of the entries of this build and the ones before, by object:
+# identity and routing entries are the same objects on most switches, and a ToR compiled
+# again keeps its identity entries when its tags stay (compiler/lower.py `_retagged`).
+# Each line keeps its entry, so its id names it. Emptied past _SEEN_MAX entries.
+_LINES: dict[str, _Lines] = {}
 # Lines of earlier builds by value, per encoding: a long-running controller's next build
 # (a quarantine, a one-rule edit) lowers a changed switch again, into new but mostly equal
 # entries; hashing one costs a tenth of encoding it. Emptied past _SEEN_MAX entries.
 _SEEN: dict[tuple[str, TableEntry], str] = {}
 _SEEN_MAX = 400_000
 also_forget(_SEEN.clear)
+also_forget(_LINES.clear)
 
 
 def _line(
     lines: _Lines, entry: TableEntry, encode: Callable[[TableEntry], object], kind: str
 ) -> str:
-    """An entry's JSON line, made once per build: identity and routing entries are the same
-    objects on most switches (compiler.lower), so each is serialised once; and once per
-    value across builds (`_SEEN`)."""
+    """An entry's JSON line, made once per entry object (`_LINES`) and once per value across
+    builds (`_SEEN`)."""
     found = lines.get(id(entry))
     if found is None or found[0] is not entry:
+        if len(lines) >= _SEEN_MAX:
+            lines.clear()
         text = _SEEN.get((kind, entry))
         if text is None:
             if len(_SEEN) >= _SEEN_MAX:
