@@ -129,26 +129,50 @@ def tofino(built: Build) -> None:
 
 
 def one_rule_edit(text: str, inventory: Inventory, previous: Build) -> None:
-    """The entries a one-rule edit changes, with the previous allocation and without."""
+    """The entries a one-rule edit changes, with the previous allocation and without: one
+    rule moved to another destination service and port, then one rule's port alone (its
+    ToRs tag the same sets as before: compiler/lower.py `_retagged`)."""
     allows = list(ALLOW.finditer(text))
     edit, other = allows[len(allows) // 2], allows[len(allows) // 3]
-    line = f"{edit[1]}{other[2]}{edit[3]}{int(edit[4]) + 1}{edit[5]}"
-    edited = text[: edit.start()] + line + text[edit.end() :]
+    moved = f"{edit[1]}{other[2]}{edit[3]}{int(edit[4]) + 1}{edit[5]}"
+    port = f"{edit[1]}{edit[2]}{edit[3]}{int(edit[4]) + 1}{edit[5]}"
+    for line, cases in ((moved, 3), (port, 1)):
+        if cases == 1:  # the build before it again: the last one, as a controller has it
+            previous = build(checked(text, inventory), inventory, text, "ref", SIZES,
+                             previous.allocation)  # fmt: skip
+        edited = text[: edit.start()] + line + text[edit.end() :]
+        _rebuilt(edited, inventory, previous, edit[0], line, cases)
+
+
+def _rebuilt(
+    edited: str,
+    inventory: Inventory,
+    previous: Build,
+    old_line: str,
+    line: str,
+    cases: int,
+) -> None:
+    """The edited policy built again: with a fresh allocation (the baseline), with the
+    previous one, and incrementally from the previous build (the last `cases` of those)."""
     policy = checked(edited, inventory)
-    print(f"   one-rule edit: {edit[0].split()!r} -> {line.split()!r}")
+    print(f"   one-rule edit: {old_line.split()!r} -> {line.split()!r}")
     full_s = 0.0
     for label, allocation, before in (
         ("fresh allocation (baseline)", None, None),
         ("previous allocation", previous.allocation, None),
         ("incremental (previous build)", previous.allocation, previous),
-    ):
+    )[-cases:]:
+        if cases == 1:  # the baseline: the full build of the first edit, this one's check
+            full_s = timed(functools.partial(checked, edited, inventory), 1)[0]
+            print(f"   {'  checked (baseline)':<34}{full_s:8.3f} s   1.00x")
         t, built = timed(
             functools.partial(build, policy, inventory, edited, "ref", SIZES, allocation, before),
             1,
         )
         full_s = full_s or t
         reused = (
-            f"; {len(built.lowered.reused)}/{len(built.switches)} switches reused"
+            f"; {len(built.lowered.reused)}/{len(built.switches)} switches reused, "
+            f"{len(built.lowered.retagged)} with their tags kept"
             if before is not None and built.lowered is not None
             else ""
         )
