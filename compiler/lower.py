@@ -53,13 +53,13 @@ from compiler.rule_entries import (
     FABRIC_RULE_ID,
     MAX_DISTINCT_RATES,
     LowerError,
-    PolicyEntries,
+    RuleParts,
     ToRCodes,
     field_match,
     priority,
     rate_ranks,
     reply_matches,
-    rule_entries,
+    rule_parts,
 )
 from compiler.semantics import PolicySemantics, bits, semantics_of
 from compiler.tags import TagSpaceError, allocate_side
@@ -106,28 +106,52 @@ def _route_entry(address: int, port: int) -> TableEntry:
     return TableEntry("routing", matches, "forward", (("port", port),), 0, None, "host")
 
 
-def _policy_entries(codes: ToRCodes, policy: Policy) -> list[TableEntry]:
-    mine = [
-        (rule, codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")])
-        for rule in policy.rules
-        if rule.id in codes.relevant  # else no host of this rack is involved
-    ]
-    out = rule_entries(
-        PolicyEntries(codes, []), policy, mine, priority, "", rate_ranks(policy.rules)
-    )
+# A rule as its entries on a ToR see it (with the ToR's codes): id, action, protocol, ports,
+# log, reply, rate and its rank, and its set keys.
+_RuleKey = tuple[object, ...]
+
+
+def _policy_entries(
+    codes: ToRCodes, policy: Policy, known: Mapping[_RuleKey, RuleParts] | None = None
+) -> tuple[tuple[TableEntry, ...], dict[_RuleKey, RuleParts]]:
+    """A ToR's ordinary `policy` entries (`rule_entries` of its rules), and each rule's
+    parts to make them from next time: `known`, the parts made with these very codes (a
+    ToR whose tags are kept, `_retagged`), are taken as they are."""
+    known = known or {}
+    ranks = rate_ranks(policy.rules)
+    parts: dict[_RuleKey, RuleParts] = {}
+    denies: list[TableEntry] = []
+    allows: list[TableEntry] = []
+    answers: list[TableEntry] = []
+    for rule in policy.rules:
+        if rule.id not in codes.relevant:
+            continue  # no host of this rack is involved
+        src, dst = codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")]
+        rank = ranks[rule.rate_pps] if rule.rate_pps is not None else None
+        key = (rule.id, rule.action, rule.proto, rule.ports, rule.log, rule.reply,
+               rule.rate_pps, rank, src, dst)  # fmt: skip
+        found = known.get(key)
+        if found is None:
+            found = rule_parts(codes, rule, src, dst, ranks)
+        parts[key] = found
+        denies += found[0]
+        allows += found[1]
+        answers += found[2]
+    entries = denies + allows + answers
     if policy.default_log:
-        out.entries.append(
-            TableEntry(
-                "policy",
-                (),
-                "deny_and_log",
-                (("rule_id", DEFAULT_RULE_ID),),
-                priority(BAND_DEFAULT, DEFAULT_RULE_ID),
-                DEFAULT_RULE_ID,
-                "default-log",
-            )
-        )
-    return out.entries
+        entries.append(_DEFAULT_LOG)
+    return tuple(entries), parts
+
+
+_DEFAULT_LOG = TableEntry(
+    "policy",
+    (),
+    "deny_and_log",
+    (("rule_id", DEFAULT_RULE_ID),),
+    priority(BAND_DEFAULT, DEFAULT_RULE_ID),
+    DEFAULT_RULE_ID,
+    "default-log",
+)
 
 
 def _topology(inventory: Inventory) -> nx.Graph:
@@ -371,6 +395,7 @@ class _Made:
     src: SideTags  # each side's ordinary tags, as the allocation made them
     dst: SideTags
     policy: tuple[TableEntry, ...]  # the ordinary `policy` entries
+    parts: Mapping[_RuleKey, RuleParts]  # what they were put together from, per rule
     needs: _Needs  # what its tags were allocated for, in addresses (`_needs`)
     # its identity entries with no host quarantined, once made (the same for the next
     # compile whose needs are these: `_retagged`)
@@ -426,8 +451,8 @@ def _make_tor(
             local |= 1 << atom
     remediation = part.mask(service.intervals) if service else 0
     codes, src, dst = _tor_codes(sem, policy, switch, local, hosts, keys, allocation, remediation)
-    entries = tuple(_policy_entries(codes, policy))
-    return _Made(ordinary, policy.rules, sem, host_atoms, codes, src, dst, entries, needs)
+    entries, parts = _policy_entries(codes, policy)
+    return _Made(ordinary, policy.rules, sem, host_atoms, codes, src, dst, entries, parts, needs)
 
 
 # A ToR's tag needs in addresses: per side, (set key, its intervals, its universe), and
@@ -489,9 +514,9 @@ def _retagged(
         return None
     relevant = frozenset(rule.id for rule, _, _ in touching)
     codes = dataclasses.replace(made.codes, relevant=relevant, keys=keys)
-    entries = tuple(_policy_entries(codes, policy))
+    entries, parts = _policy_entries(codes, policy, made.parts)  # its rules' parts: same codes
     return dataclasses.replace(made, ordinary=ordinary, rules=policy.rules, codes=codes,
-                               policy=entries)  # fmt: skip
+                               policy=entries, parts=parts)  # fmt: skip
 
 
 def _spine_identity(uplinks: list[int]) -> list[TableEntry]:
@@ -739,21 +764,23 @@ def lower(
         if switch.role == "tor":
             made = _MADE.find(before[switch.name]) if switch.name in before else None
             src_now = allocation.tags.get((switch.name, "src"), SideTags())
-            touching = given.touching.get(switch.name, [])
-            needs = _needs(given.floor, touching, keys)
-            again = None
             if made is not None and _same_ordinary(
                 made, ordinary[switch.name], policy.rules, allocation, switch.name
             ):  # only its quarantined hosts changed: every ordinary tag is kept as it was
                 requarantined.add(switch.name)
-            elif made is not None and (again := _retagged(
-                made, needs, policy, touching, keys, allocation, switch.name, ordinary[switch.name]
-            )) is not None:  # fmt: skip
-                made = again  # its rules changed, not what its tags are for: kept as well
-                retagged.add(switch.name)
             else:
-                made = _make_tor(semantics(), policy, switch.name, hosts_sorted, keys,
-                                 allocation, service, ordinary[switch.name], needs)  # fmt: skip
+                touching = given.touching.get(switch.name, [])
+                needs = _needs(given.floor, touching, keys)
+                again = None if made is None else _retagged(
+                    made, needs, policy, touching, keys, allocation, switch.name,
+                    ordinary[switch.name],
+                )  # fmt: skip
+                if again is not None:  # its rules changed, not what its tags are for
+                    made = again
+                    retagged.add(switch.name)
+                else:
+                    made = _make_tor(semantics(), policy, switch.name, hosts_sorted, keys,
+                                     allocation, service, ordinary[switch.name], needs)  # fmt: skip
             if switch.name in requarantined or switch.name in retagged:
                 src = _ordinary(src_now)
                 tags[(switch.name, "dst")] = allocation.tags.get((switch.name, "dst"), SideTags())

@@ -176,60 +176,60 @@ def rule_entries(
     metered sub-bands of the entries these compete with."""
     for rule, src, dst in mine:
         if rule.action is Action.DENY:
-            band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
-            out.add(
-                rule,
-                src,
-                dst,
-                rule.proto,
-                action,
-                prio(band, rule.id, 0),
-                role or "forward",
-                dport=rule.ports,
-            )
-            rband = BAND_REPLY_DENY_LOG if rule.log else BAND_REPLY_DENY
-            replies(
-                out,
-                rule,
-                dst,
-                src,
-                action,
-                prio(rband, rule.id, 0),
-                role or "reverse-deny",
-                udp_always=True,
-            )
-    for rule, src, dst in mine:
-        if rule.action is not Action.ALLOW:
-            continue
-        if rule.rate_pps is None:
-            band, action, sub, meter = BAND_ALLOW, "permit", 0, None
-        else:
-            band, action = BAND_METERED, "permit_metered"
-            sub, meter = rate_rank[rule.rate_pps], meter_for_rate(rule.rate_pps)
-        out.add(
-            rule,
-            src,
-            dst,
-            rule.proto,
-            action,
-            prio(band, rule.id, sub),
-            role or "forward",
-            dport=rule.ports,
-            meter=meter,
-        )
+            _deny(out, rule, src, dst, prio, role)
     for rule, src, dst in mine:
         if rule.action is Action.ALLOW:
-            replies(
-                out,
-                rule,
-                dst,
-                src,
-                "permit",
-                prio(BAND_REPLY, rule.id, 0),
-                role or "reply",
-                udp_always=False,
-            )
+            _allow(out, rule, src, dst, prio, role, rate_rank)
+    for rule, src, dst in mine:
+        if rule.action is Action.ALLOW:
+            _allow_replies(out, rule, src, dst, prio, role)
     return out
+
+
+# One rule's entries on a ToR, by `rule_entries`' pass: (denies, allows, the allows' replies).
+RuleParts = tuple[tuple[TableEntry, ...], tuple[TableEntry, ...], tuple[TableEntry, ...]]
+
+
+def rule_parts(
+    codes: Codes, rule: PolicyRule, src: str, dst: str, rate_rank: Mapping[int, int]
+) -> RuleParts:
+    """`rule`'s ordinary entries (`priority`, roles as made) split by pass, so that a ToR's
+    entries can be put together from rules made before: `rule_entries` of several rules
+    is the concatenation of their denies, then of their allows, then of their replies."""
+    denies, allows, answers = (PolicyEntries(codes, []) for _ in range(3))
+    if rule.action is Action.DENY:
+        _deny(denies, rule, src, dst, priority, "")
+    elif rule.action is Action.ALLOW:
+        _allow(allows, rule, src, dst, priority, "", rate_rank)
+        _allow_replies(answers, rule, src, dst, priority, "")
+    return tuple(denies.entries), tuple(allows.entries), tuple(answers.entries)
+
+
+def _deny(out: PolicyEntries, rule: PolicyRule, src: str, dst: str, prio: Priority,
+          role: str) -> None:  # fmt: skip
+    band, action = (BAND_DENY_LOG, "deny_and_log") if rule.log else (BAND_DENY, "deny")
+    out.add(rule, src, dst, rule.proto, action, prio(band, rule.id, 0), role or "forward",
+            dport=rule.ports)  # fmt: skip
+    rband = BAND_REPLY_DENY_LOG if rule.log else BAND_REPLY_DENY
+    replies(out, rule, dst, src, action, prio(rband, rule.id, 0), role or "reverse-deny",
+            udp_always=True)  # fmt: skip
+
+
+def _allow(out: PolicyEntries, rule: PolicyRule, src: str, dst: str, prio: Priority,
+           role: str, rate_rank: Mapping[int, int]) -> None:  # fmt: skip
+    if rule.rate_pps is None:
+        band, action, sub, meter = BAND_ALLOW, "permit", 0, None
+    else:
+        band, action = BAND_METERED, "permit_metered"
+        sub, meter = rate_rank[rule.rate_pps], meter_for_rate(rule.rate_pps)
+    out.add(rule, src, dst, rule.proto, action, prio(band, rule.id, sub), role or "forward",
+            dport=rule.ports, meter=meter)  # fmt: skip
+
+
+def _allow_replies(out: PolicyEntries, rule: PolicyRule, src: str, dst: str, prio: Priority,
+                   role: str) -> None:  # fmt: skip
+    replies(out, rule, dst, src, "permit", prio(BAND_REPLY, rule.id, 0), role or "reply",
+            udp_always=False)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

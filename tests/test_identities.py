@@ -333,6 +333,30 @@ def test_a_port_edit_makes_only_the_policy_entries_of_its_tor_again(
         assert widened.switches == lower(policy, floor, first.allocation).switches
 
 
+def test_a_named_rule_edited_in_place_compiles_incrementally_as_in_full(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # A named rule keeps its id through an edit: its ToRs keep their tags, and what its
+    # entries are made from (log, action, ports, rate, its sets) must not be taken from
+    # before.
+    named = floor_policy_text.replace("deny dev  -> prod log", "deny dev  -> prod log name dev_out")
+    rated = "allow order_router -> risk         tcp 8443        rate 20000pps"
+    named = named.replace(rated, f"{rated} name to_risk")
+    steps = (
+        ("deny dev  -> prod log name", "deny dev  -> prod name"),  # log
+        ("deny dev  -> prod name", "allow dev  -> prod name"),  # action
+        ("risk         tcp 8443", "risk         tcp 8444"),  # port
+        ("rate 20000pps name", "rate 10000pps name"),  # rate (the only one: the same rank)
+        ("order_router -> risk  ", "order_router -> risk_db"),  # a set its ToRs tag already
+    )
+    chain, text = [(named, LiveState())], named
+    for old, new in steps:
+        assert old in text
+        text = text.replace(old, new)
+        chain.append((text, LiveState()))
+    _chain(floor, chain)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.lists(
