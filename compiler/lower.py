@@ -704,11 +704,12 @@ def lower(
     service = policy.remediation()
     cut = set(quarantine.hosts) if quarantine else set()
     # The rules whose source, and whose destination, meets the `remediation` service (by id).
-    meets = (
-        frozenset(r.id for r in policy.rules if service is not None and r.src.meets(service)),
-        frozenset(r.id for r in policy.rules if service is not None and r.dst.meets(service)),
-    )
+    meets: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
     if service is not None:
+        meets = (
+            frozenset(r.id for r in policy.rules if r.src.meets(service)),
+            frozenset(r.id for r in policy.rules if r.dst.meets(service)),
+        )
         # A quarantine overlay ranks the rates of the rules meeting `remediation` in 8 bits:
         # refuse such a policy now, not the day a host must be cut off.
         meeting = (r for r in policy.rules if r.id in meets[0] or r.id in meets[1])
