@@ -354,7 +354,9 @@ def test_a_named_rule_edited_in_place_compiles_incrementally_as_in_full(
         assert old in text
         text = text.replace(old, new)
         chain.append((text, LiveState()))
-    _chain(floor, chain)
+    compiled = _chain(floor, chain)
+    # every step keeps the tags of some ToR (the rule's ToRs, or those of its sets)
+    assert all(step.retagged for step in compiled[1:])
 
 
 @settings(max_examples=30, deadline=None)
@@ -464,13 +466,15 @@ def test_quarantines_and_releases_made_from_how_a_tor_was_made_equal_a_full_comp
             settled = {rack[host]} if allocation != previous.allocation else set()
 
 
-def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> None:
+def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> list[Lowered]:
     """Compile each (policy text, live state) in turn, incrementally and in full from the
-    same allocation: the two must agree at every step, allocation included."""
+    same allocation: the two must agree at every step, allocation included. The
+    incremental compiles, in turn."""
     hosts = {h.name: h.ip for h in floor.hosts}
     noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
     previous: Lowered | None = None
     allocation = Allocation()
+    out = []
     for text, state in steps:
         policy = effective_policy(_policy(text, floor), state, noon, hosts)
         policy, allocation = assign_rule_ids(policy, allocation)
@@ -479,6 +483,8 @@ def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> None:
         assert incremental.switches == full.switches
         assert incremental.allocation == full.allocation
         previous, allocation = incremental, incremental.allocation
+        out.append(incremental)
+    return out
 
 
 def test_incremental_sees_a_logged_rule_elsewhere_change_a_quarantine_overlays_log(
