@@ -179,7 +179,8 @@ def test_an_apply_does_not_lose_the_follower(follows: tuple[Served, Service]) ->
     assert code == 200, doc
     assert _passes(served.switch, "h1", "h3", 8081)
     # Written through the follower's session: it never stepped aside, and is still primary.
-    assert follower.lent == lent + 1 and len(follower.gaps) == gaps
+    # The watch loop also sees the file change and may apply it first (lent too): one or two.
+    assert follower.lent in (lent + 1, lent + 2) and len(follower.gaps) == gaps
     assert follower.is_following("tor1")
     _deny(served.switch, "h3", "h1", 23)
     assert wait_for(lambda: len(_alerts(served)) == 2)
