@@ -824,6 +824,11 @@ def lower(
         )
         if made is not None:
             _MADE.put(tables, made)
+            # The version it replaces is forgotten now: kept until the memo overflowed, the
+            # records of the ToRs still to be compiled would go first (a rule touching more
+            # ToRs than the memo's spare room compiled most of them in full).
+            if (replaced := before.get(switch.name)) is not None and replaced is not tables:
+                _MADE.drop(replaced)
         out.append(tables)
     # Switches no longer in the inventory: their tags are retired with everything else.
     for key, side in allocation.tags.items():

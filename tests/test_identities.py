@@ -539,3 +539,26 @@ def test_an_allocation_with_odd_quarantine_slots_is_not_trusted(
     assert len(set(values)) == 2  # two hosts, two values
     switches = {sw.switch: sw for sw in again.switches}
     assert verify(policy, floor, switches).proven
+
+
+def test_a_rule_on_every_tor_of_a_wide_floor_keeps_every_tors_tags() -> None:
+    # More ToRs than the memo of how each was made keeps spare (compiler/lower.py `_MADE`):
+    # the version each replaces must go, not the records of the ToRs still to be compiled.
+    from bench.gen_policy import generate
+    from compiler.inventory import parse_inventory
+
+    generated = generate(rules=60, services=24, hosts=160, tors=20, spines=2)
+    floor = parse_inventory(generated.inventory, "wide.yaml")
+    text = generated.policy.replace("default deny", "deny any -> any tcp 23\ndefault deny")
+    last = lower(_policy(text, floor), floor)
+    tors = {sw.switch for sw in last.switches if sw.role == "tor"}
+    assert len(tors) == 20
+    steps = []
+    for port in (24, 25, 23):  # edit after edit, each from the compile before it
+        policy = _policy(text.replace("any tcp 23\n", f"any tcp {port}\n"), floor)
+        allocation = last.allocation
+        last = lower(policy, floor, allocation, last)
+        assert last.retagged == tors
+        steps.append((policy, allocation, last))
+    for policy, allocation, made in steps:  # (full compiles fill the memo: after the chain)
+        assert made.switches == lower(policy, floor, allocation).switches
