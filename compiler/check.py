@@ -9,13 +9,13 @@ and `expect` lines, each evaluated exactly over every concrete flow it names
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from compiler.addresses import AddressSet, format_ipv4
 from compiler.diagnostics import Diagnostic, Note, P4segError, error, warning
 from compiler.inventory import Inventory
+from compiler.memo import collection_paused
 from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule, format_ports
 from compiler.parse import parse
 from compiler.resolve import Resolved, resolve
@@ -130,18 +130,12 @@ def check_policy(
 
     `expectations=False` leaves `expect` lines to the caller (`p4seg test` runs them)."""
     inv = inventory or Inventory.empty()
-    # The AST and the atom masks are many small long-lived objects: full garbage
-    # collections would walk them again and again for nothing (~20% of a 10k-rule check).
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        resolved = resolve(parse(text, file), inv)
-        diags = list(resolved.warnings) + analyze(resolved.policy, inv, expectations)
+        with collection_paused():  # the AST and the atom masks
+            resolved = resolve(parse(text, file), inv)
+            diags = list(resolved.warnings) + analyze(resolved.policy, inv, expectations)
     except P4segError as exc:
         return CheckResult(None, exc.diagnostics)
-    finally:
-        if collecting:
-            gc.enable()
     policy = None if any(d.is_error for d in diags) else resolved.policy
     return CheckResult(policy, tuple(sorted(diags, key=Diagnostic.sort_key)), resolved)
 

@@ -50,9 +50,9 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from compiler.differential import (
     OverlayChange,
@@ -78,7 +78,7 @@ from compiler.evaluate import (
     lookup,
 )
 from compiler.inventory import Host, Inventory
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject, also_forget, collection_paused
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule
 from compiler.placement import placement
 from compiler.protocols import (
@@ -282,23 +282,19 @@ class _AddressIndex:
 _T = TypeVar("_T")
 
 
-def _itself(entry: TableEntry) -> TableEntry:
-    return entry
-
-
 class _SliceIndex(Generic[_T]):
     """Items (in their order) by the match their entry has on an identity field: the items
     a vector matches are those without a match there and, per ternary mask, those whose
     value is the vector's under that mask — a few dict lookups instead of a test per item
     (any other kind of match, as a corrupted table may have, is tested one by one)."""
 
-    def __init__(self, items: list[_T], field: str, entry_of: Callable[[_T], TableEntry]) -> None:
+    def __init__(self, items: list[_T], matches: Iterable[FieldMatch | None]) -> None:
+        """`matches`: each item's match on the field (None: none)."""
         self.items = items
         self.anywhere: list[int] = []  # positions of items with no match on `field`
         self.by_mask: dict[int, dict[int, list[int]]] = {}
         self.tested: list[tuple[int, FieldMatch]] = []
-        for pos, item in enumerate(items):
-            m = entry_of(item).match(field)
+        for pos, m in enumerate(matches):
             if m is None:
                 self.anywhere.append(pos)
             elif m.kind == "ternary":
@@ -378,7 +374,8 @@ class _Derived:
             if m.field == "protocol" and m.kind == "ternary" and m.arg == 0xFF
         )
         self._addresses: dict[tuple[str, str], tuple[tuple[int, ...], _AddressIndex]] = {}
-        self._by_src_tags: _SliceIndex[TableEntry] | None = None
+        self._parts: list[_PolicyEntry] | None = None  # `policy`, taken apart (`_by_protocol`)
+        self._by_proto: dict[int, _SliceIndex[_PolicyEntry]] = {}
         self._sources: dict[
             tuple[int, int, int], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]
         ] = {}
@@ -401,21 +398,86 @@ class _Derived:
         key = (epoch, src_tags, proto)
         found = self._sources.get(key)
         if found is None:
-            fixed = {"epoch": epoch, "src_tags": src_tags, "protocol": proto}
-            candidates: list[tuple[tuple[FieldMatch, ...], TableEntry]] = []
-            for entry in self.by_src_tags().matching(src_tags):
-                if all(m.covers(fixed[m.field]) for m in entry.matches if m.field in fixed):
-                    varying = tuple(m for m in entry.matches if m.field not in _IDENTITY_FIELDS)
-                    candidates.append((varying, entry))
-            candidates.sort(key=lambda c: -c[1].priority)  # stable: ties keep table order
-            found = self._sources[key] = _SliceIndex(candidates, "dst_tags", lambda c: c[1])
+            values = {"epoch": epoch, "src_tags": src_tags}
+            candidates = [
+                p
+                for p in self._by_protocol(proto).matching(src_tags)  # by priority
+                if not p.tests or all(m.covers(values[m.field]) for m in p.tests)
+            ]
+            found = self._sources[key] = _SliceIndex(
+                [(p.varying, p.entry) for p in candidates], [p.dst_tags for p in candidates]
+            )
         return found
 
-    def by_src_tags(self) -> _SliceIndex[TableEntry]:
-        if self._by_src_tags is None:
-            entries = self.indexed.by_table.get("policy", [])
-            self._by_src_tags = _SliceIndex(entries, "src_tags", _itself)
-        return self._by_src_tags
+    def _by_protocol(self, proto: int) -> _SliceIndex[_PolicyEntry]:
+        """The `policy` entries that can match protocol `proto`, highest priority first
+        (ties in table order), indexed by their src_tags match: each entry taken apart
+        once, for every source identity."""
+        found = self._by_proto.get(proto)
+        if found is None:
+            if self._parts is None:
+                entries = sorted(self.indexed.by_table.get("policy", []), key=_minus_priority)
+                self._parts = [_PolicyEntry.of(e) for e in entries]
+            parts = [
+                p
+                for p in self._parts
+                if p.protocol == proto
+                or p.protocol == _ANY_PROTOCOL
+                or (p.protocol == _TESTED and all(m.covers(proto) for m in p.protocols))
+            ]
+            found = self._by_proto[proto] = _SliceIndex(parts, [p.src_tags for p in parts])
+        return found
+
+
+def _minus_priority(entry: TableEntry) -> int:
+    return -entry.priority
+
+
+_ANY_PROTOCOL, _TESTED = -1, -2  # _PolicyEntry.protocol: no protocol match; another match
+
+
+class _PolicyEntry(NamedTuple):
+    """A `policy` entry taken apart by the fields a hop fixes: its protocol (the one
+    number it matches, or _ANY_PROTOCOL, or _TESTED: `protocols` are tested), its (first)
+    src_tags and dst_tags matches, which the slice indexes take; the rest of those fields'
+    matches, tested per source identity (`tests`: epoch, and any second src_tags match a
+    corrupted entry may carry); and the other matches (ports, flags), left to decide per
+    packet class. A tuple: made for every `policy` entry of every switch a proof walks."""
+
+    entry: TableEntry
+    protocol: int
+    protocols: tuple[FieldMatch, ...]
+    src_tags: FieldMatch | None
+    dst_tags: FieldMatch | None
+    tests: tuple[FieldMatch, ...]
+    varying: tuple[FieldMatch, ...]
+
+    @staticmethod
+    def of(entry: TableEntry) -> _PolicyEntry:
+        protocols: list[FieldMatch] = []
+        tests: list[FieldMatch] = []
+        varying: list[FieldMatch] = []
+        src = dst = None
+        for m in entry.matches:
+            name = m.field
+            if name == "protocol":
+                protocols.append(m)
+            elif name == "src_tags" and src is None:
+                src = m
+            elif name == "dst_tags":
+                dst = dst or m
+            elif name in _IDENTITY_FIELDS:  # epoch, a second src_tags
+                tests.append(m)
+            else:
+                varying.append(m)
+        protocol = _TESTED
+        if not protocols:
+            protocol = _ANY_PROTOCOL
+        elif len(protocols) == 1 and protocols[0].kind == "ternary" and protocols[0].arg == 0xFF:
+            protocol = protocols[0].value
+        return _PolicyEntry(
+            entry, protocol, tuple(protocols), src, dst, tuple(tests), tuple(varying)
+        )
 
 
 class _DerivedCache:
@@ -1441,6 +1503,19 @@ def verify(
     the change from it can have touched (compiler/differential.py), or everything when
     that cannot be told; with `recorded` (a build proven by another process, as the state
     directory keeps it, and this build's record), the same pairs."""
+    with collection_paused():
+        return _verify(policy, inventory, switches, only, focus, previous, recorded)
+
+
+def _verify(
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    only: frozenset[str] | None,
+    focus: Collection[int] | None,
+    previous: Proven | None,
+    recorded: tuple[Recorded, ProofRecord] | None,
+) -> VerifyResult:
     verifier = Verifier(policy, inventory, switches)
     pairs = None
     if previous is not None:
