@@ -87,7 +87,13 @@ def changed_entries(old: SwitchTables, new: SwitchTables) -> list[TableEntry] | 
         return [] if (old.role, old.defaults) == (new.role, new.defaults) else None
     if (old.role, old.device_id, old.defaults) != (new.role, new.device_id, new.defaults):
         return None
-    return list(_entry_set(old) ^ _entry_set(new))  # the old one's made by the last proof
+    # By object first: an incremental compile keeps the entries it did not make again as
+    # the same objects (a changed ToR's identity and routing entries, its unchanged rules'
+    # `policy` entries), and only the rest is compared by value.
+    old_ids, new_ids = {id(e) for e in old.entries}, {id(e) for e in new.entries}
+    removed = {e for e in old.entries if id(e) not in new_ids}
+    added = {e for e in new.entries if id(e) not in old_ids}
+    return list(removed ^ added)
 
 
 @dataclass(frozen=True, slots=True)

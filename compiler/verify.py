@@ -54,6 +54,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
+from compiler.addresses import Interval
 from compiler.differential import (
     OverlayChange,
     PairScope,
@@ -210,6 +211,24 @@ def _cuts(intervals: Iterable[tuple[int, int]], top: int) -> set[int]:
     return out
 
 
+def _address_cuts(entries: Iterable[TableEntry]) -> frozenset[int]:
+    """Where the address matches of `entries` begin and end (+1): `_cuts` of every
+    src_addr and dst_addr match, a prefix (most of them) worked out inline."""
+    out: set[int] = set()
+    for entry in entries:
+        for m in entry.matches:
+            if m.field != "src_addr" and m.field != "dst_addr":
+                continue
+            if m.kind == "lpm":
+                out.add(m.value)
+                end = m.value + (1 << (32 - m.arg))
+                if end <= MAX_ADDRESS:
+                    out.add(end)
+            else:
+                out |= _cuts(_match_intervals(m, 32), MAX_ADDRESS)
+    return frozenset(out)
+
+
 def _classes(cuts: set[int], top: int) -> list[tuple[int, int]]:
     starts = sorted(cuts | {0})
     return [(s, (starts[i + 1] - 1) if i + 1 < len(starts) else top) for i, s in enumerate(starts)]
@@ -360,13 +379,7 @@ class _Derived:
 
     def __init__(self, tables: SwitchTables) -> None:
         self.indexed = IndexedSwitch.of(tables)
-        self.cuts = frozenset(
-            cut
-            for entry in tables.entries
-            for m in entry.matches
-            if m.field in ("src_addr", "dst_addr")
-            for cut in _cuts(_match_intervals(m, 32), MAX_ADDRESS)
-        )
+        self.cuts = _address_cuts(tables.entries)
         self.protocols = frozenset(
             m.value
             for e in self.indexed.by_table.get("policy", [])
@@ -509,6 +522,7 @@ class _DerivedCache:
         """Forget everything proofs derived (and the rules' meaning digests)."""
         self._derived.clear()
         _ADDRESS_INDEXES.clear()
+        _TAGGED.clear()
         _meaning.cache_clear()
         with self._lock:
             self._starts = ()
@@ -1378,14 +1392,30 @@ _ECHO_CUTS = frozenset(_cuts((ICMP_ECHO_REPLY_RANGE, ICMP_ECHO_REQUEST_RANGE), M
 
 
 def _tagged(
-    entries: Iterable[TableEntry], action: str, field: str
+    entries: list[TableEntry], action: str, field: str
 ) -> list[tuple[int, tuple[int, int]]]:
-    """(tags, address interval) of each identity entry that sets tags."""
-    return [
-        (dict(e.params)["tags"], prefix_interval(e.match(field)))
-        for e in entries
-        if e.action == action
-    ]
+    """(tags, address interval) of each identity entry that sets tags (a new list: the
+    caller adds to it). Made once per list of the same entry objects (_TAGGED)."""
+    key = (action, tuple(map(id, entries)))
+    found = _TAGGED.get(key)
+    if found is None:
+        made = [
+            (dict(e.params)["tags"], prefix_interval(e.match(field)))
+            for e in entries
+            if e.action == action
+        ]
+        if len(_TAGGED) >= _TAGGED_MAX:
+            _TAGGED.clear()
+        found = _TAGGED[key] = (list(entries), made)  # (the entries held: their ids stay)
+    return list(found[1])
+
+
+# An identity table's (tags, interval) per list of entry objects: a ToR compiled again
+# with its tags kept has the same identity entries (compiler/lower.py `_retagged`).
+_TAGGED: dict[tuple[str, tuple[int, ...]], tuple[list[TableEntry], list[tuple[int, Interval]]]]
+_TAGGED = {}
+_TAGGED_MAX = 256  # two identity tables per ToR, of a build and the one before it
+also_forget(_TAGGED.clear)
 
 
 def _cut_by_entries(
