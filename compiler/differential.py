@@ -119,8 +119,10 @@ def retags(
     """A switch's changed entries (`changed_entries`, `old` its tables before, `new` after)
     split into the identity entries whose tags alone changed and every other change. With
     `new`, a `dst_identity` entry for one address added or removed is a retag too: from or
-    to what the other build's table gives that address (its default, NO_TAGS, on a miss)."""
-    before = _entry_set(old)
+    to what the other build's table gives that address (its default, NO_TAGS, on a miss).
+    Each of `changed` is an object of one of the two tables, as `changed_entries` gives
+    them (an entry both hold is not among them): whether it was removed is which it is."""
+    before = _ObjectsOf(old)
     removed = {_without_tags(e): e for e in changed if e.table in _IDENTITY_FIELD and e in before}
     out: list[Retag] = []
     rest: list[TableEntry] = []
@@ -149,6 +151,17 @@ def retags(
         out.append(Retag(e.table, where, _tags(e), other) if gone else
                    Retag(e.table, where, other, _tags(e)))  # fmt: skip
     return out, kept
+
+
+class _ObjectsOf:
+    """`entry in _ObjectsOf(tables)`: whether `entry` is one of the tables' entry objects."""
+
+    def __init__(self, tables: SwitchTables) -> None:
+        self._ids = {id(e) for e in tables.entries}
+        self._tables = tables  # (held: the ids stay theirs)
+
+    def __contains__(self, entry: TableEntry) -> bool:
+        return id(entry) in self._ids
 
 
 def _host_tags(tables: SwitchTables, entry: TableEntry) -> int | None:

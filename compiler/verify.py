@@ -50,9 +50,9 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from compiler.addresses import Interval
 from compiler.differential import (
@@ -369,6 +369,45 @@ class _AddressIndexes:
 _ADDRESS_INDEXES = _AddressIndexes()
 
 
+_V = TypeVar("_V")
+
+
+class _ByEntries:
+    """Values derived from a table's list of entry objects, found again when a later build
+    holds the same objects in the same order: an incremental compile keeps a changed ToR's
+    identity and routing entries when its tags stay (compiler/lower.py `_retagged`). The
+    lists are held with their values, so their ids stay theirs while remembered; the least
+    recently used go first."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size  # a few values per table of every switch, of two builds
+        self._items: OrderedDict[tuple[str, tuple[int, ...]], tuple[list[TableEntry], Any]]
+        self._items = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, entries: list[TableEntry], make: Callable[[], _V]) -> _V:
+        key = (kind, tuple(map(id, entries)))
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return cast(_V, found[1])
+        value = make()
+        with self._lock:
+            self._items[key] = (list(entries), value)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_BY_ENTRIES = _ByEntries()
+also_forget(_BY_ENTRIES.clear)
+
+
 class _Derived:
     """What a proof derives from one switch's tables alone, whatever the policy: the
     switch indexed for walking packets, the address cuts and protocols of its entries, its
@@ -379,7 +418,12 @@ class _Derived:
 
     def __init__(self, tables: SwitchTables) -> None:
         self.indexed = IndexedSwitch.of(tables)
-        self.cuts = _address_cuts(tables.entries)
+        self.cuts = frozenset().union(
+            *(
+                _BY_ENTRIES.get("cuts", entries, functools.partial(_address_cuts, entries))
+                for entries in self.indexed.by_table.values()
+            )
+        )
         self.protocols = frozenset(
             m.value
             for e in self.indexed.by_table.get("policy", [])
@@ -430,7 +474,7 @@ class _Derived:
         if found is None:
             if self._parts is None:
                 entries = sorted(self.indexed.by_table.get("policy", []), key=_minus_priority)
-                self._parts = [_PolicyEntry.of(e) for e in entries]
+                self._parts = [_taken_apart(e) for e in entries]
             parts = [
                 p
                 for p in self._parts
@@ -444,6 +488,16 @@ class _Derived:
 
 def _minus_priority(entry: TableEntry) -> int:
     return -entry.priority
+
+
+def _taken_apart(entry: TableEntry) -> _PolicyEntry:
+    """_PolicyEntry.of, once per entry object (_TAKEN_APART)."""
+    found = _TAKEN_APART.get(id(entry))
+    if found is None or found.entry is not entry:
+        if len(_TAKEN_APART) >= _TAKEN_APART_MAX:
+            _TAKEN_APART.clear()
+        found = _TAKEN_APART[id(entry)] = _PolicyEntry.of(entry)
+    return found
 
 
 _ANY_PROTOCOL, _TESTED = -1, -2  # _PolicyEntry.protocol: no protocol match; another match
@@ -493,6 +547,13 @@ class _PolicyEntry(NamedTuple):
         )
 
 
+# Each `policy` entry taken apart, by object (it holds its entry, so the id stays its
+# own): a ToR compiled again keeps its unchanged rules' entries as the same objects.
+_TAKEN_APART: dict[int, _PolicyEntry] = {}
+_TAKEN_APART_MAX = 400_000
+also_forget(_TAKEN_APART.clear)
+
+
 class _DerivedCache:
     """`_Derived` per `SwitchTables` object (compiler/memo.py), and the last address
     partition, shared so that indexes built for it are found by identity."""
@@ -522,7 +583,8 @@ class _DerivedCache:
         """Forget everything proofs derived (and the rules' meaning digests)."""
         self._derived.clear()
         _ADDRESS_INDEXES.clear()
-        _TAGGED.clear()
+        _BY_ENTRIES.clear()
+        _TAKEN_APART.clear()
         _meaning.cache_clear()
         with self._lock:
             self._starts = ()
@@ -1395,27 +1457,16 @@ def _tagged(
     entries: list[TableEntry], action: str, field: str
 ) -> list[tuple[int, tuple[int, int]]]:
     """(tags, address interval) of each identity entry that sets tags (a new list: the
-    caller adds to it). Made once per list of the same entry objects (_TAGGED)."""
-    key = (action, tuple(map(id, entries)))
-    found = _TAGGED.get(key)
-    if found is None:
-        made = [
+    caller adds to it)."""
+
+    def made() -> list[tuple[int, Interval]]:
+        return [
             (dict(e.params)["tags"], prefix_interval(e.match(field)))
             for e in entries
             if e.action == action
         ]
-        if len(_TAGGED) >= _TAGGED_MAX:
-            _TAGGED.clear()
-        found = _TAGGED[key] = (list(entries), made)  # (the entries held: their ids stay)
-    return list(found[1])
 
-
-# An identity table's (tags, interval) per list of entry objects: a ToR compiled again
-# with its tags kept has the same identity entries (compiler/lower.py `_retagged`).
-_TAGGED: dict[tuple[str, tuple[int, ...]], tuple[list[TableEntry], list[tuple[int, Interval]]]]
-_TAGGED = {}
-_TAGGED_MAX = 256  # two identity tables per ToR, of a build and the one before it
-also_forget(_TAGGED.clear)
+    return list(_BY_ENTRIES.get(action, entries, made))
 
 
 def _cut_by_entries(
