@@ -65,9 +65,21 @@ def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> 
 def expectation_errors(
     policy: Policy, semantics: PolicySemantics, names: dict[int, str]
 ) -> list[Diagnostic]:
-    """E401 for every `expect` line of `policy` its semantics do not bear out."""
+    """E401 for every `expect` line of `policy` its semantics do not bear out.
+
+    Each line is judged first on the rules that can match its packets, forward or back
+    (`rules_meeting`): they alone decide its flows, so the line holds there exactly when it
+    holds on the whole policy, and their few port and address classes are far fewer than
+    the whole policy's (50 lines of a 10k-rule policy: 0.9 s -> 20 ms). A line that fails
+    is judged again on the whole policy, for the example flow `p4seg check` has always
+    reported (the first of the whole policy's classes)."""
     diags: list[Diagnostic] = []
     for expect in policy.expects:
+        near = dataclasses.replace(
+            policy, rules=semantics.rules_meeting(expect.src, expect.dst), expects=(expect,)
+        )
+        if PolicySemantics(near).expectation_failure(expect) is None:
+            continue
         failure = semantics.expectation_failure(expect)
         if failure is None:
             continue

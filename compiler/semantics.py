@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from compiler.addresses import MAX_ADDRESS, Interval, merge_intervals
+from compiler.addresses import MAX_ADDRESS, AddressSet, Interval, merge_intervals
 from compiler.memo import also_forget
 from compiler.model import Action, ExpectCase, Policy, PolicyRule, format_icmp_types
 from compiler.protocols import (
@@ -537,6 +537,18 @@ class PolicySemantics:
         found = sorted(first.values(), key=lambda a: (a not in pinned, a))
         self._representatives[mask] = found
         return found
+
+    def rules_meeting(self, a: AddressSet, b: AddressSet) -> tuple[PolicyRule, ...]:
+        """The rules (in the policy's order) that can match a packet between `a` and `b`
+        either way: from `a` to `b`, or from `b` to `a` (a reply). The only rules that can
+        decide a flow between the two, forward or back."""
+        full = self.addresses.full
+        sa, sb = self.addresses.mask(a.intervals), self.addresses.mask(b.intervals)
+        src_a = self._union(self.src_index, self.src_any, sa, full)
+        dst_b = self._union(self.dst_index, self.dst_any, sb, full)
+        src_b = self._union(self.src_index, self.src_any, sb, full)
+        dst_a = self._union(self.dst_index, self.dst_any, sa, full)
+        return tuple(self.rules[i] for i in bits((src_a & dst_b) | (src_b & dst_a)))
 
     # -- replies -----------------------------------------------------------------------------
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from compiler.check import check_policy
 from compiler.inventory import Inventory
+from compiler.parse import parse
+from compiler.resolve import resolve
+from compiler.semantics import PolicySemantics
 
 
 def codes(text: str, inventory: Inventory) -> list[tuple[str, int]]:
@@ -112,3 +118,51 @@ def test_ip_expectation_covers_every_protocol_and_port(floor: Inventory) -> None
 def test_errors_are_all_collected(floor: Inventory) -> None:
     text = "policy p\nallow nope -> algo1 tcp 70000\nallow algo1 -> nada udp 5-3\ndefault allow\n"
     assert [c for c, _ in codes(text, floor)] == ["E101", "E202", "E101", "E203", "E013"]
+
+
+# Rules the property test adds before its expect lines (denies that cut flows, a reply, ...).
+EXTRA_RULES = [
+    "deny algo1 -> oms1 tcp 9876",
+    "allow dev -> prod tcp 22",
+    "deny any -> riskdb ip log",
+    "allow md1 -> any udp 53 reply",
+    "allow any -> jump1 icmp",
+    "deny risk -> any tcp 1024-65535",
+]
+ENDPOINTS = ["algo1", "oms1", "md1", "risk1", "riskdb", "jump1", "ledger", "algo", "prod",
+             "dev", "risk", "market_data", "10.8.0.7", "10.0.1.0/25", "any"]  # fmt: skip
+FLOWS = ["tcp 22", "tcp 8443", "tcp 9876", "tcp 5432", "udp 30005", "udp 53", "icmp", "ip"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(ENDPOINTS), st.sampled_from(ENDPOINTS),
+                  st.sampled_from(FLOWS), st.booleans()),
+        min_size=1, max_size=6,
+    ),
+    st.lists(st.sampled_from(EXTRA_RULES), max_size=3),
+)  # fmt: skip
+def test_expectations_judged_on_the_rules_meeting_them_as_on_the_whole_policy(
+    floor: Inventory,
+    floor_policy_text: str,
+    expects: list[tuple[str, str, str, bool]],
+    extra: list[str],
+) -> None:
+    # check_policy judges each `expect` line on the rules that can match its flows
+    # (PolicySemantics.rules_meeting); the whole policy's semantics must agree, line by line.
+    lines = [f"expect {a} -> {b} {flow} {'allowed' if ok else 'denied'}"
+             for a, b, flow, ok in expects]  # fmt: skip
+    text = floor_policy_text.replace(
+        "default deny log", "\n".join([*extra, *lines, "default deny log"])
+    )
+    result = check_policy(text, "floor.zt", floor)
+    resolved = resolve(parse(text, "floor.zt"), floor).policy
+    whole = PolicySemantics(resolved, pinned=(h.ip for h in floor.hosts))
+    failing = {e.span.line for e in resolved.expects if whole.expectation_failure(e) is not None}
+    assert {d.span.line for d in result.diagnostics if d.code == "E401"} == failing
+    assert (
+        failing
+        or result.policy is not None
+        or any(d.is_error and d.code != "E401" for d in result.diagnostics)
+    )
