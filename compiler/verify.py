@@ -322,14 +322,17 @@ class _SliceIndex(Generic[_T]):
                 self.tested.append((pos, m))
 
     def matching(self, vector: int) -> list[_T]:
+        return [self.items[p] for p in self.positions(vector)]
+
+    def positions(self, vector: int) -> list[int]:
+        """The positions of the items `vector` matches, in order."""
         found = [self.anywhere]
         for mask, values in self.by_mask.items():
             if (hit := values.get(vector & mask)) is not None:
                 found.append(hit)
         if self.tested:
             found.append([pos for pos, m in self.tested if m.covers(vector)])
-        positions = found[0] if len(found) == 1 else sorted(itertools.chain(*found))
-        return [self.items[p] for p in positions]
+        return found[0] if len(found) == 1 else sorted(itertools.chain(*found))
 
 
 class _AddressIndexes:
@@ -432,10 +435,9 @@ class _Derived:
         )
         self._addresses: dict[tuple[str, str], tuple[tuple[int, ...], _AddressIndex]] = {}
         self._parts: list[_PolicyEntry] | None = None  # `policy`, taken apart (`_by_protocol`)
-        self._by_proto: dict[int, _SliceIndex[_PolicyEntry]] = {}
-        self._sources: dict[
-            tuple[int, int, int], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]
-        ] = {}
+        self._by_proto: dict[int, _ProtocolIndex] = {}
+        self._sources: dict[tuple[int, int, int], frozenset[int]] = {}
+        self._destinations: dict[tuple[int, int], frozenset[int]] = {}
 
     def address_index(self, table: str, field: str, starts: tuple[int, ...]) -> _AddressIndex:
         """`table` bucketed by the address classes starting at `starts` (built once per
@@ -447,29 +449,33 @@ class _Derived:
         self._addresses[(table, field)] = (starts, index)
         return index
 
-    def source_index(
-        self, epoch: int, src_tags: int, proto: int
-    ) -> _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]:
-        """The policy entries that can match a source identity and protocol, by priority,
-        with the matches left to decide, indexed by their dst_tags match."""
-        key = (epoch, src_tags, proto)
-        found = self._sources.get(key)
-        if found is None:
+    def meeting(
+        self, epoch: int, src_tags: int, dst_tags: int, proto: int
+    ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
+        """The policy entries that can match these identities and protocol, by priority,
+        with the matches left to decide (ports, flags): those the source identity can meet
+        and the destination identity can meet, each found once per identity (a source
+        meets a few destinations only) and intersected."""
+        index = self._by_protocol(proto)
+        src = self._sources.get((epoch, src_tags, proto))
+        if src is None:
             values = {"epoch": epoch, "src_tags": src_tags}
-            candidates = [
+            src = self._sources[(epoch, src_tags, proto)] = frozenset(
                 p
-                for p in self._by_protocol(proto).matching(src_tags)  # by priority
-                if not p.tests or all(m.covers(values[m.field]) for m in p.tests)
-            ]
-            found = self._sources[key] = _SliceIndex(
-                [(p.varying, p.entry) for p in candidates], [p.dst_tags for p in candidates]
+                for p in index.src.positions(src_tags)
+                if not (tests := index.parts[p].tests)
+                or all(m.covers(values[m.field]) for m in tests)
             )
-        return found
+        dst = self._destinations.get((dst_tags, proto))
+        if dst is None:
+            dst = self._destinations[(dst_tags, proto)] = frozenset(index.dst.positions(dst_tags))
+        parts = index.parts
+        return [(parts[p].varying, parts[p].entry) for p in sorted(src & dst)]
 
-    def _by_protocol(self, proto: int) -> _SliceIndex[_PolicyEntry]:
+    def _by_protocol(self, proto: int) -> _ProtocolIndex:
         """The `policy` entries that can match protocol `proto`, highest priority first
-        (ties in table order), indexed by their src_tags match: each entry taken apart
-        once, for every source identity."""
+        (ties in table order), indexed by their src_tags and their dst_tags matches: each
+        entry taken apart once, for every identity."""
         found = self._by_proto.get(proto)
         if found is None:
             if self._parts is None:
@@ -482,8 +488,22 @@ class _Derived:
                 or p.protocol == _ANY_PROTOCOL
                 or (p.protocol == _TESTED and all(m.covers(proto) for m in p.protocols))
             ]
-            found = self._by_proto[proto] = _SliceIndex(parts, [p.src_tags for p in parts])
+            found = self._by_proto[proto] = _ProtocolIndex(
+                parts,
+                _SliceIndex(parts, [p.src_tags for p in parts]),
+                _SliceIndex(parts, [p.dst_tags for p in parts]),
+            )
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class _ProtocolIndex:
+    """A switch's `policy` entries that can match one protocol, by priority, and the
+    positions among them each source and each destination identity can meet."""
+
+    parts: list[_PolicyEntry]
+    src: _SliceIndex[_PolicyEntry]
+    dst: _SliceIndex[_PolicyEntry]
 
 
 def _minus_priority(entry: TableEntry) -> int:
@@ -721,10 +741,7 @@ class Verifier:
             tuple[str, int], list[tuple[str, int, tuple[int, int, int] | None, int | None, bool]]
         ] = {}
         self._by_dst: dict[tuple[str, str, int], int | None] = {}
-        self._by_source: dict[
-            tuple[str, int, int, int],
-            tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]],
-        ] = {}
+        self._by_source: dict[tuple[str, int, int, int], dict[int, _Judged]] = {}
         self._entry_sets: dict[tuple[int, ...], _Judged] = {}
         self._classes: list[tuple[int, int]] | None = None
         self._starts: tuple[int, ...] | None = None  # address classes' first addresses
@@ -854,26 +871,15 @@ class Verifier:
     def _judged(self, switch: str, epoch: int, src_tags: int, dst_tags: int, proto: int) -> _Judged:
         """`_policy_entries` with a number naming that list of entries: identities whose
         packets meet the same entries are judged alike, so one check serves them all."""
-        by_source = self._by_source.get((switch, epoch, src_tags, proto))
-        if by_source is None:
-            by_source = self._from_source(switch, epoch, src_tags, proto)
-        by_dst, index = by_source
+        by_dst = self._by_source.get((switch, epoch, src_tags, proto))
+        if by_dst is None:
+            by_dst = self._by_source[(switch, epoch, src_tags, proto)] = {}
         found = by_dst.get(dst_tags)
         if found is None:
-            entries = index.matching(dst_tags)
+            entries = self._derived[switch].meeting(epoch, src_tags, dst_tags, proto)
             ident = tuple(id(e) for _v, e in entries)
             found = self._entry_sets.setdefault(ident, (len(self._entry_sets), entries))
             by_dst[dst_tags] = found
-        return found
-
-    def _from_source(
-        self, switch: str, epoch: int, src_tags: int, proto: int
-    ) -> tuple[dict[int, _Judged], _SliceIndex[tuple[tuple[FieldMatch, ...], TableEntry]]]:
-        """The policy entries that can match a source identity and protocol, by priority,
-        with the matches left to decide, indexed by their dst_tags match; and the lists
-        already cut from them per destination identity."""
-        index = self._derived[switch].source_index(epoch, src_tags, proto)
-        found = self._by_source[(switch, epoch, src_tags, proto)] = ({}, index)
         return found
 
     def _rule_ports(self, src: int, dst: int, proto: str) -> list[tuple[int, int]]:
