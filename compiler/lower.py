@@ -616,6 +616,12 @@ def _meaning(parts: tuple[object, ...]) -> str:
     return _digest(*parts)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _addresses(intervals: tuple[Interval, ...]) -> str:
+    """An address set's digest among a rule's meaning (`_switch_inputs`)."""
+    return _digest(intervals)
+
+
 def _inventory_digest(inventory: Inventory) -> str:
     return _digest(inventory.hosts, inventory.switches, inventory.links)
 
@@ -648,14 +654,26 @@ def _switch_inputs(
     rate_rank = rate_ranks(policy.rules)
     mine: dict[str, list[str]] = {t: [] for t in placed.tors}
     touching: dict[str, list[tuple[PolicyRule, bool, bool]]] = {t: [] for t in placed.tors}
+    # Per address set object (rules naming one service share it): a digest of its
+    # addresses, and the ToRs hosting one. 20,000 sides of a 10k-rule policy are about
+    # 1,400 sets, so each set's intervals are hashed once, not once per rule.
+    sides: dict[int, tuple[str, frozenset[str]]] = {}
+
+    def side(addresses: AddressSet) -> tuple[str, frozenset[str]]:
+        found = sides.get(id(addresses))
+        if found is None:
+            intervals = addresses.intervals
+            found = sides[id(addresses)] = (_addresses(intervals), placed.tors_of(intervals))
+        return found
+
     for r in policy.rules:
-        src_tors, dst_tors = placed.tors_of(r.src.intervals), placed.tors_of(r.dst.intervals)
+        (src_at, src_tors), (dst_at, dst_tors) = side(r.src), side(r.dst)
         touched = src_tors | dst_tors
         if not touched:
             continue
         meaning = _meaning((
-            r.id, r.action, r.src.intervals, r.dst.intervals, r.proto, r.ports, r.log,
-            r.reply, r.rate_pps, keys[(r.id, "src")], keys[(r.id, "dst")],
+            r.id, r.action.value, src_at, dst_at, r.proto, r.ports, r.log, r.reply,
+            r.rate_pps, keys[(r.id, "src")], keys[(r.id, "dst")],
             rate_rank.get(r.rate_pps) if r.rate_pps is not None else None,
         ))  # fmt: skip
         for t in touched:
