@@ -748,6 +748,9 @@ class Verifier:
         self._indexes: dict[tuple[str, str], _AddressIndex] = {}
         self._src_ids: dict[tuple[str, int, int], tuple[int, TableEntry | None]] = {}
         self._hop_checks: dict[tuple[int, bool, int], tuple[bool, bool, int, int]] = {}
+        self._hops: dict[
+            tuple[str, tuple[int, int, int], bool, int, int], tuple[bool, bool, int, int]
+        ] = {}
         self._rule_sets: dict[int, tuple[int, int]] = {}  # atom -> (as source, as destination)
         self._port_rules: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._rule_ids: dict[tuple[int, int, int], int] = {}
@@ -1155,7 +1158,11 @@ class Verifier:
                 by, by_rules, by_id, by_src, by_dst = (
                     relaxed if judge and owners and switch not in owners else held
                 )
-                check = by._hop_check(switch, idents, judge, proto, by_rules, by_id, by_src, by_dst)
+                check = by._hops.get((switch, idents, judge, proto, by_id))  # (most are known)
+                if check is None:
+                    check = by._hop_check(
+                        switch, idents, judge, proto, by_rules, by_id, by_src, by_dst
+                    )
                 if not check[0]:
                     break
                 first = first or check
@@ -1185,7 +1192,30 @@ class Verifier:
         """(agrees, the policy allows some class, port/flag classes, metered allowed
         classes) for one hop's `policy` decisions on packets of these identities and protocol
         whose flows the `rules` (forward, reverse) match: the policy decides every such
-        packet alike whatever its addresses, so the atoms given stand for all of them."""
+        packet alike whatever its addresses, so the atoms given stand for all of them.
+        Found again by its arguments (`_hops`) before the entries the identities meet are
+        looked up: a proof asks a million times for a few thousand checks."""
+        direct = (switch, idents, judge, proto, rules_id)
+        found = self._hops.get(direct)
+        if found is None:
+            found = self._hops[direct] = self._hop_check_of(
+                switch, idents, judge, proto, rules, rules_id, src_atom, dst_atom
+            )
+        return found
+
+    def _hop_check_of(
+        self,
+        switch: str,
+        idents: tuple[int, int, int],
+        judge: bool,
+        proto: int,
+        rules: tuple[int, int],
+        rules_id: int,
+        src_atom: int,
+        dst_atom: int,
+    ) -> tuple[bool, bool, int, int]:
+        """_hop_check, by the entries met: identities that meet the same entries are
+        judged alike."""
         ident, entries = self._judged(switch, *idents, proto)
         key = (ident, judge, rules_id)
         found = self._hop_checks.get(key)
