@@ -570,7 +570,7 @@ class _PolicyEntry(NamedTuple):
 # Each `policy` entry taken apart, by object (it holds its entry, so the id stays its
 # own): a ToR compiled again keeps its unchanged rules' entries as the same objects.
 _TAKEN_APART: dict[int, _PolicyEntry] = {}
-_TAKEN_APART_MAX = 400_000
+_TAKEN_APART_MAX = 250_000  # two builds of the 10k-rule floor (109,036 `policy` entries each)
 also_forget(_TAKEN_APART.clear)
 
 
