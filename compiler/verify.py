@@ -50,7 +50,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -335,60 +335,25 @@ class _SliceIndex(Generic[_T]):
         return found[0] if len(found) == 1 else sorted(itertools.chain(*found))
 
 
-class _AddressIndexes:
-    """Address indexes by the very entries they bucket: a changed ToR's identity and
-    routing tables are mostly lists of the objects the previous build held (the compiler
-    makes identity and routing entries once per value: compiler/lower.py), and an index of
-    the same objects, in the same order and on the same classes, is the same index. A few
-    tables are kept (those of the last builds' changed switches)."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._items: OrderedDict[
-            tuple[str, tuple[int, ...], tuple[int, ...]], tuple[list[TableEntry], _AddressIndex]
-        ] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def of(self, entries: list[TableEntry], field: str, starts: tuple[int, ...]) -> _AddressIndex:
-        # The entries are held with their index: their ids stay theirs while remembered.
-        key = (field, starts, tuple(map(id, entries)))
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                return found[1]
-        index = _AddressIndex(entries, field, list(starts))
-        with self._lock:
-            self._items[key] = (list(entries), index)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return index
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_ADDRESS_INDEXES = _AddressIndexes()
-
-
 _V = TypeVar("_V")
 
 
 class _ByEntries:
     """Values derived from a table's list of entry objects, found again when a later build
-    holds the same objects in the same order: an incremental compile keeps a changed ToR's
-    identity and routing entries when its tags stay (compiler/lower.py `_retagged`). The
-    lists are held with their values, so their ids stay theirs while remembered; the least
-    recently used go first."""
+    holds the same objects in the same order: the compiler makes identity and routing
+    entries once per value (compiler/lower.py), and an incremental compile keeps a changed
+    ToR's when its tags stay (`_retagged`), so an index, the tags or the address cuts of
+    the same objects are the same. The lists are held with their values, so their ids stay
+    theirs while remembered; the least recently used go first."""
 
-    def __init__(self, size: int = 2048) -> None:
-        self.size = size  # a few values per table of every switch, of two builds
-        self._items: OrderedDict[tuple[str, tuple[int, ...]], tuple[list[TableEntry], Any]]
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[Hashable, tuple[int, ...]], tuple[list[TableEntry], Any]]
         self._items = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, kind: str, entries: list[TableEntry], make: Callable[[], _V]) -> _V:
+    def get(self, kind: Hashable, entries: list[TableEntry], make: Callable[[], _V]) -> _V:
+        """`make()`, derived from `entries` (a `kind` of value), or what it gave before."""
         key = (kind, tuple(map(id, entries)))
         with self._lock:
             found = self._items.get(key)
@@ -407,8 +372,12 @@ class _ByEntries:
             self._items.clear()
 
 
-_BY_ENTRIES = _ByEntries()
+# A few values per table of every switch, of a build and the one before it.
+_BY_ENTRIES = _ByEntries(2048)
 also_forget(_BY_ENTRIES.clear)
+# Tables bucketed by address class (`_AddressIndex`): those of the last builds' changed
+# switches.
+_ADDRESS_INDEXES = _ByEntries(256)
 
 
 class _Derived:
@@ -445,7 +414,10 @@ class _Derived:
         found = self._addresses.get((table, field))
         if found is not None and (found[0] is starts or found[0] == starts):
             return found[1]
-        index = _ADDRESS_INDEXES.of(self.indexed.by_table.get(table, []), field, starts)
+        entries = self.indexed.by_table.get(table, [])
+        index = _ADDRESS_INDEXES.get(
+            (field, starts), entries, lambda: _AddressIndex(entries, field, list(starts))
+        )
         self._addresses[(table, field)] = (starts, index)
         return index
 
@@ -1158,9 +1130,10 @@ class Verifier:
                 by, by_rules, by_id, by_src, by_dst = (
                     relaxed if judge and owners and switch not in owners else held
                 )
-                check = by._hops.get((switch, idents, judge, proto, by_id))  # (most are known)
+                asked = (switch, idents, judge, proto, by_id)
+                check = by._hops.get(asked)  # (most are known)
                 if check is None:
-                    check = by._hop_check(
+                    check = by._hops[asked] = by._hop_check(
                         switch, idents, judge, proto, by_rules, by_id, by_src, by_dst
                     )
                 if not check[0]:
@@ -1193,29 +1166,9 @@ class Verifier:
         classes) for one hop's `policy` decisions on packets of these identities and protocol
         whose flows the `rules` (forward, reverse) match: the policy decides every such
         packet alike whatever its addresses, so the atoms given stand for all of them.
-        Found again by its arguments (`_hops`) before the entries the identities meet are
-        looked up: a proof asks a million times for a few thousand checks."""
-        direct = (switch, idents, judge, proto, rules_id)
-        found = self._hops.get(direct)
-        if found is None:
-            found = self._hops[direct] = self._hop_check_of(
-                switch, idents, judge, proto, rules, rules_id, src_atom, dst_atom
-            )
-        return found
-
-    def _hop_check_of(
-        self,
-        switch: str,
-        idents: tuple[int, int, int],
-        judge: bool,
-        proto: int,
-        rules: tuple[int, int],
-        rules_id: int,
-        src_atom: int,
-        dst_atom: int,
-    ) -> tuple[bool, bool, int, int]:
-        """_hop_check, by the entries met: identities that meet the same entries are
-        judged alike."""
+        Identities that meet the same entries are judged alike; the caller also keeps the
+        result by these arguments (`_hops`): a proof asks a million times for a few
+        thousand checks."""
         ident, entries = self._judged(switch, *idents, proto)
         key = (ident, judge, rules_id)
         found = self._hop_checks.get(key)
