@@ -259,7 +259,7 @@ def changed_tables(
     """Per switch, its changed entries (only switches with some); None: prove everything."""
     if old.keys() != new.keys():
         return None
-    _ENTRY_SETS.hold(len(new))  # the changed switches' entry sets, old and new
+    _ENTRY_SETS.hold(len(new))  # the changed switches' entry sets (monotone_change, overlays)
     out: dict[str, list[TableEntry]] = {}
     for name, sw in new.items():
         diff = changed_entries(old[name], sw)
