@@ -67,6 +67,8 @@ def parse_prefix(text: str) -> Interval:
 
 def merge_intervals(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
     """Sort and coalesce overlapping or adjacent intervals."""
+    if type(intervals) is tuple and len(intervals) == 1 and type(intervals[0]) is tuple:
+        return intervals  # one interval (most port lists): nothing to sort or coalesce
     out: list[list[int]] = []
     for lo, hi in sorted(intervals):
         if out and lo <= out[-1][1] + 1:

@@ -102,6 +102,32 @@ class ByObject(Generic[K, V]):
             self._items.clear()
 
 
+class ByFile(Generic[V]):
+    """Per file name, the last value kept for it (a few files: a controller's policy and
+    its grants), the oldest file dropped beyond `most`. Thread-safe; emptied by `forget`."""
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self._files: dict[str, V] = {}
+        self._lock = threading.Lock()
+        also_forget(self.clear)
+
+    def get(self, file: str) -> V | None:
+        with self._lock:
+            return self._files.get(file)
+
+    def keep(self, file: str, value: V) -> None:
+        with self._lock:
+            self._files.pop(file, None)
+            self._files[file] = value
+            while len(self._files) > self.most:
+                del self._files[next(iter(self._files))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._files.clear()
+
+
 @contextlib.contextmanager
 def collection_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: for the passes that build many small objects

@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -356,18 +356,37 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def with_keys(rules: Sequence[PolicyRule]) -> tuple[PolicyRule, ...]:
+def with_keys(
+    rules: Sequence[PolicyRule],
+    made: dict[int, tuple[PolicyRule, PolicyRule]] | None = None,
+    kept: Mapping[int, tuple[PolicyRule, PolicyRule]] | None = None,
+) -> tuple[PolicyRule, ...]:
     """`rules` with their keys: the name, else the hash of the text, `#n` on its n-th copy.
 
     Everything `describe` shows is in the key, so editing a rule (a port, `log`, a rate)
     makes it a new rule with a new id; give it a `name` to keep its id through edits.
+
+    `kept` (by id of a rule before its key: (that rule, it keyed)) is what an earlier call
+    made: a rule found there with the same key is that same object again; `made` receives
+    this call's, to be kept for the next (compiler.resolve).
     """
     seen: dict[str, int] = {}
     out = []
     for r in rules:
-        base = r.name if r.name is not None else text_key(r.describe())
+        found = kept.get(id(r)) if kept is not None else None
+        if found is not None and found[0] is r:
+            before = found[1].key
+            base = before.partition("#")[0] if r.name is None else r.name
+        else:
+            found, base = None, r.name if r.name is not None else text_key(r.describe())
         seen[base] = n = seen.get(base, 0) + 1
-        out.append(dataclasses.replace(r, key=base if n == 1 else f"{base}#{n}"))
+        key = base if n == 1 else f"{base}#{n}"
+        keyed = found[1] if found is not None and found[1].key == key else None
+        if keyed is None:
+            keyed = dataclasses.replace(r, key=key)
+        if made is not None:
+            made[id(r)] = (r, keyed)
+        out.append(keyed)
     return tuple(out)
 
 

@@ -25,7 +25,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from compiler import ast
 from compiler.diagnostics import Diagnostic, PolicySyntaxError, Span, error
-from compiler.memo import also_forget
+from compiler.memo import ByFile
 
 KEYWORDS: dict[str, str] = {
     "policy": "POLICY",
@@ -242,32 +242,7 @@ class _Chunks:
         )
 
 
-class _LastParses:
-    """Per file name, its last parse by chunks (a few files: the policy, its grants)."""
-
-    def __init__(self, most: int = 4) -> None:
-        self.most = most
-        self._files: dict[str, _Chunks] = {}
-        self._lock = threading.Lock()
-
-    def get(self, file: str) -> _Chunks | None:
-        with self._lock:
-            return self._files.get(file)
-
-    def keep(self, file: str, chunks: _Chunks) -> None:
-        with self._lock:
-            self._files.pop(file, None)
-            self._files[file] = chunks
-            while len(self._files) > self.most:
-                del self._files[next(iter(self._files))]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._files.clear()
-
-
-_CHUNKS = _LastParses()
-also_forget(_CHUNKS.clear)
+_CHUNKS: ByFile[_Chunks] = ByFile()  # per file name, its last parse by chunks
 
 
 def _statement_chunks(text: str) -> list[Chunk]:

@@ -29,6 +29,7 @@ from compiler.addresses import (
 )
 from compiler.diagnostics import Diagnostic, Note, PolicyError, Span, error, quote, warning
 from compiler.inventory import Inventory
+from compiler.memo import ByFile
 from compiler.model import (
     ALL_PORTS,
     DAY_NAMES,
@@ -104,6 +105,35 @@ def parse_duration(text: str) -> int | str:
 
 
 _APPENDING = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolution:
+    """What a file's last resolve made, for the next resolve of the file (a long-running
+    controller's policy, edited): the rules of unchanged statements are found again as the
+    same objects, and what is derived from a rule object downstream (its keys, its entries,
+    its digests: compiler.lower, compiler.allocation) is found again with them.
+
+    Valid for a resolve whose inventory is the same object and whose service and port set
+    definitions are the same statement objects (compiler.parse hands an unchanged
+    statement on at its line as the same object): a rule statement then resolves to what
+    it did, and an unchanged statement at its position keeps its rule."""
+
+    inventory: Inventory
+    definitions: tuple[ast.Statement, ...]  # the services and port sets, in file order
+    values: dict[str, AddressSet | None]  # the services evaluated (shared address sets)
+    rules: dict[int, tuple[ast.Rule, int, PolicyRule, tuple[Diagnostic, ...]]]  # by id(stmt)
+    keyed: dict[int, tuple[PolicyRule, PolicyRule]]  # by id of the rule before its key
+
+    def holds(self, inventory: Inventory, definitions: tuple[ast.Statement, ...]) -> bool:
+        return (
+            self.inventory is inventory
+            and len(self.definitions) == len(definitions)
+            and all(a is b for a, b in zip(self.definitions, definitions, strict=True))
+        )
+
+
+_RESOLUTIONS: ByFile[_Resolution] = ByFile()  # per file name, its last resolve without errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,13 +942,31 @@ class _Resolver:
             if name not in self.bad
         ]
 
+        definitions = tuple(s for s in statements if isinstance(s, ast.ServiceDef | ast.PortsDef))
+        last = _RESOLUTIONS.get(self.tree.file)
+        if last is not None and not last.holds(self.inventory, definitions):
+            last = None
+        if last is not None and not self.diags:  # the same services: the same sets
+            self.values.update(last.values)
         rules: list[PolicyRule] = []
+        made: dict[int, tuple[ast.Rule, int, PolicyRule, tuple[Diagnostic, ...]]] = {}
         rule_stmts = [s for s in statements if isinstance(s, ast.Rule)]
         self.check_rule_names(rule_stmts)
         for rule_id, rule_stmt in enumerate(rule_stmts, start=1):
+            found = last.rules.get(id(rule_stmt)) if last is not None else None
+            if found is not None and found[0] is rule_stmt and found[1] == rule_id:
+                rules.append(found[2])
+                self.warnings += found[3]
+                made[id(rule_stmt)] = found
+                continue
+            diags, warned = len(self.diags), len(self.warnings)
             resolved = self.rule(rule_stmt, rule_id)
             if resolved is not None:
                 rules.append(resolved)
+                if len(self.diags) == diags:
+                    made[id(rule_stmt)] = (
+                        rule_stmt, rule_id, resolved, tuple(self.warnings[warned:])
+                    )  # fmt: skip
 
         default_log, default_span = False, None
         defaults = [s for s in statements if isinstance(s, ast.DefaultDecl)]
@@ -955,11 +1003,12 @@ class _Resolver:
                     contain.span,
                 )
             )
-        return Policy(
+        keyed: dict[int, tuple[PolicyRule, PolicyRule]] = {}
+        policy = Policy(
             name=headers[0].name.text if headers else "policy",
             file=self.tree.file,
             services=tuple(services),
-            rules=with_keys(rules),
+            rules=with_keys(rules, keyed, last.keyed if last is not None else None),
             default_log=default_log,
             default_span=default_span,
             expects=tuple(expects),
@@ -967,6 +1016,10 @@ class _Resolver:
             containment=tuple(containment),
             protected=tuple(self.protections()),
         )
+        if not self.diags:
+            resolution = _Resolution(self.inventory, definitions, self.values, made, keyed)
+            _RESOLUTIONS.keep(self.tree.file, resolution)
+        return policy
 
     def unused_services(self) -> list[Diagnostic]:
         edges = {name: _names_in(d.endpoints + d.excluded) for name, d in self.defs.items()}

@@ -89,7 +89,11 @@ class Partition:
     def __init__(
         self, sets: Iterable[Sequence[Interval]], top: int, pinned: Iterable[int] = ()
     ) -> None:
-        distinct = {merge_intervals(s) for s in sets}  # overlaps would cancel XOR tags
+        # Overlaps would cancel XOR tags, so each set is merged: once per object (rules
+        # naming one service share its intervals: 20,000 sides of a 10k-rule policy are
+        # about 1,400 sets), then once per value.
+        unique = {id(s): s for s in sets}
+        distinct = {merge_intervals(s) for s in set(map(tuple, unique.values()))}
         pinned = sorted(set(pinned))
         distinct |= {((v, v),) for v in pinned}
         cuts = {0}
@@ -237,34 +241,31 @@ class PolicySemantics:
         self.echo_bits = 0  # rules whose flows include ICMP echo requests: replies answer them
         self.boxes: list[tuple[int, int, int, int]] = []
         self.deny_bits = self.allow_bits = self.reply_bits = self.log_bits = self.metered_bits = 0
-        self.src_any = self.dst_any = self.port_any = 0
+        # The rules of each mask of a dimension, indexed atom by atom after: rules naming
+        # the same services share their masks, so each mask's atoms are walked once.
+        by_src: dict[int, int] = {}
+        by_dst: dict[int, int] = {}
+        by_ports: dict[int, int] = {}
+        side_masks: dict[int, int] = {}  # by id of a rule side's intervals (shared per service)
+
+        def side_mask(intervals: tuple[Interval, ...]) -> int:
+            found = side_masks.get(id(intervals))
+            if found is None:
+                found = side_masks[id(intervals)] = self.addresses.mask(intervals)
+            return found
+
         for i, r in enumerate(rules):
             bit = 1 << i
-            src = self.addresses.mask(r.src.intervals)
-            dst = self.addresses.mask(r.dst.intervals)
+            src, dst = side_mask(r.src.intervals), side_mask(r.dst.intervals)
             ports = self.ports.mask(r.ports)
             classes = self.proto_classes if r.proto == "ip" else (self.proto_class(r.proto),)
             protos = sum(1 << self.proto_classes.index(c) for c in classes)
             if r.answers_pings:
                 self.echo_bits |= bit
             self.boxes.append((protos, src, dst, ports))
-            # Rules that match every atom of a dimension (`any`, no ports) are kept apart:
-            # indexing them atom by atom would cost atoms x rules.
-            if src == self.addresses.full:
-                self.src_any |= bit
-            else:
-                for a in bits(src):
-                    self.src_index[a] |= bit
-            if dst == self.addresses.full:
-                self.dst_any |= bit
-            else:
-                for a in bits(dst):
-                    self.dst_index[a] |= bit
-            if ports == self.ports.full:
-                self.port_any |= bit
-            else:
-                for p in bits(ports):
-                    self.port_index[p] |= bit
+            by_src[src] = by_src.get(src, 0) | bit
+            by_dst[dst] = by_dst.get(dst, 0) | bit
+            by_ports[ports] = by_ports.get(ports, 0) | bit
             for c in classes:
                 self.proto_index[c] |= bit
             if r.action is Action.DENY:
@@ -277,6 +278,11 @@ class PolicySemantics:
                     self.reply_bits |= bit
                 if r.rate_pps is not None:
                     self.metered_bits |= bit
+        # Rules that match every atom of a dimension (`any`, no ports) are kept apart:
+        # indexing them atom by atom would cost atoms x rules.
+        self.src_any = _indexed(self.src_index, by_src, self.addresses.full)
+        self.dst_any = _indexed(self.dst_index, by_dst, self.addresses.full)
+        self.port_any = _indexed(self.port_index, by_ports, self.ports.full)
         self.all_rules = (1 << len(rules)) - 1
         # Bit i is the i-th rule of the policy; the deciding rule is the lowest *id*, which
         # is the lowest bit as long as ids grow in file order (a fresh allocation).
@@ -285,6 +291,7 @@ class PolicySemantics:
         self._port_reps: list[int] | None = None
         self._icmp_reps: list[int] | None = None
         self._representatives: dict[int, list[int]] = {}  # `any` and services recur
+        self._unions: dict[tuple[int, int], int] = {}  # (id of an index, mask) -> rules
 
     # -- packets -----------------------------------------------------------------------------
 
@@ -605,12 +612,17 @@ class PolicySemantics:
         return cand & ~(1 << i)
 
     def _union(self, index: list[int], matches_any: int, mask: int, full: int) -> int:
-        """Rules matching at least one atom of `mask` in one dimension."""
+        """Rules matching at least one atom of `mask` in one dimension (kept per mask: the
+        rules naming one service ask for the same)."""
         if mask == full:
             return self.all_rules
-        out = matches_any
-        for a in bits(mask):
-            out |= index[a]
+        key = (id(index), mask)
+        out = self._unions.get(key)
+        if out is None:
+            out = matches_any
+            for a in bits(mask):
+                out |= index[a]
+            self._unions[key] = out
         return out
 
     def _covered_by(self, i: int, pool: int) -> tuple[int, ...] | None:
@@ -667,6 +679,16 @@ class PolicySemantics:
                 dead.append(Coverage(rule, False, tuple(self.rules[j] for j in covering)))
                 alive &= ~(1 << i)
         return sorted(dead, key=lambda c: (c.rule.position, c.rule.id))
+
+
+def _indexed(index: list[int], rules_by_mask: dict[int, int], full: int) -> int:
+    """Add each mask's rules to the index entries of its atoms; return the rules of the
+    full mask (those matching every atom), which are left out of the index."""
+    for mask, rules in rules_by_mask.items():
+        if mask != full:
+            for a in bits(mask):
+                index[a] |= rules
+    return rules_by_mask.get(full, 0)
 
 
 def atoms_of(mask: int) -> Iterator[int]:

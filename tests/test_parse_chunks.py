@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from compiler import parse as parse_module
 from compiler.diagnostics import PolicySyntaxError
+from compiler.memo import ByFile
 from compiler.parse import parse
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -32,7 +33,7 @@ MORE = [  # lines an edit may bring: a comment, a rule on two lines, a statement
 
 def _whole(text: str) -> object:
     """What a process that never saw the file makes of it (this one's parses kept)."""
-    kept, parse_module._CHUNKS = parse_module._CHUNKS, parse_module._LastParses()
+    kept, parse_module._CHUNKS = parse_module._CHUNKS, ByFile()
     try:
         return _outcome(text)
     finally:
