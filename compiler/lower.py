@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -35,9 +35,9 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
-from compiler.memo import ByObject
+from compiler.memo import ByObject, also_forget
 from compiler.model import Action, Policy, PolicyRule
-from compiler.placement import placement
+from compiler.placement import Placement, placement
 from compiler.quarantine import (
     QUARANTINE_FIELD,
     QUARANTINE_KEY,
@@ -252,7 +252,7 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
             ("src", rule.src_text, rule.src),
             ("dst", rule.dst_text, rule.dst),
         ):
-            text = " ".join(text.split())
+            text = _normalised(text)
             seen = first.setdefault(text, addresses)
             if seen is not addresses and (text in sets or seen != addresses):
                 sets.setdefault(text, {seen.intervals}).add(addresses.intervals)
@@ -270,6 +270,12 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
             text = f"{text} ~{digest}"
         out[use] = text
     return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normalised(text: str) -> str:
+    """A set's text with its whitespace normalised (rules naming a service share its text)."""
+    return " ".join(text.split())
 
 
 def _atom_intervals(semantics: PolicySemantics) -> list[list[Interval]]:
@@ -320,7 +326,7 @@ def _tor_codes(
         relevant.add(rule.id)
         src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
         need(src_key, src, dst_key, dst)
-        if reply_matches(rule, udp_always=rule.action is Action.DENY):
+        if _REPLIED.get(rule, _replied):
             need(dst_key, dst, src_key, src)
     if remediation:  # always, quarantine or not: a quarantine then changes no ordinary tag
         src_needs[REMEDIATION_KEY] = dst_needs[REMEDIATION_KEY] = (remediation, full)
@@ -486,13 +492,22 @@ def _needs(floor: str, touching: Iterable[tuple[PolicyRule, bool, bool]],
     for rule, src_in, dst_in in touching:
         src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
         need(src_key, rule.src, src_in, dst_key, rule.dst, dst_in)
-        if reply_matches(rule, udp_always=rule.action is Action.DENY):
+        if _REPLIED.get(rule, _replied):
             need(dst_key, rule.dst, dst_in, src_key, rule.src, src_in)
     return (
         floor,
         frozenset((k, iv, level) for k, (iv, level) in src.items()),
         frozenset((k, iv, level) for k, (iv, level) in dst.items()),
     )
+
+
+def _replied(rule: PolicyRule) -> bool:
+    """Whether the ToRs hold reply entries for `rule` (its sets then also tag reversed)."""
+    return bool(reply_matches(rule, udp_always=rule.action is Action.DENY))
+
+
+# Per rule object, `_replied` (every ToR a rule touches asks, compile after compile).
+_REPLIED: ByObject[PolicyRule, bool] = ByObject(100_000)
 
 
 def _retagged(
@@ -586,6 +601,49 @@ def _destination_entry(value: int, plen: int, tags: int) -> TableEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class _RuleInputs:
+    """A rule's part of the switches' inputs (`_switch_inputs`), and what it was made from
+    beyond the rule object: the same rule object with the same keys and rate rank on the
+    same floor is found again (most rules of a long-running controller's next policy,
+    compiler.resolve keeping the rules of unchanged statements)."""
+
+    rule: PolicyRule
+    placed: Placement
+    src_key: str
+    dst_key: str
+    rank: int | None
+    meaning: str
+    tors: tuple[tuple[str, tuple[PolicyRule, bool, bool]], ...]  # ToR, (rule, src there, dst there)
+
+
+def _rule_inputs(
+    r: PolicyRule,
+    placed: Placement,
+    src_key: str,
+    dst_key: str,
+    rank: int | None,
+    side: Callable[[AddressSet], tuple[str, frozenset[str]]],
+) -> _RuleInputs:
+    (src_at, src_tors), (dst_at, dst_tors) = side(r.src), side(r.dst)
+    touched = src_tors | dst_tors
+    meaning = _meaning((
+        r.id, r.action.value, src_at, dst_at, r.proto, r.ports, r.log, r.reply,
+        r.rate_pps, src_key, dst_key, rank,
+    )) if touched else ""  # fmt: skip
+    tors = tuple((t, (r, t in src_tors, t in dst_tors)) for t in sorted(touched))
+    made = _RuleInputs(r, placed, src_key, dst_key, rank, meaning, tors)
+    if len(_RULE_INPUTS) >= _RULE_INPUTS_MAX:
+        _RULE_INPUTS.clear()
+    _RULE_INPUTS[id(r)] = made  # holds the rule: its id stays its own while remembered
+    return made
+
+
+_RULE_INPUTS: dict[int, _RuleInputs] = {}
+_RULE_INPUTS_MAX = 100_000  # emptied past this: two 10k-rule policies' rules many times over
+also_forget(_RULE_INPUTS.clear)
+
+
+@dataclass(frozen=True, slots=True)
 class Lowered:
     """Every switch's entries, and the allocation they were made with (to keep for next time)."""
 
@@ -667,18 +725,19 @@ def _switch_inputs(
         return found
 
     for r in policy.rules:
-        (src_at, src_tors), (dst_at, dst_tors) = side(r.src), side(r.dst)
-        touched = src_tors | dst_tors
-        if not touched:
-            continue
-        meaning = _meaning((
-            r.id, r.action.value, src_at, dst_at, r.proto, r.ports, r.log, r.reply,
-            r.rate_pps, keys[(r.id, "src")], keys[(r.id, "dst")],
-            rate_rank.get(r.rate_pps) if r.rate_pps is not None else None,
-        ))  # fmt: skip
-        for t in touched:
-            mine[t].append(meaning)
-            touching[t].append((r, t in src_tors, t in dst_tors))
+        src_key, dst_key = keys[(r.id, "src")], keys[(r.id, "dst")]
+        rank = rate_rank.get(r.rate_pps) if r.rate_pps is not None else None
+        found = _RULE_INPUTS.get(id(r))
+        if (
+            found is None
+            or found.rule is not r
+            or found.placed is not placed
+            or (found.src_key, found.dst_key, found.rank) != (src_key, dst_key, rank)
+        ):
+            found = _rule_inputs(r, placed, src_key, dst_key, rank, side)
+        for t, touched in found.tors:
+            mine[t].append(found.meaning)
+            touching[t].append(touched)
     ordinary = {
         sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
         for sw in inventory.switches
