@@ -210,10 +210,25 @@ def _with_id(rule: PolicyRule, rule_id: int) -> PolicyRule:
     out = dataclasses.replace(rule, id=rule_id)
     if len(_WITH_IDS) >= _WITH_IDS_MAX:
         _WITH_IDS.clear()
+        _ORIGINALS.clear()
     _WITH_IDS[id(rule)] = (rule, out)  # holds `rule`: its id stays its own while remembered
+    _ORIGINALS[id(out)] = (out, rule)
     return out
 
 
+def unnumbered(rules: tuple[PolicyRule, ...]) -> tuple[PolicyRule, ...]:
+    """The rules `assign_rule_ids` was given for these (each the same object when it kept
+    its id, or when its copy is no longer remembered): the resolved policy's, whose
+    semantics `check` made already (compiler.semantics.semantics_of)."""
+    originals = _ORIGINALS
+    return tuple(
+        found[1] if (found := originals.get(id(r))) is not None and found[0] is r else r
+        for r in rules
+    )
+
+
 _WITH_IDS: dict[int, tuple[PolicyRule, PolicyRule]] = {}
+_ORIGINALS: dict[int, tuple[PolicyRule, PolicyRule]] = {}  # by id of a copy: (copy, rule)
 _WITH_IDS_MAX = 100_000
 also_forget(_WITH_IDS.clear)
+also_forget(_ORIGINALS.clear)

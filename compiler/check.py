@@ -19,7 +19,7 @@ from compiler.memo import collection_paused
 from compiler.model import ALL_PORTS, Action, ExpectCase, Policy, PolicyRule, format_ports
 from compiler.parse import parse
 from compiler.resolve import Resolved, resolve
-from compiler.semantics import PolicySemantics
+from compiler.semantics import PolicySemantics, semantics_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,8 @@ class CheckResult:
 
 def analyze(policy: Policy, inventory: Inventory, expectations: bool = True) -> list[Diagnostic]:
     """Dead rules and (unless `expectations` is False) expectations of a resolved policy."""
-    semantics = PolicySemantics(policy, pinned=(h.ip for h in inventory.hosts))
+    # Kept (semantics_of): the proof of the build asks for the same, the rules renumbered.
+    semantics = semantics_of(policy, tuple(h.ip for h in inventory.hosts))
     names = {h.ip: h.name for h in inventory.hosts}
     diags: list[Diagnostic] = [_any_to_any(r) for r in policy.rules if _is_any_to_any(r)]
     never_allow: set[int] = set()

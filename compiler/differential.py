@@ -74,7 +74,7 @@ def changed_rules(old: Policy, new: Policy) -> list[PolicyRule]:
     out = []
     for key in before.keys() | after.keys():
         a, b = before.get(key), after.get(key)
-        if a is not None and b is not None and meaning(a) == meaning(b):
+        if a is not None and b is not None and (a is b or meaning(a) == meaning(b)):
             continue
         out += [r for r in (a, b) if r is not None]
     return out
@@ -516,12 +516,14 @@ def monotone_change(
     if changed is None:
         return "the switches, their defaults or other tables changed"
     widens: bool | None = None
-    for name, entries in changed.items():
-        retagged, rest = retags(old[name], entries, new[name])
-        before = _entry_set(old[name])
+    parts = {name: retags(old[name], entries, new[name]) for name, entries in changed.items()}
+    for name, (_retagged, rest) in parts.items():  # first: the reason whatever the order
         for e in rest:
             if e.table != "policy" or e.action != "permit" or e.meter is not None:
                 return f"{name}: {e.table} entries other than plain permits changed"
+    for name, (retagged, rest) in parts.items():
+        before = _entry_set(old[name])
+        for e in rest:
             added = e not in before
             if widens is not None and widens != added:
                 return f"{name}: permits are both added and removed"

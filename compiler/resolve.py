@@ -124,6 +124,7 @@ class _Resolution:
     values: dict[str, AddressSet | None]  # the services evaluated (shared address sets)
     rules: dict[int, tuple[ast.Rule, int, PolicyRule, tuple[Diagnostic, ...]]]  # by id(stmt)
     keyed: dict[int, tuple[PolicyRule, PolicyRule]]  # by id of the rule before its key
+    expects: dict[int, tuple[ast.Expect, ExpectCase]]  # by id(stmt)
 
     def holds(self, inventory: Inventory, definitions: tuple[ast.Statement, ...]) -> bool:
         return (
@@ -989,9 +990,21 @@ class _Resolver:
             self.check_options(decl.options, decl.action, "ip", default=True)
             default_log = any(isinstance(o, ast.LogOption) for o in decl.options)
 
-        expects = [
-            e for s in statements if isinstance(s, ast.Expect) and (e := self.expect(s)) is not None
-        ]
+        expects = []
+        expected: dict[int, tuple[ast.Expect, ExpectCase]] = {}
+        for stmt in statements:
+            if not isinstance(stmt, ast.Expect):
+                continue
+            known = last.expects.get(id(stmt)) if last is not None else None
+            if known is not None and known[0] is stmt:  # the same line: the same object
+                expects.append(known[1])
+                expected[id(stmt)] = known
+                continue
+            diags = len(self.diags)
+            if (case := self.expect(stmt)) is not None:
+                expects.append(case)
+                if len(self.diags) == diags:
+                    expected[id(stmt)] = (stmt, case)
         containment = self.containment()
         logged = default_log or any(r.log for r in rules)
         for contain in containment if not logged else ():
@@ -1017,7 +1030,9 @@ class _Resolver:
             protected=tuple(self.protections()),
         )
         if not self.diags:
-            resolution = _Resolution(self.inventory, definitions, self.values, made, keyed)
+            resolution = _Resolution(
+                self.inventory, definitions, self.values, made, keyed, expected
+            )  # fmt: skip
             _RESOLUTIONS.keep(self.tree.file, resolution)
         return policy
 

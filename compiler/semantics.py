@@ -25,6 +25,7 @@ every packet, and every question is answered with integer bit masks.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import random
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from compiler.addresses import MAX_ADDRESS, AddressSet, Interval, merge_intervals
+from compiler.allocation import unnumbered
 from compiler.memo import also_forget
 from compiler.model import Action, ExpectCase, Policy, PolicyRule, format_icmp_types
 from compiler.protocols import (
@@ -292,6 +294,16 @@ class PolicySemantics:
         self._icmp_reps: list[int] | None = None
         self._representatives: dict[int, list[int]] = {}  # `any` and services recur
         self._unions: dict[tuple[int, int], int] = {}  # (id of an index, mask) -> rules
+
+    def renumbered(self, policy: Policy) -> PolicySemantics:
+        """These semantics for `policy`, whose rules are this one's in the same order with
+        other ids (the atoms and masks are shared: they depend on the rules' sets, not on
+        their ids); which rule decides among several still goes by the lowest id."""
+        assert len(policy.rules) == len(self.rules)
+        out = copy.copy(self)
+        out.policy, out.rules = policy, policy.rules
+        out._ids_ascending = all(a.id < b.id for a, b in pairwise(policy.rules))
+        return out
 
     # -- packets -----------------------------------------------------------------------------
 
@@ -739,6 +751,24 @@ def _subtract(
 _RECENT: OrderedDict[tuple[object, ...], PolicySemantics] = OrderedDict()
 _RECENT_MAX = 4
 also_forget(_RECENT.clear)
+# The same, by the identity of the rules and expectations (each holds its policy's).
+_RECENT_IDS: OrderedDict[tuple[object, ...], PolicySemantics] = OrderedDict()
+also_forget(_RECENT_IDS.clear)
+
+
+def _renumbered(policy: Policy, made_from: tuple[object, ...]) -> PolicySemantics | None:
+    """The semantics of `policy` from those of the same rules before they took their stable
+    ids (compiler.allocation.assign_rule_ids; `check` made them), if they are at hand: the
+    atoms and bit masks do not depend on ids."""
+    originals = tuple(map(id, unnumbered(policy.rules)))
+    for (rules, _expects, *rest), sem in reversed(_RECENT_IDS.items()):
+        if rules == originals and tuple(rest) == made_from and sem.policy.expects == policy.expects:
+            return sem.renumbered(policy)
+    return None
+
+
+def _same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
+    return a is b or (len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True)))
 
 
 def around(policy: Policy, down_to: int) -> Policy:
@@ -759,14 +789,34 @@ def around(policy: Policy, down_to: int) -> Policy:
 def semantics_of(
     policy: Policy, pinned: tuple[int, ...], extra: Sequence[Interval] | None = None
 ) -> PolicySemantics:
-    """PolicySemantics(policy, pinned, [extra]), made once for equal inputs."""
+    """PolicySemantics(policy, pinned, [extra]), made once for equal inputs.
+
+    Found first by the identity of the rules and expectations, then by their value (equal
+    rules in new objects: a quarantine's uncarved rules), then as the semantics `check` made
+    for the same rules before they took their stable ids (`_renumbered`)."""
+    same = (tuple(map(id, policy.rules)), tuple(map(id, policy.expects)))
+    by_ids = (*same, policy.default_log, pinned, extra)
+    found = _RECENT_IDS.get(by_ids)
+    if found is not None:
+        _RECENT_IDS.move_to_end(by_ids)
+        return found
     key = (policy.rules, policy.expects, policy.default_log, pinned, extra)
     found = _RECENT.get(key)
-    if found is None:
-        found = PolicySemantics(policy, pinned, sets=[extra] if extra is not None else ())
+    if found is not None:
+        _RECENT.move_to_end(key)
+    else:
+        found = _renumbered(policy, (policy.default_log, pinned, extra))
+        if found is None:
+            found = PolicySemantics(policy, pinned, sets=[extra] if extra is not None else ())
         _RECENT[key] = found
         if len(_RECENT) > _RECENT_MAX:
             _RECENT.popitem(last=False)
-    else:
-        _RECENT.move_to_end(key)
+    if not (
+        _same_objects(found.rules, policy.rules)
+        and _same_objects(found.policy.expects, policy.expects)
+    ):  # equal objects: these hold this policy's, whose ids the key names
+        found = found.renumbered(policy)
+    _RECENT_IDS[by_ids] = found
+    if len(_RECENT_IDS) > _RECENT_MAX:
+        _RECENT_IDS.popitem(last=False)
     return found

@@ -211,6 +211,12 @@ def _cuts(intervals: Iterable[tuple[int, int]], top: int) -> set[int]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _set_cuts(intervals: tuple[tuple[int, int], ...]) -> frozenset[int]:
+    """`_cuts` of a rule's address set (Verifier.address_classes)."""
+    return frozenset(_cuts(intervals, MAX_ADDRESS))
+
+
 def _address_cuts(entries: Iterable[TableEntry]) -> frozenset[int]:
     """Where the address matches of `entries` begin and end (+1): `_cuts` of every
     src_addr and dst_addr match, a prefix (most of them) worked out inline."""
@@ -578,6 +584,7 @@ class _DerivedCache:
         _BY_ENTRIES.clear()
         _TAKEN_APART.clear()
         _meaning.cache_clear()
+        _set_cuts.cache_clear()
         with self._lock:
             self._starts = ()
 
@@ -742,8 +749,11 @@ class Verifier:
         cuts: set[int] = set()
         for h in self.inventory.hosts:
             cuts |= _cuts([(h.ip, h.ip)], MAX_ADDRESS)
-        for r in self.policy.rules:
-            cuts |= _cuts(r.src.intervals, MAX_ADDRESS) | _cuts(r.dst.intervals, MAX_ADDRESS)
+        # Each address set once (rules naming a service share its intervals: 20,000 sides
+        # of a 10k-rule policy are about 1,400 sets), its cuts kept by value across proofs.
+        sides = {id(iv): iv for r in self.policy.rules for iv in (r.src.intervals, r.dst.intervals)}
+        for intervals in sides.values():
+            cuts |= _set_cuts(intervals)
         for derived in self._derived.values():
             cuts |= derived.cuts
         classes = self._classes = _classes(cuts, MAX_ADDRESS)
