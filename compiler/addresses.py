@@ -67,8 +67,14 @@ def parse_prefix(text: str) -> Interval:
 
 def merge_intervals(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
     """Sort and coalesce overlapping or adjacent intervals."""
-    if type(intervals) is tuple and len(intervals) == 1 and type(intervals[0]) is tuple:
-        return intervals  # one interval (most port lists): nothing to sort or coalesce
+    if type(intervals) is tuple:  # already sorted and apart (what sets hold): as it is
+        last = -2
+        for lo, hi in intervals:
+            if lo <= last + 1 or hi < lo:
+                break
+            last = hi
+        else:
+            return intervals
     out: list[list[int]] = []
     for lo, hi in sorted(intervals):
         if out and lo <= out[-1][1] + 1:

@@ -256,12 +256,20 @@ class PolicySemantics:
                 found = side_masks[id(intervals)] = self.addresses.mask(intervals)
             return found
 
+        # Per protocol as a rule writes it: its classes, and their bits (as in `boxes`).
+        classes_of = {
+            proto: self.proto_classes if proto == "ip" else (self.proto_class(proto),)
+            for proto in {r.proto for r in rules}
+        }
+        protos_of = {
+            proto: sum(1 << self.proto_classes.index(c) for c in classes)
+            for proto, classes in classes_of.items()
+        }
         for i, r in enumerate(rules):
             bit = 1 << i
             src, dst = side_mask(r.src.intervals), side_mask(r.dst.intervals)
             ports = self.ports.mask(r.ports)
-            classes = self.proto_classes if r.proto == "ip" else (self.proto_class(r.proto),)
-            protos = sum(1 << self.proto_classes.index(c) for c in classes)
+            classes, protos = classes_of[r.proto], protos_of[r.proto]
             if r.answers_pings:
                 self.echo_bits |= bit
             self.boxes.append((protos, src, dst, ports))
