@@ -591,7 +591,8 @@ class _Parsed:
     def check(
         self, text: str, path: str, inventory: Inventory, file_text: str | None = None
     ) -> CheckResult:
-        """check_policy, run again only when the text or the inventory changed. `text` may
+        """check_policy without its warnings (the verbs that drive switches report errors
+        alone), run again only when the text or the inventory changed. `text` may
         be `file_text` (the policy file's) with live grants appended: then the file's own
         check is the one kept, and the grants are resolved against it (check_appended)."""
         if file_text is not None and text != file_text:
@@ -600,8 +601,8 @@ class _Parsed:
                 return self._checked((path, "+"), text, inventory,
                                      lambda: check_appended(checked, file_text, text, path,
                                                             inventory))  # fmt: skip
-        return self._checked((path, ""), text, inventory,
-                             lambda: check_policy(text, path, inventory))  # fmt: skip
+        return self._checked((path, ""), text, inventory,  # the verbs report errors alone
+                             lambda: check_policy(text, path, inventory, warnings=False))  # fmt: skip
 
     def _checked(
         self,

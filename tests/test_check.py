@@ -97,6 +97,19 @@ def test_failed_expectation_names_the_flow_and_the_deciding_rule(floor: Inventor
     assert result.policy is None
 
 
+def test_without_warnings_the_errors_and_the_policy_are_the_same(floor: Inventory) -> None:
+    # what the verbs that drive switches ask for: a dead rule (W001) left out, E401 kept
+    dead = HEAD + "allow algo -> router tcp 9876\ndeny algo -> router ip\nallow any -> any udp 9\n"
+    full, quiet = (check_policy(dead, "p.zt", floor, warnings=w) for w in (True, False))
+    assert {d.code for d in full.diagnostics} == {"W001", "W005"} and quiet.diagnostics == ()
+    assert quiet.policy == full.policy and quiet.policy is not None
+    failing = dead + "expect algo1 -> oms1 tcp 9876 allowed\n"
+    full, quiet = (check_policy(failing, "p.zt", floor, warnings=w) for w in (True, False))
+    assert [d.code for d in quiet.diagnostics] == ["E401"]
+    assert [d for d in full.diagnostics if d.is_error] == list(quiet.diagnostics)
+    assert quiet.policy is None
+
+
 def test_expectation_judges_the_answer_too(floor: Inventory) -> None:
     # the SYN passes, the SYN-ACK is denied: the connection does not work
     text = (
