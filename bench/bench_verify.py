@@ -2,6 +2,7 @@
 
     python -m bench.bench_verify            # the trading floor, then generated floors
     python -m bench.bench_verify --quick    # the trading floor and the smallest generated one
+    python -m bench.bench_verify --edits    # only the chains of one-rule edits (no full proof)
 
 For each floor: compile (ref target) as the baseline measured in the same run, then verify
 (every packet class end to end and per ToR, and the spoofing classes). Target (issue 7):
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.bench_compile import ALLOW
 from bench.gen_policy import generate
 from compiler.check import check_policy
 from compiler.emit import Build, build
@@ -30,7 +33,7 @@ BIG_POLICY_TABLE = 65_536
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(name: str, policy_text: str, inventory: Inventory) -> None:
+def run(name: str, policy_text: str, inventory: Inventory, edits_only: bool = False) -> None:
     checked = check_policy(policy_text, "policy.zt", inventory, expectations=False)
     assert checked.policy is not None, checked.diagnostics
     sizes = None
@@ -41,6 +44,14 @@ def run(name: str, policy_text: str, inventory: Inventory) -> None:
     start = time.perf_counter()
     built = build(checked.policy, inventory, policy_text, "ref", sizes)
     t_build = time.perf_counter() - start
+    if edits_only:  # the full proof of a 10k-rule floor takes minutes
+        print(f"\n== {name}: {len(checked.policy.rules)} rules, {len(inventory.hosts)} hosts, "
+              f"{len(inventory.switches)} switches (no full proof: --edits)")  # fmt: skip
+        print(f"   {'compile (baseline)':<22}{t_build:8.2f} s   1.00x")
+        _edit_chain(
+            checked.policy, policy_text, inventory, sizes, built, t_build, "the full compile"
+        )
+        return
     switches = {s.switch: s for s in built.switches}
     result = verify(checked.policy, inventory, switches)
     verdict = "proven" if result.proven else f"{len(result.counterexamples)} counterexamples"
@@ -53,6 +64,9 @@ def run(name: str, policy_text: str, inventory: Inventory) -> None:
         f"   (target < {TARGET_S:g} s: {'met' if result.seconds < TARGET_S else 'MISSED'})"
     )
     _one_rule_edit(checked.policy, inventory, policy_text, sizes, built, result.seconds)
+    _edit_chain(
+        checked.policy, policy_text, inventory, sizes, built, result.seconds, "the full proof"
+    )
 
 
 def _one_rule_edit(
@@ -111,6 +125,55 @@ def _one_rule_edit(
         )
 
 
+def _edit_chain(
+    first: Policy,
+    policy_text: str,
+    inventory: Inventory,
+    sizes: dict[str, int] | None,
+    built: Build,
+    base_s: float,
+    base: str,
+) -> None:
+    """A long-running controller's one-rule edits, each a new text: the middle single-port
+    allow between two services gets port + 1, + 2, ... Each is checked as the verbs check
+    it (errors only; the semantics it makes are the proof's), built from the last build and
+    proven by pairs against it. Medians of the chain, its first edit left out."""
+    allows = list(ALLOW.finditer(policy_text))
+    if len(allows) < 3:
+        return
+    edit = allows[len(allows) // 2]
+    times: dict[str, list[float]] = {"check": [], "compile": [], "proof": []}
+    last, last_policy = built, first
+    result = None
+    for step in range(1, 6):
+        line = f"{edit[1]}{edit[2]}{edit[3]}{int(edit[4]) + step}{edit[5]}"
+        text = policy_text[: edit.start()] + line + policy_text[edit.end() :]
+        start = time.perf_counter()
+        policy = check_policy(text, "policy.zt", inventory, warnings=False).policy
+        times["check"].append(time.perf_counter() - start)
+        assert policy is not None, "the edited policy must check clean"
+        start = time.perf_counter()
+        new = build(policy, inventory, text, "ref", sizes, last.allocation, last)
+        times["compile"].append(time.perf_counter() - start)
+        old = {s.switch: s for s in last.switches}
+        switches = {s.switch: s for s in new.switches}
+        start = time.perf_counter()
+        result = verify(policy, inventory, switches, previous=(last_policy, inventory, old))
+        times["proof"].append(time.perf_counter() - start)
+        last, last_policy = new, policy
+    assert result is not None
+    medians = {k: statistics.median(v[1:]) for k, v in times.items()}
+    print(
+        f"   one-rule edits of `{' '.join(edit[0].split())}`, each a new text (median of 4 after "
+        f"the first): check {medians['check'] * 1e3:.0f} ms, compile {medians['compile'] * 1e3:.0f} "
+        f"ms (incremental; target < 50 ms: {'met' if medians['compile'] < 0.05 else 'MISSED'}), "
+        f"differential proof by pairs {medians['proof'] * 1e3:.0f} ms "
+        f"({result.pairs} pairs; {medians['proof'] / base_s:.4f}x {base}): "
+        f"{'proven' if result.proven else 'NOT proven'} (target < 0.1 s: "
+        f"{'met' if medians['proof'] < 0.1 else 'MISSED'})"
+    )
+
+
 def _timed(fn: Callable[[], VerifyResult]) -> tuple[float, VerifyResult]:
     start = time.perf_counter()
     result = fn()
@@ -128,9 +191,14 @@ def main() -> None:
         action="append",
         help="generated floors to run instead of the default ones (repeatable)",
     )
+    p.add_argument(
+        "--edits",
+        action="store_true",
+        help="only the chain of one-rule edits on each floor (no full proof: minutes at 10k)",
+    )
     args = p.parse_args()
     floor, _ = load_inventory(str(ROOT / "topologies" / "trading_floor.yaml"))
-    run("trading floor", (ROOT / "policies" / "trading_floor.zt").read_text(), floor)
+    run("trading floor", (ROOT / "policies" / "trading_floor.zt").read_text(), floor, args.edits)
     sizes = (
         [(100, 50, 100, 8)]
         if args.quick
@@ -143,7 +211,8 @@ def main() -> None:
             sizes.append((rules, services, hosts, tors))
     for rules, services, hosts, tors in sizes:
         g = generate(rules=rules, services=services, hosts=hosts, tors=tors)
-        run(f"generated {rules} rules", g.policy, parse_inventory(g.inventory, "inventory.yaml"))
+        inventory = parse_inventory(g.inventory, "inventory.yaml")
+        run(f"generated {rules} rules", g.policy, inventory, args.edits)
 
 
 if __name__ == "__main__":
