@@ -244,24 +244,96 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
     different sets in this policy (a quarantine or a grant rewrites sets and keeps texts),
     the text with a digest of the addresses for all but the largest, so that each key
     names one set."""
-    first: dict[str, AddressSet] = {}  # text -> its first set (resolved sets are shared)
-    sets: dict[str, set[tuple[Interval, ...]]] = {}
+    return _keys(policy.rules).of
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """`set_keys` of `rules`, with what finds the next policy's by difference: per text, its
+    sets and how many rule sides name each. `base`: the rules of the keys these were made
+    from by difference (`removed`, `added`: the rule objects that differ), else None."""
+
+    rules: tuple[PolicyRule, ...]
+    of: dict[tuple[int, str], str]
+    sets: dict[str, dict[tuple[Interval, ...], int]]
+    base: tuple[PolicyRule, ...] | None = None
+    removed: tuple[PolicyRule, ...] = ()
+    added: tuple[PolicyRule, ...] = ()
+
+
+_MOST_CHANGED_RULES = 64  # more rules than this differ from the last compile's: in full
+
+
+def _rule_difference(
+    before: tuple[PolicyRule, ...], after: tuple[PolicyRule, ...]
+) -> tuple[tuple[PolicyRule, ...], tuple[PolicyRule, ...]] | None:
+    """The rule objects of `before` that `after` lacks, and those it adds (in its order);
+    None when more than _MOST_CHANGED_RULES differ."""
+    if before is after:
+        return (), ()
+    old, new = set(map(id, before)), set(map(id, after))
+    if len(old ^ new) > _MOST_CHANGED_RULES:
+        return None
+    return tuple(r for r in before if id(r) not in new), tuple(r for r in after if id(r) not in old)
+
+
+def _keys(rules: tuple[PolicyRule, ...], last: _Keys | None = None) -> _Keys:
+    """`set_keys`, by difference from `last` (the last compile's) when few rule objects
+    differ and none of their texts stands for several sets: the other rules' keys are then
+    theirs as they were (the bare text)."""
+    if last is not None and (found := _rule_difference(last.rules, rules)) is not None:
+        removed, added = found
+        sets = dict(last.sets)
+        counted: dict[str, dict[tuple[Interval, ...], int]] = {}
+        for sign, group in ((-1, removed), (1, added)):
+            for r in group:
+                for text, addresses in ((r.src_text, r.src), (r.dst_text, r.dst)):
+                    text = _normalised(text)
+                    if text not in counted:
+                        counted[text] = dict(sets.get(text, {}))
+                    counts = counted[text]
+                    if n := counts.get(addresses.intervals, 0) + sign:
+                        counts[addresses.intervals] = n
+                    else:
+                        counts.pop(addresses.intervals, None)
+        if all(len(sets.get(t, ())) <= 1 and len(c) <= 1 for t, c in counted.items()):
+            for text, counts in counted.items():
+                if counts:
+                    sets[text] = counts
+                else:
+                    sets.pop(text, None)
+            of = dict(last.of)
+            for r in removed:
+                del of[(r.id, "src")], of[(r.id, "dst")]
+            for r in added:
+                of[(r.id, "src")], of[(r.id, "dst")] = (
+                    _normalised(r.src_text),
+                    _normalised(r.dst_text),
+                )
+            return _Keys(rules, of, sets, last.rules, removed, added)
+    return _keys_in_full(rules)
+
+
+def _keys_in_full(rules: tuple[PolicyRule, ...]) -> _Keys:
+    sets: dict[str, dict[tuple[Interval, ...], int]] = {}
     uses: list[tuple[tuple[int, str], str, tuple[Interval, ...]]] = []
-    for rule in policy.rules:
+    for rule in rules:
         for side, text, addresses in (
             ("src", rule.src_text, rule.src),
             ("dst", rule.dst_text, rule.dst),
         ):
             text = _normalised(text)
-            seen = first.setdefault(text, addresses)
-            if seen is not addresses and (text in sets or seen != addresses):
-                sets.setdefault(text, {seen.intervals}).add(addresses.intervals)
+            counts = sets.get(text)
+            if counts is None:
+                counts = sets[text] = {}
+            counts[addresses.intervals] = counts.get(addresses.intervals, 0) + 1
             uses.append(((rule.id, side), text, addresses.intervals))
     # The largest of a text's sets keeps the bare text: a quarantine or a grant carves
     # pieces out of a service, and the service itself keeps its tags.
     bare = {
         text: max(found, key=lambda iv: (sum(hi - lo + 1 for lo, hi in iv), iv))
         for text, found in sets.items()
+        if len(found) > 1
     }
     out = {}
     for use, text, intervals in uses:
@@ -269,7 +341,7 @@ def set_keys(policy: Policy) -> dict[tuple[int, str], str]:
             digest = hashlib.sha256(repr(intervals).encode()).hexdigest()[:12]
             text = f"{text} ~{digest}"
         out[use] = text
-    return out
+    return _Keys(rules, out, sets)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -661,6 +733,9 @@ class Lowered:
     # ToRs whose rules changed but not their tag needs: only their `policy` entries made
     # again (`_retagged`)
     retagged: frozenset[str] = frozenset()
+    # What the switches' inputs were found from: the next compile finds its own by
+    # difference (`_switch_inputs`)
+    given: _Inputs | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _digest(*parts: object) -> str:
@@ -691,9 +766,10 @@ _INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(2)
 def _switch_inputs(
     policy: Policy,
     inventory: Inventory,
-    keys: Mapping[tuple[int, str], str],
+    keys: _Keys,
     remediation: AddressSet | None,
     quarantined: set[int],
+    last: _Inputs | None = None,
 ) -> _Inputs:
     """Per switch, a digest of what its entries are made from, at the level of addresses
     (atoms are renumbered by any edit): the inventory and the remediation service (tagged
@@ -701,7 +777,11 @@ def _switch_inputs(
     keys and rate rank —, the default rule, and its quarantined hosts. The down spines are
     left out: they change routing only (`lower` makes it again, _rerouted). Also the same
     digest without the quarantined hosts: what a ToR's ordinary entries are made from;
-    and per ToR, the rules touching it (`_Inputs`)."""
+    and per ToR, the rules touching it (`_Inputs`).
+
+    By difference from `last` (the last compile's) when `keys` were found by difference
+    from its keys and nothing else a rule's part depends on changed: only the ToRs of the
+    rules that differ are digested again."""
     floor = _digest(
         _INVENTORY_DIGESTS.get(inventory, _inventory_digest),
         remediation.intervals if remediation else None,
@@ -710,8 +790,6 @@ def _switch_inputs(
     held = {h.ip: h.switch for h in inventory.hosts if h.ip in quarantined}
     placed = placement(inventory)
     rate_rank = rate_ranks(policy.rules)
-    mine: dict[str, list[str]] = {t: [] for t in placed.tors}
-    touching: dict[str, list[tuple[PolicyRule, bool, bool]]] = {t: [] for t in placed.tors}
     # Per address set object (rules naming one service share it): a digest of its
     # addresses, and the ToRs hosting one. 20,000 sides of a 10k-rule policy are about
     # 1,400 sets, so each set's intervals are hashed once, not once per rule.
@@ -724,8 +802,8 @@ def _switch_inputs(
             found = sides[id(addresses)] = (_addresses(intervals), placed.tors_of(intervals))
         return found
 
-    for r in policy.rules:
-        src_key, dst_key = keys[(r.id, "src")], keys[(r.id, "dst")]
+    def part(r: PolicyRule) -> _RuleInputs:
+        src_key, dst_key = keys.of[(r.id, "src")], keys.of[(r.id, "dst")]
         rank = rate_rank.get(r.rate_pps) if r.rate_pps is not None else None
         found = _RULE_INPUTS.get(id(r))
         if (
@@ -735,30 +813,71 @@ def _switch_inputs(
             or (found.src_key, found.dst_key, found.rank) != (src_key, dst_key, rank)
         ):
             found = _rule_inputs(r, placed, src_key, dst_key, rank, side)
-        for t, touched in found.tors:
-            mine[t].append(found.meaning)
-            touching[t].append(touched)
-    ordinary = {
-        sw.name: _digest(floor, sw.name, policy.default_log, sorted(mine.get(sw.name, ())))
-        for sw in inventory.switches
-    }
+        return found
+
+    same = (placed, floor, policy.default_log, rate_rank)
+    if last is not None and keys.base is not None and keys.base is last.rules and (
+        last.placed, last.floor, last.default_log, last.rate_rank) == same:  # fmt: skip
+        by_rule = dict(last.by_rule)
+        changed: set[str] = set()
+        for r in keys.removed:
+            changed.update(t for t, _ in by_rule.pop(id(r)).tors)
+        for r in keys.added:
+            made = by_rule[id(r)] = part(r)
+            changed.update(t for t, _ in made.tors)
+        mine, touching, ordinary = dict(last.mine), dict(last.touching), dict(last.ordinary)
+        if changed:
+            order = {id(r): i for i, r in enumerate(policy.rules)}
+            gone = {id(r) for r in keys.removed}
+            for t in changed:
+                here = [x for x in last.touching.get(t, ()) if id(x[0]) not in gone]
+                here += [x for r in keys.added for u, x in by_rule[id(r)].tors if u == t]
+                here.sort(key=lambda x: order[id(x[0])])
+                touching[t] = here
+                mine[t] = sorted(by_rule[id(x[0])].meaning for x in here)
+                ordinary[t] = _digest(floor, t, policy.default_log, mine[t])
+    else:
+        by_rule = {}
+        lists: dict[str, list[str]] = {t: [] for t in placed.tors}
+        touching = {t: [] for t in placed.tors}
+        for r in policy.rules:
+            made = by_rule[id(r)] = part(r)
+            for t, touched in made.tors:
+                lists[t].append(made.meaning)
+                touching[t].append(touched)
+        mine = {t: sorted(found) for t, found in lists.items()}
+        ordinary = {
+            sw.name: _digest(floor, sw.name, policy.default_log, mine.get(sw.name, []))
+            for sw in inventory.switches
+        }
     inputs = {
         name: _digest(digest, sorted(ip for ip, tor in held.items() if tor == name))
         for name, digest in ordinary.items()
     }
-    return _Inputs(inputs, ordinary, floor, touching)
+    return _Inputs(inputs, ordinary, floor, touching, policy.rules, keys, placed,
+                   policy.default_log, rate_rank, mine, by_rule)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class _Inputs:
     """What `_switch_inputs` finds: per switch, the digest of its inputs and of its ordinary
     inputs (no host quarantined); the part every switch shares; per ToR, the rules touching
-    it (rule, whether its source / destination has a host there)."""
+    it (rule, whether its source / destination has a host there). And what the next
+    compile finds its own from by difference: the rules, their keys, the floor, the
+    default's logging and the rate ranks they were made with, each ToR's rule meanings
+    (sorted) and each rule's part (by id of the rule object, which `rules` holds)."""
 
     of: dict[str, str]
     ordinary: dict[str, str]
     floor: str
     touching: dict[str, list[tuple[PolicyRule, bool, bool]]]
+    rules: tuple[PolicyRule, ...]
+    keys: _Keys
+    placed: Placement
+    default_log: bool
+    rate_rank: dict[int, int]
+    mine: dict[str, list[str]]
+    by_rule: dict[int, _RuleInputs]
 
 
 def lower(
@@ -791,8 +910,10 @@ def lower(
         # refuse such a policy now, not the day a host must be cut off.
         meeting = (r for r in policy.rules if r.id in meets[0] or r.id in meets[1])
         rate_ranks(meeting, QUARANTINE_RATES, "among the rules meeting `remediation`, a quarantine")
-    keys = set_keys(policy)
-    given = _switch_inputs(policy, inventory, keys, service, cut)
+    last = previous.given if previous is not None else None
+    keyed = _keys(policy.rules, last.keys if last is not None else None)
+    keys = keyed.of
+    given = _switch_inputs(policy, inventory, keyed, service, cut, last)
     inputs, ordinary = given.of, given.ordinary
     _MADE.hold(len(inventory.switches))
     before = {sw.switch: sw for sw in previous.switches} if previous is not None else {}
@@ -915,7 +1036,7 @@ def lower(
     most = max(fields.values(), default=0)
     return Lowered(
         tuple(out), new, most, inputs, fields, frozenset(reused), inventory.down,
-        frozenset(requarantined), frozenset(retagged),
+        frozenset(requarantined), frozenset(retagged), given,
     )  # fmt: skip
 
 

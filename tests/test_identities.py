@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler import lower as lower_module
 from compiler.allocation import Allocation, AllocationError, SideTags, assign_rule_ids
 from compiler.check import check_policy
 from compiler.entries import SwitchTables, TableEntry
@@ -222,6 +223,25 @@ def test_a_text_that_stands_for_several_sets_gets_one_key_per_set(
     assert verify(quarantined, floor, switches).proven
 
 
+def test_keys_found_by_difference_are_the_keys_found_in_full(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    # The carved rules of a quarantine make `prod` stand for two sets: going there, and
+    # back, by difference from the last keys must give what the whole policy gives.
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    carved = effective_policy(floor_policy, LiveState(quarantined={"algo1": 0.0}), noon, hosts)
+    plain = floor_policy.rules
+    mixed = plain + tuple(r for r in carved.rules if r not in plain)[:3]  # a few carved rules
+    edited = plain[:-1]  # one rule fewer, nothing carved
+    for before, after in ((plain, mixed), (mixed, plain), (plain, edited), (edited, plain)):
+        found = lower_module._keys(after, lower_module._keys(before))
+        assert found.of == lower_module._keys_in_full(after).of
+        assert found.sets == lower_module._keys_in_full(after).sets
+    assert lower_module._keys(edited, lower_module._keys(plain)).base is plain  # by difference
+    assert len({k for k in lower_module._keys(mixed).of.values() if k.startswith("prod")}) == 2
+
+
 def test_a_shared_tag_stays_with_the_set_it_stood_for() -> None:
     everything = 0b11111
     # `svc` and `whole` are equal on this universe: one tag. Then `svc` loses an atom.
@@ -287,6 +307,7 @@ def test_incremental_compile_gives_exactly_what_a_full_compile_gives(
         assert incremental.switches == full.switches
         assert incremental.allocation == full.allocation
         assert incremental.tag_fields == full.tag_fields
+        _same_inputs(incremental, full)
         previous, allocation = incremental, incremental.allocation
 
 
@@ -456,6 +477,7 @@ def test_quarantines_and_releases_made_from_how_a_tor_was_made_equal_a_full_comp
         assert incremental.switches == full.switches
         assert incremental.allocation == full.allocation
         assert incremental.tag_fields == full.tag_fields
+        _same_inputs(incremental, full)
         changed = {sw.switch for sw in full.switches} - incremental.reused
         assert changed <= {rack[host]} | settled
         assert incremental.requarantined == changed
@@ -482,9 +504,23 @@ def _chain(floor: Inventory, steps: list[tuple[str, LiveState]]) -> list[Lowered
         incremental = lower(policy, floor, allocation, previous)
         assert incremental.switches == full.switches
         assert incremental.allocation == full.allocation
+        _same_inputs(incremental, full)
         previous, allocation = incremental, incremental.allocation
         out.append(incremental)
     return out
+
+
+def _same_inputs(incremental: Lowered, full: Lowered) -> None:
+    """The switches' inputs found by difference from the last compile are those found in
+    full: every digest, and each ToR's rules in the policy's order."""
+    assert incremental.inputs == full.inputs
+    a, b = incremental.given, full.given
+    assert a is not None and b is not None
+    assert (a.ordinary, a.mine, a.floor) == (b.ordinary, b.mine, b.floor)
+    assert {t: [(id(r), s, d) for r, s, d in x] for t, x in a.touching.items()} == {
+        t: [(id(r), s, d) for r, s, d in x] for t, x in b.touching.items()
+    }
+    assert a.keys.of == b.keys.of
 
 
 def test_incremental_sees_a_logged_rule_elsewhere_change_a_quarantine_overlays_log(
