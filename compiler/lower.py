@@ -27,6 +27,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 
@@ -112,18 +113,24 @@ _RuleKey = tuple[object, ...]
 
 
 def _policy_entries(
-    codes: ToRCodes, policy: Policy, known: Mapping[_RuleKey, RuleParts] | None = None
+    codes: ToRCodes,
+    policy: Policy,
+    known: Mapping[_RuleKey, RuleParts] | None = None,
+    rules: Iterable[PolicyRule] | None = None,
+    ranks: Mapping[int, int] | None = None,
 ) -> tuple[tuple[TableEntry, ...], dict[_RuleKey, RuleParts]]:
     """A ToR's ordinary `policy` entries (`rule_entries` of its rules), and each rule's
     parts to make them from next time: `known`, the parts made with these very codes (a
-    ToR whose tags are kept, `_retagged`), are taken as they are."""
+    ToR whose tags are kept, `_retagged`), are taken as they are. `rules`: the policy's
+    rules that can be relevant, in its order (default: all); `ranks`: rate_ranks of the
+    policy's rules, when at hand."""
     known = known or {}
-    ranks = rate_ranks(policy.rules)
+    ranks = rate_ranks(policy.rules) if ranks is None else ranks
     parts: dict[_RuleKey, RuleParts] = {}
     denies: list[TableEntry] = []
     allows: list[TableEntry] = []
     answers: list[TableEntry] = []
-    for rule in policy.rules:
+    for rule in policy.rules if rules is None else rules:
         if rule.id not in codes.relevant:
             continue  # no host of this rack is involved
         src, dst = codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")]
@@ -542,15 +549,24 @@ _Needs = tuple[str, frozenset[_Need], frozenset[_Need]]
 _LOCAL, _HOSTS, _FULL = 0, 1, 2
 
 
-def _needs(floor: str, touching: Iterable[tuple[PolicyRule, bool, bool]],
-           keys: Mapping[tuple[int, str], str]) -> _Needs:  # fmt: skip
-    """What `_tor_codes` allocates a ToR's tags from, in addresses rather than atoms (atoms
-    are renumbered by any edit): for each set key of the rules touching the ToR (rule,
-    whether its source / destination has a host there), its addresses and the widest
-    universe it needs. Two compiles with equal needs and the same tags in the allocation
-    make the same tags and the same identity entries (`_retagged`)."""
-    src: dict[str, tuple[tuple[Interval, ...], int]] = {}
-    dst: dict[str, tuple[tuple[Interval, ...], int]] = {}
+# A ToR's tag needs, counted so that a compile can find its own from the last one's by
+# difference: per side, set key -> [its intervals, how many uses need each universe
+# (_LOCAL, _HOSTS, _FULL)].
+_NeedCounts = tuple[dict[str, list[Any]], dict[str, list[Any]]]
+
+
+def _count_needs(
+    counts: _NeedCounts,
+    touching: Iterable[tuple[PolicyRule, bool, bool]],
+    keys: Mapping[tuple[int, str], str],
+    sign: int = 1,
+) -> bool:
+    """Count (`sign` 1) or take back (-1) the needs of the rules `touching` a ToR (rule,
+    whether its source / destination has a host there), in place; a key's counts are
+    copied before they change (the last compile's stay as they were). Whether a key came
+    or went, or its widest universe changed (else `_needs` gives what it gave)."""
+    src, dst = counts
+    moved = False
 
     def need(src_key: str, src_set: AddressSet, src_in: bool,
              dst_key: str, dst_set: AddressSet, dst_in: bool) -> None:  # fmt: skip
@@ -558,18 +574,41 @@ def _needs(floor: str, touching: Iterable[tuple[PolicyRule, bool, bool]],
             (src, src_key, src_set, _HOSTS if dst_in else _LOCAL),
             (dst, dst_key, dst_set, _FULL if src_in else _LOCAL),
         ):
-            old = needs.get(key)
-            needs[key] = (addresses.intervals, level if old is None else max(old[1], level))
+            nonlocal moved
+            found = needs.get(key)
+            before = None if found is None else _widest(found)
+            found = [addresses.intervals, 0, 0, 0] if found is None else [*found]
+            found[1 + level] += sign
+            if any(found[1:]):
+                needs[key] = found
+                moved = moved or _widest(found) != before
+            else:
+                del needs[key]
+                moved = True
 
     for rule, src_in, dst_in in touching:
         src_key, dst_key = keys[(rule.id, "src")], keys[(rule.id, "dst")]
         need(src_key, rule.src, src_in, dst_key, rule.dst, dst_in)
         if _REPLIED.get(rule, _replied):
             need(dst_key, rule.dst, dst_in, src_key, rule.src, src_in)
+    return moved
+
+
+def _widest(found: list[Any]) -> int:
+    return max(level for level in (_LOCAL, _HOSTS, _FULL) if found[1 + level])
+
+
+def _needs(floor: str, counts: _NeedCounts) -> _Needs:
+    """What `_tor_codes` allocates a ToR's tags from, in addresses rather than atoms (atoms
+    are renumbered by any edit): for each set key of the rules touching the ToR, its
+    addresses and the widest universe it needs (`counts`: `_count_needs`). Two compiles
+    with equal needs and the same tags in the allocation make the same tags and the same
+    identity entries (`_retagged`)."""
+    src, dst = counts
     return (
         floor,
-        frozenset((k, iv, level) for k, (iv, level) in src.items()),
-        frozenset((k, iv, level) for k, (iv, level) in dst.items()),
+        frozenset((k, found[0], _widest(found)) for k, found in src.items()),
+        frozenset((k, found[0], _widest(found)) for k, found in dst.items()),
     )
 
 
@@ -591,6 +630,7 @@ def _retagged(
     allocation: Allocation,
     switch: str,
     ordinary: str,
+    ranks: Mapping[int, int],
 ) -> _Made | None:
     """A ToR whose rules changed but whose tag needs did not (a port, an action, a rule
     whose sets it already tags on the same universes), with the allocation holding the tags
@@ -601,7 +641,9 @@ def _retagged(
         return None
     relevant = frozenset(rule.id for rule, _, _ in touching)
     codes = dataclasses.replace(made.codes, relevant=relevant, keys=keys)
-    entries, parts = _policy_entries(codes, policy, made.parts)  # its rules' parts: same codes
+    # its rules' parts: the same codes; its rules are those touching it, in the policy's order
+    mine = [rule for rule, _, _ in touching]
+    entries, parts = _policy_entries(codes, policy, made.parts, mine, ranks)
     return dataclasses.replace(made, ordinary=ordinary, rules=policy.rules, codes=codes,
                                policy=entries, parts=parts)  # fmt: skip
 
@@ -826,9 +868,11 @@ def _switch_inputs(
             made = by_rule[id(r)] = part(r)
             changed.update(t for t, _ in made.tors)
         mine, touching, ordinary = dict(last.mine), dict(last.touching), dict(last.ordinary)
+        needed, needs = dict(last.needed), dict(last.needs)
         if changed:
             order = {id(r): i for i, r in enumerate(policy.rules)}
             gone = {id(r) for r in keys.removed}
+            added = {id(r) for r in keys.added}
             for t in changed:
                 here = [x for x in last.touching.get(t, ()) if id(x[0]) not in gone]
                 here += [x for r in keys.added for u, x in by_rule[id(r)].tors if u == t]
@@ -836,8 +880,19 @@ def _switch_inputs(
                 touching[t] = here
                 mine[t] = sorted(by_rule[id(x[0])].meaning for x in here)
                 ordinary[t] = _digest(floor, t, policy.default_log, mine[t])
+                known = needs.pop(t, None)
+                if (counted := needed.get(t)) is not None:  # its needs, by difference too
+                    counts = needed[t] = (dict(counted[0]), dict(counted[1]))
+                    gone_here = [
+                        x for r in keys.removed for u, x in last.by_rule[id(r)].tors if u == t
+                    ]
+                    moved = _count_needs(counts, gone_here, last.keys.of, -1)
+                    new_here = [x for x in here if id(x[0]) in added]
+                    moved = _count_needs(counts, new_here, keys.of) or moved
+                    if known is not None and not moved:
+                        needs[t] = known
     else:
-        by_rule = {}
+        by_rule, needed, needs = {}, {}, {}
         lists: dict[str, list[str]] = {t: [] for t in placed.tors}
         touching = {t: [] for t in placed.tors}
         for r in policy.rules:
@@ -855,7 +910,7 @@ def _switch_inputs(
         for name, digest in ordinary.items()
     }
     return _Inputs(inputs, ordinary, floor, touching, policy.rules, keys, placed,
-                   policy.default_log, rate_rank, mine, by_rule)  # fmt: skip
+                   policy.default_log, rate_rank, mine, by_rule, needed, needs)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,6 +933,22 @@ class _Inputs:
     rate_rank: dict[int, int]
     mine: dict[str, list[str]]
     by_rule: dict[int, _RuleInputs]
+    # Per ToR, its needs counted (`_count_needs`), once asked for (`needs_of`), and what
+    # `_needs` made of them (the same object while they are the same)
+    needed: dict[str, _NeedCounts] = dataclasses.field(default_factory=dict)
+    needs: dict[str, _Needs] = dataclasses.field(default_factory=dict)
+
+    def needs_of(self, tor: str) -> _Needs:
+        """The ToR's tag needs (`_needs`), counted once (or by difference, `_switch_inputs`)."""
+        found = self.needs.get(tor)
+        if found is not None:
+            return found
+        counts = self.needed.get(tor)
+        if counts is None:
+            counts = self.needed[tor] = ({}, {})
+            _count_needs(counts, self.touching.get(tor, ()), self.keys.of)
+        found = self.needs[tor] = _needs(self.floor, counts)
+        return found
 
 
 def lower(
@@ -969,10 +1040,10 @@ def lower(
                 requarantined.add(switch.name)
             else:
                 touching = given.touching.get(switch.name, [])
-                needs = _needs(given.floor, touching, keys)
+                needs = given.needs_of(switch.name)
                 again = None if made is None else _retagged(
                     made, needs, policy, touching, keys, allocation, switch.name,
-                    ordinary[switch.name],
+                    ordinary[switch.name], given.rate_rank,
                 )  # fmt: skip
                 if again is not None:  # its rules changed, not what its tags are for
                     made = again

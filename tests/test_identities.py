@@ -521,6 +521,8 @@ def _same_inputs(incremental: Lowered, full: Lowered) -> None:
         t: [(id(r), s, d) for r, s, d in x] for t, x in b.touching.items()
     }
     assert a.keys.of == b.keys.of
+    for tor in a.needed:  # the ToRs' tag needs counted by difference, and in full
+        assert a.needs_of(tor) == b.needs_of(tor)
 
 
 def test_incremental_sees_a_logged_rule_elsewhere_change_a_quarantine_overlays_log(
