@@ -278,6 +278,10 @@ def _rule_difference(
     None when more than _MOST_CHANGED_RULES differ."""
     if before is after:
         return (), ()
+    if len(before) == len(after):  # an edit in place: the rules that differ by position
+        moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a is not b]
+        if len(moved) * 2 <= _MOST_CHANGED_RULES:  # every other rule is in both (once each)
+            return tuple(before[i] for i in moved), tuple(after[i] for i in moved)
     old, new = set(map(id, before)), set(map(id, after))
     if len(old ^ new) > _MOST_CHANGED_RULES:
         return None
