@@ -35,6 +35,7 @@ from compiler.check import check_policy
 from compiler.emit import Build, build, tofino_resources
 from compiler.inventory import Inventory, parse_inventory
 from compiler.lower import lower
+from compiler.memo import forget
 from compiler.model import Policy
 from compiler.targets import make_target
 from p4src.spec import TAG_BITS
@@ -48,9 +49,13 @@ SIZES = {"policy": 1 << 20, "src_identity": 1 << 16, "dst_identity": 1 << 16, "r
 ALLOW = re.compile(r"^(allow\s+\S+\s+->\s+)(\S+)(\s+tcp\s+)(\d+)(\s*)$", re.MULTILINE)
 
 
-def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
+def timed(
+    fn: Callable[[], T], repeat: int, setup: Callable[[], object] | None = None
+) -> tuple[float, T]:
     runs, result = [], None
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         result = fn()
         runs.append(time.perf_counter() - start)
@@ -72,7 +77,8 @@ def run_case(
     print(
         f"\n== {floor.rules} rules, {floor.services} services, {hosts} hosts, {tors} ToRs (median of {repeat})"
     )
-    t_check, policy = timed(lambda: checked(floor.policy, inventory), repeat)
+    # as a new process checks it (a long-running one finds an unchanged text's rules again)
+    t_check, policy = timed(lambda: checked(floor.policy, inventory), repeat, forget)
     print(f"   {'check (baseline)':<34}{t_check:8.3f} s    1.00x")
     t_lower, lowered = timed(lambda: lower(policy, inventory), repeat)
     print(
