@@ -205,14 +205,19 @@ def test_spines_never_hold_identities(first: Lowered) -> None:
     assert spine.table("dst_identity") == []
 
 
+def _algo1_quarantined(floor: Inventory, policy: Policy) -> Policy:
+    """The effective policy with algo1 quarantined, at noon (no `during` window matters)."""
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    return effective_policy(policy, LiveState(quarantined={"algo1": 0.0}), noon, hosts)
+
+
 def test_a_text_that_stands_for_several_sets_gets_one_key_per_set(
     floor: Inventory, floor_policy: Policy
 ) -> None:
     # A quarantine keeps `prod` on the denies and carves algo1 out of the allows' `prod`,
     # and adds `remediation` rules with pieces of sets: the tables must still be right.
-    hosts = {h.name: h.ip for h in floor.hosts}
-    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
-    quarantined = effective_policy(floor_policy, LiveState(quarantined={"algo1": 0.0}), noon, hosts)
+    quarantined = _algo1_quarantined(floor, floor_policy)
     keys = set_keys(quarantined)
     texts = {r.id: (r.src_text, r.dst_text) for r in quarantined.rules}
     by_text: dict[str, set[str]] = {}
@@ -228,9 +233,7 @@ def test_keys_found_by_difference_are_the_keys_found_in_full(
 ) -> None:
     # The carved rules of a quarantine make `prod` stand for two sets: going there, and
     # back, by difference from the last keys must give what the whole policy gives.
-    hosts = {h.name: h.ip for h in floor.hosts}
-    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
-    carved = effective_policy(floor_policy, LiveState(quarantined={"algo1": 0.0}), noon, hosts)
+    carved = _algo1_quarantined(floor, floor_policy)
     plain = floor_policy.rules
     mixed = plain + tuple(r for r in carved.rules if r not in plain)[:3]  # a few carved rules
     edited = plain[:-1]  # one rule fewer, nothing carved

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from line_edits import edit_lines
 
 from compiler import parse as parse_module
 from compiler.diagnostics import PolicySyntaxError
@@ -61,15 +62,7 @@ def test_a_parse_after_edits_equals_a_parse_of_the_whole(edits: list[tuple[str, 
     parse_module._CHUNKS.clear()
     parse(TEXT, "floor.zt")  # the file as the process last parsed it
     for kind, at, line in edits:
-        at = min(at, len(lines))
-        if kind == "replace" and at < len(lines):
-            lines[at] = line
-        elif kind == "insert":
-            lines.insert(at, line)
-        elif kind == "delete" and at < len(lines):
-            del lines[at]
-        elif kind == "join" and at + 1 < len(lines):
-            lines[at : at + 2] = [lines[at] + " " + lines[at + 1]]
+        edit_lines(lines, kind, at, line)
         text = "\n".join(lines) + "\n"
         assert _outcome(text) == _whole(text)  # from the last parse, edit after edit
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from line_edits import edit_lines
 
 from compiler import parse as parse_module
 from compiler import resolve as resolve_module
@@ -63,13 +64,7 @@ def test_a_check_after_edits_equals_a_check_of_the_whole(edits: list[tuple[str, 
     resolve_module._RESOLUTIONS.clear()
     check_policy(TEXT, "floor.zt", INVENTORY)  # the file as the process last checked it
     for kind, at, line in edits:
-        at = min(at, len(lines))
-        if kind == "replace" and at < len(lines):
-            lines[at] = line
-        elif kind == "insert":
-            lines.insert(at, line)
-        elif kind == "delete" and at < len(lines):
-            del lines[at]
+        edit_lines(lines, kind, at, line)
         text = "\n".join(lines) + "\n"
         assert _outcome(check_policy(text, "floor.zt", INVENTORY)) == _fresh(text)
 
