@@ -162,7 +162,10 @@ class EtcdCluster:
 def start_cluster(size: int = 3, pki: Path | None = None) -> EtcdCluster:
     """A started, healthy cluster (mTLS for clients with `pki`); the caller stops it and
     removes `root`."""
-    root = Path(tempfile.mkdtemp(prefix="p4seg-etcd-"))
+    # In memory where the machine has it: a member's fsync on a busy disk can stall its
+    # answers past a test's 2 s lease, and these clusters live only as long as one test.
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="p4seg-etcd-", dir=shm if shm.is_dir() else None))
     ports = _free_ports(2 * size)
     cluster = EtcdCluster(root, pki=pki)
     cluster.members = [
