@@ -682,7 +682,8 @@ def verb_args(s: Site, *extra: str) -> list[str]:
 @dataclass(slots=True)
 class VerbTimes:
     total: list[float] = dataclasses.field(default_factory=list)
-    front: list[float] = dataclasses.field(default_factory=list)  # check + build + write
+    front: list[float] = dataclasses.field(default_factory=list)  # check + build
+    build: list[float] = dataclasses.field(default_factory=list)  # writing the build directory
     controller: list[float] = dataclasses.field(default_factory=list)  # apply_all
     writes: list[int] = dataclasses.field(default_factory=list)
     changed: list[int] = dataclasses.field(default_factory=list)  # switches written to
@@ -692,8 +693,10 @@ class VerbTimes:
 
     def rest(self) -> list[float]:
         return [
-            t - f - a - p
-            for t, f, a, p in zip(self.total, self.front, self.controller, self.proof, strict=True)
+            t - f - a - p - b
+            for t, f, a, p, b in zip(
+                self.total, self.front, self.controller, self.proof, self.build, strict=True
+            )
         ]
 
 
@@ -711,7 +714,8 @@ def run_verb(
     one: list[float] = []  # apply_one alone: the quarantine overlay's fast path
     one_reports: list[SwitchReport] = []
     proof: list[float] = []
-    ends: list[float] = []  # when apply_one returned: the overlay acknowledged
+    written: list[float] = []  # writing the build directory
+    ends: list[float] = []  # when apply_one or apply_all returned: every switch acknowledged
     if times is not None:  # timed: start without the garbage of the runs before
         gc.collect()
     # As a new `p4seg` process: nothing it applied, compiled or proved is in memory, so
@@ -721,7 +725,8 @@ def run_verb(
     with (
         quiet(),
         timed_attr(p4seg.cli, "_front", front, compiled),
-        timed_attr(p4seg.control, "apply_all", controller, reports),
+        timed_attr(p4seg.control, "apply_all", controller, reports, ends),
+        timed_attr(p4seg.control.Compiled, "write", written),
         timed_attr(runtime.controller, "apply_one", one, one_reports, ends),
         timed_attr(p4seg.verbs, "_proven", proof),  # every proof a write waits for
         timed_attr(p4seg.verbs, "_overlay_proof", proof),
@@ -739,6 +744,7 @@ def run_verb(
         times.front.append(sum(front))
         times.controller.append(sum(controller))
         times.proof.append(sum(proof))
+        times.build.append(sum(written))
         times.acked.append(max(ends) - start if ends else math.nan)
         times.writes.append(sum(r.written for rs in reports for r in rs))
         times.changed.append(sum(r.written > 0 for rs in reports for r in rs))
@@ -758,10 +764,12 @@ def long_lived(c: Compiled, s: Site) -> Iterator[Sessions]:
 
 def print_split(times: VerbTimes, indent: str) -> None:
     for label, runs in (
-        ("compile (check + build + write the build)", times.front),
+        ("compile (check + build)", times.front),
         ("proof (verify before writing)", times.proof),
         ("controller (apply_all, or apply_one for an overlay)", times.controller),
+        ("writing the build directory", times.build),
         ("the rest (encode targets, state, audit, report)", times.rest()),
+        ("in force: from the start until every switch acked", times.acked),
     ):
         print(f"{indent}{label:<{61 - len(indent)}}{median_ms(runs)}")
 

@@ -23,7 +23,7 @@ from finsy.proto import p4r
 
 from compiler.allocation import Allocation
 from compiler.differential import Monotone
-from compiler.emit import Build, OutputDirError, write_build
+from compiler.emit import MANIFEST, Build, OutputDirError, write_build
 from compiler.inventory import Inventory
 from compiler.memo import also_forget
 from compiler.model import Policy
@@ -72,6 +72,21 @@ class Compiled:
                 print(f"p4seg: error: {err}", file=sys.stderr)
                 self._written.append(False)
         return self._written[0]
+
+    def holds_pipeline(self, target: str) -> bool:
+        """Whether `build_dir` is a p4seg build whose pipeline files (the P4Info and
+        `target`'s device config, which the switches are set from) are this build's: then
+        the rest of the build can be written after the switches, off the path to
+        enforcement."""
+        if not (self.build_dir / MANIFEST).is_file():
+            return False
+        for rel in (PipelineFiles.P4INFO, PipelineFiles.device_config(target)):
+            try:
+                if (self.build_dir / rel).read_text(encoding="utf-8") != self.build.files[rel]:
+                    return False
+            except (OSError, KeyError, UnicodeDecodeError):
+                return False
+        return True
 
 
 def options_of(args: argparse.Namespace) -> ControllerOptions | str:
@@ -399,7 +414,6 @@ def run(
         return EXIT_ERROR, []
     options, tables, files = session.options, session.tables, session.files
     selected = [t for t in session.switches if only is None or t.name in only]
-    rules = _rule_lines(compiled.build)
     start = time.monotonic()
     apply = verb != "plan" and not getattr(args, "dry_run", False)
 
@@ -426,6 +440,7 @@ def run(
         r for r in reports if r.ok and (r.pipeline != "same" or (r.plan and not r.plan.empty))
     ]
     failed = [r for r in reports if not r.ok]
+    rules = _rule_lines(compiled.build)  # for the reports: made once the switches are written
     state = getattr(args, "state", None)
     state_dir = Path(state) if state else None
     before = applied_rules(state_dir)

@@ -61,6 +61,7 @@ from runtime.controller import SwitchReport, pipeline_states
 from runtime.entities import describe_entry
 from runtime.files import write_atomic
 from runtime.live import (
+    Grant,
     GrantFlow,
     LiveState,
     OperationError,
@@ -166,12 +167,34 @@ def _apply_compiled(
 ) -> tuple[int, Compiled | None]:
     """Apply the effective policy (of `text`, when given, instead of the policy file's),
     save the state if it took, and audit what happened."""
-    state_dir = Path(args.state)
     moment = clock()
     expired = state.prune(moment)
-    compiled = _compile(args, front, state, moment, text)
+    compiled = _compile(args, front, state, moment, text, write=False)
     if compiled is None:
         return EXIT_ERROR, None
+    # The switches are set from the build directory's pipeline files: when they are new
+    # the build is written first; otherwise after the switches, off the path to enforcement
+    # (as a quarantine's overlay is), whatever the outcome — the build is what they hold,
+    # or what was refused.
+    if not compiled.holds_pipeline(getattr(args, "target", "ref")) and not compiled.write():
+        return EXIT_ERROR, compiled
+    try:
+        code = _apply_written(verb, args, state, event, compiled, moment, expired)
+    finally:
+        written = compiled.write()
+    return (code if written else EXIT_ERROR), compiled
+
+
+def _apply_written(
+    verb: str,
+    args: argparse.Namespace,
+    state: LiveState,
+    event: dict[str, object],
+    compiled: Compiled,
+    moment: float,
+    expired: list[Grant],
+) -> int:
+    state_dir = Path(args.state)
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
     # not be hashed in its place.
     operations = in_force_report(compiled.policy, state, moment)
@@ -188,7 +211,7 @@ def _apply_compiled(
             policy_sha256=hashlib.sha256(compiled.policy_text.encode()).hexdigest(),
             result="refused: the compiled tables are not proven to implement the policy",
         )
-        return EXIT_ERROR, compiled
+        return EXIT_ERROR
     from compiler.differential import same_inventory
 
     old = None if before is None else before[2]
@@ -231,7 +254,7 @@ def _apply_compiled(
             result="ok" if code == EXIT_OK else "failed",
             switches=_summary(reports),
         )
-    return code, compiled
+    return code
 
 
 def _monotone(old: Mapping[str, SwitchTables] | None, compiled: Compiled) -> Monotone | None:

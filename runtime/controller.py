@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, cast
+from typing import ClassVar, Protocol, cast
 
 from finsy import P4Client, P4ClientError, Switch, SwitchOptions
 from finsy.grpcutil import GRPCCredentialsTLS
@@ -84,9 +84,16 @@ class PipelineFiles:
     p4info_path: Path
     device_config_path: Path
 
+    P4INFO: ClassVar[str] = "p4info.txtpb"  # in a build directory
+
+    @staticmethod
+    def device_config(target: str) -> str:
+        """The target's device config, in a build directory."""
+        return f"p4/{target}/p4seg.json"
+
     @classmethod
     def of(cls, build_dir: Path, target: str) -> PipelineFiles:
-        files = cls(build_dir / "p4info.txtpb", build_dir / "p4" / target / "p4seg.json")
+        files = cls(build_dir / cls.P4INFO, build_dir / cls.device_config(target))
         for path in (files.p4info_path, files.device_config_path):
             if not path.is_file():
                 raise ControllerError(f"{path} is missing: compile with --target {target}")

@@ -122,6 +122,41 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h1", "h3", 8081)
 
 
+def test_an_edit_reaches_the_switch_before_its_build_is_written(
+    site: tuple[ReferenceSwitch, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch is set from the build directory's pipeline files: a first apply writes the
+    build before it writes the switch; an edit that keeps the pipeline writes the switch
+    first and the build after it, which then holds the edit's entries."""
+    import p4seg.control
+
+    sw, inv = site
+    order: list[str] = []
+    real_write, real_apply_all = p4seg.control.Compiled.write, p4seg.control.apply_all
+
+    def write(self: p4seg.control.Compiled) -> bool:
+        order.append("build")
+        return real_write(self)
+
+    async def apply_all(*args: Any, **kwargs: Any) -> Any:
+        order.append("switch")
+        return await real_apply_all(*args, **kwargs)
+
+    monkeypatch.setattr(p4seg.control.Compiled, "write", write)
+    monkeypatch.setattr(p4seg.control, "apply_all", apply_all)
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert order[:2] == ["build", "switch"], order
+    entries = Path("build/small/entries/tor1.json")
+    before = entries.read_text()
+    order.clear()
+    Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
+    assert main(["apply", "small.zt", *inv]) == 0
+    assert order[0] == "switch" and "build" in order, order
+    assert entries.read_text() != before and '"l4_dst_port"' in entries.read_text()
+    assert "8081" in entries.read_text() and "8080" not in entries.read_text()
+    assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
+
+
 def test_plan_apply_idempotent(
     site: tuple[ReferenceSwitch, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
