@@ -37,7 +37,7 @@ from compiler.allocation import Allocation, AllocationError
 from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTables, TableEntry
 from compiler.fit import fit
 from compiler.inventory import Inventory
-from compiler.lower import Lowered, lower
+from compiler.lower import SEGMENTS, Lowered, lower
 from compiler.memo import ByObject, also_forget
 from compiler.model import Policy, PolicyRule
 from compiler.targets import Target, make_target
@@ -172,15 +172,11 @@ def build(
     fitted = fit(lowered.switches, target)
     cpu_ports = {s.cpu_port for s in inventory.switches} or {255}
     files = BuildFiles()
-    files[f"p4/{target.name}/p4seg.p4"] = render_program(
-        target.program, target.pipeline, min(cpu_ports)
-    )
-    files["p4info.txtpb"] = p4info_text(target.pipeline, target.program)
-    if target.kind.own_device_config:
-        files["p4/ref/p4seg.json"] = device_config(target.pipeline)
+    files.update(_pipeline_files(target, min(cpu_ports)))
     ours = _LINES.setdefault("entries", {})
     runtime = _LINES.setdefault(f"runtime {target.name}", {})
     kept = {sw.switch: sw for sw in previous.switches} if previous and same_target else {}
+    _RUNS.hold(4 * len(fitted))
     for sw in fitted:
         names = (f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json")
         if kept.get(sw.switch) is sw and previous is not None:  # reused as it was
@@ -188,7 +184,7 @@ def build(
                 files.take(previous.files, name)
             continue
         # The entries file is what a controller plans from; the rest is made when read.
-        files[names[0]] = _dumps_listing(_entries_json(sw, target, ours), "entries")
+        files[names[0]] = _entries_file(sw, target, ours)
         # the runtime listing: a function of the entries (their file) and the pipeline
         files.later(names[1], partial(_runtime_listing, sw, target, runtime),
                     (names[0], "p4info.txtpb"))  # fmt: skip
@@ -198,6 +194,27 @@ def build(
     files.later("report.json", lambda: _report_json(policy, report()))
     files.later(ALLOCATION, lowered.allocation.to_json)
     return Build(target, files, report, fitted, lowered.allocation, lowered)
+
+
+def _pipeline_files(target: Target, cpu_port: int) -> dict[str, str]:
+    """The program, its P4Info and the reference device config: a function of the target
+    and the CPU port alone, made again only when they change (a policy edit keeps them)."""
+    key = (target.name, cpu_port)
+    found = _PIPELINE_FILES.get(key)
+    if found is None or found[0] != target:
+        files = {
+            f"p4/{target.name}/p4seg.p4": render_program(target.program, target.pipeline, cpu_port),
+            "p4info.txtpb": p4info_text(target.pipeline, target.program),
+        }
+        if target.kind.own_device_config:
+            files["p4/ref/p4seg.json"] = device_config(target.pipeline)
+        found = _PIPELINE_FILES[key] = (target, files)
+    return found[1]
+
+
+# Per (target, CPU port): the target they were made for and its pipeline files.
+_PIPELINE_FILES: dict[tuple[str, int], tuple[Target, dict[str, str]]] = {}
+also_forget(_PIPELINE_FILES.clear)
 
 
 _Lines = dict[int, tuple[TableEntry, str]]  # id(entry) -> (the entry, its JSON line)
@@ -284,7 +301,43 @@ def entry_line(e: TableEntry) -> str:
     return text + f', "table": {_quoted(e.table)}}}'
 
 
-def _entries_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, object]:
+def _entries_file(sw: SwitchTables, target: Target, lines: _Lines) -> str:
+    """`_dumps_listing(_entries_json(...), "entries")`, made from the runs the switch's
+    entries were lowered as (compiler/lower.py SEGMENTS) when it has them: each run's
+    lines are joined once per tuple, and a ToR compiled again for a policy edit keeps its
+    identity entries and routes as the same tuples."""
+    segments = SEGMENTS.find(sw)
+    if segments is None:
+        return _dumps_listing(_entries_json(sw, target, lines), "entries")
+    texts = [_RUNS.get(run, partial(_run_text, lines)) for run in segments if run]
+    doc = _entries_json(sw, target, lines, entries=False)
+    head = json.dumps(doc, indent=2, sort_keys=True)
+    body = '  "entries": [\n' + ",\n".join(texts) + "\n  ]" if texts else '  "entries": []'
+    return head[:-2] + ",\n" + body + "\n}\n"
+
+
+def _run_text(lines: _Lines, run: tuple[TableEntry, ...]) -> str:
+    """The run's lines, indented, one per entry: a policy edit makes a ToR's `policy` run
+    again from thousands of lines it mostly has (`_line` inlined for those)."""
+    get = lines.get
+    texts = []
+    for e in run:
+        found = get(id(e))
+        texts.append(
+            found[1]
+            if found is not None and found[0] is e
+            else _line(lines, e, entry_line, "entries")
+        )
+    return "    " + ",\n    ".join(texts)
+
+
+# Per run of entries (a tuple of SEGMENTS): its lines in an entries file, joined.
+_RUNS: ByObject[tuple[TableEntry, ...], str] = ByObject(32)
+
+
+def _entries_json(
+    sw: SwitchTables, target: Target, lines: _Lines, entries: bool = True
+) -> dict[str, object]:
     return {
         "switch": sw.switch,
         "role": sw.role,
@@ -293,8 +346,9 @@ def _entries_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, 
         "defaults": [
             {"table": d.table, "action": d.action, "params": dict(d.params)} for d in sw.defaults
         ],
-        "entries": [_line(lines, e, entry_line, "entries") for e in sw.entries],
-    }
+        **({"entries": [_line(lines, e, entry_line, "entries") for e in sw.entries]}
+           if entries else {}),
+    }  # fmt: skip
 
 
 def _runtime_value(field: str, value: int) -> str:

@@ -10,6 +10,7 @@ Passes run in the order of PASSES; adding a pass is adding a line:
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -69,11 +70,14 @@ _EXPANDED: defaultdict[str, ByObject[SwitchTables, SwitchTables]] = defaultdict(
 _COUNTS: ByObject[SwitchTables, Counter[str]] = ByObject(16)
 
 
+_TABLE = operator.attrgetter("table")
+
+
 def check_capacity(switches: tuple[SwitchTables, ...], target: Target) -> tuple[SwitchTables, ...]:
     diags = []
     for sw in switches:
         _COUNTS.hold(len(switches))
-        counts = _COUNTS.get(sw, lambda t: Counter(e.table for e in t.entries))
+        counts = _COUNTS.get(sw, lambda t: Counter(map(_TABLE, t.entries)))
         for table in target.pipeline.tables:
             if counts[table.name] > table.size:
                 diags.append(

@@ -25,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 
@@ -110,44 +112,65 @@ def _route_entry(address: int, port: int) -> TableEntry:
 # A rule as its entries on a ToR see it (with the ToR's codes): id, action, protocol, ports,
 # log, reply, rate and its rank, and its set keys.
 _RuleKey = tuple[object, ...]
+# A rule's part of a ToR's `policy` entries, by rule object: the rule, its set keys and
+# rate rank, and its parts (denies, allows, answers).
+_Known = tuple[PolicyRule, str, str, int | None, RuleParts]
+# More new rule objects than this in a ToR compiled again: look them up by value too (a
+# line inserted above them gives them new objects, a grant rewrites them).
+_FEW_NEW = 8
+
+
+def _rule_key(rule: PolicyRule, src: str, dst: str, rank: int | None) -> _RuleKey:
+    return (rule.id, rule.action, rule.proto, rule.ports, rule.log, rule.reply,
+            rule.rate_pps, rank, src, dst)  # fmt: skip
 
 
 def _policy_entries(
     codes: ToRCodes,
     policy: Policy,
-    known: Mapping[_RuleKey, RuleParts] | None = None,
+    known: Mapping[int, _Known] | None = None,
     rules: Iterable[PolicyRule] | None = None,
     ranks: Mapping[int, int] | None = None,
-) -> tuple[tuple[TableEntry, ...], dict[_RuleKey, RuleParts]]:
+) -> tuple[tuple[TableEntry, ...], dict[int, _Known]]:
     """A ToR's ordinary `policy` entries (`rule_entries` of its rules), and each rule's
     parts to make them from next time: `known`, the parts made with these very codes (a
-    ToR whose tags are kept, `_retagged`), are taken as they are. `rules`: the policy's
-    rules that can be relevant, in its order (default: all); `ranks`: rate_ranks of the
-    policy's rules, when at hand."""
+    ToR whose tags are kept, `_retagged`), are taken as they are — by rule object, and when
+    more than a few rules are new objects, by value too. `rules`: the policy's rules that
+    can be relevant, in its order (default: all); `ranks`: rate_ranks of the policy's
+    rules, when at hand."""
     known = known or {}
     ranks = rate_ranks(policy.rules) if ranks is None else ranks
-    parts: dict[_RuleKey, RuleParts] = {}
-    denies: list[TableEntry] = []
-    allows: list[TableEntry] = []
-    answers: list[TableEntry] = []
+    made: dict[int, _Known] = {}
+    order: list[_Known | None] = []
+    new: list[tuple[int, PolicyRule, str, str, int | None]] = []  # (place, rule, keys, rank)
+    relevant, keys = codes.relevant, codes.keys
     for rule in policy.rules if rules is None else rules:
-        if rule.id not in codes.relevant:
+        if rule.id not in relevant:
             continue  # no host of this rack is involved
-        src, dst = codes.keys[(rule.id, "src")], codes.keys[(rule.id, "dst")]
+        src, dst = keys[(rule.id, "src")], keys[(rule.id, "dst")]
         rank = ranks[rule.rate_pps] if rule.rate_pps is not None else None
-        key = (rule.id, rule.action, rule.proto, rule.ports, rule.log, rule.reply,
-               rule.rate_pps, rank, src, dst)  # fmt: skip
-        found = known.get(key)
-        if found is None:
-            found = rule_parts(codes, rule, src, dst, ranks)
-        parts[key] = found
-        denies += found[0]
-        allows += found[1]
-        answers += found[2]
-    entries = denies + allows + answers
+        found = known.get(id(rule))
+        if found is not None and found[0] is rule and found[1:4] == (src, dst, rank):
+            made[id(rule)] = found
+            order.append(found)
+        else:
+            new.append((len(order), rule, src, dst, rank))
+            order.append(None)
+    by_value: dict[_RuleKey, RuleParts] = {}
+    if len(new) > _FEW_NEW:
+        by_value = {_rule_key(*k[:4]): k[4] for k in known.values()}
+    for place, rule, src, dst, rank in new:
+        parts = by_value.get(_rule_key(rule, src, dst, rank)) if by_value else None
+        if parts is None:
+            parts = rule_parts(codes, rule, src, dst, ranks)
+        made[id(rule)] = order[place] = (rule, src, dst, rank, parts)
+    done = cast("list[_Known]", order)
+    entries = [e for k in done for e in k[4][0]]  # denies, then allows, then answers
+    entries += [e for k in done for e in k[4][1]]
+    entries += [e for k in done for e in k[4][2]]
     if policy.default_log:
         entries.append(_DEFAULT_LOG)
-    return tuple(entries), parts
+    return tuple(entries), made
 
 
 _DEFAULT_LOG = TableEntry(
@@ -225,6 +248,18 @@ def _next_hops(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], _
 
 # An inventory's next hops, while its object lives (the verbs parse an unchanged file once).
 _NEXT_HOPS: ByObject[Inventory, dict[tuple[str, str], _NextHops]] = ByObject(2)
+
+
+# Per lowered switch: the runs its entries are the concatenation of (a ToR: its identity
+# entries, `policy` entries, quarantine overlay and routes), each a tuple that the next
+# compile hands on as it is where it did not change (compiler/emit.py writes each run's
+# lines once per tuple).
+SEGMENTS: ByObject[SwitchTables, tuple[tuple[TableEntry, ...], ...]] = ByObject(8)
+
+
+# Per inventory object, per switch: its routing entries (a function of the floor alone: a
+# policy edit compiles a ToR again with the same routes).
+_ROUTES: ByObject[Inventory, dict[str, tuple[TableEntry, ...]]] = ByObject(2)
 
 
 def _routing(
@@ -448,8 +483,25 @@ def _tor_codes(
 
 def _ordinary(side: SideTags) -> SideTags:
     """A ToR's source tags without its quarantine values (kept apart: _quarantined)."""
+    if _plain(side):
+        return side
     tags = {k: t for k, t in side.tags.items() if not k.startswith(QUARANTINE_KEY)}
     return SideTags(tags, side.retired, side.shared)
+
+
+def _plain(side: SideTags) -> bool:
+    """Whether a side holds no quarantine value, held or retired (once per object:
+    an allocation hands a ToR's tags on as they were, compile after compile)."""
+    return _PLAIN.get(side, _holds_none)
+
+
+def _holds_none(side: SideTags) -> bool:
+    return not any(k.startswith(QUARANTINE_KEY) for k in side.tags) and not any(
+        t[0] == QUARANTINE_FIELD for t in side.retired
+    )
+
+
+_PLAIN: ByObject[SideTags, bool] = ByObject(128)
 
 
 def _quarantined(
@@ -461,6 +513,8 @@ def _quarantined(
 ) -> tuple[ToRCodes, SideTags]:
     """The ToR's ordinary codes and source tags with a value of the reserved field for each
     of its `quarantined` hosts (address -> atom), kept from the `previous` source tags."""
+    if not quarantined and _plain(previous) and _plain(src_tags):
+        return dataclasses.replace(codes, quarantined={}), src_tags  # none, before or now
     values, record, released = quarantine_values(switch, sorted(quarantined), previous)
     by_atom = {quarantined[a]: v for a, v in values.items()}
     tags = SideTags({**src_tags.tags, **record}, src_tags.retired | released, src_tags.shared)
@@ -484,7 +538,7 @@ class _Made:
     src: SideTags  # each side's ordinary tags, as the allocation made them
     dst: SideTags
     policy: tuple[TableEntry, ...]  # the ordinary `policy` entries
-    parts: Mapping[_RuleKey, RuleParts]  # what they were put together from, per rule
+    parts: Mapping[int, _Known]  # what they were put together from, per rule object
     needs: _Needs  # what its tags were allocated for, in addresses (`_needs`)
     # its identity entries with no host quarantined, once made (the same for the next
     # compile whose needs are these: `_retagged`)
@@ -621,6 +675,9 @@ def _replied(rule: PolicyRule) -> bool:
     return bool(reply_matches(rule, udp_always=rule.action is Action.DENY))
 
 
+_RULE_ID = operator.attrgetter("id")
+
+
 # Per rule object, `_replied` (every ToR a rule touches asks, compile after compile).
 _REPLIED: ByObject[PolicyRule, bool] = ByObject(100_000)
 
@@ -643,10 +700,10 @@ def _retagged(
     the policy's semantics nor the allocator. None: not such a ToR."""
     if made.needs != needs or not _holds_tags(made, allocation, switch):
         return None
-    relevant = frozenset(rule.id for rule, _, _ in touching)
-    codes = dataclasses.replace(made.codes, relevant=relevant, keys=keys)
     # its rules' parts: the same codes; its rules are those touching it, in the policy's order
     mine = [rule for rule, _, _ in touching]
+    relevant = frozenset(map(_RULE_ID, mine))
+    codes = dataclasses.replace(made.codes, relevant=relevant, keys=keys)
     entries, parts = _policy_entries(codes, policy, made.parts, mine, ranks)
     return dataclasses.replace(made, ordinary=ordinary, rules=policy.rules, codes=codes,
                                policy=entries, parts=parts)  # fmt: skip
@@ -828,10 +885,16 @@ def _switch_inputs(
     By difference from `last` (the last compile's) when `keys` were found by difference
     from its keys and nothing else a rule's part depends on changed: only the ToRs of the
     rules that differ are digested again."""
+    by_difference = last is not None and keys.base is not None and keys.base is last.rules
+    if by_difference:
+        assert last is not None
+        logging = last.logging - sum(r.log for r in keys.removed) + sum(r.log for r in keys.added)
+    else:
+        logging = sum(r.log for r in policy.rules)
     floor = _digest(
         _INVENTORY_DIGESTS.get(inventory, _inventory_digest),
         remediation.intervals if remediation else None,
-        any(r.log for r in policy.rules),  # a quarantine overlay logs its catch-all then
+        logging > 0,  # some rule logs: a quarantine overlay logs its catch-all then
     )
     held = {h.ip: h.switch for h in inventory.hosts if h.ip in quarantined}
     placed = placement(inventory)
@@ -862,7 +925,7 @@ def _switch_inputs(
         return found
 
     same = (placed, floor, policy.default_log, rate_rank)
-    if last is not None and keys.base is not None and keys.base is last.rules and (
+    if by_difference and last is not None and (
         last.placed, last.floor, last.default_log, last.rate_rank) == same:  # fmt: skip
         by_rule = dict(last.by_rule)
         changed: set[str] = set()
@@ -914,7 +977,7 @@ def _switch_inputs(
         for name, digest in ordinary.items()
     }
     return _Inputs(inputs, ordinary, floor, touching, policy.rules, keys, placed,
-                   policy.default_log, rate_rank, mine, by_rule, needed, needs)  # fmt: skip
+                   policy.default_log, rate_rank, mine, by_rule, logging, needed, needs)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -937,6 +1000,7 @@ class _Inputs:
     rate_rank: dict[int, int]
     mine: dict[str, list[str]]
     by_rule: dict[int, _RuleInputs]
+    logging: int  # how many rules log
     # Per ToR, its needs counted (`_count_needs`), once asked for (`needs_of`), and what
     # `_needs` made of them (the same object while they are the same)
     needed: dict[str, _NeedCounts] = dataclasses.field(default_factory=dict)
@@ -1070,31 +1134,34 @@ def lower(
             )
             fields[switch.name] = max(codes.src.fields, codes.dst.fields)
             if here or made.identity is None:
-                entries = _identity(codes, made.semantics, list(made.host_atoms), switch, uplinks)
-                if not here:  # no quarantine cut: what the next compile with these needs makes
-                    made = dataclasses.replace(made, identity=tuple(entries))
-            else:
-                entries = list(made.identity)
-            entries += made.policy
-            entries += overlay_entries(codes, policy, meets, here)
-        else:
-            entries = _spine_identity(uplinks)
-            entries.append(
-                TableEntry(
-                    "policy",
-                    (),
-                    "permit",
-                    (("rule_id", FABRIC_RULE_ID),),
-                    1,
-                    FABRIC_RULE_ID,
-                    "fabric",
+                identity = tuple(
+                    _identity(codes, made.semantics, list(made.host_atoms), switch, uplinks)
                 )
+                if not here:  # no quarantine cut: what the next compile with these needs makes
+                    made = dataclasses.replace(made, identity=identity)
+            else:
+                identity = made.identity
+            segments = [identity, made.policy, tuple(overlay_entries(codes, policy, meets, here))]
+        else:
+            fabric = TableEntry(
+                "policy", (), "permit", (("rule_id", FABRIC_RULE_ID),), 1, FABRIC_RULE_ID, "fabric"
             )
-        entries += _routing(hosts_sorted, switch, next_hops)
+            segments = [(*_spine_identity(uplinks), fabric)]
+        routes = _ROUTES.get(inventory, lambda _inv: {})
+        if (route := routes.get(switch.name)) is None:
+            route = routes[switch.name] = tuple(_routing(hosts_sorted, switch, next_hops))
+        segments.append(route)
         defaults = (DefaultAction("epoch", "set_epoch", (("value", 0),)),)
         tables = SwitchTables(
-            switch.name, switch.role, switch.device_id, tuple(entries), defaults, span=switch.span
+            switch.name,
+            switch.role,
+            switch.device_id,
+            tuple(itertools.chain.from_iterable(segments)),
+            defaults,
+            span=switch.span,
         )
+        SEGMENTS.hold(len(inventory.switches))
+        SEGMENTS.put(tables, tuple(segments))
         if made is not None:
             _MADE.put(tables, made)
             # The version it replaces is forgotten now: kept until the memo overflowed, the

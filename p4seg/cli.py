@@ -653,14 +653,16 @@ def _front(
     text_transform: Callable[[str], str],
     policy_transform: Callable[[Policy, Inventory], Policy],
     text: str | None = None,
-    write: bool = True,
+    write: bool | None = True,
 ) -> Compiled | None:
     """The front end of every verb that drives switches: load, check and compile the
     (effective) policy, its rule ids from the state directory's allocation, and write the
     build; diagnostics are reported here (None: failed).
     `text`: compile this policy text instead of the file's (watch's last good text).
     Not `write`: the build is written when the caller calls `Compiled.write` (a
-    quarantine's overlay goes onto its switch first)."""
+    quarantine's overlay goes onto its switch first); None: here only if the build
+    directory does not hold its pipeline files yet (the switches are set from them: an
+    apply writes the rest after the switches)."""
     from compiler.allocation import Allocation, AllocationError, assign_rule_ids
     from compiler.emit import build
     from compiler.p4c import p4c_artifacts
@@ -700,6 +702,8 @@ def _front(
         return None
     _LAST_BUILD[str(build_dir.resolve())] = built
     compiled = Compiled(built, build_dir, inventory, effective, file_text, built.allocation)
+    if write is None:
+        write = not compiled.holds_pipeline(args.target)
     if write and not compiled.write():
         return None
     return compiled

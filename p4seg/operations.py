@@ -172,7 +172,7 @@ class Operations:
         text_transform: TextTransform,
         policy_transform: PolicyTransform,
         text: str | None = None,
-        write: bool = True,
+        write: bool | None = True,
     ) -> Compiled | None:
         compiled = self._front(args, text_transform, policy_transform, text, write)
         if compiled is None and text is None and self.last is not None and self._restricting:

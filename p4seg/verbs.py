@@ -100,7 +100,7 @@ class Front(Protocol):
         text_transform: TextTransform,
         policy_transform: PolicyTransform,
         text: str | None = None,
-        write: bool = True,
+        write: bool | None = True,
     ) -> Compiled | None: ...
 
 
@@ -118,7 +118,7 @@ def _compile(
     state: LiveState,
     now: float,
     text: str | None = None,
-    write: bool = True,
+    write: bool | None = True,
 ) -> Compiled | None:
     return front(
         args,
@@ -169,15 +169,13 @@ def _apply_compiled(
     save the state if it took, and audit what happened."""
     moment = clock()
     expired = state.prune(moment)
-    compiled = _compile(args, front, state, moment, text, write=False)
+    # The switches are set from the build directory's pipeline files: when they are new
+    # the front end writes the build first; otherwise it is written after the switches, off
+    # the path to enforcement (as a quarantine's overlay is), whatever the outcome — the
+    # build is what they hold, or what was refused.
+    compiled = _compile(args, front, state, moment, text, write=None)
     if compiled is None:
         return EXIT_ERROR, None
-    # The switches are set from the build directory's pipeline files: when they are new
-    # the build is written first; otherwise after the switches, off the path to enforcement
-    # (as a quarantine's overlay is), whatever the outcome — the build is what they hold,
-    # or what was refused.
-    if not compiled.holds_pipeline(getattr(args, "target", "ref")) and not compiled.write():
-        return EXIT_ERROR, compiled
     try:
         code = _apply_written(verb, args, state, event, compiled, moment, expired)
     finally:

@@ -12,9 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.addresses import format_ipv4
-from compiler.emit import _runtime_line, build, entry_line, load_entries
+from compiler.emit import (
+    _dumps_listing,
+    _entries_json,
+    _runtime_line,
+    build,
+    entry_line,
+    load_entries,
+)
 from compiler.entries import FieldMatch, MeterConfig, TableEntry
 from compiler.inventory import Inventory
+from compiler.lower import SEGMENTS
 from compiler.model import Policy
 from compiler.targets import make_target
 
@@ -91,6 +99,9 @@ def test_the_floor_entries_files_read_back(
     for sw in built.switches:
         text = built.files[f"entries/{sw.switch}.json"]
         assert load_entries(text).entries == sw.entries
+        # written run by run (compiler/lower.py SEGMENTS): as the whole list would be
+        assert SEGMENTS.find(sw) is not None
+        assert text == _dumps_listing(_entries_json(sw, built.target, {}), "entries")
         runtime = json.loads(built.files[f"entries/{sw.switch}-runtime.json"])
         rows = [r for r in runtime["table_entries"] if not r.get("default_action")]
         assert rows == [_runtime_doc(e) for e in sw.entries]

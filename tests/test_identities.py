@@ -18,6 +18,7 @@ from compiler.entries import SwitchTables, TableEntry
 from compiler.inventory import Inventory
 from compiler.lower import Lowered, lower, set_keys, settle_quarantine
 from compiler.model import Policy
+from compiler.quarantine import QUARANTINE_KEY
 from compiler.tags import FIELD_VALUES, allocate_side
 from compiler.verify import verify
 from runtime.live import LiveState, effective_policy
@@ -371,6 +372,8 @@ def test_a_named_rule_edited_in_place_compiles_incrementally_as_in_full(
         ("deny dev  -> prod name", "allow dev  -> prod name"),  # action
         ("risk         tcp 8443", "risk         tcp 8444"),  # port
         ("rate 20000pps name", "rate 10000pps name"),  # rate (the only one: the same rank)
+        # a higher rate on another rule of tor-rsk: the kept rule's rank moves, its parts too
+        ("risk_db      tcp 5432", "risk_db      tcp 5432 rate 50000pps"),
         ("order_router -> risk  ", "order_router -> risk_db"),  # a set its ToRs tag already
     )
     chain, text = [(named, LiveState())], named
@@ -381,6 +384,26 @@ def test_a_named_rule_edited_in_place_compiles_incrementally_as_in_full(
     compiled = _chain(floor, chain)
     # every step keeps the tags of some ToR (the rule's ToRs, or those of its sets)
     assert all(step.retagged for step in compiled[1:])
+
+
+@pytest.mark.parametrize("few", [0, 8])
+def test_rules_given_new_objects_are_found_again_by_value_and_their_sets(
+    floor: Inventory, floor_policy_text: str, few: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rule inserted above the others gives each of them a new object: a ToR whose tags are
+    # kept finds their entries again by value (compiler/lower.py `_policy_entries`: past a
+    # few new objects; 0 here looks every one up so), and a named rule whose destination
+    # became another set its ToR tags already, in the same edit, must not be taken for
+    # what it was.
+    monkeypatch.setattr(lower_module, "_FEW_NEW", few)
+    rated = "allow order_router -> risk         tcp 8443        rate 20000pps"
+    named = floor_policy_text.replace(rated, f"{rated} name to_risk")
+    first_rule = "allow market_data  -> algo         udp 30001-30010"
+    edited = named.replace("order_router -> risk  ", "order_router -> risk_db")
+    edited = edited.replace(first_rule, f"allow dev1 -> dev2 udp 9\n{first_rule}")
+    assert edited.count("risk_db") == named.count("risk_db") + 1
+    compiled = _chain(floor, [(named, LiveState()), (edited, LiveState())])
+    assert "tor-rsk" in compiled[1].retagged
 
 
 @settings(max_examples=30, deadline=None)
@@ -519,7 +542,7 @@ def _same_inputs(incremental: Lowered, full: Lowered) -> None:
     assert incremental.inputs == full.inputs
     a, b = incremental.given, full.given
     assert a is not None and b is not None
-    assert (a.ordinary, a.mine, a.floor) == (b.ordinary, b.mine, b.floor)
+    assert (a.ordinary, a.mine, a.floor, a.logging) == (b.ordinary, b.mine, b.floor, b.logging)
     assert {t: [(id(r), s, d) for r, s, d in x] for t, x in a.touching.items()} == {
         t: [(id(r), s, d) for r, s, d in x] for t, x in b.touching.items()
     }
@@ -538,6 +561,26 @@ def test_incremental_sees_a_logged_rule_elsewhere_change_a_quarantine_overlays_l
     loud = quiet.replace("default deny", "deny dev1 -> dev2 tcp 80 log\ndefault deny")
     algo1 = LiveState(quarantined={"algo1": 0.0})
     _chain(floor, [(quiet, algo1), (loud, algo1)])
+
+
+def test_a_released_hosts_quarantine_value_stays_retired_until_settled(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    # tor-alg may still hold entries of algo1's quarantine value after the release: the
+    # value is retired (never given to another host) until the allocation settles, and a
+    # later compile with nothing quarantined keeps it so.
+    text = floor_policy_text.replace(
+        "default deny log", "service remediation = jump1\ndefault deny log"
+    )
+    held = LiveState(quarantined={"algo1": 0.0})
+    steps = [(text, held), (text, LiveState()), (text.replace("tcp 5432", "tcp 5433"), LiveState())]
+    quarantined, released, edited = _chain(floor, steps)
+    side = quarantined.allocation.tags[("tor-alg", "src")]
+    [value] = [t for k, t in side.tags.items() if k.startswith(QUARANTINE_KEY)]
+    for later in (released, edited):
+        after = later.allocation.tags[("tor-alg", "src")]
+        assert value in after.retired
+        assert not any(k.startswith(QUARANTINE_KEY) for k in after.tags)
 
 
 def test_incremental_keeps_shared_tags_whatever_another_rack_cuts(
