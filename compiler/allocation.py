@@ -163,8 +163,83 @@ def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, All
     file positions. Deterministic: the same policy and allocation give the same ids.
     Raises RuleIdsExhausted (nothing assigned) when a new rule finds no free id.
     """
-    keys = {r.key for r in policy.rules}
-    if len(keys) != len(policy.rules) or "" in keys:  # resolve keys every rule, uniquely
+    found = _by_difference(policy.rules, allocation)
+    if found is None:
+        found = _in_full(policy.rules, allocation)
+    rules, out = found
+    _LAST[:] = [_Assigned(policy.rules, rules, out)]
+    return dataclasses.replace(policy, rules=rules), out
+
+
+@dataclass(frozen=True, slots=True)
+class _Assigned:
+    """The last `assign_rule_ids`: the rules it was given, the rules with their ids, and
+    the allocation it made (the next one, given that allocation and a policy whose rules
+    are mostly the same objects at the same places, works by difference)."""
+
+    given: tuple[PolicyRule, ...]
+    rules: tuple[PolicyRule, ...]
+    allocation: Allocation
+    places: dict[str, int] = field(default_factory=dict)  # key -> place, made when first asked
+
+    def place_of(self, key: str) -> int | None:
+        if not self.places:
+            self.places.update((r.key, i) for i, r in enumerate(self.given))
+        return self.places.get(key)
+
+
+_LAST: list[_Assigned] = []
+also_forget(_LAST.clear)
+_MOST_CHANGED = 16  # rules at other places than the last call's: more, and it works in full
+
+
+def _by_difference(
+    given: tuple[PolicyRule, ...], allocation: Allocation
+) -> tuple[tuple[PolicyRule, ...], Allocation] | None:
+    """`_in_full`, from the last call when `allocation` is the one it made and `given`
+    differs from its rules at a few places (the same count): the other rules keep their
+    keys and ids; a changed place's old key is retired unless the new rule has it, and
+    each new key takes, in file order, the lowest id neither held nor retired — all that
+    the full assignment would do. None: assign in full."""
+    last = _LAST[0] if _LAST else None
+    if last is None or last.allocation is not allocation or len(last.given) != len(given):
+        return None
+    before = last.given
+    moved = [i for i, (a, b) in enumerate(zip(before, given, strict=True)) if a is not b]
+    if len(moved) > _MOST_CHANGED:
+        return None
+    gone = {before[i].key for i in moved}
+    came = [given[i].key for i in moved]
+    if "" in came or len(set(came)) != len(came):
+        return None  # `_in_full` says what is wrong
+    for key in came:
+        if key not in gone and last.place_of(key) is not None:
+            return None  # another rule's key: two rules with one key
+    ids = dict(allocation.rules)
+    retired = set(allocation.retired_rules)
+    for key in gone - set(came):
+        retired.add(ids.pop(key))
+    taken = set(allocation.rules.values()) | retired
+    candidate = 1
+    rules = list(last.rules)
+    for i in moved:  # in file order
+        r = given[i]
+        if r.key not in ids:
+            while candidate in taken:
+                candidate += 1
+            if candidate > MAX_RULE_ID:
+                return None  # `_in_full` reports it
+            ids[r.key] = candidate
+            taken.add(candidate)
+        rules[i] = _with_id(r, ids[r.key])
+    return tuple(rules), Allocation(ids, frozenset(retired), allocation.tags)
+
+
+def _in_full(
+    given: tuple[PolicyRule, ...], allocation: Allocation
+) -> tuple[tuple[PolicyRule, ...], Allocation]:
+    keys = {r.key for r in given}
+    if len(keys) != len(given) or "" in keys:  # resolve keys every rule, uniquely
         raise ValueError("rules without a key, or two rules with one key")
     kept = {k: v for k, v in allocation.rules.items() if k in keys}
     retired = set(allocation.retired_rules) | {
@@ -173,13 +248,13 @@ def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, All
     taken = set(kept.values()) | retired
     ids = dict(kept)
     candidate = 1
-    for r in policy.rules:
+    for r in given:
         if r.key in ids:
             continue
         while candidate in taken:
             candidate += 1
         if candidate > MAX_RULE_ID:
-            new = sum(r.key not in kept for r in policy.rules)
+            new = sum(r.key not in kept for r in given)
             raise RuleIdsExhausted(
                 [
                     error(
@@ -193,9 +268,8 @@ def assign_rule_ids(policy: Policy, allocation: Allocation) -> tuple[Policy, All
             )
         ids[r.key] = candidate
         taken.add(candidate)
-    rules = tuple(_with_id(r, ids[r.key]) for r in policy.rules)
-    out = Allocation(ids, frozenset(retired), allocation.tags)
-    return dataclasses.replace(policy, rules=rules), out
+    rules = tuple(_with_id(r, ids[r.key]) for r in given)
+    return rules, Allocation(ids, frozenset(retired), allocation.tags)
 
 
 def _with_id(rule: PolicyRule, rule_id: int) -> PolicyRule:
