@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from compiler.diagnostics import P4segError, error
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject, also_forget, differing_places
 from compiler.model import Policy, PolicyRule
 from p4src.spec import TAG_BITS, TAG_FIELD_BITS
 
@@ -205,7 +205,7 @@ def _by_difference(
     if last is None or last.allocation is not allocation or len(last.given) != len(given):
         return None
     before = last.given
-    moved = [i for i, (a, b) in enumerate(zip(before, given, strict=True)) if a is not b]
+    moved = differing_places(before, given)
     if len(moved) > _MOST_CHANGED:
         return None
     gone = {before[i].key for i in moved}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory
-from compiler.memo import ByObject
+from compiler.memo import ByObject, differing_places
 from compiler.model import Policy, PolicyRule
 from p4src.spec import NO_TAGS
 
@@ -71,7 +71,7 @@ def changed_rules(old: Policy, new: Policy) -> list[PolicyRule]:
     """Every rule of either version whose meaning is not in the other (by stable key)."""
     olds, news = old.rules, new.rules
     if len(olds) == len(news):  # an edit in place: the rules where they differ by position
-        moved = [i for i, (x, y) in enumerate(zip(olds, news, strict=True)) if x is not y]
+        moved = differing_places(olds, news)
         olds, news = tuple(olds[i] for i in moved), tuple(news[i] for i in moved)
     before = {r.key: r for r in olds}  # (a key names one rule of a policy)
     after = {r.key: r for r in news}

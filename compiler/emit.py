@@ -311,9 +311,14 @@ def _entries_file(sw: SwitchTables, target: Target, lines: _Lines) -> str:
         return _dumps_listing(_entries_json(sw, target, lines), "entries")
     texts = [_RUNS.get(run, partial(_run_text, lines)) for run in segments if run]
     doc = _entries_json(sw, target, lines, entries=False)
-    head = json.dumps(doc, indent=2, sort_keys=True)
-    body = '  "entries": [\n' + ",\n".join(texts) + "\n  ]" if texts else '  "entries": []'
-    return head[:-2] + ",\n" + body + "\n}\n"
+    head = json.dumps(doc, indent=2, sort_keys=True)[:-2] + ",\n"
+    if not texts:
+        return head + '  "entries": []\n}\n'
+    parts = [head, '  "entries": [\n']
+    for text in texts:  # one copy of the megabytes of lines, not one per concatenation
+        parts += (text, ",\n")
+    parts[-1] = "\n  ]\n}\n"
+    return "".join(parts)
 
 
 def _run_text(lines: _Lines, run: tuple[TableEntry, ...]) -> str:

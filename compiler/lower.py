@@ -38,7 +38,7 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject, also_forget, differing_places
 from compiler.model import Action, Policy, PolicyRule
 from compiler.placement import Placement, placement
 from compiler.quarantine import (
@@ -314,7 +314,7 @@ def _rule_difference(
     if before is after:
         return (), ()
     if len(before) == len(after):  # an edit in place: the rules that differ by position
-        moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a is not b]
+        moved = differing_places(before, after)
         if len(moved) * 2 <= _MOST_CHANGED_RULES:  # every other rule is in both (once each)
             return tuple(before[i] for i in moved), tuple(after[i] for i in moved)
     old, new = set(map(id, before)), set(map(id, after))
@@ -676,6 +676,8 @@ def _replied(rule: PolicyRule) -> bool:
 
 
 _RULE_ID = operator.attrgetter("id")
+_MEANING = operator.attrgetter("meaning")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 # Per rule object, `_replied` (every ToR a rule touches asks, compile after compile).
@@ -937,15 +939,18 @@ def _switch_inputs(
         mine, touching, ordinary = dict(last.mine), dict(last.touching), dict(last.ordinary)
         needed, needs = dict(last.needed), dict(last.needs)
         if changed:
-            order = {id(r): i for i, r in enumerate(policy.rules)}
+            # (each pass over a ToR's thousand rules below runs in C: map, zip, sorted)
+            order = dict(zip(map(id, policy.rules), itertools.count()))
             gone = {id(r) for r in keys.removed}
             added = {id(r) for r in keys.added}
             for t in changed:
                 here = [x for x in last.touching.get(t, ()) if id(x[0]) not in gone]
                 here += [x for r in keys.added for u, x in by_rule[id(r)].tors if u == t]
-                here.sort(key=lambda x: order[id(x[0])])
+                places = map(order.__getitem__, map(id, map(_FIRST, here)))  # policy order
+                here = list(map(_SECOND, sorted(zip(places, here, strict=True), key=_FIRST)))
                 touching[t] = here
-                mine[t] = sorted(by_rule[id(x[0])].meaning for x in here)
+                rules_here = map(by_rule.__getitem__, map(id, map(_FIRST, here)))
+                mine[t] = sorted(map(_MEANING, rules_here))
                 ordinary[t] = _digest(floor, t, policy.default_log, mine[t])
                 known = needs.pop(t, None)
                 if (counted := needed.get(t)) is not None:  # its needs, by difference too

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import operator
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
@@ -126,6 +128,13 @@ class ByFile(Generic[V]):
     def clear(self) -> None:
         with self._lock:
             self._files.clear()
+
+
+def differing_places(before: Sequence[object], after: Sequence[object]) -> list[int]:
+    """The places where two sequences of the same length hold different objects (by
+    identity), found without a Python-level loop: an edit of a 10,000-rule policy asks
+    this of every rule, compile after compile."""
+    return list(itertools.compress(range(len(after)), map(operator.is_not, before, after)))
 
 
 @contextlib.contextmanager
