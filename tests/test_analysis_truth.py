@@ -292,7 +292,7 @@ def test_audit_hashes_the_text_that_was_compiled(
         text_transform: TextTransform,
         policy_transform: PolicyTransform,
         text: str | None = None,
-        write: bool = True,
+        write: bool | None = True,
     ) -> Compiled | None:
         compiled = _front(args, text_transform, policy_transform, text, write)
         Path("small.zt").write_text(SMALL + "allow h3 -> h1 tcp 22\n")

@@ -129,10 +129,11 @@ def test_an_edit_reaches_the_switch_before_its_build_is_written(
     build before it writes the switch; an edit that keeps the pipeline writes the switch
     first and the build after it, which then holds the edit's entries."""
     import p4seg.control
+    import runtime.controller
 
     sw, inv = site
     order: list[str] = []
-    real_write, real_apply_all = p4seg.control.Compiled.write, p4seg.control.apply_all
+    real_write, real_apply_all = p4seg.control.Compiled.write, runtime.controller.apply_all
 
     def write(self: p4seg.control.Compiled) -> bool:
         order.append("build")
