@@ -177,21 +177,21 @@ def _apply_compiled(
     if compiled is None:
         return EXIT_ERROR, None
     try:
-        code = _apply_written(verb, args, state, event, compiled, moment, expired)
+        code = _apply_written((verb, args, state, event), compiled, moment, expired)
     finally:
         written = compiled.write()
     return (code if written else EXIT_ERROR), compiled
 
 
 def _apply_written(
-    verb: str,
-    args: argparse.Namespace,
-    state: LiveState,
-    event: dict[str, object],
+    call: tuple[str, argparse.Namespace, LiveState, dict[str, object]],
     compiled: Compiled,
     moment: float,
     expired: list[Grant],
 ) -> int:
+    """`_apply_compiled` once compiled: prove, write the switches, keep the state, audit.
+    `call`: the verb, its command line, the live state and the audit event."""
+    verb, args, state, event = call
     state_dir = Path(args.state)
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
     # not be hashed in its place.
