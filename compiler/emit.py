@@ -40,7 +40,13 @@ from compiler.inventory import Inventory
 from compiler.lower import SEGMENTS, Lowered, lower
 from compiler.memo import ByObject, also_forget
 from compiler.model import Policy, PolicyRule
-from compiler.targets import Target, make_target
+from compiler.targets import (
+    P4INFO_FILE,
+    Target,
+    device_config_file,
+    make_target,
+    program_file,
+)
 from p4src.p4info import p4info_text
 from p4src.refconfig import device_config
 from p4src.render import render_program
@@ -187,7 +193,7 @@ def build(
         files[names[0]] = _entries_file(sw, target, ours)
         # the runtime listing: a function of the entries (their file) and the pipeline
         files.later(names[1], partial(_runtime_listing, sw, target, runtime),
-                    (names[0], "p4info.txtpb"))  # fmt: skip
+                    (names[0], P4INFO_FILE))  # fmt: skip
     report = functools.cache(
         partial(_report, policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     )
@@ -203,11 +209,11 @@ def _pipeline_files(target: Target, cpu_port: int) -> dict[str, str]:
     found = _PIPELINE_FILES.get(key)
     if found is None or found[0] != target:
         files = {
-            f"p4/{target.name}/p4seg.p4": render_program(target.program, target.pipeline, cpu_port),
-            "p4info.txtpb": p4info_text(target.pipeline, target.program),
+            program_file(target.name): render_program(target.program, target.pipeline, cpu_port),
+            P4INFO_FILE: p4info_text(target.pipeline, target.program),
         }
         if target.kind.own_device_config:
-            files["p4/ref/p4seg.json"] = device_config(target.pipeline)
+            files[device_config_file(target.name)] = device_config(target.pipeline)
         found = _PIPELINE_FILES[key] = (target, files)
     return found[1]
 
@@ -403,8 +409,8 @@ def _runtime_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, 
     table_entries += [_line(lines, e, encode, kind) for e in sw.entries]
     return {
         "target": "bmv2" if target.program == "v1model" else target.name,
-        "p4info": "../p4info.txtpb",
-        "bmv2_json": f"../p4/{target.name}/p4seg.json",
+        "p4info": f"../{P4INFO_FILE}",
+        "bmv2_json": f"../{device_config_file(target.name)}",
         "table_entries": table_entries,
     }
 

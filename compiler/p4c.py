@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler.diagnostics import P4segError, error
+from compiler.targets import device_config_file, program_file
 
 if TYPE_CHECKING:
     from compiler.emit import Build
@@ -71,6 +72,6 @@ def p4c_artifacts(build: Build) -> dict[str, str]:
     kind = build.target.kind
     if kind.program != "v1model" or kind.own_device_config or p4c_available() is None:
         return {}
-    source = build.files[f"p4/{build.target.name}/p4seg.p4"]
+    source = build.files[program_file(build.target.name)]
     bmv2_json, _ = compile_v1model(source)
-    return {f"p4/{build.target.name}/p4seg.json": bmv2_json}
+    return {device_config_file(build.target.name): bmv2_json}

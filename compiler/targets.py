@@ -81,6 +81,20 @@ class Target:
         return self.kind.has_range
 
 
+# Where a build directory keeps its pipeline: the P4Info, and per target its program and
+# device config (p4c's BMv2 JSON, or the reference switch's own config). Read back by the
+# controller (runtime/controller.py PipelineFiles) and the shell (runtime/shell.py).
+P4INFO_FILE = "p4info.txtpb"
+
+
+def program_file(target: str) -> str:
+    return f"p4/{target}/p4seg.p4"
+
+
+def device_config_file(target: str) -> str:
+    return f"p4/{target}/p4seg.json"
+
+
 def make_target(name: str, sizes: dict[str, int] | None = None) -> Target:
     """The target `name` with table `sizes` (defaults: the target's, then
     p4src.spec.DEFAULT_SIZES)."""

@@ -27,7 +27,7 @@ from compiler.emit import MANIFEST, Build, OutputDirError, write_build
 from compiler.inventory import Inventory
 from compiler.memo import also_forget
 from compiler.model import Policy
-from compiler.targets import TARGETS
+from compiler.targets import P4INFO_FILE, TARGETS, device_config_file
 from p4seg.allocations import save_state_allocation
 from runtime import grpc_loops
 from runtime.controller import (
@@ -80,7 +80,7 @@ class Compiled:
         enforcement."""
         if not (self.build_dir / MANIFEST).is_file():
             return False
-        for rel in (PipelineFiles.P4INFO, PipelineFiles.device_config(target)):
+        for rel in (P4INFO_FILE, device_config_file(target)):
             try:
                 if (self.build_dir / rel).read_text(encoding="utf-8") != self.build.files[rel]:
                     return False

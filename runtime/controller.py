@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol, cast
+from typing import Protocol, cast
 
 from finsy import P4Client, P4ClientError, Switch, SwitchOptions
 from finsy.grpcutil import GRPCCredentialsTLS
@@ -38,6 +38,7 @@ from google.protobuf import text_format
 from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from compiler.inventory import Switch as InventorySwitch
+from compiler.targets import P4INFO_FILE, device_config_file
 from p4src.spec import CPU_CLONE_SESSION
 from runtime.defaults import DEFAULT_BATCH, DEFAULT_ELECTION_ID
 from runtime.entities import canonical_entry
@@ -84,16 +85,9 @@ class PipelineFiles:
     p4info_path: Path
     device_config_path: Path
 
-    P4INFO: ClassVar[str] = "p4info.txtpb"  # in a build directory
-
-    @staticmethod
-    def device_config(target: str) -> str:
-        """The target's device config, in a build directory."""
-        return f"p4/{target}/p4seg.json"
-
     @classmethod
     def of(cls, build_dir: Path, target: str) -> PipelineFiles:
-        files = cls(build_dir / cls.P4INFO, build_dir / cls.device_config(target))
+        files = cls(build_dir / P4INFO_FILE, build_dir / device_config_file(target))
         for path in (files.p4info_path, files.device_config_path):
             if not path.is_file():
                 raise ControllerError(f"{path} is missing: compile with --target {target}")

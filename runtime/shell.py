@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from compiler.diagnostics import InventoryError, P4segError, SourceFiles, render_all
 from compiler.inventory import Inventory, Switch, load_inventory
+from compiler.targets import P4INFO_FILE, device_config_file
 
 if TYPE_CHECKING:
     from finsy.proto import p4i
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_VENV = ".venv-shell"
 SHELL_PYTHON_ENV = "P4SEG_SHELL_PYTHON"  # another interpreter with p4runtime-shell installed
 BACKUP_ELECTION_ID = (0, 1)  # below any controller's: the shell joins as a read-only backup
-P4INFO_FILE, DEVICE_CONFIG_FILE = "p4info.txtpb", "p4/ref/p4seg.json"
+DEVICE_CONFIG_FILE = device_config_file("ref")
 PREFLIGHT_TIMEOUT = 5.0  # seconds for the switch to answer GetForwardingPipelineConfig
 EXIT_ERROR = 1
 _U64 = (1 << 64) - 1
