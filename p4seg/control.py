@@ -394,6 +394,15 @@ def applied_here(compiled: Compiled) -> dict[str, Desired]:
     return _APPLIED.setdefault(str(compiled.build_dir.resolve()), {})
 
 
+def remember_applied(held: dict[str, Desired], target: SwitchTarget) -> None:
+    """`target` applied: its switch holds `target.desired`. What was remembered stays when it
+    names the same tables (the same digest): it is encoded already, and the next change of
+    the switch is encoded and planned by difference from it (runtime/plan.py)."""
+    before = held.get(target.name)
+    if before is None or not before.digest or before.digest != target.desired.digest:
+        held[target.name] = target.desired
+
+
 def run(
     verb: str,
     args: argparse.Namespace,
@@ -431,7 +440,7 @@ def run(
         )
         for target, report in zip(selected, reports, strict=True):
             if report.ok:
-                held[target.name] = target.desired
+                remember_applied(held, target)
             else:
                 held.pop(target.name, None)
     else:

@@ -42,6 +42,7 @@ from p4seg.control import (
     applied_rules,
     print_reports,
     record_applied,
+    remember_applied,
     report_json,
     run,
     session_of,
@@ -801,7 +802,7 @@ def _overlay_compiled(
                   known=applied.get(target.name))
     )  # fmt: skip
     if report.ok:
-        applied[target.name] = target.desired
+        remember_applied(applied, target)
     else:
         applied.pop(target.name, None)
     if report.error is not None and report.error.startswith(NOT_AN_OVERLAY):

@@ -32,8 +32,11 @@ default entry instead of reading and planning every table.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import is_not
 
 from finsy.proto import p4r
 
@@ -205,10 +208,22 @@ class Desired:
 
     `Desired.of` encodes the compiled entries at once; `Desired.lazy` (given the digest the
     build names them by) only when a plan needs them, so that a switch whose mark matches
-    costs no encoding at all. Read only once made.
+    costs no encoding at all. A lazy one planned against what a long-running controller
+    last brought the switch to (`Held.of(known)`) is encoded by difference from `known`
+    (`_Delta`), and planned from that difference alone. Read only once made.
     """
 
-    __slots__ = ("_encoded", "_entries", "_source", "clone", "digest", "switch")
+    __slots__ = (
+        "__weakref__",
+        "_compiled",
+        "_delta",
+        "_encoded",
+        "_entries",
+        "_tables",
+        "clone",
+        "digest",
+        "switch",
+    )
 
     def __init__(
         self,
@@ -220,26 +235,49 @@ class Desired:
     ) -> None:
         self.switch, self.clone, self.digest = switch, clone, digest
         self._entries, self._encoded = entries, encoded if encoded is not None else {}
-        self._source: Callable[[], tuple[Entries, dict[bytes, bytes]]] | None = None
+        self._tables: Tables | None = None  # with `_compiled`: not encoded yet
+        self._compiled: SwitchTables | None = None  # what it was encoded from
+        self._delta: _Delta | None = None
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
         entries, encoded = _encode(tables, compiled)
         clone = clone_session(cpu_port)
-        return cls(compiled.switch, entries, clone, encoded, _digest(encoded, clone))
+        out = cls(compiled.switch, entries, clone, encoded, _digest(encoded, clone))
+        out._compiled = compiled
+        return out
 
     @classmethod
     def lazy(cls, tables: Tables, compiled: SwitchTables, cpu_port: int, digest: bytes) -> Desired:
         """`compiled`, encoded when first needed; `digest` must name exactly what it holds
         (with `cpu_port`'s clone session), as the build's entries file does."""
         out = cls(compiled.switch, {}, clone_session(cpu_port), None, digest)
-        out._source = lambda: _encode(tables, compiled)
+        out._tables, out._compiled = tables, compiled
         return out
 
-    def _made(self) -> None:
-        if self._source is not None:
-            self._entries, self._encoded = self._source()
-            self._source = None
+    def _made(self, base: Desired | None = None) -> None:
+        tables = self._tables
+        if tables is None:
+            return
+        assert self._compiled is not None
+        self._tables = None
+        if base is not None:
+            base._made()  # encoded in full once, to plan from (a new process's kept tables)
+        if base is not None and base._compiled is not None:
+            made = _encode_by_difference(tables, self._compiled, base)
+            if made is not None:
+                self._entries, self._encoded, self._delta = made
+                return
+        self._entries, self._encoded = _encode(tables, self._compiled)
+
+    def made_from(self, base: Desired) -> None:
+        """Encode it now, by difference from `base` where it can (see the class doc)."""
+        self._made(base)
+
+    def delta_from(self, base: Desired) -> _Delta | None:
+        """How it differs from `base`, when it was encoded by difference from it."""
+        delta = self._delta
+        return delta if delta is not None and delta.base() is base else None
 
     @property
     def entries(self) -> Mapping[bytes, p4r.TableEntry]:
@@ -250,6 +288,16 @@ class Desired:
     def encoded(self) -> dict[bytes, bytes]:
         self._made()
         return self._encoded
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    """A Desired encoded by difference from `base`: the serialized entries of `base` it
+    lacks (`gone`) and those it has that `base` lacks (`came`), each -> its key."""
+
+    base: weakref.ref[Desired]
+    gone: dict[bytes, bytes]
+    came: dict[bytes, bytes]
 
 
 # Entries encoded before, by value, per pipeline (its tables and actions: a build's pipeline
@@ -268,24 +316,88 @@ def _encode(tables: Tables, compiled: SwitchTables) -> tuple[Entries, dict[bytes
     raw: dict[bytes, bytes] = {}
     made: dict[bytes, p4r.TableEntry] = {}
     encoded: dict[bytes, bytes] = {}
+    one = _encoder(tables, made)
+    for e in compiled.entries:
+        serialized, key = one(e)
+        raw[key] = serialized
+        encoded[serialized] = key
+    # The only default the compiler sets is the epoch's, which the update protocol owns.
+    assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
+    return Entries(raw, made), encoded
+
+
+def _encoder(
+    tables: Tables, made: dict[bytes, p4r.TableEntry]
+) -> Callable[[TableEntry], tuple[bytes, bytes]]:
+    """An entry -> (serialized, key), from `_ENCODED` when encoded before (a message built
+    now is kept in `made`)."""
     pipeline = tables.pipeline
     ids = (pipeline.name, pipeline.control, pipeline.tables, pipeline.actions)
     seen = _ENCODED.get(ids)
     if seen is None or len(seen) > _ENCODED_MAX:
         _ENCODED.clear()  # one pipeline at a time in practice
         seen = _ENCODED[ids] = {}
-    for e in compiled.entries:
+
+    def one(e: TableEntry) -> tuple[bytes, bytes]:
         found = seen.get(e)
         if found is None:
             msg = table_entry_proto(pipeline, e)
             found = seen[e] = (msg.SerializeToString(deterministic=True), tables.split(msg)[0])
             made[found[1]] = msg
-        serialized, key = found
+        return found
+
+    return one
+
+
+def _encode_by_difference(
+    tables: Tables, compiled: SwitchTables, base: Desired
+) -> tuple[Entries, dict[bytes, bytes], _Delta] | None:
+    """`_encode(tables, compiled)`, made from `base`'s encoding: only the entries that are
+    not `base`'s own entry objects are looked at (a ToR compiled again for a one-rule edit
+    keeps most of its entries as the same objects). `base` must be encoded and its compiled
+    tables still alive (their ids name them). None where it cannot (another switch, a
+    table with repeated keys): the caller encodes in full."""
+    old = base._compiled
+    assert old is not None
+    if old.switch != compiled.switch or compiled.defaults != old.defaults:
+        return None
+    if not isinstance(base._entries, Entries) or len(base._entries) != len(old.entries):
+        return None  # `base` holds two entries under one key
+    old_entries, new_entries = _middles(old.entries, compiled.entries)
+    old_ids, new_ids = set(map(id, old_entries)), set(map(id, new_entries))
+    made: dict[bytes, p4r.TableEntry] = {}
+    one = _encoder(tables, made)
+    gone = dict(map(one, (e for e in old_entries if id(e) not in new_ids)))
+    came = dict(map(one, (e for e in new_entries if id(e) not in old_ids)))
+    for serialized in gone.keys() & came.keys():  # equal entries in new objects
+        del gone[serialized], came[serialized]
+    raw = dict(base._entries._raw)
+    encoded = dict(base._encoded)
+    for serialized, key in gone.items():
+        if raw.get(key) != serialized:  # two entries under one key in `base`
+            return None
+        del raw[key], encoded[serialized]
+    for serialized, key in came.items():
+        if key in raw:  # two entries under one key: left to the full encoding
+            return None
         raw[key] = serialized
         encoded[serialized] = key
-    # The only default the compiler sets is the epoch's, which the update protocol owns.
-    assert all(d.table == EPOCH_TABLE for d in compiled.defaults), compiled.defaults
-    return Entries(raw, made), encoded
+    if len(raw) != len(compiled.entries):
+        return None
+    return Entries(raw, made), encoded, _Delta(weakref.ref(base), gone, came)
+
+
+def _middles(
+    old: tuple[TableEntry, ...], new: tuple[TableEntry, ...]
+) -> tuple[tuple[TableEntry, ...], tuple[TableEntry, ...]]:
+    """`old` and `new` without the longest prefix and suffix they share object for object
+    (found in C: a ToR compiled again keeps its identity entries, most of its `policy`
+    entries and its routes in place)."""
+    most = min(len(old), len(new))
+    head = next(compress(count(), map(is_not, old, new)), most)
+    tail = next(compress(count(), map(is_not, reversed(old), reversed(new))), most)
+    tail = min(tail, most - head)
+    return old[head : len(old) - tail], new[head : len(new) - tail]
 
 
 def text_digest(text: str, cpu_port: int) -> bytes:
@@ -351,11 +463,13 @@ _NONE = _Copies()  # read only: a key the switch holds no entry under
 @dataclass(slots=True)
 class _Index:
     """Held entries indexed once: of epoch tables by key (with their copies), of the other
-    tables by key, and the keys whose held entry is byte for byte the desired one."""
+    tables by key, and the keys whose held entry is byte for byte the desired one (`exact`)
+    or not (`different`, sorted)."""
 
     copies: dict[bytes, _Copies] = field(default_factory=dict)
     plain: dict[bytes, p4r.TableEntry] = field(default_factory=dict)
-    exact: set[bytes] = field(default_factory=set)
+    exact: _Exact = field(default_factory=set)
+    different: list[bytes] = field(default_factory=list)
 
     def add(self, tables: Tables, entry: p4r.TableEntry, key: bytes, epoch: int | None) -> None:
         if entry.table_id not in tables.epoch_field:
@@ -366,27 +480,56 @@ class _Index:
             self.copies.setdefault(key, _Copies()).pinned[epoch] = entry
 
 
+class _AllBut:
+    """The desired keys but `but`: `_Index.exact` of a plan made from a difference."""
+
+    __slots__ = ("_but", "_keys")
+
+    def __init__(self, keys: Mapping[bytes, object], but: set[bytes]) -> None:
+        self._keys, self._but = keys, but
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys and key not in self._but
+
+
+_Exact = set[bytes] | _AllBut
+
+
 def _index(tables: Tables, held: Held, desired: Desired) -> _Index:
     index = _Index()
     known = held.known
     if known is not None:  # its bytes are at hand: an entry desired as it is needs no more
+        desired.made_from(known)
+        delta = desired.delta_from(known)
+        if delta is not None:  # only what the difference names is not held as desired
+            for own in delta.gone.values():
+                index.add(tables, known.entries[own], own, None)
+            index.exact = _AllBut(desired.entries, set(delta.came.values()))
+            index.different = sorted(delta.came.values())
+            return index
         wanted = desired.encoded
+        exact = set()
         for data, own in known.encoded.items():
             key = wanted.get(data)
             if key is not None:
-                index.exact.add(key)
+                exact.add(key)
             else:
                 index.add(tables, known.entries[own], own, None)
+        index.exact = exact
+        index.different = sorted(desired.entries.keys() - exact)
         return index
+    exact = set()
     for entry in held.entries:
         # Serialized entries first: a held entry equal to a desired one needs no splitting.
         key = desired.encoded.get(entry.SerializeToString(deterministic=True))
         epoch = None
         if key is not None:
-            index.exact.add(key)
+            exact.add(key)
         else:
             key, epoch = tables.split(entry)
         index.add(tables, entry, key, epoch)
+    index.exact = exact
+    index.different = sorted(desired.entries.keys() - exact)
     return index
 
 
@@ -426,7 +569,7 @@ def _diff(tables: Tables, desired: Desired, held: Held, index: _Index) -> dict[s
             list[p4r.TableEntry], list[tuple[p4r.TableEntry, p4r.TableEntry]], list[p4r.TableEntry]
         ],
     ] = {}
-    for key in sorted(live.keys() | (desired.entries.keys() - index.exact)):
+    for key in sorted(live.keys() | set(index.different)):
         have, want = live.get(key), desired.entries.get(key)
         if _same(have, want):
             continue
@@ -485,7 +628,7 @@ def plan_switch(tables: Tables, desired: Desired, held: Held) -> SwitchPlan:
     # Only the desired entries not held byte for byte are looked at (and parsed: a lazy
     # Desired parses an entry's message when first asked for it); a held one with copies
     # is among `copies`.
-    different = sorted(desired.entries.keys() - exact)
+    different = index.different
     wanted = desired.entries
     keys = copies.keys() | {k for k in different if wanted[k].table_id in tables.epoch_field}
     for key in sorted(keys):

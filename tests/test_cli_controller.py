@@ -107,18 +107,23 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     assert (doc["written"], doc["digest_marks"], doc["planned_in_full"]) == (0, 0, False)
     assert encoded == [] and reads == [False]  # the mark's one small read, nothing encoded
     # A changed policy, in the same process (as under `watch`): the switch is still marked
-    # with what this process applied, so the plan starts from that (encoded now), unread.
+    # with what this process applied (encoded when it was applied), so the plan starts from
+    # that, unread, and the new tables are encoded by their difference from it.
+    [known] = p4seg.control._APPLIED.values()
+    applied = known["tor1"]
     Path("small.zt").write_text(POLICY.replace("tcp 8080", "tcp 8081"))
     assert main(["apply", "small.zt", *inv]) == 0
-    assert encoded == ["tor1", "tor1"] and reads.count(True) == 0, reads
+    assert encoded == [] and reads.count(True) == 0, (encoded, reads)
+    delta = known["tor1"].delta_from(applied)
+    assert delta is not None and delta.gone and delta.came
     assert _passes(sw, "h1", "h3", 8081) and not _passes(sw, "h1", "h3", 8080)
     assert main(["apply", "small.zt", *inv, "--full-read"]) == 0  # reads every table anyway
-    assert reads.count(True) == 1 and len(encoded) == 3  # and plans it in full
+    assert reads.count(True) == 1 and encoded == ["tor1"]  # and plans it in full
     # A new process knows nothing it applied: the changed switch is read in full.
     p4seg.control._APPLIED.clear()
     Path("small.zt").write_text(POLICY)
     assert main(["apply", "small.zt", *inv]) == 0
-    assert reads.count(True) == 2 and len(encoded) == 4
+    assert reads.count(True) == 2 and encoded == ["tor1", "tor1"]
     assert _passes(sw, "h1", "h3", 8080) and not _passes(sw, "h1", "h3", 8081)
 
 
