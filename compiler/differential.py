@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory
-from compiler.memo import ByObject, differing_places
+from compiler.memo import ByObject, differing_places, shared_ends
 from compiler.model import Policy, PolicyRule
 from p4src.spec import NO_TAGS
 
@@ -98,13 +98,8 @@ def changed_entries(old: SwitchTables, new: SwitchTables) -> list[TableEntry] | 
     # in both: only the middle is compared, by object, then by value. (A table holding one
     # entry twice, which no switch takes, could add that entry here: more pairs proven.)
     a, b = old.entries, new.entries
-    start, most = 0, min(len(a), len(b))
-    while start < most and a[start] is b[start]:
-        start += 1
-    tail = 0
-    while tail < most - start and a[len(a) - 1 - tail] is b[len(b) - 1 - tail]:
-        tail += 1
-    a, b = a[start : len(a) - tail], b[start : len(b) - tail]
+    head, tail = shared_ends(a, b)
+    a, b = a[head : len(a) - tail], b[head : len(b) - tail]
     old_ids, new_ids = set(map(id, a)), set(map(id, b))
     removed = {e for e in a if id(e) not in new_ids}
     added = {e for e in b if id(e) not in old_ids}

@@ -137,6 +137,57 @@ def differing_places(before: Sequence[object], after: Sequence[object]) -> list[
     return list(itertools.compress(range(len(after)), map(operator.is_not, before, after)))
 
 
+def shared_ends(before: Sequence[object], after: Sequence[object]) -> tuple[int, int]:
+    """(head, tail): `before` and `after` hold the same objects in their first `head` and
+    their last `tail` places, `head + tail` at most the shorter length; found without a
+    Python-level loop (a ToR compiled again keeps its identity entries, most of its
+    `policy` entries and its routes in place)."""
+    most = min(len(before), len(after))
+    head = next(itertools.compress(itertools.count(), map(operator.is_not, before, after)), most)
+    tail = next(
+        itertools.compress(
+            itertools.count(), map(operator.is_not, reversed(before), reversed(after))
+        ),
+        most,
+    )
+    return head, min(tail, most - head)
+
+
+class ByPlace(Generic[K, V]):
+    """`make(item)` for each item of a sequence that changes a little from one call to the
+    next under the same name (a switch's entries, build after build): the values of the
+    items the last sequence of that name shared at both ends (`shared_ends`) are taken from
+    it, only the middle is made. The last sequence of each name is held (at most `names`
+    names; then all are dropped). Thread-safe as ByObject is."""
+
+    def __init__(self, names: int) -> None:
+        self.names = names
+        self._last: dict[object, tuple[Sequence[object], list[V]]] = {}
+        self._lock = threading.Lock()
+        also_forget(self._clear)
+
+    def _clear(self) -> None:
+        with self._lock:
+            self._last.clear()
+
+    def values(self, name: object, items: Sequence[K], make: Callable[[K], V]) -> list[V]:
+        with self._lock:
+            last = self._last.get(name)
+        if last is None:
+            out = list(map(make, items))
+        else:
+            before, values = last
+            head, tail = shared_ends(before, items)
+            out = values[:head]
+            out += map(make, items[head : len(items) - tail])
+            out += values[len(before) - tail :] if tail else ()
+        with self._lock:
+            if len(self._last) >= self.names and name not in self._last:
+                self._last.clear()
+            self._last[name] = (items, out)
+        return out
+
+
 @contextlib.contextmanager
 def collection_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: for the passes that build many small objects

@@ -35,13 +35,11 @@ import hashlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
-from itertools import compress, count
-from operator import is_not
 
 from finsy.proto import p4r
 
 from compiler.entries import SwitchTables, TableEntry
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject, also_forget, shared_ends
 from p4src.spec import CPU_CLONE_SESSION, Pipeline
 from runtime.entities import table_entry_proto
 
@@ -363,7 +361,9 @@ def _encode_by_difference(
         return None
     if not isinstance(base._entries, Entries) or len(base._entries) != len(old.entries):
         return None  # `base` holds two entries under one key
-    old_entries, new_entries = _middles(old.entries, compiled.entries)
+    head, tail = shared_ends(old.entries, compiled.entries)  # the rest is as it was
+    old_entries = old.entries[head : len(old.entries) - tail]
+    new_entries = compiled.entries[head : len(compiled.entries) - tail]
     old_ids, new_ids = set(map(id, old_entries)), set(map(id, new_entries))
     made: dict[bytes, p4r.TableEntry] = {}
     one = _encoder(tables, made)
@@ -385,19 +385,6 @@ def _encode_by_difference(
     if len(raw) != len(compiled.entries):
         return None
     return Entries(raw, made), encoded, _Delta(weakref.ref(base), gone, came)
-
-
-def _middles(
-    old: tuple[TableEntry, ...], new: tuple[TableEntry, ...]
-) -> tuple[tuple[TableEntry, ...], tuple[TableEntry, ...]]:
-    """`old` and `new` without the longest prefix and suffix they share object for object
-    (found in C: a ToR compiled again keeps its identity entries, most of its `policy`
-    entries and its routes in place)."""
-    most = min(len(old), len(new))
-    head = next(compress(count(), map(is_not, old, new)), most)
-    tail = next(compress(count(), map(is_not, reversed(old), reversed(new))), most)
-    tail = min(tail, most - head)
-    return old[head : len(old) - tail], new[head : len(new) - tail]
 
 
 def text_digest(text: str, cpu_port: int) -> bytes:

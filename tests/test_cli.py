@@ -99,3 +99,13 @@ def test_help_teaches_with_an_example(capsys: pytest.CaptureFixture[str]) -> Non
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "p4seg check policies/trading_floor.zt" in out
+
+
+def test_the_parser_is_made_once_and_its_defaults_are_never_shared() -> None:
+    from p4seg.cli import _arguments, _parser
+
+    assert _parser() is _parser()
+    first = _arguments(["apply", "p.zt", "--inventory", "i.yaml"])
+    first.down.append("spine1")  # a verb that extended a default in place
+    second = _arguments(["apply", "p.zt", "--inventory", "i.yaml"])
+    assert second.down == [] and second.down is not first.down
