@@ -342,7 +342,13 @@ def _keys(rules: tuple[PolicyRule, ...], last: _Keys | None = None) -> _Keys:
                         counts[addresses.intervals] = n
                     else:
                         counts.pop(addresses.intervals, None)
-        if all(len(sets.get(t, ())) <= 1 and len(c) <= 1 for t, c in counted.items()):
+        # Every other rule's key stays what it was when no text that changed stands for
+        # several sets, or the sets it stands for are the same (only how many rules name
+        # each changed): the largest keeps the bare text, as it did.
+        if all(
+            (len(sets.get(t, ())) <= 1 and len(c) <= 1) or c.keys() == sets.get(t, {}).keys()
+            for t, c in counted.items()
+        ):
             for text, counts in counted.items():
                 if counts:
                     sets[text] = counts
@@ -352,12 +358,28 @@ def _keys(rules: tuple[PolicyRule, ...], last: _Keys | None = None) -> _Keys:
             for r in removed:
                 del of[(r.id, "src")], of[(r.id, "dst")]
             for r in added:
-                of[(r.id, "src")], of[(r.id, "dst")] = (
-                    _normalised(r.src_text),
-                    _normalised(r.dst_text),
-                )
+                for side, text, addresses in (
+                    ("src", r.src_text, r.src),
+                    ("dst", r.dst_text, r.dst),
+                ):
+                    text = _normalised(text)
+                    of[(r.id, side)] = _set_key(text, addresses.intervals, sets[text])
             return _Keys(rules, of, sets, last.rules, removed, added)
     return _keys_in_full(rules)
+
+
+def _set_key(
+    text: str, intervals: tuple[Interval, ...], sets: Mapping[tuple[Interval, ...], int]
+) -> str:
+    """The key of the set `intervals` a rule names by `text`, which stands for `sets`: the
+    bare text, unless the text stands for several sets and this is not the largest."""
+    if len(sets) <= 1 or intervals == _largest(sets):
+        return text
+    return f"{text} ~{hashlib.sha256(repr(intervals).encode()).hexdigest()[:12]}"
+
+
+def _largest(sets: Iterable[tuple[Interval, ...]]) -> tuple[Interval, ...]:
+    return max(sets, key=lambda iv: (sum(hi - lo + 1 for lo, hi in iv), iv))
 
 
 def _keys_in_full(rules: tuple[PolicyRule, ...]) -> _Keys:
@@ -376,17 +398,7 @@ def _keys_in_full(rules: tuple[PolicyRule, ...]) -> _Keys:
             uses.append(((rule.id, side), text, addresses.intervals))
     # The largest of a text's sets keeps the bare text: a quarantine or a grant carves
     # pieces out of a service, and the service itself keeps its tags.
-    bare = {
-        text: max(found, key=lambda iv: (sum(hi - lo + 1 for lo, hi in iv), iv))
-        for text, found in sets.items()
-        if len(found) > 1
-    }
-    out = {}
-    for use, text, intervals in uses:
-        if text in bare and intervals != bare[text]:
-            digest = hashlib.sha256(repr(intervals).encode()).hexdigest()[:12]
-            text = f"{text} ~{digest}"
-        out[use] = text
+    out = {use: _set_key(text, intervals, sets[text]) for use, text, intervals in uses}
     return _Keys(rules, out, sets)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.addresses import AddressSet
+from compiler.memo import ByObject
 from compiler.model import (
     ICMP_NAMES,
     REMEDIATION,
@@ -340,15 +341,22 @@ def _first_applied(rule: PolicyRule, state: LiveState) -> float | None:
     return since if since is not None else state.first_applied.get(rule.describe())
 
 
+def _emptied(rule: PolicyRule) -> PolicyRule:
+    return dataclasses.replace(rule, src=_EMPTY, dst=_EMPTY)
+
+
+# A rule out of force (outside its `during` window, past its `for`), per rule object: the
+# same object apply after apply, so that a compile by difference (compiler/lower.py) sees
+# only the rules an edit changed, not every rule out of force made anew.
+_OUT_OF_FORCE: ByObject[PolicyRule, PolicyRule] = ByObject(10_000)
+
+
 def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[str, int]) -> Policy:
     """What the switches must enforce at `now` (see the module docstring).
 
     `hosts` maps inventory host names to addresses, for quarantine.
     """
-    rules = [
-        r if in_force(r, state, now) else dataclasses.replace(r, src=_EMPTY, dst=_EMPTY)
-        for r in policy.rules
-    ]
+    rules = [r if in_force(r, state, now) else _OUT_OF_FORCE.get(r, _emptied) for r in policy.rules]
     restricted = {hosts[h]: p for h, p in state.restricted_at(now).items() if h in hosts}
     if restricted:
         rules = _restrict(policy, rules, restricted)

@@ -238,11 +238,20 @@ def test_keys_found_by_difference_are_the_keys_found_in_full(
     plain = floor_policy.rules
     mixed = plain + tuple(r for r in carved.rules if r not in plain)[:3]  # a few carved rules
     edited = plain[:-1]  # one rule fewer, nothing carved
-    for before, after in ((plain, mixed), (mixed, plain), (plain, edited), (edited, plain)):
+    # a rule naming `prod` gone while `prod` stands for the same two sets: by difference
+    copied = {r.id for r in mixed[len(plain) :]}  # (the carved copies keep their rules' ids)
+    prod_rule = next(
+        i for i, r in enumerate(mixed) if "prod" in (r.src_text, r.dst_text) and r.id not in copied
+    )
+    fewer = mixed[:prod_rule] + mixed[prod_rule + 1 :]
+    pairs = ((plain, mixed), (mixed, plain), (plain, edited), (edited, plain), (mixed, fewer),
+             (fewer, mixed))  # fmt: skip
+    for before, after in pairs:
         found = lower_module._keys(after, lower_module._keys(before))
         assert found.of == lower_module._keys_in_full(after).of
         assert found.sets == lower_module._keys_in_full(after).sets
     assert lower_module._keys(edited, lower_module._keys(plain)).base is plain  # by difference
+    assert lower_module._keys(fewer, lower_module._keys(mixed)).base is mixed
     assert len({k for k in lower_module._keys(mixed).of.values() if k.startswith("prod")}) == 2
 
 

@@ -116,6 +116,13 @@ def test_during_windows_and_for_rules(floor: Inventory, floor_policy: Policy) ->
         next_change(floor_policy, LiveState(), noon)
         == dt.datetime(2026, 11, 23, 18, 0, tzinfo=dt.UTC).timestamp()
     )
+    # Out of force, a rule is the same object at every apply: a compile by difference
+    # sees only the rules an edit changed (and in force, the rule itself).
+    at_night = effective_policy(floor_policy, LiveState(), night, _hosts(floor))
+    again = effective_policy(floor_policy, LiveState(), night + 60, _hosts(floor))
+    assert all(a is b for a, b in zip(at_night.rules, again.rules, strict=True))
+    (out,) = (r for r in at_night.rules if r.key == jump.key)
+    assert out is not jump and not out.src.intervals
     temp = _policy("policy t\nallow algo1 -> riskdb tcp 5432 for 15m\ndefault deny\n", floor)
     state = LiveState()
     note_applied(temp, state, 100.0)
