@@ -34,7 +34,7 @@ module does not know): None — prove everything.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from compiler.entries import FieldMatch, SwitchTables, TableEntry
@@ -103,7 +103,37 @@ def changed_entries(old: SwitchTables, new: SwitchTables) -> list[TableEntry] | 
     old_ids, new_ids = set(map(id, a)), set(map(id, b))
     removed = {e for e in a if id(e) not in new_ids}
     added = {e for e in b if id(e) not in old_ids}
-    return list(removed ^ added)
+    changed = Changed(removed ^ added)
+    changed.gone = {id(e) for e in changed if id(e) in old_ids}
+    changed.tables = (old, new)
+    return changed
+
+
+class Changed(list[TableEntry]):
+    """`changed_entries`: and which of them are the old tables' objects (`gone`: their
+    ids, while `tables` holds both), so that none of the old tables' thousands of entries
+    is indexed to ask."""
+
+    gone: set[int]
+    tables: tuple[SwitchTables, SwitchTables]
+
+
+def _old_objects(old: SwitchTables, changed: list[TableEntry]) -> Container[TableEntry]:
+    """`entry in` it: whether one of `changed` (`changed_entries(old, ...)`) is an object
+    of `old`."""
+    if isinstance(changed, Changed) and changed.tables[0] is old:
+        return _Ids(changed.gone)
+    return _ObjectsOf(old)
+
+
+class _Ids:
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: set[int]) -> None:
+        self._ids = ids
+
+    def __contains__(self, entry: object) -> bool:
+        return id(entry) in self._ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +162,7 @@ def retags(
     to what the other build's table gives that address (its default, NO_TAGS, on a miss).
     Each of `changed` is an object of one of the two tables, as `changed_entries` gives
     them (an entry both hold is not among them): whether it was removed is which it is."""
-    before = _ObjectsOf(old)
+    before = _old_objects(old, changed)
     removed = {_without_tags(e): e for e in changed if e.table in _IDENTITY_FIELD and e in before}
     out: list[Retag] = []
     rest: list[TableEntry] = []
@@ -170,7 +200,7 @@ class _ObjectsOf:
         self._ids = {id(e) for e in tables.entries}
         self._tables = tables  # (held: the ids stay theirs)
 
-    def __contains__(self, entry: TableEntry) -> bool:
+    def __contains__(self, entry: object) -> bool:
         return id(entry) in self._ids
 
 
@@ -532,13 +562,14 @@ def monotone_change(
             if e.table != "policy" or e.action != "permit" or e.meter is not None:
                 return f"{name}: {e.table} entries other than plain permits changed"
     for name, (retagged, rest) in parts.items():
-        before = _entry_set(old[name])
+        objects = _old_objects(old[name], changed[name])  # (each of `rest` is in one build)
         for e in rest:
-            added = e not in before
+            added = e not in objects
             if widens is not None and widens != added:
                 return f"{name}: permits are both added and removed"
             widens = added
         if retagged:
+            before = _entry_set(old[name])
             kept = [e for e in new[name].entries if e.table == "policy" and e in before]
             for r in retagged:
                 side = "src_tags" if r.table == "src_identity" else "dst_tags"
