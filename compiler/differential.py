@@ -122,15 +122,18 @@ def _old_objects(old: SwitchTables, changed: list[TableEntry]) -> Container[Tabl
     """`entry in` it: whether one of `changed` (`changed_entries(old, ...)`) is an object
     of `old`."""
     if isinstance(changed, Changed) and changed.tables[0] is old:
-        return _Ids(changed.gone)
-    return _ObjectsOf(old)
+        return _Objects(changed.gone, changed.tables)
+    return _Objects(set(map(id, old.entries)), old)
 
 
-class _Ids:
-    __slots__ = ("_ids",)
+class _Objects:
+    """`entry in` it: whether `entry` is one of the objects `ids` names (`held`, their
+    holder, keeps those ids theirs)."""
 
-    def __init__(self, ids: set[int]) -> None:
-        self._ids = ids
+    __slots__ = ("_held", "_ids")
+
+    def __init__(self, ids: set[int], held: object) -> None:
+        self._ids, self._held = ids, held
 
     def __contains__(self, entry: object) -> bool:
         return id(entry) in self._ids
@@ -191,17 +194,6 @@ def retags(
         out.append(Retag(e.table, where, _tags(e), other) if gone else
                    Retag(e.table, where, other, _tags(e)))  # fmt: skip
     return out, kept
-
-
-class _ObjectsOf:
-    """`entry in _ObjectsOf(tables)`: whether `entry` is one of the tables' entry objects."""
-
-    def __init__(self, tables: SwitchTables) -> None:
-        self._ids = {id(e) for e in tables.entries}
-        self._tables = tables  # (held: the ids stay theirs)
-
-    def __contains__(self, entry: object) -> bool:
-        return id(entry) in self._ids
 
 
 def _host_tags(tables: SwitchTables, entry: TableEntry) -> int | None:

@@ -78,6 +78,7 @@ def test_a_no_op_apply_encodes_nothing_and_reads_no_table(
     import runtime.plan
 
     sw, inv = site
+    p4seg.control._APPLIED.clear()  # as a new process: only this site's build remembered
     assert main(["apply", "small.zt", *inv]) == 0
     encoded: list[str] = []
     real_encode = runtime.plan._encode
