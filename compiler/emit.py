@@ -315,19 +315,49 @@ def _entries_file(sw: SwitchTables, target: Target, lines: _Lines) -> str:
     segments = SEGMENTS.find(sw)
     if segments is None:
         return _dumps_listing(_entries_json(sw, target, lines), "entries")
-    texts = [_RUNS.get(run, partial(_run_text, lines)) for run in segments if run]
     doc = _entries_json(sw, target, lines, entries=False)
+    return _listing_by_runs(doc, "entries", [], _run_texts(segments, lines, entry_line, "entries"))
+
+
+def _listing_by_runs(doc: dict[str, object], key: str, first: list[str], runs: list[str]) -> str:
+    """`_dumps_listing` of `doc` with its list `key` made of the lines `first` (each a
+    line, indented) and the runs' texts (`_run_text`)."""
     head = json.dumps(doc, indent=2, sort_keys=True)[:-2] + ",\n"
+    texts = first + runs
     if not texts:
-        return head + '  "entries": []\n}\n'
-    parts = [head, '  "entries": [\n']
+        return head + f'  "{key}": []\n}}\n'
+    parts = [head, f'  "{key}": [\n']
     for text in texts:  # one copy of the megabytes of lines, not one per concatenation
         parts += (text, ",\n")
     parts[-1] = "\n  ]\n}\n"
     return "".join(parts)
 
 
-def _run_text(lines: _Lines, run: tuple[TableEntry, ...]) -> str:
+def _run_texts(
+    segments: tuple[tuple[TableEntry, ...], ...],
+    lines: _Lines,
+    encode: Callable[[TableEntry], str],
+    kind: str,
+) -> list[str]:
+    """Each run's text in a listing of `kind`, made once per run tuple and kind."""
+    out = []
+    for run in segments:
+        if run:
+            texts = _RUNS.get(run, _no_texts)
+            text = texts.get(kind)
+            if text is None:
+                text = texts[kind] = _run_text(lines, encode, kind, run)
+            out.append(text)
+    return out
+
+
+def _no_texts(_run: tuple[TableEntry, ...]) -> dict[str, str]:
+    return {}
+
+
+def _run_text(
+    lines: _Lines, encode: Callable[[TableEntry], str], kind: str, run: tuple[TableEntry, ...]
+) -> str:
     """The run's lines, indented, one per entry: a policy edit makes a ToR's `policy` run
     again from thousands of lines it mostly has (`_line` inlined for those)."""
     get = lines.get
@@ -335,15 +365,14 @@ def _run_text(lines: _Lines, run: tuple[TableEntry, ...]) -> str:
     for e in run:
         found = get(id(e))
         texts.append(
-            found[1]
-            if found is not None and found[0] is e
-            else _line(lines, e, entry_line, "entries")
+            found[1] if found is not None and found[0] is e else _line(lines, e, encode, kind)
         )
     return "    " + ",\n    ".join(texts)
 
 
-# Per run of entries (a tuple of SEGMENTS): its lines in an entries file, joined.
-_RUNS: ByObject[tuple[TableEntry, ...], str] = ByObject(32)
+# Per run of entries (a tuple of SEGMENTS), per kind of listing (an entries file, a
+# target's runtime listing): its lines, joined.
+_RUNS: ByObject[tuple[TableEntry, ...], dict[str, str]] = ByObject(32)
 
 
 def _entries_json(
@@ -390,10 +419,23 @@ def _runtime_line(pipe: Pipeline, e: TableEntry) -> str:
 
 
 def _runtime_listing(sw: SwitchTables, target: Target, lines: _Lines) -> str:
-    return _dumps_listing(_runtime_json(sw, target, lines), "table_entries")
+    """`_dumps_listing(_runtime_json(...), "table_entries")`, by runs as `_entries_file`."""
+    segments = SEGMENTS.find(sw)
+    if segments is None:
+        return _dumps_listing(_runtime_json(sw, target, lines), "table_entries")
+    doc = _runtime_json(sw, target, lines, entries=False)
+    defaults = doc.pop("table_entries")
+    assert isinstance(defaults, list)
+    first = ["    " + json.dumps(d, sort_keys=True) for d in defaults]
+    encode = functools.partial(_runtime_line, target.pipeline)
+    kind = f"runtime {target.name}"
+    return _listing_by_runs(doc, "table_entries", first, _run_texts(segments, lines, encode, kind))
 
 
-def _runtime_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, object]:
+def _runtime_json(
+    sw: SwitchTables, target: Target, lines: _Lines, entries: bool = True
+) -> dict[str, object]:
+    """The runtime listing's document (`entries`: False, its defaults alone)."""
     pipe = target.pipeline
     table_entries: list[object] = [
         {
@@ -406,7 +448,8 @@ def _runtime_json(sw: SwitchTables, target: Target, lines: _Lines) -> dict[str, 
     ]
     encode = functools.partial(_runtime_line, pipe)
     kind = f"runtime {target.name}"  # names qualified by the target's program
-    table_entries += [_line(lines, e, encode, kind) for e in sw.entries]
+    if entries:
+        table_entries += [_line(lines, e, encode, kind) for e in sw.entries]
     return {
         "target": "bmv2" if target.program == "v1model" else target.name,
         "p4info": f"../{P4INFO_FILE}",

@@ -15,6 +15,7 @@ from compiler.addresses import format_ipv4
 from compiler.emit import (
     _dumps_listing,
     _entries_json,
+    _runtime_json,
     _runtime_line,
     build,
     entry_line,
@@ -95,13 +96,19 @@ def test_the_floor_entries_files_read_back(
     floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
     """The trading floor's files, made of these lines, hold exactly its tables."""
-    built = build(floor_policy, floor, floor_policy_text, "ref")
-    for sw in built.switches:
-        text = built.files[f"entries/{sw.switch}.json"]
-        assert load_entries(text).entries == sw.entries
-        # written run by run (compiler/lower.py SEGMENTS): as the whole list would be
-        assert SEGMENTS.find(sw) is not None
-        assert text == _dumps_listing(_entries_json(sw, built.target, {}), "entries")
-        runtime = json.loads(built.files[f"entries/{sw.switch}-runtime.json"])
-        rows = [r for r in runtime["table_entries"] if not r.get("default_action")]
-        assert rows == [_runtime_doc(e) for e in sw.entries]
+    for target in ("ref", "bmv2", "tofino"):
+        built = build(floor_policy, floor, floor_policy_text, target)
+        for sw in built.switches:
+            text = built.files[f"entries/{sw.switch}.json"]
+            assert load_entries(text).entries == sw.entries
+            # written run by run (compiler/lower.py SEGMENTS; the ref target's tables are
+            # the lowered ones): as the whole list would be
+            assert SEGMENTS.find(sw) is not None or target != "ref"
+            assert text == _dumps_listing(_entries_json(sw, built.target, {}), "entries")
+            listing = built.files[f"entries/{sw.switch}-runtime.json"]
+            whole = _runtime_json(sw, built.target, {})
+            assert listing == _dumps_listing(whole, "table_entries")
+            runtime = json.loads(listing)
+            rows = [r for r in runtime["table_entries"] if not r.get("default_action")]
+            if target == "ref":
+                assert rows == [_runtime_doc(e) for e in sw.entries]
