@@ -67,6 +67,7 @@ from compiler.differential import (
     retags,
     same_inventory,
 )
+from compiler.rule_proof import ByRules, prove_by_rules
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
@@ -183,6 +184,7 @@ class VerifyResult:
     metered: list[MeteredRule] = field(default_factory=list)  # the policy's rate limits
     scope: tuple[str, ...] | None = None  # differential: the ToRs whose packets were proven
     pairs: int | None = None  # differential by pairs: the (sender, destination class) pairs
+    by_rules: ByRules | None = None  # a full proof: what went rule by rule (rule_proof.py)
 
     def metered_note(self) -> list[str]:
         """What the proof says about rate limits, one line per metered allow."""
@@ -846,6 +848,29 @@ class Verifier:
             found = self._src_ids[key] = (tags, hit)
         return None if found[0] < 0 else found[0]
 
+    # -- what the proof by rules reads (compiler/rule_proof.py) --------------------------
+
+    def epoch(self, switch: str) -> int:
+        return self._epoch[switch]
+
+    def island(self, switch: str) -> str:
+        return self._island[switch]
+
+    def links(
+        self,
+    ) -> tuple[Mapping[tuple[str, int], tuple[str, int]], Mapping[tuple[str, int], str]]:
+        """(switch, port) -> the (switch, port) at the other end; -> the host there."""
+        return self.fabric.peer, self.fabric.host_at
+
+    def source_tags(self, switch: str, port: int, src: int) -> int | None:
+        return self._src_tags(switch, self._epoch[switch], port, src)
+
+    def destination_tags(self, switch: str, dst: int) -> int:
+        return self._lookup(switch, "dst_identity", self._epoch[switch], dst) or 0
+
+    def egress(self, switch: str, dst: int) -> int | None:
+        return self._lookup(switch, "routing", self._epoch[switch], dst)
+
     def _policy_entries(
         self, switch: str, epoch: int, src_tags: int, dst_tags: int, proto: int
     ) -> list[tuple[tuple[FieldMatch, ...], TableEntry]]:
@@ -883,23 +908,32 @@ class Verifier:
         focus: Collection[int] | None = None,
         scope: tuple[str, ...] | None = None,
         pairs: PairScope | None = None,
+        exact: bool = False,
     ) -> VerifyResult:
         """The proof; with `focus` (host addresses), only the packets from or to them (and
         only their ports' spoofing) — what a change that touches only their packets needs
         (`scope`: the ToRs whose hosts they are, when that is how they were chosen); with
         `pairs`, only those (sender, destination class) pairs and those hosts' spoofing
-        (compiler/differential.py)."""
+        (compiler/differential.py). A proof of everything goes rule by rule first
+        (compiler/rule_proof.py) and walks by pairs only what that leaves, unless `exact`:
+        every pair walked."""
         start = time.monotonic()
         result = VerifyResult(scope=scope, pairs=None if pairs is None else pairs.pairs())
+        spoof = focus  # the hosts whose ports' spoofing to prove (None: all)
         if pairs is not None:
-            focus = pairs.spoof
+            spoof = pairs.spoof
+        elif focus is None and not exact:
+            self.address_classes()
+            assert self._starts is not None
+            by_rules = result.by_rules = prove_by_rules(self, self._starts)
+            pairs = by_rules.left or PairScope({}, frozenset())
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
             for r in self.policy.rules
             if r.rate_pps is not None
         ]
         classes = self.address_classes()
-        self._spoofing(classes, result, focus)
+        self._spoofing(classes, result, spoof)
         protocols = sorted(
             {protocol_of(c, self.sem.proto_classes) for c in self.sem.proto_classes}
             | {p for derived in self._derived.values() for p in derived.protocols}
@@ -1575,6 +1609,7 @@ def verify(
     focus: Collection[int] | None = None,
     previous: Proven | None = None,
     recorded: tuple[Recorded, ProofRecord] | None = None,
+    exact: bool = False,
 ) -> VerifyResult:
     """Prove that `switches`' entries implement `policy` on `inventory`, or show where not;
     with `only` (ToR names), for the packets those ToRs judge — from and to their hosts (a
@@ -1582,9 +1617,10 @@ def verify(
     from and to those hosts only; with `previous` (a build proven before), for the pairs
     the change from it can have touched (compiler/differential.py), or everything when
     that cannot be told; with `recorded` (a build proven by another process, as the state
-    directory keeps it, and this build's record), the same pairs."""
+    directory keeps it, and this build's record), the same pairs. A proof of everything
+    goes rule by rule where it can (compiler/rule_proof.py); `exact` walks every pair."""
     with collection_paused():
-        return _verify(policy, inventory, switches, only, focus, previous, recorded)
+        return _verify(policy, inventory, switches, only, focus, previous, recorded, exact)
 
 
 def _verify(
@@ -1595,6 +1631,7 @@ def _verify(
     focus: Collection[int] | None,
     previous: Proven | None,
     recorded: tuple[Recorded, ProofRecord] | None,
+    exact: bool = False,
 ) -> VerifyResult:
     verifier = Verifier(policy, inventory, switches)
     pairs = None
@@ -1607,7 +1644,7 @@ def _verify(
     if only is not None:
         held = {h.ip for h in inventory.hosts if h.switch in only}
         focus = held | set(focus or ())
-    return verifier.run(focus, None if only is None else tuple(sorted(only)))
+    return verifier.run(focus, None if only is None else tuple(sorted(only)), exact=exact)
 
 
 # -- differential proofs ---------------------------------------------------------------------

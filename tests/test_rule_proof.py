@@ -1,0 +1,235 @@
+"""The proof by rules (compiler/rule_proof.py) against the proof by pairs.
+
+The proof by rules only decides what its sufficient conditions cover and leaves the rest
+to the exact proof by pairs; so whatever the tables, a full `verify` must report exactly
+the counterexamples the proof by pairs alone reports. These tests corrupt builds in many
+ways (the shared corruptions, and corruptions aimed at each condition: tag matches, the
+rule an entry names, its band, its meter, identity vectors) and compare the two, and check
+that a sound build is proven rule by rule with nothing left to the pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from corrupt import corruptions
+from hypothesis import given, settings
+from test_lower import SMALL, small_policies
+
+from bench.gen_policy import generate
+from compiler.check import check_policy
+from compiler.emit import build
+from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
+from compiler.inventory import Inventory, parse_inventory
+from compiler.model import Policy
+from compiler.verify import VerifyResult, verify
+from runtime.live import LiveState, effective_policy
+
+NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+Switches = dict[str, SwitchTables]
+
+
+def _found(result: VerifyResult) -> set[str]:
+    return {c.describe() for c in result.counterexamples}
+
+
+def _switches(policy: Policy, inventory: Inventory, text: str, target: str = "ref") -> Switches:
+    return {s.switch: s for s in build(policy, inventory, text, target).switches}
+
+
+def _tors(inventory: Inventory) -> int:
+    return sum(1 for s in inventory.switches if s.role == "tor")
+
+
+def _agree(policy: Policy, inventory: Inventory, switches: Switches) -> VerifyResult:
+    """The full proof, after asserting it finds what the proof by pairs finds."""
+    by_rules = verify(policy, inventory, switches)
+    exact = verify(policy, inventory, switches, exact=True)
+    assert _found(by_rules) == _found(exact), (
+        by_rules.by_rules.reasons if by_rules.by_rules else None
+    )
+    return by_rules
+
+
+@pytest.mark.parametrize("target", ["ref", "bmv2", "tofino"])
+def test_the_floor_is_proven_rule_by_rule(
+    target: str, floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    switches = _switches(floor_policy, floor, floor_policy_text, target)
+    result = _agree(floor_policy, floor, switches)
+    assert result.proven and result.by_rules is not None
+    assert result.by_rules.tors == _tors(floor) and result.by_rules.left is None
+    assert result.by_rules.checks > 0 and result.classes == 0  # no pair walked
+    assert result.spoof_classes > 100  # spoofing is still proven, port by port
+
+
+# -- corruptions ----------------------------------------------------------------------------
+
+
+def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
+    """Builds with one `policy` or identity entry corrupted where the proof by rules looks:
+    a tag match moved to another slot, the rule an entry names or its band changed, its
+    meter changed, an identity vector's field changed, a copy with the other outcome."""
+    rng = random.Random(seed)
+    names = sorted(n for n, s in switches.items() if s.role == "tor")
+    out: list[Switches] = []
+    while len(out) < count:
+        name = rng.choice(names)
+        sw = switches[name]
+        i = rng.randrange(len(sw.entries))
+        e = sw.entries[i]
+        kind = rng.choice(("tags", "rule", "band", "meter", "vector", "copy"))
+        new: tuple[TableEntry, ...]
+        if kind == "tags" and e.table == "policy":
+            tags = [m for m in e.matches if m.field in ("src_tags", "dst_tags")]
+            if not tags:
+                continue
+            m = rng.choice(tags)
+            shift = rng.choice(_fields(m.arg))
+            moved = FieldMatch(m.field, m.kind, m.value ^ (rng.randrange(1, 16) << shift), m.arg)
+            new = (
+                dataclasses.replace(e, matches=tuple(moved if x is m else x for x in e.matches)),
+            )
+        elif kind == "rule" and e.table == "policy":
+            ids = sorted(
+                {dict(x.params).get("rule_id", 0) for x in sw.entries if x.table == "policy"}
+            )
+            new = (dataclasses.replace(e, params=(("rule_id", rng.choice(ids)),)),)
+        elif kind == "band" and e.table == "policy":
+            band = rng.choice([b for b in range(8) if b != e.priority >> 28])
+            new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
+        elif kind == "meter" and e.action in ("permit", "permit_metered"):
+            meter = rng.choice([None, meter_for_rate(100), meter_for_rate(2000)])
+            action = "permit" if meter is None and rng.random() < 0.5 else "permit_metered"
+            new = (dataclasses.replace(e, action=action, meter=meter),)
+        elif kind == "vector" and e.table in ("src_identity", "dst_identity"):
+            tags = dict(e.params).get("tags")
+            if tags is None:
+                continue
+            shift = rng.choice(_fields(tags) or [rng.randrange(64) * 4])
+            new = (
+                dataclasses.replace(e, params=(("tags", tags ^ rng.randrange(1, 16) << shift),)),
+            )
+        elif kind == "copy" and e.table == "policy":
+            other = "deny" if e.action in ("permit", "permit_metered") else "permit"
+            copy = dataclasses.replace(e, action=other, meter=None,
+                                       priority=e.priority + rng.choice([1, -1]))  # fmt: skip
+            new = (e, copy)
+        else:
+            continue
+        entries = sw.entries[:i] + new + sw.entries[i + 1 :]
+        out.append({**switches, name: dataclasses.replace(sw, entries=entries)})
+    return out
+
+
+def _fields(vector: int) -> list[int]:
+    """The shifts of the 4-bit fields where `vector` is not 0."""
+    return [f * 4 for f in range(64) if vector >> f * 4 & 0xF]
+
+
+@pytest.mark.parametrize(
+    ("target", "shared", "aimed", "least"), [("ref", 40, 80, 25), ("tofino", 8, 16, 4)]
+)
+def test_every_corruption_is_reported_as_the_proof_by_pairs_reports_it(
+    target: str,
+    shared: int,
+    aimed: int,
+    least: int,
+    floor: Inventory,
+    floor_policy: Policy,
+    floor_policy_text: str,
+) -> None:
+    """(Tofino's port ranges are ternary entries: its proof by pairs is slow, fewer.)"""
+    switches = _switches(floor_policy, floor, floor_policy_text, target)
+    broken = corruptions(switches, seed=7, count=shared) + _aimed(switches, 11, aimed)
+    caught = left = 0
+    for corrupted in broken:
+        result = _agree(floor_policy, floor, corrupted)
+        caught += not result.proven
+        assert result.by_rules is not None
+        left += result.by_rules.left is not None
+    assert caught >= least and left >= caught  # many matter; each was left to the pairs
+
+
+def test_a_generated_floor_is_proven_rule_by_rule_and_its_corruptions_caught() -> None:
+    floor = generate(rules=120, services=30, hosts=48, tors=6, spines=2, seed=3)
+    inventory = parse_inventory(floor.inventory, "inventory.yaml")
+    policy = check_policy(floor.policy, "policy.zt", inventory, expectations=False).policy
+    assert policy is not None
+    switches = _switches(policy, inventory, floor.policy)
+    result = _agree(policy, inventory, switches)
+    assert result.proven and result.by_rules is not None
+    assert result.by_rules.tors == 6 and result.by_rules.left is None
+    caught = 0
+    for corrupted in corruptions(switches, seed=5, count=10) + _aimed(switches, 9, 20):
+        caught += not _agree(policy, inventory, corrupted).proven
+    assert caught >= 6
+
+
+@settings(max_examples=25, deadline=None)
+@given(small_policies())
+def test_random_policies_are_proven_rule_by_rule(text: str) -> None:
+    policy = check_policy(text, "random.zt", SMALL, expectations=False).policy
+    assert policy is not None
+    switches = _switches(policy, SMALL, text)
+    result = _agree(policy, SMALL, switches)
+    assert result.proven and result.by_rules is not None
+    assert result.by_rules.left is None, result.by_rules.reasons
+    for corrupted in _aimed(switches, seed=len(text), count=4):
+        _agree(policy, SMALL, corrupted)
+
+
+# -- what the proof by rules leaves to the pairs ----------------------------------------------
+
+
+def test_a_quarantined_hosts_pairs_are_left_to_the_pairs(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    hosts = {h.name: h.ip for h in floor.hosts}
+    state = LiveState(quarantined={"algo1": 0.0})
+    policy = effective_policy(floor_policy, state, NOON, hosts)
+    switches = {s.switch: s for s in build(policy, floor, "", "ref").switches}
+    result = _agree(policy, floor, switches)
+    assert result.proven and result.by_rules is not None
+    assert result.by_rules.tors == _tors(floor)  # every ToR proven for the other hosts
+    left = result.by_rules.left
+    assert left is not None and hosts["algo1"] in left.masks
+    others = {ip for ip, mask in left.masks.items() if ip != hosts["algo1"]}
+    assert others and all(left.masks[ip].bit_count() == 1 for ip in others)  # to algo1 only
+    for corrupted in _aimed(switches, seed=3, count=20):
+        _agree(policy, floor, corrupted)
+
+
+def test_a_spine_down_is_proven_rule_by_rule(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    spine = next(s.name for s in floor.switches if s.role == "spine")
+    gone = floor.with_down([spine])
+    switches = _switches(floor_policy, gone, floor_policy_text)
+    result = _agree(floor_policy, gone, switches)
+    assert result.proven and result.by_rules is not None and result.by_rules.left is None
+    # the tables of both spines up, with one down: routes into the dead spine lose packets
+    stale = _switches(floor_policy, floor, floor_policy_text)
+    result = _agree(floor_policy, gone, {n: s for n, s in stale.items() if n != spine})
+    assert result.by_rules is not None
+
+
+def test_a_route_to_the_wrong_host_is_left_to_the_pairs(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    switches = _switches(floor_policy, floor, floor_policy_text)
+    a, b = floor.hosts[0], next(h for h in floor.hosts[1:] if h.switch == floor.hosts[0].switch)
+    sw = switches[a.switch]
+    entries = tuple(
+        dataclasses.replace(e, params=(("port", b.port),))
+        if e.table == "routing" and e.matches[-1].value == a.ip
+        else e
+        for e in sw.entries
+    )
+    result = _agree(
+        floor_policy, floor, {**switches, a.switch: dataclasses.replace(sw, entries=entries)}
+    )
+    assert not result.proven and result.by_rules is not None
+    assert any("routed other than to their host" in r for r in result.by_rules.reasons)
+    assert {c.kind for c in result.counterexamples} == {"wrong-destination"}
