@@ -61,6 +61,7 @@ from compiler.differential import PairScope, ScopeBuilder
 from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import MAX_HOPS
 from compiler.inventory import Host, Inventory
+from compiler.memo import also_forget
 from compiler.model import Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import (
     ICMP_ECHO_REPLY_RANGE,
@@ -269,10 +270,11 @@ def _empty(x: int, y: int, diagonal: bool) -> bool:
 # -- headers --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Headers:
     """A set of packet headers, per kind: TCP (sport x dport x flags), UDP (sport x dport),
-    ICMP (type << 8 | code), and the protocols without ports (their numbers)."""
+    ICMP (type << 8 | code), and the protocols without ports (their numbers). Made once
+    per value (the makers are memoized), so compared and hashed by identity."""
 
     tcp: tuple[_Intervals, _Intervals, _Intervals] | None
     udp: tuple[_Intervals, _Intervals] | None
@@ -523,6 +525,7 @@ class _Proof:
         self.arrivals: dict[str, set[tuple[str, int]]] = {t: set() for t in self.tors}
         self.unproven: set[str] = set()
         self.by_id = {r.id: r for r in self.policy.rules}
+        self._rule_headers: dict[int, tuple[PolicyRule, _Headers | None, _Headers | None]] = {}
 
     def run(self) -> ByRules:
         self._quarantine()
@@ -709,15 +712,13 @@ class _Proof:
         )
         last: tuple[int, tuple[int, int]] | None = None
         for e in entries:
-            src = tuple(m for m in e.matches if m.field == "src_tags")
-            dst = tuple(m for m in e.matches if m.field == "dst_tags")
+            src, dst, headers, odd, rule_id = _taken_apart(e)
             x, y = sources.select(src), destinations.select(dst)
             if not domain.meets(x, y):
                 continue
             self.result.entries += 1
-            if any(m.field not in _HEADER_FIELDS and m.field not in _TAGS for m in e.matches):
+            if odd:
                 raise _Unproven(f"a policy entry matches {_fields(e)}")
-            headers = _entry_headers(tuple(m for m in e.matches if m.field in _HEADER_FIELDS))
             if headers is None:
                 raise _Unproven(f"a policy entry's matches are too scattered: {_fields(e)}")
             band = e.priority >> _BAND_SHIFT
@@ -726,7 +727,7 @@ class _Proof:
                 if _passes(e):
                     raise _Unproven(f"a band-0 entry (priority {e.priority}) passes packets")
             else:
-                rule = by_id.get(dict(e.params).get("rule_id", -1))
+                rule = by_id.get(rule_id)
                 if rule is None or band > _MAX_BAND:
                     raise _Unproven(f"an entry (priority {e.priority}) stands for no rule")
                 reverse = band not in _FORWARD_BANDS
@@ -740,10 +741,9 @@ class _Proof:
         within = self.hosts.within
         for rule in rules:
             a, b = within(rule.src.intervals), within(rule.dst.intervals)
-            for reverse in (False, True):
-                want = _rule_headers(rule, reverse)
-                made = groups.pop((rule.id, reverse), [])
-                if _no_headers(want):
+            for reverse, want in enumerate(self._headers(rule)):
+                made = groups.pop((rule.id, bool(reverse)), [])
+                if want is None:
                     if made:
                         raise _Unproven(f"rule {rule.id} has answer entries and no answers")
                     continue
@@ -765,8 +765,59 @@ class _Proof:
             rule_id, _reverse = next(iter(groups))
             raise _Unproven(f"entries of rule {rule_id}, which names none of its hosts")
 
+    def _headers(self, rule: PolicyRule) -> tuple[_Headers | None, _Headers | None]:
+        """The headers of `rule`'s flows and of their answers (None: none), per rule."""
+        found = self._rule_headers.get(id(rule))
+        if found is None or found[0] is not rule:
+            pair = tuple(
+                None if _no_headers(h := _rule_headers(rule, reverse)) else h
+                for reverse in (False, True)
+            )
+            found = self._rule_headers[id(rule)] = (rule, pair[0], pair[1])
+        return found[1], found[2]
 
-_TAGS = frozenset({"src_tags", "dst_tags", "epoch"})
+
+_Parts = tuple[
+    tuple[FieldMatch, ...], tuple[FieldMatch, ...], "_Headers | None", bool, int
+]
+
+
+def _taken_apart(entry: TableEntry) -> _Parts:
+    """(src_tags matches, dst_tags matches, the headers it covers, whether it matches a
+    field no `policy` entry should, the rule it names), once per entry object."""
+    found = _TAKEN_APART.get(id(entry))
+    if found is not None and found[0] is entry:
+        return found[1]
+    src: list[FieldMatch] = []
+    dst: list[FieldMatch] = []
+    headers: list[FieldMatch] = []
+    odd = False
+    for m in entry.matches:
+        name = m.field
+        if name == "src_tags":
+            src.append(m)
+        elif name == "dst_tags":
+            dst.append(m)
+        elif name in _HEADER_FIELDS:
+            headers.append(m)
+        elif name != "epoch":
+            odd = True
+    params = entry.params
+    rule_id = params[0][1] if len(params) == 1 and params[0][0] == "rule_id" else -1
+    if rule_id < 0:
+        rule_id = dict(params).get("rule_id", -1)
+    parts = (tuple(src), tuple(dst), _entry_headers(tuple(headers)), odd, rule_id)
+    if len(_TAKEN_APART) >= _TAKEN_APART_MAX:
+        _TAKEN_APART.clear()
+    _TAKEN_APART[id(entry)] = (entry, parts)
+    return parts
+
+
+# Each `policy` entry taken apart, by object (held, so its id stays its own): a ToR
+# compiled again keeps its unchanged rules' entries as the same objects.
+_TAKEN_APART: dict[int, tuple[TableEntry, _Parts]] = {}
+_TAKEN_APART_MAX = 250_000  # two builds of the 10k-rule floor
+also_forget(_TAKEN_APART.clear)
 
 
 class _Memo:

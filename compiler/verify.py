@@ -1456,11 +1456,20 @@ class Verifier:
     def _spoofing(
         self, classes: list[tuple[int, int]], result: VerifyResult, focus: Collection[int] | None
     ) -> None:
+        admitting: dict[str, _Admitting] = {}
         for host in self.inventory.hosts:
             if focus is not None and host.ip not in focus:
                 continue
-            index = self._index(host.switch, "src_identity", "src_addr")
             epoch = self._epoch[host.switch]
+            by_port = admitting.get(host.switch)
+            if by_port is None:
+                by_port = admitting[host.switch] = _Admitting(
+                    self._derived[host.switch].indexed.by_table.get("src_identity", []), epoch
+                )
+            if by_port.only(host.port, host.ip):
+                result.spoof_classes += len(classes) - 1  # no other source can be accepted
+                continue
+            index = self._index(host.switch, "src_identity", "src_addr")
             for lo, _hi in classes:
                 if lo == host.ip:
                     continue
@@ -1480,6 +1489,37 @@ class Verifier:
                             f"{host.switch}: src_identity {_entry(hit)} accepts {_ip(lo)}",
                         )
                     )
+
+
+class _Admitting:
+    """A switch's `src_identity` entries that can accept a source (any action but `drop`),
+    by the ingress port they match: on a host's port, if every one of them matches the
+    host's own address alone, no other source address can be accepted there, whatever the
+    priorities, and its spoofing classes are proven without a lookup each."""
+
+    def __init__(self, entries: Iterable[TableEntry], epoch: int) -> None:
+        self.by_port: dict[int, list[TableEntry]] = {}
+        self.anywhere: list[TableEntry] = []  # entries whose port match is not `exact`
+        for e in entries:
+            if e.action == "drop" or not all(
+                m.covers(epoch) for m in e.matches if m.field == "epoch"
+            ):
+                continue
+            ports = [m for m in e.matches if m.field == "ingress_port"]
+            if len(ports) == 1 and ports[0].kind == "exact":
+                self.by_port.setdefault(ports[0].value, []).append(e)
+            else:
+                self.anywhere.append(e)
+
+    def only(self, port: int, address: int) -> bool:
+        """Whether every entry that can accept a source on `port` matches `address` alone."""
+        for e in itertools.chain(self.by_port.get(port, ()), self.anywhere):
+            if not all(m.covers(port) for m in e.matches if m.field == "ingress_port"):
+                continue
+            spans = [_match_intervals(m, 32) for m in e.matches if m.field == "src_addr"]
+            if len(spans) != 1 or spans[0] != [(address, address)]:
+                return False
+        return True
 
 
 # The l4_dst_port values where ICMP echo replies and requests begin and end.
