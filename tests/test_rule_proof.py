@@ -79,7 +79,9 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         sw = switches[name]
         i = rng.randrange(len(sw.entries))
         e = sw.entries[i]
-        kind = rng.choice(("tags", "rule", "band", "meter", "vector", "copy"))
+        kind = rng.choice(
+            ("tags", "rule", "band", "order", "meter", "vector", "copy", "header", "header")
+        )
         new: tuple[TableEntry, ...]
         if kind == "tags" and e.table == "policy":
             tags = [m for m in e.matches if m.field in ("src_tags", "dst_tags")]
@@ -99,6 +101,12 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         elif kind == "band" and e.table == "policy":
             band = rng.choice([b for b in range(8) if b != e.priority >> 28])
             new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
+        elif kind == "order" and e.table == "policy" and e.priority >> 28:
+            band = e.priority >> 28  # to the other end of its direction's bands
+            band = {7: 4, 6: 4, 5: 7, 4: 7, 3: 1, 2: 1, 1: 3}[band]
+            new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
+        elif kind == "header" and e.table == "policy":
+            new = (dataclasses.replace(e, matches=_other_header(e.matches, rng)),)
         elif kind == "meter" and e.action in ("permit", "permit_metered"):
             meter = rng.choice([None, meter_for_rate(100), meter_for_rate(2000)])
             action = "permit" if meter is None and rng.random() < 0.5 else "permit_metered"
@@ -121,6 +129,32 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         entries = sw.entries[:i] + new + sw.entries[i + 1 :]
         out.append({**switches, name: dataclasses.replace(sw, entries=entries)})
     return out
+
+
+def _other_header(matches: tuple[FieldMatch, ...], rng: random.Random) -> tuple[FieldMatch, ...]:
+    """The matches with one protocol, port or flags match changed, dropped or added."""
+    header = [
+        m for m in matches if m.field in ("protocol", "l4_src_port", "l4_dst_port", "tcp_flags")
+    ]
+    rest = tuple(m for m in matches if m not in header)
+    choice = rng.randrange(4)
+    if choice == 0 and header:  # one dropped: the entry covers more
+        header.remove(rng.choice(header))
+    elif choice == 1:
+        header.append(rng.choice([
+            FieldMatch("protocol", "ternary", rng.choice([1, 6, 17, 132]), 0xFF),
+            FieldMatch("l4_dst_port", "range", 80, 80 + rng.randrange(2)),
+            FieldMatch("l4_src_port", "range", 1024, 65535),
+            FieldMatch("tcp_flags", "ternary", 0x10, 0x10),
+        ]))  # fmt: skip
+    elif header:  # one moved by a little
+        m = rng.choice(header)
+        if m.kind == "range":
+            moved = FieldMatch(m.field, "range", max(0, m.value + rng.choice([-1, 1])), m.arg)
+        else:
+            moved = FieldMatch(m.field, m.kind, m.value ^ rng.choice([1, 2, 0x10]), m.arg)
+        header[header.index(m)] = moved
+    return rest + tuple(header)
 
 
 def _fields(vector: int) -> list[int]:
