@@ -267,3 +267,23 @@ def test_a_route_to_the_wrong_host_is_left_to_the_pairs(
     assert not result.proven and result.by_rules is not None
     assert any("routed other than to their host" in r for r in result.by_rules.reasons)
     assert {c.kind for c in result.counterexamples} == {"wrong-destination"}
+
+
+def test_a_deny_moved_below_the_allow_it_overrides_is_left_to_the_pairs() -> None:
+    text = "policy overlap\ndeny a1 -> b1 tcp 22\nallow a1, a2 -> b1, b2 tcp\n"
+    policy = check_policy(text, "overlap.zt", SMALL, expectations=False).policy
+    assert policy is not None
+    switches = _switches(policy, SMALL, text)
+    assert _agree(policy, SMALL, switches).proven
+
+    def demoted(sw: SwitchTables) -> SwitchTables:  # the deny's entries into the allow band
+        return dataclasses.replace(sw, entries=tuple(
+            dataclasses.replace(e, priority=e.priority - (2 << 28))
+            if e.table == "policy" and e.action == "deny" and e.priority >> 28 == 6
+            else e
+            for e in sw.entries
+        ))  # fmt: skip
+
+    result = _agree(policy, SMALL, {n: demoted(s) for n, s in switches.items()})
+    assert not result.proven and result.by_rules is not None
+    assert any("order" in r for r in result.by_rules.reasons), result.by_rules.reasons
