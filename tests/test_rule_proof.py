@@ -270,7 +270,7 @@ def test_a_route_to_the_wrong_host_is_left_to_the_pairs(
 
 
 def test_a_deny_moved_below_the_allow_it_overrides_is_left_to_the_pairs() -> None:
-    text = "policy overlap\ndeny a1 -> b1 tcp 22\nallow a1, a2 -> b1, b2 tcp\n"
+    text = "policy overlap\nallow a1, a2 -> b1, b2 tcp\ndeny a1 -> b1 tcp 22\n"
     policy = check_policy(text, "overlap.zt", SMALL, expectations=False).policy
     assert policy is not None
     switches = _switches(policy, SMALL, text)
