@@ -80,8 +80,9 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         i = rng.randrange(len(sw.entries))
         e = sw.entries[i]
         kind = rng.choice(
-            ("tags", "rule", "band", "order", "meter", "vector", "copy", "header", "header")
-        )
+            ("tags", "rule", "band", "order", "meter", "vector", "copy", "header", "header",
+             "delete", "stranger")
+        )  # fmt: skip
         new: tuple[TableEntry, ...]
         if kind == "tags" and e.table == "policy":
             tags = [m for m in e.matches if m.field in ("src_tags", "dst_tags")]
@@ -101,6 +102,17 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         elif kind == "band" and e.table == "policy":
             band = rng.choice([b for b in range(8) if b != e.priority >> 28])
             new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
+        elif kind == "delete" and e.table == "policy":
+            new = ()
+        elif kind == "stranger" and e.table == "policy":  # names a rule of other racks only
+            here = {x.params for x in sw.entries if x.table == "policy"}
+            strangers = sorted({
+                x.params for o in names if o != name for x in switches[o].entries
+                if x.table == "policy" and x.action == e.action and x.params not in here
+            })  # fmt: skip
+            if not strangers:
+                continue
+            new = (dataclasses.replace(e, params=rng.choice(strangers)),)
         elif kind == "order" and e.table == "policy" and e.priority >> 28:
             band = e.priority >> 28  # to the other end of its direction's bands
             band = {7: 4, 6: 4, 5: 7, 4: 7, 3: 1, 2: 1, 1: 3}[band]
