@@ -104,15 +104,18 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
             new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
         elif kind == "delete" and e.table == "policy":
             new = ()
-        elif kind == "stranger" and e.table == "policy":  # names a rule of other racks only
+        elif kind == "stranger" and e.table == "policy":  # a copy naming another rack's rule
             here = {x.params for x in sw.entries if x.table == "policy"}
             strangers = sorted({
-                x.params for o in names if o != name for x in switches[o].entries
-                if x.table == "policy" and x.action == e.action and x.params not in here
+                (x.params, x.action) for o in names if o != name for x in switches[o].entries
+                if x.table == "policy" and x.action in ("permit", "deny") and x.params not in here
             })  # fmt: skip
             if not strangers:
                 continue
-            new = (dataclasses.replace(e, params=rng.choice(strangers)),)
+            params, action = rng.choice(strangers)
+            copy = dataclasses.replace(e, params=params, action=action, meter=None,
+                                       priority=e.priority + 1)  # fmt: skip
+            new = (e, copy)
         elif kind == "order" and e.table == "policy" and e.priority >> 28:
             band = e.priority >> 28  # to the other end of its direction's bands
             band = {7: 4, 6: 4, 5: 7, 4: 7, 3: 1, 2: 1, 1: 3}[band]
