@@ -113,8 +113,11 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
             if not strangers:
                 continue
             params, action = rng.choice(strangers)
+            forward = e.priority >> 28 >= 4  # in the band of its direction and action
+            band = (6 if action == "deny" else 4) if forward else (2 if action == "deny" else 1)
+            low = e.priority & ((1 << 28) - 1)
             copy = dataclasses.replace(e, params=params, action=action, meter=None,
-                                       priority=e.priority + 1)  # fmt: skip
+                                       priority=band << 28 | low)  # fmt: skip
             new = (e, copy)
         elif kind == "order" and e.table == "policy" and e.priority >> 28:
             band = e.priority >> 28  # to the other end of its direction's bands
