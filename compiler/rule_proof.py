@@ -307,8 +307,10 @@ def _rule_headers_of(
             ports if numbers >> PROTO_ICMP & 1 else None,
             numbers & ~_PORTED,
         )
+    ack = _ternary_spans(TCP_ACK, TCP_ACK, 8)  # flags with ACK set
+    assert ack is not None
     return _Headers(
-        (ports, _ALL_PORTS, _ternary_spans(TCP_ACK, TCP_ACK, 8)) if tcp else None,
+        (ports, _ALL_PORTS, ack) if tcp else None,
         (ports, _ALL_PORTS) if udp and (deny or reply) else None,
         (ICMP_ECHO_REPLY_RANGE,) if pings else None,
         0,
@@ -741,19 +743,19 @@ class _Proof:
         within = self.hosts.within
         for rule in rules:
             a, b = within(rule.src.intervals), within(rule.dst.intervals)
-            for reverse, want in enumerate(self._headers(rule)):
-                made = groups.pop((rule.id, bool(reverse)), [])
+            for back, want in enumerate(self._headers(rule)):
+                made = groups.pop((rule.id, bool(back)), [])
                 if want is None:
                     if made:
                         raise _Unproven(f"rule {rule.id} has answer entries and no answers")
                     continue
                 self.result.checks += 1
-                x, y = (b, a) if reverse else (a, b)
+                x, y = (b, a) if back else (a, b)
                 if not domain.meets(x, y):
                     if made:
                         raise _Unproven(f"rule {rule.id}'s entries meet packets it does not")
                     continue
-                way = "answers" if reverse else "flows"
+                way = "answers" if back else "flows"
                 if not made:
                     raise _Unproven(f"rule {rule.id} has no entries for its {way}")
                 for m in made:
@@ -777,9 +779,7 @@ class _Proof:
         return found[1], found[2]
 
 
-_Parts = tuple[
-    tuple[FieldMatch, ...], tuple[FieldMatch, ...], "_Headers | None", bool, int
-]
+_Parts = tuple[tuple[FieldMatch, ...], tuple[FieldMatch, ...], "_Headers | None", bool, int]
 
 
 def _taken_apart(entry: TableEntry) -> _Parts:

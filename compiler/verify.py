@@ -67,7 +67,6 @@ from compiler.differential import (
     retags,
     same_inventory,
 )
-from compiler.rule_proof import ByRules, prove_by_rules
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
@@ -93,6 +92,7 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
+from compiler.rule_proof import ByRules, prove_by_rules
 from compiler.semantics import (
     EPHEMERAL_PORT,
     Decision,

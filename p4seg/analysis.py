@@ -30,13 +30,20 @@ EXIT_OK, EXIT_ERROR, EXIT_DIFFERENT = 0, 1, 2
 Checked = Callable[[argparse.Namespace], "tuple[Policy, Inventory, str] | None"]
 
 VERIFY_HELP = """\
-Prove that the tables implement the policy: for every sending host, destination address
-class, protocol, port class and TCP-flag class — cut wherever the policy or any entry can
-tell two packets apart, so one packet per class stands for all of them — walk a packet
-through every hop's tables and compare its fate with the policy; check the source and the
-destination ToR each enforce the policy alone (defence in depth) and that every host port
-refuses every other source address. A difference is printed as a concrete packet, the hop,
-table and entry that decided, and the policy rule and line that should have.
+Prove that the tables implement the policy, for every packet: the source and the
+destination ToR each enforce the policy alone (defence in depth), routing delivers every
+packet to its host through the spines, and every host port refuses every other source
+address. A difference is printed as a concrete packet, the hop, table and entry that
+decided, and the policy rule and line that should have.
+
+The proof goes rule by rule first: per ToR, the identity tables give each host one tag
+vector, and each rule's entries must match exactly the rule's packets among those the ToR
+judges, give its outcome and keep the semantics' order (docs/pipeline.md). Whatever that
+does not settle — a corrupted table, an odd route, a quarantined host — is proven pair by
+pair: for every sending host, destination address class, protocol, port class and TCP-flag
+class (cut wherever the policy or an entry can tell two packets apart, so one packet per
+class stands for all of them), a packet is walked through every hop's tables and its fate
+compared with the policy's. --by-pairs walks every pair (slower; the same verdict).
 
 tables: compiled now (default), --from-build DIR, or --from-switches (read live)
 Live tables are judged by the effective policy (the policy with the state directory's
@@ -140,6 +147,11 @@ def register(
     source.add_argument("--from-switches", action="store_true", help="the entries on the switches")
     v.add_argument("-t", "--target", choices=TARGET_NAMES, default="ref")
     v.add_argument("--show", type=int, default=10, help="counterexamples printed (default: 10)")
+    v.add_argument(
+        "--by-pairs",
+        action="store_true",
+        help="walk every (sender, destination class) pair instead of proving rule by rule",
+    )
     _switch_options(v)
     _moment_options(v)
 
@@ -359,11 +371,13 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
     if missing:
         print(f"p4seg verify: error: no entries for {', '.join(missing)}", file=sys.stderr)
         return EXIT_ERROR
-    result = verify(policy, inventory, tables)
+    result = verify(policy, inventory, tables, exact=args.by_pairs)
+    by_rules = result.by_rules
     if args.output == "json":
         print(json.dumps({
             "proven": result.proven, "classes": result.classes,
             "spoof_classes": result.spoof_classes, "seconds": round(result.seconds, 3),
+            "by_rules": None if by_rules is None else by_rules.to_json(),
             "counterexamples": [c.to_json() for c in result.counterexamples],
             "metered": [m.to_json() for m in result.metered],
             "metered_classes": result.metered_classes,
@@ -385,10 +399,18 @@ def cmd_verify(args: argparse.Namespace, checked: Checked) -> int:
             if result.proven
             else f"NOT PROVEN: {len(result.counterexamples)} counterexamples"
         )
-        print(
-            f"{verdict} ({result.classes} packet classes end to end and per ToR, "
-            f"{result.spoof_classes} spoofing classes, {result.seconds:.2f} s)"
-        )
+        if by_rules is not None:
+            how = f"{by_rules.tors} ToRs rule by rule ({by_rules.checks} rule checks)"
+            if by_rules.left is not None:
+                how += (
+                    f", {by_rules.left_pairs()} (sender, destination) pairs left to walk: "
+                    f"{result.classes} packet classes"
+                )
+        else:
+            how = f"{result.classes} packet classes end to end and per ToR"
+        print(f"{verdict} ({how}, {result.spoof_classes} spoofing classes, {result.seconds:.2f} s)")
+        for reason in by_rules.reasons if by_rules is not None else ():
+            print(f"  by pairs: {reason}")
     return EXIT_OK if result.proven else EXIT_ERROR
 
 

@@ -97,7 +97,9 @@ def test_the_fixture_compiles_and_is_proven(
     switches = {s.switch: s for s in build(policy, floor, text, target).switches}
     result = verify(policy, floor, switches)
     assert result.proven, "\n".join(c.describe() for c in result.counterexamples[:5])
-    assert result.classes > 10_000
+    assert result.by_rules is not None and result.by_rules.left is None
+    exact = verify(policy, floor, switches, exact=True)
+    assert exact.proven and exact.classes > 10_000
     failed = [r.expect.describe() for r in run_expects(policy, floor, switches) if not r.ok]
     assert failed == []
 

@@ -138,10 +138,12 @@ def _with_meter(tables: SwitchTables, meter: MeterConfig | None) -> SwitchTables
 def test_verify_proves_metered_allows_up_to_their_rate(inventory: Inventory) -> None:
     policy, _ = _policy(inventory, "100pps")
     (tor,) = _build(inventory, "100pps").switches
-    result = verify(policy, inventory, {"tor1": tor})
+    result = verify(policy, inventory, {"tor1": tor}, exact=True)
     assert result.proven, [c.describe() for c in result.counterexamples]
     assert [(m.rule_id, m.rate_pps) for m in result.metered] == [(1, 100)]
     assert result.metered_classes > 0
+    by_rules = verify(policy, inventory, {"tor1": tor})  # the meter checked per entry
+    assert by_rules.proven and by_rules.by_rules is not None and by_rules.by_rules.left is None
     assert "allowed up to 100 pps" in result.metered_note()[0]
 
 

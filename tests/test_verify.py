@@ -37,9 +37,13 @@ def test_the_compiled_floor_is_proven(
     target: str, floor: Inventory, floor_policy: Policy, floor_policy_text: str
 ) -> None:
     built = build(floor_policy, floor, floor_policy_text, target)
-    result = verify(floor_policy, floor, {s.switch: s for s in built.switches})
+    switches = {s.switch: s for s in built.switches}
+    result = verify(floor_policy, floor, switches)
     assert result.proven, "\n".join(c.describe() for c in result.counterexamples[:5])
-    assert result.classes > 10_000 and result.spoof_classes > 100
+    assert result.by_rules is not None and result.by_rules.left is None  # rule by rule
+    assert result.spoof_classes > 100
+    exact = verify(floor_policy, floor, switches, exact=True)  # and pair by pair
+    assert exact.proven and exact.classes > 10_000 and exact.by_rules is None
 
 
 def _edit(
