@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,10 +127,15 @@ class ByRules:
         }
 
 
-def prove_by_rules(tables: _Tables, starts: Sequence[int]) -> ByRules:
+def prove_by_rules(
+    tables: _Tables, starts: Sequence[int], tors: Collection[str] | None = None
+) -> ByRules:
     """The proof by rules over `tables` (a Verifier); `starts`: its address classes' first
-    addresses, which the pairs left over are counted in."""
-    return _Proof(tables, starts).run()
+    addresses, which the pairs left over are counted in. With `tors`, only what those ToRs
+    judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:
+    a differential proof (compiler.verify.differential_scope), where every other ToR's
+    tables and the rules deciding its other pairs are as proven before."""
+    return _Proof(tables, starts, tors).run()
 
 
 # -- sets of hosts --------------------------------------------------------------------------
@@ -499,7 +504,9 @@ class _Unproven(Exception):
 
 
 class _Proof:
-    def __init__(self, tables: _Tables, starts: Sequence[int]) -> None:
+    def __init__(
+        self, tables: _Tables, starts: Sequence[int], tors: Collection[str] | None = None
+    ) -> None:
         self.t = tables
         inventory = tables.inventory
         policy = tables.policy
@@ -514,6 +521,7 @@ class _Proof:
         for h in self.hosts.hosts:
             self.by_tor.setdefault(h.switch, []).append(h)
         self.tors = sorted(self.by_tor)
+        self.proving = self.tors if tors is None else [t for t in self.tors if t in tors]
         bit = self.hosts.bit
         self.local = {
             t: sum(bit[h.name] for h in hs if h.ip not in self.quarantined)
@@ -533,7 +541,7 @@ class _Proof:
         self._quarantine()
         self._routes()
         rules_of = self._rules_by_tor()
-        for tor in self.tors:
+        for tor in self.proving:
             if tor in self.unproven:
                 continue
             try:
@@ -575,10 +583,18 @@ class _Proof:
         transit = _Memo(self._passes_all)
         admits = _Memo(self._admits)
         host_of = {h.ip: h for h in self.hosts.hosts}
+        every = list(enumerate(self.starts))
+        proving = set(self.proving)
+        # from another ToR, only the routes to the hosts of the ToRs proven
+        theirs = [
+            (bisect.bisect_right(self.starts, h.ip) - 1, h.ip)
+            for tor in self.proving
+            for h in self.by_tor[tor]
+        ]
         for tor in self.tors:
             island = t.island(tor)
             irregular = 0
-            for index, start in enumerate(self.starts):
+            for index, start in every if tor in proving else theirs:
                 target = host_of.get(start)
                 if target is not None and t.island(target.switch) != island:
                     target = None  # no live path: no tables could deliver it

@@ -909,6 +909,7 @@ class Verifier:
         scope: tuple[str, ...] | None = None,
         pairs: PairScope | None = None,
         exact: bool = False,
+        tors: Collection[str] | None = None,
     ) -> VerifyResult:
         """The proof; with `focus` (host addresses), only the packets from or to them (and
         only their ports' spoofing) — what a change that touches only their packets needs
@@ -916,16 +917,16 @@ class Verifier:
         `pairs`, only those (sender, destination class) pairs and those hosts' spoofing
         (compiler/differential.py). A proof of everything goes rule by rule first
         (compiler/rule_proof.py) and walks by pairs only what that leaves, unless `exact`:
-        every pair walked."""
+        every pair walked; so does a proof of what `tors` judge (`focus`: their hosts)."""
         start = time.monotonic()
         result = VerifyResult(scope=scope, pairs=None if pairs is None else pairs.pairs())
         spoof = focus  # the hosts whose ports' spoofing to prove (None: all)
         if pairs is not None:
             spoof = pairs.spoof
-        elif focus is None and not exact:
+        elif (focus is None or tors is not None) and not exact:
             self.address_classes()
             assert self._starts is not None
-            by_rules = result.by_rules = prove_by_rules(self, self._starts)
+            by_rules = result.by_rules = prove_by_rules(self, self._starts, tors)
             pairs = by_rules.left or PairScope({}, frozenset())
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
@@ -1682,9 +1683,11 @@ def _verify(
     if pairs is not None:
         return verifier.run(pairs=pairs)
     if only is not None:
+        tors = None if focus else only  # rule by rule, unless other hosts are asked for too
         held = {h.ip for h in inventory.hosts if h.switch in only}
         focus = held | set(focus or ())
-    return verifier.run(focus, None if only is None else tuple(sorted(only)), exact=exact)
+        return verifier.run(focus, tuple(sorted(only)), exact=exact, tors=tors)
+    return verifier.run(focus, exact=exact)
 
 
 # -- differential proofs ---------------------------------------------------------------------
