@@ -81,7 +81,7 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
         e = sw.entries[i]
         kind = rng.choice(
             ("tags", "rule", "band", "order", "meter", "vector", "copy", "header", "header",
-             "delete", "stranger")
+             "delete", "stranger", "route")
         )  # fmt: skip
         new: tuple[TableEntry, ...]
         if kind == "tags" and e.table == "policy":
@@ -104,6 +104,12 @@ def _aimed(switches: Switches, seed: int, count: int) -> list[Switches]:
             new = (dataclasses.replace(e, priority=band << 28 | (e.priority & ((1 << 28) - 1))),)
         elif kind == "delete" and e.table == "policy":
             new = ()
+        elif kind == "route" and e.table == "routing":  # another port, or no route
+            ports = sorted({dict(x.params)["port"] for x in sw.entries if x.table == "routing"})
+            others = [p for p in ports if p != dict(e.params).get("port")]
+            new = (
+                (dataclasses.replace(e, params=(("port", rng.choice(others)),)),) if others else ()
+            )
         elif kind == "stranger" and e.table == "policy":  # a copy naming another rack's rule
             here = {x.params for x in sw.entries if x.table == "policy"}
             strangers = sorted({
