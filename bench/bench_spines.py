@@ -85,8 +85,10 @@ def run_case(spines: int, repeat: int) -> None:
           f"routes; other tables: {dict(others) or 'nothing'}")  # fmt: skip
     print(f"   routes per spine after: {dict(sorted(carried(incr).items()))}")
     t_proof, proof = timed(lambda: verify(policy, gone, {s.switch: s for s in incr.switches}), 1)
+    by = proof.by_rules
+    how = f"{by.tors} ToRs rule by rule, " if by is not None else ""
     print(f"   full proof with {dead} down: {'PROVEN' if proof.proven else 'NOT PROVEN'} "
-          f"in {t_proof:.2f} s ({proof.classes} packet classes)")  # fmt: skip
+          f"in {t_proof:.2f} s ({how}{proof.classes} packet classes by pairs)")  # fmt: skip
 
 
 def main() -> None:
