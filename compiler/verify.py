@@ -1,5 +1,9 @@
 """Stage 6 — translation validation: do the entries on the switches implement the policy?
 
+A proof of everything goes rule by rule first (compiler/rule_proof.py: per ToR, each
+rule's entries against the rule, over sets of hosts); what that does not settle is proven
+pair by pair, as below, which is also the whole proof with `exact` (`verify --by-pairs`).
+
 For every sending host, every destination address class, every protocol, every class of
 source and destination ports and every class of TCP flags, one representative packet is
 walked through the fabric (compiler/evaluate.py: every hop's tables, as the switches
