@@ -52,16 +52,24 @@ agrees with the carved one wherever no quarantined host is involved.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from compiler.differential import PairScope, ScopeBuilder
+from compiler.differential import (
+    PairScope,
+    ScopeBuilder,
+    changed_entries,
+    changed_rules,
+    same_inventory,
+)
 from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import MAX_HOPS
 from compiler.inventory import Host, Inventory
-from compiler.memo import also_forget
+from compiler.memo import ByObject, also_forget
 from compiler.model import Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import (
     ICMP_ECHO_REPLY_RANGE,
@@ -127,6 +135,23 @@ class ByRules:
         }
 
 
+def prove_by_difference(
+    tables: _Tables,
+    starts: Sequence[int],
+    old_policy: Policy,
+    old_switches: Mapping[str, SwitchTables],
+) -> ByRules | None:
+    """The proof by rules of a build from the last one this process proved (`old_policy`
+    on `old_switches`, on the same inventory): a ToR whose tables and rules did not change
+    keeps its proof; one whose `policy` entries or rules changed is proven from its last
+    proof (the entries gone taken out, those added checked, condition (c) for the rules
+    they name and the changed rules); one whose identity entries changed, or whose last
+    proof this process no longer holds, is proven anew. None: routing, a spine or the
+    quarantined hosts changed (prove by pairs)."""
+    _STATES.hold(len(tables.switches))
+    return _Proof(tables, starts, ()).by_difference(old_policy, old_switches)
+
+
 def prove_by_rules(
     tables: _Tables, starts: Sequence[int], tors: Collection[str] | None = None
 ) -> ByRules:
@@ -135,6 +160,7 @@ def prove_by_rules(
     judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:
     a differential proof (compiler.verify.differential_scope), where every other ToR's
     tables and the rules deciding its other pairs are as proven before."""
+    _STATES.hold(len(tables.switches))
     return _Proof(tables, starts, tors).run()
 
 
@@ -499,8 +525,54 @@ class _Entry:
     headers: _Headers
 
 
+@dataclass
+class _ToRState:
+    """What a ToR's proof by rules found, kept per tables object so that the next build's
+    proof can start from it (`prove_by_difference`): the identity entries it was made
+    from, the hosts each tag match selects, and the entries that meet judged packets, by
+    rule and direction, with each rank's priorities (lowest, highest)."""
+
+    rules: tuple[PolicyRule, ...]  # the (uncarved) policy's rules it was proven for
+    inventory: Inventory
+    identity: tuple[TableEntry, ...]
+    sources: _Selector
+    destinations: _Selector
+    domain: _Domain
+    groups: dict[tuple[int, bool], list[_Entry]]
+    bounds: dict[tuple[int, int], tuple[int, int]]
+
+
+def _identity(switch: SwitchTables) -> tuple[TableEntry, ...]:
+    return tuple(e for e in switch.entries if e.table in ("src_identity", "dst_identity"))
+
+
+def _in_order(bounds: Mapping[tuple[int, int], tuple[int, int]]) -> None:
+    """Condition (b): every entry of an earlier group above every entry of a later one."""
+    ranks = sorted(bounds)
+    for earlier, later in itertools.pairwise(ranks):
+        if bounds[earlier][0] <= bounds[later][1]:
+            raise _Unproven(
+                f"entries out of the semantics' order: priority {bounds[later][1]} "
+                f"is not below {bounds[earlier][0]}"
+            )
+
+
 class _Unproven(Exception):
     """A ToR's table does not meet the proof's conditions (the message says where)."""
+
+
+class _Again(Exception):
+    """A ToR's proof cannot start from its last one: prove it from nothing."""
+
+
+_REDONE = frozenset({"policy", "src_identity", "dst_identity"})  # a ToR proven again
+
+
+def _bits_of(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
 class _Proof:
@@ -535,6 +607,7 @@ class _Proof:
         self.arrivals: dict[str, set[tuple[str, int]]] = {t: set() for t in self.tors}
         self.unproven: set[str] = set()
         self.by_id = {r.id: r for r in self.policy.rules}
+        self._touched: dict[int, int] = {}  # hosts -> the ToRs holding one of them
         self._rule_headers: dict[int, tuple[PolicyRule, _Headers | None, _Headers | None]] = {}
 
     def run(self) -> ByRules:
@@ -545,7 +618,7 @@ class _Proof:
             if tor in self.unproven:
                 continue
             try:
-                self._tor(tor, rules_of.get(tor, []))
+                _STATES.put(self.t.switches[tor], self._tor(tor, rules_of.get(tor, [])))
             except _Unproven as why:
                 self._leave_tor(tor, str(why))
                 continue
@@ -554,6 +627,174 @@ class _Proof:
         left = self.scope.scope()
         self.result.left = left if left.pairs() else None
         return self.result
+
+    def by_difference(
+        self, old_policy: Policy, old_switches: Mapping[str, SwitchTables]
+    ) -> ByRules | None:
+        """`prove_by_difference`: None when the change is not one it can take."""
+        t = self.t
+        if self.quarantined or old_policy.quarantine is not None:
+            return None  # its pairs go by pairs, and the judged pairs move on every ToR
+        if old_switches.keys() != t.switches.keys():
+            return None
+        changed: dict[str, list[TableEntry]] = {}
+        for name, sw in t.switches.items():
+            diff = changed_entries(old_switches[name], sw)
+            if diff is None:
+                return None
+            if diff:
+                if sw.role != "tor" or any(e.table not in _REDONE for e in diff):
+                    return None  # routing or a spine changed: every route again
+                changed[name] = diff
+        rules = changed_rules(old_policy.uncarved(), self.policy)
+        index = {tor: i for i, tor in enumerate(self.tors)}
+        affected = {index[name] for name in changed}
+        for rule in rules:
+            affected |= set(_bits_of(self._touches(rule)))
+        again: list[str] = []  # ToRs proven from nothing: their identity entries changed
+        proving: list[tuple[str, _ToRState, list[TableEntry]]] = []
+        for i in sorted(affected):
+            tor = self.tors[i]
+            old = self._kept(old_switches[tor], old_policy)
+            diff = changed.get(tor, [])
+            if old is None or any(e.table != "policy" for e in diff):
+                again.append(tor)
+            else:
+                proving.append((tor, old, diff))
+        for i, name in enumerate(self.tors):  # the others keep what their proof found
+            kept = self._kept(old_switches[name], old_policy)
+            if i not in affected and kept is not None:
+                carried = dataclasses.replace(kept, rules=self.policy.rules, inventory=t.inventory)
+                _STATES.put(t.switches[name], carried)
+        old_rules = {r.id: r for r in old_policy.uncarved().rules}
+        ids = {r.id for r in rules}
+        for tor, old, diff in proving:
+            try:
+                state = self._tor_by_difference(tor, old, diff, ids, old_rules)
+            except _Again:
+                again.append(tor)
+                continue
+            except _Unproven as why:
+                self._leave_tor(tor, str(why))
+                continue
+            _STATES.put(t.switches[tor], state)
+            self.result.tors += 1
+        if again:
+            self.proving = sorted(again)
+            self._routes()  # the hosts each of them judges
+            rules_of = self._rules_by_tor()
+            for tor in self.proving:
+                try:
+                    _STATES.put(t.switches[tor], self._tor(tor, rules_of.get(tor, [])))
+                except _Unproven as why:
+                    self._leave_tor(tor, str(why))
+                    continue
+                self.result.tors += 1
+        self.result.unproven_tors = len(self.unproven)
+        spoof = {
+            h.ip
+            for name, diff in changed.items()
+            if any(e.table == "src_identity" for e in diff)
+            for h in self.by_tor.get(name, [])
+        }
+        self.scope.spoof |= spoof
+        left = self.scope.scope()
+        self.result.left = left if left.pairs() or left.spoof else None
+        return self.result
+
+    def _kept(self, tables: SwitchTables, policy: Policy) -> _ToRState | None:
+        """The proof of `tables` this process holds, if it was for `policy` on this floor."""
+        state = _STATES.find(tables)
+        if state is None or state.rules is not policy.uncarved().rules:
+            return None
+        inventory = self.t.inventory
+        if state.inventory is inventory or same_inventory(state.inventory, inventory):
+            return state
+        return None
+
+    def _tor_by_difference(
+        self,
+        tor: str,
+        old: _ToRState,
+        diff: list[TableEntry],
+        changed: set[int],
+        old_rules: Mapping[int, PolicyRule],
+    ) -> _ToRState:
+        """`tor`'s proof from its last one: the entries gone are taken out, those added
+        admitted, and condition (c) checked for the rules either names and the changed
+        rules. _Again: a changed rule's entries kept but its group moved (prove anew)."""
+        state = dataclasses.replace(
+            old,
+            rules=self.policy.rules,
+            inventory=self.t.inventory,
+            groups=dict(old.groups),
+            bounds=dict(old.bounds),
+        )
+        epoch = self.t.epoch(tor)
+        gone = getattr(diff, "gone", None)
+        if gone is None:
+            raise _Again
+        check = set(changed)
+        added = {id(e) for e in diff if id(e) not in gone}
+        for e in diff:
+            if e.table != "policy" or not _visible(e, epoch):
+                continue
+            if id(e) in gone:
+                check.add(self._remove(state, e))
+            elif (named := self._admit(state, e)) is not None:
+                check.add(named)
+        for rule_id in changed:
+            rule, was = self.by_id.get(rule_id), old_rules.get(rule_id)
+            if rule is None or was is None:
+                continue
+            for reverse in (False, True):
+                if _rank(rule, reverse) != _rank(was, reverse) and any(
+                    id(m.entry) not in added for m in state.groups.get((rule_id, reverse), ())
+                ):
+                    raise _Again  # its kept entries are filed under the old group's rank
+                for m in state.groups.get((rule_id, reverse), ()):
+                    if not _gives(m.entry, rule, reverse):
+                        raise _Unproven(f"rule {rule_id}'s entry does not {_what(rule, reverse)}")
+        _in_order(state.bounds)
+        bit = 1 << self.tors.index(tor)
+        for rule_id in check:
+            if rule_id < 0:
+                continue
+            rule = self.by_id.get(rule_id)
+            if rule is None:
+                if state.groups.get((rule_id, False)) or state.groups.get((rule_id, True)):
+                    raise _Unproven(f"entries of rule {rule_id}, which the policy has not")
+                continue
+            self._check(state, rule, bool(self._touches(rule) & bit))
+        return state
+
+    def _remove(self, state: _ToRState, e: TableEntry) -> int:
+        """Take a gone entry out of its rule's list; the rule it named (-1: none)."""
+        rule_id = _taken_apart(e)[4]
+        band = e.priority >> _BAND_SHIFT
+        key = (rule_id, band not in _FORWARD_BANDS)
+        kept = state.groups.get(key)
+        if band == 0 or kept is None:
+            return -1
+        rest = [m for m in kept if m.entry is not e]
+        if rest:
+            state.groups[key] = rest
+        else:
+            del state.groups[key]
+        return rule_id
+
+    def _touches(self, rule: PolicyRule) -> int:
+        """The ToRs (bits in `tors` order) one of whose hosts a side of `rule` holds."""
+        within = self.hosts.within
+        return self._tors_of(within(rule.src.intervals)) | self._tors_of(within(rule.dst.intervals))
+
+    def _tors_of(self, hosts: int) -> int:
+        found = self._touched.get(hosts)
+        if found is None:
+            found = self._touched[hosts] = sum(
+                1 << i for i, tor in enumerate(self.tors) if self.local[tor] & hosts
+            )
+        return found
 
     def _reason(self, text: str) -> None:
         if len(self.result.reasons) < _REASONS:
@@ -696,92 +937,95 @@ class _Proof:
 
     def _rules_by_tor(self) -> dict[str, list[PolicyRule]]:
         """The rules with a side holding one of each ToR's hosts."""
-        index = {tor: i for i, tor in enumerate(self.tors)}
-        local = [(self.local[tor], 1 << index[tor]) for tor in self.tors]
-        touched: dict[int, int] = {}
-
-        def tors_of(hosts: int) -> int:
-            found = touched.get(hosts)
-            if found is None:
-                found = touched[hosts] = sum(b for mask, b in local if mask & hosts)
-            return found
-
         out: dict[str, list[PolicyRule]] = {}
-        within = self.hosts.within
         for rule in self.policy.rules:
-            mask = tors_of(within(rule.src.intervals)) | tors_of(within(rule.dst.intervals))
-            while mask:
-                low = mask & -mask
-                out.setdefault(self.tors[low.bit_length() - 1], []).append(rule)
-                mask ^= low
+            for i in _bits_of(self._touches(rule)):
+                out.setdefault(self.tors[i], []).append(rule)
         return out
 
-    def _tor(self, tor: str, rules: list[PolicyRule]) -> None:
+    def _tor(self, tor: str, rules: list[PolicyRule]) -> _ToRState:
+        """Prove `tor`'s table rule by rule against `rules` (those naming one of its hosts)."""
         sources, destinations, domain = self._selectors(tor)
         switch = self.t.switches[tor]
-        epoch = self.t.epoch(tor)
         if any(d.table == "policy" and _passes_default(d.action) for d in switch.defaults):
             raise _Unproven("the policy table's default action passes packets")
-        by_id = self.by_id
-        groups: dict[tuple[int, bool], list[_Entry]] = {}
-        entries = sorted(
-            (e for e in switch.entries if e.table == "policy" and _visible(e, epoch)),
-            key=_minus_priority,
-        )
-        last: tuple[int, tuple[int, int]] | None = None
-        for e in entries:
-            src, dst, headers, odd, rule_id = _taken_apart(e)
-            x, y = sources.select(src), destinations.select(dst)
-            if not domain.meets(x, y):
-                continue
-            self.result.entries += 1
-            if odd:
-                raise _Unproven(f"a policy entry matches {_fields(e)}")
-            if headers is None:
-                raise _Unproven(f"a policy entry's matches are too scattered: {_fields(e)}")
-            band = e.priority >> _BAND_SHIFT
-            rank = _DEFAULT_RANK
-            if band == 0:
-                if _passes(e):
-                    raise _Unproven(f"a band-0 entry (priority {e.priority}) passes packets")
-            else:
-                rule = by_id.get(rule_id)
-                if rule is None or band > _MAX_BAND:
-                    raise _Unproven(f"an entry (priority {e.priority}) stands for no rule")
-                reverse = band not in _FORWARD_BANDS
-                if not _gives(e, rule, reverse):
-                    raise _Unproven(f"rule {rule.id}'s entry does not {_what(rule, reverse)}")
-                rank = _rank(rule, reverse)
-                groups.setdefault((rule.id, reverse), []).append(_Entry(e, x, y, headers))
-            if last is not None and (rank < last[1] or (e.priority == last[0] and rank != last[1])):
-                raise _Unproven(f"entries out of the semantics' order at priority {e.priority}")
-            last = (e.priority, rank)
-        within = self.hosts.within
+        state = _ToRState(
+            self.policy.rules, self.t.inventory, _identity(switch), sources, destinations,
+            domain, {}, {},
+        )  # fmt: skip
+        epoch = self.t.epoch(tor)
+        for e in switch.entries:
+            if e.table == "policy" and _visible(e, epoch):
+                self._admit(state, e)
+        _in_order(state.bounds)
+        named = set()
         for rule in rules:
-            a, b = within(rule.src.intervals), within(rule.dst.intervals)
-            for back, want in enumerate(self._headers(rule)):
-                made = groups.pop((rule.id, bool(back)), [])
-                if want is None:
-                    if made:
-                        raise _Unproven(f"rule {rule.id} has answer entries and no answers")
-                    continue
-                self.result.checks += 1
-                x, y = (b, a) if back else (a, b)
-                if not domain.meets(x, y):
-                    if made:
-                        raise _Unproven(f"rule {rule.id}'s entries meet packets it does not")
-                    continue
-                way = "answers" if back else "flows"
-                if not made:
-                    raise _Unproven(f"rule {rule.id} has no entries for its {way}")
-                for m in made:
-                    if not domain.same(m.sources, m.destinations, x, y):
-                        raise _Unproven(f"rule {rule.id}'s tag matches select other hosts")
-                if not _same_headers(want, tuple(m.headers for m in made)):
-                    raise _Unproven(f"rule {rule.id}'s entries cover other {way} than its own")
-        if groups:
-            rule_id, _reverse = next(iter(groups))
-            raise _Unproven(f"entries of rule {rule_id}, which names none of its hosts")
+            named |= {(rule.id, False), (rule.id, True)}
+            self._check(state, rule, True)
+        stray = next((key for key in state.groups if key not in named), None)
+        if stray is not None:
+            raise _Unproven(f"entries of rule {stray[0]}, which names none of its hosts")
+        return state
+
+    def _admit(self, state: _ToRState, e: TableEntry) -> int | None:
+        """Check one `policy` entry (its outcome) and file it under its rule and direction,
+        its priority under its rank; the rule it names (None: it meets no judged packet)."""
+        src, dst, headers, odd, rule_id = _taken_apart(e)
+        x, y = state.sources.select(src), state.destinations.select(dst)
+        if not state.domain.meets(x, y):
+            return None
+        self.result.entries += 1
+        if odd:
+            raise _Unproven(f"a policy entry matches {_fields(e)}")
+        if headers is None:
+            raise _Unproven(f"a policy entry's matches are too scattered: {_fields(e)}")
+        band = e.priority >> _BAND_SHIFT
+        rank = _DEFAULT_RANK
+        named = None
+        if band == 0:
+            if _passes(e):
+                raise _Unproven(f"a band-0 entry (priority {e.priority}) passes packets")
+        else:
+            rule = self.by_id.get(rule_id)
+            if rule is None or band > _MAX_BAND:
+                raise _Unproven(f"an entry (priority {e.priority}) stands for no rule")
+            reverse = band not in _FORWARD_BANDS
+            if not _gives(e, rule, reverse):
+                raise _Unproven(f"rule {rule.id}'s entry does not {_what(rule, reverse)}")
+            rank = _rank(rule, reverse)
+            key = (rule.id, reverse)
+            state.groups[key] = [*state.groups.get(key, ()), _Entry(e, x, y, headers)]
+            named = rule.id
+        lo, hi = state.bounds.get(rank, (e.priority, e.priority))
+        state.bounds[rank] = (min(lo, e.priority), max(hi, e.priority))
+        return named
+
+    def _check(self, state: _ToRState, rule: PolicyRule, names_hosts: bool) -> None:
+        """Condition (c) for `rule` on the ToR (`names_hosts`: a side holds one of its
+        hosts; if not, it must have no entries there)."""
+        within = self.hosts.within
+        a, b = within(rule.src.intervals), within(rule.dst.intervals)
+        domain = state.domain
+        for back, want in enumerate(self._headers(rule)):
+            made = state.groups.get((rule.id, bool(back)), [])
+            if want is None or not names_hosts:
+                if made:
+                    raise _Unproven(f"rule {rule.id} has entries for packets it has not")
+                continue
+            self.result.checks += 1
+            x, y = (b, a) if back else (a, b)
+            if not domain.meets(x, y):
+                if made:
+                    raise _Unproven(f"rule {rule.id}'s entries meet packets it does not")
+                continue
+            way = "answers" if back else "flows"
+            if not made:
+                raise _Unproven(f"rule {rule.id} has no entries for its {way}")
+            for m in made:
+                if not domain.same(m.sources, m.destinations, x, y):
+                    raise _Unproven(f"rule {rule.id}'s tag matches select other hosts")
+            if not _same_headers(want, tuple(m.headers for m in made)):
+                raise _Unproven(f"rule {rule.id}'s entries cover other {way} than its own")
 
     def _headers(self, rule: PolicyRule) -> tuple[_Headers | None, _Headers | None]:
         """The headers of `rule`'s flows and of their answers (None: none), per rule."""
@@ -794,6 +1038,11 @@ class _Proof:
             found = self._rule_headers[id(rule)] = (rule, pair[0], pair[1])
         return found[1], found[2]
 
+
+# Each ToR's proof, by its tables object: a long-running controller's next build starts
+# from it.
+_STATES: ByObject[SwitchTables, _ToRState] = ByObject(16)
+also_forget(_STATES.clear)
 
 _Parts = tuple[tuple[FieldMatch, ...], tuple[FieldMatch, ...], "_Headers | None", bool, int]
 

@@ -96,7 +96,7 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
-from compiler.rule_proof import ByRules, prove_by_rules
+from compiler.rule_proof import ByRules, prove_by_difference, prove_by_rules
 from compiler.semantics import (
     EPHEMERAL_PORT,
     Decision,
@@ -914,6 +914,7 @@ class Verifier:
         pairs: PairScope | None = None,
         exact: bool = False,
         tors: Collection[str] | None = None,
+        by_rules: ByRules | None = None,
     ) -> VerifyResult:
         """The proof; with `focus` (host addresses), only the packets from or to them (and
         only their ports' spoofing) — what a change that touches only their packets needs
@@ -921,9 +922,12 @@ class Verifier:
         `pairs`, only those (sender, destination class) pairs and those hosts' spoofing
         (compiler/differential.py). A proof of everything goes rule by rule first
         (compiler/rule_proof.py) and walks by pairs only what that leaves, unless `exact`:
-        every pair walked; so does a proof of what `tors` judge (`focus`: their hosts)."""
+        every pair walked; so does a proof of what `tors` judge (`focus`: their hosts).
+        `by_rules`: what a proof by rules by difference proved (`pairs`: what it left)."""
         start = time.monotonic()
-        result = VerifyResult(scope=scope, pairs=None if pairs is None else pairs.pairs())
+        result = VerifyResult(
+            scope=scope, pairs=None if pairs is None else pairs.pairs(), by_rules=by_rules
+        )
         spoof = focus  # the hosts whose ports' spoofing to prove (None: all)
         if pairs is not None:
             spoof = pairs.spoof
@@ -975,6 +979,22 @@ class Verifier:
                     self._check(sender, lo, target, proto, result)
         result.seconds = time.monotonic() - start
         return result
+
+    def by_rules_from(
+        self,
+        old_policy: Policy,
+        old_inventory: Inventory,
+        old_switches: Mapping[str, SwitchTables],
+    ) -> ByRules | None:
+        """The proof by rules of this build from a build proven before in this process
+        (compiler/rule_proof.py `prove_by_difference`), or None: prove it by pairs."""
+        if not same_inventory(old_inventory, self.inventory):
+            return None
+        if old_policy.default_log != self.policy.default_log:
+            return None
+        self.address_classes()
+        assert self._starts is not None
+        return prove_by_difference(self, self._starts, old_policy, old_switches)
 
     def pair_scope(
         self,
@@ -1680,6 +1700,12 @@ def _verify(
 ) -> VerifyResult:
     verifier = Verifier(policy, inventory, switches)
     pairs = None
+    if previous is not None and not exact:
+        by_rules = verifier.by_rules_from(*previous)
+        if by_rules is not None:
+            return verifier.run(
+                pairs=by_rules.left or PairScope({}, frozenset()), by_rules=by_rules
+            )
     if previous is not None:
         pairs = verifier.pair_scope(*previous)
     elif recorded is not None:

@@ -346,3 +346,77 @@ def test_a_proof_of_some_tors_goes_rule_by_rule_and_finds_what_the_pairs_find(
         assert _found(by_rules) == _found(exact)
         mattered += not exact.proven
     assert mattered  # (some other rack's host is reachable from this one's)
+
+
+# -- by difference ----------------------------------------------------------------------------
+
+SERVICES = ("algo", "order_router", "risk", "risk_db", "settlement", "books", "dev", "ops_jump")
+
+
+def _edited(text: str, rng: random.Random, added: list[str]) -> str:
+    """One random edit of the trading floor's text: a port moved, a rule added or
+    removed, a deny's `log` toggled, a rate put on an allow."""
+    lines = text.splitlines()
+    kind = rng.choice(("port", "add", "add", "remove", "log", "rate"))
+    rules = [i for i, line in enumerate(lines) if line.startswith(("allow ", "deny "))]
+    if kind == "remove" and added:
+        gone = added.pop(rng.randrange(len(added)))
+        return text.replace(gone + "\n", "", 1)
+    if kind == "port":
+        i = rng.choice([i for i in rules if " tcp " in lines[i] and "during" not in lines[i]])
+        head, port = lines[i].rsplit(" tcp ", 1)
+        number, *rest = port.split()
+        lines[i] = f"{head} tcp {int(number.split('-')[0]) + 1} {' '.join(rest)}".rstrip()
+    elif kind == "log":
+        i = rng.choice([i for i in rules if lines[i].startswith("deny ")])
+        lines[i] = lines[i][: -len(" log")] if lines[i].endswith(" log") else lines[i] + " log"
+    elif kind == "rate":
+        i = rng.choice([i for i in rules if lines[i].startswith("allow ") and "rate" not in lines[i] and "during" not in lines[i]])  # fmt: skip
+        lines[i] += f" rate {rng.choice([100, 5000])}pps"
+    else:
+        a, b = rng.sample(SERVICES, 2)
+        rule = (
+            f"{rng.choice(['allow', 'allow', 'deny'])} {a} -> {b} tcp {rng.randrange(1000, 2000)}"
+        )
+        added.append(rule)
+        lines.insert(rules[-1] + 1, rule)
+    return "\n".join(lines) + "\n"
+
+
+def test_a_chain_of_edits_is_proven_by_difference_as_the_pairs_prove_it(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """Each build of an edit chain (compiled from the one before, so unchanged entries
+    are the same objects) is proven rule by rule from the last one's proof: a ToR whose
+    tables and rules did not change keeps it, the others start from theirs. Its verdict
+    and counterexamples are the proof by pairs' — for the build and for corruptions of
+    it — and a corrupted build, refused, is never the next one's starting point."""
+    rng = random.Random(2)
+    text = "\n".join(
+        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
+    )
+    policy = check_policy(text, "floor.zt", floor).policy
+    assert policy is not None
+    last = build(policy, floor, text, "ref")
+    switches = {s.switch: s for s in last.switches}
+    assert verify(policy, floor, switches).proven  # rule by rule: what the chain starts from
+    added: list[str] = []
+    kept = 0
+    for step in range(24):
+        text = _edited(text, rng, added)
+        new_policy = check_policy(text, "floor.zt", floor).policy
+        assert new_policy is not None, text
+        built = build(new_policy, floor, text, "ref", allocation=last.allocation, previous=last)
+        new = {s.switch: s for s in built.switches}
+        previous = (policy, floor, switches)
+        result = verify(new_policy, floor, new, previous=previous)
+        assert result.by_rules is not None, step
+        assert result.proven == verify(new_policy, floor, new, exact=True).proven, step
+        kept += result.by_rules.tors < _tors(floor)  # some ToR kept its proof
+        if step % 3 == 0:
+            for corrupted in _aimed(new, seed=step, count=6):
+                assert _found(verify(new_policy, floor, corrupted, previous=previous)) == _found(
+                    verify(new_policy, floor, corrupted, exact=True)
+                ), step
+        policy, switches, last = new_policy, new, built
+    assert kept >= 12

@@ -150,13 +150,18 @@ def test_a_rule_edit_is_proven_on_its_pairs_and_a_corruption_on_them_caught(
         assert old in floor_policy_text
         p1, b1 = _compile(floor_policy_text.replace(old, new), floor)
         full = verify(p1, floor, b1, exact=True)
-        part = verify(p1, floor, b1, previous=(p0, floor, b0))
+        part = verify(p1, floor, b1, previous=(p0, floor, b0), exact=True)
         assert full.proven and part.proven, new
         assert part.pairs is not None and 0 < part.classes < full.classes
+        by_rules = verify(p1, floor, b1, previous=(p0, floor, b0))  # rule by rule
+        assert by_rules.proven and by_rules.by_rules is not None, new
         for corrupted in corruptions(b1, seed=len(new), count=10):
-            assert _found(verify(p1, floor, corrupted, previous=(p0, floor, b0))) == _found(
-                verify(p1, floor, corrupted)
-            ), new
+            found = _found(verify(p1, floor, corrupted))
+            for exact in (True, False):
+                assert (
+                    _found(verify(p1, floor, corrupted, previous=(p0, floor, b0), exact=exact))
+                    == found
+                ), new
 
 
 def test_pairs_fall_back_to_the_full_proof_when_the_inventory_changes(
@@ -212,7 +217,7 @@ def test_a_host_to_host_grant_is_proven_on_its_own_pairs(
     }
     assert retagged  # the two hosts carry a new tag
     full = verify(p1, floor, b1)
-    part = verify(p1, floor, b1, previous=(p0, floor, b0))
+    part = verify(p1, floor, b1, previous=(p0, floor, b0), exact=True)
     assert full.proven and part.proven
     # The grant's flow forward and back: 2 pairs, where a whole change of the two hosts'
     # identity entries put 158 in scope (settle2's dst_identity entry on tor-alg is new:
@@ -220,9 +225,11 @@ def test_a_host_to_host_grant_is_proven_on_its_own_pairs(
     assert part.pairs == 2
     shifted = 0
     for corrupted in corruptions(b1, seed=3, count=60):
-        assert _found(verify(p1, floor, corrupted, previous=(p0, floor, b0))) == _found(
-            verify(p1, floor, corrupted)
-        )
+        found = _found(verify(p1, floor, corrupted))
+        for exact in (True, False):
+            assert (
+                _found(verify(p1, floor, corrupted, previous=(p0, floor, b0), exact=exact)) == found
+            )
         shifted += any(corrupted[n] is not b1[n] for n in corrupted)
     assert shifted == 60
 
