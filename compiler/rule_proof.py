@@ -731,9 +731,9 @@ class _Proof:
             bounds=dict(old.bounds),
         )
         epoch = self.t.epoch(tor)
-        gone = getattr(diff, "gone", None)
+        gone = getattr(diff, "gone", None) if diff else set()
         if gone is None:
-            raise _Again
+            raise _Again  # (changed_entries tells which are gone)
         check = set(changed)
         added = {id(e) for e in diff if id(e) not in gone}
         for e in diff:
