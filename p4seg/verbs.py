@@ -331,7 +331,9 @@ def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
 
 def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True) -> str | None:
     """Whether the compiled tables implement the effective policy (compiler/verify.py):
-    how it was proven, or None — and why, on stderr. "full"; "differential: N pairs" when
+    how it was proven, or None — and why, on stderr. "full"; "differential: rule by rule
+    on N ToRs" when this process proved the last build rule by rule (its ToRs' proofs
+    updated by what changed, compiler/rule_proof.py); "differential: N pairs" when
     this process proved the build the state directory last recorded and still holds its
     tables (only the (sender, destination) pairs the change can touch are walked,
     compiler/differential.py); "differential: ToRs" when only the record is at hand (the
@@ -370,6 +372,10 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     if save:
         write_atomic(path, json.dumps(record.to_json()) + "\n")
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
+    if result.by_rules is not None and result.pairs is not None:  # from the last proof
+        tors = result.by_rules.tors
+        left = f", {result.pairs} pairs" if result.pairs else ""
+        return f"differential: rule by rule on {tors} ToR{'' if tors == 1 else 's'}{left}"
     if result.pairs is not None and recorded is not None:
         return f"differential: {result.pairs} pairs (from the proven build the state keeps)"
     if result.pairs is not None:
