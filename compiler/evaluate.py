@@ -518,6 +518,20 @@ class PathResult:
         return next((h for h in self.hops if h.rule_id is not None), self.hops[-1])
 
 
+def fabric_links(
+    inventory: Inventory,
+) -> tuple[dict[tuple[str, int], tuple[str, int]], dict[tuple[str, int], str]]:
+    """(switch, port) -> the (switch, port) at the other end of its link (none to or from a
+    spine out of service: a packet sent to it is lost); (switch, port) -> the host there."""
+    peer: dict[tuple[str, int], tuple[str, int]] = {}
+    for link in inventory.links:
+        if link.a in inventory.down or link.b in inventory.down:
+            continue
+        peer[(link.a, link.a_port)] = (link.b, link.b_port)
+        peer[(link.b, link.b_port)] = (link.a, link.a_port)
+    return peer, {(h.switch, h.port): h.name for h in inventory.hosts}
+
+
 class Fabric:
     """The switches of an inventory with their entries, indexed once, to walk packets through."""
 
@@ -534,13 +548,7 @@ class Fabric:
             if indexed is not None
             else {name: IndexedSwitch.of(t) for name, t in tables.items()}
         )
-        self.peer: dict[tuple[str, int], tuple[str, int]] = {}
-        for link in inventory.links:
-            if link.a in inventory.down or link.b in inventory.down:
-                continue  # a spine out of service forwards nothing: a packet sent to it is lost
-            self.peer[(link.a, link.a_port)] = (link.b, link.b_port)
-            self.peer[(link.b, link.b_port)] = (link.a, link.a_port)
-        self.host_at = {(h.switch, h.port): h.name for h in inventory.hosts}
+        self.peer, self.host_at = fabric_links(inventory)
 
     def walk(self, src_host: str, pkt: PacketFields) -> PathResult:
         """Send `pkt` from `src_host` and follow it switch by switch."""

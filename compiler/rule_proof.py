@@ -105,6 +105,7 @@ class _Tables(Protocol):
     def links(
         self,
     ) -> tuple[Mapping[tuple[str, int], tuple[str, int]], Mapping[tuple[str, int], str]]: ...
+    def class_starts(self) -> Sequence[int]: ...
     def source_tags(self, switch: str, port: int, src: int) -> int | None: ...
     def destination_tags(self, switch: str, dst: int) -> int: ...
     def egress(self, switch: str, dst: int) -> int | None: ...
@@ -137,7 +138,6 @@ class ByRules:
 
 def prove_by_difference(
     tables: _Tables,
-    starts: Sequence[int],
     old_policy: Policy,
     old_switches: Mapping[str, SwitchTables],
 ) -> ByRules | None:
@@ -149,19 +149,16 @@ def prove_by_difference(
     proof this process no longer holds, is proven anew. None: routing, a spine or the
     quarantined hosts changed (prove by pairs)."""
     _STATES.hold(len(tables.switches))
-    return _Proof(tables, starts, ()).by_difference(old_policy, old_switches)
+    return _Proof(tables, ()).by_difference(old_policy, old_switches)
 
 
-def prove_by_rules(
-    tables: _Tables, starts: Sequence[int], tors: Collection[str] | None = None
-) -> ByRules:
-    """The proof by rules over `tables` (a Verifier); `starts`: its address classes' first
-    addresses, which the pairs left over are counted in. With `tors`, only what those ToRs
+def prove_by_rules(tables: _Tables, tors: Collection[str] | None = None) -> ByRules:
+    """The proof by rules over `tables` (a Verifier). With `tors`, only what those ToRs
     judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:
     a differential proof (compiler.verify.differential_scope), where every other ToR's
     tables and the rules deciding its other pairs are as proven before."""
     _STATES.hold(len(tables.switches))
-    return _Proof(tables, starts, tors).run()
+    return _Proof(tables, tors).run()
 
 
 # -- sets of hosts --------------------------------------------------------------------------
@@ -576,9 +573,7 @@ def _bits_of(mask: int) -> Iterator[int]:
 
 
 class _Proof:
-    def __init__(
-        self, tables: _Tables, starts: Sequence[int], tors: Collection[str] | None = None
-    ) -> None:
+    def __init__(self, tables: _Tables, tors: Collection[str] | None = None) -> None:
         self.t = tables
         inventory = tables.inventory
         policy = tables.policy
@@ -586,8 +581,7 @@ class _Proof:
         self.policy = policy.uncarved()
         self.hosts = _Hosts(inventory.hosts)
         self.result = ByRules()
-        self.scope = ScopeBuilder(starts, inventory.hosts)
-        self.starts = starts
+        self._scope: ScopeBuilder | None = None  # the pairs left, once there are some
         self.peer, self.host_at = tables.links()
         self.by_tor: dict[str, list[Host]] = {}
         for h in self.hosts.hosts:
@@ -610,6 +604,23 @@ class _Proof:
         self._touched: dict[int, int] = {}  # hosts -> the ToRs holding one of them
         self._rule_headers: dict[int, tuple[PolicyRule, _Headers | None, _Headers | None]] = {}
 
+    @property
+    def starts(self) -> Sequence[int]:
+        """The address classes' first addresses (the pairs left are counted in them)."""
+        return self.t.class_starts()
+
+    @property
+    def scope(self) -> ScopeBuilder:
+        if self._scope is None:
+            self._scope = ScopeBuilder(self.starts, self.t.inventory.hosts)
+        return self._scope
+
+    def _left(self) -> PairScope | None:
+        if self._scope is None:
+            return None
+        left = self._scope.scope()
+        return left if left.pairs() or left.spoof else None
+
     def run(self) -> ByRules:
         self._quarantine()
         self._routes()
@@ -624,8 +635,7 @@ class _Proof:
                 continue
             self.result.tors += 1
         self.result.unproven_tors = len(self.unproven)
-        left = self.scope.scope()
-        self.result.left = left if left.pairs() else None
+        self.result.left = self._left()
         return self.result
 
     def by_difference(
@@ -697,9 +707,9 @@ class _Proof:
             if any(e.table == "src_identity" for e in diff)
             for h in self.by_tor.get(name, [])
         }
-        self.scope.spoof |= spoof
-        left = self.scope.scope()
-        self.result.left = left if left.pairs() or left.spoof else None
+        if spoof:
+            self.scope.spoof |= spoof
+        self.result.left = self._left()
         return self.result
 
     def _kept(self, tables: SwitchTables, policy: Policy) -> _ToRState | None:

@@ -80,6 +80,7 @@ from compiler.evaluate import (
     PathResult,
     SwitchResult,
     evaluate,
+    fabric_links,
     lookup,
 )
 from compiler.inventory import Host, Inventory
@@ -712,10 +713,7 @@ class Verifier:
         self.policy = policy
         self.inventory = inventory
         self.switches = switches
-        self.sem = semantics_of(policy, tuple(h.ip for h in inventory.hosts))
         DERIVED.hold(len(switches))
-        self._derived = {name: DERIVED.of(t) for name, t in switches.items()}
-        self.fabric = Fabric(switches, inventory, {n: d.indexed for n, d in self._derived.items()})
         self.host_by_ip = {h.ip: h for h in inventory.hosts}
         self._island = _islands(inventory)
         self._epoch = {
@@ -743,9 +741,34 @@ class Verifier:
         # Quarantined hosts (address -> their ToR): only their own ToR holds the overlay.
         q = policy.quarantine
         self._cut = {a: h.switch for a in (q.hosts if q else ()) if (h := self.host_by_ip.get(a))}
-        # The uncarved policy's verifier over the same tables, for those other ToRs.
-        self._other = Verifier(policy.uncarved(), inventory, switches) if self._cut else None
-        self._uncarved = self._other.sem if self._other is not None else None
+
+    # What only a walk by pairs needs (a proof by rules from the last proof needs none of
+    # it): made on first use.
+
+    @functools.cached_property
+    def sem(self) -> PolicySemantics:
+        return semantics_of(self.policy, tuple(h.ip for h in self.inventory.hosts))
+
+    @functools.cached_property
+    def _derived(self) -> dict[str, _Derived]:
+        return {name: DERIVED.of(t) for name, t in self.switches.items()}
+
+    @functools.cached_property
+    def fabric(self) -> Fabric:
+        indexed = {n: d.indexed for n, d in self._derived.items()}
+        return Fabric(self.switches, self.inventory, indexed)
+
+    @functools.cached_property
+    def _other(self) -> Verifier | None:
+        """The uncarved policy's verifier over the same tables, for the ToRs other than
+        the quarantined hosts' own."""
+        if not self._cut:
+            return None
+        return Verifier(self.policy.uncarved(), self.inventory, self.switches)
+
+    @functools.cached_property
+    def _uncarved(self) -> PolicySemantics | None:
+        return self._other.sem if self._other is not None else None
 
     # -- address classes ---------------------------------------------------------------
 
@@ -864,7 +887,13 @@ class Verifier:
         self,
     ) -> tuple[Mapping[tuple[str, int], tuple[str, int]], Mapping[tuple[str, int], str]]:
         """(switch, port) -> the (switch, port) at the other end; -> the host there."""
-        return self.fabric.peer, self.fabric.host_at
+        return fabric_links(self.inventory)
+
+    def class_starts(self) -> tuple[int, ...]:
+        """The address classes' first addresses."""
+        self.address_classes()
+        assert self._starts is not None
+        return self._starts
 
     def source_tags(self, switch: str, port: int, src: int) -> int | None:
         return self._src_tags(switch, self._epoch[switch], port, src)
@@ -932,15 +961,16 @@ class Verifier:
         if pairs is not None:
             spoof = pairs.spoof
         elif (focus is None or tors is not None) and not exact:
-            self.address_classes()
-            assert self._starts is not None
-            by_rules = result.by_rules = prove_by_rules(self, self._starts, tors)
+            by_rules = result.by_rules = prove_by_rules(self, tors)
             pairs = by_rules.left or PairScope({}, frozenset())
         result.metered = [
             MeteredRule(r.id, r.span.line, r.describe(), r.rate_pps, meter_for_rate(r.rate_pps))
             for r in self.policy.rules
             if r.rate_pps is not None
         ]
+        if pairs is not None and not pairs.masks and spoof is not None and not spoof:
+            result.seconds = time.monotonic() - start  # nothing left to walk
+            return result
         classes = self.address_classes()
         self._spoofing(classes, result, spoof)
         protocols = sorted(
@@ -992,9 +1022,7 @@ class Verifier:
             return None
         if old_policy.default_log != self.policy.default_log:
             return None
-        self.address_classes()
-        assert self._starts is not None
-        return prove_by_difference(self, self._starts, old_policy, old_switches)
+        return prove_by_difference(self, old_policy, old_switches)
 
     def pair_scope(
         self,
