@@ -715,7 +715,10 @@ class _Proof:
     def _kept(self, tables: SwitchTables, policy: Policy) -> _ToRState | None:
         """The proof of `tables` this process holds, if it was for `policy` on this floor."""
         state = _STATES.find(tables)
-        if state is None or state.rules is not policy.uncarved().rules:
+        if state is None:
+            return None
+        rules = policy.uncarved().rules
+        if state.rules is not rules and state.rules != rules:  # (the same rule objects, mostly)
             return None
         inventory = self.t.inventory
         if state.inventory is inventory or same_inventory(state.inventory, inventory):
