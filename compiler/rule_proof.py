@@ -55,7 +55,7 @@ import bisect
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +79,7 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
+from compiler.semantics import bits
 
 _Intervals = tuple[tuple[int, int], ...]
 _ALL_PORTS: _Intervals = ((0, MAX_PORT),)
@@ -565,13 +566,6 @@ class _Again(Exception):
 _REDONE = frozenset({"policy", "src_identity", "dst_identity"})  # a ToR proven again
 
 
-def _bits_of(mask: int) -> Iterator[int]:
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
-
-
 class _Proof:
     def __init__(self, tables: _Tables, tors: Collection[str] | None = None) -> None:
         self.t = tables
@@ -660,7 +654,7 @@ class _Proof:
         index = {tor: i for i, tor in enumerate(self.tors)}
         affected = {index[name] for name in changed}
         for rule in rules:
-            affected |= set(_bits_of(self._touches(rule)))
+            affected |= set(bits(self._touches(rule)))
         again: list[str] = []  # ToRs proven from nothing: their identity entries changed
         proving: list[tuple[str, _ToRState, list[TableEntry]]] = []
         for i in sorted(affected):
@@ -952,7 +946,7 @@ class _Proof:
         """The rules with a side holding one of each ToR's hosts."""
         out: dict[str, list[PolicyRule]] = {}
         for rule in self.policy.rules:
-            for i in _bits_of(self._touches(rule)):
+            for i in bits(self._touches(rule)):
                 out.setdefault(self.tors[i], []).append(rule)
         return out
 
