@@ -496,8 +496,11 @@ def _rank(rule: PolicyRule, reverse: bool) -> tuple[int, int]:
     return (1, rule.rate_pps) if rule.rate_pps is not None else (2, 0)
 
 
+_PASSING = frozenset({"permit", "permit_metered"})
+
+
 def _passes(entry: TableEntry) -> bool:
-    return entry.action in ("permit", "permit_metered")
+    return entry.action in _PASSING
 
 
 def _gives(entry: TableEntry, rule: PolicyRule, reverse: bool) -> bool:
@@ -954,7 +957,7 @@ class _Proof:
         """Prove `tor`'s table rule by rule against `rules` (those naming one of its hosts)."""
         sources, destinations, domain = self._selectors(tor)
         switch = self.t.switches[tor]
-        if any(d.table == "policy" and _passes_default(d.action) for d in switch.defaults):
+        if any(d.table == "policy" and d.action in _PASSING for d in switch.defaults):
             raise _Unproven("the policy table's default action passes packets")
         state = _ToRState(
             self.policy.rules, self.t.inventory, _identity(switch), sources, destinations,
@@ -1110,10 +1113,6 @@ def _visible(entry: TableEntry, epoch: int) -> bool:
 
 def _minus_priority(entry: TableEntry) -> int:
     return -entry.priority
-
-
-def _passes_default(action: str) -> bool:
-    return action in ("permit", "permit_metered")
 
 
 def _no_headers(h: _Headers) -> bool:

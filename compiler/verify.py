@@ -189,7 +189,7 @@ class VerifyResult:
     metered: list[MeteredRule] = field(default_factory=list)  # the policy's rate limits
     scope: tuple[str, ...] | None = None  # differential: the ToRs whose packets were proven
     pairs: int | None = None  # differential by pairs: the (sender, destination class) pairs
-    by_rules: ByRules | None = None  # a full proof: what went rule by rule (rule_proof.py)
+    by_rules: ByRules | None = None  # what went rule by rule (rule_proof.py), if any did
 
     def metered_note(self) -> list[str]:
         """What the proof says about rate limits, one line per metered allow."""
