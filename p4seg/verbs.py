@@ -352,7 +352,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     previous = held[1] if held is not None and before is not None and held[0] == before else None
     if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
         if save:
-            write_atomic(path, json.dumps(record.to_json()) + "\n")
+            _write_record(path, record)
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
         return EARLIER
     roles = {s.name: s.role for s in compiled.inventory.switches}
@@ -370,7 +370,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
         _refused(verb, result.counterexamples)
         return None
     if save:
-        write_atomic(path, json.dumps(record.to_json()) + "\n")
+        _write_record(path, record)
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
     if result.by_rules is not None and result.pairs is not None:  # from the last proof
         tors = result.by_rules.tors
@@ -433,14 +433,41 @@ def _kept(state_dir: Path, compiled: Compiled) -> Kept | None:
 
 
 def _recorded_proof(state_dir: Path) -> ProofRecord | None:
-    """The proof record the state directory holds (None: none, or unreadable)."""
+    """The proof record the state directory holds (None: none, or unreadable); read again
+    only when the file changed (its inode, time and size: every write replaces it). A
+    record read a moment too early is still a proven build's, which is all a proof by
+    difference asks of it."""
     from compiler.verify import ProofRecord
 
     path = state_dir / PROOF_FILE
     try:
-        return ProofRecord.from_json(json.loads(path.read_text())) if path.exists() else None
+        st = path.stat()
+    except OSError:
+        return None
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    known = _READ_RECORDS.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        record = ProofRecord.from_json(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
+    _READ_RECORDS[path] = (stamp, record)
+    return record
+
+
+def _write_record(path: Path, record: ProofRecord) -> None:
+    """Write the state directory's proof record, and know it as read."""
+    write_atomic(path, json.dumps(record.to_json()) + "\n")
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    _READ_RECORDS[path] = ((st.st_ino, st.st_mtime_ns, st.st_size), record)
+
+
+# The proof record last read (or written) per state directory's file, with its stamp.
+_READ_RECORDS: dict[Path, tuple[tuple[int, int, int], ProofRecord | None]] = {}
 
 
 def _keep_proven(state_dir: Path, compiled: Compiled) -> None:
@@ -466,7 +493,7 @@ def _record_proven(compiled: Compiled, state_dir: Path, record: ProofRecord) -> 
     """Remember the compiled build (whose proof record is `record`) as proven: the next
     change is proven by difference."""
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    write_atomic(state_dir / PROOF_FILE, json.dumps(record.to_json()) + "\n")
+    _write_record(state_dir / PROOF_FILE, record)
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
 
 

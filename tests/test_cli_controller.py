@@ -4,6 +4,7 @@ reference switch on loopback, judged by packets through the switch's data plane.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -446,3 +447,22 @@ def test_a_change_after_a_proven_apply_is_proven_by_difference(
     # an index that is not one (a disk that filled up, an edit by hand): the same
     Path(".p4seg/proven/index.json").write_text('{"format": 1, "record": {')
     assert edit(8084, 8083, new_process=True) == "differential: tor1"
+
+
+def test_the_proof_record_is_read_again_only_when_its_file_changes(tmp_path: Path) -> None:
+    """verbs._recorded_proof keeps what it read (or wrote) by the file's stamp: the same
+    file gives the same record without a parse, a replaced one (another process, a hand
+    edit) is read again, a removed one is none."""
+    from compiler.verify import ProofRecord
+
+    first = ProofRecord("inv-a", False, {"r1": ("m1", ("tor1",))}, {"tor1": "d1"})
+    second = ProofRecord("inv-b", True, {}, {"tor1": "d2"})
+    verbs._write_record(tmp_path / verbs.PROOF_FILE, first)
+    assert verbs._recorded_proof(tmp_path) is first  # as written: not parsed again
+    (tmp_path / "other").write_text(json.dumps(second.to_json()))
+    os.replace(tmp_path / "other", tmp_path / verbs.PROOF_FILE)  # as another writer does
+    assert verbs._recorded_proof(tmp_path) == second
+    (tmp_path / verbs.PROOF_FILE).write_text("{not json")
+    assert verbs._recorded_proof(tmp_path) is None
+    (tmp_path / verbs.PROOF_FILE).unlink()
+    assert verbs._recorded_proof(tmp_path) is None
