@@ -153,6 +153,14 @@ def prove_by_difference(
     return _Proof(tables, ()).by_difference(old_policy, old_switches)
 
 
+def forget_proofs(tables: Iterable[SwitchTables]) -> None:
+    """Drop the proofs by rules kept with these tables: their build was proven another way
+    (by pairs, or on some ToRs only), and a proof kept from an older build holding the
+    same tables was made with that build's routes, which may not be these."""
+    for sw in tables:
+        _STATES.drop(sw)
+
+
 def prove_by_rules(tables: _Tables, tors: Collection[str] | None = None) -> ByRules:
     """The proof by rules over `tables` (a Verifier). With `tors`, only what those ToRs
     judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:
@@ -633,12 +641,24 @@ class _Proof:
             self.result.tors += 1
         self.result.unproven_tors = len(self.unproven)
         self.result.left = self._left()
+        proving = set(self.proving)  # the others' proofs were made with other routes maybe
+        forget_proofs(sw for name, sw in self.t.switches.items() if name not in proving)
         return self.result
 
     def by_difference(
         self, old_policy: Policy, old_switches: Mapping[str, SwitchTables]
     ) -> ByRules | None:
-        """`prove_by_difference`: None when the change is not one it can take."""
+        """`prove_by_difference`: None when the change is not one it can take (then no
+        table of the new build keeps a proof by rules: one kept from an older build was
+        made with that build's routes)."""
+        found = self._by_difference(old_policy, old_switches)
+        if found is None:
+            forget_proofs(self.t.switches.values())
+        return found
+
+    def _by_difference(
+        self, old_policy: Policy, old_switches: Mapping[str, SwitchTables]
+    ) -> ByRules | None:
         t = self.t
         if self.quarantined or old_policy.quarantine is not None:
             return None  # its pairs go by pairs, and the judged pairs move on every ToR
@@ -820,7 +840,9 @@ class _Proof:
         self._reason(f"{len(quarantined)} quarantined host(s): their pairs by pairs")
 
     def _leave_tor(self, tor: str, why: str) -> None:
-        """Every pair `tor` judges goes to the proof by pairs."""
+        """Every pair `tor` judges goes to the proof by pairs (and its tables keep no
+        proof by rules)."""
+        _STATES.drop(self.t.switches[tor])
         self.unproven.add(tor)
         hosts = self.by_tor[tor]
         self.scope.add(hosts, self.scope.full)

@@ -97,7 +97,7 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
-from compiler.rule_proof import ByRules, prove_by_difference, prove_by_rules
+from compiler.rule_proof import ByRules, forget_proofs, prove_by_difference, prove_by_rules
 from compiler.semantics import (
     EPHEMERAL_PORT,
     Decision,
@@ -1725,6 +1725,24 @@ def _verify(
     previous: Proven | None,
     recorded: tuple[Recorded, ProofRecord] | None,
     exact: bool = False,
+) -> VerifyResult:
+    result = _proof(policy, inventory, switches, only, focus, previous, recorded, exact)
+    if result.by_rules is None and not exact:
+        # proven by pairs because rules could not: no ToR keeps a proof by rules (`exact`,
+        # a walk asked for, leaves them as a proof by rules of the same tables made them)
+        forget_proofs(switches.values())
+    return result
+
+
+def _proof(
+    policy: Policy,
+    inventory: Inventory,
+    switches: Mapping[str, SwitchTables],
+    only: frozenset[str] | None,
+    focus: Collection[int] | None,
+    previous: Proven | None,
+    recorded: tuple[Recorded, ProofRecord] | None,
+    exact: bool,
 ) -> VerifyResult:
     verifier = Verifier(policy, inventory, switches)
     pairs = None

@@ -433,3 +433,30 @@ def test_a_chain_of_edits_is_proven_by_difference_as_the_pairs_prove_it(
                 ), step
         policy, switches, last = new_policy, new, built
     assert kept >= 12
+
+
+def test_a_build_whose_routes_changed_keeps_no_proof_by_rules(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """A ToR's kept proof holds the ports other racks' packets arrive by: a build proven by
+    pairs because routes changed drops the proofs its unchanged ToRs held, so that the next
+    build's proof by difference does not start from routes that are gone."""
+    switches = _switches(floor_policy, floor, floor_policy_text)
+    assert verify(floor_policy, floor, switches).proven  # rule by rule: every ToR keeps it
+    tors = [n for n, s in switches.items() if s.role == "tor"]
+    assert all(rule_proof._STATES.find(switches[n]) is not None for n in tors)
+    tor = "tor-alg"  # its route to another rack's host through the other spine
+    far = next(h for h in floor.hosts if h.switch != tor)
+    sw = switches[tor]
+    route = next(e for e in sw.entries if e.table == "routing" and e.matches[-1].value == far.ip)
+    uplinks = sorted({dict(e.params)["port"] for e in sw.entries if e.table == "routing"} - {
+        h.port for h in floor.hosts if h.switch == tor
+    })  # fmt: skip
+    other = next(p for p in uplinks if p != dict(route.params)["port"])
+    moved = dataclasses.replace(route, params=(("port", other),))
+    rerouted = {**switches, tor: dataclasses.replace(
+        sw, entries=tuple(moved if e is route else e for e in sw.entries)
+    )}  # fmt: skip
+    result = verify(floor_policy, floor, rerouted, previous=(floor_policy, floor, switches))
+    assert result.proven and result.by_rules is None and result.pairs is not None  # by pairs
+    assert all(rule_proof._STATES.find(rerouted[n]) is None for n in tors)
