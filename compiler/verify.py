@@ -1713,20 +1713,7 @@ def verify(
     directory keeps it, and this build's record), the same pairs. A proof of everything
     goes rule by rule where it can (compiler/rule_proof.py); `exact` walks every pair."""
     with collection_paused():
-        return _verify(policy, inventory, switches, only, focus, previous, recorded, exact)
-
-
-def _verify(
-    policy: Policy,
-    inventory: Inventory,
-    switches: Mapping[str, SwitchTables],
-    only: frozenset[str] | None,
-    focus: Collection[int] | None,
-    previous: Proven | None,
-    recorded: tuple[Recorded, ProofRecord] | None,
-    exact: bool = False,
-) -> VerifyResult:
-    result = _proof(policy, inventory, switches, only, focus, previous, recorded, exact)
+        result = _verify(policy, inventory, switches, only, focus, previous, recorded, exact)
     if result.by_rules is None and not exact:
         # proven by pairs because rules could not: no ToR keeps a proof by rules (`exact`,
         # a walk asked for, leaves them as a proof by rules of the same tables made them)
@@ -1734,7 +1721,7 @@ def _verify(
     return result
 
 
-def _proof(
+def _verify(
     policy: Policy,
     inventory: Inventory,
     switches: Mapping[str, SwitchTables],
