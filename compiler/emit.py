@@ -38,7 +38,7 @@ from compiler.entries import DefaultAction, FieldMatch, MeterConfig, SwitchTable
 from compiler.fit import fit
 from compiler.inventory import Inventory
 from compiler.lower import SEGMENTS, Lowered, lower
-from compiler.memo import ByObject, also_forget
+from compiler.memo import ByObject, also_forget, collection_paused
 from compiler.model import Policy, PolicyRule
 from compiler.targets import (
     P4INFO_FILE,
@@ -157,6 +157,7 @@ def _dumps_listing(doc: dict[str, object], key: str) -> str:
     return head[:-2] + ",\n" + body + "\n}\n" if head != "{}" else "{\n" + body + "\n}\n"
 
 
+@collection_paused()  # hundreds of thousands of entries that live as long as the build
 def build(
     policy: Policy,
     inventory: Inventory,

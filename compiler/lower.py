@@ -38,7 +38,7 @@ from compiler.allocation import Allocation, SideTags
 from compiler.diagnostics import error
 from compiler.entries import DefaultAction, SwitchTables, TableEntry
 from compiler.inventory import Host, Inventory, Switch
-from compiler.memo import ByObject, also_forget, differing_places
+from compiler.memo import ByObject, also_forget, collection_paused, differing_places
 from compiler.model import Action, Policy, PolicyRule
 from compiler.placement import Placement, placement
 from compiler.quarantine import (
@@ -1036,6 +1036,7 @@ class _Inputs:
         return found
 
 
+@collection_paused()  # see build: every full collection would walk what it makes
 def lower(
     policy: Policy,
     inventory: Inventory,

@@ -29,6 +29,7 @@ from compiler.diagnostics import (
 )
 from compiler.fmt import format_policy
 from compiler.inventory import Inventory, parse_inventory
+from compiler.memo import collection_paused
 from compiler.model import Action, Policy
 from compiler.targets import TARGET_NAMES
 from p4seg.analysis import HANDLERS as ANALYSIS_HANDLERS
@@ -483,6 +484,7 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
     return sizes
 
 
+@collection_paused()  # a one-shot process: a million objects built, none garbage
 def _cmd_compile(args: argparse.Namespace) -> int:
     # The back end pulls in networkx, Jinja2 and the protobufs: only `compile` pays for them.
     from compiler.allocation import AllocationError, assign_rule_ids
