@@ -23,12 +23,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from compiler.inventory import Inventory
+from compiler.memo import collection_paused
 from compiler.model import Policy
 from compiler.resolve import parse_duration
 from p4seg.control import (
@@ -170,17 +171,23 @@ def _apply_compiled(
     save the state if it took, and audit what happened."""
     moment = clock()
     expired = state.prune(moment)
-    # The switches are set from the build directory's pipeline files: when they are new
-    # the front end writes the build first; otherwise it is written after the switches, off
-    # the path to enforcement (as a quarantine's overlay is), whatever the outcome — the
-    # build is what they hold, or what was refused.
-    compiled = _compile(args, front, state, moment, text, write=None)
-    if compiled is None:
-        return EXIT_ERROR, None
-    try:
-        code = _apply_written((verb, args, state, event), compiled, moment, expired)
-    finally:
-        written = compiled.write()
+    with ExitStack() as enforcing:
+        # No cyclic collection on the path to enforcement (compile, proof, writes): a full
+        # one walks the build and its memos (millions of objects) and finds nothing. It
+        # may run once the switches have answered (`_apply_written` ends the pause).
+        enforcing.enter_context(collection_paused())
+        # The switches are set from the build directory's pipeline files: when they are new
+        # the front end writes the build first; otherwise it is written after the switches,
+        # off the path to enforcement (as a quarantine's overlay is), whatever the outcome —
+        # the build is what they hold, or what was refused.
+        compiled = _compile(args, front, state, moment, text, write=None)
+        if compiled is None:
+            return EXIT_ERROR, None
+        try:
+            call = (verb, args, state, event)
+            code = _apply_written(call, compiled, moment, expired, enforcing.close)
+        finally:
+            written = compiled.write()
     return (code if written else EXIT_ERROR), compiled
 
 
@@ -189,9 +196,11 @@ def _apply_written(
     compiled: Compiled,
     moment: float,
     expired: list[Grant],
+    enforced: Callable[[], None] = lambda: None,
 ) -> int:
     """`_apply_compiled` once compiled: prove, write the switches, keep the state, audit.
-    `call`: the verb, its command line, the live state and the audit event."""
+    `call`: the verb, its command line, the live state and the audit event; `enforced`:
+    called once the switches have answered (or nothing is to be written)."""
     verb, args, state, event = call
     state_dir = Path(args.state)
     # What was compiled, as it was compiled: a later edit of the file (under `watch`) must
@@ -224,6 +233,7 @@ def _apply_written(
     # switches were given (a quarantine or a revoke kept, never undone by the restart).
     code, reports = run(verb, args, compiled, change=change, only=only,
                         before_writing=lambda: state.save(state_dir))  # fmt: skip
+    enforced()
     if not proof.startswith("skipped"):  # after the writes: kept for the next process
         _keep_proven(state_dir, compiled)
     dry = getattr(args, "dry_run", False)
