@@ -269,7 +269,8 @@ def _apply_written(
 def _monotone(old: Mapping[str, SwitchTables] | None, compiled: Compiled) -> Monotone | None:
     """The change from the tables of a proven build the switches hold (`old`, on the same
     floor) to `compiled`, when it only widens or only narrows (a grant, a revoke, an allow
-    added): written without an epoch flip (compiler/differential.py `monotone_change`)."""
+    added), or removes permits and adds others no packet meets with them (a rule's port
+    edited): written without an epoch flip (compiler/differential.py `monotone_change`)."""
     from compiler.differential import monotone_change
 
     if old is None:

@@ -527,14 +527,16 @@ async def apply_one(
             return
         if held.digest:  # from the first write on, the switch holds no known build
             await _mark(sw, tables, held.epoch, b"", report, fence)
-        say(target.name, f"writing {len(plan.prepare)} updates (idle epoch)")
+        flips = plan.flip is not None  # else entry by entry (runtime/overlay.py)
+        say(target.name, f"writing {len(plan.prepare)} updates{' (idle epoch)' if flips else ''}")
         reset = options.reset_direct_meters
         await _write(sw, tables, plan.prepare, options.batch_size, report, reset, fence)
         if plan.flip is not None:
             say(target.name, f"flipping to epoch {plan.epoch_after}")
             await _write(sw, tables, [plan.flip], 1, report, fence=fence)
         if plan.finish:
-            say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
+            what = "removing the old epoch" if flips else "then"
+            say(target.name, f"{what} ({len(plan.finish)} updates)")
             await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
         if digest:  # every update took: the switch holds the build
             await _mark(sw, tables, plan.epoch_after, digest, report, fence)

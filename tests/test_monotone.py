@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 import pytest
 
 from compiler.check import check_policy
-from compiler.differential import Monotone, monotone_change
+from compiler.differential import Monotone, changed_tables, monotone_change
 from compiler.emit import Build, build
 from compiler.entries import SwitchTables, TableEntry
 from compiler.evaluate import Fabric, PacketFields
@@ -23,7 +23,8 @@ from runtime.overlay import monotone_plan
 from runtime.plan import DELETE, INSERT, MODIFY, Change, Desired, Held, Tables, clone_session
 
 GRANT = "allow algo1 -> settle2 tcp 6001 name grant_1"
-SOME_PORTS = (6001, 9876, 7000)
+SOME_PORTS = (6001, 9876, 7000, 7001)
+PORT_EDIT = ("settlement   tcp 7000", "settlement   tcp 7001")  # two racks' hosts
 
 
 def _text(floor_policy_text: str, extra: str = "") -> str:
@@ -66,7 +67,7 @@ def test_a_grant_only_widens_and_its_revoke_only_narrows(granted: tuple[Build, B
 @pytest.mark.parametrize(
     ("old", "new", "why"),
     [
-        ("risk_db      tcp 5432", "risk_db      tcp 5433", "both added and removed"),
+        ("settlement   tcp 7000", "settlement   tcp 6990-7010", "some packet meets both"),
         ("default deny log", "deny algo1 -> settle2 tcp 6001\ndefault deny log", "other than"),
         ("allow risk         -> risk_db      tcp 5432", "", "other than"),  # a reply deny goes
     ],
@@ -173,20 +174,96 @@ def test_every_state_between_the_writes_judges_each_packet_by_the_old_or_the_new
         policy_at = [i for i, c in enumerate(plan.prepare) if c.table == "policy"]
         # permits before the retags when they come, after them when they go
         assert all((i < first_identity) is widen for i in policy_at)
+    _every_state(old, new, steps, floor)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["as-planned", "reversed"])
+def test_a_port_edit_swaps_permits_without_a_flip_in_any_order(
+    floor: Inventory, floor_policy_text: str, reverse: bool
+) -> None:
+    """Its old permits deleted and its new ones inserted, no flip; every state between two
+    writes, in the planned order or the reverse (a switch may take a batch in any order),
+    judges each packet by the old or the new tables."""
+    text = _text(floor_policy_text)
+    assert PORT_EDIT[0] in text
+    first = _build(text, floor)
+    old, new = _switches(first), _switches(_build(text.replace(*PORT_EDIT), floor, first))
+    change = monotone_change(old, new)
+    assert isinstance(change, Monotone) and change.both, change
+    assert set(change.changes) == {"tor-oms", "tor-stl"}  # order_router's and settlement's
+    pipeline = Tables(PIPELINE)
+    steps: dict[str, list[Change]] = {}
+    for name in change.changes:
+        plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
+                             change)  # fmt: skip
+        assert plan.flip is None and not plan.finish
+        assert {(c.op, c.table) for c in plan.prepare} == {(DELETE, "policy"), (INSERT, "policy")}
+        steps[name] = list(plan.prepare)[:: -1 if reverse else 1]
+    _every_state(old, new, steps, floor)
+
+
+def test_permits_that_one_packet_meets_both_ways_would_drop_it_midway(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    """Why a swap of permits some packet meets both ways takes the epoch flip: written as
+    one anyway, some state between the writes drops a packet both builds deliver."""
+    text = _text(floor_policy_text)
+    first = _build(text, floor)
+    widened = text.replace("settlement   tcp 7000", "settlement   tcp 6990-7010")
+    old, new = _switches(first), _switches(_build(widened, floor, first))
+    assert isinstance(monotone_change(old, new), str)
+    changed = changed_tables(old, new)
+    assert changed is not None
+    forced = Monotone(False, {name: frozenset(es) for name, es in changed.items()}, both=True)
+    pipeline = Tables(PIPELINE)
+    steps = {}
+    for name in forced.changes:
+        desired = Desired.of(pipeline, new[name], 255)
+        plan = monotone_plan(pipeline, desired, _held(old[name]), forced)
+        # the deletes first (a switch may take them first): the old range gone, not yet
+        # the new one
+        steps[name] = sorted(plan.prepare, key=lambda c: c.op != DELETE)
+    assert _odd_states(old, new, steps, floor)
+
+
+def _every_state(
+    old: Mapping[str, SwitchTables],
+    new: Mapping[str, SwitchTables],
+    steps: Mapping[str, list[Change]],
+    floor: Inventory,
+) -> None:
+    """Two switches' writes (`steps`, from `old`), each state one of them has reached while
+    the other is at its start or its end: every packet judged as `old` or `new` judge it,
+    and the last state is `new`."""
+    odd = _odd_states(old, new, steps, floor)
+    assert not odd, odd[:3]
+    final = {name: _after(old[name], changes) for name, changes in steps.items()}
+    packets = _packets(floor)
+    assert _verdicts({**old, **final}, floor, packets) == _verdicts(new, floor, packets)
+
+
+def _odd_states(
+    old: Mapping[str, SwitchTables],
+    new: Mapping[str, SwitchTables],
+    steps: Mapping[str, list[Change]],
+    floor: Inventory,
+) -> list[str]:
+    """`_every_state`'s states where some packet is judged as neither build judges it."""
     packets = _packets(floor)
     before, after = _verdicts(old, floor, packets), _verdicts(new, floor, packets)
-    assert before != after  # the grant's flow
+    assert before != after  # the changed flow
     a, b = sorted(steps)
     states = {(i, len(steps[b])) for i in range(len(steps[a]) + 1)}
     states |= {(len(steps[a]), j) for j in range(len(steps[b]) + 1)}
     states |= {(i, 0) for i in range(len(steps[a]) + 1)}
     states |= {(0, j) for j in range(len(steps[b]) + 1)}
+    out = []
     for i, j in sorted(states):
         mid = {**old, a: _after(old[a], steps[a][:i]), b: _after(old[b], steps[b][:j])}
         seen = _verdicts(mid, floor, packets)
         odd = [
             p for p, s, x, y in zip(packets, seen, before, after, strict=True) if s not in (x, y)
         ]
-        assert not odd, f"{a} after {i} writes, {b} after {j}: {odd[:3]}"
-    final = {**old, a: _after(old[a], steps[a]), b: _after(old[b], steps[b])}
-    assert _verdicts(final, floor, packets) == after
+        if odd:
+            out.append(f"{a} after {i} writes, {b} after {j}: {odd[:3]}")
+    return out
