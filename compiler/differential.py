@@ -529,26 +529,26 @@ def outranked(
 # already new is dropped by one of them, which is the old verdict of a widening and the new
 # verdict of a narrowing.
 #
-# A change that both removes and adds plain permits (a rule's port or addresses edited)
-# needs no flip either when no identity entry changes and no packet can match both a
-# removed permit and an added one on the same switch (`both`; the tag fields compared on
-# the vectors the switch's identity tables give). Then, whatever has been written, a hop
-# decides a packet a removed permit matches as the old tables do if that permit is still
-# there, else as the new ones do (no added permit matches it); one an added permit matches,
-# as the new tables do if it is there, else as the old ones; any other packet as both do.
-# Each hop's decision is the old tables' or the new ones', in any order of the writes.
-# Since a ToR judges the whole policy for the packets from and to its hosts, a packet
-# delivered is delivered by both builds, and a packet dropped is dropped by one of them.
-# Permits that could both match one packet (a port range widened) go by the epoch flip:
-# a hop without the one and not yet with the other would drop a packet both builds permit.
-_OVERLAP_PAIRS_MAX = 4096  # (removed, added) pairs compared per switch, else the flip
+# A change that both removes and adds plain permits (a rule's ports or addresses edited)
+# needs no flip either when no identity entry changes (`both`): on each switch the added
+# permits are written first, and the removed ones deleted once they are in (two writes,
+# each in any order). While permits come, a hop's first matching entry is one the old
+# tables hold (their decision) or an added permit above every kept entry the packet
+# matches (a permit: the new tables' decision, as the added permits are permits too); while
+# permits go, it is one the new tables hold (their decision) or a permit still there above
+# every kept entry (the old tables', whose first match is it or a permit already gone).
+# Each hop's decision is the old tables' or the new ones'. Since a ToR judges the whole
+# policy for the packets from and to its hosts, a packet delivered is delivered by both
+# builds, and a packet dropped is dropped by one of them. The other order would not do: a
+# hop without the old permit and not yet with a new one that matches the same packet (a
+# port range widened) would drop a packet both builds permit.
 
 
 @dataclass(frozen=True, slots=True)
 class Monotone:
-    """A change that only widens (or only narrows), or removes permits and adds others no
-    packet meets with them (`both`): per changed switch, the compiled entries the two
-    builds do not share."""
+    """A change that only widens (or only narrows), or adds and removes permits with no
+    identity changed (`both`): per changed switch, the compiled entries the two builds do
+    not share."""
 
     widens: bool
     changes: Mapping[str, frozenset[TableEntry]]
@@ -602,69 +602,18 @@ def _both_ways(
     changed: Mapping[str, list[TableEntry]],
     parts: Mapping[str, tuple[list[Retag], list[TableEntry]]],
 ) -> Monotone | str | None:
-    """The change (`parts`: per switch, its retags and plain permits) when it removes and
-    adds permits, as a `both` change, or why it cannot be one; None: it does not go both
-    ways (a widening or a narrowing, or no change)."""
-    split: dict[str, tuple[list[TableEntry], list[TableEntry]]] = {}
+    """The change (`parts`: per switch, its retags and plain permits) as a `both` change
+    when it adds and removes permits, or why it cannot be one; None: it does not go both
+    ways (a widening, a narrowing, or no change)."""
+    added = removed = False
     for name, (_retagged, rest) in parts.items():
         objects = _old_objects(old[name], changed[name])
-        gone = [e for e in rest if e in objects]
-        split[name] = (gone, [e for e in rest if e not in objects])
-    if not any(gone for gone, _ in split.values()) or not any(new for _, new in split.values()):
+        for e in rest:
+            removed = removed or e in objects
+            added = added or e not in objects
+    if not (added and removed):
         return None
     for name, (retagged, _rest) in parts.items():
         if retagged:
             return f"{name}: permits are both added and removed, and identities change"
-    for name, (gone, added) in split.items():
-        if len(gone) * len(added) > _OVERLAP_PAIRS_MAX:
-            return f"{name}: permits are both added and removed, too many to compare"
-        if not gone or not added:
-            continue
-        carried = _carried(old[name])  # the same before and after: no identity changed
-        if any(_overlap(a, b, carried) for a in gone for b in added):
-            return f"{name}: permits are both added and removed, and some packet meets both"
     return Monotone(False, {name: frozenset(es) for name, es in changed.items()}, both=True)
-
-
-_TAG_TABLE = {"src_tags": "src_identity", "dst_tags": "dst_identity"}
-
-
-def _carried(tables: SwitchTables) -> dict[str, frozenset[int]]:
-    """Per tag field, the vectors a packet can carry on this switch: those its identity
-    table gives, and no tags (a `dst_identity` miss; on the source side, conservatively)."""
-    out: dict[str, set[int]] = {field: {0} for field in _TAG_TABLE}
-    fields = {table: field for field, table in _TAG_TABLE.items()}
-    for e in tables.entries:
-        field = fields.get(e.table)
-        if field is not None:
-            out[field].add(_tags(e))
-    return {field: frozenset(vectors) for field, vectors in out.items()}
-
-
-def _overlap(a: TableEntry, b: TableEntry, carried: Mapping[str, frozenset[int]]) -> bool:
-    """Whether some packet can match both entries (of one table): on every field both
-    match, their matches meet — on a tag field, some vector the switch gives (`carried`)
-    matches both. Matches of different kinds on a field: assumed to meet."""
-    theirs = {m.field: m for m in b.matches}
-    for m in a.matches:
-        n = theirs.get(m.field)
-        if n is None:
-            continue
-        vectors = carried.get(m.field)
-        if vectors is not None and m.kind == n.kind == "ternary":
-            if not any(m.covers(v) and n.covers(v) for v in vectors):
-                return False
-            continue
-        if m.kind != n.kind:
-            return True  # not compared: as if they met (the epoch flip then)
-        if m.kind == "ternary":
-            meets = not (m.value ^ n.value) & m.arg & n.arg
-        elif m.kind == "range":
-            meets = max(m.value, n.value) <= min(m.arg, n.arg)
-        elif m.kind == "exact":
-            meets = m.value == n.value
-        else:
-            return True
-        if not meets:
-            return False
-    return True

@@ -414,8 +414,8 @@ def run(
 ) -> tuple[int, list[SwitchReport]]:
     """Plan or apply; prints the result (`extra` joins the JSON document); the exit status
     and the per-switch reports. `change`: the build is the one a proven build's switches
-    hold with a change that only widens or narrows (or swaps permits no packet meets both:
-    compiler/differential.py `monotone_change`): written without an epoch flip where a
+    hold with a change that only widens or narrows (or widens, then narrows, in two
+    writes: compiler/differential.py `monotone_change`): written without an epoch flip where a
     switch holds exactly that build (runtime/overlay.py `monotone_plan`). `only`: these
     switches of the selection alone (the others are known to hold the build).
     `before_writing`: called once the session is set up, before the first write."""

@@ -208,7 +208,10 @@ def _apply_written(
     operations = in_force_report(compiled.policy, state, moment)
     before = _held_proven(state_dir)  # what the switches hold, if this process proved it
     proof = "skipped (--no-verify)" if getattr(args, "no_verify", False) else None
-    proven_here = proof is None and (proof := _proven(verb, compiled, state_dir)) is not None
+    later: list[Callable[[], None]] = []  # the proof's record, once the switches answered
+    proven_here = proof is None and (
+        (proof := _proven(verb, compiled, state_dir, later=later)) is not None
+    )
     kept = _KEPT.pop(state_dir.resolve(), None)  # what that proof found in the state
     if proof is None:
         audit.append(
@@ -234,6 +237,8 @@ def _apply_written(
     code, reports = run(verb, args, compiled, change=change, only=only,
                         before_writing=lambda: state.save(state_dir))  # fmt: skip
     enforced()
+    for step in later:
+        step()
     if not proof.startswith("skipped"):  # after the writes: kept for the next process
         _keep_proven(state_dir, compiled)
     dry = getattr(args, "dry_run", False)
@@ -269,7 +274,7 @@ def _apply_written(
 def _monotone(old: Mapping[str, SwitchTables] | None, compiled: Compiled) -> Monotone | None:
     """The change from the tables of a proven build the switches hold (`old`, on the same
     floor) to `compiled`, when it only widens or only narrows (a grant, a revoke, an allow
-    added), or removes permits and adds others no packet meets with them (a rule's port
+    added), or adds permits and removes others with no identity changed (a rule's port
     edited): written without an epoch flip (compiler/differential.py `monotone_change`)."""
     from compiler.differential import monotone_change
 
@@ -340,7 +345,14 @@ def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
     _RECORDS[key] = [*kept, record]
 
 
-def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True) -> str | None:
+def _proven(
+    verb: str,
+    compiled: Compiled,
+    state_dir: Path,
+    *,
+    save: bool = True,
+    later: list[Callable[[], None]] | None = None,
+) -> str | None:
     """Whether the compiled tables implement the effective policy (compiler/verify.py):
     how it was proven, or None — and why, on stderr. "full"; "differential: rule by rule
     on N ToRs" when this process proved the last build rule by rule (its ToRs' proofs
@@ -351,7 +363,10 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     changed ToRs' packets); EARLIER when the build is one this process proved a few
     builds ago (its proof record: the same rules, tables and inventory). A change is
     written only once it is proven (fail closed). Not `save`: the proof is remembered in
-    this process only, the state directory's record left as it is (a standby's)."""
+    this process only, the state directory's record left as it is (a standby's). `later`:
+    the record's writing is put there (an apply writes it once the switches have answered:
+    a record a moment late names a build proven before, which is all the next proof by
+    difference asks of it)."""
     from compiler.verify import differential_scope, proof_record, verify
     from p4seg import proven
 
@@ -361,9 +376,16 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
     before = _recorded_proof(state_dir)  # unreadable: None, prove everything
     held = _PROVEN.get(state_dir.resolve())
     previous = held[1] if held is not None and before is not None and held[0] == before else None
+
+    def keep() -> None:
+        if later is None:
+            _write_record(path, record)
+        else:
+            later.append(partial(_write_record, path, record))
+
     if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
         if save:
-            _write_record(path, record)
+            keep()
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
         return EARLIER
     roles = {s.name: s.role for s in compiled.inventory.switches}
@@ -381,7 +403,7 @@ def _proven(verb: str, compiled: Compiled, state_dir: Path, *, save: bool = True
         _refused(verb, result.counterexamples)
         return None
     if save:
-        _write_record(path, record)
+        keep()
     _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
     if result.by_rules is not None and result.pairs is not None:  # from the last proof
         tors = result.by_rules.tors

@@ -24,7 +24,7 @@ packet is judged by the carved policy or, before the write, by the old one.
 
 `monotone_plan` (below) writes a grant or a revoke the same way, entry by entry, when the
 change only widens or only narrows (compiler/differential.py `monotone_change`), and a
-change of a rule's ports or addresses whose old and new permits no packet meets both.
+change of a rule's ports or addresses as a widening then a narrowing, in two writes.
 
 `overlay_plan` refuses (NotAnOverlay) whenever the switch differs from the compiled
 tables in anything else — another pending change, an interrupted apply's epoch copies, a
@@ -138,8 +138,8 @@ def monotone_plan(
     """The writes that take `held` to `desired` without an epoch flip when they are exactly
     the switch's part of `change` (compiler/differential.py `monotone_change`): the new
     permits, then the retagged identity entries (a widening); the retags, then the removed
-    permits deleted (a narrowing); the removed and the added permits, in any order (`both`:
-    no identity changes, no packet meets a removed permit and an added one). Anything else — the switch holds other than the tables
+    permits deleted (a narrowing); the added permits, then in a second write the removed
+    ones deleted (`both`: no identity changes). Anything else — the switch holds other than the tables
     the change starts from, no change known — is planned by the epoch protocol."""
     if change is None or held.clone is None or held.clone != desired.clone:
         return plan_switch(tables, desired, held)
@@ -172,10 +172,11 @@ def monotone_plan(
             return plan_switch(tables, desired, held)
     if seen != {_key(e) for e in expected}:
         return plan_switch(tables, desired, held)
-    if change.both:  # no identity changes; the permits in any order
-        ordered: tuple[Change, ...] = tuple(permits)
-    else:
-        ordered = (*permits, *identity) if change.widens else (*identity, *permits)
+    if change.both:  # no identity changes: the new permits in, then the old ones out
+        added = tuple(c for c in permits if c.op != DELETE)
+        gone = tuple(c for c in permits if c.op == DELETE)
+        return SwitchPlan(desired.switch, added, None, gone, differences, held.epoch)
+    ordered = (*permits, *identity) if change.widens else (*identity, *permits)
     return SwitchPlan(desired.switch, ordered, None, (), differences, held.epoch)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 import pytest
 
 from compiler.check import check_policy
-from compiler.differential import Monotone, changed_tables, monotone_change
+from compiler.differential import Monotone, monotone_change
 from compiler.emit import Build, build
 from compiler.entries import SwitchTables, TableEntry
 from compiler.evaluate import Fabric, PacketFields
@@ -25,6 +25,7 @@ from runtime.plan import DELETE, INSERT, MODIFY, Change, Desired, Held, Tables, 
 GRANT = "allow algo1 -> settle2 tcp 6001 name grant_1"
 SOME_PORTS = (6001, 9876, 7000, 7001)
 PORT_EDIT = ("settlement   tcp 7000", "settlement   tcp 7001")  # two racks' hosts
+RANGE_EDIT = ("settlement   tcp 7000", "settlement   tcp 6990-7010")  # over the old port
 
 
 def _text(floor_policy_text: str, extra: str = "") -> str:
@@ -67,7 +68,6 @@ def test_a_grant_only_widens_and_its_revoke_only_narrows(granted: tuple[Build, B
 @pytest.mark.parametrize(
     ("old", "new", "why"),
     [
-        ("settlement   tcp 7000", "settlement   tcp 6990-7010", "some packet meets both"),
         ("default deny log", "deny algo1 -> settle2 tcp 6001\ndefault deny log", "other than"),
         ("allow risk         -> risk_db      tcp 5432", "", "other than"),  # a reply deny goes
     ],
@@ -177,17 +177,16 @@ def test_every_state_between_the_writes_judges_each_packet_by_the_old_or_the_new
     _every_state(old, new, steps, floor)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["as-planned", "reversed"])
-def test_a_port_edit_swaps_permits_without_a_flip_in_any_order(
-    floor: Inventory, floor_policy_text: str, reverse: bool
+@pytest.mark.parametrize("edit", [PORT_EDIT, RANGE_EDIT], ids=["port", "range-widened"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["as-planned", "each-write-reversed"])
+def test_a_port_edit_adds_the_new_permits_then_removes_the_old_without_a_flip(
+    floor: Inventory, floor_policy_text: str, edit: tuple[str, str], reverse: bool
 ) -> None:
-    """Its old permits deleted and its new ones inserted, no flip; every state between two
-    writes, in the planned order or the reverse (a switch may take a batch in any order),
-    judges each packet by the old or the new tables."""
-    text = _text(floor_policy_text)
-    assert PORT_EDIT[0] in text
-    first = _build(text, floor)
-    old, new = _switches(first), _switches(_build(text.replace(*PORT_EDIT), floor, first))
+    """The new permits written, then the old ones deleted, in two writes and no flip;
+    every state between two writes (each write's updates in the planned order or the
+    reverse: a switch may take a batch in any order) judges each packet by the old or the
+    new tables, a new range that holds the old port included."""
+    old, new = _edited(floor, floor_policy_text, edit)
     change = monotone_change(old, new)
     assert isinstance(change, Monotone) and change.both, change
     assert set(change.changes) == {"tor-oms", "tor-stl"}  # order_router's and settlement's
@@ -196,34 +195,41 @@ def test_a_port_edit_swaps_permits_without_a_flip_in_any_order(
     for name in change.changes:
         plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
                              change)  # fmt: skip
-        assert plan.flip is None and not plan.finish
-        assert {(c.op, c.table) for c in plan.prepare} == {(DELETE, "policy"), (INSERT, "policy")}
-        steps[name] = list(plan.prepare)[:: -1 if reverse else 1]
+        assert plan.flip is None and plan.prepare and plan.finish
+        assert {(c.op, c.table) for c in plan.prepare} == {(INSERT, "policy")}
+        assert {(c.op, c.table) for c in plan.finish} == {(DELETE, "policy")}
+        order = -1 if reverse else 1
+        steps[name] = [*plan.prepare[::order], *plan.finish[::order]]
     _every_state(old, new, steps, floor)
 
 
-def test_permits_that_one_packet_meets_both_ways_would_drop_it_midway(
+def test_old_permits_removed_before_the_new_ones_come_would_drop_a_packet_midway(
     floor: Inventory, floor_policy_text: str
 ) -> None:
-    """Why a swap of permits some packet meets both ways takes the epoch flip: written as
-    one anyway, some state between the writes drops a packet both builds deliver."""
-    text = _text(floor_policy_text)
-    first = _build(text, floor)
-    widened = text.replace("settlement   tcp 7000", "settlement   tcp 6990-7010")
-    old, new = _switches(first), _switches(_build(widened, floor, first))
-    assert isinstance(monotone_change(old, new), str)
-    changed = changed_tables(old, new)
-    assert changed is not None
-    forced = Monotone(False, {name: frozenset(es) for name, es in changed.items()}, both=True)
+    """Why the new permits go first: a port range widened over the old port, written the
+    other way round, has a state between the writes that drops a packet both builds
+    deliver (the old port's, once its permit is gone and before the range is in)."""
+    old, new = _edited(floor, floor_policy_text, RANGE_EDIT)
+    change = monotone_change(old, new)
+    assert isinstance(change, Monotone) and change.both
     pipeline = Tables(PIPELINE)
     steps = {}
-    for name in forced.changes:
-        desired = Desired.of(pipeline, new[name], 255)
-        plan = monotone_plan(pipeline, desired, _held(old[name]), forced)
-        # the deletes first (a switch may take them first): the old range gone, not yet
-        # the new one
-        steps[name] = sorted(plan.prepare, key=lambda c: c.op != DELETE)
+    for name in change.changes:
+        plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
+                             change)  # fmt: skip
+        steps[name] = [*plan.finish, *plan.prepare]
     assert _odd_states(old, new, steps, floor)
+
+
+def _edited(
+    floor: Inventory, floor_policy_text: str, edit: tuple[str, str]
+) -> tuple[dict[str, SwitchTables], dict[str, SwitchTables]]:
+    """The trading floor's tables, and those of the policy with `edit` made (the same
+    allocation)."""
+    text = _text(floor_policy_text)
+    assert edit[0] in text
+    first = _build(text, floor)
+    return _switches(first), _switches(_build(text.replace(*edit), floor, first))
 
 
 def _every_state(
