@@ -40,7 +40,7 @@ from compiler.model import (
     Quarantine,
     text_key,
 )
-from runtime.files import write_atomic
+from runtime.files import Parsed, write_atomic
 
 STATE_FILE = "live.json"
 _EMPTY = AddressSet(())
@@ -131,8 +131,14 @@ class LiveState:
         return json.dumps(doc, indent=2, sort_keys=True)
 
     def save(self, state_dir: Path) -> None:
-        """Atomically: a crash leaves the old state or the new, never half of one."""
-        write_atomic(state_dir / STATE_FILE, self.to_json())
+        """Atomically: a crash leaves the old state or the new, never half of one. Not
+        written when the file holds this text already, as this process wrote it (an apply
+        saves the state before its first write to a switch: most change nothing in it)."""
+        path, text = state_dir / STATE_FILE, self.to_json()
+        if _WRITTEN.holds(path, text):
+            return
+        write_atomic(path, text)
+        _WRITTEN.remember(path, text)
 
     def active_grants(self, now: float) -> list[Grant]:
         return [g for g in self.grants if g.expires > now]
@@ -548,3 +554,7 @@ def in_force_report(policy: Policy, state: LiveState, now: float) -> InForce:
         tuple(r for r in timed if not in_force(r, state, now)),
         tuple((h, tuple(p)) for h, p in sorted(state.restricted_at(now).items())),
     )
+
+
+# The state files' texts as this process last wrote them (LiveState.save).
+_WRITTEN: Parsed[str] = Parsed()
