@@ -687,6 +687,35 @@ def test_a_grant_and_its_revoke_write_their_entries_alone_with_no_flip(
     assert not any(s["written"] for s in doc["switches"])
 
 
+def test_a_port_edit_is_written_without_a_flip_by_a_long_running_controller(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The process that applied and proved the build applies a rule's port edit as a
+    widening then a narrowing (compiler/differential.py `monotone_change`, `both`): its
+    permits written on the two ToRs of its hosts, no epoch flip; the new port delivered,
+    the old one dropped."""
+    from p4seg.cli import main
+
+    switches, live = floor_site
+    old, new = TCP(sport=40000, dport=7000, flags="S"), TCP(sport=40000, dport=7001, flags="S")
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert _delivered(switches, floor, "oms1", "settle1", old)
+    policy = Path("floor.zt")
+    text = policy.read_text()
+    assert "settlement   tcp 7000" in text
+    policy.write_text(text.replace("settlement   tcp 7000", "settlement   tcp 7001"))
+    capsys.readouterr()
+    assert main(["apply", "floor.zt", *live[2:], "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    written = {s["switch"]: s for s in doc["switches"] if s["written"]}
+    assert set(written) == {"tor-oms", "tor-stl"}
+    assert all(s["writes"]["flip"] == 0 for s in written.values())
+    assert _delivered(switches, floor, "oms1", "settle1", new)
+    assert not _delivered(switches, floor, "oms1", "settle1", old)
+
+
 def test_a_controller_killed_right_after_the_overlay_restarts_with_the_host_quarantined(
     floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
     floor: Inventory,
