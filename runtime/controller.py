@@ -530,7 +530,9 @@ async def apply_one(
         flips = plan.flip is not None  # else entry by entry (runtime/overlay.py)
         say(target.name, f"writing {len(plan.prepare)} updates{' (idle epoch)' if flips else ''}")
         reset = options.reset_direct_meters
-        await _write(sw, tables, plan.prepare, options.batch_size, report, reset, fence)
+        for step in plan.steps():  # each acknowledged before the next (P4Runtime may
+            # apply one Write's updates in any order)
+            await _write(sw, tables, step, options.batch_size, report, reset, fence)
         if plan.flip is not None:
             say(target.name, f"flipping to epoch {plan.epoch_after}")
             await _write(sw, tables, [plan.flip], 1, report, fence=fence)

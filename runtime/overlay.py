@@ -4,7 +4,9 @@ A quarantine (compiler/quarantine.py) changes the tables of the host's
 own ToR only, and there only entries no other host's packets meet: the host's two identity
 entries (its `src_identity` entry on its port, its `dst_identity` /32) and `policy`
 entries that match its reserved quarantine identity. So `quarantine` and `release` need
-no epoch flip; the overlay is written in an order that keeps every packet consistent:
+no epoch flip; the overlay is written in steps that keep every packet consistent, each step
+its own Write, acknowledged before the next (a P4Runtime server may apply the updates of
+one Write in any order):
 
   quarantine  1. insert the overlay's `policy` entries: they match only the quarantine
                  identity, which no packet carries yet, so nothing is judged differently
@@ -116,9 +118,9 @@ def overlay_plan(
         else:
             raise NotAnOverlay(f"the {table} table")
     identity.sort(key=lambda c: c.table != "src_identity")  # src first, as documented
-    return SwitchPlan(
-        desired.switch, (*inserts, *identity, *deletes), None, (), differences, held.epoch
-    )
+    barriers = (len(inserts), len(inserts) + len(identity))  # three writes, in this order
+    return SwitchPlan(desired.switch, (*inserts, *identity, *deletes), None, (), differences,
+                      held.epoch, barriers)  # fmt: skip
 
 
 # -- a change that only widens or only narrows (compiler/differential.py) -------------------
@@ -138,8 +140,8 @@ def monotone_plan(
     """The writes that take `held` to `desired` without an epoch flip when they are exactly
     the switch's part of `change` (compiler/differential.py `monotone_change`): the new
     permits, then the retagged identity entries (a widening); the retags, then the removed
-    permits deleted (a narrowing); the added permits, then in a second write the removed
-    ones deleted (`both`: no identity changes). Anything else — the switch holds other than the tables
+    permits deleted (a narrowing); the added permits, then the removed ones deleted (`both`:
+    no identity changes). Each step its own write (`SwitchPlan.barriers`). Anything else — the switch holds other than the tables
     the change starts from, no change known — is planned by the epoch protocol."""
     if change is None or held.clone is None or held.clone != desired.clone:
         return plan_switch(tables, desired, held)
@@ -173,11 +175,14 @@ def monotone_plan(
     if seen != {_key(e) for e in expected}:
         return plan_switch(tables, desired, held)
     if change.both:  # no identity changes: the new permits in, then the old ones out
-        added = tuple(c for c in permits if c.op != DELETE)
-        gone = tuple(c for c in permits if c.op == DELETE)
-        return SwitchPlan(desired.switch, added, None, gone, differences, held.epoch)
-    ordered = (*permits, *identity) if change.widens else (*identity, *permits)
-    return SwitchPlan(desired.switch, ordered, None, (), differences, held.epoch)
+        first = [c for c in permits if c.op != DELETE]
+        second = [c for c in permits if c.op == DELETE]
+    elif change.widens:
+        first, second = permits, identity
+    else:
+        first, second = identity, permits
+    return SwitchPlan(desired.switch, (*first, *second), None, (), differences, held.epoch,
+                      (len(first),))  # fmt: skip
 
 
 def _change(op: str, entry: p4r.TableEntry, table: str) -> Change:

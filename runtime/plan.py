@@ -578,12 +578,26 @@ def _diff(tables: Tables, desired: Desired, held: Held, index: _Index) -> dict[s
 
 @dataclass(frozen=True, slots=True)
 class SwitchPlan:
+    """A switch's writes: `prepare`, the `flip`, `finish`, each acknowledged before the next
+    is sent. `barriers`: positions in `prepare` where the updates after must wait for those
+    before (a P4Runtime server may apply the updates of one Write in any order): the
+    overlay's and the monotone changes' steps (runtime/overlay.py)."""
+
     switch: str
     prepare: tuple[Change, ...]
     flip: Change | None
     finish: tuple[Change, ...]
     diff: dict[str, TableDiff]
     epoch_after: int
+    barriers: tuple[int, ...] = ()
+
+    def steps(self) -> Iterator[tuple[Change, ...]]:
+        """`prepare` cut at its barriers (no empty step)."""
+        start = 0
+        for stop in (*self.barriers, len(self.prepare)):
+            if stop > start:
+                yield self.prepare[start:stop]
+                start = stop
 
     @property
     def empty(self) -> bool:
