@@ -53,8 +53,14 @@ __all__ = ["etcd_cluster", "pki"]  # fixtures, used by name
 
 TTL = 2  # seconds: the leader's lease
 ROOT = Path(__file__).resolve().parent.parent
-# The edit: front -> back moves from port 8080 to 8081, and back gets ssh to remediation.
-EDIT = POLICY.replace("tcp 8080", "tcp 8081") + "allow back -> remediation tcp 22\n"
+# The edit: front -> back moves from port 8080 to 8081, back gets ssh to remediation, and
+# remediation's telnet to back is denied outright: a deny entry added, so the edit takes
+# the epoch protocol whose every point these tests kill at (permits alone would go without
+# a flip: compiler/differential.py `monotone_change`, tests/test_monotone.py).
+EDIT = (
+    POLICY.replace("tcp 8080", "tcp 8081")
+    + "allow back -> remediation tcp 22\ndeny remediation -> back tcp 23\n"
+)
 
 
 # -- what a write is, in the epoch protocol (docs/controller.md) ---------------------------
