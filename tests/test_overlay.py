@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -28,7 +29,7 @@ from p4src.spec import PIPELINE
 from runtime.entities import canonical_entry, table_entry_proto
 from runtime.live import LiveState, effective_policy
 from runtime.overlay import NotAnOverlay, overlay_plan
-from runtime.plan import Desired, Held, Tables, clone_session
+from runtime.plan import DELETE, Desired, Held, Tables, clone_session
 from runtime.refswitch.switch import ReferenceSwitch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -715,6 +716,45 @@ def test_a_port_edit_is_written_without_a_flip_by_a_long_running_controller(
     assert all(s["writes"]["flip"] == 0 for s in written.values())
     assert _delivered(switches, floor, "oms1", "settle1", new)
     assert not _delivered(switches, floor, "oms1", "settle1", old)
+
+
+def test_a_port_edit_cut_off_between_its_two_writes_judges_packets_whole_and_converges(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A switch lost after the new permits went in and before the old ones went: the edit's
+    old port is still delivered (both builds' permits are there), and the next apply, in a
+    new process, finishes it from what the switches hold."""
+    import runtime.controller
+    from p4seg.cli import forget, main
+
+    switches, live = floor_site
+    old, new = TCP(sport=40000, dport=7000, flags="S"), TCP(sport=40000, dport=7001, flags="S")
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    policy = Path("floor.zt")
+    policy.write_text(policy.read_text().replace("settlement   tcp 7000", "settlement   tcp 7001"))
+    real = runtime.controller._write
+    cut: list[int] = []
+
+    async def lost_before_the_deletes(sw: Any, tables: Any, changes: Any, *rest: Any) -> None:
+        if changes and all(c.op == DELETE and c.table == "policy" for c in changes):
+            cut.append(len(changes))
+            raise ConnectionError("switch lost between the two writes")
+        await real(sw, tables, changes, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime.controller, "_write", lost_before_the_deletes)
+        assert main(["apply", "floor.zt", *live[2:]]) == 1
+    assert len(cut) == 2  # both ToRs, each after its new permits
+    assert _delivered(switches, floor, "oms1", "settle1", old)
+    assert _delivered(switches, floor, "oms1", "settle1", new)
+    forget()  # a new process
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert _delivered(switches, floor, "oms1", "settle1", new)
+    assert not _delivered(switches, floor, "oms1", "settle1", old)
+    assert main(["apply", "floor.zt", *live[2:], "--output", "json"]) == 0  # nothing left
+    assert main(["plan", "floor.zt", *live[2:], "--full-read"]) == 0
 
 
 def test_a_controller_killed_right_after_the_overlay_restarts_with_the_host_quarantined(
