@@ -558,27 +558,27 @@ class Monotone:
 def monotone_change(
     old: Mapping[str, SwitchTables], new: Mapping[str, SwitchTables]
 ) -> Monotone | str:
-    """The change from `old` to `new` when it only widens or only narrows (above), else
-    why not."""
+    """The change from `old` to `new` when it only widens or only narrows, or adds and
+    removes permits with no identity changed (above), else why not."""
     changed = changed_tables(old, new)
     if changed is None:
         return "the switches, their defaults or other tables changed"
-    widens: bool | None = None
     parts = {name: retags(old[name], entries, new[name]) for name, entries in changed.items()}
     for name, (_retagged, rest) in parts.items():  # first: the reason whatever the order
         for e in rest:
             if e.table != "policy" or e.action != "permit" or e.meter is not None:
                 return f"{name}: {e.table} entries other than plain permits changed"
-    both = _both_ways(old, changed, parts)
-    if both is not None:
-        return both
-    for name, (retagged, rest) in parts.items():
+    ways: set[bool] = set()  # whether each changed permit is added (else removed)
+    for name, (_retagged, rest) in parts.items():
         objects = _old_objects(old[name], changed[name])  # (each of `rest` is in one build)
-        for e in rest:
-            added = e not in objects
-            if widens is not None and widens != added:
-                return f"{name}: permits are both added and removed"
-            widens = added
+        ways |= {e not in objects for e in rest}
+    entries = {name: frozenset(es) for name, es in changed.items()}
+    if len(ways) == 2:  # added and removed: a `both` change, if no identity changes
+        retagging = next((name for name, (retagged, _) in parts.items() if retagged), None)
+        if retagging is not None:
+            return f"{retagging}: permits are both added and removed, and identities change"
+        return Monotone(False, entries, both=True)
+    for name, (retagged, rest) in parts.items():
         if retagged:
             before = _entry_set(old[name])
             kept = [e for e in new[name].entries if e.table == "policy" and e in before]
@@ -594,26 +594,4 @@ def monotone_change(
                         continue
                     if m.covers(r.old) if e not in before else m.covers(r.new):
                         return f"{name}: a retag takes a permit away midway"
-    return Monotone(widens is not False, {name: frozenset(es) for name, es in changed.items()})
-
-
-def _both_ways(
-    old: Mapping[str, SwitchTables],
-    changed: Mapping[str, list[TableEntry]],
-    parts: Mapping[str, tuple[list[Retag], list[TableEntry]]],
-) -> Monotone | str | None:
-    """The change (`parts`: per switch, its retags and plain permits) as a `both` change
-    when it adds and removes permits, or why it cannot be one; None: it does not go both
-    ways (a widening, a narrowing, or no change)."""
-    added = removed = False
-    for name, (_retagged, rest) in parts.items():
-        objects = _old_objects(old[name], changed[name])
-        for e in rest:
-            removed = removed or e in objects
-            added = added or e not in objects
-    if not (added and removed):
-        return None
-    for name, (retagged, _rest) in parts.items():
-        if retagged:
-            return f"{name}: permits are both added and removed, and identities change"
-    return Monotone(False, {name: frozenset(es) for name, es in changed.items()}, both=True)
+    return Monotone(ways != {False}, entries)

@@ -527,18 +527,16 @@ async def apply_one(
             return
         if held.digest:  # from the first write on, the switch holds no known build
             await _mark(sw, tables, held.epoch, b"", report, fence)
-        flips = plan.flip is not None  # else entry by entry (runtime/overlay.py)
-        say(target.name, f"writing {len(plan.prepare)} updates{' (idle epoch)' if flips else ''}")
+        idle = " (idle epoch)" if plan.flip is not None else ""  # else runtime/overlay.py's
+        say(target.name, f"writing {len(plan.prepare)} updates{idle}")
         reset = options.reset_direct_meters
-        for step in plan.steps():  # each acknowledged before the next (P4Runtime may
-            # apply one Write's updates in any order)
+        for step in plan.steps():  # each acknowledged before the next is sent
             await _write(sw, tables, step, options.batch_size, report, reset, fence)
         if plan.flip is not None:
             say(target.name, f"flipping to epoch {plan.epoch_after}")
             await _write(sw, tables, [plan.flip], 1, report, fence=fence)
         if plan.finish:
-            what = "removing the old epoch" if flips else "then"
-            say(target.name, f"{what} ({len(plan.finish)} updates)")
+            say(target.name, f"removing the old epoch ({len(plan.finish)} updates)")
             await _write(sw, tables, plan.finish, options.batch_size, report, reset, fence)
         if digest:  # every update took: the switch holds the build
             await _mark(sw, tables, plan.epoch_after, digest, report, fence)
