@@ -1,5 +1,6 @@
-"""A change that only widens or only narrows (a grant, a revoke) is written without an epoch
-flip: compiler/differential.py `monotone_change` says when, runtime/overlay.py
+"""A change that only widens or only narrows (a grant, a revoke), or that adds permits and
+removes others with no identity changed (a rule's port edited), is written without an
+epoch flip: compiler/differential.py `monotone_change` says when, runtime/overlay.py
 `monotone_plan` orders the writes. Every state between two of them judges each packet as
 the old tables or as the new ones do."""
 
@@ -221,6 +222,22 @@ def test_old_permits_removed_before_the_new_ones_come_would_drop_a_packet_midway
         added, gone = plan.steps()
         steps[name] = [*gone, *added]
     assert _odd_states(old, new, steps, floor)
+
+
+def test_permits_both_ways_with_an_identity_retagged_take_the_flip(
+    floor: Inventory, floor_policy_text: str
+) -> None:
+    old, new = _edited(floor, floor_policy_text, PORT_EDIT)
+    tor = new["tor-stl"]
+    host = next(e for e in tor.entries if e.table == "src_identity" and e.role == "host")
+    tags = dict(host.params)["tags"]
+    bent = TableEntry(host.table, host.matches, host.action, (("tags", tags ^ 1),),
+                      host.priority, None, host.role)  # fmt: skip
+    entries = tuple(bent if e is host else e for e in tor.entries)
+    retagged = {**new, "tor-stl": SwitchTables(tor.switch, tor.role, tor.device_id, entries,
+                                               tor.defaults)}  # fmt: skip
+    found = monotone_change(old, retagged)
+    assert isinstance(found, str) and "identities change" in found, found
 
 
 def _edited(
