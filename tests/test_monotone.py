@@ -21,7 +21,17 @@ from compiler.protocols import PROTO_TCP, TCP_ACK, TCP_SYN
 from p4src.spec import PIPELINE
 from runtime.entities import canonical_entry, entry_from_proto, table_entry_proto
 from runtime.overlay import monotone_plan
-from runtime.plan import DELETE, INSERT, MODIFY, Change, Desired, Held, Tables, clone_session
+from runtime.plan import (
+    DELETE,
+    INSERT,
+    MODIFY,
+    Change,
+    Desired,
+    Held,
+    SwitchPlan,
+    Tables,
+    clone_session,
+)
 
 GRANT = "allow algo1 -> settle2 tcp 6001 name grant_1"
 SOME_PORTS = (6001, 9876, 7000, 7001)
@@ -162,11 +172,8 @@ def test_every_state_between_the_writes_judges_each_packet_by_the_old_or_the_new
     old, new = (_switches(b) for b in (granted if widen else granted[::-1]))
     change = monotone_change(old, new)
     assert isinstance(change, Monotone) and change.widens is widen
-    pipeline = Tables(PIPELINE)
     steps: dict[str, list[Change]] = {}
-    for name in change.changes:
-        plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
-                             change)  # fmt: skip
+    for name, plan in _plans(old, new, change).items():
         assert plan.flip is None and not plan.finish
         steps[name] = list(plan.prepare)
         ops = [c.op for c in plan.prepare if c.table == "policy"]
@@ -191,11 +198,8 @@ def test_a_port_edit_adds_the_new_permits_then_removes_the_old_without_a_flip(
     change = monotone_change(old, new)
     assert isinstance(change, Monotone) and change.both, change
     assert set(change.changes) == {"tor-oms", "tor-stl"}  # order_router's and settlement's
-    pipeline = Tables(PIPELINE)
     steps: dict[str, list[Change]] = {}
-    for name in change.changes:
-        plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
-                             change)  # fmt: skip
+    for name, plan in _plans(old, new, change).items():
         assert plan.flip is None and not plan.finish
         added, gone = plan.steps()
         assert {(c.op, c.table) for c in added} == {(INSERT, "policy")}
@@ -214,11 +218,8 @@ def test_old_permits_removed_before_the_new_ones_come_would_drop_a_packet_midway
     old, new = _edited(floor, floor_policy_text, RANGE_EDIT)
     change = monotone_change(old, new)
     assert isinstance(change, Monotone) and change.both
-    pipeline = Tables(PIPELINE)
     steps = {}
-    for name in change.changes:
-        plan = monotone_plan(pipeline, Desired.of(pipeline, new[name], 255), _held(old[name]),
-                             change)  # fmt: skip
+    for name, plan in _plans(old, new, change).items():
         added, gone = plan.steps()
         steps[name] = [*gone, *added]
     assert _odd_states(old, new, steps, floor)
@@ -238,6 +239,18 @@ def test_permits_both_ways_with_an_identity_retagged_take_the_flip(
                                                tor.defaults)}  # fmt: skip
     found = monotone_change(old, retagged)
     assert isinstance(found, str) and "identities change" in found, found
+
+
+def _plans(
+    old: Mapping[str, SwitchTables], new: Mapping[str, SwitchTables], change: Monotone
+) -> dict[str, SwitchPlan]:
+    """Each changed switch's writes, from `old` (held as compiled) to `new`."""
+    pipeline = Tables(PIPELINE)
+    out = {}
+    for name in change.changes:
+        desired = Desired.of(pipeline, new[name], 255)
+        out[name] = monotone_plan(pipeline, desired, _held(old[name]), change)
+    return out
 
 
 def _edited(
