@@ -305,7 +305,7 @@ class Quarantine:
 
     hosts: tuple[int, ...]  # addresses, sorted
     remediation: AddressSet
-    uncarved: tuple[tuple[str, AddressSet, AddressSet], ...]
+    uncarved: tuple[PolicyRule, ...]
     added: frozenset[str]
 
 
@@ -352,12 +352,16 @@ class Policy:
             return self
         if self._uncarved:  # asked by the proof, the schedule, the kept build: made once
             return self._uncarved[0]
-        sets = {key: (src, dst) for key, src, dst in q.uncarved}
-        rules = tuple(
-            dataclasses.replace(r, src=sets[r.key][0], dst=sets[r.key][1]) if r.key in sets else r
-            for r in self.rules
-            if r.key not in q.added
-        )
+        before = {r.key: r for r in q.uncarved}
+
+        def restored(r: PolicyRule) -> PolicyRule:
+            # The carve changed the sets alone, `assign_rule_ids` perhaps the id since.
+            was = before.get(r.key)
+            if was is None or was.id == r.id:
+                return was or r
+            return dataclasses.replace(r, src=was.src, dst=was.dst)
+
+        rules = tuple(restored(r) for r in self.rules if r.key not in q.added)
         self._uncarved.append(dataclasses.replace(self, rules=rules, quarantine=None))
         return self._uncarved[0]
 

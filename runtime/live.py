@@ -372,11 +372,7 @@ def effective_policy(policy: Policy, state: LiveState, now: float, hosts: dict[s
     cut = AddressSet.of((a, a) for a in addresses)
     remediation = remediation_of(policy)
     carved = _quarantine(rules, cut, addresses, remediation)
-    uncarved = tuple(
-        (r.key, r.src, r.dst)
-        for r, c in zip(rules, carved, strict=False)
-        if (r.src, r.dst) != (c.src, c.dst)
-    )
+    uncarved = tuple(r for r, c in zip(rules, carved, strict=False) if r is not c)
     added = frozenset(r.key for r in carved[len(rules) :])
     quarantine = Quarantine(tuple(addresses), remediation, uncarved, added)
     return dataclasses.replace(policy, rules=tuple(carved), quarantine=quarantine)

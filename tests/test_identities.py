@@ -133,6 +133,30 @@ def test_a_quarantine_renumbers_nothing(floor: Inventory, floor_policy: Policy) 
         )
 
 
+def test_a_quarantine_compiles_from_the_very_rules_the_policy_without_it_holds(
+    floor: Inventory, floor_policy: Policy
+) -> None:
+    # The switches' ordinary entries come from the uncarved rules: the same objects as the
+    # policy's without the quarantine, so the compile by difference finds no rule changed
+    # (nothing keyed or digested again but the quarantined host's ToR's overlay).
+    hosts = {h.name: h.ip for h in floor.hosts}
+    noon = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
+    plain = effective_policy(floor_policy, LiveState(), noon, hosts)
+    carved = _algo1_quarantined(floor, floor_policy)
+    assert carved.rules != plain.rules
+    ordinary = carved.uncarved().rules
+    assert len(ordinary) == len(plain.rules)
+    assert all(a is b for a, b in zip(ordinary, plain.rules, strict=True))
+    before = lower(plain, floor)
+    after = lower(carved, floor, before.allocation, before)
+    keys = after.given.keys
+    assert keys.base is before.given.keys.rules
+    assert (keys.removed, keys.added) == ((), ())
+    assert {sw.switch for sw in after.switches} - after.reused == {
+        floor.hosts_by_name["algo1"].switch
+    }
+
+
 ALL = 0b1111  # every atom, in the small cases below
 
 
