@@ -149,6 +149,7 @@ def test_a_quarantine_compiles_from_the_very_rules_the_policy_without_it_holds(
     assert all(a is b for a, b in zip(ordinary, plain.rules, strict=True))
     before = lower(plain, floor)
     after = lower(carved, floor, before.allocation, before)
+    assert after.given is not None and before.given is not None
     keys = after.given.keys
     assert keys.base is before.given.keys.rules
     assert (keys.removed, keys.added) == ((), ())
