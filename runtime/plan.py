@@ -208,7 +208,10 @@ class Desired:
     build names them by) only when a plan needs them, so that a switch whose mark matches
     costs no encoding at all. A lazy one planned against what a long-running controller
     last brought the switch to (`Held.of(known)`) is encoded by difference from `known`
-    (`_Delta`), and planned from that difference alone. Read only once made.
+    (`_Delta`), and planned from that difference alone. When `known` is lazy too (a new
+    process's kept tables of the switch, p4seg/proven.py), neither is encoded in full: only
+    the entries that differ are, and the rest of either only if something asks for it
+    (`_DeltaEntries`). Read only once made.
     """
 
     __slots__ = (
@@ -217,6 +220,7 @@ class Desired:
         "_delta",
         "_encoded",
         "_entries",
+        "_partly",
         "_tables",
         "clone",
         "digest",
@@ -236,6 +240,7 @@ class Desired:
         self._tables: Tables | None = None  # with `_compiled`: not encoded yet
         self._compiled: SwitchTables | None = None  # what it was encoded from
         self._delta: _Delta | None = None
+        self._partly: _DeltaEntries | None = None  # unencoded but for its `_delta`
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
@@ -270,6 +275,13 @@ class Desired:
 
     def made_from(self, base: Desired) -> None:
         """Encode it now, by difference from `base` where it can (see the class doc)."""
+        if self._tables is not None and base._tables is not None and self._delta is None:
+            assert self._compiled is not None
+            found = _differing(self._tables, self._compiled, base)
+            if found is not None and _one_per_key(found):
+                self._delta = _Delta(weakref.ref(base), *found)
+                self._partly = _DeltaEntries(self, self._delta)
+                return
         self._made(base)
 
     def delta_from(self, base: Desired) -> _Delta | None:
@@ -278,7 +290,14 @@ class Desired:
         return delta if delta is not None and delta.base() is base else None
 
     @property
+    def made(self) -> bool:
+        """Whether every entry is encoded (a lazy one: once a plan or a reader needed them)."""
+        return self._tables is None
+
+    @property
     def entries(self) -> Mapping[bytes, p4r.TableEntry]:
+        if self._partly is not None and self._tables is not None:
+            return self._partly
         self._made()
         return self._entries
 
@@ -355,22 +374,13 @@ def _encode_by_difference(
     keeps most of its entries as the same objects). `base` must be encoded and its compiled
     tables still alive (their ids name them). None where it cannot (another switch, a
     table with repeated keys): the caller encodes in full."""
-    old = base._compiled
-    assert old is not None
-    if old.switch != compiled.switch or compiled.defaults != old.defaults:
-        return None
-    if not isinstance(base._entries, Entries) or len(base._entries) != len(old.entries):
+    assert base._compiled is not None
+    if not isinstance(base._entries, Entries) or len(base._entries) != len(base._compiled.entries):
         return None  # `base` holds two entries under one key
-    head, tail = shared_ends(old.entries, compiled.entries)  # the rest is as it was
-    old_entries = old.entries[head : len(old.entries) - tail]
-    new_entries = compiled.entries[head : len(compiled.entries) - tail]
-    old_ids, new_ids = set(map(id, old_entries)), set(map(id, new_entries))
-    made: dict[bytes, p4r.TableEntry] = {}
-    one = _encoder(tables, made)
-    gone = dict(map(one, (e for e in old_entries if id(e) not in new_ids)))
-    came = dict(map(one, (e for e in new_entries if id(e) not in old_ids)))
-    for serialized in gone.keys() & came.keys():  # equal entries in new objects
-        del gone[serialized], came[serialized]
+    found = _differing(tables, compiled, base)
+    if found is None:
+        return None
+    gone, came = found
     raw = dict(base._entries._raw)
     encoded = dict(base._encoded)
     for serialized, key in gone.items():
@@ -384,7 +394,81 @@ def _encode_by_difference(
         encoded[serialized] = key
     if len(raw) != len(compiled.entries):
         return None
-    return Entries(raw, made), encoded, _Delta(weakref.ref(base), gone, came)
+    return Entries(raw, {}), encoded, _Delta(weakref.ref(base), gone, came)
+
+
+def _differing(
+    tables: Tables, compiled: SwitchTables, base: Desired
+) -> tuple[dict[bytes, bytes], dict[bytes, bytes]] | None:
+    """The entries of `base`'s compiled tables that `compiled` lacks, and those it adds,
+    each serialized -> its key: only the entries that are not `base`'s own objects are
+    looked at (a ToR compiled again for a one-rule edit keeps most of its entries as the
+    same objects, and a new process's kept tables share the build's where they are equal:
+    compiler/emit.py `load_entries_near`). None for another switch or other defaults."""
+    old = base._compiled
+    assert old is not None
+    if old.switch != compiled.switch or compiled.defaults != old.defaults:
+        return None
+    head, tail = shared_ends(old.entries, compiled.entries)  # the rest is as it was
+    old_entries = old.entries[head : len(old.entries) - tail]
+    new_entries = compiled.entries[head : len(compiled.entries) - tail]
+    old_ids, new_ids = set(map(id, old_entries)), set(map(id, new_entries))
+    one = _encoder(tables, {})
+    gone = dict(map(one, (e for e in old_entries if id(e) not in new_ids)))
+    came = dict(map(one, (e for e in new_entries if id(e) not in old_ids)))
+    for serialized in gone.keys() & came.keys():  # equal entries in new objects
+        del gone[serialized], came[serialized]
+    return gone, came
+
+
+def _one_per_key(found: tuple[dict[bytes, bytes], dict[bytes, bytes]]) -> bool:
+    """Whether the entries that differ name each key once on each side. (Two entries
+    under one key, one of them among those alike, cannot be seen without encoding every
+    entry; a switch refuses a second entry under a key, so the tables a switch was
+    brought to never have them, and a build that did would fail its inserts.)"""
+    gone, came = found
+    return len(set(gone.values())) == len(gone) and len(set(came.values())) == len(came)
+
+
+class _DeltaEntries(Mapping[bytes, p4r.TableEntry]):
+    """A Desired's entries when only its difference from its base is encoded (`_Delta`):
+    a key the difference names is answered from it — an entry that came, or one that went
+    and did not come back under the key —; any other question encodes the Desired in full.
+    A plan from the difference (`_index`, `_diff`, `plan_switch`) asks only the former."""
+
+    __slots__ = ("_came", "_gone", "_messages", "_owner")
+
+    def __init__(self, owner: Desired, delta: _Delta) -> None:
+        self._owner = owner
+        self._came = {key: serialized for serialized, key in delta.came.items()}
+        self._gone = set(delta.gone.values()) - self._came.keys()
+        self._messages: dict[bytes, p4r.TableEntry] = {}
+
+    def _full(self) -> Mapping[bytes, p4r.TableEntry]:
+        self._owner._made()
+        return self._owner._entries
+
+    def __getitem__(self, key: bytes) -> p4r.TableEntry:
+        serialized = self._came.get(key)
+        if serialized is not None:
+            msg = self._messages.get(key)
+            if msg is None:
+                msg = self._messages[key] = p4r.TableEntry.FromString(serialized)
+            return msg
+        if key in self._gone:
+            raise KeyError(key)
+        return self._full()[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._came:
+            return True
+        return key not in self._gone and key in self._full()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._full())
+
+    def __len__(self) -> int:
+        return len(self._full())
 
 
 def text_digest(text: str, cpu_port: int) -> bytes:
@@ -489,8 +573,8 @@ def _index(tables: Tables, held: Held, desired: Desired) -> _Index:
         desired.made_from(known)
         delta = desired.delta_from(known)
         if delta is not None:  # only what the difference names is not held as desired
-            for own in delta.gone.values():
-                index.add(tables, known.entries[own], own, None)
+            for serialized, own in delta.gone.items():  # (`known` may be unencoded)
+                index.add(tables, p4r.TableEntry.FromString(serialized), own, None)
             index.exact = _AllBut(desired.entries, set(delta.came.values()))
             index.different = sorted(delta.came.values())
             return index

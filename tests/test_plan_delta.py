@@ -5,14 +5,19 @@ what the controller last brought it to, and `plan_switch` against `Held.of(known
 looks only at that difference. Random chains of edits of the trading floor, each compiled
 from the build before (kept rules keep their entry objects) must plan, switch by switch,
 exactly what the full encoding plans: the same updates in the same order, the same diff.
+A new process plans from the switch's kept tables, never encoded (p4seg/proven.py): then
+neither side is encoded in full, only the entries that differ.
 """
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
 from compiler.check import check_policy
 from compiler.emit import Build, build
+from compiler.entries import SwitchTables
 from compiler.inventory import Inventory
 from p4src.spec import PIPELINE
 from runtime.plan import Desired, Held, SwitchPlan, Tables, plan_switch
@@ -60,13 +65,20 @@ def _compiled(text: str, floor: Inventory, previous: Build | None) -> Build:
     return build(result.policy, floor, text, "ref", allocation=allocation, previous=previous)
 
 
+def _switch(b: Build, name: str) -> SwitchTables:
+    return next(sw for sw in b.switches if sw.switch == name)
+
+
 def _plan_text(plan: SwitchPlan) -> list[tuple[str, str, bytes]]:
     return [(c.op, c.table, c.entity.SerializeToString(deterministic=True)) for c in plan.changes()]
 
 
+@pytest.mark.parametrize("kept", ["applied", "unencoded"])
 def test_a_plan_from_the_difference_is_the_full_plan(
-    floor: Inventory, floor_policy_text: str
+    floor: Inventory, floor_policy_text: str, kept: str
 ) -> None:
+    """`applied`: the base is what the controller applied last (encoded by then);
+    `unencoded`: a new process's kept tables, each step a lazy Desired never encoded."""
     rng = random.Random(7)
     text = floor_policy_text
     previous = _compiled(text, floor, None)
@@ -77,15 +89,19 @@ def test_a_plan_from_the_difference_is_the_full_plan(
         current = _compiled(text, floor, previous)
         for sw in current.switches:
             base = known[sw.switch]
+            if kept == "unencoded":
+                base = Desired.lazy(TABLES, _switch(previous, sw.switch), CPU_PORT, b"")
             epoch = step % 2
             lazy = Desired.lazy(TABLES, sw, CPU_PORT, b"")
             plan = plan_switch(TABLES, lazy, Held.of(base, epoch, b""))
+            delta = lazy.delta_from(base)
+            if kept == "unencoded" and delta is not None:
+                assert not base.made and not lazy.made  # the difference alone was encoded
             full = plan_switch(TABLES, Desired.of(TABLES, sw, CPU_PORT), Held.of(base, epoch, b""))
             assert _plan_text(plan) == _plan_text(full), (step, sw.switch)
             assert plan.diff == full.diff, (step, sw.switch)
             assert plan.epoch_after == full.epoch_after
             assert dict(lazy.encoded) == dict(Desired.of(TABLES, sw, CPU_PORT).encoded)
-            delta = lazy.delta_from(base)
             if delta is not None and (delta.gone or delta.came):
                 by_difference += 1
             known[sw.switch] = lazy
