@@ -357,9 +357,9 @@ class Policy:
         def restored(r: PolicyRule) -> PolicyRule:
             # The carve changed the sets alone, `assign_rule_ids` perhaps the id since.
             was = before.get(r.key)
-            if was is None or was.id == r.id:
-                return was or r
-            return dataclasses.replace(r, src=was.src, dst=was.dst)
+            if was is None:
+                return r
+            return was if was.id == r.id else dataclasses.replace(r, src=was.src, dst=was.dst)
 
         rules = tuple(restored(r) for r in self.rules if r.key not in q.added)
         self._uncarved.append(dataclasses.replace(self, rules=rules, quarantine=None))

@@ -240,7 +240,7 @@ class Desired:
         self._tables: Tables | None = None  # with `_compiled`: not encoded yet
         self._compiled: SwitchTables | None = None  # what it was encoded from
         self._delta: _Delta | None = None
-        self._partly: _DeltaEntries | None = None  # unencoded but for its `_delta`
+        self._partly: _Partial | None = None  # unencoded but for its `_delta`
 
     @classmethod
     def of(cls, tables: Tables, compiled: SwitchTables, cpu_port: int) -> Desired:
@@ -280,7 +280,7 @@ class Desired:
             found = _differing(self._tables, self._compiled, base)
             if found is not None and _one_per_key(found):
                 self._delta = _Delta(weakref.ref(base), *found)
-                self._partly = _DeltaEntries(self, self._delta)
+                self._partly = _Partial.of(self._delta)
                 return
         self._made(base)
 
@@ -297,7 +297,7 @@ class Desired:
     @property
     def entries(self) -> Mapping[bytes, p4r.TableEntry]:
         if self._partly is not None and self._tables is not None:
-            return self._partly
+            return _DeltaEntries(self, self._partly)  # (a view: no cycle through self)
         self._made()
         return self._entries
 
@@ -413,7 +413,7 @@ def _differing(
     old_entries = old.entries[head : len(old.entries) - tail]
     new_entries = compiled.entries[head : len(compiled.entries) - tail]
     old_ids, new_ids = set(map(id, old_entries)), set(map(id, new_entries))
-    one = _encoder(tables, {})
+    one = _encoder(tables, {})  # (messages parsed from the bytes when asked for)
     gone = dict(map(one, (e for e in old_entries if id(e) not in new_ids)))
     came = dict(map(one, (e for e in new_entries if id(e) not in old_ids)))
     for serialized in gone.keys() & came.keys():  # equal entries in new objects
@@ -430,39 +430,52 @@ def _one_per_key(found: tuple[dict[bytes, bytes], dict[bytes, bytes]]) -> bool:
     return len(set(gone.values())) == len(gone) and len(set(came.values())) == len(came)
 
 
+@dataclass(frozen=True, slots=True)
+class _Partial:
+    """What a Desired encoded only by its difference (`_Delta`) knows of its entries: those
+    that came, by key (serialized, and each message once parsed), and the keys whose entry
+    went and did not come back."""
+
+    came: dict[bytes, bytes]
+    gone: frozenset[bytes]
+    messages: dict[bytes, p4r.TableEntry]
+
+    @classmethod
+    def of(cls, delta: _Delta) -> _Partial:
+        came = {key: serialized for serialized, key in delta.came.items()}
+        return cls(came, frozenset(delta.gone.values()) - came.keys(), {})
+
+
 class _DeltaEntries(Mapping[bytes, p4r.TableEntry]):
-    """A Desired's entries when only its difference from its base is encoded (`_Delta`):
-    a key the difference names is answered from it — an entry that came, or one that went
-    and did not come back under the key —; any other question encodes the Desired in full.
+    """The entries of a Desired encoded only by its difference (`_Partial`): a key the
+    difference names is answered from it; any other question encodes the Desired in full.
     A plan from the difference (`_index`, `_diff`, `plan_switch`) asks only the former."""
 
-    __slots__ = ("_came", "_gone", "_messages", "_owner")
+    __slots__ = ("_owner", "_partly")
 
-    def __init__(self, owner: Desired, delta: _Delta) -> None:
-        self._owner = owner
-        self._came = {key: serialized for serialized, key in delta.came.items()}
-        self._gone = set(delta.gone.values()) - self._came.keys()
-        self._messages: dict[bytes, p4r.TableEntry] = {}
+    def __init__(self, owner: Desired, partly: _Partial) -> None:
+        self._owner, self._partly = owner, partly
 
     def _full(self) -> Mapping[bytes, p4r.TableEntry]:
         self._owner._made()
         return self._owner._entries
 
     def __getitem__(self, key: bytes) -> p4r.TableEntry:
-        serialized = self._came.get(key)
+        partly = self._partly
+        serialized = partly.came.get(key)
         if serialized is not None:
-            msg = self._messages.get(key)
+            msg = partly.messages.get(key)
             if msg is None:
-                msg = self._messages[key] = p4r.TableEntry.FromString(serialized)
+                msg = partly.messages[key] = p4r.TableEntry.FromString(serialized)
             return msg
-        if key in self._gone:
+        if key in partly.gone:
             raise KeyError(key)
         return self._full()[key]
 
     def __contains__(self, key: object) -> bool:
-        if key in self._came:
+        if key in self._partly.came:
             return True
-        return key not in self._gone and key in self._full()
+        return key not in self._partly.gone and key in self._full()
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._full())
