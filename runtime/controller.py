@@ -363,6 +363,12 @@ async def _write(
         try:
             await sw.write(updates)
         except P4ClientError as err:
+            if not err.details:  # the RPC failed as a whole (DEADLINE_EXCEEDED, UNAVAILABLE)
+                raise ControllerError(
+                    f"a Write of {len(chunk)} updates failed as a whole ({err.code.name}: "
+                    f"{err.message}); which of them the switch applied is known only once it "
+                    "is read again (the next apply reads it)"
+                ) from None
             failed = sorted({owner[index] for index in err.details})
             for index, detail in sorted(err.details.items()):
                 report.failed_updates.append(

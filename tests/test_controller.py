@@ -262,6 +262,27 @@ def _write_faults(monkeypatch: pytest.MonkeyPatch, fail: Callable[[p4r.Update], 
     monkeypatch.setattr(device_module.Device, "_update", flaky)
 
 
+def test_a_write_that_failed_as_a_whole_is_reported_as_such(
+    fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Write whose RPC fails (no answer in time, the switch unavailable) carries no
+    # per-update errors: its updates' outcome is unknown, not "0 of N failed".
+    from runtime.refswitch import device as device_module
+
+    switches, files, _refs = fabric
+    one = [t for t in switches if t.name == "tor-alg"]
+
+    def busy(self: object, updates: object) -> None:
+        raise device_module.P4RuntimeError(device_module.RESOURCE_EXHAUSTED, "the switch is busy")
+
+    monkeypatch.setattr(device_module.Device, "write", busy)
+    (report,) = asyncio.run(apply_all(one, TABLES, files, ControllerOptions()))
+    assert not report.ok and report.error is not None
+    assert "failed as a whole (RESOURCE_EXHAUSTED: the switch is busy)" in report.error
+    assert "0 of" not in report.error and report.written == 0
+
+
 def test_partial_failure_of_a_batch_is_reported_and_the_retry_converges(
     fabric: tuple[list[SwitchTarget], PipelineFiles, dict[str, ReferenceSwitch]],
     monkeypatch: pytest.MonkeyPatch,
