@@ -507,7 +507,6 @@ def outranked(
             )
         found.add(catch_all)
     return None, frozenset(found)
-    return None
 
 
 # -- a change that only widens, or only narrows -----------------------------------------

@@ -132,9 +132,39 @@ class Partition:
             if self.representative[atom] < 0:
                 self.representative[atom] = start
         self._masks: dict[tuple[Interval, ...], int] = {}
+        self._exact: dict[tuple[Interval, ...], int | None] = {}
+        self._sizes: list[int] | None = None  # per atom, how many elements it has
 
     def atom_of(self, value: int) -> int:
         return self.element_atom[bisect.bisect_right(self.starts, value) - 1]
+
+    def exact_mask(self, intervals: Sequence[Interval]) -> int | None:
+        """The atoms of a set that is a union of atoms (every atom wholly in it or wholly out
+        of it), or None: a set these atoms do not tell apart from others (cutting it would
+        take new atoms). A set the partition was made of always is one."""
+        key = tuple(intervals)
+        if key in self._exact:
+            return self._exact[key]
+        if self._sizes is None:
+            self._sizes = [0] * self.count
+            for atom in self.element_atom:
+                self._sizes[atom] += 1
+        starts, last = self.starts, len(self.starts)
+        atoms: set[int] = set()
+        elements = 0
+        found: int | None = None
+        for lo, hi in merge_intervals(key):
+            i = bisect.bisect_right(starts, lo) - 1
+            j = bisect.bisect_right(starts, hi)  # the element after hi's
+            if starts[i] != lo or (hi < self.top and (j == last or starts[j] != hi + 1)):
+                break  # an edge inside an element
+            elements += j - i
+            atoms.update(self.element_atom[i:j])
+        else:
+            if elements == sum(self._sizes[a] for a in atoms):
+                found = sum(1 << a for a in atoms)
+        self._exact[key] = found
+        return found
 
     def mask(self, intervals: Sequence[Interval]) -> int:
         key = tuple(intervals)
@@ -257,37 +287,19 @@ class PolicySemantics:
             return found
 
         # Per protocol as a rule writes it: its classes, and their bits (as in `boxes`).
-        classes_of = {
-            proto: self.proto_classes if proto == "ip" else (self.proto_class(proto),)
-            for proto in {r.proto for r in rules}
-        }
-        protos_of = {
-            proto: sum(1 << self.proto_classes.index(c) for c in classes)
-            for proto, classes in classes_of.items()
-        }
+        protos_of = {proto: self._proto_bits(proto) for proto in {r.proto for r in rules}}
         for i, r in enumerate(rules):
             bit = 1 << i
             src, dst = side_mask(r.src.intervals), side_mask(r.dst.intervals)
             ports = self.ports.mask(r.ports)
-            classes, protos = classes_of[r.proto], protos_of[r.proto]
-            if r.answers_pings:
-                self.echo_bits |= bit
+            classes, protos = protos_of[r.proto]
             self.boxes.append((protos, src, dst, ports))
             by_src[src] = by_src.get(src, 0) | bit
             by_dst[dst] = by_dst.get(dst, 0) | bit
             by_ports[ports] = by_ports.get(ports, 0) | bit
             for c in classes:
                 self.proto_index[c] |= bit
-            if r.action is Action.DENY:
-                self.deny_bits |= bit
-                if r.log:
-                    self.log_bits |= bit
-            else:
-                self.allow_bits |= bit
-                if r.reply:
-                    self.reply_bits |= bit
-                if r.rate_pps is not None:
-                    self.metered_bits |= bit
+            self._flag(bit, r)
         # Rules that match every atom of a dimension (`any`, no ports) are kept apart:
         # indexing them atom by atom would cost atoms x rules.
         self.src_any = _indexed(self.src_index, by_src, self.addresses.full)
@@ -302,6 +314,117 @@ class PolicySemantics:
         self._icmp_reps: list[int] | None = None
         self._representatives: dict[int, list[int]] = {}  # `any` and services recur
         self._unions: dict[tuple[int, int], int] = {}  # (id of an index, mask) -> rules
+
+    def _proto_bits(self, proto: str) -> tuple[tuple[str, ...], int]:
+        """The classes of a protocol as a rule writes it, and their bits (as in `boxes`)."""
+        classes = self.proto_classes if proto == "ip" else (self.proto_class(proto),)
+        return classes, sum(1 << self.proto_classes.index(c) for c in classes)
+
+    def _flag(self, bit: int, r: PolicyRule) -> None:
+        """Set the rule's bit in the masks of its kind (deny, logged, allow, ...)."""
+        if r.answers_pings:
+            self.echo_bits |= bit
+        if r.action is Action.DENY:
+            self.deny_bits |= bit
+            if r.log:
+                self.log_bits |= bit
+        else:
+            self.allow_bits |= bit
+            if r.reply:
+                self.reply_bits |= bit
+            if r.rate_pps is not None:
+                self.metered_bits |= bit
+
+    def amended(self, policy: Policy) -> PolicySemantics | None:
+        """These semantics for `policy`, whose rules are this one's with some replaced in
+        their places and others appended — a quarantine's carve of the rules naming its
+        hosts — made by moving those rules' bits alone, on these atoms. None when that
+        cannot be: the expectations, the default's logging or the protocol classes differ,
+        or a set of a new rule is not a union of these atoms (it would cut them anew).
+        Decisions are those of semantics made afresh; atoms may be finer than they need."""
+        old, new = self.rules, policy.rules
+        n = len(old)
+        if (
+            len(new) < n
+            or policy.default_log != self.policy.default_log
+            or not _same_objects(policy.expects, self.policy.expects)
+            or protocol_classes(policy) != self.proto_classes
+        ):
+            return None
+        moved = [i for i in range(n) if new[i] is not old[i]] + list(range(n, len(new)))
+        boxes = {}
+        protos_of = {proto: self._proto_bits(proto)[1] for proto in {new[i].proto for i in moved}}
+        for i in moved:
+            r = new[i]
+            src = self.addresses.exact_mask(r.src.intervals)
+            dst = self.addresses.exact_mask(r.dst.intervals)
+            ports = self.ports.exact_mask(r.ports)
+            if src is None or dst is None or ports is None:
+                return None
+            boxes[i] = (protos_of[r.proto], src, dst, ports)
+        out = copy.copy(self)
+        out.policy, out.rules = policy, new
+        out.src_index, out.dst_index = self.src_index[:], self.dst_index[:]
+        out.port_index, out.proto_index = self.port_index[:], dict(self.proto_index)
+        out.boxes = self.boxes[:n]
+        keep = out.all_rules = (1 << len(new)) - 1
+        for i in moved:
+            if i < n:
+                out._move(i, self.boxes[i], boxes[i])
+                out.boxes[i] = boxes[i]
+                keep &= ~(1 << i)
+            else:
+                out._move(i, None, boxes[i])
+                out.boxes.append(boxes[i])
+        out.echo_bits, out.deny_bits, out.log_bits = (
+            self.echo_bits & keep,
+            self.deny_bits & keep,
+            self.log_bits & keep,
+        )
+        out.allow_bits, out.reply_bits, out.metered_bits = (
+            self.allow_bits & keep,
+            self.reply_bits & keep,
+            self.metered_bits & keep,
+        )
+        for i in moved:
+            out._flag(1 << i, new[i])
+        out._ids_ascending = all(a.id < b.id for a, b in pairwise(new))
+        out._atom_class = out._port_reps = out._icmp_reps = None
+        out._representatives, out._unions = {}, {}
+        return out
+
+    def _move(
+        self,
+        i: int,
+        was: tuple[int, int, int, int] | None,
+        box: tuple[int, int, int, int],
+    ) -> None:
+        """Put the `i`-th rule in the indexes by its masks `box`, where it was by `was` (None:
+        a new rule): only the atoms it leaves or joins are touched (a carve takes a host's
+        atom out of a service's)."""
+        bit = 1 << i
+        old = was or (0, 0, 0, 0)
+        protos = old[0] ^ box[0]
+        for k in bits(protos):
+            c = self.proto_classes[k]
+            self.proto_index[c] ^= bit
+        for before, after, index, full, any_name in (
+            (old[1], box[1], self.src_index, self.addresses.full, "src_any"),
+            (old[2], box[2], self.dst_index, self.addresses.full, "dst_any"),
+            (old[3], box[3], self.port_index, self.ports.full, "port_any"),
+        ):
+            if before == after:
+                continue
+            if before == full:  # from the rules of every atom to an index of its own
+                setattr(self, any_name, getattr(self, any_name) & ~bit)
+                before = 0
+            if after == full:
+                setattr(self, any_name, getattr(self, any_name) | bit)
+                after = 0
+            for a in atoms_of(before & ~after):
+                index[a] &= ~bit
+            for a in atoms_of(after & ~before):
+                index[a] |= bit
 
     def renumbered(self, policy: Policy) -> PolicySemantics:
         """These semantics for `policy`, whose rules are this one's in the same order with
@@ -775,6 +898,20 @@ def _renumbered(policy: Policy, made_from: tuple[object, ...]) -> PolicySemantic
     return None
 
 
+def _carved(policy: Policy, pinned: tuple[int, ...]) -> PolicySemantics | None:
+    """The semantics of a quarantine's carved policy from those of its rules before the
+    carve, when at hand (the last proof's, or the compile's: any extra set only makes
+    their atoms finer), by moving the carved rules' bits (:meth:`PolicySemantics.amended`)."""
+    if policy.quarantine is None:
+        return None
+    plain = policy.uncarved()
+    rules, expects = tuple(map(id, plain.rules)), tuple(map(id, plain.expects))
+    for (r, e, log, held, _extra), sem in reversed(_RECENT_IDS.items()):
+        if (r, e, log, held) == (rules, expects, plain.default_log, pinned):
+            return sem.amended(policy)
+    return None
+
+
 def _same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
     return a is b or (len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True)))
 
@@ -814,6 +951,8 @@ def semantics_of(
         _RECENT.move_to_end(key)
     else:
         found = _renumbered(policy, (policy.default_log, pinned, extra))
+        if found is None:
+            found = _carved(policy, pinned)
         if found is None:
             found = PolicySemantics(policy, pinned, sets=[extra] if extra is not None else ())
         _RECENT[key] = found

@@ -559,6 +559,16 @@ _TAKEN_APART_MAX = 250_000  # two builds of the 10k-rule floor (109,036 `policy`
 also_forget(_TAKEN_APART.clear)
 
 
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """What a proof's address classes are cut from: the inventory's hosts, the rules'
+    address sets (by identity) and each switch's derived tables."""
+
+    hosts: tuple[Host, ...]
+    sides: dict[int, tuple[tuple[int, int], ...]]  # held: their ids stay theirs
+    derived: dict[str, _Derived]
+
+
 class _DerivedCache:
     """`_Derived` per `SwitchTables` object (compiler/memo.py), and the last address
     partition, shared so that indexes built for it are found by identity."""
@@ -567,6 +577,33 @@ class _DerivedCache:
         self._derived: ByObject[SwitchTables, _Derived] = ByObject(spare)
         self._starts: tuple[int, ...] = ()
         self._lock = threading.Lock()
+        # The last classes cut, what they were cut from and at which addresses.
+        self._cut: tuple[_Cut, frozenset[int], list[tuple[int, int]]] | None = None
+
+    def classes_within(self, made: _Cut) -> list[tuple[int, int]] | None:
+        """The last classes cut, when they cut at every address `made` asks for (its sets
+        and tables are those of the last, or cut within its cuts: a quarantine's carve and
+        overlay, a release): still exact for every set and table, if finer than needed."""
+        with self._lock:
+            last = self._cut
+        if last is None:
+            return None
+        was, cuts, classes = last
+        if made.hosts is not was.hosts and made.hosts != was.hosts:
+            return None
+        for key, intervals in made.sides.items():
+            if was.sides.get(key) is not intervals and not _set_cuts(intervals) <= cuts:
+                return None
+        for name, derived in made.derived.items():
+            if was.derived.get(name) is not derived and not derived.cuts <= cuts:
+                return None
+        with self._lock:  # what they were cut from, now: the next asks about fewer sets
+            self._cut = (made, cuts, classes)
+        return classes
+
+    def cut(self, made: _Cut, cuts: frozenset[int], classes: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self._cut = (made, cuts, classes)
 
     def of(self, tables: SwitchTables) -> _Derived:
         return self._derived.get(tables, _Derived)
@@ -594,6 +631,7 @@ class _DerivedCache:
         _set_cuts.cache_clear()
         with self._lock:
             self._starts = ()
+            self._cut = None
 
 
 DERIVED = _DerivedCache()
@@ -775,17 +813,20 @@ class Verifier:
     def address_classes(self) -> list[tuple[int, int]]:
         if self._classes is not None:
             return self._classes
-        cuts: set[int] = set()
-        for h in self.inventory.hosts:
-            cuts |= _cuts([(h.ip, h.ip)], MAX_ADDRESS)
         # Each address set once (rules naming a service share its intervals: 20,000 sides
         # of a 10k-rule policy are about 1,400 sets), its cuts kept by value across proofs.
         sides = {id(iv): iv for r in self.policy.rules for iv in (r.src.intervals, r.dst.intervals)}
-        for intervals in sides.values():
-            cuts |= _set_cuts(intervals)
-        for derived in self._derived.values():
-            cuts |= derived.cuts
-        classes = self._classes = _classes(cuts, MAX_ADDRESS)
+        made = _Cut(self.inventory.hosts, sides, self._derived)
+        classes = DERIVED.classes_within(made)
+        if classes is None:
+            cuts: set[int] = _cuts([(h.ip, h.ip) for h in self.inventory.hosts], MAX_ADDRESS)
+            for intervals in sides.values():
+                cuts |= _set_cuts(intervals)
+            for derived in self._derived.values():
+                cuts |= derived.cuts
+            classes = _classes(cuts, MAX_ADDRESS)
+            DERIVED.cut(made, frozenset(cuts), classes)
+        self._classes = classes
         self._starts = DERIVED.starts([lo for lo, _hi in classes])
         return classes
 
@@ -1882,10 +1923,19 @@ def proof_record(
 ) -> ProofRecord:
     """The record of a build proven for `policy` (see differential_scope)."""
     placed = placement(inventory)
+    known = _RULE_RECORDS.get(id(placed))
+    if known is None or known[0] is not placed or len(known[1]) > 4 * len(policy.rules) + 64:
+        if len(_RULE_RECORDS) >= 2:  # a floor or two: the last inventories
+            _RULE_RECORDS.clear()
+        known = _RULE_RECORDS[id(placed)] = (placed, {})
+    mine = known[1]
     rules = {}
     for r in policy.rules:
-        tors = placed.tors_of(r.src.intervals) | placed.tors_of(r.dst.intervals)
-        rules[r.key] = (rule_digest(r), tuple(sorted(tors)))
+        found = mine.get(id(r))
+        if found is None or found[0] is not r:
+            tors = placed.tors_of(r.src.intervals) | placed.tors_of(r.dst.intervals)
+            found = mine[id(r)] = (r, (rule_digest(r), tuple(sorted(tors))))
+        rules[r.key] = found[1]
     _TABLES_DIGESTS.hold(len(switches))
     tables = {
         name: _TABLES_DIGESTS.get(sw, _tables_digest) for name, sw in sorted(switches.items())
@@ -1957,6 +2007,12 @@ def _floor_digest(inventory: Inventory) -> str:
 # The digests of a proof record, per switch's tables and per inventory (compiler/memo.py):
 # a repr of 3,000 entries costs 25 ms, and most switches are the same objects build after build.
 _TABLES_DIGESTS: ByObject[SwitchTables, str] = ByObject(16)
+# Per placement (an inventory's), each rule's part of a record by the rule object (held, so
+# that its id stays its own): a quarantine's or an edit's rules are mostly the last ones.
+_RULE_RECORDS: dict[
+    int, tuple[object, dict[int, tuple[PolicyRule, tuple[str, tuple[str, ...]]]]]
+] = {}
+also_forget(_RULE_RECORDS.clear)
 _INVENTORY_DIGESTS: ByObject[Inventory, str] = ByObject(2)
 
 

@@ -415,17 +415,37 @@ def _quarantine(
     An allow naming none of them is kept as it is (most of them: a lookup per address)."""
     out: list[PolicyRule] = []
     extra: list[PolicyRule] = []
+    # Per set object, its results: the rules naming a service share its set (held in the
+    # memos, so that its id stays its own).
+    names: dict[int, tuple[AddressSet, bool]] = {}
+    made: dict[tuple[int, int], tuple[AddressSet, AddressSet]] = {}
+
+    def meets(side: AddressSet) -> bool:
+        found = names.get(id(side))
+        if found is None:
+            found = names[id(side)] = (side, any(a in side for a in addresses))
+        return found[1]
+
+    def once(side: AddressSet, op: int) -> AddressSet:  # 1: minus the cut; 2: in it; 3: in rem.
+        found = made.get((id(side), op))
+        if found is None:
+            value = (
+                side.difference(cut)
+                if op == 1
+                else side.intersection(cut if op == 2 else remediation)
+            )
+            found = made[(id(side), op)] = (side, value)
+        return found[1]
+
     for r in rules:
-        if r.action is not Action.ALLOW or not any(a in r.src or a in r.dst for a in addresses):
+        if r.action is not Action.ALLOW or not (meets(r.src) or meets(r.dst)):
             out.append(r)
             continue
-        out.append(dataclasses.replace(r, src=r.src.difference(cut), dst=r.dst.difference(cut)))
+        out.append(dataclasses.replace(r, src=once(r.src, 1), dst=once(r.dst, 1)))
         flows = (
-            (r.src.intersection(cut), r.dst.intersection(remediation),
-             f"{r.src_text} (quarantined)", REMEDIATION),
-            (r.src.intersection(remediation), r.dst.intersection(cut),
-             REMEDIATION, f"{r.dst_text} (quarantined)"),
-        )  # fmt: skip
+            (once(r.src, 2), once(r.dst, 3), f"{r.src_text} (quarantined)", REMEDIATION),
+            (once(r.src, 3), once(r.dst, 2), REMEDIATION, f"{r.dst_text} (quarantined)"),
+        )
         for src, dst, src_text, dst_text in flows:
             if src and dst:
                 # Its own key (derived from the allow's), so it gets an id of its own.
