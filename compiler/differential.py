@@ -342,13 +342,18 @@ def _without_tags(entry: TableEntry) -> TableEntry:
 
 
 def _tags(entry: TableEntry) -> int:
-    return dict(entry.params).get("tags", 0)
+    for name, value in entry.params:
+        if name == "tags":
+            return value
+    return 0
 
 
 def _host_identity(entry: TableEntry, host: int) -> bool:
     field = _IDENTITY_FIELD.get(entry.table)
-    m = entry.match(field) if field is not None else None
-    return m is not None and m.kind == "lpm" and m.arg == 32 and m.value == host
+    for m in entry.matches if field is not None else ():
+        if m.field == field:
+            return m.kind == "lpm" and m.arg == 32 and m.value == host
+    return False
 
 
 def _matches_value(entry: TableEntry, values: set[int], mask: int) -> bool:
@@ -406,7 +411,7 @@ def overlay_change(
         return "the host's quarantine identity neither came nor went"
     held = {q_old, q_new} - {0}
     others = (e for e in after | removed if e.table in _IDENTITY_FIELD)
-    if any(_tags(e) & mask in held for e in others if not _host_identity(e, host)):
+    if any(_tags(e) & mask in held and not _host_identity(e, host) for e in others):
         return "another address of the switch carries the host's quarantine identity"
     if any(e.table not in _IDENTITY_FIELD and not _matches_value(e, held, mask)
            for e in removed | added):  # fmt: skip
@@ -474,14 +479,16 @@ def outranked(
     is dropped."""
     if change.before or not change.after:
         return "not a new quarantine", frozenset()
-    tor = switches[host.switch]
     # The vectors the host's packets carry there, per side: an entry whose match on that
-    # side refuses them can never judge them.
-    vectors = {
-        f"{side}_tags": [_tags(e) for e in tor.entries
-                         if e.table == f"{side}_identity" and _host_identity(e, host.ip)]
-        for side in ("src", "dst")
-    }  # fmt: skip
+    # side refuses them can never judge them. And the ToR's other `policy` entries.
+    vectors: dict[str, list[int]] = {"src_tags": [], "dst_tags": []}
+    others: list[TableEntry] = []
+    for e in switches[host.switch].entries:
+        if e.table == "policy":
+            if e not in change.added:
+                others.append(e)
+        elif _host_identity(e, host.ip):
+            vectors["src_tags" if e.table == "src_identity" else "dst_tags"].append(_tags(e))
     found: set[TableEntry] = set()
     for field, carried in vectors.items():
 
@@ -489,8 +496,7 @@ def outranked(
             m = e.match(field)
             return m is None or any(v & m.arg == m.value for v in carried)
 
-        rivals = [(e.priority, (e.action, e.params)) for e in tor.entries
-                  if e.table == "policy" and e not in change.added and may_judge(e)]  # fmt: skip
+        rivals = [(e.priority, (e.action, e.params)) for e in others if may_judge(e)]
         # Above every entry that could judge the host's packets otherwise (one that does
         # the same — another quarantined host's catch-all — may outrank it).
         catch_all = next((
