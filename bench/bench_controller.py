@@ -735,7 +735,9 @@ def run_verb(
         code = p4seg.cli.main(argv)
         seconds = time.perf_counter() - start
     if code != 0 or not compiled or compiled[-1] is None:
-        said = _STDERR.getvalue().strip().splitlines()[-8:]
+        lines = _STDERR.getvalue().strip().splitlines()
+        errors = [ln for ln in lines if "error" in ln.lower()][:8]  # what failed, then the end
+        said = errors + [ln for ln in lines[-8:] if ln not in errors]
         raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}: " + "\n".join(said))
     if not reports and one_reports:  # the overlay's path: one switch, no apply_all
         controller, reports = one, [one_reports]

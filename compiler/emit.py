@@ -11,6 +11,7 @@ inputs, byte-identical outputs.
     DIR/p4info.txtpb                   our P4Info (text protobuf)
     DIR/entries/<switch>.json          p4seg's entry format
     DIR/entries/<switch>-runtime.json  the p4lang tutorials runtime format, for interop
+                                       (with `listings`: compile --runtime-listings)
     DIR/report.json                    rules -> source lines, entries and utilisation, resources
     DIR/allocation.json                the stable rule ids (compiler.allocation): the next
                                        compile into DIR starts from them
@@ -166,11 +167,14 @@ def build(
     sizes: dict[str, int] | None = None,
     allocation: Allocation | None = None,
     previous: Build | None = None,
+    listings: bool = False,
 ) -> Build:
     """Compile a checked policy for a target: every output file, as text. `allocation`:
     the previous compile's (compiler/allocation.py), so that ids stay what they were;
     `previous`: that compile's build, if at hand, to reuse what did not change (the
-    switches whose inputs are the same, and their files) — the result is the same."""
+    switches whose inputs are the same, and their files) — the result is the same.
+    `listings`: each switch's runtime listing too (the p4lang tutorials' format, for their
+    tooling; as much text again as the entries files)."""
     target = make_target(target_name, sizes)
     same_target = previous is not None and previous.target == target
     lowered = lower(
@@ -185,16 +189,18 @@ def build(
     kept = {sw.switch: sw for sw in previous.switches} if previous and same_target else {}
     _RUNS.hold(4 * len(fitted))
     for sw in fitted:
-        names = (f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json")
+        name, listing = f"entries/{sw.switch}.json", f"entries/{sw.switch}-runtime.json"
         if kept.get(sw.switch) is sw and previous is not None:  # reused as it was
-            for name in names:
-                files.take(previous.files, name)
+            files.take(previous.files, name)
+        else:  # the entries file is what a controller plans from; the rest is made when read
+            files[name] = _entries_file(sw, target, ours)
+        if not listings:
             continue
-        # The entries file is what a controller plans from; the rest is made when read.
-        files[names[0]] = _entries_file(sw, target, ours)
-        # the runtime listing: a function of the entries (their file) and the pipeline
-        files.later(names[1], partial(_runtime_listing, sw, target, runtime),
-                    (names[0], P4INFO_FILE))  # fmt: skip
+        if kept.get(sw.switch) is sw and previous is not None and listing in previous.files:
+            files.take(previous.files, listing)
+        else:  # a function of the entries (their file) and the pipeline
+            files.later(listing, partial(_runtime_listing, sw, target, runtime),
+                        (name, P4INFO_FILE))  # fmt: skip
     report = functools.cache(
         partial(_report, policy, inventory, policy_text, target, fitted, lowered.tag_fields)
     )

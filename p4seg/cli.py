@@ -85,7 +85,10 @@ P4Info, and every switch's table entries, plus a report (rule ids -> policy line
 and utilisation per table, and for Tofino a resource estimate).
 Checks the policy first; on any error nothing is written. Outputs are byte-identical for
 the same inputs. With p4c-bm2-ss on PATH, bmv2 builds also get p4c's BMv2 JSON
-(p4/bmv2/p4seg.json); ref builds get the reference switch's device config there.
+(p4/bmv2/p4seg.json); ref builds get the reference switch's device config there. With
+--runtime-listings, each switch's entries also in the p4lang tutorials' runtime format
+(entries/SWITCH-runtime.json, for their tooling against simple_switch_grpc): as much
+text again as the entries files, so only when asked.
 
 Rule ids are stable: every rule has a key (its `name`, else a hash of its text) and the
 build's allocation.json maps keys to ids. A compile into a directory that already holds a
@@ -234,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
         "--allocation",
         metavar="FILE",
         help="start from this allocation.json (rule ids, identity tags) instead of DIR's",
+    )
+    k.add_argument(
+        "--runtime-listings",
+        action="store_true",
+        help="also write entries/SWITCH-runtime.json (the p4lang tutorials' runtime format)",
     )
     k.add_argument(
         "--output",
@@ -484,7 +492,7 @@ def _sizes(specs: list[str]) -> dict[str, int] | None:
     return sizes
 
 
-@collection_paused()  # a one-shot process: a million objects built, none garbage
+@collection_paused(freeze=True)  # a one-shot process: a million objects built, none garbage
 def _cmd_compile(args: argparse.Namespace) -> int:
     # The back end pulls in networkx, Jinja2 and the protobufs: only `compile` pays for them.
     from compiler.allocation import AllocationError, assign_rule_ids
@@ -522,7 +530,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         policy, allocation = assign_rule_ids(result.policy, previous)
-        built = build(policy, inventory, policy_text, args.target, sizes, allocation)
+        built = build(policy, inventory, policy_text, args.target, sizes, allocation,
+                      listings=args.runtime_listings)  # fmt: skip
         built.files.update(p4c_artifacts(built))
     except P4segError as exc:
         _report(exc.diagnostics, sources, args.error_format, {"ok": False})

@@ -243,7 +243,7 @@ def test_a_new_process_writes_a_build_without_making_what_it_would_find_unchange
     the listing there is not what the earlier build wrote. The directory ends up byte for
     byte what writing every file would give."""
     out = tmp_path / "out"
-    first = build(floor_policy, floor, floor_policy_text, "ref")
+    first = build(floor_policy, floor, floor_policy_text, "ref", listings=True)
     write_build(first, str(out))
     edited_text = floor_policy_text.replace("risk_db      tcp 5432", "risk_db      tcp 5433")
     policy = dataclasses.replace(
@@ -255,7 +255,7 @@ def test_a_new_process_writes_a_build_without_making_what_it_would_find_unchange
     )
     hand = out / "entries" / "tor-md-runtime.json"
     hand.write_text(hand.read_text() + " ")  # edited by hand: made and written again
-    fresh = build(policy, floor, edited_text, "ref")  # as a new process compiles it
+    fresh = build(policy, floor, edited_text, "ref", listings=True)  # as a new process compiles it
     write_build(fresh, str(out))
     unmade = {
         rel for rel in fresh.files if rel.endswith("-runtime.json") and fresh.files.unmade(rel)
@@ -271,7 +271,7 @@ def test_a_new_process_writes_a_build_without_making_what_it_would_find_unchange
         for name in {s.name for s in floor.switches} - changed - {"tor-md"}  # tor-md: by hand
     }
     reference = tmp_path / "reference"
-    write_build(build(policy, floor, edited_text, "ref"), str(reference))
+    write_build(build(policy, floor, edited_text, "ref", listings=True), str(reference))
     assert snapshot(out).keys() == snapshot(reference).keys()
     for rel in files_under(reference):
         assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel

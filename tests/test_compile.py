@@ -78,13 +78,15 @@ def test_compile_is_deterministic_and_complete(
     assert files_a == files_b
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
     names = {str(f) for f in files_a}
-    assert {
-        "p4/ref/p4seg.p4",
-        "p4info.txtpb",
-        "report.json",
-        "entries/tor-alg.json",
-        "entries/tor-alg-runtime.json",
-    } <= names
+    assert {"p4/ref/p4seg.p4", "p4info.txtpb", "report.json", "entries/tor-alg.json"} <= names
+    assert not any(n.endswith("-runtime.json") for n in names)  # only when asked
+    listed = tmp_path / "listed"
+    assert main(["compile", POLICY, "-i", FLOOR, "-o", str(listed), "--runtime-listings"]) == 0
+    with_listings = {str(p.relative_to(listed)) for p in listed.rglob("*") if p.is_file()}
+    switches = {f.name.removesuffix(".json") for f in (a / "entries").iterdir()}
+    assert with_listings - names == {f"entries/{s}-runtime.json" for s in switches}
+    same = [f for f in files_a if str(f) != "p4seg-build.json"]  # the manifest lists more
+    assert all((a / f).read_bytes() == (listed / f).read_bytes() for f in same)
     report = json.loads((a / "report.json").read_text())
     out = capsys.readouterr().out
     assert f"policy entries on ToRs: {report['policy_entries']}\n" in out

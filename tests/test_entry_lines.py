@@ -97,7 +97,7 @@ def test_the_floor_entries_files_read_back(
 ) -> None:
     """The trading floor's files, made of these lines, hold exactly its tables."""
     for target in ("ref", "bmv2", "tofino"):
-        built = build(floor_policy, floor, floor_policy_text, target)
+        built = build(floor_policy, floor, floor_policy_text, target, listings=True)
         for sw in built.switches:
             text = built.files[f"entries/{sw.switch}.json"]
             assert load_entries(text).entries == sw.entries

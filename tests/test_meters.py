@@ -76,9 +76,11 @@ def _policy(inventory: Inventory, rate: str = "100pps") -> tuple[Policy, str]:
     return result.policy, text
 
 
-def _build(inventory: Inventory, rate: str = "100pps", target: str = "ref") -> Build:
+def _build(
+    inventory: Inventory, rate: str = "100pps", target: str = "ref", listings: bool = False
+) -> Build:
     policy, text = _policy(inventory, rate)
-    return build(policy, inventory, text, target)
+    return build(policy, inventory, text, target, listings=listings)
 
 
 # -- compile ------------------------------------------------------------------------------
@@ -107,7 +109,8 @@ def test_entries_json_round_trips_the_meter(inventory: Inventory) -> None:
     doc = built.files["entries/tor1.json"]
     assert '"meter": {"cburst": 200, "cir": 2000, "pburst": 200, "pir": 2000}' in doc
     assert load_entries(doc).entries == built.switches[0].entries
-    assert '"meter_config": {' in built.files["entries/tor1-runtime.json"]
+    listed = _build(inventory, "2kpps", listings=True)
+    assert '"meter_config": {' in listed.files["entries/tor1-runtime.json"]
 
 
 def test_a_rate_change_changes_exactly_the_metered_entries(inventory: Inventory) -> None:
