@@ -175,14 +175,15 @@ def verdict(value: float, target: float, below: bool = True) -> str:
 
 
 _STDERR = io.StringIO()  # the last quiet verb's stderr, for the error of a failed one
+_STDOUT = io.StringIO()  # and its stdout (the switches' reports)
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """The verbs print reports and progress: kept off the bench's output."""
-    global _STDERR
-    _STDERR = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(_STDERR):
+    global _STDERR, _STDOUT
+    _STDERR, _STDOUT = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(_STDOUT), contextlib.redirect_stderr(_STDERR):
         yield
 
 
@@ -736,7 +737,8 @@ def run_verb(
         seconds = time.perf_counter() - start
     if code != 0 or not compiled or compiled[-1] is None:
         lines = _STDERR.getvalue().strip().splitlines()
-        errors = [ln for ln in lines if "error" in ln.lower()][:8]  # what failed, then the end
+        reported = _STDOUT.getvalue().splitlines() + lines  # what failed, then the end
+        errors = [ln for ln in reported if "error" in ln.lower()][:8]
         said = errors + [ln for ln in lines[-8:] if ln not in errors]
         raise RuntimeError(f"p4seg {' '.join(argv)} exited {code}: " + "\n".join(said))
     if not reports and one_reports:  # the overlay's path: one switch, no apply_all
