@@ -262,11 +262,13 @@ def test_rfc5424_with_structured_data_over_udp_tcp_and_mutual_tls(
                           switches={"tor-alg": {"ok": True, "written": 4}})  # fmt: skip
     events = [event_of_alert(_alert()), event_of_audit(record)]
     transports = ["udp", "tcp"] + (["tls"] if collector.tls else [])
-    for transport in transports:
+    for n, transport in enumerate(transports, 1):
         sink = _send(collector.url(transport), events, **(
             collector.tls_files() if transport == "tls" else {}))  # fmt: skip
         assert (sink.stats().sent, sink.stats().failed, sink.stats().dropped) == (2, 0, 0)
-    assert wait_for(lambda: len(collector.lines("fields.log")) == 2 * len(transports), 20)
+        # rsyslog runs each input in its own thread: a transport's lines are
+        # awaited before the next one sends, so the file's order is the sending order
+        assert wait_for(lambda: len(collector.lines("fields.log")) == 2 * n, 20), transport
     rows = [line.split("|", 10) for line in collector.lines("fields.log")]
     assert [r[0] for r in rows] == [t for t in transports for _ in events]
     pid = str(os.getpid())
