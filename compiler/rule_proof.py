@@ -161,6 +161,16 @@ def forget_proofs(tables: Iterable[SwitchTables]) -> None:
         _STATES.drop(sw)
 
 
+def carry_proofs(earlier: Mapping[str, SwitchTables], now: Mapping[str, SwitchTables]) -> None:
+    """`now` holds, switch by switch, the tables of `earlier` (a build proven a few builds
+    ago: its proof record is this one's), as other objects: each keeps the proof by rules
+    its equal tables had, so the next change is proven from it (a grant after a revoke)."""
+    for name, tables in now.items():
+        was = earlier.get(name)
+        if was is not None and was is not tables and (state := _STATES.find(was)) is not None:
+            _STATES.put(tables, state)
+
+
 def prove_by_rules(tables: _Tables, tors: Collection[str] | None = None) -> ByRules:
     """The proof by rules over `tables` (a Verifier). With `tors`, only what those ToRs
     judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:
@@ -204,6 +214,7 @@ class _Selector:
 
     def __init__(self, vectors: Mapping[int, int]) -> None:
         """`vectors`: host bit -> its vector."""
+        self.vectors = vectors
         self.every = 0
         by_vector: dict[int, int] = {}
         for bit, vector in vectors.items():
@@ -549,6 +560,28 @@ class _ToRState:
     domain: _Domain
     groups: dict[tuple[int, bool], list[_Entry]]
     bounds: dict[tuple[int, int], tuple[int, int]]
+    # The (ToR, uplink port) pairs its hosts' packets from other racks arrive on, when its
+    # routes were all found regular (`_Proof.regular`); None: not known. A ToR proven anew
+    # while no routing entry and no spine changed takes them instead of walking its routes.
+    arrivals: frozenset[tuple[str, int]] | None = None
+
+
+def _addresses_of(entry: TableEntry, field: str) -> tuple[tuple[int, int], ...]:
+    """The addresses an identity entry can match on `field`, or more (a ternary mask that
+    is not a prefix: every address)."""
+    m, top = entry.match(field), (1 << 32) - 1
+    if m is None:
+        return ((0, top),)
+    if m.kind == "exact":
+        return ((m.value, m.value),)
+    if m.kind == "lpm":
+        return ((m.value, m.value + (1 << (32 - m.arg)) - 1),)
+    if m.kind == "range":
+        return ((m.value, m.arg),)
+    free = ~m.arg & top
+    if free & (free + 1) == 0:  # a prefix mask
+        return ((m.value & m.arg, (m.value & m.arg) | free),)
+    return ((0, top),)
 
 
 def _identity(switch: SwitchTables) -> tuple[TableEntry, ...]:
@@ -604,6 +637,9 @@ class _Proof:
         self.island_hosts = islands
         # (ToR, arrival port at a destination ToR) pairs, found by routing
         self.arrivals: dict[str, set[tuple[str, int]]] = {t: set() for t in self.tors}
+        # ToRs whose routes — every one from it, and every one to its hosts — were found
+        # delivered through the spines (`_routes`), or known so from their last proof
+        self.regular: set[str] = set()
         self.unproven: set[str] = set()
         self.by_id = {r.id: r for r in self.policy.rules}
         self._touched: dict[int, int] = {}  # hosts -> the ToRs holding one of them
@@ -708,14 +744,26 @@ class _Proof:
             self.result.tors += 1
         if again:
             self.proving = sorted(again)
-            self._routes()  # the hosts each of them judges
+            # No routing entry and no spine changed (else no proof by difference): a ToR
+            # whose routes its last proof found regular keeps their arrivals; the others'
+            # routes are walked (the hosts each of them judges).
+            walk = set(self.proving)
+            olds = {tor: self._kept(old_switches[tor], old_policy) for tor in self.proving}
+            for tor, old in olds.items():
+                if old is not None and old.arrivals is not None:
+                    self.arrivals[tor] |= old.arrivals
+                    self.regular.add(tor)
+                    walk.discard(tor)
+            if walk:
+                self._routes(walk)
             rules_of = self._rules_by_tor()
             for tor in self.proving:
                 try:
-                    _STATES.put(t.switches[tor], self._tor(tor, rules_of.get(tor, [])))
+                    state = self._tor(tor, rules_of.get(tor, []), olds[tor], changed.get(tor, ()))
                 except _Unproven as why:
                     self._leave_tor(tor, str(why))
                     continue
+                _STATES.put(t.switches[tor], state)
                 self.result.tors += 1
         self.result.unproven_tors = len(self.unproven)
         spoof = {
@@ -851,24 +899,30 @@ class _Proof:
 
     # -- 1. routing -------------------------------------------------------------------
 
-    def _routes(self) -> None:
+    def _routes(self, walk: Collection[str] | None = None) -> None:
+        """Condition (a) for the ToRs proven (or those of them in `walk`): every route from
+        each, and every route to its hosts, delivers to the host through switches that pass
+        and tag every packet; the classes routed otherwise go to the proof by pairs. A ToR
+        none of whose routes is irregular joins `regular`."""
         t = self.t
         transit = _Memo(self._passes_all)
         admits = _Memo(self._admits)
         host_of = {h.ip: h for h in self.hosts.hosts}
         every = list(enumerate(self.starts))
-        proving = set(self.proving)
+        proving = set(self.proving if walk is None else walk)
         # from another ToR, only the routes to the hosts of the ToRs proven
         theirs = [
             (bisect.bisect_right(self.starts, h.ip) - 1, h.ip)
-            for tor in self.proving
+            for tor in sorted(proving)
             for h in self.by_tor[tor]
         ]
+        irregular_at: set[str] = set()  # proven ToRs a route from or to was irregular
         for tor in self.tors:
             island = t.island(tor)
             irregular = 0
             for index, start in every if tor in proving else theirs:
                 target = host_of.get(start)
+                owner = target.switch if target is not None else None
                 if target is not None and t.island(target.switch) != island:
                     target = None  # no live path: no tables could deliver it
                 delivered, loop, hops = self._walk(tor, start)
@@ -888,12 +942,14 @@ class _Proof:
                         ok = target.switch == tor
                 if not ok:
                     irregular |= 1 << index
+                    irregular_at.update(x for x in (tor, owner) if x in proving)
             if irregular:
                 self.scope.add(self.by_tor[tor], irregular)
                 self._reason(
                     f"{tor}: {irregular.bit_count()} destination class(es) routed other than "
                     "to their host through the spines"
                 )
+        self.regular |= proving - irregular_at
 
     def _walk(self, tor: str, dst: int) -> tuple[str | None, bool, list[tuple[str, int]]]:
         """(the host routing delivers to, a loop, the hops after `tor`: switch, port in)."""
@@ -934,11 +990,32 @@ class _Proof:
 
     # -- 2. identities ----------------------------------------------------------------
 
-    def _selectors(self, tor: str) -> tuple[_Selector, _Selector, _Domain]:
+    def _selectors(
+        self, tor: str, old: _ToRState | None = None, changed: Sequence[TableEntry] = ()
+    ) -> tuple[_Selector, _Selector, _Domain]:
+        """Each host's identity vectors on `tor`, as a source (on its own port, or the
+        uplinks its packets arrive on) and as a destination. From `old` (its last proof,
+        whose routes are these) with `changed` its identity entries added and gone: only
+        the hosts one of those can match are looked up again."""
         t, bit = self.t, self.hosts.bit
+        src_again = dst_again = ~0  # the hosts looked up (all, without `old`)
+        was_src: Mapping[int, int] = {}
+        was_dst: Mapping[int, int] = {}
+        if old is not None:
+            src_again = dst_again = 0
+            for e in changed:
+                if e.table == "src_identity":
+                    src_again |= self.hosts.within(_addresses_of(e, "src_addr"))
+                elif e.table == "dst_identity":
+                    dst_again |= self.hosts.within(_addresses_of(e, "dst_addr"))
+            was_src, was_dst = old.sources.vectors, old.destinations.vectors
         sources: dict[int, int] = {}
         for h in self.by_tor[tor]:
             if h.ip in self.quarantined:
+                continue
+            b = bit[h.name]
+            if not b & src_again and (kept := was_src.get(b)) is not None:
+                sources[b] = kept
                 continue
             tags = t.source_tags(tor, h.port, h.ip)
             if tags is None:
@@ -950,8 +1027,12 @@ class _Proof:
             for h in self.by_tor[other]:
                 if h.ip in self.quarantined:
                     continue
-                tags = t.source_tags(tor, port, h.ip)
                 b = bit[h.name]
+                if not b & src_again and (kept := was_src.get(b)) is not None:
+                    sources[b] = kept  # (found the same on each of its uplinks then)
+                    senders |= b
+                    continue
+                tags = t.source_tags(tor, port, h.ip)
                 if tags is None:
                     raise _Unproven(f"src_identity drops {h.name} on uplink port {port}")
                 if sources.setdefault(b, tags) != tags:
@@ -962,7 +1043,8 @@ class _Proof:
         for h in self.hosts.hosts:
             b = bit[h.name]
             if b & (local | others):
-                destinations[b] = t.destination_tags(tor, h.ip)
+                kept = None if b & dst_again else was_dst.get(b)
+                destinations[b] = t.destination_tags(tor, h.ip) if kept is None else kept
         return _Selector(sources), _Selector(destinations), _Domain(local, senders, others)
 
     # -- 3. the table, rule by rule ---------------------------------------------------
@@ -975,15 +1057,24 @@ class _Proof:
                 out.setdefault(self.tors[i], []).append(rule)
         return out
 
-    def _tor(self, tor: str, rules: list[PolicyRule]) -> _ToRState:
-        """Prove `tor`'s table rule by rule against `rules` (those naming one of its hosts)."""
-        sources, destinations, domain = self._selectors(tor)
+    def _tor(
+        self,
+        tor: str,
+        rules: list[PolicyRule],
+        old: _ToRState | None = None,
+        changed: Sequence[TableEntry] = (),
+    ) -> _ToRState:
+        """Prove `tor`'s table rule by rule against `rules` (those naming one of its hosts);
+        `old`, `changed`: its last proof, on these routes, and its entries changed since
+        (`_selectors`)."""
+        sources, destinations, domain = self._selectors(tor, old, changed)
         switch = self.t.switches[tor]
         if any(d.table == "policy" and d.action in _PASSING for d in switch.defaults):
             raise _Unproven("the policy table's default action passes packets")
+        arrivals = frozenset(self.arrivals[tor]) if tor in self.regular else None
         state = _ToRState(
             self.policy.rules, self.t.inventory, _identity(switch), sources, destinations,
-            domain, {}, {},
+            domain, {}, {}, arrivals,
         )  # fmt: skip
         epoch = self.t.epoch(tor)
         for e in switch.entries:

@@ -331,7 +331,7 @@ PROOF_FILE = "proof.json"  # in the state directory: what the last proven build 
 _PROVEN: dict[Path, tuple[ProofRecord, Proven]] = {}
 # The records of the last builds proven in this process per state directory: a build whose
 # record is one of them was proven (a release back to the build before a quarantine).
-_RECORDS: dict[Path, list[ProofRecord]] = {}
+_RECORDS: dict[Path, list[tuple[ProofRecord, Mapping[str, SwitchTables]]]] = {}
 _KEEP_RECORDS = 4
 # The proven build a new process found in the state directory while proving (p4seg/proven.py),
 # until the apply that follows the proof takes it.
@@ -341,8 +341,15 @@ _KEPT: dict[Path, Kept] = {}
 def _remember(state_dir: Path, record: ProofRecord, proven: Proven) -> None:
     key = state_dir.resolve()
     _PROVEN[key] = (record, proven)
-    kept = [r for r in _RECORDS.get(key, []) if r != record][-(_KEEP_RECORDS - 1) :]
-    _RECORDS[key] = [*kept, record]
+    kept = [r for r in _RECORDS.get(key, []) if r[0] != record][-(_KEEP_RECORDS - 1) :]
+    _RECORDS[key] = [*kept, (record, proven[2])]
+
+
+def _earlier(state_dir: Path, record: ProofRecord | None) -> Mapping[str, SwitchTables] | None:
+    """The switches of the build this process proved a few builds ago whose proof record is
+    `record` (the same tables), if there is one."""
+    held = _RECORDS.get(state_dir.resolve(), ())
+    return next((switches for r, switches in held if r == record), None)
 
 
 def _proven(
@@ -367,6 +374,7 @@ def _proven(
     the record's writing is put there (an apply writes it once the switches have answered:
     a record a moment late names a build proven before, which is all the next proof by
     difference asks of it)."""
+    from compiler.rule_proof import carry_proofs
     from compiler.verify import differential_scope, proof_record, verify
     from p4seg import proven
 
@@ -383,7 +391,8 @@ def _proven(
         else:
             later.append(partial(_write_record, path, record))
 
-    if record in _RECORDS.get(state_dir.resolve(), ()):  # a revoke, back to before the grant
+    if (earlier := _earlier(state_dir, record)) is not None:  # a revoke, back to before the grant
+        carry_proofs(earlier, switches)  # the next grant is proven from them again
         if save:
             keep()
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))
@@ -554,7 +563,7 @@ def _overlay_proof(
     from compiler.verify import Verifier, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    if record is not None and record in _RECORDS.get(state_dir.resolve(), ()):
+    if _earlier(state_dir, record) is not None:
         return _WHOLE + EARLIER
     old = _held_proven(state_dir)
     change: OverlayChange | str = "no proven build at hand"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Collection
 
 import pytest
 from corrupt import corruptions
@@ -24,7 +25,7 @@ from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
 from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
-from compiler.verify import VerifyResult, verify
+from compiler.verify import Verifier, VerifyResult, verify
 from runtime.live import LiveState, effective_policy
 
 NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
@@ -460,3 +461,91 @@ def test_a_build_whose_routes_changed_keeps_no_proof_by_rules(
     result = verify(floor_policy, floor, rerouted, previous=(floor_policy, floor, switches))
     assert result.proven and result.by_rules is None and result.pairs is not None  # by pairs
     assert all(rule_proof._STATES.find(rerouted[n]) is None for n in tors)
+
+
+def test_a_tor_whose_identities_changed_is_proven_from_its_last_proof(
+    floor: Inventory, floor_policy_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flow granted between two hosts gives them tags of their own: their ToRs'
+    identity entries change, and each is proven anew from its last proof — no route
+    walked (no routing entry and no spine changed: the ports other racks' packets arrive
+    by are its last proof's) and only the hosts a changed identity entry can match looked
+    up. Its verdict and counterexamples are the proof by pairs', for the build and for
+    each identity vector of those ToRs corrupted."""
+    rule_proof._STATES.hold(200)  # room for the corrupted builds proven in between
+    text = "\n".join(
+        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
+    )
+    policy = check_policy(text, "floor.zt", floor).policy
+    assert policy is not None
+    last = build(policy, floor, text, "ref")
+    switches = {s.switch: s for s in last.switches}
+    assert verify(policy, floor, switches).proven  # rule by rule: every ToR keeps its proof
+    granted = text.replace(
+        "default deny log",
+        "service g_from = algo1\nservice g_to = risk1\nallow g_from -> g_to tcp 6001\n"
+        "default deny log",
+    )
+    new_policy = check_policy(granted, "floor.zt", floor).policy
+    assert new_policy is not None
+    built = build(new_policy, floor, granted, "ref", allocation=last.allocation, previous=last)
+    new = {s.switch: s for s in built.switches}
+    moved = {
+        n for n in new if {e for e in new[n].entries if e.table.endswith("_identity")}
+        != {e for e in switches[n].entries if e.table.endswith("_identity")}
+    }  # fmt: skip
+    assert moved == {"tor-alg", "tor-rsk"}
+    walked: list[Collection[str] | None] = []
+    looked: list[tuple[str, int]] = []
+    routes, source_tags = rule_proof._Proof._routes, Verifier.source_tags
+
+    def walk(proof: rule_proof._Proof, tors: Collection[str] | None = None) -> None:
+        walked.append(tors)
+        routes(proof, tors)
+
+    def look(v: Verifier, switch: str, port: int, src: int) -> int | None:
+        looked.append((switch, src))
+        return source_tags(v, switch, port, src)
+
+    previous = (policy, floor, switches)
+    with monkeypatch.context() as spies:
+        spies.setattr(rule_proof._Proof, "_routes", walk)
+        spies.setattr(Verifier, "source_tags", look)
+        result = verify(new_policy, floor, new, previous=previous)
+    assert result.proven and result.by_rules is not None and result.by_rules.tors == 2
+    assert result.classes == 0  # no pair left (the changed sources' spoofs are walked)
+    assert walked == []
+    # algo1 on its ToR (its own port, then as a sender to tor-rsk's hosts, by each spine)
+    assert {ip for _, ip in looked} <= {h.ip for h in floor.hosts if h.name in ("algo1", "risk1")}
+    assert len(looked) < len(floor.hosts)
+    caught = 0
+    for name in sorted(moved):
+        sw = new[name]
+        for i, e in enumerate(sw.entries):
+            vector = dict(e.params).get("tags")
+            if not e.table.endswith("_identity") or not vector:
+                continue
+            flipped = dataclasses.replace(e, params=(("tags", vector ^ 0x1),))
+            entries = (*sw.entries[:i], flipped, *sw.entries[i + 1 :])
+            corrupted = {**new, name: dataclasses.replace(sw, entries=entries)}
+            by_rules = verify(new_policy, floor, corrupted, previous=previous)
+            exact = verify(new_policy, floor, corrupted, exact=True)
+            assert _found(by_rules) == _found(exact), (name, e)
+            caught += not exact.proven
+    assert caught >= 4
+
+
+def test_a_build_equal_to_one_proven_earlier_takes_its_proofs_by_rules(
+    floor: Inventory, floor_policy: Policy, floor_policy_text: str
+) -> None:
+    """A revoke compiles the build before the grant again, in new objects; `carry_proofs`
+    gives them the proofs the equal tables had, so the next grant is proven from them."""
+    switches = _switches(floor_policy, floor, floor_policy_text)
+    assert verify(floor_policy, floor, switches).proven
+    again = {n: dataclasses.replace(s) for n, s in switches.items()}  # equal, other objects
+    assert all(rule_proof._STATES.find(again[n]) is None for n in again)
+    rule_proof.carry_proofs(switches, again)
+    tors = [n for n, s in switches.items() if s.role == "tor"]
+    assert all(rule_proof._STATES.find(again[n]) is rule_proof._STATES.find(switches[n])
+               for n in tors)  # fmt: skip
+    assert all(rule_proof._STATES.find(again[n]) is not None for n in tors)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,10 @@ def structured_data(sd: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def _holds_lines(collector: Collector, count: int) -> bool:
+    return len(collector.lines("fields.log")) == count
+
+
 def _send(url: str, events: list[Event], **tls: str) -> SyslogSink:
     sink = SyslogSink(parse_sink(url, **tls)).start()
     try:
@@ -268,7 +273,7 @@ def test_rfc5424_with_structured_data_over_udp_tcp_and_mutual_tls(
         assert (sink.stats().sent, sink.stats().failed, sink.stats().dropped) == (2, 0, 0)
         # rsyslog runs each input in its own thread: a transport's lines are
         # awaited before the next one sends, so the file's order is the sending order
-        assert wait_for(lambda: len(collector.lines("fields.log")) == 2 * n, 20), transport
+        assert wait_for(partial(_holds_lines, collector, 2 * n), 20), transport
     rows = [line.split("|", 10) for line in collector.lines("fields.log")]
     assert [r[0] for r in rows] == [t for t in transports for _ in events]
     pid = str(os.getpid())
