@@ -314,6 +314,12 @@ def entry_line(e: TableEntry) -> str:
     return text + f', "table": {_quoted(e.table)}}}'
 
 
+def entry_text(e: TableEntry) -> str:
+    """`entry_line(e)`, made once per entry object and value (the line the entries file
+    holds or will hold: a proof record digests it, compiler/verify.py)."""
+    return _line(_LINES.setdefault("entries", {}), e, entry_line, "entries")
+
+
 def _entries_file(sw: SwitchTables, target: Target, lines: _Lines) -> str:
     """`_dumps_listing(_entries_json(...), "entries")`, made from the runs the switch's
     entries were lowered as (compiler/lower.py SEGMENTS) when it has them: each run's

@@ -27,11 +27,9 @@ import functools
 import hashlib
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-
-import networkx as nx
 
 from compiler.addresses import AddressSet, Interval, merge_intervals
 from compiler.allocation import Allocation, SideTags
@@ -184,15 +182,33 @@ _DEFAULT_LOG = TableEntry(
 )
 
 
-def _topology(inventory: Inventory) -> nx.Graph:
-    g = nx.Graph()
-    for s in sorted(inventory.switches, key=lambda s: s.name):
-        g.add_node(s.name)
+# The fabric as the next hops are found on it: switch -> neighbour -> the port towards it
+# (of parallel links between two switches, the last in (a, a_port, b, b_port) order).
+_Graph = dict[str, dict[str, int]]
+
+
+def _topology(inventory: Inventory) -> _Graph:
+    graph: _Graph = {s.name: {} for s in sorted(inventory.switches, key=lambda s: s.name)}
     for link in sorted(
         inventory.links, key=lambda link: (link.a, link.a_port, link.b, link.b_port)
     ):
-        g.add_edge(link.a, link.b, ports={link.a: link.a_port, link.b: link.b_port})
-    return g
+        graph.setdefault(link.a, {})[link.b] = link.a_port
+        graph.setdefault(link.b, {})[link.a] = link.b_port
+    return graph
+
+
+def _distances(graph: _Graph, source: str, down: Collection[str] = ()) -> dict[str, int]:
+    """Hops from `source` to each switch it reaches (breadth first), not through `down`."""
+    dist, frontier = {source: 0}, [source]
+    while frontier:
+        reached = []
+        for switch in frontier:
+            for n in graph[switch]:
+                if n not in dist and n not in down:
+                    dist[n] = dist[switch] + 1
+                    reached.append(n)
+        frontier = reached
+    return dist
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,30 +234,30 @@ class _NextHops:
         return self.live[rank % len(self.live)]
 
 
-def _next_hops(inventory: Inventory, graph: nx.Graph) -> dict[tuple[str, str], _NextHops]:
+def _next_hops(inventory: Inventory, graph: _Graph) -> dict[tuple[str, str], _NextHops]:
     """(switch, destination ToR) -> its next hops, from one BFS per destination ToR on the
     whole fabric and one on the live part. A down spine's own next hops are those of the
     whole fabric: its tables stay what they were, ready for when it comes back."""
-    live = graph.subgraph(n for n in graph if n not in inventory.down)
+    down = inventory.down
     out = {}
 
-    def towards(g: nx.Graph, switch: str, dist: Mapping[str, int]) -> tuple[int, ...]:
-        closer = (n for n in g.neighbors(switch) if dist.get(n) == dist[switch] - 1)
-        return tuple(graph.edges[switch, n]["ports"][switch] for n in sorted(closer))
+    def towards(switch: str, dist: Mapping[str, int]) -> tuple[int, ...]:
+        closer = (n for n in graph[switch] if dist.get(n) == dist[switch] - 1)
+        return tuple(graph[switch][n] for n in sorted(closer))
 
     for dest in sorted({h.switch for h in inventory.hosts}):
         if dest not in graph:
             continue
-        whole = nx.single_source_shortest_path_length(graph, dest)
-        alive = nx.single_source_shortest_path_length(live, dest) if dest in live else {}
+        whole = _distances(graph, dest)
+        alive = _distances(graph, dest, down) if dest not in down else {}
         for switch in whole:
             if switch == dest:
                 continue
-            every = towards(graph, switch, whole)
-            if switch in inventory.down:
+            every = towards(switch, whole)
+            if switch in down:
                 out[(switch, dest)] = _NextHops(every, every)
             else:
-                ports = towards(live, switch, alive) if switch in alive else ()
+                ports = towards(switch, alive) if switch in alive else ()
                 out[(switch, dest)] = _NextHops(every, ports)
     return out
 

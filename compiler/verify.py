@@ -71,6 +71,7 @@ from compiler.differential import (
     retags,
     same_inventory,
 )
+from compiler.emit import entry_text
 from compiler.entries import FieldMatch, MeterConfig, SwitchTables, TableEntry, meter_for_rate
 from compiler.evaluate import (
     MAX_HOPS,
@@ -1985,9 +1986,11 @@ def _tables_digest(sw: SwitchTables) -> str:
 
 
 def _entry_digest(entry: TableEntry) -> bytes:
+    """The digest of the entry's line in an entries file (every field of the entry, its
+    matches by field name): a new process's build has just made those lines."""
     d = _ENTRY_DIGESTS.get(entry)
     if d is None:
-        d = _ENTRY_DIGESTS[entry] = hashlib.sha256(repr(entry).encode()).digest()[:16]
+        d = _ENTRY_DIGESTS[entry] = hashlib.sha256(entry_text(entry).encode()).digest()[:16]
     return d
 
 
