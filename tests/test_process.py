@@ -101,3 +101,35 @@ def test_the_console_script_is_run() -> None:
     assert 'p4seg = "p4seg.cli:run"' in text
     assert "run()" in (ROOT / "p4seg" / "__main__.py").read_text()
     assert os.access(sys.executable, os.X_OK)
+
+
+@pytest.mark.usefixtures("collector")
+def test_a_paused_pass_hands_what_it_made_to_the_oldest_generation() -> None:
+    """`collection_paused`: no young collection walks what the pass made once it ends
+    (it joins the oldest generation), nothing is left frozen, and a cycle it made that
+    becomes garbage is still collected."""
+    import weakref
+
+    from compiler.memo import collection_paused
+
+    class Node:
+        def __init__(self) -> None:
+            self.peer: Node | None = None
+
+    gc.enable()
+    gc.collect()
+    frozen = gc.get_freeze_count()
+    with collection_paused():
+        assert not gc.isenabled()
+        made = [Node() for _ in range(20_000)]
+        a, b = Node(), Node()
+        a.peer, b.peer = b, a  # a cycle
+        gone = weakref.ref(a)
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
+    assert gc.get_count()[0] < 1_000  # not 20,000 objects waiting for a young collection
+    assert any(x is made[0] for x in gc.get_objects(generation=2))
+    del a, b
+    assert gone() is not None  # a cycle: reference counting alone cannot free it
+    gc.collect()
+    assert gone() is None
