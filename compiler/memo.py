@@ -196,11 +196,12 @@ def collection_paused(freeze: bool = False) -> Iterator[None]:
     millions of objects) to find nothing: a fifth of a 10k-rule check, and half of a
     differential proof on that floor. Reference counting still frees what they drop.
 
-    What the pass made and still holds when it ends joins the oldest generation at once
-    (gc.freeze then gc.unfreeze: two list splices), as a collection would promote it, but
-    without the young collection that would walk it all first (0.4 s after a 10k-rule
-    build): it is examined at the next full collection, which is rare, and any cycle among
-    it that has become garbage by then is collected there.
+    When the pass made many objects, what it still holds when it ends joins the oldest
+    generation at once (gc.freeze then gc.unfreeze: list splices), as a collection would
+    promote it, but without the young collection that would walk it all first (0.4 s after
+    a 10k-rule build): it is examined at the next full collection, and any cycle among it
+    that has become garbage by then is collected there. A small pass (a quarantine's) is
+    left to the young collection, which frees its cycles (asyncio's) soonest.
 
     `freeze`: what is still alive when the pass ends is set apart from every later
     collection (gc.freeze) — a one-shot verb's memos, which nothing frees before the
@@ -212,7 +213,11 @@ def collection_paused(freeze: bool = False) -> Iterator[None]:
         yield
     finally:
         if collecting:
-            gc.freeze()
-            if not freeze:
-                gc.unfreeze()
+            if freeze or gc.get_count()[0] > _SPLICED:
+                gc.freeze()
+                if not freeze:
+                    gc.unfreeze()
             gc.enable()
+
+
+_SPLICED = 100_000  # objects a pass made: beyond, they are spliced into the oldest generation

@@ -105,9 +105,9 @@ def test_the_console_script_is_run() -> None:
 
 @pytest.mark.usefixtures("collector")
 def test_a_paused_pass_hands_what_it_made_to_the_oldest_generation() -> None:
-    """`collection_paused`: no young collection walks what the pass made once it ends
+    """`collection_paused`: no young collection walks what a large pass made once it ends
     (it joins the oldest generation), nothing is left frozen, and a cycle it made that
-    becomes garbage is still collected."""
+    becomes garbage is still collected. A small pass's objects stay young."""
     import weakref
 
     from compiler.memo import collection_paused
@@ -121,15 +121,18 @@ def test_a_paused_pass_hands_what_it_made_to_the_oldest_generation() -> None:
     frozen = gc.get_freeze_count()
     with collection_paused():
         assert not gc.isenabled()
-        made = [Node() for _ in range(20_000)]
+        made = [Node() for _ in range(120_000)]
         a, b = Node(), Node()
         a.peer, b.peer = b, a  # a cycle
         gone = weakref.ref(a)
     assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
-    assert gc.get_count()[0] < 1_000  # not 20,000 objects waiting for a young collection
+    assert gc.get_count()[0] < 1_000  # not 120,000 objects waiting for a young collection
     assert any(x is made[0] for x in gc.get_objects(generation=2))
     del a, b
     assert gone() is not None  # a cycle: reference counting alone cannot free it
     gc.collect()
     assert gone() is None
+    with collection_paused():
+        few = [Node() for _ in range(2_000)]
+    assert not any(x is few[0] for x in gc.get_objects(generation=2))  # a young collection's
