@@ -171,6 +171,11 @@ def carry_proofs(earlier: Mapping[str, SwitchTables], now: Mapping[str, SwitchTa
             _STATES.put(tables, state)
 
 
+def holds_proof(tables: SwitchTables) -> bool:
+    """Whether these tables keep a proof by rules (the next change can start from it)."""
+    return _STATES.find(tables) is not None
+
+
 def prove_by_rules(tables: _Tables, tors: Collection[str] | None = None) -> ByRules:
     """The proof by rules over `tables` (a Verifier). With `tors`, only what those ToRs
     judge (their tables, rule by rule) and the routes of the pairs from and to their hosts:

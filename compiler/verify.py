@@ -98,7 +98,13 @@ from compiler.protocols import (
     PROTO_UDP,
     TCP_ACK,
 )
-from compiler.rule_proof import ByRules, forget_proofs, prove_by_difference, prove_by_rules
+from compiler.rule_proof import (
+    ByRules,
+    forget_proofs,
+    holds_proof,
+    prove_by_difference,
+    prove_by_rules,
+)
 from compiler.semantics import (
     EPHEMERAL_PORT,
     Decision,
@@ -1761,6 +1767,20 @@ def verify(
         # a walk asked for, leaves them as a proof by rules of the same tables made them)
         forget_proofs(switches.values())
     return result
+
+
+def keep_proofs_by_rules(
+    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables], previous: Proven
+) -> None:
+    """Give a build proven already (the build of an earlier proof: a revoke's), whose ToRs
+    do not all keep a proof by rules, those of `previous` (the build proven last) carried
+    over by difference (compiler/rule_proof.py `prove_by_difference`), so that the next
+    change is proven from them rule by rule. Nothing is concluded about the build: a ToR
+    whose conditions fail keeps no proof by rules."""
+    if all(holds_proof(sw) for sw in switches.values() if sw.role == "tor"):
+        return
+    with collection_paused():
+        Verifier(policy, inventory, switches).by_rules_from(*previous)
 
 
 def _verify(

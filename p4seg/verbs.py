@@ -375,7 +375,7 @@ def _proven(
     a record a moment late names a build proven before, which is all the next proof by
     difference asks of it)."""
     from compiler.rule_proof import carry_proofs
-    from compiler.verify import differential_scope, proof_record, verify
+    from compiler.verify import differential_scope, keep_proofs_by_rules, proof_record, verify
     from p4seg import proven
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
@@ -393,6 +393,13 @@ def _proven(
 
     if (earlier := _earlier(state_dir, record)) is not None:  # a revoke, back to before the grant
         carry_proofs(earlier, switches)  # the next grant is proven from them again
+        if previous is not None:  # and what they lack, from the build proven last
+            keep_rules = partial(keep_proofs_by_rules, compiled.policy, compiled.inventory,
+                                 switches, previous)  # fmt: skip
+            if later is None:
+                keep_rules()
+            else:
+                later.append(keep_rules)  # once the switches have answered
         if save:
             keep()
         _remember(state_dir, record, (compiled.policy, compiled.inventory, switches))

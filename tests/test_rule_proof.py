@@ -25,7 +25,7 @@ from compiler.emit import build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
 from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
-from compiler.verify import Verifier, VerifyResult, verify
+from compiler.verify import Verifier, VerifyResult, keep_proofs_by_rules, verify
 from runtime.live import LiveState, effective_policy
 
 NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 12 * 3600
@@ -549,3 +549,46 @@ def test_a_build_equal_to_one_proven_earlier_takes_its_proofs_by_rules(
     assert all(rule_proof._STATES.find(again[n]) is rule_proof._STATES.find(switches[n])
                for n in tors)  # fmt: skip
     assert all(rule_proof._STATES.find(again[n]) is not None for n in tors)
+
+
+def test_a_revoke_keeps_proofs_by_rules_carried_from_the_grant_for_the_next_one(
+    floor: Inventory, floor_policy_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoke's build is one proven earlier, in new objects, and its changed ToRs may
+    keep no proof by rules (that build was proven by pairs: a new process's proof from
+    the kept build). `keep_proofs_by_rules` carries the grant's over by difference, so the
+    next grant is proven from them: no route walked."""
+    text = "\n".join(
+        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
+    )
+    policy = check_policy(text, "floor.zt", floor).policy
+    assert policy is not None
+    last = build(policy, floor, text, "ref")
+    switches = {s.switch: s for s in last.switches}
+    granted = text.replace(
+        "default deny log",
+        "service g_from = algo1\nservice g_to = risk1\nallow g_from -> g_to tcp 6001\n"
+        "default deny log",
+    )
+    new_policy = check_policy(granted, "floor.zt", floor).policy
+    assert new_policy is not None
+    built = build(new_policy, floor, granted, "ref", allocation=last.allocation, previous=last)
+    new = {s.switch: s for s in built.switches}
+    assert verify(new_policy, floor, new, previous=(policy, floor, switches)).proven
+    assert rule_proof.holds_proof(new["tor-alg"]) and rule_proof.holds_proof(new["tor-rsk"])
+    revoked = {n: dataclasses.replace(s) for n, s in switches.items()}  # equal, other objects
+    assert not any(rule_proof.holds_proof(s) for s in revoked.values())
+    keep_proofs_by_rules(policy, floor, revoked, (new_policy, floor, new))
+    assert rule_proof.holds_proof(revoked["tor-alg"]) and rule_proof.holds_proof(revoked["tor-rsk"])
+    walked: list[Collection[str] | None] = []
+    routes = rule_proof._Proof._routes
+
+    def walk(proof: rule_proof._Proof, tors: Collection[str] | None = None) -> None:
+        walked.append(tors)
+        routes(proof, tors)
+
+    with monkeypatch.context() as spies:
+        spies.setattr(rule_proof._Proof, "_routes", walk)
+        again = verify(new_policy, floor, new, previous=(policy, floor, revoked))
+    assert again.proven and again.by_rules is not None and again.by_rules.tors == 2
+    assert walked == []
