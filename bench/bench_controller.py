@@ -1129,6 +1129,22 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
                     problems.append(f"run {i}: {probe} passes after the revoke")
             if held is not None:
                 lent.append(held.lent - before)
+    # Steady state: one long-running controller taking grant after revoke, as serve does
+    # once up; each run above is its first grant after a new process proved the build by
+    # pairs (from the kept build), which leaves it no proof by rules to start from.
+    steady_g, steady_r = VerbTimes(), VerbTimes()
+    with long_lived(c, s):
+        run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
+        for i in range(repeat + 1):
+            g_times: VerbTimes | None = steady_g if i else None  # the first one untimed
+            r_times: VerbTimes | None = steady_r if i else None
+            run_verb([*grant, *live], g_times, fresh=False)
+            if not s.passes(probe):
+                problems.append(f"steady run {i}: {probe} dropped after the grant")
+            state = json.loads((s.directory / "state" / "live.json").read_text())
+            run_verb(["revoke", state["grants"][-1]["id"], *live], r_times, fresh=False)
+            if s.passes(probe):
+                problems.append(f"steady run {i}: {probe} passes after the revoke")
     base = statistics.median(noop.total)
     print(f"   {probe}")
     print(f"   {'no-op `p4seg apply` (baseline)':<58}{median_ms(noop.total)}    1.00x")
@@ -1137,6 +1153,8 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         ("`p4seg revoke`", revoked),
         ("`p4seg grant`, long-running controller (serve, watch)", warm_g),
         ("`p4seg revoke`, long-running controller", warm_r),
+        ("`p4seg grant`, long-running, steady state (after one)", steady_g),
+        ("`p4seg revoke`, long-running, steady state", steady_r),
     ):
         mid = statistics.median(times.total)
         print(f"   {label:<58}{median_ms(times.total)} {mid / base:6.2f}x   "
