@@ -128,7 +128,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHELL_PYTHON = ROOT / ".venv-shell" / "bin" / "python"
 TABLES = Tables(PIPELINE)
 TARGET_WRITE_RATIO = 10.0
-TARGET_APPLY_S = 0.100
+TARGET_APPLY_S = (0.100, 0.250)  # a long-running one-rule edit: small floor, larger ones
 TARGET_QUARANTINE_S = 0.100
 TARGET_ONE_SHOT_S = (1.0, 1.5)  # a new process's one-rule apply: small floor, larger ones
 TARGET_ALERT_S = 0.050
@@ -807,6 +807,7 @@ def check_change(
 
 
 def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: bool) -> None:
+    edit, one_shot = (TARGET_APPLY_S[c.floor.rules > 300], TARGET_ONE_SHOT_S[c.floor.rules > 300])
     print(f"\n== 2. apply a one-rule change to {len(s.refs)} switches ({c.floor.rules}-rule floor)")
     changed = changed_switches(c.built.switches, change.built_b.switches)
     print(f"   {change.rule} -> tcp {change.new.dport}; it changes the entries of "
@@ -849,11 +850,11 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
     print(f"      {'no-op apply, nothing to change (baseline)':<55}{median_ms(noop)}    1.00x")
     mid = statistics.median(core)
     print(f"      {'one-rule change, until every switch acked':<55}{median_ms(core)} {mid / base:6.2f}x   "
-          f"{verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms target "
+          f"{verdict(mid, edit)} the < {edit * 1e3:.0f} ms target "
           f"{spread_ms(core)}; {statistics.median(writes):.0f} writes")  # fmt: skip
     mid = statistics.median(known_core)
     print(f"      {'the same, long-running (planned from what it applied)':<55}{median_ms(known_core)} "
-          f"{mid / base:6.2f}x   {verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms "
+          f"{mid / base:6.2f}x   {verdict(mid, edit)} the < {edit * 1e3:.0f} ms "
           f"target {spread_ms(known_core)}")  # fmt: skip
     print(f"      {'(not timed above) encoding B into targets':<55}{encode_s * 1e3:8.1f} ms")
     if profile:
@@ -931,25 +932,25 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
     print("   `p4seg apply` in-process (p4seg.cli.main; compile included):")
     print(f"      {'no-op apply (baseline)':<55}{median_ms(verb_noop.total)}    1.00x")
     print(f"      {'one-rule change':<55}{median_ms(verb.total)} {total / base:6.2f}x   "
-          f"{verdict(total, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} ms target "
+          f"{verdict(total, one_shot)} the < {one_shot:.1f} s target "
           f"{spread_ms(verb.total)}")  # fmt: skip
     print_split(verb, "         ")
     mid, base_p = statistics.median(process), statistics.median(process_noop)
     print(f"      {'no-op `p4seg apply`, its own process (exec to exit)':<55}{median_ms(process_noop)} "
           f"{base_p / base:6.2f}x")  # fmt: skip
     print(f"      {'one-rule change, its own process (exec to exit)':<55}{median_ms(process)} "
-          f"{mid / base:6.2f}x   {verdict(mid, TARGET_ONE_SHOT_S[c.floor.rules > 300])} the "
-          f"< {TARGET_ONE_SHOT_S[c.floor.rules > 300]:.1f} s target {spread_ms(process)}")  # fmt: skip
+          f"{mid / base:6.2f}x   {verdict(mid, one_shot)} the "
+          f"< {one_shot:.1f} s target {spread_ms(process)}")  # fmt: skip
     mid = statistics.median(warm.total)
     print(f"      {'one-rule change, long-running controller':<55}{median_ms(warm.total)} "
-          f"{mid / base:6.2f}x   {verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} "
+          f"{mid / base:6.2f}x   {verdict(mid, edit)} the < {edit * 1e3:.0f} "
           f"ms target {spread_ms(warm.total)}")  # fmt: skip
     print_split(warm, "         ")
     print(f"         {'switches planned on its long-lived sessions':<52}"
           f"{statistics.median(lent):8.0f} of {len(s.refs)}")  # fmt: skip
     mid = statistics.median(steady.total)
     print(f"      {'the same, steady state (after two edits, untimed)':<55}{median_ms(steady.total)} "
-          f"{mid / base:6.2f}x   {verdict(mid, TARGET_APPLY_S)} the < {TARGET_APPLY_S * 1e3:.0f} "
+          f"{mid / base:6.2f}x   {verdict(mid, edit)} the < {edit * 1e3:.0f} "
           f"ms target {spread_ms(steady.total)}")  # fmt: skip
     print_split(steady, "         ")
     print(f"         {'switches planned on its long-lived sessions':<52}"
@@ -1136,13 +1137,12 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     with long_lived(c, s):
         run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
         for i in range(repeat + 1):
-            g_times: VerbTimes | None = steady_g if i else None  # the first one untimed
-            r_times: VerbTimes | None = steady_r if i else None
-            run_verb([*grant, *live], g_times, fresh=False)
+            timed_g, timed_r = (steady_g, steady_r) if i else (None, None)  # one untimed
+            run_verb([*grant, *live], timed_g, fresh=False)
             if not s.passes(probe):
                 problems.append(f"steady run {i}: {probe} dropped after the grant")
             state = json.loads((s.directory / "state" / "live.json").read_text())
-            run_verb(["revoke", state["grants"][-1]["id"], *live], r_times, fresh=False)
+            run_verb(["revoke", state["grants"][-1]["id"], *live], timed_r, fresh=False)
             if s.passes(probe):
                 problems.append(f"steady run {i}: {probe} passes after the revoke")
     base = statistics.median(noop.total)
