@@ -21,7 +21,7 @@ from test_lower import SMALL, small_policies
 from bench.gen_policy import generate
 from compiler import rule_proof
 from compiler.check import check_policy
-from compiler.emit import build
+from compiler.emit import Build, build
 from compiler.entries import FieldMatch, SwitchTables, TableEntry, meter_for_rate
 from compiler.inventory import Inventory, parse_inventory
 from compiler.model import Policy
@@ -389,6 +389,41 @@ def _edited(text: str, rng: random.Random, added: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plain_floor(floor: Inventory, text: str) -> tuple[str, Policy, Build]:
+    """The trading floor's policy without its expect lines, checked and built."""
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("expect"))
+    policy = check_policy(text, "floor.zt", floor).policy
+    assert policy is not None
+    return text, policy, build(policy, floor, text, "ref")
+
+
+def _granted(floor: Inventory, text: str, last: Build) -> tuple[Policy, Switches]:
+    """`text` with a flow from algo1 to risk1 allowed, as a grant allows it (its hosts get
+    tags of their own), compiled from `last`."""
+    granted = text.replace(
+        "default deny log",
+        "service g_from = algo1\nservice g_to = risk1\nallow g_from -> g_to tcp 6001\n"
+        "default deny log",
+    )
+    policy = check_policy(granted, "floor.zt", floor).policy
+    assert policy is not None
+    built = build(policy, floor, granted, "ref", allocation=last.allocation, previous=last)
+    return policy, {s.switch: s for s in built.switches}
+
+
+def _walked(spies: pytest.MonkeyPatch) -> list[Collection[str] | None]:
+    """The ToRs each `_Proof._routes` walked while `spies` holds (None: all proven)."""
+    walked: list[Collection[str] | None] = []
+    routes = rule_proof._Proof._routes
+
+    def walk(proof: rule_proof._Proof, tors: Collection[str] | None = None) -> None:
+        walked.append(tors)
+        routes(proof, tors)
+
+    spies.setattr(rule_proof._Proof, "_routes", walk)
+    return walked
+
+
 def test_a_chain_of_edits_is_proven_by_difference_as_the_pairs_prove_it(
     floor: Inventory, floor_policy_text: str
 ) -> None:
@@ -399,12 +434,7 @@ def test_a_chain_of_edits_is_proven_by_difference_as_the_pairs_prove_it(
     it — and a corrupted build, refused, is never the next one's starting point."""
     rng = random.Random(2)
     rule_proof._STATES.hold(200)  # room for the corrupted builds proven in between
-    text = "\n".join(
-        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
-    )
-    policy = check_policy(text, "floor.zt", floor).policy
-    assert policy is not None
-    last = build(policy, floor, text, "ref")
+    text, policy, last = _plain_floor(floor, floor_policy_text)
     switches = {s.switch: s for s in last.switches}
     assert verify(policy, floor, switches).proven  # rule by rule: what the chain starts from
     added: list[str] = []
@@ -473,35 +503,17 @@ def test_a_tor_whose_identities_changed_is_proven_from_its_last_proof(
     up. Its verdict and counterexamples are the proof by pairs', for the build and for
     each identity vector of those ToRs corrupted."""
     rule_proof._STATES.hold(200)  # room for the corrupted builds proven in between
-    text = "\n".join(
-        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
-    )
-    policy = check_policy(text, "floor.zt", floor).policy
-    assert policy is not None
-    last = build(policy, floor, text, "ref")
+    text, policy, last = _plain_floor(floor, floor_policy_text)
     switches = {s.switch: s for s in last.switches}
     assert verify(policy, floor, switches).proven  # rule by rule: every ToR keeps its proof
-    granted = text.replace(
-        "default deny log",
-        "service g_from = algo1\nservice g_to = risk1\nallow g_from -> g_to tcp 6001\n"
-        "default deny log",
-    )
-    new_policy = check_policy(granted, "floor.zt", floor).policy
-    assert new_policy is not None
-    built = build(new_policy, floor, granted, "ref", allocation=last.allocation, previous=last)
-    new = {s.switch: s for s in built.switches}
+    new_policy, new = _granted(floor, text, last)
     moved = {
         n for n in new if {e for e in new[n].entries if e.table.endswith("_identity")}
         != {e for e in switches[n].entries if e.table.endswith("_identity")}
     }  # fmt: skip
     assert moved == {"tor-alg", "tor-rsk"}
-    walked: list[Collection[str] | None] = []
     looked: list[tuple[str, int]] = []
-    routes, source_tags = rule_proof._Proof._routes, Verifier.source_tags
-
-    def walk(proof: rule_proof._Proof, tors: Collection[str] | None = None) -> None:
-        walked.append(tors)
-        routes(proof, tors)
+    source_tags = Verifier.source_tags
 
     def look(v: Verifier, switch: str, port: int, src: int) -> int | None:
         looked.append((switch, src))
@@ -509,7 +521,7 @@ def test_a_tor_whose_identities_changed_is_proven_from_its_last_proof(
 
     previous = (policy, floor, switches)
     with monkeypatch.context() as spies:
-        spies.setattr(rule_proof._Proof, "_routes", walk)
+        walked = _walked(spies)
         spies.setattr(Verifier, "source_tags", look)
         result = verify(new_policy, floor, new, previous=previous)
     assert result.proven and result.by_rules is not None and result.by_rules.tors == 2
@@ -558,37 +570,17 @@ def test_a_revoke_keeps_proofs_by_rules_carried_from_the_grant_for_the_next_one(
     keep no proof by rules (that build was proven by pairs: a new process's proof from
     the kept build). `keep_proofs_by_rules` carries the grant's over by difference, so the
     next grant is proven from them: no route walked."""
-    text = "\n".join(
-        line for line in floor_policy_text.splitlines() if not line.startswith("expect")
-    )
-    policy = check_policy(text, "floor.zt", floor).policy
-    assert policy is not None
-    last = build(policy, floor, text, "ref")
+    text, policy, last = _plain_floor(floor, floor_policy_text)
     switches = {s.switch: s for s in last.switches}
-    granted = text.replace(
-        "default deny log",
-        "service g_from = algo1\nservice g_to = risk1\nallow g_from -> g_to tcp 6001\n"
-        "default deny log",
-    )
-    new_policy = check_policy(granted, "floor.zt", floor).policy
-    assert new_policy is not None
-    built = build(new_policy, floor, granted, "ref", allocation=last.allocation, previous=last)
-    new = {s.switch: s for s in built.switches}
+    new_policy, new = _granted(floor, text, last)
     assert verify(new_policy, floor, new, previous=(policy, floor, switches)).proven
     assert rule_proof.holds_proof(new["tor-alg"]) and rule_proof.holds_proof(new["tor-rsk"])
     revoked = {n: dataclasses.replace(s) for n, s in switches.items()}  # equal, other objects
     assert not any(rule_proof.holds_proof(s) for s in revoked.values())
     keep_proofs_by_rules(policy, floor, revoked, (new_policy, floor, new))
     assert rule_proof.holds_proof(revoked["tor-alg"]) and rule_proof.holds_proof(revoked["tor-rsk"])
-    walked: list[Collection[str] | None] = []
-    routes = rule_proof._Proof._routes
-
-    def walk(proof: rule_proof._Proof, tors: Collection[str] | None = None) -> None:
-        walked.append(tors)
-        routes(proof, tors)
-
     with monkeypatch.context() as spies:
-        spies.setattr(rule_proof._Proof, "_routes", walk)
+        walked = _walked(spies)
         again = verify(new_policy, floor, new, previous=(policy, floor, revoked))
     assert again.proven and again.by_rules is not None and again.by_rules.tors == 2
     assert walked == []
