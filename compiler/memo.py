@@ -213,10 +213,11 @@ def collection_paused(freeze: bool = False) -> Iterator[None]:
         yield
     finally:
         if collecting:
-            if freeze or gc.get_count()[0] > _SPLICED:
+            if freeze:
                 gc.freeze()
-                if not freeze:
-                    gc.unfreeze()
+            elif gc.get_count()[0] > _SPLICED and not gc.get_freeze_count():
+                gc.freeze()  # (unfreeze would also free what a one-shot verb froze)
+                gc.unfreeze()
             gc.enable()
 
 
