@@ -888,6 +888,11 @@ def _addresses(intervals: tuple[Interval, ...]) -> str:
     return _digest(intervals)
 
 
+# The entries and digests made once per value are memos too: a new process has none.
+for _made_once in (_source_entry, _route_entry, _destination_entry, _meaning, _addresses):
+    also_forget(_made_once.cache_clear)
+
+
 def _inventory_digest(inventory: Inventory) -> str:
     return _digest(inventory.hosts, inventory.switches, inventory.links)
 

@@ -26,6 +26,7 @@ from typing import Protocol
 from compiler.addresses import Interval
 from compiler.diagnostics import P4segError, error
 from compiler.entries import FieldMatch, MeterConfig, TableEntry, meter_for_rate
+from compiler.memo import also_forget
 from compiler.model import ALL_PORTS, Action, Policy, PolicyRule, protocol_number
 from compiler.protocols import ICMP_ECHO_REPLY_RANGE, TCP_ACK
 from compiler.tags import NONE, SideCodes
@@ -72,6 +73,9 @@ def rate_ranks(
 def field_match(field: str, kind: str, value: int, arg: int = 0) -> FieldMatch:
     # Shared: the same match recurs on every switch (an uplink's host, a service's run).
     return FieldMatch(field, kind, value, arg)
+
+
+also_forget(field_match.cache_clear)  # a memo: a new process starts without it
 
 
 @dataclass(frozen=True, slots=True)
