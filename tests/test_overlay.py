@@ -815,3 +815,61 @@ def test_a_controller_killed_right_after_a_revoke_is_written_does_not_grant_agai
     forget()  # the restart: a new process
     assert main(["apply", "floor.zt", *live[2:]]) == 0
     assert not _delivered(switches, floor, "algo1", "settle2", flow)
+
+
+def test_a_grant_after_a_revoke_is_proven_from_the_proofs_the_revoke_kept(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A revoke's build is one proven before; it keeps its ToRs' proofs by rules (carried
+    from the grant's), so the next grant is proven rule by rule from them. Keeping them is
+    for the next change only: when it fails, the revoke still takes effect and is audited,
+    with a warning, and the next grant is still proven."""
+    from compiler import rule_proof
+    from p4seg.cli import forget, main
+
+    switches, live = floor_site
+    flow = TCP(sport=40000, dport=6001, flags="S")
+    grant = ["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live]
+
+    def cycle() -> str:
+        """A grant then its revoke; the grant's proof as audited."""
+        assert main(grant) == 0
+        proof = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])["proof"]
+        assert _delivered(switches, floor, "algo1", "settle2", flow)
+        grant_id = json.loads(Path("state/live.json").read_text())["grants"][-1]["id"]
+        assert main(["revoke", grant_id, *live]) == 0
+        last = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
+        assert (last["event"], last["result"]) == ("revoke", "ok")
+        assert not _delivered(switches, floor, "algo1", "settle2", flow)
+        return str(proof)
+
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    forget()  # a new process: its proof, from the build the state keeps, is by pairs
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    walked: list[object] = []
+    routes = rule_proof._Proof._routes
+
+    def walk(proof: rule_proof._Proof, *args: Any) -> None:
+        walked.append(args)
+        routes(proof, *args)
+
+    monkeypatch.setattr(rule_proof._Proof, "_routes", walk)
+    cycle()
+    assert walked  # the grant's two ToRs had no proof by rules: their routes walked
+    walked.clear()
+    assert cycle() == "differential: rule by rule on 2 ToRs"
+    assert walked == []  # from the proofs the revoke kept
+    capsys.readouterr()
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    import compiler.verify
+
+    monkeypatch.setattr(compiler.verify, "keep_proofs_by_rules", broken)
+    cycle()
+    assert "the proofs by rules were not kept (RuntimeError('a bug'))" in capsys.readouterr().err
+    assert "differential" in cycle()  # still proven, whichever way
