@@ -578,10 +578,12 @@ def _overlay_proof(
     change; without a proven build at hand the walk proves the host's packets only."""
     from compiler.differential import cuts_off, only_overlay_changed, outranked
     from compiler.quarantine import QUARANTINE_MASK
+    from compiler.rule_proof import carry_proofs
     from compiler.verify import Verifier, verify
 
     switches = {sw.switch: sw for sw in compiled.build.switches}
-    if _earlier(state_dir, record) is not None:
+    if (earlier := _earlier(state_dir, record)) is not None:  # a release, back to before
+        carry_proofs(earlier, switches)  # (what the next change is proven from)
         return _WHOLE + EARLIER
     old = _held_proven(state_dir)
     change: OverlayChange | str = "no proven build at hand"

@@ -873,3 +873,22 @@ def test_a_grant_after_a_revoke_is_proven_from_the_proofs_the_revoke_kept(
     cycle()
     assert "the proofs by rules were not kept (RuntimeError('a bug'))" in capsys.readouterr().err
     assert "differential" in cycle()  # still proven, whichever way
+
+
+def test_a_release_keeps_the_proofs_by_rules_of_the_build_before_the_quarantine(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+) -> None:
+    """A release is back to a build proven before the quarantine: its ToRs' tables, new
+    objects, keep the proofs by rules the equal tables had, for the next change."""
+    from compiler.rule_proof import holds_proof
+    from p4seg import verbs
+    from p4seg.cli import main
+
+    _switches, live = floor_site
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    assert main(["quarantine", "algo1", *live]) == 0
+    assert main(["release", "algo1", *live]) == 0
+    held = verbs._held_proven(Path("state"))
+    assert held is not None
+    tors = {n: t for n, t in held[2].items() if t.role == "tor"}
+    assert tors and all(holds_proof(t) for t in tors.values())
