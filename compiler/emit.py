@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import shutil
 from collections import Counter, defaultdict
@@ -230,35 +231,25 @@ _PIPELINE_FILES: dict[tuple[str, int], tuple[Target, dict[str, str]]] = {}
 also_forget(_PIPELINE_FILES.clear)
 
 
-_Lines = dict[int, tuple[TableEntry, str]]  # id(entry) -> (the entry, its JSON line)
-# Per encoding, the lines of the entries of this build and the ones before, by object:
-# identity and routing entries are the same objects on most switches, and a ToR compiled
-# again keeps its identity entries when its tags stay (compiler/lower.py `_retagged`).
-# Each line keeps its entry, so its id names it. Emptied past _SEEN_MAX entries.
+_Lines = dict[TableEntry, str]  # an entry -> its line
+# Per encoding, the lines of the entries of this build and the ones before, by value: identity
+# and routing entries are the same objects on most switches (a dict finds an object by
+# identity before it compares), and a long-running controller's next build (a quarantine, a
+# one-rule edit) lowers a changed switch again into new but mostly equal entries, whose
+# cached hash costs a tenth of encoding one. Emptied past _LINES_MAX entries.
 _LINES: dict[str, _Lines] = {}
-# Lines of earlier builds by value, per encoding: a long-running controller's next build
-# (a quarantine, a one-rule edit) lowers a changed switch again, into new but mostly equal
-# entries; hashing one costs a tenth of encoding it. Emptied past _SEEN_MAX entries.
-_SEEN: dict[tuple[str, TableEntry], str] = {}
-_SEEN_MAX = 400_000
-also_forget(_SEEN.clear)
+_LINES_MAX = 400_000
 also_forget(_LINES.clear)
 
 
-def _line(lines: _Lines, entry: TableEntry, encode: Callable[[TableEntry], str], kind: str) -> str:
-    """An entry's JSON line, made once per entry object (`_LINES`) and once per value across
-    builds (`_SEEN`)."""
-    found = lines.get(id(entry))
-    if found is None or found[0] is not entry:
-        if len(lines) >= _SEEN_MAX:
+def _line(lines: _Lines, entry: TableEntry, encode: Callable[[TableEntry], str]) -> str:
+    """An entry's line in one encoding, made once per value (`_LINES`)."""
+    text = lines.get(entry)
+    if text is None:
+        if len(lines) >= _LINES_MAX:
             lines.clear()
-        text = _SEEN.get((kind, entry))
-        if text is None:
-            if len(_SEEN) >= _SEEN_MAX:
-                _SEEN.clear()
-            text = _SEEN[(kind, entry)] = encode(entry)
-        found = lines[id(entry)] = (entry, text)
-    return found[1]
+        text = lines[entry] = encode(entry)
+    return text
 
 
 # The JSON lines are written directly, keys in sorted order: what
@@ -299,7 +290,91 @@ def _match_json(m: FieldMatch) -> str:
 
 
 def entry_line(e: TableEntry) -> str:
-    """The entry's line in an entries file: `json.dumps(e.to_json(), sort_keys=True)`."""
+    """The entry's line in an entries file: `json.dumps(e.to_json(), sort_keys=True)`.
+
+    Made by its shape's encoder (`_SHAPES`): a floor's tens of thousands of entries have a
+    few dozen shapes, and filling one template costs two thirds of composing the line field
+    by field (`_plain_entry_line`)."""
+    shape = (e.table, e.action, e.role, not e.priority, e.rule_id is None, e.meter is None,
+             tuple(map(_FIELD_KIND, e.matches)), tuple(map(_PARAM_NAME, e.params)))  # fmt: skip
+    encode = _SHAPES.get(shape)
+    if encode is None:
+        encode = _shape_encoder(e)
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[shape] = encode
+    return encode(e)
+
+
+# An entry's shape: table, action, role, which optional keys it has, its fields and their
+# kinds in its order, its parameters' names. Its encoder fills a template with the values.
+_SHAPES: dict[tuple[object, ...], Callable[[TableEntry], str]] = {}
+_SHAPES_MAX = 4096
+_FIELD_KIND = operator.attrgetter("field", "kind")
+_PARAM_NAME = operator.itemgetter(0)
+
+
+def _shape_encoder(e: TableEntry) -> Callable[[TableEntry], str]:
+    """`_plain_entry_line` as a template of `e`'s shape (a `%` format of the JSON with a
+    placeholder per value) and a getter of the values in their order, generated from
+    attribute names and indices alone: no text of the entry is compiled."""
+    fields = [m.field for m in e.matches]
+    names = [name for name, _ in e.params]
+    if len(set(fields)) < len(fields) or len(set(names)) < len(names):
+        return _plain_entry_line  # not a table entry P4Runtime could hold; kept exact anyway
+    parts: list[str] = []  # the template, `%` escaped
+    values: list[str] = []  # the getter's expressions, one per `%s`
+
+    def literal(text: str) -> None:
+        parts.append(text.replace("%", "%%"))
+
+    def value(expression: str) -> None:
+        parts.append("%s")
+        values.append(expression)
+
+    literal(f'{{"action": {_quoted(e.action)}, "match": {{')
+    order = sorted(range(len(fields)), key=fields.__getitem__)
+    for n, i in enumerate(order):
+        m = e.matches[i]
+        literal(f"{', ' if n else ''}{_quoted(m.field)}: {{")
+        if m.kind == "exact":
+            literal('"exact": ')
+            value(f"e.matches[{i}].value")
+            literal("}")
+        else:
+            literal(f"{_quoted(m.kind)}: [")
+            value(f"e.matches[{i}].value")
+            literal(", ")
+            value(f"e.matches[{i}].arg")
+            literal("]}")
+    literal("}")
+    if e.meter is not None:
+        literal(', "meter": {')
+        for n, key in enumerate(("cburst", "cir", "pburst", "pir")):
+            literal(f'{", " if n else ""}"{key}": ')
+            value(f"e.meter.{key}")
+        literal("}")
+    literal(', "params": {')
+    for n, j in enumerate(sorted(range(len(names)), key=names.__getitem__)):
+        literal(f"{', ' if n else ''}{_quoted(names[j])}: ")
+        value(f"e.params[{j}][1]")
+    literal("}")
+    if e.priority:
+        literal(', "priority": ')
+        value("e.priority")
+    if e.role:
+        literal(f', "role": {_quoted(e.role)}')
+    if e.rule_id is not None:
+        literal(', "rule_id": ')
+        value("e.rule_id")
+    literal(f', "table": {_quoted(e.table)}}}')
+    template = "".join(parts)
+    getter = eval(f"lambda e: ({''.join(v + ', ' for v in values)})")  # indices, attributes
+    return lambda entry: template % getter(entry)
+
+
+def _plain_entry_line(e: TableEntry) -> str:
+    """`entry_line`, composed field by field."""
     text = f'{{"action": {_quoted(e.action)}, "match": {{'
     text += ", ".join(map(_match_json, _sorted_matches(e))) + "}"
     if e.meter is not None:
@@ -317,7 +392,7 @@ def entry_line(e: TableEntry) -> str:
 def entry_text(e: TableEntry) -> str:
     """`entry_line(e)`, made once per entry object and value (the line the entries file
     holds or will hold: a proof record digests it, compiler/verify.py)."""
-    return _line(_LINES.setdefault("entries", {}), e, entry_line, "entries")
+    return _line(_LINES.setdefault("entries", {}), e, entry_line)
 
 
 def _entries_file(sw: SwitchTables, target: Target, lines: _Lines) -> str:
@@ -359,7 +434,7 @@ def _run_texts(
             texts = _RUNS.get(run, _no_texts)
             text = texts.get(kind)
             if text is None:
-                text = texts[kind] = _run_text(lines, encode, kind, run)
+                text = texts[kind] = _run_text(lines, encode, run)
             out.append(text)
     return out
 
@@ -369,17 +444,15 @@ def _no_texts(_run: tuple[TableEntry, ...]) -> dict[str, str]:
 
 
 def _run_text(
-    lines: _Lines, encode: Callable[[TableEntry], str], kind: str, run: tuple[TableEntry, ...]
+    lines: _Lines, encode: Callable[[TableEntry], str], run: tuple[TableEntry, ...]
 ) -> str:
     """The run's lines, indented, one per entry: a policy edit makes a ToR's `policy` run
     again from thousands of lines it mostly has (`_line` inlined for those)."""
     get = lines.get
     texts = []
     for e in run:
-        found = get(id(e))
-        texts.append(
-            found[1] if found is not None and found[0] is e else _line(lines, e, encode, kind)
-        )
+        text = get(e)
+        texts.append(text if text is not None else _line(lines, e, encode))
     return "    " + ",\n    ".join(texts)
 
 
@@ -399,7 +472,7 @@ def _entries_json(
         "defaults": [
             {"table": d.table, "action": d.action, "params": dict(d.params)} for d in sw.defaults
         ],
-        **({"entries": [_line(lines, e, entry_line, "entries") for e in sw.entries]}
+        **({"entries": [_line(lines, e, entry_line) for e in sw.entries]}
            if entries else {}),
     }  # fmt: skip
 
@@ -459,10 +532,9 @@ def _runtime_json(
         }
         for d in sw.defaults
     ]
-    encode = functools.partial(_runtime_line, pipe)
-    kind = f"runtime {target.name}"  # names qualified by the target's program
+    encode = functools.partial(_runtime_line, pipe)  # names qualified by the target's program
     if entries:
-        table_entries += [_line(lines, e, encode, kind) for e in sw.entries]
+        table_entries += [_line(lines, e, encode) for e in sw.entries]
     return {
         "target": "bmv2" if target.program == "v1model" else target.name,
         "p4info": f"../{P4INFO_FILE}",

@@ -19,6 +19,17 @@ class FieldMatch:
     kind: str  # exact | lpm | ternary | range
     value: int
     arg: int = 0
+    # The hash, once computed: a floor's hundreds of thousands of entries share a few
+    # thousand matches (compiler/rule_entries.py `field_match`), and each entry's first
+    # hash would otherwise hash each of its matches afresh.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h == 0:
+            h = hash((self.field, self.kind, self.value, self.arg)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
     def covers(self, x: int) -> bool:
         if self.kind == "exact":

@@ -662,8 +662,10 @@ def _count_needs(
         ):
             nonlocal moved
             found = needs.get(key)
-            before = None if found is None else _widest(found)
-            found = [addresses.intervals, 0, 0, 0] if found is None else [*found]
+            if found is None:
+                before, found = None, [addresses.intervals, 0, 0, 0]
+            else:
+                before, found = _widest(found), [*found]
             found[1 + level] += sign
             if any(found[1:]):
                 needs[key] = found
@@ -681,7 +683,8 @@ def _count_needs(
 
 
 def _widest(found: list[Any]) -> int:
-    return max(level for level in (_LOCAL, _HOSTS, _FULL) if found[1 + level])
+    """The widest universe some use needs (found: [intervals, _LOCAL, _HOSTS, _FULL counts])."""
+    return _FULL if found[1 + _FULL] else _HOSTS if found[1 + _HOSTS] else _LOCAL
 
 
 def _needs(floor: str, counts: _NeedCounts) -> _Needs:

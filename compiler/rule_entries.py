@@ -249,16 +249,27 @@ class ReplyMatch:
 def reply_matches(rule: PolicyRule, udp_always: bool) -> tuple[ReplyMatch, ...]:
     """The packets answering `rule`'s flows that get entries of their own: TCP with ACK,
     UDP (always when `udp_always`, as for a deny; else with `reply`), ICMP echo replies."""
+    return _reply_matches(rule.proto, rule.ports, rule.reply, rule.answers_pings, udp_always)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _reply_matches(
+    proto: str, ports: tuple[Interval, ...], reply: bool, pings: bool, udp_always: bool
+) -> tuple[ReplyMatch, ...]:
+    """`reply_matches` of a rule by what decides them: made once for every rule alike."""
     out = []
-    if rule.proto in ("tcp", "ip"):
-        out.append(ReplyMatch("tcp", sport=rule.ports, ack=True))
-    if rule.proto == "udp" and (udp_always or rule.reply):
-        out.append(ReplyMatch("udp", sport=rule.ports))
-    if rule.proto == "ip" and udp_always:
+    if proto in ("tcp", "ip"):
+        out.append(ReplyMatch("tcp", sport=ports, ack=True))
+    if proto == "udp" and (udp_always or reply):
+        out.append(ReplyMatch("udp", sport=ports))
+    if proto == "ip" and udp_always:
         out.append(ReplyMatch("udp"))
-    if rule.answers_pings:  # `icmp`, `ip`, or ICMP types that include the echo request
+    if pings:  # `icmp`, `ip`, or ICMP types that include the echo request
         out.append(ReplyMatch("icmp", dport=(ICMP_ECHO_REPLY_RANGE,)))
     return tuple(out)
+
+
+also_forget(_reply_matches.cache_clear)
 
 
 def replies(

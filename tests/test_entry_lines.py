@@ -2,7 +2,8 @@
 `json.dumps`: each must be, byte for byte, what `json.dumps(doc, sort_keys=True)` makes of
 the entry's document (its entries-file format, TableEntry.to_json; and the p4lang runtime
 format), for any entry — every match kind, address fields, meters, no parameters or several,
-a priority, rule id or role present or not."""
+a priority, rule id or role present or not. (Entry lines are filled in from a template per
+shape, compiler/emit.py `_SHAPES`: names with `%` in them, and many values per shape.)"""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ PIPE = make_target("ref").pipeline
 TABLES = [t.name for t in PIPE.tables]
 ACTIONS = [a.name for a in PIPE.actions]
 FIELDS = ["src_addr", "dst_addr", "ingress_port", "protocol", "l4_dst_port", "src_tags", "epoch"]
-NAMES = st.sampled_from(["tags", "port", "rule_id", "value", "a", "z", 'é"q'])
+NAMES = st.sampled_from(["tags", "port", "rule_id", "value", "a", "z", 'é"q', "p%s"])
 INTS = st.integers(min_value=0, max_value=(1 << 64) - 1)
 
 matches = st.lists(
@@ -48,7 +49,7 @@ entries = st.builds(
     st.lists(st.tuples(NAMES, INTS), unique_by=lambda p: p[0], max_size=3).map(tuple),
     st.sampled_from([0, 1, 33, 1 << 30]),
     st.none() | st.integers(min_value=0, max_value=10_000),
-    st.sampled_from(["", "host", "forward", "reply", 'odd "role" é']),
+    st.sampled_from(["", "host", "forward", "reply", 'odd "role" é', "100%d"]),
     meters,
 )
 
