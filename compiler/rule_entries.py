@@ -200,13 +200,16 @@ def rule_parts(
     """`rule`'s ordinary entries (`priority`, roles as made) split by pass, so that a ToR's
     entries can be put together from rules made before: `rule_entries` of several rules
     is the concatenation of their denies, then of their allows, then of their replies."""
-    denies, allows, answers = (PolicyEntries(codes, []) for _ in range(3))
+    out = PolicyEntries(codes, [])
     if rule.action is Action.DENY:
-        _deny(denies, rule, src, dst, priority, "")
-    elif rule.action is Action.ALLOW:
-        _allow(allows, rule, src, dst, priority, "", rate_rank)
-        _allow_replies(answers, rule, src, dst, priority, "")
-    return tuple(denies.entries), tuple(allows.entries), tuple(answers.entries)
+        _deny(out, rule, src, dst, priority, "")
+        return tuple(out.entries), (), ()
+    if rule.action is Action.ALLOW:
+        _allow(out, rule, src, dst, priority, "", rate_rank)
+        allows, out.entries = tuple(out.entries), []
+        _allow_replies(out, rule, src, dst, priority, "")
+        return (), allows, tuple(out.entries)
+    return (), (), ()
 
 
 def _deny(out: PolicyEntries, rule: PolicyRule, src: str, dst: str, prio: Priority,
