@@ -6,6 +6,7 @@ are plain values so that plans, diffs and golden files compare them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from compiler.diagnostics import Span
@@ -21,8 +22,9 @@ class FieldMatch:
     arg: int = 0
     # The hash, once computed: a floor's hundreds of thousands of entries share a few
     # thousand matches (compiler/rule_entries.py `field_match`), and each entry's first
-    # hash would otherwise hash each of its matches afresh.
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
+    # hash would otherwise hash each of its matches afresh. (`dataclasses.field`: `field`
+    # here is the match's own.)
+    _hash: int = dataclasses.field(default=0, init=False, repr=False, compare=False)
 
     def __hash__(self) -> int:
         h = self._hash

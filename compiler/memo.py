@@ -189,7 +189,7 @@ class ByPlace(Generic[K, V]):
 
 
 @contextlib.contextmanager
-def collection_paused(freeze: bool = False) -> Iterator[None]:
+def collection_paused(freeze: bool = False, splice: bool | None = None) -> Iterator[None]:
     """No cyclic garbage collection inside: for the passes that build many small objects
     which live as long as the pass (a check's AST and atom masks, a proof's indexes).
     Every full collection would walk them and the rest of the heap (a 10k-rule build is
@@ -203,6 +203,11 @@ def collection_paused(freeze: bool = False) -> Iterator[None]:
     that has become garbage by then is collected there. A small pass (a quarantine's) is
     left to the young collection, which frees its cycles (asyncio's) soonest.
 
+    `splice`: True splices whatever the pass made (a long-running controller's proof of
+    one ToR ahead, compiler/verify.py `prove_tor_ahead`: what it keeps would otherwise
+    reach the oldest generation through young collections, which count it towards the next
+    full collection, a second's pause at 48 ToRs); False never.
+
     `freeze`: what is still alive when the pass ends is set apart from every later
     collection (gc.freeze) — a one-shot verb's memos, which nothing frees before the
     process ends: a full collection would walk them all (1.2 s after a 10k-rule compile)
@@ -215,7 +220,10 @@ def collection_paused(freeze: bool = False) -> Iterator[None]:
         if collecting:
             if freeze:
                 gc.freeze()
-            elif gc.get_count()[0] > _SPLICED and not gc.get_freeze_count():
+            elif (
+                (gc.get_count()[0] > _SPLICED if splice is None else splice)
+                and not gc.get_freeze_count()
+            ):
                 gc.freeze()  # (unfreeze would also free what a one-shot verb froze)
                 gc.unfreeze()
             gc.enable()

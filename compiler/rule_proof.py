@@ -185,6 +185,18 @@ def prove_by_rules(tables: _Tables, tors: Collection[str] | None = None) -> ByRu
     return _Proof(tables, tors).run()
 
 
+def prove_ahead(tables: _Tables, tor: str) -> bool:
+    """Give one ToR of a build proven already (by pairs: a new process's first apply) the
+    proof by rules a change is proven from by difference, so that the next grant or edit
+    touching it walks none of its routes. The other ToRs' proofs by rules stay: they were
+    made over this very build (earlier calls, or the proof by difference that proved it).
+    Nothing is concluded about the build. False: `tor` holds no host, the build has a
+    quarantine in force, or its table could not be proven rule by rule (it keeps no proof
+    by rules, and its next change is proven as before)."""
+    _STATES.hold(len(tables.switches))
+    return _Proof(tables, (tor,)).ahead()
+
+
 # -- sets of hosts --------------------------------------------------------------------------
 
 
@@ -668,6 +680,15 @@ class _Proof:
         return left if left.pairs() or left.spoof else None
 
     def run(self) -> ByRules:
+        self._prove_each()
+        self.result.unproven_tors = len(self.unproven)
+        self.result.left = self._left()
+        proving = set(self.proving)  # the others' proofs were made with other routes maybe
+        forget_proofs(sw for name, sw in self.t.switches.items() if name not in proving)
+        return self.result
+
+    def _prove_each(self) -> None:
+        """Prove each ToR of `proving` rule by rule, keeping its proof with its tables."""
         self._quarantine()
         self._routes()
         rules_of = self._rules_by_tor()
@@ -680,11 +701,13 @@ class _Proof:
                 self._leave_tor(tor, str(why))
                 continue
             self.result.tors += 1
-        self.result.unproven_tors = len(self.unproven)
-        self.result.left = self._left()
-        proving = set(self.proving)  # the others' proofs were made with other routes maybe
-        forget_proofs(sw for name, sw in self.t.switches.items() if name not in proving)
-        return self.result
+
+    def ahead(self) -> bool:
+        """`prove_ahead`: the proof of `proving` alone, the others' proofs left as they are."""
+        if self.quarantined or not self.proving:
+            return False  # a proof by difference does not start from a quarantined build
+        self._prove_each()
+        return self.result.tors == len(self.proving)
 
     def by_difference(
         self, old_policy: Policy, old_switches: Mapping[str, SwitchTables]

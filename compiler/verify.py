@@ -102,6 +102,7 @@ from compiler.rule_proof import (
     ByRules,
     forget_proofs,
     holds_proof,
+    prove_ahead,
     prove_by_difference,
     prove_by_rules,
 )
@@ -1781,6 +1782,25 @@ def keep_proofs_by_rules(
         return
     with collection_paused():
         Verifier(policy, inventory, switches).by_rules_from(*previous)
+
+
+def prove_tor_ahead(
+    policy: Policy, inventory: Inventory, switches: Mapping[str, SwitchTables], tor: str
+) -> bool:
+    """Give `tor`, of a build proven already (`switches`: the very mapping it was proven
+    as), its proof by rules for the next change (compiler/rule_proof.py `prove_ahead`),
+    one ToR at a time: a long-running controller does it between operations. The
+    verifier (its routes, its address indexes) is kept for the next ToR of the build."""
+    verifier = _AHEAD.find(switches)
+    if verifier is None or verifier.policy is not policy or verifier.inventory is not inventory:
+        verifier = Verifier(policy, inventory, switches)
+        _AHEAD.put(switches, verifier)
+    with collection_paused(splice=True):
+        return prove_ahead(verifier, tor)
+
+
+# The verifier of the build whose ToRs are being proven ahead (`prove_tor_ahead`).
+_AHEAD: ByObject[Mapping[str, SwitchTables], Verifier] = ByObject(1)
 
 
 def _verify(

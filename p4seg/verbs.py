@@ -434,6 +434,47 @@ def _proven(
     return f"differential: {', '.join(sorted(scope)) or 'nothing changed'}"
 
 
+AHEAD_PAUSE = 0.02  # seconds between two turns of watch_loop while ToRs are proven ahead
+# Per state directory, the build whose ToRs are proven ahead and those tried (`prove_ahead`).
+_AHEAD: dict[Path, tuple[Mapping[str, SwitchTables], set[str]]] = {}
+
+
+def prove_ahead(args: argparse.Namespace) -> str | None:
+    """Between a long-running controller's operations (watch_loop, after each turn): give
+    one more ToR of the build it proved last, if that build is what the switches hold,
+    the proof by rules the next change is proven from (compiler/verify.py
+    `prove_tor_ahead`). A build proven by pairs (a new process's first apply, a change of
+    routing) keeps none, and the first grant on a rack would walk its ToRs' routes. The
+    ToR tried, or None: nothing left to do (or --no-verify). A failure (a bug) is a
+    warning, and the build's other ToRs are left as they are."""
+    from compiler.rule_proof import holds_proof
+    from compiler.verify import prove_tor_ahead
+
+    state_dir = Path(args.state)
+    held = None if getattr(args, "no_verify", False) else _held_proven(state_dir)
+    if held is None or held[0].quarantine is not None:
+        return None  # (a proof by difference does not start from a quarantined build)
+    policy, inventory, switches = held
+    key = state_dir.resolve()
+    if key not in _AHEAD or _AHEAD[key][0] is not switches:
+        _AHEAD[key] = (switches, set())
+    tried = _AHEAD[key][1]
+    roles = {s.name: s.role for s in inventory.switches}
+    tor = next((name for name, sw in sorted(switches.items())
+                if roles.get(name) == "tor" and name not in tried and not holds_proof(sw)),
+               None)  # fmt: skip
+    if tor is None:
+        return None
+    tried.add(tor)
+    try:
+        prove_tor_ahead(policy, inventory, switches, tor)
+    except Exception as err:  # what the next change is proven from, not what holds now
+        tried.update(switches)
+        print(f"p4seg: warning: proving {tor} ahead failed ({err!r}); the next change "
+              "touching a ToR without a proof by rules walks its routes", file=sys.stderr)  # fmt: skip
+    return tor
+
+
 def _keeping(keep: Callable[[], None]) -> None:
     """`keep()`: what the next change is proven from, not what this one needs. It runs
     after the switches have answered and before the state and the audit are written, so
@@ -1015,11 +1056,14 @@ def watch_loop(
                 _watch_turn(args, front, w)
                 if hooks is not None:
                     hooks.wrote()
+                ahead = not args.once and prove_ahead(args) is not None
         if hooks is not None:
             hooks.turned.set()
         if args.once:
             return EXIT_OK
-        stop.wait(args.interval)  # the next look at the file and the schedule
+        # The next look at the file and the schedule; sooner while ToRs are proven ahead
+        # (one per turn: an operation waits for at most one ToR's proof).
+        stop.wait(min(args.interval, AHEAD_PAUSE) if ahead else args.interval)
     return EXIT_OK
 
 

@@ -892,3 +892,73 @@ def test_a_release_keeps_the_proofs_by_rules_of_the_build_before_the_quarantine(
     assert held is not None
     tors = {n: t for n, t in held[2].items() if t.role == "tor"}
     assert tors and all(holds_proof(t) for t in tors.values())
+
+
+def test_a_long_running_controller_proves_its_tors_ahead_for_the_first_grant(
+    floor_site: tuple[dict[str, ReferenceSwitch], list[str]],
+    floor: Inventory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new process's first apply is proven by pairs: its ToRs keep no proof by rules,
+    and the first grant on a rack would walk their routes. Between operations the watch
+    loop proves them ahead, one ToR per turn: the first grant then walks no route. A
+    failure there is a warning on stderr; nothing else stops."""
+    import threading
+
+    from p4rt import wait_for
+
+    from compiler import rule_proof
+    from p4seg import verbs
+    from p4seg.cli import _front, _parser, forget, main
+
+    switches, live = floor_site
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    forget()  # a new process: its proof, from the build the state keeps, is by pairs
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+
+    def tors() -> list[SwitchTables]:
+        held = verbs._held_proven(Path("state"))
+        assert held is not None
+        return [t for t in held[2].values() if t.role == "tor"]
+
+    assert tors() and not any(rule_proof.holds_proof(t) for t in tors())
+    args = _parser().parse_args(["watch", "floor.zt", *live[2:], "--interval", "0.05"])
+    stop = threading.Event()
+    loop = threading.Thread(target=verbs.watch_loop, args=(args, _front, stop), daemon=True)
+    loop.start()
+    try:
+        assert wait_for(lambda: all(rule_proof.holds_proof(t) for t in tors()))
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    assert verbs.prove_ahead(args) is None  # nothing left
+    walked: list[object] = []
+    routes = rule_proof._Proof._routes
+
+    def walk(proof: rule_proof._Proof, *more: Any) -> None:
+        walked.append(more)
+        routes(proof, *more)
+
+    monkeypatch.setattr(rule_proof._Proof, "_routes", walk)
+    assert main(["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live]) == 0
+    record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
+    assert (record["event"], record["proof"]) == ("grant", "differential: rule by rule on 2 ToRs")
+    assert walked == []
+    assert _delivered(switches, floor, "algo1", "settle2", TCP(sport=40000, dport=6001, flags="S"))
+    # A new process again, and proving ahead fails (a bug): a warning, the build untouched.
+    forget()
+    assert main(["apply", "floor.zt", *live[2:]]) == 0
+    capsys.readouterr()
+
+    def broken(*_args: object) -> bool:
+        raise RuntimeError("a bug")
+
+    import compiler.verify
+
+    monkeypatch.setattr(compiler.verify, "prove_tor_ahead", broken)
+    assert verbs.prove_ahead(args) is not None
+    assert "proving tor-" in capsys.readouterr().err
+    assert verbs.prove_ahead(args) is None  # not tried again for this build
+    assert not any(rule_proof.holds_proof(t) for t in tors())

@@ -584,3 +584,63 @@ def test_a_revoke_keeps_proofs_by_rules_carried_from_the_grant_for_the_next_one(
         again = verify(new_policy, floor, new, previous=(policy, floor, revoked))
     assert again.proven and again.by_rules is not None and again.by_rules.tors == 2
     assert walked == []
+
+
+def test_tors_proven_ahead_one_by_one_hold_what_a_whole_proof_gives(
+    floor: Inventory, floor_policy_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build proven by pairs keeps no proof by rules; `prove_tor_ahead` gives its ToRs
+    theirs one at a time (a long-running controller between operations), leaving the
+    others' in place, each the one a whole proof by rules makes of the same tables. The
+    next grant is proven from them, no route walked, and catches what the proof by pairs
+    catches in its corrupted builds. A quarantined build is not proven ahead."""
+    from compiler.verify import prove_tor_ahead
+
+    rule_proof._STATES.hold(200)
+    text, policy, last = _plain_floor(floor, floor_policy_text)
+    switches = {s.switch: s for s in last.switches}
+    rule_proof.forget_proofs(switches.values())  # as proven by pairs
+    tors = sorted(n for n, s in switches.items() if s.role == "tor")
+    for i, name in enumerate(tors):
+        assert prove_tor_ahead(policy, floor, switches, name)
+        assert [rule_proof.holds_proof(switches[n]) for n in tors] == [
+            j <= i for j in range(len(tors))
+        ]
+    whole = {n: dataclasses.replace(s) for n, s in switches.items()}  # equal, other objects
+    assert verify(policy, floor, whole).proven
+    for name in tors:
+        ahead, made = rule_proof._STATES.find(switches[name]), rule_proof._STATES.find(whole[name])
+        assert ahead is not None and made is not None and ahead is not made
+        assert (ahead.identity, ahead.groups, ahead.bounds, ahead.arrivals) == (
+            made.identity, made.groups, made.bounds, made.arrivals)  # fmt: skip
+        assert ahead.arrivals is not None
+    new_policy, new = _granted(floor, text, last)
+    previous = (policy, floor, switches)
+    with monkeypatch.context() as spies:
+        walked = _walked(spies)
+        result = verify(new_policy, floor, new, previous=previous)
+    assert result.proven and result.by_rules is not None and result.by_rules.tors == 2
+    assert walked == []
+    caught = 0
+    for name in ("tor-alg", "tor-rsk"):
+        sw = new[name]
+        for i, e in enumerate(sw.entries):
+            if e.table != "policy" or e.role not in ("forward", "reply") or i % 3:
+                continue
+            dropped = {
+                **new,
+                name: dataclasses.replace(sw, entries=sw.entries[:i] + sw.entries[i + 1 :]),
+            }
+            by_rules = verify(new_policy, floor, dropped, previous=previous)
+            exact = verify(new_policy, floor, dropped, exact=True)
+            assert _found(by_rules) == _found(exact), (name, e)
+            caught += not exact.proven
+    assert caught >= 4
+    quarantined = check_policy(text, "floor.zt", floor).policy
+    assert quarantined is not None
+    live = LiveState()
+    live.quarantine_by_operator("algo1", 0.0)
+    cut = effective_policy(quarantined, live, 0.0, {h.name: h.ip for h in floor.hosts})
+    assert cut.quarantine is not None
+    built = build(cut, floor, text, "ref", allocation=last.allocation)
+    assert not prove_tor_ahead(cut, floor, {s.switch: s for s in built.switches}, "tor-alg")
