@@ -1110,16 +1110,23 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
     grant = ["grant", probe.src.name, probe.dst.name, "tcp", str(probe.dport), "--for", "1h"]
     noop, granted, revoked = VerbTimes(), VerbTimes(), VerbTimes()
     warm_g, warm_r = VerbTimes(), VerbTimes()  # in a long-running controller
+    ahead_g, ahead_r = VerbTimes(), VerbTimes()  # the same, after its idle turns
+    ahead: list[list[float]] = []  # per run, each ToR's proof ahead (seconds)
     lent: list[int] = []  # per long-running grant and revoke: switches on its sessions
     problems: list[str] = []
     for i in range(repeat):
         run_verb(["apply", str(policy), *verb_args(s)], noop)
-        for g_times, r_times, fresh in ((granted, revoked, True), (warm_g, warm_r, False)):
+        for g_times, r_times, mode in (
+            (granted, revoked, "process"), (warm_g, warm_r, "long"), (ahead_g, ahead_r, "ahead")
+        ):  # fmt: skip
+            fresh = mode == "process"
             if s.passes(probe):
                 problems.append(f"run {i}: {probe} passes before the grant")
             with long_lived(c, s) if not fresh else contextlib.nullcontext() as held:
                 if held is not None:  # a long-running controller applied (and proved) what it holds
                     run_verb(["apply", str(policy), *verb_args(s)], fresh=False)
+                if mode == "ahead":
+                    ahead.append(proven_ahead(s))
                 before = held.lent if held is not None else 0
                 run_verb([*grant, *live], g_times, fresh)
                 if not s.passes(probe):
@@ -1153,6 +1160,8 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
         ("`p4seg revoke`", revoked),
         ("`p4seg grant`, long-running controller (serve, watch)", warm_g),
         ("`p4seg revoke`, long-running controller", warm_r),
+        ("`p4seg grant`, long-running, its ToRs proven ahead (idle)", ahead_g),
+        ("`p4seg revoke`, after that grant", ahead_r),
         ("`p4seg grant`, long-running, steady state (after one)", steady_g),
         ("`p4seg revoke`, long-running, steady state", steady_r),
     ):
@@ -1162,12 +1171,32 @@ def bench_grant(c: Compiled, s: Site, repeat: int, profile: bool) -> None:
               f"target; {statistics.median(times.writes):.0f} writes on "
               f"{statistics.median(times.changed):.0f} switches")  # fmt: skip
         print_split(times, "         ")
+    each = [t for run in ahead for t in run]
+    if each:
+        print(f"   {'the idle turns before: ToRs proven ahead, one per turn':<58}"
+              f"{statistics.median([len(run) for run in ahead]):8.0f} ToRs, "
+              f"{statistics.median([sum(run) for run in ahead]):.2f} s in all; "
+              f"a turn {statistics.median(each) * 1e3:.1f} ms (median), "
+              f"{max(each) * 1e3:.1f} ms (longest: what an operation may wait)")  # fmt: skip
     print(f"   {'long-running: switches written on its sessions (grant and revoke)':<58}"
           f"{statistics.median(lent):8.0f}")  # fmt: skip
     print(f"   every run: the probe dropped before, delivered after the grant, dropped after the "
           f"revoke. {'All held.' if not problems else 'PROBLEMS: ' + '; '.join(problems)}")  # fmt: skip
     if profile:
         profiled("p4seg grant, long-running", lambda: run_verb([*grant, *live], fresh=False))
+
+
+def proven_ahead(s: Site) -> list[float]:
+    """What a long-running controller's watch loop does between operations: its ToRs
+    proven ahead, one per turn (p4seg/verbs.py `prove_ahead`), until none is left; the
+    seconds of each turn's proof."""
+    args = argparse.Namespace(state=str(s.directory / "state"))
+    seconds: list[float] = []
+    while True:
+        start = time.perf_counter()
+        if p4seg.verbs.prove_ahead(args) is None:
+            return seconds
+        seconds.append(time.perf_counter() - start)
 
 
 # -- 4. denied packet -> alert on disk -----------------------------------------------------
