@@ -221,9 +221,8 @@ def collection_paused(freeze: bool = False, splice: bool | None = None) -> Itera
             if freeze:
                 gc.freeze()
             elif (
-                (gc.get_count()[0] > _SPLICED if splice is None else splice)
-                and not gc.get_freeze_count()
-            ):
+                gc.get_count()[0] > _SPLICED if splice is None else splice
+            ) and not gc.get_freeze_count():
                 gc.freeze()  # (unfreeze would also free what a one-shot verb froze)
                 gc.unfreeze()
             gc.enable()
