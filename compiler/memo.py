@@ -218,11 +218,10 @@ def collection_paused(freeze: bool = False, splice: bool | None = None) -> Itera
         yield
     finally:
         if collecting:
+            many = gc.get_count()[0] > _SPLICED if splice is None else splice
             if freeze:
                 gc.freeze()
-            elif (
-                gc.get_count()[0] > _SPLICED if splice is None else splice
-            ) and not gc.get_freeze_count():
+            elif many and not gc.get_freeze_count():
                 gc.freeze()  # (unfreeze would also free what a one-shot verb froze)
                 gc.unfreeze()
             gc.enable()
