@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
+from test_rule_proof import _walked
 
 from compiler.allocation import Allocation, SideTags, assign_rule_ids
 from compiler.check import check_policy
@@ -827,7 +828,6 @@ def test_a_grant_after_a_revoke_is_proven_from_the_proofs_the_revoke_kept(
     from the grant's), so the next grant is proven rule by rule from them. Keeping them is
     for the next change only: when it fails, the revoke still takes effect and is audited,
     with a warning, and the next grant is still proven."""
-    from compiler import rule_proof
     from p4seg.cli import forget, main
 
     switches, live = floor_site
@@ -849,14 +849,7 @@ def test_a_grant_after_a_revoke_is_proven_from_the_proofs_the_revoke_kept(
     assert main(["apply", "floor.zt", *live[2:]]) == 0
     forget()  # a new process: its proof, from the build the state keeps, is by pairs
     assert main(["apply", "floor.zt", *live[2:]]) == 0
-    walked: list[object] = []
-    routes = rule_proof._Proof._routes
-
-    def walk(proof: rule_proof._Proof, *args: Any) -> None:
-        walked.append(args)
-        routes(proof, *args)
-
-    monkeypatch.setattr(rule_proof._Proof, "_routes", walk)
+    walked = _walked(monkeypatch)
     cycle()
     assert walked  # the grant's two ToRs had no proof by rules: their routes walked
     walked.clear()
@@ -934,14 +927,7 @@ def test_a_long_running_controller_proves_its_tors_ahead_for_the_first_grant(
         loop.join(timeout=10)
     assert not loop.is_alive()
     assert verbs.prove_ahead(args) is None  # nothing left
-    walked: list[object] = []
-    routes = rule_proof._Proof._routes
-
-    def walk(proof: rule_proof._Proof, *more: Any) -> None:
-        walked.append(more)
-        routes(proof, *more)
-
-    monkeypatch.setattr(rule_proof._Proof, "_routes", walk)
+    walked = _walked(monkeypatch)
     assert main(["grant", "algo1", "settle2", "tcp", "6001", "--for", "1h", *live]) == 0
     record = json.loads(Path("state/audit.jsonl").read_text().splitlines()[-1])
     assert (record["event"], record["proof"]) == ("grant", "differential: rule by rule on 2 ToRs")
