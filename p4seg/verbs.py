@@ -1046,6 +1046,7 @@ def watch_loop(
     w = _Watch(due=clock(), next_check=time.monotonic() + args.check)
     lock = hooks.lock if hooks is not None else nullcontext()
     while not stop.is_set():
+        ahead = False  # a ToR proven ahead this turn (a standby's turn proves none)
         with lock:
             if hooks is not None and not hooks.may_write():
                 w.due = clock()  # on winning, the first turn applies what the store holds
