@@ -166,6 +166,54 @@ class Partition:
         self._exact[key] = found
         return found
 
+    def refined(self, intervals: Sequence[Interval]) -> tuple[Partition, list[tuple[int, int]]]:
+        """This partition with `intervals` made a union of atoms: each atom the set cuts
+        keeps its number for its part outside the set, and its part inside becomes a new
+        atom, numbered after the others. The atoms' numbers otherwise stay, so masks over
+        these atoms hold over the new ones once each split atom's new part is added to
+        every mask holding it. Returns the new partition and the splits (atom, new atom)."""
+        merged = merge_intervals(tuple(intervals))
+        cuts = set(self.starts)
+        for lo, hi in merged:
+            cuts.add(lo)
+            if hi < self.top:
+                cuts.add(hi + 1)
+        starts = sorted(cuts)
+        inside = [False] * len(starts)
+        k = 0
+        for i, start in enumerate(starts):
+            while k < len(merged) and merged[k][1] < start:
+                k += 1
+            inside[i] = k < len(merged) and merged[k][0] <= start
+        old_atom = [self.element_atom[bisect.bisect_right(self.starts, v) - 1] for v in starts]
+        sides: dict[int, set[bool]] = {}
+        for atom, within in zip(old_atom, inside, strict=True):
+            sides.setdefault(atom, set()).add(within)
+        splits: list[tuple[int, int]] = []
+        new_of: dict[int, int] = {}
+        for atom in sorted(a for a, seen in sides.items() if len(seen) == 2):
+            new_of[atom] = self.count + len(splits)
+            splits.append((atom, new_of[atom]))
+        out = copy.copy(self)
+        out.starts = starts
+        out.element_atom = [
+            new_of.get(atom, atom) if within else atom
+            for atom, within in zip(old_atom, inside, strict=True)
+        ]
+        out.count = self.count + len(splits)
+        out.full = (1 << out.count) - 1
+        representative = self.representative + [-1] * len(splits)
+        for atom, _part in splits:  # an example of each part, where the old one is not
+            if out.atom_of(representative[atom]) != atom:
+                representative[atom] = -1
+        for i, start in enumerate(starts):
+            atom = out.element_atom[i]
+            if representative[atom] < 0:
+                representative[atom] = start
+        out.representative = representative
+        out._masks, out._exact, out._sizes = {}, {}, None
+        return out, splits
+
     def mask(self, intervals: Sequence[Interval]) -> int:
         key = tuple(intervals)
         cached = self._masks.get(key)
@@ -352,25 +400,35 @@ class PolicySemantics:
         ):
             return None
         moved = [i for i in range(n) if new[i] is not old[i]] + list(range(n, len(new)))
+        # Port atoms a new rule's ports cut are split (ports are no host's, and no table
+        # entry depends on their atoms); address atoms must hold the rules as they are.
+        ports, splits = self.ports, []
+        for i in moved:
+            if ports.exact_mask(new[i].ports) is None:
+                ports, split = ports.refined(new[i].ports)
+                splits += split
         boxes = {}
         protos_of = {proto: self._proto_bits(proto)[1] for proto in {new[i].proto for i in moved}}
         for i in moved:
             r = new[i]
             src = self.addresses.exact_mask(r.src.intervals)
             dst = self.addresses.exact_mask(r.dst.intervals)
-            ports = self.ports.exact_mask(r.ports)
-            if src is None or dst is None or ports is None:
+            port_mask = ports.exact_mask(r.ports)
+            if src is None or dst is None or port_mask is None:
                 return None
-            boxes[i] = (protos_of[r.proto], src, dst, ports)
+            boxes[i] = (protos_of[r.proto], src, dst, port_mask)
         out = copy.copy(self)
         out.policy, out.rules = policy, new
         out.src_index, out.dst_index = self.src_index[:], self.dst_index[:]
         out.port_index, out.proto_index = self.port_index[:], dict(self.proto_index)
         out.boxes = self.boxes[:n]
+        if splits:
+            out.ports = ports
+            out._split_ports(splits)
         keep = out.all_rules = (1 << len(new)) - 1
         for i in moved:
             if i < n:
-                out._move(i, self.boxes[i], boxes[i])
+                out._move(i, out.boxes[i], boxes[i])
                 out.boxes[i] = boxes[i]
                 keep &= ~(1 << i)
             else:
@@ -392,6 +450,15 @@ class PolicySemantics:
         out._atom_class = out._port_reps = out._icmp_reps = None
         out._representatives, out._unions = {}, {}
         return out
+
+    def _split_ports(self, splits: list[tuple[int, int]]) -> None:
+        """Each split port atom's new part (`Partition.refined`) into every mask and index
+        entry that holds the atom: the rules' boxes, the port index."""
+        for atom, part in splits:
+            self.port_index.append(self.port_index[atom])
+            assert len(self.port_index) == part + 1
+            bit, add = 1 << atom, 1 << part
+            self.boxes = [(b[0], b[1], b[2], b[3] | add) if b[3] & bit else b for b in self.boxes]
 
     def _move(
         self,
@@ -912,6 +979,25 @@ def _carved(policy: Policy, pinned: tuple[int, ...]) -> PolicySemantics | None:
     return None
 
 
+def _appended(
+    policy: Policy, pinned: tuple[int, ...], extra: Sequence[Interval] | None
+) -> PolicySemantics | None:
+    """The semantics of `policy` from those of a recent policy whose rules are its first
+    ones, the same objects, with the same expectations (a grant's rules come after the
+    policy's, as the controller's last compile held them): the rules after moved in
+    (:meth:`PolicySemantics.amended`, port atoms split as their ports need)."""
+    rules, expects = tuple(map(id, policy.rules)), tuple(map(id, policy.expects))
+    for (r, e, log, held, more), sem in reversed(_RECENT_IDS.items()):
+        if (
+            (e, log, held, more) == (expects, policy.default_log, pinned, extra)
+            and isinstance(r, tuple)
+            and len(r) < len(rules)
+            and rules[: len(r)] == r
+        ):
+            return sem.amended(policy)
+    return None
+
+
 def _same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
     return a is b or (len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True)))
 
@@ -953,6 +1039,8 @@ def semantics_of(
         found = _renumbered(policy, (policy.default_log, pinned, extra))
         if found is None:
             found = _carved(policy, pinned)
+        if found is None:
+            found = _appended(policy, pinned, extra)
         if found is None:
             found = PolicySemantics(policy, pinned, sets=[extra] if extra is not None else ())
         _RECENT[key] = found

@@ -12,7 +12,7 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.addresses import MAX_ADDRESS, AddressSet
+from compiler.addresses import MAX_ADDRESS, AddressSet, merge_intervals
 from compiler.allocation import Allocation, assign_rule_ids
 from compiler.check import check_policy
 from compiler.emit import build
@@ -139,3 +139,81 @@ def test_the_verifier_keeps_its_classes_while_a_carve_cuts_nowhere_new(
     other = _policy(wider, floor)
     again = Verifier(other, floor, switches).address_classes()
     assert again is not first and any(lo == 0x0A090900 for lo, _ in again)
+
+
+def _port_values(sem: PolicySemantics, mask: int) -> tuple[tuple[int, int], ...]:
+    """The ports of the port atoms in `mask`, merged."""
+    part, out = sem.ports, []
+    for i, start in enumerate(part.starts):
+        if mask >> part.element_atom[i] & 1:
+            end = part.starts[i + 1] - 1 if i + 1 < len(part.starts) else part.top
+            out.append((start, end))
+    return merge_intervals(out)
+
+
+APPENDED_PORTS = st.sampled_from([22, 443, 444, 6001, 8080, 8081, 30000, 65535, 0])
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_rules_appended_on_the_atoms_before_decide_as_fresh_semantics(
+    data: st.DataObject, floor: Inventory, floor_policy_text: str
+) -> None:
+    """A grant's rules come after the policy's: their semantics are those of the policy
+    before with the new rules' bits moved in (compiler.semantics `_appended`), the port
+    atoms their ports cut split in two (`Partition.refined`). Every packet on the ports
+    around the new ones' edges is decided as semantics made afresh decide it, the dead
+    rules are the same, and the semantics before are left as they were."""
+    policy = _policy(floor_policy_text, floor)
+    pinned = tuple(h.ip for h in floor.hosts)
+    base = semantics_of(policy, pinned)
+    hosts = sorted(floor.hosts_by_name)
+    added = []
+    for k in range(data.draw(st.integers(min_value=1, max_value=3))):
+        src, dst = (floor.hosts_by_name[data.draw(st.sampled_from(hosts))] for _ in range(2))
+        proto = data.draw(st.sampled_from(["tcp", "udp", "icmp"]))
+        lo = data.draw(APPENDED_PORTS)
+        hi = data.draw(st.sampled_from([lo, min(lo + 1, 65535), min(lo + 100, 65535)]))
+        ports = () if proto == "icmp" else ((lo, hi),)
+        rule = dataclasses.replace(
+            policy.rules[-1],
+            id=max(r.id for r in policy.rules) + 1 + k,
+            name=f"g{k}",
+            action=policy.rules[-1].action.ALLOW,
+            src=AddressSet.of([(src.ip, src.ip)]),
+            dst=AddressSet.of([(dst.ip, dst.ip)]),
+            proto=proto,
+            ports=ports or ((0, 65535),),
+            reply=False,
+            log=False,
+            rate_pps=None,
+            duration_s=None,
+            window=None,
+        )
+        added.append(rule)
+    granted = dataclasses.replace(policy, rules=(*policy.rules, *added))
+    view = semantics_of(granted, pinned)
+    assert view.addresses is base.addresses  # moved in, not made afresh
+    fresh = PolicySemantics(granted, pinned)
+    edges = {p for r in added for lo, hi in r.ports for p in (lo - 1, lo, hi, hi + 1)}
+    ports = sorted({p for p in edges | set(PORTS) if 0 <= p <= 65535})
+    everyone = [h.ip for h in floor.hosts] + [0x0A0000FE]
+    ends = {r.src.intervals[0][0] for r in added} | {r.dst.intervals[0][0] for r in added}
+
+    def decisions(sem: PolicySemantics) -> list[object]:
+        out: list[object] = []
+        for a, b in itertools.product(sorted(ends), everyone):
+            for src, dst in ((a, b), (b, a)):
+                for proto, port, ack in itertools.product(PROTOCOLS, ports, (0, 1)):
+                    d = sem.decide(src, dst, proto, 49152, port, bool(ack))
+                    out.append((src, dst, proto, port, ack, d.allowed, d.reason, d.log,
+                                d.rule and d.rule.id))  # fmt: skip
+        return out
+
+    assert decisions(view) == decisions(fresh)
+    assert [c.rule.id for c in view.dead_rules()] == [c.rule.id for c in fresh.dead_rules()]
+    for rule, box in zip(view.rules, view.boxes, strict=True):  # each box's ports, exactly
+        assert _port_values(view, box[3]) == merge_intervals(rule.ports), rule.describe()
+    assert decisions(base) == decisions(PolicySemantics(policy, pinned))
