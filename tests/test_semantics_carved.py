@@ -176,7 +176,7 @@ def test_rules_appended_on_the_atoms_before_decide_as_fresh_semantics(
         proto = data.draw(st.sampled_from(["tcp", "udp", "icmp"]))
         lo = data.draw(APPENDED_PORTS)
         hi = data.draw(st.sampled_from([lo, min(lo + 1, 65535), min(lo + 100, 65535)]))
-        ports = () if proto == "icmp" else ((lo, hi),)
+        span = ((0, 65535),) if proto == "icmp" else ((lo, hi),)
         rule = dataclasses.replace(
             policy.rules[-1],
             id=max(r.id for r in policy.rules) + 1 + k,
@@ -185,7 +185,7 @@ def test_rules_appended_on_the_atoms_before_decide_as_fresh_semantics(
             src=AddressSet.of([(src.ip, src.ip)]),
             dst=AddressSet.of([(dst.ip, dst.ip)]),
             proto=proto,
-            ports=ports or ((0, 65535),),
+            ports=span,
             reply=False,
             log=False,
             rate_pps=None,
