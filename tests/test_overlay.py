@@ -895,8 +895,8 @@ def test_a_long_running_controller_proves_its_tors_ahead_for_the_first_grant(
 ) -> None:
     """A new process's first apply is proven by pairs: its ToRs keep no proof by rules,
     and the first grant on a rack would walk their routes. Between operations the watch
-    loop proves them ahead, one ToR per turn: the first grant then walks no route. A
-    failure there is a warning on stderr; nothing else stops."""
+    loop proves them ahead, one ToR per turn, then settles the heap once: the first grant
+    then walks no route. A failure there is a warning on stderr; nothing else stops."""
     import threading
 
     from p4rt import wait_for
@@ -918,10 +918,19 @@ def test_a_long_running_controller_proves_its_tors_ahead_for_the_first_grant(
     assert tors() and not any(rule_proof.holds_proof(t) for t in tors())
     args = _parser().parse_args(["watch", "floor.zt", *live[2:], "--interval", "0.05"])
     stop = threading.Event()
-    loop = threading.Thread(target=verbs.watch_loop, args=(args, _front, stop), daemon=True)
+    settled: list[int] = []  # proven ahead when the heap was settled (idle: once)
+    monkeypatch.setattr(
+        verbs, "settle_heap", lambda: settled.append(sum(map(rule_proof.holds_proof, tors())))
+    )
+    hooks = verbs.WatchHooks(threading.Lock(), threading.Event())
+    loop = threading.Thread(target=verbs.watch_loop, args=(args, _front, stop, hooks), daemon=True)
     loop.start()
     try:
         assert wait_for(lambda: all(rule_proof.holds_proof(t) for t in tors()))
+        for _ in range(3):  # idle turns: the heap is settled once
+            hooks.turned.clear()
+            assert hooks.turned.wait(10)
+        assert settled == [len(tors())]
     finally:
         stop.set()
         loop.join(timeout=10)
