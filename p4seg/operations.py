@@ -197,7 +197,8 @@ class Operations:
         hooks = WatchHooks(self.lock, self.changed, self.watched, self._may_write, self._wrote)
         try:
             watch_loop(self.args, self.front, self._stop, hooks)
-        except Exception:  # a bug: without its watch loop nothing would expire; stop (fail closed)
+        except (Exception, asyncio.CancelledError):  # a bug: without its watch loop nothing
+            # would expire; stop (fail closed)
             print("p4seg serve: the watch loop failed; stopping", file=sys.stderr)
             traceback.print_exc()
             failed()

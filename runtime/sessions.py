@@ -246,7 +246,14 @@ class Sessions:
                 self.lent += done
                 return done
 
-        return await self._in_loop(lent())
+        try:
+            return await self._in_loop(lent())
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise  # the apply itself is cancelled
+            # The sessions' loop ended the work (the sessions stop: a term of serve --etcd
+            # is over): not lent. The apply goes on as with a session that is not usable.
+            return False
 
     async def _raw(self, name: str) -> P4Client:
         """The client an apply lent the session reads with (reads need no arbitration)."""
@@ -261,11 +268,23 @@ class Sessions:
     @contextlib.asynccontextmanager
     async def step_aside(self, name: str) -> AsyncIterator[None]:
         """While an apply holds switch `name` with a session of its own (SharedPrimary)."""
-        await self._in_loop(self._pause(name))
+        paused = await self._beside(self._pause(name))
         try:
             yield
         finally:
-            await self._in_loop(self._resume(name))
+            if paused:
+                await self._beside(self._resume(name))
+
+    async def _beside(self, coroutine: Coroutine[Any, Any, None]) -> bool:
+        """`coroutine` in the sessions' loop; False when that loop ended it (the sessions
+        stop, and with them what it would have paused or resumed)."""
+        try:
+            await self._in_loop(coroutine)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            return False
+        return True
 
     async def _in_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run `coroutine` in the sessions' loop (applies run in their own, in a thread)."""
@@ -304,6 +323,12 @@ class Sessions:
             if reply.arbitration.status.code != rpc_code.ALREADY_EXISTS:
                 return  # no primary: our stream is gone
             await asyncio.sleep(0.005)  # the switch has not seen our stream end yet
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (not only a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -253,3 +254,38 @@ def test_bmv2_takes_applies_on_a_long_lived_session(
         full = dataclasses.replace(options, full_read=True)
         (planned,) = asyncio.run(plan_all([new], tables, files, full))
         assert planned.ok and planned.plan is not None and planned.plan.empty  # BMv2 holds it
+
+
+def test_an_apply_whose_lent_work_the_sessions_end_is_told_it_was_not_lent(
+    fabric: Fabric,
+) -> None:
+    """When the sessions' loop ends a lent write (the sessions stop: serve --etcd's term
+    is over), the apply that borrowed the session hears "not lent" and goes on as with a
+    session that is not usable; it is not itself cancelled — the watch loop that ran it
+    would die, and with it every expiry."""
+    switches, files, _refs = fabric
+    with running(Sessions(OPTIONS), switches, files) as sessions:
+        writing = threading.Event()
+
+        async def work(_sw: object, _client: object, _tenure: object) -> bool:
+            writing.set()
+            await asyncio.Event().wait()  # until the sessions end it
+            return True
+
+        def end_the_lent_work() -> None:
+            for task in asyncio.all_tasks():
+                if "lend.<locals>.lent" in task.get_coro().__qualname__:  # type: ignore[union-attr]
+                    task.cancel()
+
+        lent: list[bool] = []
+        borrower = threading.Thread(
+            target=lambda: lent.append(
+                asyncio.run(sessions.lend(switches[0].name, OPTIONS.election_id, work))
+            )
+        )
+        borrower.start()
+        assert writing.wait(10)
+        assert sessions._loop is not None
+        sessions._loop.call_soon_threadsafe(end_the_lent_work)
+        borrower.join(10)
+        assert lent == [False]
