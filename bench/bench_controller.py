@@ -44,7 +44,10 @@ with --floor tor48 or all). Each switch is an in-process ReferenceSwitch on its 
             the verbs plan and write through those, opening no session and reading nothing
             the sessions know; printed with them, how many switches were written that way.
             Each such run is the second apply after a new process's compile; 2 adds the
-            steady state: one controller applying edit after edit, two untimed first.
+            steady state: one controller applying edit after edit, two untimed first; 2
+            and 3b add the same after the controller's idle turns (p4seg/verbs.py
+            `prove_ahead`, `settle_heap`: what its watch loop does between operations),
+            with how long each of those turns took.
 3c. takeover    A new `serve --etcd` leader's first turn (`watch --once`: compile, prove,
             confirm every switch holds the build) as a cold process and after a standby's
             warm-up (p4seg/verbs.py `warm`).
@@ -878,6 +881,7 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
 
     apply(text_a)
     verb_noop, verb, warm = VerbTimes(), VerbTimes(), VerbTimes()
+    idle = VerbTimes()  # the same after the controller's idle turns
     lent: list[int] = []  # per long-running apply: switches written through its sessions
     held, other_text = text_a, text_b
     for _ in range(repeat):
@@ -892,6 +896,15 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
             before = sessions.lent
             done = apply(other_text, warm, fresh=False)
         lent.append(sessions.lent - before)
+        problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
+        held, other_text = other_text, held
+        # and the same once its idle turns have proven its ToRs ahead (a new process's
+        # proof first: the build it holds proven by pairs, as above)
+        apply(held)
+        with long_lived(c, s):
+            apply(held, fresh=False)
+            proven_ahead(s)
+            done = apply(other_text, idle, fresh=False)
         problems += check_change(s, change, other_text is text_b, s.live(done.build.switches))
         held, other_text = other_text, held
     # The same one-shot apply as the operator runs it: its own process, exec to exit.
@@ -948,6 +961,11 @@ def bench_apply(c: Compiled, s: Site, change: RuleChange, repeat: int, profile: 
     print_split(warm, "         ")
     print(f"         {'switches planned on its long-lived sessions':<52}"
           f"{statistics.median(lent):8.0f} of {len(s.refs)}")  # fmt: skip
+    mid = statistics.median(idle.total)
+    print(f"      {'the same, its ToRs proven ahead while idle':<55}{median_ms(idle.total)} "
+          f"{mid / base:6.2f}x   {verdict(mid, edit)} the < {edit * 1e3:.0f} "
+          f"ms target {spread_ms(idle.total)}")  # fmt: skip
+    print_split(idle, "         ")
     mid = statistics.median(steady.total)
     print(f"      {'the same, steady state (after two edits, untimed)':<55}{median_ms(steady.total)} "
           f"{mid / base:6.2f}x   {verdict(mid, edit)} the < {edit * 1e3:.0f} "
