@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable, Iterable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -47,20 +48,34 @@ def _decisions(sem: PolicySemantics, floor: Inventory, hosts: tuple[str, ...]) -
     """Every packet between the quarantined hosts and every host (and an address no
     host holds), both ways, each protocol, port and ACK flag: its decision."""
     cut = [floor.hosts_by_name[h].ip for h in hosts]
-    everyone = [h.ip for h in floor.hosts] + [0x0A0000FE]
+    return _decided(sem, cut, [h.ip for h in floor.hosts] + [0x0A0000FE], PORTS)
+
+
+def _decided(
+    sem: PolicySemantics, ends: Iterable[int], everyone: list[int], ports: Iterable[int]
+) -> list[object]:
+    """The decision of every packet between each of `ends` and each of `everyone`, both
+    ways, each protocol, each of `ports` and each ACK flag."""
     out: list[object] = []
-    for a, b in itertools.product(cut, everyone):
+    for a, b in itertools.product(ends, everyone):
         for src, dst in ((a, b), (b, a)):
-            for proto, port, ack in itertools.product(PROTOCOLS, PORTS, (0, 1)):
+            for proto, port, ack in itertools.product(PROTOCOLS, ports, (0, 1)):
                 d = sem.decide(src, dst, proto, 49152, port, bool(ack))
                 out.append((src, dst, proto, port, ack, d.allowed, d.reason, d.log,
                             d.rule and d.rule.id))  # fmt: skip
     return out
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+def _examples(count: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Hypothesis settings of these tests: `count` examples, no deadline, fixtures shared."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@_examples(25)
 @given(data=st.data())
 def test_a_carved_policy_on_the_uncarved_atoms_decides_as_fresh_semantics(
     data: st.DataObject, floor: Inventory, floor_policy_text: str
@@ -154,9 +169,7 @@ def _port_values(sem: PolicySemantics, mask: int) -> tuple[tuple[int, int], ...]
 APPENDED_PORTS = st.sampled_from([22, 443, 444, 6001, 8080, 8081, 30000, 65535, 0])
 
 
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@_examples(30)
 @given(data=st.data())
 def test_rules_appended_on_the_atoms_before_decide_as_fresh_semantics(
     data: st.DataObject, floor: Inventory, floor_policy_text: str
@@ -200,17 +213,10 @@ def test_rules_appended_on_the_atoms_before_decide_as_fresh_semantics(
     edges = {p for r in added for lo, hi in r.ports for p in (lo - 1, lo, hi, hi + 1)}
     ports = sorted({p for p in edges | set(PORTS) if 0 <= p <= 65535})
     everyone = [h.ip for h in floor.hosts] + [0x0A0000FE]
-    ends = {r.src.intervals[0][0] for r in added} | {r.dst.intervals[0][0] for r in added}
+    ends = sorted({r.src.intervals[0][0] for r in added} | {r.dst.intervals[0][0] for r in added})
 
     def decisions(sem: PolicySemantics) -> list[object]:
-        out: list[object] = []
-        for a, b in itertools.product(sorted(ends), everyone):
-            for src, dst in ((a, b), (b, a)):
-                for proto, port, ack in itertools.product(PROTOCOLS, ports, (0, 1)):
-                    d = sem.decide(src, dst, proto, 49152, port, bool(ack))
-                    out.append((src, dst, proto, port, ack, d.allowed, d.reason, d.log,
-                                d.rule and d.rule.id))  # fmt: skip
-        return out
+        return _decided(sem, ends, everyone, ports)
 
     assert decisions(view) == decisions(fresh)
     assert [c.rule.id for c in view.dead_rules()] == [c.rule.id for c in fresh.dead_rules()]
