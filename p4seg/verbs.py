@@ -1072,9 +1072,9 @@ def watch_loop(
                 if hooks is not None:
                     hooks.wrote()
                 ahead = not args.once and prove_ahead(args) is not None
-                if ahead or args.once:
+                if ahead:
                     settled = False
-                elif not settled:
+                elif not settled and not args.once:
                     settle_heap()
                     settled = True
         if hooks is not None:
